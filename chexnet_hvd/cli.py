@@ -1,0 +1,95 @@
+"""The thin CLI layer shared by every command: a dataclass config becomes argparse flags, and
+user errors become one line on stderr with exit code 2 (DESIGN.md, section 4)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me
+
+
+class InputError(Exception):
+    """Bad input from the user: reported as `error: <where>: <what>`, exit code 2."""
+
+    def __init__(self, where: object, what: str):
+        super().__init__(f"{where}: {what}")
+        self.where, self.what = str(where), what
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(config_cls: type, description: str, positional: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """argparse parser with one flag per dataclass field; the field's metadata['help'] is its help."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        kind = hints[field.name]
+        help_text = field.metadata.get("help", "")
+        choices = field.metadata.get("choices")
+        default = (
+            field.default_factory()  # type: ignore[misc]
+            if field.default_factory is not dataclasses.MISSING
+            else field.default
+        )
+        required = default is dataclasses.MISSING
+        name = field.name if field.name in positional else _flag(field.name)
+        kwargs: dict[str, Any] = {"help": help_text}
+        if field.name not in positional:
+            kwargs["dest"] = field.name
+            if required:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = default
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) in (list, tuple):
+            kwargs["nargs"] = "+" if required or field.name in positional else "*"
+            kwargs["type"] = typing.get_args(kind)[0]
+        else:
+            base = [a for a in typing.get_args(kind) if a is not type(None)]
+            kwargs["type"] = base[0] if base else kind
+            if choices:
+                kwargs["choices"] = choices
+        parser.add_argument(name, **kwargs)
+    return parser
+
+
+def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
+                 positional: Sequence[str] = ()) -> T:
+    """Parse argv into an instance of `config_cls` (unknown flags are usage errors, exit 2)."""
+    parser = build_parser(config_cls, description, positional)
+    namespace = parser.parse_args(argv)
+    return config_cls(**vars(namespace))
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[str] | None = None,
+          **kwargs: Any) -> Any:
+    """dataclasses.field with the help text (and choices) the CLI shows."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta, **kwargs)
+    return dataclasses.field(default=default, metadata=meta, **kwargs)
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a CLI entry point: InputError -> one line on stderr and exit 2, no traceback."""
+    try:
+        code = main()
+    except InputError as err:
+        print(f"error: {err.where}: {err.what}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

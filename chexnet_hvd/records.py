@@ -1,0 +1,325 @@
+"""TFRecord schema (write AND parse), the parallel shard writer, and manifest.json.
+
+`python -m chexnet_hvd.records --dataset nih --csv CSV --images DIR --out DIR` converts every image
+listed in the CSV to grayscale PNG bytes in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files.
+Each shard is written under a temporary name and renamed when complete, with a sidecar JSON
+holding its counts; a re-run skips shards that are already complete. Unreadable or missing images
+go to rejects.csv with the reason; written + rejected = listed, always. manifest.json is written
+last, so its presence means the directory is complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from chexnet_hvd import cli, metadata
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REJECTS = "rejects.csv"
+
+
+# ---------------------------------------------------------------- schema (one definition) ----
+def feature_spec(num_classes: int) -> dict:
+    """The tf.io feature spec every reader parses with; `serialize_example` writes the same keys."""
+    import tensorflow as tf
+
+    return {
+        "image/png": tf.io.FixedLenFeature([], tf.string),
+        "image/id": tf.io.FixedLenFeature([], tf.string),
+        "patient/id": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([num_classes], tf.float32),
+        "mask": tf.io.FixedLenFeature([num_classes], tf.float32),
+    }
+
+
+def serialize_example(png: bytes, image_id: str, patient: str, label, mask) -> bytes:
+    """One record in the schema of `feature_spec`."""
+    import tensorflow as tf
+
+    def b(v: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def f(v):
+        return tf.train.Feature(float_list=tf.train.FloatList(value=list(map(float, v))))
+
+    feature = {"image/png": b(png), "image/id": b(image_id.encode()),
+               "patient/id": b(patient.encode()), "label": f(label), "mask": f(mask)}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_example(serialized, num_classes: int) -> dict:
+    """Parse one serialized record (a scalar string tensor) into the feature dict."""
+    import tensorflow as tf
+
+    return tf.io.parse_single_example(serialized, feature_spec(num_classes))
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """manifest.json of a records directory; a clear error when it is not one."""
+    path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise cli.InputError(data_dir, "no such directory")
+    if not path.is_file():
+        raise cli.InputError(data_dir, f"no {MANIFEST}: not a complete records directory "
+                             "(write one with python -m chexnet_hvd.records)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise cli.InputError(path, f"records schema {manifest.get('schema_version')}, "
+                             f"this suite reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple[str, int]]:
+    """Sorted (path, record count) of a split's shards; an error when the split is empty."""
+    info = manifest["splits"].get(split)
+    if not info or not info["shards"]:
+        raise cli.InputError(data_dir, f"no records for split {split!r}")
+    shards = [(str(Path(data_dir) / s["file"]), s["count"]) for s in info["shards"]]
+    for path, _ in shards:
+        if not Path(path).is_file():
+            raise cli.InputError(path, "shard listed in the manifest is missing")
+    return sorted(shards)
+
+
+# ---------------------------------------------------------------- image conversion ----------
+def to_grayscale_png(path: str, size: int | None) -> bytes:
+    """Read any PNG/JPEG (L, RGB, RGBA, 16-bit) as 8-bit grayscale, optionally resize, re-encode."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit PNGs: map the full 0..65535 range to 0..255 (same as PIL's 8-bit conversion).
+            img = Image.fromarray((np.asarray(img, dtype=np.uint32) // 257).astype(np.uint8))
+        elif img.mode in ("RGBA", "LA", "PA", "P"):
+            # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
+            img = img.convert("RGBA").convert("RGB")
+        img = img.convert("L")
+        if size and img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)  # level 1: fast, still lossless
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the shard writer ----------
+@dataclasses.dataclass
+class ShardJob:
+    split: str
+    file: str
+    rows: list  # (image, path, patient, labels, mask)
+    image_size: int | None
+
+    def key(self) -> str:
+        """Identity of the shard's content, so a re-run only skips a shard with the same images."""
+        text = json.dumps([self.image_size] + [r[0] for r in self.rows])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_shard(job: ShardJob, out_dir: str) -> dict:
+    """Write one shard (temp name, then rename) and its sidecar; reuse it if already complete."""
+    import tensorflow as tf
+
+    final = Path(out_dir) / job.file
+    sidecar = final.with_suffix(".json")
+    if final.is_file() and sidecar.is_file():
+        done = json.loads(sidecar.read_text())
+        if done.get("key") == job.key():
+            return done | {"reused": True}
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    written, rejects, positives = 0, [], np.zeros(len(job.rows[0][3]), dtype=np.int64)
+    with tf.io.TFRecordWriter(str(tmp)) as writer:
+        for image, path, patient, labels, mask in job.rows:
+            try:
+                png = to_grayscale_png(path, job.image_size)
+            except FileNotFoundError:
+                rejects.append((image, job.split, path, "missing file"))
+                continue
+            except Exception as err:  # PIL raises many types for corrupt files
+                rejects.append((image, job.split, path, f"unreadable image: {type(err).__name__}: {err}"))
+                continue
+            writer.write(serialize_example(png, image, patient, labels, mask))
+            written += 1
+            positives += (np.asarray(labels) * np.asarray(mask) >= 0.5).astype(np.int64)
+    result = {"file": job.file, "split": job.split, "key": job.key(), "count": written,
+              "positives": positives.tolist(), "rejects": rejects}
+    sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
+    sidecar_tmp.write_text(json.dumps(result))
+    os.replace(sidecar_tmp, sidecar)
+    os.replace(tmp, final)  # the commit point: a shard under its final name is complete
+    return result | {"reused": False}
+
+
+def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
+                seed: int) -> list[ShardJob]:
+    """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped."""
+    names = metadata.class_names(table)
+    jobs = []
+    for split in metadata.SPLITS:
+        part = table[table["split"] == split]
+        if part.empty:
+            continue
+        # Shuffle once (seeded) so each shard mixes patients and findings.
+        part = part.iloc[np.random.default_rng(seed).permutation(len(part))]
+        rows = list(zip(part["image"], part["path"], part["patient"],
+                        part[metadata.label_columns(names)].to_numpy().tolist(),
+                        part[metadata.mask_columns(names)].to_numpy().tolist(), strict=True))
+        n_shards = -(-len(rows) // shard_size)
+        for i, chunk in enumerate(np.array_split(np.arange(len(rows)), n_shards)):
+            jobs.append(ShardJob(split, f"{split}-{i:05d}-of-{n_shards:05d}.tfrecord",
+                                 [rows[j] for j in chunk], image_size))
+    return jobs
+
+
+def run_jobs(jobs: list[ShardJob], out_dir: str, workers: int, progress: bool = True) -> list[dict]:
+    """Write shards in `workers` processes (spawned: TensorFlow must not be forked)."""
+    bar = tqdm(total=sum(len(j.rows) for j in jobs), unit="img", desc="records",
+               disable=not progress or None)
+    results = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(write_shard(job, out_dir))
+            bar.update(len(job.rows))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            pending = {pool.submit(write_shard, job, out_dir): job for job in jobs}
+            for done in futures.as_completed(pending):
+                results.append(done.result())
+                bar.update(len(pending[done].rows))
+    bar.close()
+    return sorted(results, key=lambda r: r["file"])
+
+
+def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
+                   csv_sha256: str) -> dict:
+    """Counts per split, positives per class, shards, class weights; reconciles with the table."""
+    names = metadata.class_names(table)
+    splits: dict[str, Any] = {}
+    for split in metadata.SPLITS:
+        mine = [r for r in results if r["split"] == split]
+        if not mine:
+            continue
+        written = sum(r["count"] for r in mine)
+        rejected = sum(len(r["rejects"]) for r in mine)
+        listed = int((table["split"] == split).sum())
+        if written + rejected != listed:  # cannot happen unless the writer is broken: say so
+            raise RuntimeError(f"{split}: written {written} + rejected {rejected} != listed {listed}")
+        positives = np.sum([r["positives"] for r in mine], axis=0)
+        splits[split] = {
+            "count": written, "rejected": rejected, "listed": listed,
+            "patients": int(table.loc[table["split"] == split, "patient"].nunique()),
+            "positives": dict(zip(names, positives.tolist(), strict=True)),
+            "shards": [{"file": r["file"], "count": r["count"]} for r in mine],
+        }
+    train = splits.get("train", {"count": 0, "positives": dict.fromkeys(names, 0)})
+    pos = np.array([train["positives"][n] for n in names], dtype=np.float64)
+    neg = train["count"] - pos
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": cfg.dataset,
+        "classes": list(names),
+        "num_classes": len(names),
+        "image_size": cfg.image_size,  # null: stored at the source resolution
+        "channels": 1,
+        "encoding": "png",
+        "source_csv": str(cfg.csv),
+        "source_csv_sha256": csv_sha256,
+        "split_method": cfg.split,
+        "split_fractions": list(cfg.fractions),
+        "seed": cfg.seed,
+        "shard_size": cfg.shard_size,
+        "splits": splits,
+        # CheXNet's weighted BCE: a positive of class c weighs neg_c / pos_c (Rajpurkar et al. 2017).
+        "pos_weight": dict(zip(names, np.where(pos > 0, neg / np.maximum(pos, 1), 1.0).round(6).tolist(),
+                               strict=True)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+@dataclasses.dataclass
+class RecordsConfig:
+    csv: str = cli.field(help="metadata CSV (NIH Data_Entry_2017.csv or its v2020 revision)")
+    images: str = cli.field(help="directory holding the images the CSV lists")
+    out: str = cli.field(help="output records directory")
+    dataset: str = cli.field("nih", help="metadata format", choices=["nih"])
+    split: str = cli.field("random", help="random: seeded patient-level split by --fractions; "
+                           "official: NIH train_val_list.txt/test_list.txt beside the CSV",
+                           choices=["random", "official"])
+    fractions: list[float] = cli.field([0.7, 0.1, 0.2], help="train/val/test fractions of patients")
+    seed: int = cli.field(0, help="seed of the split and of the shard assignment")
+    image_size: int | None = cli.field(None, help="resize offline to N x N (default: keep source size)")
+    shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
+    workers: int = cli.field(os.cpu_count() or 1, help="parallel worker processes")
+    max_rejects: int = cli.field(0, help="unreadable/missing images tolerated; with more, no manifest "
+                                 "is written and the exit code is 2 (-1: no limit)")
+    progress: bool = cli.field(True, help="show a progress bar")
+
+
+def read_table(cfg: RecordsConfig) -> pd.DataFrame:
+    """The metadata table with its split assigned and leak-checked."""
+    table = metadata.read_nih(cfg.csv, cfg.images)
+    if cfg.split == "official":
+        here = Path(cfg.csv).parent
+        table = metadata.official_split(table, here / "train_val_list.txt", here / "test_list.txt",
+                                        cfg.fractions[1], cfg.seed)
+    else:
+        table = metadata.random_split(table, tuple(cfg.fractions), cfg.seed)
+    metadata.check_no_leak(table)
+    return table
+
+
+def write_records(cfg: RecordsConfig) -> dict:
+    """The whole conversion: table -> shards -> rejects.csv -> manifest.json (last)."""
+    if cfg.shard_size < 1 or cfg.workers < 1:
+        raise cli.InputError("--shard-size/--workers", "must be at least 1")
+    if not Path(cfg.images).is_dir():
+        raise cli.InputError(cfg.images, "no such directory")
+    table = read_table(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    jobs = plan_shards(table, cfg.shard_size, cfg.image_size, cfg.seed)
+    results = run_jobs(jobs, str(out), cfg.workers, cfg.progress)
+    rejects = [r for res in results for r in res["rejects"]]
+    pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(out / REJECTS, index=False)
+    if 0 <= cfg.max_rejects < len(rejects):
+        first = rejects[0]
+        raise cli.InputError(first[2], f"{first[3]} ({len(rejects)} images rejected, listed in "
+                             f"{out / REJECTS}; no manifest written: fix them or pass "
+                             f"--max-rejects {len(rejects)} to accept)")
+    manifest = build_manifest(table, results, cfg, metadata.file_sha256(cfg.csv))
+    manifest["rejected"] = len(rejects)
+    manifest["listed"] = len(table)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse_config(RecordsConfig, "Convert chest X-ray images + metadata CSV to sharded "
+                           "TFRecords with a manifest.", argv)
+    manifest = write_records(cfg)
+    counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
+    print(f"wrote {counts} records to {cfg.out}; rejected {manifest['rejected']} "
+          f"(see {Path(cfg.out) / REJECTS})")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,77 @@
+"""The JSON-lines run-log schema: the writer the trainer uses and the reader the tools use.
+
+`RUN_DIR/runlog.jsonl`, written by rank 0, one object per line, `schema` first, then `event`:
+  start  config, world_size, local_batch, global_batch, model, image_size, precision,
+         horovod_backend, hostnames, slurm_job_id, versions
+  epoch  epoch, seconds, images_per_sec, images_per_sec_per_rank, timed_steps, train_loss,
+         val_loss, val_auroc (per class), val_mean_auroc
+  end    status: completed | preempted | failed
+Each line is flushed and fsynced, so a killed job leaves a readable log. This module must not
+import TensorFlow: tools/scaling_report.py reads logs on machines without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "chexnet_hvd.runlog/1"
+FILENAME = "runlog.jsonl"
+EVENTS = ("start", "epoch", "end")
+END_STATUSES = ("completed", "preempted", "failed")
+
+
+class RunLogError(ValueError):
+    """A run log that is missing, empty or of another schema."""
+
+
+class RunLogWriter:
+    """Append-only writer; one JSON object per line, flushed and fsynced."""
+
+    def __init__(self, run_dir: str | Path):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(run_dir) / FILENAME
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, event: str, **fields: Any) -> dict:
+        if event not in EVENTS:
+            raise ValueError(f"unknown run-log event {event!r}")
+        record = {"schema": SCHEMA, "event": event, "time": round(time.time(), 3), **fields}
+        self._fh.write(json.dumps(record, default=str) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return record
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_runlog(path: str | Path) -> list[dict]:
+    """All records of a run log (a file or its run directory); RunLogError when not one of ours.
+    A torn last line (a job killed mid-write) is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise RunLogError(f"{path}: no run log")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise RunLogError(f"{path}:{i + 1}: not JSON") from None
+        if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+            found = record.get("schema") if isinstance(record, dict) else type(record).__name__
+            raise RunLogError(f"{path}:{i + 1}: schema {found!r}, expected {SCHEMA!r}")
+        out.append(record)
+    if not out:
+        raise RunLogError(f"{path}: empty run log")
+    return out

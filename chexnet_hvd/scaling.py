@@ -1,0 +1,191 @@
+"""Scaling tables from run logs: group runs, aggregate epochs, speedup and efficiency.
+
+Pure functions over `chexnet_hvd.runlog` records; no TensorFlow. Speedup is global img/s over the
+smallest world size's (normally 1 rank) scaled to it; efficiency is speedup / (ranks / base ranks),
+i.e. weak scaling with a fixed per-rank batch, as in NVIDIA's and Horovod's tables.
+"""
+
+from __future__ import annotations
+
+import glob
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chexnet_hvd import runlog
+
+GROUP_KEYS = ("model", "image_size", "precision", "local_batch")
+COLUMNS = ["model", "image_size", "precision", "local_batch", "ranks", "images_per_sec",
+           "images_per_sec_per_rank", "speedup", "efficiency", "epoch_seconds_mean",
+           "epoch_seconds_sd", "epochs", "runs"]
+
+
+@dataclass
+class Run:
+    path: str
+    start: dict
+    epochs: list[dict] = field(default_factory=list)
+    status: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return tuple(self.start.get(k) for k in GROUP_KEYS)
+
+
+def find_runlogs(patterns: list[str]) -> list[Path]:
+    """Run logs named by run directories, files or globs; searched recursively in directories."""
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) or [pattern]
+        for match in map(Path, matches):
+            if match.is_file():
+                found.append(match)
+            elif match.is_dir():
+                found += sorted(match.rglob(runlog.FILENAME))
+            else:
+                raise runlog.RunLogError(f"{match}: no such file or directory")
+    if not found:
+        raise runlog.RunLogError(f"{' '.join(patterns)}: no {runlog.FILENAME} found")
+    return sorted(set(found))
+
+
+def load_run(path: Path) -> Run:
+    records = runlog.read_runlog(path)
+    starts = [r for r in records if r["event"] == "start"]
+    if not starts:
+        raise runlog.RunLogError(f"{path}: no start record")
+    run = Run(str(path), starts[-1])  # a resumed run appends a new start: use the newest
+    run.epochs = [r for r in records if r["event"] == "epoch"]
+    ends = [r for r in records if r["event"] == "end"]
+    run.status = ends[-1]["status"] if ends else None
+    return run
+
+
+def timed_epochs(epochs: list[dict], skip_first: int) -> list[dict]:
+    """Epochs that count for throughput: the first `skip_first` (graph building, cold caches)
+    are left out when there are more epochs than that."""
+    return epochs[skip_first:] if len(epochs) > skip_first else epochs
+
+
+def scaling_rows(runs: list[Run], skip_first_epochs: int = 1) -> list[dict]:
+    """One row per (group, world size), sorted; runs of the same size are pooled by epoch."""
+    cells: dict[tuple, list[dict]] = {}
+    counts: dict[tuple, int] = {}
+    for run in runs:
+        epochs = timed_epochs(run.epochs, skip_first_epochs)
+        if not epochs:
+            continue
+        cell = run.key + (run.start["world_size"],)
+        cells.setdefault(cell, []).extend(epochs)
+        counts[cell] = counts.get(cell, 0) + 1
+    rows = []
+    for cell in sorted(cells, key=lambda c: tuple(str(x) for x in c[:-1]) + (c[-1],)):
+        epochs = cells[cell]
+        ips = statistics.mean(e["images_per_sec"] for e in epochs)
+        secs = [e["seconds"] for e in epochs]
+        rows.append(dict(zip(GROUP_KEYS, cell[:-1], strict=True)) | {
+            "ranks": cell[-1], "images_per_sec": ips, "images_per_sec_per_rank": ips / cell[-1],
+            "epoch_seconds_mean": statistics.mean(secs),
+            "epoch_seconds_sd": statistics.stdev(secs) if len(secs) > 1 else 0.0,
+            "epochs": len(epochs), "runs": counts[cell]})
+    for group in {tuple(r[k] for k in GROUP_KEYS) for r in rows}:
+        members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
+        base = min(members, key=lambda r: r["ranks"])
+        for r in members:
+            r["speedup"] = r["images_per_sec"] / base["images_per_sec"] * base["ranks"]
+            r["efficiency"] = r["speedup"] / r["ranks"]
+    return rows
+
+
+def read_baseline(path: str | Path) -> dict[int, float]:
+    """A reference table: CSV with columns `ranks` and `images_per_sec`."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise runlog.RunLogError(f"{path}: no such file")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"ranks", "images_per_sec"} <= set(reader.fieldnames):
+            raise runlog.RunLogError(f"{path}: baseline needs columns ranks,images_per_sec")
+        try:
+            return {int(r["ranks"]): float(r["images_per_sec"]) for r in reader}
+        except ValueError as err:
+            raise runlog.RunLogError(f"{path}: {err}") from None
+
+
+def add_baseline(rows: list[dict], baseline: dict[int, float]) -> list[dict]:
+    """Put the reference img/s and our ratio to it beside each row (None where it has no entry)."""
+    for r in rows:
+        ref = baseline.get(r["ranks"])
+        r["baseline_images_per_sec"] = ref
+        r["ratio_to_baseline"] = r["images_per_sec"] / ref if ref else None
+    return rows
+
+
+def _fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    """One Markdown table per group."""
+    out = []
+    groups = sorted({tuple(r[k] for k in GROUP_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
+    has_base = any("baseline_images_per_sec" in r for r in rows)
+    for group in groups:
+        model, size, precision, batch = group
+        out.append(f"### {model}, {size} px, {precision}, batch {batch} per rank\n")
+        head = ["ranks", "img/s", "img/s per rank", "speedup", "efficiency", "epoch s (mean ± sd)"]
+        if has_base:
+            head += ["baseline img/s", "ours / baseline"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---:|" * len(head))
+        for r in (r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group):
+            cells = [str(r["ranks"]), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
+                     _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.0f}%",
+                     f"{r['epoch_seconds_mean']:.1f} ± {r['epoch_seconds_sd']:.1f}"]
+            if has_base:
+                cells += [_fmt(r.get("baseline_images_per_sec")), _fmt(r.get("ratio_to_baseline"), 2)]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    import csv
+
+    extra = [k for k in ("baseline_images_per_sec", "ratio_to_baseline") if any(k in r for r in rows)]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS + extra, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], path: str | Path) -> None:
+    """Throughput and efficiency against ranks, one line per group (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
+    groups = sorted({tuple(r[k] for k in GROUP_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
+    for group in groups:
+        members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
+        label = f"{group[0]} {group[1]}px {group[2]} b{group[3]}"
+        ranks = [r["ranks"] for r in members]
+        ax_t.plot(ranks, [r["images_per_sec"] for r in members], "o-", label=label)
+        ax_e.plot(ranks, [100 * r["efficiency"] for r in members], "o-", label=label)
+        if any(r.get("baseline_images_per_sec") for r in members):
+            base = [(r["ranks"], r["baseline_images_per_sec"]) for r in members if r.get("baseline_images_per_sec")]
+            ax_t.plot(*zip(*base), "s--", label=f"baseline ({label})")
+    ax_t.set(xlabel="ranks", ylabel="images / s (global)", title="Throughput")
+    ax_e.set(xlabel="ranks", ylabel="efficiency (%)", title="Weak-scaling efficiency", ylim=(0, 110))
+    for ax in (ax_t, ax_e):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

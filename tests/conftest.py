@@ -1,0 +1,59 @@
+"""Shared fixtures: a small synthetic dataset and its records (made once per session), and a
+helper that runs the suite's CLIs as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SHARED = ROOT.parent / "shared"
+
+
+def run(args: list[str], timeout: float = 600, env: dict | None = None,
+        check: bool = False) -> subprocess.CompletedProcess:
+    """Run a command from the repo root with the venv first on PATH; capture text output."""
+    full_env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, cwd=ROOT, env=full_env | (env or {}), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def module(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m chexnet_hvd.<name> args...` as a real process."""
+    return run([sys.executable, "-m", f"chexnet_hvd.{name}", *map(str, args)], **kwargs)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The suite's error convention: exit 2, one `error: ...` line on stderr, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """600 synthetic 32-px images with their CSV."""
+    out = tmp_path_factory.mktemp("synthetic")
+    module("synthetic", "--out", out, "--images", 600, "--size", 32, "--seed", 1, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def records_dir(synthetic, tmp_path_factory) -> Path:
+    """Records of the synthetic set: 64-record shards, so every split has several files."""
+    out = tmp_path_factory.mktemp("records")
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+           "--out", out, "--shard-size", 64, "--workers", 2, "--no-progress", check=True)
+    return out

@@ -1,0 +1,69 @@
+"""Labels, metadata splits and the AUROC code against scikit-learn."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from chexnet_hvd import metadata, metrics
+from chexnet_hvd.cli import InputError
+from chexnet_hvd.labels import PATHOLOGIES, UnknownLabelError, format_finding_labels, parse_finding_labels
+
+
+def test_finding_labels_round_trip_in_canonical_order():
+    v = parse_finding_labels("Pneumothorax|Pneumonia")
+    assert v[PATHOLOGIES.index("Pneumonia")] == 1 and v[PATHOLOGIES.index("Pneumothorax")] == 1
+    assert v.sum() == 2
+    assert PATHOLOGIES.index("Pneumonia") == 6 and PATHOLOGIES.index("Pneumothorax") == 7
+    assert format_finding_labels(v) == "Pneumonia|Pneumothorax"
+    assert parse_finding_labels("No Finding").sum() == 0
+
+
+def test_unknown_pathology_is_an_error():
+    with pytest.raises(UnknownLabelError, match="Pneumonitis"):
+        parse_finding_labels("Effusion|Pneumonitis")
+
+
+def test_auroc_equals_sklearn_and_undefined_is_nan():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < [0.3, 0.05, 0.0]).astype(np.float32)
+    scores = rng.random((200, 3)) + y * 0.5
+    auroc = metrics.per_class_auroc(y, scores)
+    for c in range(2):
+        assert auroc[c] == pytest.approx(roc_auc_score(y[:, c], scores[:, c]), abs=1e-12)
+    assert np.isnan(auroc[2])  # no positives: undefined, never 0.5
+    assert metrics.mean_defined(auroc) == pytest.approx(np.mean(auroc[:2]))
+    summary = metrics.summarize(y, np.clip(scores, 0, 1), np.ones_like(y), ["a", "b", "c"])
+    assert summary["auroc"]["c"] is None and summary["auroc"]["a"] is not None
+
+
+def test_masked_entries_are_left_out_of_auroc():
+    y = np.array([[1], [0], [1], [0]], dtype=np.float32)
+    s = np.array([[0.9], [0.1], [0.0], [0.2]])
+    mask = np.array([[1], [1], [0], [1]], dtype=np.float32)
+    assert metrics.per_class_auroc(y, s, mask)[0] == 1.0
+    assert metrics.per_class_auroc(y, s)[0] == pytest.approx(roc_auc_score(y[:, 0], s[:, 0]))
+
+
+def _table(patients):
+    t = pd.DataFrame({"image": [f"{i}.png" for i in range(len(patients))], "path": "",
+                      "patient": [str(p) for p in patients], "split": ""})
+    z = np.zeros((len(patients), 14), dtype=np.float32)
+    return metadata.attach_labels(t, z, z + 1, PATHOLOGIES)
+
+
+def test_random_split_is_by_patient_seeded_and_leak_free():
+    table = _table(np.repeat(np.arange(100), 3))
+    a, b = metadata.random_split(table, seed=3), metadata.random_split(table, seed=3)
+    assert (a["split"] == b["split"]).all()
+    assert a.groupby("patient")["split"].nunique().max() == 1
+    counts = a.groupby("split")["patient"].nunique()
+    assert (counts["train"], counts["val"], counts["test"]) == (70, 10, 20)
+    metadata.check_no_leak(a)
+
+
+def test_leak_guard_refuses_a_patient_in_two_splits():
+    table = _table([1, 1, 2])
+    table["split"] = ["train", "test", "val"]
+    with pytest.raises(InputError, match="1 patients are in more than one split"):
+        metadata.check_no_leak(table)

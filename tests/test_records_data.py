@@ -1,0 +1,139 @@
+"""Records round trip, rejects, CLI errors, and the input pipeline's sharding."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from chexnet_hvd import data, records
+from chexnet_hvd.labels import PATHOLOGIES, parse_finding_labels
+from conftest import assert_one_line_error, module
+
+
+def read_all(records_dir, split):
+    manifest = records.load_manifest(records_dir)
+    out = {}
+    for path, _ in records.split_shards(manifest, records_dir, split):
+        for raw in tf.data.TFRecordDataset(path):
+            ex = records.parse_example(raw, manifest["num_classes"])
+            out[ex["image/id"].numpy().decode()] = ex
+    return out
+
+
+def test_round_trip_pixels_and_labels_equal_source(records_dir, synthetic):
+    manifest = records.load_manifest(records_dir)
+    csv = pd.read_csv(synthetic / "Data_Entry_2017.csv").set_index("Image Index")
+    seen = {}
+    for split in ("train", "val", "test"):
+        seen |= read_all(records_dir, split)
+    assert sorted(seen) == sorted(csv.index)  # every listed image written, once
+    for name, ex in list(seen.items())[:100]:
+        source = np.asarray(Image.open(synthetic / "images" / name))
+        decoded = data.decode(ex).numpy()[..., 0]
+        np.testing.assert_array_equal(decoded, source)
+        np.testing.assert_array_equal(ex["label"].numpy(), parse_finding_labels(csv.loc[name, "Finding Labels"]))
+        assert ex["patient/id"].numpy().decode() == str(csv.loc[name, "Patient ID"])
+    total = sum(v["count"] for v in manifest["splits"].values())
+    assert total == manifest["listed"] == len(csv) and manifest["rejected"] == 0
+    for split, info in manifest["splits"].items():
+        assert sum(s["count"] for s in info["shards"]) == info["count"]
+        labels = np.stack([ex["label"].numpy() for ex in read_all(records_dir, split).values()])
+        assert [info["positives"][n] for n in PATHOLOGIES] == labels.sum(0).astype(int).tolist()
+
+
+def test_corrupt_and_missing_images_are_rejected_and_counts_reconcile(synthetic, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic / "images", images)
+    names = sorted(p.name for p in images.iterdir())
+    (images / names[0]).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (images / names[1]).unlink()
+    args = ["--csv", synthetic / "Data_Entry_2017.csv", "--images", images, "--shard-size", 64,
+            "--workers", 1, "--no-progress"]
+
+    strict = module("records", *args, "--out", tmp_path / "strict")
+    assert_one_line_error(strict, "2 images rejected", "--max-rejects 2")
+    assert not (tmp_path / "strict" / "manifest.json").exists()  # nothing looks complete
+
+    lenient = module("records", *args, "--out", tmp_path / "strict", "--max-rejects", 2)
+    assert lenient.returncode == 0, lenient.stderr
+    manifest = records.load_manifest(tmp_path / "strict")
+    rejects = pd.read_csv(tmp_path / "strict" / "rejects.csv")
+    assert sorted(rejects["image"]) == names[:2]
+    assert set(rejects["reason"].str.split(":").str[0]) == {"unreadable image", "missing file"}
+    written = sum(v["count"] for v in manifest["splits"].values())
+    assert written + len(rejects) == manifest["listed"] == 600
+
+
+@pytest.mark.parametrize("problem", ["no_column", "unknown_label", "no_manifest"])
+def test_bad_input_gives_one_line_error(problem, synthetic, tmp_path):
+    csv = pd.read_csv(synthetic / "Data_Entry_2017.csv")
+    bad = tmp_path / "bad.csv"
+    if problem == "no_column":
+        csv.drop(columns=["Finding Labels"]).to_csv(bad, index=False)
+        proc = module("records", "--csv", bad, "--images", synthetic / "images", "--out", tmp_path / "o")
+        assert_one_line_error(proc, str(bad), "missing column 'Finding Labels'")
+    elif problem == "unknown_label":
+        csv.loc[5, "Finding Labels"] = "Effusion|Pneumonitis"
+        csv.to_csv(bad, index=False)
+        proc = module("records", "--csv", bad, "--images", synthetic / "images", "--out", tmp_path / "o")
+        assert_one_line_error(proc, str(bad), "row 7", "Pneumonitis")
+    else:
+        (tmp_path / "empty").mkdir()
+        proc = module("train", "--data", tmp_path / "empty", "--run-dir", tmp_path / "run",
+                      "--model", "small_cnn", "--image-size", 32)
+        assert_one_line_error(proc, str(tmp_path / "empty"), "no manifest.json")
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_shards_are_disjoint_and_complete_per_rank(records_dir):
+    manifest = records.load_manifest(records_dir)
+    shards = records.split_shards(manifest, records_dir, "train")
+    total = manifest["splits"]["train"]["count"]
+    for world in (1, 2, 3, len(shards) + 1):
+        parts = [data.rank_shards(shards, r, world) for r in range(world)]
+        if world <= len(shards):
+            files = [f for p, _ in parts for f in p]
+            assert sorted(files) == sorted(p for p, _ in shards) and len(set(files)) == len(files)
+        assert sum(data.records_per_rank(shards, world)) == total
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_training_pass_reads_each_record_on_exactly_one_rank(records_dir, world):
+    seen = []
+    for rank in range(world):
+        ds = data.train_dataset(records_dir, "train", 32, 1, rank, world, repeat=False, with_ids=True)
+        seen.append([i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids])
+    manifest = records.load_manifest(records_dir)
+    flat = [i for part in seen for i in part]
+    assert len(flat) == len(set(flat)) == manifest["splits"]["train"]["count"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 5])
+def test_evaluation_sees_every_record_exactly_once(records_dir, world):
+    ids = []
+    for rank in range(world):
+        for batch in data.eval_dataset(records_dir, "val", 32, 7, rank, world):
+            ids += [i.decode() for i in batch["id"].numpy()]
+    assert sorted(ids) == sorted(read_all(records_dir, "val"))
+
+
+def test_preprocess_is_imagenet_normalised_three_channel():
+    image = tf.fill((10, 12, 1), tf.constant(255, tf.uint8))
+    out = data.preprocess(image, 8).numpy()
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_allclose(out[0, 0], (1 - np.array(data.IMAGENET_MEAN)) / data.IMAGENET_STD, rtol=1e-5)
+
+
+def test_manifest_records_sizes_and_weights(records_dir):
+    manifest = json.loads((records_dir / "manifest.json").read_text())
+    assert manifest["classes"] == list(PATHOLOGIES)
+    train = manifest["splits"]["train"]
+    for name in PATHOLOGIES:
+        pos = train["positives"][name]
+        if pos:
+            assert manifest["pos_weight"][name] == pytest.approx((train["count"] - pos) / pos, rel=1e-5)
