@@ -63,3 +63,16 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
     elif not Path(weights).is_file():
         raise InputError(weights, "weights file not found (nothing is downloaded)")
     return BUILDERS[name](image_size, num_classes, weights)
+
+
+def load_checkpoint(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:
+    """Rebuild the model a trainer checkpoint directory describes (meta.json) and restore it."""
+    import json
+
+    meta_path = Path(ckpt_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise InputError(ckpt_dir, "not a checkpoint directory (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(meta["model"], meta["image_size"], meta["num_classes"])
+    tf.train.Checkpoint(model=model).read(str(Path(ckpt_dir) / "ckpt")).expect_partial()
+    return model, meta

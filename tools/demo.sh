@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo}
-IMAGES=${IMAGES:-3000}
+IMAGES=${IMAGES:-4000}
 SIZE=${SIZE:-64}
-EPOCHS=${EPOCHS:-8}
+EPOCHS=${EPOCHS:-15}
 BATCH=${BATCH:-32}
 PY=.venv/bin/python
 start=$(date +%s)

@@ -1,0 +1,74 @@
+"""tools/scaling_report.py on fixture run logs written with the real run-log writer."""
+
+import csv
+import json
+
+import pytest
+
+from chexnet_hvd import runlog, scaling
+from conftest import ROOT, assert_one_line_error, run
+
+REPORT = str(ROOT / "tools" / "scaling_report.py")
+
+
+def write_run(run_dir, ranks, ips, model="densenet121", epoch_seconds=(50.0, 10.0, 12.0)):
+    writer = runlog.RunLogWriter(run_dir)
+    writer.write("start", model=model, image_size=224, precision="fp32", local_batch=16,
+                 global_batch=16 * ranks, world_size=ranks)
+    for epoch, seconds in enumerate(epoch_seconds, 1):
+        # epoch 1 is warm-up: a value that would spoil every number if it were counted
+        rate = 1.0 if epoch == 1 else ips
+        writer.write("epoch", epoch=epoch, seconds=seconds, images_per_sec=rate,
+                     images_per_sec_per_rank=rate / ranks)
+    writer.write("end", status="completed")
+    writer.close()
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for ranks, ips in ((1, 100.0), (2, 180.0), (4, 320.0)):
+        write_run(tmp_path / f"dn_np{ranks}", ranks, ips)
+    write_run(tmp_path / "cnn_np1", 1, 1000.0, model="small_cnn")
+    write_run(tmp_path / "cnn_np2", 2, 1500.0, model="small_cnn")
+    return tmp_path
+
+
+def test_speedup_and_efficiency(runs):
+    rows = scaling.scaling_rows([scaling.load_run(p) for p in scaling.find_runlogs([str(runs)])])
+    dn = {r["ranks"]: r for r in rows if r["model"] == "densenet121"}
+    assert [dn[n]["speedup"] for n in (1, 2, 4)] == pytest.approx([1.0, 1.8, 3.2])
+    assert [dn[n]["efficiency"] for n in (1, 2, 4)] == pytest.approx([1.0, 0.9, 0.8])
+    assert dn[4]["images_per_sec_per_rank"] == pytest.approx(80.0)
+    assert dn[2]["epoch_seconds_mean"] == pytest.approx(11.0) and dn[2]["epochs"] == 2
+    cnn = {r["ranks"]: r for r in rows if r["model"] == "small_cnn"}
+    assert cnn[2]["efficiency"] == pytest.approx(0.75)  # groups do not mix
+
+
+def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):
+    baseline = tmp_path / "dell.csv"
+    baseline.write_text("ranks,images_per_sec\n1,185.12\n2,315.26\n4,589.36\n")
+    out_csv, out_png = tmp_path / "t.csv", tmp_path / "t.png"
+    proc = run([REPORT, str(runs / "dn_*"), "--csv", str(out_csv), "--plot", str(out_png),
+                "--baseline", str(baseline)], check=True)
+    assert "| 2 | 180.0 | 90.0 | 1.80 | 90% |" in proc.stdout
+    assert "185.1" in proc.stdout and "0.57" in proc.stdout  # 180 / 315.26
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [int(r["ranks"]) for r in rows] == [1, 2, 4]
+    assert float(rows[2]["ratio_to_baseline"]) == pytest.approx(320 / 589.36)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_schema_and_empty_dirs_give_one_line_errors(tmp_path):
+    bad = tmp_path / "other"
+    bad.mkdir()
+    (bad / "runlog.jsonl").write_text(json.dumps({"schema": "someone-else/3", "event": "start"}) + "\n")
+    assert_one_line_error(run([REPORT, str(bad)]), "runlog.jsonl:1", "someone-else/3")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run([REPORT, str(tmp_path / "empty")]), "no runlog.jsonl found")
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    write_run(tmp_path, 1, 50.0)
+    with open(tmp_path / "runlog.jsonl", "a") as fh:
+        fh.write('{"schema": "chexnet_hvd.runlog/1", "event": "ep')
+    assert runlog.read_runlog(tmp_path)[-1]["event"] == "end"
