@@ -1,0 +1,136 @@
+"""download_dataset.sh / extract_images.sh against a real HTTP server on 127.0.0.1 serving small
+generated tarballs: full run, interrupted + resumed transfer, corrupt archive, 404, unsafe entry."""
+
+import hashlib
+import http.server
+import io
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, assert_one_line_error, run
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support; cuts the first transfer of files named in
+    `server.cut` after half their bytes, and records every request's Range header."""
+
+    def do_GET(self):
+        path = Path(self.directory) / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        self.server.log.append((path.name, rng))
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(body):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if path.name in self.server.cut:
+            self.server.cut.discard(path.name)
+            self.wfile.write(body[start:start + len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            lambda *a: RangeHandler(*a, directory=str(root)))
+    httpd.log, httpd.cut = [], set()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    httpd.shutdown()
+
+
+def make_archive(path, names, extra=None):
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            buf = io.BytesIO()
+            Image.new("L", (8, 8), 7).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"images/{name}")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+        if extra:
+            extra(tar)
+
+
+def download(out, url, *args):
+    return run([str(ROOT / "download_dataset.sh"), "--out", str(out), "--base-url", url,
+                "--file-list", str(out.parent / "files.txt"), "--no-progress", *args], timeout=120)
+
+
+def test_full_run_with_resume_md5_and_idempotent_extract(server, tmp_path):
+    root, url, httpd = server
+    for i in (1, 2):
+        make_archive(root / f"images_{i:03d}.tar.gz", [f"0000000{i}_00{j}.png" for j in range(50)])
+    (root / "test_list.txt").write_text("00000001_000.png")
+    (tmp_path / "files.txt").write_text("images_001.tar.gz\nimages_002.tar.gz\ntest_list.txt\n")
+    md5 = tmp_path / "md5.txt"
+    md5.write_text("".join(f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.name}\n" for p in root.iterdir()))
+    httpd.cut.add("images_002.tar.gz")  # the first transfer of this file dies half-way
+
+    out = tmp_path / "nih"
+    proc = download(out, url, "--md5", str(md5), "--extract")
+    assert proc.returncode == 0, proc.stderr
+    for p in root.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes()
+    assert ("images_002.tar.gz", None) in httpd.log
+    assert any(name == "images_002.tar.gz" and rng and rng != "bytes=0-" for name, rng in httpd.log)
+    assert len(list((out / "images").iterdir())) == 100 and not list(out.glob("*.part"))
+
+    again = run([str(ROOT / "extract_images.sh"), str(out), "--no-progress"], check=True)
+    assert "extracted 0 archives" in again.stdout  # idempotent: already-extracted archives skipped
+
+
+def test_corrupt_archive_is_reported_and_never_named_complete(server, tmp_path):
+    root, url, _ = server
+    make_archive(root / "images_001.tar.gz", ["a.png"])
+    data = bytearray((root / "images_001.tar.gz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / "images_001.tar.gz").write_bytes(bytes(data))
+    (tmp_path / "files.txt").write_text("images_001.tar.gz\n")
+    proc = download(tmp_path / "nih", url)
+    assert_one_line_error(proc, "images_001.tar.gz", "corrupt archive")
+    assert not (tmp_path / "nih" / "images_001.tar.gz").exists()
+
+
+def test_http_404_fails_cleanly(server, tmp_path):
+    _, url, _ = server
+    (tmp_path / "files.txt").write_text("images_009.tar.gz\n")
+    assert_one_line_error(download(tmp_path / "nih", url), "images_009.tar.gz", "HTTP 404")
+
+
+def test_extraction_refuses_parent_directory_entries(tmp_path):
+    out = tmp_path / "nih"
+    out.mkdir()
+
+    def evil(tar):
+        info = tarfile.TarInfo("../evil.png")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+
+    make_archive(out / "images_001.tar.gz", ["ok.png"], extra=evil)
+    proc = run([str(ROOT / "extract_images.sh"), str(out), "--no-progress"])
+    assert_one_line_error(proc, "images_001.tar.gz", "unsafe entry refused")
+    assert not (tmp_path / "evil.png").exists() and not (out / "evil.png").exists()
+    assert not (out / ".images_001.tar.gz.extracted").exists()
