@@ -62,37 +62,49 @@ def steps_per_epoch(shards: list[tuple[str, int]], world_size: int, batch_size: 
 
 
 def _read(files: list[str], rank: int, world_size: int, by_record: bool, deterministic: bool,
-          shuffle_files_seed: int | None) -> tf.data.Dataset:
+          shuffle_files_seed=None) -> tf.data.Dataset:
+    """Serialized records of these files; with a seed (a [2] tensor), in a file order that is a
+    pure function of it (stateless, so Dataset.shuffle's global-seed rules do not apply)."""
     if by_record:
         return tf.data.TFRecordDataset(files).shard(world_size, rank)
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    names = tf.constant(files)
     if shuffle_files_seed is not None:
-        ds = ds.shuffle(len(files), seed=shuffle_files_seed, reshuffle_each_iteration=True)
-    return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+        names = tf.gather(names, tf.argsort(tf.random.stateless_uniform([len(files)], shuffle_files_seed)))
+    return tf.data.Dataset.from_tensor_slices(names).interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
                          num_parallel_calls=AUTOTUNE, deterministic=deterministic)
 
 
 def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
                   shuffle_buffer: int = 2048, deterministic: bool = False,
-                  repeat: bool = True, with_ids: bool = False) -> tf.data.Dataset:
-    """(image, label, mask) batches for this rank, endless (repeat) with a new order every pass."""
+                  steps_per_epoch: int | None = None, start_epoch: int = 0,
+                  epochs: int | None = None, with_ids: bool = False) -> tf.data.Dataset:
+    """(image, label, mask) batches for this rank: one pass over its share per epoch, in an order
+    fixed by (seed, epoch, rank) and cut to `steps_per_epoch` batches, so epoch e is the same
+    whether the run started at 0 or was resumed at e. `epochs=None`: endless."""
     manifest = records.load_manifest(data_dir)
     num_classes = manifest["num_classes"]
     files, by_record = rank_shards(records.split_shards(manifest, data_dir, split), rank, world_size)
-    ds = _read(files, rank, world_size, by_record, deterministic, shuffle_files_seed=seed + rank)
-    ds = ds.shuffle(shuffle_buffer, seed=seed + rank, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
 
-    def parse(serialized):
+    def one_pass(epoch):
+        epoch_seed = tf.stack([tf.constant(seed * 1009 + rank, tf.int64), epoch])
+        ds = _read(files, rank, world_size, by_record, deterministic, shuffle_files_seed=epoch_seed)
+        # A fixed integer seed; the order still changes every epoch because the file order does.
+        ds = ds.shuffle(shuffle_buffer, seed=seed * 1009 + rank)
+        if steps_per_epoch:
+            ds = ds.take(steps_per_epoch * batch_size)
+        return ds.enumerate().map(lambda i, r: (r, tf.stack([epoch_seed[0] + epoch * 1_000_003, i])))
+
+    def parse(serialized, flip_seed):
         example = records.parse_example(serialized, num_classes)
         image = decode(example)
-        if augment:  # CheXNet's only augmentation: random horizontal flip
-            image = tf.image.random_flip_left_right(image)
+        if augment:  # CheXNet's only augmentation; stateless, so a resumed epoch flips the same
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         out = (preprocess(image, image_size), example["label"], example["mask"])
         return out + (example["image/id"],) if with_ids else out
 
+    last = tf.int64.max if epochs is None else start_epoch + epochs
+    ds = tf.data.Dataset.range(start_epoch, last).flat_map(one_pass)
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(AUTOTUNE)

@@ -1,4 +1,5 @@
-"""One model builder over a plain registry: densenet121 (CheXNet), small_cnn (tests, demo).
+"""One model builder over a plain registry: densenet121 (CheXNet), resnet50, resnet59 (large
+inputs, SURFsara), small_cnn (tests, demo).
 
 Every model ends in a float32 sigmoid layer named `predictions` (kept float32 under mixed
 precision for a stable loss). Weights are never downloaded: `weights` is None or a local file.
@@ -47,8 +48,59 @@ def small_cnn(image_size: int, num_classes: int, weights: str | None) -> tf.kera
     return model
 
 
+def resnet50(image_size: int, num_classes: int, weights: str | None) -> tf.keras.Model:
+    """Keras' ResNet-50 backbone (so a local ImageNet no-top file loads), pooled, sigmoid head."""
+    backbone = tf.keras.applications.ResNet50(
+        include_top=False, weights=weights, input_shape=(image_size, image_size, 3), pooling="avg")
+    return tf.keras.Model(backbone.input, _head(backbone.output, num_classes), name="resnet50")
+
+
+# ResNet-59 for 896-1024 px inputs (SURFsara/Intel): ResNet-50's bottleneck stages plus a fifth at
+# 4096 channels, every stage halving the map, so 896 px ends at 7x7 (1024 px at 8x8).
+#            (bottleneck width, output channels, blocks, stride of the first block)
+RESNET59_STAGES = [
+    (64, 256, 3, 2),      # 224 -> 112 (the first residual stage gets stride 2)
+    (128, 512, 4, 2),     # -> 56
+    (256, 1024, 6, 2),    # -> 28
+    (512, 2048, 3, 2),    # -> 14
+    (1024, 4096, 3, 2),   # -> 7, the added stage
+]
+
+
+def _bottleneck(x: tf.Tensor, width: int, out: int, stride: int, name: str) -> tf.Tensor:
+    """1x1 reduce, 3x3, 1x1 expand, with a projection shortcut when the shape changes."""
+    shortcut = x
+    if stride != 1 or x.shape[-1] != out:
+        shortcut = layers.Conv2D(out, 1, stride, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_proj_bn")(shortcut)
+    for i, (filters, kernel, s) in enumerate([(width, 1, stride), (width, 3, 1), (out, 1, 1)]):
+        x = layers.Conv2D(filters, kernel, s, padding="same", use_bias=False, name=f"{name}_conv{i + 1}")(x)
+        x = layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_bn{i + 1}")(x)
+        if i < 2:
+            x = layers.ReLU(name=f"{name}_relu{i + 1}")(x)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, x]))
+
+
+def resnet59(image_size: int, num_classes: int, weights: str | None) -> tf.keras.Model:
+    """Stem (7x7/2 conv, 3x3/2 max-pool), the five stages of RESNET59_STAGES, pool, sigmoid head."""
+    inputs = layers.Input((image_size, image_size, 3), name="image")
+    x = layers.Conv2D(64, 7, 2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(epsilon=1.001e-5, name="stem_bn")(x))
+    x = layers.MaxPool2D(3, 2, padding="same", name="stem_pool")(x)
+    for s, (width, out, blocks, stride) in enumerate(RESNET59_STAGES, 1):
+        for b in range(blocks):
+            x = _bottleneck(x, width, out, stride if b == 0 else 1, f"stage{s}_block{b + 1}")
+    features = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    model = tf.keras.Model(inputs, _head(features, num_classes), name="resnet59")
+    if weights:
+        model.load_weights(weights)
+    return model
+
+
 BUILDERS: dict[str, Callable[[int, int, str | None], tf.keras.Model]] = {
     "densenet121": densenet121,
+    "resnet50": resnet50,
+    "resnet59": resnet59,
     "small_cnn": small_cnn,
 }
 
@@ -64,15 +116,3 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
         raise InputError(weights, "weights file not found (nothing is downloaded)")
     return BUILDERS[name](image_size, num_classes, weights)
 
-
-def load_checkpoint(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:
-    """Rebuild the model a trainer checkpoint directory describes (meta.json) and restore it."""
-    import json
-
-    meta_path = Path(ckpt_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise InputError(ckpt_dir, "not a checkpoint directory (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    model = build_model(meta["model"], meta["image_size"], meta["num_classes"])
-    tf.train.Checkpoint(model=model).read(str(Path(ckpt_dir) / "ckpt")).expect_partial()
-    return model, meta

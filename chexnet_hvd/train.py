@@ -4,7 +4,9 @@
     python -m chexnet_hvd.train ...            # no launcher: a world of size 1
 
 Rank 0 writes RUN_DIR/config.json, RUN_DIR/runlog.jsonl and RUN_DIR/checkpoints/; every rank
-computes the same validation AUROC from predictions gathered over all ranks.
+computes the same validation AUROC from predictions gathered over all ranks. On SIGTERM or
+SIGUSR1 all ranks stop after the same step, rank 0 writes a checkpoint, and the job exits 75
+(EX_TEMPFAIL) so a requeued job continues with --resume.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import signal
 import socket
 import sys
 import time
@@ -27,19 +29,29 @@ PRECISIONS = ["fp32", "mixed_float16", "mixed_bfloat16"]
 class TrainConfig:
     data: str = cli.field(help="records directory (has manifest.json)")
     run_dir: str = cli.field(help="where config.json, runlog.jsonl and checkpoints/ go")
-    model: str = cli.field("densenet121", help="densenet121 | small_cnn")
+    model: str = cli.field("densenet121", help="densenet121 | resnet50 | resnet59 | small_cnn")
     image_size: int = cli.field(224, help="model input side in pixels")
     batch_size: int = cli.field(16, help="images per rank per step (global batch = this x ranks)")
-    epochs: int = cli.field(3, help="epochs to train")
+    epochs: int = cli.field(3, help="epochs to train (in total, counting resumed ones)")
     steps_per_epoch: int = cli.field(0, help="0: one pass over the smallest rank's share")
-    optimizer: str = cli.field("adam", help="optimizer", choices=["adam", "sgd"])
+    optimizer: str = cli.field("adam", help="Adam (CheXNet) or SGD with Nesterov momentum 0.9",
+                               choices=["adam", "sgd"])
     lr: float = cli.field(1e-3, help="base learning rate at --reference-batch (CheXNet: Adam 1e-3 at 16)")
     reference_batch: int = cli.field(16, help="lr = lr x global_batch / reference_batch (Goyal et al. 2017)")
-    warmup_epochs: float = cli.field(1.0, help="linear warmup from lr/world_size to the scaled lr")
-    schedule: str = cli.field("constant", help="lr after warmup", choices=["constant", "cosine"])
+    warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
+                                     "-1: proportional to the global batch, global_batch / "
+                                     "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)")
+    schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, or step "
+                              "(x0.1 every --step-epochs)", choices=["constant", "cosine", "step"])
+    step_epochs: int = cli.field(10, help="epochs between x0.1 decays of --schedule step")
     class_weights: str = cli.field("none", help="manifest: weighted BCE with the manifest's "
                                    "per-class positive weights (CheXNet)", choices=["none", "manifest"])
-    precision: str = cli.field("fp32", help="Keras mixed-precision policy", choices=PRECISIONS)
+    precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
+                               "dynamic loss scaling", choices=PRECISIONS)
+    xla: bool = cli.field(False, help="XLA auto-clustering (Horovod's collectives stay outside XLA)")
+    fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce")
+    backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
+                                              "allreduce (large inputs, small batches)")
     weights: str = cli.field("none", help="none or a local weights file (nothing is downloaded)")
     seed: int = cli.field(0, help="seed of weights, shuffles and augmentation")
     augment: bool = cli.field(True, help="random horizontal flips")
@@ -47,8 +59,11 @@ class TrainConfig:
     deterministic: bool = cli.field(False, help="deterministic input order and ops (slower)")
     val_split: str = cli.field("val", help="split validated after every epoch")
     val_batch_size: int = cli.field(64, help="images per rank per validation step")
-    threads: int = cli.field(0, help="CPU threads per rank for TF ops; 0: cores / local ranks")
+    early_stopping: int = cli.field(0, help="stop after N epochs without a better val mean AUROC (0: off)")
+    resume: bool = cli.field(False, help="continue from the newest complete checkpoint in RUN_DIR")
+    checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)")
     keep_checkpoints: int = cli.field(3, help="how many of the newest epoch checkpoints to keep")
+    threads: int = cli.field(0, help="CPU threads per rank for TF ops; 0: cores / local ranks")
     timing_warmup_steps: int = cli.field(3, help="steps at the start of each epoch left out of img/s")
     audit: bool = cli.field(False, help="each rank writes RUN_DIR/audit/rank<N>.json + .npz "
                             "(its shard files and final weights), for tests")
@@ -67,13 +82,16 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
         raise cli.InputError("--batch-size", f"{cfg.batch_size} per rank x {world_size} ranks is more "
                              f"than the {min(data.records_per_rank(shards, world_size))} training "
                              "records of the smallest rank's share")
+    ratio = global_batch / cfg.reference_batch
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(5.0, ratio / 8)
     return {
         "world_size": world_size,
         "local_batch": cfg.batch_size,
         "global_batch": global_batch,
         "steps_per_epoch": steps,
-        "scaled_lr": cfg.lr * global_batch / cfg.reference_batch,
-        "warmup_steps": int(round(cfg.warmup_epochs * steps)),
+        "scaled_lr": cfg.lr * ratio,
+        "warmup_epochs": warmup_epochs,
+        "warmup_steps": int(round(warmup_epochs * steps)),
         "total_steps": steps * cfg.epochs,
         "train_records": manifest["splits"]["train"]["count"],
         "records_per_rank": data.records_per_rank(shards, world_size),
@@ -104,6 +122,26 @@ def horovod_backend(hvd) -> str:
     return "gloo" if hvd.gloo_enabled() else "none"
 
 
+def make_optimizer(cfg: TrainConfig, hvd, derived: dict):
+    """Adam or SGD over the warmup schedule; fp16 loss scaling inside Horovod's wrapper, so the
+    gradients are averaged before the finiteness check and every rank skips the same steps."""
+    import tensorflow as tf
+
+    from chexnet_hvd import schedules
+
+    decay_every = cfg.step_epochs * derived["steps_per_epoch"] if cfg.schedule == "step" else 0
+    schedule = schedules.WarmupSchedule(derived["scaled_lr"], derived["world_size"],
+                                        derived["warmup_steps"], derived["total_steps"],
+                                        cfg.schedule, decay_every)
+    optimizer = (tf.keras.optimizers.Adam(schedule) if cfg.optimizer == "adam"
+                 else tf.keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
+    if cfg.precision == "mixed_float16":
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return hvd.DistributedOptimizer(  # Horovod: allreduce the gradients
+        optimizer, backward_passes_per_step=cfg.backward_passes_per_step,
+        compression=hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none)
+
+
 # ---------------------------------------------------------------- loss -----------------------
 def masked_bce(pos_weight=None):
     """Binary cross-entropy over unmasked entries; y packs (label, mask) as [B, 2, C].
@@ -120,14 +158,55 @@ def masked_bce(pos_weight=None):
     return loss
 
 
+# ---------------------------------------------------------------- preemption -----------------
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm's time-limit and preemption warnings) only set a flag; the
+    training loop acts on it between steps, on all ranks at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
 # ---------------------------------------------------------------- callbacks ------------------
-def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer):
-    """Horovod's canonical order: broadcast, metric average, validation, then rank-0 writers."""
+def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, state):
+    """Horovod's canonical order: broadcast, metric average, then our all-rank callbacks
+    (preemption agreement, validation, early stopping), then the rank-0 writers."""
+    import horovod.tensorflow as hvd_tf
     import tensorflow as tf
 
-    from chexnet_hvd import data, metrics
+    from chexnet_hvd import checkpoints, data, metrics
 
     names = manifest["classes"]
+    ckpt_dir = run_dir / "checkpoints"
+
+    def meta(epochs_done: int, val_mean_auroc=None) -> dict:
+        return {"model": cfg.model, "image_size": cfg.image_size, "classes": names,
+                "num_classes": manifest["num_classes"], "epoch": epochs_done,
+                "step": int(model.optimizer.iterations.numpy()), "precision": cfg.precision,
+                "val_mean_auroc": val_mean_auroc, "best_val_mean_auroc": state["best"],
+                "config": dataclasses.asdict(cfg)}
+
+    class Preemption(tf.keras.callbacks.Callback):
+        """All ranks agree (allreduce max of the flag) after every step; then stop together."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            state["epoch"] = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            flag = tf.constant(1.0 if stop.requested else 0.0)
+            if float(hvd_tf.allreduce(flag, op=hvd_tf.Max, name="stop_request")) > 0:
+                state["preempted"] = True
+                self.model.stop_training = True
+            elif hvd.rank() == 0 and cfg.checkpoint_every_steps:
+                step = int(model.optimizer.iterations.numpy())
+                if step % cfg.checkpoint_every_steps == 0:
+                    checkpoints.save(model, ckpt_dir, f"step-{step:09d}", meta(state["epoch"]))
+                    checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
 
     class Validation(tf.keras.callbacks.Callback):
         """Predict this rank's part of the split, gather all ranks, score over the whole split."""
@@ -139,15 +218,28 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer):
             self.result: dict = {}
 
         def on_epoch_end(self, epoch, logs=None):
+            if state["preempted"]:
+                return
             t0 = time.perf_counter()
-            local = predict(self.model, self.dataset)
-            merged = metrics.gather(local)
+            merged = metrics.gather(predict(self.model, self.dataset))
             self.result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], names)
             self.result["seconds"] = round(time.perf_counter() - t0, 3)
-            self.result["ids_unique"] = len(set(merged["id"].tolist())) == len(merged["id"])
-            if logs is not None:
-                logs["val_loss"] = self.result["loss"]
-                logs["val_mean_auroc"] = self.result["mean_auroc"]
+            logs["val_loss"] = self.result["loss"]
+            logs["val_mean_auroc"] = self.result["mean_auroc"] or 0.0
+
+    class Checkpoint(tf.keras.callbacks.Callback):
+        """Rank 0: the epoch's checkpoint, and a copy as best/ when the val mean AUROC improved."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if state["preempted"]:
+                return
+            auroc = validation.result.get("mean_auroc")
+            improved = auroc is not None and (state["best"] is None or auroc > state["best"])
+            state["best"] = auroc if improved else state["best"]
+            path = checkpoints.save(model, ckpt_dir, f"epoch-{epoch + 1:04d}", meta(epoch + 1, auroc))
+            if improved:
+                checkpoints.copy_as_best(path)
+            checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
 
     class RunLog(tf.keras.callbacks.Callback):
         """Rank 0: epoch time and img/s with the first steps of each epoch left out."""
@@ -163,6 +255,8 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer):
                 self.t_warm = self.t_last
 
         def on_epoch_end(self, epoch, logs=None):
+            if state["preempted"]:
+                return
             skip = min(cfg.timing_warmup_steps, derived["steps_per_epoch"] - 1)
             timed = self.steps - skip
             ips = timed * derived["global_batch"] / max(self.t_last - self.t_warm, 1e-9)
@@ -180,19 +274,16 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer):
                 print(f"epoch {epoch + 1}: {ips:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
                       f"val mean AUROC {val.get('mean_auroc')}", flush=True)
 
-    class Checkpoint(tf.keras.callbacks.Callback):
-        """Rank 0: model + optimizer + counters, written to a temporary directory then renamed."""
-
-        def on_epoch_end(self, epoch, logs=None):
-            save_checkpoint(model, run_dir / "checkpoints", epoch + 1, cfg, manifest,
-                            validation.result.get("mean_auroc"), cfg.keep_checkpoints)
-
     validation = Validation()
     callbacks = [
         hvd.callbacks.BroadcastGlobalVariablesCallback(0),  # Horovod: same start on all ranks
         hvd.callbacks.MetricAverageCallback(),  # Horovod: average train metrics over ranks
+        Preemption(),
         validation,
     ]
+    if cfg.early_stopping:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            "val_mean_auroc", mode="max", patience=cfg.early_stopping, verbose=int(hvd.rank() == 0)))
     if hvd.rank() == 0:
         callbacks += [Checkpoint(), RunLog()]
     return callbacks
@@ -204,31 +295,33 @@ def predict(model, dataset) -> dict:
 
     parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
     for batch in dataset:
-        parts["prob"].append(model.predict_on_batch(batch["image"]))
+        parts["prob"].append(np.asarray(model.predict_on_batch(batch["image"]), np.float32))
         for key in ("label", "mask", "id", "patient"):
             parts[key].append(batch[key].numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
-def save_checkpoint(model, ckpt_dir: Path, epoch: int, cfg, manifest, val_mean_auroc, keep: int) -> Path:
-    """Atomic: everything goes into a hidden temporary directory that is renamed when complete."""
-    import tensorflow as tf
+def resume_state(cfg, hvd, model, run_dir: Path) -> dict:
+    """With --resume, the chief restores its newest complete checkpoint and every rank receives
+    the weights, optimizer state and counters before the first step."""
+    import horovod.tensorflow as hvd_tf
 
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"epoch-{epoch:04d}"
-    tmp = ckpt_dir / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "ckpt"))
-    meta = {"model": cfg.model, "image_size": cfg.image_size, "classes": manifest["classes"],
-            "num_classes": manifest["num_classes"], "epoch": epoch,
-            "step": int(model.optimizer.iterations.numpy()), "precision": cfg.precision,
-            "val_mean_auroc": val_mean_auroc, "config": dataclasses.asdict(cfg)}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("epoch-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    from chexnet_hvd import checkpoints
+
+    state = {"epoch": 0, "best": None, "preempted": False, "from": None}
+    if not cfg.resume:
+        return state
+    found = checkpoints.newest(run_dir / "checkpoints") if hvd.rank() == 0 else None
+    model.optimizer.build(model.trainable_variables)  # create the slots so they can be restored
+    if found is not None:
+        checkpoints.restore(model, found)
+        meta = checkpoints.read_meta(found)
+        state |= {"epoch": meta["epoch"], "best": meta.get("best_val_mean_auroc"), "from": str(found)}
+    state = hvd_tf.broadcast_object(state, root_rank=0)  # Horovod: counters from the chief
+    variables = model.optimizer.variables
+    variables = variables() if callable(variables) else variables
+    hvd_tf.broadcast_variables(model.variables + list(variables), root_rank=0)  # Horovod
+    return state
 
 
 def write_audit(run_dir: Path, hvd, model, cfg, derived) -> None:
@@ -244,70 +337,81 @@ def write_audit(run_dir: Path, hvd, model, cfg, derived) -> None:
     (audit / f"rank{hvd.rank()}.json").write_text(json.dumps(
         {"rank": hvd.rank(), "files": files, "by_record": by_record,
          "records": derived["records_per_rank"][hvd.rank()]}))
-    np.savez(audit / f"rank{hvd.rank()}.npz", *[w for w in model.get_weights()])
+    np.savez(audit / f"rank{hvd.rank()}.npz", *model.get_weights())
 
 
 # ---------------------------------------------------------------- main -----------------------
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(TrainConfig, __doc__.splitlines()[0], argv)
+    stop = StopRequest()
 
     # --- setup + Horovod ---
     hvd = init_horovod(cfg)
+    import horovod.tensorflow as hvd_tf
     import tensorflow as tf
-    from horovod.tensorflow import allgather_object
 
-    from chexnet_hvd import data, models, records, runlog, schedules
+    from chexnet_hvd import checkpoints, data, models, records, runlog
 
     rank0 = hvd.rank() == 0
     run_dir = Path(cfg.run_dir)
     manifest = records.load_manifest(cfg.data)
     derived = derive(cfg, manifest, hvd.size())
-    writer = None
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | derived, indent=1))
-        writer = runlog.RunLogWriter(run_dir)
-        writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model,
-                     image_size=cfg.image_size, precision=cfg.precision,
-                     horovod_backend=horovod_backend(hvd),
-                     hostnames=sorted(set(allgather_object(socket.gethostname()))),
-                     slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                     versions={"python": sys.version.split()[0], "tensorflow": tf.__version__,
-                               "horovod": __import__("horovod").__version__},
-                     **derived)
-    else:
-        allgather_object(socket.gethostname())  # Horovod: every rank joins the collective
+    hostnames = sorted(set(hvd_tf.allgather_object(socket.gethostname())))
+    writer = runlog.RunLogWriter(run_dir) if rank0 else None
 
     try:
-        # --- data ---
-        train_ds = data.train_dataset(cfg.data, "train", cfg.image_size, cfg.batch_size,
-                                      hvd.rank(), hvd.size(), cfg.seed, cfg.augment,
-                                      cfg.shuffle_buffer, cfg.deterministic)
-        train_ds = train_ds.map(lambda x, y, m: (x, tf.stack([y, m], axis=1)))
-
-        # --- model ---
+        # --- model + optimizer ---
         tf.keras.utils.set_random_seed(cfg.seed)  # same initial weights on every rank
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
+        if cfg.xla:
+            tf.config.optimizer.set_jit("autoclustering")
         tf.keras.mixed_precision.set_global_policy("float32" if cfg.precision == "fp32" else cfg.precision)
         model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], cfg.weights)
-
-        # --- optimizer ---
-        schedule = schedules.WarmupSchedule(derived["scaled_lr"], hvd.size(), derived["warmup_steps"],
-                                            derived["total_steps"], cfg.schedule)
-        optimizer = (tf.keras.optimizers.Adam(schedule) if cfg.optimizer == "adam"
-                     else tf.keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
-        optimizer = hvd.DistributedOptimizer(optimizer)  # Horovod: allreduce the gradients
         pos_weight = (None if cfg.class_weights == "none"
                       else [manifest["pos_weight"][c] for c in manifest["classes"]])
-        model.compile(optimizer=optimizer, loss=masked_bce(pos_weight))
+        model.compile(optimizer=make_optimizer(cfg, hvd, derived), loss=masked_bce(pos_weight))
+        state = resume_state(cfg, hvd, model, run_dir)
+        if rank0:
+            (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | derived, indent=1))
+            writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model,
+                         image_size=cfg.image_size, precision=cfg.precision,
+                         horovod_backend=horovod_backend(hvd), hostnames=hostnames,
+                         slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                         resumed_from=state["from"], initial_epoch=state["epoch"],
+                         versions={"python": sys.version.split()[0], "tensorflow": tf.__version__,
+                                   "horovod": __import__("horovod").__version__},
+                         **derived)
+
+        # --- data ---
+        train_ds = data.train_dataset(cfg.data, "train", cfg.image_size, cfg.batch_size,
+                                      hvd.rank(), hvd.size(), cfg.seed, cfg.augment,
+                                      cfg.shuffle_buffer, cfg.deterministic,
+                                      derived["steps_per_epoch"], start_epoch=state["epoch"],
+                                      epochs=max(cfg.epochs - state["epoch"], 0))
+        train_ds = train_ds.map(lambda x, y, m: (x, tf.stack([y, m], axis=1)))
 
         # --- callbacks + fit ---
-        callbacks = make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer)
-        model.fit(train_ds, epochs=cfg.epochs, steps_per_epoch=derived["steps_per_epoch"],
-                  callbacks=callbacks, verbose=cfg.verbose if rank0 else 0)
+        callbacks = make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, state)
+        if state["epoch"] < cfg.epochs:
+            model.fit(train_ds, epochs=cfg.epochs, initial_epoch=state["epoch"],
+                      steps_per_epoch=derived["steps_per_epoch"], callbacks=callbacks,
+                      verbose=cfg.verbose if rank0 else 0)
 
-        # --- the end ---
+        # --- the end: preempted (checkpoint, exit 75) or completed ---
+        if state["preempted"]:
+            if rank0:
+                step = int(model.optimizer.iterations.numpy())
+                checkpoints.save(model, run_dir / "checkpoints", f"step-{step:09d}",
+                                 {"model": cfg.model, "image_size": cfg.image_size,
+                                  "classes": manifest["classes"], "num_classes": manifest["num_classes"],
+                                  "epoch": state["epoch"], "step": step, "precision": cfg.precision,
+                                  "best_val_mean_auroc": state["best"], "config": dataclasses.asdict(cfg)})
+                writer.write("end", status="preempted", step=step, epoch=state["epoch"])
+            hvd_tf.broadcast_object(0, root_rank=0)  # Horovod: nobody exits before the checkpoint
+            print(f"rank {hvd.rank()}: preempted; checkpoint written, exiting {cli.EXIT_PREEMPTED}",
+                  file=sys.stderr, flush=True)
+            return cli.EXIT_PREEMPTED
         if cfg.audit:
             write_audit(run_dir, hvd, model, cfg, derived)
     except BaseException as err:

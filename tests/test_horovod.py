@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chexnet_hvd import data, metrics, models, records
+from chexnet_hvd import checkpoints, data, metrics, records
 from chexnet_hvd.runlog import read_runlog
 from conftest import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 TRAIN = ["-m", "chexnet_hvd.train", "--model", "small_cnn", "--image-size", "32", "--batch-size", "16",
-         "--epochs", "2", "--audit", "--verbose", "0", "--threads", "1"]
+         "--epochs", "2", "--audit", "--verbose", "0", "--threads", "1", "--warmup-epochs", "1"]
 
 
 def train_args(records_dir, run_dir):
@@ -60,7 +60,7 @@ def test_gloo_run_log_describes_the_job(gloo_run):
 
 
 def test_gloo_validation_auroc_equals_single_process(gloo_run, records_dir):
-    model, meta = models.load_checkpoint(gloo_run / "checkpoints" / "epoch-0002")
+    model, meta = checkpoints.load(gloo_run / "checkpoints" / "epoch-0002")
     probs, labels = [], []
     for batch in data.eval_dataset(records_dir, "val", 32, 50):
         probs.append(model.predict_on_batch(batch["image"]))

@@ -106,7 +106,7 @@ def test_shards_are_disjoint_and_complete_per_rank(records_dir):
 def test_one_training_pass_reads_each_record_on_exactly_one_rank(records_dir, world):
     seen = []
     for rank in range(world):
-        ds = data.train_dataset(records_dir, "train", 32, 1, rank, world, repeat=False, with_ids=True)
+        ds = data.train_dataset(records_dir, "train", 32, 1, rank, world, epochs=1, with_ids=True)
         seen.append([i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids])
     manifest = records.load_manifest(records_dir)
     flat = [i for part in seen for i in part]
@@ -137,3 +137,14 @@ def test_manifest_records_sizes_and_weights(records_dir):
         pos = train["positives"][name]
         if pos:
             assert manifest["pos_weight"][name] == pytest.approx((train["count"] - pos) / pos, rel=1e-5)
+
+
+def test_an_epoch_is_the_same_batches_whether_started_or_resumed(records_dir):
+    def ids(start, epochs):
+        ds = data.train_dataset(records_dir, "train", 32, 8, 1, 2, seed=3, steps_per_epoch=5,
+                                start_epoch=start, epochs=epochs, deterministic=True, with_ids=True)
+        return [b[3].numpy().tolist() for b in ds]
+
+    straight, resumed = ids(0, 2), ids(1, 1)
+    assert len(straight) == 10 and len(resumed) == 5
+    assert straight[5:] == resumed and straight[:5] != resumed  # new order every epoch

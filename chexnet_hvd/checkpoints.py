@@ -1,0 +1,84 @@
+"""Trainer checkpoints: RUN_DIR/checkpoints/<name>/ with `ckpt.*` (model + optimizer, incl. the
+step counter) and meta.json (model, image size, classes, epochs completed, step, validation AUROC).
+A checkpoint is written into a hidden temporary directory and renamed when complete, so any
+directory under its final name is whole; `best/` is a copy of the best epoch by mean AUROC."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import tensorflow as tf
+
+from chexnet_hvd.cli import InputError
+
+
+def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / name
+    tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "ckpt"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _replace_dir(tmp, final)
+    return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an older final is moved aside first (rename cannot replace a dir)."""
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def newest(ckpt_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (an epoch checkpoint wins a tie)."""
+    found = [(m["step"], p.name.startswith("epoch-"), p) for p in ckpt_dir.glob("[es][pt]*-*")
+             if not p.name.startswith(".") and (m := read_meta(p)) is not None]
+    return max(found)[2] if found else None
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` epoch checkpoints and the newest step checkpoint."""
+    for pattern, n in (("epoch-*", keep), ("step-*", 1)):
+        for old in sorted(ckpt_dir.glob(pattern))[:-n]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_as_best(source: Path) -> None:
+    tmp = source.parent / f".best.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    _replace_dir(tmp, source.parent / "best")
+
+
+def restore(model: tf.keras.Model, path: Path, with_optimizer: bool = True) -> None:
+    objects = {"model": model} | ({"optimizer": model.optimizer} if with_optimizer else {})
+    status = tf.train.Checkpoint(**objects).read(str(path / "ckpt"))
+    if with_optimizer:
+        status.assert_existing_objects_matched()
+    else:
+        status.expect_partial()
+
+
+def load(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:
+    """Rebuild the model a checkpoint's meta.json describes and restore its weights (inference)."""
+    from chexnet_hvd import models
+
+    meta = read_meta(Path(ckpt_dir))
+    if meta is None:
+        raise InputError(ckpt_dir, "not a checkpoint directory (no readable meta.json)")
+    model = models.build_model(meta["model"], meta["image_size"], meta["num_classes"])
+    restore(model, Path(ckpt_dir), with_optimizer=False)
+    return model, meta
