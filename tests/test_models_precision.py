@@ -1,0 +1,67 @@
+"""Models build and train a step; ResNet-59's shape and size; bf16 and fp16 steps; class weights
+reach the loss."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from chexnet_hvd import models
+from chexnet_hvd.train import masked_bce
+
+
+@pytest.fixture(autouse=True)
+def fp32_policy():
+    yield
+    tf.keras.mixed_precision.set_global_policy("float32")
+
+
+def one_step(model, size, optimizer=None):
+    model.compile(optimizer=optimizer or tf.keras.optimizers.Adam(1e-3), loss=masked_bce())
+    x = tf.random.stateless_normal((2, size, size, 3), seed=[1, 2])
+    y = tf.stack([tf.ones((2, 14)), tf.ones((2, 14))], axis=1)
+    before = [w.copy() for w in model.get_weights()]
+    loss = model.train_on_batch(x, y)
+    changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    return loss, changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("small_cnn", 32), ("densenet121", 64), ("resnet50", 64), ("resnet59", 64)])
+def test_every_model_builds_and_takes_a_step(name, size):
+    model = models.build_model(name, size)
+    assert model.output_shape == (None, 14) and model.layers[-1].dtype == "float32"
+    loss, changed = one_step(model, size)
+    assert np.isfinite(loss) and changed
+
+
+def test_resnet59_at_896_ends_7x7x4096_with_about_83m_parameters():
+    model = models.build_model("resnet59", 896)
+    assert model.get_layer("stage5_block3_out").output.shape[1:] == (7, 7, 4096)
+    assert 80e6 <= model.count_params() <= 95e6
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_step(policy):
+    tf.keras.mixed_precision.set_global_policy(policy)
+    model = models.build_model("small_cnn", 32)
+    assert model.get_layer("conv1").compute_dtype == policy.split("_")[1]
+    assert model.get_layer("predictions").dtype == "float32"
+    opt = tf.keras.optimizers.Adam(1e-3)
+    if policy == "mixed_float16":
+        opt = tf.keras.mixed_precision.LossScaleOptimizer(opt)
+    loss, changed = one_step(model, 32, opt)
+    assert np.isfinite(loss) and changed
+    if policy == "mixed_float16":
+        assert float(opt.loss_scale) > 1  # dynamic loss scaling is active
+
+
+def test_class_weights_change_the_loss_and_masked_entries_do_not():
+    y_true = tf.constant([[[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]])  # labels, then mask (3rd masked)
+    prob = tf.constant([[0.3, 0.4, 0.01]])
+    plain = float(masked_bce()(y_true, prob)[0])
+    weighted = float(masked_bce([5.0, 1.0, 1.0])(y_true, prob)[0])
+    expected = -(np.log(0.3) + np.log(0.6)) / 2
+    assert plain == pytest.approx(expected, rel=1e-5)
+    assert weighted == pytest.approx(-(5 * np.log(0.3) + np.log(0.6)) / 2, rel=1e-5)
+    flipped = tf.constant([[0.3, 0.4, 0.99]])  # a masked entry's prediction does not matter
+    assert float(masked_bce()(y_true, flipped)[0]) == pytest.approx(plain)

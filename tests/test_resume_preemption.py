@@ -1,0 +1,102 @@
+"""Resume and preemption with real 2-rank horovodrun jobs; a killed rank fails the job promptly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from chexnet_hvd import checkpoints
+from chexnet_hvd.runlog import read_runlog
+from conftest import ROOT, VENV_BIN, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+
+
+def train_cmd(records_dir, run_dir, *extra, np_=2):
+    return ["horovodrun", "--gloo", "-np", str(np_), sys.executable, "-m", "chexnet_hvd.train",
+            "--data", str(records_dir), "--run-dir", str(run_dir), "--model", "small_cnn",
+            "--image-size", "32", "--batch-size", "8", "--verbose", "0", "--threads", "1",
+            "--warmup-epochs", "1", *map(str, extra)]
+
+
+def start(cmd):
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_resume_matches_a_straight_run(records_dir, tmp_path):
+    common = ["--deterministic", "--audit"]
+    run(train_cmd(records_dir, tmp_path / "straight", "--epochs", 2, *common), timeout=300, check=True)
+    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 1, *common), timeout=300, check=True)
+    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, "--resume", *common), timeout=300, check=True)
+
+    log = read_runlog(tmp_path / "split")
+    second_start = [r for r in log if r["event"] == "start"][-1]
+    assert second_start["initial_epoch"] == 1 and second_start["resumed_from"].endswith("epoch-0001")
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]
+    meta = [checkpoints.read_meta(tmp_path / d / "checkpoints" / "epoch-0002") for d in ("straight", "split")]
+    assert meta[0]["step"] == meta[1]["step"] and meta[0]["epoch"] == meta[1]["epoch"] == 2
+    for rank in (0, 1):
+        a, b = (np.load(tmp_path / d / "audit" / f"rank{rank}.npz") for d in ("straight", "split"))
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])  # deterministic ops: bitwise equal
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_finishes(records_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(train_cmd(records_dir, run_dir, "--epochs", 200))
+    assert wait_for(lambda: (run_dir / "checkpoints" / "epoch-0001").is_dir(), 240), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)  # what scancel / a Slurm time limit sends
+    t0 = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert "Exit code: 75" in out or "exit with status code 75" in out, out[-3000:]
+    end = read_runlog(run_dir)[-1]
+    assert end["event"] == "end" and end["status"] == "preempted"
+    ckpt = checkpoints.newest(run_dir / "checkpoints")
+    assert ckpt.name == f"step-{end['step']:09d}" and checkpoints.read_meta(ckpt)["step"] == end["step"]
+
+    done = end["epoch"] + 1
+    run(train_cmd(records_dir, run_dir, "--epochs", done, "--resume"), timeout=300, check=True)
+    log = read_runlog(run_dir)
+    assert log[-1]["status"] == "completed"
+    assert [r for r in log if r["event"] == "start"][-1]["resumed_from"].endswith(ckpt.name)
+    assert [r["epoch"] for r in log if r["event"] == "epoch"][-1] == done
+
+
+def test_single_process_sigusr1_exits_75(records_dir, tmp_path):
+    run_dir = tmp_path / "one"
+    cmd = train_cmd(records_dir, run_dir, "--epochs", 200)
+    proc = start(cmd[cmd.index(sys.executable):])  # no launcher: world of one
+    assert wait_for(lambda: (run_dir / "checkpoints" / "epoch-0001").is_dir(), 240)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 75
+
+
+def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path):
+    run_dir = tmp_path / "kill"
+    proc = start(train_cmd(records_dir, run_dir, "--epochs", 200))
+    assert wait_for(lambda: (run_dir / "checkpoints" / "epoch-0001").is_dir(), 240)
+    workers = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"], capture_output=True,
+                             text=True).stdout.split()
+    victim = max(map(int, workers))  # one of the two ranks
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    assert checkpoints.read_meta(run_dir / "checkpoints" / "epoch-0001")["epoch"] == 1  # still usable
+    assert wait_for(lambda: subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"]).returncode != 0, 30)
