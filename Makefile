@@ -13,7 +13,8 @@ setup:            ## install everything (idempotent); GPU=1 for the CUDA + NCCL 
 demo: setup       ## synthetic data -> records -> train on 1 and 2 ranks -> AUROC + scaling table
 	bash tools/demo.sh
 
-test: setup       ## the whole suite (fast + slow + mpi + slurm)
+test: setup       ## lint, then the whole suite (fast + slow + mpi)
+	$(VENV)/bin/ruff check chexnet_hvd tools tests bench
 	$(PYTEST) -q
 
 test-fast: setup  ## the fast set only (seconds)

@@ -180,7 +180,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
         ax_e.plot(ranks, [100 * r["efficiency"] for r in members], "o-", label=label)
         if any(r.get("baseline_images_per_sec") for r in members):
             base = [(r["ranks"], r["baseline_images_per_sec"]) for r in members if r.get("baseline_images_per_sec")]
-            ax_t.plot(*zip(*base), "s--", label=f"baseline ({label})")
+            ax_t.plot(*zip(*base, strict=False), "s--", label=f"baseline ({label})")
     ax_t.set(xlabel="ranks", ylabel="images / s (global)", title="Throughput")
     ax_e.set(xlabel="ranks", ylabel="efficiency (%)", title="Weak-scaling efficiency", ylim=(0, 110))
     for ax in (ax_t, ax_e):

@@ -185,11 +185,7 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
     ckpt_dir = run_dir / "checkpoints"
 
     def meta(epochs_done: int, val_mean_auroc=None) -> dict:
-        return {"model": cfg.model, "image_size": cfg.image_size, "classes": names,
-                "num_classes": manifest["num_classes"], "epoch": epochs_done,
-                "step": int(model.optimizer.iterations.numpy()), "precision": cfg.precision,
-                "val_mean_auroc": val_mean_auroc, "best_val_mean_auroc": state["best"],
-                "config": dataclasses.asdict(cfg)}
+        return checkpoint_meta(cfg, manifest, model, epochs_done, state["best"], val_mean_auroc)
 
     class Preemption(tf.keras.callbacks.Callback):
         """All ranks agree (allreduce max of the flag) after every step; then stop together."""
@@ -287,6 +283,15 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
     if hvd.rank() == 0:
         callbacks += [Checkpoint(), RunLog()]
     return callbacks
+
+
+def checkpoint_meta(cfg, manifest, model, epochs_done: int, best, val_mean_auroc=None) -> dict:
+    """What a checkpoint's meta.json records: enough to rebuild the model and resume the run."""
+    return {"model": cfg.model, "image_size": cfg.image_size, "classes": manifest["classes"],
+            "num_classes": manifest["num_classes"], "epoch": epochs_done,
+            "step": int(model.optimizer.iterations.numpy()), "precision": cfg.precision,
+            "val_mean_auroc": val_mean_auroc, "best_val_mean_auroc": best,
+            "config": dataclasses.asdict(cfg)}
 
 
 def predict(model, dataset) -> dict:
@@ -401,13 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state["preempted"]:
             if rank0:
-                step = int(model.optimizer.iterations.numpy())
-                checkpoints.save(model, run_dir / "checkpoints", f"step-{step:09d}",
-                                 {"model": cfg.model, "image_size": cfg.image_size,
-                                  "classes": manifest["classes"], "num_classes": manifest["num_classes"],
-                                  "epoch": state["epoch"], "step": step, "precision": cfg.precision,
-                                  "best_val_mean_auroc": state["best"], "config": dataclasses.asdict(cfg)})
-                writer.write("end", status="preempted", step=step, epoch=state["epoch"])
+                meta = checkpoint_meta(cfg, manifest, model, state["epoch"], state["best"])
+                checkpoints.save(model, run_dir / "checkpoints", f"step-{meta['step']:09d}", meta)
+                writer.write("end", status="preempted", step=meta["step"], epoch=state["epoch"])
             hvd_tf.broadcast_object(0, root_rank=0)  # Horovod: nobody exits before the checkpoint
             print(f"rank {hvd.rank()}: preempted; checkpoint written, exiting {cli.EXIT_PREEMPTED}",
                   file=sys.stderr, flush=True)

@@ -4,7 +4,6 @@ import hashlib
 import sys
 
 import pytest
-
 from conftest import ROOT, module, run
 
 MODULES = ["synthetic", "records", "train", "download"]

@@ -9,9 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import ROOT, assert_one_line_error, run
+from PIL import Image
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run
 from sklearn.metrics import roc_auc_score
 
 from chexnet_hvd import checkpoints, data, metrics, records
 from chexnet_hvd.runlog import read_runlog
-from conftest import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 TRAIN = ["-m", "chexnet_hvd.train", "--model", "small_cnn", "--image-size", "32", "--batch-size", "16",

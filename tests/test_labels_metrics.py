@@ -7,7 +7,12 @@ from sklearn.metrics import roc_auc_score
 
 from chexnet_hvd import metadata, metrics
 from chexnet_hvd.cli import InputError
-from chexnet_hvd.labels import PATHOLOGIES, UnknownLabelError, format_finding_labels, parse_finding_labels
+from chexnet_hvd.labels import (
+    PATHOLOGIES,
+    UnknownLabelError,
+    format_finding_labels,
+    parse_finding_labels,
+)
 
 
 def test_finding_labels_round_trip_in_canonical_order():

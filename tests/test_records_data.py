@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import assert_one_line_error, module
 from PIL import Image
 
 from chexnet_hvd import data, records
 from chexnet_hvd.labels import PATHOLOGIES, parse_finding_labels
-from conftest import assert_one_line_error, module
 
 
 def read_all(records_dir, split):

@@ -8,10 +8,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, VENV_BIN, run
 
 from chexnet_hvd import checkpoints
 from chexnet_hvd.runlog import read_runlog
-from conftest import ROOT, VENV_BIN, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 

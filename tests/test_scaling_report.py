@@ -4,9 +4,9 @@ import csv
 import json
 
 import pytest
+from conftest import ROOT, assert_one_line_error, run
 
 from chexnet_hvd import runlog, scaling
-from conftest import ROOT, assert_one_line_error, run
 
 REPORT = str(ROOT / "tools" / "scaling_report.py")
 
