@@ -56,11 +56,6 @@ def records_per_rank(shards: list[tuple[str, int]], world_size: int) -> list[int
     return [total // world_size + (r < total % world_size) for r in range(world_size)]
 
 
-def steps_per_epoch(shards: list[tuple[str, int]], world_size: int, batch_size: int) -> int:
-    """Full batches every rank can take: ranks must run the same number of allreduces."""
-    return min(records_per_rank(shards, world_size)) // batch_size
-
-
 def _read(files: list[str], rank: int, world_size: int, by_record: bool, deterministic: bool,
           shuffle_files_seed=None) -> tf.data.Dataset:
     """Serialized records of these files; with a seed (a [2] tensor), in a file order that is a

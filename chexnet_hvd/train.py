@@ -77,11 +77,11 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
 
     shards = records.split_shards(manifest, cfg.data, "train")
     global_batch = cfg.batch_size * world_size
-    steps = cfg.steps_per_epoch or data.steps_per_epoch(shards, world_size, cfg.batch_size)
+    per_rank = data.records_per_rank(shards, world_size)
+    steps = cfg.steps_per_epoch or min(per_rank) // cfg.batch_size
     if steps < 1:
         raise cli.InputError("--batch-size", f"{cfg.batch_size} per rank x {world_size} ranks is more "
-                             f"than the {min(data.records_per_rank(shards, world_size))} training "
-                             "records of the smallest rank's share")
+                             f"than the {min(per_rank)} training records of the smallest rank's share")
     ratio = global_batch / cfg.reference_batch
     warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(5.0, ratio / 8)
     return {
@@ -94,7 +94,7 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
         "warmup_steps": int(round(warmup_epochs * steps)),
         "total_steps": steps * cfg.epochs,
         "train_records": manifest["splits"]["train"]["count"],
-        "records_per_rank": data.records_per_rank(shards, world_size),
+        "records_per_rank": per_rank,
     }
 
 
