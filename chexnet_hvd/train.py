@@ -23,6 +23,7 @@ from pathlib import Path
 from chexnet_hvd import cli
 
 PRECISIONS = ["fp32", "mixed_float16", "mixed_bfloat16"]
+PLATEAU_MIN_SCALE = 1e-4  # reduce-on-plateau never takes the lr below 1e-4 x the scaled lr
 
 
 @dataclasses.dataclass
@@ -41,9 +42,14 @@ class TrainConfig:
     warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
                                      "-1: proportional to the global batch, global_batch / "
                                      "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)")
-    schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, or step "
-                              "(x0.1 every --step-epochs)", choices=["constant", "cosine", "step"])
+    schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, step "
+                              "(x0.1 every --step-epochs), or plateau (x --plateau-factor after "
+                              "--plateau-patience epochs without a better val mean AUROC)",
+                              choices=["constant", "cosine", "step", "plateau"])
     step_epochs: int = cli.field(10, help="epochs between x0.1 decays of --schedule step")
+    plateau_patience: int = cli.field(1, help="--schedule plateau: epochs without improvement "
+                                      "before the lr drops (CheXNet: 1)")
+    plateau_factor: float = cli.field(0.1, help="--schedule plateau: lr multiplier per drop")
     class_weights: str = cli.field("none", help="manifest: weighted BCE with the manifest's "
                                    "per-class positive weights (CheXNet)", choices=["none", "manifest"])
     precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
@@ -179,13 +185,14 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
     import horovod.tensorflow as hvd_tf
     import tensorflow as tf
 
-    from chexnet_hvd import checkpoints, data, metrics
+    from chexnet_hvd import checkpoints, data, metrics, schedules
 
     names = manifest["classes"]
     ckpt_dir = run_dir / "checkpoints"
 
     def meta(epochs_done: int, val_mean_auroc=None) -> dict:
-        return checkpoint_meta(cfg, manifest, model, epochs_done, state["best"], val_mean_auroc)
+        return checkpoint_meta(cfg, manifest, model, epochs_done, state["best"], state["plateau"],
+                               val_mean_auroc)
 
     class Preemption(tf.keras.callbacks.Callback):
         """All ranks agree (allreduce max of the flag) after every step; then stop together."""
@@ -222,6 +229,17 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
             self.result["seconds"] = round(time.perf_counter() - t0, 3)
             logs["val_loss"] = self.result["loss"]
             logs["val_mean_auroc"] = self.result["mean_auroc"] or 0.0
+
+    class Plateau(tf.keras.callbacks.Callback):
+        """Every rank takes the same decision from the same gathered AUROC, so no broadcast."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if state["preempted"]:
+                return
+            state["plateau"] = schedules.plateau_update(
+                state["plateau"], validation.result.get("mean_auroc"), cfg.plateau_patience,
+                cfg.plateau_factor, PLATEAU_MIN_SCALE)
+            schedules.live_schedule(model.optimizer).scale.assign(state["plateau"]["scale"])
 
     class Checkpoint(tf.keras.callbacks.Callback):
         """Rank 0: the epoch's checkpoint, and a copy as best/ when the val mean AUROC improved."""
@@ -277,6 +295,8 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
         Preemption(),
         validation,
     ]
+    if cfg.schedule == "plateau":
+        callbacks.append(Plateau())
     if cfg.early_stopping:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             "val_mean_auroc", mode="max", patience=cfg.early_stopping, verbose=int(hvd.rank() == 0)))
@@ -285,13 +305,14 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
     return callbacks
 
 
-def checkpoint_meta(cfg, manifest, model, epochs_done: int, best, val_mean_auroc=None) -> dict:
+def checkpoint_meta(cfg, manifest, model, epochs_done: int, best, plateau: dict,
+                    val_mean_auroc=None) -> dict:
     """What a checkpoint's meta.json records: enough to rebuild the model and resume the run."""
     return {"model": cfg.model, "image_size": cfg.image_size, "classes": manifest["classes"],
             "num_classes": manifest["num_classes"], "epoch": epochs_done,
             "step": int(model.optimizer.iterations.numpy()), "precision": cfg.precision,
             "val_mean_auroc": val_mean_auroc, "best_val_mean_auroc": best,
-            "config": dataclasses.asdict(cfg)}
+            "plateau": plateau, "config": dataclasses.asdict(cfg)}
 
 
 def predict(model, dataset) -> dict:
@@ -311,9 +332,10 @@ def resume_state(cfg, hvd, model, run_dir: Path) -> dict:
     the weights, optimizer state and counters before the first step."""
     import horovod.tensorflow as hvd_tf
 
-    from chexnet_hvd import checkpoints
+    from chexnet_hvd import checkpoints, schedules
 
-    state = {"epoch": 0, "best": None, "preempted": False, "from": None}
+    state = {"epoch": 0, "best": None, "preempted": False, "from": None,
+             "plateau": dict(schedules.PLATEAU_START)}
     if not cfg.resume:
         return state
     found = checkpoints.newest(run_dir / "checkpoints") if hvd.rank() == 0 else None
@@ -321,8 +343,10 @@ def resume_state(cfg, hvd, model, run_dir: Path) -> dict:
     if found is not None:
         checkpoints.restore(model, found)
         meta = checkpoints.read_meta(found)
-        state |= {"epoch": meta["epoch"], "best": meta.get("best_val_mean_auroc"), "from": str(found)}
+        state |= {"epoch": meta["epoch"], "best": meta.get("best_val_mean_auroc"), "from": str(found),
+                  "plateau": meta.get("plateau") or state["plateau"]}
     state = hvd_tf.broadcast_object(state, root_rank=0)  # Horovod: counters from the chief
+    schedules.live_schedule(model.optimizer).scale.assign(state["plateau"]["scale"])
     variables = model.optimizer.variables
     variables = variables() if callable(variables) else variables
     hvd_tf.broadcast_variables(model.variables + list(variables), root_rank=0)  # Horovod
@@ -406,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state["preempted"]:
             if rank0:
-                meta = checkpoint_meta(cfg, manifest, model, state["epoch"], state["best"])
+                meta = checkpoint_meta(cfg, manifest, model, state["epoch"], state["best"],
+                                       state["plateau"])
                 checkpoints.save(model, run_dir / "checkpoints", f"step-{meta['step']:09d}", meta)
                 writer.write("end", status="preempted", step=meta["step"], epoch=state["epoch"])
             hvd_tf.broadcast_object(0, root_rank=0)  # Horovod: nobody exits before the checkpoint

@@ -1,4 +1,4 @@
-"""Every CLI answers --help; synthetic data is reproducible; the lr schedule follows its formula."""
+"""Every CLI answers --help; synthetic data is reproducible; the lr schedules follow their formulas."""
 
 import hashlib
 import sys
@@ -49,3 +49,31 @@ def test_lr_warmup_and_scaling_formula(world):
     assert float(sched(55)) == pytest.approx(peak * 0.5, rel=1e-5)
     assert float(sched(100)) == pytest.approx(0.0, abs=1e-9)
     assert sys.modules["chexnet_hvd.schedules"].WarmupSchedule.from_config(sched.get_config()).peak == peak
+
+
+def test_plateau_update_waits_patience_epochs_then_scales_down():
+    from chexnet_hvd.schedules import PLATEAU_START, plateau_update
+
+    state, scales = dict(PLATEAU_START), []
+    for auroc in [0.70, 0.75, 0.74, 0.75, None, 0.80, 0.79, 0.78]:
+        state = plateau_update(state, auroc, patience=2, factor=0.1, min_scale=0.005)
+        scales.append(state["scale"])
+    # 0.74, 0.75 (not > best) -> drop; None, 0.80 -> new best resets; 0.79, 0.78 -> drop, floored
+    assert scales == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01])
+    assert state["best"] == 0.80 and state["wait"] == 0
+    assert plateau_update(state, None, 1, 0.1, 0.005)["scale"] == pytest.approx(0.005)
+
+
+@pytest.mark.slow
+def test_plateau_schedule_lowers_the_lr_and_resume_keeps_it(records_dir, tmp_path):
+    """With an lr too small to move the weights, val AUROC never improves after epoch 1, so
+    patience 1 drops the lr x0.1 after every later epoch; a resumed run keeps the dropped lr."""
+    from chexnet_hvd.runlog import read_runlog
+
+    args = ["--data", records_dir, "--run-dir", tmp_path, "--model", "small_cnn", "--image-size", 32,
+            "--batch-size", 32, "--steps-per-epoch", 2, "--lr", 1e-12, "--warmup-epochs", 0,
+            "--schedule", "plateau", "--plateau-patience", 1, "--verbose", 0]
+    module("train", *args, "--epochs", 2, check=True, timeout=300)
+    module("train", *args, "--epochs", 4, "--resume", check=True, timeout=300)
+    lrs = [r["lr"] for r in read_runlog(tmp_path) if r["event"] == "epoch"]
+    assert lrs == pytest.approx([1e-12, 1e-12, 1e-13, 1e-14], rel=1e-4)
