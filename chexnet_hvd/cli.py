@@ -82,6 +82,13 @@ def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[
     return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: str = "---:") -> str:
+    """A Markdown table (the reports print these); `align` is the separator of columns 2..n."""
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|---|" + f"{align}|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a CLI entry point: InputError -> one line on stderr and exit 2, no traceback."""
     try:

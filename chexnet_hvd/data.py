@@ -1,10 +1,13 @@
-"""tf.data input pipelines over the records, and `preprocess`, shared with evaluation and inference.
+"""tf.data input pipelines over the records (or a raw-image index), and `preprocess`, shared with
+evaluation and inference.
 
 Training order (DESIGN.md, section 4): sorted files -> shard by rank before any shuffle (disjoint,
 complete) -> seeded file shuffle per epoch -> parallel interleave -> record shuffle buffer ->
 parallel parse/decode/augment/preprocess -> batch(drop_remainder) -> prefetch. With fewer files
 than ranks, records are sharded instead of files. Evaluation reads each record exactly once
-across ranks, in order, with no dropped remainder.
+across ranks, in order, with no dropped remainder. A raw index (records --format raw) takes the
+same path with image files in place of records: every world_size-th row per rank, a seeded
+permutation per epoch, then read + decode in the parallel map.
 """
 
 from __future__ import annotations
@@ -56,17 +59,59 @@ def records_per_rank(shards: list[tuple[str, int]], world_size: int) -> list[int
     return [total // world_size + (r < total % world_size) for r in range(world_size)]
 
 
-def _read(files: list[str], rank: int, world_size: int, by_record: bool, deterministic: bool,
-          shuffle_files_seed=None) -> tf.data.Dataset:
-    """Serialized records of these files; with a seed (a [2] tensor), in a file order that is a
-    pure function of it (stateless, so Dataset.shuffle's global-seed rules do not apply)."""
-    if by_record:
-        return tf.data.TFRecordDataset(files).shard(world_size, rank)
-    names = tf.constant(files)
-    if shuffle_files_seed is not None:
-        names = tf.gather(names, tf.argsort(tf.random.stateless_uniform([len(files)], shuffle_files_seed)))
-    return tf.data.Dataset.from_tensor_slices(names).interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-                         num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+def is_raw(manifest: dict) -> bool:
+    """A raw-image index (records --format raw): CSV lists of image files instead of shards."""
+    return manifest.get("encoding") == records.RAW_ENCODING
+
+
+class _Source:
+    """A split's records for one rank, before parsing: serialized TFRecords, or for a raw index
+    the rows (path, label, mask, id, patient) of the listed image files. `items(seed)` gives
+    them in an order that is a pure function of the [2] seed tensor (stateless, so
+    Dataset.shuffle's global-seed rules do not apply), or in stored order without a seed."""
+
+    def __init__(self, data_dir, split: str, rank: int, world_size: int, deterministic: bool):
+        self.manifest = records.load_manifest(data_dir)
+        self.num_classes = self.manifest["num_classes"]
+        self.raw = is_raw(self.manifest)
+        self.deterministic = deterministic
+        shards = records.split_shards(self.manifest, data_dir, split)
+        if self.raw:  # every world_size-th row: disjoint, complete, the same counts as records
+            rows = records.read_raw_index([path for path, _ in shards])
+            self.rows = {k: v[rank::world_size] for k, v in rows.items()}
+        else:
+            self.files, self.by_record = rank_shards(shards, rank, world_size)
+            self.rank, self.world_size = rank, world_size
+
+    def _order(self, n: int, seed):
+        return tf.argsort(tf.random.stateless_uniform([n], seed))
+
+    def items(self, seed=None) -> tf.data.Dataset:
+        if self.raw:
+            rows = self.rows
+            if seed is not None:
+                order = self._order(len(rows["path"]), seed)
+                rows = {k: tf.gather(v, order) for k, v in rows.items()}
+            return tf.data.Dataset.from_tensor_slices(rows)
+        if self.by_record:
+            return tf.data.TFRecordDataset(self.files).shard(self.world_size, self.rank)
+        names = tf.constant(self.files)
+        if seed is not None:
+            names = tf.gather(names, self._order(len(self.files), seed))
+        return tf.data.Dataset.from_tensor_slices(names).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(len(self.files), 8),
+            num_parallel_calls=AUTOTUNE, deterministic=self.deterministic)
+
+    def example(self, item) -> dict:
+        """An item -> image (uint8 [H, W, 1]), label, mask, id, patient."""
+        if self.raw:  # PNG or JPEG, any mode; 16-bit scaled to 8-bit
+            image = tf.io.decode_image(tf.io.read_file(item["path"]), channels=1, dtype=tf.uint8,
+                                       expand_animations=False)
+            return {"image": image, "label": item["label"], "mask": item["mask"],
+                    "id": item["id"], "patient": item["patient"]}
+        example = records.parse_example(item, self.num_classes)
+        return {"image": decode(example), "label": example["label"], "mask": example["mask"],
+                "id": example["image/id"], "patient": example["patient/id"]}
 
 
 def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
@@ -77,26 +122,24 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
     """(image, label, mask) batches for this rank: one pass over its share per epoch, in an order
     fixed by (seed, epoch, rank) and cut to `steps_per_epoch` batches, so epoch e is the same
     whether the run started at 0 or was resumed at e. `epochs=None`: endless."""
-    manifest = records.load_manifest(data_dir)
-    num_classes = manifest["num_classes"]
-    files, by_record = rank_shards(records.split_shards(manifest, data_dir, split), rank, world_size)
+    source = _Source(data_dir, split, rank, world_size, deterministic)
 
     def one_pass(epoch):
         epoch_seed = tf.stack([tf.constant(seed * 1009 + rank, tf.int64), epoch])
-        ds = _read(files, rank, world_size, by_record, deterministic, shuffle_files_seed=epoch_seed)
+        ds = source.items(epoch_seed)
         # A fixed integer seed; the order still changes every epoch because the file order does.
         ds = ds.shuffle(shuffle_buffer, seed=seed * 1009 + rank)
         if steps_per_epoch:
             ds = ds.take(steps_per_epoch * batch_size)
         return ds.enumerate().map(lambda i, r: (r, tf.stack([epoch_seed[0] + epoch * 1_000_003, i])))
 
-    def parse(serialized, flip_seed):
-        example = records.parse_example(serialized, num_classes)
-        image = decode(example)
+    def parse(item, flip_seed):
+        example = source.example(item)
+        image = example["image"]
         if augment:  # CheXNet's only augmentation; stateless, so a resumed epoch flips the same
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         out = (preprocess(image, image_size), example["label"], example["mask"])
-        return out + (example["image/id"],) if with_ids else out
+        return out + (example["id"],) if with_ids else out
 
     last = tf.int64.max if epochs is None else start_epoch + epochs
     ds = tf.data.Dataset.range(start_epoch, last).flat_map(one_pass)
@@ -108,15 +151,11 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
 def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
                  rank: int = 0, world_size: int = 1) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once."""
-    manifest = records.load_manifest(data_dir)
-    num_classes = manifest["num_classes"]
-    files, by_record = rank_shards(records.split_shards(manifest, data_dir, split), rank, world_size)
-    ds = _read(files, rank, world_size, by_record, deterministic=True, shuffle_files_seed=None)
+    source = _Source(data_dir, split, rank, world_size, deterministic=True)
 
-    def parse(serialized):
-        example = records.parse_example(serialized, num_classes)
-        return {"image": preprocess(decode(example), image_size), "label": example["label"],
-                "mask": example["mask"], "id": example["image/id"], "patient": example["patient/id"]}
+    def parse(item):
+        example = source.example(item)
+        return example | {"image": preprocess(example["image"], image_size)}
 
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = source.items().map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -6,6 +6,10 @@ Each shard is written under a temporary name and renamed when complete, with a s
 holding its counts; a re-run skips shards that are already complete. Unreadable or missing images
 go to rejects.csv with the reason; written + rejected = listed, always. manifest.json is written
 last, so its presence means the directory is complete.
+
+Across nodes: under `mpirun`/`srun` each MPI rank (mpi4py) writes every size-th shard of the
+same plan with its own worker processes, and rank 0 gathers the results and writes rejects.csv
+and the manifest; the output is the same as a single-process run's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from chexnet_hvd import cli, metadata
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
+RAW_ENCODING = "raw-index"  # --format raw: per-split CSV lists of the image files, no conversion
 
 
 # ---------------------------------------------------------------- schema (one definition) ----
@@ -123,6 +129,7 @@ class ShardJob:
     file: str
     rows: list  # (image, path, patient, labels, mask)
     image_size: int | None
+    names: tuple = ()  # class names of labels and mask
 
     def key(self) -> str:
         """Identity of the shard's content, so a re-run only skips a shard with the same images."""
@@ -164,8 +171,41 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     return result | {"reused": False}
 
 
+def write_index(job: ShardJob, out_dir: str) -> dict:
+    """--format raw: list the split's existing image files in a CSV index (temp name, then
+    rename); missing files are rejected here, unreadable ones only show when training reads them."""
+    names = [n[2:] for n in metadata.label_columns(job.names)]
+    rows, rejects = [], []
+    for image, path, patient, labels, mask in job.rows:
+        if Path(path).is_file():
+            rows.append([image, str(Path(path).resolve()), patient, *labels, *mask])
+        else:
+            rejects.append((image, job.split, path, "missing file"))
+    frame = pd.DataFrame(rows, columns=["image", "path", "patient", *metadata.label_columns(names),
+                                        *metadata.mask_columns(names)])
+    final = Path(out_dir) / job.file
+    tmp = final.with_name(final.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, final)
+    y, m = metadata.label_columns(names), metadata.mask_columns(names)
+    positives = ((frame[y].to_numpy() * frame[m].to_numpy()) >= 0.5).sum(0) if rows else np.zeros(len(names))
+    return {"file": job.file, "split": job.split, "key": job.key(), "count": len(rows),
+            "positives": np.asarray(positives, dtype=np.int64).tolist(), "rejects": rejects, "reused": False}
+
+
+def read_raw_index(files: list[str]) -> dict[str, np.ndarray]:
+    """The rows of raw-index CSVs as arrays: path, label [N, C], mask [N, C], id, patient."""
+    frame = pd.concat([pd.read_csv(f, dtype={"image": str, "path": str, "patient": str}) for f in files],
+                      ignore_index=True)
+    names = metadata.class_names(frame)
+    return {"path": frame["path"].to_numpy(str), "id": frame["image"].to_numpy(str),
+            "patient": frame["patient"].to_numpy(str),
+            "label": frame[metadata.label_columns(names)].to_numpy(np.float32),
+            "mask": frame[metadata.mask_columns(names)].to_numpy(np.float32)}
+
+
 def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
-                seed: int) -> list[ShardJob]:
+                seed: int, suffix: str = ".tfrecord") -> list[ShardJob]:
     """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped."""
     names = metadata.class_names(table)
     jobs = []
@@ -180,29 +220,43 @@ def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
                         part[metadata.mask_columns(names)].to_numpy().tolist(), strict=True))
         n_shards = -(-len(rows) // shard_size)
         for i, chunk in enumerate(np.array_split(np.arange(len(rows)), n_shards)):
-            jobs.append(ShardJob(split, f"{split}-{i:05d}-of-{n_shards:05d}.tfrecord",
-                                 [rows[j] for j in chunk], image_size))
+            jobs.append(ShardJob(split, f"{split}-{i:05d}-of-{n_shards:05d}{suffix}",
+                                 [rows[j] for j in chunk], image_size, names))
     return jobs
 
 
-def run_jobs(jobs: list[ShardJob], out_dir: str, workers: int, progress: bool = True) -> list[dict]:
+def run_jobs(jobs: list[ShardJob], out_dir: str, workers: int, progress: bool = True,
+             write=write_shard) -> list[dict]:
     """Write shards in `workers` processes (spawned: TensorFlow must not be forked)."""
     bar = tqdm(total=sum(len(j.rows) for j in jobs), unit="img", desc="records",
                disable=not progress or None)
     results = []
     if workers <= 1:
         for job in jobs:
-            results.append(write_shard(job, out_dir))
+            results.append(write(job, out_dir))
             bar.update(len(job.rows))
     else:
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            pending = {pool.submit(write_shard, job, out_dir): job for job in jobs}
+            pending = {pool.submit(write, job, out_dir): job for job in jobs}
             for done in futures.as_completed(pending):
                 results.append(done.result())
                 bar.update(len(pending[done].rows))
     bar.close()
     return sorted(results, key=lambda r: r["file"])
+
+
+MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_NUM_TASKS")
+
+
+def mpi_comm():
+    """COMM_WORLD when started by an MPI launcher with more than one rank, else None. mpi4py is
+    only imported then, so a plain run never initialises MPI."""
+    if not any(v in os.environ for v in MPI_ENV):
+        return None
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
 def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
@@ -232,11 +286,13 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
     return {
         "schema_version": SCHEMA_VERSION,
         "dataset": cfg.dataset,
+        "chexpert": ({"observations": cfg.observations, "uncertainty": cfg.uncertainty,
+                      "frontal_only": cfg.frontal_only} if cfg.dataset == "chexpert" else None),
         "classes": list(names),
         "num_classes": len(names),
         "image_size": cfg.image_size,  # null: stored at the source resolution
         "channels": 1,
-        "encoding": "png",
+        "encoding": RAW_ENCODING if cfg.format == "raw" else "png",
         "source_csv": str(cfg.csv),
         "source_csv_sha256": csv_sha256,
         "split_method": cfg.split,
@@ -251,36 +307,21 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
     }
 
 
-@dataclasses.dataclass
-class RecordsConfig:
-    csv: str = cli.field(help="metadata CSV (NIH Data_Entry_2017.csv or its v2020 revision)")
-    images: str = cli.field(help="directory holding the images the CSV lists")
+@dataclasses.dataclass(kw_only=True)
+class RecordsConfig(metadata.TableConfig):
     out: str = cli.field(help="output records directory")
-    dataset: str = cli.field("nih", help="metadata format", choices=["nih"])
-    split: str = cli.field("random", help="random: seeded patient-level split by --fractions; "
-                           "official: NIH train_val_list.txt/test_list.txt beside the CSV",
-                           choices=["random", "official"])
-    fractions: list[float] = cli.field([0.7, 0.1, 0.2], help="train/val/test fractions of patients")
-    seed: int = cli.field(0, help="seed of the split and of the shard assignment")
-    image_size: int | None = cli.field(None, help="resize offline to N x N (default: keep source size)")
+    format: str = cli.field("tfrecord", help="tfrecord: convert to sharded TFRecords; raw: no "
+                            "conversion, a per-split CSV index of the image files for the "
+                            "raw-image pipeline (train reads either)", choices=["tfrecord", "raw"])
+    image_size: int | None = cli.field(None, help="resize offline to N x N (default: keep source "
+                                       "size, e.g. 1024 for the large-input models)")
     shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
-    workers: int = cli.field(os.cpu_count() or 1, help="parallel worker processes")
-    max_rejects: int = cli.field(0, help="unreadable/missing images tolerated; with more, no manifest "
-                                 "is written and the exit code is 2 (-1: no limit)")
+    workers: int = cli.field(os.cpu_count() or 1, help="parallel worker processes (per MPI rank "
+                             "under mpirun/srun)")
+    max_rejects: int = cli.field(-1, help="unreadable/missing images tolerated (all are listed "
+                                 "in rejects.csv); with more, no manifest is written and the exit "
+                                 "code is 2 (-1: no limit)")
     progress: bool = cli.field(True, help="show a progress bar")
-
-
-def read_table(cfg: RecordsConfig) -> pd.DataFrame:
-    """The metadata table with its split assigned and leak-checked."""
-    table = metadata.read_nih(cfg.csv, cfg.images)
-    if cfg.split == "official":
-        here = Path(cfg.csv).parent
-        table = metadata.official_split(table, here / "train_val_list.txt", here / "test_list.txt",
-                                        cfg.fractions[1], cfg.seed)
-    else:
-        table = metadata.random_split(table, tuple(cfg.fractions), cfg.seed)
-    metadata.check_no_leak(table)
-    return table
 
 
 def write_records(cfg: RecordsConfig) -> dict:
@@ -289,12 +330,26 @@ def write_records(cfg: RecordsConfig) -> dict:
         raise cli.InputError("--shard-size/--workers", "must be at least 1")
     if not Path(cfg.images).is_dir():
         raise cli.InputError(cfg.images, "no such directory")
-    table = read_table(cfg)
+    if cfg.format == "raw" and cfg.image_size:
+        raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
+                             "pipeline resizes while training)")
+    table = metadata.load_table(cfg)
+    comm = mpi_comm()
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
-    jobs = plan_shards(table, cfg.shard_size, cfg.image_size, cfg.seed)
-    results = run_jobs(jobs, str(out), cfg.workers, cfg.progress)
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    raw = cfg.format == "raw"
+    jobs = plan_shards(table, len(table) if raw else cfg.shard_size, cfg.image_size, cfg.seed,
+                       ".csv" if raw else ".tfrecord")
+    results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
+                       cfg.progress and rank == 0, write_index if raw else write_shard)
+    if comm:  # every rank planned the same shards; rank 0 alone reports on all of them
+        gathered = comm.gather(results, root=0)
+        if rank != 0:
+            return None
+        results = sorted((r for part in gathered for r in part), key=lambda r: r["file"])
     rejects = [r for res in results for r in res["rejects"]]
     pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(out / REJECTS, index=False)
     if 0 <= cfg.max_rejects < len(rejects):
@@ -305,6 +360,7 @@ def write_records(cfg: RecordsConfig) -> dict:
     manifest = build_manifest(table, results, cfg, metadata.file_sha256(cfg.csv))
     manifest["rejected"] = len(rejects)
     manifest["listed"] = len(table)
+    manifest["writer_ranks"] = size
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -315,9 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(RecordsConfig, "Convert chest X-ray images + metadata CSV to sharded "
                            "TFRecords with a manifest.", argv)
     manifest = write_records(cfg)
+    if manifest is None:  # an MPI rank other than 0: rank 0 reports
+        return 0
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
-    print(f"wrote {counts} records to {cfg.out}; rejected {manifest['rejected']} "
-          f"(see {Path(cfg.out) / REJECTS})")
+    print(f"wrote {counts} records to {cfg.out}")
+    if manifest["rejected"]:
+        print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected, each "
+              f"with its reason in {Path(cfg.out) / REJECTS}", file=sys.stderr)
     return 0
 
 

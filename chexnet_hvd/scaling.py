@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chexnet_hvd import runlog
+from chexnet_hvd import cli, runlog
 
 GROUP_KEYS = ("model", "image_size", "precision", "local_batch")
 COLUMNS = ["model", "image_size", "precision", "local_batch", "ranks", "images_per_sec",
@@ -140,15 +140,15 @@ def markdown(rows: list[dict]) -> str:
         head = ["ranks", "img/s", "img/s per rank", "speedup", "efficiency", "epoch s (mean ± sd)"]
         if has_base:
             head += ["baseline img/s", "ours / baseline"]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "---:|" * len(head))
+        body = []
         for r in (r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group):
             cells = [str(r["ranks"]), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
                      _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.0f}%",
                      f"{r['epoch_seconds_mean']:.1f} ± {r['epoch_seconds_sd']:.1f}"]
             if has_base:
                 cells += [_fmt(r.get("baseline_images_per_sec")), _fmt(r.get("ratio_to_baseline"), 2)]
-            out.append("| " + " | ".join(cells) + " |")
+            body.append(cells)
+        out.append(cli.markdown_table(head, body))
         out.append("")
     return "\n".join(out)
 

@@ -54,14 +54,15 @@ def test_corrupt_and_missing_images_are_rejected_and_counts_reconcile(synthetic,
     args = ["--csv", synthetic / "Data_Entry_2017.csv", "--images", images, "--shard-size", 64,
             "--workers", 1, "--no-progress"]
 
-    strict = module("records", *args, "--out", tmp_path / "strict")
+    strict = module("records", *args, "--out", tmp_path / "out", "--max-rejects", 1)
     assert_one_line_error(strict, "2 images rejected", "--max-rejects 2")
-    assert not (tmp_path / "strict" / "manifest.json").exists()  # nothing looks complete
+    assert not (tmp_path / "out" / "manifest.json").exists()  # nothing looks complete
 
-    lenient = module("records", *args, "--out", tmp_path / "strict", "--max-rejects", 2)
-    assert lenient.returncode == 0, lenient.stderr
-    manifest = records.load_manifest(tmp_path / "strict")
-    rejects = pd.read_csv(tmp_path / "strict" / "rejects.csv")
+    default = module("records", *args, "--out", tmp_path / "out")  # completes, says what it rejected
+    assert default.returncode == 0, default.stderr
+    assert "warning: 2 of 600 images rejected" in default.stderr
+    manifest = records.load_manifest(tmp_path / "out")
+    rejects = pd.read_csv(tmp_path / "out" / "rejects.csv")
     assert sorted(rejects["image"]) == names[:2]
     assert set(rejects["reason"].str.split(":").str[0]) == {"unreadable image", "missing file"}
     written = sum(v["count"] for v in manifest["splits"].values())
@@ -148,3 +149,51 @@ def test_an_epoch_is_the_same_batches_whether_started_or_resumed(records_dir):
     straight, resumed = ids(0, 2), ids(1, 1)
     assert len(straight) == 10 and len(resumed) == 5
     assert straight[5:] == resumed and straight[:5] != resumed  # new order every epoch
+
+
+@pytest.fixture(scope="module")
+def raw_dir(synthetic, tmp_path_factory):
+    """A raw-image index of the synthetic set (same split as records_dir: same seed)."""
+    out = tmp_path_factory.mktemp("raw")
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+           "--out", out, "--format", "raw", "--no-progress", check=True)
+    return out
+
+
+def eval_by_id(data_dir, world):
+    out = {}
+    for rank in range(world):
+        for batch in data.eval_dataset(data_dir, "val", 24, 16, rank, world):
+            for i, image, label in zip(batch["id"].numpy(), batch["image"].numpy(), batch["label"].numpy(),
+                                       strict=True):
+                out[i.decode()] = (image, label)
+    return out
+
+
+def test_raw_pipeline_gives_the_records_pipelines_inputs(raw_dir, records_dir):
+    manifest = records.load_manifest(raw_dir)
+    assert manifest["encoding"] == records.RAW_ENCODING and not list(raw_dir.glob("*.tfrecord"))
+    assert manifest["splits"]["train"]["count"] == records.load_manifest(records_dir)["splits"]["train"]["count"]
+    raw, rec = eval_by_id(raw_dir, 2), eval_by_id(records_dir, 1)
+    assert sorted(raw) == sorted(rec)
+    for key, (image, label) in rec.items():  # same decode -> preprocess -> same floats
+        np.testing.assert_array_equal(raw[key][0], image)
+        np.testing.assert_array_equal(raw[key][1], label)
+    seen = []
+    for rank in range(2):
+        ds = data.train_dataset(raw_dir, "train", 24, 1, rank, 2, epochs=1, with_ids=True)
+        seen += [i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids]
+    assert len(seen) == len(set(seen)) == manifest["splits"]["train"]["count"]
+
+
+def test_raw_index_rejects_missing_files(synthetic, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic / "images", images)
+    gone = sorted(images.iterdir())[3]
+    gone.unlink()
+    out = tmp_path / "raw"
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", images, "--out", out,
+           "--format", "raw", "--no-progress", check=True)
+    rejects = pd.read_csv(out / "rejects.csv")
+    assert rejects["image"].tolist() == [gone.name] and rejects["reason"].tolist() == ["missing file"]
+    assert records.load_manifest(out)["rejected"] == 1
