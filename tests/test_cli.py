@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, module, run
 
 MODULES = ["synthetic", "records", "train", "download"]
-SCRIPTS = ["tools/scaling_report.py", "write_tfrecords.sh", "download_dataset.sh"]
+SCRIPTS = ["tools/scaling_report.py", "tools/dataset_stats.py", "write_tfrecords.sh", "download_dataset.sh"]
 
 
 @pytest.mark.parametrize("name", MODULES)
