@@ -65,11 +65,14 @@ def copy_as_best(source: Path) -> None:
 
 def restore(model: tf.keras.Model, path: Path, with_optimizer: bool = True) -> None:
     objects = {"model": model} | ({"optimizer": model.optimizer} if with_optimizer else {})
-    status = tf.train.Checkpoint(**objects).read(str(path / "ckpt"))
-    if with_optimizer:
-        status.assert_existing_objects_matched()
-    else:
-        status.expect_partial()
+    try:
+        status = tf.train.Checkpoint(**objects).read(str(path / "ckpt"))
+        status.assert_existing_objects_matched()  # every variable of ours came from the file
+    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        raise InputError(path, f"its weights do not fit a {model.name} model "
+                         f"({str(err).splitlines()[0][:120]})") from None
+    if not with_optimizer:
+        status.expect_partial()  # the optimizer's slots in the file are not wanted here
 
 
 def load(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:

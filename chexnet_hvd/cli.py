@@ -54,7 +54,7 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) in (list, tuple):
-            kwargs["nargs"] = "+" if required or field.name in positional else "*"
+            kwargs["nargs"] = "+" if required else "*"
             kwargs["type"] = typing.get_args(kind)[0]
         else:
             base = [a for a in typing.get_args(kind) if a is not type(None)]

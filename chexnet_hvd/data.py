@@ -148,14 +148,46 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
     return ds.prefetch(AUTOTUNE)
 
 
+TTA_MODES = ("none", "flip", "tencrop")
+TENCROP_SCALE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
+
+
+def tta_views(image: tf.Tensor, image_size: int, mode: str) -> tf.Tensor:
+    """uint8 [H, W, 1] -> preprocessed views [V, S, S, 3] whose predictions are averaged.
+    none: the image (V=1); flip: it and its mirror (V=2); tencrop: resized to S x 256/224, the
+    four corner crops and the centre crop of side S, then the five mirrored (V=10)."""
+    if mode == "none":
+        return preprocess(image, image_size)[None]
+    if mode == "flip":
+        view = preprocess(image, image_size)
+        return tf.stack([view, tf.image.flip_left_right(view)])
+    big = int(round(image_size * TENCROP_SCALE))
+    full = preprocess(image, big)
+    s, e, c = image_size, big - image_size, (big - image_size) // 2
+    crops = tf.stack([full[:s, :s], full[:s, e:], full[e:, :s], full[e:, e:], full[c:c + s, c:c + s]])
+    return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0)
+
+
 def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1) -> tf.data.Dataset:
-    """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once."""
+                 rank: int = 0, world_size: int = 1, tta: str | None = None) -> tf.data.Dataset:
+    """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
+    With `tta`, image holds the views of `tta_views` ([B, V, S, S, 3])."""
     source = _Source(data_dir, split, rank, world_size, deterministic=True)
 
     def parse(item):
         example = source.example(item)
-        return example | {"image": preprocess(example["image"], image_size)}
+        image = (preprocess(example["image"], image_size) if tta is None
+                 else tta_views(example["image"], image_size, tta))
+        return example | {"image": image}
 
     ds = source.items().map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def synthetic_dataset(image_size: int, batch_size: int, num_classes: int, seed: int = 0) -> tf.data.Dataset:
+    """One random preprocessed batch held in memory and repeated: the same element structure as
+    `train_dataset`, with no input cost (benchmarks compare the two)."""
+    g = tf.random.Generator.from_seed(seed)
+    images = g.normal((batch_size, image_size, image_size, 3))
+    labels = tf.cast(g.uniform((batch_size, num_classes)) < 0.1, tf.float32)
+    return tf.data.Dataset.from_tensors((images, labels, tf.ones_like(labels))).repeat()

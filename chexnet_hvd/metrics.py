@@ -70,3 +70,66 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return arrays
     parts = hvd.allgather_object(arrays)
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+
+# ---------------------------------------------------------------- test-set statistics --------
+def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, patients: np.ndarray,
+                 resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of per-class AUROC and AUPRC and of the mean AUROC,
+    resampling *patients* with replacement (all images of a drawn patient come along), since the
+    images of one patient are correlated (Efron & Tibshirani 1993). Resamples in which a class
+    has no positives or no negatives leave that class out; `defined` counts the rest."""
+    _, groups = np.unique(np.asarray(patients), return_inverse=True)
+    rows_of = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
+    rng = np.random.default_rng(seed)
+    aurocs, auprcs, means = [], [], []
+    for _ in range(resamples):
+        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
+        auroc = per_class_auroc(y_true[rows], y_prob[rows], mask[rows])
+        aurocs.append(auroc)
+        auprcs.append(per_class_auprc(y_true[rows], y_prob[rows], mask[rows]))
+        means.append(mean_defined(auroc))
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+
+    def interval(samples):
+        samples = np.asarray(samples, dtype=np.float64)
+        defined = np.isfinite(samples).sum(0)
+        with np.errstate(all="ignore"):
+            lo_hi = np.where(defined > 0, np.nanpercentile(np.where(defined > 0, samples, 0), q, axis=0), np.nan)
+        return lo_hi[0], lo_hi[1], defined
+
+    lo, hi, defined = interval(aurocs)
+    plo, phi, _ = interval(auprcs)
+    mlo, mhi, _ = interval(np.asarray(means)[:, None])
+    return {"auroc_lo": lo, "auroc_hi": hi, "auprc_lo": plo, "auprc_hi": phi, "defined": defined,
+            "mean_auroc_lo": float(mlo[0]), "mean_auroc_hi": float(mhi[0]), "resamples": resamples,
+            "patients": len(rows_of), "level": level, "seed": seed}
+
+
+def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per class, the threshold maximising Youden's J = sensitivity + specificity - 1 (chosen on
+    the validation split); NaN where the class is undefined there."""
+    from sklearn.metrics import roc_curve
+
+    out = np.full(y_true.shape[1], np.nan)
+    for c in range(y_true.shape[1]):
+        keep = mask[:, c] > 0
+        truth = y_true[keep, c] >= 0.5
+        if 0 < truth.sum() < truth.size:
+            fpr, tpr, thresholds = roc_curve(truth, y_prob[keep, c])
+            out[c] = min(thresholds[np.argmax(tpr - fpr)], 1.0)  # roc_curve's first threshold is inf
+    return out
+
+
+def sensitivity_specificity(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray,
+                            thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class at prob >= threshold: TP / P and TN / N over unmasked entries (NaN if undefined)."""
+    sens, spec = np.full(len(thresholds), np.nan), np.full(len(thresholds), np.nan)
+    for c, thr in enumerate(thresholds):
+        keep = mask[:, c] > 0
+        truth, called = y_true[keep, c] >= 0.5, y_prob[keep, c] >= thr
+        if np.isfinite(thr) and truth.any():
+            sens[c] = (called & truth).sum() / truth.sum()
+        if np.isfinite(thr) and (~truth).any():
+            spec[c] = (~called & ~truth).sum() / (~truth).sum()
+    return sens, spec

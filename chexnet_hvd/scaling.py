@@ -182,10 +182,57 @@ def plot(rows: list[dict], path: str | Path) -> None:
             base = [(r["ranks"], r["baseline_images_per_sec"]) for r in members if r.get("baseline_images_per_sec")]
             ax_t.plot(*zip(*base, strict=False), "s--", label=f"baseline ({label})")
     ax_t.set(xlabel="ranks", ylabel="images / s (global)", title="Throughput")
+    ax_t.set_ylim(bottom=0)
     ax_e.set(xlabel="ranks", ylabel="efficiency (%)", title="Weak-scaling efficiency", ylim=(0, 110))
     for ax in (ax_t, ax_e):
+        ax.set_xticks(sorted({r["ranks"] for r in rows}))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- projection -----------------
+@dataclass
+class Network:
+    """Ring-allreduce cost parameters. Defaults: 100 Gb/s EDR InfiniBand, the interconnect of
+    the reference GPU clusters (12.5 GB/s per direction); 10 us per ring step, the order of an
+    NCCL/MPI message latency over InfiniBand; no overlap of communication with the backward pass
+    (an upper bound on its cost; Horovod's tensor fusion overlaps some of it in practice)."""
+
+    bandwidth_gbs: float = 12.5
+    latency_us: float = 10.0
+    overlap: float = 0.0
+
+
+def allreduce_seconds(grad_bytes: float, ranks: int, net: Network) -> float:
+    """Ring allreduce of `grad_bytes` on `ranks` ranks (Patarasuk & Yuan 2009; the algorithm of
+    Horovod and NCCL): 2 (N-1) steps, each moving grad_bytes / N per rank, so
+    2 (N-1)/N * bytes / bandwidth + 2 (N-1) * latency. Zero on one rank."""
+    if ranks <= 1:
+        return 0.0
+    steps = 2 * (ranks - 1)
+    return steps / ranks * grad_bytes / (net.bandwidth_gbs * 1e9) + steps * net.latency_us * 1e-6
+
+
+def project(step_seconds: float, grad_bytes: float, local_batch: int, ranks: list[int],
+            net: Network) -> list[dict]:
+    """Weak scaling from a single-rank step time: every rank computes as fast as one alone, and
+    the part of the allreduce not hidden behind the backward pass adds to each step."""
+    rows = []
+    for n in ranks:
+        comm = allreduce_seconds(grad_bytes, n, net)
+        step = step_seconds + (1 - net.overlap) * comm
+        rows.append({"ranks": n, "step_seconds": step, "allreduce_seconds": comm,
+                     "images_per_sec": n * local_batch / step,
+                     "speedup": n * step_seconds / step, "efficiency": step_seconds / step})
+    return rows
+
+
+def projection_markdown(rows: list[dict]) -> str:
+    head = ["ranks", "step s", "allreduce s", "img/s", "speedup", "efficiency"]
+    body = [[r["ranks"], f"{r['step_seconds']:.4f}", f"{r['allreduce_seconds']:.4f}",
+             _fmt(r["images_per_sec"]), _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.1f}%"]
+            for r in rows]
+    return cli.markdown_table(head, body)

@@ -61,6 +61,8 @@ class TrainConfig:
     weights: str = cli.field("none", help="none or a local weights file (nothing is downloaded)")
     seed: int = cli.field(0, help="seed of weights, shuffles and augmentation")
     augment: bool = cli.field(True, help="random horizontal flips")
+    synthetic_input: bool = cli.field(False, help="train on one random in-memory batch, repeated "
+                                      "(benchmarks: the trainer without its input pipeline)")
     shuffle_buffer: int = cli.field(2048, help="record shuffle buffer per rank")
     deterministic: bool = cli.field(False, help="deterministic input order and ops (slower)")
     val_split: str = cli.field("val", help="split validated after every epoch")
@@ -408,16 +410,22 @@ def main(argv: list[str] | None = None) -> int:
                          horovod_backend=horovod_backend(hvd), hostnames=hostnames,
                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                          resumed_from=state["from"], initial_epoch=state["epoch"],
+                         trainable_params=int(sum(v.shape.num_elements() for v in model.trainable_variables)),
+                         synthetic_input=cfg.synthetic_input,
                          versions={"python": sys.version.split()[0], "tensorflow": tf.__version__,
                                    "horovod": __import__("horovod").__version__},
                          **derived)
 
         # --- data ---
-        train_ds = data.train_dataset(cfg.data, "train", cfg.image_size, cfg.batch_size,
-                                      hvd.rank(), hvd.size(), cfg.seed, cfg.augment,
-                                      cfg.shuffle_buffer, cfg.deterministic,
-                                      derived["steps_per_epoch"], start_epoch=state["epoch"],
-                                      epochs=max(cfg.epochs - state["epoch"], 0))
+        if cfg.synthetic_input:
+            train_ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, manifest["num_classes"],
+                                              cfg.seed)
+        else:
+            train_ds = data.train_dataset(cfg.data, "train", cfg.image_size, cfg.batch_size,
+                                          hvd.rank(), hvd.size(), cfg.seed, cfg.augment,
+                                          cfg.shuffle_buffer, cfg.deterministic,
+                                          derived["steps_per_epoch"], start_epoch=state["epoch"],
+                                          epochs=max(cfg.epochs - state["epoch"], 0))
         train_ds = train_ds.map(lambda x, y, m: (x, tf.stack([y, m], axis=1)))
 
         # --- callbacks + fit ---

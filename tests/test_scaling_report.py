@@ -72,3 +72,33 @@ def test_torn_last_line_is_ignored(tmp_path):
     with open(tmp_path / "runlog.jsonl", "a") as fh:
         fh.write('{"schema": "chexnet_hvd.runlog/1", "event": "ep')
     assert runlog.read_runlog(tmp_path)[-1]["event"] == "end"
+
+
+def test_projection_matches_hand_computed_ring_allreduce():
+    # 4 MB of gradients (1e6 fp32 parameters), 1 GB/s, 100 us per ring step, half hidden:
+    # N=2: 2*(1/2)*4e6/1e9 + 2*100e-6 = 0.0042 s -> step 0.1 + 0.0021 = 0.1021 s
+    # N=4: 2*(3/4)*4e6/1e9 + 6*100e-6 = 0.0066 s -> step 0.1 + 0.0033 = 0.1033 s
+    net = scaling.Network(bandwidth_gbs=1.0, latency_us=100.0, overlap=0.5)
+    rows = {r["ranks"]: r for r in scaling.project(0.1, 4e6, 16, [1, 2, 4], net)}
+    assert rows[1]["efficiency"] == 1.0 and rows[1]["images_per_sec"] == pytest.approx(160.0)
+    assert rows[2]["allreduce_seconds"] == pytest.approx(0.0042)
+    assert rows[2]["images_per_sec"] == pytest.approx(32 / 0.1021)
+    assert rows[4]["efficiency"] == pytest.approx(0.1 / 0.1033)
+    assert rows[4]["speedup"] == pytest.approx(4 * 0.1 / 0.1033)
+
+
+def test_projection_cli_from_a_one_rank_run_log(tmp_path):
+    writer = runlog.RunLogWriter(tmp_path / "np1")
+    writer.write("start", model="densenet121", image_size=224, precision="fp32", local_batch=16,
+                 global_batch=16, world_size=1, trainable_params=1_000_000)
+    for epoch in (1, 2, 3):
+        writer.write("epoch", epoch=epoch, seconds=10.0, images_per_sec=160.0, images_per_sec_per_rank=160.0)
+    writer.close()
+    proc = run([REPORT, "--project", str(tmp_path / "np1"), "--ranks", "1", "2", "4", "--bandwidth-gbs", "1",
+                "--latency-us", "100", "--overlap", "0.5"], check=True)
+    assert "| 4 | 0.1033 | 0.0066 | 619.6 | 3.87 | 96.8% |" in proc.stdout, proc.stdout
+    fp16 = run([REPORT, "--project", "--step-time", "0.1", "--params", "1e6", "--batch", "16", "--ranks", "2",
+                "--bandwidth-gbs", "1", "--latency-us", "100", "--overlap", "0", "--fp16-allreduce"], check=True)
+    assert "| 2 | 0.1022 | 0.0022 |" in fp16.stdout, fp16.stdout  # 2 MB: 0.002 + 0.0002
+    bad = run([REPORT, "--project", str(tmp_path / "nothing")])
+    assert_one_line_error(bad)

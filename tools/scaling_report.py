@@ -3,6 +3,12 @@
 
     python tools/scaling_report.py runs/np1 runs/np2 --csv scaling.csv --plot scaling.png
     python tools/scaling_report.py 'runs/*' --baseline docs/dell_v100_baseline.csv
+    python tools/scaling_report.py --project runs/np1            # project a 1-rank run to 256
+    python tools/scaling_report.py --project --step-time 0.35 --params 7e6 --batch 64
+
+--project: weak-scaling projection under a ring-allreduce cost model (chexnet_hvd.scaling:
+allreduce_seconds, project); the step time, parameter count and per-rank batch come from a
+1-rank run log or from the flags.
 """
 
 from __future__ import annotations
@@ -19,15 +25,61 @@ from chexnet_hvd.runlog import RunLogError  # noqa: E402
 
 @dataclasses.dataclass
 class ReportConfig:
-    runs: list[str] = cli.field(help="run directories, runlog.jsonl files or globs")
+    runs: list[str] = cli.field([], help="run directories, runlog.jsonl files or globs")
     csv: str = cli.field("", help="also write the table as CSV here")
     plot: str = cli.field("", help="also write a PNG plot (throughput, efficiency vs ranks) here")
     baseline: str = cli.field("", help="reference CSV (columns ranks,images_per_sec) shown beside ours")
     skip_epochs: int = cli.field(1, help="leading epochs per run left out (warm-up)")
+    project: bool = cli.field(False, help="project throughput and efficiency to --ranks instead")
+    step_time: float = cli.field(0.0, help="--project: seconds per step on 1 rank (0: from the run log)")
+    params: float = cli.field(0.0, help="--project: trainable parameters (0: from the run log)")
+    batch: int = cli.field(0, help="--project: images per rank per step (0: from the run log)")
+    ranks: list[int] = cli.field([1, 2, 4, 8, 16, 32, 64, 128, 256], help="--project: world sizes")
+    bandwidth_gbs: float = cli.field(scaling.Network.bandwidth_gbs,
+                                     help="--project: link bandwidth in GB/s (default: 100 Gb/s EDR InfiniBand)")
+    latency_us: float = cli.field(scaling.Network.latency_us, help="--project: latency per ring step, us")
+    overlap: float = cli.field(scaling.Network.overlap, help="--project: fraction of the allreduce "
+                               "hidden behind the backward pass (0..1)")
+    fp16_allreduce: bool = cli.field(False, help="--project: gradients sent as fp16 (2 bytes, not 4)")
+
+
+def projection(cfg: ReportConfig) -> str:
+    """The projection table, from the flags or the first 1-rank run of the logs given."""
+    step, params, batch = cfg.step_time, cfg.params, cfg.batch
+    if not (step and params and batch):
+        single = [r for r in map(scaling.load_run, scaling.find_runlogs(cfg.runs))
+                  if r.start.get("world_size") == 1 and scaling.timed_epochs(r.epochs, cfg.skip_epochs)]
+        if not single:
+            raise RunLogError(f"{' '.join(cfg.runs) or '--project'}: needs a 1-rank run log with timed "
+                              "epochs, or all of --step-time, --params and --batch")
+        start, epochs = single[0].start, scaling.timed_epochs(single[0].epochs, cfg.skip_epochs)
+        batch = batch or start["local_batch"]
+        step = step or batch / (sum(e["images_per_sec"] for e in epochs) / len(epochs))
+        params = params or start.get("trainable_params", 0)
+        if not params:
+            raise RunLogError(f"{single[0].path}: no trainable_params in the run log; pass --params")
+    if not 0 <= cfg.overlap <= 1:
+        raise cli.InputError("--overlap", f"{cfg.overlap} is not between 0 and 1")
+    net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap)
+    grad_bytes = params * (2 if cfg.fp16_allreduce else 4)
+    rows = scaling.project(step, grad_bytes, batch, cfg.ranks, net)
+    return (f"Projection: {step:.4f} s per step on 1 rank, batch {batch}, {params:,.0f} parameters "
+            f"({grad_bytes / 1e6:.1f} MB of gradients), {net.bandwidth_gbs} GB/s, "
+            f"{net.latency_us} us per ring step, overlap {net.overlap}\n\n"
+            + scaling.projection_markdown(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(ReportConfig, __doc__.splitlines()[0], argv, positional=["runs"])
+    if cfg.project:
+        try:
+            print(projection(cfg))
+        except RunLogError as err:
+            where, _, what = str(err).partition(": ")
+            raise cli.InputError(where, what) from None
+        return 0
+    if not cfg.runs:
+        raise cli.InputError("runs", "give at least one run directory, runlog.jsonl or glob")
     try:
         runs = [scaling.load_run(p) for p in scaling.find_runlogs(cfg.runs)]
         rows = scaling.scaling_rows(runs, cfg.skip_epochs)

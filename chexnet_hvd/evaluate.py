@@ -1,0 +1,202 @@
+"""Test-split report of a checkpoint: AUROC / AUPRC with patient-level bootstrap intervals,
+operating points from the validation split, test-time augmentation, curves.
+
+    python -m chexnet_hvd.evaluate --checkpoint runs/x/checkpoints/best --data RECORDS --split test \
+        --tta tencrop --out runs/x/eval
+    horovodrun -np 4 python -m chexnet_hvd.evaluate ...   # each rank scores a disjoint part
+
+Writes OUT/report.md, OUT/report.json (every number), OUT/roc.png and OUT/pr.png. Every rank
+predicts its part of the split; the predictions are gathered, so every record counts once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from chexnet_hvd import cli
+from chexnet_hvd.labels import PATHOLOGIES
+
+# Rajpurkar et al. 2017 (CheXNet), Table 2: per-class test AUROC, in the canonical order.
+CHEXNET_PAPER_AUROC = dict(zip(PATHOLOGIES, (
+    0.8094, 0.9248, 0.8638, 0.7345, 0.8676, 0.7802, 0.7680, 0.8887, 0.7901, 0.8878, 0.9371,
+    0.8047, 0.8062, 0.9164), strict=True))
+CHEXNET_PAPER_MEAN = 0.841
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    checkpoint: str = cli.field(help="checkpoint directory (e.g. RUN_DIR/checkpoints/best)")
+    data: str = cli.field(help="records directory (or raw index) with manifest.json")
+    split: str = cli.field("test", help="split to report on")
+    val_split: str = cli.field("val", help="split the operating points are chosen on ('' : none)")
+    tta: str = cli.field("none", help="test-time augmentation; the report also shows 'none'",
+                         choices=["none", "flip", "tencrop"])
+    out: str = cli.field("", help="output directory (default: CHECKPOINT/eval-SPLIT)")
+    batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)")
+    bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals")
+    seed: int = cli.field(0, help="bootstrap seed")
+    backend: str = cli.field("tf", help="inference backend", choices=["tf"])
+
+
+def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
+    if meta["classes"] != manifest["classes"]:
+        raise cli.InputError(ckpt, f"the checkpoint predicts {meta['num_classes']} classes "
+                             f"({', '.join(meta['classes'][:3])}, ...), the records hold "
+                             f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
+
+
+def score(model, data_dir: str, split: str, image_size: int, batch: int, tta: str, hvd) -> dict:
+    """Gathered predictions (views averaged) with labels, masks, ids and patients."""
+    from chexnet_hvd import data, metrics
+
+    parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
+    for b in data.eval_dataset(data_dir, split, image_size, batch, hvd.rank(), hvd.size(), tta=tta):
+        views = b["image"]
+        flat = np.asarray(model.predict_on_batch(np.reshape(views, (-1, *views.shape[2:]))), np.float32)
+        parts["prob"].append(flat.reshape(views.shape[0], views.shape[1], -1).mean(axis=1))
+        for key in ("label", "mask", "id", "patient"):
+            parts[key].append(b[key].numpy())
+    local = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+    return metrics.gather(local)
+
+
+def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec) -> list[dict]:
+    from chexnet_hvd import metrics
+
+    auroc = metrics.per_class_auroc(pred["label"], pred["prob"], pred["mask"])
+    auprc = metrics.per_class_auprc(pred["label"], pred["prob"], pred["mask"])
+    positives = ((pred["label"] >= 0.5) & (pred["mask"] > 0)).sum(0)
+
+    def num(v):
+        return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+    return [{"pathology": name, "positives": int(positives[c]), "auroc": num(auroc[c]),
+             "auroc_ci": [num(ci["auroc_lo"][c]), num(ci["auroc_hi"][c])],
+             "auroc_tta": num(tta_auroc[c]) if tta_auroc is not None else None,
+             "auprc": num(auprc[c]), "auprc_ci": [num(ci["auprc_lo"][c]), num(ci["auprc_hi"][c])],
+             "threshold": num(thresholds[c]), "sensitivity": num(sens[c]), "specificity": num(spec[c]),
+             "chexnet_paper_auroc": CHEXNET_PAPER_AUROC.get(name)}
+            for c, name in enumerate(names)]
+
+
+def markdown(report: dict) -> str:
+    def f(v, ci=None):
+        if v is None:
+            return "undefined"
+        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+
+    tta = report["tta"]
+    head = ["pathology", "positives", "CheXNet paper", "AUROC [95% CI]"]
+    head += [f"AUROC {tta}"] if tta != "none" else []
+    head += ["AUPRC [95% CI]", "threshold (val)", "sensitivity", "specificity"]
+    rows = []
+    for r in report["classes"]:
+        row = [r["pathology"], r["positives"], f(r["chexnet_paper_auroc"]) if r["chexnet_paper_auroc"] else "-",
+               f(r["auroc"], r["auroc_ci"])]
+        row += [f(r["auroc_tta"])] if tta != "none" else []
+        row += [f(r["auprc"], r["auprc_ci"]), f(r["threshold"]), f(r["sensitivity"]), f(r["specificity"])]
+        rows.append(row)
+    m = report["mean_auroc"]
+    mean = ["**mean**", "", f"{CHEXNET_PAPER_MEAN:.3f}" if report["paper_comparable"] else "-",
+            f(m["value"], [m["ci_lo"], m["ci_hi"]])]
+    mean += [f(report["mean_auroc_tta"])] if tta != "none" else []
+    rows.append(mean + [""] * (len(head) - len(mean)))
+    ci = report["bootstrap"]
+    return "\n".join([
+        f"# Evaluation: {report['split']} split of {report['data']}", "",
+        f"Checkpoint `{report['checkpoint']}` ({report['model']}, {report['image_size']} px); "
+        f"{report['n']} images of {ci['patients']} patients. 95% intervals: percentile bootstrap "
+        f"over patients, {ci['resamples']} resamples, seed {ci['seed']}. Operating points: Youden's "
+        f"J on the `{report['val_split'] or '-'}` split. A class without positives is undefined.",
+        "", cli.markdown_table(head, rows), ""])
+
+
+def plot_curves(names, pred: dict, out: Path) -> None:
+    """roc.png and pr.png: one panel per class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    cols = 4
+    rows = -(-len(names) // cols)
+    for kind in ("roc", "pr"):
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False)
+        for c, ax in enumerate(axes.flat):
+            if c >= len(names):
+                ax.axis("off")
+                continue
+            keep = pred["mask"][:, c] > 0
+            truth, p = pred["label"][keep, c] >= 0.5, pred["prob"][keep, c]
+            ax.set_title(names[c], fontsize=9)
+            if not 0 < truth.sum() < truth.size:
+                ax.text(0.5, 0.5, "undefined", ha="center")
+                continue
+            if kind == "roc":
+                fpr, tpr, _ = roc_curve(truth, p)
+                ax.plot(fpr, tpr)
+                ax.plot([0, 1], [0, 1], ":", color="grey")
+            else:
+                precision, recall, _ = precision_recall_curve(truth, p)
+                ax.plot(recall, precision)
+                ax.axhline(truth.mean(), ls=":", color="grey")
+        fig.supxlabel("false positive rate" if kind == "roc" else "recall")
+        fig.supylabel("true positive rate" if kind == "roc" else "precision")
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png", dpi=100)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
+    import horovod.tensorflow as hvd
+
+    hvd.init()  # Horovod: a world of 1 without a launcher
+    from chexnet_hvd import checkpoints, metrics, records
+
+    manifest = records.load_manifest(cfg.data)
+    model, meta = checkpoints.load(cfg.checkpoint)
+    check_classes(meta, manifest, cfg.checkpoint)
+    names, size = meta["classes"], meta["image_size"]
+
+    plain = score(model, cfg.data, cfg.split, size, cfg.batch_size, "none", hvd)
+    tta = score(model, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, hvd) if cfg.tta != "none" else None
+    thresholds = np.full(len(names), np.nan)
+    if cfg.val_split:
+        val = score(model, cfg.data, cfg.val_split, size, cfg.batch_size, "none", hvd)
+        thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
+    if hvd.rank() != 0:
+        return 0
+    ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"],
+                              cfg.bootstrap, cfg.seed)
+    sens, spec = metrics.sensitivity_specificity(plain["label"], plain["prob"], plain["mask"], thresholds)
+    tta_auroc = metrics.per_class_auroc(tta["label"], tta["prob"], tta["mask"]) if tta else None
+    mean = metrics.mean_defined(metrics.per_class_auroc(plain["label"], plain["prob"], plain["mask"]))
+    report = {
+        "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
+        "model": meta["model"], "image_size": size, "n": int(len(plain["label"])), "tta": cfg.tta,
+        "world_size": hvd.size(), "paper_comparable": names == list(PATHOLOGIES),
+        "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
+                       "ci_lo": round(ci["mean_auroc_lo"], 4), "ci_hi": round(ci["mean_auroc_hi"], 4)},
+        "mean_auroc_tta": round(metrics.mean_defined(tta_auroc), 4) if tta else None,
+        "classes": class_rows(names, plain, ci, tta_auroc, thresholds, sens, spec),
+        "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed")}
+                     | {"defined": ci["defined"].tolist()},
+    }
+    out = Path(cfg.out or Path(cfg.checkpoint) / f"eval-{cfg.split}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    plot_curves(names, plain, out)
+    print(markdown(report))
+    print(f"wrote {out}/report.md, report.json, roc.png, pr.png")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

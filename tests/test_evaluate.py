@@ -1,0 +1,106 @@
+"""Evaluation: patient-level bootstrap, operating points, ten-crop windows, the report under 1 and
+2 ranks, and bad checkpoints."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_one_line_error, module, run
+
+from chexnet_hvd import checkpoints, data, metrics, models
+
+
+def test_bootstrap_is_reproducible_contains_the_estimate_and_resamples_patients():
+    rng = np.random.default_rng(0)
+    n = 200
+    label = (rng.random((n, 2)) < 0.3).astype(np.float32)
+    prob = np.clip(label * 0.3 + rng.random((n, 2)) * 0.8, 0, 1).astype(np.float32)
+    mask = np.ones_like(label)
+    # One patient with 60 identical images: counted once per draw, it moves the AUROC a lot.
+    label[:60], prob[:60] = [1, 0], [0.05, 0.9]
+    patients = np.array(["p0"] * 60 + [f"p{i}" for i in range(1, n - 59)])
+    a = metrics.bootstrap_ci(label, prob, mask, patients, resamples=300, seed=7)
+    b = metrics.bootstrap_ci(label, prob, mask, patients, resamples=300, seed=7)
+    np.testing.assert_array_equal(a["auroc_lo"], b["auroc_lo"])
+    assert a["patients"] == n - 59
+    point = metrics.per_class_auroc(label, prob, mask)
+    assert np.all(a["auroc_lo"] <= point) and np.all(point <= a["auroc_hi"])
+    per_image = metrics.bootstrap_ci(label, prob, mask, np.arange(n).astype(str), resamples=300, seed=7)
+    width = a["auroc_hi"][0] - a["auroc_lo"][0]
+    assert width > 1.5 * (per_image["auroc_hi"][0] - per_image["auroc_lo"][0])
+
+
+def test_youden_threshold_and_sensitivity_specificity():
+    label = np.array([[0], [0], [0], [1], [1], [1], [1]], np.float32)
+    prob = np.array([[0.1], [0.2], [0.6], [0.4], [0.7], [0.8], [0.9]], np.float32)
+    mask = np.ones_like(label)
+    thr = metrics.youden_thresholds(label, prob, mask)
+    assert thr[0] == pytest.approx(0.7)  # J = 3/4 + 1 - 1; the cut at 0.4 gives 1 + 2/3 - 1
+    sens, spec = metrics.sensitivity_specificity(label, prob, mask, thr)
+    assert sens[0] == pytest.approx(3 / 4) and spec[0] == pytest.approx(1.0)
+
+
+def test_tencrop_views_are_the_expected_windows_and_mirrors():
+    size, big = 28, 32  # 28 x 256/224 = 32: the source is already the resized size
+    rows, cols = np.mgrid[0:big, 0:big]
+    pixels = ((rows * 7 + cols * 3) % 256).astype(np.uint8)
+    views = data.tta_views(tf.constant(pixels[..., None]), size, "tencrop").numpy()
+    assert views.shape == (10, size, size, 3)
+    norm = (pixels[..., None] / 255.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+    windows = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]  # corners, then the centre
+    for i, (r, c) in enumerate(windows):
+        np.testing.assert_allclose(views[i], norm[r:r + size, c:c + size], atol=1e-5)
+        np.testing.assert_array_equal(views[i + 5], views[i][:, ::-1])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(records_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    module("train", "--data", records_dir, "--run-dir", run_dir, "--model", "small_cnn", "--image-size", 32,
+           "--batch-size", 16, "--epochs", 3, "--verbose", 0, check=True, timeout=300)
+    return run_dir / "checkpoints" / "best"
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, records_dir, tmp_path):
+    args = ["-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data", str(records_dir),
+            "--tta", "tencrop", "--bootstrap", "200"]
+    run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, timeout=300)
+    run(["horovodrun", "--gloo", "-np", "2", sys.executable, *args, "--out", str(tmp_path / "two")],
+        check=True, timeout=300)
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["n"] == two["n"] > 0
+    for key in ("auroc", "auroc_tta", "auprc", "auroc_ci", "threshold", "sensitivity"):
+        assert [c[key] for c in one["classes"]] == [c[key] for c in two["classes"]], key
+    assert one["mean_auroc"] == two["mean_auroc"] and one["mean_auroc"]["value"] is not None
+    assert one["mean_auroc"]["ci_lo"] <= one["mean_auroc"]["value"] <= one["mean_auroc"]["ci_hi"]
+    atelectasis = one["classes"][0]
+    assert atelectasis["pathology"] == "Atelectasis" and atelectasis["chexnet_paper_auroc"] == 0.8094
+    for name in ("report.md", "roc.png", "pr.png"):
+        assert (tmp_path / "one" / name).stat().st_size > 1000
+    report = (tmp_path / "one" / "report.md").read_text()
+    assert "AUROC tencrop" in report and "| **mean** |" in report and "0.841" in report
+
+
+@pytest.mark.slow
+def test_bad_checkpoints_give_one_line_errors(checkpoint, records_dir, tmp_path):
+    not_ckpt = module("evaluate", "--checkpoint", tmp_path, "--data", records_dir)
+    assert_one_line_error(not_ckpt, "not a checkpoint directory")
+
+    five = models.build_model("small_cnn", 32, num_classes=5)
+    five.compile(optimizer="adam", loss="binary_crossentropy")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    checkpoints.save(five, tmp_path / "ckpts", "five", meta | {"num_classes": 5, "classes": list("ABCDE")})
+    other = module("evaluate", "--checkpoint", tmp_path / "ckpts" / "five", "--data", records_dir)
+    assert_one_line_error(other, "predicts 5 classes", "records hold 14")
+
+    wrong = tmp_path / "wrong"  # weights of a 32-px small CNN, meta claiming 48 px
+    import shutil
+
+    shutil.copytree(checkpoint, wrong)
+    (wrong / "meta.json").write_text(json.dumps(meta | {"image_size": 48}))
+    mismatch = module("evaluate", "--checkpoint", wrong, "--data", records_dir)
+    assert_one_line_error(mismatch, "weights do not fit")
