@@ -102,8 +102,9 @@ def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple
 
 
 # ---------------------------------------------------------------- image conversion ----------
-def to_grayscale_png(path: str, size: int | None) -> bytes:
-    """Read any PNG/JPEG (L, RGB, RGBA, 16-bit) as 8-bit grayscale, optionally resize, re-encode."""
+def read_grayscale(path: str | Path, size: int | None = None):
+    """Any PNG/JPEG (L, RGB, RGBA, 16-bit) as an 8-bit grayscale PIL image, optionally resized:
+    the one conversion of the records writer and of predict."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -115,10 +116,15 @@ def to_grayscale_png(path: str, size: int | None) -> bytes:
             # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
             img = img.convert("RGBA").convert("RGB")
         img = img.convert("L")
-        if size and img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)  # level 1: fast, still lossless
+    if size and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return img
+
+
+def to_grayscale_png(path: str, size: int | None) -> bytes:
+    """`read_grayscale`, re-encoded as PNG (level 1: fast, still lossless)."""
+    buf = io.BytesIO()
+    read_grayscale(path, size).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
