@@ -102,9 +102,19 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(slurm, records_dir, tmp_p
     while "Restarts=1" not in run(["scontrol", "show", "job", job]).stdout:
         assert time.monotonic() < deadline, "the job was not requeued"
         time.sleep(0.5)
-    # Slurm holds a requeued job back for about 2 minutes before it may start again; skip that.
+    # Slurm holds a requeued job back for about 2 minutes before it may start again, so that the
+    # node finishes cleaning up the old attempt; wait for that cleanup (the job's slurmstepd
+    # processes gone), then let it start at once.
+    while run(["pgrep", "-f", f"slurmstepd: \\[{job}\\."]).returncode == 0:
+        assert time.monotonic() < deadline + 120, "the old attempt's steps never ended"
+        time.sleep(0.5)
     run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    fields = wait_job(job, timeout=600)
+    # Between the two attempts scontrol may show a finished state: wait for the second run's end.
+    deadline = time.monotonic() + 600
+    while '"status": "completed"' not in runlog.read_text():
+        assert time.monotonic() < deadline, "the requeued job did not complete"
+        time.sleep(1)
+    fields = wait_job(job, timeout=120)
     assert (fields["JobState"], fields["Restarts"]) == ("COMPLETED", "1")
     log = read_runlog(runlog.parent)
     ends = [r["status"] for r in log if r["event"] == "end"]
