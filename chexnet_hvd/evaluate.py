@@ -29,7 +29,8 @@ CHEXNET_PAPER_MEAN = 0.841
 
 @dataclasses.dataclass
 class EvalConfig:
-    checkpoint: str = cli.field(help="checkpoint directory (e.g. RUN_DIR/checkpoints/best)")
+    checkpoint: str = cli.field(help="checkpoint directory (e.g. RUN_DIR/checkpoints/best), or with "
+                                "--backend openvino a directory written by chexnet_hvd.export")
     data: str = cli.field(help="records directory (or raw index) with manifest.json")
     split: str = cli.field("test", help="split to report on")
     val_split: str = cli.field("val", help="split the operating points are chosen on ('' : none)")
@@ -39,7 +40,7 @@ class EvalConfig:
     batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)")
     bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals")
     seed: int = cli.field(0, help="bootstrap seed")
-    backend: str = cli.field("tf", help="inference backend", choices=["tf"])
+    backend: str = cli.field("tf", help="inference backend", choices=["tf", "openvino"])
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -49,14 +50,14 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
                              f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
 
 
-def score(model, data_dir: str, split: str, image_size: int, batch: int, tta: str, hvd) -> dict:
+def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, hvd) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients."""
     from chexnet_hvd import data, metrics
 
     parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
     for b in data.eval_dataset(data_dir, split, image_size, batch, hvd.rank(), hvd.size(), tta=tta):
         views = b["image"]
-        flat = np.asarray(model.predict_on_batch(np.reshape(views, (-1, *views.shape[2:]))), np.float32)
+        flat = predict(np.reshape(views, (-1, *views.shape[2:])))
         parts["prob"].append(flat.reshape(views.shape[0], views.shape[1], -1).mean(axis=1))
         for key in ("label", "mask", "id", "patient"):
             parts[key].append(b[key].numpy())
@@ -157,18 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     import horovod.tensorflow as hvd
 
     hvd.init()  # Horovod: a world of 1 without a launcher
-    from chexnet_hvd import checkpoints, metrics, records
+    from chexnet_hvd import export, metrics, records
 
     manifest = records.load_manifest(cfg.data)
-    model, meta = checkpoints.load(cfg.checkpoint)
+    predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, size = meta["classes"], meta["image_size"]
 
-    plain = score(model, cfg.data, cfg.split, size, cfg.batch_size, "none", hvd)
-    tta = score(model, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, hvd) if cfg.tta != "none" else None
+    plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", hvd)
+    tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, hvd) if cfg.tta != "none" else None
     thresholds = np.full(len(names), np.nan)
     if cfg.val_split:
-        val = score(model, cfg.data, cfg.val_split, size, cfg.batch_size, "none", hvd)
+        val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", hvd)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
     if hvd.rank() != 0:
         return 0
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = metrics.mean_defined(metrics.per_class_auroc(plain["label"], plain["prob"], plain["mask"]))
     report = {
         "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
-        "model": meta["model"], "image_size": size, "n": int(len(plain["label"])), "tta": cfg.tta,
+        "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
         "world_size": hvd.size(), "paper_comparable": names == list(PATHOLOGIES),
         "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
                        "ci_lo": round(ci["mean_auroc_lo"], 4), "ci_hi": round(ci["mean_auroc_hi"], 4)},

@@ -31,7 +31,8 @@ class PredictConfig:
     top: int = cli.field(3, help="findings per image that get a heatmap")
     format: str = cli.field("table", help="output format", choices=["table", "csv", "json"])
     batch_size: int = cli.field(16, help="images per prediction batch")
-    backend: str = cli.field("tf", help="inference backend", choices=["tf"])
+    backend: str = cli.field("tf", help="inference backend (openvino: --checkpoint is a directory "
+                             "written by chexnet_hvd.export)", choices=["tf", "openvino"])
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -117,17 +118,19 @@ def render(files: list[Path], probs: np.ndarray, names: list[str], fmt: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(PredictConfig, __doc__.splitlines()[0], argv, positional=["inputs"])
+    if cfg.cam and cfg.backend != "tf":
+        raise cli.InputError("--cam", "activation maps need gradients: use --backend tf")
     files = image_files(cfg.inputs)
     images = [load_image(f) for f in files]  # every file checked before the model is built
-    from chexnet_hvd import checkpoints, data
+    from chexnet_hvd import checkpoints, data, export
 
-    model, meta = checkpoints.load(cfg.checkpoint)
+    predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     names, size = meta["classes"], meta["image_size"]
     views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
-    probs = np.concatenate([np.asarray(model.predict_on_batch(views[i:i + cfg.batch_size]))
-                            for i in range(0, len(views), cfg.batch_size)])
+    probs = np.concatenate([predict(views[i:i + cfg.batch_size]) for i in range(0, len(views), cfg.batch_size)])
     print(render(files, probs, names, cfg.format))
     if cfg.cam:
+        model, _ = checkpoints.load(cfg.checkpoint)
         out = Path(cfg.cam)
         out.mkdir(parents=True, exist_ok=True)
         for f, img, view, row in zip(files, images, views, probs, strict=True):

@@ -57,3 +57,16 @@ def records_dir(synthetic, tmp_path_factory) -> Path:
     module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
            "--out", out, "--shard-size", 64, "--workers", 2, "--no-progress", check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(tmp_path_factory) -> Path:
+    """A small CNN trained on 1,500 64-px synthetic images with planted findings (about 30 s):
+    root/syn (images, planted.csv), root/records, root/run/checkpoints/best."""
+    root = tmp_path_factory.mktemp("trained")
+    module("synthetic", "--out", root / "syn", "--images", 1500, "--size", 64, "--seed", 2, check=True)
+    module("records", "--csv", root / "syn" / "Data_Entry_2017.csv", "--images", root / "syn" / "images",
+           "--out", root / "records", "--no-progress", check=True)
+    module("train", "--data", root / "records", "--run-dir", root / "run", "--model", "small_cnn",
+           "--image-size", 64, "--batch-size", 32, "--epochs", 10, "--verbose", 0, check=True, timeout=600)
+    return root

@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import ROOT, module, run
 
-MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict"]
+MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict", "export"]
 SCRIPTS = ["tools/scaling_report.py", "tools/dataset_stats.py", "write_tfrecords.sh", "download_dataset.sh"]
 
 

@@ -16,26 +16,14 @@ pytestmark = pytest.mark.slow
 NIH_IMAGES = SHARED / "data" / "real" / "images" / "nih"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small CNN trained on 64-px synthetic images with planted findings (about 30 s)."""
-    root = tmp_path_factory.mktemp("cam")
-    module("synthetic", "--out", root / "syn", "--images", 1500, "--size", 64, "--seed", 2, check=True)
-    module("records", "--csv", root / "syn" / "Data_Entry_2017.csv", "--images", root / "syn" / "images",
-           "--out", root / "records", "--no-progress", check=True)
-    module("train", "--data", root / "records", "--run-dir", root / "run", "--model", "small_cnn",
-           "--image-size", 64, "--batch-size", 32, "--epochs", 10, "--verbose", 0, check=True, timeout=600)
-    return root
-
-
-def test_activation_maps_peak_inside_the_planted_findings(trained):
-    model, meta = checkpoints.load(trained / "run" / "checkpoints" / "best")
-    test_ids = [i.decode() for b in data.eval_dataset(trained / "records", "test", 64, 64) for i in b["id"].numpy()]
-    planted = pd.read_csv(trained / "syn" / "planted.csv")
+def test_activation_maps_peak_inside_the_planted_findings(trained_cnn):
+    model, meta = checkpoints.load(trained_cnn / "run" / "checkpoints" / "best")
+    test_ids = [i.decode() for b in data.eval_dataset(trained_cnn / "records", "test", 64, 64) for i in b["id"].numpy()]
+    planted = pd.read_csv(trained_cnn / "syn" / "planted.csv")
     planted = planted[planted["Image Index"].isin(test_ids)]
     hits = []
     for _, row in planted.iterrows():
-        image = load_image(trained / "syn" / "images" / row["Image Index"])
+        image = load_image(trained_cnn / "syn" / "images" / row["Image Index"])
         view = data.preprocess(image[..., None], 64).numpy()
         heat = upsample(grad_cam(model, view, meta["classes"].index(row["Pathology"])), image.shape)
         y, x = np.unravel_index(np.argmax(heat), heat.shape)
@@ -44,8 +32,8 @@ def test_activation_maps_peak_inside_the_planted_findings(trained):
 
 
 @pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason="no real NIH images")
-def test_predict_gives_a_row_for_every_real_png(trained, tmp_path):
-    proc = module("predict", NIH_IMAGES, "--checkpoint", trained / "run" / "checkpoints" / "best",
+def test_predict_gives_a_row_for_every_real_png(trained_cnn, tmp_path):
+    proc = module("predict", NIH_IMAGES, "--checkpoint", trained_cnn / "run" / "checkpoints" / "best",
                   "--format", "json", check=True, timeout=600)
     rows = json.loads(proc.stdout)
     names = sorted(p.name for p in NIH_IMAGES.glob("*.png"))
@@ -53,9 +41,9 @@ def test_predict_gives_a_row_for_every_real_png(trained, tmp_path):
     assert all(0 <= r[p] <= 1 for r in rows for p in PATHOLOGIES)
 
 
-def test_cam_files_and_bad_input(trained, tmp_path):
-    images = sorted((trained / "syn" / "images").iterdir())[:2]
-    ckpt = trained / "run" / "checkpoints" / "best"
+def test_cam_files_and_bad_input(trained_cnn, tmp_path):
+    images = sorted((trained_cnn / "syn" / "images").iterdir())[:2]
+    ckpt = trained_cnn / "run" / "checkpoints" / "best"
     proc = module("predict", *images, "--checkpoint", ckpt, "--cam", tmp_path / "cam", "--top", 2,
                   "--format", "csv", check=True)
     assert len(proc.stdout.strip().splitlines()) == 3  # header + 2 rows

@@ -1,0 +1,55 @@
+"""Export: OpenVINO FP32 equals TensorFlow, INT8 keeps the AUROC, both backends through evaluate,
+and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, module
+
+from chexnet_hvd import data, export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(trained_cnn):
+    ckpt = trained_cnn / "run" / "checkpoints" / "best"
+    module("export", "--checkpoint", ckpt, "--format", "openvino", "--precision", "fp32", check=True, timeout=300)
+    module("export", "--checkpoint", ckpt, "--format", "openvino", "--precision", "int8",
+           "--calib", trained_cnn / "records", "--calib-images", 200, check=True, timeout=300)
+    return ckpt, trained_cnn / "run" / "export-openvino-fp32", trained_cnn / "run" / "export-openvino-int8"
+
+
+def test_openvino_fp32_equals_tensorflow(exported, trained_cnn):
+    ckpt, fp32, _ = exported
+    batch = next(iter(data.eval_dataset(trained_cnn / "records", "test", 64, 64)))["image"].numpy()
+    tf_predict, _ = export.load_predictor(ckpt, "tf")
+    ov_predict, meta = export.load_predictor(fp32, "openvino")
+    assert meta["classes"][0] == "Atelectasis" and meta["precision"] == "fp32"
+    np.testing.assert_allclose(ov_predict(batch), tf_predict(batch), atol=1e-4)
+
+
+def test_int8_keeps_the_mean_auroc_through_evaluate(exported, trained_cnn, tmp_path):
+    ckpt, fp32, int8 = exported
+    means = {}
+    for name, backend, path in (("tf", "tf", ckpt), ("fp32", "openvino", fp32), ("int8", "openvino", int8)):
+        module("evaluate", "--checkpoint", path, "--backend", backend, "--data", trained_cnn / "records",
+               "--bootstrap", 50, "--out", tmp_path / name, check=True, timeout=300)
+        means[name] = json.loads((tmp_path / name / "report.json").read_text())["mean_auroc"]["value"]
+    assert means["tf"] > 0.8
+    assert means["fp32"] == pytest.approx(means["tf"], abs=1e-4)
+    assert abs(means["int8"] - means["fp32"]) <= 0.01, means
+
+
+def test_export_and_backend_errors(exported, trained_cnn, tmp_path):
+    ckpt, fp32, _ = exported
+    assert_one_line_error(module("export", "--checkpoint", ckpt, "--precision", "int8"), "--calib")
+    assert_one_line_error(module("export", "--checkpoint", ckpt, "--precision", "int8", "--calib", tmp_path),
+                          "no manifest.json")
+    assert_one_line_error(module("evaluate", "--checkpoint", ckpt, "--backend", "openvino",
+                                 "--data", trained_cnn / "records"), "not an OpenVINO export")
+    unknown = module("predict", trained_cnn / "syn" / "images", "--checkpoint", fp32, "--backend", "onnx")
+    assert unknown.returncode == 2 and "invalid choice: 'onnx'" in unknown.stderr
+    assert_one_line_error(module("predict", trained_cnn / "syn" / "images", "--checkpoint", fp32,
+                                 "--backend", "openvino", "--cam", tmp_path), "--cam")
