@@ -74,14 +74,13 @@ class _Source:
         self.manifest = records.load_manifest(data_dir)
         self.num_classes = self.manifest["num_classes"]
         self.raw = is_raw(self.manifest)
-        self.deterministic = deterministic
+        self.deterministic, self.rank, self.world_size = deterministic, rank, world_size
         shards = records.split_shards(self.manifest, data_dir, split)
         if self.raw:  # every world_size-th row: disjoint, complete, the same counts as records
             rows = records.read_raw_index([path for path, _ in shards])
             self.rows = {k: v[rank::world_size] for k, v in rows.items()}
         else:
             self.files, self.by_record = rank_shards(shards, rank, world_size)
-            self.rank, self.world_size = rank, world_size
 
     def _order(self, n: int, seed):
         return tf.argsort(tf.random.stateless_uniform([n], seed))

@@ -214,7 +214,7 @@ class TableConfig:
     fractions: list[float] = cli.field(list(DEFAULT_FRACTIONS),
                                        help="train/val/test fractions of patients (official: "
                                        "only the val fraction is used)")
-    seed: int = cli.field(0, help="seed of the split")
+    seed: int = cli.field(0, help="seed of the split (and of the records' shard order)")
     observations: str = cli.field("competition", help="CheXpert: the 5 competition pathologies or "
                                   "all 14 observations", choices=["competition", "all"])
     uncertainty: str = cli.field("ones", help="CheXpert: uncertain (-1) labels become positive, "

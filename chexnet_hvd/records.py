@@ -180,21 +180,19 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
 def write_index(job: ShardJob, out_dir: str) -> dict:
     """--format raw: list the split's existing image files in a CSV index (temp name, then
     rename); missing files are rejected here, unreadable ones only show when training reads them."""
-    names = [n[2:] for n in metadata.label_columns(job.names)]
+    y, m = metadata.label_columns(job.names), metadata.mask_columns(job.names)
     rows, rejects = [], []
     for image, path, patient, labels, mask in job.rows:
         if Path(path).is_file():
             rows.append([image, str(Path(path).resolve()), patient, *labels, *mask])
         else:
             rejects.append((image, job.split, path, "missing file"))
-    frame = pd.DataFrame(rows, columns=["image", "path", "patient", *metadata.label_columns(names),
-                                        *metadata.mask_columns(names)])
+    frame = pd.DataFrame(rows, columns=["image", "path", "patient", *y, *m])
     final = Path(out_dir) / job.file
     tmp = final.with_name(final.name + ".tmp")
     frame.to_csv(tmp, index=False)
     os.replace(tmp, final)
-    y, m = metadata.label_columns(names), metadata.mask_columns(names)
-    positives = ((frame[y].to_numpy() * frame[m].to_numpy()) >= 0.5).sum(0) if rows else np.zeros(len(names))
+    positives = ((frame[y].to_numpy() * frame[m].to_numpy()) >= 0.5).sum(0) if rows else np.zeros(len(y))
     return {"file": job.file, "split": job.split, "key": job.key(), "count": len(rows),
             "positives": np.asarray(positives, dtype=np.int64).tolist(), "rejects": rejects, "reused": False}
 
