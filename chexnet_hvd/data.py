@@ -190,3 +190,21 @@ def synthetic_dataset(image_size: int, batch_size: int, num_classes: int, seed: 
     images = g.normal((batch_size, image_size, image_size, 3))
     labels = tf.cast(g.uniform((batch_size, num_classes)) < 0.1, tf.float32)
     return tf.data.Dataset.from_tensors((images, labels, tf.ones_like(labels))).repeat()
+
+
+def predictions(predict, dataset: tf.data.Dataset) -> dict:
+    """Run `predict` ([N, S, S, 3] -> [N, C]) over an `eval_dataset`: probabilities (averaged
+    over the views when it has a TTA axis), labels, masks, ids and patients, as numpy."""
+    import numpy as np
+
+    parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
+    for batch in dataset:
+        images = batch["image"].numpy()
+        if images.ndim == 5:  # [B, V, S, S, 3]: predict all views, average per image
+            flat = np.asarray(predict(images.reshape(-1, *images.shape[2:])), np.float32)
+            parts["prob"].append(flat.reshape(images.shape[0], images.shape[1], -1).mean(axis=1))
+        else:
+            parts["prob"].append(np.asarray(predict(images), np.float32))
+        for key in ("label", "mask", "id", "patient"):
+            parts[key].append(batch[key].numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}

@@ -54,14 +54,8 @@ def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: 
     """Gathered predictions (views averaged) with labels, masks, ids and patients."""
     from chexnet_hvd import data, metrics
 
-    parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
-    for b in data.eval_dataset(data_dir, split, image_size, batch, hvd.rank(), hvd.size(), tta=tta):
-        views = b["image"]
-        flat = predict(np.reshape(views, (-1, *views.shape[2:])))
-        parts["prob"].append(flat.reshape(views.shape[0], views.shape[1], -1).mean(axis=1))
-        for key in ("label", "mask", "id", "patient"):
-            parts[key].append(b[key].numpy())
-    local = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+    local = data.predictions(predict, data.eval_dataset(data_dir, split, image_size, batch, hvd.rank(),
+                                                        hvd.size(), tta=tta))
     return metrics.gather(local)
 
 

@@ -226,7 +226,7 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
             if state["preempted"]:
                 return
             t0 = time.perf_counter()
-            merged = metrics.gather(predict(self.model, self.dataset))
+            merged = metrics.gather(data.predictions(self.model.predict_on_batch, self.dataset))
             self.result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], names)
             self.result["seconds"] = round(time.perf_counter() - t0, 3)
             logs["val_loss"] = self.result["loss"]
@@ -315,18 +315,6 @@ def checkpoint_meta(cfg, manifest, model, epochs_done: int, best, plateau: dict,
             "step": int(model.optimizer.iterations.numpy()), "precision": cfg.precision,
             "val_mean_auroc": val_mean_auroc, "best_val_mean_auroc": best,
             "plateau": plateau, "config": dataclasses.asdict(cfg)}
-
-
-def predict(model, dataset) -> dict:
-    """Probabilities and labels of every record of a (rank-local) eval dataset, as numpy."""
-    import numpy as np
-
-    parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
-    for batch in dataset:
-        parts["prob"].append(np.asarray(model.predict_on_batch(batch["image"]), np.float32))
-        for key in ("label", "mask", "id", "patient"):
-            parts[key].append(batch[key].numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
 def resume_state(cfg, hvd, model, run_dir: Path) -> dict:
