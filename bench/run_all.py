@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: run every benchmark, then render docs/benchmarks.md from their JSON results.
 
-    .venv/bin/python bench/run_all.py            # run + render (about 6 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # run + render (about 20 minutes on 2 cores)
     .venv/bin/python bench/run_all.py --render   # only render the page from docs/bench_*.json
 """
 
@@ -23,107 +23,119 @@ def verdict(value: float, goal: float) -> str:
     return f"{value:.2f} (goal >= {goal:.2f}: {'met' if value >= goal else 'MISSED'})"
 
 
+def section_trainer(r: dict) -> list[str]:
+    return [
+        f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
+        f"Machine: {r['machine']} ({platform.processor() or platform.machine()}), {r['date']}; "
+        f"{r['steps']} timed steps each, warm-up steps left out.", "",
+        "| configuration | images/s |", "|---|---:|",
+        f"| trainer, TFRecords, fp32 | {r['trainer_fp32']:.2f} |",
+        f"| trainer, TFRecords, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |",
+        f"| bare Horovod loop, in-memory random data, fp32 | {r['bare_loop_fp32']:.2f} |", "",
+        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.97)}",
+        f"- mixed_bfloat16 / fp32: {r['bf16_over_fp32']:.2f} (no goal; bf16 was "
+        f"{'faster' if r['bf16_over_fp32'] > 1 else 'slower'} than fp32 in this run. An earlier "
+        "measurement on this kind of machine found 0.76x, so measure it on yours before choosing)", ""]
+
+
+def section_data_path(r: dict) -> list[str]:
+    return [
+        "## Data path: records conversion and input pipelines", "",
+        f"Machine: {r['machine']}, {r['date']}. Input: {r['images']:,} images ({r['source']}), "
+        f"converted to {r['records_image_size']} px records; medians of the runs in "
+        "`docs/bench_data.json`.", "",
+        "| measurement | 1 worker | 2 workers | ratio |", "|---|---:|---:|---:|",
+        f"| conversion, end to end (s, {r['images']:,} images) | {r['convert_seconds_1_worker']:.1f} | "
+        f"{r['convert_seconds_2_workers']:.1f} | {r['convert_end_to_end_speedup']:.2f} |",
+        f"| conversion, steady state (img/s) | {r['convert_steady_images_per_sec_1_worker']:.1f} | "
+        f"{r['convert_steady_images_per_sec_2_workers']:.1f} | {r['convert_steady_speedup']:.2f} |",
+        f"| fixed start cost (s) | {r['convert_start_seconds_1_worker']:.1f} | "
+        f"{r['convert_start_seconds_2_workers']:.1f} | |", "",
+        f"- conversion, 2 vs 1 worker processes, steady state: {verdict(r['convert_steady_speedup'], 1.8)}; "
+        f"end to end on {r['images']:,} images, start included: {verdict(r['convert_end_to_end_speedup'], 1.8)}. "
+        "The steady-state rate is (n - n/3) / (t(n) - t(n/3)); at the full 112,120 images the "
+        "start cost is a fraction of a percent.", "",
+        "| input pipeline, 1 core, 224 px, decode + flip + preprocess + batch 16 | images/s |",
+        "|---|---:|",
+        f"| TFRecords (256 px grayscale PNG) | {r['pipeline_images_per_sec_per_core_tfrecord']:.1f} |",
+        f"| raw PNG files (1024 px, `--format raw`) | {r['pipeline_images_per_sec_per_core_raw']:.1f} |", "",
+        f"- TFRecord / raw-PNG pipeline: {verdict(r['pipeline_tfrecord_over_raw'], 3.0)}. This "
+        "compares the two as users run them: records resized offline to 256 px against the "
+        "1024 px source files; decoding a 16x smaller PNG is the likely main cause, reading a "
+        "few large files instead of one file per image the other (not separated here).", ""]
+
+
+def section_scaling(r: dict) -> list[str]:
+    runs = r["runs"]
+    return [
+        f"## Scaling on this machine ({r['model']}, {r['image_size']} px, batch {r['batch']} per rank, fp32)", "",
+        f"Machine: {r['machine']}, {r['date']}; the real trainer, {r['steps']} steps per epoch, "
+        f"median of {r['epochs_timed']} epochs after a warm-up epoch.", "",
+        "| run | images/s (global) |", "|---|---:|",
+        f"| 1 rank x 2 threads, TFRecords | {runs['1x2_records']['images_per_sec']:.2f} |",
+        f"| 1 rank x 2 threads, in-memory synthetic input | {runs['1x2_in_memory']['images_per_sec']:.2f} |",
+        f"| 2 ranks x 1 thread (horovodrun --gloo), TFRecords | {runs['2x1_records']['images_per_sec']:.2f} |",
+        f"| 1 rank x 1 thread, TFRecords | {runs['1x1_records']['images_per_sec']:.2f} |", "",
+        f"- TFRecords / in-memory input: {verdict(r['records_over_in_memory'], 0.97)}",
+        f"- 2 ranks x 1 thread / 1 rank x 2 threads: {verdict(r['two_ranks_over_two_threads'], 0.90)}", "",
+        "The same two runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png):", "",
+        (DOCS / "scaling.md").read_text().strip() if (DOCS / "scaling.md").is_file() else "(missing)", "",
+        "![scaling](scaling.png)", "",
+        "**Projection check.** A 2-rank allreduce of the model's "
+        f"{r['gradient_bytes'] / 1e6:.1f} MB of fp32 gradients took {r['allreduce_seconds_2_ranks'] * 1e3:.1f} ms "
+        f"here (Gloo over loopback: {r['effective_bandwidth_gbs']:.2f} GB/s effective). The ring-allreduce "
+        "model (overlap 0) with that bandwidth and the 1 rank x 1 thread step time predicts a "
+        f"2-rank step of {r['projected_step_seconds_2x1']:.3f} s; measured: "
+        f"{r['measured_step_seconds_2x1']:.3f} s, an error of {r['projection_error'] * 100:+.1f}%. "
+        "A negative error means the model is optimistic: here the two ranks also compete for the "
+        "same 2 cores and memory bandwidth (each with its own input-pipeline threads and "
+        "Horovod background thread), which a model of separate GPUs leaves out; a positive "
+        "one would mean Horovod hid part of the allreduce behind the backward pass.", ""]
+
+
+def section_inference(r: dict) -> list[str]:
+    sp, au = r["speed"], r["small_cnn_mean_auroc"]
+    rows = [f"| {name} | {v['latency_ms_batch1']:.1f} | {v['images_per_sec_batch32']:.1f} | "
+            f"{v['images_per_sec_tencrop']:.1f} |" for name, v in sp.items()]
+    return [
+        "## Inference: TensorFlow vs OpenVINO FP32 / INT8 (DenseNet-121, 224 px)", "",
+        f"Machine: {r['machine']}, {r['date']}; medians; OpenVINO with the f32 inference "
+        "precision hint; INT8 by NNCF post-training quantisation on 300 images.", "",
+        "| backend | latency, batch 1 (ms) | images/s, batch 32 | images/s with ten-crop |",
+        "|---|---:|---:|---:|", *rows, "",
+        f"- OpenVINO FP32 / TensorFlow, batch-32 throughput: {verdict(r['openvino_fp32_over_tf'], 2.5)}; "
+        "batch-1 latency, TensorFlow / OpenVINO FP32: "
+        f"{verdict(sp['tensorflow']['latency_ms_batch1'] / sp['openvino_fp32']['latency_ms_batch1'], 2.5)}. "
+        "OpenVINO's FP32 lead is large at batch 1 and small at batch 32 on these 2 cores "
+        "(not analysed further here).",
+        f"- OpenVINO INT8 / FP32 (batch 32): {verdict(r['int8_over_fp32'], 2.0)}",
+        f"- INT8 mean AUROC drop: {r['int8_auroc_drop']:+.4f} (FP32 {au['fp32']:.4f}, INT8 "
+        f"{au['int8']:.4f}, {au['n']} synthetic test images, small CNN; goal: within 0.005: "
+        f"{'met' if abs(r['int8_auroc_drop']) <= 0.005 else 'MISSED'}). DenseNet-121 runs with "
+        "random weights (nothing may download ImageNet weights, and this CPU cannot train it "
+        "to a meaningful AUROC in a benchmark), so the AUROC check uses the trained small CNN.",
+        "- Ten-crop costs about 10x the compute of one view: compare the last two columns. "
+        "This CPU has AMX (int8 and bf16 tiles), which INT8 can use; how much of the gain "
+        "that explains was not measured.", ""]
+
+
+# Each benchmark's JSON and the page section made from it, in page order.
+SECTIONS = {
+    "bench_train.json": section_trainer,
+    "bench_data.json": section_data_path,
+    "bench_scaling.json": section_scaling,
+    "bench_inference.json": section_inference,
+}
+
+
 def render() -> str:
     lines = ["# Benchmarks", "",
              "Generated by `make bench` (bench/run_all.py) from `docs/bench_*.json`; never typed by hand.",
              "Each benchmark measures its ratios within one run on one machine (these machines are",
              "shared and noisy: compare ratios, not absolute numbers across machines).", ""]
-    train = DOCS / "bench_train.json"
-    if train.is_file():
-        r = json.loads(train.read_text())
-        lines += [
-            f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
-            f"Machine: {r['machine']} ({platform.processor() or platform.machine()}), {r['date']}; "
-            f"{r['steps']} timed steps each, warm-up steps left out.", "",
-            "| configuration | images/s |", "|---|---:|",
-            f"| trainer, TFRecords, fp32 | {r['trainer_fp32']:.2f} |",
-            f"| trainer, TFRecords, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |",
-            f"| bare Horovod loop, in-memory random data, fp32 | {r['bare_loop_fp32']:.2f} |", "",
-            f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.97)}",
-            f"- mixed_bfloat16 / fp32: {r['bf16_over_fp32']:.2f} (no goal; bf16 was "
-            f"{'faster' if r['bf16_over_fp32'] > 1 else 'slower'} than fp32 in this run. An earlier "
-            "measurement on this kind of machine found 0.76x, so measure it on yours before choosing)", ""]
-    data = DOCS / "bench_data.json"
-    if data.is_file():
-        r = json.loads(data.read_text())
-        lines += [
-            "## Data path: records conversion and input pipelines", "",
-            f"Machine: {r['machine']}, {r['date']}. Input: {r['images']:,} images ({r['source']}), "
-            f"converted to {r['records_image_size']} px records; medians of the runs in "
-            "`docs/bench_data.json`.", "",
-            "| measurement | 1 worker | 2 workers | ratio |", "|---|---:|---:|---:|",
-            f"| conversion, end to end (s, {r['images']:,} images) | {r['convert_seconds_1_worker']:.1f} | "
-            f"{r['convert_seconds_2_workers']:.1f} | {r['convert_end_to_end_speedup']:.2f} |",
-            f"| conversion, steady state (img/s) | {r['convert_steady_images_per_sec_1_worker']:.1f} | "
-            f"{r['convert_steady_images_per_sec_2_workers']:.1f} | {r['convert_steady_speedup']:.2f} |",
-            f"| fixed start cost (s) | {r['convert_start_seconds_1_worker']:.1f} | "
-            f"{r['convert_start_seconds_2_workers']:.1f} | |", "",
-            f"- conversion, 2 vs 1 worker processes, steady state: {verdict(r['convert_steady_speedup'], 1.8)}; "
-            f"end to end on {r['images']:,} images, start included: {verdict(r['convert_end_to_end_speedup'], 1.8)}. "
-            "The steady-state rate is (n - n/3) / (t(n) - t(n/3)); at the full 112,120 images the "
-            "start cost is a fraction of a percent.", "",
-            "| input pipeline, 1 core, 224 px, decode + flip + preprocess + batch 16 | images/s |",
-            "|---|---:|",
-            f"| TFRecords (256 px grayscale PNG) | {r['pipeline_images_per_sec_per_core_tfrecord']:.1f} |",
-            f"| raw PNG files (1024 px, `--format raw`) | {r['pipeline_images_per_sec_per_core_raw']:.1f} |", "",
-            f"- TFRecord / raw-PNG pipeline: {verdict(r['pipeline_tfrecord_over_raw'], 3.0)}. This "
-            "compares the two as users run them: records resized offline to 256 px against the "
-            "1024 px source files; decoding a 16x smaller PNG is the likely main cause, reading a "
-            "few large files instead of one file per image the other (not separated here).", ""]
-    scale = DOCS / "bench_scaling.json"
-    if scale.is_file():
-        r = json.loads(scale.read_text())
-        runs = r["runs"]
-        lines += [
-            f"## Scaling on this machine ({r['model']}, {r['image_size']} px, batch {r['batch']} per rank, fp32)", "",
-            f"Machine: {r['machine']}, {r['date']}; the real trainer, {r['steps']} steps per epoch, "
-            f"median of {r['epochs_timed']} epochs after a warm-up epoch.", "",
-            "| run | images/s (global) |", "|---|---:|",
-            f"| 1 rank x 2 threads, TFRecords | {runs['1x2_records']['images_per_sec']:.2f} |",
-            f"| 1 rank x 2 threads, in-memory synthetic input | {runs['1x2_in_memory']['images_per_sec']:.2f} |",
-            f"| 2 ranks x 1 thread (horovodrun --gloo), TFRecords | {runs['2x1_records']['images_per_sec']:.2f} |",
-            f"| 1 rank x 1 thread, TFRecords | {runs['1x1_records']['images_per_sec']:.2f} |", "",
-            f"- TFRecords / in-memory input: {verdict(r['records_over_in_memory'], 0.97)}",
-            f"- 2 ranks x 1 thread / 1 rank x 2 threads: {verdict(r['two_ranks_over_two_threads'], 0.90)}", "",
-            "The same two runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png):", "",
-            (DOCS / "scaling.md").read_text().strip() if (DOCS / "scaling.md").is_file() else "(missing)", "",
-            "![scaling](scaling.png)", "",
-            "**Projection check.** A 2-rank allreduce of the model's "
-            f"{r['gradient_bytes'] / 1e6:.1f} MB of fp32 gradients took {r['allreduce_seconds_2_ranks'] * 1e3:.1f} ms "
-            f"here (Gloo over loopback: {r['effective_bandwidth_gbs']:.2f} GB/s effective). The ring-allreduce "
-            "model (overlap 0) with that bandwidth and the 1 rank x 1 thread step time predicts a "
-            f"2-rank step of {r['projected_step_seconds_2x1']:.3f} s; measured: "
-            f"{r['measured_step_seconds_2x1']:.3f} s, an error of {r['projection_error'] * 100:+.1f}%. "
-            "A negative error means the model is optimistic: here the two ranks also compete for the "
-            "same 2 cores and memory bandwidth (each with its own input-pipeline threads and "
-            "Horovod background thread), which a model of separate GPUs leaves out; a positive "
-            "one would mean Horovod hid part of the allreduce behind the backward pass.", ""]
-    infer = DOCS / "bench_inference.json"
-    if infer.is_file():
-        r = json.loads(infer.read_text())
-        sp, au = r["speed"], r["small_cnn_mean_auroc"]
-        rows = [f"| {name} | {v['latency_ms_batch1']:.1f} | {v['images_per_sec_batch32']:.1f} | "
-                f"{v['images_per_sec_tencrop']:.1f} |" for name, v in sp.items()]
-        lines += [
-            "## Inference: TensorFlow vs OpenVINO FP32 / INT8 (DenseNet-121, 224 px)", "",
-            f"Machine: {r['machine']}, {r['date']}; medians; OpenVINO with the f32 inference "
-            "precision hint; INT8 by NNCF post-training quantisation on 300 images.", "",
-            "| backend | latency, batch 1 (ms) | images/s, batch 32 | images/s with ten-crop |",
-            "|---|---:|---:|---:|", *rows, "",
-            f"- OpenVINO FP32 / TensorFlow, batch-32 throughput: {verdict(r['openvino_fp32_over_tf'], 2.5)}; "
-            "batch-1 latency, TensorFlow / OpenVINO FP32: "
-            f"{verdict(sp['tensorflow']['latency_ms_batch1'] / sp['openvino_fp32']['latency_ms_batch1'], 2.5)}. "
-            "OpenVINO's FP32 lead is large at batch 1 and small at batch 32 on these 2 cores "
-            "(not analysed further here).",
-            f"- OpenVINO INT8 / FP32 (batch 32): {verdict(r['int8_over_fp32'], 2.0)}",
-            f"- INT8 mean AUROC drop: {r['int8_auroc_drop']:+.4f} (FP32 {au['fp32']:.4f}, INT8 "
-            f"{au['int8']:.4f}, {au['n']} synthetic test images, small CNN; goal: within 0.005: "
-            f"{'met' if abs(r['int8_auroc_drop']) <= 0.005 else 'MISSED'}). DenseNet-121 runs with "
-            "random weights (nothing may download ImageNet weights, and this CPU cannot train it "
-            "to a meaningful AUROC in a benchmark), so the AUROC check uses the trained small CNN.",
-            "- Ten-crop costs about 10x the compute of one view: compare the last two columns. "
-            "This CPU has AMX (int8 and bf16 tiles), which INT8 can use; how much of the gain "
-            "that explains was not measured.", ""]
+    for name, section in SECTIONS.items():
+        if (DOCS / name).is_file():
+            lines += section(json.loads((DOCS / name).read_text()))
     lines += ["## Not yet measured", "",
               "- GPU numbers: no GPU was lent to the sessions that wrote this page (the GPU code paths "
               "are written and exercised on CPU where the logic allows).", ""]

@@ -124,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     images = [load_image(f) for f in files]  # every file checked before the model is built
     from chexnet_hvd import checkpoints, data, export
 
-    predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
+    if cfg.backend == "tf":  # the model itself, so --cam can take gradients of it
+        model, meta = checkpoints.load(cfg.checkpoint)
+        predict = model.predict_on_batch
+    else:
+        predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     names, size = meta["classes"], meta["image_size"]
     views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
-    probs = np.concatenate([predict(views[i:i + cfg.batch_size]) for i in range(0, len(views), cfg.batch_size)])
+    probs = np.concatenate([np.asarray(predict(views[i:i + cfg.batch_size]), np.float32)
+                            for i in range(0, len(views), cfg.batch_size)])
     print(render(files, probs, names, cfg.format))
     if cfg.cam:
-        model, _ = checkpoints.load(cfg.checkpoint)
         out = Path(cfg.cam)
         out.mkdir(parents=True, exist_ok=True)
         for f, img, view, row in zip(files, images, views, probs, strict=True):

@@ -69,24 +69,24 @@ def projection(cfg: ReportConfig) -> str:
             + scaling.projection_markdown(rows))
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(ReportConfig, __doc__.splitlines()[0], argv, positional=["runs"])
-    if cfg.project:
-        try:
-            print(projection(cfg))
-        except RunLogError as err:
-            where, _, what = str(err).partition(": ")
-            raise cli.InputError(where, what) from None
-        return 0
+def measured(cfg: ReportConfig) -> list[dict]:
+    """The scaling rows of the run logs, with the baseline beside them when given."""
     if not cfg.runs:
         raise cli.InputError("runs", "give at least one run directory, runlog.jsonl or glob")
-    try:
-        runs = [scaling.load_run(p) for p in scaling.find_runlogs(cfg.runs)]
-        rows = scaling.scaling_rows(runs, cfg.skip_epochs)
-        if not rows:
-            raise RunLogError(f"{' '.join(cfg.runs)}: no finished epochs in the run logs")
-        if cfg.baseline:
-            rows = scaling.add_baseline(rows, scaling.read_baseline(cfg.baseline))
+    runs = [scaling.load_run(p) for p in scaling.find_runlogs(cfg.runs)]
+    rows = scaling.scaling_rows(runs, cfg.skip_epochs)
+    if not rows:
+        raise RunLogError(f"{' '.join(cfg.runs)}: no finished epochs in the run logs")
+    return scaling.add_baseline(rows, scaling.read_baseline(cfg.baseline)) if cfg.baseline else rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse_config(ReportConfig, __doc__.splitlines()[0], argv, positional=["runs"])
+    try:  # a bad run log is the user's input: one line, exit 2
+        if cfg.project:
+            print(projection(cfg))
+            return 0
+        rows = measured(cfg)
     except RunLogError as err:
         where, _, what = str(err).partition(": ")
         raise cli.InputError(where, what) from None
