@@ -1,5 +1,6 @@
 """One model builder over a plain registry: densenet121 (CheXNet), resnet50, resnet59 (large
-inputs, SURFsara), small_cnn (tests, demo).
+inputs, SURFsara), small_cnn (tests, demo), and nas-<8 digits>, any architecture of the GenNAS
+search space (chexnet_hvd.nas.space, which imports nothing of the suite).
 
 Every model ends in a float32 sigmoid layer named `predictions` (kept float32 under mixed
 precision for a stable loss). Weights are never downloaded: `weights` is None or a local file.
@@ -14,6 +15,7 @@ import tensorflow as tf
 
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.labels import NUM_CLASSES
+from chexnet_hvd.nas import space
 
 layers = tf.keras.layers
 
@@ -108,14 +110,20 @@ BUILDERS: dict[str, Callable[[int, int, str | None], tf.keras.Model]] = {
 def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
                 weights: str | None = None) -> tf.keras.Model:
     """Build a registered model; `weights` is None/'none' or the path of a local weights file."""
-    if name not in BUILDERS:
-        raise InputError("--model", f"unknown model {name!r} (choose from {', '.join(BUILDERS)})")
+    code = space.code_of_model(name)
+    if name not in BUILDERS and code is None:
+        raise InputError("--model", f"unknown model {name!r} (choose from {', '.join(BUILDERS)}, "
+                         "or nas-<8 digits from 0, 1, 2>)")
     if weights in (None, "", "none"):
         weights = None
     elif not Path(weights).is_file():
         raise InputError(weights, "weights file not found (nothing is downloaded)")
-    return BUILDERS[name](image_size, num_classes, weights)
-
+    if code is None:
+        return BUILDERS[name](image_size, num_classes, weights)
+    model = space.build(code, image_size, num_classes)
+    if weights:
+        model.load_weights(weights)
+    return model
 
 
 def cam_layer(model: tf.keras.Model) -> tf.keras.layers.Layer:

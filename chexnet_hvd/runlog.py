@@ -4,7 +4,8 @@
   start  config, world_size, local_batch, global_batch, model, image_size, precision,
          horovod_backend, hostnames, slurm_job_id, versions
   epoch  epoch, seconds, images_per_sec, images_per_sec_per_rank, timed_steps, train_loss,
-         val_loss, val_auroc (per class), val_mean_auroc
+         val_loss, val_auroc (per class), val_mean_auroc, peak_memory_mb (rank 0: GPU allocator
+         peak, or peak RSS on CPU)
   end    status: completed | preempted | failed
 Each line is flushed and fsynced, so a killed job leaves a readable log. This module must not
 import TensorFlow: tools/scaling_report.py reads logs on machines without it.

@@ -30,7 +30,8 @@ PLATEAU_MIN_SCALE = 1e-4  # reduce-on-plateau never takes the lr below 1e-4 x th
 class TrainConfig:
     data: str = cli.field(help="records directory (has manifest.json)")
     run_dir: str = cli.field(help="where config.json, runlog.jsonl and checkpoints/ go")
-    model: str = cli.field("densenet121", help="densenet121 | resnet50 | resnet59 | small_cnn")
+    model: str = cli.field("densenet121", help="densenet121 | resnet50 | resnet59 | small_cnn | "
+                       "nas-<8 digits> (an architecture of chexnet_hvd.nas.space)")
     image_size: int = cli.field(224, help="model input side in pixels")
     batch_size: int = cli.field(16, help="images per rank per step (global batch = this x ranks)")
     epochs: int = cli.field(3, help="epochs to train (in total, counting resumed ones)")
@@ -285,7 +286,8 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
                          lr=float(model.optimizer.learning_rate),  # the rate of the last step
                          val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
                          val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
-                         val_seconds=val.get("seconds"), val_n=val.get("n"))
+                         val_seconds=val.get("seconds"), val_n=val.get("n"),
+                         peak_memory_mb=round(peak_memory_mb(), 1))
             if cfg.verbose:
                 print(f"epoch {epoch + 1}: {ips:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
                       f"val mean AUROC {val.get('mean_auroc')}", flush=True)
@@ -305,6 +307,17 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
     if hvd.rank() == 0:
         callbacks += [Checkpoint(), RunLog()]
     return callbacks
+
+
+def peak_memory_mb() -> float:
+    """This rank's peak memory so far: the GPU allocator's peak, else the process' peak RSS."""
+    import resource
+
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def checkpoint_meta(cfg, manifest, model, epochs_done: int, best, plateau: dict,

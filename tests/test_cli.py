@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import ROOT, module, run
 
-MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict", "export"]
-SCRIPTS = ["tools/scaling_report.py", "tools/dataset_stats.py", "write_tfrecords.sh", "download_dataset.sh"]
+MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict", "export", "nas"]
+SCRIPTS = ["tools/scaling_report.py", "tools/dataset_stats.py", "tools/nas_report.py", "write_tfrecords.sh", "download_dataset.sh"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -122,3 +122,27 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes(slurm, records_dir, tmp_p
     assert ends == ["preempted", "completed"] and len(starts) == 2
     assert "/checkpoints/step-" in starts[1]["resumed_from"] and starts[1]["initial_epoch"] >= 1
     assert max(r["epoch"] for r in log if r["event"] == "epoch") == 12
+
+
+def test_nas_array_runs_two_candidates(slurm, records_dir, tmp_path):
+    """Two array tasks, one search worker each, on one study: two candidates, one per task."""
+    from chexnet_hvd.nas import study
+
+    env = {"DATA_DIR": str(records_dir), "STUDY_DIR": str(tmp_path / "study"), "N_TRIALS": "2",
+           "IMAGE_SIZE": "32", "BATCH_SIZE": "32", "EPOCHS": "1", "PRECISION": "fp32"}
+    proc = run(["sbatch", "--parsable", "--array=0-1", "--gres=none", "--cpus-per-task=1",
+                f"--output={tmp_path}/%x-%A_%a.out", "job_submissions/slurm/nas_array.sh"],
+               env=env, check=True)
+    array = proc.stdout.strip().split(";")[0]
+    job_ids = set()
+    for task in (0, 1):
+        fields = wait_job(f"{array}_{task}", timeout=300)
+        job_ids.add(fields["JobId"])
+        output = (tmp_path / f"chexnet-nas-{array}_{task}.out").read_text()
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
+        assert f"array task {task}): NAS worker" in output
+    rows = study.results(study.open_study(tmp_path / "study"))
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    assert len({r["architecture"] for r in rows}) == 2
+    trials = study.open_study(tmp_path / "study").get_trials()
+    assert {t.user_attrs["slurm_job"] for t in trials} <= job_ids

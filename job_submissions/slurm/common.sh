@@ -9,6 +9,9 @@
 #   MODEL IMAGE_SIZE BATCH_SIZE EPOCHS PRECISION   the training run (BATCH_SIZE is per rank)
 #   TRAIN_ARGS    more flags for python -m chexnet_hvd.train, e.g. "--schedule plateau"
 #   CSV IMAGES RECORDS_ARGS   records_mpi.sh only: the records writer's input and more flags
+#   STUDY_DIR N_TRIALS PROPOSER NAS_ARGS   nas_array.sh only: the shared study (default
+#                 $RUN_ROOT/nas, on a filesystem all nodes see), its trial budget, the proposer
+#                 and more flags for python -m chexnet_hvd.nas (MODEL is the search's, unused)
 #   LAUNCHER      srun (default; PMIx, as real clusters start MPI ranks) | mpirun | horovodrun
 #   SRUN_MPI      srun's --mpi plugin (default pmix)
 #
@@ -67,11 +70,29 @@ run_training() {
     --precision "$PRECISION" --resume $TRAIN_ARGS
   local rc=0
   wait_ranks || rc=$?
-  if (( rc == EXIT_PREEMPTED )) && [[ $SLURM_JOB_ID != local-* ]]; then
+  requeue_if_preempted "$rc"
+}
+
+requeue_if_preempted() {
+  if (( $1 == EXIT_PREEMPTED )) && [[ $SLURM_JOB_ID != local-* ]]; then
     echo "job $SLURM_JOB_ID: preempted with a checkpoint; requeueing"
     scontrol requeue "$SLURM_JOB_ID"
   fi
-  return "$rc"
+  return "$1"
+}
+
+# One architecture-search worker per array task; the study directory coordinates them all.
+run_nas() {
+  : "${STUDY_DIR:=$RUN_ROOT/nas}" "${N_TRIALS:=100}" "${PROPOSER:=evolution}" "${NAS_ARGS:=}"
+  mkdir -p "$STUDY_DIR"
+  echo "job $SLURM_JOB_ID (array task ${SLURM_ARRAY_TASK_ID:-0}): NAS worker on $(hostname), study $STUDY_DIR"
+  "$PY" -m chexnet_hvd.nas --study-dir "$STUDY_DIR" --data "$DATA_DIR" --proposer "$PROPOSER" \
+    --n-trials "$N_TRIALS" --image-size "$IMAGE_SIZE" --batch-size "$BATCH_SIZE" \
+    --epochs "$EPOCHS" --train-args "--precision $PRECISION $TRAIN_ARGS" $NAS_ARGS &
+  launched=$!
+  local rc=0
+  wait_ranks || rc=$?
+  requeue_if_preempted "$rc"
 }
 
 run_records() {

@@ -1,0 +1,274 @@
+"""Architecture search workers over one shared Optuna study (the GenNAS space).
+
+    python -m chexnet_hvd.nas --study-dir runs/nas --data RECORDS --n-trials 50 --workers 2
+    sbatch --array=0-7 job_submissions/slurm/nas_array.sh      # one worker per task, one GPU each
+
+Every worker loops: claim a candidate (the proposer's pick, or a dead worker's trial), train it
+with `python -m chexnet_hvd.train --model nas-<code> --resume` into STUDY_DIR/runs/<code>/ (one
+GPU, or one CPU rank), and tell the study its best mean validation AUROC with its parameters,
+peak memory and time. Workers may start and stop at any time; the study stops at --n-trials.
+On SIGTERM/SIGUSR1 the candidate checkpoints, its trial is re-queued, and the worker exits 75.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from chexnet_hvd import cli
+
+PROPOSERS = ["evolution", "random", "llm"]
+TRAINER_FLAGS = ("--data", "--run-dir", "--model", "--image-size", "--batch-size", "--epochs",
+                 "--resume", "--threads", "--verbose")
+
+
+@dataclasses.dataclass
+class NasConfig:
+    study_dir: str = cli.field(help="the study: journal.log, runs/<code>/ per candidate, "
+                               "llm_log.jsonl (on a filesystem every worker sees)")
+    data: str = cli.field(help="records directory the candidates train and validate on")
+    storage: str = cli.field("", help="SQLAlchemy URL of the study instead of the journal file, "
+                             "e.g. postgresql://user:pass@host/db")
+    proposer: str = cli.field("evolution", help="random, regularized evolution, or an LLM "
+                              "(endpoint from CHEXNET_LLM_BASE_URL, _MODEL, _API_KEY)",
+                              choices=PROPOSERS)
+    n_trials: int = cli.field(20, help="the study stops when it holds this many trials, "
+                              "counted over all workers (re-queued ones count once)")
+    timeout: float = cli.field(0.0, help="seconds after which this worker claims no new "
+                               "candidate (0: no limit)")
+    workers: int = cli.field(1, help="worker processes to start on this machine (GPUs, when "
+                             "there are, dealt out one per worker)")
+    image_size: int = cli.field(224, help="candidate input side in pixels (32 in NAS-Bench-Macro)")
+    batch_size: int = cli.field(32, help="training batch per candidate")
+    epochs: int = cli.field(3, help="training epochs per candidate")
+    train_args: str = cli.field("", help="more flags for chexnet_hvd.train, e.g. "
+                                "\"--precision mixed_float16 --lr 3e-3\"")
+    threads: int = cli.field(0, help="CPU threads per candidate; 0: SLURM_CPUS_PER_TASK, "
+                             "else cores / workers")
+    population: int = cli.field(10, help="evolution: population (the newest completed trials)")
+    sample: int = cli.field(5, help="evolution: tournament size drawn from the population")
+    llm_retries: int = cli.field(3, help="llm: questions per proposal before evolution picks")
+    seed: int = cli.field(0, help="proposer seed (each worker adds its index)")
+    stale_after: float = cli.field(900.0, help="seconds without a heartbeat after which a "
+                                   "worker on another host, outside Slurm, counts as dead")
+    heartbeat: float = cli.field(60.0, help="seconds between a worker's heartbeats")
+    max_failures: int = cli.field(3, help="stop this worker after this many failed trainings "
+                                  "in a row")
+    worker_index: int = cli.field(-1, help="this worker's index (seeds, GPU); -1: "
+                                  "SLURM_ARRAY_TASK_ID, else 0")
+
+
+# ---------------------------------------------------------------- checks ---------------------
+def check(cfg: NasConfig) -> None:
+    """Flags that would only fail later, inside a candidate's training: one line now."""
+    if not (Path(cfg.data) / "manifest.json").is_file():
+        raise cli.InputError(cfg.data, "not a records directory (no manifest.json)")
+    for name in ("n_trials", "workers", "image_size", "batch_size", "epochs", "population",
+                 "sample", "llm_retries", "max_failures"):
+        if getattr(cfg, name) < 1:
+            raise cli.InputError(f"--{name.replace('_', '-')}", f"must be at least 1, not {getattr(cfg, name)}")
+    if cfg.sample > cfg.population:
+        raise cli.InputError("--sample", f"{cfg.sample} is more than the population ({cfg.population})")
+    clash = [f for f in shlex.split(cfg.train_args) if f.split("=")[0] in TRAINER_FLAGS]
+    if clash:
+        raise cli.InputError("--train-args", f"{clash[0]} is set by the search itself")
+
+
+def task_of(cfg: NasConfig) -> dict:
+    """What makes trials comparable; stored on the study, checked for every later worker."""
+    return {"data": str(Path(cfg.data).resolve()), "image_size": cfg.image_size,
+            "batch_size": cfg.batch_size, "epochs": cfg.epochs, "train_args": cfg.train_args}
+
+
+def worker_index(cfg: NasConfig) -> int:
+    return cfg.worker_index if cfg.worker_index >= 0 else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+
+
+def cpu_threads(cfg: NasConfig) -> int:
+    cores = len(os.sched_getaffinity(0))
+    return cfg.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, cores // cfg.workers)
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this machine offers: CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+# ---------------------------------------------------------------- one candidate --------------
+def train_command(cfg: NasConfig, code: str, run_dir: Path, threads: int) -> list[str]:
+    from chexnet_hvd.nas import space
+
+    return [sys.executable, "-m", "chexnet_hvd.train", "--data", cfg.data, "--run-dir", str(run_dir),
+            "--model", space.model_name(code), "--image-size", str(cfg.image_size),
+            "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs), "--resume",
+            "--threads", str(threads), "--verbose", "2", "--keep-checkpoints", "1",
+            *shlex.split(cfg.train_args)]
+
+
+def trainer_env() -> dict:
+    """The candidate is a world of one, not a rank of the job that started this worker: drop the
+    launcher's MPI/PMIx variables, or Open MPI would try to join that job."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+
+
+def _die_with_parent() -> None:
+    """A killed worker must not leave its candidate training as an orphan (Linux prctl)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def outcome(run_dir: Path) -> dict:
+    """The candidate's result from its run log: best val mean AUROC over all epochs (and
+    attempts), trainable parameters, peak memory."""
+    from chexnet_hvd.runlog import read_runlog
+
+    records = read_runlog(run_dir)
+    epochs = [r for r in records if r["event"] == "epoch"]
+    aurocs = [r["val_mean_auroc"] for r in epochs if r.get("val_mean_auroc") is not None]
+    start = [r for r in records if r["event"] == "start"][-1]
+    return {"auroc": max(aurocs) if aurocs else None, "params": start.get("trainable_params"),
+            "peak_memory_mb": max((r.get("peak_memory_mb") or 0 for r in epochs), default=None),
+            "epochs": len(epochs)}
+
+
+class Stop:
+    """SIGTERM/SIGUSR1: ask the running candidate to checkpoint (USR1), then stop the loop."""
+
+    def __init__(self):
+        self.requested = False
+        self.child: subprocess.Popen | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGUSR1)
+
+
+def run_candidate(cmd: list[str], run_dir: Path, stop: Stop, trial, every: float) -> int:
+    """Train; a heartbeat on the trial every `every` seconds while it runs; the exit code."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "ab") as log:
+        stop.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(),
+                                      preexec_fn=_die_with_parent)
+        while True:
+            try:
+                return stop.child.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                trial.set_user_attr("heartbeat", time.time())
+
+
+def last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][-300:] if lines else "no output"
+
+
+# ---------------------------------------------------------------- the worker loop ------------
+def worker(cfg: NasConfig) -> int:
+    from chexnet_hvd.nas import proposers, space, study
+
+    index = worker_index(cfg)
+    study_dir = Path(cfg.study_dir)
+    the_study = study.open_study(study_dir, cfg.storage, task_of(cfg))
+    proposer = proposers.make_proposer(cfg.proposer, cfg.population, cfg.sample,
+                                       log_path=study_dir / "llm_log.jsonl", retries=cfg.llm_retries)
+    rng = random.Random(f"{cfg.seed}:{index}")
+    me, stop, threads = study.Worker.me(), Stop(), cpu_threads(cfg)
+    deadline = time.monotonic() + cfg.timeout if cfg.timeout else float("inf")
+    failures = done = 0
+    print(f"worker {me.name} (index {index}): study {study_dir}, proposer {proposer.name}, "
+          f"{threads} threads", flush=True)
+    while not stop.requested and time.monotonic() < deadline:
+        try:
+            claimed = study.claim(the_study, study_dir, proposer, rng, me, cfg.n_trials, cfg.stale_after)
+        except proposers.SpaceExhausted:
+            break
+        if claimed is None:
+            break
+        trial, code = claimed
+        run_dir = study_dir / "runs" / space.canonical(code)
+        t0 = time.monotonic()
+        rc = run_candidate(train_command(cfg, code, run_dir, threads), run_dir, stop, trial,
+                           cfg.heartbeat)
+        seconds = round(time.monotonic() - t0, 1)
+        what = f"worker {me.name}: trial {trial.number} {space.canonical(code)}"
+        if stop.requested or rc == cli.EXIT_PREEMPTED:
+            study.requeue(the_study, trial, reason=f"preempted (worker {me.name})")
+            print(f"{what}: preempted after {seconds} s; checkpointed and re-queued", flush=True)
+            return cli.EXIT_PREEMPTED
+        result = outcome(run_dir) if rc == 0 else {"auroc": None}
+        if result["auroc"] is None:
+            error = last_line(run_dir / "train.log") if rc else "no validation AUROC"
+            trial.set_user_attr("error", error)
+            trial.set_user_attr("seconds", seconds)
+            the_study.tell(trial, state=study.TrialState.FAIL)
+            failures += 1
+            print(f"{what}: failed (exit {rc}): {error}", file=sys.stderr, flush=True)
+            if failures >= cfg.max_failures:
+                print(f"error: {run_dir / 'train.log'}: {failures} candidates failed in a row; "
+                      "stopping this worker", file=sys.stderr)
+                return 1
+            continue
+        for key in ("params", "peak_memory_mb", "epochs"):
+            trial.set_user_attr(key, result[key])
+        trial.set_user_attr("seconds", seconds)
+        the_study.tell(trial, result["auroc"])
+        failures, done = 0, done + 1
+        print(f"{what} ({trial.user_attrs.get('proposer')}): AUROC {result['auroc']:.4f}, "
+              f"{result['params']:,} params, {result['peak_memory_mb']:.0f} MB, {seconds} s", flush=True)
+    print(f"worker {me.name}: {done} candidates trained", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- several workers -----------
+def spawn_workers(cfg: NasConfig, argv: list[str]) -> int:
+    """--workers N: N worker processes of this same command, one GPU each where there are
+    GPUs; signals are passed on; the exit code is the worst of theirs."""
+    gpus, threads = visible_gpus(), cpu_threads(cfg)
+    procs = []
+    for i in range(cfg.workers):
+        env = os.environ | ({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})
+        index = worker_index(cfg) * cfg.workers + i
+        procs.append(subprocess.Popen([sys.executable, "-m", "chexnet_hvd.nas", *argv, "--workers", "1",
+                                       "--worker-index", str(index), "--threads", str(threads)], env=env))
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    codes = [p.wait() for p in procs]
+    return cli.EXIT_PREEMPTED if cli.EXIT_PREEMPTED in codes else max(codes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse_config(NasConfig, __doc__.splitlines()[0], argv)
+    check(cfg)
+    if cfg.workers > 1:
+        from chexnet_hvd.nas import study
+
+        study.open_study(cfg.study_dir, cfg.storage, task_of(cfg))  # refuse a wrong task once, here
+        return spawn_workers(cfg, argv)
+    return worker(cfg)
+
+
+if __name__ == "__main__":
+    cli.run(main)
