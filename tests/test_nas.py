@@ -203,8 +203,8 @@ CLAIMER = """
 import random, sys, time
 from pathlib import Path
 from chexnet_hvd.nas import proposers, study
-study_dir, n, die = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "die"
-s = study.open_study(study_dir, task={"task": 1})
+study_dir, n, die, url = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "die", sys.argv[4]
+s = study.open_study(study_dir, url, task={"task": 1})
 me = study.Worker.me()
 
 class Slow(proposers.RandomProposer):  # thinks as long as a remote LLM, relatively
@@ -221,11 +221,11 @@ while (got := study.claim(s, study_dir, Slow(), random.Random(0), me, n, 900)):
 """
 
 
-def claimers(study_dir, n: int, procs: int, die: bool = False) -> None:
-    """`procs` real processes claiming from one journal study until it holds n trials; all of
-    them propose the same sequence, so every claim races."""
+def claimers(study_dir, n: int, procs: int, die: bool = False, url: str = "") -> None:
+    """`procs` real processes claiming from one study (journal, or `url`) until it holds n
+    trials; all of them propose the same sequence, so every claim races."""
     running = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(study_dir), str(n),
-                                 "die" if die else "live"]) for _ in range(procs)]
+                                 "die" if die else "live", url]) for _ in range(procs)]
     assert [p.wait(timeout=300) for p in running] == [0] * procs
 
 
@@ -236,6 +236,15 @@ def test_concurrent_claims_never_share_a_network(tmp_path):
     assert len({r["architecture"] for r in rows}) == 40
     assert len({r["worker"] for r in rows}) > 1
     assert any("after a race" in r["proposer"] for r in rows)  # the lock did have work to do
+
+
+def test_a_database_study_works_the_same(tmp_path):
+    """--storage URL: Optuna's RDB storage (SQLite here; PostgreSQL on clusters)."""
+    url = f"sqlite:///{tmp_path}/study.db"
+    claimers(tmp_path, n=12, procs=2, url=url)
+    rows = study.results(study.open_study(tmp_path, url))
+    assert len(rows) == 12 and len({r["architecture"] for r in rows}) == 12
+    assert not (tmp_path / study.JOURNAL).exists()
 
 
 def test_a_dead_workers_trial_is_requeued_and_retried(tmp_path):
@@ -346,8 +355,13 @@ def check_trials(study_dir, records_dir) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_workers_share_one_study(records_dir, tmp_path):
-    proc = nas(tmp_path / "s", records_dir, "--workers", 2, "--n-trials", 6, timeout=600)
+    # GPU ids are dealt out one per worker (this CPU-only TensorFlow ignores them)
+    # and each worker gets its own core (this machine has 2)
+    proc = nas(tmp_path / "s", records_dir, "--workers", 2, "--n-trials", 6, "--bind-cores",
+               timeout=600, env={"CUDA_VISIBLE_DEVICES": "3,5"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(index 0)" in proc.stdout and "(index 1)" in proc.stdout
+    assert "threads 1, cores 0, GPU 3\n" in proc.stdout and "threads 1, cores 1, GPU 5\n" in proc.stdout
     rows = check_trials(tmp_path / "s", records_dir)
     assert len(rows) == 6 and {r["state"] for r in rows} == {"complete"}
     assert len({r["architecture"] for r in rows}) == 6
@@ -355,13 +369,24 @@ def test_two_workers_share_one_study(records_dir, tmp_path):
     assert proc.stdout.count("AUROC") == 6
 
 
+def worker_command(study_dir, records_dir, epochs: int, n_trials: int) -> list[str]:
+    return [sys.executable, "-m", "chexnet_hvd.nas", "--study-dir", str(study_dir), "--data",
+            str(records_dir), "--image-size", "32", "--batch-size", "32", "--epochs", str(epochs),
+            "--n-trials", str(n_trials), "--threads", "1"]
+
+
+def wait_for_event(run_dir, event: str, deadline: float) -> None:
+    log = run_dir / "runlog.jsonl"
+    while not (log.is_file() and f'"event": "{event}"' in log.read_text()):
+        assert time.monotonic() < deadline, f"no {event} event in {log}"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_trial_is_rerun_by_the_other(records_dir, tmp_path):
     study_dir = tmp_path / "s"
     env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    base = [sys.executable, "-m", "chexnet_hvd.nas", "--study-dir", str(study_dir), "--data",
-            str(records_dir), "--image-size", "32", "--batch-size", "32", "--epochs", "1",
-            "--n-trials", "4", "--threads", "1"]
+    base = worker_command(study_dir, records_dir, epochs=1, n_trials=4)
     victim = subprocess.Popen(base + ["--worker-index", "0"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -373,10 +398,7 @@ def test_a_killed_worker_trial_is_rerun_by_the_other(records_dir, tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     [claimed] = [t for t in study.open_study(study_dir).get_trials() if t.user_attrs.get("pid") == victim.pid]
     victim_run = study_dir / "runs" / space.canonical(study.code_of(claimed.params))
-    while not ((victim_run / "runlog.jsonl").is_file()
-               and '"start"' in (victim_run / "runlog.jsonl").read_text()):
-        assert time.monotonic() < deadline, "the victim's candidate never started training"
-        time.sleep(0.2)
+    wait_for_event(victim_run, "start", deadline)
     victim.send_signal(signal.SIGKILL)  # mid-trial: its candidate is training
     victim.wait()
     out, _ = survivor.communicate(timeout=600)
@@ -393,6 +415,32 @@ def test_a_killed_worker_trial_is_rerun_by_the_other(records_dir, tmp_path):
     assert retry["worker"] == f"{study.Worker.me().host}:{survivor.pid}"
     complete = [r for r in rows if r["state"] == "complete"]
     assert len(complete) == 4 and len({r["architecture"] for r in complete}) == 4
+
+
+@pytest.mark.slow
+def test_a_preempted_worker_requeues_its_trial_and_the_retry_resumes(records_dir, tmp_path):
+    """SIGUSR1 (Slurm's warning): the candidate checkpoints, the trial goes back to the queue,
+    the worker exits 75; the next worker resumes the candidate from its checkpoint."""
+    command = worker_command(tmp_path / "s", records_dir, epochs=4, n_trials=1)
+    worker = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "s" / "runs").glob("*/runlog.jsonl")):
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.2)
+    [run_dir] = (tmp_path / "s" / "runs").iterdir()
+    wait_for_event(run_dir, "epoch", deadline)
+    worker.send_signal(signal.SIGUSR1)
+    assert worker.wait(timeout=120) == 75
+    first, retry = study.open_study(tmp_path / "s").get_trials()
+    assert (first.state.name, retry.state.name) == ("FAIL", "WAITING")
+    assert retry.user_attrs["retry_of"] == 0 and "preempted" in retry.user_attrs["retry_reason"]
+    run(command, check=True, timeout=600)
+    rows = check_trials(tmp_path / "s", records_dir)
+    assert [r["state"] for r in rows] == ["fail", "complete"]
+    log = read_runlog(run_dir)
+    assert [r["status"] for r in log if r["event"] == "end"] == ["preempted", "completed"]
+    resumed = [r for r in log if r["event"] == "start"][1]
+    assert "/checkpoints/step-" in resumed["resumed_from"] and resumed["initial_epoch"] >= 1
 
 
 @pytest.mark.slow

@@ -52,6 +52,9 @@ class NasConfig:
                                 "\"--precision mixed_float16 --lr 3e-3\"")
     threads: int = cli.field(0, help="CPU threads per candidate; 0: SLURM_CPUS_PER_TASK, "
                              "else cores / workers")
+    bind_cores: bool = cli.field(False, help="pin worker i to its own block of --threads cores "
+                                 "(as Slurm's --cpu-bind=cores), so that workers sharing a CPU "
+                                 "host, input pipelines included, do not compete")
     population: int = cli.field(10, help="evolution: population (the newest completed trials)")
     sample: int = cli.field(5, help="evolution: tournament size drawn from the population")
     llm_retries: int = cli.field(3, help="llm: questions per proposal before evolution picks")
@@ -94,6 +97,13 @@ def worker_index(cfg: NasConfig) -> int:
 def cpu_threads(cfg: NasConfig) -> int:
     cores = len(os.sched_getaffinity(0))
     return cfg.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, cores // cfg.workers)
+
+
+def core_block(i: int, threads: int) -> set[int] | None:
+    """The i-th block of `threads` cores this process may run on; None when there are too few."""
+    cores = sorted(os.sched_getaffinity(0))
+    block = cores[i * threads:(i + 1) * threads]
+    return set(block) if len(block) == threads else None
 
 
 def visible_gpus() -> list[str]:
@@ -178,6 +188,24 @@ def last_line(path: Path) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
+def record(the_study, trial, run_dir: Path, rc: int, seconds: float) -> dict:
+    """Tell the study how a finished candidate went; its result (auroc None and an error when
+    it failed)."""
+    from chexnet_hvd.nas.study import TrialState
+
+    result = outcome(run_dir) if rc == 0 else {"auroc": None}
+    trial.set_user_attr("seconds", seconds)
+    if result["auroc"] is None:
+        error = last_line(run_dir / "train.log") if rc else "no validation AUROC"
+        trial.set_user_attr("error", error)
+        the_study.tell(trial, state=TrialState.FAIL)
+        return {"auroc": None, "error": error}
+    for key in ("params", "peak_memory_mb", "epochs"):
+        trial.set_user_attr(key, result[key])
+    the_study.tell(trial, result["auroc"])
+    return result
+
+
 # ---------------------------------------------------------------- the worker loop ------------
 def worker(cfg: NasConfig) -> int:
     from chexnet_hvd.nas import proposers, space, study
@@ -189,10 +217,14 @@ def worker(cfg: NasConfig) -> int:
                                        log_path=study_dir / "llm_log.jsonl", retries=cfg.llm_retries)
     rng = random.Random(f"{cfg.seed}:{index}")
     me, stop, threads = study.Worker.me(), Stop(), cpu_threads(cfg)
+    if cfg.bind_cores and core_block(0, threads):  # (a spawned worker is bound already)
+        os.sched_setaffinity(0, core_block(0, threads))
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else float("inf")
     failures = done = 0
+    gpu = f", GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
+    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     print(f"worker {me.name} (index {index}): study {study_dir}, proposer {proposer.name}, "
-          f"{threads} threads", flush=True)
+          f"threads {threads}, cores {cores}{gpu}", flush=True)
     while not stop.requested and time.monotonic() < deadline:
         try:
             claimed = study.claim(the_study, study_dir, proposer, rng, me, cfg.n_trials, cfg.stale_after)
@@ -211,28 +243,20 @@ def worker(cfg: NasConfig) -> int:
             study.requeue(the_study, trial, reason=f"preempted (worker {me.name})")
             print(f"{what}: preempted after {seconds} s; checkpointed and re-queued", flush=True)
             return cli.EXIT_PREEMPTED
-        result = outcome(run_dir) if rc == 0 else {"auroc": None}
+        result = record(the_study, trial, run_dir, rc, seconds)
         if result["auroc"] is None:
-            error = last_line(run_dir / "train.log") if rc else "no validation AUROC"
-            trial.set_user_attr("error", error)
-            trial.set_user_attr("seconds", seconds)
-            the_study.tell(trial, state=study.TrialState.FAIL)
             failures += 1
-            print(f"{what}: failed (exit {rc}): {error}", file=sys.stderr, flush=True)
+            print(f"{what}: failed (exit {rc}): {result['error']}", file=sys.stderr, flush=True)
             if failures >= cfg.max_failures:
                 print(f"error: {run_dir / 'train.log'}: {failures} candidates failed in a row; "
                       "stopping this worker", file=sys.stderr)
                 return 1
             continue
-        for key in ("params", "peak_memory_mb", "epochs"):
-            trial.set_user_attr(key, result[key])
-        trial.set_user_attr("seconds", seconds)
-        the_study.tell(trial, result["auroc"])
         failures, done = 0, done + 1
         print(f"{what} ({trial.user_attrs.get('proposer')}): AUROC {result['auroc']:.4f}, "
               f"{result['params']:,} params, {result['peak_memory_mb']:.0f} MB, {seconds} s", flush=True)
     print(f"worker {me.name}: {done} candidates trained", flush=True)
-    return 0
+    return cli.EXIT_PREEMPTED if stop.requested else 0
 
 
 # ---------------------------------------------------------------- several workers -----------
@@ -244,8 +268,11 @@ def spawn_workers(cfg: NasConfig, argv: list[str]) -> int:
     for i in range(cfg.workers):
         env = os.environ | ({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})
         index = worker_index(cfg) * cfg.workers + i
-        procs.append(subprocess.Popen([sys.executable, "-m", "chexnet_hvd.nas", *argv, "--workers", "1",
-                                       "--worker-index", str(index), "--threads", str(threads)], env=env))
+        block = core_block(i, threads) if cfg.bind_cores else None
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "chexnet_hvd.nas", *argv, "--workers", "1",
+             "--worker-index", str(index), "--threads", str(threads)], env=env,
+            preexec_fn=(lambda b=block: os.sched_setaffinity(0, b)) if block else None))
 
     def forward(signum, frame):
         for p in procs:

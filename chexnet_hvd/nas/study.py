@@ -45,20 +45,19 @@ def open_study(study_dir: str | Path, storage_url: str = "", task: dict | None =
     """Create or load the study. `task` (data, image size, epochs, ...) is stored when the study
     is created; a worker started with another task is refused, so one study compares like with like."""
     study_dir = Path(study_dir)
-    if storage_url:
-        storage = optuna.storages.RDBStorage(storage_url)
-    else:
-        if task is None and not (study_dir / JOURNAL).is_file():
-            raise InputError(study_dir, f"no study here ({JOURNAL} not found)")
-        study_dir.mkdir(parents=True, exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(str(study_dir / JOURNAL)))
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
-    if task is not None:
-        stored = study.user_attrs.get("task")
-        if stored is None:
+    if not storage_url and task is None and not (study_dir / JOURNAL).is_file():
+        raise InputError(study_dir, f"no study here ({JOURNAL} not found)")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with claim_lock(study_dir):  # workers starting together: one creates tables, study, task
+        storage = (optuna.storages.RDBStorage(storage_url) if storage_url
+                   else JournalStorage(JournalFileBackend(str(study_dir / JOURNAL))))
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+                                    sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
+        if task is not None and "task" not in study.user_attrs:
             study.set_user_attr("task", task)
-        elif stored != task:
+    if task is not None:
+        stored = study.user_attrs["task"]
+        if stored != task:
             diff = ", ".join(f"{k}: {stored.get(k)!r} here, {task.get(k)!r} asked"
                              for k in sorted(set(stored) | set(task)) if stored.get(k) != task.get(k))
             raise InputError(study_dir, f"the study was started with another task ({diff})")
@@ -116,7 +115,8 @@ def history(trials: Sequence[FrozenTrial]) -> list[Tried]:
 
 
 def budget_used(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that count against --n-trials: all but the re-queued failures."""
+    """Trials that count against --n-trials: all but the re-queued failures (waiting ones count,
+    and are trained even past the budget)."""
     gone = requeued(trials)
     return sum(t.number not in gone for t in trials)
 
@@ -218,9 +218,9 @@ def claim(study: optuna.Study, study_dir: Path, proposer: Proposer, rng: random.
         with claim_lock(study_dir):
             requeue_dead(study, me, stale_after)
             trials = study.get_trials(deepcopy=False)
-            if budget_used(trials) >= n_trials:
+            waiting = any(t.state == TrialState.WAITING for t in trials)  # already in the budget
+            if not waiting and budget_used(trials) >= n_trials:
                 return None
-            waiting = any(t.state == TrialState.WAITING for t in trials)
             if waiting or code is not None:
                 if not waiting:
                     if space.canonical(code) in tried_keys(history(trials)):
