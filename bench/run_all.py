@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: run every benchmark, then render docs/benchmarks.md from their JSON results.
 
-    .venv/bin/python bench/run_all.py            # run + render (about 20 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # run + render (about 35 minutes on 2 cores)
     .venv/bin/python bench/run_all.py --render   # only render the page from docs/bench_*.json
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-BENCHMARKS = ["bench_train.py", "bench_data.py", "bench_scaling.py", "bench_inference.py"]
+BENCHMARKS = ["bench_train.py", "bench_data.py", "bench_scaling.py", "bench_inference.py",
+              "bench_nas.py"]
 
 
 def verdict(value: float, goal: float) -> str:
@@ -119,12 +120,50 @@ def section_inference(r: dict) -> list[str]:
         "that explains was not measured.", ""]
 
 
+def section_nas(r: dict) -> list[str]:
+    o, t = r["oracle"], r["throughput"]
+    proposers = [name for name in ("random", "evolution", "llm") if name in o]
+    task = r["task"]
+    return [
+        "## Architecture search (GenNAS space)", "",
+        f"Machine: {r['machine']}, {r['date']}.", "",
+        f"**Trials to a top-1% network of NAS-Bench-Macro** (CIFAR-10 mean accuracy >= "
+        f"{o['target_mean_acc']:.2f}%, the 66th best of 6,561 codes), with the benchmark's scores "
+        f"standing in for training; {o['seeds']} seeds per proposer:", "",
+        "| proposer | median | quartiles | mean |", "|---|---:|---:|---:|",
+        *[f"| {p} | {o[p]['median']:g} | {o[p]['q1']:g}-{o[p]['q3']:g} | {o[p]['mean']:.1f} |"
+          for p in proposers], "",
+        f"- evolution needs {o['random']['median'] / o['evolution']['median']:.1f}x fewer trials "
+        "than random (median). The LLM proposer is measured only where an endpoint is configured "
+        "(CHEXNET_LLM_BASE_URL); none is reachable from these machines"
+        + (", so it is missing here." if "llm" not in o else "."), "",
+        f"**Candidates per hour** on synthetic {task['image_size']}-px records ({task['images']:,} "
+        f"images, {task['epochs']} epochs, batch {task['batch_size']}), every configuration "
+        f"training the same {len(r['candidates'])} networks (trainer start-up included):", "",
+        "| configuration | candidates | wall s | candidates/hour |", "|---|---:|---:|---:|",
+        *[f"| {name} | {v['candidates']} | {v['seconds']:.0f} | {v['per_hour_wall']:.0f} |"
+          for name, v in t.items()], "",
+        f"- 2 workers / 1 worker, one core each (`--bind-cores`: one CPU rank per worker, its "
+        f"input pipeline included, as one GPU per worker on a cluster): "
+        f"{verdict(r['two_workers_over_one'], 1.8)}",
+        f"- 1 worker given both cores (2 threads, unbound) / 1 worker on one core: "
+        f"{r['one_worker_two_threads_over_one']:.2f}; two workers on the same two cores make "
+        f"{r['two_workers_over_one'] / r['one_worker_two_threads_over_one']:.2f}x its candidates per hour "
+        "(small models use two threads poorly, and the trainer's start-up is single-threaded)", "",
+        f"A real evolution search, 2 workers, {r['evolution_search']['trials']} candidates in "
+        f"{r['evolution_search']['seconds'] / 60:.1f} min (best mean validation AUROC "
+        f"{r['evolution_search']['best']:.4f}): `tools/nas_report.py` output in "
+        "[docs/nas/report.md](nas/report.md).", "",
+        "![best so far](nas/best_so_far.png)", "", "![AUROC vs params](nas/pareto.png)", ""]
+
+
 # Each benchmark's JSON and the page section made from it, in page order.
 SECTIONS = {
     "bench_train.json": section_trainer,
     "bench_data.json": section_data_path,
     "bench_scaling.json": section_scaling,
     "bench_inference.json": section_inference,
+    "bench_nas.json": section_nas,
 }
 
 
