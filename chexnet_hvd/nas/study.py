@@ -56,7 +56,7 @@ def open_study(study_dir: str | Path, storage_url: str = "", task: dict | None =
         if task is not None and "task" not in study.user_attrs:
             study.set_user_attr("task", task)
     if task is not None:
-        stored = study.user_attrs["task"]
+        stored = study.user_attrs.get("task", task)  # (a study made outside these workers has none)
         if stored != task:
             diff = ", ".join(f"{k}: {stored.get(k)!r} here, {task.get(k)!r} asked"
                              for k in sorted(set(stored) | set(task)) if stored.get(k) != task.get(k))
