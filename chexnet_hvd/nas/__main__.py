@@ -217,8 +217,8 @@ def worker(cfg: NasConfig) -> int:
                                        log_path=study_dir / "llm_log.jsonl", retries=cfg.llm_retries)
     rng = random.Random(f"{cfg.seed}:{index}")
     me, stop, threads = study.Worker.me(), Stop(), cpu_threads(cfg)
-    if cfg.bind_cores and core_block(0, threads):  # (a spawned worker is bound already)
-        os.sched_setaffinity(0, core_block(0, threads))
+    if cfg.bind_cores and (block := core_block(0, threads)):  # (a spawned worker is bound already)
+        os.sched_setaffinity(0, block)
     deadline = time.monotonic() + cfg.timeout if cfg.timeout else float("inf")
     failures = done = 0
     gpu = f", GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""

@@ -223,9 +223,10 @@ def claim(study: optuna.Study, study_dir: Path, proposer: Proposer, rng: random.
                 return None
             if waiting or code is not None:
                 if not waiting:
-                    if space.canonical(code) in tried_keys(history(trials)):
+                    seen = history(trials)
+                    if space.canonical(code) in tried_keys(seen):
                         quick = getattr(proposer, "fallback", proposer)
-                        code, source = quick.propose(history(trials), rng), f"{quick.name} (after a race)"
+                        code, source = quick.propose(seen, rng), f"{quick.name} (after a race)"
                     study.enqueue_trial(params_of(code), user_attrs={"proposer": source})
                 trial = study.ask()  # pops the oldest waiting trial: a retry, or the one just enqueued
                 code = suggest_code(trial)  # under the lock: the next claimant must see it
