@@ -149,10 +149,9 @@ def plot_curves(names, pred: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
-    import horovod.tensorflow as hvd
+    from chexnet_hvd import distributed, export, metrics, records
 
-    hvd.init()  # Horovod: a world of 1 without a launcher
-    from chexnet_hvd import export, metrics, records
+    hvd, _ = distributed.start()  # Horovod: one GPU per local rank; a world of 1 without a launcher
 
     manifest = records.load_manifest(cfg.data)
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)

@@ -320,7 +320,7 @@ class RecordsConfig(metadata.TableConfig):
     image_size: int | None = cli.field(None, help="resize offline to N x N (default: keep source "
                                        "size, e.g. 1024 for the large-input models)")
     shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
-    workers: int = cli.field(os.cpu_count() or 1, help="parallel worker processes (per MPI rank "
+    workers: int = cli.field(len(os.sched_getaffinity(0)), help="parallel worker processes (per MPI rank "
                              "under mpirun/srun)")
     max_rejects: int = cli.field(-1, help="unreadable/missing images tolerated (all are listed "
                                  "in rejects.csv); with more, no manifest is written and the exit "

@@ -9,15 +9,21 @@
   end    status: completed | preempted | failed
 Each line is flushed and fsynced, so a killed job leaves a readable log. This module must not
 import TensorFlow: tools/scaling_report.py reads logs on machines without it.
+
+`python -m chexnet_hvd.runlog RUN_DIR` prints how the newest attempt ended (the Slurm templates
+requeue a job when it says `preempted`, whatever exit code the launcher passed on).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from chexnet_hvd import cli
 
 SCHEMA = "chexnet_hvd.runlog/1"
 FILENAME = "runlog.jsonl"
@@ -76,3 +82,30 @@ def read_runlog(path: str | Path) -> list[dict]:
     if not out:
         raise RunLogError(f"{path}: empty run log")
     return out
+
+
+def status(path: str | Path) -> str:
+    """How the newest attempt ended: completed, preempted or failed; `running` when the last
+    record is not an `end` (still going, or killed before it could write one)."""
+    last = read_runlog(path)[-1]
+    return last["status"] if last["event"] == "end" else "running"
+
+
+@dataclasses.dataclass
+class StatusConfig:
+    run_dir: str = cli.field(help="run directory (or its runlog.jsonl)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse_config(StatusConfig, "Print how a run's newest attempt ended: completed, "
+                           "preempted, failed or running.", argv, positional=["run_dir"])
+    try:
+        print(status(cfg.run_dir))
+    except RunLogError as err:
+        where, _, what = str(err).partition(": ")
+        raise cli.InputError(where, what) from None
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

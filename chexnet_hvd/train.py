@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -76,7 +75,9 @@ class TrainConfig:
     timing_warmup_steps: int = cli.field(3, help="steps at the start of each epoch left out of img/s")
     audit: bool = cli.field(False, help="each rank writes RUN_DIR/audit/rank<N>.json + .npz "
                             "(its shard files and final weights), for tests")
-    verbose: int = cli.field(1, help="Keras progress on rank 0: 0 silent, 1 bar, 2 line per epoch")
+    verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
+                             "Keras' progress bar when stdout is a terminal; 2 one line per "
+                             "epoch only", choices=[0, 1, 2])
 
 
 # ---------------------------------------------------------------- derived values -------------
@@ -107,33 +108,12 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
     }
 
 
-# ---------------------------------------------------------------- Horovod setup --------------
-def init_horovod(cfg: TrainConfig):
-    """hvd.init() first; one GPU per local rank; CPU threads shared among the node's ranks."""
-    import horovod.tensorflow.keras as hvd
-    import tensorflow as tf
-
-    hvd.init()  # Horovod: initialise before anything touches the TF runtime
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpus:  # Horovod: pin one GPU per process
-        tf.config.set_visible_devices(gpus[hvd.local_rank()], "GPU")
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // hvd.local_size())
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
-    return hvd
-
-
-def horovod_backend(hvd) -> str:
-    if hvd.mpi_enabled():
-        return "mpi"
-    return "gloo" if hvd.gloo_enabled() else "none"
-
-
 def make_optimizer(cfg: TrainConfig, hvd, derived: dict):
-    """Adam or SGD over the warmup schedule; fp16 loss scaling inside Horovod's wrapper, so the
-    gradients are averaged before the finiteness check and every rank skips the same steps."""
+    """Adam or SGD over the warmup schedule, in Horovod's DistributedOptimizer; for fp16, Keras'
+    dynamic loss scaling wraps it from outside (Horovod 0.28.1 cannot rebuild a LossScaleOptimizer
+    from inside). The scaled gradients are allreduced before the finiteness check, and an
+    overflow on any rank makes the sum non-finite on every rank, so all ranks skip the same steps
+    and halve the loss scale alike (tested with an overflow on one rank only)."""
     import tensorflow as tf
 
     from chexnet_hvd import schedules
@@ -144,11 +124,24 @@ def make_optimizer(cfg: TrainConfig, hvd, derived: dict):
                                         cfg.schedule, decay_every)
     optimizer = (tf.keras.optimizers.Adam(schedule) if cfg.optimizer == "adam"
                  else tf.keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
-    if cfg.precision == "mixed_float16":
-        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
-    return hvd.DistributedOptimizer(  # Horovod: allreduce the gradients
+    optimizer = hvd.DistributedOptimizer(  # Horovod: allreduce the gradients
         optimizer, backward_passes_per_step=cfg.backward_passes_per_step,
         compression=hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none)
+    if cfg.precision == "mixed_float16":
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Flag combinations that cannot work, refused before anything starts."""
+    if cfg.backward_passes_per_step < 1:
+        raise cli.InputError("--backward-passes-per-step", "must be at least 1")
+    if cfg.backward_passes_per_step > 1 and cfg.precision == "mixed_float16":
+        # Horovod accumulates the passes locally and allreduces only every Nth: an overflow in
+        # a local pass would make one rank skip while the others apply, and the loss scale differ.
+        raise cli.InputError("--backward-passes-per-step", "cannot be combined with --precision "
+                             "mixed_float16 (ranks would skip different steps); use fp32 or "
+                             "mixed_bfloat16, which need no loss scaling")
 
 
 # ---------------------------------------------------------------- loss -----------------------
@@ -226,10 +219,15 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
         def on_epoch_end(self, epoch, logs=None):
             if state["preempted"]:
                 return
-            t0 = time.perf_counter()
-            merged = metrics.gather(data.predictions(self.model.predict_on_batch, self.dataset))
+            t0, batches = time.perf_counter(), []
+
+            def predict(images):
+                batches.append(len(images))
+                return self.model.predict_on_batch(images)
+
+            merged = metrics.gather(data.predictions(predict, self.dataset))
             self.result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], names)
-            self.result["seconds"] = round(time.perf_counter() - t0, 3)
+            self.result |= {"seconds": round(time.perf_counter() - t0, 3), "batches": len(batches)}
             logs["val_loss"] = self.result["loss"]
             logs["val_mean_auroc"] = self.result["mean_auroc"] or 0.0
 
@@ -287,6 +285,7 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
                          val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
                          val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
                          val_seconds=val.get("seconds"), val_n=val.get("n"),
+                         val_batches=val.get("batches"),
                          peak_memory_mb=round(peak_memory_mb(), 1))
             if cfg.verbose:
                 print(f"epoch {epoch + 1}: {ips:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
@@ -307,6 +306,11 @@ def make_callbacks(cfg, hvd, model, derived, manifest, run_dir, writer, stop, st
     if hvd.rank() == 0:
         callbacks += [Checkpoint(), RunLog()]
     return callbacks
+
+
+def progress_bar(verbose: int) -> int:
+    """Keras' verbose: its bar only on a terminal; batch logs get our one line per epoch."""
+    return int(verbose == 1 and sys.stdout.isatty())
 
 
 def peak_memory_mb() -> float:
@@ -356,29 +360,40 @@ def resume_state(cfg, hvd, model, run_dir: Path) -> dict:
     return state
 
 
-def write_audit(run_dir: Path, hvd, model, cfg, derived) -> None:
-    """Per-rank evidence for tests: which shards this rank read, and its final weights."""
+def audit_weights(run_dir: Path, rank: int, model, suffix: str = "") -> None:
+    """--audit: this rank's weights as RUN_DIR/audit/rank<N><suffix>.npz."""
     import numpy as np
-
-    from chexnet_hvd import data, records
 
     audit = run_dir / "audit"
     audit.mkdir(parents=True, exist_ok=True)
+    np.savez(audit / f"rank{rank}{suffix}.npz", *model.get_weights())
+
+
+def write_audit(run_dir: Path, hvd, model, cfg, derived) -> None:
+    """Per-rank evidence for tests: which shards this rank read, and its final weights."""
+    from chexnet_hvd import data, records
+
+    audit_weights(run_dir, hvd.rank(), model)
+    audit = run_dir / "audit"
     shards = records.split_shards(records.load_manifest(cfg.data), cfg.data, "train")
     files, by_record = data.rank_shards(shards, hvd.rank(), hvd.size())
     (audit / f"rank{hvd.rank()}.json").write_text(json.dumps(
         {"rank": hvd.rank(), "files": files, "by_record": by_record,
          "records": derived["records_per_rank"][hvd.rank()]}))
-    np.savez(audit / f"rank{hvd.rank()}.npz", *model.get_weights())
 
 
 # ---------------------------------------------------------------- main -----------------------
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(TrainConfig, __doc__.splitlines()[0], argv)
+    check_config(cfg)
     stop = StopRequest()
 
     # --- setup + Horovod ---
-    hvd = init_horovod(cfg)
+    if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
+        os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
+    from chexnet_hvd import distributed
+
+    hvd, placement = distributed.start(cfg.threads)
     import horovod.tensorflow as hvd_tf
     import tensorflow as tf
 
@@ -388,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.run_dir)
     manifest = records.load_manifest(cfg.data)
     derived = derive(cfg, manifest, hvd.size())
-    hostnames = sorted(set(hvd_tf.allgather_object(socket.gethostname())))
+    ranks = hvd_tf.allgather_object(dataclasses.asdict(placement))  # Horovod: where each rank runs
     writer = runlog.RunLogWriter(run_dir) if rank0 else None
 
     try:
@@ -404,11 +419,14 @@ def main(argv: list[str] | None = None) -> int:
                       else [manifest["pos_weight"][c] for c in manifest["classes"]])
         model.compile(optimizer=make_optimizer(cfg, hvd, derived), loss=masked_bce(pos_weight))
         state = resume_state(cfg, hvd, model, run_dir)
+        if cfg.audit:
+            audit_weights(run_dir, hvd.rank(), model, "-initial")
         if rank0:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | derived, indent=1))
             writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model,
                          image_size=cfg.image_size, precision=cfg.precision,
-                         horovod_backend=horovod_backend(hvd), hostnames=hostnames,
+                         horovod_backend=distributed.backend_name(hvd),
+                         hostnames=sorted({r["host"] for r in ranks}), ranks=ranks,
                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                          resumed_from=state["from"], initial_epoch=state["epoch"],
                          trainable_params=int(sum(v.shape.num_elements() for v in model.trainable_variables)),
@@ -434,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         if state["epoch"] < cfg.epochs:
             model.fit(train_ds, epochs=cfg.epochs, initial_epoch=state["epoch"],
                       steps_per_epoch=derived["steps_per_epoch"], callbacks=callbacks,
-                      verbose=cfg.verbose if rank0 else 0)
+                      verbose=progress_bar(cfg.verbose) if rank0 else 0)
 
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state["preempted"]:
@@ -444,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoints.save(model, run_dir / "checkpoints", f"step-{meta['step']:09d}", meta)
                 writer.write("end", status="preempted", step=meta["step"], epoch=state["epoch"])
             hvd_tf.broadcast_object(0, root_rank=0)  # Horovod: nobody exits before the checkpoint
-            print(f"rank {hvd.rank()}: preempted; checkpoint written, exiting {cli.EXIT_PREEMPTED}",
+            step = int(model.optimizer.iterations.numpy())
+            print(f"rank {hvd.rank()}: preempted after step {step}; checkpoint written, exiting "
+                  f"{cli.EXIT_PREEMPTED}",
                   file=sys.stderr, flush=True)
             return cli.EXIT_PREEMPTED
         if cfg.audit:

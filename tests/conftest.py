@@ -60,6 +60,15 @@ def records_dir(synthetic, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def raw_dir(synthetic, tmp_path_factory) -> Path:
+    """A raw-image index of the synthetic set (same split as records_dir: same seed)."""
+    out = tmp_path_factory.mktemp("raw")
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+           "--out", out, "--format", "raw", "--no-progress", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_cnn(tmp_path_factory) -> Path:
     """A small CNN trained on 1,500 64-px synthetic images with planted findings (about 30 s):
     root/syn (images, planted.csv), root/records, root/run/checkpoints/best."""

@@ -67,13 +67,14 @@ def test_plateau_update_waits_patience_epochs_then_scales_down():
 @pytest.mark.slow
 def test_plateau_schedule_lowers_the_lr_and_resume_keeps_it(records_dir, tmp_path):
     """With an lr too small to move the weights, val AUROC never improves after epoch 1, so
-    patience 1 drops the lr x0.1 after every later epoch; a resumed run keeps the dropped lr."""
+    patience 1 drops the lr x0.5 (--plateau-factor) after every later epoch; a resumed run keeps
+    the dropped lr."""
     from chexnet_hvd.runlog import read_runlog
 
     args = ["--data", records_dir, "--run-dir", tmp_path, "--model", "small_cnn", "--image-size", 32,
             "--batch-size", 32, "--steps-per-epoch", 2, "--lr", 1e-12, "--warmup-epochs", 0,
-            "--schedule", "plateau", "--plateau-patience", 1, "--verbose", 0]
+            "--schedule", "plateau", "--plateau-patience", 1, "--plateau-factor", 0.5, "--verbose", 0]
     module("train", *args, "--epochs", 2, check=True, timeout=300)
     module("train", *args, "--epochs", 4, "--resume", check=True, timeout=300)
     lrs = [r["lr"] for r in read_runlog(tmp_path) if r["event"] == "epoch"]
-    assert lrs == pytest.approx([1e-12, 1e-12, 1e-13, 1e-14], rel=1e-4)
+    assert lrs == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13], rel=1e-4)

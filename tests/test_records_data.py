@@ -151,15 +151,6 @@ def test_an_epoch_is_the_same_batches_whether_started_or_resumed(records_dir):
     assert straight[5:] == resumed and straight[:5] != resumed  # new order every epoch
 
 
-@pytest.fixture(scope="module")
-def raw_dir(synthetic, tmp_path_factory):
-    """A raw-image index of the synthetic set (same split as records_dir: same seed)."""
-    out = tmp_path_factory.mktemp("raw")
-    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
-           "--out", out, "--format", "raw", "--no-progress", check=True)
-    return out
-
-
 def eval_by_id(data_dir, world):
     out = {}
     for rank in range(world):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from chexnet_hvd import cli
+from chexnet_hvd.distributed import visible_gpus
 
 PROPOSERS = ["evolution", "random", "llm"]
 TRAINER_FLAGS = ("--data", "--run-dir", "--model", "--image-size", "--batch-size", "--epochs",
@@ -50,8 +51,8 @@ class NasConfig:
     epochs: int = cli.field(3, help="training epochs per candidate")
     train_args: str = cli.field("", help="more flags for chexnet_hvd.train, e.g. "
                                 "\"--precision mixed_float16 --lr 3e-3\"")
-    threads: int = cli.field(0, help="CPU threads per candidate; 0: SLURM_CPUS_PER_TASK, "
-                             "else cores / workers")
+    threads: int = cli.field(0, help="CPU threads per candidate; 0: the CPUs this worker may "
+                             "run on (its affinity, e.g. Slurm's binding) / workers")
     bind_cores: bool = cli.field(False, help="pin worker i to its own block of --threads cores "
                                  "(as Slurm's --cpu-bind=cores), so that workers sharing a CPU "
                                  "host, input pipelines included, do not compete")
@@ -95,8 +96,7 @@ def worker_index(cfg: NasConfig) -> int:
 
 
 def cpu_threads(cfg: NasConfig) -> int:
-    cores = len(os.sched_getaffinity(0))
-    return cfg.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, cores // cfg.workers)
+    return cfg.threads or max(1, len(os.sched_getaffinity(0)) // cfg.workers)
 
 
 def core_block(i: int, threads: int) -> set[int] | None:
@@ -104,17 +104,6 @@ def core_block(i: int, threads: int) -> set[int] | None:
     cores = sorted(os.sched_getaffinity(0))
     block = cores[i * threads:(i + 1) * threads]
     return set(block) if len(block) == threads else None
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this machine offers: CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list."""
-    if "CUDA_VISIBLE_DEVICES" in os.environ:
-        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
 # ---------------------------------------------------------------- one candidate --------------

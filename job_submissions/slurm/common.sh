@@ -12,7 +12,10 @@
 #   STUDY_DIR N_TRIALS PROPOSER NAS_ARGS   nas_array.sh only: the shared study (default
 #                 $RUN_ROOT/nas, on a filesystem all nodes see), its trial budget, the proposer
 #                 and more flags for python -m chexnet_hvd.nas (MODEL is the search's, unused)
-#   LAUNCHER      srun (default; PMIx, as real clusters start MPI ranks) | mpirun | horovodrun
+#   LAUNCHER      srun (default; PMIx, as real clusters start MPI ranks; binds each rank to its
+#                 --cpus-per-task CPUs) | mpirun (Open MPI over the job's nodes, ranks unbound).
+#                 Not horovodrun: it passes no signal on to the ranks (so preemption would lose
+#                 the run) and needs ssh between nodes; it is for workstations.
 #   SRUN_MPI      srun's --mpi plugin (default pmix)
 #
 # Preemption: the templates ask Slurm for SIGUSR1 some minutes before the time limit
@@ -30,28 +33,39 @@
 : "${SLURM_JOB_ID:=local-$$}" "${SLURM_JOB_NAME:=chexnet}" "${SLURM_NTASKS:=1}"
 EXIT_PREEMPTED=75
 
+case "$LAUNCHER" in
+  srun|mpirun) ;;
+  horovodrun) echo "error: LAUNCHER: horovodrun does not pass Slurm's USR1 on to the ranks (a preempted job would lose its run); use srun (default) or mpirun" >&2; exit 2 ;;
+  *) echo "error: LAUNCHER: unknown launcher '$LAUNCHER' (srun or mpirun)" >&2; exit 2 ;;
+esac
+
 RUN_DIR="$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID"
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
 # Open MPI busy-polls while waiting; yielding keeps ranks that share cores from starving.
 export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
+# Since Slurm 22.05 srun does not inherit the job's --cpus-per-task: pass it on, so each rank
+# gets (and is bound to) the CPUs the job asked for, and sizes its threads from them.
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+# Open MPI refuses root unless told; only the rehearsal cluster runs jobs as root.
+if ((EUID == 0)); then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 
 # Start "$@" once per rank, in the background (so this shell can take signals), pid in $launched.
 launch() {
   case "$LAUNCHER" in
     srun) srun --mpi="$SRUN_MPI" --kill-on-bad-exit=1 "$@" & ;;
-    mpirun) mpirun --bind-to none -np "$SLURM_NTASKS" "$@" & ;;
-    horovodrun) horovodrun -np "$SLURM_NTASKS" \
-        -H "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/:${SLURM_NTASKS_PER_NODE:-1}/" | paste -sd,)" \
-        "$@" & ;;
-    *) echo "error: LAUNCHER: unknown launcher '$LAUNCHER' (srun, mpirun or horovodrun)" >&2; exit 2 ;;
+    mpirun) mpirun --bind-to none -np "$SLURM_NTASKS" "$@" & ;;  # forwards USR1 to the ranks
   esac
   launched=$!
 }
 
-# Wait for the launched ranks; pass SIGUSR1/SIGTERM on to them; return their exit code.
+# Wait for the launched ranks and return their exit code. USR1 (Slurm's warning before a time
+# limit or preemption) and TERM (scancel) both reach the ranks as USR1: they checkpoint after the
+# same step and exit 75. Only after USR1 does the job requeue itself; a cancelled job stays so.
 wait_ranks() {
-  trap 'echo "job $SLURM_JOB_ID: signal received, asking the ranks to checkpoint and stop"; kill -USR1 "$launched" 2>/dev/null || true' USR1 TERM
+  requeue=0
+  trap 'echo "job $SLURM_JOB_ID: USR1: checkpointing, then requeueing"; requeue=1; kill -USR1 "$launched" 2>/dev/null || true' USR1
+  trap 'echo "job $SLURM_JOB_ID: TERM: checkpointing, then stopping"; kill -USR1 "$launched" 2>/dev/null || true' TERM
   local rc=0
   while true; do
     wait "$launched" && rc=0 || rc=$?
@@ -65,16 +79,23 @@ run_training() {
   mkdir -p "$RUN_DIR"
   exec > >(tee -a "$RUN_DIR/job.log") 2>&1  # the job's output beside its run log, every attempt
   echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
+  # --verbose 2: one line per epoch in job.log (under mpirun rank 0 sees a terminal, so the
+  # trainer alone cannot tell that this is a batch job).
   launch "$PY" -m chexnet_hvd.train --data "$DATA_DIR" --run-dir "$RUN_DIR" --model "$MODEL" \
     --image-size "$IMAGE_SIZE" --batch-size "$BATCH_SIZE" --epochs "$EPOCHS" \
-    --precision "$PRECISION" --resume $TRAIN_ARGS
+    --precision "$PRECISION" --resume --verbose 2 $TRAIN_ARGS
   local rc=0
   wait_ranks || rc=$?
+  # The run log, not the launcher's code, says whether the ranks stopped at a checkpoint: srun
+  # ends the other ranks (143) as soon as the first one exits 75.
+  if ((rc)) && [[ $("$PY" -m chexnet_hvd.runlog "$RUN_DIR" 2>/dev/null) == preempted ]]; then
+    rc=$EXIT_PREEMPTED
+  fi
   requeue_if_preempted "$rc"
 }
 
 requeue_if_preempted() {
-  if (( $1 == EXIT_PREEMPTED )) && [[ $SLURM_JOB_ID != local-* ]]; then
+  if (( $1 == EXIT_PREEMPTED && requeue )) && [[ $SLURM_JOB_ID != local-* ]]; then
     echo "job $SLURM_JOB_ID: preempted with a checkpoint; requeueing"
     scontrol requeue "$SLURM_JOB_ID"
   fi
@@ -97,7 +118,8 @@ run_nas() {
 
 run_records() {
   : "${CSV:?set CSV to the metadata CSV}" "${IMAGES:?set IMAGES to the image directory}"
+  # Each rank's worker processes default to the CPUs srun bound it to (--cpus-per-task).
   launch "$PY" -m chexnet_hvd.records --csv "$CSV" --images "$IMAGES" --out "$DATA_DIR" \
-    --workers "${SLURM_CPUS_PER_TASK:-1}" --no-progress ${RECORDS_ARGS:-}
+    --no-progress ${RECORDS_ARGS:-}
   wait_ranks
 }

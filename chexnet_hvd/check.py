@@ -1,0 +1,150 @@
+"""What to run on a first GPU node before a week of training: is this stack ready?
+
+    python -m chexnet_hvd.check                       # one rank per visible GPU (2 CPU ranks without)
+    python -m chexnet_hvd.check --model small_cnn --image-size 32 --steps 6   # a quick look
+
+One line per check, `[PASS]`, `[WARN]` or `[FAIL]`: TensorFlow and Horovod versions and what
+Horovod was built with (NCCL for GPU allreduce), the GPUs TensorFlow sees, then the real trainer
+under `horovodrun` on synthetic input for each precision, which shows that every rank got a GPU
+of its own and the images/s per GPU. Without GPUs it says so and still runs the steps on the
+CPU. Exit 0 when nothing failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from chexnet_hvd import cli
+
+
+@dataclasses.dataclass
+class CheckConfig:
+    model: str = cli.field("densenet121", help="model to time (any the trainer builds)")
+    image_size: int = cli.field(224, help="input side in pixels")
+    batch_size: int = cli.field(32, help="images per GPU (rank) per step")
+    steps: int = cli.field(20, help="training steps per precision (the first 5 are not timed)")
+    precisions: list[str] = cli.field(["fp32", "mixed_float16"], help="precisions to time")
+    ranks: int = cli.field(0, help="ranks to start; 0: one per visible GPU, 2 without GPUs")
+
+
+def line(verdict: str, text: str) -> str:
+    print(f"[{verdict}] {text}", flush=True)
+    return verdict
+
+
+def stack() -> list[str]:
+    """Versions, Horovod's build, the GPUs TensorFlow sees; one verdict each."""
+    import horovod
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    from chexnet_hvd.distributed import visible_gpus
+
+    built = [name for name, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built()),
+                                   ("NCCL", hvd.nccl_built())) if ok]
+    gpus = tf.config.list_physical_devices("GPU")
+    verdicts = [line("PASS", f"TensorFlow {tf.__version__} (CUDA build: {tf.test.is_built_with_cuda()}), "
+                             f"Horovod {horovod.__version__} built with {', '.join(built) or 'nothing'}")]
+    if hvd.nccl_built():
+        verdicts.append(line("PASS", "Horovod has NCCL: gradients are allreduced GPU to GPU"))
+    else:
+        verdicts.append(line("FAIL", "Horovod was built without NCCL: GPU gradients would be "
+                                     "allreduced through the CPU (rebuild on a GPU node: make setup GPU=1)"))
+    if gpus:
+        verdicts.append(line("PASS", f"TensorFlow sees {len(gpus)} GPU(s): "
+                                     f"{', '.join(g.name for g in gpus)}"))
+    else:
+        where = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        verdicts.append(line("FAIL", f"no GPU found (TensorFlow sees none; CUDA_VISIBLE_DEVICES={where}; "
+                                     f"nvidia-smi lists {len(visible_gpus())}): the steps below run "
+                                     "on the CPU"))
+    return verdicts
+
+
+def synthetic_records(root: Path, size: int) -> Path:
+    """A tiny records set: the trainer needs a manifest and a validation split."""
+    import contextlib
+    import io
+
+    from chexnet_hvd import records, synthetic
+
+    with contextlib.redirect_stdout(io.StringIO()):  # their own reports are not checks
+        synthetic.main(["--out", str(root / "syn"), "--images", "64", "--size", str(min(size, 64)),
+                        "--seed", "0"])
+        records.main(["--csv", str(root / "syn" / "Data_Entry_2017.csv"), "--images",
+                      str(root / "syn" / "images"), "--out", str(root / "records"),
+                      "--workers", "1", "--no-progress"])
+    return root / "records"
+
+
+def time_precision(cfg: CheckConfig, data: Path, run_dir: Path, ranks: int, precision: str) -> dict:
+    """The trainer itself under horovodrun, synthetic input: its run log's start and epoch."""
+    from chexnet_hvd.runlog import read_runlog
+
+    cmd = ["horovodrun", "--gloo", "-np", str(ranks), sys.executable, "-m", "chexnet_hvd.train",
+           "--data", str(data), "--run-dir", str(run_dir), "--model", cfg.model,
+           "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--epochs", "1",
+           "--steps-per-epoch", str(cfg.steps), "--timing-warmup-steps", str(min(5, cfg.steps - 1)),
+           "--synthetic-input", "--precision", precision, "--val-split", "val", "--verbose", "0"]
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"exit {proc.returncode}: {tail[0][:300]}")
+    log = read_runlog(run_dir)
+    return {"start": log[0], "epoch": [r for r in log if r["event"] == "epoch"][-1]}
+
+
+def placement_verdict(start: dict) -> str:
+    """One GPU per rank: distinct devices within every host."""
+    by_host = defaultdict(list)
+    for r in start["ranks"]:
+        by_host[r["host"]].append(r["gpu"])
+    layout = "; ".join(f"{h}: {','.join(str(g) for g in gs)}" for h, gs in sorted(by_host.items()))
+    if all(g is None for gs in by_host.values() for g in gs):
+        return line("WARN", f"horovodrun started {start['world_size']} ranks; no GPUs to give them")
+    if any(None in gs or len(set(gs)) < len(gs) for gs in by_host.values()):
+        return line("FAIL", f"ranks share or lack a GPU ({layout}): start one rank per GPU")
+    return line("PASS", f"horovodrun started {start['world_size']} ranks, each on its own GPU ({layout})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.parse_config(CheckConfig, __doc__.splitlines()[0], argv)
+    if cfg.steps < 2:
+        raise cli.InputError("--steps", "at least 2 (the first is never timed)")
+    verdicts = stack()
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    ranks = cfg.ranks or gpus or 2
+    device = "GPU" if gpus else "CPU rank"
+    rates = {}
+    with tempfile.TemporaryDirectory(prefix="chexnet-check-") as tmp:
+        data = synthetic_records(Path(tmp), cfg.image_size)
+        for i, precision in enumerate(cfg.precisions):
+            what = f"{cfg.model} {cfg.image_size} px {precision}, batch {cfg.batch_size} per {device}"
+            try:
+                result = time_precision(cfg, data, Path(tmp) / precision, ranks, precision)
+            except RuntimeError as err:
+                verdicts.append(line("FAIL", f"{what}: the trainer failed ({err})"))
+                continue
+            if i == 0:
+                verdicts.append(placement_verdict(result["start"]))
+            rates[precision] = result["epoch"]["images_per_sec_per_rank"]
+            vs = (f", {rates[precision] / rates['fp32']:.2f}x fp32"
+                  if precision != "fp32" and rates.get("fp32") else "")
+            verdicts.append(line("PASS", f"{what}: {rates[precision]:.1f} img/s per {device}, "
+                                         f"{cfg.steps} steps{vs}"))
+    failed = verdicts.count("FAIL")
+    print(f"verdict: {'ready for GPU training' if not failed else f'{failed} check(s) failed'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,59 @@
+"""One rank of the fp16 overflow test (run by tests/test_precision_horovod.py under horovodrun -np 2).
+
+The trainer's own optimizer (`train.make_optimizer`, mixed_float16) trains a small model with
+Keras `fit`; on step OVERFLOW_STEP only rank 1's batch holds an infinite pixel, so only its local
+gradients are non-finite. After every step each rank records its loss scale, its optimizer step
+and a hash of its weights into OUT/rank<N>.json.
+"""
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+
+from chexnet_hvd import distributed, models, train
+
+OVERFLOW_STEP, STEPS = 3, 6
+
+
+def weights_hash(model) -> str:
+    return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
+
+
+def main(out: str) -> None:
+    hvd, _ = distributed.start(threads=1)
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    cfg = train.TrainConfig(data="-", run_dir="-", model="small_cnn", image_size=16,
+                            precision="mixed_float16")
+    derived = {"world_size": hvd.size(), "scaled_lr": 1e-3, "warmup_steps": 0, "total_steps": STEPS,
+               "steps_per_epoch": STEPS}
+    model = models.build_model("small_cnn", 16, 3)
+    model.compile(optimizer=train.make_optimizer(cfg, hvd, derived), loss=train.masked_bce())
+
+    rng = np.random.default_rng(hvd.rank())
+    images = rng.normal(size=(STEPS, 4, 16, 16, 3)).astype(np.float32)
+    if hvd.rank() == 1:
+        images[OVERFLOW_STEP - 1, 0, 5, 5, 0] = np.inf  # only this rank, only this step
+    labels = np.stack([rng.integers(0, 2, (STEPS, 4, 3)), np.ones((STEPS, 4, 3))], axis=2)
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+
+    log = [{"step": 0, "scale": float(model.optimizer.loss_scale), "weights": weights_hash(model)}]
+
+    class Record(tf.keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            log.append({"step": batch + 1, "scale": float(model.optimizer.loss_scale),
+                        "iterations": int(model.optimizer.iterations.numpy()),
+                        "weights": weights_hash(model)})
+
+    callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), Record()]
+    model.fit(dataset, epochs=1, steps_per_epoch=STEPS, callbacks=callbacks, verbose=0)
+    with open(f"{out}/rank{hvd.rank()}.json", "w") as fh:
+        json.dump(log, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,272 @@
+"""Every flag of `python -m chexnet_hvd.train --help` runs end to end, asserting what would fail if
+the flag did nothing. FLAG_TESTS names the test that exercises each flag; a flag without one
+fails `test_every_trainer_flag_has_an_end_to_end_test`.
+
+Most runs here are one process of the small CNN on 32-px records, `--deterministic`, compared with
+one baseline run that differs only in the flag under test; the distributed flags run under
+`horovodrun --gloo -np 2`. fp16 loss scaling gets its own 2-rank test in which only rank 1's
+gradients overflow on one step."""
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, module, run
+
+from chexnet_hvd import checkpoints, records, train
+from chexnet_hvd.runlog import read_runlog
+
+pytestmark = [pytest.mark.slow]
+
+BASE = ["--model", "small_cnn", "--image-size", 32, "--batch-size", 16, "--epochs", 2,
+        "--steps-per-epoch", 4, "--warmup-epochs", 0, "--deterministic", "--audit", "--verbose", 0]
+HERE = "tests/test_train_flags.py"
+FLAG_TESTS = {
+    "data": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
+    "run_dir": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
+    "model": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "image_size": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "batch_size": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
+    "epochs": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
+    "steps_per_epoch": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "optimizer": f"{HERE}::test_optimizer_sgd",
+    "lr": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "reference_batch": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "warmup_epochs": f"{HERE}::test_fp16_allreduce_and_warmup_on_two_ranks",
+    "schedule": f"{HERE}::test_schedules_cosine_and_step",
+    "step_epochs": f"{HERE}::test_schedules_cosine_and_step",
+    "plateau_patience": "tests/test_cli.py::test_plateau_schedule_lowers_the_lr_and_resume_keeps_it",
+    "plateau_factor": "tests/test_cli.py::test_plateau_schedule_lowers_the_lr_and_resume_keeps_it",
+    "class_weights": f"{HERE}::test_flags_that_change_what_is_learned",
+    "precision": f"{HERE}::test_mixed_float16_under_horovod_end_to_end",
+    "xla": f"{HERE}::test_xla_compiles_clusters",
+    "fp16_allreduce": f"{HERE}::test_fp16_allreduce_and_warmup_on_two_ranks",
+    "backward_passes_per_step": f"{HERE}::test_backward_passes_per_step_and_keep_checkpoints",
+    "weights": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
+    "seed": f"{HERE}::test_flags_that_change_what_is_learned",
+    "augment": f"{HERE}::test_flags_that_change_what_is_learned",
+    "synthetic_input": f"{HERE}::test_flags_that_change_what_is_learned",
+    "shuffle_buffer": f"{HERE}::test_flags_that_change_what_is_learned",
+    "deterministic": "tests/test_resume_preemption.py::test_resume_matches_a_straight_run",
+    "val_split": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "val_batch_size": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "early_stopping": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
+    "resume": "tests/test_resume_preemption.py::test_resume_matches_a_straight_run",
+    "checkpoint_every_steps": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
+    "keep_checkpoints": f"{HERE}::test_backward_passes_per_step_and_keep_checkpoints",
+    "threads": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "timing_warmup_steps": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "audit": "tests/test_horovod.py::test_gloo_weights_bitwise_identical_on_both_ranks",
+    "verbose": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+}
+
+
+def test_every_trainer_flag_has_an_end_to_end_test():
+    import dataclasses
+
+    flags = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert flags == set(FLAG_TESTS), sorted(flags ^ set(FLAG_TESTS))
+    for name, where in FLAG_TESTS.items():
+        path, test = where.split("::")
+        assert re.search(rf"^def {test}\(", (ROOT / path).read_text(), re.M), (name, where)
+
+
+def trainer(records_dir, run_dir, *extra, **kwargs):
+    return module("train", "--data", records_dir, "--run-dir", run_dir, *BASE, *extra, **kwargs)
+
+
+def weights(run_dir, suffix="", rank=0) -> list[np.ndarray]:
+    saved = np.load(run_dir / "audit" / f"rank{rank}{suffix}.npz")
+    return [saved[k] for k in saved.files]
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def epochs(run_dir) -> list[dict]:
+    return [r for r in read_runlog(run_dir) if r["event"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def baseline(records_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("baseline")
+    trainer(records_dir, run_dir, check=True)
+    return run_dir
+
+
+def test_baseline_is_reproducible(records_dir, baseline, tmp_path):
+    """The comparisons below rest on this: the same flags give bitwise the same weights."""
+    trainer(records_dir, tmp_path, check=True)
+    assert same(weights(baseline), weights(tmp_path))
+    assert not same(weights(baseline), weights(baseline, "-initial"))
+
+
+@pytest.mark.parametrize("flag", [["--class-weights", "manifest"], ["--seed", 7], ["--no-augment"],
+                                  ["--synthetic-input"], ["--shuffle-buffer", 1],
+                                  ["--precision", "mixed_bfloat16"]], ids=lambda f: f[0])
+def test_flags_that_change_what_is_learned(records_dir, baseline, tmp_path, flag):
+    """Each flag alone, against the baseline: other weights after the same steps."""
+    trainer(records_dir, tmp_path, *flag, check=True)
+    assert not same(weights(baseline), weights(tmp_path)), flag
+    if flag[0] == "--seed":  # a different start, too
+        assert not same(weights(baseline, "-initial"), weights(tmp_path, "-initial"))
+    key = flag[0][2:].removeprefix("no-").replace("-", "_")
+    assert read_runlog(tmp_path)[0]["config"][key] != read_runlog(baseline)[0]["config"][key]
+
+
+def test_optimizer_sgd(records_dir, baseline, tmp_path):
+    """SGD with momentum keeps one slot per weight in its checkpoint, Adam two (m and v)."""
+    import tensorflow as tf
+
+    trainer(records_dir, tmp_path, "--optimizer", "sgd", check=True)
+
+    def slots(run_dir):
+        names = tf.train.list_variables(str(run_dir / "checkpoints" / "epoch-0002" / "ckpt"))
+        return sum(n.startswith("optimizer/_variables/") for n, _ in names)
+
+    n_weights = len(weights(baseline))
+    assert (slots(baseline), slots(tmp_path)) == (2 * n_weights, n_weights)
+    assert not same(weights(baseline), weights(tmp_path))
+
+
+def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, baseline, tmp_path):
+    """Flags with their own observable, in one run: the scaled lr the optimizer used, TF's
+    threads, the timed steps, the validated split and its batches, rank 0's output."""
+    proc = trainer(records_dir, tmp_path, "--lr", 0.002, "--reference-batch", 4, "--threads", 1,
+                   "--timing-warmup-steps", 1, "--val-split", "test", "--val-batch-size", 7,
+                   "--steps-per-epoch", 5, "--verbose", 2, check=True)
+    start, last = read_runlog(tmp_path)[0], epochs(tmp_path)[-1]
+    assert start["scaled_lr"] == pytest.approx(0.002 * 16 / 4)
+    assert last["lr"] == pytest.approx(0.002 * 16 / 4)  # what the optimizer really used
+    assert [r["threads"] for r in start["ranks"]] == [1]
+    assert [r["threads"] for r in read_runlog(baseline)[0]["ranks"]] == [2]  # 2 cores, 1 rank
+    assert (last["steps"], last["timed_steps"]) == (5, 4)
+    n_test = records.load_manifest(records_dir)["splits"]["test"]["count"]
+    assert (last["val_n"], last["val_batches"]) == (n_test, -(-n_test // 7))
+    assert "img/s" not in trainer(records_dir, tmp_path / "quiet").stdout  # --verbose 0
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("epoch ") for line in lines)
+    from chexnet_hvd import models
+
+    small = models.build_model("small_cnn", 32, records.load_manifest(records_dir)["num_classes"])
+    assert start["trainable_params"] == sum(int(np.prod(w.shape)) for w in small.trainable_weights)
+    assert checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0002")["image_size"] == 32
+
+
+def test_schedules_cosine_and_step(records_dir, tmp_path):
+    """The lr logged per epoch is the one of its last step (steps 3 and 7 of 8, counted from 0):
+    cosine, half-cosine to zero at step 8; step with --step-epochs 1, x0.1 from step 4 on."""
+    import math
+
+    trainer(records_dir, tmp_path / "cos", "--schedule", "cosine", check=True)
+    trainer(records_dir, tmp_path / "step", "--schedule", "step", "--step-epochs", 1, check=True)
+    peak = 1e-3
+    cosine = [peak * 0.5 * (1 + math.cos(math.pi * step / 8)) for step in (3, 7)]
+    assert [e["lr"] for e in epochs(tmp_path / "cos")] == pytest.approx(cosine, rel=1e-5)
+    assert [e["lr"] for e in epochs(tmp_path / "step")] == pytest.approx([peak, peak / 10], rel=1e-5)
+
+
+def test_backward_passes_per_step_and_keep_checkpoints(records_dir, tmp_path):
+    """2 passes per update, 1 step per epoch: the weights change after every second step only;
+    --keep-checkpoints 4 keeps all 4 epoch checkpoints (the default keeps 3)."""
+    trainer(records_dir, tmp_path, "--backward-passes-per-step", 2, "--steps-per-epoch", 1,
+            "--epochs", 4, "--keep-checkpoints", 4, check=True)
+    after = [checkpoints.load(tmp_path / "checkpoints" / f"epoch-{e:04d}")[0].get_weights()
+             for e in (1, 2, 3, 4)]
+    initial = weights(tmp_path, "-initial")
+    assert same(after[0], initial) and not same(after[1], initial)
+    assert same(after[2], after[1]) and not same(after[3], after[2])
+
+
+def test_weights_early_stopping_and_step_checkpoints(records_dir, tmp_path):
+    """--weights starts from a file (lr 0 keeps it); with weights that never change the val
+    AUROC never improves, so --early-stopping 1 ends the run after epoch 2 of 5; and
+    --checkpoint-every-steps 3 leaves the newest step checkpoint at step 6."""
+    import tensorflow as tf
+
+    from chexnet_hvd import models
+
+    tf.keras.utils.set_random_seed(123)
+    model = models.build_model("small_cnn", 32, records.load_manifest(records_dir)["num_classes"])
+    model.save_weights(tmp_path / "start.h5")
+    run_dir = tmp_path / "run"
+    trainer(records_dir, run_dir, "--weights", tmp_path / "start.h5", "--lr", 0, "--epochs", 5,
+            "--early-stopping", 1, "--checkpoint-every-steps", 3, check=True)
+    assert same(weights(run_dir, "-initial"), model.get_weights())
+    assert same(weights(run_dir), model.get_weights())
+    assert [e["epoch"] for e in epochs(run_dir)] == [1, 2]
+    assert read_runlog(run_dir)[-1]["status"] == "completed"
+    steps = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert steps == ["step-000000006"] and checkpoints.read_meta(run_dir / "checkpoints" / steps[0])["step"] == 6
+
+
+def test_xla_compiles_clusters(records_dir, tmp_path):
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    with_xla = trainer(records_dir, tmp_path / "xla", "--xla", env=env, check=True)
+    without = trainer(records_dir, tmp_path / "plain", env=env, check=True)
+    assert "Compiled cluster using XLA" in with_xla.stderr
+    assert "Compiled cluster using XLA" not in without.stderr
+
+
+def horovodrun(records_dir, run_dir, *extra):
+    return run(["horovodrun", "--gloo", "-np", "2", sys.executable, "-m", "chexnet_hvd.train",
+                "--data", str(records_dir), "--run-dir", str(run_dir), *map(str, BASE),
+                "--threads", "1", *map(str, extra)], timeout=600, check=True)
+
+
+def assert_ranks_identical(run_dir):
+    assert same(weights(run_dir, rank=0), weights(run_dir, rank=1))
+
+
+@pytest.mark.mpi
+def test_fp16_allreduce_and_warmup_on_two_ranks(records_dir, tmp_path):
+    """fp16 compression rounds the averaged gradients: other weights than plain fp32 allreduce,
+    yet close, and still bitwise identical on both ranks. --warmup-epochs 4 (16 steps): the last
+    step of epoch 1 (step 3, counted from 0) is 3/16 of the way from peak / 2 ranks to the peak."""
+    horovodrun(records_dir, tmp_path / "plain", "--warmup-epochs", 4)
+    horovodrun(records_dir, tmp_path / "fp16", "--warmup-epochs", 4, "--fp16-allreduce")
+    for run_dir in (tmp_path / "plain", tmp_path / "fp16"):
+        assert_ranks_identical(run_dir)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "fp16")
+    assert not same(a, b)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) < 1e-2
+    peak = 1e-3 * 32 / 16
+    assert epochs(tmp_path / "plain")[0]["lr"] == pytest.approx(peak / 2 + (peak - peak / 2) * 3 / 16)
+
+
+@pytest.mark.mpi
+def test_mixed_float16_under_horovod_end_to_end(records_dir, tmp_path):
+    """The Slurm templates' default precision, 2 ranks: trains, checkpoints the loss scale,
+    weights identical on both ranks, and the fp16 + accumulation combination is refused."""
+    import tensorflow as tf
+
+    horovodrun(records_dir, tmp_path, "--precision", "mixed_float16")
+    assert_ranks_identical(tmp_path)
+    log = read_runlog(tmp_path)
+    assert log[0]["precision"] == "mixed_float16" and log[-1]["status"] == "completed"
+    names = [n for n, _ in tf.train.list_variables(str(tmp_path / "checkpoints" / "epoch-0002" / "ckpt"))]
+    assert any("loss_scale" in n for n in names), names
+    refused = module("train", "--data", records_dir, "--run-dir", tmp_path / "no", "--precision",
+                     "mixed_float16", "--backward-passes-per-step", 2)
+    assert refused.returncode == 2 and "error: --backward-passes-per-step" in refused.stderr
+
+
+@pytest.mark.mpi
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Only rank 1's batch of step 3 holds an infinite pixel: both ranks skip step 3 (weights
+    unchanged), both halve the loss scale, and the weights stay bitwise identical throughout."""
+    run(["horovodrun", "--gloo", "-np", "2", sys.executable, "tests/overflow_worker.py", str(tmp_path)],
+        timeout=300, check=True)
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert logs[0] == logs[1]  # scales, step counters and weights, step by step
+    log = logs[0]
+    overflow = 3
+    for before, after in zip(log, log[1:], strict=False):
+        if after["step"] == overflow:
+            assert after["weights"] == before["weights"] and after["scale"] == before["scale"] / 2
+        else:
+            assert after["weights"] != before["weights"] and after["scale"] == before["scale"]
+    assert [e.get("iterations") for e in log[1:]] == list(range(1, len(log)))
