@@ -27,12 +27,12 @@ import sys, time, json
 import tensorflow as tf, horovod.tensorflow as hvd
 hvd.init()
 from chexnet_hvd import models
-from chexnet_hvd.train import masked_bce
+from chexnet_hvd.train import make_loss
 size, batch, steps, warm = map(int, sys.argv[1:5])
 tf.keras.utils.set_random_seed(0)
 model = models.build_model("densenet121", size)
 opt = tf.keras.optimizers.Adam(1e-3)
-loss_fn = masked_bce()
+loss_fn = make_loss()
 x = tf.random.uniform((batch, size, size, 3))
 y = tf.stack([tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14))], 1)
 @tf.function

@@ -1,13 +1,15 @@
 """Trainer checkpoints: RUN_DIR/checkpoints/<name>/ with `ckpt.*` (model + optimizer, incl. the
 step counter) and meta.json (model, image size, classes, epochs completed, step, validation AUROC).
 A checkpoint is written into a hidden temporary directory and renamed when complete, so any
-directory under its final name is whole; `best/` is a copy of the best epoch by mean AUROC."""
+directory under its final name is whole. `best` is a symlink to a hidden copy of the best epoch
+by mean AUROC, swapped in one rename: a complete best exists at every instant."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import tensorflow as tf
@@ -56,11 +58,24 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def copy_as_best(source: Path) -> None:
-    tmp = source.parent / f".best.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    _replace_dir(tmp, source.parent / "best")
+def set_best(source: Path) -> Path:
+    """Make `best` (in the same folder) a complete copy of `source`: copy into a hidden
+    directory, point a new symlink at it, rename that over `best` (atomic), then drop older
+    copies. A crash at any point leaves the previous best or the new one, never none."""
+    ckpt_dir = source.parent
+    copy = ckpt_dir / f".best-{source.name}-{time.time_ns()}"
+    shutil.copytree(source, copy)
+    link = ckpt_dir / f".best-link.tmp{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(copy.name, link)
+    best = ckpt_dir / "best"
+    if best.is_dir() and not best.is_symlink():  # a best/ written by an older version
+        os.replace(best, ckpt_dir / f".best-legacy-{time.time_ns()}")
+    os.replace(link, best)
+    for old in ckpt_dir.glob(".best-*"):
+        if old.name != copy.name and not old.name.startswith(".best-link"):
+            shutil.rmtree(old, ignore_errors=True)
+    return best
 
 
 def restore(model: tf.keras.Model, path: Path, with_optimizer: bool = True) -> None:

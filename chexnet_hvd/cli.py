@@ -4,11 +4,13 @@ user errors become one line on stderr with exit code 2 (DESIGN.md, section 4).""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import typing
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
 EXIT_USAGE = 2
@@ -89,12 +91,41 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]], align:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def output(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a file the user named for writing. When writing fails (no such folder, a full disk,
+    /dev/full) the error names the file, and a partly written regular file is removed: nothing
+    half-written is left looking complete."""
+    path = Path(path)
+    try:
+        with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
+            yield fh
+    except OSError as err:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+        raise InputError(path, f"cannot write ({err.strerror or err})") from None
+
+
+def make_dir(path: str | Path) -> Path:
+    """Create an output directory the user named (and its parents); a one-line error if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(path, f"cannot create the directory ({err.strerror or err})") from None
+    return path
+
+
 def run(main: Callable[[], int | None]) -> None:
-    """Run a CLI entry point: InputError -> one line on stderr and exit 2, no traceback."""
+    """Run a CLI entry point: InputError -> one line on stderr and exit 2, no traceback; so is
+    an OSError about a file (a missing, unreadable or unwritable path) that got this far."""
     try:
         code = main()
     except InputError as err:
         print(f"error: {err.where}: {err.what}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as err:
+        print(f"error: {err.filename or 'a file'}: {err.strerror or err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
-from chexnet_hvd import records
+from chexnet_hvd import records, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE
 # ImageNet statistics: the backbones' pretrained weights expect them (and CheXNet used them).
@@ -41,22 +42,19 @@ def decode(example: dict) -> tf.Tensor:
     return tf.io.decode_png(example["image/png"], channels=1)
 
 
-def rank_shards(shards: list[tuple[str, int]], rank: int, world_size: int) -> tuple[list[str], bool]:
-    """This rank's files (every world_size-th of the sorted list), or all files plus a flag saying
-    records must be sharded instead, when there are fewer files than ranks."""
-    files = [path for path, _ in sorted(shards)]
-    if len(files) >= world_size:
-        return files[rank::world_size], False
-    return files, True
+def decode_file(raw: tf.Tensor) -> tf.Tensor:
+    """Image file bytes (PNG/JPEG, any mode) -> uint8 [H, W, 1], converted as the records writer
+    converts them: 16-bit PNGs scaled by their real range (`records.to_8bit`)."""
+    sixteen = tf.logical_and(tf.strings.substr(raw, 0, 4) == b"\x89PNG",
+                             tf.strings.substr(raw, 24, 1) == b"\x10")  # IHDR bit depth
 
+    def wide():
+        values = tf.io.decode_png(raw, channels=1, dtype=tf.uint16)
+        gray = tf.numpy_function(lambda v: records.to_8bit(v)[0], [values], tf.uint8)
+        return tf.reshape(gray, tf.shape(values))
 
-def records_per_rank(shards: list[tuple[str, int]], world_size: int) -> list[int]:
-    """How many records each rank reads per pass, from the manifest's counts alone."""
-    shards = sorted(shards)
-    if len(shards) >= world_size:
-        return [sum(c for _, c in shards[r::world_size]) for r in range(world_size)]
-    total = sum(c for _, c in shards)
-    return [total // world_size + (r < total % world_size) for r in range(world_size)]
+    return tf.cond(sixteen, wide, lambda: tf.io.decode_image(raw, channels=1, dtype=tf.uint8,
+                                                             expand_animations=False))
 
 
 def is_raw(manifest: dict) -> bool:
@@ -65,47 +63,39 @@ def is_raw(manifest: dict) -> bool:
 
 
 class _Source:
-    """A split's records for one rank, before parsing: serialized TFRecords, or for a raw index
-    the rows (path, label, mask, id, patient) of the listed image files. `items(seed)` gives
-    them in an order that is a pure function of the [2] seed tensor (stateless, so
-    Dataset.shuffle's global-seed rules do not apply), or in stored order without a seed."""
+    """A split's units (shard files, or the rows of a raw index) with their record counts, and
+    `read(segments)`: the records of [k, 3] (unit, skip, take) segments, before parsing."""
 
-    def __init__(self, data_dir, split: str, rank: int, world_size: int, deterministic: bool):
+    def __init__(self, data_dir, split: str, deterministic: bool):
         self.manifest = records.load_manifest(data_dir)
         self.num_classes = self.manifest["num_classes"]
         self.raw = is_raw(self.manifest)
-        self.deterministic, self.rank, self.world_size = deterministic, rank, world_size
+        self.deterministic = deterministic
         shards = records.split_shards(self.manifest, data_dir, split)
-        if self.raw:  # every world_size-th row: disjoint, complete, the same counts as records
-            rows = records.read_raw_index([path for path, _ in shards])
-            self.rows = {k: v[rank::world_size] for k, v in rows.items()}
+        if self.raw:  # every row a unit of one record
+            self.rows = {k: tf.constant(v) for k, v in
+                         records.read_raw_index([path for path, _ in shards]).items()}
+            self.counts = [1] * int(self.rows["path"].shape[0])
         else:
-            self.files, self.by_record = rank_shards(shards, rank, world_size)
+            self.files = tf.constant([path for path, _ in shards])
+            self.counts = [count for _, count in shards]
 
-    def _order(self, n: int, seed):
-        return tf.argsort(tf.random.stateless_uniform([n], seed))
-
-    def items(self, seed=None) -> tf.data.Dataset:
+    def read(self, segments: tf.Tensor) -> tf.data.Dataset:
         if self.raw:
-            rows = self.rows
-            if seed is not None:
-                order = self._order(len(rows["path"]), seed)
-                rows = {k: tf.gather(v, order) for k, v in rows.items()}
-            return tf.data.Dataset.from_tensor_slices(rows)
-        if self.by_record:
-            return tf.data.TFRecordDataset(self.files).shard(self.world_size, self.rank)
-        names = tf.constant(self.files)
-        if seed is not None:
-            names = tf.gather(names, self._order(len(self.files), seed))
-        return tf.data.Dataset.from_tensor_slices(names).interleave(
-            tf.data.TFRecordDataset, cycle_length=min(len(self.files), 8),
-            num_parallel_calls=AUTOTUNE, deterministic=self.deterministic)
+            return tf.data.Dataset.from_tensor_slices(
+                {k: tf.gather(v, segments[:, 0]) for k, v in self.rows.items()})
+
+        def segment(seg):
+            return tf.data.TFRecordDataset(tf.gather(self.files, seg[0])).skip(seg[1]).take(seg[2])
+
+        return tf.data.Dataset.from_tensor_slices(segments).interleave(
+            segment, cycle_length=min(len(self.counts), 8), num_parallel_calls=AUTOTUNE,
+            deterministic=self.deterministic)
 
     def example(self, item) -> dict:
         """An item -> image (uint8 [H, W, 1]), label, mask, id, patient."""
-        if self.raw:  # PNG or JPEG, any mode; 16-bit scaled to 8-bit
-            image = tf.io.decode_image(tf.io.read_file(item["path"]), channels=1, dtype=tf.uint8,
-                                       expand_animations=False)
+        if self.raw:  # PNG or JPEG, any mode
+            image = decode_file(tf.io.read_file(item["path"]))
             return {"image": image, "label": item["label"], "mask": item["mask"],
                     "id": item["id"], "patient": item["patient"]}
         example = records.parse_example(item, self.num_classes)
@@ -113,24 +103,51 @@ class _Source:
                 "id": example["image/id"], "patient": example["patient/id"]}
 
 
+def as_tensor(segments: list[sharding.Segment]) -> np.ndarray:
+    """Segments as the [k, 3] int64 array `_Source.read` takes."""
+    return np.asarray(segments, dtype=np.int64).reshape(-1, 3)
+
+
+def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.Dataset:
+    """Shuffle within consecutive blocks of `size` records, by a permutation that is a pure
+    function of (seed, block): Dataset.shuffle cannot take a seed that changes per epoch inside
+    the epoch loop (it would repeat one order every epoch), this can. A record moves as far as
+    in a shuffle buffer of the same size."""
+
+    def permute(i, block):
+        n = tf.shape(tf.nest.flatten(block)[0])[0]
+        order = tf.argsort(tf.random.stateless_uniform([n], tf.stack([seed, i])))
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), block)
+
+    return ds.batch(size).enumerate().map(permute).unbatch()
+
+
 def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
                   shuffle_buffer: int = 2048, deterministic: bool = False,
                   steps_per_epoch: int | None = None, start_epoch: int = 0,
-                  epochs: int | None = None, with_ids: bool = False) -> tf.data.Dataset:
-    """(image, label, mask) batches for this rank: one pass over its share per epoch, in an order
-    fixed by (seed, epoch, rank) and cut to `steps_per_epoch` batches, so epoch e is the same
-    whether the run started at 0 or was resumed at e. `epochs=None`: endless."""
-    source = _Source(data_dir, split, rank, world_size, deterministic)
+                  epochs: int | None = None, skip_batches: int = 0,
+                  with_ids: bool = False) -> tf.data.Dataset:
+    """(image, label, mask) batches for this rank: its `sharding.train_plan` range per epoch,
+    in an order fixed by (seed, epoch, rank) and cut to `steps_per_epoch` batches, so epoch e
+    is the same whether the run started at 0 or was resumed at e; `skip_batches` drops the
+    first batches of the first epoch (a resume in mid-epoch) before they are decoded.
+    `epochs=None`: endless."""
+    source = _Source(data_dir, split, deterministic)
+    last = 2**62 if epochs is None else start_epoch + epochs
 
-    def one_pass(epoch):
-        epoch_seed = tf.stack([tf.constant(seed * 1009 + rank, tf.int64), epoch])
-        ds = source.items(epoch_seed)
-        # A fixed integer seed; the order still changes every epoch because the file order does.
-        ds = ds.shuffle(shuffle_buffer, seed=seed * 1009 + rank)
+    def plan():
+        for epoch, (segments,) in sharding.train_plan(source.counts, world_size, batch_size, seed,
+                                                      range(start_epoch, last), ranks=[rank]):
+            yield epoch, as_tensor(segments)
+
+    def one_pass(epoch, segments):
+        epoch_seed = tf.constant(seed * 1009 + rank, tf.int64) + epoch * 1_000_003
+        ds = shuffle_blocks(source.read(segments), shuffle_buffer, epoch_seed)
         if steps_per_epoch:
             ds = ds.take(steps_per_epoch * batch_size)
-        return ds.enumerate().map(lambda i, r: (r, tf.stack([epoch_seed[0] + epoch * 1_000_003, i])))
+        ds = ds.enumerate().map(lambda i, r: (r, tf.stack([epoch_seed, i])))
+        return ds.skip(tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64), 0))
 
     def parse(item, flip_seed):
         example = source.example(item)
@@ -140,8 +157,9 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
         out = (preprocess(image, image_size), example["label"], example["mask"])
         return out + (example["id"],) if with_ids else out
 
-    last = tf.int64.max if epochs is None else start_epoch + epochs
-    ds = tf.data.Dataset.range(start_epoch, last).flat_map(one_pass)
+    ds = tf.data.Dataset.from_generator(plan, output_signature=(
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((None, 3), tf.int64)))
+    ds = ds.flat_map(one_pass)
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(AUTOTUNE)
@@ -171,7 +189,8 @@ def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: 
                  rank: int = 0, world_size: int = 1, tta: str | None = None) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
     With `tta`, image holds the views of `tta_views` ([B, V, S, S, 3])."""
-    source = _Source(data_dir, split, rank, world_size, deterministic=True)
+    source = _Source(data_dir, split, deterministic=True)
+    segments = sharding.eval_plan(source.counts, world_size)[rank]
 
     def parse(item):
         example = source.example(item)
@@ -179,7 +198,7 @@ def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: 
                  else tta_views(example["image"], image_size, tta))
         return example | {"image": image}
 
-    ds = source.items().map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = source.read(as_tensor(segments)).map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size).prefetch(AUTOTUNE)
 
 
@@ -194,9 +213,8 @@ def synthetic_dataset(image_size: int, batch_size: int, num_classes: int, seed: 
 
 def predictions(predict, dataset: tf.data.Dataset) -> dict:
     """Run `predict` ([N, S, S, 3] -> [N, C]) over an `eval_dataset`: probabilities (averaged
-    over the views when it has a TTA axis), labels, masks, ids and patients, as numpy."""
-    import numpy as np
-
+    over the views when it has a TTA axis), labels, masks, ids and patients, as numpy; a rank
+    with no records of the split gets empty arrays of the same shapes."""
     parts: dict[str, list] = {"prob": [], "label": [], "mask": [], "id": [], "patient": []}
     for batch in dataset:
         images = batch["image"].numpy()
@@ -207,4 +225,8 @@ def predictions(predict, dataset: tf.data.Dataset) -> dict:
             parts["prob"].append(np.asarray(predict(images), np.float32))
         for key in ("label", "mask", "id", "patient"):
             parts[key].append(batch[key].numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+    classes = dataset.element_spec["label"].shape[-1]
+    empty = {"prob": np.zeros((0, classes), np.float32), "label": np.zeros((0, classes), np.float32),
+             "mask": np.zeros((0, classes), np.float32), "id": np.zeros((0,), object),
+             "patient": np.zeros((0,), object)}
+    return {k: np.concatenate(v) if v else empty[k] for k, v in parts.items()}

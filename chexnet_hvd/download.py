@@ -4,7 +4,9 @@
     python -m chexnet_hvd.download --out data/nih --extract       # ... then extract to data/nih/images
     python -m chexnet_hvd.download --out data/nih --extract-only  # extract what is there
 
-A file is downloaded to NAME.part (resumed with an HTTP Range request after an interruption),
+A file is downloaded to NAME.part (resumed with an HTTP Range request after an interruption;
+dropped connections and HTTP 5xx are retried with exponential backoff, a bounded number of times;
+a .part that does not continue the server's file, e.g. a stale longer one, is started over),
 verified (the whole gzip/tar stream is read; md5 when --md5 gives a checksum file), and only then
 renamed to NAME, so a file under its final name is complete. Extraction refuses entries with
 absolute paths, `..` or links (Python's tarfile `data` filter), puts every image in one images/
@@ -59,7 +61,10 @@ class DownloadConfig:
     file_list: str = cli.field("", help="text file of `NAME [URL]` lines replacing the default list")
     md5: str = cli.field("", help="md5sum-style checksum file (`HASH  NAME` lines) to verify against")
     jobs: int = cli.field(2, help="parallel downloads")
-    retries: int = cli.field(3, help="resumed retries per file after an interrupted transfer")
+    retries: int = cli.field(3, help="retries per file after a transient failure (a dropped "
+                             "connection, HTTP 5xx), each resuming where the last one stopped")
+    backoff: float = cli.field(1.0, help="seconds before the first retry, doubled for each next "
+                               "one (at most 60)")
     timeout: float = cli.field(60.0, help="socket timeout in seconds")
     extract: bool = cli.field(False, help="extract the archives to OUT/images after downloading")
     extract_only: bool = cli.field(False, help="skip downloading; extract what is in OUT")
@@ -116,33 +121,76 @@ def verify(path: Path, name: str, md5: str | None) -> None:
             raise cli.InputError(name, f"corrupt archive ({err})") from None
 
 
+TRANSIENT_HTTP = (500, 502, 503, 504)
+
+
+class Restart(Exception):
+    """The server's answer does not continue the .part: start the file over."""
+
+
+def content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total) of a Content-Range header: `bytes 10-99/100` or `bytes */100`."""
+    if not value or not value.startswith("bytes "):
+        return None, None
+    span, _, total = value[6:].partition("/")
+    first = span.split("-")[0]
+    return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def transfer(url: str, part: Path, timeout: float, bar: tqdm) -> None:
+    """One request for the rest of `part` (or all of it). Returns when `part` holds the whole
+    file; Restart when the server's answer does not continue it (a stale .part longer than the
+    file, a range that starts elsewhere); ConnectionError when the body ends early."""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # nothing after `have`: whole only if the total says so
+            if content_range(err.headers.get("Content-Range"))[1] == have:
+                return
+            raise Restart(f"the server's file is not {have} bytes long") from None
+        raise
+    with response:
+        length = response.headers.get("Content-Length")
+        resumed = have and response.status == 206  # 200: the server ignored Range
+        if resumed and content_range(response.headers.get("Content-Range"))[0] != have:
+            raise Restart("the server answered another range")
+        with open(part, "ab" if resumed else "wb") as fh:
+            while block := response.read(CHUNK):
+                fh.write(block)
+                bar.update(len(block))
+    if length is not None and part.stat().st_size != (have if resumed else 0) + int(length):
+        raise ConnectionError("transfer ended early")
+
+
 def fetch(name: str, url: str, out: Path, md5: str | None, cfg: DownloadConfig, bar: tqdm) -> str:
-    """Download one file with resume; verify; rename into place. Returns what happened."""
+    """Download one file with resume and bounded retries (exponential backoff) on transient
+    failures; verify; rename into place. Returns what happened."""
     final, part = out / name, out / (name + ".part")
     if final.is_file():
         return "present"
-    for attempt in range(cfg.retries + 1):
-        have = part.stat().st_size if part.is_file() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    failures, restarts = 0, 0
+    while True:
         try:
-            with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
-                resumed = have and response.status == 206  # 200: the server ignored Range
-                length = response.headers.get("Content-Length")
-                with open(part, "ab" if resumed else "wb") as fh:
-                    while block := response.read(CHUNK):
-                        fh.write(block)
-                        bar.update(len(block))
-            if length is not None and part.stat().st_size != (have if resumed else 0) + int(length):
-                raise ConnectionError("transfer ended early")
+            transfer(url, part, cfg.timeout, bar)
             break
+        except Restart:
+            part.unlink(missing_ok=True)
+            restarts += 1
+            if restarts > 1:
+                raise cli.InputError(name, f"the server's answers do not fit together ({url})") from None
+            continue
         except urllib.error.HTTPError as err:
-            if err.code == 416 and have:  # range past the end: the .part is already whole
-                break
-            raise cli.InputError(name, f"HTTP {err.code} {err.reason} from {url}") from None
+            if err.code not in TRANSIENT_HTTP:
+                raise cli.InputError(name, f"HTTP {err.code} {err.reason} from {url}") from None
+            why = f"HTTP {err.code} {err.reason}"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            if attempt == cfg.retries:
-                raise cli.InputError(name, f"download failed after {cfg.retries + 1} tries ({err})") from None
-            time.sleep(min(2 ** attempt, 10) * 0.1)
+            why = str(err)  # refused or reset connections, timeouts, bodies that end early
+        failures += 1
+        if failures > cfg.retries:
+            raise cli.InputError(name, f"download failed after {failures} tries ({why})")
+        time.sleep(min(cfg.backoff * 2 ** (failures - 1), 60.0))
     try:
         verify(part, name, md5)
     except cli.InputError:
@@ -153,8 +201,7 @@ def fetch(name: str, url: str, out: Path, md5: str | None, cfg: DownloadConfig, 
 
 
 def download(cfg: DownloadConfig) -> dict[str, str]:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cli.make_dir(cfg.out)
     sums = read_md5(cfg.md5) if cfg.md5 else {}
     pairs = file_list(cfg)
     bar = tqdm(unit="B", unit_scale=True, desc="download", disable=not cfg.progress or None)

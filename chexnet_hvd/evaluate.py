@@ -59,7 +59,14 @@ def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: 
     return metrics.gather(local)
 
 
-def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec) -> list[dict]:
+def paper_comparable(manifest: dict) -> bool:
+    """CheXNet's AUROCs are NIH ChestX-ray14 test-set numbers: shown beside NIH records of the 14
+    classes only, never beside another dataset's classes of the same names (e.g. CheXpert's)."""
+    return manifest.get("dataset") == "nih" and manifest["classes"] == list(PATHOLOGIES)
+
+
+def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec,
+               comparable: bool) -> list[dict]:
     from chexnet_hvd import metrics
 
     auroc = metrics.per_class_auroc(pred["label"], pred["prob"], pred["mask"])
@@ -74,7 +81,7 @@ def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec) -
              "auroc_tta": num(tta_auroc[c]) if tta_auroc is not None else None,
              "auprc": num(auprc[c]), "auprc_ci": [num(ci["auprc_lo"][c]), num(ci["auprc_hi"][c])],
              "threshold": num(thresholds[c]), "sensitivity": num(sens[c]), "specificity": num(spec[c]),
-             "chexnet_paper_auroc": CHEXNET_PAPER_AUROC.get(name)}
+             "chexnet_paper_auroc": CHEXNET_PAPER_AUROC[name] if comparable else None}
             for c, name in enumerate(names)]
 
 
@@ -143,7 +150,8 @@ def plot_curves(names, pred: dict, out: Path) -> None:
         fig.supxlabel("false positive rate" if kind == "roc" else "recall")
         fig.supylabel("true positive rate" if kind == "roc" else "precision")
         fig.tight_layout()
-        fig.savefig(out / f"{kind}.png", dpi=100)
+        with cli.output(out / f"{kind}.png", "wb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
         plt.close(fig)
 
 
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, size = meta["classes"], meta["image_size"]
+    records.check_image_size(manifest, cfg.data, size)
 
     plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", hvd)
     tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, hvd) if cfg.tta != "none" else None
@@ -174,18 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
         "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
-        "world_size": hvd.size(), "paper_comparable": names == list(PATHOLOGIES),
+        "world_size": hvd.size(), "paper_comparable": paper_comparable(manifest),
         "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
                        "ci_lo": round(ci["mean_auroc_lo"], 4), "ci_hi": round(ci["mean_auroc_hi"], 4)},
         "mean_auroc_tta": round(metrics.mean_defined(tta_auroc), 4) if tta else None,
-        "classes": class_rows(names, plain, ci, tta_auroc, thresholds, sens, spec),
+        "classes": class_rows(names, plain, ci, tta_auroc, thresholds, sens, spec,
+                              paper_comparable(manifest)),
         "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed")}
                      | {"defined": ci["defined"].tolist()},
     }
     out = Path(cfg.out or Path(cfg.checkpoint) / f"eval-{cfg.split}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    cli.make_dir(out)
+    with cli.output(out / "report.json") as fh:
+        fh.write(json.dumps(report, indent=1))
+    with cli.output(out / "report.md") as fh:
+        fh.write(markdown(report))
     plot_curves(names, plain, out)
     print(markdown(report))
     print(f"wrote {out}/report.md, report.json, roc.png, pr.png")

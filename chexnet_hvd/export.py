@@ -65,13 +65,14 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "openvino" and cfg.precision == "int8":
         if not cfg.calib:
             raise cli.InputError("--calib", "int8 needs a records directory to calibrate on")
-        records.load_manifest(cfg.calib)  # a clear error now rather than after the conversion
     model, meta = checkpoints.load(cfg.checkpoint)
+    if cfg.calib:  # a clear error now rather than after the conversion
+        records.check_image_size(records.load_manifest(cfg.calib), cfg.calib, meta["image_size"])
     tag = "savedmodel" if cfg.format == "savedmodel" else f"openvino-{cfg.precision}"
     out = Path(cfg.out or Path(cfg.checkpoint).parent.parent / f"export-{tag}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    cli.make_dir(tmp)
     save_savedmodel(model, tmp / "savedmodel")
     if cfg.format == "openvino":
         import openvino as ov

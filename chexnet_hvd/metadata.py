@@ -54,8 +54,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_csv_checked(path: str | Path, required: tuple[str, ...], **kwargs) -> pd.DataFrame:
-    """pandas.read_csv with the suite's errors: missing file, unreadable CSV, missing columns."""
+def read_csv_checked(path: str | Path, required: tuple[str, ...], filled: tuple[str, ...] = (),
+                     **kwargs) -> pd.DataFrame:
+    """pandas.read_csv with the suite's errors: missing file, unreadable CSV, missing columns,
+    short (truncated) rows, and an empty cell in a `filled` column."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
@@ -66,12 +68,38 @@ def read_csv_checked(path: str | Path, required: tuple[str, ...], **kwargs) -> p
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise InputError(path, f"missing column {missing[0]!r}")
+    short = short_row(path)  # pandas pads short rows: a truncated file would pass unnoticed
+    if short:
+        raise InputError(path, f"row {short[0]} has {short[1]} fields, the rows before it "
+                         f"{short[2]} (a truncated or malformed file)")
+    for column in filled:
+        empty = frame.index[frame[column].str.strip() == ""]
+        if len(empty):
+            raise InputError(path, f"row {empty[0] + 2}: no {column!r}")
     return frame
+
+
+def short_row(path: Path) -> tuple[int, int, int] | None:
+    """(line, fields, fields of the first data row) of the first data row with fewer fields
+    than the first one, or None. (NIH's 2017 header has one field more than its rows.)"""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        rows = csv.reader(fh)
+        next(rows, None)
+        first = None
+        for line, row in enumerate(rows, 2):
+            if not row:
+                continue
+            first = first or len(row)
+            if len(row) < first:
+                return line, len(row), first
+    return None
 
 
 def read_nih(csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
     """Read Data_Entry_2017.csv (2017 release with trailing comma, or the v2020 revision)."""
-    frame = read_csv_checked(csv, NIH_REQUIRED)
+    frame = read_csv_checked(csv, NIH_REQUIRED, filled=NIH_REQUIRED)
     if frame.empty:
         raise InputError(csv, "no data rows")
     duplicated = frame["Image Index"].duplicated()
@@ -112,7 +140,7 @@ def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "
     uncertain labels by `uncertainty` (ones / zeros / ignore = masked), blanks negative,
     patient from the path (`.../patient00001/study1/view1_frontal.jpg`)."""
     names = CHEXPERT_COMPETITION if observations == "competition" else CHEXPERT_OBSERVATIONS
-    frame = read_csv_checked(csv, CHEXPERT_REQUIRED + names)
+    frame = read_csv_checked(csv, CHEXPERT_REQUIRED + names, filled=CHEXPERT_REQUIRED)
     if frame.empty:
         raise InputError(csv, "no data rows")
     if frontal_only:

@@ -38,15 +38,24 @@ def mean_defined(values: np.ndarray) -> float:
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def masked_bce(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray) -> float:
-    """Mean binary cross-entropy over unmasked entries (the validation loss)."""
-    p = np.clip(np.asarray(y_prob, dtype=np.float64), 1e-7, 1 - 1e-7)
-    bce = -(y_true * np.log(p) + (1 - y_true) * np.log(1 - p))
-    return float((bce * mask).sum() / max(mask.sum(), 1))
+def masked_bce(label, prob, mask, pos_weight=None):
+    """The suite's one loss, for a training batch and for a validation split alike: binary
+    cross-entropy summed over the unmasked entries, divided by their number. With pos_weight, a
+    positive of class c counts pos_weight[c] times (CheXNet's weighted loss). TF tensors or
+    numpy arrays in; a scalar tensor out (float32)."""
+    import tensorflow as tf
+
+    label, mask = tf.cast(label, tf.float32), tf.cast(mask, tf.float32)
+    prob = tf.clip_by_value(tf.cast(prob, tf.float32), 1e-7, 1 - 1e-7)
+    w = 1.0 if pos_weight is None else tf.constant(pos_weight, tf.float32)
+    bce = -(w * label * tf.math.log(prob) + (1 - label) * tf.math.log(1 - prob))
+    return tf.reduce_sum(bce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
 
 
-def summarize(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, names: list[str]) -> dict:
-    """Per-class and mean AUROC / AUPRC plus loss, JSON-ready (undefined -> None)."""
+def summarize(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, names: list[str],
+              pos_weight=None) -> dict:
+    """Per-class and mean AUROC / AUPRC plus the loss (`masked_bce`, as in training), JSON-ready
+    (undefined -> None)."""
     auroc, auprc = per_class_auroc(y_true, y_prob, mask), per_class_auprc(y_true, y_prob, mask)
 
     def clean(v: float):
@@ -54,7 +63,7 @@ def summarize(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, names: l
 
     return {
         "n": int(len(y_true)),
-        "loss": clean(masked_bce(y_true, y_prob, mask)),
+        "loss": clean(float(masked_bce(y_true, y_prob, mask, pos_weight))),
         "mean_auroc": clean(mean_defined(auroc)),
         "mean_auprc": clean(mean_defined(auprc)),
         "auroc": {n: clean(v) for n, v in zip(names, auroc, strict=True)},

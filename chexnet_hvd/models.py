@@ -118,12 +118,18 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
         weights = None
     elif not Path(weights).is_file():
         raise InputError(weights, "weights file not found (nothing is downloaded)")
-    if code is None:
-        return BUILDERS[name](image_size, num_classes, weights)
-    model = space.build(code, image_size, num_classes)
-    if weights:
-        model.load_weights(weights)
-    return model
+    try:
+        if code is None:
+            return BUILDERS[name](image_size, num_classes, weights)
+        model = space.build(code, image_size, num_classes)
+        if weights:
+            model.load_weights(weights)
+        return model
+    except (ValueError, OSError, KeyError) as err:  # Keras' words for a file that does not fit
+        if weights is None:
+            raise
+        raise InputError(weights, f"not weights of a {name} with {num_classes} classes at "
+                         f"{image_size} px ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 
 
 def cam_layer(model: tf.keras.Model) -> tf.keras.layers.Layer:

@@ -50,6 +50,18 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def check_image(path: Path) -> None:
+    """A one-line error for anything that is not a readable image (header and checksums only;
+    the pixels are decoded later, one batch at a time)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # PIL raises many types for non-images
+        raise cli.InputError(path, f"not a readable image ({type(err).__name__})") from None
+
+
 def load_image(path: Path) -> np.ndarray:
     """uint8 [H, W] grayscale, or a one-line error for anything that is not a readable image."""
     from chexnet_hvd import records
@@ -100,7 +112,8 @@ def save_overlay(gray: np.ndarray, heat: np.ndarray, title: str, path: Path) -> 
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with cli.output(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -121,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.cam and cfg.backend != "tf":
         raise cli.InputError("--cam", "activation maps need gradients: use --backend tf")
     files = image_files(cfg.inputs)
-    images = [load_image(f) for f in files]  # every file checked before the model is built
+    for f in files:  # every file checked before the model is built
+        check_image(f)
+    if cfg.batch_size < 1:
+        raise cli.InputError("--batch-size", "must be at least 1")
     from chexnet_hvd import checkpoints, data, export
 
     if cfg.backend == "tf":  # the model itself, so --cam can take gradients of it
@@ -130,17 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     else:
         predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     names, size = meta["classes"], meta["image_size"]
-    views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
-    probs = np.concatenate([np.asarray(predict(views[i:i + cfg.batch_size]), np.float32)
-                            for i in range(0, len(views), cfg.batch_size)])
-    print(render(files, probs, names, cfg.format))
-    if cfg.cam:
-        out = Path(cfg.cam)
-        out.mkdir(parents=True, exist_ok=True)
-        for f, img, view, row in zip(files, images, views, probs, strict=True):
-            for c in np.argsort(-row)[: cfg.top]:
-                heat = upsample(grad_cam(model, view, int(c)), img.shape)
-                save_overlay(img, heat, f"{f.name}: {names[c]} {row[c]:.2f}", out / f"{f.stem}_{names[c]}.png")
+    out = Path(cfg.cam) if cfg.cam else None
+    if out:
+        cli.make_dir(out)
+    probs = []
+    for i in range(0, len(files), cfg.batch_size):  # one batch of images in memory at a time
+        chunk = files[i:i + cfg.batch_size]
+        images = [load_image(f) for f in chunk]
+        views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
+        probs.append(np.asarray(predict(views), np.float32))
+        if out:
+            for f, img, view, row in zip(chunk, images, views, probs[-1], strict=True):
+                for c in np.argsort(-row)[: cfg.top]:
+                    heat = upsample(grad_cam(model, view, int(c)), img.shape)
+                    save_overlay(img, heat, f"{f.name}: {names[c]} {row[c]:.2f}",
+                                 out / f"{f.stem}_{names[c]}.png")
+    print(render(files, np.concatenate(probs), names, cfg.format))
+    if out:
         print(f"wrote {len(files) * min(cfg.top, len(names))} heatmaps to {out}", file=sys.stderr)
     return 0
 

@@ -82,11 +82,24 @@ def load_manifest(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise cli.InputError(data_dir, f"no {MANIFEST}: not a complete records directory "
                              "(write one with python -m chexnet_hvd.records)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise cli.InputError(path, f"records schema {manifest.get('schema_version')}, "
-                             f"this suite reads {SCHEMA_VERSION}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise cli.InputError(path, f"not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise cli.InputError(path, f"records schema {found}, this suite reads {SCHEMA_VERSION}")
     return manifest
+
+
+def check_image_size(manifest: dict, data_dir: str | Path, image_size: int) -> None:
+    """A model input larger than the records' stored size would train on upsampled, blurred
+    images without a word: refused."""
+    stored = manifest.get("image_size")
+    if stored and image_size > stored:
+        raise cli.InputError(data_dir, f"records stored at {stored} px, the model takes {image_size}: "
+                             f"write records with --image-size {image_size} or more, or use a "
+                             f"model size of at most {stored}")
 
 
 def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple[str, int]]:
@@ -94,38 +107,54 @@ def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple
     info = manifest["splits"].get(split)
     if not info or not info["shards"]:
         raise cli.InputError(data_dir, f"no records for split {split!r}")
-    shards = [(str(Path(data_dir) / s["file"]), s["count"]) for s in info["shards"]]
-    for path, _ in shards:
-        if not Path(path).is_file():
+    shards = []
+    for shard in info["shards"]:
+        path = Path(data_dir) / shard["file"]
+        if not path.is_file():
             raise cli.InputError(path, "shard listed in the manifest is missing")
+        if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+            raise cli.InputError(path, f"{path.stat().st_size} bytes, the manifest says "
+                                 f"{shard['bytes']}: truncated or changed since it was written")
+        shards.append((str(path), shard["count"]))
     return sorted(shards)
 
 
 # ---------------------------------------------------------------- image conversion ----------
-def read_grayscale(path: str | Path, size: int | None = None):
-    """Any PNG/JPEG (L, RGB, RGBA, 16-bit) as an 8-bit grayscale PIL image, optionally resized:
-    the one conversion of the records writer and of predict."""
+CONVERSION = "gray8-v2"  # the image conversion below; part of every shard's reuse key
+
+
+def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """16-bit grey levels -> uint8, scaled by the data's real range: the bits its maximum needs
+    (at least 8), so 12-bit data in a 16-bit PNG (common in DICOM exports) spans 0..255, not
+    0..15. Returns the image and those bits."""
+    bits = max(8, int(values.max()).bit_length()) if values.size else 8
+    return np.round(values.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8), bits
+
+
+def read_grayscale_bits(path: str | Path, size: int | None = None):
+    """Any PNG/JPEG (L, RGB, RGBA, 16-bit) as an 8-bit grayscale PIL image, optionally resized,
+    and the bits of the source's grey levels: the one conversion of the records writer and of
+    predict (the raw pipeline applies `to_8bit` the same way)."""
     from PIL import Image
 
+    bits = 8
     with Image.open(path) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit PNGs: map the full 0..65535 range to 0..255 (same as PIL's 8-bit conversion).
-            img = Image.fromarray((np.asarray(img, dtype=np.uint32) // 257).astype(np.uint8))
+            gray, bits = to_8bit(np.asarray(img, dtype=np.int64).clip(0, 65535))
+            img = Image.fromarray(gray)
         elif img.mode in ("RGBA", "LA", "PA", "P"):
             # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
             img = img.convert("RGBA").convert("RGB")
         img = img.convert("L")
     if size and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    return img
+    return img, bits
 
 
-def to_grayscale_png(path: str, size: int | None) -> bytes:
-    """`read_grayscale`, re-encoded as PNG (level 1: fast, still lossless)."""
-    buf = io.BytesIO()
-    read_grayscale(path, size).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+def read_grayscale(path: str | Path, size: int | None = None):
+    """`read_grayscale_bits` without the bits."""
+    return read_grayscale_bits(path, size)[0]
 
 
 # ---------------------------------------------------------------- the shard writer ----------
@@ -138,42 +167,72 @@ class ShardJob:
     names: tuple = ()  # class names of labels and mask
 
     def key(self) -> str:
-        """Identity of the shard's content, so a re-run only skips a shard with the same images."""
-        text = json.dumps([self.image_size] + [r[0] for r in self.rows])
+        """Identity of everything the shard's bytes depend on: the records schema and the image
+        conversion, the size, the class names, every row (image, path, patient, labels, mask)
+        and each image file's size and modification time. A re-run reuses only an equal shard:
+        relabelled rows, another uncertainty policy or a replaced image file rewrite it."""
+        stats = []
+        for row in self.rows:
+            try:
+                st = os.stat(row[1])
+                stats.append([st.st_size, st.st_mtime_ns])
+            except OSError:
+                stats.append(None)
+        text = json.dumps([SCHEMA_VERSION, CONVERSION, self.image_size, list(self.names),
+                           [list(row[:3]) + [list(row[3]), list(row[4])] for row in self.rows], stats])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def reusable(final: Path, sidecar: Path, key: str) -> dict | None:
+    """The sidecar of a complete shard with this key, else None."""
+    try:
+        done = json.loads(sidecar.read_text())
+        return done if done.get("key") == key and final.stat().st_size == done.get("bytes") else None
+    except (OSError, ValueError):
+        return None
+
+
 def write_shard(job: ShardJob, out_dir: str) -> dict:
-    """Write one shard (temp name, then rename) and its sidecar; reuse it if already complete."""
+    """Write one shard and its sidecar, or reuse an equal complete one. Commit order: the old
+    sidecar goes first, then the shard is renamed into place, then the new sidecar: a sidecar
+    only ever vouches for the shard beside it, whenever the writer is killed."""
     import tensorflow as tf
 
     final = Path(out_dir) / job.file
     sidecar = final.with_suffix(".json")
-    if final.is_file() and sidecar.is_file():
-        done = json.loads(sidecar.read_text())
-        if done.get("key") == job.key():
-            return done | {"reused": True}
+    key = job.key()
+    if (done := reusable(final, sidecar, key)) is not None:
+        return done | {"reused": True}
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    written, rejects, positives = 0, [], np.zeros(len(job.rows[0][3]), dtype=np.int64)
+    n_classes = len(job.rows[0][3])
+    written, rejects, bits = 0, [], {}
+    positives, negatives = np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
     with tf.io.TFRecordWriter(str(tmp)) as writer:
         for image, path, patient, labels, mask in job.rows:
             try:
-                png = to_grayscale_png(path, job.image_size)
+                gray, depth = read_grayscale_bits(path, job.image_size)
+                buf = io.BytesIO()
+                gray.save(buf, format="PNG", compress_level=1)  # fast, still lossless
             except FileNotFoundError:
                 rejects.append((image, job.split, path, "missing file"))
                 continue
             except Exception as err:  # PIL raises many types for corrupt files
                 rejects.append((image, job.split, path, f"unreadable image: {type(err).__name__}: {err}"))
                 continue
-            writer.write(serialize_example(png, image, patient, labels, mask))
+            writer.write(serialize_example(buf.getvalue(), image, patient, labels, mask))
             written += 1
-            positives += (np.asarray(labels) * np.asarray(mask) >= 0.5).astype(np.int64)
-    result = {"file": job.file, "split": job.split, "key": job.key(), "count": written,
-              "positives": positives.tolist(), "rejects": rejects}
+            bits[str(depth)] = bits.get(str(depth), 0) + 1
+            labelled = np.asarray(mask) > 0  # masked (e.g. U-Ignore) labels count as neither
+            positives += (labelled & (np.asarray(labels) >= 0.5)).astype(np.int64)
+            negatives += (labelled & (np.asarray(labels) < 0.5)).astype(np.int64)
+    sidecar.unlink(missing_ok=True)
+    os.replace(tmp, final)
+    result = {"file": job.file, "split": job.split, "key": key, "count": written,
+              "bytes": final.stat().st_size, "positives": positives.tolist(),
+              "negatives": negatives.tolist(), "source_bits": bits, "rejects": rejects}
     sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
     sidecar_tmp.write_text(json.dumps(result))
-    os.replace(sidecar_tmp, sidecar)
-    os.replace(tmp, final)  # the commit point: a shard under its final name is complete
+    os.replace(sidecar_tmp, sidecar)  # the commit point: the shard is vouched for
     return result | {"reused": False}
 
 
@@ -192,9 +251,13 @@ def write_index(job: ShardJob, out_dir: str) -> dict:
     tmp = final.with_name(final.name + ".tmp")
     frame.to_csv(tmp, index=False)
     os.replace(tmp, final)
-    positives = ((frame[y].to_numpy() * frame[m].to_numpy()) >= 0.5).sum(0) if rows else np.zeros(len(y))
+    labelled = frame[m].to_numpy() > 0
+    positives = (labelled & (frame[y].to_numpy() >= 0.5)).sum(0)
+    negatives = (labelled & (frame[y].to_numpy() < 0.5)).sum(0)
     return {"file": job.file, "split": job.split, "key": job.key(), "count": len(rows),
-            "positives": np.asarray(positives, dtype=np.int64).tolist(), "rejects": rejects, "reused": False}
+            "bytes": final.stat().st_size, "positives": positives.astype(np.int64).tolist(),
+            "negatives": negatives.astype(np.int64).tolist(), "source_bits": {},
+            "rejects": rejects, "reused": False}
 
 
 def read_raw_index(files: list[str]) -> dict[str, np.ndarray]:
@@ -278,15 +341,22 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
         if written + rejected != listed:  # cannot happen unless the writer is broken: say so
             raise RuntimeError(f"{split}: written {written} + rejected {rejected} != listed {listed}")
         positives = np.sum([r["positives"] for r in mine], axis=0)
+        negatives = np.sum([r["negatives"] for r in mine], axis=0)
         splits[split] = {
             "count": written, "rejected": rejected, "listed": listed,
             "patients": int(table.loc[table["split"] == split, "patient"].nunique()),
             "positives": dict(zip(names, positives.tolist(), strict=True)),
-            "shards": [{"file": r["file"], "count": r["count"]} for r in mine],
+            "negatives": dict(zip(names, negatives.tolist(), strict=True)),
+            "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"]} for r in mine],
         }
-    train = splits.get("train", {"count": 0, "positives": dict.fromkeys(names, 0)})
+    none = dict.fromkeys(names, 0)
+    train = splits.get("train", {"positives": none, "negatives": none})
     pos = np.array([train["positives"][n] for n in names], dtype=np.float64)
-    neg = train["count"] - pos
+    neg = np.array([train["negatives"][n] for n in names], dtype=np.float64)
+    bits: dict[str, int] = {}
+    for r in results:
+        for depth, n in r["source_bits"].items():
+            bits[depth] = bits.get(depth, 0) + n
     return {
         "schema_version": SCHEMA_VERSION,
         "dataset": cfg.dataset,
@@ -304,7 +374,11 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
         "seed": cfg.seed,
         "shard_size": cfg.shard_size,
         "splits": splits,
-        # CheXNet's weighted BCE: a positive of class c weighs neg_c / pos_c (Rajpurkar et al. 2017).
+        # Images per bit depth of the source grey levels; 16-bit sources are scaled to 8 bits
+        # by their real range (records.to_8bit), so 12-bit data is not left nearly black.
+        "source_bit_depths": bits,
+        # CheXNet's weighted BCE: a positive of class c weighs neg_c / pos_c (Rajpurkar et al.
+        # 2017), both counted over the labelled (unmasked) entries only.
         "pos_weight": dict(zip(names, np.where(pos > 0, neg / np.maximum(pos, 1), 1.0).round(6).tolist(),
                                strict=True)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -340,8 +414,7 @@ def write_records(cfg: RecordsConfig) -> dict:
     table = metadata.load_table(cfg)
     comm = mpi_comm()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cli.make_dir(cfg.out)
     if rank == 0:
         (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
     raw = cfg.format == "raw"
@@ -355,7 +428,8 @@ def write_records(cfg: RecordsConfig) -> dict:
             return None
         results = sorted((r for part in gathered for r in part), key=lambda r: r["file"])
     rejects = [r for res in results for r in res["rejects"]]
-    pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(out / REJECTS, index=False)
+    with cli.output(out / REJECTS) as fh:
+        pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(fh, index=False)
     if 0 <= cfg.max_rejects < len(rejects):
         first = rejects[0]
         raise cli.InputError(first[2], f"{first[3]} ({len(rejects)} images rejected, listed in "

@@ -1,12 +1,15 @@
 """The JSON-lines run-log schema: the writer the trainer uses and the reader the tools use.
 
 `RUN_DIR/runlog.jsonl`, written by rank 0, one object per line, `schema` first, then `event`:
-  start  config, world_size, local_batch, global_batch, model, image_size, precision,
-         horovod_backend, hostnames, slurm_job_id, versions
-  epoch  epoch, seconds, images_per_sec, images_per_sec_per_rank, timed_steps, train_loss,
-         val_loss, val_auroc (per class), val_mean_auroc, peak_memory_mb (rank 0: GPU allocator
-         peak, or peak RSS on CPU)
-  end    status: completed | preempted | failed
+  start  config, world_size, local_batch, global_batch, steps_per_epoch, scaled_lr, model,
+         image_size, precision, horovod_backend, hostnames, ranks (per rank: host, local rank,
+         CPUs, threads, CUDA_VISIBLE_DEVICES, the GPU it uses), slurm_job_id, versions,
+         resumed_from, initial_epoch, initial_step, skipped_batches (a mid-epoch resume)
+  epoch  epoch, steps, timed_steps, seconds, images_per_sec, images_per_sec_per_rank,
+         train_loss, lr, val_loss, val_auroc (per class), val_mean_auroc, val_auprc, val_n,
+         val_batches, val_seconds, peak_memory_mb (rank 0: GPU allocator peak, or peak RSS on CPU)
+  end    status: completed | preempted (with step, epoch) | failed (with error)
+A resumed run appends: one start per attempt, each followed by the epochs it trained.
 Each line is flushed and fsynced, so a killed job leaves a readable log. This module must not
 import TensorFlow: tools/scaling_report.py reads logs on machines without it.
 

@@ -14,14 +14,29 @@ from pathlib import Path
 
 from chexnet_hvd import cli, runlog
 
-GROUP_KEYS = ("model", "image_size", "precision", "local_batch")
-COLUMNS = ["model", "image_size", "precision", "local_batch", "ranks", "images_per_sec",
-           "images_per_sec_per_rank", "speedup", "efficiency", "epoch_seconds_mean",
-           "epoch_seconds_sd", "epochs", "runs"]
+# Every setting that changes throughput: runs differing in one of them never pool.
+GROUP_KEYS = ("model", "image_size", "precision", "local_batch", "input", "xla", "fp16_allreduce",
+              "backend", "engine")
+COLUMNS = [*GROUP_KEYS, "ranks", "images_per_sec", "images_per_sec_per_rank", "speedup",
+           "efficiency", "epoch_seconds_mean", "epoch_seconds_sd", "epochs", "runs"]
+
+
+def settings(start: dict) -> dict:
+    """A start record's values of GROUP_KEYS (older logs lack some: their defaults)."""
+    config = start.get("config", {})
+    return {"model": start.get("model"), "image_size": start.get("image_size"),
+            "precision": start.get("precision"), "local_batch": start.get("local_batch"),
+            "input": "synthetic" if start.get("synthetic_input") else "records",
+            "xla": bool(config.get("xla", False)),
+            "fp16_allreduce": bool(config.get("fp16_allreduce", False)),
+            "backend": start.get("horovod_backend"), "engine": start.get("engine", "horovod")}
 
 
 @dataclass
 class Run:
+    """One attempt of a run: a start record and the epochs it trained (a resumed run directory
+    holds one attempt per start, each with its own world size and settings)."""
+
     path: str
     start: dict
     epochs: list[dict] = field(default_factory=list)
@@ -29,7 +44,7 @@ class Run:
 
     @property
     def key(self) -> tuple:
-        return tuple(self.start.get(k) for k in GROUP_KEYS)
+        return tuple(settings(self.start).values())
 
 
 def find_runlogs(patterns: list[str]) -> list[Path]:
@@ -49,16 +64,25 @@ def find_runlogs(patterns: list[str]) -> list[Path]:
     return sorted(set(found))
 
 
-def load_run(path: Path) -> Run:
-    records = runlog.read_runlog(path)
-    starts = [r for r in records if r["event"] == "start"]
-    if not starts:
+def load_runs(path: Path) -> list[Run]:
+    """The attempts of one run log, each epoch credited to the start before it."""
+    attempts: list[Run] = []
+    for record in runlog.read_runlog(path):
+        if record["event"] == "start":
+            attempts.append(Run(str(path), record))
+        elif not attempts:
+            raise runlog.RunLogError(f"{path}: {record['event']} record before any start record")
+        elif record["event"] == "epoch":
+            attempts[-1].epochs.append(record)
+        else:
+            attempts[-1].status = record["status"]
+    if not attempts:
         raise runlog.RunLogError(f"{path}: no start record")
-    run = Run(str(path), starts[-1])  # a resumed run appends a new start: use the newest
-    run.epochs = [r for r in records if r["event"] == "epoch"]
-    ends = [r for r in records if r["event"] == "end"]
-    run.status = ends[-1]["status"] if ends else None
-    return run
+    return attempts
+
+
+def load_all(paths: list[Path]) -> list[Run]:
+    return [run for path in paths for run in load_runs(path)]
 
 
 def timed_epochs(epochs: list[dict], skip_first: int) -> list[dict]:
@@ -129,14 +153,22 @@ def _fmt(value, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def title(group: dict) -> str:
+    """A group in words: model, size, precision, batch, input, then what is switched on."""
+    text = (f"{group['model']}, {group['image_size']} px, {group['precision']}, batch "
+            f"{group['local_batch']} per rank, {group['input']} input, {group['engine']}"
+            f"{'/' + group['backend'] if group['backend'] else ''}")
+    return text + "".join(f", {name}" for name, on in (("XLA", group["xla"]),
+                                                        ("fp16 allreduce", group["fp16_allreduce"])) if on)
+
+
 def markdown(rows: list[dict]) -> str:
     """One Markdown table per group."""
     out = []
     groups = sorted({tuple(r[k] for k in GROUP_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     has_base = any("baseline_images_per_sec" in r for r in rows)
     for group in groups:
-        model, size, precision, batch = group
-        out.append(f"### {model}, {size} px, {precision}, batch {batch} per rank\n")
+        out.append(f"### {title(dict(zip(GROUP_KEYS, group, strict=True)))}\n")
         head = ["ranks", "img/s", "img/s per rank", "speedup", "efficiency", "epoch s (mean ± sd)"]
         if has_base:
             head += ["baseline img/s", "ours / baseline"]
@@ -157,7 +189,7 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
     import csv
 
     extra = [k for k in ("baseline_images_per_sec", "ratio_to_baseline") if any(k in r for r in rows)]
-    with open(path, "w", newline="") as fh:
+    with cli.output(path) as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS + extra, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -174,7 +206,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     groups = sorted({tuple(r[k] for k in GROUP_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     for group in groups:
         members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
-        label = f"{group[0]} {group[1]}px {group[2]} b{group[3]}"
+        label = title(dict(zip(GROUP_KEYS, group, strict=True)))
         ranks = [r["ranks"] for r in members]
         ax_t.plot(ranks, [r["images_per_sec"] for r in members], "o-", label=label)
         ax_e.plot(ranks, [100 * r["efficiency"] for r in members], "o-", label=label)
@@ -189,7 +221,8 @@ def plot(rows: list[dict], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with cli.output(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)
 
 

@@ -40,6 +40,7 @@ def plateau_update(state: dict, metric, patience: int, factor: float, min_scale:
     return {"scale": max(state["scale"] * factor, min_scale), "best": state["best"], "wait": 0}
 
 
+PLATEAU_MIN_SCALE = 1e-4  # reduce-on-plateau never takes the lr below 1e-4 x the scaled lr
 PLATEAU_START = {"scale": 1.0, "best": None, "wait": 0}
 
 

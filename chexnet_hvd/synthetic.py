@@ -115,7 +115,7 @@ def generate(cfg: SyntheticConfig) -> pd.DataFrame:
     if cfg.images < 1 or cfg.size < 16:
         raise cli.InputError("--images/--size", "need at least 1 image of at least 16 px")
     out = Path(cfg.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    cli.make_dir(out / "images")
     rng = np.random.default_rng(cfg.seed)
     table = draw_labels(rng, cfg.images, cfg.mean_images_per_patient)
     entries, planted_rows = [], []

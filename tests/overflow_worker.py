@@ -32,7 +32,7 @@ def main(out: str) -> None:
     derived = {"world_size": hvd.size(), "scaled_lr": 1e-3, "warmup_steps": 0, "total_steps": STEPS,
                "steps_per_epoch": STEPS}
     model = models.build_model("small_cnn", 16, 3)
-    model.compile(optimizer=train.make_optimizer(cfg, hvd, derived), loss=train.masked_bce())
+    model.compile(optimizer=train.make_optimizer(cfg, hvd, derived), loss=train.make_loss())
 
     rng = np.random.default_rng(hvd.rank())
     images = rng.normal(size=(STEPS, 4, 16, 16, 3)).astype(np.float32)

@@ -15,7 +15,8 @@ from PIL import Image
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files with HTTP Range support; cuts the first transfer of files named in
-    `server.cut` after half their bytes, and records every request's Range header."""
+    `server.cut` after half their bytes, answers 503 to the first `server.unavailable[name]`
+    requests of a file, and records every request's Range header."""
 
     def do_GET(self):
         path = Path(self.directory) / self.path.lstrip("/")
@@ -26,10 +27,17 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         start = 0
         rng = self.headers.get("Range")
         self.server.log.append((path.name, rng))
+        if self.server.unavailable.get(path.name, 0) > 0:
+            self.server.unavailable[path.name] -= 1
+            self.send_error(503)
+            return
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(body):
-                self.send_error(416)
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -55,7 +63,7 @@ def server(tmp_path):
     root.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                             lambda *a: RangeHandler(*a, directory=str(root)))
-    httpd.log, httpd.cut = [], set()
+    httpd.log, httpd.cut, httpd.unavailable = [], set(), {}
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield root, f"http://127.0.0.1:{httpd.server_address[1]}", httpd
     httpd.shutdown()
@@ -75,7 +83,8 @@ def make_archive(path, names, extra=None):
 
 def download(out, url, *args):
     return run([str(ROOT / "download_dataset.sh"), "--out", str(out), "--base-url", url,
-                "--file-list", str(out.parent / "files.txt"), "--no-progress", *args], timeout=120)
+                "--file-list", str(out.parent / "files.txt"), "--no-progress", *map(str, args)],
+               timeout=120)
 
 
 def test_full_run_with_resume_md5_and_idempotent_extract(server, tmp_path):
@@ -133,3 +142,44 @@ def test_extraction_refuses_parent_directory_entries(tmp_path):
     assert_one_line_error(proc, "images_001.tar.gz", "unsafe entry refused")
     assert not (tmp_path / "evil.png").exists() and not (out / "evil.png").exists()
     assert not (out / ".images_001.tar.gz.extracted").exists()
+
+
+def test_a_stale_longer_part_is_started_over(server, tmp_path):
+    """HTTP 416 for a .part longer than the file is not "complete": Content-Range gives the
+    real length, so the download starts over (it used to keep the stale bytes)."""
+    root, url, httpd = server
+    make_archive(root / "images_001.tar.gz", ["a.png", "b.png"])
+    good = (root / "images_001.tar.gz").read_bytes()
+    (tmp_path / "files.txt").write_text("images_001.tar.gz\n")
+    out = tmp_path / "nih"
+    out.mkdir()
+    (out / "images_001.tar.gz.part").write_bytes(good + b"stale bytes of an older, longer file")
+    assert download(out, url).returncode == 0
+    assert (out / "images_001.tar.gz").read_bytes() == good
+    assert [rng for _, rng in httpd.log] == [f"bytes={len(good) + 36}-", None]
+
+
+def test_a_part_that_is_already_whole_is_kept(server, tmp_path):
+    root, url, httpd = server
+    make_archive(root / "images_001.tar.gz", ["a.png"])
+    good = (root / "images_001.tar.gz").read_bytes()
+    (tmp_path / "files.txt").write_text("images_001.tar.gz\n")
+    out = tmp_path / "nih"
+    out.mkdir()
+    (out / "images_001.tar.gz.part").write_bytes(good)
+    assert download(out, url).returncode == 0
+    assert (out / "images_001.tar.gz").read_bytes() == good and len(httpd.log) == 1
+
+
+def test_transient_server_errors_are_retried_with_backoff_then_given_up(server, tmp_path):
+    root, url, httpd = server
+    make_archive(root / "images_001.tar.gz", ["a.png"])
+    (tmp_path / "files.txt").write_text("images_001.tar.gz\n")
+    httpd.unavailable["images_001.tar.gz"] = 2
+    proc = download(tmp_path / "ok", url, "--retries", 3, "--backoff", 0.05)
+    assert proc.returncode == 0, proc.stderr
+    assert len(httpd.log) == 3 and (tmp_path / "ok" / "images_001.tar.gz").is_file()
+    httpd.unavailable["images_001.tar.gz"] = 5
+    proc = download(tmp_path / "no", url, "--retries", 2, "--backoff", 0.05)
+    assert_one_line_error(proc, "images_001.tar.gz", "download failed after 3 tries", "HTTP 503")
+    assert not (tmp_path / "no" / "images_001.tar.gz").exists()

@@ -104,3 +104,14 @@ def test_bad_checkpoints_give_one_line_errors(checkpoint, records_dir, tmp_path)
     (wrong / "meta.json").write_text(json.dumps(meta | {"image_size": 48}))
     mismatch = module("evaluate", "--checkpoint", wrong, "--data", records_dir)
     assert_one_line_error(mismatch, "weights do not fit")
+
+
+def test_chexnet_paper_numbers_only_beside_nih_records_of_its_14_classes():
+    """CheXpert's Atelectasis is not NIH's: no paper AUROC beside it (they used to be shown)."""
+    from chexnet_hvd.evaluate import paper_comparable
+    from chexnet_hvd.labels import CHEXPERT_COMPETITION, PATHOLOGIES
+
+    assert paper_comparable({"dataset": "nih", "classes": list(PATHOLOGIES)})
+    assert not paper_comparable({"dataset": "chexpert", "classes": list(CHEXPERT_COMPETITION)})
+    assert not paper_comparable({"dataset": "chexpert", "classes": list(PATHOLOGIES)})
+    assert not paper_comparable({"dataset": "nih", "classes": list(PATHOLOGIES[:5])})

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from chexnet_hvd import models
-from chexnet_hvd.train import masked_bce
+from chexnet_hvd.train import make_loss
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +16,7 @@ def fp32_policy():
 
 
 def one_step(model, size, optimizer=None):
-    model.compile(optimizer=optimizer or tf.keras.optimizers.Adam(1e-3), loss=masked_bce())
+    model.compile(optimizer=optimizer or tf.keras.optimizers.Adam(1e-3), loss=make_loss())
     x = tf.random.stateless_normal((2, size, size, 3), seed=[1, 2])
     y = tf.stack([tf.ones((2, 14)), tf.ones((2, 14))], axis=1)
     before = [w.copy() for w in model.get_weights()]
@@ -58,10 +58,25 @@ def test_mixed_precision_step(policy):
 def test_class_weights_change_the_loss_and_masked_entries_do_not():
     y_true = tf.constant([[[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]])  # labels, then mask (3rd masked)
     prob = tf.constant([[0.3, 0.4, 0.01]])
-    plain = float(masked_bce()(y_true, prob)[0])
-    weighted = float(masked_bce([5.0, 1.0, 1.0])(y_true, prob)[0])
+    plain = float(make_loss()(y_true, prob))
+    weighted = float(make_loss([5.0, 1.0, 1.0])(y_true, prob))
     expected = -(np.log(0.3) + np.log(0.6)) / 2
     assert plain == pytest.approx(expected, rel=1e-5)
     assert weighted == pytest.approx(-(5 * np.log(0.3) + np.log(0.6)) / 2, rel=1e-5)
     flipped = tf.constant([[0.3, 0.4, 0.99]])  # a masked entry's prediction does not matter
-    assert float(masked_bce()(y_true, flipped)[0]) == pytest.approx(plain)
+    assert float(make_loss()(y_true, flipped)) == pytest.approx(plain)
+
+
+def test_training_and_validation_share_one_loss():
+    """A batch with masks (one image has one labelled class, the other three): the training
+    loss and the validation loss are both the mean over the 4 unmasked entries (by hand)."""
+    from chexnet_hvd import metrics
+
+    label = np.array([[1, 0, 0], [0, 1, 1]], np.float32)
+    mask = np.array([[1, 0, 0], [1, 1, 1]], np.float32)
+    prob = np.array([[0.2, 0.9, 0.9], [0.4, 0.7, 0.6]], np.float32)
+    by_hand = -(np.log(0.2) + np.log(0.6) + np.log(0.7) + np.log(0.6)) / 4
+    train_loss = float(make_loss()(tf.constant(np.stack([label, mask], 1)), tf.constant(prob)))
+    val_loss = metrics.summarize(label, prob, mask, ["a", "b", "c"])["loss"]
+    assert train_loss == pytest.approx(by_hand, rel=1e-5) and val_loss == pytest.approx(by_hand, rel=1e-5)
+

@@ -259,6 +259,30 @@ def test_a_dead_workers_trial_is_requeued_and_retried(tmp_path):
     assert study.budget_used(the_study.get_trials()) == 1  # the failure is not counted twice
 
 
+def test_slow_squeue_is_asked_outside_the_claim_lock(tmp_path, monkeypatch):
+    """A worker on another node, known by its Slurm job: asking squeue about it (here a stand-in
+    that takes 2 s and notes whether the claim lock is held) happens with the lock free, so
+    waiters never see an old lock and break it (which once let two workers in at once)."""
+    the_study = study.open_study(tmp_path, task={"task": 1})
+    gone = the_study.ask()
+    study.suggest_code(gone)
+    for key, value in {"host": "elsewhere", "pid": 1, "slurm_job": "4242", "slurm_task": "0",
+                       "worker": "elsewhere:1", "heartbeat": time.time()}.items():
+        gone.set_user_attr(key, value)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f"#!/bin/sh\nif [ -e {tmp_path / study.LOCK} ]; then echo locked; else echo free; fi "
+                      f">> {tmp_path / 'squeue.log'}\nsleep 2\necho 'slurm_load_jobs error: Invalid job id "
+                      "specified' >&2\nexit 1\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    trial, code = study.claim(the_study, tmp_path, RandomProposer(), random.Random(1),
+                              study.Worker.me(), 5, 900)
+    assert (tmp_path / "squeue.log").read_text().split() == ["free"]
+    assert trial.user_attrs["retry_of"] == gone.number and code == study.code_of(gone.params)
+
+
 def test_another_task_is_refused(tmp_path):
     study.open_study(tmp_path, task={"epochs": 1, "data": "a"})
     with pytest.raises(InputError, match="epochs: 1 here, 2 asked"):
@@ -316,9 +340,12 @@ def test_nas_report_writes_table_csv_and_plots(tmp_path):
 
 
 # ---------------------------------------------------------------- the CLI --------------------
+QUICK = ["--train-args", "--steps-per-epoch 3"]  # candidates train 3 steps an epoch: CPU time
+
+
 def nas(study_dir, data, *extra, **kwargs):
     return module("nas", "--study-dir", study_dir, "--data", data, "--image-size", 32,
-                  "--batch-size", 32, "--epochs", 1, *extra, **kwargs)
+                  "--batch-size", 32, "--epochs", 1, *QUICK, *extra, **kwargs)
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -372,7 +399,7 @@ def test_two_workers_share_one_study(records_dir, tmp_path):
 def worker_command(study_dir, records_dir, epochs: int, n_trials: int) -> list[str]:
     return [sys.executable, "-m", "chexnet_hvd.nas", "--study-dir", str(study_dir), "--data",
             str(records_dir), "--image-size", "32", "--batch-size", "32", "--epochs", str(epochs),
-            "--n-trials", str(n_trials), "--threads", "1"]
+            "--n-trials", str(n_trials), "--threads", "1", *QUICK]
 
 
 def wait_for_event(run_dir, event: str, deadline: float) -> None:
@@ -421,7 +448,7 @@ def test_a_killed_worker_trial_is_rerun_by_the_other(records_dir, tmp_path):
 def test_a_preempted_worker_requeues_its_trial_and_the_retry_resumes(records_dir, tmp_path):
     """SIGUSR1 (Slurm's warning): the candidate checkpoints, the trial goes back to the queue,
     the worker exits 75; the next worker resumes the candidate from its checkpoint."""
-    command = worker_command(tmp_path / "s", records_dir, epochs=4, n_trials=1)
+    command = worker_command(tmp_path / "s", records_dir, epochs=8, n_trials=1)
     worker = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not list((tmp_path / "s" / "runs").glob("*/runlog.jsonl")):

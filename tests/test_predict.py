@@ -2,11 +2,12 @@
 planted findings of the synthetic set, heatmap files, and bad input."""
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED, assert_one_line_error, module
+from conftest import SHARED, assert_one_line_error, module, run
 
 from chexnet_hvd import checkpoints, data
 from chexnet_hvd.labels import PATHOLOGIES
@@ -52,3 +53,26 @@ def test_cam_files_and_bad_input(trained_cnn, tmp_path):
     text.write_text("not an image")
     assert_one_line_error(module("predict", text, "--checkpoint", ckpt), "notes.png", "not a readable image")
     assert_one_line_error(module("predict", tmp_path / "missing.png", "--checkpoint", ckpt), "no such file")
+
+
+def test_peak_memory_stays_flat_in_the_number_of_inputs(trained_cnn, tmp_path):
+    """predict decodes one --batch-size chunk at a time: 320 images of 1024 x 1024 (1 MB each
+    decoded) take no more peak memory than 40 (holding them all took ~280 MB more)."""
+    from PIL import Image
+
+    source = tmp_path / "one.png"
+    Image.fromarray(np.tile(np.arange(1024, dtype=np.uint16) // 4, (1024, 1)).astype(np.uint8)).save(source)
+    peaks = {}
+    for n in (40, 320):
+        folder = tmp_path / f"n{n}"
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i:04d}.png").hardlink_to(source)
+        probe = ("import resource, sys; from chexnet_hvd import predict; sys.argv[0] = 'predict'\n"
+                 "try:\n    predict.main(sys.argv[1:])\n"
+                 "finally:\n    print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+        proc = run([sys.executable, "-c", probe, str(folder), "--checkpoint",
+                    str(trained_cnn / "run" / "checkpoints" / "best"), "--format", "csv"], check=True, timeout=600)
+        assert len(proc.stdout.strip().splitlines()) == n + 1
+        peaks[n] = int(proc.stderr.rsplit("peak_kb", 1)[1].split()[0]) / 1024
+    assert peaks[320] - peaks[40] < 40, peaks  # MB

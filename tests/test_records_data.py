@@ -91,27 +91,31 @@ def test_bad_input_gives_one_line_error(problem, synthetic, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_shards_are_disjoint_and_complete_per_rank(records_dir):
-    manifest = records.load_manifest(records_dir)
-    shards = records.split_shards(manifest, records_dir, "train")
-    total = manifest["splits"]["train"]["count"]
-    for world in (1, 2, 3, len(shards) + 1):
-        parts = [data.rank_shards(shards, r, world) for r in range(world)]
-        if world <= len(shards):
-            files = [f for p, _ in parts for f in p]
-            assert sorted(files) == sorted(p for p, _ in shards) and len(set(files)) == len(files)
-        assert sum(data.records_per_rank(shards, world)) == total
-
-
 @pytest.mark.parametrize("world", [2, 3])
-def test_one_training_pass_reads_each_record_on_exactly_one_rank(records_dir, world):
+def test_one_training_pass_reads_each_record_on_at_most_one_rank(records_dir, world):
+    """Every rank the same count, no record twice, fewer than one global batch left out."""
     seen = []
     for rank in range(world):
-        ds = data.train_dataset(records_dir, "train", 32, 1, rank, world, epochs=1, with_ids=True)
+        ds = data.train_dataset(records_dir, "train", 32, 4, rank, world, epochs=1, with_ids=True)
         seen.append([i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids])
-    manifest = records.load_manifest(records_dir)
+    total = records.load_manifest(records_dir)["splits"]["train"]["count"]
     flat = [i for part in seen for i in part]
-    assert len(flat) == len(set(flat)) == manifest["splits"]["train"]["count"]
+    assert len({len(part) for part in seen}) == 1
+    assert len(flat) == len(set(flat)) and 0 <= total - len(flat) < world * 4
+
+
+def test_one_shard_on_one_rank_is_read_in_a_new_order_every_epoch(synthetic, tmp_path):
+    """A rank with a single shard (and with steps cut short) still sees a new order, and other
+    records, every epoch: the record shuffle is seeded per epoch."""
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+           "--out", tmp_path, "--shard-size", 10_000, "--no-progress", check=True)
+    assert len(records.load_manifest(tmp_path)["splits"]["train"]["shards"]) == 1
+    ds = data.train_dataset(tmp_path, "train", 32, 10, epochs=3, steps_per_epoch=5,
+                            shuffle_buffer=64, with_ids=True)
+    batches = list(ds.as_numpy_iterator())
+    epochs = [[i for *_, ids in batches[e * 5:(e + 1) * 5] for i in ids] for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert set(epochs[0]) != set(epochs[1])
 
 
 @pytest.mark.parametrize("world", [1, 2, 5])
@@ -174,7 +178,7 @@ def test_raw_pipeline_gives_the_records_pipelines_inputs(raw_dir, records_dir):
     for rank in range(2):
         ds = data.train_dataset(raw_dir, "train", 24, 1, rank, 2, epochs=1, with_ids=True)
         seen += [i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids]
-    assert len(seen) == len(set(seen)) == manifest["splits"]["train"]["count"]
+    assert len(seen) == len(set(seen)) and 0 <= manifest["splits"]["train"]["count"] - len(seen) < 2
 
 
 def test_raw_index_rejects_missing_files(synthetic, tmp_path):

@@ -100,3 +100,36 @@ def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path):
     assert proc.returncode != 0 and time.monotonic() - t0 < 60
     assert checkpoints.read_meta(run_dir / "checkpoints" / "epoch-0001")["epoch"] == 1  # still usable
     assert wait_for(lambda: subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"]).returncode != 0, 30)
+
+
+def test_a_mid_epoch_resume_is_exact(records_dir, tmp_path):
+    """--preempt-at-step 33 stops 7 batches into epoch 2 (26 steps per epoch on 2 ranks x 8);
+    the resumed run skips exactly those batches: the same 52 steps and, bitwise, the same
+    weights as 2 epochs straight."""
+    common = ["--epochs", 2, "--deterministic", "--audit"]
+    run(train_cmd(records_dir, tmp_path / "straight", *common), timeout=300, check=True)
+    preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33), timeout=300)
+    assert "rank 1: preempted after step 33" in preempted.stderr, preempted.stderr[-2000:]
+    run(train_cmd(records_dir, tmp_path / "split", *common, "--resume"), timeout=300, check=True)
+    log = read_runlog(tmp_path / "split")
+    resumed = [r for r in log if r["event"] == "start"][-1]
+    assert (resumed["initial_epoch"], resumed["initial_step"], resumed["skipped_batches"]) == (1, 33, 7)
+    assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 19)]
+    metas = [checkpoints.read_meta(tmp_path / d / "checkpoints" / "epoch-0002") for d in ("straight", "split")]
+    assert metas[0]["step"] == metas[1]["step"] == 52
+    for rank in (0, 1):
+        a, b = (np.load(tmp_path / d / "audit" / f"rank{rank}.npz") for d in ("straight", "split"))
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_the_early_stopping_count_survives_a_resume(records_dir, tmp_path):
+    """lr 0: the val AUROC never improves after epoch 1, so --early-stopping 2 ends the run
+    after epoch 3. Preempted in epoch 3 and resumed, it still ends after epoch 3."""
+    cmd = train_cmd(records_dir, tmp_path, "--epochs", 6, "--lr", 0, "--early-stopping", 2)
+    cmd = cmd[cmd.index(sys.executable):]  # one process is enough
+    assert run([*cmd, "--preempt-at-step", str(2 * 52 + 5)], timeout=300).returncode == 75
+    run([*cmd, "--resume"], timeout=300, check=True)
+    log = read_runlog(tmp_path)
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+    assert [r["status"] for r in log if r["event"] == "end"] == ["preempted", "completed"]

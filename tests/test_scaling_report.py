@@ -11,11 +11,12 @@ from chexnet_hvd import runlog, scaling
 REPORT = str(ROOT / "tools" / "scaling_report.py")
 
 
-def write_run(run_dir, ranks, ips, model="densenet121", epoch_seconds=(50.0, 10.0, 12.0)):
+def write_run(run_dir, ranks, ips, model="densenet121", epoch_seconds=(50.0, 10.0, 12.0), first=1,
+              **start):
     writer = runlog.RunLogWriter(run_dir)
     writer.write("start", model=model, image_size=224, precision="fp32", local_batch=16,
-                 global_batch=16 * ranks, world_size=ranks)
-    for epoch, seconds in enumerate(epoch_seconds, 1):
+                 global_batch=16 * ranks, world_size=ranks, **start)
+    for epoch, seconds in enumerate(epoch_seconds, first):
         # epoch 1 is warm-up: a value that would spoil every number if it were counted
         rate = 1.0 if epoch == 1 else ips
         writer.write("epoch", epoch=epoch, seconds=seconds, images_per_sec=rate,
@@ -34,7 +35,7 @@ def runs(tmp_path):
 
 
 def test_speedup_and_efficiency(runs):
-    rows = scaling.scaling_rows([scaling.load_run(p) for p in scaling.find_runlogs([str(runs)])])
+    rows = scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(runs)])))
     dn = {r["ranks"]: r for r in rows if r["model"] == "densenet121"}
     assert [dn[n]["speedup"] for n in (1, 2, 4)] == pytest.approx([1.0, 1.8, 3.2])
     assert [dn[n]["efficiency"] for n in (1, 2, 4)] == pytest.approx([1.0, 0.9, 0.8])
@@ -42,6 +43,29 @@ def test_speedup_and_efficiency(runs):
     assert dn[2]["epoch_seconds_mean"] == pytest.approx(11.0) and dn[2]["epochs"] == 2
     cnn = {r["ranks"]: r for r in rows if r["model"] == "small_cnn"}
     assert cnn[2]["efficiency"] == pytest.approx(0.75)  # groups do not mix
+
+
+def test_a_resumed_run_credits_each_epoch_to_its_own_start(tmp_path):
+    """3 epochs at 1 rank (100 img/s), then resumed on 4 ranks for 2 more (320 img/s): two rows,
+    not one 4-rank row pooling all 5 epochs."""
+    write_run(tmp_path, 1, 100.0, epoch_seconds=(50.0, 10.0, 10.0))
+    write_run(tmp_path, 4, 320.0, epoch_seconds=(40.0, 3.0), first=4)  # appends to the same log
+    rows = {r["ranks"]: r for r in scaling.scaling_rows(scaling.load_all([tmp_path / "runlog.jsonl"]))}
+    assert sorted(rows) == [1, 4]
+    assert (rows[1]["images_per_sec"], rows[1]["epochs"]) == (100.0, 2)
+    assert (rows[4]["images_per_sec"], rows[4]["epochs"]) == (320.0, 1)
+    assert rows[4]["efficiency"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("setting", [{"synthetic_input": True}, {"config": {"xla": True}},
+                                     {"config": {"fp16_allreduce": True}}, {"horovod_backend": "mpi"},
+                                     {"engine": "tf"}], ids=str)
+def test_runs_differing_in_a_throughput_setting_never_pool(tmp_path, setting):
+    write_run(tmp_path / "a", 2, 180.0, horovod_backend="gloo")
+    write_run(tmp_path / "b", 2, 400.0, **({"horovod_backend": "gloo"} | setting))
+    rows = scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))
+    assert sorted(r["images_per_sec"] for r in rows) == [180.0, 400.0]
+    assert len({scaling.title(r) for r in rows}) == 2
 
 
 def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):

@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     text = render(stats)
     print(text)
     if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out + ".md").write_text(text + "\n")
-        stats.to_csv(cfg.out + ".csv", index_label="row")
+        cli.make_dir(Path(cfg.out).parent)
+        with cli.output(cfg.out + ".md") as fh:
+            fh.write(text + "\n")
+        with cli.output(cfg.out + ".csv") as fh:
+            stats.to_csv(fh, index_label="row")
     return 0
 
 

@@ -33,15 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(NasReportConfig, __doc__.splitlines()[0], argv, positional=["studies"])
     studies = {}
     for path in cfg.studies:
+        if not cfg.storage and not Path(path).is_dir():  # opening would create an empty study
+            raise cli.InputError(path, "no such directory")
         rows = study.results(study.open_study(path, cfg.storage))
         if not rows:
             raise cli.InputError(path, "the study has no trials yet")
         studies[Path(path).name or path] = rows
-    out = Path(cfg.out or Path(cfg.studies[0]) / "report")
-    out.mkdir(parents=True, exist_ok=True)
+    out = cli.make_dir(cfg.out or Path(cfg.studies[0]) / "report")
     text = "# Architecture search\n\n" + report.markdown(studies, cfg.top)
     text += "\n![best so far](best_so_far.png)\n\n![AUROC vs params](pareto.png)\n"
-    (out / "report.md").write_text(text)
+    with cli.output(out / "report.md") as fh:
+        fh.write(text)
     report.write_csv(studies, out / "trials.csv")
     report.plot_best_so_far(studies, out / "best_so_far.png")
     report.plot_pareto(studies, out / "pareto.png")

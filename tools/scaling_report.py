@@ -47,7 +47,7 @@ def projection(cfg: ReportConfig) -> str:
     """The projection table, from the flags or the first 1-rank run of the logs given."""
     step, params, batch = cfg.step_time, cfg.params, cfg.batch
     if not (step and params and batch):
-        single = [r for r in map(scaling.load_run, scaling.find_runlogs(cfg.runs))
+        single = [r for r in scaling.load_all(scaling.find_runlogs(cfg.runs))
                   if r.start.get("world_size") == 1 and scaling.timed_epochs(r.epochs, cfg.skip_epochs)]
         if not single:
             raise RunLogError(f"{' '.join(cfg.runs) or '--project'}: needs a 1-rank run log with timed "
@@ -73,7 +73,7 @@ def measured(cfg: ReportConfig) -> list[dict]:
     """The scaling rows of the run logs, with the baseline beside them when given."""
     if not cfg.runs:
         raise cli.InputError("runs", "give at least one run directory, runlog.jsonl or glob")
-    runs = [scaling.load_run(p) for p in scaling.find_runlogs(cfg.runs)]
+    runs = scaling.load_all(scaling.find_runlogs(cfg.runs))
     rows = scaling.scaling_rows(runs, cfg.skip_epochs)
     if not rows:
         raise RunLogError(f"{' '.join(cfg.runs)}: no finished epochs in the run logs")

@@ -8,7 +8,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from chexnet_hvd.cli import markdown_table
+from chexnet_hvd.cli import markdown_table, output
 
 TABLE_HEAD = ["trial", "architecture", "AUROC", "params", "memory MB", "time s", "proposer", "worker"]
 
@@ -90,7 +90,7 @@ def markdown(studies: dict[str, Sequence[dict]], top: int = 0) -> str:
 def write_csv(studies: dict[str, Sequence[dict]], path: Path) -> None:
     fields = ["study", "trial", "state", "architecture", "code", "auroc", "params", "memory_mb",
               "seconds", "proposer", "worker", "retry_of", "start", "complete", "error"]
-    with open(path, "w", newline="") as fh:
+    with output(path) as fh:
         writer = csv.DictWriter(fh, fields, extrasaction="ignore")
         writer.writeheader()
         for name, rows in studies.items():
@@ -114,7 +114,8 @@ def plot_best_so_far(studies: dict[str, Sequence[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
     by_trial.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with output(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -135,7 +136,8 @@ def plot_pareto(studies: dict[str, Sequence[dict]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with output(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
 
 

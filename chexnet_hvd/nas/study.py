@@ -185,18 +185,29 @@ def worker_alive(attrs: dict, me: Worker, now: float, stale_after: float,
     return now - float(attrs.get("heartbeat", now)) < stale_after
 
 
-def requeue_dead(study: optuna.Study, me: Worker, stale_after: float) -> list[int]:
-    """Tell FAIL for the running trials of dead workers and enqueue each again; their numbers."""
-    dead = []
+def find_dead(study: optuna.Study, me: Worker, stale_after: float) -> dict[int, str]:
+    """Running trials whose worker is gone, {number: worker}. Asking Slurm (squeue) can take
+    seconds per trial, so this runs outside the claim lock; `requeue_dead` re-checks under it."""
+    dead = {}
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
         if "heartbeat" not in attrs:  # killed between ask and its first attribute
             attrs = attrs | {"heartbeat": t.datetime_start.timestamp()}
         if not worker_alive(attrs, me, now, stale_after):
-            requeue(study, t, reason=f"worker {attrs.get('worker', '?')} is gone")
-            dead.append(t.number)
+            dead[t.number] = attrs.get("worker", "?")
     return dead
+
+
+def requeue_dead(study: optuna.Study, dead: dict[int, str]) -> list[int]:
+    """Under the lock: FAIL and enqueue again each trial of `dead` that is still running under
+    the same worker (another claimant may have requeued it meanwhile); their numbers."""
+    done = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number in dead and t.user_attrs.get("worker", "?") == dead[t.number]:
+            requeue(study, t, reason=f"worker {dead[t.number]} is gone")
+            done.append(t.number)
+    return done
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
@@ -215,8 +226,9 @@ def claim(study: optuna.Study, study_dir: Path, proposer: Proposer, rng: random.
     fallback (evolution) picks again under the lock."""
     code = source = None
     while True:
+        dead = find_dead(study, me, stale_after)  # slow checks first, outside the lock
         with claim_lock(study_dir):
-            requeue_dead(study, me, stale_after)
+            requeue_dead(study, dead)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)  # already in the budget
             if not waiting and budget_used(trials) >= n_trials:

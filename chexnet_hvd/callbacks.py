@@ -1,0 +1,249 @@
+"""The trainer's Keras callbacks and the run state they share (chexnet_hvd.train builds them).
+
+One RunState per run, the same on every rank: counters (epoch, step), the validation result and
+the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the flags that end a run
+(preempted, stopped early). A checkpoint's meta.json carries what a resumed run needs of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from typing import TYPE_CHECKING
+
+import horovod.tensorflow as hvd_tf
+import tensorflow as tf
+
+from chexnet_hvd import checkpoints, data, metrics, schedules
+
+if TYPE_CHECKING:
+    from chexnet_hvd.train import TrainConfig
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the callbacks share, the same on every rank, and what a checkpoint carries on to
+    the next attempt (`checkpoint_meta`)."""
+
+    plateau: dict  # reduce-on-plateau: scale, best, wait
+    epoch: int = 0  # epochs completed, so also the index of the epoch in progress
+    step: int = 0  # optimizer steps taken (counted in Python: reading the optimizer would sync)
+    best: float | None = None  # best validation mean AUROC so far
+    since_best: int = 0  # epochs since it improved (--early-stopping)
+    improved: bool = False  # the epoch just validated set a new best
+    validation: dict = dataclasses.field(default_factory=dict)  # the last epoch's result
+    timing: dict = dataclasses.field(default_factory=dict)  # the last epoch's seconds, img/s
+    skip_batches: int = 0  # batches of epoch `epoch` already trained (a mid-epoch resume)
+    resumed_from: str | None = None
+    preempted: bool = False
+    stopped_early: bool = False
+
+
+# ---------------------------------------------------------------- callbacks ------------------
+# All of them read and write one RunState. The order of `make_callbacks` matters: StopAgreement
+# counts the step the others see; Timing stops the clock before Validation runs; Validation
+# sets best/improved, which Plateau, EarlyStop and EpochCheckpoint read; RunLog writes last,
+# when the epoch's results are all in. Per-step hooks do integer work only and accept TF logs
+# (`_supports_tf_logs`), so Keras adds no host sync per step.
+class StopAgreement(tf.keras.callbacks.Callback):
+    """The ranks agree (allreduce max of their stop flags) every `every` steps and as an epoch
+    begins (Keras then trains one step before it stops), at points all ranks share, and all stop
+    after the same step; --preempt-at-step raises the flag."""
+
+    _supports_tf_logs = True
+
+    def __init__(self, state: RunState, stop, every: int, preempt_at: int):
+        super().__init__()
+        self.state, self.stop, self.every, self.preempt_at = state, stop, every, preempt_at
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.state.epoch = epoch
+        self.agree()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.state.step += 1
+        if self.state.step == self.preempt_at:
+            self.stop.requested = True
+        if self.state.step % self.every == 0 or self.state.step == self.preempt_at:
+            self.agree()
+
+    def agree(self):
+        flag = tf.constant(float(self.stop.requested))
+        if float(hvd_tf.allreduce(flag, op=hvd_tf.Max, name="stop_request")) > 0:  # Horovod
+            self.state.preempted = True
+            self.model.stop_training = True
+
+
+class Timing(tf.keras.callbacks.Callback):
+    """Rank 0: the epoch's training time and img/s, its first `warmup` steps left out."""
+
+    _supports_tf_logs = True
+
+    def __init__(self, state: RunState, warmup: int, global_batch: int):
+        super().__init__()
+        self.state, self.warmup, self.global_batch = state, warmup, global_batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = self.t_warm = time.perf_counter()
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps == self.warmup:
+            float(logs["loss"])  # wait for the step itself (GPUs run ahead of Python)
+            self.t_warm = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        t_end = time.perf_counter()  # Keras has synced the epoch's logs already
+        timed = self.steps - (self.warmup if self.steps > self.warmup else 0)
+        seconds = t_end - (self.t_warm if self.steps > self.warmup else self.t0)
+        self.state.timing = {"steps": self.steps, "timed_steps": timed,
+                             "seconds": round(t_end - self.t0, 3),
+                             "images_per_sec": round(timed * self.global_batch / max(seconds, 1e-9), 3)}
+
+
+class Validation(tf.keras.callbacks.Callback):
+    """Predict this rank's part of the split, gather all ranks, score over the whole split; then
+    the bookkeeping every rank shares: best AUROC, epochs since it improved."""
+
+    def __init__(self, state: RunState, dataset, names: list[str], pos_weight):
+        super().__init__()
+        self.state, self.dataset, self.names, self.pos_weight = state, dataset, names, pos_weight
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.preempted:
+            return
+        t0, batches = time.perf_counter(), []
+
+        def predict(images):
+            batches.append(len(images))
+            return self.model.predict_on_batch(images)
+
+        merged = metrics.gather(data.predictions(predict, self.dataset))  # Horovod: allgather
+        result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], self.names,
+                                   self.pos_weight)
+        self.state.validation = result | {"seconds": round(time.perf_counter() - t0, 3),
+                                          "batches": len(batches)}
+        auroc, best = result["mean_auroc"], self.state.best
+        self.state.improved = auroc is not None and (best is None or auroc > best)
+        self.state.best = auroc if self.state.improved else best
+        self.state.since_best = 0 if self.state.improved else self.state.since_best + 1
+        logs["val_loss"] = result["loss"]
+        logs["val_mean_auroc"] = auroc or 0.0
+
+
+class Plateau(tf.keras.callbacks.Callback):
+    """Every rank takes the same decision from the same gathered AUROC, so no broadcast."""
+
+    def __init__(self, state: RunState, patience: int, factor: float):
+        super().__init__()
+        self.state, self.patience, self.factor = state, patience, factor
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.preempted:
+            return
+        self.state.plateau = schedules.plateau_update(
+            self.state.plateau, self.state.validation.get("mean_auroc"), self.patience,
+            self.factor, schedules.PLATEAU_MIN_SCALE)
+        schedules.live_schedule(self.model.optimizer).scale.assign(self.state.plateau["scale"])
+
+
+class EarlyStop(tf.keras.callbacks.Callback):
+    """Stop after `patience` epochs without a better val mean AUROC; the count is in the run
+    state, so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, state: RunState, patience: int, verbose: bool):
+        super().__init__()
+        self.state, self.patience, self.verbose = state, patience, verbose
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.state.preempted and self.state.since_best >= self.patience:
+            self.state.stopped_early = self.model.stop_training = True
+            if self.verbose:
+                print(f"epoch {epoch + 1}: early stopping, {self.state.since_best} epochs without "
+                      f"a better val mean AUROC than {self.state.best}", flush=True)
+
+
+class StepCheckpoint(tf.keras.callbacks.Callback):
+    """Rank 0: a checkpoint every `every` steps (and only the newest is kept)."""
+
+    _supports_tf_logs = True
+
+    def __init__(self, state: RunState, every: int, save):
+        super().__init__()
+        self.state, self.every, self.save = state, every, save
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.state.step % self.every == 0 and not self.state.preempted:
+            self.save(f"step-{self.state.step:09d}", self.state.epoch)
+
+
+class EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Rank 0: the epoch's checkpoint, and best/ when the val mean AUROC improved."""
+
+    def __init__(self, state: RunState, save):
+        super().__init__()
+        self.state, self.save = state, save
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.preempted:
+            return
+        path = self.save(f"epoch-{epoch + 1:04d}", epoch + 1)
+        if self.state.improved:
+            checkpoints.set_best(path)
+
+
+class RunLog(tf.keras.callbacks.Callback):
+    """Rank 0: the epoch record of the run log, and one line on stdout."""
+
+    def __init__(self, state: RunState, writer, world_size: int, verbose: bool):
+        super().__init__()
+        self.state, self.writer, self.world_size, self.verbose = state, writer, world_size, verbose
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.preempted:
+            return
+        t, val = self.state.timing, self.state.validation
+        self.writer.write("epoch", epoch=epoch + 1, **t,
+                          images_per_sec_per_rank=round(t["images_per_sec"] / self.world_size, 3),
+                          train_loss=round(float(logs.get("loss", float("nan"))), 6),
+                          lr=float(self.model.optimizer.learning_rate),  # the last step's
+                          val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
+                          val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
+                          val_seconds=val.get("seconds"), val_n=val.get("n"),
+                          val_batches=val.get("batches"), peak_memory_mb=round(peak_memory_mb(), 1))
+        if self.verbose:
+            print(f"epoch {epoch + 1}: {t['images_per_sec']:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
+                  f"val mean AUROC {val.get('mean_auroc')}", flush=True)
+
+
+def make_callbacks(cfg: TrainConfig, hvd, state: RunState, stop, derived: dict,
+                   names: list[str], pos_weight, save, writer) -> list:
+    """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
+    rank0 = hvd.rank() == 0  # Horovod: only the chief writes files
+    validation = data.eval_dataset(cfg.data, cfg.val_split, cfg.image_size, cfg.val_batch_size,
+                                   hvd.rank(), hvd.size())
+    callbacks = [StopAgreement(state, stop, cfg.stop_check_steps, cfg.preempt_at_step),
+                 hvd.callbacks.MetricAverageCallback()]  # Horovod: average the train loss
+    if rank0:
+        callbacks.append(Timing(state, cfg.timing_warmup_steps, derived["global_batch"]))
+    callbacks.append(Validation(state, validation, names, pos_weight))
+    if cfg.schedule == "plateau":
+        callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
+    if cfg.early_stopping:
+        callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
+    if rank0 and cfg.checkpoint_every_steps:
+        callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save))
+    if rank0:
+        callbacks += [EpochCheckpoint(state, save), RunLog(state, writer, hvd.size(), cfg.verbose > 0)]
+    return callbacks
+
+
+def peak_memory_mb() -> float:
+    """This rank's peak memory so far: the GPU allocator's peak, else the process' peak RSS."""
+    if tf.config.list_logical_devices("GPU"):
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+

@@ -1,0 +1,153 @@
+"""Records that stay right under re-runs, kills and unusual inputs: a shard is reused only when
+everything its bytes depend on is unchanged, a sidecar never vouches for a shard it does not
+describe, class weights count only labelled negatives, and 16-bit PNGs holding 12-bit data are
+scaled by their real range (in the records and the raw pipeline alike)."""
+
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from conftest import SHARED, module
+from PIL import Image
+
+from chexnet_hvd import data, metadata, records, sharding
+from chexnet_hvd.labels import CHEXPERT_COMPETITION
+
+CHEXPERT = SHARED / "data" / "real" / "chexpert"
+needs_chexpert = pytest.mark.skipif(not (CHEXPERT / "train_sample.csv").is_file(), reason="no CheXpert CSVs")
+
+
+def write(csv, images, out, *extra):
+    module("records", "--csv", csv, "--images", images, "--out", out, "--shard-size", 64,
+           "--workers", 1, "--no-progress", *extra, check=True)
+
+
+def by_id(out) -> dict:
+    """image id -> (label, mask, uint8 pixels [H, W]) over every split of a records directory
+    (or raw index), as the training pipeline decodes them."""
+    found = {}
+    for split in records.load_manifest(out)["splits"]:
+        source = data._Source(out, split, deterministic=True)
+        for item in source.read(data.as_tensor(sharding.eval_plan(source.counts, 1)[0])):
+            ex = source.example(item)
+            found[ex["id"].numpy().decode()] = (ex["label"].numpy().tolist(), ex["mask"].numpy().tolist(),
+                                                ex["image"].numpy()[..., 0])
+    return found
+
+
+def test_a_relabelled_row_rewrites_its_shard(synthetic, tmp_path):
+    table = pd.read_csv(synthetic / "Data_Entry_2017.csv", dtype=str)
+    write(synthetic / "Data_Entry_2017.csv", synthetic / "images", tmp_path / "out")
+    row = table.index[table["Finding Labels"] == "No Finding"][0]
+    table.loc[row, "Finding Labels"] = "Hernia"
+    relabelled = tmp_path / "relabelled.csv"
+    table.to_csv(relabelled, index=False)
+    write(relabelled, synthetic / "images", tmp_path / "out")
+    label, _, _ = by_id(tmp_path / "out")[table.loc[row, "Image Index"]]
+    assert label[-1] == 1 and sum(label) == 1  # Hernia, the last of the 14
+    manifest = records.load_manifest(tmp_path / "out")
+    assert manifest["source_csv_sha256"] == metadata.file_sha256(relabelled)
+
+
+def test_a_replaced_image_file_rewrites_its_shard(synthetic, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic / "images", images)
+    write(synthetic / "Data_Entry_2017.csv", images, tmp_path / "out")
+    name = sorted(p.name for p in images.iterdir())[0]
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(images / name)
+    write(synthetic / "Data_Entry_2017.csv", images, tmp_path / "out")
+    assert (by_id(tmp_path / "out")[name][2] == 7).all()
+
+
+def jpegs_for(rows: pd.DataFrame, root) -> None:
+    """Generated JPEGs at the CSV's paths (no CheXpert images ship with the real CSVs)."""
+    rng = np.random.default_rng(0)
+    for rel in rows["Path"]:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(target, quality=90)
+
+
+@needs_chexpert
+def test_another_uncertainty_policy_rewrites_the_shards_and_weights_count_labelled_negatives(tmp_path):
+    """The whole 2,000-row sample: --uncertainty ones, then ignore, into the same directory.
+    The records then hold every uncertain competition cell masked, and Atelectasis' positive
+    weight counts only labelled negatives: (20 negatives + 1,456 blank) / 266 = 5.55 (counting
+    the 258 uncertain, masked ones too gave 6.52)."""
+    rows = pd.read_csv(CHEXPERT / "train_sample.csv", dtype=str)
+    rows.to_csv(tmp_path / "train.csv", index=False)
+    jpegs_for(rows, tmp_path)
+    common = ["--dataset", "chexpert", "--fractions", 1, 0, 0, "--image-size", 8]
+    write(tmp_path / "train.csv", tmp_path, tmp_path / "out", *common, "--uncertainty", "ones")
+    write(tmp_path / "train.csv", tmp_path, tmp_path / "out", *common, "--uncertainty", "ignore")
+    manifest = records.load_manifest(tmp_path / "out")
+    assert manifest["chexpert"]["uncertainty"] == "ignore" and manifest["splits"]["train"]["count"] == 2000
+    masked = sum(5 - sum(mask) for _, mask, _ in by_id(tmp_path / "out").values())
+    uncertain = int((rows[list(CHEXPERT_COMPETITION)] == "-1.0").sum().sum())
+    assert masked == uncertain > 0
+    assert manifest["pos_weight"]["Atelectasis"] == pytest.approx((20 + 1456) / 266, rel=1e-5)
+    assert manifest["splits"]["train"]["negatives"]["Atelectasis"] == 20 + 1456
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [0, 1, 2])  # the old sidecar's removal, the 2 renames
+def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, tmp_path, monkeypatch,
+                                                                     crash_at):
+    """A shard written with one labelling, then a re-run with another killed at a step of its
+    commit, then the re-run done: the shard holds the new labels. (The old order renamed the
+    sidecar first: a kill before the shard's rename left the old shard vouched for as new.)"""
+    table = metadata.load_table(metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"),
+                                                     images=str(synthetic / "images")))
+    job = records.plan_shards(table, 1000, None, seed=0)[0]
+    flipped = records.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m)
+                                                     for i, p, pt, lab, m in job.rows], None, job.names)
+    records.write_shard(job, str(tmp_path))
+    calls = []
+
+    def crashing(real):
+        def call(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == crash_at + 1:
+                raise Crash
+            return real(*args, **kwargs)
+        return call
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "replace", crashing(os.replace))
+        patched.setattr(os, "unlink", crashing(os.unlink))
+        with pytest.raises(Crash):
+            records.write_shard(flipped, str(tmp_path))
+    assert records.write_shard(flipped, str(tmp_path))["count"] == len(flipped.rows)
+    stored = [records.parse_example(r, 14)["label"].numpy().tolist()
+              for r in tf.data.TFRecordDataset(str(tmp_path / job.file))]
+    assert stored == [list(map(float, r[3])) for r in flipped.rows]
+
+
+def test_twelve_bit_pngs_are_scaled_by_their_real_range(tmp_path):
+    """A 16-bit PNG holding 12-bit data (0..4095, as DICOM exports write them): full 0..255 in
+    the records, in the raw pipeline and in predict's reader, and counted in the manifest."""
+    images = tmp_path / "images"
+    images.mkdir()
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 4095 // (64 * 64 - 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(images / "00000001_000.png")  # PIL writes mode I;16
+    Image.fromarray((ramp // 16).astype(np.uint8)).save(images / "00000002_000.png")
+    csv = tmp_path / "Data_Entry_2017.csv"
+    pd.DataFrame({"Image Index": ["00000001_000.png", "00000002_000.png"],
+                  "Finding Labels": ["No Finding", "Hernia"], "Patient ID": ["1", "2"]}).to_csv(csv, index=False)
+    common = ["--fractions", 1, 0, 0]
+    write(csv, images, tmp_path / "rec", *common)
+    module("records", "--csv", csv, "--images", images, "--out", tmp_path / "raw", "--format", "raw",
+           *common, "--no-progress", check=True)
+    manifest = records.load_manifest(tmp_path / "rec")
+    assert manifest["source_bit_depths"] == {"12": 1, "8": 1}
+    expected = np.round(ramp * (255 / 4095)).astype(np.uint8)
+    assert np.array_equal(np.asarray(records.read_grayscale(images / "00000001_000.png")), expected)
+    for out in ("rec", "raw"):
+        pixels = by_id(tmp_path / out)["00000001_000.png"][2]
+        assert np.array_equal(pixels, expected) and pixels.max() == 255, out
