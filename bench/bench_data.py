@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Data-path throughput on this CPU, in one run: records conversion with 1 vs 2 worker processes,
-and decoded + augmented images/s on one core, TFRecord pipeline vs raw-PNG pipeline, at 224 px.
+and the training input pipeline's images/s per core at 224 px over PNG records, uint8 records
+and a raw-PNG index (and over PNG and uint8 records on 2 cores), with each encoding's bytes per
+image.
 
     .venv/bin/python bench/bench_data.py [--copies 10] [--out docs/bench_data.json]
 
@@ -10,7 +12,10 @@ times under new names (symlinks; new patient ids). Conversion resizes to 256 px 
 so that the steady-state rate, (n_all - n_third) / (t_all - t_third), leaves out the fixed start
 cost (Python, pandas and TensorFlow imports, about 2-3 s per process) that a 112,120-image run
 hardly notices. The pipelines are `chexnet_hvd.data.train_dataset` over those records and over
-a raw index of the same files, with tf.data and TF ops held to one thread.
+a raw index of the same files, with tf.data and TF ops held to N threads (1, then 2). Over uint8
+records the pipeline ships the flipped uint8 pixels: the float work (resize to 224, scale, 3
+channels, ImageNet mean/std) runs in the model's graph, on the GPU when there is one, so it is
+not the CPU's cost here.
 """
 
 from __future__ import annotations
@@ -35,15 +40,12 @@ PY = sys.executable
 PIPELINE = r"""
 import json, sys, time
 import tensorflow as tf
-tf.config.threading.set_intra_op_parallelism_threads(1)
-tf.config.threading.set_inter_op_parallelism_threads(1)
+data_dir, batches, warm, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+tf.config.threading.set_intra_op_parallelism_threads(threads)
+tf.config.threading.set_inter_op_parallelism_threads(threads)
 from chexnet_hvd import data
-data_dir, batches, warm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ds = data.train_dataset(data_dir, "train", 224, 16, shuffle_buffer=256)
-options = tf.data.Options()
-options.threading.private_threadpool_size = 1  # one core for the whole input pipeline
-options.threading.max_intra_op_parallelism = 1
-it = iter(ds.with_options(options))
+# `threads` cores for the whole input pipeline: its private thread pool (as the trainer sizes it)
+it = iter(data.train_dataset(data_dir, "train", 224, 16, shuffle_buffer=256, threads=threads))
 for _ in range(warm):
     next(it)
 t0 = time.perf_counter()
@@ -74,19 +76,25 @@ def make_input(tmp: Path, copies: int) -> Path:
     return tmp / "all" / "Data_Entry_2017.csv"
 
 
-def convert(csv: Path, out: Path, workers: int, fmt: str = "tfrecord") -> float:
+def convert(csv: Path, out: Path, workers: int, fmt: str = "tfrecord", encoding: str = "png") -> float:
     args = [PY, "-m", "chexnet_hvd.records", "--csv", str(csv), "--images", str(csv.parent.parent / "images"),
             "--out", str(out), "--workers", str(workers), "--shard-size", "128", "--no-progress",
-            "--format", fmt] + (["--image-size", "256"] if fmt == "tfrecord" else [])
+            "--format", fmt] + (["--image-size", "256", "--encoding", encoding] if fmt == "tfrecord" else [])
     t0 = time.perf_counter()
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
-def pipeline(data_dir: Path, batches: int) -> float:
-    proc = subprocess.run([PY, "-c", PIPELINE, str(data_dir), str(batches), "3"], cwd=ROOT, check=True,
-                          capture_output=True, text=True)
+def pipeline(data_dir: Path, batches: int, threads: int = 1) -> float:
+    proc = subprocess.run([PY, "-c", PIPELINE, str(data_dir), str(batches), "3", str(threads)], cwd=ROOT,
+                          check=True, capture_output=True, text=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_sec"]
+
+
+def bytes_per_image(records_dir: Path) -> float:
+    manifest = json.loads((records_dir / "manifest.json").read_text())
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    return sum(s["bytes"] for s in shards) / sum(s["count"] for s in shards)
 
 
 def main() -> None:
@@ -109,14 +117,20 @@ def main() -> None:
                 for part, source in (("all", csv), ("third", third)):
                     seconds[workers, part].append(convert(source, tmp / f"rec{workers}{part}{r}", workers))
         convert(csv, tmp / "raw", 1, "raw")
+        convert(csv, tmp / "uint8", 2, encoding="uint8")
         records_dir = tmp / "rec2all0"
-        ips = {"tfrecord": [], "raw": []}
+        sizes = {"png": bytes_per_image(records_dir), "uint8": bytes_per_image(tmp / "uint8")}
+        ips = {"tfrecord": [], "raw": [], "uint8": [], "tfrecord_2_cores": [], "uint8_2_cores": []}
         for _ in range(args.repeats):
             ips["tfrecord"].append(pipeline(records_dir, args.batches))
             ips["raw"].append(pipeline(tmp / "raw", args.batches))
+            ips["uint8"].append(pipeline(tmp / "uint8", args.batches * 10))
+            ips["tfrecord_2_cores"].append(pipeline(records_dir, args.batches, threads=2))
+            ips["uint8_2_cores"].append(pipeline(tmp / "uint8", args.batches * 10, threads=2))
     t = {key: statistics.median(v) for key, v in seconds.items()}
     steady = {w: (n - n3) / (t[w, "all"] - t[w, "third"]) for w in (1, 2)}
-    rec, raw = statistics.median(ips["tfrecord"]), statistics.median(ips["raw"])
+    med = {key: statistics.median(v) for key, v in ips.items()}
+    rec, raw = med["tfrecord"], med["raw"]
     result = {
         "machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
         "images": n, "images_third": n3, "source": "121 real NIH PNGs (1024 px; 117 L, 4 RGBA), "
@@ -131,6 +145,17 @@ def main() -> None:
         "pipeline_images_per_sec_per_core_tfrecord": round(rec, 2),
         "pipeline_images_per_sec_per_core_raw": round(raw, 2),
         "pipeline_tfrecord_over_raw": round(rec / raw, 3),
+        "pipeline_images_per_sec_per_core_uint8": round(med["uint8"], 2),
+        "pipeline_uint8_over_png": round(med["uint8"] / rec, 3),
+        "pipeline_images_per_sec_2_cores_tfrecord": round(med["tfrecord_2_cores"], 2),
+        "pipeline_images_per_sec_2_cores_uint8": round(med["uint8_2_cores"], 2),
+        # a DenseNet-121 GPU at ~2,000 img/s (mixed precision; derived, not measured here)
+        "cores_per_gpu_at_2000_png": round(2000 / rec, 2),
+        "cores_per_gpu_at_2000_uint8": round(2000 / med["uint8"], 2),
+        "bytes_per_image_png_256": round(sizes["png"]),
+        "bytes_per_image_uint8_256": round(sizes["uint8"]),
+        "nih_112120_gb_png_256": round(sizes["png"] * 112_120 / 1e9, 2),
+        "nih_112120_gb_uint8_256": round(sizes["uint8"] * 112_120 / 1e9, 2),
         "runs": {"convert_seconds": {f"{w} worker(s), {part}": v for (w, part), v in seconds.items()},
                  "pipeline_images_per_sec": ips},
     }

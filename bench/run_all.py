@@ -25,7 +25,24 @@ def verdict(value: float, goal: float) -> str:
 
 
 def section_trainer(r: dict) -> list[str]:
-    return [
+    small = r.get("small")
+    lines = []
+    if small:
+        lines = [
+            f"## The trainer's cost per step ({small['model']}, {small['image_size']} px, batch "
+            f"{small['batch']}, 1 rank)", "",
+            f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (about 10 ms a "
+            "step here, the scale of a GPU step), warm-up left out.", "",
+            "| configuration | images/s |", "|---|---:|",
+            f"| trainer, in-memory synthetic input | {small['trainer_synthetic']:.1f} |",
+            f"| trainer, uint8 records (32 px) | {small['trainer_records']:.1f} |",
+            f"| trainer, synthetic input, --xla | {small['trainer_xla']:.1f} |",
+            f"| bare Horovod loop, in-memory random data | {small['bare_loop']:.1f} |", "",
+            f"- trainer / bare loop, synthetic input: {verdict(small['synthetic_over_bare'], 0.95)}",
+            f"- trainer / bare loop, records pipeline: {verdict(small['records_over_bare'], 0.90)}",
+            f"- --xla / no XLA (synthetic input): {small['xla_over_no_xla']:.2f}; DenseNet-121 at 128 px: "
+            f"{r['xla_over_no_xla_128']:.2f} (recipes turn XLA on only where it wins)", ""]
+    return lines + [
         f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
         f"Machine: {r['machine']} ({platform.processor() or platform.machine()}), {r['date']}; "
         f"{r['steps']} timed steps each, warm-up steps left out.", "",
@@ -63,7 +80,27 @@ def section_data_path(r: dict) -> list[str]:
         f"- TFRecord / raw-PNG pipeline: {verdict(r['pipeline_tfrecord_over_raw'], 3.0)}. This "
         "compares the two as users run them: records resized offline to 256 px against the "
         "1024 px source files; decoding a 16x smaller PNG is the likely main cause, reading a "
-        "few large files instead of one file per image the other (not separated here).", ""]
+        "few large files instead of one file per image the other (not separated here).", "",
+        *section_uint8(r)]
+
+
+def section_uint8(r: dict) -> list[str]:
+    if "pipeline_images_per_sec_per_core_uint8" not in r:
+        return []
+    return [
+        "| input pipeline at 224 px | 1 core | 2 cores | bytes per image (256 px) | NIH, 112,120 images |",
+        "|---|---:|---:|---:|---:|",
+        f"| PNG records | {r['pipeline_images_per_sec_per_core_tfrecord']:.0f} | "
+        f"{r['pipeline_images_per_sec_2_cores_tfrecord']:.0f} | {r['bytes_per_image_png_256']:,} | "
+        f"{r['nih_112120_gb_png_256']:.1f} GB |",
+        f"| uint8 records (`--encoding uint8`), float work in the model graph | "
+        f"{r['pipeline_images_per_sec_per_core_uint8']:.0f} | {r['pipeline_images_per_sec_2_cores_uint8']:.0f} | "
+        f"{r['bytes_per_image_uint8_256']:,} | {r['nih_112120_gb_uint8_256']:.1f} GB |", "",
+        f"- uint8 records, images/s per core: {verdict(r['pipeline_images_per_sec_per_core_uint8'] / 2500, 1.0)} "
+        "of the goal of 2,500 (the ratio to it shown).",
+        f"- Cores per GPU at 2,000 img/s (DenseNet-121 in mixed precision on a GPU, derived): "
+        f"{r['cores_per_gpu_at_2000_png']:.1f} with PNG records, {r['cores_per_gpu_at_2000_uint8']:.2f} "
+        "with uint8 records.", ""]
 
 
 def section_scaling(r: dict) -> list[str]:

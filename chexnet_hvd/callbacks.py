@@ -49,13 +49,16 @@ class RunState:
 class StopAgreement(tf.keras.callbacks.Callback):
     """The ranks agree (allreduce max of their stop flags) every `every` steps and as an epoch
     begins (Keras then trains one step before it stops), at points all ranks share, and all stop
-    after the same step; --preempt-at-step raises the flag."""
+    after the same step. Never on an epoch's last step: that epoch is validated and checkpointed
+    first, so a resumed run never meets a finished but unvalidated epoch. --preempt-at-step
+    raises the flag as a signal would."""
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, stop, every: int, preempt_at: int):
+    def __init__(self, state: RunState, stop, every: int, preempt_at: int, steps_per_epoch: int):
         super().__init__()
         self.state, self.stop, self.every, self.preempt_at = state, stop, every, preempt_at
+        self.steps_per_epoch = steps_per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
         self.state.epoch = epoch
@@ -64,8 +67,8 @@ class StopAgreement(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.state.step += 1
         if self.state.step == self.preempt_at:
-            self.stop.requested = True
-        if self.state.step % self.every == 0 or self.state.step == self.preempt_at:
+            self.stop.requested = True  # as if SIGUSR1 arrived now
+        if self.state.step % self.every == 0 and self.state.step % self.steps_per_epoch:
             self.agree()
 
     def agree(self):
@@ -107,9 +110,10 @@ class Validation(tf.keras.callbacks.Callback):
     """Predict this rank's part of the split, gather all ranks, score over the whole split; then
     the bookkeeping every rank shares: best AUROC, epochs since it improved."""
 
-    def __init__(self, state: RunState, dataset, names: list[str], pos_weight):
+    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict):
         super().__init__()
         self.state, self.dataset, self.names, self.pos_weight = state, dataset, names, pos_weight
+        self.predict = predict  # the model on preprocessed images
 
     def on_epoch_end(self, epoch, logs=None):
         if self.state.preempted:
@@ -118,7 +122,7 @@ class Validation(tf.keras.callbacks.Callback):
 
         def predict(images):
             batches.append(len(images))
-            return self.model.predict_on_batch(images)
+            return self.predict(images)
 
         merged = metrics.gather(data.predictions(predict, self.dataset))  # Horovod: allgather
         result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], self.names,
@@ -166,16 +170,18 @@ class EarlyStop(tf.keras.callbacks.Callback):
 
 
 class StepCheckpoint(tf.keras.callbacks.Callback):
-    """Rank 0: a checkpoint every `every` steps (and only the newest is kept)."""
+    """Rank 0: a checkpoint every `every` steps (only the newest is kept), except on an epoch's
+    last step, whose epoch checkpoint follows once it is validated."""
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, every: int, save):
+    def __init__(self, state: RunState, every: int, save, steps_per_epoch: int):
         super().__init__()
-        self.state, self.every, self.save = state, every, save
+        self.state, self.every, self.save, self.steps_per_epoch = state, every, save, steps_per_epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.state.step % self.every == 0 and not self.state.preempted:
+        step = self.state.step
+        if step % self.every == 0 and step % self.steps_per_epoch and not self.state.preempted:
             self.save(f"step-{self.state.step:09d}", self.state.epoch)
 
 
@@ -219,23 +225,24 @@ class RunLog(tf.keras.callbacks.Callback):
 
 
 def make_callbacks(cfg: TrainConfig, hvd, state: RunState, stop, derived: dict,
-                   names: list[str], pos_weight, save, writer) -> list:
+                   names: list[str], pos_weight, save, writer, predict, threads: int) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = hvd.rank() == 0  # Horovod: only the chief writes files
     validation = data.eval_dataset(cfg.data, cfg.val_split, cfg.image_size, cfg.val_batch_size,
-                                   hvd.rank(), hvd.size())
-    callbacks = [StopAgreement(state, stop, cfg.stop_check_steps, cfg.preempt_at_step),
+                                   rank=hvd.rank(), world_size=hvd.size(), threads=threads)
+    steps = derived["steps_per_epoch"]
+    callbacks = [StopAgreement(state, stop, cfg.stop_check_steps, cfg.preempt_at_step, steps),
                  hvd.callbacks.MetricAverageCallback()]  # Horovod: average the train loss
-    if rank0:
+    if rank0:  # Horovod
         callbacks.append(Timing(state, cfg.timing_warmup_steps, derived["global_batch"]))
-    callbacks.append(Validation(state, validation, names, pos_weight))
+    callbacks.append(Validation(state, validation, names, pos_weight, predict))
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:
         callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
-    if rank0 and cfg.checkpoint_every_steps:
-        callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save))
-    if rank0:
+    if rank0 and cfg.checkpoint_every_steps:  # Horovod
+        callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save, steps))
+    if rank0:  # Horovod
         callbacks += [EpochCheckpoint(state, save), RunLog(state, writer, hvd.size(), cfg.verbose > 0)]
     return callbacks
 

@@ -85,13 +85,14 @@ def synthetic_records(root: Path, size: int) -> Path:
 
 def time_precision(cfg: CheckConfig, data: Path, run_dir: Path, ranks: int, precision: str) -> dict:
     """The trainer itself under horovodrun, synthetic input: its run log's start and epoch."""
+    from chexnet_hvd import train
     from chexnet_hvd.runlog import read_runlog
 
-    cmd = ["horovodrun", "--gloo", "-np", str(ranks), sys.executable, "-m", "chexnet_hvd.train",
-           "--data", str(data), "--run-dir", str(run_dir), "--model", cfg.model,
-           "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size), "--epochs", "1",
-           "--steps-per-epoch", str(cfg.steps), "--timing-warmup-steps", str(min(5, cfg.steps - 1)),
-           "--synthetic-input", "--precision", precision, "--val-split", "val", "--verbose", "0"]
+    run = train.TrainConfig(data=str(data), run_dir=str(run_dir), model=cfg.model,
+                            image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=1,
+                            steps_per_epoch=cfg.steps, timing_warmup_steps=min(5, cfg.steps - 1),
+                            synthetic_input=True, precision=precision, verbose=0)
+    cmd = ["horovodrun", "--gloo", "-np", str(ranks), *train.command(run)]
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -16,13 +16,30 @@ import tensorflow as tf
 
 from chexnet_hvd.cli import InputError
 
+META_SCHEMA = "chexnet_hvd.checkpoint/1"
+# meta.json, written by `save` through `meta_record` and read back by `read_meta`: the model to
+# rebuild, and the counters a resumed run continues from (the trainer's RunState).
+META_FIELDS = ("model", "image_size", "classes", "num_classes", "epoch", "step", "steps_per_epoch",
+               "global_batch", "precision", "val_mean_auroc", "best_val_mean_auroc", "since_best",
+               "plateau", "config")
 
-def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict) -> Path:
+
+def meta_record(**fields) -> dict:
+    """A checkpoint's meta.json content: exactly META_FIELDS, after the schema tag."""
+    if set(fields) != set(META_FIELDS):
+        raise ValueError(f"checkpoint meta fields {sorted(set(fields) ^ set(META_FIELDS))} do not "
+                         f"match the schema {META_SCHEMA}")
+    return {"schema": META_SCHEMA, **fields}
+
+
+def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:
+    """`model` (and `optimizer`, default the model's own) as ckpt_dir/name, renamed into place
+    when complete."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "ckpt"))
+    tf.train.Checkpoint(model=model, optimizer=optimizer or model.optimizer).write(str(tmp / "ckpt"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     _replace_dir(tmp, final)
     return final
@@ -38,10 +55,18 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def read_meta(path: Path) -> dict | None:
+    """A checkpoint's meta.json; None when it has none or a torn one (not a checkpoint). One of
+    another schema version is an error (written before the schema tag: read as this one)."""
     try:
-        return json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(meta, dict):
+        return None
+    if meta.get("schema", META_SCHEMA) != META_SCHEMA:
+        raise InputError(path / "meta.json", f"checkpoint schema {meta['schema']!r}, this suite "
+                         f"reads {META_SCHEMA!r}")
+    return meta
 
 
 def newest(ckpt_dir: Path) -> Path | None:
@@ -78,8 +103,10 @@ def set_best(source: Path) -> Path:
     return best
 
 
-def restore(model: tf.keras.Model, path: Path, with_optimizer: bool = True) -> None:
-    objects = {"model": model} | ({"optimizer": model.optimizer} if with_optimizer else {})
+def restore(model: tf.keras.Model, path: Path, optimizer=None) -> None:
+    """Weights (and with `optimizer`, its state and step counter) from a checkpoint."""
+    with_optimizer = optimizer is not None
+    objects = {"model": model} | ({"optimizer": optimizer} if with_optimizer else {})
     try:
         status = tf.train.Checkpoint(**objects).read(str(path / "ckpt"))
         status.assert_existing_objects_matched()  # every variable of ours came from the file
@@ -98,5 +125,5 @@ def load(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:
     if meta is None:
         raise InputError(ckpt_dir, "not a checkpoint directory (no readable meta.json)")
     model = models.build_model(meta["model"], meta["image_size"], meta["num_classes"])
-    restore(model, Path(ckpt_dir), with_optimizer=False)
+    restore(model, Path(ckpt_dir))
     return model, meta

@@ -75,6 +75,27 @@ def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | No
     return config_cls(**vars(namespace))
 
 
+def to_argv(config: Any, positional: Sequence[str] = ()) -> list[str]:
+    """The command-line arguments `parse_config` turns back into `config`: every field without a
+    default, and every field whose value differs from its default."""
+    args: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+                   else f.default)
+        if default is not dataclasses.MISSING and value == default:
+            continue
+        if f.name in positional:
+            args += list(map(str, value)) if isinstance(value, list | tuple) else [str(value)]
+        elif isinstance(value, bool):
+            args.append(_flag(f.name) if value else "--no-" + _flag(f.name)[2:])
+        elif isinstance(value, list | tuple):
+            args += [_flag(f.name), *map(str, value)]
+        else:
+            args += [_flag(f.name), str(value)]
+    return args
+
+
 def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[str] | None = None,
           **kwargs: Any) -> Any:
     """dataclasses.field with the help text (and choices) the CLI shows."""

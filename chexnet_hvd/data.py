@@ -1,13 +1,15 @@
 """tf.data input pipelines over the records (or a raw-image index), and `preprocess`, shared with
 evaluation and inference.
 
-Training order (DESIGN.md, section 4): sorted files -> shard by rank before any shuffle (disjoint,
-complete) -> seeded file shuffle per epoch -> parallel interleave -> record shuffle buffer ->
-parallel parse/decode/augment/preprocess -> batch(drop_remainder) -> prefetch. With fewer files
-than ranks, records are sharded instead of files. Evaluation reads each record exactly once
-across ranks, in order, with no dropped remainder. A raw index (records --format raw) takes the
-same path with image files in place of records: every world_size-th row per rank, a seeded
-permutation per epoch, then read + decode in the parallel map.
+Which records a rank reads in an epoch is decided by `chexnet_hvd.sharding` (pure, tested at
+every world size up to 256): each rank its own contiguous range of steps x batch records of the
+split's shards in a per-epoch order, so every rank trains the same number of steps, no record
+twice, fewer than one global batch left out, and a different part each epoch. Training order per
+rank: its segments of shards -> parallel interleave -> shuffle within blocks, seeded per (seed,
+rank, epoch) -> parallel parse/decode/flip/preprocess (uint8 records: decode/flip only, the model
+preprocesses) -> batch(drop_remainder) -> prefetch, on a private thread pool of the rank's
+threads. Evaluation reads each record exactly once across ranks, with no dropped remainder. A raw
+index (records --format raw) takes the same path with its rows (image files) as the units.
 """
 
 from __future__ import annotations
@@ -37,9 +39,18 @@ def preprocess(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def decode(example: dict) -> tf.Tensor:
-    """PNG bytes -> uint8 [H, W, 1]."""
-    return tf.io.decode_png(example["image/png"], channels=1)
+def decode(example: dict, encoding: str = "png", size: int | None = None) -> tf.Tensor:
+    """A record's image -> uint8 [H, W, 1]: PNG bytes decoded, or uint8 pixels reshaped."""
+    if encoding == "uint8":
+        pixels = tf.io.decode_raw(example[records.IMAGE_KEYS["uint8"]], tf.uint8)
+        return tf.reshape(pixels, [size, size, 1])
+    return tf.io.decode_png(example[records.IMAGE_KEYS["png"]], channels=1)
+
+
+def preprocess_on_device(manifest: dict) -> bool:
+    """uint8 records are fixed-size pixels: the CPU pipeline ships them as they are and the
+    model's graph (`models.with_preprocessing`) does `preprocess` on the accelerator."""
+    return manifest.get("encoding") == "uint8"
 
 
 def decode_file(raw: tf.Tensor) -> tf.Tensor:
@@ -70,6 +81,7 @@ class _Source:
         self.manifest = records.load_manifest(data_dir)
         self.num_classes = self.manifest["num_classes"]
         self.raw = is_raw(self.manifest)
+        self.encoding, self.stored_size = self.manifest.get("encoding"), self.manifest["image_size"]
         self.deterministic = deterministic
         shards = records.split_shards(self.manifest, data_dir, split)
         if self.raw:  # every row a unit of one record
@@ -98,14 +110,25 @@ class _Source:
             image = decode_file(tf.io.read_file(item["path"]))
             return {"image": image, "label": item["label"], "mask": item["mask"],
                     "id": item["id"], "patient": item["patient"]}
-        example = records.parse_example(item, self.num_classes)
-        return {"image": decode(example), "label": example["label"], "mask": example["mask"],
+        example = records.parse_example(item, self.num_classes, self.encoding)
+        return {"image": decode(example, self.encoding, self.stored_size), "label": example["label"], "mask": example["mask"],
                 "id": example["image/id"], "patient": example["patient/id"]}
 
 
 def as_tensor(segments: list[sharding.Segment]) -> np.ndarray:
     """Segments as the [k, 3] int64 array `_Source.read` takes."""
     return np.asarray(segments, dtype=np.int64).reshape(-1, 3)
+
+
+def sized(ds: tf.data.Dataset, threads: int | None) -> tf.data.Dataset:
+    """The pipeline on a private thread pool of `threads` threads: the rank's share of the CPUs
+    (its affinity under Slurm's binding), not every core of the node (TF's default)."""
+    if not threads:
+        return ds
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options)
 
 
 def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.Dataset:
@@ -122,18 +145,20 @@ def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.D
     return ds.batch(size).enumerate().map(permute).unbatch()
 
 
-def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
+def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int, *,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
                   shuffle_buffer: int = 2048, deterministic: bool = False,
                   steps_per_epoch: int | None = None, start_epoch: int = 0,
                   epochs: int | None = None, skip_batches: int = 0,
-                  with_ids: bool = False) -> tf.data.Dataset:
+                  with_ids: bool = False, threads: int | None = None) -> tf.data.Dataset:
     """(image, label, mask) batches for this rank: its `sharding.train_plan` range per epoch,
     in an order fixed by (seed, epoch, rank) and cut to `steps_per_epoch` batches, so epoch e
     is the same whether the run started at 0 or was resumed at e; `skip_batches` drops the
     first batches of the first epoch (a resume in mid-epoch) before they are decoded.
-    `epochs=None`: endless."""
+    `epochs=None`: endless. uint8 records come out as flipped uint8 pixels, for a model that
+    preprocesses in its graph (`preprocess_on_device`)."""
     source = _Source(data_dir, split, deterministic)
+    on_device = preprocess_on_device(source.manifest)
     last = 2**62 if epochs is None else start_epoch + epochs
 
     def plan():
@@ -154,7 +179,7 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
         image = example["image"]
         if augment:  # CheXNet's only augmentation; stateless, so a resumed epoch flips the same
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        out = (preprocess(image, image_size), example["label"], example["mask"])
+        out = (image if on_device else preprocess(image, image_size), example["label"], example["mask"])
         return out + (example["id"],) if with_ids else out
 
     ds = tf.data.Dataset.from_generator(plan, output_signature=(
@@ -162,7 +187,7 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
     ds = ds.flat_map(one_pass)
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.prefetch(AUTOTUNE)
+    return sized(ds.prefetch(AUTOTUNE), threads)
 
 
 TTA_MODES = ("none", "flip", "tencrop")
@@ -185,8 +210,9 @@ def tta_views(image: tf.Tensor, image_size: int, mode: str) -> tf.Tensor:
     return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0)
 
 
-def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, tta: str | None = None) -> tf.data.Dataset:
+def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int, *,
+                 rank: int = 0, world_size: int = 1, tta: str | None = None,
+                 threads: int | None = None) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
     With `tta`, image holds the views of `tta_views` ([B, V, S, S, 3])."""
     source = _Source(data_dir, split, deterministic=True)
@@ -199,14 +225,19 @@ def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: 
         return example | {"image": image}
 
     ds = source.read(as_tensor(segments)).map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(AUTOTUNE)
+    return sized(ds.batch(batch_size).prefetch(AUTOTUNE), threads)
 
 
-def synthetic_dataset(image_size: int, batch_size: int, num_classes: int, seed: int = 0) -> tf.data.Dataset:
-    """One random preprocessed batch held in memory and repeated: the same element structure as
-    `train_dataset`, with no input cost (benchmarks compare the two)."""
+def synthetic_dataset(image_size: int, batch_size: int, num_classes: int, seed: int = 0,
+                      uint8_size: int | None = None) -> tf.data.Dataset:
+    """One random batch held in memory and repeated: the same element structure as
+    `train_dataset` (preprocessed floats, or uint8 pixels of `uint8_size` for a model that
+    preprocesses in its graph), with no input cost (benchmarks compare the two)."""
     g = tf.random.Generator.from_seed(seed)
-    images = g.normal((batch_size, image_size, image_size, 3))
+    if uint8_size:
+        images = tf.cast(g.uniform((batch_size, uint8_size, uint8_size, 1), 0, 256, tf.int32), tf.uint8)
+    else:
+        images = g.normal((batch_size, image_size, image_size, 3))
     labels = tf.cast(g.uniform((batch_size, num_classes)) < 0.1, tf.float32)
     return tf.data.Dataset.from_tensors((images, labels, tf.ones_like(labels))).repeat()
 

@@ -54,8 +54,9 @@ def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: 
     """Gathered predictions (views averaged) with labels, masks, ids and patients."""
     from chexnet_hvd import data, metrics
 
-    local = data.predictions(predict, data.eval_dataset(data_dir, split, image_size, batch, hvd.rank(),
-                                                        hvd.size(), tta=tta))
+    dataset = data.eval_dataset(data_dir, split, image_size, batch, rank=hvd.rank(),
+                                world_size=hvd.size(), tta=tta)
+    local = data.predictions(predict, dataset)
     return metrics.gather(local)
 
 
@@ -159,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     from chexnet_hvd import distributed, export, metrics, records
 
-    hvd, _ = distributed.start()  # Horovod: one GPU per local rank; a world of 1 without a launcher
+    hvd, placement = distributed.start()  # Horovod: one GPU per local rank; a world of 1 alone
+    import horovod.tensorflow as hvd_tf
+
+    ranks = hvd_tf.allgather_object(dataclasses.asdict(placement))  # Horovod: where each rank ran
 
     manifest = records.load_manifest(cfg.data)
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.val_split:
         val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", hvd)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
-    if hvd.rank() != 0:
+    if hvd.rank() != 0:  # Horovod: every rank has the gathered predictions; the chief reports
         return 0
     ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"],
                               cfg.bootstrap, cfg.seed)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
         "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
-        "world_size": hvd.size(), "paper_comparable": paper_comparable(manifest),
+        "world_size": hvd.size(), "ranks": ranks, "paper_comparable": paper_comparable(manifest),
         "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
                        "ci_lo": round(ci["mean_auroc_lo"], 4), "ci_hi": round(ci["mean_auroc_hi"], 4)},
         "mean_auroc_tta": round(metrics.mean_defined(tta_auroc), 4) if tta else None,

@@ -77,7 +77,7 @@ def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     if not hvd.is_initialized() or hvd.size() == 1:
         return arrays
-    parts = hvd.allgather_object(arrays)
+    parts = hvd.allgather_object(arrays)  # Horovod: every rank's part, in rank order
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 

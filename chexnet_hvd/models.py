@@ -132,6 +132,19 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
                          f"{image_size} px ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 
 
+def with_preprocessing(model: tf.keras.Model, stored_size: int) -> tf.keras.Model:
+    """`model` behind `data.preprocess` as a layer of its graph: it takes the uint8 pixels of
+    uint8 records ([B, S, S, 1], S the stored size), so resizing, scaling, replication to 3
+    channels and ImageNet normalisation run where the model runs (a GPU), not on the CPU. The
+    weights are `model`'s own: checkpoints hold `model`, which takes preprocessed input."""
+    from chexnet_hvd import data
+
+    size = model.input_shape[1]
+    pixels = tf.keras.Input((stored_size, stored_size, 1), dtype=tf.uint8, name="pixels")
+    images = tf.keras.layers.Lambda(lambda t: data.preprocess(t, size), name="preprocess")(pixels)
+    return tf.keras.Model(pixels, model(images), name=f"{model.name}_on_pixels")
+
+
 def cam_layer(model: tf.keras.Model) -> tf.keras.layers.Layer:
     """The layer class activation maps are taken at: the last layer with a spatial [B, H, W, C]
     output (the backbones' final activation, before global pooling); for the small CNN `conv2`,

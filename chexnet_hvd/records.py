@@ -1,9 +1,10 @@
 """TFRecord schema (write AND parse), the parallel shard writer, and manifest.json.
 
 `python -m chexnet_hvd.records --dataset nih --csv CSV --images DIR --out DIR` converts every image
-listed in the CSV to grayscale PNG bytes in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files.
-Each shard is written under a temporary name and renamed when complete, with a sidecar JSON
-holding its counts; a re-run skips shards that are already complete. Unreadable or missing images
+listed in the CSV to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels of a
+fixed size) in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files. Each shard is written under a
+temporary name and renamed when complete, then a sidecar JSON holding its key and counts; a
+re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Unreadable or missing images
 go to rejects.csv with the reason; written + rejected = listed, always. manifest.json is written
 last, so its presence means the directory is complete.
 
@@ -36,15 +37,19 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
 RAW_ENCODING = "raw-index"  # --format raw: per-split CSV lists of the image files, no conversion
+# How a record holds its image: grayscale PNG bytes (any size: source-size records), or the
+# uncompressed uint8 pixels of an image resized offline to image_size x image_size, which cost
+# a CPU core next to nothing to read (the float work then runs in the model's graph).
+IMAGE_KEYS = {"png": "image/png", "uint8": "image/uint8"}
 
 
 # ---------------------------------------------------------------- schema (one definition) ----
-def feature_spec(num_classes: int) -> dict:
+def feature_spec(num_classes: int, encoding: str = "png") -> dict:
     """The tf.io feature spec every reader parses with; `serialize_example` writes the same keys."""
     import tensorflow as tf
 
     return {
-        "image/png": tf.io.FixedLenFeature([], tf.string),
+        IMAGE_KEYS[encoding]: tf.io.FixedLenFeature([], tf.string),
         "image/id": tf.io.FixedLenFeature([], tf.string),
         "patient/id": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([num_classes], tf.float32),
@@ -52,7 +57,8 @@ def feature_spec(num_classes: int) -> dict:
     }
 
 
-def serialize_example(png: bytes, image_id: str, patient: str, label, mask) -> bytes:
+def serialize_example(image: bytes, image_id: str, patient: str, label, mask,
+                      encoding: str = "png") -> bytes:
     """One record in the schema of `feature_spec`."""
     import tensorflow as tf
 
@@ -62,16 +68,16 @@ def serialize_example(png: bytes, image_id: str, patient: str, label, mask) -> b
     def f(v):
         return tf.train.Feature(float_list=tf.train.FloatList(value=list(map(float, v))))
 
-    feature = {"image/png": b(png), "image/id": b(image_id.encode()),
+    feature = {IMAGE_KEYS[encoding]: b(image), "image/id": b(image_id.encode()),
                "patient/id": b(patient.encode()), "label": f(label), "mask": f(mask)}
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def parse_example(serialized, num_classes: int) -> dict:
+def parse_example(serialized, num_classes: int, encoding: str = "png") -> dict:
     """Parse one serialized record (a scalar string tensor) into the feature dict."""
     import tensorflow as tf
 
-    return tf.io.parse_single_example(serialized, feature_spec(num_classes))
+    return tf.io.parse_single_example(serialized, feature_spec(num_classes, encoding))
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -123,11 +129,16 @@ def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple
 CONVERSION = "gray8-v2"  # the image conversion below; part of every shard's reuse key
 
 
+DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
+
+
 def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """16-bit grey levels -> uint8, scaled by the data's real range: the bits its maximum needs
-    (at least 8), so 12-bit data in a 16-bit PNG (common in DICOM exports) spans 0..255, not
-    0..15. Returns the image and those bits."""
-    bits = max(8, int(values.max()).bit_length()) if values.size else 8
+    """16-bit grey levels -> uint8, scaled by the data's real range: the smallest of DEPTHS that
+    holds its maximum, so 12-bit data in a 16-bit PNG (common in DICOM exports) spans 0..255,
+    not 0..15, and a darker 12-bit image (maximum 1,800, say) is scaled like its neighbours, by
+    4,095. Returns the image and those bits."""
+    need = int(values.max()).bit_length() if values.size else 8
+    bits = next(d for d in DEPTHS if d >= need)
     return np.round(values.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8), bits
 
 
@@ -165,6 +176,7 @@ class ShardJob:
     rows: list  # (image, path, patient, labels, mask)
     image_size: int | None
     names: tuple = ()  # class names of labels and mask
+    encoding: str = "png"
 
     def key(self) -> str:
         """Identity of everything the shard's bytes depend on: the records schema and the image
@@ -178,7 +190,7 @@ class ShardJob:
                 stats.append([st.st_size, st.st_mtime_ns])
             except OSError:
                 stats.append(None)
-        text = json.dumps([SCHEMA_VERSION, CONVERSION, self.image_size, list(self.names),
+        text = json.dumps([SCHEMA_VERSION, CONVERSION, self.encoding, self.image_size, list(self.names),
                            [list(row[:3]) + [list(row[3]), list(row[4])] for row in self.rows], stats])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -211,15 +223,19 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
         for image, path, patient, labels, mask in job.rows:
             try:
                 gray, depth = read_grayscale_bits(path, job.image_size)
-                buf = io.BytesIO()
-                gray.save(buf, format="PNG", compress_level=1)  # fast, still lossless
+                if job.encoding == "uint8":
+                    encoded = np.asarray(gray, dtype=np.uint8).tobytes()
+                else:
+                    buf = io.BytesIO()
+                    gray.save(buf, format="PNG", compress_level=1)  # fast, still lossless
+                    encoded = buf.getvalue()
             except FileNotFoundError:
                 rejects.append((image, job.split, path, "missing file"))
                 continue
             except Exception as err:  # PIL raises many types for corrupt files
                 rejects.append((image, job.split, path, f"unreadable image: {type(err).__name__}: {err}"))
                 continue
-            writer.write(serialize_example(buf.getvalue(), image, patient, labels, mask))
+            writer.write(serialize_example(encoded, image, patient, labels, mask, job.encoding))
             written += 1
             bits[str(depth)] = bits.get(str(depth), 0) + 1
             labelled = np.asarray(mask) > 0  # masked (e.g. U-Ignore) labels count as neither
@@ -272,7 +288,7 @@ def read_raw_index(files: list[str]) -> dict[str, np.ndarray]:
 
 
 def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
-                seed: int, suffix: str = ".tfrecord") -> list[ShardJob]:
+                seed: int, suffix: str = ".tfrecord", encoding: str = "png") -> list[ShardJob]:
     """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped."""
     names = metadata.class_names(table)
     jobs = []
@@ -288,7 +304,7 @@ def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
         n_shards = -(-len(rows) // shard_size)
         for i, chunk in enumerate(np.array_split(np.arange(len(rows)), n_shards)):
             jobs.append(ShardJob(split, f"{split}-{i:05d}-of-{n_shards:05d}{suffix}",
-                                 [rows[j] for j in chunk], image_size, names))
+                                 [rows[j] for j in chunk], image_size, names, encoding))
     return jobs
 
 
@@ -366,7 +382,7 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
         "num_classes": len(names),
         "image_size": cfg.image_size,  # null: stored at the source resolution
         "channels": 1,
-        "encoding": RAW_ENCODING if cfg.format == "raw" else "png",
+        "encoding": RAW_ENCODING if cfg.format == "raw" else cfg.encoding,
         "source_csv": str(cfg.csv),
         "source_csv_sha256": csv_sha256,
         "split_method": cfg.split,
@@ -393,6 +409,9 @@ class RecordsConfig(metadata.TableConfig):
                             "raw-image pipeline (train reads either)", choices=["tfrecord", "raw"])
     image_size: int | None = cli.field(None, help="resize offline to N x N (default: keep source "
                                        "size, e.g. 1024 for the large-input models)")
+    encoding: str = cli.field("png", help="png: lossless PNG bytes (any size); uint8: the raw "
+                              "pixels, needs --image-size; nearly free to read, the float work "
+                              "then runs in the model's graph (on the GPU)", choices=["png", "uint8"])
     shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
     workers: int = cli.field(len(os.sched_getaffinity(0)), help="parallel worker processes (per MPI rank "
                              "under mpirun/srun)")
@@ -408,6 +427,8 @@ def write_records(cfg: RecordsConfig) -> dict:
         raise cli.InputError("--shard-size/--workers", "must be at least 1")
     if not Path(cfg.images).is_dir():
         raise cli.InputError(cfg.images, "no such directory")
+    if cfg.encoding == "uint8" and not cfg.image_size:
+        raise cli.InputError("--encoding", "uint8 stores fixed-size pixels: give --image-size")
     if cfg.format == "raw" and cfg.image_size:
         raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
                              "pipeline resizes while training)")
@@ -419,7 +440,7 @@ def write_records(cfg: RecordsConfig) -> dict:
         (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
     raw = cfg.format == "raw"
     jobs = plan_shards(table, len(table) if raw else cfg.shard_size, cfg.image_size, cfg.seed,
-                       ".csv" if raw else ".tfrecord")
+                       ".csv" if raw else ".tfrecord", cfg.encoding)
     results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
                        cfg.progress and rank == 0, write_index if raw else write_shard)
     if comm:  # every rank planned the same shards; rank 0 alone reports on all of them

@@ -30,8 +30,13 @@ from chexnet_hvd import cli
 
 SCHEMA = "chexnet_hvd.runlog/1"
 FILENAME = "runlog.jsonl"
-EVENTS = ("start", "epoch", "end")
 END_STATUSES = ("completed", "preempted", "failed")
+# The fields every record of an event must have (the writer refuses one without them; the
+# docstring above lists the rest); readers such as tools/scaling_report.py rely on these.
+REQUIRED = {"start": ("world_size", "local_batch", "model", "image_size", "precision"),
+            "epoch": ("epoch", "seconds", "images_per_sec"),
+            "end": ("status",)}
+EVENTS = tuple(REQUIRED)
 
 
 class RunLogError(ValueError):
@@ -49,6 +54,9 @@ class RunLogWriter:
     def write(self, event: str, **fields: Any) -> dict:
         if event not in EVENTS:
             raise ValueError(f"unknown run-log event {event!r}")
+        missing = [k for k in REQUIRED[event] if k not in fields]
+        if missing or (event == "end" and fields["status"] not in END_STATUSES):
+            raise ValueError(f"run-log {event} record without {missing or 'a known status'}")
         record = {"schema": SCHEMA, "event": event, "time": round(time.time(), 3), **fields}
         self._fh.write(json.dumps(record, default=str) + "\n")
         self._fh.flush()

@@ -15,8 +15,8 @@ from pathlib import Path
 from chexnet_hvd import cli, runlog
 
 # Every setting that changes throughput: runs differing in one of them never pool.
-GROUP_KEYS = ("model", "image_size", "precision", "local_batch", "input", "xla", "fp16_allreduce",
-              "backend", "engine")
+GROUP_KEYS = ("model", "image_size", "precision", "local_batch", "input", "preprocess", "xla",
+              "fp16_allreduce", "backward_passes", "backend", "engine")
 COLUMNS = [*GROUP_KEYS, "ranks", "images_per_sec", "images_per_sec_per_rank", "speedup",
            "efficiency", "epoch_seconds_mean", "epoch_seconds_sd", "epochs", "runs"]
 
@@ -27,8 +27,10 @@ def settings(start: dict) -> dict:
     return {"model": start.get("model"), "image_size": start.get("image_size"),
             "precision": start.get("precision"), "local_batch": start.get("local_batch"),
             "input": "synthetic" if start.get("synthetic_input") else "records",
+            "preprocess": start.get("preprocess", "input pipeline"),
             "xla": bool(config.get("xla", False)),
             "fp16_allreduce": bool(config.get("fp16_allreduce", False)),
+            "backward_passes": int(config.get("backward_passes_per_step", 1)),
             "backend": start.get("horovod_backend"), "engine": start.get("engine", "horovod")}
 
 
@@ -71,7 +73,7 @@ def load_runs(path: Path) -> list[Run]:
         if record["event"] == "start":
             attempts.append(Run(str(path), record))
         elif not attempts:
-            raise runlog.RunLogError(f"{path}: {record['event']} record before any start record")
+            continue  # an older trainer logged the end of a run that failed before starting
         elif record["event"] == "epoch":
             attempts[-1].epochs.append(record)
         else:
@@ -158,8 +160,10 @@ def title(group: dict) -> str:
     text = (f"{group['model']}, {group['image_size']} px, {group['precision']}, batch "
             f"{group['local_batch']} per rank, {group['input']} input, {group['engine']}"
             f"{'/' + group['backend'] if group['backend'] else ''}")
-    return text + "".join(f", {name}" for name, on in (("XLA", group["xla"]),
-                                                        ("fp16 allreduce", group["fp16_allreduce"])) if on)
+    switched = (("preprocessed in the model graph", group["preprocess"] == "model graph"),
+                ("XLA", group["xla"]), ("fp16 allreduce", group["fp16_allreduce"]),
+                (f"{group['backward_passes']} backward passes per step", group["backward_passes"] > 1))
+    return text + "".join(f", {name}" for name, on in switched if on)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -2,13 +2,15 @@
 split's shard files, or the rows of a raw-image index), the world, the batch, the seed and the
 epoch. No TensorFlow, so tests check the properties directly at any scale.
 
-Training. An epoch reads the units in an order permuted for that epoch, as one sequence of
-N records; rank r takes records [r*L, (r+1)*L) of it, L = steps x batch and steps = N // (world x
-batch). So every rank trains the same number of steps, no record is read twice, and the epoch
-leaves out fewer than one global batch: the tail of the sequence. The units that held an epoch's
-tail come first in the next epoch's order, so no record is left out two epochs running. A rank
-reads only the units its range touches, skipping into the first (at most one unit's records read
-and dropped per rank and epoch).
+Training. An epoch reads the units in an order permuted for that epoch, as one cyclic sequence of
+N records, starting at an offset; rank r takes records [offset + r*L, offset + (r+1)*L) of it
+(wrapping around), L = steps x batch and steps = N // (world x batch). So every rank trains the
+same number of steps, no record is read twice, and the epoch leaves out fewer than one global
+batch: the records after the last rank's range. The next epoch starts exactly there: the units
+holding those records come first (from the first left-out record on), the others follow in a
+new seeded permutation. So no record is left out two epochs running, and with a single shard
+the ranks' ranges move every epoch too. A rank reads only the units its range touches, skipping
+into the first (at most one unit's records read and dropped per rank and epoch).
 
 Evaluation. The units in stored order, cut into world parts of N // world records (the first
 N % world ranks one more): every record exactly once, in order.
@@ -30,37 +32,55 @@ def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
 
 def _cuts(counts: np.ndarray, order: np.ndarray, starts: Sequence[int],
           lengths: Sequence[int]) -> list[list[Segment]]:
-    """For each (start, length): records [start, start + length) of the units read in
-    `order`, as segments."""
+    """For each (start, length): records [start, start + length) of the cyclic sequence of the
+    units read in `order`, as segments (a range past the end continues at the beginning)."""
     ends = np.cumsum(counts[order])
     begins = ends - counts[order]
+    total = int(ends[-1]) if len(ends) else 0
+
+    def linear(start: int, stop: int) -> list[Segment]:
+        out = []
+        for i in range(int(np.searchsorted(ends, start, side="right")),
+                       int(np.searchsorted(begins, stop, side="left"))):
+            skip = max(0, start - int(begins[i]))
+            take = min(int(ends[i]), stop) - int(begins[i]) - skip
+            if take > 0:
+                out.append((int(order[i]), skip, take))
+        return out
+
     out = []
     for start, length in zip(starts, lengths, strict=True):
-        first = int(np.searchsorted(ends, start, side="right"))
-        last = int(np.searchsorted(begins, start + length, side="left"))
-        segments = []
-        for i in range(first, last):
-            skip = max(0, start - int(begins[i]))
-            take = min(int(ends[i]), start + length) - int(begins[i]) - skip
-            if take > 0:
-                segments.append((int(order[i]), skip, take))
-        out.append(segments)
+        start = start % total if total else 0
+        first = linear(start, min(start + length, total))
+        out.append(first + (linear(0, start + length - total) if start + length > total else []))
     return out
 
 
-def unit_orders(counts: Sequence[int], taken: int, seed: int) -> Iterator[np.ndarray]:
-    """The unit order of epoch 0, 1, 2, ...: a fresh seeded permutation each epoch, except that
-    the units holding the previous epoch's tail (records at or after `taken`) come first."""
+def epoch_orders(counts: Sequence[int], taken: int, seed: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(unit order, offset) of epoch 0, 1, 2, ...: each epoch starts at the previous epoch's first
+    left-out record (`taken` records read per epoch), the units holding its left-out records
+    first, the rest in a fresh seeded permutation."""
     counts = np.asarray(counts, dtype=np.int64)
-    order = np.random.default_rng([seed, 0]).permutation(len(counts))
-    epoch = 0
+    total = int(counts.sum())
+    order, offset, epoch = np.random.default_rng([seed, 0]).permutation(len(counts)), 0, 0
     while True:
-        yield order
+        yield order, offset
         epoch += 1
         ends = np.cumsum(counts[order])
-        tail = order[int(np.searchsorted(ends, taken, side="right")):]
-        rest = np.setdiff1d(order, tail, assume_unique=True)
-        order = np.concatenate([tail, np.random.default_rng([seed, epoch]).permutation(rest)])
+        begins = ends - counts[order]
+        start, left = (offset + taken) % total, total - taken  # the left-out records
+        held: list[int] = []
+        i, position = int(np.searchsorted(ends, start, side="right")), start
+        first = i
+        while left > 0 and len(held) < len(order):
+            k = i % len(order)
+            held.append(int(order[k]))
+            left -= int(ends[k]) - position
+            i, position = i + 1, int(begins[(i + 1) % len(order)])
+        rest = np.setdiff1d(order, held, assume_unique=True)
+        offset = start - int(begins[first % len(order)]) if held else 0
+        order = np.concatenate([np.asarray(held, dtype=order.dtype),
+                                np.random.default_rng([seed, epoch]).permutation(rest)])
 
 
 def train_plan(counts: Sequence[int], world_size: int, batch_size: int, seed: int,
@@ -70,11 +90,12 @@ def train_plan(counts: Sequence[int], world_size: int, batch_size: int, seed: in
     counts = np.asarray(counts, dtype=np.int64)
     per_rank = steps_per_epoch(int(counts.sum()), world_size, batch_size) * batch_size
     ranks = range(world_size) if ranks is None else ranks
-    for epoch, order in enumerate(unit_orders(counts, per_rank * world_size, seed)):
+    for epoch, (order, offset) in enumerate(epoch_orders(counts, per_rank * world_size, seed)):
         if epoch >= epochs.stop:
             return
         if epoch in epochs:
-            yield epoch, _cuts(counts, order, [r * per_rank for r in ranks], [per_rank] * len(ranks))
+            yield epoch, _cuts(counts, order, [offset + r * per_rank for r in ranks],
+                               [per_rank] * len(ranks))
 
 
 def eval_plan(counts: Sequence[int], world_size: int) -> list[list[Segment]]:

@@ -71,8 +71,9 @@ class TrainConfig:
     checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)")
     stop_check_steps: int = cli.field(10, help="the ranks agree on a stop request (SIGTERM, "
                                       "SIGUSR1) every N steps: a collective, so not every step")
-    preempt_at_step: int = cli.field(0, help="act as if SIGUSR1 arrived at this step: rehearse "
-                                     "preemption, checkpoint and --resume (0: off)")
+    preempt_at_step: int = cli.field(0, help="act as if SIGUSR1 arrived at this step (the ranks "
+                                     "stop at their next agreement): rehearse preemption, "
+                                     "checkpoint and --resume (0: off)")
     keep_checkpoints: int = cli.field(3, help="how many of the newest epoch checkpoints to keep")
     threads: int = cli.field(0, help="CPU threads per rank for TF ops; 0: from the CPUs this rank "
                              "may run on (all of them when bound, else a share per local rank)")
@@ -83,6 +84,12 @@ class TrainConfig:
     verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
                              "Keras' progress bar when stdout is a terminal; 2 one line per "
                              "epoch only", choices=[0, 1, 2])
+
+
+def command(cfg: TrainConfig, python: str = sys.executable) -> list[str]:
+    """The trainer's command line for `cfg`: what the NAS worker, the GPU check, the benchmarks
+    and the tests start (a launcher goes in front)."""
+    return [python, "-m", "chexnet_hvd.train", *cli.to_argv(cfg)]
 
 
 # ---------------------------------------------------------------- derived values -------------
@@ -96,7 +103,7 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
     if full < 1:
         raise cli.InputError("--batch-size", f"{cfg.batch_size} per rank x {world_size} ranks is more "
                              f"than the {records_total} training records")
-    if cfg.steps_per_epoch > full:
+    if cfg.steps_per_epoch > full and not cfg.synthetic_input:
         raise cli.InputError("--steps-per-epoch", f"{cfg.steps_per_epoch} is more than the {full} "
                              f"global batches of {global_batch} the training split holds")
     steps = cfg.steps_per_epoch or full
@@ -185,15 +192,18 @@ def checkpoint_meta(cfg: TrainConfig, manifest: dict, derived: dict, state,
                     epochs_done: int) -> dict:
     """What a checkpoint's meta.json records: enough to rebuild the model and resume the run
     exactly (step, epoch, the plateau and early-stopping counts, the epoch's length)."""
-    return {"model": cfg.model, "image_size": cfg.image_size, "classes": manifest["classes"],
-            "num_classes": manifest["num_classes"], "epoch": epochs_done, "step": state.step,
-            "steps_per_epoch": derived["steps_per_epoch"], "global_batch": derived["global_batch"],
-            "precision": cfg.precision, "val_mean_auroc": state.validation.get("mean_auroc"),
-            "best_val_mean_auroc": state.best, "since_best": state.since_best,
-            "plateau": state.plateau, "config": dataclasses.asdict(cfg)}
+    from chexnet_hvd import checkpoints
+
+    return checkpoints.meta_record(
+        model=cfg.model, image_size=cfg.image_size, classes=manifest["classes"],
+        num_classes=manifest["num_classes"], epoch=epochs_done, step=state.step,
+        steps_per_epoch=derived["steps_per_epoch"], global_batch=derived["global_batch"],
+        precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
+        best_val_mean_auroc=state.best, since_best=state.since_best, plateau=state.plateau,
+        config=dataclasses.asdict(cfg))
 
 
-def resume_state(cfg: TrainConfig, hvd, model, run_dir: Path, derived: dict):
+def resume_state(cfg: TrainConfig, hvd, model, optimizer, run_dir: Path, derived: dict):
     """The run state, and every rank on the chief's weights and optimizer state before the
     first step: with --resume restored from the newest complete checkpoint (resuming in mid-
     epoch skips the batches already trained), else the chief's fresh initial weights."""
@@ -203,10 +213,11 @@ def resume_state(cfg: TrainConfig, hvd, model, run_dir: Path, derived: dict):
     from chexnet_hvd.callbacks import RunState
 
     state = RunState(plateau=dict(schedules.PLATEAU_START))
-    model.optimizer.build(model.trainable_variables)  # create the slots so they can be restored
+    optimizer.build(model.trainable_variables)  # create the slots so they can be restored
+    # Horovod: only the chief reads the checkpoint; the broadcasts below share it
     found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and hvd.rank() == 0 else None
-    if found is not None:  # Horovod: only the chief reads; the broadcasts below share it
-        checkpoints.restore(model, found)
+    if found is not None:
+        checkpoints.restore(model, found, optimizer)
         meta = checkpoints.read_meta(found)
         state = RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
                          best=meta["best_val_mean_auroc"], since_best=meta.get("since_best", 0),
@@ -216,14 +227,14 @@ def resume_state(cfg: TrainConfig, hvd, model, run_dir: Path, derived: dict):
         done = meta["step"] - meta["epoch"] * derived["steps_per_epoch"]
         if same_epochs and 0 < done < derived["steps_per_epoch"]:
             state.skip_batches = done
-        elif done:
+        elif done:  # no checkpoint of ours ends an epoch unvalidated: the epochs changed
             print(f"warning: {found}: its epochs were {meta.get('steps_per_epoch')} steps of "
                   f"{meta.get('global_batch')}, now {derived['steps_per_epoch']} of "
                   f"{derived['global_batch']}: epoch {meta['epoch'] + 1} starts over",
                   file=sys.stderr, flush=True)
     state = hvd_tf.broadcast_object(state, root_rank=0)  # Horovod: counters from the chief
-    schedules.live_schedule(model.optimizer).scale.assign(state.plateau["scale"])
-    variables = model.optimizer.variables
+    schedules.live_schedule(optimizer).scale.assign(state.plateau["scale"])
+    variables = optimizer.variables
     variables = variables() if callable(variables) else variables
     hvd_tf.broadcast_variables(model.variables + list(variables), root_rank=0)  # Horovod
     return state
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = hvd.rank() == 0  # Horovod: the chief writes files
     derived = derive(cfg, manifest, hvd.size())
     ranks = hvd_tf.allgather_object(dataclasses.asdict(placement))  # Horovod: where each rank runs
-    writer = runlog.RunLogWriter(run_dir) if rank0 else None
+    writer = None  # opened with the start record: a run that fails before it leaves no log
 
     try:
         # --- model + optimizer ---
@@ -298,14 +309,17 @@ def main(argv: list[str] | None = None) -> int:
             tf.config.optimizer.set_jit("autoclustering")
         tf.keras.mixed_precision.set_global_policy("float32" if cfg.precision == "fp32" else cfg.precision)
         model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], cfg.weights)
+        on_device = data.preprocess_on_device(manifest)  # uint8 records: preprocess in the graph
+        trained = models.with_preprocessing(model, manifest["image_size"]) if on_device else model
         pos_weight = (None if cfg.class_weights == "none"
                       else [manifest["pos_weight"][c] for c in manifest["classes"]])
-        model.compile(optimizer=make_optimizer(cfg, hvd, derived), loss=make_loss(pos_weight))
-        state = resume_state(cfg, hvd, model, run_dir, derived)
+        trained.compile(optimizer=make_optimizer(cfg, hvd, derived), loss=make_loss(pos_weight))
+        state = resume_state(cfg, hvd, model, trained.optimizer, run_dir, derived)
         if cfg.audit:
             audit_weights(run_dir, hvd.rank(), model, "-initial")
-        if rank0:
+        if rank0:  # Horovod: the chief writes the config and the run log
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | derived, indent=1))
+            writer = runlog.RunLogWriter(run_dir)
             writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model,
                          image_size=cfg.image_size, precision=cfg.precision,
                          horovod_backend=distributed.backend_name(hvd),
@@ -315,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                          initial_step=state.step, skipped_batches=state.skip_batches,
                          trainable_params=int(sum(v.shape.num_elements() for v in model.trainable_variables)),
                          synthetic_input=cfg.synthetic_input,
+                         preprocess="model graph" if on_device else "input pipeline",
                          versions={"python": sys.version.split()[0], "tensorflow": tf.__version__,
                                    "horovod": __import__("horovod").__version__},
                          **derived)
@@ -323,32 +338,34 @@ def main(argv: list[str] | None = None) -> int:
         def train_data(start_epoch: int, epochs: int, skip: int = 0):
             if cfg.synthetic_input:
                 ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, manifest["num_classes"],
-                                            cfg.seed)
+                                            cfg.seed, manifest["image_size"] if on_device else None)
             else:
                 ds = data.train_dataset(cfg.data, "train", cfg.image_size, cfg.batch_size,
-                                        hvd.rank(), hvd.size(), seed=cfg.seed, augment=cfg.augment,
-                                        shuffle_buffer=cfg.shuffle_buffer,
+                                        rank=hvd.rank(), world_size=hvd.size(), seed=cfg.seed,
+                                        augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer,
                                         deterministic=cfg.deterministic,
                                         steps_per_epoch=derived["steps_per_epoch"],
-                                        start_epoch=start_epoch, epochs=epochs, skip_batches=skip)
+                                        start_epoch=start_epoch, epochs=epochs, skip_batches=skip,
+                                        threads=placement.threads)
             return ds.map(lambda x, y, m: (x, tf.stack([y, m], axis=1)))
 
         # --- callbacks ---
         def save(name: str, epochs_done: int) -> Path:
             meta = checkpoint_meta(cfg, manifest, derived, state, epochs_done)
-            path = checkpoints.save(model, run_dir / "checkpoints", name, meta)
+            path = checkpoints.save(model, run_dir / "checkpoints", name, meta, trained.optimizer)
             checkpoints.prune(run_dir / "checkpoints", cfg.keep_checkpoints)
             return path
 
         steps = derived["steps_per_epoch"]
         keras_callbacks = callbacks.make_callbacks(cfg, hvd, state, stop, derived, manifest["classes"],
-                                                   pos_weight, save, writer)
+                                                   pos_weight, save, writer, model.predict_on_batch,
+                                                   placement.threads)
 
         # --- fit: the rest of an epoch a resumed run entered in mid-epoch, then whole epochs ---
         def fit(start_epoch: int, end_epoch: int, skip: int = 0) -> None:
-            model.fit(train_data(start_epoch, end_epoch - start_epoch, skip), epochs=end_epoch,
-                      initial_epoch=start_epoch, steps_per_epoch=steps - skip,
-                      callbacks=keras_callbacks, verbose=progress_bar(cfg.verbose) if rank0 else 0)
+            trained.fit(train_data(start_epoch, end_epoch - start_epoch, skip), epochs=end_epoch,
+                        initial_epoch=start_epoch, steps_per_epoch=steps - skip,
+                        callbacks=keras_callbacks, verbose=progress_bar(cfg.verbose) if rank0 else 0)
 
         start = state.epoch
         if state.skip_batches and start < cfg.epochs:
@@ -359,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state.preempted:
-            if rank0:
+            if rank0:  # Horovod: the chief writes the preemption checkpoint
                 save(f"step-{state.step:09d}", state.epoch)
                 writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
             hvd_tf.broadcast_object(0, root_rank=0)  # Horovod: nobody exits before the checkpoint

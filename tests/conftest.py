@@ -42,6 +42,41 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in errors[0], errors[0]
 
 
+class Crash(Exception):
+    """What `crash_at` raises in place of a file operation: a job killed at that point."""
+
+
+def crash_at(monkeypatch, n: int, operations) -> list:
+    """Make the n-th call (from 0) to any of `operations` ((module, name) pairs, e.g. (os,
+    "replace")) raise Crash instead of running: a kill between two steps of a commit. Returns
+    the calls seen so far (their names)."""
+    calls: list[str] = []
+
+    def crashing(real):
+        def call(*args, **kwargs):
+            calls.append(real.__name__)
+            if len(calls) == n + 1:
+                raise Crash
+            return real(*args, **kwargs)
+        return call
+
+    for module_, name in operations:
+        monkeypatch.setattr(module_, name, crashing(getattr(module_, name)))
+    return calls
+
+
+def assert_ranks_identical(run_dir, ranks: int = 2) -> None:
+    """--audit's final weights of every rank, bitwise equal (not approximately)."""
+    import numpy as np
+
+    first = np.load(run_dir / "audit" / "rank0.npz")
+    for rank in range(1, ranks):
+        other = np.load(run_dir / "audit" / f"rank{rank}.npz")
+        assert first.files == other.files
+        for key in first.files:
+            assert np.array_equal(first[key], other[key]), (rank, key)
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Path:
     """600 synthetic 32-px images with their CSV."""

@@ -1,4 +1,4 @@
-"""One rank of the fp16 overflow test (run by tests/test_precision_horovod.py under horovodrun -np 2).
+"""One rank of the fp16 overflow test (tests/test_train_flags.py runs it under horovodrun -np 2).
 
 The trainer's own optimizer (`train.make_optimizer`, mixed_float16) trains a small model with
 Keras `fit`; on step OVERFLOW_STEP only rank 1's batch holds an infinite pixel, so only its local

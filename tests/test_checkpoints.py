@@ -5,12 +5,13 @@ import shutil
 
 import pytest
 import tensorflow as tf
+from conftest import Crash, crash_at
 
 from chexnet_hvd import checkpoints, models
 
 
-@pytest.mark.parametrize("crash_at", range(6))
-def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_path, monkeypatch, crash_at):
+@pytest.mark.parametrize("n", range(6))
+def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_path, monkeypatch, n):
     """`best` is replaced by copying, linking, renaming and cleaning up; a kill at any of those
     steps (simulated: the n-th file operation fails) leaves a complete best, old or new. (The
     old way moved the old best aside before the new one was in place.)"""
@@ -22,23 +23,9 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     first = checkpoints.save(model, ckpt_dir, "epoch-0001", meta | {"epoch": 1})
     second = checkpoints.save(model, ckpt_dir, "epoch-0002", meta | {"epoch": 2})
     checkpoints.set_best(first)
-    calls = []
-
-    class Crash(Exception):
-        pass
-
-    def crashing(real):
-        def call(*args, **kwargs):
-            calls.append(real.__name__)
-            if len(calls) == crash_at + 1:
-                raise Crash
-            return real(*args, **kwargs)
-        return call
-
     with monkeypatch.context() as patched:
-        for module, name in ((os, "replace"), (os, "symlink"), (os, "unlink"), (shutil, "copytree"),
-                             (shutil, "rmtree"), (os, "rename")):
-            patched.setattr(module, name, crashing(getattr(module, name)))
+        calls = crash_at(patched, n, ((os, "replace"), (os, "symlink"), (os, "unlink"),
+                                      (shutil, "copytree"), (shutil, "rmtree"), (os, "rename")))
         try:
             checkpoints.set_best(second)
         except Crash:

@@ -73,6 +73,8 @@ def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, reco
         check=True, timeout=300)
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"]) == (1, 2) and one["n"] == two["n"] > 0
+    assert [(r["rank"], r["local_rank"]) for r in two["ranks"]] == [(0, 0), (1, 1)]  # one start-up
+    assert all(r["threads"] == 1 for r in two["ranks"])  # the node's 2 cores shared by its 2 ranks
     for key in ("auroc", "auroc_tta", "auprc", "auroc_ci", "threshold", "sensitivity"):
         assert [c[key] for c in one["classes"]] == [c[key] for c in two["classes"]], key
     assert one["mean_auroc"] == two["mean_auroc"] and one["mean_auroc"]["value"] is not None

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import assert_ranks_identical, run
 from sklearn.metrics import roc_auc_score
 
 from chexnet_hvd import checkpoints, data, metrics, records
@@ -27,13 +27,6 @@ def gloo_run(records_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("gloo")
     run(["horovodrun", "--gloo", "-np", "2", *train_args(records_dir, run_dir)], timeout=300, check=True)
     return run_dir
-
-
-def assert_ranks_identical(run_dir):
-    w0, w1 = (np.load(run_dir / "audit" / f"rank{r}.npz") for r in (0, 1))
-    assert w0.files == w1.files and len(w0.files) == 10
-    for key in w0.files:
-        assert np.array_equal(w0[key], w1[key]), key  # bitwise, not approximately
 
 
 def test_gloo_weights_bitwise_identical_on_both_ranks(gloo_run):

@@ -96,7 +96,8 @@ def test_one_training_pass_reads_each_record_on_at_most_one_rank(records_dir, wo
     """Every rank the same count, no record twice, fewer than one global batch left out."""
     seen = []
     for rank in range(world):
-        ds = data.train_dataset(records_dir, "train", 32, 4, rank, world, epochs=1, with_ids=True)
+        ds = data.train_dataset(records_dir, "train", 32, 4, rank=rank, world_size=world, epochs=1,
+                                with_ids=True)
         seen.append([i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids])
     total = records.load_manifest(records_dir)["splits"]["train"]["count"]
     flat = [i for part in seen for i in part]
@@ -122,7 +123,7 @@ def test_one_shard_on_one_rank_is_read_in_a_new_order_every_epoch(synthetic, tmp
 def test_evaluation_sees_every_record_exactly_once(records_dir, world):
     ids = []
     for rank in range(world):
-        for batch in data.eval_dataset(records_dir, "val", 32, 7, rank, world):
+        for batch in data.eval_dataset(records_dir, "val", 32, 7, rank=rank, world_size=world):
             ids += [i.decode() for i in batch["id"].numpy()]
     assert sorted(ids) == sorted(read_all(records_dir, "val"))
 
@@ -146,7 +147,7 @@ def test_manifest_records_sizes_and_weights(records_dir):
 
 def test_an_epoch_is_the_same_batches_whether_started_or_resumed(records_dir):
     def ids(start, epochs):
-        ds = data.train_dataset(records_dir, "train", 32, 8, 1, 2, seed=3, steps_per_epoch=5,
+        ds = data.train_dataset(records_dir, "train", 32, 8, rank=1, world_size=2, seed=3, steps_per_epoch=5,
                                 start_epoch=start, epochs=epochs, deterministic=True, with_ids=True)
         return [b[3].numpy().tolist() for b in ds]
 
@@ -158,7 +159,7 @@ def test_an_epoch_is_the_same_batches_whether_started_or_resumed(records_dir):
 def eval_by_id(data_dir, world):
     out = {}
     for rank in range(world):
-        for batch in data.eval_dataset(data_dir, "val", 24, 16, rank, world):
+        for batch in data.eval_dataset(data_dir, "val", 24, 16, rank=rank, world_size=world):
             for i, image, label in zip(batch["id"].numpy(), batch["image"].numpy(), batch["label"].numpy(),
                                        strict=True):
                 out[i.decode()] = (image, label)
@@ -176,7 +177,7 @@ def test_raw_pipeline_gives_the_records_pipelines_inputs(raw_dir, records_dir):
         np.testing.assert_array_equal(raw[key][1], label)
     seen = []
     for rank in range(2):
-        ds = data.train_dataset(raw_dir, "train", 24, 1, rank, 2, epochs=1, with_ids=True)
+        ds = data.train_dataset(raw_dir, "train", 24, 1, rank=rank, world_size=2, epochs=1, with_ids=True)
         seen += [i.decode() for *_, ids in ds.as_numpy_iterator() for i in ids]
     assert len(seen) == len(set(seen)) and 0 <= manifest["splits"]["train"]["count"] - len(seen) < 2
 
@@ -192,3 +193,38 @@ def test_raw_index_rejects_missing_files(synthetic, tmp_path):
     rejects = pd.read_csv(out / "rejects.csv")
     assert rejects["image"].tolist() == [gone.name] and rejects["reason"].tolist() == ["missing file"]
     assert records.load_manifest(out)["rejected"] == 1
+
+
+def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(synthetic, tmp_path):
+    """--encoding uint8 stores the same pixels as PNG records; a model built by
+    models.with_preprocessing turns them into what `preprocess` makes of the PNG records
+    (within 1/255); and the trainer runs on them, preprocessing in the model's graph, with
+    checkpoints that evaluate like any other."""
+    from chexnet_hvd import models
+    from chexnet_hvd.runlog import read_runlog
+
+    for encoding in ("png", "uint8"):
+        module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+               "--out", tmp_path / encoding, "--image-size", 32, "--encoding", encoding,
+               "--no-progress", check=True)
+    assert records.load_manifest(tmp_path / "uint8")["encoding"] == "uint8"
+    pixels = {}
+    for encoding in ("png", "uint8"):
+        source = data._Source(tmp_path / encoding, "val", deterministic=True)
+        items = source.read(data.as_tensor(data.sharding.eval_plan(source.counts, 1)[0]))
+        pixels[encoding] = {source.example(i)["id"].numpy(): source.example(i)["image"].numpy() for i in items}
+    assert pixels["png"].keys() == pixels["uint8"].keys()
+    assert all(np.array_equal(pixels["png"][k], pixels["uint8"][k]) for k in pixels["png"])
+
+    graph = models.with_preprocessing(models.build_model("small_cnn", 28, 14), 32)
+    in_graph = tf.keras.Model(graph.input, graph.get_layer("preprocess").output)
+    batch = np.stack(list(pixels["uint8"].values()))
+    on_cpu = np.stack([data.preprocess(tf.constant(img), 28).numpy() for img in pixels["png"].values()])
+    np.testing.assert_allclose(in_graph.predict_on_batch(batch), on_cpu, atol=1 / 255)
+
+    run_dir = tmp_path / "run"
+    module("train", "--data", tmp_path / "uint8", "--run-dir", run_dir, "--model", "small_cnn",
+           "--image-size", 28, "--batch-size", 16, "--epochs", 1, "--verbose", 0, check=True, timeout=300)
+    assert read_runlog(run_dir)[0]["preprocess"] == "model graph"
+    module("evaluate", "--checkpoint", run_dir / "checkpoints" / "best", "--data", tmp_path / "uint8",
+           "--bootstrap", 10, check=True, timeout=300)

@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import SHARED, module
+from conftest import SHARED, Crash, crash_at, module
 from PIL import Image
 
 from chexnet_hvd import data, metadata, records, sharding
 from chexnet_hvd.labels import CHEXPERT_COMPETITION
 
+pytestmark = pytest.mark.slow
 CHEXPERT = SHARED / "data" / "real" / "chexpert"
 needs_chexpert = pytest.mark.skipif(not (CHEXPERT / "train_sample.csv").is_file(), reason="no CheXpert CSVs")
 
@@ -92,13 +93,8 @@ def test_another_uncertainty_policy_rewrites_the_shards_and_weights_count_labell
     assert manifest["splits"]["train"]["negatives"]["Atelectasis"] == 20 + 1456
 
 
-class Crash(Exception):
-    pass
-
-
-@pytest.mark.parametrize("crash_at", [0, 1, 2])  # the old sidecar's removal, the 2 renames
-def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, tmp_path, monkeypatch,
-                                                                     crash_at):
+@pytest.mark.parametrize("n", [0, 1, 2])  # the old sidecar's removal, the 2 renames
+def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, tmp_path, monkeypatch, n):
     """A shard written with one labelling, then a re-run with another killed at a step of its
     commit, then the re-run done: the shard holds the new labels. (The old order renamed the
     sidecar first: a kill before the shard's rename left the old shard vouched for as new.)"""
@@ -108,19 +104,8 @@ def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, 
     flipped = records.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m)
                                                      for i, p, pt, lab, m in job.rows], None, job.names)
     records.write_shard(job, str(tmp_path))
-    calls = []
-
-    def crashing(real):
-        def call(*args, **kwargs):
-            calls.append(args)
-            if len(calls) == crash_at + 1:
-                raise Crash
-            return real(*args, **kwargs)
-        return call
-
     with monkeypatch.context() as patched:
-        patched.setattr(os, "replace", crashing(os.replace))
-        patched.setattr(os, "unlink", crashing(os.unlink))
+        crash_at(patched, n, ((os, "replace"), (os, "unlink")))
         with pytest.raises(Crash):
             records.write_shard(flipped, str(tmp_path))
     assert records.write_shard(flipped, str(tmp_path))["count"] == len(flipped.rows)
@@ -137,17 +122,22 @@ def test_twelve_bit_pngs_are_scaled_by_their_real_range(tmp_path):
     ramp = (np.arange(64 * 64).reshape(64, 64) * 4095 // (64 * 64 - 1)).astype(np.uint16)
     Image.fromarray(ramp).save(images / "00000001_000.png")  # PIL writes mode I;16
     Image.fromarray((ramp // 16).astype(np.uint8)).save(images / "00000002_000.png")
+    Image.fromarray(ramp // 3).save(images / "00000003_000.png")  # darker 12-bit: max 1,365
     csv = tmp_path / "Data_Entry_2017.csv"
-    pd.DataFrame({"Image Index": ["00000001_000.png", "00000002_000.png"],
-                  "Finding Labels": ["No Finding", "Hernia"], "Patient ID": ["1", "2"]}).to_csv(csv, index=False)
+    pd.DataFrame({"Image Index": ["00000001_000.png", "00000002_000.png", "00000003_000.png"],
+                  "Finding Labels": ["No Finding", "Hernia", "Mass"],
+                  "Patient ID": ["1", "2", "3"]}).to_csv(csv, index=False)
     common = ["--fractions", 1, 0, 0]
     write(csv, images, tmp_path / "rec", *common)
     module("records", "--csv", csv, "--images", images, "--out", tmp_path / "raw", "--format", "raw",
            *common, "--no-progress", check=True)
     manifest = records.load_manifest(tmp_path / "rec")
-    assert manifest["source_bit_depths"] == {"12": 1, "8": 1}
+    assert manifest["source_bit_depths"] == {"12": 2, "8": 1}
     expected = np.round(ramp * (255 / 4095)).astype(np.uint8)
     assert np.array_equal(np.asarray(records.read_grayscale(images / "00000001_000.png")), expected)
     for out in ("rec", "raw"):
-        pixels = by_id(tmp_path / out)["00000001_000.png"][2]
-        assert np.array_equal(pixels, expected) and pixels.max() == 255, out
+        pixels = by_id(tmp_path / out)
+        assert np.array_equal(pixels["00000001_000.png"][2], expected), out
+        assert pixels["00000001_000.png"][2].max() == 255
+        darker = np.round((ramp // 3) * (255 / 4095)).astype(np.uint8)  # by 12 bits, as its neighbour
+        assert np.array_equal(pixels["00000003_000.png"][2], darker), out

@@ -103,18 +103,18 @@ def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path):
 
 
 def test_a_mid_epoch_resume_is_exact(records_dir, tmp_path):
-    """--preempt-at-step 33 stops 7 batches into epoch 2 (26 steps per epoch on 2 ranks x 8);
-    the resumed run skips exactly those batches: the same 52 steps and, bitwise, the same
-    weights as 2 epochs straight."""
+    """--preempt-at-step 33 raises a stop the ranks agree on at step 40, 14 batches into epoch 2
+    (26 steps per epoch on 2 ranks x 8); the resumed run skips exactly those batches: the same
+    52 steps and, bitwise, the same weights as 2 epochs straight."""
     common = ["--epochs", 2, "--deterministic", "--audit"]
     run(train_cmd(records_dir, tmp_path / "straight", *common), timeout=300, check=True)
     preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33), timeout=300)
-    assert "rank 1: preempted after step 33" in preempted.stderr, preempted.stderr[-2000:]
+    assert "rank 1: preempted after step 40" in preempted.stderr, preempted.stderr[-2000:]
     run(train_cmd(records_dir, tmp_path / "split", *common, "--resume"), timeout=300, check=True)
     log = read_runlog(tmp_path / "split")
     resumed = [r for r in log if r["event"] == "start"][-1]
-    assert (resumed["initial_epoch"], resumed["initial_step"], resumed["skipped_batches"]) == (1, 33, 7)
-    assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 19)]
+    assert (resumed["initial_epoch"], resumed["initial_step"], resumed["skipped_batches"]) == (1, 40, 14)
+    assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 12)]
     metas = [checkpoints.read_meta(tmp_path / d / "checkpoints" / "epoch-0002") for d in ("straight", "split")]
     assert metas[0]["step"] == metas[1]["step"] == 52
     for rank in (0, 1):

@@ -56,6 +56,24 @@ def test_sixteen_ranks_batch_16_train_99_7_percent_per_epoch(nih_train_counts):
     assert sharding.steps_per_epoch(total, 16, 16) * 256 / total >= 0.997
 
 
+@pytest.mark.parametrize("counts", [[221], [100, 121], [5, 7, 7, 6, 9, 40, 1], [1] * 57],
+                         ids=["one shard", "two shards", "uneven shards", "raw rows"])
+def test_few_shards_too_cover_every_record_over_any_two_epochs(counts):
+    """One shard of 221 records on 5 ranks used to leave the same 21 out every epoch; now the
+    ranges move, for one shard as for many, and a raw index's rows alike."""
+    total = sum(counts)
+    for world in range(1, 9):
+        for batch in range(1, 9):
+            if sharding.steps_per_epoch(total, world, batch) * world * batch * 2 < total:
+                continue  # more than half left out: no plan can cover it in 2 epochs
+            seen = [coverage(counts, per_rank) for _, per_rank in
+                    sharding.train_plan(counts, world, batch, seed=1, epochs=range(6))]
+            for epoch in seen:
+                assert epoch.max() == 1 and total - epoch.sum() < world * batch, (world, batch)
+            for a, b in zip(seen, seen[1:], strict=False):
+                assert (a + b).min() >= 1, (counts, world, batch)
+
+
 def test_epochs_differ_and_the_plan_is_a_function_of_seed_and_epoch():
     counts = [5, 7, 7, 6, 9]
     plans = [dict(sharding.train_plan(counts, 3, 2, seed, range(4))) for seed in (0, 0, 1)]

@@ -6,9 +6,9 @@ Every template runs UNCHANGED: plain `sbatch <template>` with only workload vari
 environment (data, model, image size, epochs, where runs go); its #SBATCH resources, launcher
 and PRECISION default are its own. Per template: exit 0, the world size and node count its
 #SBATCH lines ask for, one GPU per rank distinct within a node, one line per epoch in job.log.
-Then: CPU binding on real cores, preemption across 2 nodes under each launcher (USR1 ->
-checkpoint after the same step on every rank -> requeue -> resume to completion), and the
-launcher the templates refuse."""
+Then: CPU binding on real cores, preemption (USR1 -> checkpoint after the same step on every
+rank -> requeue -> resume to completion) across 2 nodes under srun and on one node under
+mpirun, a user's scancel, and the launcher the templates refuse."""
 
 import json
 import re
@@ -212,6 +212,7 @@ def test_preemption_requeues_and_resumes(cluster, launcher, template, records_di
     assert sorted(int(r) for r, _ in stopped) == list(range(layout(template)[1])), job_log[-3000:]
     assert {int(s) for _, s in stopped} == {ends[0]["step"]}  # the same step on every rank
     assert starts[1]["resumed_from"].endswith(f"/checkpoints/step-{ends[0]['step']:09d}")
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == [f"step-{ends[0]['step']:09d}"]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
 
 

@@ -8,12 +8,13 @@ one baseline run that differs only in the flag under test; the distributed flags
 gradients overflow on one step."""
 
 import json
+import os
 import re
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, module, run
+from conftest import ROOT, assert_ranks_identical, module, run
 
 from chexnet_hvd import checkpoints, records, train
 from chexnet_hvd.runlog import read_runlog
@@ -55,6 +56,8 @@ FLAG_TESTS = {
     "early_stopping": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
     "resume": "tests/test_resume_preemption.py::test_resume_matches_a_straight_run",
     "checkpoint_every_steps": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
+    "stop_check_steps": f"{HERE}::test_stop_check_steps_and_preempt_at_step",
+    "preempt_at_step": f"{HERE}::test_stop_check_steps_and_preempt_at_step",
     "keep_checkpoints": f"{HERE}::test_backward_passes_per_step_and_keep_checkpoints",
     "threads": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
     "timing_warmup_steps": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
@@ -137,18 +140,19 @@ def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, ba
     threads, the timed steps, the validated split and its batches, rank 0's output."""
     proc = trainer(records_dir, tmp_path, "--lr", 0.002, "--reference-batch", 4, "--threads", 1,
                    "--timing-warmup-steps", 1, "--val-split", "test", "--val-batch-size", 7,
-                   "--steps-per-epoch", 5, "--verbose", 2, check=True)
+                   "--steps-per-epoch", 5, "--verbose", 1, check=True)
     start, last = read_runlog(tmp_path)[0], epochs(tmp_path)[-1]
     assert start["scaled_lr"] == pytest.approx(0.002 * 16 / 4)
     assert last["lr"] == pytest.approx(0.002 * 16 / 4)  # what the optimizer really used
     assert [r["threads"] for r in start["ranks"]] == [1]
-    assert [r["threads"] for r in read_runlog(baseline)[0]["ranks"]] == [2]  # 2 cores, 1 rank
+    assert [r["threads"] for r in read_runlog(baseline)[0]["ranks"]] == [len(os.sched_getaffinity(0))]
     assert (last["steps"], last["timed_steps"]) == (5, 4)
     n_test = records.load_manifest(records_dir)["splits"]["test"]["count"]
     assert (last["val_n"], last["val_batches"]) == (n_test, -(-n_test // 7))
     assert "img/s" not in trainer(records_dir, tmp_path / "quiet").stdout  # --verbose 0
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert len(lines) == 2 and all(line.startswith("epoch ") for line in lines)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]  # --verbose 1, not a terminal:
+    assert len(lines) == 2 and all(line.startswith("epoch ") for line in lines)  # no progress bar
+    assert "\r" not in proc.stdout
     from chexnet_hvd import models
 
     small = models.build_model("small_cnn", 32, records.load_manifest(records_dir)["num_classes"])
@@ -203,6 +207,21 @@ def test_weights_early_stopping_and_step_checkpoints(records_dir, tmp_path):
     assert steps == ["step-000000006"] and checkpoints.read_meta(run_dir / "checkpoints" / steps[0])["step"] == 6
 
 
+def test_stop_check_steps_and_preempt_at_step(records_dir, tmp_path):
+    """A stop raised at step 33 (--preempt-at-step, as SIGUSR1 would) is agreed on at the next
+    multiple of --stop-check-steps: step 40 with the default 10, step 33 itself with 1. Raised at
+    step 39 with epochs of 20 steps, the ranks do not stop on the epoch's last step (40): they
+    validate and checkpoint epoch 2, agree as epoch 3 begins, and stop after its first step."""
+    stopped = {}
+    for name, flags in {"default": ["--preempt-at-step", 33], "every": ["--preempt-at-step", 33,
+                        "--stop-check-steps", 1], "boundary": ["--preempt-at-step", 39]}.items():
+        proc = trainer(records_dir, tmp_path / name, "--steps-per-epoch", 20, "--epochs", 4, *flags)
+        assert proc.returncode == 75, proc.stderr[-2000:]
+        stopped[name] = read_runlog(tmp_path / name)[-1]["step"]
+    assert stopped == {"default": 40, "every": 33, "boundary": 41}
+    assert (tmp_path / "boundary" / "checkpoints" / "epoch-0002").is_dir()
+
+
 def test_xla_compiles_clusters(records_dir, tmp_path):
     env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
     with_xla = trainer(records_dir, tmp_path / "xla", "--xla", env=env, check=True)
@@ -215,10 +234,6 @@ def horovodrun(records_dir, run_dir, *extra):
     return run(["horovodrun", "--gloo", "-np", "2", sys.executable, "-m", "chexnet_hvd.train",
                 "--data", str(records_dir), "--run-dir", str(run_dir), *map(str, BASE),
                 "--threads", "1", *map(str, extra)], timeout=600, check=True)
-
-
-def assert_ranks_identical(run_dir):
-    assert same(weights(run_dir, rank=0), weights(run_dir, rank=1))
 
 
 @pytest.mark.mpi

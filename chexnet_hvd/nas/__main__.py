@@ -108,13 +108,16 @@ def core_block(i: int, threads: int) -> set[int] | None:
 
 # ---------------------------------------------------------------- one candidate --------------
 def train_command(cfg: NasConfig, code: str, run_dir: Path, threads: int) -> list[str]:
+    """The candidate's trainer command: the search's settings, then --train-args (which
+    `check` keeps off the search's own flags), through the trainer's own config."""
+    from chexnet_hvd import train
     from chexnet_hvd.nas import space
 
-    return [sys.executable, "-m", "chexnet_hvd.train", "--data", cfg.data, "--run-dir", str(run_dir),
-            "--model", space.model_name(code), "--image-size", str(cfg.image_size),
-            "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs), "--resume",
-            "--threads", str(threads), "--verbose", "2", "--keep-checkpoints", "1",
-            *shlex.split(cfg.train_args)]
+    base = train.TrainConfig(data=cfg.data, run_dir=str(run_dir), model=space.model_name(code),
+                             image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                             resume=True, threads=threads, verbose=2, keep_checkpoints=1)
+    config = cli.parse_config(train.TrainConfig, "", cli.to_argv(base) + shlex.split(cfg.train_args))
+    return train.command(config)
 
 
 def trainer_env() -> dict:
