@@ -160,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     from chexnet_hvd import distributed, export, metrics, records
 
+    manifest = records.load_manifest(cfg.data)  # bad input fails here, before Horovod starts
     hvd, placement = distributed.start()  # Horovod: one GPU per local rank; a world of 1 alone
     import horovod.tensorflow as hvd_tf
 
     ranks = hvd_tf.allgather_object(dataclasses.asdict(placement))  # Horovod: where each rank ran
 
-    manifest = records.load_manifest(cfg.data)
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, size = meta["classes"], meta["image_size"]

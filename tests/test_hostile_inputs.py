@@ -190,5 +190,5 @@ def test_bad_input_gives_one_line_and_exit_2(bad, case):
     else:
         assert_one_line_error(proc, *fragments)
     if absent:  # nothing written, so nothing half-written
-        gone = {True: out, "runlog": out / "runlog.jsonl"}.get(absent, bad["root"] / absent)
+        gone = out if absent is True else out / "runlog.jsonl" if absent == "runlog" else bad["root"] / absent
         assert not gone.exists(), gone

@@ -60,8 +60,8 @@ def test_builder_matches_the_readme_counts():
 
 
 @pytest.mark.slow
-def test_builder_params_equal_nas_bench_macro_for_300_codes(bench):
-    codes = random.Random(8).sample(sorted(bench), 300)
+def test_builder_params_equal_nas_bench_macro_for_40_codes(bench):
+    codes = random.Random(8).sample(sorted(bench), 40)
     counts = {c: param_count(c, 10) for c in codes}
     assert {c: n for c, n in counts.items() if n != bench[c]["params"]} == {}
 
@@ -384,16 +384,16 @@ def check_trials(study_dir, records_dir) -> list[dict]:
 def test_two_workers_share_one_study(records_dir, tmp_path):
     # GPU ids are dealt out one per worker (this CPU-only TensorFlow ignores them)
     # and each worker gets its own core (this machine has 2)
-    proc = nas(tmp_path / "s", records_dir, "--workers", 2, "--n-trials", 6, "--bind-cores",
+    proc = nas(tmp_path / "s", records_dir, "--workers", 2, "--n-trials", 4, "--bind-cores",
                timeout=600, env={"CUDA_VISIBLE_DEVICES": "3,5"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(index 0)" in proc.stdout and "(index 1)" in proc.stdout
     assert "threads 1, cores 0, GPU 3\n" in proc.stdout and "threads 1, cores 1, GPU 5\n" in proc.stdout
     rows = check_trials(tmp_path / "s", records_dir)
-    assert len(rows) == 6 and {r["state"] for r in rows} == {"complete"}
-    assert len({r["architecture"] for r in rows}) == 6
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"complete"}
+    assert len({r["architecture"] for r in rows}) == 4
     assert len({r["worker"] for r in rows}) == 2
-    assert proc.stdout.count("AUROC") == 6
+    assert proc.stdout.count("AUROC") == 4
 
 
 def worker_command(study_dir, records_dir, epochs: int, n_trials: int) -> list[str]:

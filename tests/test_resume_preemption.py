@@ -38,22 +38,35 @@ def wait_for(predicate, timeout):
     return False
 
 
-def test_resume_matches_a_straight_run(records_dir, tmp_path):
-    common = ["--deterministic", "--audit"]
-    run(train_cmd(records_dir, tmp_path / "straight", "--epochs", 2, *common), timeout=300, check=True)
-    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 1, *common), timeout=300, check=True)
-    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, "--resume", *common), timeout=300, check=True)
+EXACT = ["--deterministic", "--audit"]
+
+
+@pytest.fixture(scope="module")
+def straight(records_dir, tmp_path_factory):
+    """2 epochs, uninterrupted, on 2 ranks: what every resumed run must end bitwise equal to."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run(train_cmd(records_dir, run_dir, "--epochs", 2, *EXACT), timeout=300, check=True)
+    return run_dir
+
+
+def assert_same_weights(a, b) -> None:
+    for rank in (0, 1):
+        x, y = (np.load(d / "audit" / f"rank{rank}.npz") for d in (a, b))
+        for key in x.files:
+            np.testing.assert_array_equal(x[key], y[key])  # deterministic ops: bitwise equal
+
+
+def test_resume_matches_a_straight_run(records_dir, straight, tmp_path):
+    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 1, *EXACT), timeout=300, check=True)
+    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, "--resume", *EXACT), timeout=300, check=True)
 
     log = read_runlog(tmp_path / "split")
     second_start = [r for r in log if r["event"] == "start"][-1]
     assert second_start["initial_epoch"] == 1 and second_start["resumed_from"].endswith("epoch-0001")
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]
-    meta = [checkpoints.read_meta(tmp_path / d / "checkpoints" / "epoch-0002") for d in ("straight", "split")]
+    meta = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, tmp_path / "split")]
     assert meta[0]["step"] == meta[1]["step"] and meta[0]["epoch"] == meta[1]["epoch"] == 2
-    for rank in (0, 1):
-        a, b = (np.load(tmp_path / d / "audit" / f"rank{rank}.npz") for d in ("straight", "split"))
-        for key in a.files:
-            np.testing.assert_array_equal(a[key], b[key])  # deterministic ops: bitwise equal
+    assert_same_weights(straight, tmp_path / "split")
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_finishes(records_dir, tmp_path):
@@ -102,12 +115,11 @@ def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path):
     assert wait_for(lambda: subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"]).returncode != 0, 30)
 
 
-def test_a_mid_epoch_resume_is_exact(records_dir, tmp_path):
+def test_a_mid_epoch_resume_is_exact(records_dir, straight, tmp_path):
     """--preempt-at-step 33 raises a stop the ranks agree on at step 40, 14 batches into epoch 2
     (26 steps per epoch on 2 ranks x 8); the resumed run skips exactly those batches: the same
     52 steps and, bitwise, the same weights as 2 epochs straight."""
-    common = ["--epochs", 2, "--deterministic", "--audit"]
-    run(train_cmd(records_dir, tmp_path / "straight", *common), timeout=300, check=True)
+    common = ["--epochs", 2, *EXACT]
     preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33), timeout=300)
     assert "rank 1: preempted after step 40" in preempted.stderr, preempted.stderr[-2000:]
     run(train_cmd(records_dir, tmp_path / "split", *common, "--resume"), timeout=300, check=True)
@@ -115,12 +127,9 @@ def test_a_mid_epoch_resume_is_exact(records_dir, tmp_path):
     resumed = [r for r in log if r["event"] == "start"][-1]
     assert (resumed["initial_epoch"], resumed["initial_step"], resumed["skipped_batches"]) == (1, 40, 14)
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 12)]
-    metas = [checkpoints.read_meta(tmp_path / d / "checkpoints" / "epoch-0002") for d in ("straight", "split")]
+    metas = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, tmp_path / "split")]
     assert metas[0]["step"] == metas[1]["step"] == 52
-    for rank in (0, 1):
-        a, b = (np.load(tmp_path / d / "audit" / f"rank{rank}.npz") for d in ("straight", "split"))
-        for key in a.files:
-            np.testing.assert_array_equal(a[key], b[key])
+    assert_same_weights(straight, tmp_path / "split")
 
 
 def test_the_early_stopping_count_survives_a_resume(records_dir, tmp_path):

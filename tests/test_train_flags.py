@@ -208,17 +208,17 @@ def test_weights_early_stopping_and_step_checkpoints(records_dir, tmp_path):
 
 
 def test_stop_check_steps_and_preempt_at_step(records_dir, tmp_path):
-    """A stop raised at step 33 (--preempt-at-step, as SIGUSR1 would) is agreed on at the next
-    multiple of --stop-check-steps: step 40 with the default 10, step 33 itself with 1. Raised at
+    """A stop raised at step 23 (--preempt-at-step, as SIGUSR1 would) is agreed on at the next
+    multiple of --stop-check-steps: step 30 with the default 10, step 23 itself with 1. Raised at
     step 39 with epochs of 20 steps, the ranks do not stop on the epoch's last step (40): they
     validate and checkpoint epoch 2, agree as epoch 3 begins, and stop after its first step."""
     stopped = {}
-    for name, flags in {"default": ["--preempt-at-step", 33], "every": ["--preempt-at-step", 33,
+    for name, flags in {"default": ["--preempt-at-step", 23], "every": ["--preempt-at-step", 23,
                         "--stop-check-steps", 1], "boundary": ["--preempt-at-step", 39]}.items():
         proc = trainer(records_dir, tmp_path / name, "--steps-per-epoch", 20, "--epochs", 4, *flags)
         assert proc.returncode == 75, proc.stderr[-2000:]
         stopped[name] = read_runlog(tmp_path / name)[-1]["step"]
-    assert stopped == {"default": 40, "every": 33, "boundary": 41}
+    assert stopped == {"default": 30, "every": 23, "boundary": 41}
     assert (tmp_path / "boundary" / "checkpoints" / "epoch-0002").is_dir()
 
 
