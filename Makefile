@@ -15,7 +15,7 @@ demo: setup       ## synthetic data -> records -> train on 1 and 2 ranks -> AURO
 
 test: setup       ## lint, then the whole suite (fast + slow + mpi)
 	$(VENV)/bin/ruff check chexnet_hvd tools tests bench
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=25
 
 test-fast: setup  ## the fast set only (seconds)
 	$(PYTEST) -q -m "not slow"
