@@ -52,13 +52,12 @@ if hvd.rank() == 0:
 
 
 def train(records: Path, run_dir: Path, ranks: int, threads: int, args, *extra: str) -> dict:
-    from chexnet_hvd import cli
     from chexnet_hvd import train as trainer
 
     config = trainer.TrainConfig(data=str(records), run_dir=str(run_dir), model="densenet121",
                                  image_size=args.image_size, batch_size=args.batch, epochs=args.epochs,
                                  steps_per_epoch=args.steps, threads=threads, verbose=0)
-    cmd = trainer.command(cli.parse_config(trainer.TrainConfig, "", cli.to_argv(config) + list(extra)))
+    cmd = trainer.command(trainer.parse(trainer.argv_of(config) + list(extra)))
     if ranks > 1:
         cmd = ["horovodrun", "--gloo", "-np", str(ranks), *cmd]
     env = os.environ | {"PATH": f"{Path(PY).parent}:{os.environ['PATH']}"}

@@ -68,21 +68,24 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
 
 
 def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
-                 positional: Sequence[str] = ()) -> T:
-    """Parse argv into an instance of `config_cls` (unknown flags are usage errors, exit 2)."""
+                 positional: Sequence[str] = (), defaults: dict | None = None) -> T:
+    """Parse argv into an instance of `config_cls` (unknown flags are usage errors, exit 2);
+    `defaults` (a recipe) replace the fields' own defaults, flags in argv override both."""
     parser = build_parser(config_cls, description, positional)
+    parser.set_defaults(**(defaults or {}))
     namespace = parser.parse_args(argv)
     return config_cls(**vars(namespace))
 
 
-def to_argv(config: Any, positional: Sequence[str] = ()) -> list[str]:
-    """The command-line arguments `parse_config` turns back into `config`: every field without a
-    default, and every field whose value differs from its default."""
+def to_argv(config: Any, positional: Sequence[str] = (), defaults: dict | None = None) -> list[str]:
+    """The command-line arguments `parse_config` (with the same `defaults`) turns back into
+    `config`: every field without a default, and every field whose value differs from it."""
     args: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         default = (f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
                    else f.default)
+        default = (defaults or {}).get(f.name, default)
         if default is not dataclasses.MISSING and value == default:
             continue
         if f.name in positional:

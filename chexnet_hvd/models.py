@@ -84,7 +84,10 @@ def _bottleneck(x: tf.Tensor, width: int, out: int, stride: int, name: str) -> t
 
 
 def resnet59(image_size: int, num_classes: int, weights: str | None) -> tf.keras.Model:
-    """Stem (7x7/2 conv, 3x3/2 max-pool), the five stages of RESNET59_STAGES, pool, sigmoid head."""
+    """Stem (7x7/2 conv, 3x3/2 max-pool), the five stages of RESNET59_STAGES, pool, sigmoid head.
+    `weights`: a ResNet-59 weights file, or Keras' ResNet-50 ImageNet no-top file (by its
+    published name, see chexnet_hvd.weights), which initialises the stem and the first four
+    stages, whose shapes are ResNet-50's; the added fifth stage and the head start at random."""
     inputs = layers.Input((image_size, image_size, 3), name="image")
     x = layers.Conv2D(64, 7, 2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(epsilon=1.001e-5, name="stem_bn")(x))
@@ -94,9 +97,35 @@ def resnet59(image_size: int, num_classes: int, weights: str | None) -> tf.keras
             x = _bottleneck(x, width, out, stride if b == 0 else 1, f"stage{s}_block{b + 1}")
     features = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     model = tf.keras.Model(inputs, _head(features, num_classes), name="resnet59")
-    if weights:
+    from chexnet_hvd.weights import PUBLISHED
+
+    if weights and Path(weights).name == PUBLISHED["resnet50"][0]:
+        _from_resnet50(model, weights)
+    elif weights:
         model.load_weights(weights)
     return model
+
+
+def _from_resnet50(model: tf.keras.Model, weights: str) -> None:
+    """Copy ResNet-50's stem and stages (conv2..conv5 in Keras' names) into ResNet-59's stem and
+    stages 1-4. Keras' convolutions have a bias and these do not; each is followed by batch
+    normalisation, so the bias moves into its moving mean (BN(x + b) with mean m is BN(x) with
+    mean m - b) and the block computes what ResNet-50's did."""
+    source = tf.keras.applications.ResNet50(include_top=False, weights=weights)
+    pairs = [("conv1", "stem_conv", "stem_bn")]
+    for s, (_, _, blocks, _) in enumerate(RESNET59_STAGES[:4], 1):
+        for b in range(1, blocks + 1):
+            ours = f"stage{s}_block{b}"
+            pairs.append((f"conv{s + 1}_block{b}_0", f"{ours}_proj", f"{ours}_proj_bn"))
+            pairs += [(f"conv{s + 1}_block{b}_{i}", f"{ours}_conv{i}", f"{ours}_bn{i}") for i in (1, 2, 3)]
+    names = {layer.name for layer in source.layers}
+    for theirs, conv, bn in pairs:
+        if f"{theirs}_conv" not in names:  # only the first block of a stage has a projection
+            continue
+        kernel, bias = source.get_layer(f"{theirs}_conv").get_weights()
+        gamma, beta, mean, variance = source.get_layer(f"{theirs}_bn").get_weights()
+        model.get_layer(conv).set_weights([kernel])
+        model.get_layer(bn).set_weights([gamma, beta, mean - bias, variance])
 
 
 BUILDERS: dict[str, Callable[[int, int, str | None], tf.keras.Model]] = {

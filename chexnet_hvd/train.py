@@ -27,6 +27,8 @@ PRECISIONS = ["fp32", "mixed_float16", "mixed_bfloat16"]
 class TrainConfig:
     data: str = cli.field(help="records directory (has manifest.json)")
     run_dir: str = cli.field(help="where config.json, runlog.jsonl and checkpoints/ go")
+    recipe: str = cli.field("none", help="named settings that the other flags override: "
+                            "--recipe list, --recipe show NAME (chexnet_hvd/recipes.py)")
     model: str = cli.field("densenet121", help="densenet121 | resnet50 | resnet59 | small_cnn | "
                        "nas-<8 digits> (an architecture of chexnet_hvd.nas.space)")
     image_size: int = cli.field(224, help="model input side in pixels")
@@ -37,7 +39,8 @@ class TrainConfig:
     optimizer: str = cli.field("adam", help="Adam (CheXNet) or SGD with Nesterov momentum 0.9",
                                choices=["adam", "sgd"])
     lr: float = cli.field(1e-3, help="base learning rate at --reference-batch (CheXNet: Adam 1e-3 at 16)")
-    reference_batch: int = cli.field(16, help="lr = lr x global_batch / reference_batch (Goyal et al. 2017)")
+    reference_batch: int = cli.field(16, help="lr = lr x global_batch / reference_batch (Goyal "
+                                     "et al. 2017); 0: lr as given, not scaled")
     warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
                                      "-1: proportional to the global batch, global_batch / "
                                      "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)")
@@ -57,7 +60,9 @@ class TrainConfig:
     fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
                                               "allreduce (large inputs, small batches)")
-    weights: str = cli.field("none", help="none or a local weights file (nothing is downloaded)")
+    weights: str = cli.field("none", help="none, imagenet (from the cache `python -m "
+                             "chexnet_hvd.weights fetch` fills; nothing is downloaded here), or "
+                             "a weights file")
     seed: int = cli.field(0, help="seed of weights, shuffles and augmentation")
     augment: bool = cli.field(True, help="random horizontal flips")
     synthetic_input: bool = cli.field(False, help="train on one random in-memory batch, repeated "
@@ -86,10 +91,30 @@ class TrainConfig:
                              "epoch only", choices=[0, 1, 2])
 
 
+def recipe_defaults(name: str) -> dict | None:
+    from chexnet_hvd import recipes
+
+    return recipes.get(name).train if name != "none" else None
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """The trainer's config: a --recipe's settings, overridden by the flags given."""
+    from chexnet_hvd import recipes
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    defaults = recipe_defaults((recipes.asked(argv) or ["none"])[0])
+    return cli.parse_config(TrainConfig, __doc__.splitlines()[0], argv, defaults=defaults)
+
+
+def argv_of(cfg: TrainConfig) -> list[str]:
+    """The flags that `parse` turns back into `cfg` (its recipe's settings left implicit)."""
+    return cli.to_argv(cfg, defaults=recipe_defaults(cfg.recipe))
+
+
 def command(cfg: TrainConfig, python: str = sys.executable) -> list[str]:
     """The trainer's command line for `cfg`: what the NAS worker, the GPU check, the benchmarks
     and the tests start (a launcher goes in front)."""
-    return [python, "-m", "chexnet_hvd.train", *cli.to_argv(cfg)]
+    return [python, "-m", "chexnet_hvd.train", *argv_of(cfg)]
 
 
 # ---------------------------------------------------------------- derived values -------------
@@ -107,7 +132,7 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
         raise cli.InputError("--steps-per-epoch", f"{cfg.steps_per_epoch} is more than the {full} "
                              f"global batches of {global_batch} the training split holds")
     steps = cfg.steps_per_epoch or full
-    ratio = global_batch / cfg.reference_batch
+    ratio = global_batch / cfg.reference_batch if cfg.reference_batch else 1.0
     warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(5.0, ratio / 8)
     return {
         "world_size": world_size,
@@ -153,6 +178,8 @@ def check_config(cfg: TrainConfig) -> None:
     for flag in ("backward_passes_per_step", "stop_check_steps", "batch_size", "image_size"):
         if getattr(cfg, flag) < 1:
             raise cli.InputError(f"--{flag.replace('_', '-')}", "must be at least 1")
+    if cfg.reference_batch < 0:
+        raise cli.InputError("--reference-batch", "must be 0 (no scaling) or more")
     if cfg.backward_passes_per_step > 1 and cfg.precision == "mixed_float16":
         # Horovod accumulates the passes locally and allreduces only every Nth: an overflow in
         # a local pass would make one rank skip while the others apply, and the loss scale differ.
@@ -273,7 +300,13 @@ def write_audit(run_dir: Path, hvd, model, cfg) -> None:
 
 # ---------------------------------------------------------------- main -----------------------
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(TrainConfig, __doc__.splitlines()[0], argv)
+    from chexnet_hvd import recipes, weights
+
+    words = recipes.asked(sys.argv[1:] if argv is None else argv)
+    if words[:1] in (["list"], ["show"]):  # describe, train nothing
+        print(recipes.listing() if words[0] == "list" else recipes.show(words[1] if words[1:] else ""))
+        return 0
+    cfg = parse(argv)
     check_config(cfg)
     from chexnet_hvd import records
 
@@ -281,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in ("train", cfg.val_split):
         records.split_shards(manifest, cfg.data, split)
     records.check_image_size(manifest, cfg.data, cfg.image_size)
+    initial = weights.resolve(cfg.weights, cfg.model)  # from the cache: compute nodes never download
     run_dir = cli.make_dir(cfg.run_dir)
     stop = StopRequest()
 
@@ -308,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.xla:
             tf.config.optimizer.set_jit("autoclustering")
         tf.keras.mixed_precision.set_global_policy("float32" if cfg.precision == "fp32" else cfg.precision)
-        model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], cfg.weights)
+        model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], initial)
         on_device = data.preprocess_on_device(manifest)  # uint8 records: preprocess in the graph
         trained = models.with_preprocessing(model, manifest["image_size"]) if on_device else model
         pos_weight = (None if cfg.class_weights == "none"
@@ -321,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | derived, indent=1))
             writer = runlog.RunLogWriter(run_dir)
             writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model,
+                         recipe=cfg.recipe, recipe_version=recipes.RECIPES[cfg.recipe].version
+                         if cfg.recipe in recipes.RECIPES else None,
                          image_size=cfg.image_size, precision=cfg.precision,
                          horovod_backend=distributed.backend_name(hvd),
                          hostnames=sorted({r["host"] for r in ranks}), ranks=ranks,

@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import ROOT, module, run
 
-MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict", "export", "nas"]
+MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict", "export", "nas", "weights"]
 SCRIPTS = ["tools/scaling_report.py", "tools/dataset_stats.py", "tools/nas_report.py", "write_tfrecords.sh", "download_dataset.sh"]
 
 

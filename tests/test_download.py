@@ -2,71 +2,11 @@
 generated tarballs: full run, interrupted + resumed transfer, corrupt archive, 404, unsafe entry."""
 
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
-from pathlib import Path
 
-import pytest
 from conftest import ROOT, assert_one_line_error, run
 from PIL import Image
-
-
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with HTTP Range support; cuts the first transfer of files named in
-    `server.cut` after half their bytes, answers 503 to the first `server.unavailable[name]`
-    requests of a file, and records every request's Range header."""
-
-    def do_GET(self):
-        path = Path(self.directory) / self.path.lstrip("/")
-        if not path.is_file():
-            self.send_error(404)
-            return
-        body = path.read_bytes()
-        start = 0
-        rng = self.headers.get("Range")
-        self.server.log.append((path.name, rng))
-        if self.server.unavailable.get(path.name, 0) > 0:
-            self.server.unavailable[path.name] -= 1
-            self.send_error(503)
-            return
-        if rng:
-            start = int(rng.split("=")[1].split("-")[0])
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if path.name in self.server.cut:
-            self.server.cut.discard(path.name)
-            self.wfile.write(body[start:start + len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body[start:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                            lambda *a: RangeHandler(*a, directory=str(root)))
-    httpd.log, httpd.cut, httpd.unavailable = [], set(), {}
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", httpd
-    httpd.shutdown()
 
 
 def make_archive(path, names, extra=None):

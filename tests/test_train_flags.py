@@ -46,6 +46,8 @@ FLAG_TESTS = {
     "fp16_allreduce": f"{HERE}::test_fp16_allreduce_and_warmup_on_two_ranks",
     "backward_passes_per_step": f"{HERE}::test_backward_passes_per_step_and_keep_checkpoints",
     "weights": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
+    "recipe": "tests/test_recipes_weights.py::"
+              "test_fetch_verifies_caches_and_recipe_chexnet_trains_from_the_cache_offline",
     "seed": f"{HERE}::test_flags_that_change_what_is_learned",
     "augment": f"{HERE}::test_flags_that_change_what_is_learned",
     "synthetic_input": f"{HERE}::test_flags_that_change_what_is_learned",

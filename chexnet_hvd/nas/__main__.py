@@ -108,16 +108,15 @@ def core_block(i: int, threads: int) -> set[int] | None:
 
 # ---------------------------------------------------------------- one candidate --------------
 def train_command(cfg: NasConfig, code: str, run_dir: Path, threads: int) -> list[str]:
-    """The candidate's trainer command: the search's settings, then --train-args (which
-    `check` keeps off the search's own flags), through the trainer's own config."""
+    """The candidate's trainer command: the nas_candidate recipe, the search's settings, then
+    --train-args (which `check` keeps off the search's own flags), through the trainer's config."""
     from chexnet_hvd import train
     from chexnet_hvd.nas import space
 
-    base = train.TrainConfig(data=cfg.data, run_dir=str(run_dir), model=space.model_name(code),
-                             image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                             resume=True, threads=threads, verbose=2, keep_checkpoints=1)
-    config = cli.parse_config(train.TrainConfig, "", cli.to_argv(base) + shlex.split(cfg.train_args))
-    return train.command(config)
+    base = train.parse(["--recipe", "nas_candidate", "--data", cfg.data, "--run-dir", str(run_dir)])
+    base = dataclasses.replace(base, model=space.model_name(code), image_size=cfg.image_size,
+                               batch_size=cfg.batch_size, epochs=cfg.epochs, threads=threads)
+    return train.command(train.parse(train.argv_of(base) + shlex.split(cfg.train_args)))
 
 
 def trainer_env() -> dict:

@@ -7,6 +7,9 @@
 #   DATA_DIR      records directory (or raw index, see raw_1gpu.sh) with manifest.json
 #   RUN_ROOT      runs go to $RUN_ROOT/<job name>/<job id>/ (default: $CHEXNET_HOME/runs)
 #   MODEL IMAGE_SIZE BATCH_SIZE EPOCHS PRECISION   the training run (BATCH_SIZE is per rank)
+#   RECIPE        a named recipe (python -m chexnet_hvd.train --recipe list) instead of the
+#                 defaults above: then only MODEL IMAGE_SIZE BATCH_SIZE EPOCHS set at submit
+#                 time override it; PRECISION stays the template's (it is the hardware's choice)
 #   TRAIN_ARGS    more flags for python -m chexnet_hvd.train, e.g. "--schedule plateau"
 #   CSV IMAGES RECORDS_ARGS   records_mpi.sh only: the records writer's input and more flags
 #   STUDY_DIR N_TRIALS PROPOSER NAS_ARGS   nas_array.sh only: the shared study (default
@@ -28,8 +31,10 @@
 : "${VENV:=$CHEXNET_HOME/.venv}"
 : "${DATA_DIR:=$CHEXNET_HOME/data/records}"
 : "${RUN_ROOT:=$CHEXNET_HOME/runs}"
-: "${MODEL:=densenet121}" "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
-: "${PRECISION:=mixed_float16}" "${TRAIN_ARGS:=}" "${LAUNCHER:=srun}" "${SRUN_MPI:=pmix}"
+: "${RECIPE:=}" "${PRECISION:=mixed_float16}" "${TRAIN_ARGS:=}" "${LAUNCHER:=srun}" "${SRUN_MPI:=pmix}"
+if [[ -z $RECIPE ]]; then
+  : "${MODEL:=densenet121}" "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
+fi
 : "${SLURM_JOB_ID:=local-$$}" "${SLURM_JOB_NAME:=chexnet}" "${SLURM_NTASKS:=1}"
 EXIT_PREEMPTED=75
 
@@ -81,9 +86,13 @@ run_training() {
   echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
   # --verbose 2: one line per epoch in job.log (under mpirun rank 0 sees a terminal, so the
   # trainer alone cannot tell that this is a batch job).
-  launch "$PY" -m chexnet_hvd.train --data "$DATA_DIR" --run-dir "$RUN_DIR" --model "$MODEL" \
-    --image-size "$IMAGE_SIZE" --batch-size "$BATCH_SIZE" --epochs "$EPOCHS" \
-    --precision "$PRECISION" --resume --verbose 2 $TRAIN_ARGS
+  local settings=(--precision "$PRECISION") var
+  if [[ -n $RECIPE ]]; then settings+=(--recipe "$RECIPE"); fi
+  for var in MODEL IMAGE_SIZE BATCH_SIZE EPOCHS; do  # MODEL -> --model "$MODEL", if set
+    if [[ -n ${!var:-} ]]; then settings+=("--$(tr 'A-Z_' 'a-z-' <<<"$var")" "${!var}"); fi
+  done
+  launch "$PY" -m chexnet_hvd.train --data "$DATA_DIR" --run-dir "$RUN_DIR" "${settings[@]}" \
+    --resume --verbose 2 $TRAIN_ARGS
   local rc=0
   wait_ranks || rc=$?
   # The run log, not the launcher's code, says whether the ranks stopped at a checkpoint: srun
@@ -105,6 +114,7 @@ requeue_if_preempted() {
 # One architecture-search worker per array task; the study directory coordinates them all.
 run_nas() {
   : "${STUDY_DIR:=$RUN_ROOT/nas}" "${N_TRIALS:=100}" "${PROPOSER:=evolution}" "${NAS_ARGS:=}"
+  : "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
   mkdir -p "$STUDY_DIR"
   echo "job $SLURM_JOB_ID (array task ${SLURM_ARRAY_TASK_ID:-0}): NAS worker on $(hostname), study $STUDY_DIR"
   "$PY" -m chexnet_hvd.nas --study-dir "$STUDY_DIR" --data "$DATA_DIR" --proposer "$PROPOSER" \

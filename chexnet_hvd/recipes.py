@@ -1,0 +1,117 @@
+"""Named, versioned training recipes: a paper's or a reference suite's settings in this
+trainer's flags, so a run is reproduced by name rather than rebuilt from prose.
+
+    python -m chexnet_hvd.train --recipe list
+    python -m chexnet_hvd.train --recipe show chexnet
+    python -m chexnet_hvd.train --recipe chexnet --data RECORDS --run-dir runs/x [--epochs 5 ...]
+
+A recipe sets trainer flags; flags given on the command line override it. The run log's start
+record names the recipe and its version beside the effective config. A recipe's version goes
+up whenever any of its settings changes. `records` and `evaluate` say how the records were
+written and how the run is evaluated to match the source; the trainer does not apply them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    version: int
+    summary: str
+    source: str
+    train: dict  # TrainConfig fields
+    records: dict = dataclasses.field(default_factory=dict)  # python -m chexnet_hvd.records flags
+    evaluate: dict = dataclasses.field(default_factory=dict)  # python -m chexnet_hvd.evaluate flags
+
+
+RECIPES = {r.name: r for r in [
+    Recipe("chexnet", 1, "CheXNet: DenseNet-121 from ImageNet, 224 px, Adam 1e-3 at batch 16, "
+           "weighted BCE, lr x0.1 on a plateau (patience 1), horizontal flips",
+           "Rajpurkar et al. 2017, CheXNet, arXiv:1711.05225 (its training section). The paper stops on "
+           "the validation loss; this trainer's plateau watches the validation mean AUROC. "
+           "Epochs are not stated in the paper: 20 here, with early stopping after 3.",
+           {"model": "densenet121", "image_size": 224, "weights": "imagenet", "optimizer": "adam",
+            "lr": 1e-3, "reference_batch": 16, "batch_size": 16, "class_weights": "manifest",
+            "schedule": "plateau", "plateau_patience": 1, "plateau_factor": 0.1, "augment": True,
+            "epochs": 20, "early_stopping": 3},
+           records={"image_size": 256, "encoding": "uint8"}, evaluate={"tta": "tencrop"}),
+    Recipe("resnet59_large", 1, "ResNet-59 on 896 px inputs, SGD (Nesterov 0.9), lr scaled "
+           "with the global batch after a warmup proportional to it",
+           "SURFsara / Intel large-input chest X-ray work (ResNet-59 for 896-1024 px, warmup "
+           "proportional to the global batch); lr 0.1 per 256 images after Goyal et al. 2017, "
+           "arXiv:1706.02677. Chosen here, not from the source: cosine decay, 30 epochs, "
+           "batch 4 per GPU (what fits at 896 px), weighted BCE.",
+           {"model": "resnet59", "image_size": 896, "weights": "none", "optimizer": "sgd",
+            "lr": 0.1, "reference_batch": 256, "batch_size": 4, "warmup_epochs": -1.0,
+            "schedule": "cosine", "class_weights": "manifest", "precision": "mixed_float16",
+            "epochs": 30},
+           records={"image_size": 1024, "encoding": "png"}),
+    Recipe("dell_baseline", 1, "The Dell EMC suite's settings: DenseNet-121 at 256 px, Adam 1e-3 "
+           "not scaled with the world size, no warmup, batch 64 per GPU, flips, 10 epochs",
+           "Dell EMC HPC and AI Innovation Lab, 'AI radiologist' ChestX-ray14 suite (TF 1.12 + "
+           "Horovod 0.16): for throughput and AUROC comparable with its table. ImageNet "
+           "initialisation and unweighted BCE are assumed here, not taken from its code.",
+           {"model": "densenet121", "image_size": 256, "weights": "imagenet", "optimizer": "adam",
+            "lr": 1e-3, "reference_batch": 0, "batch_size": 64, "warmup_epochs": 0.0,
+            "schedule": "constant", "class_weights": "none", "augment": True, "epochs": 10},
+           records={"image_size": 256, "encoding": "uint8"}),
+    Recipe("nas_candidate", 1, "What every architecture-search candidate trains with "
+           "(python -m chexnet_hvd.nas sets the model, size, batch and epochs)",
+           "GenNAS-style search space (chexnet_hvd.nas.space); short, equal training for every "
+           "candidate so that their validation AUROCs compare.",
+           {"optimizer": "adam", "lr": 1e-3, "reference_batch": 16, "schedule": "constant",
+            "class_weights": "none", "resume": True, "keep_checkpoints": 1, "verbose": 2}),
+]}
+
+
+def names() -> list[str]:
+    return sorted(RECIPES)
+
+
+def get(name: str) -> Recipe:
+    from chexnet_hvd import cli
+
+    if name not in RECIPES:
+        raise cli.InputError("--recipe", f"unknown recipe {name!r} (known: {', '.join(names())}; "
+                             "--recipe list)")
+    return RECIPES[name]
+
+
+def listing() -> str:
+    return "\n".join(f"{r.name} (v{r.version}): {r.summary}" for r in RECIPES.values())
+
+
+def flags(settings: dict) -> list[str]:
+    """Settings as command-line flags: {"image_size": 256, "augment": False} ->
+    ["--image-size", "256", "--no-augment"]."""
+    out: list[str] = []
+    for key, value in settings.items():
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            out += [f"--{flag}", str(value)]
+    return out
+
+
+def show(name: str) -> str:
+    """A recipe in full: what it is, its source, and the flags it stands for per command."""
+    r = get(name)
+    lines = [f"{r.name} (version {r.version})", r.summary, f"source: {r.source}"]
+    for command, settings in (("train", r.train), ("records", r.records), ("evaluate", r.evaluate)):
+        if settings:
+            lines.append(f"python -m chexnet_hvd.{command} " + " ".join(flags(settings)))
+    return "\n".join(lines)
+
+
+def asked(argv: list[str]) -> list[str]:
+    """The words after --recipe in argv (two for `show NAME`), or [] without one."""
+    for i, arg in enumerate(argv):
+        if arg == "--recipe":
+            return argv[i + 1:i + 3] if argv[i + 1:i + 2] == ["show"] else argv[i + 1:i + 2]
+        if arg.startswith("--recipe="):
+            return [arg.split("=", 1)[1]]
+    return []
