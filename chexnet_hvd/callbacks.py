@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import horovod.tensorflow as hvd_tf
@@ -201,17 +202,19 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
 
 
 class RunLog(tf.keras.callbacks.Callback):
-    """Rank 0: the epoch record of the run log, and one line on stdout."""
+    """Rank 0: the epoch record of the run log, the same numbers as TensorBoard scalars (when
+    `summary_dir` is given), and one line on stdout. The run log stays what reports read."""
 
-    def __init__(self, state: RunState, writer, world_size: int, verbose: bool):
+    def __init__(self, state: RunState, writer, world_size: int, verbose: bool, summary_dir=None):
         super().__init__()
         self.state, self.writer, self.world_size, self.verbose = state, writer, world_size, verbose
+        self.summary = tf.summary.create_file_writer(str(summary_dir)) if summary_dir else None
 
     def on_epoch_end(self, epoch, logs=None):
         if self.state.preempted:
             return
         t, val = self.state.timing, self.state.validation
-        self.writer.write("epoch", epoch=epoch + 1, **t,
+        record = self.writer.write("epoch", epoch=epoch + 1, **t,
                           images_per_sec_per_rank=round(t["images_per_sec"] / self.world_size, 3),
                           train_loss=round(float(logs.get("loss", float("nan"))), 6),
                           lr=float(self.model.optimizer.learning_rate),  # the last step's
@@ -219,9 +222,51 @@ class RunLog(tf.keras.callbacks.Callback):
                           val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
                           val_seconds=val.get("seconds"), val_n=val.get("n"),
                           val_batches=val.get("batches"), peak_memory_mb=round(peak_memory_mb(), 1))
+        if self.summary:
+            write_scalars(self.summary, record)
         if self.verbose:
             print(f"epoch {epoch + 1}: {t['images_per_sec']:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
                   f"val mean AUROC {val.get('mean_auroc')}", flush=True)
+
+
+SCALARS = ("train_loss", "lr", "images_per_sec", "val_loss", "val_mean_auroc")
+
+
+def write_scalars(summary, record: dict) -> None:
+    """An epoch record's numbers as TensorBoard scalars at step = epoch (undefined ones left out)."""
+    values = {k: record[k] for k in SCALARS} | {
+        f"val_auroc/{name}": v for name, v in (record["val_auroc"] or {}).items()}
+    with summary.as_default(step=record["epoch"]):
+        for tag, value in values.items():
+            if value is not None:
+                tf.summary.scalar(tag, value)
+    summary.flush()
+
+
+class Profile(tf.keras.callbacks.Callback):
+    """Rank 0: TensorFlow's profiler over the run's steps first..last (StopAgreement, earlier in
+    the list, has counted the step that just ended)."""
+
+    _supports_tf_logs = True
+
+    def __init__(self, state: RunState, first: int, last: int, logdir):
+        super().__init__()
+        self.state, self.first, self.last, self.logdir = state, first, last, str(logdir)
+        self.tracing = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.state.step + 1 == self.first:
+            tf.profiler.experimental.start(self.logdir)
+            self.tracing = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.tracing and self.state.step >= self.last:
+            self.on_train_end()
+
+    def on_train_end(self, logs=None):
+        if self.tracing:
+            tf.profiler.experimental.stop()
+            self.tracing = False
 
 
 def make_callbacks(cfg: TrainConfig, hvd, state: RunState, stop, derived: dict,
@@ -242,8 +287,15 @@ def make_callbacks(cfg: TrainConfig, hvd, state: RunState, stop, derived: dict,
         callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
     if rank0 and cfg.checkpoint_every_steps:  # Horovod
         callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save, steps))
+    tensorboard = Path(cfg.run_dir) / "tensorboard" if cfg.tensorboard else None
     if rank0:  # Horovod
-        callbacks += [EpochCheckpoint(state, save), RunLog(state, writer, hvd.size(), cfg.verbose > 0)]
+        callbacks += [EpochCheckpoint(state, save),
+                      RunLog(state, writer, hvd.size(), cfg.verbose > 0, tensorboard)]
+    if rank0 and cfg.profile_steps:  # Horovod: rank 0's trace
+        from chexnet_hvd.train import profile_range
+
+        callbacks.append(Profile(state, *profile_range(cfg.profile_steps),
+                                 Path(cfg.run_dir) / "tensorboard" / "profile"))
     return callbacks
 
 

@@ -68,11 +68,9 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
 
 
 def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
-                 positional: Sequence[str] = (), defaults: dict | None = None) -> T:
-    """Parse argv into an instance of `config_cls` (unknown flags are usage errors, exit 2);
-    `defaults` (a recipe) replace the fields' own defaults, flags in argv override both."""
+                 positional: Sequence[str] = ()) -> T:
+    """Parse argv into an instance of `config_cls` (unknown flags are usage errors, exit 2)."""
     parser = build_parser(config_cls, description, positional)
-    parser.set_defaults(**(defaults or {}))
     namespace = parser.parse_args(argv)
     return config_cls(**vars(namespace))
 

@@ -110,7 +110,8 @@ def _from_resnet50(model: tf.keras.Model, weights: str) -> None:
     """Copy ResNet-50's stem and stages (conv2..conv5 in Keras' names) into ResNet-59's stem and
     stages 1-4. Keras' convolutions have a bias and these do not; each is followed by batch
     normalisation, so the bias moves into its moving mean (BN(x + b) with mean m is BN(x) with
-    mean m - b) and the block computes what ResNet-50's did."""
+    mean m - b) and each convolution + batch norm computes what ResNet-50's did. (The network
+    is still not ResNet-50: stage 1 has stride 2 here, and the stem pads 'same'.)"""
     source = tf.keras.applications.ResNet50(include_top=False, weights=weights)
     pairs = [("conv1", "stem_conv", "stem_bn")]
     for s, (_, _, blocks, _) in enumerate(RESNET59_STAGES[:4], 1):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from chexnet_hvd import cli
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -30,9 +32,13 @@ class Recipe:
 RECIPES = {r.name: r for r in [
     Recipe("chexnet", 1, "CheXNet: DenseNet-121 from ImageNet, 224 px, Adam 1e-3 at batch 16, "
            "weighted BCE, lr x0.1 on a plateau (patience 1), horizontal flips",
-           "Rajpurkar et al. 2017, CheXNet, arXiv:1711.05225 (its training section). The paper stops on "
-           "the validation loss; this trainer's plateau watches the validation mean AUROC. "
-           "Epochs are not stated in the paper: 20 here, with early stopping after 3.",
+           "Rajpurkar et al. 2017, CheXNet, arXiv:1711.05225: the model, initialisation, "
+           "input size, optimizer, batch, weighted loss, flips and the x0.1 decay on a "
+           "validation plateau. The paper decays on the validation loss and keeps the "
+           "lowest-loss model; this trainer watches the validation mean AUROC for both. Not in "
+           "the paper: 256-px records cropped to 224 and ten-crop evaluation (as its "
+           "reimplementations and their OpenVINO port do), and the epochs (20 here, early "
+           "stopping after 3).",
            {"model": "densenet121", "image_size": 224, "weights": "imagenet", "optimizer": "adam",
             "lr": 1e-3, "reference_batch": 16, "batch_size": 16, "class_weights": "manifest",
             "schedule": "plateau", "plateau_patience": 1, "plateau_factor": 0.1, "augment": True,
@@ -68,12 +74,12 @@ RECIPES = {r.name: r for r in [
 
 
 def names() -> list[str]:
+    """The recipes' names, sorted."""
     return sorted(RECIPES)
 
 
 def get(name: str) -> Recipe:
-    from chexnet_hvd import cli
-
+    """The recipe called `name`; an unknown name is a one-line error listing the known ones."""
     if name not in RECIPES:
         raise cli.InputError("--recipe", f"unknown recipe {name!r} (known: {', '.join(names())}; "
                              "--recipe list)")
@@ -81,6 +87,7 @@ def get(name: str) -> Recipe:
 
 
 def listing() -> str:
+    """One line per recipe: name, version, summary."""
     return "\n".join(f"{r.name} (v{r.version}): {r.summary}" for r in RECIPES.values())
 
 
@@ -110,8 +117,8 @@ def show(name: str) -> str:
 def asked(argv: list[str]) -> list[str]:
     """The words after --recipe in argv (two for `show NAME`), or [] without one."""
     for i, arg in enumerate(argv):
-        if arg == "--recipe":
-            return argv[i + 1:i + 3] if argv[i + 1:i + 2] == ["show"] else argv[i + 1:i + 2]
-        if arg.startswith("--recipe="):
-            return [arg.split("=", 1)[1]]
+        if arg == "--recipe" or arg.startswith("--recipe="):
+            words = [arg.split("=", 1)[1]] if "=" in arg else []
+            words += argv[i + 1:i + 3 - len(words)]
+            return words[:2] if words[:1] == ["show"] else words[:1]
     return []

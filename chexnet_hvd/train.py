@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ class TrainConfig:
                                choices=["adam", "sgd"])
     lr: float = cli.field(1e-3, help="base learning rate at --reference-batch (CheXNet: Adam 1e-3 at 16)")
     reference_batch: int = cli.field(16, help="lr = lr x global_batch / reference_batch (Goyal "
-                                     "et al. 2017); 0: lr as given, not scaled")
+                                     "et al. 2017); 0: lr as given, not scaled (and, with "
+                                     "--warmup-epochs -1, no warmup)")
     warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
                                      "-1: proportional to the global batch, global_batch / "
                                      "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)")
@@ -83,6 +85,12 @@ class TrainConfig:
     threads: int = cli.field(0, help="CPU threads per rank for TF ops; 0: from the CPUs this rank "
                              "may run on (all of them when bound, else a share per local rank)")
     timing_warmup_steps: int = cli.field(3, help="steps at the start of each epoch left out of img/s")
+    tensorboard: bool = cli.field(True, help="rank 0 writes each epoch's train loss, lr, img/s, "
+                                  "val loss and per-class and mean AUROC as TensorBoard scalars "
+                                  "to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)")
+    profile_steps: str = cli.field("", help="A,B: a TensorFlow profiler trace of rank 0's steps "
+                                   "A..B (the run's step numbers, as in the run log, from 1) "
+                                   "into RUN_DIR/tensorboard/profile")
     audit: bool = cli.field(False, help="each rank writes RUN_DIR/audit/rank<N>.json + .npz "
                             "(the records it read in epoch 1, its initial and final weights), "
                             "for tests")
@@ -92,18 +100,19 @@ class TrainConfig:
 
 
 def recipe_defaults(name: str) -> dict | None:
+    """A recipe's trainer settings ('none': no recipe)."""
     from chexnet_hvd import recipes
 
     return recipes.get(name).train if name != "none" else None
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    """The trainer's config: a --recipe's settings, overridden by the flags given."""
-    from chexnet_hvd import recipes
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    defaults = recipe_defaults((recipes.asked(argv) or ["none"])[0])
-    return cli.parse_config(TrainConfig, __doc__.splitlines()[0], argv, defaults=defaults)
+    """The trainer's config: a --recipe's settings, overridden by the flags given. argparse
+    finds the recipe (the last --recipe, abbreviations too), then parses again over it."""
+    parser = cli.build_parser(TrainConfig, __doc__.splitlines()[0])
+    name = parser.parse_known_args(argv)[0].recipe
+    parser.set_defaults(**(recipe_defaults(name) or {}))
+    return TrainConfig(**vars(parser.parse_args(argv)))
 
 
 def argv_of(cfg: TrainConfig) -> list[str]:
@@ -133,7 +142,8 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
                              f"global batches of {global_batch} the training split holds")
     steps = cfg.steps_per_epoch or full
     ratio = global_batch / cfg.reference_batch if cfg.reference_batch else 1.0
-    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else min(5.0, ratio / 8)
+    proportional = min(5.0, ratio / 8) if cfg.reference_batch else 0.0  # unscaled: no warmup
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else proportional
     return {
         "world_size": world_size,
         "local_batch": cfg.batch_size,
@@ -173,11 +183,21 @@ def make_optimizer(cfg: TrainConfig, hvd, derived: dict):
     return optimizer
 
 
+def profile_range(steps: str) -> tuple[int, int]:
+    """--profile-steps 'A,B' (or 'A') -> (A, B)."""
+    first, _, last = steps.partition(",")
+    return int(first), int(last or first)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Flag combinations that cannot work, refused before anything starts."""
     for flag in ("backward_passes_per_step", "stop_check_steps", "batch_size", "image_size"):
         if getattr(cfg, flag) < 1:
             raise cli.InputError(f"--{flag.replace('_', '-')}", "must be at least 1")
+    if cfg.profile_steps and not (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)?", cfg.profile_steps)
+                                  and profile_range(cfg.profile_steps)[0] <= profile_range(cfg.profile_steps)[1]):
+        raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "
+                             "last step to trace (from 1, A <= B)")
     if cfg.reference_batch < 0:
         raise cli.InputError("--reference-batch", "must be 0 (no scaling) or more")
     if cfg.backward_passes_per_step > 1 and cfg.precision == "mixed_float16":

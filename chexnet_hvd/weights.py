@@ -35,6 +35,7 @@ INITIALISED_FROM = {"resnet59": "resnet50"}  # its first four stages (models.res
 
 
 def cache_dir() -> Path:
+    """$CHEXNET_WEIGHTS_DIR, else $XDG_CACHE_HOME (or ~/.cache) / chexnet_hvd / weights."""
     if os.environ.get("CHEXNET_WEIGHTS_DIR"):
         return Path(os.environ["CHEXNET_WEIGHTS_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -81,6 +82,11 @@ def fetch(cfg: WeightsConfig) -> tuple[Path, str]:
 
     name, url, md5 = PUBLISHED[cfg.model]
     out = cli.make_dir(cache_dir())
+    if (out / name).is_file():  # a cache hit is checked too: a changed file is not used silently
+        try:
+            download.verify(out / name, str(out / name), (cfg.md5 or md5).lower())
+        except cli.InputError as err:
+            raise cli.InputError(err.where, f"{err.what} in the cache: delete it and fetch again") from None
     transfer = download.DownloadConfig(out=str(out), retries=cfg.retries, timeout=cfg.timeout)
     with tqdm(unit="B", unit_scale=True, desc=name, disable=not cfg.progress or None) as bar:
         what = download.fetch(name, cfg.url or url, out, (cfg.md5 or md5).lower(), transfer, bar)

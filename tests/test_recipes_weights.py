@@ -18,11 +18,26 @@ from chexnet_hvd.runlog import read_runlog
 NEEDED = ["--data", "d", "--run-dir", "r"]
 
 
+# A recipe's settings, pinned: change one, and bump its version (then update its digest here).
+DIGESTS = {"chexnet": (1, "c7c73b8e2bb9"), "resnet59_large": (1, "bc936cfaf52d"),
+           "dell_baseline": (1, "002f0a66e399"), "nas_candidate": (1, "adafbcb39bcb")}
+
+
+def digest(recipe) -> str:
+    settings = {"train": recipe.train, "records": recipe.records, "evaluate": recipe.evaluate}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def test_a_recipe_changes_only_with_its_version():
+    assert {n: (r.version, digest(r)) for n, r in recipes.RECIPES.items()} == DIGESTS
+
+
 @pytest.mark.parametrize("name", recipes.names())
 def test_every_recipe_is_valid_flags_of_its_commands(name):
     recipe = recipes.get(name)
     cfg = train.parse(["--recipe", name, *NEEDED])
     assert {k: getattr(cfg, k) for k in recipe.train} == recipe.train and cfg.recipe == name
+    train.check_config(cfg)  # no combination the trainer refuses
     assert train.parse(train.argv_of(cfg)) == cfg
     records = cli.parse_config(RecordsConfig, "", ["--csv", "c", "--images", "i", "--out", "o",
                                                    *recipes.flags(recipe.records)])
@@ -48,6 +63,13 @@ def test_reference_batch_0_keeps_the_lr_at_every_world_size():
     assert {train.derive(cfg, manifest, w)["scaled_lr"] for w in (1, 4, 16)} == {1e-3}
     scaled = train.parse([*NEEDED, "--lr", "1e-3"])
     assert train.derive(scaled, manifest, 4)["scaled_lr"] == pytest.approx(4e-3)
+
+
+def test_the_last_recipe_flag_wins_abbreviated_too():
+    cfg = train.parse(["--recipe", "chexnet", "--recipe", "dell_baseline", *NEEDED])
+    assert (cfg.recipe, cfg.image_size, cfg.batch_size) == ("dell_baseline", 256, 64)
+    cfg = train.parse(["--recip", "chexnet", *NEEDED])
+    assert (cfg.recipe, cfg.schedule) == ("chexnet", "plateau")
 
 
 def test_recipe_list_show_and_unknown_names():
@@ -85,7 +107,9 @@ def imagenet_file(tmp_path_factory):
     real file is never downloaded in tests)."""
     import tensorflow as tf
 
-    path = tmp_path_factory.mktemp("published") / "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    from chexnet_hvd.weights import PUBLISHED
+
+    path = tmp_path_factory.mktemp("published") / PUBLISHED["densenet121"][0]
     tf.keras.applications.DenseNet121(include_top=False, weights=None, pooling="avg").save_weights(path)
     tf.keras.backend.clear_session()
     return path
@@ -112,6 +136,7 @@ def test_fetch_verifies_caches_and_recipe_chexnet_trains_from_the_cache_offline(
     requests = len(httpd.log)
     assert module("weights", *fetch, "--md5", md5, env=env, check=True).stdout.strip().endswith(": present")
     assert len(httpd.log) == requests
+    assert_one_line_error(module("weights", *fetch, env=env), "md5 mismatch", "in the cache: delete it")
     assert hashlib.md5((cache / imagenet_file.name).read_bytes()).hexdigest() == md5
     assert module("weights", "path", "--model", "densenet121", env=env, check=True).stdout.strip() == \
         str(cache / imagenet_file.name)

@@ -18,6 +18,7 @@ from collections import defaultdict
 import pytest
 from conftest import ROOT, run
 
+from chexnet_hvd import recipes
 from chexnet_hvd.runlog import read_runlog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -150,11 +151,13 @@ def assert_template_run(template, job: str, run_dir, epochs: int) -> None:
 
 @pytest.mark.parametrize("template", [t for t in TRAINING if t != PREEMPTED], ids=lambda t: t.name)
 def test_training_template_runs_unchanged(cluster, template, records_dir, raw_dir, tmp_path):
-    """tfrec_1gpu.sh also takes RECIPE=chexnet: the recipe's settings, overridden by the
-    workload's and TRAIN_ARGS' (no ImageNet file here), at the template's own precision."""
+    """tfrec_1gpu.sh also takes RECIPE=chexnet: the recipe's settings (its batch size, as
+    BATCH_SIZE is unset), overridden by the workload's and TRAIN_ARGS' (no ImageNet file here),
+    at the template's own precision."""
     data = raw_dir if template.name.startswith("raw_") else records_dir
     recipe = {"RECIPE": "chexnet", "TRAIN_ARGS": "--weights none"} if template.name == "tfrec_1gpu.sh" else {}
-    job = submit(template, WORKLOAD | recipe | {"DATA_DIR": data, "RUN_ROOT": tmp_path / "runs"}, tmp_path)
+    workload = {k: v for k, v in WORKLOAD.items() if not (recipe and k == "BATCH_SIZE")}
+    job = submit(template, workload | recipe | {"DATA_DIR": data, "RUN_ROOT": tmp_path / "runs"}, tmp_path)
     fields = wait_job(job, timeout=900)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), output_of(tmp_path, job)[-3000:]
     run_dir = tmp_path / "runs" / directives(template)["job-name"] / job
@@ -164,6 +167,7 @@ def test_training_template_runs_unchanged(cluster, template, records_dir, raw_di
         assert (start["recipe"], start["config"]["schedule"], start["config"]["class_weights"]) == \
             ("chexnet", "plateau", "manifest")
         assert (start["model"], start["config"]["weights"]) == (WORKLOAD["MODEL"], "none")
+        assert start["local_batch"] == recipes.get("chexnet").train["batch_size"]  # BATCH_SIZE unset
 
 
 def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_ranks_identical, module, run
+from conftest import ROOT, assert_one_line_error, assert_ranks_identical, module, run
 
 from chexnet_hvd import checkpoints, records, train
 from chexnet_hvd.runlog import read_runlog
@@ -46,6 +46,8 @@ FLAG_TESTS = {
     "fp16_allreduce": f"{HERE}::test_fp16_allreduce_and_warmup_on_two_ranks",
     "backward_passes_per_step": f"{HERE}::test_backward_passes_per_step_and_keep_checkpoints",
     "weights": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
+    "tensorboard": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
+    "profile_steps": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
     "recipe": "tests/test_recipes_weights.py::"
               "test_fetch_verifies_caches_and_recipe_chexnet_trains_from_the_cache_offline",
     "seed": f"{HERE}::test_flags_that_change_what_is_learned",
@@ -139,10 +141,11 @@ def test_optimizer_sgd(records_dir, baseline, tmp_path):
 
 def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, baseline, tmp_path):
     """Flags with their own observable, in one run: the scaled lr the optimizer used, TF's
-    threads, the timed steps, the validated split and its batches, rank 0's output."""
+    threads, the timed steps, the validated split and its batches, rank 0's output, the
+    TensorBoard scalars (the run log's numbers) and a profiler trace."""
     proc = trainer(records_dir, tmp_path, "--lr", 0.002, "--reference-batch", 4, "--threads", 1,
                    "--timing-warmup-steps", 1, "--val-split", "test", "--val-batch-size", 7,
-                   "--steps-per-epoch", 5, "--verbose", 1, check=True)
+                   "--steps-per-epoch", 5, "--verbose", 1, "--profile-steps", "2,3", check=True)
     start, last = read_runlog(tmp_path)[0], epochs(tmp_path)[-1]
     assert start["scaled_lr"] == pytest.approx(0.002 * 16 / 4)
     assert last["lr"] == pytest.approx(0.002 * 16 / 4)  # what the optimizer really used
@@ -151,7 +154,15 @@ def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, ba
     assert (last["steps"], last["timed_steps"]) == (5, 4)
     n_test = records.load_manifest(records_dir)["splits"]["test"]["count"]
     assert (last["val_n"], last["val_batches"]) == (n_test, -(-n_test // 7))
-    assert "img/s" not in trainer(records_dir, tmp_path / "quiet").stdout  # --verbose 0
+    assert "img/s" not in trainer(records_dir, tmp_path / "quiet", "--no-tensorboard").stdout  # --verbose 0
+    assert not (tmp_path / "quiet" / "tensorboard").exists()
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    for tag in ("val_mean_auroc", "images_per_sec", "lr", "train_loss", "val_loss"):
+        assert scalars[tag] == [(e["epoch"], pytest.approx(e[tag], rel=1e-6)) for e in epochs(tmp_path)]
+    assert {t for t in scalars if t.startswith("val_auroc/")} == {
+        f"val_auroc/{name}" for name, v in last["val_auroc"].items() if v is not None}
+    assert list((tmp_path / "tensorboard" / "profile").rglob("*.xplane.pb"))  # --profile-steps
+    assert_one_line_error(trainer(records_dir, tmp_path / "bad", "--profile-steps", "3-5"), "--profile-steps")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]  # --verbose 1, not a terminal:
     assert len(lines) == 2 and all(line.startswith("epoch ") for line in lines)  # no progress bar
     assert "\r" not in proc.stdout
@@ -160,6 +171,18 @@ def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, ba
     small = models.build_model("small_cnn", 32, records.load_manifest(records_dir)["num_classes"])
     assert start["trainable_params"] == sum(int(np.prod(w.shape)) for w in small.trainable_weights)
     assert checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0002")["image_size"] == 32
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a directory's event files: {tag: [(step, value), ...]}."""
+    import tensorflow as tf
+
+    found: dict[str, list] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return found
 
 
 def test_schedules_cosine_and_step(records_dir, tmp_path):

@@ -26,8 +26,8 @@ from chexnet_hvd import cli
 from chexnet_hvd.distributed import visible_gpus
 
 PROPOSERS = ["evolution", "random", "llm"]
-TRAINER_FLAGS = ("--data", "--run-dir", "--model", "--image-size", "--batch-size", "--epochs",
-                 "--resume", "--threads", "--verbose")
+TRAINER_FLAGS = ("--data", "--run-dir", "--recipe", "--model", "--image-size", "--batch-size",
+                 "--epochs", "--resume", "--threads", "--verbose")
 
 
 @dataclasses.dataclass
@@ -87,8 +87,11 @@ def check(cfg: NasConfig) -> None:
 
 def task_of(cfg: NasConfig) -> dict:
     """What makes trials comparable; stored on the study, checked for every later worker."""
+    from chexnet_hvd import recipes
+
     return {"data": str(Path(cfg.data).resolve()), "image_size": cfg.image_size,
-            "batch_size": cfg.batch_size, "epochs": cfg.epochs, "train_args": cfg.train_args}
+            "batch_size": cfg.batch_size, "epochs": cfg.epochs, "train_args": cfg.train_args,
+            "recipe": f"nas_candidate v{recipes.get('nas_candidate').version}"}
 
 
 def worker_index(cfg: NasConfig) -> int:

@@ -86,10 +86,11 @@ run_training() {
   echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
   # --verbose 2: one line per epoch in job.log (under mpirun rank 0 sees a terminal, so the
   # trainer alone cannot tell that this is a batch job).
-  local settings=(--precision "$PRECISION") var
+  local settings=(--precision "$PRECISION") var flag
   if [[ -n $RECIPE ]]; then settings+=(--recipe "$RECIPE"); fi
-  for var in MODEL IMAGE_SIZE BATCH_SIZE EPOCHS; do  # MODEL -> --model "$MODEL", if set
-    if [[ -n ${!var:-} ]]; then settings+=("--$(tr 'A-Z_' 'a-z-' <<<"$var")" "${!var}"); fi
+  for var in MODEL IMAGE_SIZE BATCH_SIZE EPOCHS; do  # IMAGE_SIZE -> --image-size "$IMAGE_SIZE", if set
+    flag=${var,,}
+    if [[ -n ${!var:-} ]]; then settings+=("--${flag//_/-}" "${!var}"); fi
   done
   launch "$PY" -m chexnet_hvd.train --data "$DATA_DIR" --run-dir "$RUN_DIR" "${settings[@]}" \
     --resume --verbose 2 $TRAIN_ARGS
@@ -114,7 +115,10 @@ requeue_if_preempted() {
 # One architecture-search worker per array task; the study directory coordinates them all.
 run_nas() {
   : "${STUDY_DIR:=$RUN_ROOT/nas}" "${N_TRIALS:=100}" "${PROPOSER:=evolution}" "${NAS_ARGS:=}"
-  : "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
+  if [[ -n $RECIPE ]]; then
+    echo "error: RECIPE: the search trains every candidate with the nas_candidate recipe; unset RECIPE" >&2
+    return 2
+  fi
   mkdir -p "$STUDY_DIR"
   echo "job $SLURM_JOB_ID (array task ${SLURM_ARRAY_TASK_ID:-0}): NAS worker on $(hostname), study $STUDY_DIR"
   "$PY" -m chexnet_hvd.nas --study-dir "$STUDY_DIR" --data "$DATA_DIR" --proposer "$PROPOSER" \
