@@ -93,3 +93,14 @@ def test_a_config_turns_into_the_command_line_that_parses_back_to_it():
     assert cli.parse_config(train.TrainConfig, "", argv[3:]) == config
     check = CheckConfig(precisions=["fp32"], steps=4)
     assert cli.parse_config(CheckConfig, "", cli.to_argv(check)) == check
+
+
+def test_synthetic_mean_images_per_patient(tmp_path):
+    import pandas as pd
+
+    patients = {}
+    for mean in (1.0, 5.0):
+        module("synthetic", "--out", tmp_path / str(mean), "--images", 200, "--size", 16,
+               "--mean-images-per-patient", mean, check=True)
+        patients[mean] = pd.read_csv(tmp_path / str(mean) / "Data_Entry_2017.csv")["Patient ID"].nunique()
+    assert patients[1.0] > 150 and 25 < patients[5.0] < 60, patients

@@ -123,3 +123,13 @@ def test_transient_server_errors_are_retried_with_backoff_then_given_up(server, 
     proc = download(tmp_path / "no", url, "--retries", 2, "--backoff", 0.05)
     assert_one_line_error(proc, "images_001.tar.gz", "download failed after 3 tries", "HTTP 503")
     assert not (tmp_path / "no" / "images_001.tar.gz").exists()
+
+
+def test_extract_only_extracts_what_is_there_without_downloading(tmp_path):
+    out = tmp_path / "nih"
+    out.mkdir()
+    make_archive(out / "images_001.tar.gz", ["00000001_000.png", "00000001_001.png"])
+    proc = run(["python", "-m", "chexnet_hvd.download", "--out", str(out), "--extract-only",
+                "--base-url", "http://127.0.0.1:9", "--no-progress"], timeout=120)  # nothing listens
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000001_000.png", "00000001_001.png"]

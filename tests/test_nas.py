@@ -498,3 +498,20 @@ def test_an_llm_drives_a_search(records_dir, tmp_path, chat):
     second_prompt = server.requests[1]["messages"][1]["content"]
     assert "21012100: AUROC" in second_prompt
     assert len(read_log(tmp_path / "s" / "llm_log.jsonl")) == 3
+
+
+def test_llm_retries_max_failures_and_heartbeat_end_to_end(records_dir, tmp_path, chat):
+    """Candidates that fail after about a second (the trainer refuses a validation split the
+    records lack): --max-failures 1 stops the worker after the first; --llm-retries 1 asks the
+    endpoint once before evolution picks; --heartbeat 0.1 beats while the candidate runs."""
+    server = chat(["no code here"] * 5)
+    env = {"CHEXNET_LLM_BASE_URL": server.url, "CHEXNET_LLM_MODEL": "local", "CHEXNET_LLM_API_KEY": ""}
+    proc = module("nas", "--study-dir", tmp_path / "s", "--data", records_dir, "--image-size", 32,
+                  "--batch-size", 32, "--epochs", 1, "--train-args", "--val-split nosuch",
+                  "--proposer", "llm", "--llm-retries", 1, "--max-failures", 1, "--heartbeat", 0.1,
+                  "--n-trials", 3, env=env, timeout=300)
+    assert proc.returncode == 1 and "1 candidates failed in a row" in proc.stderr, proc.stderr[-2000:]
+    assert len(server.requests) == 1
+    [trial] = study.open_study(tmp_path / "s").get_trials()
+    assert trial.user_attrs["proposer"] != "llm"  # evolution's pick after the one question
+    assert trial.user_attrs["heartbeat"] - trial.datetime_start.timestamp() > 0.5  # claim: ~0.15
