@@ -287,15 +287,14 @@ def make_callbacks(cfg: TrainConfig, hvd, state: RunState, stop, derived: dict,
         callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
     if rank0 and cfg.checkpoint_every_steps:  # Horovod
         callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save, steps))
-    tensorboard = Path(cfg.run_dir) / "tensorboard" if cfg.tensorboard else None
+    logdir = Path(cfg.run_dir) / "tensorboard"
     if rank0:  # Horovod
         callbacks += [EpochCheckpoint(state, save),
-                      RunLog(state, writer, hvd.size(), cfg.verbose > 0, tensorboard)]
+                      RunLog(state, writer, hvd.size(), cfg.verbose > 0, cfg.tensorboard and logdir)]
     if rank0 and cfg.profile_steps:  # Horovod: rank 0's trace
         from chexnet_hvd.train import profile_range
 
-        callbacks.append(Profile(state, *profile_range(cfg.profile_steps),
-                                 Path(cfg.run_dir) / "tensorboard" / "profile"))
+        callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile"))
     return callbacks
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.labels import NUM_CLASSES
 from chexnet_hvd.nas import space
+from chexnet_hvd.weights import PUBLISHED
 
 layers = tf.keras.layers
 
@@ -97,8 +98,6 @@ def resnet59(image_size: int, num_classes: int, weights: str | None) -> tf.keras
             x = _bottleneck(x, width, out, stride if b == 0 else 1, f"stage{s}_block{b + 1}")
     features = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     model = tf.keras.Model(inputs, _head(features, num_classes), name="resnet59")
-    from chexnet_hvd.weights import PUBLISHED
-
     if weights and Path(weights).name == PUBLISHED["resnet50"][0]:
         _from_resnet50(model, weights)
     elif weights:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import re
 import signal
@@ -99,11 +100,11 @@ class TrainConfig:
                              "epoch only", choices=[0, 1, 2])
 
 
-def recipe_defaults(name: str) -> dict | None:
-    """A recipe's trainer settings ('none': no recipe)."""
+def recipe_defaults(name: str) -> dict:
+    """A recipe's trainer settings ('none': no recipe, none)."""
     from chexnet_hvd import recipes
 
-    return recipes.get(name).train if name != "none" else None
+    return recipes.get(name).train if name != "none" else {}
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
@@ -111,7 +112,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     finds the recipe (the last --recipe, abbreviations too), then parses again over it."""
     parser = cli.build_parser(TrainConfig, __doc__.splitlines()[0])
     name = parser.parse_known_args(argv)[0].recipe
-    parser.set_defaults(**(recipe_defaults(name) or {}))
+    parser.set_defaults(**recipe_defaults(name))
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
@@ -195,7 +196,7 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, flag) < 1:
             raise cli.InputError(f"--{flag.replace('_', '-')}", "must be at least 1")
     if cfg.profile_steps and not (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)?", cfg.profile_steps)
-                                  and profile_range(cfg.profile_steps)[0] <= profile_range(cfg.profile_steps)[1]):
+                                  and operator.le(*profile_range(cfg.profile_steps))):
         raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "
                              "last step to trace (from 1, A <= B)")
     if cfg.reference_batch < 0:
