@@ -58,6 +58,8 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
         elif typing.get_origin(kind) in (list, tuple):
             kwargs["nargs"] = "+" if required else "*"
             kwargs["type"] = typing.get_args(kind)[0]
+            if choices:
+                kwargs["choices"] = choices
         else:
             base = [a for a in typing.get_args(kind) if a is not type(None)]
             kwargs["type"] = base[0] if base else kind

@@ -1,8 +1,9 @@
-"""Pathology names in the one canonical order, label parsing, and CheXpert's uncertainty policies.
+"""Pathology names in the one canonical order, label parsing, and the uncertainty policies.
 
-Every label vector, model output and table in the suite uses PATHOLOGIES' order (the NIH /
-CheXNet order, Rajpurkar et al. 2017, Table 1). A name not in the list is an error, never a
-silent zero.
+Every dataset's label names map onto CANONICAL (the 14 NIH names in the NIH / CheXNet order,
+Rajpurkar et al. 2017, Table 1, then CheXpert's other observations); a records set's classes are
+the canonical names its sources annotate, in that order. A name that is neither canonical nor an
+alias nor mapped by the user is an error, never a silent zero.
 """
 
 from __future__ import annotations
@@ -53,12 +54,83 @@ CHEXPERT_OBSERVATIONS: tuple[str, ...] = (
     "Fracture",
     "Support Devices",
 )
-# What an uncertain (-1) CheXpert label becomes (Irvin et al. 2019, U-Ones / U-Zeros / U-Ignore).
+# The canonical label list every dataset's names map onto: the 14 NIH names (in their order, so
+# NIH-only records keep it), then the CheXpert observations NIH does not have (Irvin et al. 2019).
+CANONICAL: tuple[str, ...] = PATHOLOGIES + (
+    "Enlarged Cardiomediastinum",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+    "No Finding",
+)
+# Other spellings of canonical names (compared case-, space- and underscore-blind, see `_key`).
+ALIASES = {"Pleural Effusion": "Effusion", "Pleural Thickening": "Pleural_Thickening"}
+
+# What an uncertain (-1) label becomes (Irvin et al. 2019, U-Ones / U-Zeros / U-Ignore).
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 
 
 class UnknownLabelError(ValueError):
     """A pathology name that is not in the label list."""
+
+
+def _key(name: str) -> str:
+    return " ".join(str(name).replace("_", " ").split()).casefold()
+
+
+_LOOKUP = {_key(n): n for n in CANONICAL} | {_key(a): n for a, n in ALIASES.items()}
+
+
+def parse_label_map(items: list[str]) -> dict[str, str | None]:
+    """`--label-map` items 'Their Name=Canonical Name' (or 'Their Name=' to drop a column) ->
+    {their name: canonical name or None}."""
+    mapping: dict[str, str | None] = {}
+    for item in items:
+        name, sep, target = item.partition("=")
+        if not sep or not name.strip():
+            raise UnknownLabelError(f"label map {item!r} is not NAME=CANONICAL (or NAME= to drop)")
+        if target.strip() and _key(target) not in _LOOKUP:
+            raise UnknownLabelError(f"label map {item!r}: {target.strip()!r} is not a canonical "
+                                    f"label ({', '.join(CANONICAL)})")
+        mapping[name.strip()] = _LOOKUP[_key(target)] if target.strip() else None
+    return mapping
+
+
+def canonical(name: str, mapping: dict[str, str | None] | None = None) -> str | None:
+    """A dataset's label name -> its canonical name (None: dropped by the map). An unknown name
+    is refused: mapped explicitly or not at all, never guessed."""
+    mapping = mapping or {}
+    if name.strip() in mapping:
+        return mapping[name.strip()]
+    if _key(name) not in _LOOKUP:
+        raise UnknownLabelError(f"label {name.strip()!r} is not a canonical label; map it with "
+                                f"--label-map '{name.strip()}=<canonical name>' (or "
+                                f"'{name.strip()}=' to leave it out)")
+    return _LOOKUP[_key(name)]
+
+
+def in_canonical_order(names) -> tuple[str, ...]:
+    """Canonical names, without repeats, in CANONICAL's order."""
+    names = set(names)
+    return tuple(n for n in CANONICAL if n in names)
+
+
+def parse_uncertainty(text: str, names=CANONICAL) -> dict[str, str]:
+    """'--uncertainty' as one policy for every class ('ones') or per class, an optional default
+    first: 'zeros,Atelectasis=ones,Edema=ones' -> {canonical name: policy} for `names`."""
+    default, per_class = "ones", {}
+    for item in (i.strip() for i in str(text).split(",") if i.strip()):
+        name, sep, policy = item.rpartition("=")
+        if policy not in UNCERTAINTY_POLICIES:
+            raise UnknownLabelError(f"uncertainty {item!r}: the policy must be one of "
+                                    f"{', '.join(UNCERTAINTY_POLICIES)}")
+        if sep:
+            per_class[canonical(name)] = policy
+        else:
+            default = policy
+    return {n: per_class.get(n, default) for n in names}
 
 
 def parse_finding_labels(text: str, names: tuple[str, ...] = PATHOLOGIES) -> np.ndarray:
@@ -81,21 +153,31 @@ def format_finding_labels(vector: np.ndarray, names: tuple[str, ...] = PATHOLOGI
     return "|".join(found) if found else NO_FINDING
 
 
-def chexpert_labels(cells, policy: str) -> tuple[np.ndarray, np.ndarray]:
-    """CheXpert label cells ('1.0', '0.0', '-1.0' or blank) -> (labels, mask) float32 arrays.
+CELLS = {"0": 0.0, "0.0": 0.0, "1": 1.0, "1.0": 1.0, "-1": -1.0, "-1.0": -1.0}
 
-    Blank = not mentioned = negative. Uncertain (-1): `ones` -> positive, `zeros` -> negative,
-    `ignore` -> masked out (mask 0, left out of the loss and the metrics)."""
-    if policy not in UNCERTAINTY_POLICIES:
-        raise ValueError(f"unknown uncertainty policy {policy!r}")
+
+def label_cells(cells, policies, blank: str = "negative") -> tuple[np.ndarray, np.ndarray]:
+    """Label cells [rows, classes] ('1', '0', '-1', their '.0' forms, or blank) -> (labels,
+    mask) float32 arrays. `policies`: one uncertainty policy, or one per class (column).
+    Uncertain (-1): `ones` -> positive, `zeros` -> negative, `ignore` -> masked out (mask 0,
+    left out of the loss and the metrics). Blank: `negative` (CheXpert: not mentioned) or
+    `masked` (not annotated: own data)."""
     cells = np.char.strip(np.asarray(cells, dtype=str))
-    known = {"": 0.0, "0": 0.0, "0.0": 0.0, "1": 1.0, "1.0": 1.0, "-1": -1.0, "-1.0": -1.0}
-    bad = ~np.isin(cells, list(known))
+    policies = np.broadcast_to(np.asarray(policies, dtype=str), cells.shape[-1:] if cells.ndim else ())
+    unknown = [p for p in np.unique(policies) if p not in UNCERTAINTY_POLICIES]
+    if unknown:
+        raise ValueError(f"unknown uncertainty policy {unknown[0]!r}")
+    bad = ~np.isin(cells, [*CELLS, ""])
     if bad.any():
-        raise UnknownLabelError(f"label value {cells[bad][0]!r} is not 1.0, 0.0, -1.0 or blank")
-    values = np.vectorize(known.__getitem__, otypes=[np.float32])(cells) if cells.size else \
-        np.zeros(cells.shape, np.float32)
+        raise UnknownLabelError(f"label value {cells[bad][0]!r} is not 1, 0, -1 or blank")
+    values = np.vectorize(lambda c: CELLS.get(c, 0.0), otypes=[np.float32])(cells) if cells.size \
+        else np.zeros(cells.shape, np.float32)
     uncertain = values < 0
-    labels = np.where(uncertain, 1.0 if policy == "ones" else 0.0, values).astype(np.float32)
-    mask = np.where(uncertain & (policy == "ignore"), 0.0, 1.0).astype(np.float32)
-    return labels, mask
+    labels = np.where(uncertain & (policies == "ones"), 1.0, np.maximum(values, 0.0)).astype(np.float32)
+    masked = (uncertain & (policies == "ignore")) | ((cells == "") & (blank == "masked"))
+    return labels, np.where(masked, 0.0, 1.0).astype(np.float32)
+
+
+def chexpert_labels(cells, policy) -> tuple[np.ndarray, np.ndarray]:
+    """CheXpert label cells: blank = not mentioned = negative (Irvin et al. 2019)."""
+    return label_cells(cells, policy, blank="negative")

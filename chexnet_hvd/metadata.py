@@ -1,7 +1,8 @@
 """Metadata CSVs -> one table (image, path, patient, labels, mask), patient-level splits, leak guard.
 
-The table has columns `image`, `path`, `patient`, `split`, then one label column per class
-(`y:<name>`) and one mask column (`m:<name>`; 0 = label unknown, left out of the loss).
+The table has columns `image`, `path`, `patient`, `split`, `source`, then one label column per
+class (`y:<name>`, canonical names, chexnet_hvd.labels) and one mask column (`m:<name>`; 0 = label
+unknown, left out of the loss).
 `load_table(TableConfig)` is the one way the records writer, the raw-image pipeline and
 tools/dataset_stats.py turn a dataset's CSV into a split, leak-checked table.
 """
@@ -22,10 +23,13 @@ from chexnet_hvd.labels import (
     CHEXPERT_COMPETITION,
     CHEXPERT_OBSERVATIONS,
     PATHOLOGIES,
-    UNCERTAINTY_POLICIES,
     UnknownLabelError,
-    chexpert_labels,
+    canonical,
+    in_canonical_order,
+    label_cells,
     parse_finding_labels,
+    parse_label_map,
+    parse_uncertainty,
 )
 
 SPLITS = ("train", "val", "test")
@@ -97,14 +101,41 @@ def short_row(path: Path) -> tuple[int, int, int] | None:
     return None
 
 
-def read_nih(csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
+VIEWS = ("all", "frontal", "lateral")
+# View column values (compared in lower case) -> frontal / lateral: NIH's View Position (PA, AP),
+# CheXpert's Frontal/Lateral, and the DICOM ViewPosition terms hospitals export.
+VIEW_KINDS = {"frontal": "frontal", "pa": "frontal", "ap": "frontal", "ap supine": "frontal",
+              "lateral": "lateral", "ll": "lateral", "rl": "lateral", "lat": "lateral"}
+
+
+def keep_views(frame: pd.DataFrame, column: str, views: str, csv) -> pd.DataFrame:
+    """The rows whose `column` is a `views` view (all: every row, the column not needed)."""
+    if views == "all":
+        return frame
+    if column not in frame.columns:
+        raise InputError(csv, f"--views {views} needs a {column!r} column")
+    kinds = frame[column].str.strip().str.lower().map(VIEW_KINDS)
+    if kinds.isna().any():
+        row = int(kinds.isna().to_numpy().argmax())
+        raise InputError(csv, f"row {row + 2}: view {frame[column].iloc[row]!r} is neither frontal "
+                         f"({', '.join(k for k, v in VIEW_KINDS.items() if v == 'frontal')}) nor "
+                         f"lateral ({', '.join(k for k, v in VIEW_KINDS.items() if v == 'lateral')})")
+    return frame[(kinds == views).to_numpy()].reset_index(drop=True)
+
+
+def check_unique(csv, images: pd.Series) -> None:
+    duplicated = images.duplicated()
+    if duplicated.any():
+        raise InputError(csv, f"image {images[duplicated].iloc[0]!r} listed twice")
+
+
+def read_nih(csv: str | Path, images_dir: str | Path, views: str = "all") -> pd.DataFrame:
     """Read Data_Entry_2017.csv (2017 release with trailing comma, or the v2020 revision)."""
     frame = read_csv_checked(csv, NIH_REQUIRED, filled=NIH_REQUIRED)
     if frame.empty:
         raise InputError(csv, "no data rows")
-    duplicated = frame["Image Index"].duplicated()
-    if duplicated.any():
-        raise InputError(csv, f"image {frame['Image Index'][duplicated].iloc[0]!r} listed twice")
+    check_unique(csv, frame["Image Index"])
+    frame = keep_views(frame, "View Position", views, csv)
     labels = np.zeros((len(frame), len(PATHOLOGIES)), dtype=np.float32)
     for i, text in enumerate(frame["Finding Labels"]):
         try:
@@ -134,33 +165,82 @@ def chexpert_image_path(images_dir: str | Path, rel: str) -> str:
     return str(images_dir / tail if images_dir.name == head and tail else images_dir / rel)
 
 
+def cell_labels(csv, frame: pd.DataFrame, columns: list[str], names: tuple[str, ...],
+                uncertainty: str, blank: str) -> tuple[np.ndarray, np.ndarray]:
+    """The label cells of `columns` (canonical `names`) under the uncertainty policy per class."""
+    try:
+        policies = [parse_uncertainty(uncertainty, names)[n] for n in names]
+        return label_cells(frame[columns].to_numpy(), policies, blank)
+    except UnknownLabelError as err:
+        raise InputError(csv, str(err)) from None
+
+
 def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "competition",
-                  uncertainty: str = "ones", frontal_only: bool = False) -> pd.DataFrame:
-    """CheXpert train.csv / valid.csv: the 5 competition pathologies or all 14 observations,
-    uncertain labels by `uncertainty` (ones / zeros / ignore = masked), blanks negative,
-    patient from the path (`.../patient00001/study1/view1_frontal.jpg`)."""
-    names = CHEXPERT_COMPETITION if observations == "competition" else CHEXPERT_OBSERVATIONS
-    frame = read_csv_checked(csv, CHEXPERT_REQUIRED + names, filled=CHEXPERT_REQUIRED)
+                  uncertainty: str = "ones", views: str = "all") -> pd.DataFrame:
+    """CheXpert train.csv / valid.csv: the 5 competition pathologies or all 14 observations under
+    their canonical names, uncertain labels by `uncertainty` (ones / zeros / ignore = masked,
+    or per class), blanks negative, patient from the path (`.../patient00001/study1/...`)."""
+    columns = CHEXPERT_COMPETITION if observations == "competition" else CHEXPERT_OBSERVATIONS
+    frame = read_csv_checked(csv, CHEXPERT_REQUIRED + columns, filled=CHEXPERT_REQUIRED)
     if frame.empty:
         raise InputError(csv, "no data rows")
-    if frontal_only:
-        frame = frame[frame["Frontal/Lateral"].str.strip() == "Frontal"].reset_index(drop=True)
+    frame = keep_views(frame, "Frontal/Lateral", views, csv)
     paths = frame["Path"].str.strip()
     patients = paths.str.extract(CHEXPERT_PATIENT, expand=False)
     if patients.isna().any():
         raise InputError(csv, f"row {int(patients.isna().idxmax()) + 2}: no patientNNNNN in path "
                          f"{paths[patients.isna()].iloc[0]!r}")
-    if paths.duplicated().any():
-        raise InputError(csv, f"image {paths[paths.duplicated()].iloc[0]!r} listed twice")
-    try:
-        labels, mask = chexpert_labels(frame[list(names)].to_numpy(), uncertainty)
-    except UnknownLabelError as err:
-        raise InputError(csv, str(err)) from None
+    check_unique(csv, paths)
+    by_name = {canonical(c): c for c in columns}
+    names = in_canonical_order(by_name)
+    labels, mask = cell_labels(csv, frame, [by_name[n] for n in names], names, uncertainty, "negative")
     table = pd.DataFrame({
         "image": paths,
         "path": [chexpert_image_path(images_dir, p) for p in paths],
         "patient": patients.str.lstrip("0").replace("", "0"),
         "split": "",
+    })
+    return attach_labels(table, labels, mask, names)
+
+
+# The generic layout for your own data: these columns, then one column per label.
+GENERIC_REQUIRED = ("path", "patient")
+GENERIC_OPTIONAL = ("view", "split")
+
+
+def read_generic(csv: str | Path, images_dir: str | Path, uncertainty: str = "ones",
+                 views: str = "all", label_map: dict | None = None) -> pd.DataFrame:
+    """Your own data: columns `path` (relative to --images, or absolute), `patient`, optional
+    `view` (PA/AP/frontal, LL/lateral) and `split` (train/val/test: --split official uses it),
+    and every other column a label named by a canonical name, an alias or --label-map, with
+    cells 1 (positive), 0 (negative), -1 (uncertain: --uncertainty) or blank (not annotated:
+    masked out of the loss and the metrics)."""
+    frame = read_csv_checked(csv, GENERIC_REQUIRED, filled=GENERIC_REQUIRED)
+    if frame.empty:
+        raise InputError(csv, "no data rows")
+    check_unique(csv, frame["path"].str.strip())
+    frame = keep_views(frame, "view", views, csv)
+    by_name: dict[str, str] = {}
+    for column in (c for c in frame.columns if c not in GENERIC_REQUIRED + GENERIC_OPTIONAL):
+        try:
+            name = canonical(column, label_map)
+        except UnknownLabelError as err:
+            raise InputError(csv, str(err)) from None
+        if name in by_name:
+            raise InputError(csv, f"columns {by_name[name]!r} and {column!r} are both {name!r}")
+        if name:
+            by_name[name] = column
+    if not by_name:
+        raise InputError(csv, "no label columns (every column but path, patient, view and split "
+                         "is a label)")
+    names = in_canonical_order(by_name)
+    labels, mask = cell_labels(csv, frame, [by_name[n] for n in names], names, uncertainty, "masked")
+    paths = frame["path"].str.strip()
+    table = pd.DataFrame({
+        "image": paths,
+        "path": [str(Path(images_dir) / p) for p in paths],  # an absolute p stays itself
+        "patient": frame["patient"].str.strip(),
+        "split": frame["split"].str.strip() if "split" in frame.columns else "",
     })
     return attach_labels(table, labels, mask, names)
 
@@ -226,18 +306,25 @@ def chexpert_official_split(train: pd.DataFrame, valid: pd.DataFrame, val_fracti
     return pd.concat([carved, valid.assign(split="test")], ignore_index=True)
 
 
+DATASETS = ("nih", "chexpert", "csv")
+
+
 @dataclasses.dataclass(kw_only=True)
 class TableConfig:
-    """How a dataset's CSV becomes a split table (shared by the records writer, the raw-image
-    pipeline and dataset_stats)."""
+    """How datasets' CSVs become one split table (shared by the records writer, the raw-image
+    pipeline and dataset_stats). Several --dataset/--csv/--images (one of each per source) merge."""
 
-    csv: str = cli.field(help="metadata CSV: NIH Data_Entry_2017.csv (or v2020) or CheXpert train.csv")
-    images: str = cli.field(".", help="directory holding the images the CSV lists (CheXpert: the "
-                            "CheXpert-v1.0-small folder or its parent)")
-    dataset: str = cli.field("nih", help="metadata format", choices=["nih", "chexpert"])
+    csv: list[str] = cli.field(help="metadata CSV per source: NIH Data_Entry_2017.csv (or v2020), "
+                               "CheXpert train.csv, or your own CSV (--dataset csv)")
+    images: list[str] = cli.field(["."], help="per source, the directory holding the images its "
+                                  "CSV lists (CheXpert: the CheXpert-v1.0-small folder or its parent)")
+    dataset: list[str] = cli.field(["nih"], help="metadata format per source; several merge into "
+                                   "one records set (each record keeps its source; labels a "
+                                   "source does not annotate are masked)", choices=list(DATASETS))
     split: str = cli.field("random", help="random: seeded patient-level split by --fractions; "
-                           "official: NIH train_val_list.txt/test_list.txt, or CheXpert valid.csv "
-                           "as test, beside the CSV (val carved from the rest by patient)",
+                           "official: each source's own split (NIH train_val_list.txt/"
+                           "test_list.txt, CheXpert valid.csv as test, beside the CSV; val carved "
+                           "from the rest by patient; your CSV's split column)",
                            choices=["random", "official"])
     fractions: list[float] = cli.field(list(DEFAULT_FRACTIONS),
                                        help="train/val/test fractions of patients (official: "
@@ -245,30 +332,112 @@ class TableConfig:
     seed: int = cli.field(0, help="seed of the split (and of the records' shard order)")
     observations: str = cli.field("competition", help="CheXpert: the 5 competition pathologies or "
                                   "all 14 observations", choices=["competition", "all"])
-    uncertainty: str = cli.field("ones", help="CheXpert: uncertain (-1) labels become positive, "
-                                 "negative, or masked out of loss and metrics",
-                                 choices=list(UNCERTAINTY_POLICIES))
-    frontal_only: bool = cli.field(False, help="CheXpert: keep frontal views only")
+    uncertainty: str = cli.field("ones", help="uncertain (-1) labels become positive (ones), "
+                                 "negative (zeros) or masked out of loss and metrics (ignore); "
+                                 "per class as e.g. 'zeros,Atelectasis=ones,Edema=ones'")
+    views: str = cli.field("all", help="keep frontal or lateral images only, by the CSV's view "
+                           "column (NIH: View Position; CheXpert: Frontal/Lateral; own CSV: view)",
+                           choices=list(VIEWS))
+    label_map: list[str] = cli.field([], help="own CSV: 'Their Name=Canonical Name' for a label "
+                                     "column with another name, 'Their Name=' to leave it out")
+
+    def __post_init__(self):
+        # One source may be given as plain strings (Python callers); the CLI gives lists.
+        for name in ("csv", "images", "dataset"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+
+
+def sources(cfg: TableConfig) -> list[tuple[str, str, str, str]]:
+    """(name, dataset, csv, images) per source; names are the datasets', numbered when repeated."""
+    n = len(cfg.csv)
+    images = cfg.images * n if len(cfg.images) == 1 else cfg.images
+    datasets = cfg.dataset * n if len(cfg.dataset) == 1 else cfg.dataset
+    if len(images) != n or len(datasets) != n:
+        raise InputError("--dataset/--csv/--images", f"{len(cfg.dataset)} datasets, {n} CSVs and "
+                         f"{len(cfg.images)} image directories: give one of each per source")
+    for dataset in datasets:
+        if dataset not in DATASETS:
+            raise InputError("--dataset", f"unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
+    names = [d if datasets.count(d) == 1 else f"{d}-{datasets[:i + 1].count(d)}"
+             for i, d in enumerate(datasets)]
+    return list(zip(names, datasets, cfg.csv, images, strict=True))
+
+
+def check_split_column(table: pd.DataFrame, csv) -> None:
+    """Your CSV's split column holds train, val or test in every row."""
+    if (table["split"] == "").all():
+        raise InputError(csv, "no split column: --split official needs one (or use --split random)")
+    bad = ~table["split"].isin(SPLITS)
+    if bad.any():
+        raise InputError(csv, f"row {int(bad.to_numpy().argmax()) + 2}: split "
+                         f"{table['split'][bad].iloc[0]!r} is not train, val or test "
+                         "(--split official reads the split column)")
+
+
+def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> pd.DataFrame:
+    """One source's table with its split assigned."""
+    official = cfg.split == "official"
+    if dataset == "chexpert":
+        def read(path):
+            return read_chexpert(path, images, cfg.observations, cfg.uncertainty, cfg.views)
+
+        table = read(csv)
+        if official:
+            table = chexpert_official_split(table, read(Path(csv).parent / "valid.csv"),
+                                            cfg.fractions[1], cfg.seed)
+    elif dataset == "csv":
+        try:
+            label_map = parse_label_map(cfg.label_map)
+        except UnknownLabelError as err:
+            raise InputError("--label-map", str(err)) from None
+        table = read_generic(csv, images, cfg.uncertainty, cfg.views, label_map)
+        if official:
+            check_split_column(table, csv)
+        elif (table["split"] != "").any():  # a split the user wrote is never overridden silently
+            raise InputError(csv, "has a split column: pass --split official to use it (or drop "
+                             "the column for a random patient-level split)")
+    else:
+        table = read_nih(csv, images, cfg.views)
+        if official:
+            here = Path(csv).parent
+            table = official_split(table, here / "train_val_list.txt", here / "test_list.txt",
+                                   cfg.fractions[1], cfg.seed)
+    if not official:
+        table = random_split(table, tuple(cfg.fractions), cfg.seed)
+    if table.empty:
+        raise InputError(csv, f"no images left after --views {cfg.views}")
+    return table
+
+
+def merge(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Source tables -> one table over the union of their classes (canonical order). A class a
+    source does not annotate is masked (label 0, mask 0) for its rows, never a negative. Image
+    and patient ids are prefixed with the source ('nih/1'): NIH's patient 1 is not CheXpert's."""
+    names = in_canonical_order(n for t in tables.values() for n in class_names(t))
+    parts = []
+    for source, table in tables.items():
+        have = class_names(table)
+        part = table[["image", "path", "patient", "split"]].copy()
+        if len(tables) > 1:
+            part["image"] = source + "/" + part["image"]
+            part["patient"] = source + "/" + part["patient"]
+        part["source"] = source
+        labels = np.zeros((len(table), len(names)), np.float32)
+        mask = np.zeros_like(labels)
+        for j, name in enumerate(names):
+            if name in have:
+                labels[:, j] = table[f"y:{name}"].to_numpy()
+                mask[:, j] = table[f"m:{name}"].to_numpy()
+        parts.append(attach_labels(part, labels, mask, names))
+    return pd.concat(parts, ignore_index=True)
 
 
 def load_table(cfg: TableConfig) -> pd.DataFrame:
-    """The dataset's table with its split assigned and leak-checked."""
-    if cfg.dataset == "chexpert":
-        def read(csv):
-            return read_chexpert(csv, cfg.images, cfg.observations, cfg.uncertainty, cfg.frontal_only)
-
-        table = read(cfg.csv)
-        if cfg.split == "official":
-            valid = read(Path(cfg.csv).parent / "valid.csv")
-            table = chexpert_official_split(table, valid, cfg.fractions[1], cfg.seed)
-    else:
-        table = read_nih(cfg.csv, cfg.images)
-        if cfg.split == "official":
-            here = Path(cfg.csv).parent
-            table = official_split(table, here / "train_val_list.txt", here / "test_list.txt",
-                                   cfg.fractions[1], cfg.seed)
-    if cfg.split != "official":
-        table = random_split(table, tuple(cfg.fractions), cfg.seed)
+    """The sources' merged table with its split assigned and leak-checked."""
+    tables = {name: load_source(dataset, csv, images, cfg)
+              for name, dataset, csv, images in sources(cfg)}
+    table = merge(tables)
     check_no_leak(table)
     return table
 

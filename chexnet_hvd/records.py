@@ -54,11 +54,14 @@ def feature_spec(num_classes: int, encoding: str = "png") -> dict:
         "patient/id": tf.io.FixedLenFeature([], tf.string),
         "label": tf.io.FixedLenFeature([num_classes], tf.float32),
         "mask": tf.io.FixedLenFeature([num_classes], tf.float32),
+        # The dataset a record came from (manifest "sources"); absent in records written before
+        # merging existed, hence the default.
+        "source": tf.io.FixedLenFeature([], tf.string, default_value=""),
     }
 
 
 def serialize_example(image: bytes, image_id: str, patient: str, label, mask,
-                      encoding: str = "png") -> bytes:
+                      encoding: str = "png", source: str = "") -> bytes:
     """One record in the schema of `feature_spec`."""
     import tensorflow as tf
 
@@ -69,7 +72,8 @@ def serialize_example(image: bytes, image_id: str, patient: str, label, mask,
         return tf.train.Feature(float_list=tf.train.FloatList(value=list(map(float, v))))
 
     feature = {IMAGE_KEYS[encoding]: b(image), "image/id": b(image_id.encode()),
-               "patient/id": b(patient.encode()), "label": f(label), "mask": f(mask)}
+               "patient/id": b(patient.encode()), "label": f(label), "mask": f(mask),
+               "source": b(source.encode())}
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -142,10 +146,54 @@ def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
     return np.round(values.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8), bits
 
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def is_dicom_name(path: str | Path) -> bool:
+    return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
+    """A DICOM's pixels -> uint8 grey levels and its bits stored. The modality rescale (slope,
+    intercept) is applied, then the stored range (0..2^bits - 1, or signed) maps linearly onto
+    0..255 as `to_8bit` maps PNGs, and MONOCHROME1 (white = 0) is inverted so that bone is bright
+    like every other image the suite reads. Compressed transfer syntaxes need pixel-data plugins
+    pydicom does not bring (pylibjpeg, GDCM): such a file is rejected with pydicom's reason."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        raise ValueError("not a single-frame grayscale image")
+    bits = int(ds.BitsStored)
+    low = -(2 ** (bits - 1)) if int(ds.PixelRepresentation) == 1 else 0
+    stored = np.array([low, low + 2**bits - 1], dtype=np.float64)
+    lo, hi = sorted(np.asarray(apply_modality_lut(stored, ds), dtype=np.float64))
+    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+    gray = np.round((values - lo) * (255 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        gray = 255 - gray
+    return gray, bits
+
+
 def read_grayscale_bits(path: str | Path, size: int | None = None):
-    """Any PNG/JPEG (L, RGB, RGBA, 16-bit) as an 8-bit grayscale PIL image, optionally resized,
-    and the bits of the source's grey levels: the one conversion of the records writer and of
-    predict (the raw pipeline applies `to_8bit` the same way)."""
+    """Any PNG/JPEG (1-bit, L, P, RGB, RGBA, CMYK, 16-bit) or DICOM as an 8-bit grayscale PIL
+    image, optionally resized, and the bits of the source's grey levels: the one conversion of
+    the records writer and of predict (the raw pipeline applies `to_8bit` the same way)."""
+    from PIL import Image
+
+    if is_dicom_name(path):
+        gray, bits = dicom_to_8bit(path)
+        img = Image.fromarray(gray)
+    else:
+        img, bits = pil_grayscale(path)
+    if size and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return img, bits
+
+
+def pil_grayscale(path: str | Path):
+    """A PNG/JPEG of any mode as an 8-bit grayscale PIL image, and its source bits."""
     from PIL import Image
 
     bits = 8
@@ -157,10 +205,7 @@ def read_grayscale_bits(path: str | Path, size: int | None = None):
         elif img.mode in ("RGBA", "LA", "PA", "P"):
             # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
             img = img.convert("RGBA").convert("RGB")
-        img = img.convert("L")
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    return img, bits
+        return img.convert("L"), bits
 
 
 def read_grayscale(path: str | Path, size: int | None = None):
@@ -173,14 +218,15 @@ def read_grayscale(path: str | Path, size: int | None = None):
 class ShardJob:
     split: str
     file: str
-    rows: list  # (image, path, patient, labels, mask)
+    rows: list  # (image, path, patient, labels, mask, source)
     image_size: int | None
     names: tuple = ()  # class names of labels and mask
     encoding: str = "png"
 
     def key(self) -> str:
         """Identity of everything the shard's bytes depend on: the records schema and the image
-        conversion, the size, the class names, every row (image, path, patient, labels, mask)
+        conversion, the size, the class names, every row (image, path, patient, labels, mask,
+        source)
         and each image file's size and modification time. A re-run reuses only an equal shard:
         relabelled rows, another uncertainty policy or a replaced image file rewrite it."""
         stats = []
@@ -191,7 +237,8 @@ class ShardJob:
             except OSError:
                 stats.append(None)
         text = json.dumps([SCHEMA_VERSION, CONVERSION, self.encoding, self.image_size, list(self.names),
-                           [list(row[:3]) + [list(row[3]), list(row[4])] for row in self.rows], stats])
+                           [list(row[:3]) + [list(row[3]), list(row[4]), row[5]] for row in self.rows],
+                           stats])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -220,7 +267,7 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     written, rejects, bits = 0, [], {}
     positives, negatives = np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
     with tf.io.TFRecordWriter(str(tmp)) as writer:
-        for image, path, patient, labels, mask in job.rows:
+        for image, path, patient, labels, mask, source in job.rows:
             try:
                 gray, depth = read_grayscale_bits(path, job.image_size)
                 if job.encoding == "uint8":
@@ -235,7 +282,7 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
             except Exception as err:  # PIL raises many types for corrupt files
                 rejects.append((image, job.split, path, f"unreadable image: {type(err).__name__}: {err}"))
                 continue
-            writer.write(serialize_example(encoded, image, patient, labels, mask, job.encoding))
+            writer.write(serialize_example(encoded, image, patient, labels, mask, job.encoding, source))
             written += 1
             bits[str(depth)] = bits.get(str(depth), 0) + 1
             labelled = np.asarray(mask) > 0  # masked (e.g. U-Ignore) labels count as neither
@@ -257,12 +304,12 @@ def write_index(job: ShardJob, out_dir: str) -> dict:
     rename); missing files are rejected here, unreadable ones only show when training reads them."""
     y, m = metadata.label_columns(job.names), metadata.mask_columns(job.names)
     rows, rejects = [], []
-    for image, path, patient, labels, mask in job.rows:
+    for image, path, patient, labels, mask, source in job.rows:
         if Path(path).is_file():
-            rows.append([image, str(Path(path).resolve()), patient, *labels, *mask])
+            rows.append([image, str(Path(path).resolve()), patient, source, *labels, *mask])
         else:
             rejects.append((image, job.split, path, "missing file"))
-    frame = pd.DataFrame(rows, columns=["image", "path", "patient", *y, *m])
+    frame = pd.DataFrame(rows, columns=["image", "path", "patient", "source", *y, *m])
     final = Path(out_dir) / job.file
     tmp = final.with_name(final.name + ".tmp")
     frame.to_csv(tmp, index=False)
@@ -300,7 +347,8 @@ def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
         part = part.iloc[np.random.default_rng(seed).permutation(len(part))]
         rows = list(zip(part["image"], part["path"], part["patient"],
                         part[metadata.label_columns(names)].to_numpy().tolist(),
-                        part[metadata.mask_columns(names)].to_numpy().tolist(), strict=True))
+                        part[metadata.mask_columns(names)].to_numpy().tolist(), part["source"],
+                        strict=True))
         n_shards = -(-len(rows) // shard_size)
         for i, chunk in enumerate(np.array_split(np.arange(len(rows)), n_shards)):
             jobs.append(ShardJob(split, f"{split}-{i:05d}-of-{n_shards:05d}{suffix}",
@@ -342,8 +390,7 @@ def mpi_comm():
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
-def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
-                   csv_sha256: str) -> dict:
+def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig) -> dict:
     """Counts per split, positives per class, shards, class weights; reconciles with the table."""
     names = metadata.class_names(table)
     splits: dict[str, Any] = {}
@@ -375,16 +422,19 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig,
             bits[depth] = bits.get(depth, 0) + n
     return {
         "schema_version": SCHEMA_VERSION,
-        "dataset": cfg.dataset,
-        "chexpert": ({"observations": cfg.observations, "uncertainty": cfg.uncertainty,
-                      "frontal_only": cfg.frontal_only} if cfg.dataset == "chexpert" else None),
+        "dataset": "+".join(d for _, d, _, _ in metadata.sources(cfg)),
+        # Each source's CSV (and its hash: relabelled rows show) and its share of the table.
+        "sources": [{"name": name, "dataset": dataset, "csv": str(csv),
+                     "csv_sha256": metadata.file_sha256(csv), "images": str(images),
+                     "listed": int((table["source"] == name).sum())}
+                    for name, dataset, csv, images in metadata.sources(cfg)],
+        "labels": {"observations": cfg.observations, "uncertainty": cfg.uncertainty,
+                   "views": cfg.views, "label_map": list(cfg.label_map)},
         "classes": list(names),
         "num_classes": len(names),
         "image_size": cfg.image_size,  # null: stored at the source resolution
         "channels": 1,
         "encoding": RAW_ENCODING if cfg.format == "raw" else cfg.encoding,
-        "source_csv": str(cfg.csv),
-        "source_csv_sha256": csv_sha256,
         "split_method": cfg.split,
         "split_fractions": list(cfg.fractions),
         "seed": cfg.seed,
@@ -425,14 +475,18 @@ def write_records(cfg: RecordsConfig) -> dict:
     """The whole conversion: table -> shards -> rejects.csv -> manifest.json (last)."""
     if cfg.shard_size < 1 or cfg.workers < 1:
         raise cli.InputError("--shard-size/--workers", "must be at least 1")
-    if not Path(cfg.images).is_dir():
-        raise cli.InputError(cfg.images, "no such directory")
+    for images in cfg.images:
+        if not Path(images).is_dir():
+            raise cli.InputError(images, "no such directory")
     if cfg.encoding == "uint8" and not cfg.image_size:
         raise cli.InputError("--encoding", "uint8 stores fixed-size pixels: give --image-size")
     if cfg.format == "raw" and cfg.image_size:
         raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
                              "pipeline resizes while training)")
     table = metadata.load_table(cfg)
+    if cfg.format == "raw" and table["path"].map(is_dicom_name).any():
+        raise cli.InputError(table["path"][table["path"].map(is_dicom_name)].iloc[0],
+                             "DICOM needs --format tfrecord (the raw pipeline decodes PNG and JPEG)")
     comm = mpi_comm()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     out = cli.make_dir(cfg.out)
@@ -456,7 +510,7 @@ def write_records(cfg: RecordsConfig) -> dict:
         raise cli.InputError(first[2], f"{first[3]} ({len(rejects)} images rejected, listed in "
                              f"{out / REJECTS}; no manifest written: fix them or pass "
                              f"--max-rejects {len(rejects)} to accept)")
-    manifest = build_manifest(table, results, cfg, metadata.file_sha256(cfg.csv))
+    manifest = build_manifest(table, results, cfg)
     manifest["rejected"] = len(rejects)
     manifest["listed"] = len(table)
     manifest["writer_ranks"] = size

@@ -13,7 +13,7 @@ from conftest import SHARED, module, run
 from PIL import Image
 
 from chexnet_hvd import data, metadata, records
-from chexnet_hvd.labels import CHEXPERT_COMPETITION, PATHOLOGIES
+from chexnet_hvd.labels import PATHOLOGIES
 
 REAL = SHARED / "data" / "real"
 NIH = REAL / "nih"
@@ -97,6 +97,10 @@ def test_the_121_real_pngs_round_trip_through_records(tmp_path):
     assert len(modes) == 121 and sum(d == 3 for d in modes.values()) == 4
 
 
+# CheXpert's competition classes under their canonical names, in the canonical (NIH-first) order.
+COMPETITION = ("Atelectasis", "Cardiomegaly", "Effusion", "Consolidation", "Edema")
+
+
 @needs_chexpert
 def test_chexpert_csvs_and_uncertainty_policies_on_hand_checked_rows():
     csv = CHEXPERT / "train_sample.csv"
@@ -109,18 +113,18 @@ def test_chexpert_csvs_and_uncertainty_policies_on_hand_checked_rows():
     }
     for policy, (label, mask) in expected.items():
         table = metadata.read_chexpert(csv, "/data", uncertainty=policy)
-        y, m = metadata.label_columns(CHEXPERT_COMPETITION), metadata.mask_columns(CHEXPERT_COMPETITION)
+        y, m = metadata.label_columns(COMPETITION), metadata.mask_columns(COMPETITION)
         assert table.loc[1, y].tolist() == label and table.loc[1, m].tolist() == mask, policy
         assert table.loc[0, y].tolist() == [0] * 5 and table.loc[0, m].tolist() == [1] * 5
-        assert table.loc[4, y].tolist() == [0, 0, 0, 1, 0]
+        assert table.loc[4, y].tolist() == [0, 0, 0, 0, 1]
     assert table.loc[1, "patient"] == "2" and table["patient"].nunique() == 477
     assert table.loc[0, "path"] == "/data/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
     every = metadata.read_chexpert(csv, "/data/CheXpert-v1.0-small", observations="all")
     assert every.loc[0, "y:No Finding"] == 1 and every.loc[0, "y:Support Devices"] == 1
     assert every.loc[0, "path"] == "/data/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
     valid = metadata.read_chexpert(CHEXPERT / "valid.csv", "/data")
-    assert len(valid) == 234 and (valid[metadata.mask_columns(CHEXPERT_COMPETITION)] == 1).all().all()
-    assert len(metadata.read_chexpert(CHEXPERT / "valid.csv", "/data", frontal_only=True)) == 202
+    assert len(valid) == 234 and (valid[metadata.mask_columns(COMPETITION)] == 1).all().all()
+    assert len(metadata.read_chexpert(CHEXPERT / "valid.csv", "/data", views="frontal")) == 202
 
 
 @needs_chexpert
@@ -135,17 +139,17 @@ def test_chexpert_records_carry_the_ignore_mask(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(target, quality=90)
     out = tmp_path / "records"
     module("records", "--dataset", "chexpert", "--csv", tmp_path / "train.csv", "--images", tmp_path,
-           "--out", out, "--uncertainty", "ignore", "--frontal-only", "--fractions", 1, 0, 0,
+           "--out", out, "--uncertainty", "ignore", "--views", "frontal", "--fractions", 1, 0, 0,
            "--image-size", 24, "--workers", 1, "--no-progress", check=True)
     manifest = records.load_manifest(out)
     frontal = int((rows["Frontal/Lateral"] == "Frontal").sum())
-    assert manifest["classes"] == list(CHEXPERT_COMPETITION) and manifest["num_classes"] == 5
+    assert manifest["classes"] == list(COMPETITION) and manifest["num_classes"] == 5
     assert manifest["splits"]["train"]["count"] == frontal and manifest["rejected"] == 0
     batch = next(iter(data.eval_dataset(out, "train", 24, 64)))
     by_id = dict(zip(batch["id"].numpy().astype(str), zip(batch["label"].numpy(), batch["mask"].numpy(), strict=False), strict=False))
     label, mask = by_id[rows["Path"][1]]
     assert label.tolist() == [0] * 5 and mask.tolist() == [0] * 5  # the all-uncertain row
-    assert by_id[rows["Path"][4]][0].tolist() == [0, 0, 0, 1, 0] and by_id[rows["Path"][4]][1].tolist() == [1] * 5
+    assert by_id[rows["Path"][4]][0].tolist() == [0, 0, 0, 0, 1] and by_id[rows["Path"][4]][1].tolist() == [1] * 5
 
 
 def digests(out) -> dict:

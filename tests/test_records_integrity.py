@@ -50,7 +50,7 @@ def test_a_relabelled_row_rewrites_its_shard(synthetic, tmp_path):
     label, _, _ = by_id(tmp_path / "out")[table.loc[row, "Image Index"]]
     assert label[-1] == 1 and sum(label) == 1  # Hernia, the last of the 14
     manifest = records.load_manifest(tmp_path / "out")
-    assert manifest["source_csv_sha256"] == metadata.file_sha256(relabelled)
+    assert manifest["sources"][0]["csv_sha256"] == metadata.file_sha256(relabelled)
 
 
 def test_a_replaced_image_file_rewrites_its_shard(synthetic, tmp_path):
@@ -85,7 +85,7 @@ def test_another_uncertainty_policy_rewrites_the_shards_and_weights_count_labell
     write(tmp_path / "train.csv", tmp_path, tmp_path / "out", *common, "--uncertainty", "ones")
     write(tmp_path / "train.csv", tmp_path, tmp_path / "out", *common, "--uncertainty", "ignore")
     manifest = records.load_manifest(tmp_path / "out")
-    assert manifest["chexpert"]["uncertainty"] == "ignore" and manifest["splits"]["train"]["count"] == 2000
+    assert manifest["labels"]["uncertainty"] == "ignore" and manifest["splits"]["train"]["count"] == 2000
     masked = sum(5 - sum(mask) for _, mask, _ in by_id(tmp_path / "out").values())
     uncertain = int((rows[list(CHEXPERT_COMPETITION)] == "-1.0").sum().sum())
     assert masked == uncertain > 0
@@ -101,8 +101,8 @@ def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, 
     table = metadata.load_table(metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"),
                                                      images=str(synthetic / "images")))
     job = records.plan_shards(table, 1000, None, seed=0)[0]
-    flipped = records.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m)
-                                                     for i, p, pt, lab, m in job.rows], None, job.names)
+    flipped = records.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m, src)
+                                                     for i, p, pt, lab, m, src in job.rows], None, job.names)
     records.write_shard(job, str(tmp_path))
     with monkeypatch.context() as patched:
         crash_at(patched, n, ((os, "replace"), (os, "unlink")))

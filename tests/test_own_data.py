@@ -1,0 +1,292 @@
+"""Your own data: the generic CSV layout, label alignment onto the canonical list, images of
+every PNG/JPEG mode and bit depth and DICOMs (generated here; pydicom writes them), the view
+filter, and a merged NIH + CheXpert records set from the real CSVs in ../shared/data/real,
+checked on hand-picked rows, trained and evaluated."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import tensorflow as tf
+from conftest import SHARED, assert_one_line_error, module
+from PIL import Image, ImageFilter
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from chexnet_hvd import data, labels, records
+from chexnet_hvd.runlog import read_runlog
+
+REAL = SHARED / "data" / "real"
+needs_real = pytest.mark.skipif(not (REAL / "chexpert" / "valid.csv").is_file(), reason="no real CSVs")
+
+
+def gray(shape, seed) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def write_dicom(path, stored: np.ndarray, bits: int, photometric="MONOCHROME2", slope=1.0,
+                intercept=0.0, signed=False):
+    """A single-frame grayscale DICOM (uncompressed, explicit VR little endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "p"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def hospital_images(root) -> dict[str, tuple[np.ndarray, int]]:
+    """Files of every mode a hospital export may hold -> (expected 8-bit pixels, tolerance)."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+
+    def save(name, image, expected, tol=0, **kw):
+        image.save(root / name, **kw)
+        out[name] = (expected, tol)
+
+    g = gray((20, 30), 1)
+    save("l.png", Image.fromarray(g), g)
+    save("rgb.png", Image.fromarray(np.stack([g] * 3, -1)), g)
+    save("rgba.png", Image.fromarray(np.dstack([g, g, g, np.full_like(g, 255)])), g)
+    save("la.png", Image.fromarray(np.dstack([g, np.full_like(g, 255)]), "LA"), g)
+    palette = Image.fromarray(g).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    save("p.png", palette, np.asarray(palette.convert("L")))
+    save("bilevel.png", Image.fromarray(g).convert("1"), np.where(np.asarray(Image.fromarray(g).convert("1")), 255, 0))
+    v12 = gray((33, 17), 2).astype(np.int64) * 16 + 7  # 12-bit data in a 16-bit PNG
+    save("twelve.png", Image.fromarray(v12.astype(np.uint16)), np.round(v12 * 255 / 4095).astype(np.uint8))
+    v16 = gray((25, 25), 3).astype(np.uint16) * 257
+    save("sixteen.png", Image.fromarray(v16), v16 // 257)
+    g = gray((40, 40), 4) // 4 * 4 + 64  # smooth enough for JPEG: compared within a tolerance
+    g = np.asarray(Image.fromarray(g).filter(ImageFilter.GaussianBlur(2)))
+    save("l.jpg", Image.fromarray(g), g, 6, quality=95)
+    save("rgb.jpg", Image.fromarray(np.stack([g] * 3, -1)), g, 6, quality=95)
+    save("cmyk.jpg", Image.fromarray(np.stack([g] * 3, -1)).convert("CMYK"), g, 12, quality=95)
+    # DICOMs: rescale applied, the stored range mapped onto 0..255, MONOCHROME1 inverted.
+    v = gray((24, 24), 5).astype(np.int64) * 16  # 12-bit stored values
+    write_dicom(root / "mono2.dcm", v, 12, slope=2.0, intercept=-1000.0)
+    out["mono2.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
+    write_dicom(root / "mono1.dcm", v, 12, photometric="MONOCHROME1")
+    out["mono1.dcm"] = (255 - np.round(v * 255 / 4095).astype(np.uint8), 0)
+    s = v * 16 - 32768  # signed 16-bit
+    write_dicom(root / "signed.dcm", s, 16, signed=True)
+    out["signed.dcm"] = (np.round((s + 32768) * 255 / 65535).astype(np.uint8), 0)
+    return out
+
+
+def stored_images(out) -> dict[str, np.ndarray]:
+    """id -> the uint8 pixels a records directory holds (PNG records at the source size)."""
+    manifest = records.load_manifest(out)
+    pixels = {}
+    for shard in (s for split in manifest["splits"].values() for s in split["shards"]):
+        for raw in tf.data.TFRecordDataset(str(out / shard["file"])):
+            example = records.parse_example(raw, manifest["num_classes"])
+            pixels[example["image/id"].numpy().decode()] = data.decode(example).numpy()[..., 0]
+    return pixels
+
+
+def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_path):
+    expected = hospital_images(tmp_path / "images")
+    pd.DataFrame({"path": list(expected), "patient": range(len(expected)), "Effusion": 0}).to_csv(
+        tmp_path / "own.csv", index=False)
+    out = tmp_path / "records"
+    module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
+           "--out", out, "--fractions", 1, 0, 0, "--workers", 1, "--no-progress", check=True)
+    pixels = stored_images(out)
+    assert sorted(pixels) == sorted(expected)
+    for name, (want, tol) in expected.items():
+        got = pixels[name].astype(int)
+        assert got.shape == want.shape, name
+        assert np.abs(got - want.astype(int)).max() <= tol, name
+    manifest = records.load_manifest(out)
+    assert manifest["source_bit_depths"] == {"8": 9, "12": 3, "16": 2}
+    # the same files resized into uint8 records: nothing rejected
+    module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
+           "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",
+           "--workers", 1, "--no-progress", check=True)
+    assert records.load_manifest(tmp_path / "small")["splits"]["train"]["count"] == len(expected)
+
+
+OWN_CSV = """path,patient,view,split,Atelectasis,Pleural Effusion,nodule,Lungs,Age
+a.png,p1,PA,train,1,0,-1,,71
+b.png,p1,LL,train,0,1,1,1,71
+c.png,p2,AP,val,-1,,0,0,45
+d.png,p3,frontal,test,,-1,1,-1,60
+"""
+
+
+def own_dataset(tmp_path, csv_text=OWN_CSV):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for name in "abcd":
+        Image.fromarray(gray((12, 12), ord(name))).save(images / f"{name}.png")
+    (tmp_path / "own.csv").write_text(csv_text)
+    return ["--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", images]
+
+
+def test_own_csv_aligns_labels_applies_policies_and_filters_views(tmp_path):
+    out = tmp_path / "records"
+    module("records", *own_dataset(tmp_path), "--out", out, "--split", "official", "--views", "frontal",
+           "--label-map", "Lungs=Lung Opacity", "Age=", "--uncertainty", "zeros,Atelectasis=ones",
+           "--workers", 1, "--no-progress", check=True)
+    manifest = records.load_manifest(out)
+    # canonical names in canonical order; the lateral row b.png left out; the CSV's splits kept
+    assert manifest["classes"] == ["Atelectasis", "Effusion", "Nodule", "Lung Opacity"]
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 1, "val": 1, "test": 1}
+    got = {}
+    for split in ("train", "val", "test"):
+        for batch in data.eval_dataset(out, split, 12, 4):
+            for i, y, m in zip(batch["id"].numpy(), batch["label"].numpy(), batch["mask"].numpy(), strict=True):
+                got[i.decode()] = (y.tolist(), m.tolist())
+    # -1: Atelectasis=ones, others zeros; blank: not annotated = masked
+    assert got["a.png"] == ([1, 0, 0, 0], [1, 1, 1, 0])
+    assert got["c.png"] == ([1, 0, 0, 0], [1, 0, 1, 1])
+    assert got["d.png"] == ([0, 0, 1, 0], [0, 1, 1, 1])
+    assert manifest["labels"]["label_map"] == ["Lungs=Lung Opacity", "Age="]
+
+
+@pytest.mark.parametrize("extra, csv_text, fragments", [
+    (["--split", "official"], OWN_CSV, ["'Lungs' is not a canonical label", "--label-map"]),
+    (["--label-map", "Lungs=Lung Opacity", "Age="], OWN_CSV, ["has a split column", "--split official"]),
+    (["--split", "official", "--label-map", "Lungs=Lungs"], OWN_CSV, ["'Lungs' is not a canonical label"]),
+    (["--views", "frontal"], "path,patient,view,Edema\na.png,1,oblique,1\n", ["row 2", "'oblique'"]),
+    ([], "path,patient,Edema,Pulmonary Edema\na.png,1,1,0\n",
+     ["not a canonical label"]),
+    (["--label-map", "Pulmonary Edema=Edema"], "path,patient,Edema,Pulmonary Edema\na.png,1,1,0\n",
+     ["columns 'Edema' and 'Pulmonary Edema' are both 'Edema'"]),
+    ([], "path,patient,Edema\na.png,1,yes\n", ["'yes' is not 1, 0, -1 or blank"]),
+    (["--uncertainty", "Edema=maybe"], "path,patient,Edema\na.png,1,1\n", ["must be one of"]),
+])
+def test_own_csv_mistakes_are_one_line_errors(tmp_path, extra, csv_text, fragments):
+    out = tmp_path / "records"
+    proc = module("records", *own_dataset(tmp_path, csv_text), "--out", out, *extra, "--workers", 1,
+                  "--no-progress")
+    assert_one_line_error(proc, *fragments)
+    assert not (out / records.MANIFEST).exists()
+
+
+def test_a_corrupt_dicom_is_rejected_with_its_reason_and_raw_format_refuses_dicom(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    write_dicom(images / "good.dcm", np.zeros((8, 8), np.int64), 12)
+    (images / "bad.dcm").write_bytes(b"\0" * 200)
+    (tmp_path / "own.csv").write_text("path,patient,Edema\ngood.dcm,1,1\nbad.dcm,2,0\n")
+    source = ["--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", images]
+    module("records", *source, "--out", tmp_path / "r", "--fractions", 1, 0, 0, "--workers", 1,
+           "--no-progress", check=True)
+    rejects = pd.read_csv(tmp_path / "r" / records.REJECTS)
+    assert rejects["image"].tolist() == ["bad.dcm"] and "unreadable image" in rejects["reason"][0]
+    assert_one_line_error(module("records", *source, "--out", tmp_path / "raw", "--format", "raw"),
+                          "DICOM needs --format tfrecord")
+
+
+# Hand-picked rows of the real CSVs (../shared/data/real/README.md lists the NIH images):
+# 00000100_000.png: Atelectasis|Effusion|Infiltration, NIH patient 100, an RGBA PNG.
+# CheXpert valid.csv row 2, patient64541/study1/view1_frontal.jpg: Enlarged Cardiomediastinum,
+# Cardiomegaly and Lung Opacity 1.0, every other observation 0.0.
+NIH_ROW = "00000100_000.png"
+
+
+@pytest.mark.slow
+@needs_real
+def test_merged_nih_and_chexpert_records_keep_sources_and_mask_what_a_source_lacks(tmp_path):
+    nih = pd.read_csv(REAL / "nih" / "Data_Entry_2017.csv", dtype=str, index_col=False)
+    names = sorted(p.name for p in (REAL / "images" / "nih").glob("*.png"))
+    nih[nih["Image Index"].isin(names)].to_csv(tmp_path / "nih.csv", index=False)
+    valid = pd.read_csv(REAL / "chexpert" / "valid.csv", dtype=str)
+    valid.to_csv(tmp_path / "valid.csv", index=False)
+    for i, rel in enumerate(valid["Path"]):  # no CheXpert images ship here: generated stand-ins
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(gray((48, 40), i)).save(tmp_path / rel, quality=90)
+    out = tmp_path / "records"
+    module("records", "--dataset", "nih", "chexpert", "--csv", tmp_path / "nih.csv", tmp_path / "valid.csv",
+           "--images", REAL / "images" / "nih", tmp_path, "--observations", "all", "--views", "frontal",
+           "--image-size", 32, "--encoding", "uint8", "--out", out, "--no-progress", check=True, timeout=900)
+    manifest = records.load_manifest(out)
+    assert manifest["classes"] == list(labels.CANONICAL)  # NIH's 14, then CheXpert's other 7
+    assert [(s["name"], s["listed"]) for s in manifest["sources"]] == [("nih", 121), ("chexpert", 202)]
+    assert manifest["dataset"] == "nih+chexpert" and manifest["rejected"] == 0
+    rows = {}
+    for split in manifest["splits"]:
+        for raw in tf.data.TFRecordDataset([str(out / s["file"]) for s in manifest["splits"][split]["shards"]]):
+            ex = records.parse_example(raw, manifest["num_classes"], "uint8")
+            rows[ex["image/id"].numpy().decode()] = {
+                "split": split, "patient": ex["patient/id"].numpy().decode(), "source": ex["source"].numpy().decode(),
+                "label": dict(zip(manifest["classes"], ex["label"].numpy().tolist(), strict=True)),
+                "mask": dict(zip(manifest["classes"], ex["mask"].numpy().tolist(), strict=True))}
+    assert len(rows) == 323
+    nih_only = set(labels.PATHOLOGIES) - {"Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia",
+                                           "Pneumothorax", "Consolidation", "Edema"}
+    chexpert_only = set(labels.CANONICAL) - set(labels.PATHOLOGIES)
+    row = rows["nih/" + NIH_ROW]
+    assert (row["source"], row["patient"]) == ("nih", "nih/100")
+    assert {n for n, v in row["label"].items() if v} == {"Atelectasis", "Effusion", "Infiltration"}
+    assert {n for n, v in row["mask"].items() if not v} == chexpert_only  # not negatives: unknown
+    cx = valid.iloc[0]
+    row = rows["chexpert/" + cx["Path"]]
+    assert (row["source"], row["patient"]) == ("chexpert", "chexpert/64541")
+    assert {n for n, v in row["mask"].items() if not v} == nih_only
+    positive = {labels.canonical(c) for c in labels.CHEXPERT_OBSERVATIONS if cx[c] == "1.0"}
+    assert {n for n, v in row["label"].items() if v} == positive
+    assert positive == {"Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity"}
+    # class weights count labelled entries only: NIH's rows for Infiltration, CheXpert's for
+    # Lung Opacity, neither source's masked rows as negatives
+    train = manifest["splits"]["train"]
+    for name, source in (("Infiltration", "nih"), ("Lung Opacity", "chexpert")):
+        labelled = sum(r["split"] == "train" and r["source"] == source for r in rows.values())
+        assert train["positives"][name] + train["negatives"][name] == labelled < train["count"]
+    # trained and evaluated end to end: the masks reach the loss and the metrics
+    run_dir = tmp_path / "run"
+    module("train", "--recipe", "chexnet", "--data", out, "--run-dir", run_dir, "--model", "small_cnn",
+           "--weights", "none", "--image-size", 32, "--batch-size", 8, "--epochs", 1, "--verbose", 0,
+           check=True, timeout=900)
+    assert read_runlog(run_dir)[-1]["status"] == "completed"
+    report = tmp_path / "eval"
+    module("evaluate", "--data", out, "--checkpoint", run_dir / "checkpoints" / "best", "--out", report,
+           "--bootstrap", 20, check=True, timeout=600)
+    classes = json.loads((report / "report.json").read_text())["classes"]
+    assert [r["pathology"] for r in classes] == list(labels.CANONICAL)
+
+
+@pytest.mark.slow
+def test_hospital_dicoms_story_records_train_evaluate(tmp_path):
+    """README's hospital story, scaled down: 36 generated DICOMs of 12 patients (MONOCHROME1 and
+    2, a lateral view each), the CSV's own split, a mapped and a dropped column."""
+    images = tmp_path / "dicoms"
+    images.mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for p in range(12):
+        split = ["train"] * 8 + ["val", "val", "test", "test"]
+        for k, view in enumerate(["PA", "AP", "LL"]):
+            name = f"{p:03d}_{k}.dcm"
+            finding = (p + k) % 2
+            stored = rng.integers(0, 1024, (40, 40)) + 2048 * finding  # a brighter image if positive
+            write_dicom(images / name, stored, 12, photometric="MONOCHROME1" if p % 3 == 0 else "MONOCHROME2")
+            rows.append([name, f"H{p:04d}", view, split[p], finding, 1 - finding, 40 + p])
+    pd.DataFrame(rows, columns=["path", "patient", "view", "split", "Pneumothorax", "Lungs", "Age"]).to_csv(
+        tmp_path / "hospital.csv", index=False)
+    out, run_dir = tmp_path / "hospital", tmp_path / "run"
+    module("records", "--dataset", "csv", "--csv", tmp_path / "hospital.csv", "--images", images,
+           "--split", "official", "--views", "frontal", "--label-map", "Lungs=Lung Opacity", "Age=",
+           "--image-size", 32, "--encoding", "uint8", "--out", out, "--no-progress", check=True)
+    manifest = records.load_manifest(out)
+    assert manifest["classes"] == ["Pneumothorax", "Lung Opacity"]
+    assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 16, "val": 4, "test": 4}
+    module("train", "--recipe", "chexnet", "--data", out, "--run-dir", run_dir, "--model", "small_cnn",
+           "--weights", "none", "--image-size", 32, "--batch-size", 4, "--epochs", 1, "--verbose", 0,
+           check=True, timeout=900)
+    module("evaluate", "--checkpoint", run_dir / "checkpoints" / "best", "--data", out, "--out",
+           tmp_path / "eval", "--bootstrap", 20, check=True, timeout=600)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n"] == 4 and [c["positives"] for c in report["classes"]] == [2, 2]
