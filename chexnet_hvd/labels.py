@@ -101,9 +101,9 @@ def parse_label_map(items: list[str]) -> dict[str, str | None]:
 def canonical(name: str, mapping: dict[str, str | None] | None = None) -> str | None:
     """A dataset's label name -> its canonical name (None: dropped by the map). An unknown name
     is refused: mapped explicitly or not at all, never guessed."""
-    mapping = mapping or {}
-    if name.strip() in mapping:
-        return mapping[name.strip()]
+    mapped = {_key(k): v for k, v in (mapping or {}).items()}
+    if _key(name) in mapped:
+        return mapped[_key(name)]
     if _key(name) not in _LOOKUP:
         raise UnknownLabelError(f"label {name.strip()!r} is not a canonical label; map it with "
                                 f"--label-map '{name.strip()}=<canonical name>' (or "
@@ -117,9 +117,9 @@ def in_canonical_order(names) -> tuple[str, ...]:
     return tuple(n for n in CANONICAL if n in names)
 
 
-def parse_uncertainty(text: str, names=CANONICAL) -> dict[str, str]:
+def uncertainty_rules(text: str, mapping: dict | None = None) -> tuple[str, dict[str, str]]:
     """'--uncertainty' as one policy for every class ('ones') or per class, an optional default
-    first: 'zeros,Atelectasis=ones,Edema=ones' -> {canonical name: policy} for `names`."""
+    first: 'zeros,Atelectasis=ones,Edema=ones' -> ('zeros', {canonical name: policy})."""
     default, per_class = "ones", {}
     for item in (i.strip() for i in str(text).split(",") if i.strip()):
         name, sep, policy = item.rpartition("=")
@@ -127,9 +127,15 @@ def parse_uncertainty(text: str, names=CANONICAL) -> dict[str, str]:
             raise UnknownLabelError(f"uncertainty {item!r}: the policy must be one of "
                                     f"{', '.join(UNCERTAINTY_POLICIES)}")
         if sep:
-            per_class[canonical(name)] = policy
+            per_class[canonical(name, mapping)] = policy
         else:
             default = policy
+    return default, per_class
+
+
+def parse_uncertainty(text: str, names=CANONICAL, mapping: dict | None = None) -> dict[str, str]:
+    """The policy of each of `names` under '--uncertainty' (see `uncertainty_rules`)."""
+    default, per_class = uncertainty_rules(text, mapping)
     return {n: per_class.get(n, default) for n in names}
 
 

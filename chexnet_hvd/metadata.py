@@ -30,6 +30,7 @@ from chexnet_hvd.labels import (
     parse_finding_labels,
     parse_label_map,
     parse_uncertainty,
+    uncertainty_rules,
 )
 
 SPLITS = ("train", "val", "test")
@@ -120,7 +121,10 @@ def keep_views(frame: pd.DataFrame, column: str, views: str, csv) -> pd.DataFram
         raise InputError(csv, f"row {row + 2}: view {frame[column].iloc[row]!r} is neither frontal "
                          f"({', '.join(k for k, v in VIEW_KINDS.items() if v == 'frontal')}) nor "
                          f"lateral ({', '.join(k for k, v in VIEW_KINDS.items() if v == 'lateral')})")
-    return frame[(kinds == views).to_numpy()].reset_index(drop=True)
+    kept = frame[(kinds == views).to_numpy()].reset_index(drop=True)
+    if kept.empty:
+        raise InputError(csv, f"no {views} images (--views {views})")
+    return kept
 
 
 def check_unique(csv, images: pd.Series) -> None:
@@ -166,10 +170,10 @@ def chexpert_image_path(images_dir: str | Path, rel: str) -> str:
 
 
 def cell_labels(csv, frame: pd.DataFrame, columns: list[str], names: tuple[str, ...],
-                uncertainty: str, blank: str) -> tuple[np.ndarray, np.ndarray]:
+                uncertainty: str, blank: str, mapping: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The label cells of `columns` (canonical `names`) under the uncertainty policy per class."""
     try:
-        policies = [parse_uncertainty(uncertainty, names)[n] for n in names]
+        policies = list(parse_uncertainty(uncertainty, names, mapping).values())
         return label_cells(frame[columns].to_numpy(), policies, blank)
     except UnknownLabelError as err:
         raise InputError(csv, str(err)) from None
@@ -234,7 +238,8 @@ def read_generic(csv: str | Path, images_dir: str | Path, uncertainty: str = "on
         raise InputError(csv, "no label columns (every column but path, patient, view and split "
                          "is a label)")
     names = in_canonical_order(by_name)
-    labels, mask = cell_labels(csv, frame, [by_name[n] for n in names], names, uncertainty, "masked")
+    labels, mask = cell_labels(csv, frame, [by_name[n] for n in names], names, uncertainty, "masked",
+                               label_map)
     paths = frame["path"].str.strip()
     table = pd.DataFrame({
         "image": paths,
@@ -375,8 +380,15 @@ def check_split_column(table: pd.DataFrame, csv) -> None:
                          "(--split official reads the split column)")
 
 
+def label_map(cfg: TableConfig) -> dict[str, str | None]:
+    try:
+        return parse_label_map(cfg.label_map)
+    except UnknownLabelError as err:
+        raise InputError("--label-map", str(err)) from None
+
+
 def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> pd.DataFrame:
-    """One source's table with its split assigned."""
+    """One source's table, with its own split assigned under --split official."""
     official = cfg.split == "official"
     if dataset == "chexpert":
         def read(path):
@@ -387,11 +399,7 @@ def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> pd.Dat
             table = chexpert_official_split(table, read(Path(csv).parent / "valid.csv"),
                                             cfg.fractions[1], cfg.seed)
     elif dataset == "csv":
-        try:
-            label_map = parse_label_map(cfg.label_map)
-        except UnknownLabelError as err:
-            raise InputError("--label-map", str(err)) from None
-        table = read_generic(csv, images, cfg.uncertainty, cfg.views, label_map)
+        table = read_generic(csv, images, cfg.uncertainty, cfg.views, label_map(cfg))
         if official:
             check_split_column(table, csv)
         elif (table["split"] != "").any():  # a split the user wrote is never overridden silently
@@ -403,25 +411,23 @@ def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> pd.Dat
             here = Path(csv).parent
             table = official_split(table, here / "train_val_list.txt", here / "test_list.txt",
                                    cfg.fractions[1], cfg.seed)
-    if not official:
-        table = random_split(table, tuple(cfg.fractions), cfg.seed)
-    if table.empty:
-        raise InputError(csv, f"no images left after --views {cfg.views}")
     return table
 
 
-def merge(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Source tables -> one table over the union of their classes (canonical order). A class a
-    source does not annotate is masked (label 0, mask 0) for its rows, never a negative. Image
-    and patient ids are prefixed with the source ('nih/1'): NIH's patient 1 is not CheXpert's."""
+def merge(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
+    """(source name, dataset) -> table, merged into one table over the union of their classes
+    (canonical order). A class a source does not annotate is masked (label 0, mask 0) for its
+    rows, never a negative. When merging, image ids get the source's name as a prefix and
+    patient ids the dataset's ('nih/1'): NIH's patient 1 is not CheXpert's, while two CSVs of
+    one hospital share their patients (and the leak guard sees them)."""
     names = in_canonical_order(n for t in tables.values() for n in class_names(t))
     parts = []
-    for source, table in tables.items():
+    for (source, dataset), table in tables.items():
         have = class_names(table)
         part = table[["image", "path", "patient", "split"]].copy()
         if len(tables) > 1:
             part["image"] = source + "/" + part["image"]
-            part["patient"] = source + "/" + part["patient"]
+            part["patient"] = dataset + "/" + part["patient"]
         part["source"] = source
         labels = np.zeros((len(table), len(names)), np.float32)
         mask = np.zeros_like(labels)
@@ -435,9 +441,21 @@ def merge(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def load_table(cfg: TableConfig) -> pd.DataFrame:
     """The sources' merged table with its split assigned and leak-checked."""
-    tables = {name: load_source(dataset, csv, images, cfg)
+    tables = {(name, dataset): load_source(dataset, csv, images, cfg)
               for name, dataset, csv, images in sources(cfg)}
     table = merge(tables)
+    twice = table["path"].duplicated()
+    if twice.any():
+        raise InputError(table["path"][twice].iloc[0], "listed by two sources")
+    try:
+        _, rules = uncertainty_rules(cfg.uncertainty, label_map(cfg))
+    except UnknownLabelError as err:
+        raise InputError("--uncertainty", str(err)) from None
+    if missing := sorted(set(rules) - set(class_names(table))):  # a typo is not silently ignored
+        raise InputError("--uncertainty", f"no class {missing[0]!r} in these records (classes: "
+                         f"{', '.join(class_names(table))})")
+    if cfg.split != "official":
+        table = random_split(table, tuple(cfg.fractions), cfg.seed)
     check_no_leak(table)
     return table
 

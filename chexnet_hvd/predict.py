@@ -3,8 +3,8 @@
     python -m chexnet_hvd.predict scans/ xray.png --checkpoint runs/x/checkpoints/best \
         [--cam heatmaps/] [--format table|csv|json]
 
-Any PNG/JPEG of any size and mode (L, RGB, RGBA, 16-bit) is read with the records writer's
-grayscale conversion and the training `preprocess`. With --cam, each image's --top findings get
+Any PNG/JPEG of any size and mode (L, RGB, RGBA, 16-bit) or DICOM is read with the records
+writer's grayscale conversion and the training `preprocess`. With --cam, each image's --top findings get
 a Grad-CAM heatmap (Selvaraju et al. 2017) over the last spatial layer, overlaid on the image, as
 CheXNet showed its class activation maps.
 """
@@ -20,12 +20,12 @@ import numpy as np
 
 from chexnet_hvd import cli
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 @dataclasses.dataclass
 class PredictConfig:
-    inputs: list[str] = cli.field(help="image files and/or directories of PNG/JPEG files")
+    inputs: list[str] = cli.field(help="image files and/or directories of PNG/JPEG/DICOM files")
     checkpoint: str = cli.field(help="checkpoint directory (e.g. RUN_DIR/checkpoints/best)")
     cam: str = cli.field("", help="write Grad-CAM overlays of the top findings to this directory")
     top: int = cli.field(3, help="findings per image that get a heatmap")
@@ -46,19 +46,25 @@ def image_files(inputs: list[str]) -> list[Path]:
         else:
             raise cli.InputError(item, "no such file or directory")
     if not files:
-        raise cli.InputError(" ".join(inputs), "no PNG or JPEG images found")
+        raise cli.InputError(" ".join(inputs), "no PNG, JPEG or DICOM images found")
     return files
 
 
 def check_image(path: Path) -> None:
     """A one-line error for anything that is not a readable image (header and checksums only;
     the pixels are decoded later, one batch at a time)."""
+    import pydicom
     from PIL import Image
 
+    from chexnet_hvd import records
+
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as err:  # PIL raises many types for non-images
+        if records.is_dicom_name(path):
+            pydicom.dcmread(path, stop_before_pixels=True)
+        else:
+            with Image.open(path) as img:
+                img.verify()
+    except Exception as err:  # PIL and pydicom raise many types for non-images
         raise cli.InputError(path, f"not a readable image ({type(err).__name__})") from None
 
 

@@ -130,7 +130,7 @@ def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple
 
 
 # ---------------------------------------------------------------- image conversion ----------
-CONVERSION = "gray8-v2"  # the image conversion below; part of every shard's reuse key
+CONVERSION = "gray8-v3"  # the image conversion below; part of every shard's reuse key
 
 
 DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
@@ -154,11 +154,12 @@ def is_dicom_name(path: str | Path) -> bool:
 
 
 def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
-    """A DICOM's pixels -> uint8 grey levels and its bits stored. The modality rescale (slope,
-    intercept) is applied, then the stored range (0..2^bits - 1, or signed) maps linearly onto
-    0..255 as `to_8bit` maps PNGs, and MONOCHROME1 (white = 0) is inverted so that bone is bright
-    like every other image the suite reads. Compressed transfer syntaxes need pixel-data plugins
-    pydicom does not bring (pylibjpeg, GDCM): such a file is rejected with pydicom's reason."""
+    """A DICOM's pixels -> uint8 grey levels and its bits stored. The modality transform (rescale
+    slope and intercept, or a Modality LUT) is applied, then the range it gives the stored values
+    (every value 0..2^bits - 1, or signed) maps linearly onto 0..255 as `to_8bit` maps PNGs, and
+    MONOCHROME1 (white = 0) is inverted so that bone is bright like every other image the suite
+    reads. Compressed transfer syntaxes need pixel-data plugins pydicom does not bring
+    (pylibjpeg, GDCM): such a file is rejected with pydicom's reason."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -167,8 +168,8 @@ def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
         raise ValueError("not a single-frame grayscale image")
     bits = int(ds.BitsStored)
     low = -(2 ** (bits - 1)) if int(ds.PixelRepresentation) == 1 else 0
-    stored = np.array([low, low + 2**bits - 1], dtype=np.float64)
-    lo, hi = sorted(np.asarray(apply_modality_lut(stored, ds), dtype=np.float64))
+    mapped = np.asarray(apply_modality_lut(np.arange(low, low + 2**bits, dtype=np.int64), ds))
+    lo, hi = float(mapped.min()), float(mapped.max())
     values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
     gray = np.round((values - lo) * (255 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
     if ds.PhotometricInterpretation == "MONOCHROME1":
@@ -192,10 +193,25 @@ def read_grayscale_bits(path: str | Path, size: int | None = None):
     return img, bits
 
 
+def png_depth(path: str | Path) -> int:
+    """A PNG's bit depth from its header (0 for anything else)."""
+    with open(path, "rb") as fh:
+        head = fh.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
 def pil_grayscale(path: str | Path):
-    """A PNG/JPEG of any mode as an 8-bit grayscale PIL image, and its source bits."""
+    """A PNG/JPEG of any mode as an 8-bit grayscale PIL image, and its source bits. 16-bit PNGs
+    of every colour type (grey, grey + alpha, RGB, RGBA) are decoded at 16 bits by TensorFlow,
+    as the raw pipeline decodes them (Pillow keeps only the high byte of 16-bit colour PNGs)."""
     from PIL import Image
 
+    if png_depth(path) == 16:
+        import tensorflow as tf
+
+        values = tf.io.decode_png(tf.io.read_file(str(path)), channels=1, dtype=tf.uint16)
+        gray, bits = to_8bit(values.numpy()[..., 0].astype(np.int64))
+        return Image.fromarray(gray), bits
     bits = 8
     with Image.open(path) as img:
         img.load()
@@ -299,16 +315,34 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     return result | {"reused": False}
 
 
+def raw_problem(path: str) -> str | None:
+    """Why the raw pipeline (TensorFlow's PNG/JPEG decoders) could not read an image file, from
+    its header alone; None when it can."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        return "missing file"
+    try:
+        with Image.open(path) as img:
+            kind, mode = img.format, img.mode
+    except Exception as err:  # PIL raises many types for non-images
+        return f"unreadable image: {type(err).__name__}: {err}"
+    if kind not in ("PNG", "JPEG") or mode == "CMYK":
+        return f"{kind} {mode}: the raw pipeline decodes PNG and grey/RGB JPEG only (use --format tfrecord)"
+    return None
+
+
 def write_index(job: ShardJob, out_dir: str) -> dict:
-    """--format raw: list the split's existing image files in a CSV index (temp name, then
-    rename); missing files are rejected here, unreadable ones only show when training reads them."""
+    """--format raw: list the split's image files in a CSV index (temp name, then rename). Files
+    missing or of a kind the raw pipeline cannot decode (judged from their headers) are rejected
+    here; a file corrupt past its header only shows when training reads it."""
     y, m = metadata.label_columns(job.names), metadata.mask_columns(job.names)
     rows, rejects = [], []
     for image, path, patient, labels, mask, source in job.rows:
-        if Path(path).is_file():
-            rows.append([image, str(Path(path).resolve()), patient, source, *labels, *mask])
+        if problem := raw_problem(path):
+            rejects.append((image, job.split, path, problem))
         else:
-            rejects.append((image, job.split, path, "missing file"))
+            rows.append([image, str(Path(path).resolve()), patient, source, *labels, *mask])
     frame = pd.DataFrame(rows, columns=["image", "path", "patient", "source", *y, *m])
     final = Path(out_dir) / job.file
     tmp = final.with_name(final.name + ".tmp")

@@ -139,7 +139,7 @@ CASES = [
     ("predict-input-missing", "predict", [p("gone.png"), "--checkpoint", f("ckpt")], ["gone.png", "no such file"], None),
     ("predict-not-an-image", "predict", [p("text.png"), "--checkpoint", f("ckpt")], ["text.png", "not a readable image"], None),
     ("predict-truncated-png", "predict", [p("truncated.png"), "--checkpoint", f("ckpt")], ["truncated.png", "not a readable image"], None),
-    ("predict-empty-folder", "predict", [p("no_images"), "--checkpoint", f("ckpt")], ["no PNG or JPEG images found"], None),
+    ("predict-empty-folder", "predict", [p("no_images"), "--checkpoint", f("ckpt")], ["no PNG, JPEG or DICOM images found"], None),
     ("predict-checkpoint-missing", "predict", [f("images"), "--checkpoint", p("no_ckpt")], ["no_ckpt", "not a checkpoint"], None),
     ("predict-cam-unwritable", "predict", [f("one_png"), "--checkpoint", f("ckpt"), "--cam", p("a_file/cam")], ["a_file/cam", "cannot create"], None),
     # export

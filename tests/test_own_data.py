@@ -4,6 +4,7 @@ filter, and a merged NIH + CheXpert records set from the real CSVs in ../shared/
 checked on hand-picked rows, trained and evaluated."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,8 @@ from PIL import Image, ImageFilter
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from chexnet_hvd import data, labels, records
+from chexnet_hvd import data, labels, metadata, records
+from chexnet_hvd.cli import InputError
 from chexnet_hvd.runlog import read_runlog
 
 REAL = SHARED / "data" / "real"
@@ -67,6 +69,9 @@ def hospital_images(root) -> dict[str, tuple[np.ndarray, int]]:
     save("twelve.png", Image.fromarray(v12.astype(np.uint16)), np.round(v12 * 255 / 4095).astype(np.uint8))
     v16 = gray((25, 25), 3).astype(np.uint16) * 257
     save("sixteen.png", Image.fromarray(v16), v16 // 257)
+    for name, channels in (("rgb16.png", [v12] * 3), ("la16.png", [v12, np.full_like(v12, 65535)])):
+        (root / name).write_bytes(tf.io.encode_png(np.stack(channels, -1).astype(np.uint16)).numpy())
+        out[name] = (np.round(v12 * 255 / 4095).astype(np.uint8), 0)  # Pillow alone: 0..15
     g = gray((40, 40), 4) // 4 * 4 + 64  # smooth enough for JPEG: compared within a tolerance
     g = np.asarray(Image.fromarray(g).filter(ImageFilter.GaussianBlur(2)))
     save("l.jpg", Image.fromarray(g), g, 6, quality=95)
@@ -76,6 +81,8 @@ def hospital_images(root) -> dict[str, tuple[np.ndarray, int]]:
     v = gray((24, 24), 5).astype(np.int64) * 16  # 12-bit stored values
     write_dicom(root / "mono2.dcm", v, 12, slope=2.0, intercept=-1000.0)
     out["mono2.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
+    write_dicom(root / "inverse.dcm", v, 12, slope=-1.0, intercept=4095.0)  # the rescale matters
+    out["inverse.dcm"] = (np.round((4095 - v) * 255 / 4095).astype(np.uint8), 0)
     write_dicom(root / "mono1.dcm", v, 12, photometric="MONOCHROME1")
     out["mono1.dcm"] = (255 - np.round(v * 255 / 4095).astype(np.uint8), 0)
     s = v * 16 - 32768  # signed 16-bit
@@ -109,7 +116,7 @@ def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_pat
         assert got.shape == want.shape, name
         assert np.abs(got - want.astype(int)).max() <= tol, name
     manifest = records.load_manifest(out)
-    assert manifest["source_bit_depths"] == {"8": 9, "12": 3, "16": 2}
+    assert manifest["source_bit_depths"] == {"8": 9, "12": 6, "16": 2}
     # the same files resized into uint8 records: nothing rejected
     module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
            "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",
@@ -153,6 +160,25 @@ def test_own_csv_aligns_labels_applies_policies_and_filters_views(tmp_path):
     assert got["c.png"] == ([1, 0, 0, 0], [1, 0, 1, 1])
     assert got["d.png"] == ([0, 0, 1, 0], [0, 1, 1, 1])
     assert manifest["labels"]["label_map"] == ["Lungs=Lung Opacity", "Age="]
+    module("records", *own_dataset(tmp_path), "--out", tmp_path / "lateral", "--split", "official",
+           "--views", "lateral", "--label-map", "lungs=Lung Opacity", "AGE=", "--workers", 1,
+           "--no-progress", check=True)  # map keys as blind to case as the names
+    assert {s: v["count"] for s, v in records.load_manifest(tmp_path / "lateral")["splits"].items()} == {"train": 1}
+
+
+def test_two_csvs_of_one_hospital_share_patients_and_duplicates_are_refused(tmp_path):
+    """Sources of one dataset kind share a patient namespace: a patient in both CSVs lands in
+    one split; the same file in both is an error."""
+    (tmp_path / "a.csv").write_text("path,patient,Edema\n" + "".join(f"a{i}.png,H{i},1\n" for i in range(20)))
+    (tmp_path / "b.csv").write_text("path,patient,Edema\n" + "".join(f"b{i}.png,H{i},0\n" for i in range(5, 30)))
+    cfg = metadata.TableConfig(dataset=["csv"], csv=[str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+                               images=[str(tmp_path)])
+    table = metadata.load_table(cfg)
+    assert table["patient"].nunique() == 30 and table.groupby("patient")["split"].nunique().max() == 1
+    assert set(table["source"]) == {"csv-1", "csv-2"} and table["image"].str.startswith(("csv-1/", "csv-2/")).all()
+    (tmp_path / "b.csv").write_text("path,patient,Edema\na3.png,H3,1\n")
+    with pytest.raises(InputError, match="a3.png: listed by two sources"):
+        metadata.load_table(cfg)
 
 
 @pytest.mark.parametrize("extra, csv_text, fragments", [
@@ -166,6 +192,9 @@ def test_own_csv_aligns_labels_applies_policies_and_filters_views(tmp_path):
      ["columns 'Edema' and 'Pulmonary Edema' are both 'Edema'"]),
     ([], "path,patient,Edema\na.png,1,yes\n", ["'yes' is not 1, 0, -1 or blank"]),
     (["--uncertainty", "Edema=maybe"], "path,patient,Edema\na.png,1,1\n", ["must be one of"]),
+    (["--uncertainty", "Edeam=zeros"], "path,patient,Edema\na.png,1,1\n", ["'Edeam' is not a canonical label"]),
+    (["--uncertainty", "zeros,Hernia=ones"], "path,patient,Edema\na.png,1,1\n", ["no class 'Hernia'"]),
+    (["--views", "frontal"], "path,patient,view,Edema\na.png,1,LL,1\n", ["no frontal images"]),
 ])
 def test_own_csv_mistakes_are_one_line_errors(tmp_path, extra, csv_text, fragments):
     out = tmp_path / "records"
@@ -188,6 +217,14 @@ def test_a_corrupt_dicom_is_rejected_with_its_reason_and_raw_format_refuses_dico
     assert rejects["image"].tolist() == ["bad.dcm"] and "unreadable image" in rejects["reason"][0]
     assert_one_line_error(module("records", *source, "--out", tmp_path / "raw", "--format", "raw"),
                           "DICOM needs --format tfrecord")
+    # the raw pipeline's decoders cannot read a CMYK JPEG: rejected when the index is written
+    Image.new("CMYK", (8, 8)).save(images / "cmyk.jpg")
+    Image.new("L", (8, 8)).save(images / "grey.jpg")
+    (tmp_path / "raw.csv").write_text("path,patient,Edema\ncmyk.jpg,1,1\ngrey.jpg,2,0\n")
+    module("records", "--dataset", "csv", "--csv", tmp_path / "raw.csv", "--images", images, "--out",
+           tmp_path / "raw", "--format", "raw", "--fractions", 1, 0, 0, check=True)
+    rejects = pd.read_csv(tmp_path / "raw" / records.REJECTS)
+    assert rejects["image"].tolist() == ["cmyk.jpg"] and "JPEG CMYK" in rejects["reason"][0]
 
 
 # Hand-picked rows of the real CSVs (../shared/data/real/README.md lists the NIH images):
@@ -200,21 +237,30 @@ NIH_ROW = "00000100_000.png"
 @pytest.mark.slow
 @needs_real
 def test_merged_nih_and_chexpert_records_keep_sources_and_mask_what_a_source_lacks(tmp_path):
+    """README's merge story as written (official splits, U-Ignore, all observations, frontal),
+    scaled down: the 121 real NIH images, CheXpert's first 300 training rows and valid.csv."""
+    (tmp_path / "nih").mkdir()
     nih = pd.read_csv(REAL / "nih" / "Data_Entry_2017.csv", dtype=str, index_col=False)
     names = sorted(p.name for p in (REAL / "images" / "nih").glob("*.png"))
-    nih[nih["Image Index"].isin(names)].to_csv(tmp_path / "nih.csv", index=False)
+    nih[nih["Image Index"].isin(names)].to_csv(tmp_path / "nih" / "Data_Entry_2017.csv", index=False)
+    for name in ("train_val_list.txt", "test_list.txt"):  # --split official reads them beside the CSV
+        shutil.copy(REAL / "nih" / name, tmp_path / "nih" / name)
+    train = pd.read_csv(REAL / "chexpert" / "train_sample.csv", dtype=str, keep_default_na=False).head(300)
     valid = pd.read_csv(REAL / "chexpert" / "valid.csv", dtype=str)
+    train.to_csv(tmp_path / "train.csv", index=False)
     valid.to_csv(tmp_path / "valid.csv", index=False)
-    for i, rel in enumerate(valid["Path"]):  # no CheXpert images ship here: generated stand-ins
+    for i, rel in enumerate([*train["Path"], *valid["Path"]]):  # no CheXpert images ship: stand-ins
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(gray((48, 40), i)).save(tmp_path / rel, quality=90)
     out = tmp_path / "records"
-    module("records", "--dataset", "nih", "chexpert", "--csv", tmp_path / "nih.csv", tmp_path / "valid.csv",
-           "--images", REAL / "images" / "nih", tmp_path, "--observations", "all", "--views", "frontal",
-           "--image-size", 32, "--encoding", "uint8", "--out", out, "--no-progress", check=True, timeout=900)
+    module("records", "--dataset", "nih", "chexpert", "--csv", tmp_path / "nih" / "Data_Entry_2017.csv",
+           tmp_path / "train.csv", "--images", REAL / "images" / "nih", tmp_path, "--observations", "all",
+           "--uncertainty", "ignore", "--views", "frontal", "--split", "official", "--image-size", 32,
+           "--encoding", "uint8", "--out", out, "--no-progress", check=True, timeout=900)
     manifest = records.load_manifest(out)
     assert manifest["classes"] == list(labels.CANONICAL)  # NIH's 14, then CheXpert's other 7
-    assert [(s["name"], s["listed"]) for s in manifest["sources"]] == [("nih", 121), ("chexpert", 202)]
+    frontal = int((train["Frontal/Lateral"] == "Frontal").sum()) + 202
+    assert [(s["name"], s["listed"]) for s in manifest["sources"]] == [("nih", 121), ("chexpert", frontal)]
     assert manifest["dataset"] == "nih+chexpert" and manifest["rejected"] == 0
     rows = {}
     for split in manifest["splits"]:
@@ -224,7 +270,12 @@ def test_merged_nih_and_chexpert_records_keep_sources_and_mask_what_a_source_lac
                 "split": split, "patient": ex["patient/id"].numpy().decode(), "source": ex["source"].numpy().decode(),
                 "label": dict(zip(manifest["classes"], ex["label"].numpy().tolist(), strict=True)),
                 "mask": dict(zip(manifest["classes"], ex["mask"].numpy().tolist(), strict=True))}
-    assert len(rows) == 323
+    # official splits: NIH's test list is test, CheXpert's valid.csv is test
+    test_list = set((REAL / "nih" / "test_list.txt").read_text().split())
+    assert all((r["split"] == "test") == (i[4:] in test_list) for i, r in rows.items() if i.startswith("nih/"))
+    assert {r["split"] for i, r in rows.items() if "/valid/" in i} == {"test"}
+    assert "test" not in {r["split"] for i, r in rows.items() if "/train/" in i}
+    assert len(rows) == 121 + frontal
     nih_only = set(labels.PATHOLOGIES) - {"Atelectasis", "Cardiomegaly", "Effusion", "Pneumonia",
                                            "Pneumothorax", "Consolidation", "Edema"}
     chexpert_only = set(labels.CANONICAL) - set(labels.PATHOLOGIES)
@@ -239,12 +290,20 @@ def test_merged_nih_and_chexpert_records_keep_sources_and_mask_what_a_source_lac
     positive = {labels.canonical(c) for c in labels.CHEXPERT_OBSERVATIONS if cx[c] == "1.0"}
     assert {n for n, v in row["label"].items() if v} == positive
     assert positive == {"Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity"}
+    # U-Ignore: row 2 of the training sample, patient00002/study2: its -1.0 cells are masked too
+    uncertain = train.iloc[1]
+    row = rows["chexpert/" + uncertain["Path"]]
+    masked = {labels.canonical(c) for c in labels.CHEXPERT_OBSERVATIONS if uncertain[c] == "-1.0"}
+    assert masked == {"Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Effusion"}
+    assert {n for n, v in row["mask"].items() if not v} == masked | nih_only
+    assert {n for n, v in row["label"].items() if v} == {"Lung Opacity", "Fracture"}
     # class weights count labelled entries only: NIH's rows for Infiltration, CheXpert's for
-    # Lung Opacity, neither source's masked rows as negatives
-    train = manifest["splits"]["train"]
+    # Lung Opacity, no masked row as a negative
+    counts = manifest["splits"]["train"]
     for name, source in (("Infiltration", "nih"), ("Lung Opacity", "chexpert")):
-        labelled = sum(r["split"] == "train" and r["source"] == source for r in rows.values())
-        assert train["positives"][name] + train["negatives"][name] == labelled < train["count"]
+        labelled = [r for r in rows.values() if r["split"] == "train" and r["mask"][name]]
+        assert {r["source"] for r in labelled} == {source}
+        assert counts["positives"][name] + counts["negatives"][name] == len(labelled) < counts["count"]
     # trained and evaluated end to end: the masks reach the loss and the metrics
     run_dir = tmp_path / "run"
     module("train", "--recipe", "chexnet", "--data", out, "--run-dir", run_dir, "--model", "small_cnn",
@@ -290,3 +349,14 @@ def test_hospital_dicoms_story_records_train_evaluate(tmp_path):
            tmp_path / "eval", "--bootstrap", 20, check=True, timeout=600)
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == 4 and [c["positives"] for c in report["classes"]] == [2, 2]
+
+
+def test_predict_reads_dicoms_and_refuses_a_broken_one(trained_cnn, tmp_path):
+    ckpt = trained_cnn / "run" / "checkpoints" / "best"
+    write_dicom(tmp_path / "a.dcm", gray((80, 64), 7).astype(np.int64) * 16, 12, photometric="MONOCHROME1")
+    proc = module("predict", tmp_path, "--checkpoint", ckpt, "--format", "json", check=True)
+    [row] = json.loads(proc.stdout)
+    assert row["file"].endswith("a.dcm") and all(0 <= row[p] <= 1 for p in labels.PATHOLOGIES)
+    (tmp_path / "b.dcm").write_bytes(b"\0" * 64)
+    assert_one_line_error(module("predict", tmp_path / "b.dcm", "--checkpoint", ckpt), "b.dcm",
+                          "not a readable image")
