@@ -34,7 +34,7 @@ stamp="$VENV/.deps-$(cat constraints.txt setup.cfg | sha256sum | cut -c1-12)-gpu
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages ($tf_pkg)"
   $PIP install -c constraints.txt "$tf_pkg" numpy protobuf mpi4py pandas scikit-learn scipy \
-    pillow pydicom matplotlib tqdm pytest pytest-timeout ruff setuptools wheel openvino nncf \
+    pillow pydicom matplotlib tqdm pytest pytest-timeout pytest-xdist ruff setuptools wheel openvino nncf \
     optuna sqlalchemy alembic psycopg2-binary
   touch "$stamp"
 fi
