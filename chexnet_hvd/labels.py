@@ -182,8 +182,3 @@ def label_cells(cells, policies, blank: str = "negative") -> tuple[np.ndarray, n
     labels = np.where(uncertain & (policies == "ones"), 1.0, np.maximum(values, 0.0)).astype(np.float32)
     masked = (uncertain & (policies == "ignore")) | ((cells == "") & (blank == "masked"))
     return labels, np.where(masked, 0.0, 1.0).astype(np.float32)
-
-
-def chexpert_labels(cells, policy) -> tuple[np.ndarray, np.ndarray]:
-    """CheXpert label cells: blank = not mentioned = negative (Irvin et al. 2019)."""
-    return label_cells(cells, policy, blank="negative")

@@ -242,9 +242,8 @@ class ShardJob:
     def key(self) -> str:
         """Identity of everything the shard's bytes depend on: the records schema and the image
         conversion, the size, the class names, every row (image, path, patient, labels, mask,
-        source)
-        and each image file's size and modification time. A re-run reuses only an equal shard:
-        relabelled rows, another uncertainty policy or a replaced image file rewrite it."""
+        source) and each image file's size and modification time. A re-run reuses only an equal
+        shard: relabelled rows, another uncertainty policy or a replaced image file rewrite it."""
         stats = []
         for row in self.rows:
             try:
