@@ -6,7 +6,8 @@
 - small CNN, 32 px, batch 64 (~10 ms a step here, the scale of a GPU step): the trainer on
   in-memory synthetic input and on uint8 records, against a bare Horovod loop on the same model
   (the shape of Horovod's tensorflow2_synthetic_benchmark.py: DistributedGradientTape in a
-  tf.function, in-memory data). Goals: >= 0.95 and >= 0.90.
+  tf.function, in-memory data). Goals: >= 0.95 and >= 0.90. Plain Keras fit on the same data
+  and optimizer, with no callbacks, splits the gap into Keras' share and the trainer's.
 - DenseNet-121, 224 px, batch 16 (compute-bound): the trainer on PNG records in fp32 (and in
   mixed_bfloat16 where the CPU has bf16 instructions) against the bare loop. Goal: >= 0.97.
 - XLA (--xla: auto-clustering, Horovod's allreduce left outside the compiled clusters) against
@@ -56,6 +57,32 @@ for _ in range(steps):
 print(json.dumps({"images_per_sec": steps * batch / (time.perf_counter() - t0)}))
 """
 
+# Plain Keras fit on the same model, data and distributed optimizer as BARE, with no callbacks
+# but a clock: separates the Keras fit loop's cost per step from the trainer's own.
+FIT = r"""
+import sys, time, json
+import tensorflow as tf, horovod.tensorflow.keras as hvd
+hvd.init()
+from chexnet_hvd import models
+from chexnet_hvd.train import make_loss
+name, size, batch, steps, warm = sys.argv[1], *map(int, sys.argv[2:6])
+tf.keras.utils.set_random_seed(0)
+model = models.build_model(name, size)
+model.compile(hvd.DistributedOptimizer(tf.keras.optimizers.Adam(1e-3)), make_loss())
+x = tf.random.uniform((batch, size, size, 3))
+y = tf.stack([tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14))], 1)
+class Clock(tf.keras.callbacks.Callback):
+    def on_train_batch_begin(self, b, logs=None):
+        if b == warm:
+            self.t0 = time.perf_counter()
+    def on_train_end(self, logs=None):
+        self.seconds = time.perf_counter() - self.t0
+clock = Clock()
+model.fit(tf.data.Dataset.from_tensors((x, y)).repeat(), steps_per_epoch=steps + warm, epochs=1,
+          callbacks=[clock], verbose=0)
+print(json.dumps({"images_per_sec": steps * batch / clock.seconds}))
+"""
+
 
 def trainer(records: Path, run_dir: Path, model: str, size: int, batch: int, steps: int, warm: int,
             **options) -> float:
@@ -70,8 +97,8 @@ def trainer(records: Path, run_dir: Path, model: str, size: int, batch: int, ste
     return [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]["images_per_sec"]
 
 
-def bare(model: str, size: int, batch: int, steps: int, warm: int) -> float:
-    out = subprocess.run([PY, "-c", BARE, model, str(size), str(batch), str(steps), str(warm)], cwd=ROOT,
+def bare(model: str, size: int, batch: int, steps: int, warm: int, script: str = BARE) -> float:
+    out = subprocess.run([PY, "-c", script, model, str(size), str(batch), str(steps), str(warm)], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
@@ -118,9 +145,13 @@ def main() -> None:
         r["trainer_synthetic"] = trainer(small, tmp / "s_syn", "small_cnn", 32, 64, s, w, synthetic_input=True)
         r["trainer_records"] = trainer(small, tmp / "s_rec", "small_cnn", 32, 64, s, w)
         r["bare_loop"] = bare("small_cnn", 32, 64, s, w)
+        r["keras_fit"] = bare("small_cnn", 32, 64, s, w, FIT)
         r["trainer_xla"] = trainer(small, tmp / "s_xla", "small_cnn", 32, 64, s, w, synthetic_input=True, xla=True)
         r["synthetic_over_bare"] = r["trainer_synthetic"] / r["bare_loop"]
         r["records_over_bare"] = r["trainer_records"] / r["bare_loop"]
+        # the gap, split: Keras' fit loop against the bare loop, the trainer against Keras' fit
+        r["fit_over_bare"] = r["keras_fit"] / r["bare_loop"]
+        r["synthetic_over_fit"] = r["trainer_synthetic"] / r["keras_fit"]
         r["xla_over_no_xla"] = r["trainer_xla"] / r["trainer_synthetic"]
         # bf16 without bf16 instructions is emulated (over 4x slower than fp32 on an AMD
         # EPYC without AVX-512): measured only where the CPU has them

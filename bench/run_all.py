@@ -37,9 +37,18 @@ def section_trainer(r: dict) -> list[str]:
             f"| trainer, in-memory synthetic input | {small['trainer_synthetic']:.1f} |",
             f"| trainer, uint8 records (32 px) | {small['trainer_records']:.1f} |",
             f"| trainer, synthetic input, --xla | {small['trainer_xla']:.1f} |",
-            f"| bare Horovod loop, in-memory random data | {small['bare_loop']:.1f} |", "",
+            f"| bare Horovod loop, in-memory random data | {small['bare_loop']:.1f} |",
+            *([f"| plain Keras fit, same data and optimizer, no callbacks | {small['keras_fit']:.1f} |"]
+              if "keras_fit" in small else []), "",
             f"- trainer / bare loop, synthetic input: {verdict(small['synthetic_over_bare'], 0.95)}",
             f"- trainer / bare loop, records pipeline: {verdict(small['records_over_bare'], 0.90)}",
+            *([f"- the gap, split: plain Keras fit / bare loop {small['fit_over_bare']:.2f} (Keras' "
+               f"own loop), trainer / plain Keras fit {small['synthetic_over_fit']:.2f} (the "
+               "trainer's callbacks, stop-flag agreement and run log, and the uint8 input's "
+               "preprocessing in the model's graph, which the plain loops skip: not separated "
+               "here); uint8 records / synthetic "
+               f"input {small['trainer_records'] / small['trainer_synthetic']:.2f} (the input "
+               "pipeline)"] if "keras_fit" in small else []),
             f"- --xla / no XLA (synthetic input): {small['xla_over_no_xla']:.2f}; DenseNet-121 at 128 px: "
             f"{r['xla_over_no_xla_128']:.2f} (recipes turn XLA on only where it wins)", ""]
     return lines + [
