@@ -54,7 +54,8 @@ def preprocess_on_device(manifest: dict) -> bool:
 
 
 def decode_file(raw: tf.Tensor) -> tf.Tensor:
-    """Image file bytes (PNG/JPEG, any mode) -> uint8 [H, W, 1], converted as the records writer
+    """Image file bytes (PNG, or grey/RGB JPEG: the raw index rejects what TF cannot decode) ->
+    uint8 [H, W, 1], converted as the records writer
     converts them: 16-bit PNGs scaled by their real range (`records.to_8bit`)."""
     sixteen = tf.logical_and(tf.strings.substr(raw, 0, 4) == b"\x89PNG",
                              tf.strings.substr(raw, 24, 1) == b"\x10")  # IHDR bit depth
@@ -106,7 +107,7 @@ class _Source:
 
     def example(self, item) -> dict:
         """An item -> image (uint8 [H, W, 1]), label, mask, id, patient."""
-        if self.raw:  # PNG or JPEG, any mode
+        if self.raw:  # PNG or grey/RGB JPEG
             image = decode_file(tf.io.read_file(item["path"]))
             return {"image": image, "label": item["label"], "mask": item["mask"],
                     "id": item["id"], "patient": item["patient"]}

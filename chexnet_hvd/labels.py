@@ -66,14 +66,14 @@ CANONICAL: tuple[str, ...] = PATHOLOGIES + (
     "No Finding",
 )
 # Other spellings of canonical names (compared case-, space- and underscore-blind, see `_key`).
-ALIASES = {"Pleural Effusion": "Effusion", "Pleural Thickening": "Pleural_Thickening"}
+ALIASES = {"Pleural Effusion": "Effusion"}
 
 # What an uncertain (-1) label becomes (Irvin et al. 2019, U-Ones / U-Zeros / U-Ignore).
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")
 
 
 class UnknownLabelError(ValueError):
-    """A pathology name that is not in the label list."""
+    """A label name, label cell, uncertainty policy or label-map item the suite cannot take."""
 
 
 def _key(name: str) -> str:
@@ -127,13 +127,15 @@ def uncertainty_rules(text: str, mapping: dict | None = None) -> tuple[str, dict
             raise UnknownLabelError(f"uncertainty {item!r}: the policy must be one of "
                                     f"{', '.join(UNCERTAINTY_POLICIES)}")
         if sep:
-            per_class[canonical(name, mapping)] = policy
+            if (target := canonical(name, mapping)) is None:
+                raise UnknownLabelError(f"uncertainty {item!r}: {name.strip()!r} is left out by --label-map")
+            per_class[target] = policy
         else:
             default = policy
     return default, per_class
 
 
-def parse_uncertainty(text: str, names=CANONICAL, mapping: dict | None = None) -> dict[str, str]:
+def parse_uncertainty(text: str, names, mapping: dict | None = None) -> dict[str, str]:
     """The policy of each of `names` under '--uncertainty' (see `uncertainty_rules`)."""
     default, per_class = uncertainty_rules(text, mapping)
     return {n: per_class.get(n, default) for n in names}

@@ -4,7 +4,8 @@ The table has columns `image`, `path`, `patient`, `split`, `source`, then one la
 class (`y:<name>`, canonical names, chexnet_hvd.labels) and one mask column (`m:<name>`; 0 = label
 unknown, left out of the loss).
 `load_table(TableConfig)` is the one way the records writer, the raw-image pipeline and
-tools/dataset_stats.py turn a dataset's CSV into a split, leak-checked table.
+tools/dataset_stats.py turn one or several sources' CSVs (NIH, CheXpert, your own layout) into
+one split, leak-checked table.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli
+from chexnet_hvd import cli, records
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *records.DICOM_SUFFIXES)
 
 
 @dataclasses.dataclass
@@ -56,8 +56,6 @@ def check_image(path: Path) -> None:
     import pydicom
     from PIL import Image
 
-    from chexnet_hvd import records
-
     try:
         if records.is_dicom_name(path):
             pydicom.dcmread(path, stop_before_pixels=True)
@@ -70,8 +68,6 @@ def check_image(path: Path) -> None:
 
 def load_image(path: Path) -> np.ndarray:
     """uint8 [H, W] grayscale, or a one-line error for anything that is not a readable image."""
-    from chexnet_hvd import records
-
     try:
         return np.asarray(records.read_grayscale(path))
     except Exception as err:  # PIL raises many types for non-images

@@ -1,8 +1,9 @@
 """TFRecord schema (write AND parse), the parallel shard writer, and manifest.json.
 
 `python -m chexnet_hvd.records --dataset nih --csv CSV --images DIR --out DIR` converts every image
-listed in the CSV to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels of a
-fixed size) in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files. Each shard is written under a
+(PNG, JPEG or DICOM) listed in the CSV, or in each of several sources' CSVs merged into one set
+(chexnet_hvd.metadata), to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels
+of a fixed size) in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files. Each shard is written under a
 temporary name and renamed when complete, then a sidecar JSON holding its key and counts; a
 re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Unreadable or missing images
 go to rejects.csv with the reason; written + rejected = listed, always. manifest.json is written
@@ -158,8 +159,9 @@ def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
     slope and intercept, or a Modality LUT) is applied, then the range it gives the stored values
     (every value 0..2^bits - 1, or signed) maps linearly onto 0..255 as `to_8bit` maps PNGs, and
     MONOCHROME1 (white = 0) is inverted so that bone is bright like every other image the suite
-    reads. Compressed transfer syntaxes need pixel-data plugins pydicom does not bring
-    (pylibjpeg, GDCM): such a file is rejected with pydicom's reason."""
+    reads. Compressed pixel data is decoded by pydicom (RLE) or Pillow (JPEG baseline, JPEG
+    2000); JPEG Lossless and JPEG-LS need plugins not installed here (pylibjpeg, GDCM): such a
+    file is rejected with pydicom's reason."""
     import pydicom
     from pydicom.pixels import apply_modality_lut
 

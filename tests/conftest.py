@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic dataset and its records (made once per session), a
+"""Shared fixtures: a small synthetic dataset and its records (made once per session, i.e.
+once per pytest-xdist worker), a
 helper that runs the suite's CLIs as real processes, and a local HTTP server with Range support."""
 
 from __future__ import annotations
@@ -108,13 +109,16 @@ def raw_dir(synthetic, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_cnn(tmp_path_factory) -> Path:
     """A small CNN trained on 1,500 64-px synthetic images with planted findings (about 30 s):
-    root/syn (images, planted.csv), root/records, root/run/checkpoints/best."""
+    root/syn (images, planted.csv), root/records, root/run/checkpoints/best. Deterministic, so
+    every pytest-xdist worker that builds it gets the same model (the activation-map test's hit
+    rate varied around its bound with the batch order)."""
     root = tmp_path_factory.mktemp("trained")
     module("synthetic", "--out", root / "syn", "--images", 1500, "--size", 64, "--seed", 2, check=True)
     module("records", "--csv", root / "syn" / "Data_Entry_2017.csv", "--images", root / "syn" / "images",
            "--out", root / "records", "--no-progress", check=True)
     module("train", "--data", root / "records", "--run-dir", root / "run", "--model", "small_cnn",
-           "--image-size", 64, "--batch-size", 32, "--epochs", 10, "--verbose", 0, check=True, timeout=600)
+           "--image-size", 64, "--batch-size", 32, "--epochs", 10, "--deterministic", "--verbose", 0,
+           check=True, timeout=600)
     return root
 
 

@@ -3,6 +3,7 @@ every PNG/JPEG mode and bit depth and DICOMs (generated here; pydicom writes the
 filter, and a merged NIH + CheXpert records set from the real CSVs in ../shared/data/real,
 checked on hand-picked rows, trained and evaluated."""
 
+import dataclasses
 import json
 import shutil
 
@@ -14,7 +15,12 @@ import tensorflow as tf
 from conftest import SHARED, assert_one_line_error, module
 from PIL import Image, ImageFilter
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 from chexnet_hvd import data, labels, metadata, records
 from chexnet_hvd.cli import InputError
@@ -83,6 +89,11 @@ def hospital_images(root) -> dict[str, tuple[np.ndarray, int]]:
     out["mono2.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
     write_dicom(root / "inverse.dcm", v, 12, slope=-1.0, intercept=4095.0)  # the rescale matters
     out["inverse.dcm"] = (np.round((4095 - v) * 255 / 4095).astype(np.uint8), 0)
+    write_dicom(root / "rle.dcm", v, 12)  # a compressed transfer syntax pydicom decodes itself
+    ds = pydicom.dcmread(root / "rle.dcm")
+    ds.compress(RLELossless)
+    ds.save_as(root / "rle.dcm")
+    out["rle.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
     write_dicom(root / "mono1.dcm", v, 12, photometric="MONOCHROME1")
     out["mono1.dcm"] = (255 - np.round(v * 255 / 4095).astype(np.uint8), 0)
     s = v * 16 - 32768  # signed 16-bit
@@ -116,7 +127,7 @@ def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_pat
         assert got.shape == want.shape, name
         assert np.abs(got - want.astype(int)).max() <= tol, name
     manifest = records.load_manifest(out)
-    assert manifest["source_bit_depths"] == {"8": 9, "12": 6, "16": 2}
+    assert manifest["source_bit_depths"] == {"8": 9, "12": 7, "16": 2}
     # the same files resized into uint8 records: nothing rejected
     module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
            "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",
@@ -176,9 +187,16 @@ def test_two_csvs_of_one_hospital_share_patients_and_duplicates_are_refused(tmp_
     table = metadata.load_table(cfg)
     assert table["patient"].nunique() == 30 and table.groupby("patient")["split"].nunique().max() == 1
     assert set(table["source"]) == {"csv-1", "csv-2"} and table["image"].str.startswith(("csv-1/", "csv-2/")).all()
-    (tmp_path / "b.csv").write_text("path,patient,Edema\na3.png,H3,1\n")
-    with pytest.raises(InputError, match="a3.png: listed by two sources"):
-        metadata.load_table(cfg)
+    (tmp_path / "a.csv").write_text("path,patient,split,Edema\na0.png,H0,train,1\n")
+    (tmp_path / "b.csv").write_text("path,patient,split,Edema\nb0.png,H0,test,1\n")
+    with pytest.raises(InputError, match="1 patients are in more than one split"):
+        metadata.load_table(dataclasses.replace(cfg, split="official"))
+    (tmp_path / "b.csv").write_text("path,patient,split,Edema\na0.png,H0,train,1\n")
+    with pytest.raises(InputError, match="a0.png: listed by two sources"):
+        metadata.load_table(dataclasses.replace(cfg, split="official"))
+    # names are compared blind to case, spaces and underscores
+    assert [labels.canonical(n) for n in ("pleural thickening", "PLEURAL_EFFUSION", " lung  opacity")] == \
+        ["Pleural_Thickening", "Effusion", "Lung Opacity"]
 
 
 @pytest.mark.parametrize("extra, csv_text, fragments", [
@@ -195,6 +213,9 @@ def test_two_csvs_of_one_hospital_share_patients_and_duplicates_are_refused(tmp_
     (["--uncertainty", "Edeam=zeros"], "path,patient,Edema\na.png,1,1\n", ["'Edeam' is not a canonical label"]),
     (["--uncertainty", "zeros,Hernia=ones"], "path,patient,Edema\na.png,1,1\n", ["no class 'Hernia'"]),
     (["--views", "frontal"], "path,patient,view,Edema\na.png,1,LL,1\n", ["no frontal images"]),
+    (["--dataset", "csv", "nih"], "path,patient,Edema\na.png,1,1\n", ["2 datasets, 1 CSVs"]),
+    (["--label-map", "Age=", "--uncertainty", "Age=ones"], "path,patient,Edema,Age\na.png,1,1,50\n",
+     ["'Age' is left out by --label-map"]),
 ])
 def test_own_csv_mistakes_are_one_line_errors(tmp_path, extra, csv_text, fragments):
     out = tmp_path / "records"
@@ -220,11 +241,14 @@ def test_a_corrupt_dicom_is_rejected_with_its_reason_and_raw_format_refuses_dico
     # the raw pipeline's decoders cannot read a CMYK JPEG: rejected when the index is written
     Image.new("CMYK", (8, 8)).save(images / "cmyk.jpg")
     Image.new("L", (8, 8)).save(images / "grey.jpg")
-    (tmp_path / "raw.csv").write_text("path,patient,Edema\ncmyk.jpg,1,1\ngrey.jpg,2,0\n")
+    Image.new("L", (8, 8)).save(images / "grey.tif")
+    (tmp_path / "raw.csv").write_text("path,patient,Edema\ncmyk.jpg,1,1\ngrey.jpg,2,0\ngrey.tif,3,0\n")
     module("records", "--dataset", "csv", "--csv", tmp_path / "raw.csv", "--images", images, "--out",
            tmp_path / "raw", "--format", "raw", "--fractions", 1, 0, 0, check=True)
     rejects = pd.read_csv(tmp_path / "raw" / records.REJECTS)
-    assert rejects["image"].tolist() == ["cmyk.jpg"] and "JPEG CMYK" in rejects["reason"][0]
+    reasons = dict(zip(rejects["image"], rejects["reason"], strict=True))
+    assert sorted(reasons) == ["cmyk.jpg", "grey.tif"]
+    assert "JPEG CMYK" in reasons["cmyk.jpg"] and "TIFF L" in reasons["grey.tif"]
 
 
 # Hand-picked rows of the real CSVs (../shared/data/real/README.md lists the NIH images):
