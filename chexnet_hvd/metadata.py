@@ -10,6 +10,7 @@ one split, leak-checked table.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -170,14 +171,21 @@ def chexpert_image_path(images_dir: str | Path, rel: str) -> str:
     return str(images_dir / tail if images_dir.name == head and tail else images_dir / rel)
 
 
+@contextlib.contextmanager
+def label_errors(where):
+    """A label name, cell, policy or map item the suite cannot take, as a one-line InputError."""
+    try:
+        yield
+    except UnknownLabelError as err:
+        raise InputError(where, str(err)) from None
+
+
 def cell_labels(csv, frame: pd.DataFrame, columns: list[str], names: tuple[str, ...],
                 uncertainty: str, blank: str, mapping: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The label cells of `columns` (canonical `names`) under the uncertainty policy per class."""
-    try:
+    with label_errors(csv):
         policies = list(parse_uncertainty(uncertainty, names, mapping).values())
         return label_cells(frame[columns].to_numpy(), policies, blank)
-    except UnknownLabelError as err:
-        raise InputError(csv, str(err)) from None
 
 
 def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "competition",
@@ -227,10 +235,8 @@ def read_generic(csv: str | Path, images_dir: str | Path, uncertainty: str = "on
     frame = keep_views(frame, "view", views, csv)
     by_name: dict[str, str] = {}
     for column in (c for c in frame.columns if c not in GENERIC_REQUIRED + GENERIC_OPTIONAL):
-        try:
+        with label_errors(csv):
             name = canonical(column, label_map)
-        except UnknownLabelError as err:
-            raise InputError(csv, str(err)) from None
         if name in by_name:
             raise InputError(csv, f"columns {by_name[name]!r} and {column!r} are both {name!r}")
         if name:
@@ -382,10 +388,8 @@ def check_split_column(table: pd.DataFrame, csv) -> None:
 
 
 def label_map(cfg: TableConfig) -> dict[str, str | None]:
-    try:
+    with label_errors("--label-map"):
         return parse_label_map(cfg.label_map)
-    except UnknownLabelError as err:
-        raise InputError("--label-map", str(err)) from None
 
 
 def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> pd.DataFrame:
@@ -424,19 +428,14 @@ def merge(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
     names = in_canonical_order(n for t in tables.values() for n in class_names(t))
     parts = []
     for (source, dataset), table in tables.items():
-        have = class_names(table)
         part = table[["image", "path", "patient", "split"]].copy()
         if len(tables) > 1:
             part["image"] = source + "/" + part["image"]
             part["patient"] = dataset + "/" + part["patient"]
         part["source"] = source
-        labels = np.zeros((len(table), len(names)), np.float32)
-        mask = np.zeros_like(labels)
-        for j, name in enumerate(names):
-            if name in have:
-                labels[:, j] = table[f"y:{name}"].to_numpy()
-                mask[:, j] = table[f"m:{name}"].to_numpy()
-        parts.append(attach_labels(part, labels, mask, names))
+        labels = table.reindex(columns=label_columns(names), fill_value=0.0)  # absent: masked
+        mask = table.reindex(columns=mask_columns(names), fill_value=0.0)
+        parts.append(pd.concat([part, labels, mask], axis=1))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -448,10 +447,8 @@ def load_table(cfg: TableConfig) -> pd.DataFrame:
     twice = table["path"].duplicated()
     if twice.any():
         raise InputError(table["path"][twice].iloc[0], "listed by two sources")
-    try:
+    with label_errors("--uncertainty"):
         _, rules = uncertainty_rules(cfg.uncertainty, label_map(cfg))
-    except UnknownLabelError as err:
-        raise InputError("--uncertainty", str(err)) from None
     if missing := sorted(set(rules) - set(class_names(table))):  # a typo is not silently ignored
         raise InputError("--uncertainty", f"no class {missing[0]!r} in these records (classes: "
                          f"{', '.join(class_names(table))})")

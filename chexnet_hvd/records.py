@@ -451,18 +451,19 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
     train = splits.get("train", {"positives": none, "negatives": none})
     pos = np.array([train["positives"][n] for n in names], dtype=np.float64)
     neg = np.array([train["negatives"][n] for n in names], dtype=np.float64)
+    sources = metadata.sources(cfg)
     bits: dict[str, int] = {}
     for r in results:
         for depth, n in r["source_bits"].items():
             bits[depth] = bits.get(depth, 0) + n
     return {
         "schema_version": SCHEMA_VERSION,
-        "dataset": "+".join(d for _, d, _, _ in metadata.sources(cfg)),
+        "dataset": "+".join(d for _, d, _, _ in sources),
         # Each source's CSV (and its hash: relabelled rows show) and its share of the table.
         "sources": [{"name": name, "dataset": dataset, "csv": str(csv),
                      "csv_sha256": metadata.file_sha256(csv), "images": str(images),
                      "listed": int((table["source"] == name).sum())}
-                    for name, dataset, csv, images in metadata.sources(cfg)],
+                    for name, dataset, csv, images in sources],
         "labels": {"observations": cfg.observations, "uncertainty": cfg.uncertainty,
                    "views": cfg.views, "label_map": list(cfg.label_map)},
         "classes": list(names),
