@@ -299,6 +299,16 @@ def test_slow_squeue_is_asked_outside_the_claim_lock(tmp_path, monkeypatch):
     assert trial.user_attrs["retry_of"] == gone.number and code == study.code_of(gone.params)
 
 
+def test_a_half_written_claim_is_judged_by_its_age(tmp_path):
+    """Another worker is between `ask` and its last attribute (the heartbeat): its host is
+    written, its pid not yet. Such a trial is alive until it is older than stale_after."""
+    the_study = study.open_study(tmp_path, task={"task": 1})
+    claiming = the_study.ask()
+    claiming.set_user_attr("host", study.Worker.me().host)
+    assert study.find_dead(the_study, study.Worker.me(), stale_after=900) == {}
+    assert study.find_dead(the_study, study.Worker.me(), stale_after=0) == {claiming.number: "?"}
+
+
 def test_another_task_is_refused(tmp_path):
     study.open_study(tmp_path, task={"epochs": 1, "data": "a"})
     with pytest.raises(InputError, match="epochs: 1 here, 2 asked"):

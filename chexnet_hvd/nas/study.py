@@ -192,8 +192,10 @@ def find_dead(study: optuna.Study, me: Worker, stale_after: float) -> dict[int, 
     now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
-        if "heartbeat" not in attrs:  # killed between ask and its first attribute
-            attrs = attrs | {"heartbeat": t.datetime_start.timestamp()}
+        if "heartbeat" not in attrs:
+            # Written last by `claim`: another worker is claiming it right now (its attributes
+            # half written), or died doing so. Only its age can tell those apart.
+            attrs = {"heartbeat": t.datetime_start.timestamp()}
         if not worker_alive(attrs, me, now, stale_after):
             dead[t.number] = attrs.get("worker", "?")
     return dead
