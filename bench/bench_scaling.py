@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Scaling on this 2-core machine, in one run: DenseNet-121 training (the real trainer) as
 1 rank x 2 threads on TFRecords, the same on in-memory synthetic input, 2 ranks x 1 thread
-(horovodrun --gloo), and 1 rank x 1 thread; a 2-rank allreduce of the model's gradient size.
+(horovodrun --gloo), and 1 rank x 1 thread; a 2-rank allreduce of the model's gradient size;
+and the two engines side by side: 1 x 2 and 2 x 1 on TFRecords under --engine tf
+(MultiWorkerMirroredStrategy, chexnet_hvd.launch) beside the Horovod runs.
 
     .venv/bin/python bench/bench_scaling.py [--image-size 128] [--out docs/bench_scaling.json]
 
 Writes docs/bench_scaling.json, and with tools/scaling_report.py itself docs/scaling.md,
-docs/scaling.csv and docs/scaling.png from the 1x2 and 2x1 run logs. The projection check:
+docs/scaling.csv and docs/scaling.png from the 1x2 and 2x1 run logs of both engines. The projection check:
 the 2-rank step time predicted from the 1 rank x 1 thread step time plus the measured allreduce
 (chexnet_hvd.scaling.project, overlap 0) against the measured 2 x 1 step time.
 """
@@ -51,15 +53,19 @@ if hvd.rank() == 0:
 """
 
 
-def train(records: Path, run_dir: Path, ranks: int, threads: int, args, *extra: str) -> dict:
+LAUNCHERS = {"horovod": ["horovodrun", "--gloo", "-np"], "tf": [PY, "-m", "chexnet_hvd.launch", "-np"]}
+
+
+def train(records: Path, run_dir: Path, ranks: int, threads: int, args, *extra: str,
+          engine: str = "horovod") -> dict:
     from chexnet_hvd import train as trainer
 
     config = trainer.TrainConfig(data=str(records), run_dir=str(run_dir), model="densenet121",
                                  image_size=args.image_size, batch_size=args.batch, epochs=args.epochs,
-                                 steps_per_epoch=args.steps, threads=threads, verbose=0)
+                                 steps_per_epoch=args.steps, threads=threads, verbose=0, engine=engine)
     cmd = trainer.command(trainer.parse(trainer.argv_of(config) + list(extra)))
     if ranks > 1:
-        cmd = ["horovodrun", "--gloo", "-np", str(ranks), *cmd]
+        cmd = [*LAUNCHERS[engine], str(ranks), *cmd]
     env = os.environ | {"PATH": f"{Path(PY).parent}:{os.environ['PATH']}"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     log = read_runlog(run_dir)
@@ -98,11 +104,13 @@ def main() -> None:
             "1x2_in_memory": train(records, tmp / "mem", 1, 2, args, "--synthetic-input"),
             "2x1_records": train(records, tmp / "runs" / "np2", 2, 1, args),
             "1x1_records": train(records, tmp / "np1t1", 1, 1, args),
+            "1x2_records_tf": train(records, tmp / "runs" / "tf_np1", 1, 2, args, engine="tf"),
+            "2x1_records_tf": train(records, tmp / "runs" / "tf_np2", 2, 1, args, engine="tf"),
         }
         params = runs["1x2_records"]["trainable_params"]
         allreduce_s = allreduce(params)
-        report = [PY, str(ROOT / "tools" / "scaling_report.py"), str(tmp / "runs" / "np1"),
-                  str(tmp / "runs" / "np2"), "--csv", str(DOCS / "scaling.csv"), "--plot", str(DOCS / "scaling.png")]
+        report = [PY, str(ROOT / "tools" / "scaling_report.py"), str(tmp / "runs"),
+                  "--csv", str(DOCS / "scaling.csv"), "--plot", str(DOCS / "scaling.png")]
         table = subprocess.run(report, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     (DOCS / "scaling.md").write_text(table)
     measured_2 = runs["2x1_records"]["step_seconds"]
@@ -120,6 +128,8 @@ def main() -> None:
         "effective_bandwidth_gbs": bandwidth,
         "projected_step_seconds_2x1": predicted_2["step_seconds"], "measured_step_seconds_2x1": measured_2,
         "projection_error": (predicted_2["step_seconds"] - measured_2) / measured_2,
+        "tf_over_horovod_1_rank": runs["1x2_records_tf"]["images_per_sec"] / runs["1x2_records"]["images_per_sec"],
+        "tf_over_horovod_2_ranks": runs["2x1_records_tf"]["images_per_sec"] / runs["2x1_records"]["images_per_sec"],
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

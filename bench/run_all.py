@@ -114,6 +114,20 @@ def section_uint8(r: dict) -> list[str]:
         "with uint8 records.", ""]
 
 
+def section_engines(r: dict) -> list[str]:
+    """Horovod beside TensorFlow's MultiWorkerMirroredStrategy (--engine tf), the same job."""
+    runs = r["runs"]
+    if "1x2_records_tf" not in runs:
+        return []
+    return [
+        "**Two engines, the same job** (TFRecords; tf: `chexnet_hvd.launch`, ring all-reduce):", "",
+        "| ranks | horovod images/s | tf images/s | tf / horovod |", "|---:|---:|---:|---:|",
+        f"| 1 (x 2 threads) | {runs['1x2_records']['images_per_sec']:.2f} | "
+        f"{runs['1x2_records_tf']['images_per_sec']:.2f} | {r['tf_over_horovod_1_rank']:.2f} |",
+        f"| 2 (x 1 thread) | {runs['2x1_records']['images_per_sec']:.2f} | "
+        f"{runs['2x1_records_tf']['images_per_sec']:.2f} | {r['tf_over_horovod_2_ranks']:.2f} |", ""]
+
+
 def section_scaling(r: dict) -> list[str]:
     runs = r["runs"]
     return [
@@ -127,7 +141,9 @@ def section_scaling(r: dict) -> list[str]:
         f"| 1 rank x 1 thread, TFRecords | {runs['1x1_records']['images_per_sec']:.2f} |", "",
         f"- TFRecords / in-memory input: {verdict(r['records_over_in_memory'], 0.97)}",
         f"- 2 ranks x 1 thread / 1 rank x 2 threads: {verdict(r['two_ranks_over_two_threads'], 0.90)}", "",
-        "The same two runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png):", "",
+        *section_engines(r),
+        "The Horovod and tf engine runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png;"
+        " one table per engine):", "",
         (DOCS / "scaling.md").read_text().strip() if (DOCS / "scaling.md").is_file() else "(missing)", "",
         "![scaling](scaling.png)", "",
         "**Projection check.** A 2-rank allreduce of the model's "

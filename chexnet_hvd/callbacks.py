@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import horovod.tensorflow as hvd_tf
 import tensorflow as tf
 
 from chexnet_hvd import checkpoints, data, metrics, schedules
@@ -56,9 +55,11 @@ class StopAgreement(tf.keras.callbacks.Callback):
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, stop, every: int, preempt_at: int, steps_per_epoch: int):
+    def __init__(self, state: RunState, stop, engine, every: int, preempt_at: int,
+                 steps_per_epoch: int):
         super().__init__()
-        self.state, self.stop, self.every, self.preempt_at = state, stop, every, preempt_at
+        self.state, self.stop, self.engine = state, stop, engine
+        self.every, self.preempt_at = every, preempt_at
         self.steps_per_epoch = steps_per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -73,8 +74,7 @@ class StopAgreement(tf.keras.callbacks.Callback):
             self.agree()
 
     def agree(self):
-        flag = tf.constant(float(self.stop.requested))
-        if float(hvd_tf.allreduce(flag, op=hvd_tf.Max, name="stop_request")) > 0:  # Horovod
+        if self.engine.any_rank(self.stop.requested):  # a collective: every rank, same step
             self.state.preempted = True
             self.model.stop_training = True
 
@@ -111,10 +111,11 @@ class Validation(tf.keras.callbacks.Callback):
     """Predict this rank's part of the split, gather all ranks, score over the whole split; then
     the bookkeeping every rank shares: best AUROC, epochs since it improved."""
 
-    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict):
+    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict, allgather):
         super().__init__()
         self.state, self.dataset, self.names, self.pos_weight = state, dataset, names, pos_weight
-        self.predict = predict  # the model on preprocessed images
+        self.predict = predict  # the model on preprocessed images, this rank alone
+        self.allgather = allgather
 
     def on_epoch_end(self, epoch, logs=None):
         if self.state.preempted:
@@ -125,7 +126,7 @@ class Validation(tf.keras.callbacks.Callback):
             batches.append(len(images))
             return self.predict(images)
 
-        merged = metrics.gather(data.predictions(predict, self.dataset))  # Horovod: allgather
+        merged = metrics.gather(data.predictions(predict, self.dataset), self.allgather)
         result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], self.names,
                                    self.pos_weight)
         self.state.validation = result | {"seconds": round(time.perf_counter() - t0, 3),
@@ -171,8 +172,9 @@ class EarlyStop(tf.keras.callbacks.Callback):
 
 
 class StepCheckpoint(tf.keras.callbacks.Callback):
-    """Rank 0: a checkpoint every `every` steps (only the newest is kept), except on an epoch's
-    last step, whose epoch checkpoint follows once it is validated."""
+    """A checkpoint every `every` steps (only the newest is kept), except on an epoch's last
+    step, whose epoch checkpoint follows once it is validated. Rank 0, or every rank when the
+    engine's saves are collectives (`save` knows where each writes)."""
 
     _supports_tf_logs = True
 
@@ -187,7 +189,8 @@ class StepCheckpoint(tf.keras.callbacks.Callback):
 
 
 class EpochCheckpoint(tf.keras.callbacks.Callback):
-    """Rank 0: the epoch's checkpoint, and best/ when the val mean AUROC improved."""
+    """The epoch's checkpoint, and best/ when the val mean AUROC improved (ranks as
+    StepCheckpoint; `save` returns None where it wrote no checkpoint of the run)."""
 
     def __init__(self, state: RunState, save):
         super().__init__()
@@ -197,7 +200,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         if self.state.preempted:
             return
         path = self.save(f"epoch-{epoch + 1:04d}", epoch + 1)
-        if self.state.improved:
+        if path and self.state.improved:
             checkpoints.set_best(path)
 
 
@@ -217,7 +220,7 @@ class RunLog(tf.keras.callbacks.Callback):
         record = self.writer.write("epoch", epoch=epoch + 1, **t,
                           images_per_sec_per_rank=round(t["images_per_sec"] / self.world_size, 3),
                           train_loss=round(float(logs.get("loss", float("nan"))), 6),
-                          lr=float(self.model.optimizer.learning_rate),  # the last step's
+                          lr=float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
                           val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
                           val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
                           val_seconds=val.get("seconds"), val_n=val.get("n"),
@@ -269,29 +272,31 @@ class Profile(tf.keras.callbacks.Callback):
             self.tracing = False
 
 
-def make_callbacks(cfg: TrainConfig, hvd, state: RunState, stop, derived: dict,
+def make_callbacks(cfg: TrainConfig, engine, state: RunState, stop, derived: dict,
                    names: list[str], pos_weight, save, writer, predict, threads: int) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
-    rank0 = hvd.rank() == 0  # Horovod: only the chief writes files
+    rank0 = engine.rank == 0  # only the chief writes files
+    saves = rank0 or engine.everyone_saves
     validation = data.eval_dataset(cfg.data, cfg.val_split, cfg.image_size, cfg.val_batch_size,
-                                   rank=hvd.rank(), world_size=hvd.size(), threads=threads)
+                                   rank=engine.rank, world_size=engine.size, threads=threads)
     steps = derived["steps_per_epoch"]
-    callbacks = [StopAgreement(state, stop, cfg.stop_check_steps, cfg.preempt_at_step, steps),
-                 hvd.callbacks.MetricAverageCallback()]  # Horovod: average the train loss
-    if rank0:  # Horovod
+    callbacks = [StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step, steps),
+                 *engine.callbacks()]
+    if rank0:
         callbacks.append(Timing(state, cfg.timing_warmup_steps, derived["global_batch"]))
-    callbacks.append(Validation(state, validation, names, pos_weight, predict))
+    callbacks.append(Validation(state, validation, names, pos_weight, predict, engine.allgather_object))
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:
         callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
-    if rank0 and cfg.checkpoint_every_steps:  # Horovod
+    if saves and cfg.checkpoint_every_steps:
         callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save, steps))
     logdir = Path(cfg.run_dir) / "tensorboard"
-    if rank0:  # Horovod
-        callbacks += [EpochCheckpoint(state, save),
-                      RunLog(state, writer, hvd.size(), cfg.verbose > 0, cfg.tensorboard and logdir)]
-    if rank0 and cfg.profile_steps:  # Horovod: rank 0's trace
+    if saves:
+        callbacks.append(EpochCheckpoint(state, save))
+    if rank0:
+        callbacks.append(RunLog(state, writer, engine.size, cfg.verbose > 0, cfg.tensorboard and logdir))
+    if rank0 and cfg.profile_steps:  # rank 0's trace
         from chexnet_hvd.train import profile_range
 
         callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile"))

@@ -1,15 +1,30 @@
-"""The one Horovod start-up of every multi-rank entry point (train, evaluate, the GPU check):
-`hvd.init()` first, one GPU per local rank with memory growth, and TF threads sized from the CPUs
-this process may run on, which under Slurm's or MPI's CPU binding is fewer than the machine has
-(`os.sched_getaffinity`, never `os.cpu_count()`). `start` returns where this rank landed, which
-the trainer records per rank in its run log."""
+"""The distribution engine seam: everything the trainer, evaluate and the tests need from
+distribution, and the one place that knows which engine runs.
+
+Two engines, one interface (`Engine`):
+- `horovod`: Horovod's allreduce over MPI or Gloo (horovodrun, mpirun, srun --mpi=pmix);
+- `tf`: TensorFlow's own `MultiWorkerMirroredStrategy` (Keras 2 / tf_keras; ring collectives on
+  CPUs, NCCL on GPUs), one worker per process, started by `python -m chexnet_hvd.launch` on a
+  workstation, by srun under Slurm (`SlurmClusterResolver`), or by any launcher that sets
+  TF_CONFIG.
+Both start the same way: one GPU per local rank with memory growth, and TF threads sized from
+the CPUs this process may run on, which under Slurm's or MPI's CPU binding is fewer than the
+machine has (`os.sched_getaffinity`, never `os.cpu_count()`). `start` returns the engine and
+where this rank landed, which the trainer records per rank in its run log.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import pickle
+import signal
 import socket
 import subprocess
+
+import numpy as np
 
 from chexnet_hvd.cli import InputError
 
@@ -68,26 +83,149 @@ class Placement:
     tf_gpus: int  # GPUs TensorFlow found before pinning
 
 
-def start(threads: int = 0):
-    """Initialise Horovod, pin this rank's GPU, size TF's thread pools; (hvd, Placement)."""
-    import horovod.tensorflow.keras as hvd
+def place(local_rank: int, local_size: int, threads: int) -> dict:
+    """Pin this rank's GPU (memory growth), size TF's thread pools: Placement's fields but the
+    rank's own numbers. Before anything touches the TF runtime."""
     import tensorflow as tf
 
-    hvd.init()  # Horovod: initialise before anything touches the TF runtime
     gpus = tf.config.list_physical_devices("GPU")
     visible = visible_gpus()
-    index = gpu_index(hvd.local_rank(), hvd.local_size(), len(gpus) or len(visible))
-    if gpus:  # Horovod: pin one GPU per process
+    index = gpu_index(local_rank, local_size, len(gpus) or len(visible))
+    if gpus:  # one GPU per process
         tf.config.experimental.set_memory_growth(gpus[index], True)
         tf.config.set_visible_devices(gpus[index], "GPU")
     cpus = usable_cpus()
-    threads = threads or threads_for(len(cpus), hvd.local_size(), os.cpu_count() or len(cpus))
+    threads = threads or threads_for(len(cpus), local_size, os.cpu_count() or len(cpus))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(threads, 2)))
-    skip_autograph_for_horovod()
     gpu = None if index is None else (visible[index] if index < len(visible) else str(index))
-    return hvd, Placement(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                          socket.gethostname(), cpus, threads, visible, gpu, len(gpus))
+    return {"host": socket.gethostname(), "cpus": cpus, "threads": threads,
+            "cuda_visible_devices": visible, "gpu": gpu, "tf_gpus": len(gpus)}
+
+
+class Engine:
+    """What a distributed run needs, whichever engine carries it. rank/size/local_rank/local_size
+    are this process' place in the job; the methods are collectives every rank calls in the same
+    order (a rank that skips one stalls the others)."""
+
+    name = ""
+    # Whether reading the model's variables is itself a collective (MultiWorkerMirroredStrategy
+    # averages batch-norm statistics across workers on read), so that every rank must take part
+    # in a checkpoint write; the non-chiefs then write to a scratch directory.
+    everyone_saves = False
+
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int):
+        self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
+
+    @staticmethod
+    def refuses(cfg) -> str | None:
+        """A training flag this engine cannot honour: 'flag: why', or None."""
+        return None
+
+    def allgather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        raise NotImplementedError
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        raise NotImplementedError
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any (the stop agreement)."""
+        raise NotImplementedError
+
+    def broadcast_variables(self, variables: list) -> None:
+        """Rank 0's values of `variables` on every rank."""
+        raise NotImplementedError
+
+    def scope(self):
+        """The context in which models and optimizers are built."""
+        return contextlib.nullcontext()
+
+    def distributed_optimizer(self, optimizer, cfg):
+        """`optimizer` with gradients averaged over the ranks (loss scaling goes outside it)."""
+        return optimizer
+
+    def callbacks(self) -> list:
+        """The engine's own Keras callbacks, first in the trainer's list."""
+        return []
+
+    def fit_input(self, make_dataset):
+        """What Keras `fit` takes for this rank's own dataset (`make_dataset()`: per-rank
+        batches, already sharded by the suite: the engine must not shard or re-batch it)."""
+        return make_dataset()
+
+    def predictor(self, model):
+        """images -> probabilities (numpy) on this rank alone, no collective."""
+        return model.predict_on_batch
+
+    def backend(self) -> str:
+        """The transport in use (run log `backend`)."""
+        return "none"
+
+    def versions(self) -> dict:
+        return {}
+
+
+def start(engine: str = "horovod", threads: int = 0) -> tuple[Engine, Placement]:
+    """Start `engine` (a name of ENGINES), pin this rank's GPU, size TF's thread pools."""
+    started = ENGINES[engine](threads)
+    return started, started.placement
+
+
+class Horovod(Engine):
+    """Horovod (hvd.init first; MPI or Gloo, NCCL on GPUs)."""
+
+    name = "horovod"
+
+    def __init__(self, threads: int):
+        import horovod.tensorflow.keras as hvd
+
+        hvd.init()  # Horovod: initialise before anything touches the TF runtime
+        super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+        self.hvd = hvd
+        self.placement = Placement(self.rank, self.size, self.local_rank, self.local_size,
+                                   **place(self.local_rank, self.local_size, threads))
+        skip_autograph_for_horovod()
+
+    def allgather_object(self, obj) -> list:
+        import horovod.tensorflow as hvd_tf
+
+        return hvd_tf.allgather_object(obj) if self.size > 1 else [obj]  # Horovod
+
+    def broadcast_object(self, obj):
+        import horovod.tensorflow as hvd_tf
+
+        return hvd_tf.broadcast_object(obj, root_rank=0)  # Horovod
+
+    def any_rank(self, flag: bool) -> bool:
+        import horovod.tensorflow as hvd_tf
+        import tensorflow as tf
+
+        total = hvd_tf.allreduce(tf.constant(float(flag)), op=hvd_tf.Max, name="stop_request")  # Horovod
+        return float(total) > 0
+
+    def broadcast_variables(self, variables: list) -> None:
+        import horovod.tensorflow as hvd_tf
+
+        hvd_tf.broadcast_variables(variables, root_rank=0)  # Horovod
+
+    def distributed_optimizer(self, optimizer, cfg):
+        hvd = self.hvd
+        return hvd.DistributedOptimizer(  # Horovod: allreduce the gradients
+            optimizer, backward_passes_per_step=cfg.backward_passes_per_step,
+            compression=hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none)
+
+    def callbacks(self) -> list:
+        return [self.hvd.callbacks.MetricAverageCallback()]  # Horovod: average the train loss
+
+    def backend(self) -> str:
+        if self.hvd.mpi_enabled():
+            return "mpi"
+        return "gloo" if self.hvd.gloo_enabled() else "none"
+
+    def versions(self) -> dict:
+        return {"horovod": __import__("horovod").__version__}
 
 
 def skip_autograph_for_horovod() -> None:
@@ -102,8 +240,169 @@ def skip_autograph_for_horovod() -> None:
         config.CONVERSION_RULES = (rule, *config.CONVERSION_RULES)
 
 
-def backend_name(hvd) -> str:
-    """The Horovod controller in use: mpi, gloo or none."""
-    if hvd.mpi_enabled():
-        return "mpi"
-    return "gloo" if hvd.gloo_enabled() else "none"
+# ---------------------------------------------------------------- the tf engine --------------
+def tf_port_base(job_id: str) -> int:
+    """The first port of a Slurm job's workers (worker i listens on base + i): distinct per job,
+    so jobs sharing a node do not collide, and per worker across the job (not per node), so
+    nodes that share an address (the rehearsal cluster's) do not either. CHEXNET_TF_PORT
+    overrides it."""
+    if os.environ.get("CHEXNET_TF_PORT"):
+        return int(os.environ["CHEXNET_TF_PORT"])
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    return 20000 + int(digits) % 400 * 100
+
+
+def tf_cluster() -> tuple[list[str], int]:
+    """(workers as host:port, this worker's index): TF_CONFIG when set; inside a Slurm step of
+    several tasks, Slurm's view (SlurmClusterResolver: its hosts and task order, our ports);
+    else a world of one ([], 0)."""
+    if os.environ.get("TF_CONFIG"):
+        try:
+            config = json.loads(os.environ["TF_CONFIG"])
+            return list(config["cluster"]["worker"]), int(config["task"]["index"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError("TF_CONFIG", f"not a worker cluster spec ({err})") from None
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        from tensorflow.distribute.cluster_resolver import SlurmClusterResolver
+
+        # Its hosts and task order only: gres/gpu has set each task's devices already.
+        resolver = SlurmClusterResolver(gpus_per_node=0, auto_set_gpu=False)
+        hosts = [w.rsplit(":", 1)[0] for w in resolver.cluster_spec().as_dict()["worker"]]
+        base = tf_port_base(os.environ.get("SLURM_JOB_ID", "0"))
+        return [f"{host}:{base + i}" for i, host in enumerate(hosts)], resolver.task_id
+    return [], 0
+
+
+def local_ranks(workers: list[str], index: int) -> tuple[int, int]:
+    """(local rank, local size): this worker's place among the workers on its host."""
+    if not workers:
+        return 0, 1
+    hosts = [w.rsplit(":", 1)[0] for w in workers]
+    mine = [i for i, host in enumerate(hosts) if host == hosts[index]]
+    return mine.index(index), len(mine)
+
+
+class TensorFlow(Engine):
+    """tf.distribute.MultiWorkerMirroredStrategy over Keras 2, one replica per worker."""
+
+    name = "tf"
+    everyone_saves = True
+
+    @staticmethod
+    def refuses(cfg) -> str | None:
+        if cfg.fp16_allreduce:
+            return "--fp16-allreduce: gradient compression is Horovod's; the tf engine has none"
+        if cfg.backward_passes_per_step > 1:
+            return ("--backward-passes-per-step: gradient accumulation is Horovod's; the tf "
+                    "engine has none")
+        return None
+
+    def __init__(self, threads: int):
+        workers, index = tf_cluster()
+        super().__init__(index, max(len(workers), 1), *local_ranks(workers, index))
+        self.placement = Placement(self.rank, self.size, self.local_rank, self.local_size,
+                                   **place(self.local_rank, self.local_size, threads))
+        import tensorflow as tf
+
+        if workers:  # the strategy reads the cluster from TF_CONFIG
+            os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
+                                                  "task": {"type": "worker", "index": index}})
+        implementation = tf.distribute.experimental.CommunicationImplementation
+        self.implementation = implementation.NCCL if self.placement.gpu else implementation.RING
+        handler = signal.getsignal(signal.SIGTERM)
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=self.implementation))
+        # The strategy's preemption notifier takes SIGTERM over (in C++, unseen by Python's
+        # signal module); give it back to whoever had it: the trainer stops on it by agreement.
+        signal.signal(signal.SIGTERM, handler)
+        self._sum = tf.function(self._replica_sum, reduce_retracing=True)
+
+    def _replica_sum(self, value):
+        import tensorflow as tf
+
+        def replica(v):
+            return tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.identity(v))  # TF collective: sum over workers
+
+        return self.strategy.run(replica, args=(value,))
+
+    def _local(self, value):
+        return self.strategy.experimental_local_results(value)[0]
+
+    def sum(self, array: np.ndarray) -> np.ndarray:
+        """The elementwise sum of `array` over all workers."""
+        return self._local(self._sum(array)).numpy()
+
+    def allgather_object(self, obj) -> list:
+        """Pickled, as int64 words: each worker fills its own row of a zero matrix and a sum
+        assembles all rows (the sum of one value and zeros is exact)."""
+        if self.size == 1:
+            return [obj]
+        raw = pickle.dumps(obj)
+        lengths = self.sum(np.eye(self.size, dtype=np.int64)[self.rank] * len(raw))
+        rows = np.zeros((self.size, -(-int(lengths.max()) // 8)), np.int64)
+        rows[self.rank] = np.frombuffer(raw.ljust(rows.shape[1] * 8, b"\0"), np.int64)
+        rows = self.sum(rows)
+        return [pickle.loads(rows[r].tobytes()[:lengths[r]]) for r in range(self.size)]
+
+    def broadcast_object(self, obj):
+        return self.allgather_object(obj if self.rank == 0 else None)[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(self.sum(np.array([float(flag)], np.float32))[0] > 0)
+
+    def broadcast_variables(self, variables: list) -> None:
+        """Each variable's rank-0 value summed with the others' zeros, in one collective."""
+        import tensorflow as tf
+
+        if self.size == 1:
+            return
+        chief = self.rank == 0
+
+        groups = {}  # one collective per dtype (a collective packs its tensors into one)
+        for variable in variables:
+            groups.setdefault(variable.dtype, []).append(variable)
+
+        @tf.function
+        def share(group):
+            def replica():
+                values = [tf.identity(v) if chief else tf.zeros_like(v) for v in group]
+                return tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, values)  # TF collective: rank 0's values
+
+            return self.strategy.run(replica)
+
+        for group in groups.values():
+            for variable, value in zip(group, share(group), strict=True):
+                variable.assign(self._local(value))
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def fit_input(self, make_dataset):
+        import tensorflow as tf
+
+        # Each worker's own batches, as made: no auto-sharding, no re-batching by the strategy.
+        return tf.keras.utils.experimental.DatasetCreator(lambda context: make_dataset())
+
+    def predictor(self, model):
+        """The model on this worker's replica: Keras' own predict would gather every worker's
+        outputs (a collective, which ranks holding different numbers of batches cannot join)."""
+        import tensorflow as tf
+
+        call = tf.function(lambda x: self.strategy.run(lambda y: model(y, training=False), args=(x,)),
+                           reduce_retracing=True)
+        return lambda images: self._local(call(images)).numpy()
+
+    def backend(self) -> str:
+        return self.implementation.name.lower()
+
+    def versions(self) -> dict:
+        from importlib.metadata import version
+
+        keras = "tf_keras" if os.environ.get("TF_USE_LEGACY_KERAS") == "1" else "keras"
+        return {keras: version(keras)}
+
+
+ENGINES = {"horovod": Horovod, "tf": TensorFlow}

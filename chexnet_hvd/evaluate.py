@@ -4,6 +4,7 @@ operating points from the validation split, test-time augmentation, curves.
     python -m chexnet_hvd.evaluate --checkpoint runs/x/checkpoints/best --data RECORDS --split test \
         --tta tencrop --out runs/x/eval
     horovodrun -np 4 python -m chexnet_hvd.evaluate ...   # each rank scores a disjoint part
+    python -m chexnet_hvd.launch -np 4 python -m chexnet_hvd.evaluate --engine tf ...
 
 Writes OUT/report.md, OUT/report.json (every number), OUT/roc.png and OUT/pr.png. Every rank
 predicts its part of the split; the predictions are gathered, so every record counts once.
@@ -41,6 +42,9 @@ class EvalConfig:
     bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals")
     seed: int = cli.field(0, help="bootstrap seed")
     backend: str = cli.field("tf", help="inference backend", choices=["tf", "openvino"])
+    engine: str = cli.field("horovod", help="what gathers the ranks' predictions: Horovod or "
+                            "TensorFlow's collectives (as chexnet_hvd.train --engine)",
+                            choices=["horovod", "tf"])
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -50,14 +54,14 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
                              f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
 
 
-def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, hvd) -> dict:
+def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, engine) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients."""
     from chexnet_hvd import data, metrics
 
-    dataset = data.eval_dataset(data_dir, split, image_size, batch, rank=hvd.rank(),
-                                world_size=hvd.size(), tta=tta)
+    dataset = data.eval_dataset(data_dir, split, image_size, batch, rank=engine.rank,
+                                world_size=engine.size, tta=tta)
     local = data.predictions(predict, dataset)
-    return metrics.gather(local)
+    return metrics.gather(local, engine.allgather_object)
 
 
 def paper_comparable(manifest: dict) -> bool:
@@ -160,24 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     from chexnet_hvd import distributed, export, metrics, records
 
-    manifest = records.load_manifest(cfg.data)  # bad input fails here, before Horovod starts
-    hvd, placement = distributed.start()  # Horovod: one GPU per local rank; a world of 1 alone
-    import horovod.tensorflow as hvd_tf
-
-    ranks = hvd_tf.allgather_object(dataclasses.asdict(placement))  # Horovod: where each rank ran
+    manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
+    engine, placement = distributed.start(cfg.engine)  # one GPU per local rank; a world of 1 alone
+    ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank ran
 
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, size = meta["classes"], meta["image_size"]
     records.check_image_size(manifest, cfg.data, size)
 
-    plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", hvd)
-    tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, hvd) if cfg.tta != "none" else None
+    plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", engine)
+    tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, engine) if cfg.tta != "none" else None
     thresholds = np.full(len(names), np.nan)
     if cfg.val_split:
-        val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", hvd)
+        val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", engine)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
-    if hvd.rank() != 0:  # Horovod: every rank has the gathered predictions; the chief reports
+    if engine.rank != 0:  # every rank has the gathered predictions; the chief reports
         return 0
     ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"],
                               cfg.bootstrap, cfg.seed)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
         "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
-        "world_size": hvd.size(), "ranks": ranks, "paper_comparable": paper_comparable(manifest),
+        "world_size": engine.size, "engine": engine.name, "ranks": ranks, "paper_comparable": paper_comparable(manifest),
         "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
                        "ci_lo": round(ci["mean_auroc_lo"], 4), "ci_hi": round(ci["mean_auroc_hi"], 4)},
         "mean_auroc_tta": round(metrics.mean_defined(tta_auroc), 4) if tta else None,

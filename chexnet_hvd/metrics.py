@@ -71,13 +71,10 @@ def summarize(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, names: l
     }
 
 
-def gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Concatenate each rank's arrays on every rank (rank order); identity without Horovod."""
-    import horovod.tensorflow as hvd
-
-    if not hvd.is_initialized() or hvd.size() == 1:
-        return arrays
-    parts = hvd.allgather_object(arrays)  # Horovod: every rank's part, in rank order
+def gather(arrays: dict[str, np.ndarray], allgather) -> dict[str, np.ndarray]:
+    """Concatenate each rank's arrays on every rank (rank order); `allgather` is the engine's
+    (`Engine.allgather_object`, a collective)."""
+    parts = allgather(arrays)
     return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
 

@@ -2,8 +2,10 @@
 
 `RUN_DIR/runlog.jsonl`, written by rank 0, one object per line, `schema` first, then `event`:
   start  config, world_size, local_batch, global_batch, steps_per_epoch, scaled_lr, model,
-         image_size, precision, horovod_backend, hostnames, ranks (per rank: host, local rank,
-         CPUs, threads, CUDA_VISIBLE_DEVICES, the GPU it uses), slurm_job_id, versions,
+         image_size, precision, engine (horovod | tf), backend (its transport: mpi, gloo,
+         ring, nccl; logs before the tf engine have horovod_backend), hostnames, ranks (per
+         rank: host, local rank, CPUs, threads, CUDA_VISIBLE_DEVICES, the GPU it uses),
+         slurm_job_id, versions,
          resumed_from, initial_epoch, initial_step, skipped_batches (a mid-epoch resume)
   epoch  epoch, steps, timed_steps, seconds, images_per_sec, images_per_sec_per_rank,
          train_loss, lr, val_loss, val_auroc (per class), val_mean_auroc, val_auprc, val_n,

@@ -31,7 +31,7 @@ def settings(start: dict) -> dict:
             "xla": bool(config.get("xla", False)),
             "fp16_allreduce": bool(config.get("fp16_allreduce", False)),
             "backward_passes": int(config.get("backward_passes_per_step", 1)),
-            "backend": start.get("horovod_backend"), "engine": start.get("engine", "horovod")}
+            "backend": start.get("backend", start.get("horovod_backend")), "engine": start.get("engine", "horovod")}
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Train a chest X-ray classifier with Horovod on 1..N ranks (GPUs or CPU processes).
+"""Train a chest X-ray classifier on 1..N ranks (GPUs or CPU processes), with Horovod or
+TensorFlow's own MultiWorkerMirroredStrategy (--engine tf) carrying the gradients.
 
     horovodrun -np 4 python -m chexnet_hvd.train --data RECORDS --run-dir runs/x --model densenet121
+    python -m chexnet_hvd.launch -np 4 python -m chexnet_hvd.train --engine tf ...
     python -m chexnet_hvd.train ...            # no launcher: a world of size 1
 
 Rank 0 writes RUN_DIR/config.json, RUN_DIR/runlog.jsonl and RUN_DIR/checkpoints/; every rank
@@ -18,9 +20,10 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
-from chexnet_hvd import cli
+from chexnet_hvd import cli, distributed
 
 PRECISIONS = ["fp32", "mixed_float16", "mixed_bfloat16"]
 
@@ -60,6 +63,10 @@ class TrainConfig:
     precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
                                "dynamic loss scaling", choices=PRECISIONS)
     xla: bool = cli.field(False, help="XLA auto-clustering (Horovod's collectives stay outside XLA)")
+    engine: str = cli.field("horovod", help="what carries the gradients between ranks: Horovod "
+                            "(horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
+                            "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG)",
+                            choices=["horovod", "tf"])
     fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
                                               "allreduce (large inputs, small batches)")
@@ -160,12 +167,12 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> dict:
     }
 
 
-def make_optimizer(cfg: TrainConfig, hvd, derived: dict):
-    """Adam or SGD over the warmup schedule, in Horovod's DistributedOptimizer; for fp16, Keras'
+def make_optimizer(cfg: TrainConfig, engine, derived: dict):
+    """Adam or SGD over the warmup schedule, made distributed by the engine; for fp16, Keras'
     dynamic loss scaling wraps it from outside (Horovod 0.28.1 cannot rebuild a LossScaleOptimizer
     from inside). The scaled gradients are allreduced before the finiteness check, and an
     overflow on any rank makes the sum non-finite on every rank, so all ranks skip the same steps
-    and halve the loss scale alike (tested with an overflow on one rank only)."""
+    and halve the loss scale alike (tested with an overflow on one rank only, both engines)."""
     import tensorflow as tf
 
     from chexnet_hvd import schedules
@@ -176,9 +183,7 @@ def make_optimizer(cfg: TrainConfig, hvd, derived: dict):
                                         cfg.schedule, decay_every)
     optimizer = (tf.keras.optimizers.Adam(schedule) if cfg.optimizer == "adam"
                  else tf.keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
-    optimizer = hvd.DistributedOptimizer(  # Horovod: allreduce the gradients
-        optimizer, backward_passes_per_step=cfg.backward_passes_per_step,
-        compression=hvd.Compression.fp16 if cfg.fp16_allreduce else hvd.Compression.none)
+    optimizer = engine.distributed_optimizer(optimizer, cfg)
     if cfg.precision == "mixed_float16":
         optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer
@@ -199,6 +204,10 @@ def check_config(cfg: TrainConfig) -> None:
                                   and operator.le(*profile_range(cfg.profile_steps))):
         raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "
                              "last step to trace (from 1, A <= B)")
+    refused = distributed.ENGINES[cfg.engine].refuses(cfg)
+    if refused:
+        flag, _, why = refused.partition(": ")
+        raise cli.InputError(flag, f"{why} (--engine {cfg.engine})")
     if cfg.reference_batch < 0:
         raise cli.InputError("--reference-batch", "must be 0 (no scaling) or more")
     if cfg.backward_passes_per_step > 1 and cfg.precision == "mixed_float16":
@@ -251,19 +260,17 @@ def checkpoint_meta(cfg: TrainConfig, manifest: dict, derived: dict, state,
         config=dataclasses.asdict(cfg))
 
 
-def resume_state(cfg: TrainConfig, hvd, model, optimizer, run_dir: Path, derived: dict):
+def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, derived: dict):
     """The run state, and every rank on the chief's weights and optimizer state before the
     first step: with --resume restored from the newest complete checkpoint (resuming in mid-
     epoch skips the batches already trained), else the chief's fresh initial weights."""
-    import horovod.tensorflow as hvd_tf
-
     from chexnet_hvd import checkpoints, schedules
     from chexnet_hvd.callbacks import RunState
 
     state = RunState(plateau=dict(schedules.PLATEAU_START))
     optimizer.build(model.trainable_variables)  # create the slots so they can be restored
-    # Horovod: only the chief reads the checkpoint; the broadcasts below share it
-    found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and hvd.rank() == 0 else None
+    # Only the chief reads the checkpoint; the broadcasts below share it
+    found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and engine.rank == 0 else None
     if found is not None:
         checkpoints.restore(model, found, optimizer)
         meta = checkpoints.read_meta(found)
@@ -280,11 +287,11 @@ def resume_state(cfg: TrainConfig, hvd, model, optimizer, run_dir: Path, derived
                   f"{meta.get('global_batch')}, now {derived['steps_per_epoch']} of "
                   f"{derived['global_batch']}: epoch {meta['epoch'] + 1} starts over",
                   file=sys.stderr, flush=True)
-    state = hvd_tf.broadcast_object(state, root_rank=0)  # Horovod: counters from the chief
+    state = engine.broadcast_object(state)  # counters from the chief
     schedules.live_schedule(optimizer).scale.assign(state.plateau["scale"])
     variables = optimizer.variables
     variables = variables() if callable(variables) else variables
-    hvd_tf.broadcast_variables(model.variables + list(variables), root_rank=0)  # Horovod
+    engine.broadcast_variables(model.variables + list(variables))
     return state
 
 
@@ -302,21 +309,21 @@ def audit_weights(run_dir: Path, rank: int, model, suffix: str = "") -> None:
     np.savez(audit / f"rank{rank}{suffix}.npz", *model.get_weights())
 
 
-def write_audit(run_dir: Path, hvd, model, cfg) -> None:
+def write_audit(run_dir: Path, engine, model, cfg) -> None:
     """Per-rank evidence for tests: the records this rank read in epoch 1 (shard file, skip,
     take; records directories only) and its final weights."""
     from chexnet_hvd import data, records, sharding
 
-    audit_weights(run_dir, hvd.rank(), model)
+    audit_weights(run_dir, engine.rank, model)
     manifest = records.load_manifest(cfg.data)
     shards = records.split_shards(manifest, cfg.data, "train")
     segments = None
     if not data.is_raw(manifest):
-        _, (mine,) = next(sharding.train_plan([c for _, c in shards], hvd.size(), cfg.batch_size,
-                                              cfg.seed, range(1), ranks=[hvd.rank()]))
+        _, (mine,) = next(sharding.train_plan([c for _, c in shards], engine.size, cfg.batch_size,
+                                              cfg.seed, range(1), ranks=[engine.rank]))
         segments = [(shards[u][0], skip, take) for u, skip, take in mine]
-    (run_dir / "audit" / f"rank{hvd.rank()}.json").write_text(
-        json.dumps({"rank": hvd.rank(), "segments": segments}))
+    (run_dir / "audit" / f"rank{engine.rank}.json").write_text(
+        json.dumps({"rank": engine.rank, "segments": segments}))
 
 
 # ---------------------------------------------------------------- main -----------------------
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     check_config(cfg)
     from chexnet_hvd import records
 
-    manifest = records.load_manifest(cfg.data)  # bad input fails here, before Horovod starts
+    manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
     for split in ("train", cfg.val_split):
         records.split_shards(manifest, cfg.data, split)
     records.check_image_size(manifest, cfg.data, cfg.image_size)
@@ -339,20 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = cli.make_dir(cfg.run_dir)
     stop = StopRequest()
 
-    # --- setup + Horovod ---
+    # --- setup + the distribution engine ---
     if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
         os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
-    from chexnet_hvd import distributed
-
-    hvd, placement = distributed.start(cfg.threads)
-    import horovod.tensorflow as hvd_tf
+    engine, placement = distributed.start(cfg.engine, cfg.threads)
     import tensorflow as tf
 
     from chexnet_hvd import callbacks, checkpoints, data, models, runlog
 
-    rank0 = hvd.rank() == 0  # Horovod: the chief writes files
-    derived = derive(cfg, manifest, hvd.size())
-    ranks = hvd_tf.allgather_object(dataclasses.asdict(placement))  # Horovod: where each rank runs
+    rank0 = engine.rank == 0  # the chief writes files
+    derived = derive(cfg, manifest, engine.size)
+    ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
     writer = None  # opened with the start record: a run that fails before it leaves no log
 
     try:
@@ -363,23 +367,24 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.xla:
             tf.config.optimizer.set_jit("autoclustering")
         tf.keras.mixed_precision.set_global_policy("float32" if cfg.precision == "fp32" else cfg.precision)
-        model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], initial)
         on_device = data.preprocess_on_device(manifest)  # uint8 records: preprocess in the graph
-        trained = models.with_preprocessing(model, manifest["image_size"]) if on_device else model
         pos_weight = (None if cfg.class_weights == "none"
                       else [manifest["pos_weight"][c] for c in manifest["classes"]])
-        trained.compile(optimizer=make_optimizer(cfg, hvd, derived), loss=make_loss(pos_weight))
-        state = resume_state(cfg, hvd, model, trained.optimizer, run_dir, derived)
+        with engine.scope():
+            model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], initial)
+            trained = models.with_preprocessing(model, manifest["image_size"]) if on_device else model
+            trained.compile(optimizer=make_optimizer(cfg, engine, derived), loss=make_loss(pos_weight))
+            state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived)
         if cfg.audit:
-            audit_weights(run_dir, hvd.rank(), model, "-initial")
-        if rank0:  # Horovod: the chief writes the config and the run log
+            audit_weights(run_dir, engine.rank, model, "-initial")
+        if rank0:  # the chief writes the config and the run log
             (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | derived, indent=1))
             writer = runlog.RunLogWriter(run_dir)
             writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model,
                          recipe=cfg.recipe, recipe_version=recipes.RECIPES[cfg.recipe].version
                          if cfg.recipe in recipes.RECIPES else None,
                          image_size=cfg.image_size, precision=cfg.precision,
-                         horovod_backend=distributed.backend_name(hvd),
+                         engine=engine.name, backend=engine.backend(),
                          hostnames=sorted({r["host"] for r in ranks}), ranks=ranks,
                          slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                          resumed_from=state.resumed_from, initial_epoch=state.epoch,
@@ -388,17 +393,17 @@ def main(argv: list[str] | None = None) -> int:
                          synthetic_input=cfg.synthetic_input,
                          preprocess="model graph" if on_device else "input pipeline",
                          versions={"python": sys.version.split()[0], "tensorflow": tf.__version__,
-                                   "horovod": __import__("horovod").__version__},
+                                   **engine.versions()},
                          **derived)
 
         # --- data ---
-        def train_data(start_epoch: int, epochs: int, skip: int = 0):
+        def train_data(start_epoch: int, epochs: int, skip: int = 0):  # this rank's batches
             if cfg.synthetic_input:
                 ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, manifest["num_classes"],
                                             cfg.seed, manifest["image_size"] if on_device else None)
             else:
                 ds = data.train_dataset(cfg.data, "train", cfg.image_size, cfg.batch_size,
-                                        rank=hvd.rank(), world_size=hvd.size(), seed=cfg.seed,
+                                        rank=engine.rank, world_size=engine.size, seed=cfg.seed,
                                         augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer,
                                         deterministic=cfg.deterministic,
                                         steps_per_epoch=derived["steps_per_epoch"],
@@ -407,20 +412,27 @@ def main(argv: list[str] | None = None) -> int:
             return ds.map(lambda x, y, m: (x, tf.stack([y, m], axis=1)))
 
         # --- callbacks ---
-        def save(name: str, epochs_done: int) -> Path:
+        def save(name: str, epochs_done: int) -> Path | None:
+            """The chief's checkpoint; with an engine whose variable reads are collectives,
+            the other ranks write alongside into a scratch directory they then delete."""
             meta = checkpoint_meta(cfg, manifest, derived, state, epochs_done)
+            if not rank0:
+                with tempfile.TemporaryDirectory() as scratch:
+                    checkpoints.save(model, Path(scratch), name, meta, trained.optimizer)
+                return None
             path = checkpoints.save(model, run_dir / "checkpoints", name, meta, trained.optimizer)
             checkpoints.prune(run_dir / "checkpoints", cfg.keep_checkpoints)
             return path
 
         steps = derived["steps_per_epoch"]
-        keras_callbacks = callbacks.make_callbacks(cfg, hvd, state, stop, derived, manifest["classes"],
-                                                   pos_weight, save, writer, model.predict_on_batch,
+        keras_callbacks = callbacks.make_callbacks(cfg, engine, state, stop, derived, manifest["classes"],
+                                                   pos_weight, save, writer, engine.predictor(model),
                                                    placement.threads)
 
         # --- fit: the rest of an epoch a resumed run entered in mid-epoch, then whole epochs ---
         def fit(start_epoch: int, end_epoch: int, skip: int = 0) -> None:
-            trained.fit(train_data(start_epoch, end_epoch - start_epoch, skip), epochs=end_epoch,
+            batches = engine.fit_input(lambda: train_data(start_epoch, end_epoch - start_epoch, skip))
+            trained.fit(batches, epochs=end_epoch,
                         initial_epoch=start_epoch, steps_per_epoch=steps - skip,
                         callbacks=keras_callbacks, verbose=progress_bar(cfg.verbose) if rank0 else 0)
 
@@ -433,15 +445,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state.preempted:
-            if rank0:  # Horovod: the chief writes the preemption checkpoint
+            if rank0 or engine.everyone_saves:  # the chief writes the preemption checkpoint
                 save(f"step-{state.step:09d}", state.epoch)
+            if rank0:
                 writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
-            hvd_tf.broadcast_object(0, root_rank=0)  # Horovod: nobody exits before the checkpoint
-            print(f"rank {hvd.rank()}: preempted after step {state.step}; checkpoint written, "
+            engine.broadcast_object(0)  # nobody exits before the checkpoint
+            print(f"rank {engine.rank}: preempted after step {state.step}; checkpoint written, "
                   f"exiting {cli.EXIT_PREEMPTED}", file=sys.stderr, flush=True)
             return cli.EXIT_PREEMPTED
         if cfg.audit:
-            write_audit(run_dir, hvd, model, cfg)
+            write_audit(run_dir, engine, model, cfg)
     except BaseException as err:
         if writer:
             writer.write("end", status="failed", error=f"{type(err).__name__}: {err}")

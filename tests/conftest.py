@@ -68,6 +68,22 @@ def crash_at(monkeypatch, n: int, operations) -> list:
     return calls
 
 
+ENGINES = ["horovod", "tf"]
+
+
+def launcher(engine: str, n: int) -> list[str]:
+    """What starts n ranks of `engine` here: horovodrun over Gloo, or the tf engine's launcher."""
+    if engine == "horovod":
+        return ["horovodrun", "--gloo", "-np", str(n)]
+    return [sys.executable, "-m", "chexnet_hvd.launch", "-np", str(n)]
+
+
+def ranks(engine: str, n: int, *command) -> list[str]:
+    """`command` (a python -m chexnet_hvd.train or .evaluate invocation) on n ranks of `engine`,
+    told which engine it runs under."""
+    return [*launcher(engine, n), *map(str, command), "--engine", engine]
+
+
 def assert_ranks_identical(run_dir, ranks: int = 2) -> None:
     """--audit's final weights of every rank, bitwise equal (not approximately)."""
     import numpy as np

@@ -1,4 +1,5 @@
-"""One rank of the fp16 overflow test (tests/test_train_flags.py runs it under horovodrun -np 2).
+"""One rank of the fp16 overflow test (tests/test_train_flags.py runs it on 2 ranks of each engine:
+`overflow_worker.py OUT ENGINE`).
 
 The trainer's own optimizer (`train.make_optimizer`, mixed_float16) trains a small model with
 Keras `fit`; on step OVERFLOW_STEP only rank 1's batch holds an infinite pixel, so only its local
@@ -21,39 +22,45 @@ def weights_hash(model) -> str:
     return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
 
 
-def main(out: str) -> None:
-    hvd, _ = distributed.start(threads=1)
+def main(out: str, engine_name: str) -> None:
+    engine, _ = distributed.start(engine_name, threads=1)
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(0)
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     cfg = train.TrainConfig(data="-", run_dir="-", model="small_cnn", image_size=16,
                             precision="mixed_float16")
-    derived = {"world_size": hvd.size(), "scaled_lr": 1e-3, "warmup_steps": 0, "total_steps": STEPS,
+    derived = {"world_size": engine.size, "scaled_lr": 1e-3, "warmup_steps": 0, "total_steps": STEPS,
                "steps_per_epoch": STEPS}
-    model = models.build_model("small_cnn", 16, 3)
-    model.compile(optimizer=train.make_optimizer(cfg, hvd, derived), loss=train.make_loss())
+    with engine.scope():
+        model = models.build_model("small_cnn", 16, 3)
+        model.compile(optimizer=train.make_optimizer(cfg, engine, derived), loss=train.make_loss())
 
-    rng = np.random.default_rng(hvd.rank())
+    rng = np.random.default_rng(engine.rank)
     images = rng.normal(size=(STEPS, 4, 16, 16, 3)).astype(np.float32)
-    if hvd.rank() == 1:
+    if engine.rank == 1:
         images[OVERFLOW_STEP - 1, 0, 5, 5, 0] = np.inf  # only this rank, only this step
     labels = np.stack([rng.integers(0, 2, (STEPS, 4, 3)), np.ones((STEPS, 4, 3))], axis=2)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
 
-    log = [{"step": 0, "scale": float(model.optimizer.loss_scale), "weights": weights_hash(model)}]
+    def scale() -> float:
+        return float(tf.keras.backend.get_value(model.optimizer.loss_scale))
+
+    log = [{"step": 0, "scale": scale(), "weights": weights_hash(model)}]
 
     class Record(tf.keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            log.append({"step": batch + 1, "scale": float(model.optimizer.loss_scale),
+            log.append({"step": batch + 1, "scale": scale(),
                         "iterations": int(model.optimizer.iterations.numpy()),
                         "weights": weights_hash(model)})
 
-    callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0), Record()]
-    model.fit(dataset, epochs=1, steps_per_epoch=STEPS, callbacks=callbacks, verbose=0)
-    with open(f"{out}/rank{hvd.rank()}.json", "w") as fh:
+    model.optimizer.build(model.trainable_variables)
+    engine.broadcast_variables(model.variables)
+    model.fit(engine.fit_input(lambda: dataset), epochs=1, steps_per_epoch=STEPS,
+              callbacks=[Record()], verbose=0)
+    with open(f"{out}/rank{engine.rank}.json", "w") as fh:
         json.dump(log, fh)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

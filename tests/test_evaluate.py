@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_one_line_error, module, run
+from conftest import ENGINES, assert_one_line_error, module, ranks, run
 
 from chexnet_hvd import checkpoints, data, metrics, models
 
@@ -65,14 +65,14 @@ def checkpoint(records_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, records_dir, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, records_dir, tmp_path, engine):
     args = ["-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data", str(records_dir),
             "--tta", "tencrop", "--bootstrap", "200"]
     run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, timeout=300)
-    run(["horovodrun", "--gloo", "-np", "2", sys.executable, *args, "--out", str(tmp_path / "two")],
-        check=True, timeout=300)
+    run(ranks(engine, 2, sys.executable, *args, "--out", tmp_path / "two"), check=True, timeout=300)
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
-    assert (one["world_size"], two["world_size"]) == (1, 2) and one["n"] == two["n"] > 0
+    assert (one["world_size"], two["world_size"], two["engine"]) == (1, 2, engine) and one["n"] == two["n"] > 0
     assert [(r["rank"], r["local_rank"]) for r in two["ranks"]] == [(0, 0), (1, 1)]  # one start-up
     assert all(r["threads"] == 1 for r in two["ranks"])  # the node's 2 cores shared by its 2 ranks
     for key in ("auroc", "auroc_tta", "auprc", "auroc_ci", "threshold", "sensitivity"):

@@ -1,13 +1,14 @@
-"""Real 2-rank Horovod training of the small CNN on synthetic records: Gloo via horovodrun, MPI via
-mpirun. Afterwards: bitwise-identical weights on both ranks, disjoint + complete training shards,
-and validation AUROC equal to a single-process computation over the same checkpoint."""
+"""Real 2-rank training of the small CNN on synthetic records under both engines: Horovod (Gloo via
+horovodrun, MPI via mpirun) and TensorFlow's MultiWorkerMirroredStrategy (chexnet_hvd.launch).
+Afterwards: bitwise-identical weights on both ranks, disjoint + complete training shards, and
+validation AUROC equal to a single-process computation over the same checkpoint."""
 
 import json
 import sys
 
 import numpy as np
 import pytest
-from conftest import assert_ranks_identical, run
+from conftest import ENGINES, assert_one_line_error, assert_ranks_identical, ranks, run
 from sklearn.metrics import roc_auc_score
 
 from chexnet_hvd import checkpoints, data, metrics, records
@@ -22,45 +23,55 @@ def train_args(records_dir, run_dir):
     return [sys.executable, *TRAIN, "--data", str(records_dir), "--run-dir", str(run_dir)]
 
 
-@pytest.fixture(scope="module")
-def gloo_run(records_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("gloo")
-    run(["horovodrun", "--gloo", "-np", "2", *train_args(records_dir, run_dir)], timeout=300, check=True)
-    return run_dir
+@pytest.fixture(scope="module", params=ENGINES)
+def two_ranks(request, records_dir, tmp_path_factory):
+    """(engine, run dir) of a 2-rank run, once per engine."""
+    run_dir = tmp_path_factory.mktemp(request.param)
+    run(ranks(request.param, 2, *train_args(records_dir, run_dir)), timeout=300, check=True)
+    return request.param, run_dir
 
 
-def test_gloo_weights_bitwise_identical_on_both_ranks(gloo_run):
-    assert_ranks_identical(gloo_run)
+@pytest.fixture
+def two_ranks_run(two_ranks):
+    return two_ranks[1]
 
 
-def test_gloo_ranks_read_disjoint_records_covering_the_split(gloo_run, records_dir):
+def test_weights_bitwise_identical_on_both_ranks(two_ranks_run):
+    assert_ranks_identical(two_ranks_run)
+
+
+def test_ranks_read_disjoint_records_covering_the_split(two_ranks_run, records_dir):
     """Epoch 1's records per rank (shard, skip, take): the same count on both ranks, no record
     on both, fewer than one global batch of the split left out."""
-    audits = [json.loads((gloo_run / "audit" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    audits = [json.loads((two_ranks_run / "audit" / f"rank{r}.json").read_text()) for r in (0, 1)]
     taken = [{(f, i) for f, skip, take in a["segments"] for i in range(skip, skip + take)} for a in audits]
     assert len(taken[0]) == len(taken[1]) and not taken[0] & taken[1]
     manifest = records.load_manifest(records_dir)
     assert 0 <= manifest["splits"]["train"]["count"] - len(taken[0] | taken[1]) < 2 * 16
 
 
-def test_gloo_run_log_describes_the_job(gloo_run):
-    log = read_runlog(gloo_run)
+def test_run_log_describes_the_job(two_ranks):
+    engine, run_dir = two_ranks
+    log = read_runlog(run_dir)
     start, epochs, end = log[0], [r for r in log if r["event"] == "epoch"], log[-1]
-    assert (start["event"], start["world_size"], start["horovod_backend"]) == ("start", 2, "gloo")
+    assert (start["event"], start["world_size"], start["engine"]) == ("start", 2, engine)
+    assert start["backend"] == {"horovod": "gloo", "tf": "ring"}[engine]
+    assert ("horovod" in start["versions"]) == (engine == "horovod")
+    assert [(r["rank"], r["local_rank"], r["local_size"]) for r in start["ranks"]] == [(0, 0, 2), (1, 1, 2)]
     assert start["global_batch"] == 2 * start["local_batch"] == 32
     assert start["scaled_lr"] == pytest.approx(1e-3 * 32 / 16)
     assert [e["epoch"] for e in epochs] == [1, 2] and end["status"] == "completed"
     assert all(e["images_per_sec"] > 0 and e["timed_steps"] == e["steps"] - 3 for e in epochs)
 
 
-def test_gloo_validation_auroc_equals_single_process(gloo_run, records_dir):
-    model, meta = checkpoints.load(gloo_run / "checkpoints" / "epoch-0002")
+def test_validation_auroc_equals_single_process(two_ranks_run, records_dir):
+    model, meta = checkpoints.load(two_ranks_run / "checkpoints" / "epoch-0002")
     probs, labels = [], []
     for batch in data.eval_dataset(records_dir, "val", 32, 50):
         probs.append(model.predict_on_batch(batch["image"]))
         labels.append(batch["label"].numpy())
     probs, labels = np.concatenate(probs), np.concatenate(labels)
-    last = [r for r in read_runlog(gloo_run) if r["event"] == "epoch"][-1]
+    last = [r for r in read_runlog(two_ranks_run) if r["event"] == "epoch"][-1]
     assert last["val_n"] == len(labels) == records.load_manifest(records_dir)["splits"]["val"]["count"]
     ours = metrics.per_class_auroc(labels, probs)
     for c, name in enumerate(meta["classes"]):
@@ -72,6 +83,12 @@ def test_gloo_validation_auroc_equals_single_process(gloo_run, records_dir):
     assert last["val_mean_auroc"] == pytest.approx(metrics.mean_defined(ours), abs=2e-6)
 
 
+@pytest.mark.parametrize("flag", [["--fp16-allreduce"], ["--backward-passes-per-step", "2"]])
+def test_the_tf_engine_refuses_what_only_horovod_has(records_dir, tmp_path, flag):
+    proc = run([*train_args(records_dir, tmp_path), "--engine", "tf", *flag])
+    assert_one_line_error(proc, f"error: {flag[0]}:", "--engine tf")
+
+
 def test_mpirun_two_ranks(records_dir, tmp_path):
     run_dir = tmp_path / "mpi"
     # Open MPI busy-polls; yielding when idle keeps 2 ranks on 2 cores from starving each other.
@@ -79,10 +96,11 @@ def test_mpirun_two_ranks(records_dir, tmp_path):
          "--bind-to", "none", *train_args(records_dir, run_dir)], timeout=300, check=True)
     assert_ranks_identical(run_dir)
     start = read_runlog(run_dir)[0]
-    assert (start["world_size"], start["horovod_backend"]) == (2, "mpi")
+    assert (start["world_size"], start["backend"]) == (2, "mpi")
 
 
-def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine):
     """A validation split of 1 record on 2 ranks: rank 1 predicts nothing, the gather still
     works (an empty rank used to crash it) and the epoch reports the one record."""
     import shutil
@@ -99,7 +117,7 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path):
         "count": 1, "shards": [{"file": "one-00000-of-00001.tfrecord", "count": 1}]}
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
     run_dir = tmp_path / "run"
-    run(["horovodrun", "--gloo", "-np", "2", *train_args(data_dir, run_dir), "--epochs", "1",
-         "--val-split", "one"], timeout=300, check=True)
+    run(ranks(engine, 2, *train_args(data_dir, run_dir), "--epochs", "1", "--val-split", "one"),
+        timeout=300, check=True)
     last = [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]
     assert last["val_n"] == 1 and read_runlog(run_dir)[-1]["status"] == "completed"

@@ -58,8 +58,9 @@ def test_a_resumed_run_credits_each_epoch_to_its_own_start(tmp_path):
 
 
 @pytest.mark.parametrize("setting", [{"synthetic_input": True}, {"config": {"xla": True}},
-                                     {"config": {"fp16_allreduce": True}}, {"horovod_backend": "mpi"},
-                                     {"engine": "tf"}, {"preprocess": "model graph"},
+                                     {"config": {"fp16_allreduce": True}}, {"backend": "mpi"},
+                                     {"horovod_backend": "mpi"}, {"engine": "tf", "backend": "ring"},
+                                     {"preprocess": "model graph"},
                                      {"config": {"backward_passes_per_step": 2}}], ids=str)
 def test_runs_differing_in_a_throughput_setting_never_pool(tmp_path, setting):
     write_run(tmp_path / "a", 2, 180.0, horovod_backend="gloo")

@@ -186,15 +186,17 @@ def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
     assert all(r["threads"] == 1 for r in ranks[narrow])
 
 
-@pytest.mark.parametrize("launcher,template", [("srun", PREEMPTED), ("mpirun", SLURM_DIR / "tfrec_2gpu.sh")],
-                         ids=["srun-tfrec_8gpu", "mpirun-tfrec_2gpu"])
-def test_preemption_requeues_and_resumes(cluster, launcher, template, records_dir, tmp_path):
+@pytest.mark.parametrize("launcher,engine,template", [
+    ("srun", "horovod", PREEMPTED), ("srun", "tf", PREEMPTED), ("mpirun", "horovod", SLURM_DIR / "tfrec_2gpu.sh")],
+    ids=["srun-tfrec_8gpu", "srun-tfrec_8gpu-ENGINE=tf", "mpirun-tfrec_2gpu"])
+def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, records_dir, tmp_path):
     """A template gets USR1 as Slurm sends it before a time limit: every rank stops after the
     same step, one checkpoint, the job requeues itself and the second attempt resumes from that
     checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes (and otherwise checked
-    as every template is); under mpirun, which forwards the signal itself: tfrec_2gpu.sh."""
+    as every template is), with either engine; under mpirun, which forwards the signal itself:
+    tfrec_2gpu.sh."""
     env = WORKLOAD | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 3,
-                      "LAUNCHER": launcher}
+                      "LAUNCHER": launcher, "ENGINE": engine}
     job = submit(template, env, tmp_path)
     run_dir = tmp_path / "runs" / directives(template)["job-name"] / job
     runlog = run_dir / "runlog.jsonl"
@@ -218,6 +220,7 @@ def test_preemption_requeues_and_resumes(cluster, launcher, template, records_di
     starts = [r for r in log if r["event"] == "start"]
     ends = [r for r in log if r["event"] == "end"]
     assert [e["status"] for e in ends] == ["preempted", "completed"] and len(starts) == 2
+    assert {s["engine"] for s in starts} == {engine}
     assert_template_run(template, job, run_dir, epochs=3)
     job_log = (run_dir / "job.log").read_text()
     stopped = re.findall(r"rank (\d+): preempted after step (\d+)", job_log)
@@ -245,14 +248,17 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path
     assert (runlog.parent / "checkpoints" / f"step-{end['step']:09d}").is_dir()
 
 
-def test_horovodrun_launcher_is_refused_in_batch_jobs(cluster, records_dir, tmp_path):
-    """horovodrun passes no USR1 on to its ranks, so a preempted job would lose its run."""
-    env = WORKLOAD | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "LAUNCHER": "horovodrun"}
+@pytest.mark.parametrize("setting,error", [
+    ({"LAUNCHER": "horovodrun"}, "error: LAUNCHER: horovodrun"),  # passes no USR1 on: runs lost
+    ({"LAUNCHER": "mpirun", "ENGINE": "tf"}, "error: ENGINE: the tf engine's workers are started by srun"),
+    ({"ENGINE": "mxnet"}, "error: ENGINE: unknown engine 'mxnet'")], ids=str)
+def test_settings_that_cannot_work_are_refused_in_batch_jobs(cluster, records_dir, tmp_path, setting, error):
+    env = WORKLOAD | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs"} | setting
     job = submit(SLURM_DIR / "tfrec_1gpu.sh", env, tmp_path)
     fields = wait_job(job, timeout=120)
     assert (fields["JobState"], fields["ExitCode"]) == ("FAILED", "2:0")
     errors = [line for line in output_of(tmp_path, job).splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: LAUNCHER: horovodrun")
+    assert len(errors) == 1 and errors[0].startswith(error)
     assert not (tmp_path / "runs").exists()
 
 

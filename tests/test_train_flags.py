@@ -14,7 +14,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, assert_ranks_identical, module, run
+from conftest import (
+    ENGINES,
+    ROOT,
+    assert_one_line_error,
+    assert_ranks_identical,
+    launcher,
+    module,
+    run,
+)
 
 from chexnet_hvd import checkpoints, records, train
 from chexnet_hvd.runlog import read_runlog
@@ -25,12 +33,13 @@ BASE = ["--model", "small_cnn", "--image-size", 32, "--batch-size", 16, "--epoch
         "--steps-per-epoch", 4, "--warmup-epochs", 0, "--deterministic", "--audit", "--verbose", 0]
 HERE = "tests/test_train_flags.py"
 FLAG_TESTS = {
-    "data": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
-    "run_dir": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
+    "data": "tests/test_horovod.py::test_run_log_describes_the_job",
+    "engine": "tests/test_horovod.py::test_run_log_describes_the_job",
+    "run_dir": "tests/test_horovod.py::test_run_log_describes_the_job",
     "model": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
     "image_size": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
-    "batch_size": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
-    "epochs": "tests/test_horovod.py::test_gloo_run_log_describes_the_job",
+    "batch_size": "tests/test_horovod.py::test_run_log_describes_the_job",
+    "epochs": "tests/test_horovod.py::test_run_log_describes_the_job",
     "steps_per_epoch": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
     "optimizer": f"{HERE}::test_optimizer_sgd",
     "lr": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
@@ -65,7 +74,7 @@ FLAG_TESTS = {
     "keep_checkpoints": f"{HERE}::test_backward_passes_per_step_and_keep_checkpoints",
     "threads": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
     "timing_warmup_steps": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
-    "audit": "tests/test_horovod.py::test_gloo_weights_bitwise_identical_on_both_ranks",
+    "audit": "tests/test_horovod.py::test_weights_bitwise_identical_on_both_ranks",
     "verbose": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
 }
 
@@ -295,10 +304,11 @@ def test_mixed_float16_under_horovod_end_to_end(records_dir, tmp_path):
 
 
 @pytest.mark.mpi
-def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, engine):
     """Only rank 1's batch of step 3 holds an infinite pixel: both ranks skip step 3 (weights
     unchanged), both halve the loss scale, and the weights stay bitwise identical throughout."""
-    run(["horovodrun", "--gloo", "-np", "2", sys.executable, "tests/overflow_worker.py", str(tmp_path)],
+    run([*launcher(engine, 2), sys.executable, "tests/overflow_worker.py", str(tmp_path), engine],
         timeout=300, check=True)
     logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert logs[0] == logs[1]  # scales, step counters and weights, step by step

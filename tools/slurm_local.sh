@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A Slurm rehearsal cluster on this one machine (root), so the job templates run unchanged as on
 # a GPU cluster: one slurmctld, and per node its own slurmd in its own UTS namespace (its own
-# hostname), all reached on 127.0.0.1 at their own ports. Idempotent; daemons tracked by PID.
+# hostname, which /etc/hosts resolves), all reached on 127.0.0.1 at their own ports. Idempotent;
+# daemons tracked by PID.
 #
 #   tools/slurm_local.sh up [--nodes N] [--gpus-per-node G] [--cpus-per-node C]
 #   tools/slurm_local.sh status     daemons and node states; exit 0 only when every node is usable
@@ -121,6 +122,16 @@ write_config() {
   echo "$changed"
 }
 
+# The node names resolve, to 127.0.0.1, as a cluster's do (the tf engine's workers reach each
+# other by the host names Slurm gives them). /etc/hosts is rewritten in place: it may be a mount.
+write_hosts() {
+  local line names kept
+  names="$(nodes | awk '{print $1}' | paste -sd' ')"
+  line="127.0.0.1 $names  $MARK"
+  kept="$(grep -vF "$MARK" /etc/hosts || true)"
+  [[ "$(grep -F "$MARK" /etc/hosts || true)" == "$line" ]] || printf '%s\n%s\n' "$kept" "$line" > /etc/hosts
+}
+
 alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start_node() {  # its own hostname (UTS namespace); slurmd daemonizes inside it
@@ -135,6 +146,7 @@ up() {
   install_packages
   local changed
   changed="$(write_config)"
+  write_hosts
   if ((changed)) && pgrep -x slurmctld >/dev/null; then
     echo "slurm_local: layout changed; restarting the daemons"
     down >/dev/null

@@ -20,6 +20,9 @@
 #                 Not horovodrun: it passes no signal on to the ranks (so preemption would lose
 #                 the run) and needs ssh between nodes; it is for workstations.
 #   SRUN_MPI      srun's --mpi plugin (default pmix)
+#   ENGINE        horovod (default) | tf: TensorFlow's MultiWorkerMirroredStrategy carries the
+#                 gradients instead of Horovod (for clusters where Horovod does not build);
+#                 srun then starts the workers without MPI (LAUNCHER must be srun)
 #
 # Preemption: the templates ask Slurm for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...) and are --requeue-able. The signal reaches this shell, which passes it
@@ -32,6 +35,7 @@
 : "${DATA_DIR:=$CHEXNET_HOME/data/records}"
 : "${RUN_ROOT:=$CHEXNET_HOME/runs}"
 : "${RECIPE:=}" "${PRECISION:=mixed_float16}" "${TRAIN_ARGS:=}" "${LAUNCHER:=srun}" "${SRUN_MPI:=pmix}"
+: "${ENGINE:=horovod}"
 if [[ -z $RECIPE ]]; then
   : "${MODEL:=densenet121}" "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
 fi
@@ -42,6 +46,13 @@ case "$LAUNCHER" in
   srun|mpirun) ;;
   horovodrun) echo "error: LAUNCHER: horovodrun does not pass Slurm's USR1 on to the ranks (a preempted job would lose its run); use srun (default) or mpirun" >&2; exit 2 ;;
   *) echo "error: LAUNCHER: unknown launcher '$LAUNCHER' (srun or mpirun)" >&2; exit 2 ;;
+esac
+case "$ENGINE" in
+  horovod) ;;
+  tf) if [[ $LAUNCHER != srun ]]; then
+        echo "error: ENGINE: the tf engine's workers are started by srun; unset LAUNCHER" >&2; exit 2
+      fi ;;
+  *) echo "error: ENGINE: unknown engine '$ENGINE' (horovod or tf)" >&2; exit 2 ;;
 esac
 
 RUN_DIR="$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID"
@@ -83,10 +94,11 @@ wait_ranks() {
 run_training() {
   mkdir -p "$RUN_DIR"
   exec > >(tee -a "$RUN_DIR/job.log") 2>&1  # the job's output beside its run log, every attempt
-  echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
+  echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks of $ENGINE via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
   # --verbose 2: one line per epoch in job.log (under mpirun rank 0 sees a terminal, so the
   # trainer alone cannot tell that this is a batch job).
-  local settings=(--precision "$PRECISION") var flag
+  local settings=(--precision "$PRECISION" --engine "$ENGINE") var flag
+  if [[ $ENGINE == tf ]]; then SRUN_MPI=none; fi  # TensorFlow's own collectives: no MPI
   if [[ -n $RECIPE ]]; then settings+=(--recipe "$RECIPE"); fi
   for var in MODEL IMAGE_SIZE BATCH_SIZE EPOCHS; do  # IMAGE_SIZE -> --image-size "$IMAGE_SIZE", if set
     flag=${var,,}

@@ -1,0 +1,88 @@
+"""Start N workers of the tf engine on this machine, as horovodrun does for Horovod.
+
+    python -m chexnet_hvd.launch -np 2 python -m chexnet_hvd.train --engine tf --data ... --run-dir ...
+
+Each worker gets TF_CONFIG naming all workers (localhost, free ports) and its own index.
+SIGTERM and SIGUSR1 are passed on to every worker (they then stop after the same step and
+checkpoint); when a worker fails, the others are stopped after a grace period. The exit code is
+the workers' when they agree (0, or 75 after a preemption), else the first failure's. Under
+Slurm, srun starts the workers instead (chexnet_hvd.distributed reads Slurm's layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+GRACE_SECONDS = 30
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports free on localhost now (held open together, so they differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tf_config(workers: list[str], index: int) -> str:
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def outcome(codes: list[int | None]) -> int:
+    """One exit code for the job: the workers' when all agree, else the first failure's."""
+    if len(set(codes)) == 1 and codes[0] is not None:
+        return codes[0]
+    return next((c for c in codes if c not in (0, None)), 1)
+
+
+def run(np_: int, command: list[str]) -> int:
+    workers = [f"localhost:{p}" for p in free_ports(np_)]
+    procs = [subprocess.Popen(command, env=os.environ | {"TF_CONFIG": tf_config(workers, i)})
+             for i in range(np_)]
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.poll() not in (None, 0, 75) for p in procs):
+            failed_at = time.monotonic()  # a worker died: the others would wait for it forever
+        if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    codes = [p.returncode for p in procs]
+    if outcome(codes):
+        print(f"chexnet_hvd.launch: worker exit codes {codes}", file=sys.stderr, flush=True)
+    return outcome(codes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="everything after the options is the worker command")
+    parser.add_argument("-np", "--np", dest="np_", type=int, required=True, help="workers to start")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="the command each worker runs")
+    args = parser.parse_args(argv)
+    if args.np_ < 1 or not args.command:
+        parser.error("give -np N (N >= 1) and the worker command")
+    return run(args.np_, args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
