@@ -1,8 +1,11 @@
 # chexnet_hvd: `make demo` and `make test` are the two commands a newcomer needs.
 # Both call `make setup`, which installs whatever is missing (Debian packages, .venv, Horovod).
-VENV   := .venv
-PY     := $(VENV)/bin/python
 GPU    ?= 0
+# The lane: 2.15 (Horovod and both engines) or 2.20 (TensorFlow 2.20 + tf_keras, the tf engine
+# only, in .venv-tf2.20); see constraints.txt.
+TF     ?= 2.15
+VENV   := $(if $(filter 2.20,$(TF)),.venv-tf2.20,.venv)
+PY     := $(VENV)/bin/python
 PYTEST ?= $(PY) -m pytest
 # Test files run on this many workers (pytest-xdist), each file on one worker: the Slurm
 # rehearsal's tests stay together, and 2 workers keep a 2-core machine busy (most tests wait on
@@ -11,15 +14,20 @@ TEST_JOBS ?= 2
 
 .PHONY: setup demo test test-fast lint bench clean
 
-setup:            ## install everything (idempotent); GPU=1 for the CUDA + NCCL variant
-	GPU=$(GPU) bash tools/install.sh
+setup:            ## install everything (idempotent); GPU=1 for the CUDA + NCCL variant, TF=2.20 for that lane
+	GPU=$(GPU) TF=$(TF) bash tools/install.sh
 
 demo: setup       ## synthetic data -> records -> train on 1 and 2 ranks -> AUROC + scaling table
 	bash tools/demo.sh
 
-test: setup       ## lint, then the whole suite (fast + slow + mpi)
+# TF=2.20 runs what needs no Horovod within the time a CI run has: the fast tests and the tf
+# engine's distributed tests (marked tf_engine), with CHEXNET_ENGINE=tf as the default engine.
+LANE_TESTS := $(if $(filter 2.20,$(TF)),-m "not slow or tf_engine",)
+LANE_ENV   := $(if $(filter 2.20,$(TF)),CHEXNET_ENGINE=tf,)
+
+test: setup       ## lint, then the whole suite (fast + slow + mpi); TF=2.20: that lane's part
 	$(VENV)/bin/ruff check chexnet_hvd tools tests bench
-	$(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --durations=25
+	$(LANE_ENV) $(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --durations=25 $(LANE_TESTS)
 
 test-fast: setup  ## the fast set only (seconds)
 	$(PYTEST) -q -m "not slow"

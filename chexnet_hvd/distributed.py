@@ -28,6 +28,8 @@ import numpy as np
 
 from chexnet_hvd.cli import InputError
 
+# --engine's default: horovod, or CHEXNET_ENGINE (e.g. tf on a cluster or lane without Horovod).
+DEFAULT_ENGINE = os.environ.get("CHEXNET_ENGINE", "horovod")
 
 def usable_cpus() -> list[int]:
     """The CPUs this process may run on (its affinity: what srun/mpirun bound it to)."""
@@ -167,9 +169,17 @@ class Engine:
         return {}
 
 
-def start(engine: str = "horovod", threads: int = 0) -> tuple[Engine, Placement]:
+def engine_class(name: str) -> type[Engine]:
+    """The engine called `name`; an unknown one (a bad CHEXNET_ENGINE) is a one-line error."""
+    if name not in ENGINES:
+        raise InputError("--engine", f"unknown engine {name!r} (CHEXNET_ENGINE={DEFAULT_ENGINE!r}?); "
+                         f"one of {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def start(engine: str = DEFAULT_ENGINE, threads: int = 0) -> tuple[Engine, Placement]:
     """Start `engine` (a name of ENGINES), pin this rank's GPU, size TF's thread pools."""
-    started = ENGINES[engine](threads)
+    started = engine_class(engine)(threads)
     return started, started.placement
 
 
@@ -263,10 +273,16 @@ def tf_cluster() -> tuple[list[str], int]:
         except (ValueError, KeyError, TypeError) as err:
             raise InputError("TF_CONFIG", f"not a worker cluster spec ({err})") from None
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        from tensorflow.distribute.cluster_resolver import SlurmClusterResolver
+        import tensorflow as tf
+        from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+            expand_tasks_per_node,
+        )
 
-        # Its hosts and task order only: gres/gpu has set each task's devices already.
-        resolver = SlurmClusterResolver(gpus_per_node=0, auto_set_gpu=False)
+        # Its hosts and task order only: its GPU bookkeeping (a nominal one per task here) is
+        # not applied, as gres/gpu has set each task's devices already.
+        most = max(expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"]))
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+            gpus_per_node=most, gpus_per_task=1, auto_set_gpu=False)
         hosts = [w.rsplit(":", 1)[0] for w in resolver.cluster_spec().as_dict()["worker"]]
         base = tf_port_base(os.environ.get("SLURM_JOB_ID", "0"))
         return [f"{host}:{base + i}" for i, host in enumerate(hosts)], resolver.task_id
@@ -316,7 +332,8 @@ class TensorFlow(Engine):
         # The strategy's preemption notifier takes SIGTERM over (in C++, unseen by Python's
         # signal module); give it back to whoever had it: the trainer stops on it by agreement.
         signal.signal(signal.SIGTERM, handler)
-        self._sum = tf.function(self._replica_sum, reduce_retracing=True)
+        # No AutoGraph in these small graphs (no Python control flow on tensors to convert).
+        self._sum = tf.function(self._replica_sum, reduce_retracing=True, autograph=False)
 
     def _replica_sum(self, value):
         import tensorflow as tf
@@ -364,7 +381,7 @@ class TensorFlow(Engine):
         for variable in variables:
             groups.setdefault(variable.dtype, []).append(variable)
 
-        @tf.function
+        @tf.function(autograph=False)
         def share(group):
             def replica():
                 values = [tf.identity(v) if chief else tf.zeros_like(v) for v in group]
@@ -392,7 +409,7 @@ class TensorFlow(Engine):
         import tensorflow as tf
 
         call = tf.function(lambda x: self.strategy.run(lambda y: model(y, training=False), args=(x,)),
-                           reduce_retracing=True)
+                           reduce_retracing=True, autograph=False)
         return lambda images: self._local(call(images)).numpy()
 
     def backend(self) -> str:

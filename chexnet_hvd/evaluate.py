@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli
+from chexnet_hvd import cli, distributed
 from chexnet_hvd.labels import PATHOLOGIES
 
 # Rajpurkar et al. 2017 (CheXNet), Table 2: per-class test AUROC, in the canonical order.
@@ -42,8 +42,8 @@ class EvalConfig:
     bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals")
     seed: int = cli.field(0, help="bootstrap seed")
     backend: str = cli.field("tf", help="inference backend", choices=["tf", "openvino"])
-    engine: str = cli.field("horovod", help="what gathers the ranks' predictions: Horovod or "
-                            "TensorFlow's collectives (as chexnet_hvd.train --engine)",
+    engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what gathers the ranks' predictions: "
+                            "Horovod or TensorFlow's collectives (as chexnet_hvd.train --engine)",
                             choices=["horovod", "tf"])
 
 
@@ -162,7 +162,7 @@ def plot_curves(names, pred: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
-    from chexnet_hvd import distributed, export, metrics, records
+    from chexnet_hvd import export, metrics, records
 
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
     engine, placement = distributed.start(cfg.engine)  # one GPU per local rank; a world of 1 alone

@@ -63,10 +63,10 @@ class TrainConfig:
     precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
                                "dynamic loss scaling", choices=PRECISIONS)
     xla: bool = cli.field(False, help="XLA auto-clustering (Horovod's collectives stay outside XLA)")
-    engine: str = cli.field("horovod", help="what carries the gradients between ranks: Horovod "
-                            "(horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
-                            "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG)",
-                            choices=["horovod", "tf"])
+    engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what carries the gradients between "
+                            "ranks: Horovod (horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
+                            "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG); "
+                            "default: $CHEXNET_ENGINE, else horovod", choices=["horovod", "tf"])
     fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
                                               "allreduce (large inputs, small batches)")
@@ -204,7 +204,7 @@ def check_config(cfg: TrainConfig) -> None:
                                   and operator.le(*profile_range(cfg.profile_steps))):
         raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "
                              "last step to trace (from 1, A <= B)")
-    refused = distributed.ENGINES[cfg.engine].refuses(cfg)
+    refused = distributed.engine_class(cfg.engine).refuses(cfg)
     if refused:
         flag, _, why = refused.partition(": ")
         raise cli.InputError(flag, f"{why} (--engine {cfg.engine})")

@@ -5,6 +5,7 @@ helper that runs the suite's CLIs as real processes, and a local HTTP server wit
 from __future__ import annotations
 
 import http.server
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,6 +70,24 @@ def crash_at(monkeypatch, n: int, operations) -> list:
 
 
 ENGINES = ["horovod", "tf"]
+HOROVOD = importlib.util.find_spec("horovod") is not None
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
+def pytest_collection_modifyitems(config, items):
+    """Tests parametrised with an engine (`engine`, or the `two_ranks` fixture) are marked
+    tf_engine under tf. Where Horovod is not installed (the TF 2.20 lane), the tests that need
+    it are skipped: those under Horovod, the other multi-rank ones, and the Slurm rehearsal's
+    (its jobs run the default lane's .venv)."""
+    skip = pytest.mark.skip(reason="needs Horovod or the default lane, which this lane is not")
+    for item in items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        engine = params.get("engine", params.get("two_ranks"))
+        if engine == "tf":
+            item.add_marker(pytest.mark.tf_engine)
+        if not HOROVOD and (engine == "horovod" or item.get_closest_marker("slurm")
+                            or engine is None and item.get_closest_marker("mpi")):
+            item.add_marker(skip)
 
 
 def launcher(engine: str, n: int) -> list[str]:

@@ -89,6 +89,16 @@ def test_the_tf_engine_refuses_what_only_horovod_has(records_dir, tmp_path, flag
     assert_one_line_error(proc, f"error: {flag[0]}:", "--engine tf")
 
 
+def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
+    """CHEXNET_ENGINE=tf: a run without --engine trains under the tf engine; an unknown name is
+    a one-line error."""
+    run([*train_args(records_dir, tmp_path / "tf"), "--epochs", "1"], env={"CHEXNET_ENGINE": "tf"},
+        check=True)
+    assert read_runlog(tmp_path / "tf")[0]["engine"] == "tf"
+    bad = run(train_args(records_dir, tmp_path / "bad"), env={"CHEXNET_ENGINE": "mxnet"})
+    assert_one_line_error(bad, "error: --engine: unknown engine 'mxnet'")
+
+
 def test_mpirun_two_ranks(records_dir, tmp_path):
     run_dir = tmp_path / "mpi"
     # Open MPI busy-polls; yielding when idle keeps 2 ranks on 2 cores from starving each other.
