@@ -11,5 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # Keras 2 already, and the variable would make it look for tf_keras, so it is set only beside it.
 if importlib.util.find_spec("tf_keras") is not None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+else:  # e.g. inherited from a TF 2.20 shell by a job that runs the 2.15 lane
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
 
 __version__ = "0.1.0"

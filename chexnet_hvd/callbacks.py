@@ -276,7 +276,7 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, stop, derived: dic
                    names: list[str], pos_weight, save, writer, predict, threads: int) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = engine.rank == 0  # only the chief writes files
-    saves = rank0 or engine.everyone_saves
+    saves = engine.saves_here
     validation = data.eval_dataset(cfg.data, cfg.val_split, cfg.image_size, cfg.val_batch_size,
                                    rank=engine.rank, world_size=engine.size, threads=threads)
     steps = derived["steps_per_epoch"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import pickle
@@ -28,8 +29,9 @@ import numpy as np
 
 from chexnet_hvd.cli import InputError
 
-# --engine's default: horovod, or CHEXNET_ENGINE (e.g. tf on a cluster or lane without Horovod).
-DEFAULT_ENGINE = os.environ.get("CHEXNET_ENGINE", "horovod")
+# --engine's default: CHEXNET_ENGINE, else horovod where it is installed, else tf.
+DEFAULT_ENGINE = os.environ.get("CHEXNET_ENGINE") or (
+    "horovod" if importlib.util.find_spec("horovod") is not None else "tf")
 
 def usable_cpus() -> list[int]:
     """The CPUs this process may run on (its affinity: what srun/mpirun bound it to)."""
@@ -119,9 +121,14 @@ class Engine:
     def __init__(self, rank: int, size: int, local_rank: int, local_size: int):
         self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
 
+    @property
+    def saves_here(self) -> bool:
+        """Whether this rank takes part in writing a checkpoint (the chief's is the run's)."""
+        return self.rank == 0 or self.everyone_saves
+
     @staticmethod
-    def refuses(cfg) -> str | None:
-        """A training flag this engine cannot honour: 'flag: why', or None."""
+    def refuses(cfg) -> tuple[str, str] | None:
+        """A training flag this engine cannot honour, as (flag, why), or None."""
         return None
 
     def allgather_object(self, obj) -> list:
@@ -201,24 +208,24 @@ class Horovod(Engine):
     def allgather_object(self, obj) -> list:
         import horovod.tensorflow as hvd_tf
 
-        return hvd_tf.allgather_object(obj) if self.size > 1 else [obj]  # Horovod
+        return hvd_tf.allgather_object(obj) if self.size > 1 else [obj]  # Horovod: allgather
 
     def broadcast_object(self, obj):
         import horovod.tensorflow as hvd_tf
 
-        return hvd_tf.broadcast_object(obj, root_rank=0)  # Horovod
+        return hvd_tf.broadcast_object(obj, root_rank=0)  # Horovod: rank 0's object
 
     def any_rank(self, flag: bool) -> bool:
         import horovod.tensorflow as hvd_tf
         import tensorflow as tf
 
-        total = hvd_tf.allreduce(tf.constant(float(flag)), op=hvd_tf.Max, name="stop_request")  # Horovod
+        total = hvd_tf.allreduce(tf.constant(float(flag)), op=hvd_tf.Max, name="stop_request")  # Horovod: max
         return float(total) > 0
 
     def broadcast_variables(self, variables: list) -> None:
         import horovod.tensorflow as hvd_tf
 
-        hvd_tf.broadcast_variables(variables, root_rank=0)  # Horovod
+        hvd_tf.broadcast_variables(variables, root_rank=0)  # Horovod: rank 0's values
 
     def distributed_optimizer(self, optimizer, cfg):
         hvd = self.hvd
@@ -269,9 +276,12 @@ def tf_cluster() -> tuple[list[str], int]:
     if os.environ.get("TF_CONFIG"):
         try:
             config = json.loads(os.environ["TF_CONFIG"])
-            return list(config["cluster"]["worker"]), int(config["task"]["index"])
+            workers, index = list(config["cluster"]["worker"]), int(config["task"]["index"])
         except (ValueError, KeyError, TypeError) as err:
             raise InputError("TF_CONFIG", f"not a worker cluster spec ({err})") from None
+        if not 0 <= index < len(workers):
+            raise InputError("TF_CONFIG", f"task index {index} but {len(workers)} workers")
+        return workers, index
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
         import tensorflow as tf
         from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
@@ -305,12 +315,11 @@ class TensorFlow(Engine):
     everyone_saves = True
 
     @staticmethod
-    def refuses(cfg) -> str | None:
+    def refuses(cfg) -> tuple[str, str] | None:
         if cfg.fp16_allreduce:
-            return "--fp16-allreduce: gradient compression is Horovod's; the tf engine has none"
+            return "--fp16-allreduce", "gradient compression is Horovod's; the tf engine has none"
         if cfg.backward_passes_per_step > 1:
-            return ("--backward-passes-per-step: gradient accumulation is Horovod's; the tf "
-                    "engine has none")
+            return "--backward-passes-per-step", "gradient accumulation is Horovod's; the tf engine has none"
         return None
 
     def __init__(self, threads: int):
@@ -324,7 +333,7 @@ class TensorFlow(Engine):
             os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
                                                   "task": {"type": "worker", "index": index}})
         implementation = tf.distribute.experimental.CommunicationImplementation
-        self.implementation = implementation.NCCL if self.placement.gpu else implementation.RING
+        self.implementation = implementation.NCCL if self.placement.tf_gpus else implementation.RING
         handler = signal.getsignal(signal.SIGTERM)
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from chexnet_hvd.cli import EXIT_PREEMPTED
+
 GRACE_SECONDS = 30
 
 
@@ -39,38 +41,46 @@ def tf_config(workers: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
-def outcome(codes: list[int | None]) -> int:
-    """One exit code for the job: the workers' when all agree, else the first failure's."""
-    if len(set(codes)) == 1 and codes[0] is not None:
-        return codes[0]
-    return next((c for c in codes if c not in (0, None)), 1)
+def outcome(codes: list[int]) -> int:
+    """One exit code for the job from the workers' codes in the order they ended: a failure's
+    (the first; a signal N as 128 + N, as shells report it), else 75 if any was preempted, else 0."""
+    failures = [128 - c if c < 0 else c for c in codes if c not in (0, EXIT_PREEMPTED)]
+    if failures:
+        return failures[0]
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 
 def run(np_: int, command: list[str]) -> int:
-    workers = [f"localhost:{p}" for p in free_ports(np_)]
-    procs = [subprocess.Popen(command, env=os.environ | {"TF_CONFIG": tf_config(workers, i)})
-             for i in range(np_)]
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # before any worker starts
         signal.signal(sig, forward)
+    workers = [f"localhost:{p}" for p in free_ports(np_)]
+    for i in range(np_):
+        procs.append(subprocess.Popen(command, env=os.environ | {"TF_CONFIG": tf_config(workers, i)}))
+    ended: dict[int, int] = {}  # worker -> exit code, in the order the workers ended
     failed_at = None
-    while any(p.poll() is None for p in procs):
-        if failed_at is None and any(p.poll() not in (None, 0, 75) for p in procs):
+    while len(ended) < np_:
+        for i, p in enumerate(procs):
+            if i not in ended and p.poll() is not None:
+                ended[i] = p.returncode
+        if failed_at is None and outcome(list(ended.values())) not in (0, EXIT_PREEMPTED):
             failed_at = time.monotonic()  # a worker died: the others would wait for it forever
         if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
         time.sleep(0.2)
-    codes = [p.returncode for p in procs]
-    if outcome(codes):
-        print(f"chexnet_hvd.launch: worker exit codes {codes}", file=sys.stderr, flush=True)
-    return outcome(codes)
+    code = outcome(list(ended.values()))
+    if code:
+        print(f"chexnet_hvd.launch: worker exit codes {[p.returncode for p in procs]}", file=sys.stderr,
+              flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ def densenet121(image_size: int, num_classes: int, weights: str | None) -> tf.ke
 
 def small_cnn(image_size: int, num_classes: int, weights: str | None) -> tf.keras.Model:
     """Four conv layers and a flattened head that keeps where a finding is (fast tests, demo).
-    No batch normalisation, so every variable is identical on all Horovod ranks."""
+    No batch normalisation, so every variable is identical on all ranks under either engine."""
     inputs = layers.Input((image_size, image_size, 3), name="image")
     x = inputs
     for i, width in enumerate((16, 32, 64)):

@@ -62,14 +62,15 @@ class TrainConfig:
                                    "per-class positive weights (CheXNet)", choices=["none", "manifest"])
     precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
                                "dynamic loss scaling", choices=PRECISIONS)
-    xla: bool = cli.field(False, help="XLA auto-clustering (Horovod's collectives stay outside XLA)")
+    xla: bool = cli.field(False, help="XLA auto-clustering (the engine's collectives stay outside XLA)")
     engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what carries the gradients between "
                             "ranks: Horovod (horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
                             "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG); "
                             "default: $CHEXNET_ENGINE, else horovod", choices=["horovod", "tf"])
-    fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce")
+    fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce "
+                                     "(Horovod only)")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
-                                              "allreduce (large inputs, small batches)")
+                                              "allreduce (large inputs, small batches; Horovod only)")
     weights: str = cli.field("none", help="none, imagenet (from the cache `python -m "
                              "chexnet_hvd.weights fetch` fills; nothing is downloaded here), or "
                              "a weights file")
@@ -206,7 +207,7 @@ def check_config(cfg: TrainConfig) -> None:
                              "last step to trace (from 1, A <= B)")
     refused = distributed.engine_class(cfg.engine).refuses(cfg)
     if refused:
-        flag, _, why = refused.partition(": ")
+        flag, why = refused
         raise cli.InputError(flag, f"{why} (--engine {cfg.engine})")
     if cfg.reference_batch < 0:
         raise cli.InputError("--reference-batch", "must be 0 (no scaling) or more")
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state.preempted:
-            if rank0 or engine.everyone_saves:  # the chief writes the preemption checkpoint
+            if engine.saves_here:  # the chief writes the preemption checkpoint (see `save`)
                 save(f"step-{state.step:09d}", state.epoch)
             if rank0:
                 writer.write("end", status="preempted", step=state.step, epoch=state.epoch)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import chexnet_hvd  # noqa: F401  (first: on the TF 2.20 lane it selects Keras 2 before TensorFlow loads)
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SHARED = ROOT.parent / "shared"

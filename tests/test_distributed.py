@@ -1,10 +1,15 @@
-"""The rules of the one Horovod start-up (chexnet_hvd.distributed), as pure functions: which GPU a
-rank takes and how many threads it gets. (Run for real on every multi-rank test and template.)"""
+"""The rules of the engine seam's start-up (chexnet_hvd.distributed) and the tf engine's launcher,
+as pure functions: which GPU a rank takes, how many threads it gets, where a tf worker sits in
+its cluster and listens, and what exit code a job of workers ends with. (Run for real on every
+multi-rank test and template.)"""
+
+import json
 
 import pytest
 
+from chexnet_hvd import launch
 from chexnet_hvd.cli import InputError
-from chexnet_hvd.distributed import gpu_index, threads_for
+from chexnet_hvd.distributed import gpu_index, local_ranks, tf_cluster, tf_port_base, threads_for
 
 
 def test_a_rank_takes_its_local_ranks_gpu_or_the_only_one_it_was_given():
@@ -19,3 +24,36 @@ def test_threads_are_the_ranks_own_cpus_when_bound_else_a_share_of_the_node():
     assert threads_for(cpus=8, local_size=4, machine_cpus=32) == 8  # bound to its 8 (srun -c 8)
     assert threads_for(cpus=32, local_size=4, machine_cpus=32) == 8  # unbound: a quarter each
     assert threads_for(cpus=2, local_size=4, machine_cpus=2) == 1  # more ranks than cores
+
+
+def test_a_tf_worker_finds_its_place_among_the_workers_on_its_host():
+    workers = ["node1:20000", "node1:20001", "node2:20002", "node2:20003"]
+    assert [local_ranks(workers, i) for i in range(4)] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    assert local_ranks([], 0) == (0, 1)  # a world of one
+
+
+def test_tf_ports_differ_per_job_and_per_worker_and_can_be_set(monkeypatch):
+    monkeypatch.delenv("CHEXNET_TF_PORT", raising=False)
+    assert tf_port_base("4242") != tf_port_base("4243")
+    assert all(20000 <= tf_port_base(str(job)) <= 65535 - 100 for job in range(0, 5000, 7))
+    monkeypatch.setenv("CHEXNET_TF_PORT", "31000")
+    assert tf_port_base("4242") == 31000
+
+
+def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    assert tf_cluster() == (["a:1", "b:2"], 1)
+    for broken in ("{", json.dumps({"cluster": {}}), json.dumps(
+            {"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}})):
+        monkeypatch.setenv("TF_CONFIG", broken)
+        with pytest.raises(InputError, match="TF_CONFIG"):
+            tf_cluster()
+
+
+def test_a_job_of_workers_ends_with_the_first_failure_else_their_common_code():
+    assert launch.outcome([0, 0]) == 0
+    assert launch.outcome([75, 75]) == 75  # preempted together: requeue
+    assert launch.outcome([75, 1]) == 1  # a crash is not a preemption
+    assert launch.outcome([0, -9]) == 128 + 9  # killed by SIGKILL, as a shell reports it
+    assert launch.outcome([0, 75]) == 75

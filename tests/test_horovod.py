@@ -83,6 +83,18 @@ def test_validation_auroc_equals_single_process(two_ranks_run, records_dir):
     assert last["val_mean_auroc"] == pytest.approx(metrics.mean_defined(ours), abs=2e-6)
 
 
+def test_batch_norm_statistics_under_the_tf_engine(records_dir, tmp_path):
+    """A model with batch normalisation on 2 tf workers: reading its statistics is a collective
+    (averaged over the workers), so every worker joins each checkpoint write (the step and epoch
+    ones here): the run completes, the chief's checkpoints are there, and the averaged
+    statistics make even the batch-norm variables identical on both workers."""
+    run(ranks("tf", 2, *train_args(records_dir, tmp_path), "--model", "nas-01201120", "--epochs", "1",
+              "--checkpoint-every-steps", "4"), timeout=300, check=True)
+    assert read_runlog(tmp_path)[-1]["status"] == "completed"
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} >= {"epoch-0001", "step-000000012"}
+    assert_ranks_identical(tmp_path)
+
+
 @pytest.mark.parametrize("flag", [["--fp16-allreduce"], ["--backward-passes-per-step", "2"]])
 def test_the_tf_engine_refuses_what_only_horovod_has(records_dir, tmp_path, flag):
     proc = run([*train_args(records_dir, tmp_path), "--engine", "tf", *flag])

@@ -20,9 +20,10 @@
 #                 Not horovodrun: it passes no signal on to the ranks (so preemption would lose
 #                 the run) and needs ssh between nodes; it is for workstations.
 #   SRUN_MPI      srun's --mpi plugin (default pmix)
-#   ENGINE        horovod (default) | tf: TensorFlow's MultiWorkerMirroredStrategy carries the
-#                 gradients instead of Horovod (for clusters where Horovod does not build);
-#                 srun then starts the workers without MPI (LAUNCHER must be srun)
+#   ENGINE        horovod (default, or $CHEXNET_ENGINE) | tf: TensorFlow's
+#                 MultiWorkerMirroredStrategy carries the gradients instead of Horovod (for
+#                 clusters where Horovod does not build); srun then starts the workers
+#                 without MPI (LAUNCHER must be srun)
 #
 # Preemption: the templates ask Slurm for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...) and are --requeue-able. The signal reaches this shell, which passes it
@@ -35,7 +36,7 @@
 : "${DATA_DIR:=$CHEXNET_HOME/data/records}"
 : "${RUN_ROOT:=$CHEXNET_HOME/runs}"
 : "${RECIPE:=}" "${PRECISION:=mixed_float16}" "${TRAIN_ARGS:=}" "${LAUNCHER:=srun}" "${SRUN_MPI:=pmix}"
-: "${ENGINE:=horovod}"
+: "${ENGINE:=${CHEXNET_ENGINE:-horovod}}"
 if [[ -z $RECIPE ]]; then
   : "${MODEL:=densenet121}" "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
 fi
@@ -56,6 +57,7 @@ case "$ENGINE" in
 esac
 
 RUN_DIR="$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID"
+export CHEXNET_ENGINE=$ENGINE  # the default of --engine, also for the search's candidates
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
 # Open MPI busy-polls while waiting; yielding keeps ranks that share cores from starving.
