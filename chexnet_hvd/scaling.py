@@ -93,6 +93,23 @@ def timed_epochs(epochs: list[dict], skip_first: int) -> list[dict]:
     return epochs[skip_first:] if len(epochs) > skip_first else epochs
 
 
+BACKEND = GROUP_KEYS.index("backend")
+
+
+def group_of(run: Run, runs: list[Run]) -> tuple:
+    """A run's group. One rank moves no gradients, so its transport does not change throughput:
+    a 1-rank run joins the multi-rank runs that differ from it in the backend alone (a lone
+    Horovod process reports mpi, its horovodrun --gloo siblings gloo), when they agree on one."""
+    def rest(key: tuple) -> tuple:
+        return key[:BACKEND] + key[BACKEND + 1:]
+
+    if run.start["world_size"] == 1:
+        backends = {r.key[BACKEND] for r in runs if r.start["world_size"] > 1 and rest(r.key) == rest(run.key)}
+        if len(backends) == 1:
+            return run.key[:BACKEND] + (backends.pop(),) + run.key[BACKEND + 1:]
+    return run.key
+
+
 def scaling_rows(runs: list[Run], skip_first_epochs: int = 1) -> list[dict]:
     """One row per (group, world size), sorted; runs of the same size are pooled by epoch."""
     cells: dict[tuple, list[dict]] = {}
@@ -101,7 +118,7 @@ def scaling_rows(runs: list[Run], skip_first_epochs: int = 1) -> list[dict]:
         epochs = timed_epochs(run.epochs, skip_first_epochs)
         if not epochs:
             continue
-        cell = run.key + (run.start["world_size"],)
+        cell = group_of(run, runs) + (run.start["world_size"],)
         cells.setdefault(cell, []).extend(epochs)
         counts[cell] = counts.get(cell, 0) + 1
     rows = []

@@ -66,7 +66,8 @@ class TrainConfig:
     engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what carries the gradients between "
                             "ranks: Horovod (horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
                             "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG); "
-                            "default: $CHEXNET_ENGINE, else horovod", choices=["horovod", "tf"])
+                            "default: $CHEXNET_ENGINE, else horovod where installed, else tf",
+                            choices=["horovod", "tf"])
     fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce "
                                      "(Horovod only)")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "

@@ -57,6 +57,20 @@ def test_a_resumed_run_credits_each_epoch_to_its_own_start(tmp_path):
     assert rows[4]["efficiency"] == pytest.approx(0.8)
 
 
+def test_a_lone_rank_joins_its_multi_rank_runs_whatever_its_transport(tmp_path):
+    """A lone Horovod process reports mpi, horovodrun --gloo's ranks gloo: one rank moves no
+    gradients, so it is the 1-rank row of the gloo runs (speedup over it); two transports
+    among the multi-rank runs keep it apart."""
+    write_run(tmp_path / "np1", 1, 100.0, backend="mpi")
+    write_run(tmp_path / "np2", 2, 150.0, backend="gloo")
+    rows = scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))
+    assert [(r["ranks"], r["backend"], round(r["speedup"], 2)) for r in rows] == [(1, "gloo", 1.0), (2, "gloo", 1.5)]
+    write_run(tmp_path / "np2mpi", 2, 170.0, backend="mpi")
+    write_run(tmp_path / "np2nccl", 2, 190.0, backend="nccl")
+    rows = scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))
+    assert {(r["ranks"], r["backend"]) for r in rows} == {(1, "mpi"), (2, "gloo"), (2, "mpi"), (2, "nccl")}
+
+
 @pytest.mark.parametrize("setting", [{"synthetic_input": True}, {"config": {"xla": True}},
                                      {"config": {"fp16_allreduce": True}}, {"backend": "mpi"},
                                      {"horovod_backend": "mpi"}, {"engine": "tf", "backend": "ring"},
