@@ -24,7 +24,9 @@ SHARED = ROOT.parent / "shared"
 def run(args: list[str], timeout: float = 600, env: dict | None = None,
         check: bool = False) -> subprocess.CompletedProcess:
     """Run a command from the repo root with the venv first on PATH; capture text output."""
-    full_env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    # PYTHON: the shell wrappers (write_tfrecords.sh, ...) run this lane's Python, not .venv's
+    full_env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+                             "PYTHON": sys.executable}
     proc = subprocess.run(args, cwd=ROOT, env=full_env | (env or {}), capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
