@@ -121,6 +121,11 @@ class Engine:
     def __init__(self, rank: int, size: int, local_rank: int, local_size: int):
         self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
 
+    def place(self, threads: int) -> Placement:
+        """This rank's GPU pinned and TF threads sized; where it runs (before the TF runtime starts)."""
+        return Placement(self.rank, self.size, self.local_rank, self.local_size,
+                         **place(self.local_rank, self.local_size, threads))
+
     @property
     def saves_here(self) -> bool:
         """Whether this rank takes part in writing a checkpoint (the chief's is the run's)."""
@@ -201,8 +206,7 @@ class Horovod(Engine):
         hvd.init()  # Horovod: initialise before anything touches the TF runtime
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
         self.hvd = hvd
-        self.placement = Placement(self.rank, self.size, self.local_rank, self.local_size,
-                                   **place(self.local_rank, self.local_size, threads))
+        self.placement = self.place(threads)
         skip_autograph_for_horovod()
 
     def allgather_object(self, obj) -> list:
@@ -325,8 +329,7 @@ class TensorFlow(Engine):
     def __init__(self, threads: int):
         workers, index = tf_cluster()
         super().__init__(index, max(len(workers), 1), *local_ranks(workers, index))
-        self.placement = Placement(self.rank, self.size, self.local_rank, self.local_size,
-                                   **place(self.local_rank, self.local_size, threads))
+        self.placement = self.place(threads)
         import tensorflow as tf
 
         if workers:  # the strategy reads the cluster from TF_CONFIG
