@@ -143,7 +143,7 @@ def section_scaling(r: dict) -> list[str]:
         f"- 2 ranks x 1 thread / 1 rank x 2 threads: {verdict(r['two_ranks_over_two_threads'], 0.90)}", "",
         *section_engines(r),
         "The Horovod and tf engine runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png;"
-        " one table per engine):", "",
+        " both engines in one table):", "",
         (DOCS / "scaling.md").read_text().strip() if (DOCS / "scaling.md").is_file() else "(missing)", "",
         "![scaling](scaling.png)", "",
         "**Projection check.** A 2-rank allreduce of the model's "

@@ -172,11 +172,21 @@ def _fmt(value, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+# A table holds the runs of one job: the same settings but for the engine and its transport,
+# which are a column, so the engines are compared row by row at each world size.
+ENGINE_KEYS = ("engine", "backend")
+TABLE_KEYS = tuple(k for k in GROUP_KEYS if k not in ENGINE_KEYS)
+
+
+def transport(row: dict) -> str:
+    """The engine and its transport in one word, e.g. horovod/gloo, tf/ring."""
+    return row["engine"] + (f"/{row['backend']}" if row["backend"] else "")
+
+
 def title(group: dict) -> str:
-    """A group in words: model, size, precision, batch, input, then what is switched on."""
+    """A job in words: model, size, precision, batch, input, then what is switched on."""
     text = (f"{group['model']}, {group['image_size']} px, {group['precision']}, batch "
-            f"{group['local_batch']} per rank, {group['input']} input, {group['engine']}"
-            f"{'/' + group['backend'] if group['backend'] else ''}")
+            f"{group['local_batch']} per rank, {group['input']} input")
     switched = (("preprocessed in the model graph", group["preprocess"] == "model graph"),
                 ("XLA", group["xla"]), ("fp16 allreduce", group["fp16_allreduce"]),
                 (f"{group['backward_passes']} backward passes per step", group["backward_passes"] > 1))
@@ -184,20 +194,30 @@ def title(group: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One Markdown table per group."""
+    """One Markdown table per job, a row per world size and engine; with more than one engine
+    (or transport) in a table, each row's img/s over the first one's at the same world size."""
     out = []
-    groups = sorted({tuple(r[k] for k in GROUP_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
+    jobs = sorted({tuple(r[k] for k in TABLE_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     has_base = any("baseline_images_per_sec" in r for r in rows)
-    for group in groups:
-        out.append(f"### {title(dict(zip(GROUP_KEYS, group, strict=True)))}\n")
-        head = ["ranks", "img/s", "img/s per rank", "speedup", "efficiency", "epoch s (mean ± sd)"]
+    for job in jobs:
+        members = sorted((r for r in rows if tuple(r[k] for k in TABLE_KEYS) == job),
+                         key=lambda r: (r["ranks"], transport(r)))
+        engines = sorted({transport(r) for r in members})
+        reference = {r["ranks"]: r["images_per_sec"] for r in members if transport(r) == engines[0]}
+        out.append(f"### {title(dict(zip(TABLE_KEYS, job, strict=True)))}\n")
+        head = ["ranks", "engine", "img/s", "img/s per rank", "speedup", "efficiency", "epoch s (mean ± sd)"]
+        if len(engines) > 1:
+            head.append(f"img/s / {engines[0]}'s")
         if has_base:
             head += ["baseline img/s", "ours / baseline"]
         body = []
-        for r in (r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group):
-            cells = [str(r["ranks"]), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
+        for r in members:
+            cells = [str(r["ranks"]), transport(r), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
                      _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.0f}%",
                      f"{r['epoch_seconds_mean']:.1f} ± {r['epoch_seconds_sd']:.1f}"]
+            if len(engines) > 1:
+                ref = reference.get(r["ranks"])
+                cells.append(_fmt(r["images_per_sec"] / ref if ref else None, 2))
             if has_base:
                 cells += [_fmt(r.get("baseline_images_per_sec")), _fmt(r.get("ratio_to_baseline"), 2)]
             body.append(cells)
@@ -227,7 +247,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     groups = sorted({tuple(r[k] for k in GROUP_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     for group in groups:
         members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
-        label = title(dict(zip(GROUP_KEYS, group, strict=True)))
+        label = f"{title(members[0])}, {transport(members[0])}"
         ranks = [r["ranks"] for r in members]
         ax_t.plot(ranks, [r["images_per_sec"] for r in members], "o-", label=label)
         ax_e.plot(ranks, [100 * r["efficiency"] for r in members], "o-", label=label)

@@ -81,7 +81,28 @@ def test_runs_differing_in_a_throughput_setting_never_pool(tmp_path, setting):
     write_run(tmp_path / "b", 2, 400.0, **({"horovod_backend": "gloo"} | setting))
     rows = scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))
     assert sorted(r["images_per_sec"] for r in rows) == [180.0, 400.0]
-    assert len({scaling.title(r) for r in rows}) == 2
+    assert len({(scaling.title(r), scaling.transport(r)) for r in rows}) == 2
+
+
+def test_the_engines_of_one_job_share_a_table_row_by_row(tmp_path):
+    """Horovod and tf runs of the same job: one table, a row per world size and engine, each
+    engine's own speedup, and the tf rows' img/s over Horovod's at the same world size."""
+    for engine, backend, rates in (("horovod", "gloo", (100.0, 150.0)), ("tf", "ring", (110.0, 240.0))):
+        for ranks, ips in zip((1, 2), rates, strict=True):
+            write_run(tmp_path / f"{engine}{ranks}", ranks, ips, engine=engine, backend=backend)
+    write_run(tmp_path / "other", 2, 500.0, model="small_cnn")
+    text = scaling.markdown(scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)]))))
+    tables = text.split("### ")[1:]
+    assert len(tables) == 2
+    dense = next(t for t in tables if t.startswith("densenet121"))
+    assert "img/s / horovod/gloo's" in dense
+    lines = [line for line in dense.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [line.split(" | ")[:3] for line in lines] == [
+        ["| 1", "horovod/gloo", "100.0"], ["| 1", "tf/ring", "110.0"],
+        ["| 2", "horovod/gloo", "150.0"], ["| 2", "tf/ring", "240.0"]]
+    assert lines[3].split(" | ")[4] == "2.18"  # tf's own speedup: 240 / 110 * 1
+    assert lines[3].split(" | ")[7].rstrip(" |") == "1.60"  # 240 / 150
+    assert "/ horovod" not in next(t for t in tables if t.startswith("small_cnn"))  # one engine: no ratio
 
 
 def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):
@@ -90,7 +111,7 @@ def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):
     out_csv, out_png = tmp_path / "t.csv", tmp_path / "t.png"
     proc = run([REPORT, str(runs / "dn_*"), "--csv", str(out_csv), "--plot", str(out_png),
                 "--baseline", str(baseline)], check=True)
-    assert "| 2 | 180.0 | 90.0 | 1.80 | 90% |" in proc.stdout
+    assert "| 2 | horovod | 180.0 | 90.0 | 1.80 | 90% |" in proc.stdout
     assert "185.1" in proc.stdout and "0.57" in proc.stdout  # 180 / 315.26
     rows = list(csv.DictReader(out_csv.open()))
     assert [int(r["ranks"]) for r in rows] == [1, 2, 4]
