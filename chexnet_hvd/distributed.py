@@ -5,8 +5,8 @@ Two engines, one interface (`Engine`):
 - `horovod`: Horovod's allreduce over MPI or Gloo (horovodrun, mpirun, srun --mpi=pmix);
 - `tf`: TensorFlow's own `MultiWorkerMirroredStrategy` (Keras 2 / tf_keras; ring collectives on
   CPUs, NCCL on GPUs), one worker per process, started by `python -m chexnet_hvd.launch` on a
-  workstation, by srun under Slurm (`SlurmClusterResolver`), or by any launcher that sets
-  TF_CONFIG.
+  workstation, by srun under Slurm (`SlurmClusterResolver`), by any launcher that sets
+  TF_CONFIG, or by hand with `--workers host:port,... --worker-index I` on each host.
 Both start the same way: one GPU per local rank with memory growth, and TF threads sized from
 the CPUs this process may run on, which under Slurm's or MPI's CPU binding is fewer than the
 machine has (`os.sched_getaffinity`, never `os.cpu_count()`). `start` returns the engine and
@@ -113,6 +113,7 @@ class Engine:
     order (a rank that skips one stalls the others)."""
 
     name = ""
+    takes_workers = False  # whether --workers can name its ranks (else its launcher does)
     # Whether reading the model's variables is itself a collective (MultiWorkerMirroredStrategy
     # averages batch-norm statistics across workers on read), so that every rank must take part
     # in a checkpoint write; the non-chiefs then write to a scratch directory.
@@ -189,9 +190,34 @@ def engine_class(name: str) -> type[Engine]:
     return ENGINES[name]
 
 
-def start(engine: str = DEFAULT_ENGINE, threads: int = 0) -> tuple[Engine, Placement]:
-    """Start `engine` (a name of ENGINES), pin this rank's GPU, size TF's thread pools."""
-    started = engine_class(engine)(threads)
+Cluster = tuple[list[str], int]  # (every worker as host:port in rank order, this one's index)
+
+
+def workers_flag(engine: str, workers: str, index: int) -> Cluster | None:
+    """--workers host:port,... and --worker-index, checked (one-line errors): the cluster named
+    on the command line, in place of TF_CONFIG; None when --workers is not given."""
+    if not workers:
+        if index:
+            raise InputError("--worker-index", "needs --workers")
+        return None
+    if not engine_class(engine).takes_workers:
+        raise InputError("--workers", f"the {engine} engine takes its ranks from its launcher "
+                         "(horovodrun, mpirun, srun); --workers is for --engine tf")
+    hosts = workers.split(",")
+    for worker in hosts:
+        host, _, port = worker.rpartition(":")
+        if not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise InputError("--workers", f"{worker!r} is not host:port")
+    if not 0 <= index < len(hosts):
+        raise InputError("--worker-index", f"{index}, but --workers names {len(hosts)} (from 0)")
+    return hosts, index
+
+
+def start(engine: str = DEFAULT_ENGINE, threads: int = 0,
+          cluster: Cluster | None = None) -> tuple[Engine, Placement]:
+    """Start `engine` (a name of ENGINES), pin this rank's GPU, size TF's thread pools;
+    `cluster` (from workers_flag) names the tf engine's workers."""
+    started = engine_class(engine)(threads, cluster)
     return started, started.placement
 
 
@@ -200,7 +226,7 @@ class Horovod(Engine):
 
     name = "horovod"
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, cluster: Cluster | None = None):  # cluster: workers_flag refuses it
         import horovod.tensorflow.keras as hvd
 
         hvd.init()  # Horovod: initialise before anything touches the TF runtime
@@ -273,7 +299,12 @@ def tf_port_base(job_id: str) -> int:
     return 20000 + int(digits) % 400 * 100
 
 
-def tf_cluster() -> tuple[list[str], int]:
+def tf_config(workers: list[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of `workers` (host:port each)."""
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def tf_cluster() -> Cluster:
     """(workers as host:port, this worker's index): TF_CONFIG when set; inside a Slurm step of
     several tasks, Slurm's view (SlurmClusterResolver: its hosts and task order, our ports);
     else a world of one ([], 0)."""
@@ -316,6 +347,7 @@ class TensorFlow(Engine):
     """tf.distribute.MultiWorkerMirroredStrategy over Keras 2, one replica per worker."""
 
     name = "tf"
+    takes_workers = True
     everyone_saves = True
 
     @staticmethod
@@ -326,15 +358,14 @@ class TensorFlow(Engine):
             return "--backward-passes-per-step", "gradient accumulation is Horovod's; the tf engine has none"
         return None
 
-    def __init__(self, threads: int):
-        workers, index = tf_cluster()
+    def __init__(self, threads: int, cluster: Cluster | None = None):
+        workers, index = cluster or tf_cluster()
         super().__init__(index, max(len(workers), 1), *local_ranks(workers, index))
         self.placement = self.place(threads)
         import tensorflow as tf
 
         if workers:  # the strategy reads the cluster from TF_CONFIG
-            os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
-                                                  "task": {"type": "worker", "index": index}})
+            os.environ["TF_CONFIG"] = tf_config(workers, index)
         implementation = tf.distribute.experimental.CommunicationImplementation
         self.implementation = implementation.NCCL if self.placement.tf_gpus else implementation.RING
         handler = signal.getsignal(signal.SIGTERM)

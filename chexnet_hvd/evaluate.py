@@ -45,6 +45,9 @@ class EvalConfig:
     engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what gathers the ranks' predictions: "
                             "Horovod or TensorFlow's collectives (as chexnet_hvd.train --engine)",
                             choices=["horovod", "tf"])
+    workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port "
+                             "(as chexnet_hvd.train --workers)")
+    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -164,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
     from chexnet_hvd import export, metrics, records
 
+    cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
-    engine, placement = distributed.start(cfg.engine)  # one GPU per local rank; a world of 1 alone
+    engine, placement = distributed.start(cfg.engine, cluster=cluster)  # one GPU per local rank
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank ran
 
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)

@@ -12,7 +12,6 @@ Slurm, srun starts the workers instead (chexnet_hvd.distributed reads Slurm's la
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ import sys
 import time
 
 from chexnet_hvd.cli import EXIT_PREEMPTED
+from chexnet_hvd.distributed import tf_config
 
 GRACE_SECONDS = 30
 
@@ -35,10 +35,6 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def tf_config(workers: list[str], index: int) -> str:
-    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
 def outcome(codes: list[int]) -> int:

@@ -68,6 +68,9 @@ class TrainConfig:
                             "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG); "
                             "default: $CHEXNET_ENGINE, else horovod where installed, else tf",
                             choices=["horovod", "tf"])
+    workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port in "
+                             "rank order, the same list on each (in place of TF_CONFIG)")
+    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
     fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce "
                                      "(Horovod only)")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
@@ -338,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = parse(argv)
     check_config(cfg)
+    cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     from chexnet_hvd import records
 
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- setup + the distribution engine ---
     if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
         os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
-    engine, placement = distributed.start(cfg.engine, cfg.threads)
+    engine, placement = distributed.start(cfg.engine, cfg.threads, cluster)
     import tensorflow as tf
 
     from chexnet_hvd import callbacks, checkpoints, data, models, runlog

@@ -9,7 +9,14 @@ import pytest
 
 from chexnet_hvd import launch
 from chexnet_hvd.cli import InputError
-from chexnet_hvd.distributed import gpu_index, local_ranks, tf_cluster, tf_port_base, threads_for
+from chexnet_hvd.distributed import (
+    gpu_index,
+    local_ranks,
+    tf_cluster,
+    tf_port_base,
+    threads_for,
+    workers_flag,
+)
 
 
 def test_a_rank_takes_its_local_ranks_gpu_or_the_only_one_it_was_given():
@@ -49,6 +56,21 @@ def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
         monkeypatch.setenv("TF_CONFIG", broken)
         with pytest.raises(InputError, match="TF_CONFIG"):
             tf_cluster()
+
+
+def test_workers_flags_name_the_cluster_and_bad_ones_are_one_line_errors():
+    assert workers_flag("tf", "", 0) is None
+    assert workers_flag("tf", "a:1,b.example:2,[::1]:3", 2) == (["a:1", "b.example:2", "[::1]:3"], 2)
+    for workers, index, flag, words in (("a:1,b:2", 2, "--worker-index", "names 2"),
+                                        ("", 1, "--worker-index", "needs --workers"),
+                                        ("a:1,b", 0, "--workers", "'b' is not host:port"),
+                                        ("a:1,:2", 0, "--workers", "':2'"),
+                                        ("a:99999", 0, "--workers", "'a:99999'")):
+        with pytest.raises(InputError, match=words) as err:
+            workers_flag("tf", workers, index)
+        assert str(err.value).startswith(flag)
+    with pytest.raises(InputError, match="for --engine tf"):
+        workers_flag("horovod", "a:1,b:2", 0)
 
 
 def test_a_job_of_workers_ends_with_the_first_failure_else_their_common_code():

@@ -1,15 +1,27 @@
 """Evaluation: patient-level bootstrap, operating points, ten-crop windows, the report under 1 and
-2 ranks, and bad checkpoints."""
+2 ranks (also started by hand with --workers), and bad checkpoints."""
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import ENGINES, assert_one_line_error, module, ranks, run
+from conftest import (
+    ENGINES,
+    ROOT,
+    VENV_BIN,
+    assert_one_line_error,
+    assert_ranks_identical,
+    module,
+    ranks,
+    run,
+)
 
-from chexnet_hvd import checkpoints, data, metrics, models
+from chexnet_hvd import checkpoints, data, launch, metrics, models
+from chexnet_hvd.runlog import read_runlog
 
 
 def test_bootstrap_is_reproducible_contains_the_estimate_and_resamples_patients():
@@ -85,6 +97,38 @@ def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, reco
         assert (tmp_path / "one" / name).stat().st_size > 1000
     report = (tmp_path / "one" / "report.md").read_text()
     assert "AUROC tencrop" in report and "| **mean** |" in report and "0.841" in report
+
+
+def by_hand(n: int, logs, *command) -> None:
+    """n tf-engine workers started one by one with no launcher and no TF_CONFIG, as a user would
+    on n hosts: each given the same --workers list and its own --worker-index."""
+    workers = ",".join(f"localhost:{port}" for port in launch.free_ports(n))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"} | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    procs = [subprocess.Popen([*map(str, command), "--engine", "tf", "--workers", workers, "--worker-index", str(i)],
+                              cwd=ROOT, env=env, stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT)
+             for i in range(n)]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0] * n, [(logs / f"worker{i}.log").read_text()[-2000:] for i in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["tf"])  # the engine --workers is for (marks it for the TF 2.20 lane)
+def test_workers_flags_make_one_job_of_processes_started_by_hand(records_dir, tmp_path, engine):
+    """Without --workers each process would train alone (world size 1, its own weights)."""
+    run_dir = tmp_path / "run"
+    by_hand(2, tmp_path, sys.executable, "-m", "chexnet_hvd.train", "--data", records_dir, "--run-dir", run_dir,
+            "--model", "small_cnn", "--image-size", 32, "--batch-size", 16, "--epochs", 1, "--audit",
+            "--verbose", 0, "--threads", 1)
+    start = read_runlog(run_dir)[0]
+    assert (start["world_size"], start["engine"], [r["rank"] for r in start["ranks"]]) == (2, engine, [0, 1])
+    assert_ranks_identical(run_dir)
+    args = ["-m", "chexnet_hvd.evaluate", "--checkpoint", run_dir / "checkpoints" / "epoch-0001",
+            "--data", records_dir, "--bootstrap", 50]
+    run([sys.executable, *map(str, args), "--out", str(tmp_path / "one")], check=True, timeout=300)
+    by_hand(2, tmp_path, sys.executable, *args, "--out", tmp_path / "two")
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["n"] == two["n"] > 0
+    assert [c["auroc"] for c in one["classes"]] == [c["auroc"] for c in two["classes"]]
 
 
 @pytest.mark.slow

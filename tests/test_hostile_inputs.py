@@ -127,6 +127,7 @@ CASES = [
     ("train-batch-0", "train", ["--data", *TRAIN, "--batch-size", "0"], ["--batch-size"], True),
     ("train-batch-too-big", "train", ["--data", *TRAIN, "--batch-size", "100000"], ["--batch-size", "training records"], "runlog"),
     ("train-steps-too-many", "train", ["--data", *TRAIN, "--steps-per-epoch", "100000"], ["--steps-per-epoch"], "runlog"),
+    ("train-workers-not-host-port", "train", ["--data", *TRAIN, "--engine", "tf", "--workers", "localhost:1,nohost"], ["--workers", "'nohost' is not host:port"], True),
     ("train-run-dir-unwritable", "train", ["--data", *TRAIN[:2], p("a_file/run"), *TRAIN[3:]], ["a_file/run", "cannot create"], None),
     # evaluate: checkpoints against records
     ("evaluate-checkpoint-missing", "evaluate", ["--checkpoint", p("no_ckpt"), *EVAL[2:]], ["no_ckpt", "not a checkpoint"], True),
@@ -134,6 +135,7 @@ CASES = [
     ("evaluate-meta-other-schema", "evaluate", ["--checkpoint", p("ckpt_other_schema"), *EVAL[2:]], ["meta.json", "checkpoint schema"], True),
     ("evaluate-wrong-class-count", "evaluate", [*EVAL[:3], p("five_classes"), *EVAL[4:]], ["predicts 14 classes", "hold 5"], True),
     ("evaluate-records-smaller-than-model", "evaluate", [*EVAL[:3], p("stored_16px"), *EVAL[4:]], ["stored at 16 px"], True),
+    ("evaluate-worker-index-outside-workers", "evaluate", [*EVAL, "--engine", "tf", "--workers", "a:1,b:2", "--worker-index", "2"], ["--worker-index", "names 2"], True),
     ("evaluate-out-unwritable", "evaluate", [*EVAL[:-1], p("a_file/eval")], ["a_file/eval", "cannot create"], None),
     # predict: image files
     ("predict-input-missing", "predict", [p("gone.png"), "--checkpoint", f("ckpt")], ["gone.png", "no such file"], None),

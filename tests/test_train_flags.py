@@ -35,6 +35,8 @@ HERE = "tests/test_train_flags.py"
 FLAG_TESTS = {
     "data": "tests/test_horovod.py::test_run_log_describes_the_job",
     "engine": "tests/test_horovod.py::test_run_log_describes_the_job",
+    "workers": "tests/test_evaluate.py::test_workers_flags_make_one_job_of_processes_started_by_hand",
+    "worker_index": "tests/test_evaluate.py::test_workers_flags_make_one_job_of_processes_started_by_hand",
     "run_dir": "tests/test_horovod.py::test_run_log_describes_the_job",
     "model": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
     "image_size": f"{HERE}::test_lr_reference_batch_threads_timing_validation_and_output",
