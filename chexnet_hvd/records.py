@@ -75,7 +75,9 @@ def serialize_example(image: bytes, image_id: str, patient: str, label, mask,
     feature = {IMAGE_KEYS[encoding]: b(image), "image/id": b(image_id.encode()),
                "patient/id": b(patient.encode()), "label": f(label), "mask": f(mask),
                "source": b(source.encode())}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: the features map in key order; protobuf's default order is not fixed
+    # (it varied between runs under protobuf 7, so equal records were not equal bytes)
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def parse_example(serialized, num_classes: int, encoding: str = "png") -> dict:

@@ -81,16 +81,16 @@ HOROVOD = importlib.util.find_spec("horovod") is not None
 def pytest_collection_modifyitems(config, items):
     """Tests parametrised with an engine (`engine`, or the `two_ranks` fixture) are marked
     tf_engine under tf. Where Horovod is not installed (the TF 2.20 lane), the tests that need
-    it are skipped: those under Horovod, the other multi-rank ones, and the Slurm rehearsal's
-    (its jobs run the default lane's .venv)."""
+    it are skipped: those under Horovod or marked `horovod`, and those on the Slurm rehearsal
+    cluster (its jobs run the default lane's .venv)."""
     skip = pytest.mark.skip(reason="needs Horovod or the default lane, which this lane is not")
     for item in items:
         params = item.callspec.params if hasattr(item, "callspec") else {}
         engine = params.get("engine", params.get("two_ranks"))
         if engine == "tf":
             item.add_marker(pytest.mark.tf_engine)
-        if not HOROVOD and (engine == "horovod" or item.get_closest_marker("slurm")
-                            or engine is None and item.get_closest_marker("mpi")):
+        if not HOROVOD and (engine == "horovod" or item.get_closest_marker("horovod")
+                            or "cluster" in item.fixturenames):
             item.add_marker(skip)
 
 

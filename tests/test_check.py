@@ -6,7 +6,7 @@ import re
 import pytest
 from conftest import module
 
-pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.horovod]  # horovodrun
 
 
 def test_check_without_gpus_reports_and_still_runs_the_steps():

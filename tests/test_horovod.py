@@ -111,6 +111,7 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
     assert_one_line_error(bad, "error: --engine: unknown engine 'mxnet'")
 
 
+@pytest.mark.horovod
 def test_mpirun_two_ranks(records_dir, tmp_path):
     run_dir = tmp_path / "mpi"
     # Open MPI busy-polls; yielding when idle keeps 2 ranks on 2 cores from starving each other.

@@ -24,8 +24,10 @@ def train_cmd(records_dir, run_dir, *extra, engine="horovod"):
 
 
 def one_process(cmd: list[str]) -> list[str]:
-    """A 2-rank command as one process, no launcher (a world of one)."""
-    return cmd[cmd.index(sys.executable, 1):]
+    """A 2-rank command as one process, no launcher (a world of one), under the default engine
+    (tf where Horovod is not installed)."""
+    cmd = cmd[cmd.index(sys.executable, 1):]
+    return cmd[:-2] if cmd[-2] == "--engine" else cmd
 
 
 def start(cmd):

@@ -209,10 +209,11 @@ def test_schedules_cosine_and_step(records_dir, tmp_path):
     assert [e["lr"] for e in epochs(tmp_path / "step")] == pytest.approx([peak, peak / 10], rel=1e-5)
 
 
+@pytest.mark.horovod
 def test_backward_passes_per_step_and_keep_checkpoints(records_dir, tmp_path):
     """2 passes per update, 1 step per epoch: the weights change after every second step only;
     --keep-checkpoints 4 keeps all 4 epoch checkpoints (the default keeps 3)."""
-    trainer(records_dir, tmp_path, "--backward-passes-per-step", 2, "--steps-per-epoch", 1,
+    trainer(records_dir, tmp_path, "--engine", "horovod", "--backward-passes-per-step", 2, "--steps-per-epoch", 1,
             "--epochs", 4, "--keep-checkpoints", 4, check=True)
     after = [checkpoints.load(tmp_path / "checkpoints" / f"epoch-{e:04d}")[0].get_weights()
              for e in (1, 2, 3, 4)]
@@ -273,6 +274,7 @@ def horovodrun(records_dir, run_dir, *extra):
 
 
 @pytest.mark.mpi
+@pytest.mark.horovod
 def test_fp16_allreduce_and_warmup_on_two_ranks(records_dir, tmp_path):
     """fp16 compression rounds the averaged gradients: other weights than plain fp32 allreduce,
     yet close, and still bitwise identical on both ranks. --warmup-epochs 4 (16 steps): the last
@@ -289,6 +291,7 @@ def test_fp16_allreduce_and_warmup_on_two_ranks(records_dir, tmp_path):
 
 
 @pytest.mark.mpi
+@pytest.mark.horovod
 def test_mixed_float16_under_horovod_end_to_end(records_dir, tmp_path):
     """The Slurm templates' default precision, 2 ranks: trains, checkpoints the loss scale,
     weights identical on both ranks, and the fp16 + accumulation combination is refused."""
