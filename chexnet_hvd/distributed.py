@@ -5,7 +5,7 @@ Two engines, one interface (`Engine`):
 - `horovod`: Horovod's allreduce over MPI or Gloo (horovodrun, mpirun, srun --mpi=pmix);
 - `tf`: TensorFlow's own `MultiWorkerMirroredStrategy` (Keras 2 / tf_keras; ring collectives on
   CPUs, NCCL on GPUs), one worker per process, started by `python -m chexnet_hvd.launch` on a
-  workstation, by srun under Slurm (`SlurmClusterResolver`), by any launcher that sets
+  workstation, by srun under Slurm (its node list and task order), by any launcher that sets
   TF_CONFIG, or by hand with `--workers host:port,... --worker-index I` on each host.
 Both start the same way: one GPU per local rank with memory growth, and TF threads sized from
 the CPUs this process may run on, which under Slurm's or MPI's CPU binding is fewer than the
@@ -306,7 +306,7 @@ def tf_config(workers: list[str], index: int) -> str:
 
 def tf_cluster() -> Cluster:
     """(workers as host:port, this worker's index): TF_CONFIG when set; inside a Slurm step of
-    several tasks, Slurm's view (SlurmClusterResolver: its hosts and task order, our ports);
+    several tasks, Slurm's view (its nodes and task order, our ports);
     else a world of one ([], 0)."""
     if os.environ.get("TF_CONFIG"):
         try:
@@ -318,19 +318,19 @@ def tf_cluster() -> Cluster:
             raise InputError("TF_CONFIG", f"task index {index} but {len(workers)} workers")
         return workers, index
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        import tensorflow as tf
         from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+            expand_hostlist,
             expand_tasks_per_node,
         )
 
-        # Its hosts and task order only: its GPU bookkeeping (a nominal one per task here) is
-        # not applied, as gres/gpu has set each task's devices already.
-        most = max(expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"]))
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-            gpus_per_node=most, gpus_per_task=1, auto_set_gpu=False)
-        hosts = [w.rsplit(":", 1)[0] for w in resolver.cluster_spec().as_dict()["worker"]]
+        # SlurmClusterResolver's own parsers, but Slurm's node order, in which it numbers the
+        # tasks (SLURM_PROCID; block distribution): its cluster_spec sorts hostnames as text,
+        # which puts node10 before node9 and names each worker by the other's address.
+        nodes = expand_hostlist(os.environ["SLURM_STEP_NODELIST"])
+        counts = expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"])
+        hosts = [node for node, n in zip(nodes, counts, strict=True) for _ in range(n)]
         base = tf_port_base(os.environ.get("SLURM_JOB_ID", "0"))
-        return [f"{host}:{base + i}" for i, host in enumerate(hosts)], resolver.task_id
+        return [f"{host}:{base + i}" for i, host in enumerate(hosts)], int(os.environ["SLURM_PROCID"])
     return [], 0
 
 

@@ -58,6 +58,17 @@ def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
             tf_cluster()
 
 
+def test_a_slurm_step_names_its_workers_in_slurms_node_order(monkeypatch):
+    """node9 before node10, as Slurm numbers the tasks (sorted as text, node10 came first and
+    each worker was named by the other's address); 2 tasks on node9, 1 on node10."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    for key, value in {"SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_NODELIST": "node[9-10]",
+                       "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_PROCID": "2", "SLURM_JOB_ID": "5"}.items():
+        monkeypatch.setenv(key, value)
+    base = tf_port_base("5")
+    assert tf_cluster() == ([f"node9:{base}", f"node9:{base + 1}", f"node10:{base + 2}"], 2)
+
+
 def test_workers_flags_name_the_cluster_and_bad_ones_are_one_line_errors():
     assert workers_flag("tf", "", 0) is None
     assert workers_flag("tf", "a:1,b.example:2,[::1]:3", 2) == (["a:1", "b.example:2", "[::1]:3"], 2)
