@@ -294,10 +294,18 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
                   file=sys.stderr, flush=True)
     state = engine.broadcast_object(state)  # counters from the chief
     schedules.live_schedule(optimizer).scale.assign(state.plateau["scale"])
-    variables = optimizer.variables
-    variables = variables() if callable(variables) else variables
-    engine.broadcast_variables(model.variables + list(variables))
+    engine.broadcast_variables(model.variables + optimizer_variables(optimizer))
     return state
+
+
+def optimizer_variables(optimizer) -> list:
+    """Every variable of the optimizer's checkpoint, in a fixed order: its step and slots, and
+    under mixed_float16 the loss scale and its count of good steps (which `optimizer.variables`
+    leaves out: broadcasting only those left the other ranks on a fresh loss scale at resume)."""
+    import tensorflow as tf
+
+    found = {id(t): t for t in tf.train.TrackableView(optimizer).descendants() if isinstance(t, tf.Variable)}
+    return list(found.values())
 
 
 def progress_bar(verbose: int) -> int:
@@ -305,21 +313,24 @@ def progress_bar(verbose: int) -> int:
     return int(verbose == 1 and sys.stdout.isatty())
 
 
-def audit_weights(run_dir: Path, rank: int, model, suffix: str = "") -> None:
-    """--audit: this rank's weights as RUN_DIR/audit/rank<N><suffix>.npz."""
+def audit_weights(run_dir: Path, rank: int, model, suffix: str = "", optimizer=None) -> None:
+    """--audit: this rank's weights as RUN_DIR/audit/rank<N><suffix>.npz (and its optimizer's
+    state as rank<N><suffix>-optimizer.npz)."""
     import numpy as np
 
     audit = run_dir / "audit"
     audit.mkdir(parents=True, exist_ok=True)
     np.savez(audit / f"rank{rank}{suffix}.npz", *model.get_weights())
+    if optimizer is not None:
+        np.savez(audit / f"rank{rank}{suffix}-optimizer.npz", *(v.numpy() for v in optimizer_variables(optimizer)))
 
 
-def write_audit(run_dir: Path, engine, model, cfg) -> None:
+def write_audit(run_dir: Path, engine, model, optimizer, cfg) -> None:
     """Per-rank evidence for tests: the records this rank read in epoch 1 (shard file, skip,
-    take; records directories only) and its final weights."""
+    take; records directories only), its final weights and optimizer state."""
     from chexnet_hvd import data, records, sharding
 
-    audit_weights(run_dir, engine.rank, model)
+    audit_weights(run_dir, engine.rank, model, optimizer=optimizer)
     manifest = records.load_manifest(cfg.data)
     shards = records.split_shards(manifest, cfg.data, "train")
     segments = None
@@ -460,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"exiting {cli.EXIT_PREEMPTED}", file=sys.stderr, flush=True)
             return cli.EXIT_PREEMPTED
         if cfg.audit:
-            write_audit(run_dir, engine, model, cfg)
+            write_audit(run_dir, engine, model, trained.optimizer, cfg)
     except BaseException as err:
         if writer:
             writer.write("end", status="failed", error=f"{type(err).__name__}: {err}")
