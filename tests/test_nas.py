@@ -82,6 +82,24 @@ def test_a_candidate_trains_with_the_nas_candidate_recipe_and_the_train_args(tmp
     assert (config.lr, config.schedule, config.threads) == (3e-3, "cosine", 1)
 
 
+def test_a_candidate_is_a_world_of_one_under_either_engine(monkeypatch):
+    """A worker started as one task of a job (srun, mpirun, TF_CONFIG) gives its candidates
+    none of the variables by which either engine would join that job; the rest stays."""
+    from chexnet_hvd.nas.__main__ import trainer_env
+
+    joining = {"OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "1", "PMI_SIZE": "2", "TF_CONFIG": "{}",
+               "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1"}
+    kept = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "1", "CHEXNET_ENGINE": "tf"}
+    for key, value in (joining | kept).items():
+        monkeypatch.setenv(key, value)
+    env = trainer_env()
+    assert not set(joining) & set(env) and kept.items() <= env.items()
+    from chexnet_hvd import distributed
+
+    monkeypatch.setattr(os, "environ", env)
+    assert distributed.tf_cluster() == ([], 0)  # the tf engine's view: no cluster to join
+
+
 def test_the_trainer_builds_nas_models_by_name():
     from chexnet_hvd import models
 
@@ -499,10 +517,16 @@ def test_a_preempted_worker_requeues_its_trial_and_the_retry_resumes(records_dir
 
 @pytest.mark.slow
 def test_an_llm_drives_a_search(records_dir, tmp_path, chat):
+    """Also --heartbeat 0.1: the worker beats while a candidate trains (seconds: importing
+    TensorFlow alone takes more than one), so the last beat comes long after the claim's."""
     server = chat(["I would try 21012100", "Next: 12345678", "then 02220102"])
     env = {"CHEXNET_LLM_BASE_URL": server.url, "CHEXNET_LLM_MODEL": "local", "CHEXNET_LLM_API_KEY": ""}
-    proc = nas(tmp_path / "s", records_dir, "--proposer", "llm", "--n-trials", 2, env=env, timeout=600)
+    proc = nas(tmp_path / "s", records_dir, "--proposer", "llm", "--n-trials", 2, "--heartbeat", 0.1,
+               env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for trial in study.open_study(tmp_path / "s").get_trials():
+        start, end = trial.datetime_start.timestamp(), trial.datetime_complete.timestamp()
+        assert start + 1.0 < trial.user_attrs["heartbeat"] <= end
     rows = check_trials(tmp_path / "s", records_dir)
     assert [(r["code"], r["proposer"]) for r in rows] == [("21012100", "llm"), ("02220102", "llm")]
     second_prompt = server.requests[1]["messages"][1]["content"]
@@ -510,18 +534,17 @@ def test_an_llm_drives_a_search(records_dir, tmp_path, chat):
     assert len(read_log(tmp_path / "s" / "llm_log.jsonl")) == 3
 
 
-def test_llm_retries_max_failures_and_heartbeat_end_to_end(records_dir, tmp_path, chat):
-    """Candidates that fail after about a second (the trainer refuses a validation split the
-    records lack): --max-failures 1 stops the worker after the first; --llm-retries 1 asks the
-    endpoint once before evolution picks; --heartbeat 0.1 beats while the candidate runs."""
+def test_llm_retries_and_max_failures_end_to_end(records_dir, tmp_path, chat):
+    """Candidates that fail at once (the trainer refuses a validation split the records lack):
+    --max-failures 1 stops the worker after the first; --llm-retries 1 asks the endpoint once
+    before evolution picks."""
     server = chat(["no code here"] * 5)
     env = {"CHEXNET_LLM_BASE_URL": server.url, "CHEXNET_LLM_MODEL": "local", "CHEXNET_LLM_API_KEY": ""}
     proc = module("nas", "--study-dir", tmp_path / "s", "--data", records_dir, "--image-size", 32,
                   "--batch-size", 32, "--epochs", 1, "--train-args", "--val-split nosuch",
-                  "--proposer", "llm", "--llm-retries", 1, "--max-failures", 1, "--heartbeat", 0.1,
+                  "--proposer", "llm", "--llm-retries", 1, "--max-failures", 1,
                   "--n-trials", 3, env=env, timeout=300)
     assert proc.returncode == 1 and "1 candidates failed in a row" in proc.stderr, proc.stderr[-2000:]
     assert len(server.requests) == 1
     [trial] = study.open_study(tmp_path / "s").get_trials()
     assert trial.user_attrs["proposer"] != "llm"  # evolution's pick after the one question
-    assert trial.user_attrs["heartbeat"] - trial.datetime_start.timestamp() > 0.5  # claim: ~0.15

@@ -122,10 +122,17 @@ def train_command(cfg: NasConfig, code: str, run_dir: Path, threads: int) -> lis
     return train.command(train.parse(train.argv_of(base) + shlex.split(cfg.train_args)))
 
 
+# What makes a process one rank of a larger job, to either engine: the launcher's MPI/PMIx
+# variables (Open MPI would try to join that job), TF_CONFIG and a Slurm step's task layout (the
+# tf engine would wait for the step's other tasks).
+JOB_RANK_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_STEP_")
+JOB_RANK_NAMES = ("TF_CONFIG", "SLURM_PROCID")
+
+
 def trainer_env() -> dict:
-    """The candidate is a world of one, not a rank of the job that started this worker: drop the
-    launcher's MPI/PMIx variables, or Open MPI would try to join that job."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    """The candidate is a world of one, not a rank of the job that started this worker."""
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith(JOB_RANK_PREFIXES) or k in JOB_RANK_NAMES)}
 
 
 def _die_with_parent() -> None:
