@@ -3,11 +3,12 @@
     python -m chexnet_hvd.check                       # one rank per visible GPU (2 CPU ranks without)
     python -m chexnet_hvd.check --model small_cnn --image-size 32 --steps 6   # a quick look
 
-One line per check, `[PASS]`, `[WARN]` or `[FAIL]`: TensorFlow and Horovod versions and what
-Horovod was built with (NCCL for GPU allreduce), the GPUs TensorFlow sees, then the real trainer
-under `horovodrun` on synthetic input for each precision, which shows that every rank got a GPU
-of its own and the images/s per GPU. Without GPUs it says so and still runs the steps on the
-CPU. Exit 0 when nothing failed, 1 otherwise.
+One line per check, `[PASS]`, `[WARN]` or `[FAIL]`: the TensorFlow version, how the engine was
+built (Horovod: with NCCL for GPU allreduce?), the GPUs TensorFlow sees, then the real trainer
+on synthetic input for each precision, started by the engine's launcher (horovodrun, or
+chexnet_hvd.launch for --engine tf), which shows that every rank got a GPU of its own and the
+images/s per GPU. Without GPUs it says so and still runs the steps on the CPU. Exit 0 when
+nothing failed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from chexnet_hvd import cli
+from chexnet_hvd import cli, distributed
 
 
 @dataclasses.dataclass
@@ -31,6 +32,8 @@ class CheckConfig:
     steps: int = cli.field(20, help="training steps per precision (the first 5 are not timed)")
     precisions: list[str] = cli.field(["fp32", "mixed_float16"], help="precisions to time")
     ranks: int = cli.field(0, help="ranks to start; 0: one per visible GPU, 2 without GPUs")
+    engine: str = cli.field(distributed.DEFAULT_ENGINE, choices=list(distributed.ENGINES),
+                            help="the distribution engine to check (default: $CHEXNET_ENGINE, else horovod)")
 
 
 def line(verdict: str, text: str) -> str:
@@ -38,24 +41,15 @@ def line(verdict: str, text: str) -> str:
     return verdict
 
 
-def stack() -> list[str]:
-    """Versions, Horovod's build, the GPUs TensorFlow sees; one verdict each."""
-    import horovod
-    import horovod.tensorflow as hvd
+def stack(engine: str) -> list[str]:
+    """Versions, the engine's build, the GPUs TensorFlow sees; one verdict each."""
     import tensorflow as tf
 
     from chexnet_hvd.distributed import visible_gpus
 
-    built = [name for name, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built()),
-                                   ("NCCL", hvd.nccl_built())) if ok]
     gpus = tf.config.list_physical_devices("GPU")
-    verdicts = [line("PASS", f"TensorFlow {tf.__version__} (CUDA build: {tf.test.is_built_with_cuda()}), "
-                             f"Horovod {horovod.__version__} built with {', '.join(built) or 'nothing'}")]
-    if hvd.nccl_built():
-        verdicts.append(line("PASS", "Horovod has NCCL: gradients are allreduced GPU to GPU"))
-    else:
-        verdicts.append(line("FAIL", "Horovod was built without NCCL: GPU gradients would be "
-                                     "allreduced through the CPU (rebuild on a GPU node: make setup GPU=1)"))
+    verdicts = [line("PASS", f"TensorFlow {tf.__version__} (CUDA build: {tf.test.is_built_with_cuda()})")]
+    verdicts += [line(*found) for found in distributed.engine_class(engine).build()]
     if gpus:
         verdicts.append(line("PASS", f"TensorFlow sees {len(gpus)} GPU(s): "
                                      f"{', '.join(g.name for g in gpus)}"))
@@ -84,15 +78,16 @@ def synthetic_records(root: Path, size: int) -> Path:
 
 
 def time_precision(cfg: CheckConfig, data: Path, run_dir: Path, ranks: int, precision: str) -> dict:
-    """The trainer itself under horovodrun, synthetic input: its run log's start and epoch."""
+    """The trainer itself under the engine's launcher, synthetic input: its run log's start and
+    epoch."""
     from chexnet_hvd import train
     from chexnet_hvd.runlog import read_runlog
 
     run = train.TrainConfig(data=str(data), run_dir=str(run_dir), model=cfg.model,
                             image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=1,
                             steps_per_epoch=cfg.steps, timing_warmup_steps=min(5, cfg.steps - 1),
-                            synthetic_input=True, precision=precision, verbose=0)
-    cmd = ["horovodrun", "--gloo", "-np", str(ranks), *train.command(run)]
+                            synthetic_input=True, precision=precision, verbose=0, engine=cfg.engine)
+    cmd = [*distributed.engine_class(cfg.engine).launcher(ranks), *train.command(run)]
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -108,18 +103,19 @@ def placement_verdict(start: dict) -> str:
     for r in start["ranks"]:
         by_host[r["host"]].append(r["gpu"])
     layout = "; ".join(f"{h}: {','.join(str(g) for g in gs)}" for h, gs in sorted(by_host.items()))
+    started = f"{start['world_size']} ranks of the {start['engine']} engine"
     if all(g is None for gs in by_host.values() for g in gs):
-        return line("WARN", f"horovodrun started {start['world_size']} ranks; no GPUs to give them")
+        return line("WARN", f"{started}; no GPUs to give them")
     if any(None in gs or len(set(gs)) < len(gs) for gs in by_host.values()):
         return line("FAIL", f"ranks share or lack a GPU ({layout}): start one rank per GPU")
-    return line("PASS", f"horovodrun started {start['world_size']} ranks, each on its own GPU ({layout})")
+    return line("PASS", f"{started}, each on its own GPU ({layout})")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(CheckConfig, __doc__.splitlines()[0], argv)
     if cfg.steps < 2:
         raise cli.InputError("--steps", "at least 2 (the first is never timed)")
-    verdicts = stack()
+    verdicts = stack(cfg.engine)
     import tensorflow as tf
 
     gpus = len(tf.config.list_physical_devices("GPU"))

@@ -24,6 +24,7 @@ import pickle
 import signal
 import socket
 import subprocess
+import sys
 
 import numpy as np
 
@@ -181,6 +182,16 @@ class Engine:
     def versions(self) -> dict:
         return {}
 
+    @staticmethod
+    def launcher(n: int) -> list[str]:
+        """What starts n ranks of this engine on one machine (a workstation, a test)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build() -> list[tuple[str, str]]:
+        """How this engine was built, as (verdict, text) for chexnet_hvd.check."""
+        return []
+
 
 def engine_class(name: str) -> type[Engine]:
     """The engine called `name`; an unknown one (a bad CHEXNET_ENGINE) is a one-line error."""
@@ -204,10 +215,12 @@ def workers_flag(engine: str, workers: str, index: int) -> Cluster | None:
         raise InputError("--workers", f"the {engine} engine takes its ranks from its launcher "
                          "(horovodrun, mpirun, srun); --workers is for --engine tf")
     hosts = workers.split(",")
-    for worker in hosts:
+    for i, worker in enumerate(hosts):
         host, _, port = worker.rpartition(":")
         if not (host and port.isdigit() and 0 < int(port) < 65536):
             raise InputError("--workers", f"{worker!r} is not host:port")
+        if worker in hosts[:i]:
+            raise InputError("--workers", f"{worker!r} is named twice (one worker per host:port)")
     if not 0 <= index < len(hosts):
         raise InputError("--worker-index", f"{index}, but --workers names {len(hosts)} (from 0)")
     return hosts, index
@@ -274,6 +287,23 @@ class Horovod(Engine):
     def versions(self) -> dict:
         return {"horovod": __import__("horovod").__version__}
 
+    @staticmethod
+    def launcher(n: int) -> list[str]:
+        return ["horovodrun", "--gloo", "-np", str(n)]
+
+    @staticmethod
+    def build() -> list[tuple[str, str]]:
+        import horovod
+        import horovod.tensorflow as hvd
+
+        built = [name for name, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built()),
+                                       ("NCCL", hvd.nccl_built())) if ok]
+        found = [("PASS", f"Horovod {horovod.__version__} built with {', '.join(built) or 'nothing'}")]
+        if hvd.nccl_built():
+            return found + [("PASS", "Horovod has NCCL: gradients are allreduced GPU to GPU")]
+        return found + [("FAIL", "Horovod was built without NCCL: GPU gradients would be allreduced "
+                                 "through the CPU (rebuild on a GPU node: make setup GPU=1)")]
+
 
 def skip_autograph_for_horovod() -> None:
     """Horovod's ops are graph-safe as written (tf.cond, no Python control flow on tensors);
@@ -294,7 +324,10 @@ def tf_port_base(job_id: str) -> int:
     nodes that share an address (the rehearsal cluster's) do not either. CHEXNET_TF_PORT
     overrides it."""
     if os.environ.get("CHEXNET_TF_PORT"):
-        return int(os.environ["CHEXNET_TF_PORT"])
+        port = os.environ["CHEXNET_TF_PORT"]
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            raise InputError("CHEXNET_TF_PORT", f"{port!r} is not a port number")
+        return int(port)
     digits = "".join(c for c in job_id if c.isdigit()) or "0"
     return 20000 + int(digits) % 400 * 100
 
@@ -459,10 +492,26 @@ class TensorFlow(Engine):
         return self.implementation.name.lower()
 
     def versions(self) -> dict:
-        from importlib.metadata import version
+        return dict([keras_package()])
 
-        keras = "tf_keras" if os.environ.get("TF_USE_LEGACY_KERAS") == "1" else "keras"
-        return {keras: version(keras)}
+    @staticmethod
+    def launcher(n: int) -> list[str]:
+        return [sys.executable, "-m", "chexnet_hvd.launch", "-np", str(n)]
+
+    @staticmethod
+    def build() -> list[tuple[str, str]]:
+        keras = " ".join(keras_package())
+        return [("PASS", f"the tf engine: MultiWorkerMirroredStrategy over {keras}, "
+                         "NCCL collectives between GPUs, ring on the CPU")]
+
+
+def keras_package() -> tuple[str, str]:
+    """(name, version) of the Keras 2 the tf engine runs on: tf_keras under TF >= 2.16, else
+    TensorFlow's own keras."""
+    from importlib.metadata import version
+
+    keras = "tf_keras" if os.environ.get("TF_USE_LEGACY_KERAS") == "1" else "keras"
+    return keras, version(keras)
 
 
 ENGINES = {"horovod": Horovod, "tf": TensorFlow}

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-from chexnet_hvd.cli import EXIT_PREEMPTED
+from chexnet_hvd import cli
+from chexnet_hvd.cli import EXIT_PREEMPTED, InputError
 from chexnet_hvd.distributed import tf_config
 
 GRACE_SECONDS = 30
@@ -87,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.np_ < 1 or not args.command:
         parser.error("give -np N (N >= 1) and the worker command")
+    if shutil.which(args.command[0]) is None:  # before any worker starts, not N tracebacks
+        raise InputError(args.command[0], "no such program")
     return run(args.np_, args.command)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

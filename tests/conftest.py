@@ -96,9 +96,9 @@ def pytest_collection_modifyitems(config, items):
 
 def launcher(engine: str, n: int) -> list[str]:
     """What starts n ranks of `engine` here: horovodrun over Gloo, or the tf engine's launcher."""
-    if engine == "horovod":
-        return ["horovodrun", "--gloo", "-np", str(n)]
-    return [sys.executable, "-m", "chexnet_hvd.launch", "-np", str(n)]
+    from chexnet_hvd.distributed import engine_class
+
+    return engine_class(engine).launcher(n)
 
 
 def ranks(engine: str, n: int, *command) -> list[str]:

@@ -45,6 +45,10 @@ def test_tf_ports_differ_per_job_and_per_worker_and_can_be_set(monkeypatch):
     assert all(20000 <= tf_port_base(str(job)) <= 65535 - 100 for job in range(0, 5000, 7))
     monkeypatch.setenv("CHEXNET_TF_PORT", "31000")
     assert tf_port_base("4242") == 31000
+    for bad in ("3l000", "70000", "-1"):
+        monkeypatch.setenv("CHEXNET_TF_PORT", bad)
+        with pytest.raises(InputError, match=f"CHEXNET_TF_PORT: '{bad}' is not a port number"):
+            tf_port_base("4242")
 
 
 def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
