@@ -111,15 +111,16 @@ class Validation(tf.keras.callbacks.Callback):
     """Predict this rank's part of the split, gather all ranks, score over the whole split; then
     the bookkeeping every rank shares: best AUROC, epochs since it improved."""
 
-    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict, allgather):
+    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict, engine):
         super().__init__()
         self.state, self.dataset, self.names, self.pos_weight = state, dataset, names, pos_weight
         self.predict = predict  # the model on preprocessed images, this rank alone
-        self.allgather = allgather
+        self.allgather, self.average_statistics = engine.allgather_object, engine.average_statistics
 
     def on_epoch_end(self, epoch, logs=None):
         if self.state.preempted:
             return
+        self.average_statistics(self.model)  # every rank validates (and the chief saves) one model
         t0, batches = time.perf_counter(), []
 
         def predict(images):
@@ -284,7 +285,7 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, stop, derived: dic
                  *engine.callbacks()]
     if rank0:
         callbacks.append(Timing(state, cfg.timing_warmup_steps, derived["global_batch"]))
-    callbacks.append(Validation(state, validation, names, pos_weight, predict, engine.allgather_object))
+    callbacks.append(Validation(state, validation, names, pos_weight, predict, engine))
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:

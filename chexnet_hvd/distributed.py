@@ -154,6 +154,12 @@ class Engine:
         """Rank 0's values of `variables` on every rank."""
         raise NotImplementedError
 
+    def average_statistics(self, model) -> None:
+        """The mean over the ranks of the model's batch-norm moving statistics, on every rank:
+        each rank updates them from its own batches, so without this every rank would validate
+        a different model and the chief would checkpoint its own statistics alone."""
+        raise NotImplementedError
+
     def scope(self):
         """The context in which models and optimizers are built."""
         return contextlib.nullcontext()
@@ -269,6 +275,18 @@ class Horovod(Engine):
         import horovod.tensorflow as hvd_tf
 
         hvd_tf.broadcast_variables(variables, root_rank=0)  # Horovod: rank 0's values
+
+    def average_statistics(self, model) -> None:
+        import horovod.tensorflow as hvd_tf
+        import tensorflow as tf
+
+        stats = batch_norm_statistics(model)
+        if self.size == 1 or not stats:
+            return
+        flat = tf.concat([tf.reshape(v, [-1]) for v in stats], 0)  # one collective for them all
+        mean = hvd_tf.allreduce(flat, op=hvd_tf.Average, name="batch_norm_statistics")  # Horovod: mean over ranks
+        for v, part in zip(stats, tf.split(mean, [v.shape.num_elements() for v in stats]), strict=True):
+            v.assign(tf.reshape(part, v.shape))
 
     def distributed_optimizer(self, optimizer, cfg):
         hvd = self.hvd
@@ -446,28 +464,39 @@ class TensorFlow(Engine):
         return bool(self.sum(np.array([float(flag)], np.float32))[0] > 0)
 
     def broadcast_variables(self, variables: list) -> None:
-        """Each variable's rank-0 value summed with the others' zeros, in one collective."""
+        """Each variable's rank-0 value summed with the others' zeros."""
         import tensorflow as tf
 
-        if self.size == 1:
-            return
         chief = self.rank == 0
+        self._reduce_into(variables, lambda v: tf.identity(v) if chief else tf.zeros_like(v), "SUM")
 
-        groups = {}  # one collective per dtype (a collective packs its tensors into one)
+    def average_statistics(self, model) -> None:
+        """Each worker's own values (a replica reads its local copy), averaged."""
+        import tensorflow as tf
+
+        self._reduce_into(batch_norm_statistics(model), tf.identity, "MEAN")
+
+    def _reduce_into(self, variables: list, mine, op: str) -> None:
+        """variables := the `op` (SUM or MEAN) over the workers of mine(variable), one
+        collective per dtype (a collective packs its tensors into one)."""
+        import tensorflow as tf
+
+        if self.size == 1 or not variables:
+            return
+        groups = {}
         for variable in variables:
             groups.setdefault(variable.dtype, []).append(variable)
 
         @tf.function(autograph=False)
-        def share(group):
+        def reduce(group):
             def replica():
-                values = [tf.identity(v) if chief else tf.zeros_like(v) for v in group]
                 return tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp.SUM, values)  # TF collective: rank 0's values
+                    tf.distribute.ReduceOp[op], [mine(v) for v in group])  # TF collective
 
             return self.strategy.run(replica)
 
         for group in groups.values():
-            for variable, value in zip(group, share(group), strict=True):
+            for variable, value in zip(group, reduce(group), strict=True):
                 variable.assign(self._local(value))
 
     def scope(self):
@@ -503,6 +532,14 @@ class TensorFlow(Engine):
         keras = " ".join(keras_package())
         return [("PASS", f"the tf engine: MultiWorkerMirroredStrategy over {keras}, "
                          "NCCL collectives between GPUs, ring on the CPU")]
+
+
+def batch_norm_statistics(model) -> list:
+    """The moving means and variances of every batch-norm layer in `model`, nested ones too."""
+    import tensorflow as tf
+
+    layers = [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
 
 
 def keras_package() -> tuple[str, str]:
