@@ -13,6 +13,7 @@ mpirun, a user's scancel, and the launcher the templates refuse."""
 import json
 import re
 import time
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -97,6 +98,37 @@ def output_of(out_dir, job_id: str) -> str:
     return next(out_dir.glob(f"*-{job_id}.out")).read_text()
 
 
+def failure_of(out_dir, job_id: str) -> str:
+    """A failed job's story: its first line, each crash or traceback with the 30 lines after it
+    (a native crash's Python stacks, from PYTHONFAULTHANDLER), and the end of its output."""
+    lines = output_of(out_dir, job_id).splitlines()
+    starts = [i for i, line in enumerate(lines)
+              if re.search(r"Fatal Python error|Traceback|received signal|^error: ", line)]
+    shown = sorted({j for i in starts[:4] for j in range(i, min(i + 30, len(lines)))})
+    return "\n".join(lines[:1] + [lines[j] for j in shown] + ["[...]"] + lines[-40:])
+
+
+# Open MPI 4.1's TCP start-up on the rehearsal, where every node has the same IP address: a plain
+# C MPI program (MPI_Init, allgather, allreduce; none of this suite) launched as 16 ranks over the
+# 4 nodes under srun fails in about 1 launch of 20 here (a peer's connect() reported as failed,
+# then segfaults), more often on loaded cores (tools/mpi_shared_ip_race.sh shows it). Real
+# nodes have addresses of their own.
+OPEN_MPI_SHARED_IP_RACE = "Open MPI failed to TCP connect to a peer MPI process"
+
+
+def run_job(template, env: dict, out_dir) -> tuple[str, dict]:
+    """Submit and wait; (job id, its fields). A job that died of the shared-IP race above is
+    submitted once more, with a warning that shows its story: not silently, and not twice."""
+    job = submit(template, env, out_dir)
+    fields = wait_job(job, timeout=900)
+    if fields["JobState"] == "FAILED" and OPEN_MPI_SHARED_IP_RACE in output_of(out_dir, job):
+        warnings.warn(f"job {job} hit Open MPI's TCP start-up race of the rehearsal's shared IP "
+                      f"address; submitted once more:\n{failure_of(out_dir, job)}", stacklevel=2)
+        job = submit(template, env, out_dir)
+        fields = wait_job(job, timeout=900)
+    return job, fields
+
+
 def assert_ranks_placed(start: dict, nodes: int, ranks: int, gpus: int) -> None:
     """World size and hosts as asked; per host local ranks 0..n-1, each on its own GPU."""
     assert start["world_size"] == len(start["ranks"]) == ranks
@@ -157,9 +189,8 @@ def test_training_template_runs_unchanged(cluster, template, records_dir, raw_di
     data = raw_dir if template.name.startswith("raw_") else records_dir
     recipe = {"RECIPE": "chexnet", "TRAIN_ARGS": "--weights none"} if template.name == "tfrec_1gpu.sh" else {}
     workload = {k: v for k, v in WORKLOAD.items() if not (recipe and k == "BATCH_SIZE")}
-    job = submit(template, workload | recipe | {"DATA_DIR": data, "RUN_ROOT": tmp_path / "runs"}, tmp_path)
-    fields = wait_job(job, timeout=900)
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), output_of(tmp_path, job)[-3000:]
+    job, fields = run_job(template, workload | recipe | {"DATA_DIR": data, "RUN_ROOT": tmp_path / "runs"}, tmp_path)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, job)
     run_dir = tmp_path / "runs" / directives(template)["job-name"] / job
     assert_template_run(template, job, run_dir, int(WORKLOAD["EPOCHS"]))
     if recipe:
@@ -179,7 +210,7 @@ def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
     narrow = submit(template, env, tmp_path, "--partition=cores")
     for job in (wide, narrow):
         fields = wait_job(job, timeout=600)
-        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), output_of(tmp_path, job)[-3000:]
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, job)
     ranks = {job: read_runlog(tmp_path / "runs" / "chexnet-cpu" / job)[0]["ranks"] for job in (wide, narrow)}
     assert [(r["host"], r["cpus"], r["threads"]) for r in ranks[wide]] == [("cores1", [0, 1], 2)]
     assert sorted(tuple(r["cpus"]) for r in ranks[narrow]) == [(0,), (1,)]
@@ -267,7 +298,7 @@ def test_records_mpi_template_writes_records_on_two_nodes(cluster, synthetic, re
     env = {"CSV": synthetic / "Data_Entry_2017.csv", "IMAGES": synthetic / "images", "DATA_DIR": out}
     job = submit(SLURM_DIR / "records_mpi.sh", env, tmp_path)
     fields = wait_job(job, timeout=600)
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), output_of(tmp_path, job)[-3000:]
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, job)
     assert fields["NodeList"] == "node[1-2]"
     manifest = json.loads((out / "manifest.json").read_text())
     reference = json.loads((records_dir / "manifest.json").read_text())

@@ -60,6 +60,8 @@ RUN_DIR="$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID"
 export CHEXNET_ENGINE=$ENGINE  # the default of --engine, also for the search's candidates
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
+# A rank that dies in native code (MPI, TensorFlow) prints every Python thread's stack to job.log.
+export PYTHONFAULTHANDLER=1
 # Open MPI busy-polls while waiting; yielding keeps ranks that share cores from starving.
 export OMPI_MCA_mpi_yield_when_idle="${OMPI_MCA_mpi_yield_when_idle:-1}"
 # Since Slurm 22.05 srun does not inherit the job's --cpus-per-task: pass it on, so each rank
