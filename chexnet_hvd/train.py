@@ -105,8 +105,8 @@ class TrainConfig:
                                    "A..B (the run's step numbers, as in the run log, from 1) "
                                    "into RUN_DIR/tensorboard/profile")
     audit: bool = cli.field(False, help="each rank writes RUN_DIR/audit/rank<N>.json + .npz "
-                            "(the records it read in epoch 1, its initial and final weights), "
-                            "for tests")
+                            "(the records it read in epoch 1, its initial and final weights) and "
+                            "rank<N>-optimizer.npz (its final optimizer state), for tests")
     verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
                              "Keras' progress bar when stdout is a terminal; 2 one line per "
                              "epoch only", choices=[0, 1, 2])
