@@ -311,6 +311,8 @@ class Horovod(Engine):
 
     @staticmethod
     def build() -> list[tuple[str, str]]:
+        if importlib.util.find_spec("horovod") is None:
+            return [("FAIL", "Horovod is not installed here (make setup builds it; or --engine tf)")]
         import horovod
         import horovod.tensorflow as hvd
 
@@ -381,6 +383,8 @@ def tf_cluster() -> Cluster:
         counts = expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"])
         hosts = [node for node, n in zip(nodes, counts, strict=True) for _ in range(n)]
         base = tf_port_base(os.environ.get("SLURM_JOB_ID", "0"))
+        if base + len(hosts) - 1 > 65535:
+            raise InputError("CHEXNET_TF_PORT", f"{base}: {len(hosts)} workers' ports (one each) go past 65535")
         return [f"{host}:{base + i}" for i, host in enumerate(hosts)], int(os.environ["SLURM_PROCID"])
     return [], 0
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.np_ < 1 or not args.command:
         parser.error("give -np N (N >= 1) and the worker command")
     if shutil.which(args.command[0]) is None:  # before any worker starts, not N tracebacks
-        raise InputError(args.command[0], "no such program")
+        raise InputError(args.command[0], "no such program on PATH, or not executable")
     return run(args.np_, args.command)
 
 

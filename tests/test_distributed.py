@@ -71,6 +71,9 @@ def test_a_slurm_step_names_its_workers_in_slurms_node_order(monkeypatch):
         monkeypatch.setenv(key, value)
     base = tf_port_base("5")
     assert tf_cluster() == ([f"node9:{base}", f"node9:{base + 1}", f"node10:{base + 2}"], 2)
+    monkeypatch.setenv("CHEXNET_TF_PORT", "65534")  # 3 workers need 65534..65536
+    with pytest.raises(InputError, match="CHEXNET_TF_PORT: 65534: 3 workers' ports"):
+        tf_cluster()
 
 
 def test_workers_flags_name_the_cluster_and_bad_ones_are_one_line_errors():

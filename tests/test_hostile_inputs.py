@@ -128,7 +128,7 @@ CASES = [
     ("train-batch-too-big", "train", ["--data", *TRAIN, "--batch-size", "100000"], ["--batch-size", "training records"], "runlog"),
     ("train-steps-too-many", "train", ["--data", *TRAIN, "--steps-per-epoch", "100000"], ["--steps-per-epoch"], "runlog"),
     ("train-workers-twice", "train", ["--data", *TRAIN, "--engine", "tf", "--workers", "localhost:1,localhost:1"], ["--workers", "'localhost:1' is named twice"], True),
-    ("launch-no-such-program", "launch", ["-np", "2", p("no_such_program")], ["no_such_program", "no such program"], None),
+    ("launch-no-such-program", "launch", ["-np", "2", p("no_such_program")], ["no_such_program", "no such program on PATH"], None),
     ("train-workers-not-host-port", "train", ["--data", *TRAIN, "--engine", "tf", "--workers", "localhost:1,nohost"], ["--workers", "'nohost' is not host:port"], True),
     ("train-run-dir-unwritable", "train", ["--data", *TRAIN[:2], p("a_file/run"), *TRAIN[3:]], ["a_file/run", "cannot create"], None),
     # evaluate: checkpoints against records

@@ -88,8 +88,11 @@ def test_a_candidate_is_a_world_of_one_under_either_engine(monkeypatch):
     from chexnet_hvd.nas.__main__ import trainer_env
 
     joining = {"OMPI_COMM_WORLD_SIZE": "2", "PMIX_RANK": "1", "PMI_SIZE": "2", "TF_CONFIG": "{}",
-               "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1"}
-    kept = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "1", "CHEXNET_ENGINE": "tf"}
+               "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1",
+               "HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1",
+               "HOROVOD_GLOO_RENDEZVOUS_ADDR": "10.0.0.1", "HOROVOD_CONTROLLER": "gloo"}
+    kept = {"SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "1", "CHEXNET_ENGINE": "tf",
+            "HOROVOD_FUSION_THRESHOLD": "0"}
     for key, value in (joining | kept).items():
         monkeypatch.setenv(key, value)
     env = trainer_env()

@@ -123,10 +123,13 @@ def train_command(cfg: NasConfig, code: str, run_dir: Path, threads: int) -> lis
 
 
 # What makes a process one rank of a larger job, to either engine: the launcher's MPI/PMIx
-# variables (Open MPI would try to join that job), TF_CONFIG and a Slurm step's task layout (the
-# tf engine would wait for the step's other tasks).
-JOB_RANK_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_STEP_")
-JOB_RANK_NAMES = ("TF_CONFIG", "SLURM_PROCID")
+# variables (Open MPI would try to join that job), horovodrun's rank and rendezvous variables
+# (Horovod's tuning knobs stay), TF_CONFIG and a Slurm step's task layout (the tf engine would
+# wait for the step's other tasks).
+JOB_RANK_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "SLURM_STEP_", "HOROVOD_LOCAL_", "HOROVOD_CROSS_",
+                     "HOROVOD_GLOO_")
+JOB_RANK_NAMES = ("TF_CONFIG", "SLURM_PROCID", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_HOSTNAME",
+                  "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS")
 
 
 def trainer_env() -> dict:
