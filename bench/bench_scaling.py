@@ -58,12 +58,12 @@ LAUNCHERS = {"horovod": ["horovodrun", "--gloo", "-np"], "tf": [PY, "-m", "chexn
 
 def train(records: Path, run_dir: Path, ranks: int, threads: int, args, *extra: str,
           engine: str = "horovod") -> dict:
-    from chexnet_hvd import train as trainer
+    from chexnet_hvd import config
 
-    config = trainer.TrainConfig(data=str(records), run_dir=str(run_dir), model="densenet121",
-                                 image_size=args.image_size, batch_size=args.batch, epochs=args.epochs,
-                                 steps_per_epoch=args.steps, threads=threads, verbose=0, engine=engine)
-    cmd = trainer.command(trainer.parse(trainer.argv_of(config) + list(extra)))
+    cfg = config.TrainConfig(data=str(records), run_dir=str(run_dir), model="densenet121",
+                             image_size=args.image_size, batch_size=args.batch, epochs=args.epochs,
+                             steps_per_epoch=args.steps, threads=threads, verbose=0, engine=engine)
+    cmd = config.command(config.parse(config.argv_of(cfg) + list(extra)))
     if ranks > 1:
         cmd = [*LAUNCHERS[engine], str(ranks), *cmd]
     env = os.environ | {"PATH": f"{Path(PY).parent}:{os.environ['PATH']}"}

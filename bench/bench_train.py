@@ -86,13 +86,13 @@ print(json.dumps({"images_per_sec": steps * batch / clock.seconds}))
 
 def trainer(records: Path, run_dir: Path, model: str, size: int, batch: int, steps: int, warm: int,
             **options) -> float:
-    from chexnet_hvd import train
+    from chexnet_hvd import config
     from chexnet_hvd.runlog import read_runlog
 
-    config = train.TrainConfig(data=str(records), run_dir=str(run_dir), model=model, image_size=size,
-                               batch_size=batch, epochs=1, steps_per_epoch=steps + warm,
-                               timing_warmup_steps=warm, verbose=0, val_batch_size=16, **options)
-    subprocess.run(train.command(config), cwd=ROOT, check=True)
+    cfg = config.TrainConfig(data=str(records), run_dir=str(run_dir), model=model, image_size=size,
+                             batch_size=batch, epochs=1, steps_per_epoch=steps + warm,
+                             timing_warmup_steps=warm, verbose=0, val_batch_size=16, **options)
+    subprocess.run(config.command(cfg), cwd=ROOT, check=True)
 
     return [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]["images_per_sec"]
 

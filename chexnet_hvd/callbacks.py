@@ -11,20 +11,17 @@ import dataclasses
 import resource
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from chexnet_hvd import checkpoints, data, metrics, schedules
-
-if TYPE_CHECKING:
-    from chexnet_hvd.train import TrainConfig
+from chexnet_hvd.config import Derived, TrainConfig, profile_range
 
 
 @dataclasses.dataclass
 class RunState:
     """What the callbacks share, the same on every rank, and what a checkpoint carries on to
-    the next attempt (`checkpoint_meta`)."""
+    the next attempt (`checkpoints.run_meta`)."""
 
     plateau: dict  # reduce-on-plateau: scale, best, wait
     epoch: int = 0  # epochs completed, so also the index of the epoch in progress
@@ -273,19 +270,17 @@ class Profile(tf.keras.callbacks.Callback):
             self.tracing = False
 
 
-def make_callbacks(cfg: TrainConfig, engine, state: RunState, stop, derived: dict,
-                   names: list[str], pos_weight, save, writer, predict, threads: int) -> list:
+def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, stop,
+                   validation: Validation, save, writer) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = engine.rank == 0  # only the chief writes files
     saves = engine.saves_here
-    validation = data.eval_dataset(cfg.data, cfg.val_split, cfg.image_size, cfg.val_batch_size,
-                                   rank=engine.rank, world_size=engine.size, threads=threads)
-    steps = derived["steps_per_epoch"]
+    steps = derived.steps_per_epoch
     callbacks = [StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step, steps),
                  *engine.callbacks()]
     if rank0:
-        callbacks.append(Timing(state, cfg.timing_warmup_steps, derived["global_batch"]))
-    callbacks.append(Validation(state, validation, names, pos_weight, predict, engine))
+        callbacks.append(Timing(state, cfg.timing_warmup_steps, derived.global_batch))
+    callbacks.append(validation)
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:
@@ -298,8 +293,6 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, stop, derived: dic
     if rank0:
         callbacks.append(RunLog(state, writer, engine.size, cfg.verbose > 0, cfg.tensorboard and logdir))
     if rank0 and cfg.profile_steps:  # rank 0's trace
-        from chexnet_hvd.train import profile_range
-
         callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile"))
     return callbacks
 

@@ -21,7 +21,9 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from chexnet_hvd import cli, distributed
+from chexnet_hvd import cli, config, distributed, records, synthetic
+from chexnet_hvd.placement import visible_gpus
+from chexnet_hvd.runlog import read_runlog
 
 
 @dataclasses.dataclass
@@ -45,7 +47,6 @@ def stack(engine: str) -> list[str]:
     """Versions, the engine's build, the GPUs TensorFlow sees; one verdict each."""
     import tensorflow as tf
 
-    from chexnet_hvd.distributed import visible_gpus
 
     gpus = tf.config.list_physical_devices("GPU")
     verdicts = [line("PASS", f"TensorFlow {tf.__version__} (CUDA build: {tf.test.is_built_with_cuda()})")]
@@ -66,7 +67,6 @@ def synthetic_records(root: Path, size: int) -> Path:
     import contextlib
     import io
 
-    from chexnet_hvd import records, synthetic
 
     with contextlib.redirect_stdout(io.StringIO()):  # their own reports are not checks
         synthetic.main(["--out", str(root / "syn"), "--images", "64", "--size", str(min(size, 64)),
@@ -80,14 +80,12 @@ def synthetic_records(root: Path, size: int) -> Path:
 def time_precision(cfg: CheckConfig, data: Path, run_dir: Path, ranks: int, precision: str) -> dict:
     """The trainer itself under the engine's launcher, synthetic input: its run log's start and
     epoch."""
-    from chexnet_hvd import train
-    from chexnet_hvd.runlog import read_runlog
 
-    run = train.TrainConfig(data=str(data), run_dir=str(run_dir), model=cfg.model,
-                            image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=1,
-                            steps_per_epoch=cfg.steps, timing_warmup_steps=min(5, cfg.steps - 1),
-                            synthetic_input=True, precision=precision, verbose=0, engine=cfg.engine)
-    cmd = [*distributed.engine_class(cfg.engine).launcher(ranks), *train.command(run)]
+    run = config.TrainConfig(data=str(data), run_dir=str(run_dir), model=cfg.model,
+                             image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=1,
+                             steps_per_epoch=cfg.steps, timing_warmup_steps=min(5, cfg.steps - 1),
+                             synthetic_input=True, precision=precision, verbose=0, engine=cfg.engine)
+    cmd = [*distributed.engine_class(cfg.engine).launcher(ranks), *config.command(run)]
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

@@ -6,15 +6,24 @@ by mean AUROC, swapped in one rename: a complete best exists at every instant.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
+from chexnet_hvd import models
 from chexnet_hvd.cli import InputError
+
+if TYPE_CHECKING:
+    from chexnet_hvd.callbacks import RunState
+    from chexnet_hvd.config import Derived, TrainConfig
 
 META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # meta.json, written by `save` through `meta_record` and read back by `read_meta`: the model to
@@ -30,6 +39,49 @@ def meta_record(**fields) -> dict:
         raise ValueError(f"checkpoint meta fields {sorted(set(fields) ^ set(META_FIELDS))} do not "
                          f"match the schema {META_SCHEMA}")
     return {"schema": META_SCHEMA, **fields}
+
+
+def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState,
+             epochs_done: int) -> dict:
+    """What a trainer's checkpoint records: enough to rebuild the model and resume the run
+    exactly (step, epoch, the plateau and early-stopping counts, the epoch's length)."""
+    return meta_record(
+        model=cfg.model, image_size=cfg.image_size, classes=manifest["classes"],
+        num_classes=manifest["num_classes"], epoch=epochs_done, step=state.step,
+        steps_per_epoch=derived.steps_per_epoch, global_batch=derived.global_batch,
+        precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
+        best_val_mean_auroc=state.best, since_best=state.since_best, plateau=state.plateau,
+        config=dataclasses.asdict(cfg))
+
+
+class Saver:
+    """The trainer's checkpoint writer, `saver(name, epochs_done)`: the chief writes
+    RUN_DIR/checkpoints/<name> and prunes old ones; with an engine whose variable reads are
+    collectives (`everyone`), the other ranks write alongside into a scratch directory they then
+    delete. Returns the checkpoint's path on the chief, else None."""
+
+    def __init__(self, model, optimizer, ckpt_dir: Path, keep: int, chief: bool,
+                 meta: Callable[[int], dict]):
+        self.model, self.optimizer, self.ckpt_dir, self.keep = model, optimizer, ckpt_dir, keep
+        self.chief, self.meta = chief, meta
+
+    def __call__(self, name: str, epochs_done: int) -> Path | None:
+        meta = self.meta(epochs_done)
+        if not self.chief:
+            with tempfile.TemporaryDirectory() as scratch:
+                save(self.model, Path(scratch), name, meta, self.optimizer)
+            return None
+        path = save(self.model, self.ckpt_dir, name, meta, self.optimizer)
+        prune(self.ckpt_dir, self.keep)
+        return path
+
+
+def optimizer_variables(optimizer) -> list:
+    """Every variable of the optimizer's checkpoint, in a fixed order: its step and slots, and
+    under mixed_float16 the loss scale and its count of good steps (which `optimizer.variables`
+    leaves out: broadcasting only those left the other ranks on a fresh loss scale at resume)."""
+    found = {id(t): t for t in tf.train.TrackableView(optimizer).descendants() if isinstance(t, tf.Variable)}
+    return list(found.values())
 
 
 def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:
@@ -119,8 +171,6 @@ def restore(model: tf.keras.Model, path: Path, optimizer=None) -> None:
 
 def load(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:
     """Rebuild the model a checkpoint's meta.json describes and restore its weights (inference)."""
-    from chexnet_hvd import models
-
     meta = read_meta(Path(ckpt_dir))
     if meta is None:
         raise InputError(ckpt_dir, "not a checkpoint directory (no readable meta.json)")

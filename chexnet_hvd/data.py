@@ -74,17 +74,41 @@ def is_raw(manifest: dict) -> bool:
     return manifest.get("encoding") == records.RAW_ENCODING
 
 
+class Records:
+    """A records directory (or raw-image index) opened once: its manifest, and each split's
+    units as (path, record count), checked against the manifest when first asked for. The
+    trainer opens its data once and builds every dataset from this."""
+
+    def __init__(self, data_dir: str | Path, manifest: dict):
+        self.data_dir, self.manifest = Path(data_dir), manifest
+        self._units: dict[str, list[tuple[str, int]]] = {}
+
+    def units(self, split: str) -> list[tuple[str, int]]:
+        """Sorted (path, record count) of the split's units; a one-line error when it has none."""
+        if split not in self._units:
+            self._units[split] = records.split_shards(self.manifest, self.data_dir, split)
+        return self._units[split]
+
+
+def open_records(data: Records | str | Path) -> Records:
+    """`data` opened (its manifest read and checked), or as it is when already open."""
+    if isinstance(data, Records):
+        return data
+    return Records(Path(data), records.load_manifest(data))
+
+
 class _Source:
     """A split's units (shard files, or the rows of a raw index) with their record counts, and
     `read(segments)`: the records of [k, 3] (unit, skip, take) segments, before parsing."""
 
-    def __init__(self, data_dir, split: str, deterministic: bool):
-        self.manifest = records.load_manifest(data_dir)
+    def __init__(self, data: Records | str | Path, split: str, deterministic: bool):
+        opened = open_records(data)
+        self.manifest = opened.manifest
         self.num_classes = self.manifest["num_classes"]
         self.raw = is_raw(self.manifest)
         self.encoding, self.stored_size = self.manifest.get("encoding"), self.manifest["image_size"]
         self.deterministic = deterministic
-        shards = records.split_shards(self.manifest, data_dir, split)
+        shards = opened.units(split)
         if self.raw:  # every row a unit of one record
             self.rows = {k: tf.constant(v) for k, v in
                          records.read_raw_index([path for path, _ in shards]).items()}
@@ -146,7 +170,7 @@ def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.D
     return ds.batch(size).enumerate().map(permute).unbatch()
 
 
-def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int, *,
+def train_dataset(data: Records | str | Path, split: str, image_size: int, batch_size: int, *,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
                   shuffle_buffer: int = 2048, deterministic: bool = False,
                   steps_per_epoch: int | None = None, start_epoch: int = 0,
@@ -158,7 +182,7 @@ def train_dataset(data_dir: str | Path, split: str, image_size: int, batch_size:
     first batches of the first epoch (a resume in mid-epoch) before they are decoded.
     `epochs=None`: endless. uint8 records come out as flipped uint8 pixels, for a model that
     preprocesses in its graph (`preprocess_on_device`)."""
-    source = _Source(data_dir, split, deterministic)
+    source = _Source(data, split, deterministic)
     on_device = preprocess_on_device(source.manifest)
     last = 2**62 if epochs is None else start_epoch + epochs
 
@@ -211,12 +235,12 @@ def tta_views(image: tf.Tensor, image_size: int, mode: str) -> tf.Tensor:
     return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0)
 
 
-def eval_dataset(data_dir: str | Path, split: str, image_size: int, batch_size: int, *,
+def eval_dataset(data: Records | str | Path, split: str, image_size: int, batch_size: int, *,
                  rank: int = 0, world_size: int = 1, tta: str | None = None,
                  threads: int | None = None) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
     With `tta`, image holds the views of `tta_views` ([B, V, S, S, 3])."""
-    source = _Source(data_dir, split, deterministic=True)
+    source = _Source(data, split, deterministic=True)
     segments = sharding.eval_plan(source.counts, world_size)[rank]
 
     def parse(item):

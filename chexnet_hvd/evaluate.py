@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli, distributed
+from chexnet_hvd import cli, data, distributed, export, metrics, records
 from chexnet_hvd.labels import PATHOLOGIES
 
 # Rajpurkar et al. 2017 (CheXNet), Table 2: per-class test AUROC, in the canonical order.
@@ -59,7 +59,6 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
 
 def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, engine) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients."""
-    from chexnet_hvd import data, metrics
 
     dataset = data.eval_dataset(data_dir, split, image_size, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
@@ -75,7 +74,6 @@ def paper_comparable(manifest: dict) -> bool:
 
 def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec,
                comparable: bool) -> list[dict]:
-    from chexnet_hvd import metrics
 
     auroc = metrics.per_class_auroc(pred["label"], pred["prob"], pred["mask"])
     auprc = metrics.per_class_auprc(pred["label"], pred["prob"], pred["mask"])
@@ -165,7 +163,6 @@ def plot_curves(names, pred: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
-    from chexnet_hvd import export, metrics, records
 
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli
+from chexnet_hvd import checkpoints, cli, data, records
 
 OV_MODEL = "model.xml"
 OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -49,7 +49,6 @@ def save_savedmodel(model, path: Path) -> None:
 
 def calibration_images(records_dir: str, image_size: int, count: int) -> list[np.ndarray]:
     """The first `count` training images, preprocessed as for the model, one [1, S, S, 3] each."""
-    from chexnet_hvd import data
 
     out = []
     for batch in data.eval_dataset(records_dir, "train", image_size, 32):
@@ -60,8 +59,6 @@ def calibration_images(records_dir: str, image_size: int, count: int) -> list[np
 
 
 def export(cfg: ExportConfig) -> Path:
-    from chexnet_hvd import checkpoints, records
-
     if cfg.format == "openvino" and cfg.precision == "int8":
         if not cfg.calib:
             raise cli.InputError("--calib", "int8 needs a records directory to calibrate on")
@@ -97,7 +94,6 @@ def export(cfg: ExportConfig) -> Path:
 def load_predictor(path: str | Path, backend: str):
     """(predict, meta): predict maps a float32 [N, S, S, 3] batch to [N, C] probabilities.
     backend tf: a training checkpoint; openvino: a directory written by --format openvino."""
-    from chexnet_hvd import checkpoints
 
     if backend == "tf":
         model, meta = checkpoints.load(path)

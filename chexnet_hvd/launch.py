@@ -22,7 +22,7 @@ import time
 
 from chexnet_hvd import cli
 from chexnet_hvd.cli import EXIT_PREEMPTED, InputError
-from chexnet_hvd.distributed import tf_config
+from chexnet_hvd.tf_engine import tf_config
 
 GRACE_SECONDS = 30
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from chexnet_hvd import data
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.labels import NUM_CLASSES
 from chexnet_hvd.nas import space
@@ -166,8 +167,6 @@ def with_preprocessing(model: tf.keras.Model, stored_size: int) -> tf.keras.Mode
     uint8 records ([B, S, S, 1], S the stored size), so resizing, scaling, replication to 3
     channels and ImageNet normalisation run where the model runs (a GPU), not on the CPU. The
     weights are `model`'s own: checkpoints hold `model`, which takes preprocessed input."""
-    from chexnet_hvd import data
-
     size = model.input_shape[1]
     pixels = tf.keras.Input((stored_size, stored_size, 1), dtype=tf.uint8, name="pixels")
     images = tf.keras.layers.Lambda(lambda t: data.preprocess(t, size), name="preprocess")(pixels)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli, records
+from chexnet_hvd import checkpoints, cli, data, export, models, records
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *records.DICOM_SUFFIXES)
 
@@ -83,7 +83,6 @@ def grad_cam(model, image: np.ndarray, class_index: int, layer=None) -> np.ndarr
     where a finding is."""
     import tensorflow as tf
 
-    from chexnet_hvd import models
 
     layer = layer or models.cam_layer(model)
     probe = tf.keras.Model(model.inputs, [layer.output, model.output])
@@ -140,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         check_image(f)
     if cfg.batch_size < 1:
         raise cli.InputError("--batch-size", "must be at least 1")
-    from chexnet_hvd import checkpoints, data, export
 
     if cfg.backend == "tf":  # the model itself, so --cam can take gradients of it
         model, meta = checkpoints.load(cfg.checkpoint)

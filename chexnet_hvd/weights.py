@@ -18,7 +18,9 @@ import dataclasses
 import os
 from pathlib import Path
 
-from chexnet_hvd import cli
+from tqdm import tqdm
+
+from chexnet_hvd import cli, download
 
 KERAS = "https://storage.googleapis.com/tensorflow/keras-applications"
 # model: (file, URL, md5) as keras.applications (Keras 2.15) downloads and checks them
@@ -76,10 +78,6 @@ class WeightsConfig:
 
 def fetch(cfg: WeightsConfig) -> tuple[Path, str]:
     """Download the model's file into the cache (resumable, md5-checked); (path, what happened)."""
-    from tqdm import tqdm
-
-    from chexnet_hvd import download
-
     name, url, md5 = PUBLISHED[cfg.model]
     out = cli.make_dir(cache_dir())
     if (out / name).is_file():  # a cache hit is checked too: a changed file is not used silently

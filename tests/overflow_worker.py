@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from chexnet_hvd import distributed, models, train
+from chexnet_hvd import config, distributed, models, train
 
 OVERFLOW_STEP, STEPS = 3, 6
 
@@ -28,10 +28,9 @@ def main(out: str, engine_name: str) -> None:
 
     tf.keras.utils.set_random_seed(0)
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
-    cfg = train.TrainConfig(data="-", run_dir="-", model="small_cnn", image_size=16,
-                            precision="mixed_float16")
-    derived = {"world_size": engine.size, "scaled_lr": 1e-3, "warmup_steps": 0, "total_steps": STEPS,
-               "steps_per_epoch": STEPS}
+    cfg = config.TrainConfig(data="-", run_dir="-", model="small_cnn", image_size=16, batch_size=4,
+                             precision="mixed_float16", reference_batch=0)  # lr 1e-3, no warmup
+    derived = config.derive(cfg, {"splits": {"train": {"count": STEPS * 4 * engine.size}}}, engine.size)
     with engine.scope():
         model = models.build_model("small_cnn", 16, 3)
         model.compile(optimizer=train.make_optimizer(cfg, engine, derived), loss=train.make_loss())

@@ -82,15 +82,15 @@ def test_plateau_schedule_lowers_the_lr_and_resume_keeps_it(records_dir, tmp_pat
 
 def test_a_config_turns_into_the_command_line_that_parses_back_to_it():
     """cli.to_argv is parse_config's inverse: how the NAS worker, the GPU check and the
-    benchmarks build trainer commands (train.command) instead of writing flags by hand."""
-    from chexnet_hvd import cli, train
+    benchmarks build trainer commands (config.command) instead of writing flags by hand."""
+    from chexnet_hvd import cli, config
     from chexnet_hvd.check import CheckConfig
 
-    config = train.TrainConfig(data="d", run_dir="r", model="small_cnn", augment=False, xla=True,
-                               lr=0.002, precision="mixed_bfloat16", steps_per_epoch=7)
-    argv = train.command(config)
+    cfg = config.TrainConfig(data="d", run_dir="r", model="small_cnn", augment=False, xla=True,
+                            lr=0.002, precision="mixed_bfloat16", steps_per_epoch=7)
+    argv = config.command(cfg)
     assert argv[1:3] == ["-m", "chexnet_hvd.train"] and "--no-augment" in argv and "--xla" in argv
-    assert cli.parse_config(train.TrainConfig, "", argv[3:]) == config
+    assert cli.parse_config(config.TrainConfig, "", argv[3:]) == cfg
     check = CheckConfig(precisions=["fp32"], steps=4)
     assert cli.parse_config(CheckConfig, "", cli.to_argv(check)) == check
 

@@ -9,14 +9,9 @@ import pytest
 
 from chexnet_hvd import launch
 from chexnet_hvd.cli import InputError
-from chexnet_hvd.distributed import (
-    gpu_index,
-    local_ranks,
-    tf_cluster,
-    tf_port_base,
-    threads_for,
-    workers_flag,
-)
+from chexnet_hvd.distributed import workers_flag
+from chexnet_hvd.placement import gpu_index, threads_for
+from chexnet_hvd.tf_engine import local_ranks, tf_cluster, tf_port_base
 
 
 def test_a_rank_takes_its_local_ranks_gpu_or_the_only_one_it_was_given():

@@ -67,19 +67,19 @@ def test_builder_params_equal_nas_bench_macro_for_40_codes(bench):
 
 
 def test_a_candidate_trains_with_the_nas_candidate_recipe_and_the_train_args(tmp_path):
-    from chexnet_hvd import recipes, train
+    from chexnet_hvd import config, recipes
     from chexnet_hvd.nas.__main__ import NasConfig, train_command
 
     cfg = NasConfig(study_dir=str(tmp_path), data="d", image_size=32, batch_size=8, epochs=2,
                     train_args="--lr 3e-3 --schedule cosine")
     argv = train_command(cfg, "10100100", tmp_path / "runs" / "x", threads=1)
-    config = train.parse(argv[3:])
+    cfg = config.parse(argv[3:])
     recipe = recipes.get("nas_candidate").train
-    assert {k: getattr(config, k) for k in recipe if k not in ("lr", "schedule")} == \
+    assert {k: getattr(cfg, k) for k in recipe if k not in ("lr", "schedule")} == \
         {k: v for k, v in recipe.items() if k not in ("lr", "schedule")}
-    assert (config.recipe, config.model, config.image_size, config.batch_size, config.epochs) == \
+    assert (cfg.recipe, cfg.model, cfg.image_size, cfg.batch_size, cfg.epochs) == \
         ("nas_candidate", "nas-10100100", 32, 8, 2)
-    assert (config.lr, config.schedule, config.threads) == (3e-3, "cosine", 1)
+    assert (cfg.lr, cfg.schedule, cfg.threads) == (3e-3, "cosine", 1)
 
 
 def test_a_candidate_is_a_world_of_one_under_either_engine(monkeypatch):
@@ -97,10 +97,10 @@ def test_a_candidate_is_a_world_of_one_under_either_engine(monkeypatch):
         monkeypatch.setenv(key, value)
     env = trainer_env()
     assert not set(joining) & set(env) and kept.items() <= env.items()
-    from chexnet_hvd import distributed
+    from chexnet_hvd import tf_engine
 
     monkeypatch.setattr(os, "environ", env)
-    assert distributed.tf_cluster() == ([], 0)  # the tf engine's view: no cluster to join
+    assert tf_engine.tf_cluster() == ([], 0)  # the tf engine's view: no cluster to join
 
 
 def test_the_trainer_builds_nas_models_by_name():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import SHARED, assert_one_line_error, module
 
-from chexnet_hvd import cli, recipes, train
+from chexnet_hvd import cli, config, recipes
 from chexnet_hvd.evaluate import EvalConfig
 from chexnet_hvd.records import RecordsConfig
 from chexnet_hvd.runlog import read_runlog
@@ -36,10 +36,10 @@ def test_a_recipe_changes_only_with_its_version():
 @pytest.mark.parametrize("name", recipes.names())
 def test_every_recipe_is_valid_flags_of_its_commands(name):
     recipe = recipes.get(name)
-    cfg = train.parse(["--recipe", name, *NEEDED])
+    cfg = config.parse(["--recipe", name, *NEEDED])
     assert {k: getattr(cfg, k) for k in recipe.train} == recipe.train and cfg.recipe == name
-    train.check_config(cfg)  # no combination the trainer refuses
-    assert train.parse(train.argv_of(cfg)) == cfg
+    config.check_config(cfg)  # no combination the trainer refuses
+    assert config.parse(config.argv_of(cfg)) == cfg
     records = cli.parse_config(RecordsConfig, "", ["--csv", "c", "--images", "i", "--out", "o",
                                                    *recipes.flags(recipe.records)])
     assert {k: getattr(records, k) for k in recipe.records} == recipe.records
@@ -49,27 +49,27 @@ def test_every_recipe_is_valid_flags_of_its_commands(name):
 
 
 def test_flags_given_override_the_recipe_and_the_command_line_keeps_them():
-    cfg = train.parse(["--recipe", "chexnet", *NEEDED, "--lr", "0.01", "--schedule", "constant",
+    cfg = config.parse(["--recipe", "chexnet", *NEEDED, "--lr", "0.01", "--schedule", "constant",
                        "--no-augment", "--model", "small_cnn"])
     assert (cfg.lr, cfg.schedule, cfg.augment, cfg.model) == (0.01, "constant", False, "small_cnn")
     assert (cfg.class_weights, cfg.plateau_patience, cfg.weights) == ("manifest", 1, "imagenet")
-    argv = train.argv_of(cfg)
+    argv = config.argv_of(cfg)
     assert argv[argv.index("--schedule") + 1] == "constant"  # TrainConfig's default, not the recipe's
-    assert train.parse(argv) == cfg
+    assert config.parse(argv) == cfg
 
 
 def test_reference_batch_0_keeps_the_lr_at_every_world_size():
-    cfg = train.parse(["--recipe", "dell_baseline", *NEEDED])
+    cfg = config.parse(["--recipe", "dell_baseline", *NEEDED])
     manifest = {"splits": {"train": {"count": 100_000}}}
-    assert {train.derive(cfg, manifest, w)["scaled_lr"] for w in (1, 4, 16)} == {1e-3}
-    scaled = train.parse([*NEEDED, "--lr", "1e-3"])
-    assert train.derive(scaled, manifest, 4)["scaled_lr"] == pytest.approx(4e-3)
+    assert {config.derive(cfg, manifest, w).scaled_lr for w in (1, 4, 16)} == {1e-3}
+    scaled = config.parse([*NEEDED, "--lr", "1e-3"])
+    assert config.derive(scaled, manifest, 4).scaled_lr == pytest.approx(4e-3)
 
 
 def test_the_last_recipe_flag_wins_abbreviated_too():
-    cfg = train.parse(["--recipe", "chexnet", "--recipe", "dell_baseline", *NEEDED])
+    cfg = config.parse(["--recipe", "chexnet", "--recipe", "dell_baseline", *NEEDED])
     assert (cfg.recipe, cfg.image_size, cfg.batch_size) == ("dell_baseline", 256, 64)
-    cfg = train.parse(["--recip", "chexnet", *NEEDED])
+    cfg = config.parse(["--recip", "chexnet", *NEEDED])
     assert (cfg.recipe, cfg.schedule) == ("chexnet", "plateau")
 
 

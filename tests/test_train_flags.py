@@ -24,7 +24,7 @@ from conftest import (
     run,
 )
 
-from chexnet_hvd import checkpoints, records, train
+from chexnet_hvd import checkpoints, config, records
 from chexnet_hvd.runlog import read_runlog
 
 pytestmark = [pytest.mark.slow]
@@ -84,7 +84,7 @@ FLAG_TESTS = {
 def test_every_trainer_flag_has_an_end_to_end_test():
     import dataclasses
 
-    flags = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    flags = {f.name for f in dataclasses.fields(config.TrainConfig)}
     assert flags == set(FLAG_TESTS), sorted(flags ^ set(FLAG_TESTS))
     for name, where in FLAG_TESTS.items():
         path, test = where.split("::")

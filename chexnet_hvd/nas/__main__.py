@@ -22,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from chexnet_hvd import cli
-from chexnet_hvd.distributed import visible_gpus
+from chexnet_hvd import cli, config, recipes
+from chexnet_hvd.nas import proposers, space, study
+from chexnet_hvd.nas.study import TrialState
+from chexnet_hvd.placement import visible_gpus
+from chexnet_hvd.runlog import read_runlog
 
 PROPOSERS = ["evolution", "random", "llm"]
 TRAINER_FLAGS = ("--data", "--run-dir", "--recipe", "--model", "--image-size", "--batch-size",
@@ -87,8 +90,6 @@ def check(cfg: NasConfig) -> None:
 
 def task_of(cfg: NasConfig) -> dict:
     """What makes trials comparable; stored on the study, checked for every later worker."""
-    from chexnet_hvd import recipes
-
     return {"data": str(Path(cfg.data).resolve()), "image_size": cfg.image_size,
             "batch_size": cfg.batch_size, "epochs": cfg.epochs, "train_args": cfg.train_args,
             "recipe": f"nas_candidate v{recipes.get('nas_candidate').version}"}
@@ -113,13 +114,10 @@ def core_block(i: int, threads: int) -> set[int] | None:
 def train_command(cfg: NasConfig, code: str, run_dir: Path, threads: int) -> list[str]:
     """The candidate's trainer command: the nas_candidate recipe, the search's settings, then
     --train-args (which `check` keeps off the search's own flags), through the trainer's config."""
-    from chexnet_hvd import train
-    from chexnet_hvd.nas import space
-
-    base = train.parse(["--recipe", "nas_candidate", "--data", cfg.data, "--run-dir", str(run_dir)])
+    base = config.parse(["--recipe", "nas_candidate", "--data", cfg.data, "--run-dir", str(run_dir)])
     base = dataclasses.replace(base, model=space.model_name(code), image_size=cfg.image_size,
                                batch_size=cfg.batch_size, epochs=cfg.epochs, threads=threads)
-    return train.command(train.parse(train.argv_of(base) + shlex.split(cfg.train_args)))
+    return config.command(config.parse(config.argv_of(base) + shlex.split(cfg.train_args)))
 
 
 # What makes a process one rank of a larger job, to either engine: the launcher's MPI/PMIx
@@ -148,8 +146,6 @@ def _die_with_parent() -> None:
 def outcome(run_dir: Path) -> dict:
     """The candidate's result from its run log: best val mean AUROC over all epochs (and
     attempts), trainable parameters, peak memory."""
-    from chexnet_hvd.runlog import read_runlog
-
     records = read_runlog(run_dir)
     epochs = [r for r in records if r["event"] == "epoch"]
     aurocs = [r["val_mean_auroc"] for r in epochs if r.get("val_mean_auroc") is not None]
@@ -195,8 +191,6 @@ def last_line(path: Path) -> str:
 def record(the_study, trial, run_dir: Path, rc: int, seconds: float) -> dict:
     """Tell the study how a finished candidate went; its result (auroc None and an error when
     it failed)."""
-    from chexnet_hvd.nas.study import TrialState
-
     result = outcome(run_dir) if rc == 0 else {"auroc": None}
     trial.set_user_attr("seconds", seconds)
     if result["auroc"] is None:
@@ -212,8 +206,6 @@ def record(the_study, trial, run_dir: Path, rc: int, seconds: float) -> dict:
 
 # ---------------------------------------------------------------- the worker loop ------------
 def worker(cfg: NasConfig) -> int:
-    from chexnet_hvd.nas import proposers, space, study
-
     index = worker_index(cfg)
     study_dir = Path(cfg.study_dir)
     the_study = study.open_study(study_dir, cfg.storage, task_of(cfg))
@@ -294,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(NasConfig, __doc__.splitlines()[0], argv)
     check(cfg)
     if cfg.workers > 1:
-        from chexnet_hvd.nas import study
-
         study.open_study(cfg.study_dir, cfg.storage, task_of(cfg))  # refuse a wrong task once, here
         return spawn_workers(cfg, argv)
     return worker(cfg)

@@ -1,0 +1,201 @@
+"""The trainer's configuration: the TrainConfig dataclass its CLI is made from, the recipes'
+defaults under the flags, the checks of flag combinations, and the values derived from the
+config and the world size (`Derived`), computed once and logged at start.
+
+No TensorFlow here: the NAS worker, the GPU check, the benchmarks and the tests build trainer
+command lines from this module without loading it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+import sys
+
+from chexnet_hvd import cli, distributed, recipes, sharding
+
+PRECISIONS = ["fp32", "mixed_float16", "mixed_bfloat16"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = cli.field(help="records directory (has manifest.json)")
+    run_dir: str = cli.field(help="where config.json, runlog.jsonl and checkpoints/ go")
+    recipe: str = cli.field("none", help="named settings that the other flags override: "
+                            "--recipe list, --recipe show NAME (chexnet_hvd/recipes.py)")
+    model: str = cli.field("densenet121", help="densenet121 | resnet50 | resnet59 | small_cnn | "
+                       "nas-<8 digits> (an architecture of chexnet_hvd.nas.space)")
+    image_size: int = cli.field(224, help="model input side in pixels")
+    batch_size: int = cli.field(16, help="images per rank per step (global batch = this x ranks)")
+    epochs: int = cli.field(3, help="epochs to train (in total, counting resumed ones)")
+    steps_per_epoch: int = cli.field(0, help="0: every full global batch of the training split "
+                                     "(fewer than one global batch is left out, another each epoch)")
+    optimizer: str = cli.field("adam", help="Adam (CheXNet) or SGD with Nesterov momentum 0.9",
+                               choices=["adam", "sgd"])
+    lr: float = cli.field(1e-3, help="base learning rate at --reference-batch (CheXNet: Adam 1e-3 at 16)")
+    reference_batch: int = cli.field(16, help="lr = lr x global_batch / reference_batch (Goyal "
+                                     "et al. 2017); 0: lr as given, not scaled (and, with "
+                                     "--warmup-epochs -1, no warmup)")
+    warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
+                                     "-1: proportional to the global batch, global_batch / "
+                                     "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)")
+    schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, step "
+                              "(x0.1 every --step-epochs), or plateau (x --plateau-factor after "
+                              "--plateau-patience epochs without a better val mean AUROC)",
+                              choices=["constant", "cosine", "step", "plateau"])
+    step_epochs: int = cli.field(10, help="epochs between x0.1 decays of --schedule step")
+    plateau_patience: int = cli.field(1, help="--schedule plateau: epochs without improvement "
+                                      "before the lr drops (CheXNet: 1)")
+    plateau_factor: float = cli.field(0.1, help="--schedule plateau: lr multiplier per drop")
+    class_weights: str = cli.field("none", help="manifest: weighted BCE with the manifest's "
+                                   "per-class positive weights (CheXNet)", choices=["none", "manifest"])
+    precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
+                               "dynamic loss scaling", choices=PRECISIONS)
+    xla: bool = cli.field(False, help="XLA auto-clustering (the engine's collectives stay outside XLA)")
+    engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what carries the gradients between "
+                            "ranks: Horovod (horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
+                            "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG); "
+                            "default: $CHEXNET_ENGINE, else horovod where installed, else tf",
+                            choices=["horovod", "tf"])
+    workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port in "
+                             "rank order, the same list on each (in place of TF_CONFIG)")
+    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
+    fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce "
+                                     "(Horovod only)")
+    backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
+                                              "allreduce (large inputs, small batches; Horovod only)")
+    weights: str = cli.field("none", help="none, imagenet (from the cache `python -m "
+                             "chexnet_hvd.weights fetch` fills; nothing is downloaded here), or "
+                             "a weights file")
+    seed: int = cli.field(0, help="seed of weights, shuffles and augmentation")
+    augment: bool = cli.field(True, help="random horizontal flips")
+    synthetic_input: bool = cli.field(False, help="train on one random in-memory batch, repeated "
+                                      "(benchmarks: the trainer without its input pipeline)")
+    shuffle_buffer: int = cli.field(2048, help="record shuffle buffer per rank")
+    deterministic: bool = cli.field(False, help="deterministic input order and ops (slower)")
+    val_split: str = cli.field("val", help="split validated after every epoch")
+    val_batch_size: int = cli.field(64, help="images per rank per validation step")
+    early_stopping: int = cli.field(0, help="stop after N epochs without a better val mean AUROC (0: off)")
+    resume: bool = cli.field(False, help="continue from the newest complete checkpoint in RUN_DIR")
+    checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)")
+    stop_check_steps: int = cli.field(10, help="the ranks agree on a stop request (SIGTERM, "
+                                      "SIGUSR1) every N steps: a collective, so not every step")
+    preempt_at_step: int = cli.field(0, help="act as if SIGUSR1 arrived at this step (the ranks "
+                                     "stop at their next agreement): rehearse preemption, "
+                                     "checkpoint and --resume (0: off)")
+    keep_checkpoints: int = cli.field(3, help="how many of the newest epoch checkpoints to keep")
+    threads: int = cli.field(0, help="CPU threads per rank for TF ops; 0: from the CPUs this rank "
+                             "may run on (all of them when bound, else a share per local rank)")
+    timing_warmup_steps: int = cli.field(3, help="steps at the start of each epoch left out of img/s")
+    tensorboard: bool = cli.field(True, help="rank 0 writes each epoch's train loss, lr, img/s, "
+                                  "val loss and per-class and mean AUROC as TensorBoard scalars "
+                                  "to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)")
+    profile_steps: str = cli.field("", help="A,B: a TensorFlow profiler trace of rank 0's steps "
+                                   "A..B (the run's step numbers, as in the run log, from 1) "
+                                   "into RUN_DIR/tensorboard/profile")
+    audit: bool = cli.field(False, help="each rank writes RUN_DIR/audit/rank<N>.json + .npz "
+                            "(the records it read in epoch 1, its initial and final weights) and "
+                            "rank<N>-optimizer.npz (its final optimizer state), for tests")
+    verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
+                             "Keras' progress bar when stdout is a terminal; 2 one line per "
+                             "epoch only", choices=[0, 1, 2])
+
+
+DESCRIPTION = ("Train a chest X-ray classifier on 1..N ranks (GPUs or CPU processes), with "
+               "Horovod or TensorFlow's own MultiWorkerMirroredStrategy carrying the gradients.")
+
+
+def recipe_defaults(name: str) -> dict:
+    """A recipe's trainer settings ('none': no recipe, none)."""
+    return recipes.get(name).train if name != "none" else {}
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """The trainer's config: a --recipe's settings, overridden by the flags given. argparse
+    finds the recipe (the last --recipe, abbreviations too), then parses again over it."""
+    parser = cli.build_parser(TrainConfig, DESCRIPTION)
+    name = parser.parse_known_args(argv)[0].recipe
+    parser.set_defaults(**recipe_defaults(name))
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def argv_of(cfg: TrainConfig) -> list[str]:
+    """The flags that `parse` turns back into `cfg` (its recipe's settings left implicit)."""
+    return cli.to_argv(cfg, defaults=recipe_defaults(cfg.recipe))
+
+
+def command(cfg: TrainConfig, python: str = sys.executable) -> list[str]:
+    """The trainer's command line for `cfg`: what the NAS worker, the GPU check, the benchmarks
+    and the tests start (a launcher goes in front)."""
+    return [python, "-m", "chexnet_hvd.train", *argv_of(cfg)]
+
+
+# ---------------------------------------------------------------- derived values -------------
+@dataclasses.dataclass(frozen=True)
+class Derived:
+    """Every number computed from the config and the world, in one place; logged at start (the
+    run log's start record and config.json carry its fields)."""
+
+    world_size: int
+    local_batch: int
+    global_batch: int
+    steps_per_epoch: int
+    scaled_lr: float
+    warmup_epochs: float
+    warmup_steps: int
+    total_steps: int
+    train_records: int
+    records_per_rank: int  # every rank the same (chexnet_hvd.sharding)
+    epoch_coverage: float
+
+
+def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> Derived:
+    """The derived values of `cfg` on `world_size` ranks over the records of `manifest`."""
+    records_total = manifest["splits"]["train"]["count"]
+    global_batch = cfg.batch_size * world_size
+    full = sharding.steps_per_epoch(records_total, world_size, cfg.batch_size)
+    if full < 1:
+        raise cli.InputError("--batch-size", f"{cfg.batch_size} per rank x {world_size} ranks is more "
+                             f"than the {records_total} training records")
+    if cfg.steps_per_epoch > full and not cfg.synthetic_input:
+        raise cli.InputError("--steps-per-epoch", f"{cfg.steps_per_epoch} is more than the {full} "
+                             f"global batches of {global_batch} the training split holds")
+    steps = cfg.steps_per_epoch or full
+    ratio = global_batch / cfg.reference_batch if cfg.reference_batch else 1.0
+    proportional = min(5.0, ratio / 8) if cfg.reference_batch else 0.0  # unscaled: no warmup
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else proportional
+    return Derived(world_size=world_size, local_batch=cfg.batch_size, global_batch=global_batch,
+                   steps_per_epoch=steps, scaled_lr=cfg.lr * ratio, warmup_epochs=warmup_epochs,
+                   warmup_steps=int(round(warmup_epochs * steps)), total_steps=steps * cfg.epochs,
+                   train_records=records_total, records_per_rank=full * cfg.batch_size,
+                   epoch_coverage=round(steps * global_batch / records_total, 6))
+
+
+def profile_range(steps: str) -> tuple[int, int]:
+    """--profile-steps 'A,B' (or 'A') -> (A, B)."""
+    first, _, last = steps.partition(",")
+    return int(first), int(last or first)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Flag combinations that cannot work, refused before anything starts."""
+    for flag in ("backward_passes_per_step", "stop_check_steps", "batch_size", "image_size"):
+        if getattr(cfg, flag) < 1:
+            raise cli.InputError(f"--{flag.replace('_', '-')}", "must be at least 1")
+    if cfg.profile_steps and not (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)?", cfg.profile_steps)
+                                  and operator.le(*profile_range(cfg.profile_steps))):
+        raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "
+                             "last step to trace (from 1, A <= B)")
+    refused = distributed.engine_class(cfg.engine).refuses(cfg)
+    if refused:
+        flag, why = refused
+        raise cli.InputError(flag, f"{why} (--engine {cfg.engine})")
+    if cfg.reference_batch < 0:
+        raise cli.InputError("--reference-batch", "must be 0 (no scaling) or more")
+    if cfg.backward_passes_per_step > 1 and cfg.precision == "mixed_float16":
+        # Horovod accumulates the passes locally and allreduces only every Nth: an overflow in
+        # a local pass would make one rank skip while the others apply, and the loss scale differ.
+        raise cli.InputError("--backward-passes-per-step", "cannot be combined with --precision "
+                             "mixed_float16 (ranks would skip different steps); use fp32 or "
+                             "mixed_bfloat16, which need no loss scaling")

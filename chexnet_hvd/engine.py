@@ -1,0 +1,109 @@
+"""The distribution engine's interface (`Engine`): everything the trainer, evaluate and the tests
+need from distribution, whichever engine carries it (chexnet_hvd.distributed picks one; the
+engines live in horovod_engine.py and tf_engine.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from chexnet_hvd.placement import Placement, place
+
+Cluster = tuple[list[str], int]  # (every worker as host:port in rank order, this one's index)
+
+class Engine:
+    """What a distributed run needs, whichever engine carries it. rank/size/local_rank/local_size
+    are this process' place in the job; the methods are collectives every rank calls in the same
+    order (a rank that skips one stalls the others)."""
+
+    name = ""
+    takes_workers = False  # whether --workers can name its ranks (else its launcher does)
+    # Whether reading the model's variables is itself a collective (MultiWorkerMirroredStrategy
+    # averages batch-norm statistics across workers on read), so that every rank must take part
+    # in a checkpoint write; the non-chiefs then write to a scratch directory.
+    everyone_saves = False
+
+    def __init__(self, rank: int, size: int, local_rank: int, local_size: int):
+        self.rank, self.size, self.local_rank, self.local_size = rank, size, local_rank, local_size
+
+    def place(self, threads: int) -> Placement:
+        """This rank's GPU pinned and TF threads sized; where it runs (before the TF runtime starts)."""
+        return Placement(self.rank, self.size, self.local_rank, self.local_size,
+                         **place(self.local_rank, self.local_size, threads))
+
+    @property
+    def saves_here(self) -> bool:
+        """Whether this rank takes part in writing a checkpoint (the chief's is the run's)."""
+        return self.rank == 0 or self.everyone_saves
+
+    @staticmethod
+    def refuses(cfg) -> tuple[str, str] | None:
+        """A training flag this engine cannot honour, as (flag, why), or None."""
+        return None
+
+    def allgather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        raise NotImplementedError
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank."""
+        raise NotImplementedError
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any (the stop agreement)."""
+        raise NotImplementedError
+
+    def broadcast_variables(self, variables: list) -> None:
+        """Rank 0's values of `variables` on every rank."""
+        raise NotImplementedError
+
+    def average_statistics(self, model) -> None:
+        """The mean over the ranks of the model's batch-norm moving statistics, on every rank:
+        each rank updates them from its own batches, so without this every rank would validate
+        a different model and the chief would checkpoint its own statistics alone."""
+        raise NotImplementedError
+
+    def scope(self):
+        """The context in which models and optimizers are built."""
+        return contextlib.nullcontext()
+
+    def distributed_optimizer(self, optimizer, cfg):
+        """`optimizer` with gradients averaged over the ranks (loss scaling goes outside it)."""
+        return optimizer
+
+    def callbacks(self) -> list:
+        """The engine's own Keras callbacks, first in the trainer's list."""
+        return []
+
+    def fit_input(self, make_dataset):
+        """What Keras `fit` takes for this rank's own dataset (`make_dataset()`: per-rank
+        batches, already sharded by the suite: the engine must not shard or re-batch it)."""
+        return make_dataset()
+
+    def predictor(self, model):
+        """images -> probabilities (numpy) on this rank alone, no collective."""
+        return model.predict_on_batch
+
+    def backend(self) -> str:
+        """The transport in use (run log `backend`)."""
+        return "none"
+
+    def versions(self) -> dict:
+        return {}
+
+    @staticmethod
+    def launcher(n: int) -> list[str]:
+        """What starts n ranks of this engine on one machine (a workstation, a test)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def build() -> list[tuple[str, str]]:
+        """How this engine was built, as (verdict, text) for chexnet_hvd.check."""
+        return []
+
+
+def batch_norm_statistics(model) -> list:
+    """The moving means and variances of every batch-norm layer in `model`, nested ones too."""
+    import tensorflow as tf
+
+    layers = [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
+    return [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
