@@ -34,14 +34,14 @@ import sys, time, json
 import tensorflow as tf, horovod.tensorflow as hvd
 hvd.init()
 from chexnet_hvd import models
-from chexnet_hvd.train import make_loss
+from chexnet_hvd.train import make_loss, pack_targets
 name, size, batch, steps, warm = sys.argv[1], *map(int, sys.argv[2:6])
 tf.keras.utils.set_random_seed(0)
 model = models.build_model(name, size)
 opt = tf.keras.optimizers.Adam(1e-3)
 loss_fn = make_loss()
 x = tf.random.uniform((batch, size, size, 3))
-y = tf.stack([tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14))], 1)
+y = pack_targets(tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14)))
 @tf.function
 def step():
     with tf.GradientTape() as tape:
@@ -64,13 +64,13 @@ import sys, time, json
 import tensorflow as tf, horovod.tensorflow.keras as hvd
 hvd.init()
 from chexnet_hvd import models
-from chexnet_hvd.train import make_loss
+from chexnet_hvd.train import make_loss, pack_targets
 name, size, batch, steps, warm = sys.argv[1], *map(int, sys.argv[2:6])
 tf.keras.utils.set_random_seed(0)
 model = models.build_model(name, size)
 model.compile(hvd.DistributedOptimizer(tf.keras.optimizers.Adam(1e-3)), make_loss())
 x = tf.random.uniform((batch, size, size, 3))
-y = tf.stack([tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14))], 1)
+y = pack_targets(tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14)))
 class Clock(tf.keras.callbacks.Callback):
     def on_train_batch_begin(self, b, logs=None):
         if b == warm:

@@ -8,13 +8,14 @@ the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the fla
 from __future__ import annotations
 
 import dataclasses
+import json
 import resource
 import time
 from pathlib import Path
 
 import tensorflow as tf
 
-from chexnet_hvd import checkpoints, data, metrics, schedules
+from chexnet_hvd import checkpoints, data, metrics, schedules, sharding
 from chexnet_hvd.config import Derived, TrainConfig, profile_range
 
 
@@ -31,18 +32,60 @@ class RunState:
     improved: bool = False  # the epoch just validated set a new best
     validation: dict = dataclasses.field(default_factory=dict)  # the last epoch's result
     timing: dict = dataclasses.field(default_factory=dict)  # the last epoch's seconds, img/s
-    skip_batches: int = 0  # batches of epoch `epoch` already trained (a mid-epoch resume)
     resumed_from: str | None = None
     preempted: bool = False
     stopped_early: bool = False
+    # Where in the data the run is, whatever shape each attempt had (chexnet_hvd.sharding):
+    shape: tuple[int, int] = (1, 1)  # this attempt's (world size, per-rank batch)
+    shapes: list = dataclasses.field(default_factory=list)  # the shape each epoch started with
+    parts: list = dataclasses.field(default_factory=list)  # earlier attempts' parts of this epoch
+    part_steps: int = 0  # steps this attempt trains of epoch `epoch`
+    batch: int = 0  # of which done
+    lr: float = 0.0  # the learning rate at the end of the last epoch
+
+    def epoch_parts(self) -> list:
+        """The parts of epoch `epoch` trained so far, this attempt's included (sharding.Part)."""
+        return self.parts + ([(*self.shape, self.part_steps, self.batch)] if self.batch else [])
 
 
 # ---------------------------------------------------------------- callbacks ------------------
-# All of them read and write one RunState. The order of `make_callbacks` matters: StopAgreement
-# counts the step the others see; Timing stops the clock before Validation runs; Validation
-# sets best/improved, which Plateau, EarlyStop and EpochCheckpoint read; RunLog writes last,
-# when the epoch's results are all in. Per-step hooks do integer work only and accept TF logs
-# (`_supports_tf_logs`), so Keras adds no host sync per step.
+# All of them read and write one RunState. The order of `make_callbacks` matters: EpochProgress
+# counts the step and batch the others see; Timing stops the clock before Validation runs;
+# Validation sets best/improved, which Plateau, EarlyStop and EpochCheckpoint read; RunLog writes
+# last, when the epoch's results are all in. Per-step hooks do integer work only and accept TF
+# logs (`_supports_tf_logs`), so Keras adds no host sync per step.
+class EpochProgress(tf.keras.callbacks.Callback):
+    """The run's counters (epoch, step, batch of the epoch's part) and, as each epoch or resumed
+    part of one begins, where the learning-rate schedule's progress starts and how far each of
+    the part's steps takes it: epochs done plus the fraction earlier attempts trained."""
+
+    _supports_tf_logs = True
+
+    def __init__(self, state: RunState, beat=None):
+        super().__init__()
+        self.state, self.beat = state, beat  # beat(step): the stall watchdog's progress
+
+    def on_epoch_begin(self, epoch, logs=None):
+        state = self.state
+        state.epoch, state.batch = epoch, 0
+        done = sharding.fraction_done(state.parts)
+        schedules.live_schedule(self.model.optimizer).start_part(
+            epoch + done, state.step, state.part_steps, 1.0 - done)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.state.step += 1
+        self.state.batch += 1
+        if self.beat:
+            self.beat(self.state.step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.state.preempted:
+            self.state.parts = []  # the epoch is whole
+            # the lr the epoch ended at: exactly at its end, as the plateau scale had it during
+            # the epoch (comparable across world sizes and batches, unlike the last step's lr)
+            self.state.lr = schedules.live_schedule(self.model.optimizer).at(epoch + 1)
+
+
 class StopAgreement(tf.keras.callbacks.Callback):
     """The ranks agree (allreduce max of their stop flags) every `every` steps and as an epoch
     begins (Keras then trains one step before it stops), at points all ranks share, and all stop
@@ -52,22 +95,19 @@ class StopAgreement(tf.keras.callbacks.Callback):
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, stop, engine, every: int, preempt_at: int,
-                 steps_per_epoch: int):
+    def __init__(self, state: RunState, stop, engine, every: int, preempt_at: int):
         super().__init__()
         self.state, self.stop, self.engine = state, stop, engine
         self.every, self.preempt_at = every, preempt_at
-        self.steps_per_epoch = steps_per_epoch
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.state.epoch = epoch
         self.agree()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.state.step += 1
-        if self.state.step == self.preempt_at:
+        state = self.state
+        if state.step == self.preempt_at:
             self.stop.requested = True  # as if SIGUSR1 arrived now
-        if self.state.step % self.every == 0 and self.state.step % self.steps_per_epoch:
+        if state.step % self.every == 0 and state.batch < state.part_steps:
             self.agree()
 
     def agree(self):
@@ -108,10 +148,11 @@ class Validation(tf.keras.callbacks.Callback):
     """Predict this rank's part of the split, gather all ranks, score over the whole split; then
     the bookkeeping every rank shares: best AUROC, epochs since it improved."""
 
-    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict, engine):
+    def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict, engine, beat=None):
         super().__init__()
         self.state, self.dataset, self.names, self.pos_weight = state, dataset, names, pos_weight
         self.predict = predict  # the model on preprocessed images, this rank alone
+        self.beat = beat or (lambda: None)  # the stall watchdog's progress, per batch
         self.allgather, self.average_statistics = engine.allgather_object, engine.average_statistics
 
     def on_epoch_end(self, epoch, logs=None):
@@ -122,6 +163,7 @@ class Validation(tf.keras.callbacks.Callback):
 
         def predict(images):
             batches.append(len(images))
+            self.beat()
             return self.predict(images)
 
         merged = metrics.gather(data.predictions(predict, self.dataset), self.allgather)
@@ -176,14 +218,14 @@ class StepCheckpoint(tf.keras.callbacks.Callback):
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, every: int, save, steps_per_epoch: int):
+    def __init__(self, state: RunState, every: int, save):
         super().__init__()
-        self.state, self.every, self.save, self.steps_per_epoch = state, every, save, steps_per_epoch
+        self.state, self.every, self.save = state, every, save
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.state.step
-        if step % self.every == 0 and step % self.steps_per_epoch and not self.state.preempted:
-            self.save(f"step-{self.state.step:09d}", self.state.epoch)
+        state = self.state
+        if state.step % self.every == 0 and state.batch < state.part_steps and not state.preempted:
+            self.save(f"step-{state.step:09d}", state.epoch)
 
 
 class EpochCheckpoint(tf.keras.callbacks.Callback):
@@ -218,7 +260,7 @@ class RunLog(tf.keras.callbacks.Callback):
         record = self.writer.write("epoch", epoch=epoch + 1, **t,
                           images_per_sec_per_rank=round(t["images_per_sec"] / self.world_size, 3),
                           train_loss=round(float(logs.get("loss", float("nan"))), 6),
-                          lr=float(tf.keras.backend.get_value(self.model.optimizer.learning_rate)),
+                          lr=self.state.lr,
                           val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
                           val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
                           val_seconds=val.get("seconds"), val_n=val.get("n"),
@@ -271,22 +313,25 @@ class Profile(tf.keras.callbacks.Callback):
 
 
 def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, stop,
-                   validation: Validation, save, writer) -> list:
+                   validation: Validation, save, writer, trail: AuditTrail | None = None,
+                   beat=None) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = engine.rank == 0  # only the chief writes files
     saves = engine.saves_here
-    steps = derived.steps_per_epoch
-    callbacks = [StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step, steps),
+    callbacks = [EpochProgress(state, beat),
+                 StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step),
                  *engine.callbacks()]
     if rank0:
         callbacks.append(Timing(state, cfg.timing_warmup_steps, derived.global_batch))
+    if trail:
+        callbacks.append(trail)
     callbacks.append(validation)
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:
         callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
     if saves and cfg.checkpoint_every_steps:
-        callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save, steps))
+        callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save))
     logdir = Path(cfg.run_dir) / "tensorboard"
     if saves:
         callbacks.append(EpochCheckpoint(state, save))
@@ -295,6 +340,41 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
     if rank0 and cfg.profile_steps:  # rank 0's trace
         callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile"))
     return callbacks
+
+
+class AuditTrail(tf.keras.callbacks.Callback):
+    """--audit: the ids of the records each epoch (or part of one) trained on this rank, as the
+    input pipeline delivered them, one JSON line per epoch part in RUN_DIR/audit/
+    rank<N>-trained.jsonl: tests check coverage across ranks, attempts and shapes with it. The
+    pipeline calls `record` for each batch it delivers, in order; of those, the first `batch`
+    of each part were trained (the rest were prefetched when a stop came)."""
+
+    def __init__(self, state: RunState, path: Path):
+        super().__init__()
+        self.state, self.path = state, path
+        self.delivered: list[list[str]] = []
+        self.consumed = 0
+
+    def record(self, ids) -> int:
+        self.delivered.append([i.decode() for i in ids.numpy()])
+        return 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.state
+        trained = self.delivered[self.consumed:self.consumed + state.batch]
+        self.consumed += state.batch
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"epoch": epoch + 1, "shape": list(state.shape), "step": state.step,
+                                 "ids": [i for batch in trained for i in batch]}) + "\n")
+
+
+def end_empty_epoch(callbacks: list, model, epoch: int) -> None:
+    """An epoch with no step left to train (a resumed attempt's share of its rest was less than
+    one global batch) ends as trained epochs do: validated, checkpointed, logged."""
+    handler = tf.keras.callbacks.CallbackList(callbacks, model=model)
+    handler.on_epoch_begin(epoch)
+    handler.on_epoch_end(epoch, {})
 
 
 def peak_memory_mb() -> float:

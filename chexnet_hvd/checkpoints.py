@@ -28,9 +28,11 @@ if TYPE_CHECKING:
 META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # meta.json, written by `save` through `meta_record` and read back by `read_meta`: the model to
 # rebuild, and the counters a resumed run continues from (the trainer's RunState).
-META_FIELDS = ("model", "image_size", "classes", "num_classes", "epoch", "step", "steps_per_epoch",
-               "global_batch", "precision", "val_mean_auroc", "best_val_mean_auroc", "since_best",
-               "plateau", "config")
+# parts: what the attempts so far trained of epoch `epoch` (world size, batch, steps, batches
+# done each; empty at an epoch's end); shapes: the (world size, batch) each epoch started with.
+META_FIELDS = ("model", "image_size", "classes", "num_classes", "epoch", "step", "parts", "shapes",
+               "steps_per_epoch", "global_batch", "precision", "val_mean_auroc",
+               "best_val_mean_auroc", "since_best", "plateau", "config")
 
 
 def meta_record(**fields) -> dict:
@@ -44,10 +46,12 @@ def meta_record(**fields) -> dict:
 def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState,
              epochs_done: int) -> dict:
     """What a trainer's checkpoint records: enough to rebuild the model and resume the run
-    exactly (step, epoch, the plateau and early-stopping counts, the epoch's length)."""
+    exactly (step, epoch and what of it was trained at which shape, the plateau and early-stopping
+    counts)."""
     return meta_record(
         model=cfg.model, image_size=cfg.image_size, classes=manifest["classes"],
         num_classes=manifest["num_classes"], epoch=epochs_done, step=state.step,
+        parts=state.epoch_parts() if epochs_done == state.epoch else [], shapes=state.shapes,
         steps_per_epoch=derived.steps_per_epoch, global_batch=derived.global_batch,
         precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
         best_val_mean_auroc=state.best, since_best=state.since_best, plateau=state.plateau,
@@ -61,18 +65,21 @@ class Saver:
     delete. Returns the checkpoint's path on the chief, else None."""
 
     def __init__(self, model, optimizer, ckpt_dir: Path, keep: int, chief: bool,
-                 meta: Callable[[int], dict]):
+                 meta: Callable[[int], dict], beat: Callable[[], None] = lambda: None):
         self.model, self.optimizer, self.ckpt_dir, self.keep = model, optimizer, ckpt_dir, keep
-        self.chief, self.meta = chief, meta
+        self.chief, self.meta, self.beat = chief, meta, beat  # beat: the stall watchdog's progress
 
     def __call__(self, name: str, epochs_done: int) -> Path | None:
         meta = self.meta(epochs_done)
+        self.beat()
         if not self.chief:
             with tempfile.TemporaryDirectory() as scratch:
                 save(self.model, Path(scratch), name, meta, self.optimizer)
+            self.beat()
             return None
         path = save(self.model, self.ckpt_dir, name, meta, self.optimizer)
         prune(self.ckpt_dir, self.keep)
+        self.beat()
         return path
 
 

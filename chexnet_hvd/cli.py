@@ -24,6 +24,9 @@ class InputError(Exception):
         super().__init__(f"{where}: {what}")
         self.where, self.what = str(where), what
 
+    def __reduce__(self):  # pickled whole: the trainer's chief hands its errors to the other ranks
+        return InputError, (self.where, self.what)
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")

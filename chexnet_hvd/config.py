@@ -73,12 +73,16 @@ class TrainConfig:
     synthetic_input: bool = cli.field(False, help="train on one random in-memory batch, repeated "
                                       "(benchmarks: the trainer without its input pipeline)")
     shuffle_buffer: int = cli.field(2048, help="record shuffle buffer per rank")
-    deterministic: bool = cli.field(False, help="deterministic input order and ops (slower)")
+    deterministic: bool = cli.field(False, help="deterministic ops (TensorFlow op determinism: slower on GPUs); the input order is deterministic always")
     val_split: str = cli.field("val", help="split validated after every epoch")
     val_batch_size: int = cli.field(64, help="images per rank per validation step")
     early_stopping: int = cli.field(0, help="stop after N epochs without a better val mean AUROC (0: off)")
     resume: bool = cli.field(False, help="continue from the newest complete checkpoint in RUN_DIR")
     checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)")
+    stall_timeout: float = cli.field(600.0, help="end the job when a rank makes no training "
+                                     "progress (a step, a validation batch, a checkpoint) for this "
+                                     "many seconds, naming the rank(s) it waits for: run log status "
+                                     "'stalled', exit 76 (chexnet_hvd.stall); 0: off")
     stop_check_steps: int = cli.field(10, help="the ranks agree on a stop request (SIGTERM, "
                                       "SIGUSR1) every N steps: a collective, so not every step")
     preempt_at_step: int = cli.field(0, help="act as if SIGUSR1 arrived at this step (the ranks "
@@ -94,9 +98,10 @@ class TrainConfig:
     profile_steps: str = cli.field("", help="A,B: a TensorFlow profiler trace of rank 0's steps "
                                    "A..B (the run's step numbers, as in the run log, from 1) "
                                    "into RUN_DIR/tensorboard/profile")
-    audit: bool = cli.field(False, help="each rank writes RUN_DIR/audit/rank<N>.json + .npz "
-                            "(the records it read in epoch 1, its initial and final weights) and "
-                            "rank<N>-optimizer.npz (its final optimizer state), for tests")
+    audit: bool = cli.field(False, help="each rank writes to RUN_DIR/audit/: rank<N>-trained.jsonl "
+                            "(the ids of the records each epoch trained), rank<N>-initial.npz and "
+                            "rank<N>.npz (its initial and final weights) and rank<N>-optimizer.npz "
+                            "(its final optimizer state), for tests")
     verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
                              "Keras' progress bar when stdout is a terminal; 2 one line per "
                              "epoch only", choices=[0, 1, 2])
@@ -143,8 +148,6 @@ class Derived:
     steps_per_epoch: int
     scaled_lr: float
     warmup_epochs: float
-    warmup_steps: int
-    total_steps: int
     train_records: int
     records_per_rank: int  # every rank the same (chexnet_hvd.sharding)
     epoch_coverage: float
@@ -155,6 +158,8 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> Derived:
     records_total = manifest["splits"]["train"]["count"]
     global_batch = cfg.batch_size * world_size
     full = sharding.steps_per_epoch(records_total, world_size, cfg.batch_size)
+    if cfg.synthetic_input:  # one in-memory batch: no records to run out of (the GPU check)
+        full = max(full, cfg.steps_per_epoch, 1)
     if full < 1:
         raise cli.InputError("--batch-size", f"{cfg.batch_size} per rank x {world_size} ranks is more "
                              f"than the {records_total} training records")
@@ -167,7 +172,6 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> Derived:
     warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else proportional
     return Derived(world_size=world_size, local_batch=cfg.batch_size, global_batch=global_batch,
                    steps_per_epoch=steps, scaled_lr=cfg.lr * ratio, warmup_epochs=warmup_epochs,
-                   warmup_steps=int(round(warmup_epochs * steps)), total_steps=steps * cfg.epochs,
                    train_records=records_total, records_per_rank=full * cfg.batch_size,
                    epoch_coverage=round(steps * global_batch / records_total, 6))
 

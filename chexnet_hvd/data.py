@@ -14,6 +14,7 @@ index (records --format raw) takes the same path with its rows (image files) as 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,13 +102,12 @@ class _Source:
     """A split's units (shard files, or the rows of a raw index) with their record counts, and
     `read(segments)`: the records of [k, 3] (unit, skip, take) segments, before parsing."""
 
-    def __init__(self, data: Records | str | Path, split: str, deterministic: bool):
+    def __init__(self, data: Records | str | Path, split: str):
         opened = open_records(data)
         self.manifest = opened.manifest
         self.num_classes = self.manifest["num_classes"]
         self.raw = is_raw(self.manifest)
         self.encoding, self.stored_size = self.manifest.get("encoding"), self.manifest["image_size"]
-        self.deterministic = deterministic
         shards = opened.units(split)
         if self.raw:  # every row a unit of one record
             self.rows = {k: tf.constant(v) for k, v in
@@ -127,7 +127,7 @@ class _Source:
 
         return tf.data.Dataset.from_tensor_slices(segments).interleave(
             segment, cycle_length=min(len(self.counts), 8), num_parallel_calls=AUTOTUNE,
-            deterministic=self.deterministic)
+            deterministic=True)  # the order is part of the plan: what a resumed epoch skips
 
     def example(self, item) -> dict:
         """An item -> image (uint8 [H, W, 1]), label, mask, id, patient."""
@@ -172,32 +172,44 @@ def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.D
 
 def train_dataset(data: Records | str | Path, split: str, image_size: int, batch_size: int, *,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
-                  shuffle_buffer: int = 2048, deterministic: bool = False,
-                  steps_per_epoch: int | None = None, start_epoch: int = 0,
-                  epochs: int | None = None, skip_batches: int = 0,
+                  shuffle_buffer: int = 2048, steps_per_epoch: int | None = None,
+                  start_epoch: int = 0, epochs: int | None = None,
+                  shapes: sharding.Shapes | None = None, parts: Sequence[sharding.Part] = (),
                   with_ids: bool = False, threads: int | None = None) -> tf.data.Dataset:
-    """(image, label, mask) batches for this rank: its `sharding.train_plan` range per epoch,
-    in an order fixed by (seed, epoch, rank) and cut to `steps_per_epoch` batches, so epoch e
-    is the same whether the run started at 0 or was resumed at e; `skip_batches` drops the
-    first batches of the first epoch (a resume in mid-epoch) before they are decoded.
-    `epochs=None`: endless. uint8 records come out as flipped uint8 pixels, for a model that
-    preprocesses in its graph (`preprocess_on_device`)."""
-    source = _Source(data, split, deterministic)
+    """(image, label, mask) batches for this rank, `steps_per_epoch` (default: every full global
+    batch) per epoch from `start_epoch` (`epochs=None`: endless). Epoch e is its layout's range
+    for this rank (`sharding.epoch_layouts`, at the shape each epoch started with: `shapes`,
+    default this one throughout), read in an order fixed by (seed, epoch, rank): the same
+    whether the run started at 0 or was resumed at e. `parts`: what earlier attempts trained of
+    `start_epoch` (a resume in mid-epoch, at this shape or another); this rank then takes its
+    share of the rest (`sharding.rank_pieces`), each record in the order and with the flip its
+    first reader would have given it.
+
+    Everything up to the choice of records is deterministic, whatever the flags, so that a
+    resumed epoch trains exactly the records its interrupted attempt did not. uint8 records come
+    out as flipped uint8 pixels, for a model that preprocesses in its graph
+    (`preprocess_on_device`)."""
+    source = _Source(data, split)
     on_device = preprocess_on_device(source.manifest)
     last = 2**62 if epochs is None else start_epoch + epochs
+    shapes = shapes or [(0, world_size, batch_size)]
 
     def plan():
-        for epoch, (segments,) in sharding.train_plan(source.counts, world_size, batch_size, seed,
-                                                      range(start_epoch, last), ranks=[rank]):
-            yield epoch, as_tensor(segments)
+        for epoch, layout in sharding.epoch_layouts(source.counts, shapes, seed, range(start_epoch, last)):
+            done = list(parts) if epoch == start_epoch else []
+            steps = done[0][2] if done else steps_per_epoch or layout.per_rank // layout.batch
+            for piece, skip, take in sharding.rank_pieces(layout, steps, done, (world_size, batch_size), rank):
+                segments = layout.tail if piece == sharding.TAIL else layout.ranks[piece]
+                reader = layout.world if piece == sharding.TAIL else piece  # whose seed orders it
+                yield epoch, reader, as_tensor(segments), piece == sharding.TAIL, steps * layout.batch, skip, take
 
-    def one_pass(epoch, segments):
-        epoch_seed = tf.constant(seed * 1009 + rank, tf.int64) + epoch * 1_000_003
-        ds = shuffle_blocks(source.read(segments), shuffle_buffer, epoch_seed)
-        if steps_per_epoch:
-            ds = ds.take(steps_per_epoch * batch_size)
+    def one_piece(epoch, reader, segments, is_tail, length, skip, take):
+        epoch_seed = tf.constant(seed * 1009, tf.int64) + reader + epoch * 1_000_003
+        ds = source.read(segments)
+        if not is_tail:  # the tail is read in stored order
+            ds = shuffle_blocks(ds, shuffle_buffer, epoch_seed).take(length)
         ds = ds.enumerate().map(lambda i, r: (r, tf.stack([epoch_seed, i])))
-        return ds.skip(tf.where(epoch == start_epoch, tf.constant(skip_batches * batch_size, tf.int64), 0))
+        return ds.skip(skip).take(take)
 
     def parse(item, flip_seed):
         example = source.example(item)
@@ -207,10 +219,11 @@ def train_dataset(data: Records | str | Path, split: str, image_size: int, batch
         out = (image if on_device else preprocess(image, image_size), example["label"], example["mask"])
         return out + (example["id"],) if with_ids else out
 
+    scalar = tf.TensorSpec((), tf.int64)
     ds = tf.data.Dataset.from_generator(plan, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((None, 3), tf.int64)))
-    ds = ds.flat_map(one_pass)
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        scalar, scalar, tf.TensorSpec((None, 3), tf.int64), tf.TensorSpec((), tf.bool), scalar, scalar, scalar))
+    ds = ds.flat_map(one_piece)
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     return sized(ds.prefetch(AUTOTUNE), threads)
 
@@ -240,7 +253,7 @@ def eval_dataset(data: Records | str | Path, split: str, image_size: int, batch_
                  threads: int | None = None) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
     With `tta`, image holds the views of `tta_views` ([B, V, S, S, 3])."""
-    source = _Source(data, split, deterministic=True)
+    source = _Source(data, split)
     segments = sharding.eval_plan(source.counts, world_size)[rank]
 
     def parse(item):

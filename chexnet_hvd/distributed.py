@@ -56,9 +56,10 @@ def workers_flag(engine: str, workers: str, index: int) -> Cluster | None:
     return hosts, index
 
 
-def start(engine: str = DEFAULT_ENGINE, threads: int = 0,
-          cluster: Cluster | None = None) -> tuple[Engine, Placement]:
+def start(engine: str = DEFAULT_ENGINE, threads: int = 0, cluster: Cluster | None = None,
+          stall_timeout: float = 0) -> tuple[Engine, Placement]:
     """Start `engine` (a name of ENGINES), pin this rank's GPU, size TF's thread pools;
-    `cluster` (from workers_flag) names the tf engine's workers."""
-    started = engine_class(engine)(threads, cluster)
+    `cluster` (from workers_flag) names the tf engine's workers; the engine's own collective
+    timeouts are set above `stall_timeout` (chexnet_hvd.stall)."""
+    started = engine_class(engine)(threads, cluster, stall_timeout)
     return started, started.placement

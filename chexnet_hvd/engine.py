@@ -5,10 +5,43 @@ engines live in horovod_engine.py and tf_engine.py)."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
+from chexnet_hvd.cli import InputError
 from chexnet_hvd.placement import Placement, place
 
 Cluster = tuple[list[str], int]  # (every worker as host:port in rank order, this one's index)
+# What launchers tell each process they start about the size of its world. A process that finds
+# one above 1 while its engine sees a world of one was started by the other engine's launcher:
+# left alone it would train alone, N copies writing one run directory.
+LAUNCHER_SIZES = {"TF_CONFIG": "chexnet_hvd.launch or TF_CONFIG (the tf engine's launchers)",
+                  "HOROVOD_SIZE": "horovodrun", "OMPI_COMM_WORLD_SIZE": "mpirun",
+                  "PMI_SIZE": "an MPI launcher", "SLURM_STEP_NUM_TASKS": "srun"}
+
+
+def launched_sizes() -> dict[str, int]:
+    """{variable: world size} of the launcher variables set to more than 1 in this process."""
+    sizes = {}
+    for var in LAUNCHER_SIZES:
+        value = os.environ.get(var, "")
+        if var == "TF_CONFIG" and value:
+            try:
+                sizes[var] = len(json.loads(value)["cluster"]["worker"])
+            except (ValueError, KeyError, TypeError):
+                continue  # the tf engine reports a malformed TF_CONFIG itself
+        elif value.isdigit():
+            sizes[var] = int(value)
+    return {var: n for var, n in sizes.items() if n > 1}
+
+
+def refuse_other_launcher(engine: str, started_by: dict[str, int], fix: str) -> None:
+    """A one-line error when `started_by` (from `launched_sizes`) shows this process was started
+    as one of several by a launcher of the other engine."""
+    if started_by:
+        var, n = next(iter(started_by.items()))
+        raise InputError("--engine", f"{engine} sees a world of 1, but {LAUNCHER_SIZES[var]} started "
+                         f"{n} ({var}): {fix}")
 
 class Engine:
     """What a distributed run needs, whichever engine carries it. rank/size/local_rank/local_size

@@ -13,12 +13,13 @@ predicts its part of the split; the predictions are gathered, so every record co
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli, data, distributed, export, metrics, records
+from chexnet_hvd import cli, data, distributed, export, metrics, records, stall
 from chexnet_hvd.labels import PATHOLOGIES
 
 # Rajpurkar et al. 2017 (CheXNet), Table 2: per-class test AUROC, in the canonical order.
@@ -48,6 +49,9 @@ class EvalConfig:
     workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port "
                              "(as chexnet_hvd.train --workers)")
     worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
+    stall_timeout: float = cli.field(600.0, help="end the job when no rank completes a batch for "
+                                     "this many seconds, naming the rank(s) waited for (exit 76; "
+                                     "as chexnet_hvd.train --stall-timeout); 0: off")
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -57,12 +61,20 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
                              f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
 
 
-def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, engine) -> dict:
-    """Gathered predictions (views averaged) with labels, masks, ids and patients."""
-
+def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, engine,
+          watchdog: stall.Watchdog | None = None) -> dict:
+    """Gathered predictions (views averaged) with labels, masks, ids and patients; each batch
+    is progress for the stall `watchdog`."""
     dataset = data.eval_dataset(data_dir, split, image_size, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
-    local = data.predictions(predict, dataset)
+    batches = itertools.count(1)
+
+    def predict_batch(images):
+        if watchdog:
+            watchdog.progress(next(batches))
+        return predict(images)
+
+    local = data.predictions(predict_batch, dataset)
     return metrics.gather(local, engine.allgather_object)
 
 
@@ -166,20 +178,24 @@ def main(argv: list[str] | None = None) -> int:
 
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
-    engine, placement = distributed.start(cfg.engine, cluster=cluster)  # one GPU per local rank
+    engine, placement = distributed.start(cfg.engine, cluster=cluster, stall_timeout=cfg.stall_timeout)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank ran
+    watchdog = (stall.watch(engine, [r["host"] for r in ranks], cfg.stall_timeout, lambda message, names: None)
+                if cfg.stall_timeout > 0 else None)
 
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, size = meta["classes"], meta["image_size"]
     records.check_image_size(manifest, cfg.data, size)
 
-    plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", engine)
-    tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, engine) if cfg.tta != "none" else None
+    plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", engine, watchdog)
+    tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
     thresholds = np.full(len(names), np.nan)
     if cfg.val_split:
-        val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", engine)
+        val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", engine, watchdog)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
+    if watchdog:
+        watchdog.stop()
     if engine.rank != 0:  # every rank has the gathered predictions; the chief reports
         return 0
     ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"],

@@ -5,8 +5,16 @@ TensorFlow >= 2.16), so it is imported when the engine starts, not with this mod
 from __future__ import annotations
 
 import importlib.util
+import os
 
-from chexnet_hvd.engine import Cluster, Engine, batch_norm_statistics
+from chexnet_hvd import stall
+from chexnet_hvd.engine import (
+    Cluster,
+    Engine,
+    batch_norm_statistics,
+    launched_sizes,
+    refuse_other_launcher,
+)
 
 
 class Horovod(Engine):
@@ -14,10 +22,16 @@ class Horovod(Engine):
 
     name = "horovod"
 
-    def __init__(self, threads: int, cluster: Cluster | None = None):  # cluster: workers_flag refuses it
+    def __init__(self, threads: int, cluster: Cluster | None = None,  # cluster: workers_flag refuses it
+                 stall_timeout: float = 0):
         import horovod.tensorflow.keras as hvd
 
+        for var, value in stall.engine_timeouts(stall_timeout).items():  # unless the user set them
+            os.environ.setdefault(var, value)
         hvd.init()  # Horovod: initialise before anything touches the TF runtime
+        if hvd.size() == 1:  # Horovod: one rank, but maybe one of several another launcher started
+            refuse_other_launcher("horovod", launched_sizes(), "start Horovod's ranks with horovodrun, "
+                                  "mpirun or srun --mpi=pmix, or the tf engine's with --engine tf")
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
         self.hvd = hvd
         self.placement = self.place(threads)

@@ -24,7 +24,7 @@ from chexnet_hvd import cli
 from chexnet_hvd.cli import EXIT_PREEMPTED, InputError
 from chexnet_hvd.tf_engine import tf_config
 
-GRACE_SECONDS = 30
+GRACE_SECONDS = 10
 
 
 def free_ports(n: int) -> list[int]:
@@ -60,7 +60,9 @@ def run(np_: int, command: list[str]) -> int:
         signal.signal(sig, forward)
     workers = [f"localhost:{p}" for p in free_ports(np_)]
     for i in range(np_):
-        procs.append(subprocess.Popen(command, env=os.environ | {"TF_CONFIG": tf_config(workers, i)}))
+        # CHEXNET_ENGINE: the workers' --engine defaults to the one this launcher starts
+        env = os.environ | {"TF_CONFIG": tf_config(workers, i), "CHEXNET_ENGINE": "tf"}
+        procs.append(subprocess.Popen(command, env=env))
     ended: dict[int, int] = {}  # worker -> exit code, in the order the workers ended
     failed_at = None
     while len(ended) < np_:

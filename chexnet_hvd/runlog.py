@@ -10,13 +10,18 @@
   epoch  epoch, steps, timed_steps, seconds, images_per_sec, images_per_sec_per_rank,
          train_loss, lr, val_loss, val_auroc (per class), val_mean_auroc, val_auprc, val_n,
          val_batches, val_seconds, peak_memory_mb (rank 0: GPU allocator peak, or peak RSS on CPU)
-  end    status: completed | preempted (with step, epoch) | failed (with error)
+  end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
+         (with error, and the ranks and hosts it names: chexnet_hvd.stall)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.
-Each line is flushed and fsynced, so a killed job leaves a readable log. This module must not
-import TensorFlow: tools/scaling_report.py reads logs on machines without it.
+Each line is flushed and fsynced, so a killed job leaves a readable log. A line a kill or a full
+disk cut short is ended with a newline by the next attempt's writer before it appends (so the
+torn line stays one unreadable line instead of swallowing the next record), and every reader
+skips unreadable lines and counts them (`read_records`). This module must not import
+TensorFlow: tools/scaling_report.py reads logs on machines without it.
 
 `python -m chexnet_hvd.runlog RUN_DIR` prints how the newest attempt ended (the Slurm templates
-requeue a job when it says `preempted`, whatever exit code the launcher passed on).
+requeue a job when it says `preempted`, whatever exit code the launcher passed on, and once when
+it says `stalled`); with `--count STATUS`, how many attempts ended so.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ from chexnet_hvd import cli
 
 SCHEMA = "chexnet_hvd.runlog/1"
 FILENAME = "runlog.jsonl"
-END_STATUSES = ("completed", "preempted", "failed")
+END_STATUSES = ("completed", "preempted", "failed", "stalled")
 # The fields every record of an event must have (the writer refuses one without them; the
 # docstring above lists the rest); readers such as tools/scaling_report.py rely on these.
 REQUIRED = {"start": ("world_size", "local_batch", "model", "image_size", "precision"),
@@ -51,7 +57,10 @@ class RunLogWriter:
     def __init__(self, run_dir: str | Path):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / FILENAME
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()  # the stall watchdog's thread may write the end record
+        self._fh = open(self.path, "a+b")
+        if self._fh.tell() and (self._fh.seek(-1, os.SEEK_END), self._fh.read(1))[1] != b"\n":
+            self._fh.write(b"\n")  # end a line torn by a kill or a full disk: see the docstring above
 
     def write(self, event: str, **fields: Any) -> dict:
         if event not in EVENTS:
@@ -60,60 +69,73 @@ class RunLogWriter:
         if missing or (event == "end" and fields["status"] not in END_STATUSES):
             raise ValueError(f"run-log {event} record without {missing or 'a known status'}")
         record = {"schema": SCHEMA, "event": event, "time": round(time.time(), 3), **fields}
-        self._fh.write(json.dumps(record, default=str) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        with self._lock:
+            self._fh.write((json.dumps(record, default=str) + "\n").encode())
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
         return record
 
     def close(self) -> None:
         self._fh.close()
 
 
-def read_runlog(path: str | Path) -> list[dict]:
-    """All records of a run log (a file or its run directory); RunLogError when not one of ours.
-    A torn last line (a job killed mid-write) is ignored."""
+def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
+    """(records, numbers of the lines skipped as unreadable) of a run log (a file or its run
+    directory). A line that is not JSON (a write torn by a kill or a full disk) is skipped;
+    RunLogError when the file is missing, holds no record, or holds JSON of another schema."""
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
     if not path.is_file():
         raise RunLogError(f"{path}: no run log")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, line in enumerate(lines):
+    out, skipped = [], []
+    for i, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines()):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise RunLogError(f"{path}:{i + 1}: not JSON") from None
+            skipped.append(i + 1)
+            continue
         if not isinstance(record, dict) or record.get("schema") != SCHEMA:
             found = record.get("schema") if isinstance(record, dict) else type(record).__name__
             raise RunLogError(f"{path}:{i + 1}: schema {found!r}, expected {SCHEMA!r}")
         out.append(record)
     if not out:
         raise RunLogError(f"{path}: empty run log")
-    return out
+    return out, skipped
+
+
+def read_runlog(path: str | Path) -> list[dict]:
+    """All readable records of a run log (a file or its run directory), unreadable lines
+    skipped (`read_records` counts them); RunLogError when not one of ours."""
+    return read_records(path)[0]
 
 
 def status(path: str | Path) -> str:
-    """How the newest attempt ended: completed, preempted or failed; `running` when the last
+    """How the newest attempt ended: completed, preempted, failed or stalled; `running` when the last
     record is not an `end` (still going, or killed before it could write one)."""
     last = read_runlog(path)[-1]
     return last["status"] if last["event"] == "end" else "running"
 
 
+def count(path: str | Path, end_status: str) -> int:
+    """How many attempts ended with `end_status`."""
+    return sum(r["event"] == "end" and r["status"] == end_status for r in read_runlog(path))
+
+
 @dataclasses.dataclass
 class StatusConfig:
     run_dir: str = cli.field(help="run directory (or its runlog.jsonl)")
+    count: str = cli.field("", help="print instead how many attempts ended so (the Slurm templates "
+                           "requeue a stalled job once)", choices=["", *END_STATUSES])
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(StatusConfig, "Print how a run's newest attempt ended: completed, "
-                           "preempted, failed or running.", argv, positional=["run_dir"])
+                           "preempted, failed, stalled or running.", argv, positional=["run_dir"])
     try:
-        print(status(cfg.run_dir))
+        print(count(cfg.run_dir, cfg.count) if cfg.count else status(cfg.run_dir))
     except RunLogError as err:
         where, _, what = str(err).partition(": ")
         raise cli.InputError(where, what) from None

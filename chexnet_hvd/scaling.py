@@ -43,6 +43,7 @@ class Run:
     start: dict
     epochs: list[dict] = field(default_factory=list)
     status: str | None = None
+    unreadable: list[int] = field(default_factory=list)  # its log's lines skipped (torn writes)
 
     @property
     def key(self) -> tuple:
@@ -69,9 +70,10 @@ def find_runlogs(patterns: list[str]) -> list[Path]:
 def load_runs(path: Path) -> list[Run]:
     """The attempts of one run log, each epoch credited to the start before it."""
     attempts: list[Run] = []
-    for record in runlog.read_runlog(path):
+    records, unreadable = runlog.read_records(path)
+    for record in records:
         if record["event"] == "start":
-            attempts.append(Run(str(path), record))
+            attempts.append(Run(str(path), record, unreadable=unreadable))
         elif not attempts:
             continue  # an older trainer logged the end of a run that failed before starting
         elif record["event"] == "epoch":

@@ -1,7 +1,13 @@
-"""Learning-rate schedules as functions of the optimizer's step (so a restored optimizer resumes
-its schedule exactly), times a plateau scale that reduce-on-plateau lowers between epochs.
-Registered with Keras because Horovod's DistributedOptimizer rebuilds the optimizer from its
-config; `live_schedule` finds the rebuilt one."""
+"""Learning-rate schedules as functions of epoch progress (epochs done plus the done fraction of
+the epoch in progress), times a plateau scale that reduce-on-plateau lowers between epochs.
+
+Progress, not the optimizer's step count, is what the schedule reads, because an epoch's
+number of steps changes when a run resumes at another world size or batch: at each epoch's (or
+resumed part's) start the trainer sets where that part starts and how much progress each of its
+steps makes, and the optimizer's step counter only moves along inside it. Registered with Keras
+because Horovod's DistributedOptimizer rebuilds the optimizer from its config; `live_schedule`
+finds the rebuilt one.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,23 @@ import math
 import tensorflow as tf
 
 
-def scheduled_lr(step, peak: float, world_size: int, warmup_steps: int, total_steps: int,
-                 schedule: str = "constant", decay_every: int = 0):
-    """Learning rate at `step`: linear warmup from peak / world_size (the single-rank lr, as in
-    Horovod's warmup) to peak = base x global_batch / reference_batch (Goyal et al. 2017), then
-    constant, half-cosine to zero at total_steps, or step (x0.1 every `decay_every` steps)."""
-    step = tf.cast(step, tf.float32)
+def scheduled_lr(progress, peak: float, world_size: int, warmup_epochs: float, epochs: int,
+                 schedule: str = "constant", step_epochs: int = 0):
+    """Learning rate at `progress` epochs: linear warmup from peak / world_size (the single-rank
+    lr, as in Horovod's warmup) to peak = base x global_batch / reference_batch (Goyal et al.
+    2017) over `warmup_epochs`, then constant, half-cosine to zero at `epochs`, or step (x0.1
+    every `step_epochs`)."""
+    progress = tf.cast(progress, tf.float32)
     start = peak / world_size
-    warm = start + (peak - start) * tf.minimum(1.0, step / max(warmup_steps, 1))
+    warm = start + (peak - start) * tf.minimum(1.0, progress / max(warmup_epochs, 1e-9))
     if schedule == "cosine":
-        progress = tf.clip_by_value((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0, 1)
-        after = peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        done = tf.clip_by_value((progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-9), 0, 1)
+        after = peak * 0.5 * (1.0 + tf.cos(math.pi * done))
     elif schedule == "step":
-        after = peak * tf.pow(0.1, tf.floor(step / max(decay_every, 1)))
+        after = peak * tf.pow(0.1, tf.floor(progress / max(step_epochs, 1)))
     else:
         after = tf.constant(peak, tf.float32)
-    return tf.where(step < warmup_steps, warm, after)
+    return tf.where(progress < warmup_epochs, warm, after)
 
 
 def plateau_update(state: dict, metric, patience: int, factor: float, min_scale: float) -> dict:
@@ -45,27 +52,49 @@ PLATEAU_START = {"scale": 1.0, "best": None, "wait": 0}
 
 
 @tf.keras.utils.register_keras_serializable("chexnet_hvd")
-class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
-    """`scheduled_lr` as a Keras schedule, times `scale` (a variable, so that changing it between
-    epochs reaches the compiled train step; not part of the config, so checkpoints carry it)."""
+class EpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """`scheduled_lr` as a Keras schedule of the optimizer's step, through the progress of the
+    part of an epoch in training: progress = part_start + (step - part_first_step) x per_step.
+    Those three and the plateau `scale` are variables (changed between epochs without retracing
+    the train step), set from the run state, not kept in checkpoints."""
 
-    def __init__(self, peak: float, world_size: int, warmup_steps: int, total_steps: int,
-                 schedule: str = "constant", decay_every: int = 0):
+    def __init__(self, peak: float, world_size: int, warmup_epochs: float, epochs: int,
+                 schedule: str = "constant", step_epochs: int = 0):
         self.peak, self.world_size, self.schedule = peak, world_size, schedule
-        self.warmup_steps, self.total_steps, self.decay_every = warmup_steps, total_steps, decay_every
+        self.warmup_epochs, self.epochs, self.step_epochs = warmup_epochs, epochs, step_epochs
         self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
+        self.part_start = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="part_start")
+        self.part_first_step = tf.Variable(0, trainable=False, dtype=tf.int64, name="part_first_step")
+        self.per_step = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="per_step")
+
+    def start_part(self, progress: float, first_step: int, steps: int, fraction: float = 1.0) -> None:
+        """The part of an epoch about to train: it starts at `progress` epochs, with the optimizer
+        at `first_step`, and its `steps` steps cover `fraction` of an epoch."""
+        self.part_start.assign(progress)
+        self.part_first_step.assign(first_step)
+        self.per_step.assign(fraction / max(steps, 1))
+
+    def progress(self, step):
+        """Epochs of progress at optimizer step `step` (inside the current part)."""
+        done = tf.cast(tf.cast(step, tf.int64) - self.part_first_step, tf.float32)
+        return self.part_start + done * self.per_step
+
+    def at(self, progress: float) -> float:
+        """The learning rate at `progress` epochs, at the current plateau scale."""
+        return float(self.scale * scheduled_lr(progress, self.peak, self.world_size, self.warmup_epochs,
+                                               self.epochs, self.schedule, self.step_epochs))
 
     def __call__(self, step):
-        return self.scale * scheduled_lr(step, self.peak, self.world_size, self.warmup_steps,
-                                         self.total_steps, self.schedule, self.decay_every)
+        return self.scale * scheduled_lr(self.progress(step), self.peak, self.world_size,
+                                         self.warmup_epochs, self.epochs, self.schedule,
+                                         self.step_epochs)
 
     def get_config(self) -> dict:
-        return {"peak": self.peak, "world_size": self.world_size, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "schedule": self.schedule,
-                "decay_every": self.decay_every}
+        return {"peak": self.peak, "world_size": self.world_size, "warmup_epochs": self.warmup_epochs,
+                "epochs": self.epochs, "schedule": self.schedule, "step_epochs": self.step_epochs}
 
 
-def live_schedule(optimizer) -> WarmupSchedule:
+def live_schedule(optimizer) -> EpochSchedule:
     """The schedule the (Horovod-rebuilt, maybe loss-scaled) optimizer really calls."""
     while hasattr(optimizer, "inner_optimizer"):
         optimizer = optimizer.inner_optimizer

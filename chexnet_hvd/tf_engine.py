@@ -16,7 +16,13 @@ import sys
 import numpy as np
 
 from chexnet_hvd.cli import InputError
-from chexnet_hvd.engine import Cluster, Engine, batch_norm_statistics
+from chexnet_hvd.engine import (
+    Cluster,
+    Engine,
+    batch_norm_statistics,
+    launched_sizes,
+    refuse_other_launcher,
+)
 
 
 def tf_port_base(job_id: str) -> int:
@@ -94,8 +100,12 @@ class TensorFlow(Engine):
             return "--backward-passes-per-step", "gradient accumulation is Horovod's; the tf engine has none"
         return None
 
-    def __init__(self, threads: int, cluster: Cluster | None = None):
+    def __init__(self, threads: int, cluster: Cluster | None = None, stall_timeout: float = 0):
         workers, index = cluster or tf_cluster()
+        if not workers:  # no cluster of its own, but maybe one rank of Horovod's launchers
+            refuse_other_launcher("the tf engine", launched_sizes(), "start its workers with "
+                                  "python -m chexnet_hvd.launch, srun or TF_CONFIG, or Horovod's "
+                                  "ranks with --engine horovod")
         super().__init__(index, max(len(workers), 1), *local_ranks(workers, index))
         self.placement = self.place(threads)
         import tensorflow as tf
@@ -107,7 +117,9 @@ class TensorFlow(Engine):
         handler = signal.getsignal(signal.SIGTERM)
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=self.implementation))
+                implementation=self.implementation,
+                # a collective's own limit, above --stall-timeout: the watchdog speaks first
+                timeout_seconds=stall_timeout + 60 if stall_timeout > 0 else None))
         # The strategy's preemption notifier takes SIGTERM over (in C++, unseen by Python's
         # signal module); give it back to whoever had it: the trainer stops on it by agreement.
         signal.signal(signal.SIGTERM, handler)

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from chexnet_hvd import (
     runlog,
     schedules,
     sharding,
+    stall,
     weights,
 )
 from chexnet_hvd.callbacks import RunState
@@ -62,12 +64,21 @@ class StopRequest:
 
 
 # ---------------------------------------------------------------- model and optimizer -------
+def pack_targets(label, mask):
+    """What Keras hands the loss as y_true: label and mask side by side, [B, 2C]. Not stacked
+    as [B, 2, C]: with one class Keras' loss wrapper squeezes that to [B, 2], and the loss
+    broadcast it against the [B, 1] predictions into a [B, B] matrix (every prediction trained
+    against every label of the batch). [B, 2C] has the predictions' rank, so nothing reshapes it."""
+    return tf.concat([label, mask], axis=-1)
+
+
 def make_loss(pos_weight=None):
-    """Keras' view of `metrics.masked_bce`, the suite's one loss: y packs (label, mask) as
-    [B, 2, C]; the batch's mean over its unmasked entries (validation: the split's)."""
+    """Keras' view of `metrics.masked_bce`, the suite's one loss, over `pack_targets`' y: the
+    batch's mean over its unmasked entries (validation: the split's)."""
 
     def loss(y, prob):
-        return metrics.masked_bce(y[:, 0], prob, y[:, 1], pos_weight)
+        label, mask = tf.split(y, 2, axis=-1)
+        return metrics.masked_bce(label, prob, mask, pos_weight)
 
     return loss
 
@@ -78,10 +89,8 @@ def make_optimizer(cfg: TrainConfig, engine, derived: Derived):
     from inside). The scaled gradients are allreduced before the finiteness check, and an
     overflow on any rank makes the sum non-finite on every rank, so all ranks skip the same steps
     and halve the loss scale alike (tested with an overflow on one rank only, both engines)."""
-    decay_every = cfg.step_epochs * derived.steps_per_epoch if cfg.schedule == "step" else 0
-    schedule = schedules.WarmupSchedule(derived.scaled_lr, derived.world_size,
-                                        derived.warmup_steps, derived.total_steps,
-                                        cfg.schedule, decay_every)
+    schedule = schedules.EpochSchedule(derived.scaled_lr, derived.world_size, derived.warmup_epochs,
+                                       cfg.epochs, cfg.schedule, cfg.step_epochs)
     optimizer = (tf.keras.optimizers.Adam(schedule) if cfg.optimizer == "adam"
                  else tf.keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
     optimizer = engine.distributed_optimizer(optimizer, cfg)
@@ -116,34 +125,57 @@ def pos_weight(cfg: TrainConfig, manifest: dict) -> list[float] | None:
 
 
 # ---------------------------------------------------------------- resume ---------------------
-def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, derived: Derived) -> RunState:
+def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, derived: Derived,
+                 records: data.Records) -> RunState:
     """The run state, and every rank on the chief's weights and optimizer state before the
-    first step: with --resume restored from the newest complete checkpoint (resuming in mid-
-    epoch skips the batches already trained), else the chief's fresh initial weights."""
-    state = RunState(plateau=dict(schedules.PLATEAU_START))
+    first step: with --resume restored from the newest complete checkpoint, else the chief's
+    fresh initial weights. A checkpoint in mid-epoch carries what its epoch's attempts trained,
+    at which shapes; this attempt trains its share of the rest, at its own shape."""
+    shape = (derived.world_size, derived.local_batch)
+    state, error = RunState(plateau=dict(schedules.PLATEAU_START), shape=shape, shapes=[(0, *shape)]), None
     optimizer.build(model.trainable_variables)  # create the slots so they can be restored
-    # Only the chief reads the checkpoint; the broadcasts below share it
+    # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
+    # so that every rank fails alike instead of waiting for the chief)
     found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and engine.rank == 0 else None
     if found is not None:
-        checkpoints.restore(model, found, optimizer)
-        meta = checkpoints.read_meta(found)
-        state = RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
-                         best=meta["best_val_mean_auroc"], since_best=meta.get("since_best", 0),
-                         resumed_from=str(found))
-        same_epochs = (meta.get("steps_per_epoch"), meta.get("global_batch")) == \
-            (derived.steps_per_epoch, derived.global_batch)
-        done = meta["step"] - meta["epoch"] * derived.steps_per_epoch
-        if same_epochs and 0 < done < derived.steps_per_epoch:
-            state.skip_batches = done
-        elif done:  # no checkpoint of ours ends an epoch unvalidated: the epochs changed
-            print(f"warning: {found}: its epochs were {meta.get('steps_per_epoch')} steps of "
-                  f"{meta.get('global_batch')}, now {derived.steps_per_epoch} of "
-                  f"{derived.global_batch}: epoch {meta['epoch'] + 1} starts over",
-                  file=sys.stderr, flush=True)
-    state = engine.broadcast_object(state)  # counters from the chief
+        try:
+            checkpoints.restore(model, found, optimizer)
+            state = restored_state(cfg, found, checkpoints.read_meta(found), shape)
+        except cli.InputError as err:
+            error = err
+    state, error = engine.broadcast_object((state, error))  # counters from the chief
+    if error:
+        raise error
+    state.part_steps = first_part_steps(cfg, records, state, derived)
     schedules.live_schedule(optimizer).scale.assign(state.plateau["scale"])
     engine.broadcast_variables(model.variables + checkpoints.optimizer_variables(optimizer))
     return state
+
+
+def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int]) -> RunState:
+    """The run state a checkpoint's meta.json describes, for an attempt at `shape`."""
+    parts = [tuple(p) for p in meta.get("parts") or []]
+    if parts:  # the rest of the epoch is planned from the order its first attempt read it in
+        for flag in ("seed", "shuffle_buffer"):
+            if meta["config"].get(flag) != getattr(cfg, flag):
+                raise cli.InputError(f"--{flag.replace('_', '-')}", f"{getattr(cfg, flag)}, but {found} "
+                                     f"stopped in mid-epoch with {meta['config'].get(flag)}: resume "
+                                     "with that, or from an epoch checkpoint")
+    shapes = meta.get("shapes") or [(0, *shape)]  # written before shapes were kept: this one
+    return RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
+                    best=meta["best_val_mean_auroc"], since_best=meta.get("since_best", 0),
+                    resumed_from=str(found), shape=shape, parts=parts,
+                    shapes=sharding.with_shape(shapes, meta["epoch"] + bool(parts), shape))
+
+
+def first_part_steps(cfg: TrainConfig, records: data.Records, state: RunState, derived: Derived) -> int:
+    """Steps of the first epoch this attempt trains: a whole epoch's, or its share of the rest
+    of an epoch earlier attempts began (0 when less than one global batch is left)."""
+    if not state.parts:
+        return derived.steps_per_epoch
+    counts = [count for _, count in records.units("train")]
+    (_, layout), = sharding.epoch_layouts(counts, state.shapes, cfg.seed, range(state.epoch, state.epoch + 1))
+    return sharding.part_steps(layout, state.parts[0][2], state.parts, state.shape)
 
 
 # ---------------------------------------------------------------- run log --------------------
@@ -161,7 +193,7 @@ def start_run_log(cfg: TrainConfig, engine, run_dir: Path, model, state: RunStat
                  hostnames=sorted({r["host"] for r in ranks}), ranks=ranks,
                  slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                  resumed_from=state.resumed_from, initial_epoch=state.epoch,
-                 initial_step=state.step, skipped_batches=state.skip_batches,
+                 initial_step=state.step, resumed_parts=state.parts, first_part_steps=state.part_steps,
                  trainable_params=int(sum(v.shape.num_elements() for v in model.trainable_variables)),
                  synthetic_input=cfg.synthetic_input,
                  preprocess="model graph" if on_device else "input pipeline",
@@ -173,10 +205,12 @@ def start_run_log(cfg: TrainConfig, engine, run_dir: Path, model, state: RunStat
 
 # ---------------------------------------------------------------- data -----------------------
 def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Derived, threads: int,
-                  start_epoch: int, epochs: int, skip: int = 0) -> tf.data.Dataset:
-    """This rank's training batches for `epochs` epochs from `start_epoch` (the first `skip`
-    batches of the first left out: a mid-epoch resume), as Keras' (x, y) with y packing label
-    and mask ([B, 2, C], see `make_loss`)."""
+                  shapes: list, parts: list, start_epoch: int, epochs: int,
+                  trail: callbacks.AuditTrail | None = None) -> tf.data.Dataset:
+    """This rank's training batches for `epochs` epochs from `start_epoch` (of that epoch, when
+    earlier attempts trained `parts` of it, this rank's share of the rest), as Keras' (x, y)
+    with y packing label and mask (`pack_targets`); with a `trail`, each batch's
+    record ids noted as it is delivered."""
     on_device = data.preprocess_on_device(records.manifest)
     if cfg.synthetic_input:
         ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, records.manifest["num_classes"],
@@ -185,28 +219,40 @@ def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Deri
         ds = data.train_dataset(records, "train", cfg.image_size, cfg.batch_size,
                                 rank=engine.rank, world_size=engine.size, seed=cfg.seed,
                                 augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer,
-                                deterministic=cfg.deterministic,
-                                steps_per_epoch=derived.steps_per_epoch,
-                                start_epoch=start_epoch, epochs=epochs, skip_batches=skip,
-                                threads=threads)
-    return ds.map(lambda x, y, m: (x, tf.stack([y, m], axis=1)))
+                                steps_per_epoch=derived.steps_per_epoch, start_epoch=start_epoch,
+                                epochs=epochs, shapes=shapes, parts=parts, threads=threads,
+                                with_ids=trail is not None)
+    if trail is None:
+        return ds.map(lambda x, y, m: (x, pack_targets(y, m)))
+
+    def noted(x, y, m, ids):  # in delivery order: a sequential map
+        with tf.control_dependencies([tf.py_function(trail.record, [ids], tf.int64)]):
+            return x, pack_targets(y, m)
+
+    return ds.map(noted)
 
 
-def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunState,
-        make_batches, steps: int) -> None:
-    """Train to --epochs: the rest of an epoch a resumed run entered in mid-epoch, then whole
-    epochs, unless a stop (preemption, early stopping) comes first."""
+def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunState, make_batches,
+        steps: int) -> None:
+    """Train to --epochs: the rest of an epoch a resumed run entered in mid-epoch (nothing but
+    its validation when less than one global batch of it is left), then whole epochs, unless a
+    stop (preemption, early stopping) comes first."""
 
-    def epochs(first: int, end: int, skip: int = 0) -> None:
-        batches = engine.fit_input(lambda: make_batches(first, end - first, skip))
-        trained.fit(batches, epochs=end, initial_epoch=first, steps_per_epoch=steps - skip,
-                    callbacks=keras_callbacks,
+    def epochs(first: int, end: int) -> None:
+        if state.part_steps == 0:  # an epoch with nothing left to train still ends as epochs do
+            callbacks.end_empty_epoch(keras_callbacks, trained, first)
+            return
+        shapes, parts = list(state.shapes), list(state.parts)  # as they are now, for the dataset
+        trained.fit(engine.fit_input(lambda: make_batches(shapes, parts, first, end - first)),
+                    epochs=end, initial_epoch=first,
+                    steps_per_epoch=state.part_steps, callbacks=keras_callbacks,
                     verbose=progress_bar(cfg.verbose) if engine.rank == 0 else 0)
 
     first = state.epoch
-    if state.skip_batches and first < cfg.epochs:
-        epochs(first, first + 1, state.skip_batches)
+    if state.parts and first < cfg.epochs:
+        epochs(first, first + 1)
         first += 1
+    state.part_steps = steps
     if first < cfg.epochs and not (state.preempted or state.stopped_early):
         epochs(first, cfg.epochs)
 
@@ -228,18 +274,52 @@ def audit_weights(run_dir: Path, rank: int, model, suffix: str = "", optimizer=N
                  *(v.numpy() for v in checkpoints.optimizer_variables(optimizer)))
 
 
-def write_audit(run_dir: Path, engine, model, optimizer, cfg: TrainConfig, records: data.Records) -> None:
-    """Per-rank evidence for tests: the records this rank read in epoch 1 (shard file, skip,
-    take; records directories only), its final weights and optimizer state."""
-    audit_weights(run_dir, engine.rank, model, optimizer=optimizer)
-    shards = records.units("train")
-    segments = None
-    if not data.is_raw(records.manifest):
-        _, (mine,) = next(sharding.train_plan([c for _, c in shards], engine.size, cfg.batch_size,
-                                              cfg.seed, range(1), ranks=[engine.rank]))
-        segments = [(shards[u][0], skip, take) for u, skip, take in mine]
-    (run_dir / "audit" / f"rank{engine.rank}.json").write_text(
-        json.dumps({"rank": engine.rank, "segments": segments}))
+# ---------------------------------------------------------------- stalls ---------------------
+class StallWatch:
+    """The stall watchdog of this rank (chexnet_hvd.stall), wired to the trainer: progress from
+    every step, validation batch and checkpoint write; input batches counted as they are
+    handed to the model; the run log's end record when the job stalls."""
+
+    def __init__(self, cfg: TrainConfig, engine, ranks: list[dict], run_dir: Path):
+        self.hosts = [r["host"] for r in ranks]
+        self.run_dir, self.writer = run_dir, None  # the chief's run log, once open
+        self.delivered = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.watchdog = stall.watch(engine, self.hosts, cfg.stall_timeout, self.on_stall,
+                                    lambda: int(self.delivered.numpy()))
+
+    def on_stall(self, message: str, names: list[int]) -> None:
+        if names:  # this rank writes the end record: the chief, or the lowest rank still running
+            writer = self.writer or runlog.RunLogWriter(self.run_dir)
+            writer.write("end", status="stalled", error=message, ranks=names,
+                         hosts=sorted({self.hosts[r] for r in names}))
+
+    def beat(self, step: int | None = None) -> None:
+        self.watchdog.progress(step)
+
+    def count(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """`ds` counting the batches it hands over (a rank whose count stops is starved)."""
+
+        def counted(x, y):
+            with tf.control_dependencies([self.delivered.assign_add(1)]):
+                return tf.identity(x), y
+
+        return ds.map(counted)
+
+    def failed_collective(self, err: BaseException) -> str | None:
+        """When a collective failed because peers went silent (a timeout of the engine's own,
+        or its coordination service noticing): the one line that names them."""
+        silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
+        if not silent or isinstance(err, cli.InputError | KeyboardInterrupt):
+            return None
+        where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
+        message = (f"stalled: a collective failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                   f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
+        live = [r for r in range(len(self.hosts)) if r not in silent]
+        if live and live[0] == self.watchdog.rank:  # the end record, as in stall.Watchdog
+            self.on_stall(message, silent)
+        else:
+            time.sleep(5)  # let that rank write it before the launcher ends the job
+        return message
 
 
 # ---------------------------------------------------------------- main -----------------------
@@ -266,61 +346,84 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = cli.make_dir(cfg.run_dir)
     stop = StopRequest()
 
-    # --- the distribution engine ---
+    # --- the distribution engine, and the watch for stalled ranks ---
     if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
         os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
-    engine, placement = distributed.start(cfg.engine, cfg.threads, cluster)
+    engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout)
     rank0 = engine.rank == 0  # the chief writes files
     derived = config.derive(cfg, records.manifest, engine.size)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
+    watch = StallWatch(cfg, engine, ranks, run_dir) if cfg.stall_timeout > 0 else None
     writer = None  # opened with the start record: a run that fails before it leaves no log
 
     try:
         # --- model, optimizer, resume ---
         model, trained = build(cfg, engine, records, initial, derived)
-        state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived)
+        state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records)
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, "-initial")
         if rank0:
             writer = start_run_log(cfg, engine, run_dir, model, state, derived, ranks,
                                    data.preprocess_on_device(records.manifest))
+            if watch:
+                watch.writer = writer
 
         # --- data and callbacks ---
+        beat = watch.beat if watch else None
         validation = callbacks.Validation(
             state, data.eval_dataset(records, cfg.val_split, cfg.image_size, cfg.val_batch_size,
                                      rank=engine.rank, world_size=engine.size, threads=placement.threads),
-            records.manifest["classes"], pos_weight(cfg, records.manifest), engine.predictor(model), engine)
+            records.manifest["classes"], pos_weight(cfg, records.manifest), engine.predictor(model), engine,
+            beat)
         saver = checkpoints.Saver(model, trained.optimizer, run_dir / "checkpoints", cfg.keep_checkpoints,
                                   chief=rank0, meta=lambda epochs_done: checkpoints.run_meta(
-                                      cfg, records.manifest, derived, state, epochs_done))
+                                      cfg, records.manifest, derived, state, epochs_done),
+                                  beat=beat or (lambda: None))
+        trail = (callbacks.AuditTrail(state, run_dir / "audit" / f"rank{engine.rank}-trained.jsonl")
+                 if cfg.audit and not cfg.synthetic_input else None)
         keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation,
-                                                   saver, writer)
+                                                   saver, writer, trail, beat)
 
         # --- fit ---
-        fit(cfg, engine, trained, keras_callbacks, state, steps=derived.steps_per_epoch,
-            make_batches=lambda first, epochs, skip: train_batches(
-                cfg, engine, records, derived, placement.threads, first, epochs, skip))
+        def batches(shapes, parts, first, epochs):
+            ds = train_batches(cfg, engine, records, derived, placement.threads, shapes, parts, first, epochs, trail)
+            return watch.count(ds) if watch else ds
+
+        fit(cfg, engine, trained, keras_callbacks, state, batches, steps=derived.steps_per_epoch)
 
         # --- the end: preempted (checkpoint, exit 75) or completed ---
         if state.preempted:
-            if engine.saves_here:  # the chief writes the preemption checkpoint (see Saver)
-                saver(f"step-{state.step:09d}", state.epoch)
-            if rank0:
-                writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
-            engine.broadcast_object(0)  # nobody exits before the checkpoint
-            print(f"rank {engine.rank}: preempted after step {state.step}; checkpoint written, "
-                  f"exiting {cli.EXIT_PREEMPTED}", file=sys.stderr, flush=True)
-            return cli.EXIT_PREEMPTED
+            return end_preempted(engine, state, saver, writer)
         if cfg.audit:
-            write_audit(run_dir, engine, model, trained.optimizer, cfg, records)
+            audit_weights(run_dir, engine.rank, model, optimizer=trained.optimizer)
     except BaseException as err:
+        stalled = watch.failed_collective(err) if watch else None
+        if stalled:
+            print(f"error: {stalled}; ending the job (exit {stall.EXIT_STALLED})", file=sys.stderr, flush=True)
+            return stall.EXIT_STALLED
         if writer:
             writer.write("end", status="failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        if watch:
+            watch.watchdog.stop()
     if writer:
         writer.write("end", status="completed")
         writer.close()
     return 0
+
+
+def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> int:
+    """Every rank stopped after the same step: the chief writes the checkpoint (see Saver) and
+    the run log's end, and no rank exits before it has (exit 75: requeue me)."""
+    if engine.saves_here:
+        saver(f"step-{state.step:09d}", state.epoch)
+    if writer:
+        writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
+    engine.broadcast_object(0)  # nobody exits before the checkpoint
+    print(f"rank {engine.rank}: preempted after step {state.step}; checkpoint written, "
+          f"exiting {cli.EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+    return cli.EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main(out: str, engine_name: str) -> None:
     images = rng.normal(size=(STEPS, 4, 16, 16, 3)).astype(np.float32)
     if engine.rank == 1:
         images[OVERFLOW_STEP - 1, 0, 5, 5, 0] = np.inf  # only this rank, only this step
-    labels = np.stack([rng.integers(0, 2, (STEPS, 4, 3)), np.ones((STEPS, 4, 3))], axis=2)
+    labels = np.concatenate([rng.integers(0, 2, (STEPS, 4, 3)), np.ones((STEPS, 4, 3))], axis=-1)
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
 
     def scale() -> float:

@@ -33,3 +33,16 @@ def test_check_refuses_too_few_steps():
     from conftest import assert_one_line_error
 
     assert_one_line_error(module("check", "--steps", 1), "--steps")
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_check_at_its_default_batch_on_four_ranks():
+    """As on an 8-GPU node, more ranks x the default batch (32) than its tiny records set holds:
+    the timing runs on the in-memory batch all the same, and the placement verdict is there."""
+    proc = module("check", "--model", "small_cnn", "--image-size", 32, "--ranks", 4, "--steps", 3,
+                  "--precisions", "fp32", timeout=600)
+    verdicts = [line for line in proc.stdout.splitlines() if re.match(r"\[(PASS|WARN|FAIL)\] ", line)]
+    assert any(line.startswith("[WARN] 4 ranks of the") for line in verdicts), proc.stdout
+    assert any(re.match(r"\[PASS\] small_cnn 32 px fp32, batch 32 per CPU rank: [\d.]+ img/s", line)
+               for line in verdicts), proc.stdout + proc.stderr[-2000:]

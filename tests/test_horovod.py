@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ENGINES, assert_one_line_error, assert_ranks_identical, ranks, run
+from conftest import launcher as launcher_of
 from sklearn.metrics import roc_auc_score
 
 from chexnet_hvd import checkpoints, data, metrics, records
@@ -47,10 +48,12 @@ def test_weights_bitwise_identical_on_both_ranks(two_ranks_run):
 
 
 def test_ranks_read_disjoint_records_covering_the_split(two_ranks_run, records_dir):
-    """Epoch 1's records per rank (shard, skip, take): the same count on both ranks, no record
-    on both, fewer than one global batch of the split left out."""
-    audits = [json.loads((two_ranks_run / "audit" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    taken = [{(f, i) for f, skip, take in a["segments"] for i in range(skip, skip + take)} for a in audits]
+    """The records each rank trained in epoch 1, as its input pipeline delivered them: the same
+    count on both ranks, none twice, fewer than one global batch of the split left out."""
+    trails = [(two_ranks_run / "audit" / f"rank{r}-trained.jsonl").read_text().splitlines() for r in (0, 1)]
+    epoch1 = [json.loads(lines[0])["ids"] for lines in trails]
+    taken = [set(ids) for ids in epoch1]
+    assert [len(ids) for ids in epoch1] == [len(t) for t in taken]  # none twice on a rank
     assert len(taken[0]) == len(taken[1]) and not taken[0] & taken[1]
     manifest = records.load_manifest(records_dir)
     assert 0 <= manifest["splits"]["train"]["count"] - len(taken[0] | taken[1]) < 2 * 16
@@ -123,6 +126,29 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
     assert read_runlog(tmp_path / "tf")[0]["engine"] == "tf"
     bad = run(train_args(records_dir, tmp_path / "bad"), env={"CHEXNET_ENGINE": "mxnet"})
     assert_one_line_error(bad, "error: --engine: unknown engine 'mxnet'")
+
+
+@pytest.mark.horovod
+@pytest.mark.parametrize("launcher,engine,started_by", [
+    ("tf", "horovod", "chexnet_hvd.launch or TF_CONFIG"), ("horovod", "tf", "horovodrun")])
+def test_an_engine_refuses_the_other_engines_launcher(records_dir, tmp_path, launcher, engine, started_by):
+    """Each rank of the other engine's launcher would see a world of one and train alone: N
+    copies of the run writing one run directory. Refused, on every rank, before anything is
+    written."""
+    proc = run([*launcher_of(launcher, 2), *train_args(records_dir, tmp_path), "--engine", engine], timeout=300)
+    errors = [line.split("error: ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
+              if "error: --engine:" in line]
+    assert proc.returncode != 0 and len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-2000:]
+    assert "sees a world of 1" in errors[0] and started_by in errors[0]
+    assert not (tmp_path / "runlog.jsonl").exists()
+
+
+def test_the_tf_engines_launcher_makes_its_workers_default_to_it(records_dir, tmp_path):
+    """chexnet_hvd.launch without --engine: its workers train together under the tf engine,
+    whatever the default engine is."""
+    run([*launcher_of("tf", 2), *train_args(records_dir, tmp_path), "--epochs", "1"], timeout=300, check=True)
+    start = read_runlog(tmp_path)[0]
+    assert (start["engine"], start["world_size"]) == ("tf", 2)
 
 
 @pytest.mark.horovod

@@ -1,12 +1,16 @@
 """Models build and train a step; ResNet-59's shape and size; bf16 and fp16 steps; class weights
 reach the loss."""
 
+import json
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ENGINES, run
 
 from chexnet_hvd import models
-from chexnet_hvd.train import make_loss
+from chexnet_hvd.train import make_loss, pack_targets
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +22,7 @@ def fp32_policy():
 def one_step(model, size, optimizer=None):
     model.compile(optimizer=optimizer or tf.keras.optimizers.Adam(1e-3), loss=make_loss())
     x = tf.random.stateless_normal((2, size, size, 3), seed=[1, 2])
-    y = tf.stack([tf.ones((2, 14)), tf.ones((2, 14))], axis=1)
+    y = pack_targets(tf.ones((2, 14)), tf.ones((2, 14)))
     before = [w.copy() for w in model.get_weights()]
     loss = model.train_on_batch(x, y)
     changed = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
@@ -56,7 +60,7 @@ def test_mixed_precision_step(policy):
 
 
 def test_class_weights_change_the_loss_and_masked_entries_do_not():
-    y_true = tf.constant([[[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]])  # labels, then mask (3rd masked)
+    y_true = pack_targets(tf.constant([[1.0, 0.0, 1.0]]), tf.constant([[1.0, 1.0, 0.0]]))  # 3rd masked
     prob = tf.constant([[0.3, 0.4, 0.01]])
     plain = float(make_loss()(y_true, prob))
     weighted = float(make_loss([5.0, 1.0, 1.0])(y_true, prob))
@@ -76,7 +80,22 @@ def test_training_and_validation_share_one_loss():
     mask = np.array([[1, 0, 0], [1, 1, 1]], np.float32)
     prob = np.array([[0.2, 0.9, 0.9], [0.4, 0.7, 0.6]], np.float32)
     by_hand = -(np.log(0.2) + np.log(0.6) + np.log(0.7) + np.log(0.6)) / 4
-    train_loss = float(make_loss()(tf.constant(np.stack([label, mask], 1)), tf.constant(prob)))
+    train_loss = float(make_loss()(pack_targets(label, mask), tf.constant(prob)))
     val_loss = metrics.summarize(label, prob, mask, ["a", "b", "c"])["loss"]
     assert train_loss == pytest.approx(by_hand, rel=1e-5) and val_loss == pytest.approx(by_hand, rel=1e-5)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_training_loss_is_masked_bce_for_any_number_of_classes(tmp_path, engine):
+    """For 1, 2, 14 and 21 classes, with and without masks, fp32 and mixed_float16, under each
+    engine: the loss Keras trains on equals `metrics.masked_bce` of the same predictions. With
+    [B, 2, C] targets, one class made Keras squeeze them to [B, 2] and train every prediction
+    against every label of the batch."""
+    out = tmp_path / "losses.json"
+    run([sys.executable, "tests/loss_worker.py", str(out), engine], timeout=600, check=True)
+    results = json.loads(out.read_text())
+    assert len(results) == 16
+    for r in results:
+        assert r["train_on_batch"] == pytest.approx(r["masked_bce"], rel=1e-5), r

@@ -148,7 +148,7 @@ def test_manifest_records_sizes_and_weights(records_dir):
 def test_an_epoch_is_the_same_batches_whether_started_or_resumed(records_dir):
     def ids(start, epochs):
         ds = data.train_dataset(records_dir, "train", 32, 8, rank=1, world_size=2, seed=3, steps_per_epoch=5,
-                                start_epoch=start, epochs=epochs, deterministic=True, with_ids=True)
+                                start_epoch=start, epochs=epochs, with_ids=True)
         return [b[3].numpy().tolist() for b in ds]
 
     straight, resumed = ids(0, 2), ids(1, 1)
@@ -210,7 +210,7 @@ def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(s
     assert records.load_manifest(tmp_path / "uint8")["encoding"] == "uint8"
     pixels = {}
     for encoding in ("png", "uint8"):
-        source = data._Source(tmp_path / encoding, "val", deterministic=True)
+        source = data._Source(tmp_path / encoding, "val")
         items = source.read(data.as_tensor(data.sharding.eval_plan(source.counts, 1)[0]))
         pixels[encoding] = {source.example(i)["id"].numpy(): source.example(i)["image"].numpy() for i in items}
     assert pixels["png"].keys() == pixels["uint8"].keys()

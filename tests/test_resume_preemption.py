@@ -1,6 +1,8 @@
 """Resume and preemption with real 2-rank jobs under both engines (horovodrun; the tf engine's
-launcher); a killed rank fails the job promptly."""
+launcher), at the defaults the Slurm templates use (no --deterministic); resumes onto another
+batch or world size; a killed rank fails the job promptly."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ENGINES, ROOT, VENV_BIN, ranks, run
+from conftest import ENGINES, ROOT, VENV_BIN, module, ranks, run
 
 from chexnet_hvd import checkpoints
 from chexnet_hvd.runlog import read_runlog
@@ -45,8 +47,9 @@ def wait_for(predicate, timeout):
     return False
 
 
-# mixed_float16: the loss scale and its count of good steps are resumed state too
-EXACT = ["--deterministic", "--audit", "--precision", "mixed_float16"]
+# mixed_float16: the loss scale and its count of good steps are resumed state too. No
+# --deterministic: the templates do not pass it, and a resume must be exact without it.
+EXACT = ["--audit", "--precision", "mixed_float16"]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -135,7 +138,7 @@ def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path, engine):
 def test_a_mid_epoch_resume_is_exact(records_dir, straight, tmp_path, engine):
     """--preempt-at-step 33 raises a stop the ranks agree on at step 40, 14 batches into epoch 2
     (26 steps per epoch on 2 ranks x 8); the resumed run skips exactly those batches: the same
-    52 steps and, bitwise, the same weights as 2 epochs straight."""
+    52 steps, the same records and, bitwise, the same weights as 2 epochs straight."""
     common = ["--epochs", 2, *EXACT]
     preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33, engine=engine),
                     timeout=300)
@@ -143,11 +146,74 @@ def test_a_mid_epoch_resume_is_exact(records_dir, straight, tmp_path, engine):
     run(train_cmd(records_dir, tmp_path / "split", *common, "--resume", engine=engine), timeout=300, check=True)
     log = read_runlog(tmp_path / "split")
     resumed = [r for r in log if r["event"] == "start"][-1]
-    assert (resumed["initial_epoch"], resumed["initial_step"], resumed["skipped_batches"]) == (1, 40, 14)
+    assert (resumed["initial_epoch"], resumed["initial_step"], resumed["resumed_parts"]) == (1, 40, [[2, 8, 26, 14]])
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 12)]
     metas = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, tmp_path / "split")]
     assert metas[0]["step"] == metas[1]["step"] == 52
+    assert trained(straight, 2) == trained(tmp_path / "split", 2)
     assert_same_weights(straight, tmp_path / "split")
+
+
+def trained(run_dir, ranks: int) -> dict[int, list[str]]:
+    """--audit's record ids each epoch trained, over all ranks and attempts: {epoch: sorted ids}."""
+    out: dict[int, list[str]] = {}
+    for rank in range(ranks):
+        path = run_dir / "audit" / f"rank{rank}-trained.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            part = json.loads(line)
+            out.setdefault(part["epoch"], []).extend(part["ids"])
+    return {epoch: sorted(ids) for epoch, ids in out.items()}
+
+
+def epoch_lrs(run_dir) -> list[float]:
+    return [r["lr"] for r in read_runlog(run_dir) if r["event"] == "epoch"]
+
+
+# Every schedule, and warmup (tests/test_schedules.py has each with and without, through a
+# resumed part). An lr too small to move the weights keeps every run's validation, so
+# plateau's decisions, the same: the lrs compare exactly.
+SCHEDULES = [("constant", 1.5), ("cosine", 1.5), ("step", 0), ("plateau", 0)]
+
+
+@pytest.mark.parametrize("schedule,warmup", SCHEDULES, ids=[f"{s}-warmup{w}" for s, w in SCHEDULES])
+def test_a_resume_at_twice_the_batch_keeps_the_schedule_and_trains_each_record_once(
+        records_dir, tmp_path, schedule, warmup):
+    """Preempted 18 batches into epoch 2 (52 steps of 8) and resumed at batch 16: every epoch
+    ends at the straight run's lr times 2 (the global-batch ratio), and epoch 2 trains each
+    record once: the 144 the first attempt took, then 17 steps of 16 of the other 276 (the 4
+    left over are fewer than one new global batch)."""
+    cmd = one_process(train_cmd(records_dir, tmp_path / "straight", "--epochs", 3, "--lr", 1e-9,
+                                "--schedule", schedule, "--warmup-epochs", warmup, "--step-epochs", 1,
+                                "--plateau-patience", 1, "--no-tensorboard", "--audit"))
+    run(cmd, timeout=300, check=True)
+    split = [str(tmp_path / "split") if a == str(tmp_path / "straight") else a for a in cmd]
+    assert run([*split, "--preempt-at-step", "61"], timeout=300).returncode == 75  # agreed at step 70
+    run([*split, "--resume", "--batch-size", "16"], timeout=300, check=True)
+    straight_lr, split_lr = epoch_lrs(tmp_path / "straight"), epoch_lrs(tmp_path / "split")
+    assert split_lr[0] == straight_lr[0]
+    assert split_lr[1:] == pytest.approx([2 * lr for lr in straight_lr[1:]], rel=1e-6, abs=1e-30)
+    log = read_runlog(tmp_path / "split")
+    assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 52), (2, 17), (3, 26)]
+    epoch2 = trained(tmp_path / "split", 1)[2]
+    assert len(epoch2) == len(set(epoch2)) == 144 + 17 * 16
+    assert trained(tmp_path / "split", 1)[1] == trained(tmp_path / "straight", 1)[1]
+
+
+def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_record_once(
+        records_dir, straight, tmp_path, engine):
+    """Preempted in epoch 2 on 2 ranks, resumed as one process: epoch 2 ends at half the
+    straight run's lr (global batch 8, not 16), and its records are trained once each."""
+    common = ["--epochs", 2, *EXACT]
+    preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33, engine=engine),
+                    timeout=300)
+    assert "rank 0: preempted after step 40" in preempted.stderr, preempted.stderr[-2000:]
+    run(one_process(train_cmd(records_dir, tmp_path / "split", *common, "--resume", engine=engine)),
+        timeout=300, check=True)
+    assert epoch_lrs(tmp_path / "split") == pytest.approx([epoch_lrs(straight)[0], epoch_lrs(straight)[1] / 2])
+    log = read_runlog(tmp_path / "split")
+    assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 24)]  # (420 - 224) // 8
+    epoch2 = trained(tmp_path / "split", 2)[2]
+    assert len(epoch2) == len(set(epoch2)) == 2 * 14 * 8 + 24 * 8
 
 
 def test_the_early_stopping_count_survives_a_resume(records_dir, tmp_path):
@@ -159,3 +225,27 @@ def test_the_early_stopping_count_survives_a_resume(records_dir, tmp_path):
     log = read_runlog(tmp_path)
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
     assert [r["status"] for r in log if r["event"] == "end"] == ["preempted", "completed"]
+
+
+def test_a_torn_run_log_line_loses_nothing(records_dir, tmp_path):
+    """A kill (or a full disk) in the middle of a run-log write leaves a line without its end;
+    the next attempt ends that line before it appends, so the requeue decision (the runlog CLI,
+    which the Slurm templates ask), the next resume and the scaling report all still read the
+    run, the torn line counted, never lost."""
+    cmd = one_process(train_cmd(records_dir, tmp_path, "--steps-per-epoch", 5, "--stop-check-steps", 1))
+    run([*cmd, "--epochs", "1"], timeout=300, check=True)
+    torn = '{"schema": "chexnet_hvd.runlog/1", "event": "epoch", "epo'
+    with open(tmp_path / "runlog.jsonl", "a") as fh:
+        fh.write(torn)
+    assert run([*cmd, "--epochs", "3", "--resume", "--preempt-at-step", "8"], timeout=300).returncode == 75
+    assert module("runlog", tmp_path, check=True).stdout.strip() == "preempted"
+    run([*cmd, "--epochs", "3", "--resume"], timeout=300, check=True)
+    assert module("runlog", tmp_path, check=True).stdout.strip() == "completed"
+    lines = (tmp_path / "runlog.jsonl").read_text().splitlines()
+    assert torn in lines  # kept as it was, on a line of its own
+    log = read_runlog(tmp_path)
+    assert [r["status"] for r in log if r["event"] == "end"] == ["completed", "preempted", "completed"]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+    report = run([sys.executable, str(ROOT / "tools" / "scaling_report.py"), str(tmp_path), "--skip-epochs", "0"])
+    assert report.returncode == 0 and "| 1 |" in report.stdout, report.stderr
+    assert f"skipped unreadable line(s) {lines.index(torn) + 1}" in report.stderr

@@ -128,11 +128,21 @@ def test_wrong_schema_and_empty_dirs_give_one_line_errors(tmp_path):
     assert_one_line_error(run([REPORT, str(tmp_path / "empty")]), "no runlog.jsonl found")
 
 
-def test_torn_last_line_is_ignored(tmp_path):
+def test_torn_lines_are_skipped_and_counted(tmp_path):
+    """A write cut short by a kill or a full disk, at the end or (once the next attempt has
+    appended) in the middle: readers skip it and say which line it was."""
     write_run(tmp_path, 1, 50.0)
     with open(tmp_path / "runlog.jsonl", "a") as fh:
         fh.write('{"schema": "chexnet_hvd.runlog/1", "event": "ep')
     assert runlog.read_runlog(tmp_path)[-1]["event"] == "end"
+    lines = len((tmp_path / "runlog.jsonl").read_text().splitlines())
+    writer = runlog.RunLogWriter(tmp_path)  # the next attempt: ends the torn line, then appends
+    writer.write("end", status="completed")
+    records, skipped = runlog.read_records(tmp_path)
+    assert skipped == [lines] and records[-1]["status"] == "completed"
+    proc = run([REPORT, str(tmp_path)])
+    assert proc.returncode == 0 and "| 1 |" in proc.stdout
+    assert f"runlog.jsonl: skipped unreadable line(s) {lines}" in proc.stderr
 
 
 def test_projection_matches_hand_computed_ring_allreduce():

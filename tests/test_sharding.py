@@ -92,3 +92,67 @@ def test_evaluation_plan_reads_every_record_once(world):
     assert coverage(counts, per_rank).tolist() == [1] * sum(counts)
     sizes = [sum(t for _, _, t in segs) for segs in per_rank]
     assert max(sizes) - min(sizes) <= 1  # with 40 ranks, 6 get nothing: still exact
+
+
+def trained_in_parts(layout, steps, parts, last_shape):
+    """Nominal positions each part trains (every part's `done` batches on each of its ranks, the
+    last part all its steps), by following rank_pieces: {position: times trained}."""
+    seen: dict[int, int] = {}
+    history: list = []
+    per_source = steps * layout.batch
+    for world, batch, done in [*parts, (*last_shape, None)]:
+        part = sharding.part_steps(layout, steps, history, (world, batch))
+        for rank in range(world):
+            pieces = sharding.rank_pieces(layout, steps, history, (world, batch), rank)
+            assert sum(t for _, _, t in pieces) == part * batch  # every rank the same steps
+            positions = [(layout.world * per_source if s == sharding.TAIL else s * per_source) + k + i
+                         for s, k, t in pieces for i in range(t)]
+            for p in positions[:(part if done is None else done) * batch]:
+                seen[p] = seen.get(p, 0) + 1
+        history.append((world, batch, part, done))
+    return seen, part * last_shape[0] * last_shape[1]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_an_epoch_resumed_at_other_shapes_trains_each_record_once(seed):
+    """An epoch interrupted up to 4 times and finished at random world sizes and batches: no
+    record twice, and fewer than one global batch of the last shape left out (all of an epoch's
+    records, the tail it would leave out included, are what the parts share out)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 60, rng.integers(1, 12)).tolist()
+    total = sum(counts)
+    shapes = [(int(rng.choice([1, 2, 4])), int(rng.integers(1, 9))) for _ in range(5)]
+    shapes = [s for s in shapes if s[0] * s[1] <= total // 2] or [(1, 1)]
+    (_, layout), = sharding.epoch_layouts(counts, [(0, *shapes[0])], seed, range(1))
+    steps = layout.per_rank // layout.batch
+    parts, history = [], []
+    for world, batch in shapes[:-1]:
+        part = sharding.part_steps(layout, steps, history, (world, batch))
+        done = int(rng.integers(0, part + 1))
+        parts.append((world, batch, done))
+        history.append((world, batch, part, done))
+    seen, last_part = trained_in_parts(layout, steps, parts, shapes[-1])
+    assert max(seen.values(), default=1) == 1
+    world, batch = shapes[-1]
+    assert total - len(seen) < world * batch
+    assert all(0 <= p < total for p in seen)
+
+
+def test_a_resume_at_the_same_shape_is_the_rest_of_each_ranks_own_range():
+    (_, layout), = sharding.epoch_layouts([50, 30, 41], [(0, 3, 4)], 0, range(1))
+    steps = layout.per_rank // 4  # 10
+    for rank in range(3):
+        assert sharding.rank_pieces(layout, steps, [(3, 4, steps, 6)], (3, 4), rank) == [(rank, 24, 16)]
+    # a cap on the steps (--steps-per-epoch) leaves the tail out of the epoch
+    assert sharding.part_steps(layout, 5, [(3, 4, 5, 2)], (3, 4)) == 3
+
+
+def test_epochs_after_a_change_of_shape_follow_the_shapes_they_started_with():
+    counts = [5, 7, 7, 6, 9]
+    before = dict(sharding.train_plan(counts, 3, 2, 0, range(4)))
+    changed = {e: layout.ranks for e, layout in
+               sharding.epoch_layouts(counts, [(0, 3, 2), (2, 2, 3)], 0, range(4))}
+    assert {e: changed[e] for e in (0, 1)} == {e: before[e] for e in (0, 1)}
+    for epoch in (2, 3):  # 2 ranks of 5 steps x 3, each its own records
+        assert [sum(t for _, _, t in rank) for rank in changed[epoch]] == [15, 15]
+        assert coverage(counts, changed[epoch]).max() == 1

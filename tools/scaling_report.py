@@ -74,6 +74,9 @@ def measured(cfg: ReportConfig) -> list[dict]:
     if not cfg.runs:
         raise cli.InputError("runs", "give at least one run directory, runlog.jsonl or glob")
     runs = scaling.load_all(scaling.find_runlogs(cfg.runs))
+    for path, lines in sorted({(r.path, tuple(r.unreadable)) for r in runs if r.unreadable}):
+        print(f"note: {path}: skipped unreadable line(s) {', '.join(map(str, lines))} "
+              "(a write cut short by a kill or a full disk)", file=sys.stderr)
     rows = scaling.scaling_rows(runs, cfg.skip_epochs)
     if not rows:
         raise RunLogError(f"{' '.join(cfg.runs)}: no finished epochs in the run logs")

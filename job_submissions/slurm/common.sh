@@ -20,23 +20,26 @@
 #                 Not horovodrun: it passes no signal on to the ranks (so preemption would lose
 #                 the run) and needs ssh between nodes; it is for workstations.
 #   SRUN_MPI      srun's --mpi plugin (default pmix)
-#   ENGINE        horovod (default, or $CHEXNET_ENGINE) | tf: TensorFlow's
-#                 MultiWorkerMirroredStrategy carries the gradients instead of Horovod (for
-#                 clusters where Horovod does not build); srun then starts the workers
-#                 without MPI (LAUNCHER must be srun)
+#   ENGINE        horovod | tf: TensorFlow's MultiWorkerMirroredStrategy carries the gradients
+#                 instead of Horovod (for clusters where Horovod does not build); srun then
+#                 starts the workers without MPI (LAUNCHER must be srun). Default: $CHEXNET_ENGINE,
+#                 else horovod where the venv has it, else tf (the trainer's own default)
 #
 # Preemption: the templates ask Slurm for SIGUSR1 some minutes before the time limit
 # (--signal=B:USR1@...) and are --requeue-able. The signal reaches this shell, which passes it
 # to the ranks; they agree to stop after the same step, rank 0 writes a checkpoint, and they exit
 # 75. Then this script requeues the job; the job id, and so the run directory, stay the same, and
 # the trainer always runs with --resume, so the requeued job continues from that checkpoint.
+# Stalls: a rank without progress for --stall-timeout seconds (600 by default; TRAIN_ARGS can
+# change it) ends the attempt, naming the ranks and hosts it waited for; the job is then requeued
+# once, and ends if it stalls again.
 
 : "${CHEXNET_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${VENV:=$CHEXNET_HOME/.venv}"
 : "${DATA_DIR:=$CHEXNET_HOME/data/records}"
 : "${RUN_ROOT:=$CHEXNET_HOME/runs}"
 : "${RECIPE:=}" "${PRECISION:=mixed_float16}" "${TRAIN_ARGS:=}" "${LAUNCHER:=srun}" "${SRUN_MPI:=pmix}"
-: "${ENGINE:=${CHEXNET_ENGINE:-horovod}}"
+: "${ENGINE:=${CHEXNET_ENGINE:-$("$VENV/bin/python" -c 'from chexnet_hvd.distributed import DEFAULT_ENGINE; print(DEFAULT_ENGINE)' 2>/dev/null || echo horovod)}}"
 if [[ -z $RECIPE ]]; then
   : "${MODEL:=densenet121}" "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
 fi
@@ -110,14 +113,30 @@ run_training() {
   done
   launch "$PY" -m chexnet_hvd.train --data "$DATA_DIR" --run-dir "$RUN_DIR" "${settings[@]}" \
     --resume --verbose 2 $TRAIN_ARGS
-  local rc=0
+  local rc=0 status
   wait_ranks || rc=$?
   # The run log, not the launcher's code, says whether the ranks stopped at a checkpoint: srun
   # ends the other ranks (143) as soon as the first one exits 75.
-  if ((rc)) && [[ $("$PY" -m chexnet_hvd.runlog "$RUN_DIR" 2>/dev/null) == preempted ]]; then
+  status=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" 2>/dev/null || true)
+  if ((rc)) && [[ $status == preempted ]]; then
     rc=$EXIT_PREEMPTED
   fi
+  if [[ $status == stalled ]]; then requeue_once_stalled; fi
   requeue_if_preempted "$rc"
+}
+
+# A stalled rank ended the attempt (its error line above names it): the job goes once more from
+# its newest checkpoint, likely on other nodes; a second stall ends it, so that a bad node or
+# network is not retried for the whole time limit.
+requeue_once_stalled() {
+  local stalls
+  stalls=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --count stalled)
+  if ((stalls > 1)); then
+    echo "job $SLURM_JOB_ID: stalled again ($stalls times); not requeueing"
+  elif [[ $SLURM_JOB_ID != local-* ]]; then
+    echo "job $SLURM_JOB_ID: stalled (see the error above); requeueing once to resume from the newest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
 }
 
 requeue_if_preempted() {

@@ -1,0 +1,196 @@
+"""A stalled rank ends the job, with a name and within a bound (--stall-timeout).
+
+A collective waits for every rank, forever under MPI: one rank stopped, killed without its
+launcher noticing, cut off from the network or stuck reading its input would hold a multi-node
+job until its time limit. So every rank runs a `Watchdog`, a thread beside the training loop:
+
+- the loop calls `progress()` after every training step, validation batch and checkpoint
+  write (one attribute store);
+- every `interval` seconds each rank sends every other rank a heartbeat (a UDP datagram: rank,
+  step, input batches delivered, seconds since its last progress) to the address it announced
+  at start, and notes the heartbeats it receives;
+- when no rank has made progress for `timeout` seconds (as far as this rank knows: its own
+  clock, and each peer's as last reported plus the age of that report), the rank ends the
+  job: it names the ranks it stopped
+  hearing from (stopped, killed, or cut off: their host), else the ranks whose input pipeline
+  delivered no batch for the step they wait for, else the ranks at the lowest step (everyone
+  else waits for them in a collective); prints one line; the chief (or, when the chief is the
+  one stalled, the lowest rank still running) writes the run log's end record, status `stalled`;
+  and the process exits with EXIT_STALLED. The launcher then ends the others (srun
+  --kill-on-bad-exit, mpirun, horovodrun and chexnet_hvd.launch all end a job when a rank
+  fails); a rank that is still alive after `grace` more seconds exits too.
+
+Heartbeats are threads of their own, so they run while the training thread is blocked inside
+a collective (TensorFlow and Horovod release the GIL there); a stopped process sends none. The
+engines' own timeouts are set above `timeout` (`engine_timeouts`), as the second line of defence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+EXIT_STALLED = 76  # distinct from 75 (preempted: requeue me) and 1/2 (failed, bad input)
+
+
+def engine_timeouts(timeout: float) -> dict[str, str]:
+    """Environment for the engines' own stall limits, above ours so that ours speaks first:
+    Horovod's stall inspector shuts down (it only warns by default) and Gloo's receive timeout
+    (30 s by default) waits longer."""
+    if timeout <= 0:
+        return {}
+    return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(int(max(1, min(60, timeout / 2)))),
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(int(timeout + 120)),
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(timeout + 60))}
+
+
+def interval_for(timeout: float) -> float:
+    """Seconds between heartbeats: several per timeout, at most 10."""
+    return max(0.2, min(10.0, timeout / 5))
+
+
+def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tuple[list[int], str]:
+    """Whom a rank with no progress for `timeout` names, and why, from the heartbeats `heard`
+    ({rank: {"at": when received (monotonic), "step", "delivered", "idle"}}) of its peers and its
+    own (`me`, at `now`)."""
+    silent = sorted(r for r, h in heard.items() if r != me and now - h["at"] > timeout)
+    if silent:
+        return silent, f"no heartbeat for more than {timeout:g} s (stopped, killed, or cut off)"
+    starved = sorted(r for r, h in heard.items() if h["delivered"] <= h["step"])
+    if starved:
+        return starved, "its input pipeline delivered no batch for the step it is at"
+    lowest = min(h["step"] for h in heard.values())
+    behind = sorted(r for r, h in heard.items() if h["step"] == lowest)
+    if len(behind) < len(heard):
+        return behind, f"at step {lowest}, behind the others, which wait for it in a collective"
+    return behind, f"every rank at step {lowest}, inside a collective that does not complete"
+
+
+class Watchdog:
+    """One rank's stall watch (see the module docstring). `announce` is this rank's heartbeat
+    address, to be gathered from every rank and given to `start`."""
+
+    def __init__(self, rank: int, hosts: list[str] | None, timeout: float,
+                 on_stall: Callable[[str, list[int]], None],
+                 count_delivered: Callable[[], int] | None = None, grace: float = 30.0):
+        self.rank, self.timeout, self.on_stall, self.grace = rank, timeout, on_stall, grace
+        # input batches this rank's pipeline handed over (unknown: never taken for starved)
+        self.count_delivered = count_delivered or (lambda: self.step + 1)
+        self.interval = interval_for(timeout)
+        self.step = 0
+        self.delivered = 0
+        self.last_progress = time.monotonic()
+        self.armed = False
+        self.heard: dict[int, dict] = {}
+        self.peers: list[tuple[str, int]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.settimeout(self.interval)
+        self.hosts = hosts
+        self._stop = threading.Event()
+
+    @property
+    def announce(self) -> tuple[str, int]:
+        return socket.gethostname(), self.sock.getsockname()[1]
+
+    def start(self, addresses: list[tuple[str, int]]) -> None:
+        """Begin heartbeats to `addresses` (every rank's `announce`, in rank order)."""
+        self.peers = [(resolve(host), port) for host, port in addresses]
+        now = time.monotonic()
+        self.heard = {r: {"at": now, "step": 0, "delivered": 1, "idle": 0.0} for r in range(len(addresses))}
+        for target in (self._listen, self._watch):
+            threading.Thread(target=target, daemon=True, name=f"stall-{target.__name__}").start()
+
+    def progress(self, step: int | None = None) -> None:
+        """A step, validation batch or checkpoint write completed: the clock starts again (and,
+        from the first training step on, the watch is armed)."""
+        self.last_progress = time.monotonic()
+        if step is not None:
+            self.step, self.armed = step, True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def silent_peers(self, after: float) -> list[int]:
+        """Ranks not heard from for `after` seconds (a failed collective asks who is gone)."""
+        now = time.monotonic()
+        return sorted(r for r, h in self.heard.items() if r != self.rank and now - h["at"] > after)
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                payload = json.loads(self.sock.recv(4096))
+            except (TimeoutError, OSError, ValueError):
+                continue
+            if isinstance(payload, dict) and payload.get("rank") in self.heard:
+                self.heard[payload["rank"]] = {"at": time.monotonic(), "step": payload["step"],
+                                               "delivered": payload["delivered"], "idle": payload["idle"]}
+
+    def _watch(self) -> None:
+        last_tick = time.monotonic()
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            if now - last_tick > self.timeout:  # this process did not run (stopped, frozen)
+                self._was_stopped(now - last_tick)
+                return
+            last_tick = now
+            idle = now - self.last_progress
+            self.delivered = self.count_delivered()
+            beat = json.dumps({"rank": self.rank, "step": self.step, "delivered": self.delivered,
+                               "idle": round(idle, 1)}).encode()
+            for address in self.peers:
+                try:
+                    self.sock.sendto(beat, address)
+                except OSError:
+                    pass  # a peer we cannot reach is what the others will report
+            self.heard[self.rank] = {"at": now, "step": self.step, "delivered": self.delivered, "idle": idle}
+            # the job's idle time: the least any rank has been without progress (a slow peer
+            # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
+            job_idle = min(h["idle"] + now - h["at"] for h in self.heard.values())
+            if self.armed and job_idle > self.timeout:
+                self._stalled(now, idle)
+                return
+
+    def _was_stopped(self, seconds: float) -> None:
+        """This rank was the stalled one and runs again: its peers have ended (or are ending)
+        the job and written its end; it only says so and leaves."""
+        print(f"error: stalled: rank {self.rank} did not run for {seconds:.0f} s (stopped or frozen); "
+              f"the other ranks end the job (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
+        os._exit(EXIT_STALLED)
+
+    def _stalled(self, now: float, idle: float) -> None:
+        names, why = culprits(now, self.rank, self.heard, self.timeout)
+        where = ", ".join(f"rank {r}" + (f" ({self.hosts[r]})" if self.hosts else "") for r in names)
+        message = (f"stalled: no training progress on rank {self.rank} for {idle:.0f} s "
+                   f"(--stall-timeout {self.timeout:g}); waiting for {where}: {why}")
+        print(f"error: {message}; ending the job (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
+        alive = [r for r in sorted(self.heard) if r not in names]
+        writer = alive[0] if alive else self.rank
+        if self.rank != writer:  # the writer's exit ends the job; exit anyway if it does not
+            time.sleep(self.grace)
+        try:
+            self.on_stall(message, names if self.rank == writer else [])
+        finally:
+            os._exit(EXIT_STALLED)
+
+
+def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, list[int]], None],
+          count_delivered: Callable[[], int] | None = None) -> Watchdog:
+    """A started Watchdog for this rank of `engine` (every rank calls it: the heartbeat
+    addresses are gathered, a collective)."""
+    watchdog = Watchdog(engine.rank, hosts, timeout, on_stall, count_delivered)
+    watchdog.start(engine.allgather_object(watchdog.announce))
+    return watchdog
+
+
+def resolve(host: str) -> str:
+    """An IPv4 address of `host` (a rank's own hostname; loopback when it is this one and has none)."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,69 @@
+"""Learning-rate schedules (chexnet_hvd.schedules): their formulas in epochs of progress, the
+same at every world size and batch once rescaled, through the parts a resumed epoch is split
+into; reduce-on-plateau's bookkeeping, and a plateau lr kept across a resume."""
+
+import pytest
+from conftest import module
+
+from chexnet_hvd.schedules import EpochSchedule
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_lr_warmup_and_scaling_formula(world):
+    """Warmup over 1 epoch from the single-rank lr to the scaled peak, then half a cosine to
+    zero at epoch 10; 10 steps per epoch."""
+    base, ref, local = 1e-3, 16, 16
+    peak = base * local * world / ref
+    sched = EpochSchedule(peak, world, warmup_epochs=1, epochs=10, schedule="cosine")
+    sched.start_part(0.0, first_step=0, steps=10)
+    assert float(sched(0)) == pytest.approx(peak / world)
+    assert float(sched(5)) == pytest.approx(peak / world + (peak - peak / world) * 0.5)
+    assert float(sched(10)) == pytest.approx(peak)
+    assert float(sched(55)) == pytest.approx(peak * 0.5, rel=1e-5)
+    assert float(sched(100)) == pytest.approx(0.0, abs=1e-9)
+    assert EpochSchedule.from_config(sched.get_config()).peak == peak
+
+
+@pytest.mark.parametrize("warmup", [2.5, 0])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+def test_the_lr_is_a_function_of_epoch_progress_whatever_the_epochs_length(schedule, warmup):
+    """An epoch of 10 steps, interrupted after 4 and finished in 3 steps at twice the batch (the
+    peak twice as high): every step of the rest has the lr of the same progress, rescaled (in
+    warmup too: it starts from the peak over the world size)."""
+    common = dict(warmup_epochs=warmup, epochs=4, schedule=schedule, step_epochs=2)
+    straight, resumed = EpochSchedule(1e-3, 2, **common), EpochSchedule(2e-3, 2, **common)
+    straight.start_part(2.0, first_step=20, steps=10)  # epoch 3 of 4, steps 20..29
+    resumed.start_part(2.4, first_step=24, steps=3, fraction=0.6)  # its last 60% in 3 steps
+    for k in range(4):
+        progress = 2.4 + 0.2 * k
+        assert float(resumed.progress(24 + k)) == pytest.approx(progress)
+        assert float(resumed(24 + k)) == pytest.approx(2 * float(straight(20 + round((progress - 2) * 10))), rel=1e-5)
+
+
+def test_plateau_update_waits_patience_epochs_then_scales_down():
+    from chexnet_hvd.schedules import PLATEAU_START, plateau_update
+
+    state, scales = dict(PLATEAU_START), []
+    for auroc in [0.70, 0.75, 0.74, 0.75, None, 0.80, 0.79, 0.78]:
+        state = plateau_update(state, auroc, patience=2, factor=0.1, min_scale=0.005)
+        scales.append(state["scale"])
+    # 0.74, 0.75 (not > best) -> drop; None, 0.80 -> new best resets; 0.79, 0.78 -> drop, floored
+    assert scales == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01])
+    assert state["best"] == 0.80 and state["wait"] == 0
+    assert plateau_update(state, None, 1, 0.1, 0.005)["scale"] == pytest.approx(0.005)
+
+
+@pytest.mark.slow
+def test_plateau_schedule_lowers_the_lr_and_resume_keeps_it(records_dir, tmp_path):
+    """With an lr too small to move the weights, val AUROC never improves after epoch 1, so
+    patience 1 drops the lr x0.5 (--plateau-factor) after every later epoch; a resumed run keeps
+    the dropped lr."""
+    from chexnet_hvd.runlog import read_runlog
+
+    args = ["--data", records_dir, "--run-dir", tmp_path, "--model", "small_cnn", "--image-size", 32,
+            "--batch-size", 32, "--steps-per-epoch", 2, "--lr", 1e-12, "--warmup-epochs", 0,
+            "--schedule", "plateau", "--plateau-patience", 1, "--plateau-factor", 0.5, "--verbose", 0]
+    module("train", *args, "--epochs", 2, check=True, timeout=300)
+    module("train", *args, "--epochs", 4, "--resume", check=True, timeout=300)
+    lrs = [r["lr"] for r in read_runlog(tmp_path) if r["event"] == "epoch"]
+    assert lrs == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13], rel=1e-4)

@@ -1,0 +1,103 @@
+"""A stalled rank ends the job within a bound and by name (chexnet_hvd.stall), under every
+launcher: one rank of a 2-rank run is stopped (SIGSTOP) in the middle of its training; the job
+ends within --stall-timeout plus a minute, a line names that rank, the run log ends `stalled`
+with it, and the run resumes from its checkpoint afterwards. (On the Slurm rehearsal, under
+srun with either engine: tests/test_slurm.py.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, VENV_BIN, run
+
+from chexnet_hvd import stall
+from chexnet_hvd.runlog import read_runlog
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi]
+TIMEOUT = 10
+BOUND = TIMEOUT + 60  # what --stall-timeout promises: about the timeout, plus a minute
+LAUNCHERS = {
+    "horovodrun": (["horovodrun", "--gloo", "-np", "2"], "horovod"),
+    "mpirun": (["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none",
+                "--mca", "mpi_yield_when_idle", "1"], "horovod"),
+    "chexnet_hvd.launch": ([sys.executable, "-m", "chexnet_hvd.launch", "-np", "2"], "tf"),
+}
+
+
+def rank_of(pid: int) -> int | None:
+    """The rank a process of the job is, from what its launcher put in its environment."""
+    try:
+        env = dict(line.split("=", 1) for line in open(f"/proc/{pid}/environ").read().split("\0") if "=" in line)
+    except OSError:
+        return None
+    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK"):
+        if var in env:
+            return int(env[var])
+    return json.loads(env["TF_CONFIG"])["task"]["index"] if "TF_CONFIG" in env else None
+
+
+def ranks_of(run_dir) -> dict[int, int]:
+    """{rank: pid} of the trainer processes of `run_dir` (their launchers left out)."""
+    pids = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"], capture_output=True, text=True).stdout
+    found = {rank_of(int(p)): int(p) for p in pids.split()}
+    return {r: p for r, p in found.items() if r is not None}
+
+
+@pytest.mark.parametrize("launcher,victim", [("horovodrun", 1), ("horovodrun", 0), ("mpirun", 1),
+                                             ("chexnet_hvd.launch", 1)],
+                         ids=["horovodrun-rank1", "horovodrun-rank0", "mpirun-rank1", "launch-rank1"])
+def test_a_stopped_rank_ends_the_job_by_name_and_the_run_resumes(records_dir, tmp_path, launcher, victim):
+    start, engine = LAUNCHERS[launcher]
+    train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(tmp_path),
+             "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1",
+             "--verbose", "2", "--engine", engine, "--stall-timeout", str(TIMEOUT)]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*start, *train, "--epochs", "200"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((tmp_path / "checkpoints" / "epoch-0001").is_dir() and len(ranks_of(tmp_path)) == 2):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        time.sleep(1)  # into epoch 2
+        pid = ranks_of(tmp_path)[victim]
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, _ = proc.communicate(timeout=BOUND + 60)
+        ended = time.monotonic() - stopped
+    finally:
+        for leftover in ranks_of(tmp_path).values():  # a stopped rank outlives some launchers
+            os.kill(leftover, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"{launcher}, rank {victim} stopped: the job ended after {ended:.1f} s")
+    assert proc.returncode != 0 and ended < BOUND, (ended, out[-3000:])
+    named = [line for line in out.splitlines() if "error: stalled:" in line]
+    assert named and all(f"rank {victim} " in line.split("waiting for", 1)[-1].split("heartbeat from", 1)[-1]
+                         for line in named), out[-3000:]
+    end = read_runlog(tmp_path)[-1]
+    assert (end["event"], end["status"], end["ranks"]) == ("end", "stalled", [victim]), end
+    epochs = [r["epoch"] for r in read_runlog(tmp_path) if r["event"] == "epoch"]
+    run([*start, *train, "--resume", "--epochs", str(epochs[-1] + 1)], timeout=300, check=True)
+    log = read_runlog(tmp_path)
+    assert log[-1]["status"] == "completed" and [r for r in log if r["event"] == "start"][-1]["resumed_from"]
+
+
+def test_who_a_stalled_rank_names():
+    """Silent peers first; else ranks whose input delivered nothing for their step; else the
+    ranks behind; else every rank (a collective that never completes)."""
+    now, t = 100.0, 10
+
+    def heard(**ranks):
+        return {int(r[1:]): {"at": at, "step": step, "delivered": delivered, "idle": 0}
+                for r, (at, step, delivered) in ranks.items()}
+
+    assert stall.culprits(now, 0, heard(r0=(99, 5, 6), r1=(80, 5, 6), r2=(99, 5, 6)), t)[0] == [1]
+    assert stall.culprits(now, 0, heard(r0=(99, 5, 6), r1=(99, 5, 5), r2=(99, 5, 6)), t)[0] == [1]
+    assert stall.culprits(now, 0, heard(r0=(99, 6, 7), r1=(99, 5, 7), r2=(99, 6, 7)), t)[0] == [1]
+    names, why = stall.culprits(now, 0, heard(r0=(99, 6, 7), r1=(99, 6, 7)), t)
+    assert names == [0, 1] and "collective" in why
