@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -27,8 +28,9 @@ class RunState:
     plateau: dict  # reduce-on-plateau: scale, best, wait
     epoch: int = 0  # epochs completed, so also the index of the epoch in progress
     step: int = 0  # optimizer steps taken (counted in Python: reading the optimizer would sync)
-    best: float | None = None  # best validation mean AUROC so far
-    since_best: int = 0  # epochs since it improved (--early-stopping)
+    best_by: str = "val_mean_auroc"  # what ranks epochs: a key of CRITERIA
+    best: float | None = None  # its best value so far
+    since_best: int = 0  # epochs (with a defined value) since it improved (--early-stopping)
     improved: bool = False  # the epoch just validated set a new best
     validation: dict = dataclasses.field(default_factory=dict)  # the last epoch's result
     timing: dict = dataclasses.field(default_factory=dict)  # the last epoch's seconds, img/s
@@ -46,6 +48,19 @@ class RunState:
     def epoch_parts(self) -> list:
         """The parts of epoch `epoch` trained so far, this attempt's included (sharding.Part)."""
         return self.parts + ([(*self.shape, self.part_steps, self.batch)] if self.batch else [])
+
+
+# What ranks the epochs for best/, plateau and early stopping: (key of the validation result,
+# +1 to maximise or -1 to minimise). The mean AUROC, unless the validation split has no class
+# with both positives and negatives; then the validation loss.
+CRITERIA = {"val_mean_auroc": ("mean_auroc", 1), "val_loss": ("loss", -1)}
+
+
+def score(result: dict, best_by: str) -> float | None:
+    """The validation `result`'s value of criterion `best_by`, signed so that more is better;
+    None when undefined."""
+    key, sign = CRITERIA[best_by]
+    return None if result.get(key) is None else sign * result[key]
 
 
 # ---------------------------------------------------------------- callbacks ------------------
@@ -146,7 +161,8 @@ class Timing(tf.keras.callbacks.Callback):
 
 class Validation(tf.keras.callbacks.Callback):
     """Predict this rank's part of the split, gather all ranks, score over the whole split; then
-    the bookkeeping every rank shares: best AUROC, epochs since it improved."""
+    the bookkeeping every rank shares: the best value of the run's criterion (`best_by`), epochs
+    since it improved."""
 
     def __init__(self, state: RunState, dataset, names: list[str], pos_weight, predict, engine, beat=None):
         super().__init__()
@@ -171,12 +187,16 @@ class Validation(tf.keras.callbacks.Callback):
                                    self.pos_weight)
         self.state.validation = result | {"seconds": round(time.perf_counter() - t0, 3),
                                           "batches": len(batches)}
-        auroc, best = result["mean_auroc"], self.state.best
-        self.state.improved = auroc is not None and (best is None or auroc > best)
-        self.state.best = auroc if self.state.improved else best
-        self.state.since_best = 0 if self.state.improved else self.state.since_best + 1
+        state = self.state
+        key, sign = CRITERIA[state.best_by]
+        value = result[key]
+        state.improved = value is not None and (state.best is None or sign * value > sign * state.best)
+        if state.improved:
+            state.best, state.since_best = value, 0
+        elif value is not None:  # an undefined value neither improves nor counts toward patience
+            state.since_best += 1
         logs["val_loss"] = result["loss"]
-        logs["val_mean_auroc"] = auroc or 0.0
+        logs["val_mean_auroc"] = result["mean_auroc"] or 0.0
 
 
 class Plateau(tf.keras.callbacks.Callback):
@@ -190,7 +210,7 @@ class Plateau(tf.keras.callbacks.Callback):
         if self.state.preempted:
             return
         self.state.plateau = schedules.plateau_update(
-            self.state.plateau, self.state.validation.get("mean_auroc"), self.patience,
+            self.state.plateau, score(self.state.validation, self.state.best_by), self.patience,
             self.factor, schedules.PLATEAU_MIN_SCALE)
         schedules.live_schedule(self.model.optimizer).scale.assign(self.state.plateau["scale"])
 
@@ -208,7 +228,7 @@ class EarlyStop(tf.keras.callbacks.Callback):
             self.state.stopped_early = self.model.stop_training = True
             if self.verbose:
                 print(f"epoch {epoch + 1}: early stopping, {self.state.since_best} epochs without "
-                      f"a better val mean AUROC than {self.state.best}", flush=True)
+                      f"a better {self.state.best_by} than {self.state.best}", flush=True)
 
 
 class StepCheckpoint(tf.keras.callbacks.Callback):
@@ -229,7 +249,7 @@ class StepCheckpoint(tf.keras.callbacks.Callback):
 
 
 class EpochCheckpoint(tf.keras.callbacks.Callback):
-    """The epoch's checkpoint, and best/ when the val mean AUROC improved (ranks as
+    """The epoch's checkpoint, and best/ when the validation criterion improved (ranks as
     StepCheckpoint; `save` returns None where it wrote no checkpoint of the run)."""
 
     def __init__(self, state: RunState, save):
@@ -270,6 +290,32 @@ class RunLog(tf.keras.callbacks.Callback):
         if self.verbose:
             print(f"epoch {epoch + 1}: {t['images_per_sec']:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
                   f"val mean AUROC {val.get('mean_auroc')}", flush=True)
+
+
+class Heartbeat(tf.keras.callbacks.Callback):
+    """Rank 0 in a batch log (stdout not a terminal, so no progress bar): a line every `every`
+    seconds of a long epoch, so that a job's log shows it is alive long before the first epoch
+    line: step of the epoch, img/s since the last line, loss, time in the epoch."""
+
+    _supports_tf_logs = True
+
+    def __init__(self, state: RunState, every: float, global_batch: int):
+        super().__init__()
+        self.state, self.every, self.global_batch = state, every, global_batch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.began = self.last = time.monotonic()
+        self.last_batch = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        state, steps = self.state, self.state.batch - self.last_batch
+        print(f"epoch {state.epoch + 1}: step {state.batch}/{state.part_steps}, "
+              f"{steps * self.global_batch / (now - self.last):.1f} img/s, loss {float(logs['loss']):.4f}, "
+              f"{now - self.began:.0f} s into the epoch", flush=True)
+        self.last, self.last_batch = now, state.batch
 
 
 SCALARS = ("train_loss", "lr", "images_per_sec", "val_loss", "val_mean_auroc")
@@ -337,6 +383,8 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
         callbacks.append(EpochCheckpoint(state, save))
     if rank0:
         callbacks.append(RunLog(state, writer, engine.size, cfg.verbose > 0, cfg.tensorboard and logdir))
+    if rank0 and cfg.verbose and cfg.heartbeat and not sys.stdout.isatty():
+        callbacks.append(Heartbeat(state, cfg.heartbeat, derived.global_batch))
     if rank0 and cfg.profile_steps:  # rank 0's trace
         callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile"))
     return callbacks

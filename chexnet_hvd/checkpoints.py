@@ -2,7 +2,8 @@
 step counter) and meta.json (model, image size, classes, epochs completed, step, validation AUROC).
 A checkpoint is written into a hidden temporary directory and renamed when complete, so any
 directory under its final name is whole. `best` is a symlink to a hidden copy of the best epoch
-by mean AUROC, swapped in one rename: a complete best exists at every instant."""
+by mean validation AUROC (or loss, when the validation split cannot define one), swapped in one
+rename: a complete best exists at every instant."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # rebuild, and the counters a resumed run continues from (the trainer's RunState).
 # parts: what the attempts so far trained of epoch `epoch` (world size, batch, steps, batches
 # done each; empty at an epoch's end); shapes: the (world size, batch) each epoch started with.
+# best: the best value of best_by (chexnet_hvd.callbacks.CRITERIA) so far.
 META_FIELDS = ("model", "image_size", "classes", "num_classes", "epoch", "step", "parts", "shapes",
-               "steps_per_epoch", "global_batch", "precision", "val_mean_auroc",
-               "best_val_mean_auroc", "since_best", "plateau", "config")
+               "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
+               "best_by", "best", "since_best", "plateau", "config")
 
 
 def meta_record(**fields) -> dict:
@@ -54,7 +56,8 @@ def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState
         parts=state.epoch_parts() if epochs_done == state.epoch else [], shapes=state.shapes,
         steps_per_epoch=derived.steps_per_epoch, global_batch=derived.global_batch,
         precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
-        best_val_mean_auroc=state.best, since_best=state.since_best, plateau=state.plateau,
+        val_loss=state.validation.get("loss"), best_by=state.best_by, best=state.best,
+        since_best=state.since_best, plateau=state.plateau,
         config=dataclasses.asdict(cfg))
 
 
@@ -176,11 +179,23 @@ def restore(model: tf.keras.Model, path: Path, optimizer=None) -> None:
         status.expect_partial()  # the optimizer's slots in the file are not wanted here
 
 
+def missing(path: Path) -> str:
+    """Why a checkpoint asked for is not there, and which are."""
+    there = sorted(p.name for p in path.parent.glob("[es][pt]*-*") if read_meta(p)) if path.parent.is_dir() else []
+    why = (" (a run writes best/ once an epoch has been validated; this one was stopped before, "
+           "or its validation could not score: its run log says)") if path.name == "best" else ""
+    return (f"no such checkpoint{why}; "
+            + (f"checkpoints there: {', '.join(there)}" if there else f"no checkpoints in {path.parent}"))
+
+
 def load(ckpt_dir: str | Path) -> tuple[tf.keras.Model, dict]:
     """Rebuild the model a checkpoint's meta.json describes and restore its weights (inference)."""
-    meta = read_meta(Path(ckpt_dir))
+    path = Path(ckpt_dir)
+    if not path.exists():
+        raise InputError(path, missing(path))
+    meta = read_meta(path)
     if meta is None:
-        raise InputError(ckpt_dir, "not a checkpoint directory (no readable meta.json)")
+        raise InputError(path, "not a checkpoint directory (no readable meta.json)")
     model = models.build_model(meta["model"], meta["image_size"], meta["num_classes"])
     restore(model, Path(ckpt_dir))
     return model, meta

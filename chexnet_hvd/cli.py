@@ -1,12 +1,15 @@
-"""The thin CLI layer shared by every command: a dataclass config becomes argparse flags, and
-user errors become one line on stderr with exit code 2 (DESIGN.md, section 4)."""
+"""The thin CLI layer shared by every command: a dataclass config becomes argparse flags (and
+`--config FILE`, the same settings from a TOML or JSON file, which flags override), and user
+errors become one line on stderr with exit code 2 (DESIGN.md, section 4)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import json
 import sys
+import tomllib
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,11 +35,82 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def build_parser(config_cls: type, description: str, positional: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """argparse parser with one flag per dataclass field; the field's metadata['help'] is its help."""
+def read_settings(config_cls: type, path: str | Path) -> dict:
+    """A settings file for `config_cls`: a TOML table or a JSON object (by the suffix .toml or
+    .json; else whichever parses) whose keys are the dataclass' fields. Unknown keys and values
+    of the wrong type are one-line errors naming the file and every offender."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(path, f"cannot read the settings file ({err.strerror or err})") from None
+    loaders = {".toml": [tomllib.loads], ".json": [json.loads]}.get(path.suffix, [json.loads, tomllib.loads])
+    for load in loaders:
+        try:
+            settings = load(text)
+            break
+        except (ValueError, tomllib.TOMLDecodeError) as err:
+            problem = str(err)
+    else:
+        raise InputError(path, f"not a TOML or JSON settings file ({problem})")
+    if not isinstance(settings, dict):
+        raise InputError(path, "settings must be a table of key = value (a JSON object)")
+    hints = typing.get_type_hints(config_cls)
+    unknown = sorted(set(settings) - set(hints))
+    if unknown:
+        raise InputError(path, f"unknown settings {', '.join(unknown)} (the keys are this command's "
+                         "flags, - written as _)")
+    wrong = [f"{key} = {value!r} is not {type_name(hints[key])}" for key, value in settings.items()
+             if not of_type(value, hints[key])]
+    if wrong:
+        raise InputError(path, "; ".join(wrong))
+    return settings
+
+
+def of_type(value: Any, kind: Any) -> bool:
+    """Whether a settings file's `value` fits a field of type `kind` (an int is a float; a bool
+    is not an int)."""
+    if typing.get_origin(kind) in (list, tuple):
+        return isinstance(value, list) and all(of_type(v, typing.get_args(kind)[0]) for v in value)
+    options = [a for a in typing.get_args(kind) if a is not type(None)]  # X | None
+    if options:
+        return value is None or of_type(value, options[0])
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def type_name(kind: Any) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    if typing.get_origin(kind) in (list, tuple):
+        return f"a list of {type_name(typing.get_args(kind)[0]).removeprefix('a ')}s"
+    return names.get(kind, str(kind))
+
+
+def settings_file(argv: Sequence[str]) -> str | None:
+    """The value of the last --config in argv, if any."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def build_parser(config_cls: type, description: str, positional: Sequence[str] = (),
+                 given: dict | None = None) -> argparse.ArgumentParser:
+    """argparse parser with one flag per dataclass field (the field's metadata['help'] is its
+    help) and --config; fields `given` (by a settings file) default to those values and are no
+    longer required."""
+    given = given or {}
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.add_argument("--config", metavar="FILE", help="settings from a TOML or JSON file whose "
+                        "keys are these flags (- written as _); flags given here override it")
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         kind = hints[field.name]
@@ -47,6 +121,7 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
             if field.default_factory is not dataclasses.MISSING
             else field.default
         )
+        default = given.get(field.name, default)
         required = default is dataclasses.MISSING
         name = field.name if field.name in positional else _flag(field.name)
         kwargs: dict[str, Any] = {"help": help_text}
@@ -56,10 +131,14 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
                 kwargs["required"] = True
             else:
                 kwargs["default"] = default
+        elif not required:  # a positional the settings file gave
+            kwargs["default"] = default
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) in (list, tuple):
             kwargs["nargs"] = "+" if required else "*"
+            if field.name in positional and field.name in given:
+                kwargs["nargs"] = "*"
             kwargs["type"] = typing.get_args(kind)[0]
             if choices:
                 kwargs["choices"] = choices
@@ -74,10 +153,20 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
 
 def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
                  positional: Sequence[str] = ()) -> T:
-    """Parse argv into an instance of `config_cls` (unknown flags are usage errors, exit 2)."""
-    parser = build_parser(config_cls, description, positional)
-    namespace = parser.parse_args(argv)
-    return config_cls(**vars(namespace))
+    """Parse argv (and the --config file it names) into an instance of `config_cls` (unknown
+    flags are usage errors, exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = settings_file(argv)
+    parser = build_parser(config_cls, description, positional,
+                          read_settings(config_cls, path) if path else None)
+    return from_namespace(config_cls, parser.parse_args(argv))
+
+
+def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
+    """The config of a parsed namespace (--config itself left out: its settings are in)."""
+    values = vars(namespace)
+    values.pop("config", None)
+    return config_cls(**values)
 
 
 def to_argv(config: Any, positional: Sequence[str] = (), defaults: dict | None = None) -> list[str]:

@@ -102,6 +102,9 @@ class TrainConfig:
                             "(the ids of the records each epoch trained), rank<N>-initial.npz and "
                             "rank<N>.npz (its initial and final weights) and rank<N>-optimizer.npz "
                             "(its final optimizer state), for tests")
+    heartbeat: float = cli.field(60.0, help="when stdout is not a terminal (a batch log): rank 0 "
+                                 "prints a line every this many seconds of an epoch (step, img/s, "
+                                 "loss); 0: off")
     verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
                              "Keras' progress bar when stdout is a terminal; 2 one line per "
                              "epoch only", choices=[0, 1, 2])
@@ -117,12 +120,16 @@ def recipe_defaults(name: str) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    """The trainer's config: a --recipe's settings, overridden by the flags given. argparse
-    finds the recipe (the last --recipe, abbreviations too), then parses again over it."""
-    parser = cli.build_parser(TrainConfig, DESCRIPTION)
+    """The trainer's config: a --recipe's settings, overridden by a --config file's, overridden
+    by the flags given. argparse finds the recipe (the last --recipe, abbreviations too; else
+    the file's), then parses again over it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = cli.settings_file(argv)
+    given = cli.read_settings(TrainConfig, path) if path else {}
+    parser = cli.build_parser(TrainConfig, DESCRIPTION, given=given)
     name = parser.parse_known_args(argv)[0].recipe
-    parser.set_defaults(**recipe_defaults(name))
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    parser.set_defaults(**(recipe_defaults(name) | given))
+    return cli.from_namespace(TrainConfig, parser.parse_args(argv))
 
 
 def argv_of(cfg: TrainConfig) -> list[str]:
@@ -140,7 +147,7 @@ def command(cfg: TrainConfig, python: str = sys.executable) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Derived:
     """Every number computed from the config and the world, in one place; logged at start (the
-    run log's start record and config.json carry its fields)."""
+    run log's start record carries its fields)."""
 
     world_size: int
     local_batch: int

@@ -194,16 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.val_split:
         val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", engine, watchdog)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
+    if engine.rank == 0:  # every rank has the gathered predictions; the chief reports
+        report(cfg, engine, meta, manifest, ranks, plain, tta, thresholds)
+    # Horovod/TF: nobody leaves before the chief has reported (a tf worker that exits while the
+    # chief still works makes the chief's coordination service log errors on a run that succeeded)
+    engine.broadcast_object(0)
     if watchdog:
         watchdog.stop()
-    if engine.rank != 0:  # every rank has the gathered predictions; the chief reports
-        return 0
+    return 0
+
+
+def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict], plain: dict,
+           tta: dict | None, thresholds: np.ndarray) -> None:
+    """The chief's report: report.json, report.md and the curves in the output directory; on
+    stdout the report, or under a launcher of several ranks (which may prefix every line) its
+    headline and where it is."""
+    names, size = meta["classes"], meta["image_size"]
     ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"],
                               cfg.bootstrap, cfg.seed)
     sens, spec = metrics.sensitivity_specificity(plain["label"], plain["prob"], plain["mask"], thresholds)
     tta_auroc = metrics.per_class_auroc(tta["label"], tta["prob"], tta["mask"]) if tta else None
     mean = metrics.mean_defined(metrics.per_class_auroc(plain["label"], plain["prob"], plain["mask"]))
-    report = {
+    result = {
         "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
         "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
         "world_size": engine.size, "engine": engine.name, "ranks": ranks, "paper_comparable": paper_comparable(manifest),
@@ -218,13 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.out or Path(cfg.checkpoint) / f"eval-{cfg.split}")
     cli.make_dir(out)
     with cli.output(out / "report.json") as fh:
-        fh.write(json.dumps(report, indent=1))
+        fh.write(json.dumps(result, indent=1))
     with cli.output(out / "report.md") as fh:
-        fh.write(markdown(report))
+        fh.write(markdown(result))
     plot_curves(names, plain, out)
-    print(markdown(report))
+    if engine.size == 1:
+        print(markdown(result))
+    else:
+        print(f"{cfg.split}: mean AUROC {result['mean_auroc']['value']} over {result['n']} images "
+              f"({engine.size} ranks of the {engine.name} engine)")
     print(f"wrote {out}/report.md, report.json, roc.png, pr.png")
-    return 0
 
 
 if __name__ == "__main__":

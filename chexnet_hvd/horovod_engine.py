@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 from chexnet_hvd import stall
 from chexnet_hvd.engine import (
@@ -23,7 +24,7 @@ class Horovod(Engine):
     name = "horovod"
 
     def __init__(self, threads: int, cluster: Cluster | None = None,  # cluster: workers_flag refuses it
-                 stall_timeout: float = 0):
+                 stall_timeout: float = 0, shared: Path | None = None):  # shared: the tf engine's
         import horovod.tensorflow.keras as hvd
 
         for var, value in stall.engine_timeouts(stall_timeout).items():  # unless the user set them

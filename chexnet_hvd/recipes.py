@@ -14,6 +14,9 @@ written and how the run is evaluated to match the source; the trainer does not a
 from __future__ import annotations
 
 import dataclasses
+import textwrap
+
+import tomli_w
 
 from chexnet_hvd import cli
 
@@ -123,13 +126,16 @@ def flags(settings: dict) -> list[str]:
 
 
 def show(name: str) -> str:
-    """A recipe in full: what it is, its source, and the flags it stands for per command."""
+    """A recipe as a settings file for `python -m chexnet_hvd.train --config FILE` (TOML): what
+    it is and its source as comments, its trainer settings, and the records and evaluate flags
+    it stands for as comments too."""
     r = get(name)
-    lines = [f"{r.name} (version {r.version})", r.summary, f"source: {r.source}"]
-    for command, settings in (("train", r.train), ("records", r.records), ("evaluate", r.evaluate)):
+    lines = [line for text in (f"{r.name} (version {r.version}): {r.summary}", f"source: {r.source}")
+             for line in textwrap.wrap(text, 96, initial_indent="# ", subsequent_indent="# ")]
+    for command, settings in (("records", r.records), ("evaluate", r.evaluate)):
         if settings:
-            lines.append(f"python -m chexnet_hvd.{command} " + " ".join(flags(settings)))
-    return "\n".join(lines)
+            lines.append(f"# with: python -m chexnet_hvd.{command} " + " ".join(flags(settings)))
+    return "\n".join(lines) + "\n" + tomli_w.dumps({"recipe": r.name, **r.train})
 
 
 def asked(argv: list[str]) -> list[str]:

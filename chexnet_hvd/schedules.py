@@ -38,8 +38,11 @@ def scheduled_lr(progress, peak: float, world_size: int, warmup_epochs: float, e
 def plateau_update(state: dict, metric, patience: int, factor: float, min_scale: float) -> dict:
     """One epoch of reduce-on-plateau on a metric to maximise (validation mean AUROC): after
     `patience` epochs without a new best, scale *= factor (not below min_scale) and wait again.
-    state = {"scale", "best", "wait"}; an undefined metric (None) counts as no improvement."""
-    if metric is not None and (state["best"] is None or metric > state["best"]):
+    state = {"scale", "best", "wait"}; an epoch whose metric is undefined (None) does not count:
+    it neither improves nor waits (a validation split that cannot score must not cut the lr)."""
+    if metric is None:
+        return dict(state)
+    if state["best"] is None or metric > state["best"]:
         return {"scale": state["scale"], "best": metric, "wait": 0}
     wait = state["wait"] + 1
     if wait < patience:

@@ -11,7 +11,10 @@ import json
 import os
 import pickle
 import signal
+import socket
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -24,19 +27,50 @@ from chexnet_hvd.engine import (
     refuse_other_launcher,
 )
 
+RENDEZVOUS_SECONDS = 300  # how long a worker waits for the others' addresses
 
-def tf_port_base(job_id: str) -> int:
-    """The first port of a Slurm job's workers (worker i listens on base + i): distinct per job,
-    so jobs sharing a node do not collide, and per worker across the job (not per node), so
-    nodes that share an address (the rehearsal cluster's) do not either. CHEXNET_TF_PORT
-    overrides it."""
+
+def own_port() -> int:
+    """The port this worker will listen on: CHEXNET_TF_PORT + its rank (a range the cluster's
+    firewall opens), else one of the ports Slurm reserved for the step on this node (srun
+    --resv-ports), else one the kernel finds free now."""
     if os.environ.get("CHEXNET_TF_PORT"):
-        port = os.environ["CHEXNET_TF_PORT"]
-        if not (port.isdigit() and 0 < int(port) < 65536):
-            raise InputError("CHEXNET_TF_PORT", f"{port!r} is not a port number")
-        return int(port)
-    digits = "".join(c for c in job_id if c.isdigit()) or "0"
-    return 20000 + int(digits) % 400 * 100
+        base = os.environ["CHEXNET_TF_PORT"]
+        port = int(base) + int(os.environ.get("SLURM_PROCID", "0")) if base.isdigit() else -1
+        if not 0 < port < 65536:
+            raise InputError("CHEXNET_TF_PORT", f"{base!r} plus the worker's rank is not a port number")
+        return port
+    reserved = os.environ.get("SLURM_STEP_RESV_PORTS", "")
+    if reserved:
+        from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+            expand_hostlist,
+        )
+
+        ports = [int(p) for p in expand_hostlist(f"p[{reserved}]") if p[1:].isdigit() for p in [p[1:]]]
+        return ports[int(os.environ.get("SLURM_LOCALID", "0")) % len(ports)]
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def rendezvous(folder: Path, me: int, count: int, address: str, wait: float = RENDEZVOUS_SECONDS) -> list[str]:
+    """Every worker's address, in rank order: each writes its own into `folder` (a directory
+    every node sees) and reads the others'. Ports are chosen by each worker on its own node,
+    so no formula can make two jobs sharing a node collide."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / f"{me}.tmp{os.getpid()}"
+    mine.write_text(address)
+    os.replace(mine, folder / str(me))
+    deadline = time.monotonic() + wait
+    while True:
+        found = {int(p.name): p.read_text() for p in folder.iterdir() if p.name.isdigit()}
+        if len(found) >= count:
+            return [found[i] for i in range(count)]
+        if time.monotonic() > deadline:
+            missing = sorted(set(range(count)) - set(found))
+            raise InputError(folder, f"workers {missing} never wrote their address in {wait:.0f} s: "
+                             "the folder must be one every node of the job sees (the run directory)")
+        time.sleep(0.2)
 
 
 def tf_config(workers: list[str], index: int) -> str:
@@ -44,10 +78,11 @@ def tf_config(workers: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
 
 
-def tf_cluster() -> Cluster:
+def tf_cluster(shared: Path | None = None) -> Cluster:
     """(workers as host:port, this worker's index): TF_CONFIG when set; inside a Slurm step of
-    several tasks, Slurm's view (its nodes and task order, our ports);
-    else a world of one ([], 0)."""
+    several tasks, Slurm's view (its nodes and task order), with ports each worker chose and
+    shared through `shared`, a directory every node sees (default: where the job was submitted
+    from); else a world of one ([], 0)."""
     if os.environ.get("TF_CONFIG"):
         try:
             config = json.loads(os.environ["TF_CONFIG"])
@@ -69,10 +104,12 @@ def tf_cluster() -> Cluster:
         nodes = expand_hostlist(os.environ["SLURM_STEP_NODELIST"])
         counts = expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"])
         hosts = [node for node, n in zip(nodes, counts, strict=True) for _ in range(n)]
-        base = tf_port_base(os.environ.get("SLURM_JOB_ID", "0"))
-        if base + len(hosts) - 1 > 65535:
-            raise InputError("CHEXNET_TF_PORT", f"{base}: {len(hosts)} workers' ports (one each) go past 65535")
-        return [f"{host}:{base + i}" for i, host in enumerate(hosts)], int(os.environ["SLURM_PROCID"])
+        me = int(os.environ["SLURM_PROCID"])
+        # one folder per step of each attempt: a requeued job keeps its id and numbers its steps anew
+        step = "{}.{}.{}".format(*(os.environ.get(v, "0") for v in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT",
+                                                                    "SLURM_STEP_ID")))
+        shared = shared or Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / ".chexnet-rendezvous"
+        return rendezvous(shared / step, me, len(hosts), f"{hosts[me]}:{own_port()}"), me
     return [], 0
 
 
@@ -100,8 +137,9 @@ class TensorFlow(Engine):
             return "--backward-passes-per-step", "gradient accumulation is Horovod's; the tf engine has none"
         return None
 
-    def __init__(self, threads: int, cluster: Cluster | None = None, stall_timeout: float = 0):
-        workers, index = cluster or tf_cluster()
+    def __init__(self, threads: int, cluster: Cluster | None = None, stall_timeout: float = 0,
+                 shared: Path | None = None):
+        workers, index = cluster or tf_cluster(shared)
         if not workers:  # no cluster of its own, but maybe one rank of Horovod's launchers
             refuse_other_launcher("the tf engine", launched_sizes(), "start its workers with "
                                   "python -m chexnet_hvd.launch, srun or TF_CONFIG, or Horovod's "

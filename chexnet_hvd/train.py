@@ -125,14 +125,35 @@ def pos_weight(cfg: TrainConfig, manifest: dict) -> list[float] | None:
 
 
 # ---------------------------------------------------------------- resume ---------------------
+def validation_criterion(manifest: dict, split: str) -> tuple[str, list[str]]:
+    """What ranks this run's epochs (a key of callbacks.CRITERIA), and a warning per kind of
+    class of the validation split whose AUROC is undefined (no positives, or no negatives)."""
+    info, classes = manifest["splits"][split], manifest["classes"]
+    if "no_positives" in info:
+        one_sided = {"positives": info["no_positives"], "negatives": info["no_negatives"]}
+    else:  # a manifest from before these were kept: every record labelled
+        one_sided = {"positives": [c for c in classes if info["positives"][c] == 0],
+                     "negatives": [c for c in classes if info["positives"][c] == info["count"]]}
+    warnings = [f"warning: validation split {split!r} has no {kind} for {len(names)} of "
+                f"{len(classes)} classes ({', '.join(names)}): their AUROC is undefined"
+                for kind, names in one_sided.items() if names]
+    if set(one_sided["positives"]) | set(one_sided["negatives"]) >= set(classes):
+        warnings.append(f"warning: no class of validation split {split!r} has both positives and "
+                        "negatives: the best checkpoint, --schedule plateau and --early-stopping "
+                        "go by the validation loss instead of the mean AUROC")
+        return "val_loss", warnings
+    return "val_mean_auroc", warnings
+
+
 def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, derived: Derived,
-                 records: data.Records) -> RunState:
+                 records: data.Records, best_by: str) -> RunState:
     """The run state, and every rank on the chief's weights and optimizer state before the
     first step: with --resume restored from the newest complete checkpoint, else the chief's
     fresh initial weights. A checkpoint in mid-epoch carries what its epoch's attempts trained,
     at which shapes; this attempt trains its share of the rest, at its own shape."""
     shape = (derived.world_size, derived.local_batch)
-    state, error = RunState(plateau=dict(schedules.PLATEAU_START), shape=shape, shapes=[(0, *shape)]), None
+    state = RunState(plateau=dict(schedules.PLATEAU_START), best_by=best_by, shape=shape, shapes=[(0, *shape)])
+    error = None
     optimizer.build(model.trainable_variables)  # create the slots so they can be restored
     # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
     # so that every rank fails alike instead of waiting for the chief)
@@ -163,7 +184,8 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
                                      "with that, or from an epoch checkpoint")
     shapes = meta.get("shapes") or [(0, *shape)]  # written before shapes were kept: this one
     return RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
-                    best=meta["best_val_mean_auroc"], since_best=meta.get("since_best", 0),
+                    best_by=meta.get("best_by", "val_mean_auroc"),
+                    best=meta.get("best", meta.get("best_val_mean_auroc")), since_best=meta.get("since_best", 0),
                     resumed_from=str(found), shape=shape, parts=parts,
                     shapes=sharding.with_shape(shapes, meta["epoch"] + bool(parts), shape))
 
@@ -181,9 +203,9 @@ def first_part_steps(cfg: TrainConfig, records: data.Records, state: RunState, d
 # ---------------------------------------------------------------- run log --------------------
 def start_run_log(cfg: TrainConfig, engine, run_dir: Path, model, state: RunState, derived: Derived,
                   ranks: list[dict], on_device: bool) -> runlog.RunLogWriter:
-    """The chief's config.json and the run log's start record: what runs where, and how."""
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | dataclasses.asdict(derived),
-                                                    indent=1))
+    """The chief's config.json (the settings alone: `--config RUN_DIR/config.json` trains with
+    them again) and the run log's start record: what runs where, and how."""
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     writer = runlog.RunLogWriter(run_dir)
     recipe = recipes.RECIPES.get(cfg.recipe)
     writer.write("start", config=dataclasses.asdict(cfg), model=cfg.model, recipe=cfg.recipe,
@@ -194,6 +216,7 @@ def start_run_log(cfg: TrainConfig, engine, run_dir: Path, model, state: RunStat
                  slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                  resumed_from=state.resumed_from, initial_epoch=state.epoch,
                  initial_step=state.step, resumed_parts=state.parts, first_part_steps=state.part_steps,
+                 best_by=state.best_by,
                  trainable_params=int(sum(v.shape.num_elements() for v in model.trainable_variables)),
                  synthetic_input=cfg.synthetic_input,
                  preprocess="model graph" if on_device else "input pipeline",
@@ -201,6 +224,16 @@ def start_run_log(cfg: TrainConfig, engine, run_dir: Path, model, state: RunStat
                            **engine.versions()},
                  **dataclasses.asdict(derived))
     return writer
+
+
+def start_line(cfg: TrainConfig, engine, derived: Derived, state: RunState) -> str:
+    """One line for the job's log before anything slow (building the input, tracing the step):
+    what runs, where, and how long an epoch is."""
+    first = (f"epoch {state.epoch + 1} resumed ({state.part_steps} steps left)" if state.parts
+             else f"epochs {state.epoch + 1}..{cfg.epochs}")
+    return (f"start: {derived.world_size} rank(s) of the {engine.name} engine ({engine.backend()}), "
+            f"{cfg.model} {cfg.image_size} px {cfg.precision}, global batch {derived.global_batch}, "
+            f"{derived.steps_per_epoch} steps per epoch over {derived.train_records} training records; {first}")
 
 
 # ---------------------------------------------------------------- data -----------------------
@@ -252,8 +285,8 @@ def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunStat
     if state.parts and first < cfg.epochs:
         epochs(first, first + 1)
         first += 1
-    state.part_steps = steps
     if first < cfg.epochs and not (state.preempted or state.stopped_early):
+        state.part_steps = steps  # whole epochs from here on (a stop above keeps its part's)
         epochs(first, cfg.epochs)
 
 
@@ -349,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     # --- the distribution engine, and the watch for stalled ranks ---
     if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
         os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
-    engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout)
+    engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout,
+                                          shared=run_dir / ".rendezvous")
     rank0 = engine.rank == 0  # the chief writes files
     derived = config.derive(cfg, records.manifest, engine.size)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
@@ -359,12 +393,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # --- model, optimizer, resume ---
         model, trained = build(cfg, engine, records, initial, derived)
-        state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records)
+        best_by, warnings = validation_criterion(records.manifest, cfg.val_split)
+        state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records, best_by)
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, "-initial")
         if rank0:
             writer = start_run_log(cfg, engine, run_dir, model, state, derived, ranks,
                                    data.preprocess_on_device(records.manifest))
+            for line in warnings:
+                print(line, file=sys.stderr, flush=True)
+            if cfg.verbose:
+                print(start_line(cfg, engine, derived, state), flush=True)
             if watch:
                 watch.writer = writer
 

@@ -4,6 +4,10 @@ its cluster and listens, and what exit code a job of workers ends with. (Run for
 multi-rank test and template.)"""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -11,7 +15,7 @@ from chexnet_hvd import launch
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.distributed import workers_flag
 from chexnet_hvd.placement import gpu_index, threads_for
-from chexnet_hvd.tf_engine import local_ranks, tf_cluster, tf_port_base
+from chexnet_hvd.tf_engine import local_ranks, own_port, rendezvous, tf_cluster
 
 
 def test_a_rank_takes_its_local_ranks_gpu_or_the_only_one_it_was_given():
@@ -34,16 +38,63 @@ def test_a_tf_worker_finds_its_place_among_the_workers_on_its_host():
     assert local_ranks([], 0) == (0, 1)  # a world of one
 
 
-def test_tf_ports_differ_per_job_and_per_worker_and_can_be_set(monkeypatch):
-    monkeypatch.delenv("CHEXNET_TF_PORT", raising=False)
-    assert tf_port_base("4242") != tf_port_base("4243")
-    assert all(20000 <= tf_port_base(str(job)) <= 65535 - 100 for job in range(0, 5000, 7))
-    monkeypatch.setenv("CHEXNET_TF_PORT", "31000")
-    assert tf_port_base("4242") == 31000
-    for bad in ("3l000", "70000", "-1"):
+def test_a_tf_worker_listens_on_a_free_port_a_reserved_one_or_the_range_it_is_given(monkeypatch):
+    for var in ("CHEXNET_TF_PORT", "SLURM_STEP_RESV_PORTS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:
+        s.bind(("", own_port()))  # free now
+    monkeypatch.setenv("SLURM_STEP_RESV_PORTS", "12000-12001,12005")  # srun --resv-ports
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert own_port() == 12005
+    monkeypatch.setenv("CHEXNET_TF_PORT", "31000")  # a range a firewall opens: base + rank
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert own_port() == 31003
+    for bad in ("3l000", "70000"):
         monkeypatch.setenv("CHEXNET_TF_PORT", bad)
-        with pytest.raises(InputError, match=f"CHEXNET_TF_PORT: '{bad}' is not a port number"):
-            tf_port_base("4242")
+        with pytest.raises(InputError, match=f"CHEXNET_TF_PORT: '{bad}' plus the worker's rank"):
+            own_port()
+
+
+def slurm_views(shared, job: str, tasks: dict[str, int]) -> list:
+    """What each task of a Slurm step sees as its cluster (tf_cluster in a process of its own,
+    all at once, with the step's variables), in task order."""
+    nodes = list(tasks)
+    env = {"SLURM_STEP_NUM_TASKS": str(sum(tasks.values())), "SLURM_JOB_ID": job, "SLURM_STEP_ID": "0",
+           "SLURM_STEP_NODELIST": ",".join(nodes), "SLURM_STEP_TASKS_PER_NODE": ",".join(map(str, tasks.values()))}
+    code = ("import json, sys; from pathlib import Path; from chexnet_hvd.tf_engine import tf_cluster; "
+            "print(json.dumps(tf_cluster(Path(sys.argv[1]))))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(shared)], stdout=subprocess.PIPE, text=True,
+                              env={k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CHEXNET_TF"))}
+                              | env | {"SLURM_PROCID": str(i)})
+             for i in range(sum(tasks.values()))]
+    return [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+
+
+@pytest.mark.slow
+def test_a_slurm_step_names_its_workers_in_slurms_node_order_with_ports_they_chose(tmp_path):
+    """node9 before node10, as Slurm numbers the tasks (sorted as text, node10 came first and
+    each worker was named by the other's address); 2 tasks on node9, 1 on node10. Every worker
+    sees the same list; its own entry is its own port."""
+    views = slurm_views(tmp_path, "5", {"node9": 2, "node10": 1})
+    assert [index for _, index in views] == [0, 1, 2]
+    workers = views[0][0]
+    assert all(view[0] == workers for view in views)
+    assert [w.rsplit(":", 1)[0] for w in workers] == ["node9", "node9", "node10"]
+    assert len({w for w in workers}) == 3
+
+
+@pytest.mark.slow
+def test_two_jobs_on_one_node_never_collide_whatever_their_ids(tmp_path):
+    """Job ids 5 and 405 (equal mod 400: a port formula of the job id gave both the same
+    ports) on one node at once: four distinct ports."""
+    first = slurm_views(tmp_path, "5", {"localhost": 2})
+    second = slurm_views(tmp_path, "405", {"localhost": 2})
+    assert len(set(first[0][0]) | set(second[0][0])) == 4
+
+
+def test_a_worker_that_never_shows_up_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"workers \[1\] never wrote their address"):
+        rendezvous(tmp_path / "step", 0, 2, "localhost:1", wait=0.5)
 
 
 def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
@@ -55,20 +106,6 @@ def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
         monkeypatch.setenv("TF_CONFIG", broken)
         with pytest.raises(InputError, match="TF_CONFIG"):
             tf_cluster()
-
-
-def test_a_slurm_step_names_its_workers_in_slurms_node_order(monkeypatch):
-    """node9 before node10, as Slurm numbers the tasks (sorted as text, node10 came first and
-    each worker was named by the other's address); 2 tasks on node9, 1 on node10."""
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-    for key, value in {"SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_NODELIST": "node[9-10]",
-                       "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_PROCID": "2", "SLURM_JOB_ID": "5"}.items():
-        monkeypatch.setenv(key, value)
-    base = tf_port_base("5")
-    assert tf_cluster() == ([f"node9:{base}", f"node9:{base + 1}", f"node10:{base + 2}"], 2)
-    monkeypatch.setenv("CHEXNET_TF_PORT", "65534")  # 3 workers need 65534..65536
-    with pytest.raises(InputError, match="CHEXNET_TF_PORT: 65534: 3 workers' ports"):
-        tf_cluster()
 
 
 def test_workers_flags_name_the_cluster_and_bad_ones_are_one_line_errors():

@@ -3,6 +3,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -82,7 +84,12 @@ def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, reco
     args = ["-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data", str(records_dir),
             "--tta", "tencrop", "--bootstrap", "200"]
     run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, timeout=300)
-    run(ranks(engine, 2, sys.executable, *args, "--out", tmp_path / "two"), check=True, timeout=300)
+    proc = run(ranks(engine, 2, sys.executable, *args, "--out", tmp_path / "two"), check=True, timeout=300)
+    # success says so once, without error lines from the engine (a tf worker leaving before the
+    # chief had finished made its coordination service log three) or a launcher prefix per line
+    # of the report (it is in report.md)
+    assert not re.search(r"^(\[\d\]<std\w+>:)?E\d{4} |heartbeat timeout", proc.stderr, re.M), proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) == 2 and "mean AUROC" in proc.stdout, proc.stdout[-2000:]
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert (one["world_size"], two["world_size"], two["engine"]) == (1, 2, engine) and one["n"] == two["n"] > 0
     assert [(r["rank"], r["local_rank"]) for r in two["ranks"]] == [(0, 0), (1, 1)]  # one start-up
@@ -135,6 +142,12 @@ def test_workers_flags_make_one_job_of_processes_started_by_hand(records_dir, tm
 def test_bad_checkpoints_give_one_line_errors(checkpoint, records_dir, tmp_path):
     not_ckpt = module("evaluate", "--checkpoint", tmp_path, "--data", records_dir)
     assert_one_line_error(not_ckpt, "not a checkpoint directory")
+    no_best = module("evaluate", "--checkpoint", checkpoint.parent / "nothing" / "best", "--data", records_dir)
+    assert_one_line_error(no_best, "best: no such checkpoint (a run writes best/ once an epoch", "no checkpoints in")
+    shutil.copytree(checkpoint.parent, tmp_path / "run" / "checkpoints", symlinks=True)
+    (tmp_path / "run" / "checkpoints" / "best").unlink()
+    no_best = module("evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "best", "--data", records_dir)
+    assert_one_line_error(no_best, "checkpoints there: epoch-0001, epoch-0002, epoch-0003")
 
     five = models.build_model("small_cnn", 32, num_classes=5)
     five.compile(optimizer="adam", loss="binary_crossentropy")
@@ -144,8 +157,6 @@ def test_bad_checkpoints_give_one_line_errors(checkpoint, records_dir, tmp_path)
     assert_one_line_error(other, "predicts 5 classes", "records hold 14")
 
     wrong = tmp_path / "wrong"  # weights of a 32-px small CNN, meta claiming 48 px
-    import shutil
-
     shutil.copytree(checkpoint, wrong)
     (wrong / "meta.json").write_text(json.dumps(meta | {"image_size": 48}))
     mismatch = module("evaluate", "--checkpoint", wrong, "--data", records_dir)

@@ -1,6 +1,8 @@
 """The model learns what the user asked: real training runs on synthetic X-rays whose findings
 are planted (chexnet_hvd.synthetic), checked by what the model learned."""
 
+import json
+
 import pandas as pd
 import pytest
 from conftest import module
@@ -46,3 +48,30 @@ def test_a_one_label_dataset_learns_its_label_as_a_two_label_one_does(planted, t
     beside = best_auroc(root, table, ["Effusion", "Infiltration"], tmp_path / "beside")
     assert beside > 0.9, beside
     assert alone > beside - 0.05, (alone, beside)
+
+
+def test_a_validation_split_that_cannot_score_still_steers(planted, tmp_path):
+    """Every validation image negative for both classes (AUROC undefined for all): the run says
+    so, and its best checkpoint, plateau and early stopping go by the validation loss instead
+    (recorded). (It used to cut the lr 10x every epoch, write no best checkpoint, and stop early
+    'without a better val mean AUROC than None'.)"""
+    root, table = planted
+    table = table.assign(split="train")
+    clean = table.groupby("patient")[["Effusion", "Infiltration"]].max().sum(axis=1) == 0
+    table.loc[table["patient"].isin(clean[clean].index[:60]), "split"] = "val"
+    table.loc[table["patient"].isin(clean[~clean].index[:40]), "split"] = "test"
+    tmp_path.joinpath("data").mkdir()
+    table.to_csv(tmp_path / "data" / "labels.csv", index=False)
+    module("records", "--dataset", "csv", "--csv", tmp_path / "data" / "labels.csv", "--images", root / "images",
+           "--split", "official", "--out", tmp_path / "records", "--no-progress", check=True)
+    proc = module("train", "--data", tmp_path / "records", "--run-dir", tmp_path / "run", "--model", "small_cnn",
+                  "--image-size", 32, "--batch-size", 32, "--epochs", 3, "--steps-per-epoch", 4, "--verbose", 0,
+                  "--schedule", "plateau", "--plateau-patience", 1, "--early-stopping", 1, "--no-tensorboard",
+                  check=True, timeout=600)
+    assert "no class of validation split 'val' has both positives and negatives" in proc.stderr
+    log = read_runlog(tmp_path / "run")
+    assert log[0]["best_by"] == "val_loss"
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "best" / "meta.json").read_text())
+    losses = [r["val_loss"] for r in log if r["event"] == "epoch"]
+    assert meta["best_by"] == "val_loss" and meta["best"] == min(losses)
+    assert all(r["val_mean_auroc"] is None for r in log if r["event"] == "epoch")

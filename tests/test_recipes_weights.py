@@ -77,10 +77,21 @@ def test_recipe_list_show_and_unknown_names():
     listed = module("train", "--recipe", "list", check=True).stdout
     assert [line.split(" ")[0] for line in listed.splitlines()] == list(recipes.RECIPES)
     shown = module("train", "--recipe", "show", "chexnet", check=True).stdout
-    assert "arXiv:1711.05225" in shown and "--schedule plateau --plateau-patience 1" in shown
-    assert "python -m chexnet_hvd.evaluate --tta tencrop" in shown
+    assert "arXiv:1711.05225" in shown and 'schedule = "plateau"' in shown
+    assert "# with: python -m chexnet_hvd.evaluate --tta tencrop" in shown
     assert_one_line_error(module("train", "--recipe", "chexnt", *NEEDED), "unknown recipe 'chexnt'")
     assert_one_line_error(module("train", "--recipe", "show", "x"), "unknown recipe 'x'")
+
+
+def test_a_shown_recipe_is_a_settings_file_that_gives_the_recipe(tmp_path):
+    """`--recipe show NAME > FILE` is a file to copy and edit: `--config FILE` gives the same
+    settings as `--recipe NAME`, and flags still override it."""
+    for name in recipes.RECIPES:
+        (tmp_path / f"{name}.toml").write_text(module("train", "--recipe", "show", name, check=True).stdout)
+        from_file = config.parse(["--config", str(tmp_path / f"{name}.toml"), *NEEDED])
+        assert from_file == config.parse(["--recipe", name, *NEEDED]), name
+    edited = config.parse(["--config", str(tmp_path / "chexnet.toml"), *NEEDED, "--epochs", "2"])
+    assert (edited.epochs, edited.schedule) == (2, "plateau")
 
 
 def test_imagenet_weights_missing_from_the_cache_name_the_fetch_command(records_dir, tmp_path):

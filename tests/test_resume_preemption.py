@@ -2,6 +2,7 @@
 launcher), at the defaults the Slurm templates use (no --deterministic); resumes onto another
 batch or world size; a killed rank fails the job promptly."""
 
+import csv
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ENGINES, ROOT, VENV_BIN, module, ranks, run
+from conftest import ENGINES, ROOT, VENV_BIN, launcher, module, ranks, run
 
 from chexnet_hvd import checkpoints
 from chexnet_hvd.runlog import read_runlog
@@ -249,3 +250,57 @@ def test_a_torn_run_log_line_loses_nothing(records_dir, tmp_path):
     report = run([sys.executable, str(ROOT / "tools" / "scaling_report.py"), str(tmp_path), "--skip-epochs", "0"])
     assert report.returncode == 0 and "| 1 |" in report.stdout, report.stderr
     assert f"skipped unreadable line(s) {lines.index(torn) + 1}" in report.stderr
+
+
+@pytest.mark.horovod
+def test_chaos_preempted_at_random_steps_and_resumed_at_random_world_sizes(records_dir, tmp_path):
+    """One run of 5 epochs, preempted at 5 random steps (seeded) and resumed each time on a
+    world size drawn from {1, 2, 4} (batch 8 per rank): every epoch trains each record at most
+    once and leaves out fewer than one global batch; each epoch ends at the lr of a straight
+    one-process run times the global-batch ratio; the run log lists every attempt; the scaling
+    report credits each epoch to the world size that trained it."""
+    rng = np.random.default_rng(7)
+    common = ["--epochs", "5", "--schedule", "cosine", "--warmup-epochs", "1", "--stop-check-steps", "1",
+              "--no-tensorboard", "--audit"]
+    straight = one_process(train_cmd(records_dir, tmp_path / "straight", *common))
+    run(straight, timeout=300, check=True)
+
+    def attempt(world: int, *extra: str):
+        cmd = one_process(train_cmd(records_dir, tmp_path / "chaos", *common, *extra))
+        return run(cmd if world == 1 else [*launcher("horovod", world), *cmd], timeout=600)
+
+    worlds, step = [int(rng.choice([1, 2, 4]))], 0
+    # every preemption within 10 steps of the last: the run (65 steps at the least, all on 4
+    # ranks) is never over before it
+    assert attempt(worlds[0], "--preempt-at-step", str(step := step + int(rng.integers(3, 11)))).returncode != 0
+    for _ in range(4):
+        worlds.append(int(rng.choice([1, 2, 4])))
+        step = read_runlog(tmp_path / "chaos")[-1]["step"] + int(rng.integers(3, 11))
+        assert attempt(worlds[-1], "--resume", "--preempt-at-step", str(step)).returncode != 0
+    worlds.append(int(rng.choice([1, 2, 4])))
+    proc = attempt(worlds[-1], "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    log = read_runlog(tmp_path / "chaos")
+    starts = [r for r in log if r["event"] == "start"]
+    assert [s["world_size"] for s in starts] == worlds
+    assert [r["status"] for r in log if r["event"] == "end"] == ["preempted"] * 5 + ["completed"]
+    epochs = [r for r in log if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5]
+    credited = {}  # epoch -> the world size of the attempt that finished it
+    for record in log:
+        if record["event"] == "start":
+            world = record["world_size"]
+        elif record["event"] == "epoch":
+            credited[record["epoch"]] = world
+    straight_lr = epoch_lrs(tmp_path / "straight")
+    assert epoch_lrs(tmp_path / "chaos") == pytest.approx(
+        [lr * credited[e + 1] for e, lr in enumerate(straight_lr)], rel=1e-6, abs=1e-12)
+    total = 420
+    for epoch, ids in trained(tmp_path / "chaos", 4).items():
+        assert len(ids) == len(set(ids)), epoch  # no record twice
+        assert total - len(ids) < 8 * credited[epoch], (epoch, total - len(ids))
+    report = run([sys.executable, str(ROOT / "tools" / "scaling_report.py"), str(tmp_path / "chaos"),
+                  "--skip-epochs", "0", "--csv", str(tmp_path / "scaling.csv")], check=True)
+    rows = {int(r["ranks"]): int(r["epochs"]) for r in csv.DictReader(open(tmp_path / "scaling.csv"))}
+    assert rows == {w: sum(1 for e in credited.values() if e == w) for w in set(credited.values())}, report.stdout

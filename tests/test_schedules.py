@@ -47,10 +47,10 @@ def test_plateau_update_waits_patience_epochs_then_scales_down():
     for auroc in [0.70, 0.75, 0.74, 0.75, None, 0.80, 0.79, 0.78]:
         state = plateau_update(state, auroc, patience=2, factor=0.1, min_scale=0.005)
         scales.append(state["scale"])
-    # 0.74, 0.75 (not > best) -> drop; None, 0.80 -> new best resets; 0.79, 0.78 -> drop, floored
+    # 0.74, 0.75 (not > best) -> drop; None does not count; 0.80 -> new best; 0.79, 0.78 -> drop, floored
     assert scales == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.1, 0.01])
     assert state["best"] == 0.80 and state["wait"] == 0
-    assert plateau_update(state, None, 1, 0.1, 0.005)["scale"] == pytest.approx(0.005)
+    assert plateau_update(state, None, 1, 0.1, 0.005) == state  # an undefined epoch does not count
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ stamp="$VENV/.deps-$(cat "$constraints" setup.cfg | sha256sum | cut -c1-12)-gpu$
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages ($tf_pkg${LANE:+, lane $LANE})"
   $PIP install -c "$constraints" "$tf_pkg" "${extra[@]}" numpy protobuf mpi4py pandas scikit-learn scipy \
-    pillow pydicom matplotlib tqdm pytest pytest-timeout pytest-xdist ruff setuptools wheel openvino nncf \
+    pillow pydicom matplotlib tqdm tomli-w pytest pytest-timeout pytest-xdist ruff setuptools wheel openvino nncf \
     optuna sqlalchemy alembic psycopg2-binary
   touch "$stamp"
 fi

@@ -5,6 +5,7 @@ training shards, and validation AUROC equal to a single-process computation over
 checkpoint."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -184,3 +185,17 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine)
         timeout=300, check=True)
     last = [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]
     assert last["val_n"] == 1 and read_runlog(run_dir)[-1]["status"] == "completed"
+
+
+def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path):
+    """DenseNet-121 on 2 workers, stdout not a terminal (a batch job's log): a start line before
+    the slow start-up (input, tracing), then a heartbeat line every --heartbeat seconds of an
+    epoch, long before the first epoch line."""
+    proc = run(ranks("tf", 2, *train_args(records_dir, tmp_path), "--model", "densenet121", "--epochs", "1",
+                     "--steps-per-epoch", "12", "--heartbeat", "1", "--verbose", "2"), timeout=600, check=True)
+    lines = proc.stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("start: 2 rank(s) of the tf engine")]
+    beats = [i for i, line in enumerate(lines) if re.match(r"epoch 1: step \d+/12, [\d.]+ img/s, loss", line)]
+    first_epoch = next(i for i, line in enumerate(lines) if re.match(r"epoch 1: [\d.]+ img/s", line))
+    assert len(starts) == 1 and "12 steps per epoch" in lines[starts[0]], proc.stdout[-2000:]
+    assert beats and starts[0] < beats[0] < first_epoch, proc.stdout[-2000:]
