@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chexnet_hvd import cli, metadata
+from chexnet_hvd import cli, images, metadata
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -132,107 +131,6 @@ def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple
     return sorted(shards)
 
 
-# ---------------------------------------------------------------- image conversion ----------
-CONVERSION = "gray8-v3"  # the image conversion below; part of every shard's reuse key
-
-
-DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
-
-
-def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """16-bit grey levels -> uint8, scaled by the data's real range: the smallest of DEPTHS that
-    holds its maximum, so 12-bit data in a 16-bit PNG (common in DICOM exports) spans 0..255,
-    not 0..15, and a darker 12-bit image (maximum 1,800, say) is scaled like its neighbours, by
-    4,095. Returns the image and those bits."""
-    need = int(values.max()).bit_length() if values.size else 8
-    bits = next(d for d in DEPTHS if d >= need)
-    return np.round(values.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8), bits
-
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-def is_dicom_name(path: str | Path) -> bool:
-    return str(path).lower().endswith(DICOM_SUFFIXES)
-
-
-def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
-    """A DICOM's pixels -> uint8 grey levels and its bits stored. The modality transform (rescale
-    slope and intercept, or a Modality LUT) is applied, then the range it gives the stored values
-    (every value 0..2^bits - 1, or signed) maps linearly onto 0..255 as `to_8bit` maps PNGs, and
-    MONOCHROME1 (white = 0) is inverted so that bone is bright like every other image the suite
-    reads. Compressed pixel data is decoded by pydicom (RLE) or Pillow (JPEG baseline, JPEG
-    2000); JPEG Lossless and JPEG-LS need plugins not installed here (pylibjpeg, GDCM): such a
-    file is rejected with pydicom's reason."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    ds = pydicom.dcmread(path)
-    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-        raise ValueError("not a single-frame grayscale image")
-    bits = int(ds.BitsStored)
-    low = -(2 ** (bits - 1)) if int(ds.PixelRepresentation) == 1 else 0
-    mapped = np.asarray(apply_modality_lut(np.arange(low, low + 2**bits, dtype=np.int64), ds))
-    lo, hi = float(mapped.min()), float(mapped.max())
-    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
-    gray = np.round((values - lo) * (255 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        gray = 255 - gray
-    return gray, bits
-
-
-def read_grayscale_bits(path: str | Path, size: int | None = None):
-    """Any PNG/JPEG (1-bit, L, P, RGB, RGBA, CMYK, 16-bit) or DICOM as an 8-bit grayscale PIL
-    image, optionally resized, and the bits of the source's grey levels: the one conversion of
-    the records writer and of predict (the raw pipeline applies `to_8bit` the same way)."""
-    from PIL import Image
-
-    if is_dicom_name(path):
-        gray, bits = dicom_to_8bit(path)
-        img = Image.fromarray(gray)
-    else:
-        img, bits = pil_grayscale(path)
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    return img, bits
-
-
-def png_depth(path: str | Path) -> int:
-    """A PNG's bit depth from its header (0 for anything else)."""
-    with open(path, "rb") as fh:
-        head = fh.read(25)
-    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
-
-
-def pil_grayscale(path: str | Path):
-    """A PNG/JPEG of any mode as an 8-bit grayscale PIL image, and its source bits. 16-bit PNGs
-    of every colour type (grey, grey + alpha, RGB, RGBA) are decoded at 16 bits by TensorFlow,
-    as the raw pipeline decodes them (Pillow keeps only the high byte of 16-bit colour PNGs)."""
-    from PIL import Image
-
-    if png_depth(path) == 16:
-        import tensorflow as tf
-
-        values = tf.io.decode_png(tf.io.read_file(str(path)), channels=1, dtype=tf.uint16)
-        gray, bits = to_8bit(values.numpy()[..., 0].astype(np.int64))
-        return Image.fromarray(gray), bits
-    bits = 8
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            gray, bits = to_8bit(np.asarray(img, dtype=np.int64).clip(0, 65535))
-            img = Image.fromarray(gray)
-        elif img.mode in ("RGBA", "LA", "PA", "P"):
-            # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
-            img = img.convert("RGBA").convert("RGB")
-        return img.convert("L"), bits
-
-
-def read_grayscale(path: str | Path, size: int | None = None):
-    """`read_grayscale_bits` without the bits."""
-    return read_grayscale_bits(path, size)[0]
-
-
 # ---------------------------------------------------------------- the shard writer ----------
 @dataclasses.dataclass
 class ShardJob:
@@ -255,7 +153,7 @@ class ShardJob:
                 stats.append([st.st_size, st.st_mtime_ns])
             except OSError:
                 stats.append(None)
-        text = json.dumps([SCHEMA_VERSION, CONVERSION, self.encoding, self.image_size, list(self.names),
+        text = json.dumps([SCHEMA_VERSION, images.CONVERSION, self.encoding, self.image_size, list(self.names),
                            [list(row[:3]) + [list(row[3]), list(row[4]), row[5]] for row in self.rows],
                            stats])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -288,13 +186,8 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     with tf.io.TFRecordWriter(str(tmp)) as writer:
         for image, path, patient, labels, mask, source in job.rows:
             try:
-                gray, depth = read_grayscale_bits(path, job.image_size)
-                if job.encoding == "uint8":
-                    encoded = np.asarray(gray, dtype=np.uint8).tobytes()
-                else:
-                    buf = io.BytesIO()
-                    gray.save(buf, format="PNG", compress_level=1)  # fast, still lossless
-                    encoded = buf.getvalue()
+                gray, depth = images.read_grayscale_bits(path, job.image_size)
+                encoded = images.encode(gray, job.encoding)
             except FileNotFoundError:
                 rejects.append((image, job.split, path, "missing file"))
                 continue
@@ -318,23 +211,6 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     return result | {"reused": False}
 
 
-def raw_problem(path: str) -> str | None:
-    """Why the raw pipeline (TensorFlow's PNG/JPEG decoders) could not read an image file, from
-    its header alone; None when it can."""
-    from PIL import Image
-
-    if not Path(path).is_file():
-        return "missing file"
-    try:
-        with Image.open(path) as img:
-            kind, mode = img.format, img.mode
-    except Exception as err:  # PIL raises many types for non-images
-        return f"unreadable image: {type(err).__name__}: {err}"
-    if kind not in ("PNG", "JPEG") or mode == "CMYK":
-        return f"{kind} {mode}: the raw pipeline decodes PNG and grey/RGB JPEG only (use --format tfrecord)"
-    return None
-
-
 def write_index(job: ShardJob, out_dir: str) -> dict:
     """--format raw: list the split's image files in a CSV index (temp name, then rename). Files
     missing or of a kind the raw pipeline cannot decode (judged from their headers) are rejected
@@ -342,7 +218,7 @@ def write_index(job: ShardJob, out_dir: str) -> dict:
     y, m = metadata.label_columns(job.names), metadata.mask_columns(job.names)
     rows, rejects = [], []
     for image, path, patient, labels, mask, source in job.rows:
-        if problem := raw_problem(path):
+        if problem := images.raw_problem(path):
             rejects.append((image, job.split, path, problem))
         else:
             rows.append([image, str(Path(path).resolve()), patient, source, *labels, *mask])
@@ -463,9 +339,9 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
         "dataset": "+".join(d for _, d, _, _ in sources),
         # Each source's CSV (and its hash: relabelled rows show) and its share of the table.
         "sources": [{"name": name, "dataset": dataset, "csv": str(csv),
-                     "csv_sha256": metadata.file_sha256(csv), "images": str(images),
+                     "csv_sha256": metadata.file_sha256(csv), "images": str(folder),
                      "listed": int((table["source"] == name).sum())}
-                    for name, dataset, csv, images in sources],
+                    for name, dataset, csv, folder in sources],
         "labels": {"observations": cfg.observations, "uncertainty": cfg.uncertainty,
                    "views": cfg.views, "label_map": list(cfg.label_map)},
         "classes": list(names),
@@ -479,7 +355,7 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
         "shard_size": cfg.shard_size,
         "splits": splits,
         # Images per bit depth of the source grey levels; 16-bit sources are scaled to 8 bits
-        # by their real range (records.to_8bit), so 12-bit data is not left nearly black.
+        # by their real range (images.to_8bit), so 12-bit data is not left nearly black.
         "source_bit_depths": bits,
         # CheXNet's weighted BCE: a positive of class c weighs neg_c / pos_c (Rajpurkar et al.
         # 2017), both counted over the labelled (unmasked) entries only.
@@ -513,17 +389,17 @@ def write_records(cfg: RecordsConfig) -> dict:
     """The whole conversion: table -> shards -> rejects.csv -> manifest.json (last)."""
     if cfg.shard_size < 1 or cfg.workers < 1:
         raise cli.InputError("--shard-size/--workers", "must be at least 1")
-    for images in cfg.images:
-        if not Path(images).is_dir():
-            raise cli.InputError(images, "no such directory")
+    for folder in cfg.images:
+        if not Path(folder).is_dir():
+            raise cli.InputError(folder, "no such directory")
     if cfg.encoding == "uint8" and not cfg.image_size:
         raise cli.InputError("--encoding", "uint8 stores fixed-size pixels: give --image-size")
     if cfg.format == "raw" and cfg.image_size:
         raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
                              "pipeline resizes while training)")
     table = metadata.load_table(cfg)
-    if cfg.format == "raw" and table["path"].map(is_dicom_name).any():
-        raise cli.InputError(table["path"][table["path"].map(is_dicom_name)].iloc[0],
+    if cfg.format == "raw" and table["path"].map(images.is_dicom_name).any():
+        raise cli.InputError(table["path"][table["path"].map(images.is_dicom_name)].iloc[0],
                              "DICOM needs --format tfrecord (the raw pipeline decodes PNG and JPEG)")
     comm = mpi_comm()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
