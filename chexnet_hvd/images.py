@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CONVERSION = "gray8-v3"  # bump when the pixels or the bytes written for an image change
+CONVERSION = "gray8-v4"  # bump when the pixels or the bytes written for an image change
 
 DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
 
@@ -112,11 +112,15 @@ def read_grayscale(path: str | Path, size: int | None = None) -> Image.Image:
 
 
 def encode(gray: Image.Image, encoding: str = "png") -> bytes:
-    """A grayscale image as a record stores it: PNG bytes, or (uint8) its raw pixels."""
+    """A grayscale image as a record stores it: PNG bytes (pixels only: IHDR, IDAT, IEND), or
+    (uint8) its raw pixels."""
+    pixels = np.asarray(gray, dtype=np.uint8)
     if encoding == "uint8":
-        return np.asarray(gray, dtype=np.uint8).tobytes()
+        return pixels.tobytes()
+    # A new image from the pixels alone: Pillow would copy the source's ICC profile (an RGB
+    # profile from a colour JPEG) into the grayscale PNG, and libpng then warns on every read.
     buf = io.BytesIO()
-    gray.save(buf, format="PNG", compress_level=1)  # fast, still lossless
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)  # fast, still lossless
     return buf.getvalue()
 
 

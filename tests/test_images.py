@@ -1,13 +1,16 @@
 """Image conversion (chexnet_hvd.images): every PNG/JPEG mode and bit depth a hospital export
 may hold, and DICOMs (generated here; pydicom writes them), become the expected 8-bit grey
-pixels in the records."""
+pixels in the records, stored as PNGs that hold the pixels and nothing else."""
+
+import io
+import sys
 
 import numpy as np
 import pandas as pd
 import pydicom
 import tensorflow as tf
-from conftest import module
-from PIL import Image, ImageFilter
+from conftest import module, run
+from PIL import Image, ImageCms, ImageFilter, PngImagePlugin
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -122,3 +125,51 @@ def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_pat
            "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",
            "--workers", 1, "--no-progress", check=True)
     assert records.load_manifest(tmp_path / "small")["splits"]["train"]["count"] == len(expected)
+
+
+def png_chunks(png: bytes) -> list[str]:
+    """The chunk types of a PNG file, in order."""
+    chunks, pos = [], 8
+    while pos < len(png):
+        length = int.from_bytes(png[pos:pos + 4], "big")
+        chunks.append(png[pos + 4:pos + 8].decode("ascii"))
+        pos += 12 + length
+    return chunks
+
+
+DECODE = """import sys, tensorflow as tf
+for i, path in enumerate(sys.argv[1:]):
+    print(f"--- {i}", file=sys.stderr, flush=True)
+    tf.io.decode_png(tf.io.read_file(path), channels=1)
+"""
+
+
+def test_colour_sources_with_an_rgb_icc_profile_give_png_records_without_ancillary_chunks(tmp_path):
+    """A colour JPEG or PNG with an embedded RGB ICC profile (and a PNG with text and dpi): the
+    grayscale record holds the pixels only, and TensorFlow decodes it without libpng's "iCCP:
+    RGB color space not permitted on grayscale PNG" warning (which the old records printed on
+    every read; the control below shows the warning is visible in this process)."""
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    g = gray((24, 20), 9)
+    rgb = Image.fromarray(np.stack([g] * 3, -1))
+    rgb.save(tmp_path / "a.jpg", icc_profile=icc, quality=95)
+    rgb.save(tmp_path / "b.png", icc_profile=icc)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "scanner")
+    Image.fromarray(g).save(tmp_path / "c.png", pnginfo=text, dpi=(300, 300))
+    rows = [(name, str(tmp_path / name), "p", [0.0], [1.0], "") for name in ("a.jpg", "b.png", "c.png")]
+    job = records.ShardJob("train", "train-00000-of-00001.tfrecord", rows, None, ("Effusion",))
+    assert records.write_shard(job, str(tmp_path))["count"] == 3
+    pngs = [records.parse_example(raw, 1)["image/png"].numpy()
+            for raw in tf.data.TFRecordDataset(str(tmp_path / job.file))]
+    assert [png_chunks(png) for png in pngs] == [["IHDR", "IDAT", "IEND"]] * 3
+    for i, png in enumerate(pngs):
+        (tmp_path / f"record{i}.png").write_bytes(png)
+    control = io.BytesIO()
+    Image.fromarray(g).save(control, format="PNG", icc_profile=icc)  # what the old records held
+    (tmp_path / "control.png").write_bytes(control.getvalue())
+    proc = run([sys.executable, "-c", DECODE, *(str(tmp_path / f"record{i}.png") for i in range(3)),
+                str(tmp_path / "control.png")], env={"TF_CPP_MIN_LOG_LEVEL": "0"}, check=True)
+    *ours, old = proc.stderr.split("--- ")[1:]
+    assert not any("iCCP" in part or "PNG warning" in part for part in ours), ours
+    assert "iCCP" in old
