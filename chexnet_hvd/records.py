@@ -5,13 +5,14 @@
 (chexnet_hvd.metadata), to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels
 of a fixed size) in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files. Each shard is written under a
 temporary name and renamed when complete, then a sidecar JSON holding its key and counts; a
-re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Unreadable or missing images
-go to rejects.csv with the reason; written + rejected = listed, always. manifest.json is written
-last, so its presence means the directory is complete.
+re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Shards are
+planned on the listed images that exist; the missing ones are listed in missing.csv, unreadable
+ones in rejects.csv with the reason: written + rejected + missing = listed, always. manifest.json
+is written last, so its presence means the directory is complete.
 
 Across nodes: under `mpirun`/`srun` each MPI rank (mpi4py) writes every size-th shard of the
-same plan with its own worker processes, and rank 0 gathers the results and writes rejects.csv
-and the manifest; the output is the same as a single-process run's.
+same plan with its own worker processes, and rank 0 gathers the results and writes rejects.csv,
+missing.csv and the manifest; the output is the same as a single-process run's.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from chexnet_hvd import cli, images, metadata
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
+MISSING = "missing.csv"  # listed images not found in the image folders: image, split
 RAW_ENCODING = "raw-index"  # --format raw: per-split CSV lists of the image files, no conversion
 # How a record holds its image: grayscale PNG bytes (any size: source-size records), or the
 # uncompressed uint8 pixels of an image resized offline to image_size x image_size, which cost
@@ -247,9 +249,28 @@ def read_raw_index(files: list[str]) -> dict[str, np.ndarray]:
             "mask": frame[metadata.mask_columns(names)].to_numpy(np.float32)}
 
 
+def existing(paths) -> np.ndarray:
+    """Whether each file exists, from one listing per folder: a stat per listed file is slow on
+    a parallel file system, and NIH's 112,120 images share one folder. A folder that cannot be
+    listed is asked file by file."""
+    listings: dict[str, set[str] | None] = {}
+    found = []
+    for path in map(str, paths):
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                listings[folder] = None
+        names = listings[folder]
+        found.append(os.path.isfile(path) if names is None else name in names)
+    return np.array(found, dtype=bool)
+
+
 def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
                 seed: int, suffix: str = ".tfrecord", encoding: str = "png") -> list[ShardJob]:
-    """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped."""
+    """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped.
+    `table` holds the rows to write (the records writer leaves out the missing images first)."""
     names = metadata.class_names(table)
     jobs = []
     for split in metadata.SPLITS:
@@ -303,23 +324,28 @@ def mpi_comm():
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
-def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig) -> dict:
-    """Counts per split, positives per class, shards, class weights; reconciles with the table."""
+def build_manifest(listing: metadata.Listing, results: list[dict], present: np.ndarray,
+                   cfg: RecordsConfig) -> dict:
+    """Counts per split, positives per class, shards, class weights; reconciles with the table
+    (`present`: which of its rows' files exist)."""
+    table = listing.table
     names = metadata.class_names(table)
     splits: dict[str, Any] = {}
     for split in metadata.SPLITS:
         mine = [r for r in results if r["split"] == split]
-        if not mine:
+        listed = int((table["split"] == split).sum())
+        if not listed:
             continue
         written = sum(r["count"] for r in mine)
         rejected = sum(len(r["rejects"]) for r in mine)
-        listed = int((table["split"] == split).sum())
-        if written + rejected != listed:  # cannot happen unless the writer is broken: say so
-            raise RuntimeError(f"{split}: written {written} + rejected {rejected} != listed {listed}")
-        positives = np.sum([r["positives"] for r in mine], axis=0)
-        negatives = np.sum([r["negatives"] for r in mine], axis=0)
+        missing = int(((table["split"] == split).to_numpy() & ~present).sum())
+        if written + rejected + missing != listed:  # cannot happen unless the writer is broken
+            raise RuntimeError(f"{split}: written {written} + rejected {rejected} + missing "
+                               f"{missing} != listed {listed}")
+        positives = np.sum([r["positives"] for r in mine] or [[0] * len(names)], axis=0)
+        negatives = np.sum([r["negatives"] for r in mine] or [[0] * len(names)], axis=0)
         splits[split] = {
-            "count": written, "rejected": rejected, "listed": listed,
+            "count": written, "rejected": rejected, "missing": missing, "listed": listed,
             "patients": int(table.loc[table["split"] == split, "patient"].nunique()),
             "positives": dict(zip(names, positives.tolist(), strict=True)),
             "negatives": dict(zip(names, negatives.tolist(), strict=True)),
@@ -340,10 +366,13 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
         # Each source's CSV (and its hash: relabelled rows show) and its share of the table.
         "sources": [{"name": name, "dataset": dataset, "csv": str(csv),
                      "csv_sha256": metadata.file_sha256(csv), "images": str(folder),
-                     "listed": int((table["source"] == name).sum())}
+                     "listed": int((table["source"] == name).sum()),
+                     "dropped_by_views": listing.dropped_by_views[name]}
                     for name, dataset, csv, folder in sources],
         "labels": {"observations": cfg.observations, "uncertainty": cfg.uncertainty,
                    "views": cfg.views, "label_map": list(cfg.label_map)},
+        # Rows of the CSVs --views left out: not listed, not counted anywhere else.
+        "dropped_by_views": sum(listing.dropped_by_views.values()),
         "classes": list(names),
         "num_classes": len(names),
         "image_size": cfg.image_size,  # null: stored at the source resolution
@@ -379,9 +408,9 @@ class RecordsConfig(metadata.TableConfig):
     shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
     workers: int = cli.field(len(os.sched_getaffinity(0)), help="parallel worker processes (per MPI rank "
                              "under mpirun/srun)")
-    max_rejects: int = cli.field(-1, help="unreadable/missing images tolerated (all are listed "
-                                 "in rejects.csv); with more, no manifest is written and the exit "
-                                 "code is 2 (-1: no limit)")
+    max_rejects: int = cli.field(-1, help="unreadable and missing images tolerated (listed in "
+                                 "rejects.csv with the reason, and in missing.csv); with more, no "
+                                 "manifest is written and the exit code is 2 (-1: no limit)")
     progress: bool = cli.field(True, help="show a progress bar")
 
 
@@ -397,7 +426,8 @@ def write_records(cfg: RecordsConfig) -> dict:
     if cfg.format == "raw" and cfg.image_size:
         raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
                              "pipeline resizes while training)")
-    table = metadata.load_table(cfg)
+    listing = metadata.load(cfg)
+    table = listing.table
     if cfg.format == "raw" and table["path"].map(images.is_dicom_name).any():
         raise cli.InputError(table["path"][table["path"].map(images.is_dicom_name)].iloc[0],
                              "DICOM needs --format tfrecord (the raw pipeline decodes PNG and JPEG)")
@@ -406,9 +436,14 @@ def write_records(cfg: RecordsConfig) -> dict:
     out = cli.make_dir(cfg.out)
     if rank == 0:
         (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    # Shards are planned on the images that exist (a partial folder against a full CSV gives
+    # full shards, not one per listed thousand); rank 0 looks, so every rank plans the same.
+    present = existing(table["path"]) if rank == 0 else None
+    if comm:
+        present = comm.bcast(present, root=0)
     raw = cfg.format == "raw"
-    jobs = plan_shards(table, len(table) if raw else cfg.shard_size, cfg.image_size, cfg.seed,
-                       ".csv" if raw else ".tfrecord", cfg.encoding)
+    jobs = plan_shards(table[present], max(int(present.sum()), 1) if raw else cfg.shard_size,
+                       cfg.image_size, cfg.seed, ".csv" if raw else ".tfrecord", cfg.encoding)
     results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
                        cfg.progress and rank == 0, write_index if raw else write_shard)
     if comm:  # every rank planned the same shards; rank 0 alone reports on all of them
@@ -419,13 +454,19 @@ def write_records(cfg: RecordsConfig) -> dict:
     rejects = [r for res in results for r in res["rejects"]]
     with cli.output(out / REJECTS) as fh:
         pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(fh, index=False)
-    if 0 <= cfg.max_rejects < len(rejects):
-        first = rejects[0]
-        raise cli.InputError(first[2], f"{first[3]} ({len(rejects)} images rejected, listed in "
-                             f"{out / REJECTS}; no manifest written: fix them or pass "
-                             f"--max-rejects {len(rejects)} to accept)")
-    manifest = build_manifest(table, results, cfg)
+    missing = table.loc[~present, ["image", "split"]]
+    with cli.output(out / MISSING) as fh:
+        missing.to_csv(fh, index=False)
+    if 0 <= cfg.max_rejects < len(rejects) + len(missing):
+        bad = len(rejects) + len(missing)
+        where, what = (rejects[0][2], rejects[0][3]) if rejects else (table.loc[~present, "path"].iloc[0],
+                                                                       "missing file")
+        raise cli.InputError(where, f"{what} ({len(rejects)} unreadable, listed in {out / REJECTS}, "
+                             f"and {len(missing)} missing, listed in {out / MISSING}; no manifest "
+                             f"written: fix them or pass --max-rejects {bad} to accept)")
+    manifest = build_manifest(listing, results, present, cfg)
     manifest["rejected"] = len(rejects)
+    manifest["missing"] = len(missing)
     manifest["listed"] = len(table)
     manifest["writer_ranks"] = size
     tmp = out / (MANIFEST + ".tmp")
@@ -440,11 +481,17 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_records(cfg)
     if manifest is None:  # an MPI rank other than 0: rank 0 reports
         return 0
+    if cfg.views != "all":
+        print(f"--views {cfg.views}: kept {manifest['listed']} rows, dropped "
+              f"{manifest['dropped_by_views']} of other views")
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
     print(f"wrote {counts} records to {cfg.out}")
     if manifest["rejected"]:
-        print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected, each "
-              f"with its reason in {Path(cfg.out) / REJECTS}", file=sys.stderr)
+        print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected as "
+              f"unreadable, each with its reason in {Path(cfg.out) / REJECTS}", file=sys.stderr)
+    if manifest["missing"]:
+        print(f"warning: {manifest['missing']} of {manifest['listed']} images missing from the "
+              f"image folders, listed in {Path(cfg.out) / MISSING}", file=sys.stderr)
     return 0
 
 

@@ -88,10 +88,14 @@ def test_two_csvs_of_one_hospital_share_patients_and_duplicates_are_refused(tmp_
 
 
 @pytest.mark.parametrize("extra, csv_text, fragments", [
-    (["--split", "official"], OWN_CSV, ["'Lungs' is not a canonical label", "--label-map"]),
+    (["--split", "official"], OWN_CSV, ["2 label columns are not canonical labels: 'Lungs', 'Age'",
+                                        "--label-map"]),
     (["--label-map", "Lungs=Lung Opacity", "Age="], OWN_CSV, ["has a split column", "--split official"]),
     (["--split", "official", "--label-map", "Lungs=Lungs"], OWN_CSV, ["'Lungs' is not a canonical label"]),
     (["--views", "frontal"], "path,patient,view,Edema\na.png,1,oblique,1\n", ["row 2", "'oblique'"]),
+    ([], "path,patient,view,Edema\na.png,1,PA,1\nb.png,2,Axial,0\n", ["'view'", "'Axial' (row 3)"]),
+    (["--views", "lateral"], "path,patient,view,Edema\na.png,1,L,1\nb.png,2,,0\n",
+     ["--views lateral needs a view in every row", "1 of 2 rows have none, e.g. 'b.png'"]),
     ([], "path,patient,Edema,Pulmonary Edema\na.png,1,1,0\n",
      ["not a canonical label"]),
     (["--label-map", "Pulmonary Edema=Edema"], "path,patient,Edema,Pulmonary Edema\na.png,1,1,0\n",
@@ -111,6 +115,66 @@ def test_own_csv_mistakes_are_one_line_errors(tmp_path, extra, csv_text, fragmen
                   "--no-progress")
     assert_one_line_error(proc, *fragments)
     assert not (out / records.MANIFEST).exists()
+
+
+def test_every_duplicate_and_every_unknown_label_is_named_in_one_error(tmp_path):
+    """A CSV with 7 images listed twice, or 10 local label names, or several unknown NIH
+    findings: one error names the first few (with their rows) and says how many there are."""
+    def load(text, dataset="csv"):
+        (tmp_path / "x.csv").write_text(text)
+        return metadata.load_table(metadata.TableConfig(csv=str(tmp_path / "x.csv"), dataset=[dataset]))
+
+    rows = [f"img{i}.png,p{i},0" for i in range(10)] + [f"img{i}.png,p{i},1" for i in range(7)]
+    with pytest.raises(InputError) as err:
+        load("path,patient,Edema\n" + "\n".join(rows) + "\n")
+    assert err.value.what == ("7 images listed twice or more: 'img0.png' (rows 2, 12), 'img1.png' "
+                              "(rows 3, 13), 'img2.png' (rows 4, 14), 'img3.png' (rows 5, 15), "
+                              "'img4.png' (rows 6, 16) and 2 more")
+    local = [f"Local {i}" for i in range(10)]
+    with pytest.raises(InputError) as err:
+        load("path,patient,Edema," + ",".join(local) + "\na.png,1,1" + ",0" * 10 + "\n")
+    assert err.value.what.startswith("10 label columns are not canonical labels: 'Local 0', 'Local 1', "
+                                     "'Local 2', 'Local 3', 'Local 4' and 5 more; map each with --label-map")
+    with pytest.raises(InputError) as err:
+        load("Image Index,Finding Labels,Patient ID\na.png,Mass|Covid,1\nb.png,Hernia,2\n"
+             "c.png,Covid|Lung Lesion,3\n", "nih")
+    assert err.value.what == "unknown pathologies in 'Finding Labels': 'Covid' (rows 2, 4), 'Lung Lesion' (row 4)"
+    (tmp_path / "x.csv").write_text("path,patient,Edema\n" + "\n".join(rows) + "\n")
+    assert_one_line_error(module("records", "--dataset", "csv", "--csv", tmp_path / "x.csv", "--images",
+                                 tmp_path, "--out", tmp_path / "out"), "7 images listed twice", "and 2 more")
+
+
+# View codes of public sets and their kinds (NIH, CheXpert, MIMIC-CXR, PadChest, DICOM terms).
+PUBLIC_VIEWS = {"PA": "frontal", "AP": "frontal", "AP Supine": "frontal", "AP_horizontal": "frontal",
+                "Frontal": "frontal", "POSTEROANTERIOR": "frontal", "L": "lateral", "LL": "lateral",
+                "RL": "lateral", "Lateral": "lateral", "LATERAL": "lateral"}
+
+
+def test_view_codes_of_public_sets_are_accepted_and_the_filter_says_what_it_dropped(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = ["path,patient,view,Edema"]
+    for i, code in enumerate(PUBLIC_VIEWS):
+        Image.fromarray(gray((8, 8), i)).save(images / f"{i}.png")
+        lines.append(f"{i}.png,p{i},{code},{i % 2}")
+    (tmp_path / "views.csv").write_text("\n".join(lines) + "\n")
+    source = ["--dataset", "csv", "--csv", tmp_path / "views.csv", "--images", images, "--fractions", 1, 0, 0,
+              "--workers", 1, "--no-progress"]
+    for views in ("frontal", "lateral"):
+        proc = module("records", *source, "--views", views, "--out", tmp_path / views, check=True)
+        kept = [f"{i}.png" for i, kind in enumerate(PUBLIC_VIEWS.values()) if kind == views]
+        dropped = len(PUBLIC_VIEWS) - len(kept)
+        assert proc.stdout.count(f"--views {views}: kept {len(kept)} rows, dropped {dropped} of other views") == 1
+        manifest = records.load_manifest(tmp_path / views)
+        assert (manifest["listed"], manifest["dropped_by_views"]) == (len(kept), dropped)
+        assert manifest["sources"][0]["dropped_by_views"] == dropped
+        assert manifest["splits"]["train"]["count"] == len(kept)
+    # --views all still checks the codes: a CT's Axial is no chest X-ray view
+    (tmp_path / "views.csv").write_text("\n".join(lines[:3] + ["x.png,p9,Axial,0"] + lines[3:]) + "\n")
+    for views in ("all", "frontal"):
+        proc = module("records", *source, "--views", views, "--out", tmp_path / "axial")
+        assert_one_line_error(proc, "views.csv: 'view': 'Axial' (row 4) neither frontal")
+    assert not (tmp_path / "axial" / records.MANIFEST).exists()
 
 
 def test_a_corrupt_dicom_is_rejected_with_its_reason_and_raw_format_refuses_dicom(tmp_path):
