@@ -304,9 +304,13 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, workers: int, progress: bool = 
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             pending = {pool.submit(write, job, out_dir): job for job in jobs}
-            for done in futures.as_completed(pending):
-                results.append(done.result())
-                bar.update(len(pending[done].rows))
+            try:
+                for done in futures.as_completed(pending):
+                    results.append(done.result())
+                    bar.update(len(pending[done].rows))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # fail now, not after the queued shards
+                raise
     bar.close()
     return sorted(results, key=lambda r: r["file"])
 
@@ -394,6 +398,54 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
     }
 
 
+def write_shards(cfg: RecordsConfig, table: pd.DataFrame, comm) -> tuple[list[dict] | None, np.ndarray]:
+    """This rank's share of the shards (every size-th of one plan). Returns every rank's results
+    on rank 0 (None elsewhere) and which of the table's files exist."""
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
+    out = cli.make_dir(cfg.out)
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    # Shards are planned on the images that exist (a partial folder against a full CSV gives
+    # full shards, not one per listed thousand); rank 0 looks, so every rank plans the same.
+    present = existing(table["path"]) if rank == 0 else None
+    if comm:
+        present = comm.bcast(present, root=0)
+    raw = cfg.format == "raw"
+    jobs = plan_shards(table[present], max(int(present.sum()), 1) if raw else cfg.shard_size,
+                       cfg.image_size, cfg.seed, ".csv" if raw else ".tfrecord", cfg.encoding)
+    results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
+                       cfg.progress and rank == 0, write_index if raw else write_shard)
+    if comm:  # every rank planned the same shards; rank 0 alone reports on all of them
+        gathered = comm.gather(results, root=0)
+        results = sorted((r for part in gathered for r in part), key=lambda r: r["file"]) if rank == 0 else None
+    return results, present
+
+
+def error_line(err: BaseException) -> str:
+    """What cli.run would print for an error: `where: what` for the suite's and the file
+    system's errors, the type and message for anything else."""
+    if isinstance(err, cli.InputError):
+        return f"{err.where}: {err.what}"
+    if isinstance(err, OSError):
+        return f"{err.filename or 'a file'}: {err.strerror or err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def ending_the_job_on_failure(comm, work):
+    """`work()`; under MPI a failure on any rank prints that rank's one-line error and ends the
+    whole job (MPI_Abort). Otherwise the others would wait for it for ever: rank 0 in gather,
+    the rest in MPI_Finalize, until the job's time limit."""
+    if comm is None:
+        return work()
+    try:
+        return work()
+    except BaseException as err:  # any failure, an interrupt too, must end every rank
+        print(f"error: {error_line(err)} (MPI rank {comm.Get_rank()} of {comm.Get_size()}; ending "
+              "the job)", file=sys.stderr, flush=True)
+        comm.Abort(cli.EXIT_USAGE if isinstance(err, cli.InputError | OSError) else 1)
+        raise  # not reached: Abort ends this process too
+
+
 @dataclasses.dataclass(kw_only=True)
 class RecordsConfig(metadata.TableConfig):
     out: str = cli.field(help="output records directory")
@@ -432,25 +484,11 @@ def write_records(cfg: RecordsConfig) -> dict:
         raise cli.InputError(table["path"][table["path"].map(images.is_dicom_name)].iloc[0],
                              "DICOM needs --format tfrecord (the raw pipeline decodes PNG and JPEG)")
     comm = mpi_comm()
-    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
-    out = cli.make_dir(cfg.out)
-    if rank == 0:
-        (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
-    # Shards are planned on the images that exist (a partial folder against a full CSV gives
-    # full shards, not one per listed thousand); rank 0 looks, so every rank plans the same.
-    present = existing(table["path"]) if rank == 0 else None
-    if comm:
-        present = comm.bcast(present, root=0)
-    raw = cfg.format == "raw"
-    jobs = plan_shards(table[present], max(int(present.sum()), 1) if raw else cfg.shard_size,
-                       cfg.image_size, cfg.seed, ".csv" if raw else ".tfrecord", cfg.encoding)
-    results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
-                       cfg.progress and rank == 0, write_index if raw else write_shard)
-    if comm:  # every rank planned the same shards; rank 0 alone reports on all of them
-        gathered = comm.gather(results, root=0)
-        if rank != 0:
-            return None
-        results = sorted((r for part in gathered for r in part), key=lambda r: r["file"])
+    size = comm.Get_size() if comm else 1
+    out = Path(cfg.out)
+    results, present = ending_the_job_on_failure(comm, lambda: write_shards(cfg, table, comm))
+    if results is None:  # an MPI rank other than 0: rank 0 reports
+        return None
     rejects = [r for res in results for r in res["rejects"]]
     with cli.output(out / REJECTS) as fh:
         pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(fh, index=False)
