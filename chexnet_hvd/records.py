@@ -12,7 +12,8 @@ is written last, so its presence means the directory is complete.
 
 Across nodes: under `mpirun`/`srun` each MPI rank (mpi4py) writes every size-th shard of the
 same plan with its own worker processes, and rank 0 gathers the results and writes rejects.csv,
-missing.csv and the manifest; the output is the same as a single-process run's.
+missing.csv and the manifest; the output is the same as a single-process run's. A rank that fails
+prints its error and ends the whole job (MPI_Abort).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 from chexnet_hvd import cli, images, metadata
 
+T = TypeVar("T")
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
@@ -334,6 +337,8 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
     (`present`: which of its rows' files exist)."""
     table = listing.table
     names = metadata.class_names(table)
+    unreadable = table["image"].isin({r[0] for res in results for r in res["rejects"]}).to_numpy()
+    written_rows = present & ~unreadable
     splits: dict[str, Any] = {}
     for split in metadata.SPLITS:
         mine = [r for r in results if r["split"] == split]
@@ -350,9 +355,13 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
         negatives = np.sum([r["negatives"] for r in mine] or [[0] * len(names)], axis=0)
         splits[split] = {
             "count": written, "rejected": rejected, "missing": missing, "listed": listed,
-            "patients": int(table.loc[table["split"] == split, "patient"].nunique()),
+            # the patients of the written records (not of the missing or unreadable images)
+            "patients": int(table.loc[(table["split"] == split).to_numpy() & written_rows, "patient"].nunique()),
             "positives": dict(zip(names, positives.tolist(), strict=True)),
             "negatives": dict(zip(names, negatives.tolist(), strict=True)),
+            # AUROC is undefined for these classes on this split (and they teach nothing in train)
+            "no_positives": [n for n, p in zip(names, positives, strict=True) if p == 0],
+            "no_negatives": [n for n, q in zip(names, negatives, strict=True) if q == 0],
             "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"]} for r in mine],
         }
     none = dict.fromkeys(names, 0)
@@ -426,12 +435,13 @@ def error_line(err: BaseException) -> str:
     system's errors, the type and message for anything else."""
     if isinstance(err, cli.InputError):
         return f"{err.where}: {err.what}"
-    if isinstance(err, OSError):
-        return f"{err.filename or 'a file'}: {err.strerror or err}"
+    if isinstance(err, OSError):  # a rename names both files
+        files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f) or "a file"
+        return f"{files}: {err.strerror or err}"
     return f"{type(err).__name__}: {err}"
 
 
-def ending_the_job_on_failure(comm, work):
+def ending_the_job_on_failure(comm: Any, work: Callable[[], T]) -> T:
     """`work()`; under MPI a failure on any rank prints that rank's one-line error and ends the
     whole job (MPI_Abort). Otherwise the others would wait for it for ever: rank 0 in gather,
     the rest in MPI_Finalize, until the job's time limit."""
@@ -513,6 +523,20 @@ def write_records(cfg: RecordsConfig) -> dict:
     return manifest
 
 
+def one_sided_warnings(manifest: dict) -> list[str]:
+    """A line per scored split (val, test) with classes whose AUROC it cannot define: no
+    positives, or no negatives, among its written records."""
+    lines = []
+    for split in ("val", "test"):
+        info = manifest["splits"].get(split)
+        if info and (info["no_positives"] or info["no_negatives"]):
+            parts = [f"no {kind} for {', '.join(info[f'no_{kind}'])}"
+                     for kind in ("positives", "negatives") if info[f"no_{kind}"]]
+            lines.append(f"warning: {split} split: {'; '.join(parts)}: AUROC undefined for these "
+                         f"classes (more patients in the split, or another --seed or --fractions)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(RecordsConfig, "Convert chest X-ray images + metadata CSV to sharded "
                            "TFRecords with a manifest.", argv)
@@ -524,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{manifest['dropped_by_views']} of other views")
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
     print(f"wrote {counts} records to {cfg.out}")
+    for line in one_sided_warnings(manifest):
+        print(line, file=sys.stderr)
     if manifest["rejected"]:
         print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected as "
               f"unreadable, each with its reason in {Path(cfg.out) / REJECTS}", file=sys.stderr)

@@ -105,6 +105,46 @@ def test_a_partial_image_folder_is_sharded_on_the_images_that_exist(tmp_path):
     assert set(missing["image"]) == set(names) - {names[i] for i in present}
 
 
+SPLIT_CSV = """path,patient,split,Effusion,Edema
+p1.png,p1,train,1,0
+p2.png,p2,train,0,1
+p3.png,p3,train,1,1
+p4.png,p4,train,0,0
+p5.png,p5,val,1,0
+p6.png,p6,val,0,0
+p7.png,p7,val,0,1
+p8.png,p8,test,1,1
+p9.png,p9,test,1,1
+"""
+
+
+def test_manifest_counts_the_patients_of_written_records_and_names_one_sided_classes(tmp_path):
+    """p3's image is missing, p4's and p7's unreadable (p7 held val's only Edema positive): the
+    patients per split are those of the written records, and the writer says, in one line per
+    scored split and in the manifest, which classes have no positives or no negatives there."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (1, 2, 4, 5, 6, 7, 8, 9):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(images / f"p{i}.png")
+    for i in (4, 7):
+        (images / f"p{i}.png").write_bytes(b"not a png")
+    (tmp_path / "split.csv").write_text(SPLIT_CSV)
+    proc = module("records", "--dataset", "csv", "--csv", tmp_path / "split.csv", "--images", images,
+                  "--split", "official", "--out", tmp_path / "out", "--workers", 1, "--no-progress", check=True)
+    splits = records.load_manifest(tmp_path / "out")["splits"]
+    assert {s: (v["count"], v["patients"]) for s, v in splits.items()} == {"train": (2, 2), "val": (2, 2),
+                                                                          "test": (2, 2)}
+    assert (splits["val"]["no_positives"], splits["val"]["no_negatives"]) == (["Edema"], [])
+    assert (splits["test"]["no_positives"], splits["test"]["no_negatives"]) == ([], ["Effusion", "Edema"])
+    assert (splits["train"]["no_positives"], splits["train"]["no_negatives"]) == ([], [])
+    warnings = [line for line in proc.stderr.splitlines() if " split: " in line]
+    assert warnings == [
+        "warning: val split: no positives for Edema: AUROC undefined for these classes (more patients "
+        "in the split, or another --seed or --fractions)",
+        "warning: test split: no negatives for Effusion, Edema: AUROC undefined for these classes (more "
+        "patients in the split, or another --seed or --fractions)"]
+
+
 @pytest.mark.parametrize("problem", ["no_column", "unknown_label", "no_manifest"])
 def test_bad_input_gives_one_line_error(problem, synthetic, tmp_path):
     csv = pd.read_csv(synthetic / "Data_Entry_2017.csv")
