@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from chexnet_hvd import records, sharding
+from chexnet_hvd.images import to_8bit
 
 AUTOTUNE = tf.data.AUTOTUNE
 # ImageNet statistics: the backbones' pretrained weights expect them (and CheXNet used them).
@@ -57,13 +58,13 @@ def preprocess_on_device(manifest: dict) -> bool:
 def decode_file(raw: tf.Tensor) -> tf.Tensor:
     """Image file bytes (PNG, or grey/RGB JPEG: the raw index rejects what TF cannot decode) ->
     uint8 [H, W, 1], converted as the records writer
-    converts them: 16-bit PNGs scaled by their real range (`records.to_8bit`)."""
+    converts them: 16-bit PNGs scaled by their real range (`images.to_8bit`)."""
     sixteen = tf.logical_and(tf.strings.substr(raw, 0, 4) == b"\x89PNG",
                              tf.strings.substr(raw, 24, 1) == b"\x10")  # IHDR bit depth
 
     def wide():
         values = tf.io.decode_png(raw, channels=1, dtype=tf.uint16)
-        gray = tf.numpy_function(lambda v: records.to_8bit(v)[0], [values], tf.uint8)
+        gray = tf.numpy_function(lambda v: to_8bit(v)[0], [values], tf.uint8)
         return tf.reshape(gray, tf.shape(values))
 
     return tf.cond(sixteen, wide, lambda: tf.io.decode_image(raw, channels=1, dtype=tf.uint8,

@@ -98,6 +98,11 @@ def parse_label_map(items: list[str]) -> dict[str, str | None]:
     return mapping
 
 
+def is_known(name: str, mapping: dict[str, str | None] | None = None) -> bool:
+    """Whether `canonical` takes a name (canonical, an alias, or mapped)."""
+    return _key(name) in _LOOKUP or _key(name) in {_key(k) for k in (mapping or {})}
+
+
 def canonical(name: str, mapping: dict[str, str | None] | None = None) -> str | None:
     """A dataset's label name -> its canonical name (None: dropped by the map). An unknown name
     is refused: mapped explicitly or not at all, never guessed."""
@@ -144,15 +149,18 @@ def parse_uncertainty(text: str, names, mapping: dict | None = None) -> dict[str
 def parse_finding_labels(text: str, names: tuple[str, ...] = PATHOLOGIES) -> np.ndarray:
     """Turn a `|`-joined 'Finding Labels' cell into a 0/1 float32 vector in `names` order."""
     vector = np.zeros(len(names), dtype=np.float32)
+    if unknown := unknown_findings(text, names):
+        raise UnknownLabelError(f"unknown pathology {unknown[0]!r}")
     index = {name: i for i, name in enumerate(names)}
     for raw in str(text).split("|"):
-        name = raw.strip()
-        if name == NO_FINDING:
-            continue
-        if name not in index:
-            raise UnknownLabelError(f"unknown pathology {name!r}")
-        vector[index[name]] = 1.0
+        if raw.strip() != NO_FINDING:
+            vector[index[raw.strip()]] = 1.0
     return vector
+
+
+def unknown_findings(text: str, names: tuple[str, ...] = PATHOLOGIES) -> list[str]:
+    """The names in a 'Finding Labels' cell that are neither in `names` nor 'No Finding'."""
+    return [n for n in (raw.strip() for raw in str(text).split("|")) if n != NO_FINDING and n not in names]
 
 
 def format_finding_labels(vector: np.ndarray, names: tuple[str, ...] = PATHOLOGIES) -> str:

@@ -1,16 +1,17 @@
 """Metadata CSVs -> one table (image, path, patient, labels, mask), patient-level splits, leak guard.
 
-The table has columns `image`, `path`, `patient`, `split`, `source`, then one label column per
-class (`y:<name>`, canonical names, chexnet_hvd.labels) and one mask column (`m:<name>`; 0 = label
-unknown, left out of the loss).
-`load_table(TableConfig)` is the one way the records writer, the raw-image pipeline and
-tools/dataset_stats.py turn one or several sources' CSVs (NIH, CheXpert, your own layout) into
-one split, leak-checked table.
+The table has columns `image`, `path`, `patient`, `split`, `view` (frontal, lateral, or blank
+when not given), `source`, then one label column per class (`y:<name>`, canonical names,
+chexnet_hvd.labels) and one mask column (`m:<name>`; 0 = label unknown, left out of the loss).
+`load(TableConfig)` (or `load_table` for the table alone) is the one way the records writer, the
+raw-image pipeline and tools/dataset_stats.py turn one or several sources' CSVs (NIH, CheXpert,
+your own layout) into one split, leak-checked table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv as csvlib  # `csv` names the CSV paths below
 import dataclasses
 import hashlib
 import re
@@ -28,11 +29,13 @@ from chexnet_hvd.labels import (
     UnknownLabelError,
     canonical,
     in_canonical_order,
+    is_known,
     label_cells,
     parse_finding_labels,
     parse_label_map,
     parse_uncertainty,
     uncertainty_rules,
+    unknown_findings,
 )
 
 SPLITS = ("train", "val", "test")
@@ -89,10 +92,8 @@ def read_csv_checked(path: str | Path, required: tuple[str, ...], filled: tuple[
 def short_row(path: Path) -> tuple[int, int, int] | None:
     """(line, fields, fields of the first data row) of the first data row with fewer fields
     than the first one, or None. (NIH's 2017 header has one field more than its rows.)"""
-    import csv
-
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        rows = csv.reader(fh)
+        rows = csvlib.reader(fh)
         next(rows, None)
         first = None
         for line, row in enumerate(rows, 2):
@@ -105,49 +106,89 @@ def short_row(path: Path) -> tuple[int, int, int] | None:
 
 
 VIEWS = ("all", "frontal", "lateral")
-# View column values (compared in lower case) -> frontal / lateral: NIH's View Position (PA, AP),
-# CheXpert's Frontal/Lateral, and the DICOM ViewPosition terms hospitals export.
-VIEW_KINDS = {"frontal": "frontal", "pa": "frontal", "ap": "frontal", "ap supine": "frontal",
-              "lateral": "lateral", "ll": "lateral", "rl": "lateral", "lat": "lateral"}
+# View codes -> frontal / lateral, compared blind to case, spaces, "_" and "-": NIH's View Position
+# (PA, AP), CheXpert's Frontal/Lateral and AP/PA (PA, AP, LL, RL), MIMIC-CXR's ViewPosition (PA, AP,
+# LATERAL, LL), PadChest's Projection (PA, AP, AP_horizontal, L) and ViewPosition_DICOM
+# (POSTEROANTERIOR, ANTEROPOSTERIOR, LATERAL), DICOM ViewPosition terms and hospital exports'
+# spellings. Anything else (Axial, oblique, decubitus, a CT) is an error, whatever --views is.
+VIEW_KINDS = {
+    **dict.fromkeys(("frontal", "pa", "ap", "ap supine", "ap horizontal", "pa horizontal",
+                     "posteroanterior", "postero anterior", "anteroposterior", "antero posterior"),
+                    "frontal"),
+    **dict.fromkeys(("lateral", "lat", "l", "ll", "rl", "left lateral", "right lateral",
+                     "xtable lateral"), "lateral"),
+}
+VIEW_COLUMNS = {"nih": "View Position", "chexpert": "Frontal/Lateral", "csv": "view"}
 
 
-def keep_views(frame: pd.DataFrame, column: str, views: str, csv) -> pd.DataFrame:
-    """The rows whose `column` is a `views` view (all: every row, the column not needed)."""
-    if views == "all":
-        return frame
+def view_kinds(frame: pd.DataFrame, column: str, csv) -> pd.Series:
+    """Each row's view as frontal or lateral ("" where the cell is blank or there is no view
+    column); every unknown code is named, with its rows, in one error."""
     if column not in frame.columns:
-        raise InputError(csv, f"--views {views} needs a {column!r} column")
-    kinds = frame[column].str.strip().str.lower().map(VIEW_KINDS)
-    if kinds.isna().any():
-        row = int(kinds.isna().to_numpy().argmax())
-        raise InputError(csv, f"row {row + 2}: view {frame[column].iloc[row]!r} is neither frontal "
-                         f"({', '.join(k for k, v in VIEW_KINDS.items() if v == 'frontal')}) nor "
-                         f"lateral ({', '.join(k for k, v in VIEW_KINDS.items() if v == 'lateral')})")
-    kept = frame[(kinds == views).to_numpy()].reset_index(drop=True)
+        return pd.Series("", index=frame.index)
+    codes = frame[column]
+    kinds = codes.map(lambda c: VIEW_KINDS.get(" ".join(c.replace("_", " ").replace("-", " ").split()).casefold(),
+                                               None if c.strip() else ""))
+    bad = codes[kinds.isna()]
+    if len(bad):
+        rows = bad.groupby(bad, sort=False).groups
+        known = {kind: ", ".join(k for k, v in VIEW_KINDS.items() if v == kind) for kind in ("frontal", "lateral")}
+        raise InputError(csv, f"{column!r}: " + first_few([f"{c!r} ({rows_text(i)})" for c, i in rows.items()])
+                         + f" neither frontal ({known['frontal']}) nor lateral ({known['lateral']}): drop "
+                         "such rows from the CSV")
+    return kinds
+
+
+def keep_views(table: pd.DataFrame, views: str, csv, column: str) -> tuple[pd.DataFrame, int]:
+    """The rows whose view is a `views` view (all: every row), and how many were dropped."""
+    if views == "all":
+        return table, 0
+    blank = table["view"] == ""
+    if blank.any():
+        raise InputError(csv, f"--views {views} needs a view in every row ({column!r} column): "
+                         f"{int(blank.sum())} of {len(table)} rows have none, e.g. "
+                         f"{table['image'][blank].iloc[0]!r}")
+    kept = table[(table["view"] == views).to_numpy()].reset_index(drop=True)
     if kept.empty:
         raise InputError(csv, f"no {views} images (--views {views})")
-    return kept
+    return kept, len(table) - len(kept)
+
+
+def first_few(items: list[str], limit: int = 5) -> str:
+    """The first few of a list of offenders for an error message, and how many there are."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def rows_text(rows) -> str:
+    """CSV line numbers (header = 1) of 0-based data rows: 'row 7' or 'rows 7, 9'."""
+    rows = [int(r) + 2 for r in rows]
+    return f"row{'s' if len(rows) > 1 else ''} {first_few(list(map(str, rows)), 3)}"
 
 
 def check_unique(csv, images: pd.Series) -> None:
-    duplicated = images.duplicated()
-    if duplicated.any():
-        raise InputError(csv, f"image {images[duplicated].iloc[0]!r} listed twice")
+    """Every image listed once; all that are not are named in one error."""
+    twice = images[images.duplicated(keep=False)]
+    if len(twice):
+        rows = twice.groupby(twice, sort=False).groups  # image -> its row indices, in CSV order
+        raise InputError(csv, f"{len(rows)} image{'s' if len(rows) > 1 else ''} listed twice or more: "
+                         + first_few([f"{name!r} ({rows_text(index)})" for name, index in rows.items()]))
 
 
-def read_nih(csv: str | Path, images_dir: str | Path, views: str = "all") -> pd.DataFrame:
+def read_nih(csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
     """Read Data_Entry_2017.csv (2017 release with trailing comma, or the v2020 revision)."""
     frame = read_csv_checked(csv, NIH_REQUIRED, filled=NIH_REQUIRED)
     if frame.empty:
         raise InputError(csv, "no data rows")
     check_unique(csv, frame["Image Index"])
-    frame = keep_views(frame, "View Position", views, csv)
-    labels = np.zeros((len(frame), len(PATHOLOGIES)), dtype=np.float32)
+    unknown: dict[str, list[int]] = {}  # every unknown name with its rows, in one error
     for i, text in enumerate(frame["Finding Labels"]):
-        try:
-            labels[i] = parse_finding_labels(text)
-        except UnknownLabelError as err:
-            raise InputError(csv, f"row {i + 2}: {err}") from None
+        for name in unknown_findings(text):
+            unknown.setdefault(name, []).append(i)
+    if unknown:
+        raise InputError(csv, f"unknown patholog{'ies' if len(unknown) > 1 else 'y'} in 'Finding "
+                         f"Labels': " + first_few([f"{n!r} ({rows_text(r)})" for n, r in unknown.items()]))
+    labels = np.stack([parse_finding_labels(text) for text in frame["Finding Labels"]])
     # '00000001' (2017) and '1' (v2020) name the same patient.
     patients = frame["Patient ID"].str.strip().str.lstrip("0").replace("", "0")
     table = pd.DataFrame({
@@ -155,6 +196,7 @@ def read_nih(csv: str | Path, images_dir: str | Path, views: str = "all") -> pd.
         "path": [str(Path(images_dir) / name.strip()) for name in frame["Image Index"]],
         "patient": patients,
         "split": "",
+        "view": view_kinds(frame, VIEW_COLUMNS["nih"], csv),
     })
     return attach_labels(table, labels, np.ones_like(labels), PATHOLOGIES)
 
@@ -189,7 +231,7 @@ def cell_labels(csv, frame: pd.DataFrame, columns: list[str], names: tuple[str, 
 
 
 def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "competition",
-                  uncertainty: str = "ones", views: str = "all") -> pd.DataFrame:
+                  uncertainty: str = "ones") -> pd.DataFrame:
     """CheXpert train.csv / valid.csv: the 5 competition pathologies or all 14 observations under
     their canonical names, uncertain labels by `uncertainty` (ones / zeros / ignore = masked,
     or per class), blanks negative, patient from the path (`.../patient00001/study1/...`)."""
@@ -197,7 +239,6 @@ def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "
     frame = read_csv_checked(csv, CHEXPERT_REQUIRED + columns, filled=CHEXPERT_REQUIRED)
     if frame.empty:
         raise InputError(csv, "no data rows")
-    frame = keep_views(frame, "Frontal/Lateral", views, csv)
     paths = frame["Path"].str.strip()
     patients = paths.str.extract(CHEXPERT_PATIENT, expand=False)
     if patients.isna().any():
@@ -212,6 +253,7 @@ def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "
         "path": [chexpert_image_path(images_dir, p) for p in paths],
         "patient": patients.str.lstrip("0").replace("", "0"),
         "split": "",
+        "view": view_kinds(frame, VIEW_COLUMNS["chexpert"], csv),
     })
     return attach_labels(table, labels, mask, names)
 
@@ -222,7 +264,7 @@ GENERIC_OPTIONAL = ("view", "split")
 
 
 def read_generic(csv: str | Path, images_dir: str | Path, uncertainty: str = "ones",
-                 views: str = "all", label_map: dict | None = None) -> pd.DataFrame:
+                 label_map: dict | None = None) -> pd.DataFrame:
     """Your own data: columns `path` (relative to --images, or absolute), `patient`, optional
     `view` (PA/AP/frontal, LL/lateral) and `split` (train/val/test: --split official uses it),
     and every other column a label named by a canonical name, an alias or --label-map, with
@@ -232,9 +274,13 @@ def read_generic(csv: str | Path, images_dir: str | Path, uncertainty: str = "on
     if frame.empty:
         raise InputError(csv, "no data rows")
     check_unique(csv, frame["path"].str.strip())
-    frame = keep_views(frame, "view", views, csv)
+    columns = [c for c in frame.columns if c not in GENERIC_REQUIRED + GENERIC_OPTIONAL]
+    if len(unknown := [c for c in columns if not is_known(c, label_map)]) > 1:  # one: canonical's error
+        raise InputError(csv, f"{len(unknown)} label columns are not canonical labels: "
+                         f"{first_few([repr(c.strip()) for c in unknown])}; map each with --label-map "
+                         "'NAME=<canonical name>' (or 'NAME=' to leave it out)")
     by_name: dict[str, str] = {}
-    for column in (c for c in frame.columns if c not in GENERIC_REQUIRED + GENERIC_OPTIONAL):
+    for column in columns:
         with label_errors(csv):
             name = canonical(column, label_map)
         if name in by_name:
@@ -253,6 +299,7 @@ def read_generic(csv: str | Path, images_dir: str | Path, uncertainty: str = "on
         "path": [str(Path(images_dir) / p) for p in paths],  # an absolute p stays itself
         "patient": frame["patient"].str.strip(),
         "split": frame["split"].str.strip() if "split" in frame.columns else "",
+        "view": view_kinds(frame, VIEW_COLUMNS["csv"], csv),
     })
     return attach_labels(table, labels, mask, names)
 
@@ -392,31 +439,40 @@ def label_map(cfg: TableConfig) -> dict[str, str | None]:
         return parse_label_map(cfg.label_map)
 
 
-def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> pd.DataFrame:
-    """One source's table, with its own split assigned under --split official."""
+def load_source(dataset: str, csv: str, images: str, cfg: TableConfig) -> tuple[pd.DataFrame, int]:
+    """One source's table, with its own split assigned under --split official, and the number
+    of rows --views left out (filtered before any split, so a split is drawn over kept rows)."""
     official = cfg.split == "official"
+    dropped = 0
+
+    def kept(table: pd.DataFrame, path) -> pd.DataFrame:
+        nonlocal dropped
+        table, n = keep_views(table, cfg.views, path, VIEW_COLUMNS[dataset])
+        dropped += n
+        return table
+
     if dataset == "chexpert":
         def read(path):
-            return read_chexpert(path, images, cfg.observations, cfg.uncertainty, cfg.views)
+            return kept(read_chexpert(path, images, cfg.observations, cfg.uncertainty), path)
 
         table = read(csv)
         if official:
             table = chexpert_official_split(table, read(Path(csv).parent / "valid.csv"),
                                             cfg.fractions[1], cfg.seed)
     elif dataset == "csv":
-        table = read_generic(csv, images, cfg.uncertainty, cfg.views, label_map(cfg))
+        table = kept(read_generic(csv, images, cfg.uncertainty, label_map(cfg)), csv)
         if official:
             check_split_column(table, csv)
         elif (table["split"] != "").any():  # a split the user wrote is never overridden silently
             raise InputError(csv, "has a split column: pass --split official to use it (or drop "
                              "the column for a random patient-level split)")
     else:
-        table = read_nih(csv, images, cfg.views)
+        table = kept(read_nih(csv, images), csv)
         if official:
             here = Path(csv).parent
             table = official_split(table, here / "train_val_list.txt", here / "test_list.txt",
                                    cfg.fractions[1], cfg.seed)
-    return table
+    return table, dropped
 
 
 def merge(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
@@ -428,7 +484,7 @@ def merge(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
     names = in_canonical_order(n for t in tables.values() for n in class_names(t))
     parts = []
     for (source, dataset), table in tables.items():
-        part = table[["image", "path", "patient", "split"]].copy()
+        part = table[["image", "path", "patient", "split", "view"]].copy()
         if len(tables) > 1:
             part["image"] = source + "/" + part["image"]
             part["patient"] = dataset + "/" + part["patient"]
@@ -439,14 +495,24 @@ def merge(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def load_table(cfg: TableConfig) -> pd.DataFrame:
+@dataclasses.dataclass
+class Listing:
+    """The sources' merged, split and leak-checked table, and per source the rows --views left
+    out (not in the table)."""
+
+    table: pd.DataFrame
+    dropped_by_views: dict[str, int]
+
+
+def load(cfg: TableConfig) -> Listing:
     """The sources' merged table with its split assigned and leak-checked."""
-    tables = {(name, dataset): load_source(dataset, csv, images, cfg)
+    loaded = {(name, dataset): load_source(dataset, csv, images, cfg)
               for name, dataset, csv, images in sources(cfg)}
-    table = merge(tables)
-    twice = table["path"].duplicated()
-    if twice.any():
-        raise InputError(table["path"][twice].iloc[0], "listed by two sources")
+    table = merge({key: table for key, (table, _) in loaded.items()})
+    twice = table.loc[table["path"].duplicated(), "path"].unique()
+    if len(twice):
+        more = f" ({len(twice)} images are: {first_few([repr(p) for p in twice])})" if len(twice) > 1 else ""
+        raise InputError(twice[0], f"listed by two sources{more}")
     with label_errors("--uncertainty"):
         _, rules = uncertainty_rules(cfg.uncertainty, label_map(cfg))
     if missing := sorted(set(rules) - set(class_names(table))):  # a typo is not silently ignored
@@ -455,7 +521,12 @@ def load_table(cfg: TableConfig) -> pd.DataFrame:
     if cfg.split != "official":
         table = random_split(table, tuple(cfg.fractions), cfg.seed)
     check_no_leak(table)
-    return table
+    return Listing(table, {name: dropped for (name, _), (_, dropped) in loaded.items()})
+
+
+def load_table(cfg: TableConfig) -> pd.DataFrame:
+    """`load`'s table."""
+    return load(cfg).table
 
 
 def prevalence(table: pd.DataFrame) -> pd.DataFrame:

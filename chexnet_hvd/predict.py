@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import checkpoints, cli, data, export, models, records
+from chexnet_hvd import checkpoints, cli, data, export, images, models
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *records.DICOM_SUFFIXES)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *images.DICOM_SUFFIXES)
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def check_image(path: Path) -> None:
     from PIL import Image
 
     try:
-        if records.is_dicom_name(path):
+        if images.is_dicom_name(path):
             pydicom.dcmread(path, stop_before_pixels=True)
         else:
             with Image.open(path) as img:
@@ -69,7 +69,7 @@ def check_image(path: Path) -> None:
 def load_image(path: Path) -> np.ndarray:
     """uint8 [H, W] grayscale, or a one-line error for anything that is not a readable image."""
     try:
-        return np.asarray(records.read_grayscale(path))
+        return np.asarray(images.read_grayscale(path))
     except Exception as err:  # PIL raises many types for non-images
         raise cli.InputError(path, f"not a readable image ({type(err).__name__})") from None
 

@@ -5,13 +5,15 @@
 (chexnet_hvd.metadata), to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels
 of a fixed size) in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files. Each shard is written under a
 temporary name and renamed when complete, then a sidecar JSON holding its key and counts; a
-re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Unreadable or missing images
-go to rejects.csv with the reason; written + rejected = listed, always. manifest.json is written
-last, so its presence means the directory is complete.
+re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Shards are
+planned on the listed images that exist; the missing ones are listed in missing.csv, unreadable
+ones in rejects.csv with the reason: written + rejected + missing = listed, always. manifest.json
+is written last, so its presence means the directory is complete.
 
 Across nodes: under `mpirun`/`srun` each MPI rank (mpi4py) writes every size-th shard of the
-same plan with its own worker processes, and rank 0 gathers the results and writes rejects.csv
-and the manifest; the output is the same as a single-process run's.
+same plan with its own worker processes, and rank 0 gathers the results and writes rejects.csv,
+missing.csv and the manifest; the output is the same as a single-process run's. A rank that fails
+prints its error and ends the whole job (MPI_Abort).
 """
 
 from __future__ import annotations
@@ -19,24 +21,26 @@ from __future__ import annotations
 import concurrent.futures as futures
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chexnet_hvd import cli, metadata
+from chexnet_hvd import cli, images, metadata
 
+T = TypeVar("T")
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REJECTS = "rejects.csv"
+MISSING = "missing.csv"  # listed images not found in the image folders: image, split
 RAW_ENCODING = "raw-index"  # --format raw: per-split CSV lists of the image files, no conversion
 # How a record holds its image: grayscale PNG bytes (any size: source-size records), or the
 # uncompressed uint8 pixels of an image resized offline to image_size x image_size, which cost
@@ -132,107 +136,6 @@ def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple
     return sorted(shards)
 
 
-# ---------------------------------------------------------------- image conversion ----------
-CONVERSION = "gray8-v3"  # the image conversion below; part of every shard's reuse key
-
-
-DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
-
-
-def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """16-bit grey levels -> uint8, scaled by the data's real range: the smallest of DEPTHS that
-    holds its maximum, so 12-bit data in a 16-bit PNG (common in DICOM exports) spans 0..255,
-    not 0..15, and a darker 12-bit image (maximum 1,800, say) is scaled like its neighbours, by
-    4,095. Returns the image and those bits."""
-    need = int(values.max()).bit_length() if values.size else 8
-    bits = next(d for d in DEPTHS if d >= need)
-    return np.round(values.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8), bits
-
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-def is_dicom_name(path: str | Path) -> bool:
-    return str(path).lower().endswith(DICOM_SUFFIXES)
-
-
-def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
-    """A DICOM's pixels -> uint8 grey levels and its bits stored. The modality transform (rescale
-    slope and intercept, or a Modality LUT) is applied, then the range it gives the stored values
-    (every value 0..2^bits - 1, or signed) maps linearly onto 0..255 as `to_8bit` maps PNGs, and
-    MONOCHROME1 (white = 0) is inverted so that bone is bright like every other image the suite
-    reads. Compressed pixel data is decoded by pydicom (RLE) or Pillow (JPEG baseline, JPEG
-    2000); JPEG Lossless and JPEG-LS need plugins not installed here (pylibjpeg, GDCM): such a
-    file is rejected with pydicom's reason."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    ds = pydicom.dcmread(path)
-    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-        raise ValueError("not a single-frame grayscale image")
-    bits = int(ds.BitsStored)
-    low = -(2 ** (bits - 1)) if int(ds.PixelRepresentation) == 1 else 0
-    mapped = np.asarray(apply_modality_lut(np.arange(low, low + 2**bits, dtype=np.int64), ds))
-    lo, hi = float(mapped.min()), float(mapped.max())
-    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
-    gray = np.round((values - lo) * (255 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        gray = 255 - gray
-    return gray, bits
-
-
-def read_grayscale_bits(path: str | Path, size: int | None = None):
-    """Any PNG/JPEG (1-bit, L, P, RGB, RGBA, CMYK, 16-bit) or DICOM as an 8-bit grayscale PIL
-    image, optionally resized, and the bits of the source's grey levels: the one conversion of
-    the records writer and of predict (the raw pipeline applies `to_8bit` the same way)."""
-    from PIL import Image
-
-    if is_dicom_name(path):
-        gray, bits = dicom_to_8bit(path)
-        img = Image.fromarray(gray)
-    else:
-        img, bits = pil_grayscale(path)
-    if size and img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    return img, bits
-
-
-def png_depth(path: str | Path) -> int:
-    """A PNG's bit depth from its header (0 for anything else)."""
-    with open(path, "rb") as fh:
-        head = fh.read(25)
-    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
-
-
-def pil_grayscale(path: str | Path):
-    """A PNG/JPEG of any mode as an 8-bit grayscale PIL image, and its source bits. 16-bit PNGs
-    of every colour type (grey, grey + alpha, RGB, RGBA) are decoded at 16 bits by TensorFlow,
-    as the raw pipeline decodes them (Pillow keeps only the high byte of 16-bit colour PNGs)."""
-    from PIL import Image
-
-    if png_depth(path) == 16:
-        import tensorflow as tf
-
-        values = tf.io.decode_png(tf.io.read_file(str(path)), channels=1, dtype=tf.uint16)
-        gray, bits = to_8bit(values.numpy()[..., 0].astype(np.int64))
-        return Image.fromarray(gray), bits
-    bits = 8
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            gray, bits = to_8bit(np.asarray(img, dtype=np.int64).clip(0, 65535))
-            img = Image.fromarray(gray)
-        elif img.mode in ("RGBA", "LA", "PA", "P"):
-            # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
-            img = img.convert("RGBA").convert("RGB")
-        return img.convert("L"), bits
-
-
-def read_grayscale(path: str | Path, size: int | None = None):
-    """`read_grayscale_bits` without the bits."""
-    return read_grayscale_bits(path, size)[0]
-
-
 # ---------------------------------------------------------------- the shard writer ----------
 @dataclasses.dataclass
 class ShardJob:
@@ -255,7 +158,7 @@ class ShardJob:
                 stats.append([st.st_size, st.st_mtime_ns])
             except OSError:
                 stats.append(None)
-        text = json.dumps([SCHEMA_VERSION, CONVERSION, self.encoding, self.image_size, list(self.names),
+        text = json.dumps([SCHEMA_VERSION, images.CONVERSION, self.encoding, self.image_size, list(self.names),
                            [list(row[:3]) + [list(row[3]), list(row[4]), row[5]] for row in self.rows],
                            stats])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -288,13 +191,8 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     with tf.io.TFRecordWriter(str(tmp)) as writer:
         for image, path, patient, labels, mask, source in job.rows:
             try:
-                gray, depth = read_grayscale_bits(path, job.image_size)
-                if job.encoding == "uint8":
-                    encoded = np.asarray(gray, dtype=np.uint8).tobytes()
-                else:
-                    buf = io.BytesIO()
-                    gray.save(buf, format="PNG", compress_level=1)  # fast, still lossless
-                    encoded = buf.getvalue()
+                gray, depth = images.read_grayscale_bits(path, job.image_size)
+                encoded = images.encode(gray, job.encoding)
             except FileNotFoundError:
                 rejects.append((image, job.split, path, "missing file"))
                 continue
@@ -318,23 +216,6 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     return result | {"reused": False}
 
 
-def raw_problem(path: str) -> str | None:
-    """Why the raw pipeline (TensorFlow's PNG/JPEG decoders) could not read an image file, from
-    its header alone; None when it can."""
-    from PIL import Image
-
-    if not Path(path).is_file():
-        return "missing file"
-    try:
-        with Image.open(path) as img:
-            kind, mode = img.format, img.mode
-    except Exception as err:  # PIL raises many types for non-images
-        return f"unreadable image: {type(err).__name__}: {err}"
-    if kind not in ("PNG", "JPEG") or mode == "CMYK":
-        return f"{kind} {mode}: the raw pipeline decodes PNG and grey/RGB JPEG only (use --format tfrecord)"
-    return None
-
-
 def write_index(job: ShardJob, out_dir: str) -> dict:
     """--format raw: list the split's image files in a CSV index (temp name, then rename). Files
     missing or of a kind the raw pipeline cannot decode (judged from their headers) are rejected
@@ -342,7 +223,7 @@ def write_index(job: ShardJob, out_dir: str) -> dict:
     y, m = metadata.label_columns(job.names), metadata.mask_columns(job.names)
     rows, rejects = [], []
     for image, path, patient, labels, mask, source in job.rows:
-        if problem := raw_problem(path):
+        if problem := images.raw_problem(path):
             rejects.append((image, job.split, path, problem))
         else:
             rows.append([image, str(Path(path).resolve()), patient, source, *labels, *mask])
@@ -371,9 +252,28 @@ def read_raw_index(files: list[str]) -> dict[str, np.ndarray]:
             "mask": frame[metadata.mask_columns(names)].to_numpy(np.float32)}
 
 
+def existing(paths) -> np.ndarray:
+    """Whether each file exists, from one listing per folder: a stat per listed file is slow on
+    a parallel file system, and NIH's 112,120 images share one folder. A folder that cannot be
+    listed is asked file by file."""
+    listings: dict[str, set[str] | None] = {}
+    found = []
+    for path in map(str, paths):
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            try:
+                listings[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                listings[folder] = None
+        names = listings[folder]
+        found.append(os.path.isfile(path) if names is None else name in names)
+    return np.array(found, dtype=bool)
+
+
 def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
                 seed: int, suffix: str = ".tfrecord", encoding: str = "png") -> list[ShardJob]:
-    """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped."""
+    """Cut each split into ceil(n / shard_size) shards of near-equal size; nothing is dropped.
+    `table` holds the rows to write (the records writer leaves out the missing images first)."""
     names = metadata.class_names(table)
     jobs = []
     for split in metadata.SPLITS:
@@ -407,9 +307,13 @@ def run_jobs(jobs: list[ShardJob], out_dir: str, workers: int, progress: bool = 
         ctx = multiprocessing.get_context("spawn")
         with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             pending = {pool.submit(write, job, out_dir): job for job in jobs}
-            for done in futures.as_completed(pending):
-                results.append(done.result())
-                bar.update(len(pending[done].rows))
+            try:
+                for done in futures.as_completed(pending):
+                    results.append(done.result())
+                    bar.update(len(pending[done].rows))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # fail now, not after the queued shards
+                raise
     bar.close()
     return sorted(results, key=lambda r: r["file"])
 
@@ -427,26 +331,37 @@ def mpi_comm():
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
-def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig) -> dict:
-    """Counts per split, positives per class, shards, class weights; reconciles with the table."""
+def build_manifest(listing: metadata.Listing, results: list[dict], present: np.ndarray,
+                   cfg: RecordsConfig) -> dict:
+    """Counts per split, positives per class, shards, class weights; reconciles with the table
+    (`present`: which of its rows' files exist)."""
+    table = listing.table
     names = metadata.class_names(table)
+    unreadable = table["image"].isin({r[0] for res in results for r in res["rejects"]}).to_numpy()
+    written_rows = present & ~unreadable
     splits: dict[str, Any] = {}
     for split in metadata.SPLITS:
         mine = [r for r in results if r["split"] == split]
-        if not mine:
+        listed = int((table["split"] == split).sum())
+        if not listed:
             continue
         written = sum(r["count"] for r in mine)
         rejected = sum(len(r["rejects"]) for r in mine)
-        listed = int((table["split"] == split).sum())
-        if written + rejected != listed:  # cannot happen unless the writer is broken: say so
-            raise RuntimeError(f"{split}: written {written} + rejected {rejected} != listed {listed}")
-        positives = np.sum([r["positives"] for r in mine], axis=0)
-        negatives = np.sum([r["negatives"] for r in mine], axis=0)
+        missing = int(((table["split"] == split).to_numpy() & ~present).sum())
+        if written + rejected + missing != listed:  # cannot happen unless the writer is broken
+            raise RuntimeError(f"{split}: written {written} + rejected {rejected} + missing "
+                               f"{missing} != listed {listed}")
+        positives = np.sum([r["positives"] for r in mine] or [[0] * len(names)], axis=0)
+        negatives = np.sum([r["negatives"] for r in mine] or [[0] * len(names)], axis=0)
         splits[split] = {
-            "count": written, "rejected": rejected, "listed": listed,
-            "patients": int(table.loc[table["split"] == split, "patient"].nunique()),
+            "count": written, "rejected": rejected, "missing": missing, "listed": listed,
+            # the patients of the written records (not of the missing or unreadable images)
+            "patients": int(table.loc[(table["split"] == split).to_numpy() & written_rows, "patient"].nunique()),
             "positives": dict(zip(names, positives.tolist(), strict=True)),
             "negatives": dict(zip(names, negatives.tolist(), strict=True)),
+            # AUROC is undefined for these classes on this split (and they teach nothing in train)
+            "no_positives": [n for n, p in zip(names, positives, strict=True) if p == 0],
+            "no_negatives": [n for n, q in zip(names, negatives, strict=True) if q == 0],
             "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"]} for r in mine],
         }
     none = dict.fromkeys(names, 0)
@@ -463,11 +378,14 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
         "dataset": "+".join(d for _, d, _, _ in sources),
         # Each source's CSV (and its hash: relabelled rows show) and its share of the table.
         "sources": [{"name": name, "dataset": dataset, "csv": str(csv),
-                     "csv_sha256": metadata.file_sha256(csv), "images": str(images),
-                     "listed": int((table["source"] == name).sum())}
-                    for name, dataset, csv, images in sources],
+                     "csv_sha256": metadata.file_sha256(csv), "images": str(folder),
+                     "listed": int((table["source"] == name).sum()),
+                     "dropped_by_views": listing.dropped_by_views[name]}
+                    for name, dataset, csv, folder in sources],
         "labels": {"observations": cfg.observations, "uncertainty": cfg.uncertainty,
                    "views": cfg.views, "label_map": list(cfg.label_map)},
+        # Rows of the CSVs --views left out: not listed, not counted anywhere else.
+        "dropped_by_views": sum(listing.dropped_by_views.values()),
         "classes": list(names),
         "num_classes": len(names),
         "image_size": cfg.image_size,  # null: stored at the source resolution
@@ -479,7 +397,7 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
         "shard_size": cfg.shard_size,
         "splits": splits,
         # Images per bit depth of the source grey levels; 16-bit sources are scaled to 8 bits
-        # by their real range (records.to_8bit), so 12-bit data is not left nearly black.
+        # by their real range (images.to_8bit), so 12-bit data is not left nearly black.
         "source_bit_depths": bits,
         # CheXNet's weighted BCE: a positive of class c weighs neg_c / pos_c (Rajpurkar et al.
         # 2017), both counted over the labelled (unmasked) entries only.
@@ -487,6 +405,55 @@ def build_manifest(table: pd.DataFrame, results: list[dict], cfg: RecordsConfig)
                                strict=True)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def write_shards(cfg: RecordsConfig, table: pd.DataFrame, comm) -> tuple[list[dict] | None, np.ndarray]:
+    """This rank's share of the shards (every size-th of one plan). Returns every rank's results
+    on rank 0 (None elsewhere) and which of the table's files exist."""
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
+    out = cli.make_dir(cfg.out)
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
+    # Shards are planned on the images that exist (a partial folder against a full CSV gives
+    # full shards, not one per listed thousand); rank 0 looks, so every rank plans the same.
+    present = existing(table["path"]) if rank == 0 else None
+    if comm:
+        present = comm.bcast(present, root=0)
+    raw = cfg.format == "raw"
+    jobs = plan_shards(table[present], max(int(present.sum()), 1) if raw else cfg.shard_size,
+                       cfg.image_size, cfg.seed, ".csv" if raw else ".tfrecord", cfg.encoding)
+    results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
+                       cfg.progress and rank == 0, write_index if raw else write_shard)
+    if comm:  # every rank planned the same shards; rank 0 alone reports on all of them
+        gathered = comm.gather(results, root=0)
+        results = sorted((r for part in gathered for r in part), key=lambda r: r["file"]) if rank == 0 else None
+    return results, present
+
+
+def error_line(err: BaseException) -> str:
+    """What cli.run would print for an error: `where: what` for the suite's and the file
+    system's errors, the type and message for anything else."""
+    if isinstance(err, cli.InputError):
+        return f"{err.where}: {err.what}"
+    if isinstance(err, OSError):  # a rename names both files
+        files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f) or "a file"
+        return f"{files}: {err.strerror or err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def ending_the_job_on_failure(comm: Any, work: Callable[[], T]) -> T:
+    """`work()`; under MPI a failure on any rank prints that rank's one-line error and ends the
+    whole job (MPI_Abort). Otherwise the others would wait for it for ever: rank 0 in gather,
+    the rest in MPI_Finalize, until the job's time limit."""
+    if comm is None:
+        return work()
+    try:
+        return work()
+    except BaseException as err:  # any failure, an interrupt too, must end every rank
+        print(f"error: {error_line(err)} (MPI rank {comm.Get_rank()} of {comm.Get_size()}; ending "
+              "the job)", file=sys.stderr, flush=True)
+        comm.Abort(cli.EXIT_USAGE if isinstance(err, cli.InputError | OSError) else 1)
+        raise  # not reached: Abort ends this process too
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -503,9 +470,9 @@ class RecordsConfig(metadata.TableConfig):
     shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
     workers: int = cli.field(len(os.sched_getaffinity(0)), help="parallel worker processes (per MPI rank "
                              "under mpirun/srun)")
-    max_rejects: int = cli.field(-1, help="unreadable/missing images tolerated (all are listed "
-                                 "in rejects.csv); with more, no manifest is written and the exit "
-                                 "code is 2 (-1: no limit)")
+    max_rejects: int = cli.field(-1, help="unreadable and missing images tolerated (listed in "
+                                 "rejects.csv with the reason, and in missing.csv); with more, no "
+                                 "manifest is written and the exit code is 2 (-1: no limit)")
     progress: bool = cli.field(True, help="show a progress bar")
 
 
@@ -513,43 +480,41 @@ def write_records(cfg: RecordsConfig) -> dict:
     """The whole conversion: table -> shards -> rejects.csv -> manifest.json (last)."""
     if cfg.shard_size < 1 or cfg.workers < 1:
         raise cli.InputError("--shard-size/--workers", "must be at least 1")
-    for images in cfg.images:
-        if not Path(images).is_dir():
-            raise cli.InputError(images, "no such directory")
+    for folder in cfg.images:
+        if not Path(folder).is_dir():
+            raise cli.InputError(folder, "no such directory")
     if cfg.encoding == "uint8" and not cfg.image_size:
         raise cli.InputError("--encoding", "uint8 stores fixed-size pixels: give --image-size")
     if cfg.format == "raw" and cfg.image_size:
         raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
                              "pipeline resizes while training)")
-    table = metadata.load_table(cfg)
-    if cfg.format == "raw" and table["path"].map(is_dicom_name).any():
-        raise cli.InputError(table["path"][table["path"].map(is_dicom_name)].iloc[0],
+    listing = metadata.load(cfg)
+    table = listing.table
+    if cfg.format == "raw" and table["path"].map(images.is_dicom_name).any():
+        raise cli.InputError(table["path"][table["path"].map(images.is_dicom_name)].iloc[0],
                              "DICOM needs --format tfrecord (the raw pipeline decodes PNG and JPEG)")
     comm = mpi_comm()
-    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
-    out = cli.make_dir(cfg.out)
-    if rank == 0:
-        (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until we finish
-    raw = cfg.format == "raw"
-    jobs = plan_shards(table, len(table) if raw else cfg.shard_size, cfg.image_size, cfg.seed,
-                       ".csv" if raw else ".tfrecord", cfg.encoding)
-    results = run_jobs(jobs[rank::size], str(out), 1 if raw else cfg.workers,
-                       cfg.progress and rank == 0, write_index if raw else write_shard)
-    if comm:  # every rank planned the same shards; rank 0 alone reports on all of them
-        gathered = comm.gather(results, root=0)
-        if rank != 0:
-            return None
-        results = sorted((r for part in gathered for r in part), key=lambda r: r["file"])
+    size = comm.Get_size() if comm else 1
+    out = Path(cfg.out)
+    results, present = ending_the_job_on_failure(comm, lambda: write_shards(cfg, table, comm))
+    if results is None:  # an MPI rank other than 0: rank 0 reports
+        return None
     rejects = [r for res in results for r in res["rejects"]]
     with cli.output(out / REJECTS) as fh:
         pd.DataFrame(rejects, columns=["image", "split", "path", "reason"]).to_csv(fh, index=False)
-    if 0 <= cfg.max_rejects < len(rejects):
-        first = rejects[0]
-        raise cli.InputError(first[2], f"{first[3]} ({len(rejects)} images rejected, listed in "
-                             f"{out / REJECTS}; no manifest written: fix them or pass "
-                             f"--max-rejects {len(rejects)} to accept)")
-    manifest = build_manifest(table, results, cfg)
+    missing = table.loc[~present, ["image", "split"]]
+    with cli.output(out / MISSING) as fh:
+        missing.to_csv(fh, index=False)
+    if 0 <= cfg.max_rejects < len(rejects) + len(missing):
+        bad = len(rejects) + len(missing)
+        where, what = (rejects[0][2], rejects[0][3]) if rejects else (table.loc[~present, "path"].iloc[0],
+                                                                       "missing file")
+        raise cli.InputError(where, f"{what} ({len(rejects)} unreadable, listed in {out / REJECTS}, "
+                             f"and {len(missing)} missing, listed in {out / MISSING}; no manifest "
+                             f"written: fix them or pass --max-rejects {bad} to accept)")
+    manifest = build_manifest(listing, results, present, cfg)
     manifest["rejected"] = len(rejects)
+    manifest["missing"] = len(missing)
     manifest["listed"] = len(table)
     manifest["writer_ranks"] = size
     tmp = out / (MANIFEST + ".tmp")
@@ -558,17 +523,39 @@ def write_records(cfg: RecordsConfig) -> dict:
     return manifest
 
 
+def one_sided_warnings(manifest: dict) -> list[str]:
+    """A line per scored split (val, test) with classes whose AUROC it cannot define: no
+    positives, or no negatives, among its written records."""
+    lines = []
+    for split in ("val", "test"):
+        info = manifest["splits"].get(split)
+        if info and (info["no_positives"] or info["no_negatives"]):
+            parts = [f"no {kind} for {', '.join(info[f'no_{kind}'])}"
+                     for kind in ("positives", "negatives") if info[f"no_{kind}"]]
+            lines.append(f"warning: {split} split: {'; '.join(parts)}: AUROC undefined for these "
+                         f"classes (more patients in the split, or another --seed or --fractions)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(RecordsConfig, "Convert chest X-ray images + metadata CSV to sharded "
                            "TFRecords with a manifest.", argv)
     manifest = write_records(cfg)
     if manifest is None:  # an MPI rank other than 0: rank 0 reports
         return 0
+    if cfg.views != "all":
+        print(f"--views {cfg.views}: kept {manifest['listed']} rows, dropped "
+              f"{manifest['dropped_by_views']} of other views")
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
     print(f"wrote {counts} records to {cfg.out}")
+    for line in one_sided_warnings(manifest):
+        print(line, file=sys.stderr)
     if manifest["rejected"]:
-        print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected, each "
-              f"with its reason in {Path(cfg.out) / REJECTS}", file=sys.stderr)
+        print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected as "
+              f"unreadable, each with its reason in {Path(cfg.out) / REJECTS}", file=sys.stderr)
+    if manifest["missing"]:
+        print(f"warning: {manifest['missing']} of {manifest['listed']} images missing from the "
+              f"image folders, listed in {Path(cfg.out) / MISSING}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Your own data: the generic CSV layout, label alignment onto the canonical list, images of
-every PNG/JPEG mode and bit depth and DICOMs (generated here; pydicom writes them), the view
-filter, and a merged NIH + CheXpert records set from the real CSVs in ../shared/data/real,
-checked on hand-picked rows, trained and evaluated."""
+"""Your own data: the generic CSV layout, label alignment onto the canonical list, DICOM sources
+(generated; pydicom writes them), the view filter, and a merged NIH + CheXpert records set from
+the real CSVs in ../shared/data/real, checked on hand-picked rows, trained and evaluated. (Every
+PNG/JPEG mode and bit depth: test_images.py.)"""
 
 import dataclasses
 import json
@@ -9,18 +9,11 @@ import shutil
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 import tensorflow as tf
 from conftest import SHARED, assert_one_line_error, module
-from PIL import Image, ImageFilter
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    RLELossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
-)
+from PIL import Image
+from test_images import gray, write_dicom
 
 from chexnet_hvd import data, labels, metadata, records
 from chexnet_hvd.cli import InputError
@@ -28,111 +21,6 @@ from chexnet_hvd.runlog import read_runlog
 
 REAL = SHARED / "data" / "real"
 needs_real = pytest.mark.skipif(not (REAL / "chexpert" / "valid.csv").is_file(), reason="no real CSVs")
-
-
-def gray(shape, seed) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def write_dicom(path, stored: np.ndarray, bits: int, photometric="MONOCHROME2", slope=1.0,
-                intercept=0.0, signed=False):
-    """A single-frame grayscale DICOM (uncompressed, explicit VR little endian)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "p"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
-def hospital_images(root) -> dict[str, tuple[np.ndarray, int]]:
-    """Files of every mode a hospital export may hold -> (expected 8-bit pixels, tolerance)."""
-    root.mkdir(parents=True, exist_ok=True)
-    out = {}
-
-    def save(name, image, expected, tol=0, **kw):
-        image.save(root / name, **kw)
-        out[name] = (expected, tol)
-
-    g = gray((20, 30), 1)
-    save("l.png", Image.fromarray(g), g)
-    save("rgb.png", Image.fromarray(np.stack([g] * 3, -1)), g)
-    save("rgba.png", Image.fromarray(np.dstack([g, g, g, np.full_like(g, 255)])), g)
-    save("la.png", Image.fromarray(np.dstack([g, np.full_like(g, 255)]), "LA"), g)
-    palette = Image.fromarray(g).convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
-    save("p.png", palette, np.asarray(palette.convert("L")))
-    save("bilevel.png", Image.fromarray(g).convert("1"), np.where(np.asarray(Image.fromarray(g).convert("1")), 255, 0))
-    v12 = gray((33, 17), 2).astype(np.int64) * 16 + 7  # 12-bit data in a 16-bit PNG
-    save("twelve.png", Image.fromarray(v12.astype(np.uint16)), np.round(v12 * 255 / 4095).astype(np.uint8))
-    v16 = gray((25, 25), 3).astype(np.uint16) * 257
-    save("sixteen.png", Image.fromarray(v16), v16 // 257)
-    for name, channels in (("rgb16.png", [v12] * 3), ("la16.png", [v12, np.full_like(v12, 65535)])):
-        (root / name).write_bytes(tf.io.encode_png(np.stack(channels, -1).astype(np.uint16)).numpy())
-        out[name] = (np.round(v12 * 255 / 4095).astype(np.uint8), 0)  # Pillow alone: 0..15
-    g = gray((40, 40), 4) // 4 * 4 + 64  # smooth enough for JPEG: compared within a tolerance
-    g = np.asarray(Image.fromarray(g).filter(ImageFilter.GaussianBlur(2)))
-    save("l.jpg", Image.fromarray(g), g, 6, quality=95)
-    save("rgb.jpg", Image.fromarray(np.stack([g] * 3, -1)), g, 6, quality=95)
-    save("cmyk.jpg", Image.fromarray(np.stack([g] * 3, -1)).convert("CMYK"), g, 12, quality=95)
-    # DICOMs: rescale applied, the stored range mapped onto 0..255, MONOCHROME1 inverted.
-    v = gray((24, 24), 5).astype(np.int64) * 16  # 12-bit stored values
-    write_dicom(root / "mono2.dcm", v, 12, slope=2.0, intercept=-1000.0)
-    out["mono2.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
-    write_dicom(root / "inverse.dcm", v, 12, slope=-1.0, intercept=4095.0)  # the rescale matters
-    out["inverse.dcm"] = (np.round((4095 - v) * 255 / 4095).astype(np.uint8), 0)
-    write_dicom(root / "rle.dcm", v, 12)  # a compressed transfer syntax pydicom decodes itself
-    ds = pydicom.dcmread(root / "rle.dcm")
-    ds.compress(RLELossless)
-    ds.save_as(root / "rle.dcm")
-    out["rle.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
-    write_dicom(root / "mono1.dcm", v, 12, photometric="MONOCHROME1")
-    out["mono1.dcm"] = (255 - np.round(v * 255 / 4095).astype(np.uint8), 0)
-    s = v * 16 - 32768  # signed 16-bit
-    write_dicom(root / "signed.dcm", s, 16, signed=True)
-    out["signed.dcm"] = (np.round((s + 32768) * 255 / 65535).astype(np.uint8), 0)
-    return out
-
-
-def stored_images(out) -> dict[str, np.ndarray]:
-    """id -> the uint8 pixels a records directory holds (PNG records at the source size)."""
-    manifest = records.load_manifest(out)
-    pixels = {}
-    for shard in (s for split in manifest["splits"].values() for s in split["shards"]):
-        for raw in tf.data.TFRecordDataset(str(out / shard["file"])):
-            example = records.parse_example(raw, manifest["num_classes"])
-            pixels[example["image/id"].numpy().decode()] = data.decode(example).numpy()[..., 0]
-    return pixels
-
-
-def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_path):
-    expected = hospital_images(tmp_path / "images")
-    pd.DataFrame({"path": list(expected), "patient": range(len(expected)), "Effusion": 0}).to_csv(
-        tmp_path / "own.csv", index=False)
-    out = tmp_path / "records"
-    module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
-           "--out", out, "--fractions", 1, 0, 0, "--workers", 1, "--no-progress", check=True)
-    pixels = stored_images(out)
-    assert sorted(pixels) == sorted(expected)
-    for name, (want, tol) in expected.items():
-        got = pixels[name].astype(int)
-        assert got.shape == want.shape, name
-        assert np.abs(got - want.astype(int)).max() <= tol, name
-    manifest = records.load_manifest(out)
-    assert manifest["source_bit_depths"] == {"8": 9, "12": 7, "16": 2}
-    # the same files resized into uint8 records: nothing rejected
-    module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
-           "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",
-           "--workers", 1, "--no-progress", check=True)
-    assert records.load_manifest(tmp_path / "small")["splits"]["train"]["count"] == len(expected)
 
 
 OWN_CSV = """path,patient,view,split,Atelectasis,Pleural Effusion,nodule,Lungs,Age
@@ -200,10 +88,14 @@ def test_two_csvs_of_one_hospital_share_patients_and_duplicates_are_refused(tmp_
 
 
 @pytest.mark.parametrize("extra, csv_text, fragments", [
-    (["--split", "official"], OWN_CSV, ["'Lungs' is not a canonical label", "--label-map"]),
+    (["--split", "official"], OWN_CSV, ["2 label columns are not canonical labels: 'Lungs', 'Age'",
+                                        "--label-map"]),
     (["--label-map", "Lungs=Lung Opacity", "Age="], OWN_CSV, ["has a split column", "--split official"]),
     (["--split", "official", "--label-map", "Lungs=Lungs"], OWN_CSV, ["'Lungs' is not a canonical label"]),
     (["--views", "frontal"], "path,patient,view,Edema\na.png,1,oblique,1\n", ["row 2", "'oblique'"]),
+    ([], "path,patient,view,Edema\na.png,1,PA,1\nb.png,2,Axial,0\n", ["'view'", "'Axial' (row 3)"]),
+    (["--views", "lateral"], "path,patient,view,Edema\na.png,1,L,1\nb.png,2,,0\n",
+     ["--views lateral needs a view in every row", "1 of 2 rows have none, e.g. 'b.png'"]),
     ([], "path,patient,Edema,Pulmonary Edema\na.png,1,1,0\n",
      ["not a canonical label"]),
     (["--label-map", "Pulmonary Edema=Edema"], "path,patient,Edema,Pulmonary Edema\na.png,1,1,0\n",
@@ -223,6 +115,66 @@ def test_own_csv_mistakes_are_one_line_errors(tmp_path, extra, csv_text, fragmen
                   "--no-progress")
     assert_one_line_error(proc, *fragments)
     assert not (out / records.MANIFEST).exists()
+
+
+def test_every_duplicate_and_every_unknown_label_is_named_in_one_error(tmp_path):
+    """A CSV with 7 images listed twice, or 10 local label names, or several unknown NIH
+    findings: one error names the first few (with their rows) and says how many there are."""
+    def load(text, dataset="csv"):
+        (tmp_path / "x.csv").write_text(text)
+        return metadata.load_table(metadata.TableConfig(csv=str(tmp_path / "x.csv"), dataset=[dataset]))
+
+    rows = [f"img{i}.png,p{i},0" for i in range(10)] + [f"img{i}.png,p{i},1" for i in range(7)]
+    with pytest.raises(InputError) as err:
+        load("path,patient,Edema\n" + "\n".join(rows) + "\n")
+    assert err.value.what == ("7 images listed twice or more: 'img0.png' (rows 2, 12), 'img1.png' "
+                              "(rows 3, 13), 'img2.png' (rows 4, 14), 'img3.png' (rows 5, 15), "
+                              "'img4.png' (rows 6, 16) and 2 more")
+    local = [f"Local {i}" for i in range(10)]
+    with pytest.raises(InputError) as err:
+        load("path,patient,Edema," + ",".join(local) + "\na.png,1,1" + ",0" * 10 + "\n")
+    assert err.value.what.startswith("10 label columns are not canonical labels: 'Local 0', 'Local 1', "
+                                     "'Local 2', 'Local 3', 'Local 4' and 5 more; map each with --label-map")
+    with pytest.raises(InputError) as err:
+        load("Image Index,Finding Labels,Patient ID\na.png,Mass|Covid,1\nb.png,Hernia,2\n"
+             "c.png,Covid|Lung Lesion,3\n", "nih")
+    assert err.value.what == "unknown pathologies in 'Finding Labels': 'Covid' (rows 2, 4), 'Lung Lesion' (row 4)"
+    (tmp_path / "x.csv").write_text("path,patient,Edema\n" + "\n".join(rows) + "\n")
+    assert_one_line_error(module("records", "--dataset", "csv", "--csv", tmp_path / "x.csv", "--images",
+                                 tmp_path, "--out", tmp_path / "out"), "7 images listed twice", "and 2 more")
+
+
+# View codes of public sets and their kinds (NIH, CheXpert, MIMIC-CXR, PadChest, DICOM terms).
+PUBLIC_VIEWS = {"PA": "frontal", "AP": "frontal", "AP Supine": "frontal", "AP_horizontal": "frontal",
+                "Frontal": "frontal", "POSTEROANTERIOR": "frontal", "L": "lateral", "LL": "lateral",
+                "RL": "lateral", "Lateral": "lateral", "LATERAL": "lateral"}
+
+
+def test_view_codes_of_public_sets_are_accepted_and_the_filter_says_what_it_dropped(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = ["path,patient,view,Edema"]
+    for i, code in enumerate(PUBLIC_VIEWS):
+        Image.fromarray(gray((8, 8), i)).save(images / f"{i}.png")
+        lines.append(f"{i}.png,p{i},{code},{i % 2}")
+    (tmp_path / "views.csv").write_text("\n".join(lines) + "\n")
+    source = ["--dataset", "csv", "--csv", tmp_path / "views.csv", "--images", images, "--fractions", 1, 0, 0,
+              "--workers", 1, "--no-progress"]
+    for views in ("frontal", "lateral"):
+        proc = module("records", *source, "--views", views, "--out", tmp_path / views, check=True)
+        kept = [f"{i}.png" for i, kind in enumerate(PUBLIC_VIEWS.values()) if kind == views]
+        dropped = len(PUBLIC_VIEWS) - len(kept)
+        assert proc.stdout.count(f"--views {views}: kept {len(kept)} rows, dropped {dropped} of other views") == 1
+        manifest = records.load_manifest(tmp_path / views)
+        assert (manifest["listed"], manifest["dropped_by_views"]) == (len(kept), dropped)
+        assert manifest["sources"][0]["dropped_by_views"] == dropped
+        assert manifest["splits"]["train"]["count"] == len(kept)
+    # --views all still checks the codes: a CT's Axial is no chest X-ray view
+    (tmp_path / "views.csv").write_text("\n".join(lines[:3] + ["x.png,p9,Axial,0"] + lines[3:]) + "\n")
+    for views in ("all", "frontal"):
+        proc = module("records", *source, "--views", views, "--out", tmp_path / "axial")
+        assert_one_line_error(proc, "views.csv: 'view': 'Axial' (row 4) neither frontal")
+    assert not (tmp_path / "axial" / records.MANIFEST).exists()
 
 
 def test_a_corrupt_dicom_is_rejected_with_its_reason_and_raw_format_refuses_dicom(tmp_path):

@@ -1,15 +1,20 @@
 """Real metadata and images from ../shared/data/real (skipped when absent): NIH official split
 and prevalence table, the 121 real NIH PNGs through the records writer, CheXpert CSVs and
-uncertainty policies, and the writer under mpirun with 2 ranks."""
+uncertainty policies, and the writer under mpirun with 2 ranks (and one of them failing)."""
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED, module, run
+from conftest import ROOT, SHARED, VENV_BIN, module, run
 from PIL import Image
 
 from chexnet_hvd import data, metadata, records
@@ -124,7 +129,8 @@ def test_chexpert_csvs_and_uncertainty_policies_on_hand_checked_rows():
     assert every.loc[0, "path"] == "/data/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
     valid = metadata.read_chexpert(CHEXPERT / "valid.csv", "/data")
     assert len(valid) == 234 and (valid[metadata.mask_columns(COMPETITION)] == 1).all().all()
-    assert len(metadata.read_chexpert(CHEXPERT / "valid.csv", "/data", views="frontal")) == 202
+    frontal, dropped = metadata.keep_views(valid, "frontal", CHEXPERT / "valid.csv", "Frontal/Lateral")
+    assert (len(frontal), dropped) == (202, 32)
 
 
 @needs_chexpert
@@ -170,3 +176,35 @@ def test_writer_under_mpirun_matches_a_single_process_run(synthetic, tmp_path):
     assert single == mpi
     shards = sum(len(v["shards"]) for v in mpi["splits"].values())
     assert digests(tmp_path / "single") == digests(tmp_path / "mpi") and len(digests(tmp_path / "mpi")) == shards > 3
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_a_failing_writer_rank_ends_the_mpi_job_at_once(synthetic, tmp_path):
+    """Rank 1 cannot write one of its shards (a directory stands at its path, as a full disk or
+    a permission would stop it): its one-line error, then the whole job ends, rank 0 included,
+    in seconds and with a non-zero exit code; no manifest says the directory is complete. (Before,
+    rank 1 waited in MPI_Finalize and rank 0 in gather until the job's time limit.)"""
+    cfg = metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"), images=str(synthetic / "images"))
+    jobs = records.plan_shards(metadata.load_table(cfg), 50, None, cfg.seed)
+    out = tmp_path / "mpi"
+    (out / jobs[1].file).mkdir(parents=True)  # jobs[1::2] are rank 1's
+    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none",
+               sys.executable, "-m", "chexnet_hvd.records", "--csv", cfg.csv[0], "--images", cfg.images[0],
+               "--out", str(out), "--shard-size", "50", "--workers", "1", "--no-progress"]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    start = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # mpirun passes it on to the ranks
+        _, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"the job still ran after 90 s:\n{stderr[-2000:]}")
+    seconds = time.monotonic() - start
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and seconds < 60, (proc.returncode, seconds)
+    assert len(errors) == 1, stderr[-3000:]
+    assert jobs[1].file in errors[0] and "(MPI rank 1 of 2; ending the job)" in errors[0], errors[0]
+    assert not (out / records.MANIFEST).exists()

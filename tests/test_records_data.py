@@ -55,18 +55,94 @@ def test_corrupt_and_missing_images_are_rejected_and_counts_reconcile(synthetic,
             "--workers", 1, "--no-progress"]
 
     strict = module("records", *args, "--out", tmp_path / "out", "--max-rejects", 1)
-    assert_one_line_error(strict, "2 images rejected", "--max-rejects 2")
+    assert_one_line_error(strict, "1 unreadable", "1 missing", "--max-rejects 2")
     assert not (tmp_path / "out" / "manifest.json").exists()  # nothing looks complete
 
     default = module("records", *args, "--out", tmp_path / "out")  # completes, says what it rejected
     assert default.returncode == 0, default.stderr
-    assert "warning: 2 of 600 images rejected" in default.stderr
+    assert "warning: 1 of 600 images rejected as unreadable" in default.stderr
+    assert "warning: 1 of 600 images missing" in default.stderr
     manifest = records.load_manifest(tmp_path / "out")
     rejects = pd.read_csv(tmp_path / "out" / "rejects.csv")
-    assert sorted(rejects["image"]) == names[:2]
-    assert set(rejects["reason"].str.split(":").str[0]) == {"unreadable image", "missing file"}
+    assert rejects["image"].tolist() == names[:1] and rejects["reason"][0].startswith("unreadable image")
+    assert pd.read_csv(tmp_path / "out" / "missing.csv")["image"].tolist() == names[1:2]
     written = sum(v["count"] for v in manifest["splits"].values())
-    assert written + len(rejects) == manifest["listed"] == 600
+    assert written + len(rejects) + 1 == manifest["listed"] == 600
+    assert (manifest["rejected"], manifest["missing"]) == (1, 1)
+
+
+def test_a_partial_image_folder_is_sharded_on_the_images_that_exist(tmp_path):
+    """600 of 20,000 listed images present (a partial download against a full CSV), one of them
+    corrupt: shards sized by the images that exist, sidecars that do not grow with the listed
+    rows, the missing counted apart from the unreadable and listed compactly in missing.csv, and
+    written + rejected + missing = listed in every split."""
+    rng = np.random.default_rng(0)
+    names = [f"{i:08d}_000.png" for i in range(20_000)]
+    pd.DataFrame({"Image Index": names, "Finding Labels": rng.choice(["No Finding", "Hernia", "Mass"], len(names)),
+                  "Patient ID": [str(i // 3) for i in range(len(names))]}).to_csv(tmp_path / "d.csv", index=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    present = sorted(rng.choice(len(names), 600, replace=False))
+    for i in present:
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(images / names[i])
+    (images / names[present[0]]).write_bytes(b"not a png")
+    out = tmp_path / "out"
+    proc = module("records", "--csv", tmp_path / "d.csv", "--images", images, "--out", out, "--shard-size", 100,
+                  "--workers", 1, "--no-progress", check=True)
+    assert "warning: 19400 of 20000 images missing from the image folders" in proc.stderr
+    manifest = records.load_manifest(out)
+    assert (manifest["listed"], manifest["rejected"], manifest["missing"]) == (20_000, 1, 19_400)
+    for split, info in manifest["splits"].items():
+        assert info["count"] + info["rejected"] + info["missing"] == info["listed"], split
+        assert len(info["shards"]) == -(-(info["count"] + info["rejected"]) // 100), split
+    assert sum(v["count"] for v in manifest["splits"].values()) == 599
+    sidecars = [p for p in out.glob("*.json") if p.name != records.MANIFEST]
+    assert len(sidecars) == sum(len(v["shards"]) for v in manifest["splits"].values()) < 12
+    assert max(p.stat().st_size for p in sidecars) < 2000
+    assert pd.read_csv(out / "rejects.csv")["image"].tolist() == [names[present[0]]]
+    missing = pd.read_csv(out / "missing.csv", dtype=str)
+    assert list(missing.columns) == ["image", "split"] and len(missing) == 19_400
+    assert set(missing["image"]) == set(names) - {names[i] for i in present}
+
+
+SPLIT_CSV = """path,patient,split,Effusion,Edema
+p1.png,p1,train,1,0
+p2.png,p2,train,0,1
+p3.png,p3,train,1,1
+p4.png,p4,train,0,0
+p5.png,p5,val,1,0
+p6.png,p6,val,0,0
+p7.png,p7,val,0,1
+p8.png,p8,test,1,1
+p9.png,p9,test,1,1
+"""
+
+
+def test_manifest_counts_the_patients_of_written_records_and_names_one_sided_classes(tmp_path):
+    """p3's image is missing, p4's and p7's unreadable (p7 held val's only Edema positive): the
+    patients per split are those of the written records, and the writer says, in one line per
+    scored split and in the manifest, which classes have no positives or no negatives there."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in (1, 2, 4, 5, 6, 7, 8, 9):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(images / f"p{i}.png")
+    for i in (4, 7):
+        (images / f"p{i}.png").write_bytes(b"not a png")
+    (tmp_path / "split.csv").write_text(SPLIT_CSV)
+    proc = module("records", "--dataset", "csv", "--csv", tmp_path / "split.csv", "--images", images,
+                  "--split", "official", "--out", tmp_path / "out", "--workers", 1, "--no-progress", check=True)
+    splits = records.load_manifest(tmp_path / "out")["splits"]
+    assert {s: (v["count"], v["patients"]) for s, v in splits.items()} == {"train": (2, 2), "val": (2, 2),
+                                                                          "test": (2, 2)}
+    assert (splits["val"]["no_positives"], splits["val"]["no_negatives"]) == (["Edema"], [])
+    assert (splits["test"]["no_positives"], splits["test"]["no_negatives"]) == ([], ["Effusion", "Edema"])
+    assert (splits["train"]["no_positives"], splits["train"]["no_negatives"]) == ([], [])
+    warnings = [line for line in proc.stderr.splitlines() if " split: " in line]
+    assert warnings == [
+        "warning: val split: no positives for Edema: AUROC undefined for these classes (more patients "
+        "in the split, or another --seed or --fractions)",
+        "warning: test split: no negatives for Effusion, Edema: AUROC undefined for these classes (more "
+        "patients in the split, or another --seed or --fractions)"]
 
 
 @pytest.mark.parametrize("problem", ["no_column", "unknown_label", "no_manifest"])
@@ -190,9 +266,9 @@ def test_raw_index_rejects_missing_files(synthetic, tmp_path):
     out = tmp_path / "raw"
     module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", images, "--out", out,
            "--format", "raw", "--no-progress", check=True)
-    rejects = pd.read_csv(out / "rejects.csv")
-    assert rejects["image"].tolist() == [gone.name] and rejects["reason"].tolist() == ["missing file"]
-    assert records.load_manifest(out)["rejected"] == 1
+    assert pd.read_csv(out / "rejects.csv").empty
+    assert pd.read_csv(out / "missing.csv")["image"].tolist() == [gone.name]
+    assert (records.load_manifest(out)["rejected"], records.load_manifest(out)["missing"]) == (0, 1)
 
 
 def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(synthetic, tmp_path):

@@ -14,6 +14,7 @@ from conftest import SHARED, Crash, crash_at, module
 from PIL import Image
 
 from chexnet_hvd import data, metadata, records, sharding
+from chexnet_hvd.images import read_grayscale
 from chexnet_hvd.labels import CHEXPERT_COMPETITION
 
 pytestmark = pytest.mark.slow
@@ -134,7 +135,7 @@ def test_twelve_bit_pngs_are_scaled_by_their_real_range(tmp_path):
     manifest = records.load_manifest(tmp_path / "rec")
     assert manifest["source_bit_depths"] == {"12": 2, "8": 1}
     expected = np.round(ramp * (255 / 4095)).astype(np.uint8)
-    assert np.array_equal(np.asarray(records.read_grayscale(images / "00000001_000.png")), expected)
+    assert np.array_equal(np.asarray(read_grayscale(images / "00000001_000.png")), expected)
     for out in ("rec", "raw"):
         pixels = by_id(tmp_path / out)
         assert np.array_equal(pixels["00000001_000.png"][2], expected), out

@@ -1,0 +1,139 @@
+"""Image files (PNG/JPEG of any mode and bit depth, DICOM) -> 8-bit grayscale pixels.
+
+The one conversion of the records writer (chexnet_hvd.records) and of predict; the raw-image
+pipeline (chexnet_hvd.data) scales 16-bit PNGs with the same `to_8bit`. CONVERSION names this
+conversion: it is part of every shard's reuse key, so a change here rewrites old shards.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CONVERSION = "gray8-v4"  # bump when the pixels or the bytes written for an image change
+
+DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """16-bit grey levels -> uint8, scaled by the data's real range: the smallest of DEPTHS that
+    holds its maximum, so 12-bit data in a 16-bit PNG (common in DICOM exports) spans 0..255,
+    not 0..15, and a darker 12-bit image (maximum 1,800, say) is scaled like its neighbours, by
+    4,095. Returns the image and those bits."""
+    need = int(values.max()).bit_length() if values.size else 8
+    bits = next(d for d in DEPTHS if d >= need)
+    return np.round(values.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8), bits
+
+
+def is_dicom_name(path: str | Path) -> bool:
+    """Whether a file is read as DICOM (by its suffix)."""
+    return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
+    """A DICOM's pixels -> uint8 grey levels and its bits stored. The modality transform (rescale
+    slope and intercept, or a Modality LUT) is applied, then the range it gives the stored values
+    (every value 0..2^bits - 1, or signed) maps linearly onto 0..255 as `to_8bit` maps PNGs, and
+    MONOCHROME1 (white = 0) is inverted so that bone is bright like every other image the suite
+    reads. Compressed pixel data is decoded by pydicom (RLE) or Pillow (JPEG baseline, JPEG
+    2000); JPEG Lossless and JPEG-LS need plugins not installed here (pylibjpeg, GDCM): such a
+    file is rejected with pydicom's reason."""
+    # Imported here: pydicom takes more than half a second to import and only DICOM sources
+    # need it (each spawned records worker would pay it for PNG-only datasets).
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    if int(getattr(ds, "SamplesPerPixel", 1)) != 1 or int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
+        raise ValueError("not a single-frame grayscale image")
+    bits = int(ds.BitsStored)
+    low = -(2 ** (bits - 1)) if int(ds.PixelRepresentation) == 1 else 0
+    mapped = np.asarray(apply_modality_lut(np.arange(low, low + 2**bits, dtype=np.int64), ds))
+    lo, hi = float(mapped.min()), float(mapped.max())
+    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+    gray = np.round((values - lo) * (255 / max(hi - lo, 1e-12))).clip(0, 255).astype(np.uint8)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        gray = 255 - gray
+    return gray, bits
+
+
+def png_depth(path: str | Path) -> int:
+    """A PNG's bit depth from its header (0 for anything else)."""
+    with open(path, "rb") as fh:
+        head = fh.read(25)
+    return head[24] if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
+def pil_grayscale(path: str | Path) -> tuple[Image.Image, int]:
+    """A PNG/JPEG of any mode as an 8-bit grayscale PIL image, and its source bits. 16-bit PNGs
+    of every colour type (grey, grey + alpha, RGB, RGBA) are decoded at 16 bits by TensorFlow,
+    as the raw pipeline decodes them (Pillow keeps only the high byte of 16-bit colour PNGs)."""
+    if png_depth(path) == 16:
+        # Imported here: TensorFlow takes seconds to import, and only 16-bit PNGs need it here.
+        import tensorflow as tf
+
+        values = tf.io.decode_png(tf.io.read_file(str(path)), channels=1, dtype=tf.uint16)
+        gray, bits = to_8bit(values.numpy()[..., 0].astype(np.int64))
+        return Image.fromarray(gray), bits
+    bits = 8
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            gray, bits = to_8bit(np.asarray(img, dtype=np.int64).clip(0, 65535))
+            img = Image.fromarray(gray)
+        elif img.mode in ("RGBA", "LA", "PA", "P"):
+            # NIH's RGBA images are grey in RGB with an opaque alpha: drop alpha, then to luma.
+            img = img.convert("RGBA").convert("RGB")
+        return img.convert("L"), bits
+
+
+def read_grayscale_bits(path: str | Path, size: int | None = None) -> tuple[Image.Image, int]:
+    """Any PNG/JPEG (1-bit, L, P, RGB, RGBA, CMYK, 16-bit) or DICOM as an 8-bit grayscale PIL
+    image, optionally resized, and the bits of the source's grey levels: the one conversion of
+    the records writer and of predict (the raw pipeline applies `to_8bit` the same way)."""
+    if is_dicom_name(path):
+        gray, bits = dicom_to_8bit(path)
+        img = Image.fromarray(gray)
+    else:
+        img, bits = pil_grayscale(path)
+    if size and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return img, bits
+
+
+def read_grayscale(path: str | Path, size: int | None = None) -> Image.Image:
+    """`read_grayscale_bits` without the bits."""
+    return read_grayscale_bits(path, size)[0]
+
+
+def encode(gray: Image.Image, encoding: str = "png") -> bytes:
+    """A grayscale image as a record stores it: PNG bytes (pixels only: IHDR, IDAT, IEND), or
+    (uint8) its raw pixels."""
+    pixels = np.asarray(gray, dtype=np.uint8)
+    if encoding == "uint8":
+        return pixels.tobytes()
+    # A new image from the pixels alone: Pillow would copy the source's ICC profile (an RGB
+    # profile from a colour JPEG) into the grayscale PNG, and libpng then warns on every read.
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)  # fast, still lossless
+    return buf.getvalue()
+
+
+def raw_problem(path: str | Path) -> str | None:
+    """Why the raw pipeline (TensorFlow's PNG/JPEG decoders) could not read an image file, from
+    its header alone; None when it can."""
+    if not Path(path).is_file():
+        return "missing file"
+    try:
+        with Image.open(path) as img:
+            kind, mode = img.format, img.mode
+    except Exception as err:  # PIL raises many types for non-images
+        return f"unreadable image: {type(err).__name__}: {err}"
+    if kind not in ("PNG", "JPEG") or mode == "CMYK":
+        return f"{kind} {mode}: the raw pipeline decodes PNG and grey/RGB JPEG only (use --format tfrecord)"
+    return None
