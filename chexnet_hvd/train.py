@@ -307,18 +307,65 @@ def audit_weights(run_dir: Path, rank: int, model, suffix: str = "", optimizer=N
                  *(v.numpy() for v in checkpoints.optimizer_variables(optimizer)))
 
 
+# ---------------------------------------------------------------- the feed -------------------
+class Feed:
+    """Counts, in the input pipeline's own graph (no Python per batch), the batches this rank's
+    pipeline produced and the model took, and the steps at which nothing else was ready when
+    the model took its batch (it had waited for its input): the stall watchdog reads the first,
+    the bottleneck verdict the last."""
+
+    def __init__(self):
+        self.produced, self.taken, self.starved = (tf.Variable(0, dtype=tf.int64, trainable=False)
+                                                   for _ in range(3))
+
+    def counted(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """`ds` with a buffer of its own whose level the counters see."""
+
+        def produce(x, y):
+            with tf.control_dependencies([self.produced.assign_add(1)]):
+                return tf.identity(x), y
+
+        def take(x, y):
+            taken = self.taken.assign_add(1)
+            empty = tf.cast(tf.equal(self.produced.read_value(), taken), tf.int64)
+            with tf.control_dependencies([self.starved.assign_add(empty)]):
+                return tf.identity(x), y
+
+        return ds.map(produce).prefetch(2).map(take)
+
+    def counts(self) -> tuple[int, int]:
+        """(batches taken, of which the model had waited for) so far."""
+        return int(self.taken.numpy()), int(self.starved.numpy())
+
+
+def compute_probe(engine, trained, loss, batch_size: int):
+    """A function timing nothing itself: forward and backward passes of `trained` on one batch
+    held in memory, on this rank alone (no input, no collective, no weight update)."""
+    shape, dtype = trained.input.shape[1:], trained.input.dtype
+    x = tf.zeros([batch_size, *shape], dtype)
+    classes = trained.output.shape[-1]
+    y = pack_targets(tf.zeros([batch_size, classes]), tf.ones([batch_size, classes]))
+
+    def passes():
+        with tf.GradientTape() as tape:
+            value = loss(y, trained(x, training=False))  # training=False: batch-norm stats untouched
+        grads = [g for g in tape.gradient(value, trained.trainable_variables) if g is not None]
+        return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
+
+    return engine.local_function(passes)
+
+
 # ---------------------------------------------------------------- stalls ---------------------
 class StallWatch:
     """The stall watchdog of this rank (chexnet_hvd.stall), wired to the trainer: progress from
     every step, validation batch and checkpoint write; input batches counted as they are
     handed to the model; the run log's end record when the job stalls."""
 
-    def __init__(self, cfg: TrainConfig, engine, ranks: list[dict], run_dir: Path):
+    def __init__(self, cfg: TrainConfig, engine, ranks: list[dict], run_dir: Path, feed: Feed):
         self.hosts = [r["host"] for r in ranks]
         self.run_dir, self.writer = run_dir, None  # the chief's run log, once open
-        self.delivered = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.watchdog = stall.watch(engine, self.hosts, cfg.stall_timeout, self.on_stall,
-                                    lambda: int(self.delivered.numpy()))
+                                    lambda: feed.counts()[0])
 
     def on_stall(self, message: str, names: list[int]) -> None:
         if names:  # this rank writes the end record: the chief, or the lowest rank still running
@@ -328,15 +375,6 @@ class StallWatch:
 
     def beat(self, step: int | None = None) -> None:
         self.watchdog.progress(step)
-
-    def count(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-        """`ds` counting the batches it hands over (a rank whose count stops is starved)."""
-
-        def counted(x, y):
-            with tf.control_dependencies([self.delivered.assign_add(1)]):
-                return tf.identity(x), y
-
-        return ds.map(counted)
 
     def failed_collective(self, err: BaseException) -> str | None:
         """When a collective failed because peers went silent (a timeout of the engine's own,
@@ -387,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = engine.rank == 0  # the chief writes files
     derived = config.derive(cfg, records.manifest, engine.size)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
-    watch = StallWatch(cfg, engine, ranks, run_dir) if cfg.stall_timeout > 0 else None
+    feed = Feed()
+    watch = StallWatch(cfg, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
     writer = None  # opened with the start record: a run that fails before it leaves no log
 
     try:
@@ -420,13 +459,15 @@ def main(argv: list[str] | None = None) -> int:
                                   beat=beat or (lambda: None))
         trail = (callbacks.AuditTrail(state, run_dir / "audit" / f"rank{engine.rank}-trained.jsonl")
                  if cfg.audit and not cfg.synthetic_input else None)
+        diagnosis = callbacks.Diagnosis(state, engine, feed.counts, derived.global_batch,
+                                        compute_probe(engine, trained, make_loss(), cfg.batch_size))
         keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation,
-                                                   saver, writer, trail, beat)
+                                                   saver, writer, trail, beat, diagnosis)
 
         # --- fit ---
         def batches(shapes, parts, first, epochs):
-            ds = train_batches(cfg, engine, records, derived, placement.threads, shapes, parts, first, epochs, trail)
-            return watch.count(ds) if watch else ds
+            return feed.counted(train_batches(cfg, engine, records, derived, placement.threads, shapes,
+                                              parts, first, epochs, trail))
 
         fit(cfg, engine, trained, keras_callbacks, state, batches, steps=derived.steps_per_epoch)
 
