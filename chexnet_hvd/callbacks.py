@@ -57,6 +57,26 @@ class RunState:
 CRITERIA = {"val_mean_auroc": ("mean_auroc", 1), "val_loss": ("loss", -1)}
 
 
+def validation_criterion(manifest: dict, split: str) -> tuple[str, list[str]]:
+    """What ranks this run's epochs (a key of callbacks.CRITERIA), and a warning per kind of
+    class of the validation split whose AUROC is undefined (no positives, or no negatives)."""
+    info, classes = manifest["splits"][split], manifest["classes"]
+    if "no_positives" in info:
+        one_sided = {"positives": info["no_positives"], "negatives": info["no_negatives"]}
+    else:  # a manifest from before these were kept: every record labelled
+        one_sided = {"positives": [c for c in classes if info["positives"][c] == 0],
+                     "negatives": [c for c in classes if info["positives"][c] == info["count"]]}
+    warnings = [f"warning: validation split {split!r} has no {kind} for {len(names)} of "
+                f"{len(classes)} classes ({', '.join(names)}): their AUROC is undefined"
+                for kind, names in one_sided.items() if names]
+    if set(one_sided["positives"]) | set(one_sided["negatives"]) >= set(classes):
+        warnings.append(f"warning: no class of validation split {split!r} has both positives and "
+                        "negatives: the best checkpoint, --schedule plateau and --early-stopping "
+                        "go by the validation loss instead of the mean AUROC")
+        return "val_loss", warnings
+    return "val_mean_auroc", warnings
+
+
 def score(result: dict, best_by: str) -> float | None:
     """The validation `result`'s value of criterion `best_by`, signed so that more is better;
     None when undefined."""
