@@ -3,7 +3,9 @@
 import pytest
 from conftest import ROOT, assert_one_line_error, module, run
 
-MODULES = ["synthetic", "records", "train", "download", "evaluate", "predict", "export", "nas", "weights"]
+# the CLIs that load TensorFlow to answer take seconds each: in the slow set
+MODULES = ["synthetic", "records", "download", "nas", "weights",
+           *(pytest.param(name, marks=pytest.mark.slow) for name in ("train", "evaluate", "predict", "export"))]
 SCRIPTS = ["tools/scaling_report.py", "tools/dataset_stats.py", "tools/nas_report.py", "write_tfrecords.sh", "download_dataset.sh"]
 
 

@@ -26,6 +26,7 @@ from chexnet_hvd import checkpoints, data, launch, metrics, models
 from chexnet_hvd.runlog import read_runlog
 
 
+@pytest.mark.slow
 def test_bootstrap_is_reproducible_contains_the_estimate_and_resamples_patients():
     rng = np.random.default_rng(0)
     n = 200

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pydicom
+import pytest
 import tensorflow as tf
 from conftest import module, run
 from PIL import Image, ImageCms, ImageFilter, PngImagePlugin
@@ -105,6 +106,7 @@ def stored_images(out) -> dict[str, np.ndarray]:
     return pixels
 
 
+@pytest.mark.slow
 def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_path):
     expected = hospital_images(tmp_path / "images")
     pd.DataFrame({"path": list(expected), "patient": range(len(expected)), "Effusion": 0}).to_csv(
@@ -144,6 +146,7 @@ for i, path in enumerate(sys.argv[1:]):
 """
 
 
+@pytest.mark.slow
 def test_colour_sources_with_an_rgb_icc_profile_give_png_records_without_ancillary_chunks(tmp_path):
     """A colour JPEG or PNG with an embedded RGB ICC profile (and a PNG with text and dpi): the
     grayscale record holds the pixels only, and TensorFlow decodes it without libpng's "iCCP:

@@ -266,6 +266,7 @@ def claimers(study_dir, n: int, procs: int, die: bool = False, url: str = "") ->
     assert [p.wait(timeout=300) for p in running] == [0] * procs
 
 
+@pytest.mark.slow
 def test_concurrent_claims_never_share_a_network(tmp_path):
     claimers(tmp_path, n=40, procs=4)
     rows = study.results(study.open_study(tmp_path))
@@ -275,6 +276,7 @@ def test_concurrent_claims_never_share_a_network(tmp_path):
     assert any("after a race" in r["proposer"] for r in rows)  # the lock did have work to do
 
 
+@pytest.mark.slow
 def test_a_database_study_works_the_same(tmp_path):
     """--storage URL: Optuna's RDB storage (SQLite here; PostgreSQL on clusters)."""
     url = f"sqlite:///{tmp_path}/study.db"
@@ -372,6 +374,7 @@ def test_pareto_front_best_so_far_and_throughput():
                                        "per_hour": 4 / (1500 / 3600)}
 
 
+@pytest.mark.slow
 def test_nas_report_writes_table_csv_and_plots(tmp_path):
     claimers(tmp_path / "one", n=6, procs=1)
     claimers(tmp_path / "two", n=6, procs=2)
@@ -537,6 +540,7 @@ def test_an_llm_drives_a_search(records_dir, tmp_path, chat):
     assert len(read_log(tmp_path / "s" / "llm_log.jsonl")) == 3
 
 
+@pytest.mark.slow
 def test_llm_retries_and_max_failures_end_to_end(records_dir, tmp_path, chat):
     """Candidates that fail at once (the trainer refuses a validation split the records lack):
     --max-failures 1 stops the worker after the first; --llm-retries 1 asks the endpoint once

@@ -40,6 +40,7 @@ def own_dataset(tmp_path, csv_text=OWN_CSV):
     return ["--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", images]
 
 
+@pytest.mark.slow
 def test_own_csv_aligns_labels_applies_policies_and_filters_views(tmp_path):
     out = tmp_path / "records"
     module("records", *own_dataset(tmp_path), "--out", out, "--split", "official", "--views", "frontal",
@@ -150,6 +151,7 @@ PUBLIC_VIEWS = {"PA": "frontal", "AP": "frontal", "AP Supine": "frontal", "AP_ho
                 "RL": "lateral", "Lateral": "lateral", "LATERAL": "lateral"}
 
 
+@pytest.mark.slow
 def test_view_codes_of_public_sets_are_accepted_and_the_filter_says_what_it_dropped(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -177,6 +179,7 @@ def test_view_codes_of_public_sets_are_accepted_and_the_filter_says_what_it_drop
     assert not (tmp_path / "axial" / records.MANIFEST).exists()
 
 
+@pytest.mark.slow
 def test_a_corrupt_dicom_is_rejected_with_its_reason_and_raw_format_refuses_dicom(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -327,6 +330,7 @@ def test_hospital_dicoms_story_records_train_evaluate(tmp_path):
     assert report["n"] == 4 and [c["positives"] for c in report["classes"]] == [2, 2]
 
 
+@pytest.mark.slow
 def test_predict_reads_dicoms_and_refuses_a_broken_one(trained_cnn, tmp_path):
     ckpt = trained_cnn / "run" / "checkpoints" / "best"
     write_dicom(tmp_path / "a.dcm", gray((80, 64), 7).astype(np.int64) * 16, 12, photometric="MONOCHROME1")

@@ -133,6 +133,7 @@ def test_chexpert_csvs_and_uncertainty_policies_on_hand_checked_rows():
     assert (len(frontal), dropped) == (202, 32)
 
 
+@pytest.mark.slow
 @needs_chexpert
 def test_chexpert_records_carry_the_ignore_mask(tmp_path):
     """Generated JPEGs at the paths of the first 30 sample rows (no CheXpert images ship here)."""

@@ -73,6 +73,7 @@ def test_the_last_recipe_flag_wins_abbreviated_too():
     assert (cfg.recipe, cfg.schedule) == ("chexnet", "plateau")
 
 
+@pytest.mark.slow
 def test_recipe_list_show_and_unknown_names():
     listed = module("train", "--recipe", "list", check=True).stdout
     assert [line.split(" ")[0] for line in listed.splitlines()] == list(recipes.RECIPES)
@@ -83,6 +84,7 @@ def test_recipe_list_show_and_unknown_names():
     assert_one_line_error(module("train", "--recipe", "show", "x"), "unknown recipe 'x'")
 
 
+@pytest.mark.slow
 def test_a_shown_recipe_is_a_settings_file_that_gives_the_recipe(tmp_path):
     """`--recipe show NAME > FILE` is a file to copy and edit: `--config FILE` gives the same
     settings as `--recipe NAME`, and flags still override it."""
@@ -94,6 +96,7 @@ def test_a_shown_recipe_is_a_settings_file_that_gives_the_recipe(tmp_path):
     assert (edited.epochs, edited.schedule) == (2, "plateau")
 
 
+@pytest.mark.slow
 def test_imagenet_weights_missing_from_the_cache_name_the_fetch_command(records_dir, tmp_path):
     env = {"CHEXNET_WEIGHTS_DIR": str(tmp_path / "empty")}
     proc = module("train", "--data", records_dir, "--run-dir", tmp_path / "run", "--model", "resnet50",

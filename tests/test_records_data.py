@@ -45,6 +45,7 @@ def test_round_trip_pixels_and_labels_equal_source(records_dir, synthetic):
         assert [info["positives"][n] for n in PATHOLOGIES] == labels.sum(0).astype(int).tolist()
 
 
+@pytest.mark.slow
 def test_corrupt_and_missing_images_are_rejected_and_counts_reconcile(synthetic, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(synthetic / "images", images)
@@ -71,6 +72,7 @@ def test_corrupt_and_missing_images_are_rejected_and_counts_reconcile(synthetic,
     assert (manifest["rejected"], manifest["missing"]) == (1, 1)
 
 
+@pytest.mark.slow
 def test_a_partial_image_folder_is_sharded_on_the_images_that_exist(tmp_path):
     """600 of 20,000 listed images present (a partial download against a full CSV), one of them
     corrupt: shards sized by the images that exist, sidecars that do not grow with the listed
@@ -118,6 +120,7 @@ p9.png,p9,test,1,1
 """
 
 
+@pytest.mark.slow
 def test_manifest_counts_the_patients_of_written_records_and_names_one_sided_classes(tmp_path):
     """p3's image is missing, p4's and p7's unreadable (p7 held val's only Edema positive): the
     patients per split are those of the written records, and the writer says, in one line per
@@ -181,6 +184,7 @@ def test_one_training_pass_reads_each_record_on_at_most_one_rank(records_dir, wo
     assert len(flat) == len(set(flat)) and 0 <= total - len(flat) < world * 4
 
 
+@pytest.mark.slow
 def test_one_shard_on_one_rank_is_read_in_a_new_order_every_epoch(synthetic, tmp_path):
     """A rank with a single shard (and with steps cut short) still sees a new order, and other
     records, every epoch: the record shuffle is seeded per epoch."""
@@ -271,6 +275,7 @@ def test_raw_index_rejects_missing_files(synthetic, tmp_path):
     assert (records.load_manifest(out)["rejected"], records.load_manifest(out)["missing"]) == (0, 1)
 
 
+@pytest.mark.slow
 def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(synthetic, tmp_path):
     """--encoding uint8 stores the same pixels as PNG records; a model built by
     models.with_preprocessing turns them into what `preprocess` makes of the PNG records

@@ -105,6 +105,7 @@ def test_the_engines_of_one_job_share_a_table_row_by_row(tmp_path):
     assert "/ horovod" not in next(t for t in tables if t.startswith("small_cnn"))  # one engine: no ratio
 
 
+@pytest.mark.slow
 def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):
     baseline = tmp_path / "dell.csv"
     baseline.write_text("ranks,images_per_sec\n1,185.12\n2,315.26\n4,589.36\n")

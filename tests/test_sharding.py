@@ -51,6 +51,7 @@ def test_every_world_size_and_batch_covers_the_nih_training_split(nih_train_coun
             assert both.min() >= 1, (world, batch)  # what one epoch left out, the next trains
 
 
+@pytest.mark.slow
 def test_sixteen_ranks_batch_16_train_99_7_percent_per_epoch(nih_train_counts):
     total = sum(nih_train_counts)
     assert sharding.steps_per_epoch(total, 16, 16) * 256 / total >= 0.997

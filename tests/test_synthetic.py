@@ -2,6 +2,7 @@
 
 import hashlib
 
+import pytest
 from conftest import module
 
 
@@ -14,6 +15,7 @@ def test_synthetic_same_seed_same_bytes(tmp_path):
     assert digests[0] == digests[1] and len(digests[0]) == 22
 
 
+@pytest.mark.slow
 def test_synthetic_mean_images_per_patient(tmp_path):
     import pandas as pd
 
