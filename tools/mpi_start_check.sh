@@ -6,12 +6,15 @@
 #
 #   bash tools/mpi_start_check.sh [N]
 #
-# It fails now and then, and more often on loaded cores: a rank dies of SIGSEGV inside MPI_Init
-# (Open MPI 4.1.4's TCP transport calls the handler of a message whose handler is not yet
-# registered: a peer has already left MPI_Init and sent to it), and its peers then report
-# "Open MPI failed to TCP connect to a peer MPI process". It was blamed on the nodes sharing one
-# address; with an address per node it fails as often (December 2026: 3 of 30, 2 of 30 lightly
-# loaded; 11 of 40 with the cores oversubscribed).
+# It fails now and then, and more often on loaded cores: a rank dies of SIGSEGV inside MPI_Init,
+# still waiting in its first PMIx fence (the modex), when a peer that has already left MPI_Init
+# sends it a message: Open MPI 4.1.4's TCP transport calls that message's handler, which is not
+# registered yet (a null pointer). Its peers then report "Open MPI failed to TCP connect to a
+# peer MPI process". It was blamed on the nodes sharing one address; with an address per node
+# it fails as often. Measured December 2026 (Slurm 22.05's pmix_v4, PMIx 4.2.2): 3 of 30 and 2
+# of 30 launches at moderate load, 11 of 40 with the cores oversubscribed by other work; under that
+# same load OMPI_MCA_mpi_add_procs_cutoff=100000 gave 7 of 40, OMPI_MCA_btl_tcp_disable_family=6
+# 9 of 40, SLURM_PMIX_FENCE_BARRIER=true 3 of 40 and SLURM_PMIX_FENCE=tree 11 of 30.
 set -euo pipefail
 n=${1:-30}
 dir=$(mktemp -d)
