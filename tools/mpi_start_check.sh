@@ -2,19 +2,22 @@
 # Open MPI's start-up across the rehearsal's nodes, shown without this suite: a plain C MPI
 # program (MPI_Init_thread asking for MPI_THREAD_MULTIPLE as Horovod does, allgather, allreduce)
 # launched N times (default 30) as 16 ranks over node[1-4] under srun --mpi=pmix. Prints each
-# failed launch, then "ok=.. failed=..". Needs the cluster up and mpicc.
+# failed launch, then "ok=.. failed=.." (exit 1 if any failed). Needs the cluster up and mpicc.
 #
 #   bash tools/mpi_start_check.sh [N]
 #
-# It fails now and then, and more often on loaded cores: a rank dies of SIGSEGV inside MPI_Init,
-# still waiting in its first PMIx fence (the modex), when a peer that has already left MPI_Init
-# sends it a message: Open MPI 4.1.4's TCP transport calls that message's handler, which is not
-# registered yet (a null pointer). Its peers then report "Open MPI failed to TCP connect to a
-# peer MPI process". It was blamed on the nodes sharing one address; with an address per node
-# it fails as often. Measured December 2026 (Slurm 22.05's pmix_v4, PMIx 4.2.2): 3 of 30 and 2
-# of 30 launches at moderate load, 11 of 40 with the cores oversubscribed by other work; under that
-# same load OMPI_MCA_mpi_add_procs_cutoff=100000 gave 7 of 40, OMPI_MCA_btl_tcp_disable_family=6
-# 9 of 40, SLURM_PMIX_FENCE_BARRIER=true 3 of 40 and SLURM_PMIX_FENCE=tree 11 of 30.
+# What it catches: a rank dying of SIGSEGV inside MPI_Init, still waiting in its first PMIx
+# fence (the modex), when a peer that has already left MPI_Init sends it a message: Open MPI
+# 4.1.4's TCP transport calls that message's handler, which is not registered yet (a null
+# pointer); its peers then report "Open MPI failed to TCP connect to a peer MPI process". It was
+# blamed on the nodes sharing one address, but with an address per node it failed as often. The
+# fence algorithm of Slurm 22.05's PMIx plugin decides it (December 2026, PMIx 4.2.2, loaded
+# cores): Slurm's default ("mixed": ring for the fence with data, tree for the barrier) failed 4
+# of 30 and 11 of 40 launches, tree only 11 of 30, ring only 0 of 30. So tools/slurm_local.sh
+# sets PMIxCollFence=ring in the nodes' mpi.conf; SLURM_PMIX_FENCE=mixed in the environment
+# brings the default back. Under the same load, mixed with OMPI_MCA_mpi_add_procs_cutoff=100000
+# failed 7 of 40, with OMPI_MCA_btl_tcp_disable_family=6 9 of 40, with
+# SLURM_PMIX_FENCE_BARRIER=true 3 of 40.
 set -euo pipefail
 n=${1:-30}
 dir=$(mktemp -d)
@@ -50,3 +53,4 @@ for i in $(seq "$n"); do
   fi
 done
 echo "ok=$ok failed=$failed"
+((failed == 0))

@@ -116,7 +116,13 @@ gres_conf() {
 }
 
 # Everything a node's slurmd reads, in its own folder: the same slurm.conf and gres.conf, and an
-# mpi.conf giving its PMIx clients their own tmpdir (two slurmds sharing one collide on it).
+# mpi.conf giving its PMIx clients their own tmpdir (two slurmds sharing one collide on it) and
+# the ring algorithm for every PMIx fence. Slurm's default ("mixed": ring for the fence that
+# exchanges data, tree for the barrier without data) let a rank leave MPI_Init and send to a rank
+# still in its first fence, which Open MPI 4.1 does not survive (a SIGSEGV in MPI_Init): about 1
+# launch in 8 of 16 ranks failed; with ring only, none (tools/mpi_start_check.sh has the numbers).
+mpi_conf() { printf 'PMIxCliTmpDirBase=%s\nPMIxCollFence=ring\n' "$STATE/pmix/$1"; }
+
 write_config() {
   if [[ -f $CONF ]] && ! grep -q "^$MARK" "$CONF"; then
     die "$CONF: exists and was not written by this script; not touching it"
@@ -131,7 +137,8 @@ write_config() {
   while read -r name cpus gpus bind addr; do
     mkdir -p "$STATE/etc/$name" "$STATE/d/$name" "$STATE/pmix/$name" "$STATE/dev/$name"
     cp "$CONF" /etc/slurm/gres.conf "$STATE/etc/$name/"
-    echo "PMIxCliTmpDirBase=$STATE/pmix/$name" > "$STATE/etc/$name/mpi.conf"
+    [[ "$(cat "$STATE/etc/$name/mpi.conf" 2>/dev/null)" == "$(mpi_conf "$name")" ]] || changed=1
+    mpi_conf "$name" > "$STATE/etc/$name/mpi.conf"
     for ((g = 0; g < gpus; g++)); do  # stand-in device nodes (major 195, as NVIDIA's)
       [[ -e $STATE/dev/$name/nvidia$g ]] || mknod "$STATE/dev/$name/nvidia$g" c 195 "$g"
     done
