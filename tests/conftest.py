@@ -119,6 +119,15 @@ def assert_ranks_identical(run_dir, ranks: int = 2) -> None:
             assert np.array_equal(first[key], other[key]), (rank, key)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """The Slurm rehearsal cluster up (tools/slurm_local.sh); skipped when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("the rehearsal cluster needs root (slurmd, munged, network namespaces)")
+    run(["bash", "tools/slurm_local.sh", "up"], check=True, timeout=600)
+    return True
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Path:
     """600 synthetic 32-px images with their CSV."""

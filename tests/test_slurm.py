@@ -1,6 +1,6 @@
 """The job templates on the rehearsal cluster (tools/slurm_local.sh up: one slurmctld; node1..4,
-each its own slurmd with its own hostname and 4 stand-in GPUs as gres; cores1, this machine's
-real cores with task/affinity binding).
+each its own slurmd with its own hostname, network namespace and address, and 4 stand-in GPUs
+as gres; cores1, this machine's real cores with task/affinity binding).
 
 Every template runs UNCHANGED: plain `sbatch <template>` with only workload variables in the
 environment (data, model, image size, epochs, where runs go); its #SBATCH resources, launcher
@@ -13,7 +13,6 @@ mpirun, a user's scancel, and the launcher the templates refuse."""
 import json
 import re
 import time
-import warnings
 from collections import defaultdict
 
 import pytest
@@ -52,16 +51,6 @@ def default_precision(template) -> str:
         if found := re.search(r"PRECISION:=(\w+)", text):
             return found.group(1)
     raise AssertionError("no PRECISION default")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("the rehearsal cluster needs root (slurmd, munged)")
-    run(["bash", "tools/slurm_local.sh", "up"], check=True, timeout=600)
-    return True
 
 
 def submit(template, env: dict, out_dir, *sbatch_args: str, output: str = "%x-%j.out") -> str:
@@ -108,25 +97,10 @@ def failure_of(out_dir, job_id: str) -> str:
     return "\n".join(lines[:1] + [lines[j] for j in shown] + ["[...]"] + lines[-40:])
 
 
-# Open MPI 4.1's TCP start-up on the rehearsal, where every node has the same IP address: a plain
-# C MPI program (MPI_Init, allgather, allreduce; none of this suite) launched as 16 ranks over the
-# 4 nodes under srun fails in about 1 launch of 20 here (a peer's connect() reported as failed,
-# then segfaults), more often on loaded cores (tools/mpi_shared_ip_race.sh shows it). Real
-# nodes have addresses of their own.
-OPEN_MPI_SHARED_IP_RACE = "Open MPI failed to TCP connect to a peer MPI process"
-
-
 def run_job(template, env: dict, out_dir) -> tuple[str, dict]:
-    """Submit and wait; (job id, its fields). A job that died of the shared-IP race above is
-    submitted once more, with a warning that shows its story: not silently, and not twice."""
+    """Submit and wait; (job id, its fields)."""
     job = submit(template, env, out_dir)
-    fields = wait_job(job, timeout=900)
-    if fields["JobState"] == "FAILED" and OPEN_MPI_SHARED_IP_RACE in output_of(out_dir, job):
-        warnings.warn(f"job {job} hit Open MPI's TCP start-up race of the rehearsal's shared IP "
-                      f"address; submitted once more:\n{failure_of(out_dir, job)}", stacklevel=2)
-        job = submit(template, env, out_dir)
-        fields = wait_job(job, timeout=900)
-    return job, fields
+    return job, wait_job(job, timeout=900)
 
 
 def assert_ranks_placed(start: dict, nodes: int, ranks: int, gpus: int) -> None:
