@@ -66,10 +66,18 @@ class StallWatch:
         self.watchdog = stall.watch(engine, self.hosts, timeout, self.on_stall, lambda: feed.counts()[0])
 
     def on_stall(self, message: str, names: list[int]) -> None:
-        if names:  # this rank writes the end record: the chief, or the lowest rank still running
-            writer = self.writer or runlog.RunLogWriter(self.run_dir)
-            writer.write("end", status="stalled", error=message, ranks=names,
-                         hosts=sorted({self.hosts[r] for r in names}))
+        if not names:
+            return
+        if self.writer is None:  # the chief is silent to this rank; unless it wrote the end
+            # after all (a cut link: each side hears nothing from the other), this rank writes it
+            try:
+                if runlog.status(self.run_dir) == "stalled":
+                    return
+            except runlog.RunLogError:
+                pass
+        writer = self.writer or runlog.RunLogWriter(self.run_dir)
+        writer.write("end", status="stalled", error=message, ranks=names,
+                     hosts=sorted({self.hosts[r] for r in names}))
 
     def beat(self, step: int | None = None) -> None:
         self.watchdog.progress(step)

@@ -4,6 +4,7 @@ helper that runs the suite's CLIs as real processes, and a local HTTP server wit
 
 from __future__ import annotations
 
+import fcntl
 import http.server
 import importlib.util
 import os
@@ -121,11 +122,15 @@ def assert_ranks_identical(run_dir, ranks: int = 2) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The Slurm rehearsal cluster up (tools/slurm_local.sh); skipped when not root."""
+    """The Slurm rehearsal cluster up (tools/slurm_local.sh), for one test file at a time: the
+    files that use it may run on two pytest-xdist workers, and one shapes or cuts the links the
+    other's jobs cross. Skipped when not root."""
     if os.geteuid() != 0:
         pytest.skip("the rehearsal cluster needs root (slurmd, munged, network namespaces)")
-    run(["bash", "tools/slurm_local.sh", "up"], check=True, timeout=600)
-    return True
+    with open("/tmp/chexnet-rehearsal.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run(["bash", "tools/slurm_local.sh", "up"], check=True, timeout=600)  # also restores every link
+        yield True
 
 
 @pytest.fixture(scope="session")

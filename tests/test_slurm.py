@@ -11,7 +11,9 @@ rank -> requeue -> resume to completion) across 2 nodes under srun and on one no
 mpirun, a user's scancel, and the launcher the templates refuse."""
 
 import json
+import os
 import re
+import signal
 import time
 from collections import defaultdict
 
@@ -306,3 +308,118 @@ def test_nas_array_runs_one_worker_per_task_each_on_its_gpu(cluster, records_dir
     trials = study.open_study(tmp_path / "study").get_trials()
     assert {t.user_attrs["slurm_job"] for t in trials} <= job_ids
 
+
+
+# ---------------------------------------------------------------- faults ----------------------
+# tfrec_8gpu.sh on 2 ranks, one per node (sbatch's flags override the template's), so that
+# what fails is one node's rank, or the link between the nodes.
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1"]
+STALL = 10  # --stall-timeout, seconds
+BOUND = STALL + 60
+
+
+def rank_pids(run_dir) -> dict[int, int]:
+    """{SLURM_PROCID: pid} of the job's trainer processes (srun, which names the same command,
+    left out)."""
+    found = {}
+    pids = run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"]).stdout.split()
+    for pid in map(int, pids):
+        try:
+            if "python" not in os.readlink(f"/proc/{pid}/exe"):
+                continue
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        found[int(env["SLURM_PROCID"])] = pid
+    return found
+
+
+def start_early(job: str) -> None:
+    """A requeued job is held back about 2 minutes so its nodes can clean up; once the old
+    attempt's steps are gone, let it start (not within the second of the requeue: slurmd refuses
+    a credential made in the second its old one was revoked)."""
+    wait_until(lambda: run(["pgrep", "-f", f"slurmstepd: \\[{job}\\."]).returncode != 0, 180,
+               "the old attempt's steps never ended")
+    time.sleep(2)
+    run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+def first_epoch(run_dir) -> None:
+    runlog = run_dir / "runlog.jsonl"
+    wait_until(lambda: runlog.is_file() and '"event": "epoch"' in runlog.read_text(), 600,
+               "the job never finished an epoch")
+
+
+@pytest.mark.parametrize("engine", ["horovod", "tf"])
+def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, engine, records_dir, tmp_path):
+    """Rank 1 (node2) stopped in mid-epoch: the job ends within the bound with a line naming
+    rank 1 on node2 and `end: stalled` in the run log; the template requeues it once, and the
+    second attempt resumes from the newest checkpoint to completion."""
+    env = WORKLOAD | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 4, "ENGINE": engine,
+                      "TRAIN_ARGS": f"--stall-timeout {STALL}"}
+    job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
+    run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
+    first_epoch(run_dir)
+    victim = rank_pids(run_dir)[1]
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND, "no stall recorded")
+        recorded = time.monotonic() - stopped
+        wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 180, "not requeued")
+    finally:
+        if os.path.exists(f"/proc/{victim}"):  # a stopped task outlives srun's TERM
+            os.kill(victim, signal.SIGKILL)
+    print(f"{engine} under srun, rank 1 stopped: stall recorded after {recorded:.1f} s")
+    start_early(job)
+    wait_until(lambda: '"status": "completed"' in (run_dir / "runlog.jsonl").read_text(), 900, "no completion")
+    log = read_runlog(run_dir)
+    stalled = [r for r in log if r["event"] == "end" and r["status"] == "stalled"]
+    assert len(stalled) == 1 and (stalled[0]["ranks"], stalled[0]["hosts"]) == ([1], ["node2"])
+    assert [r["status"] for r in log if r["event"] == "end"][-1] == "completed"
+    job_log = (run_dir / "job.log").read_text()
+    assert re.search(r"error: stalled: .*rank 1 \(node2\)", job_log), job_log[-3000:]
+    assert "stalled (see the error above); requeueing once" in job_log
+    assert [s["resumed_from"] is not None for s in log if s["event"] == "start"] == [False, True]
+
+
+def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, records_dir, tmp_path):
+    """node2's link cut in mid-epoch (packets dropped, as with a pulled cable): the chief on
+    node1 hears no more from rank 1 and ends the job within the bound, naming node2; with the
+    link back, the requeued job resumes to completion."""
+    env = WORKLOAD | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 4,
+                      "TRAIN_ARGS": f"--stall-timeout {STALL}"}
+    job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
+    run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
+    first_epoch(run_dir)
+    run(["bash", "tools/slurm_local.sh", "link", "node2", "down"], check=True)
+    cut = time.monotonic()
+    try:
+        wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND, "no stall recorded")
+        recorded = time.monotonic() - cut
+    finally:
+        run(["bash", "tools/slurm_local.sh", "link", "node2", "up"], check=True)
+    print(f"node2's link cut: stall recorded after {recorded:.1f} s")
+    end = [r for r in read_runlog(run_dir) if r["event"] == "end"][0]
+    assert (end["status"], end["ranks"], end["hosts"]) == ("stalled", [1], ["node2"]), end
+    wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 300, "not requeued")
+    start_early(job)
+    wait_until(lambda: '"status": "completed"' in (run_dir / "runlog.jsonl").read_text(), 900, "no completion")
+
+
+def test_a_slow_link_is_network_bound(cluster, records_dir, tmp_path):
+    """Both nodes' links at 20 Mbit/s: each step's allreduce of the small CNN's 200 KB of
+    gradients takes far longer than its compute, and the run log says network-bound."""
+    env = WORKLOAD | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 2}
+    for node in ("node1", "node2"):
+        run(["bash", "tools/slurm_local.sh", "link", node, "rate", "20mbit"], check=True)
+    try:
+        job = submit(PREEMPTED, env, tmp_path, *TWO_NODES, "--nodelist=node[1-2]")
+        fields = wait_job(job, timeout=900)
+    finally:
+        for node in ("node1", "node2"):
+            run(["bash", "tools/slurm_local.sh", "link", node, "rate", "unlimited"], check=True)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, job)
+    last = [r for r in read_runlog(tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job)
+            if r["event"] == "epoch"][-1]
+    assert last["bottleneck"] == "network-bound", last
