@@ -44,7 +44,7 @@ find_python() {
 }
 if [ ! -x "$VENV/bin/python" ]; then
   PYTHON=${PYTHON:-$(find_python "$PY_VERSION")} || {
-    echo "error: TF=$TF: needs Python $PY_VERSION (no python$PY_VERSION on PATH or in pyenv; or set PYTHON=)" >&2
+    echo "error: TF=$TF: needs Python $PY_VERSION: no python$PY_VERSION on PATH or in pyenv (or set PYTHON=)" >&2
     exit 2
   }
   echo "setup: creating $VENV with $PYTHON"
