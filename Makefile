@@ -1,10 +1,10 @@
 # chexnet_hvd: `make demo` and `make test` are the two commands a newcomer needs.
 # Both call `make setup`, which installs whatever is missing (Debian packages, .venv, Horovod).
 GPU    ?= 0
-# The lane: 2.15 (Horovod and both engines) or 2.20 (TensorFlow 2.20 + tf_keras, the tf engine
-# only, in .venv-tf2.20); see constraints.txt.
+# The lane: 2.15 (Horovod and both engines) or 2.21 (TensorFlow 2.21 + tf_keras on Python 3.13,
+# the tf engine only, in .venv-tf2.21); see constraints.txt.
 TF     ?= 2.15
-VENV   := $(if $(filter 2.20,$(TF)),.venv-tf2.20,.venv)
+VENV   := $(if $(filter 2.21,$(TF)),.venv-tf2.21,.venv)
 PY     := $(VENV)/bin/python
 PYTEST ?= $(PY) -m pytest
 # Test files run on this many workers (pytest-xdist), each file on one worker: the Slurm
@@ -14,17 +14,17 @@ TEST_JOBS ?= 2
 
 .PHONY: setup demo test test-fast lint bench clean
 
-setup:            ## install everything (idempotent); GPU=1 for the CUDA + NCCL variant, TF=2.20 for that lane
+setup:            ## install everything (idempotent); GPU=1 for the CUDA + NCCL variant, TF=2.21 for that lane
 	GPU=$(GPU) TF=$(TF) bash tools/install.sh
 
 demo: setup       ## synthetic data -> records -> train on 1 and 2 ranks -> AUROC + scaling table
 	bash tools/demo.sh
 
-# TF=2.20 runs every test that needs no Horovod (conftest skips the others), with
+# TF=2.21 runs every test that needs no Horovod (conftest skips the others), with
 # CHEXNET_ENGINE=tf as the default engine.
-LANE_ENV   := $(if $(filter 2.20,$(TF)),CHEXNET_ENGINE=tf,)
+LANE_ENV   := $(if $(filter 2.21,$(TF)),CHEXNET_ENGINE=tf,)
 
-test: setup       ## lint, then the whole suite (fast + slow + mpi); TF=2.20: all that needs no Horovod
+test: setup       ## lint, then the whole suite (fast + slow + mpi); TF=2.21: all that needs no Horovod
 	$(VENV)/bin/ruff check chexnet_hvd tools tests bench
 	$(LANE_ENV) $(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --durations=25
 

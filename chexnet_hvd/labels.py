@@ -180,12 +180,13 @@ def label_cells(cells, policies, blank: str = "negative") -> tuple[np.ndarray, n
     `masked` (not annotated: own data)."""
     cells = np.char.strip(np.asarray(cells, dtype=str))
     policies = np.broadcast_to(np.asarray(policies, dtype=str), cells.shape[-1:] if cells.ndim else ())
-    unknown = [p for p in np.unique(policies) if p not in UNCERTAINTY_POLICIES]
+    # str(): under numpy 2 the repr of a numpy string is "np.str_('yes')", not "'yes'"
+    unknown = [str(p) for p in np.unique(policies) if p not in UNCERTAINTY_POLICIES]
     if unknown:
         raise ValueError(f"unknown uncertainty policy {unknown[0]!r}")
     bad = ~np.isin(cells, [*CELLS, ""])
     if bad.any():
-        raise UnknownLabelError(f"label value {cells[bad][0]!r} is not 1, 0, -1 or blank")
+        raise UnknownLabelError(f"label value {str(cells[bad][0])!r} is not 1, 0, -1 or blank")
     values = np.vectorize(lambda c: CELLS.get(c, 0.0), otypes=[np.float32])(cells) if cells.size \
         else np.zeros(cells.shape, np.float32)
     uncertain = values < 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import chexnet_hvd  # noqa: F401  (first: on the TF 2.20 lane it selects Keras 2 before TensorFlow loads)
+import chexnet_hvd  # noqa: F401  (first: on the TF 2.21 lane it selects Keras 2 before TensorFlow loads)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -81,7 +81,7 @@ HOROVOD = importlib.util.find_spec("horovod") is not None
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
 def pytest_collection_modifyitems(config, items):
     """Tests parametrised with an engine (`engine`, or the `two_ranks` fixture) are marked
-    tf_engine under tf. Where Horovod is not installed (the TF 2.20 lane), the tests that need
+    tf_engine under tf. Where Horovod is not installed (the TF 2.21 lane), the tests that need
     it are skipped: those under Horovod or marked `horovod`, and those on the Slurm rehearsal
     cluster (its jobs run the default lane's .venv)."""
     skip = pytest.mark.skip(reason="needs Horovod or the default lane, which this lane is not")

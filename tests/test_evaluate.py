@@ -120,7 +120,7 @@ def by_hand(n: int, logs, *command) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["tf"])  # the engine --workers is for (marks it for the TF 2.20 lane)
+@pytest.mark.parametrize("engine", ["tf"])  # the engine --workers is for (marks it for the TF 2.21 lane)
 def test_workers_flags_make_one_job_of_processes_started_by_hand(records_dir, tmp_path, engine):
     """Without --workers each process would train alone (world size 1, its own weights)."""
     run_dir = tmp_path / "run"

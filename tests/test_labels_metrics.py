@@ -11,6 +11,7 @@ from chexnet_hvd.labels import (
     PATHOLOGIES,
     UnknownLabelError,
     format_finding_labels,
+    label_cells,
     parse_finding_labels,
 )
 
@@ -27,6 +28,17 @@ def test_finding_labels_round_trip_in_canonical_order():
 def test_unknown_pathology_is_an_error():
     with pytest.raises(UnknownLabelError, match="Pneumonitis"):
         parse_finding_labels("Effusion|Pneumonitis")
+
+
+def test_bad_cells_and_policies_are_quoted_as_typed():
+    """The offending value appears as the user typed it, not as numpy's repr (numpy 2 would
+    print np.str_('yes'))."""
+    with pytest.raises(UnknownLabelError) as bad_cell:
+        label_cells([["1", "yes"]], "zeros")
+    assert str(bad_cell.value) == "label value 'yes' is not 1, 0, -1 or blank"
+    with pytest.raises(ValueError) as bad_policy:
+        label_cells([["1", "0"]], ["zeros", "maybe"])
+    assert str(bad_policy.value) == "unknown uncertainty policy 'maybe'"
 
 
 def test_auroc_equals_sklearn_and_undefined_is_nan():

@@ -3,18 +3,19 @@
 #   GPU=0 (default): tensorflow-cpu, Horovod with Gloo + MPI.
 #   GPU=1: tensorflow[and-cuda], Horovod additionally built with NCCL for GPU allreduce
 #          (needs the CUDA toolkit on the node; set HOROVOD_NCCL_HOME if NCCL is not in a default path).
-#   TF=2.15 (default) | 2.20: the lane. TF=2.20 installs into .venv-tf2.20 TensorFlow 2.20 with
-#          tf_keras and no Horovod (the tf engine only), pinned by constraints.txt's #@tf2.20 lines.
+#   TF=2.15 (default) | 2.21: the lane. TF=2.15: Python 3.11, TensorFlow 2.15, Horovod, in .venv.
+#          TF=2.21: Python 3.13, TensorFlow 2.21 with tf_keras and no Horovod (the tf engine only),
+#          in .venv-tf2.21, pinned by constraints.txt's #@tf2.21 lines.
+#   PYTHON=...: the interpreter for a new venv (default: the lane's python3.X on PATH, else pyenv's).
 # Every step checks whether it is already done, so a second run costs seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU=${GPU:-0}
 TF=${TF:-2.15}
-PYTHON=${PYTHON:-python3.11}
 case "$TF" in
-  2.15) VENV=.venv LANE= ;;
-  2.20) VENV=.venv-tf2.20 LANE=tf2.20 ;;
-  *) echo "error: TF: unknown lane '$TF' (2.15 or 2.20)" >&2; exit 2 ;;
+  2.15) VENV=.venv LANE= PY_VERSION=3.11 ;;
+  2.21) VENV=.venv-tf2.21 LANE=tf2.21 PY_VERSION=3.13 ;;
+  *) echo "error: TF: unknown lane '$TF' (2.15 or 2.21)" >&2; exit 2 ;;
 esac
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
 export TF_CPP_MIN_LOG_LEVEL=2
@@ -31,8 +32,24 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# 2. The virtual environment.
-[ -x "$VENV/bin/python" ] || { echo "setup: creating $VENV with $PYTHON"; "$PYTHON" -m venv "$VENV"; }
+# 2. The virtual environment, made with the lane's Python: python3.X where it runs (a pyenv shim
+#    is on PATH but fails when that version is not selected), else the newest pyenv-installed 3.X.
+find_python() {
+  local root candidate
+  root=$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+  for candidate in "python$1" $(ls -d "$root/versions/$1".*/bin/"python$1" 2>/dev/null | sort -rV); do
+    "$candidate" -c 'import venv, ensurepip' 2>/dev/null && { echo "$candidate"; return; }
+  done
+  return 1
+}
+if [ ! -x "$VENV/bin/python" ]; then
+  PYTHON=${PYTHON:-$(find_python "$PY_VERSION")} || {
+    echo "error: TF=$TF: needs Python $PY_VERSION: no python$PY_VERSION on PATH or in pyenv (or set PYTHON=)" >&2
+    exit 2
+  }
+  echo "setup: creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+fi
 
 # 3. Python packages, pinned by constraints.txt (a lane's own pins replacing those of the same
 #    package). The stamp holds the constraints' hash so a changed pin reinstalls.
@@ -43,7 +60,7 @@ if [[ -n $LANE ]]; then
   lane_pins="$(sed -n "s/^#@$LANE //p" constraints.txt)"
   replaced="$(sed 's/[=<>!~].*//' <<<"$lane_pins" | paste -sd'|')"
   { grep -vE "^($replaced)[=<>!~]" constraints.txt; echo "$lane_pins"; } > "$constraints"
-  extra=(tf_keras)
+  extra=(tensorboard)  # TF 2.21 no longer pulls TensorBoard in; the trainer writes its event files
 fi
 tf_pkg=$([ "$GPU" = 1 ] && echo 'tensorflow[and-cuda]' || echo tensorflow-cpu)
 stamp="$VENV/.deps-$(cat "$constraints" setup.cfg | sha256sum | cut -c1-12)-gpu$GPU"
@@ -52,11 +69,15 @@ if [ ! -f "$stamp" ]; then
   $PIP install -c "$constraints" "$tf_pkg" "${extra[@]}" numpy protobuf mpi4py pandas scikit-learn scipy \
     pillow pydicom matplotlib tqdm tomli-w pytest pytest-timeout pytest-xdist ruff setuptools wheel openvino nncf \
     optuna sqlalchemy alembic psycopg2-binary
+  # tf_keras requires `tensorflow` by name, which on CPUs tensorflow-cpu is under another name: the
+  # full wheel beside it would overwrite the same files, and alone it logs a CUDA error at every
+  # start on a machine without a GPU. So tf_keras goes in without that dependency.
+  if [[ -n $LANE ]]; then $PIP install -c "$constraints" --no-deps tf_keras; fi
   touch "$stamp"
 fi
 
 # 4. Horovod, built from source against the TensorFlow above (--no-build-isolation so it sees it);
-#    not in the TF 2.20 lane, which it does not build against.
+#    not in the TF 2.21 lane, which it does not build against.
 if [[ -z $LANE ]] && ! "$VENV/bin/python" -c 'import horovod.tensorflow' 2>/dev/null; then
   echo "setup: building Horovod (about 3-5 minutes on 2 cores)"
   export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
