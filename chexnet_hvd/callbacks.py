@@ -117,9 +117,10 @@ class EpochProgress(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self.state.preempted:
             self.state.parts = []  # the epoch is whole
-            # the lr the epoch ended at: exactly at its end, as the plateau scale had it during
-            # the epoch (comparable across world sizes and batches, unlike the last step's lr)
-            self.state.lr = schedules.live_schedule(self.model.optimizer).at(epoch + 1)
+            # the lr the epoch ended at: just before its end (a step decay at the epoch boundary
+            # belongs to the next epoch), as the plateau scale had it during the epoch;
+            # comparable across world sizes and batches, unlike the last step's lr
+            self.state.lr = schedules.live_schedule(self.model.optimizer).at(epoch + 1 - 1e-6)
 
 
 class StopAgreement(tf.keras.callbacks.Callback):

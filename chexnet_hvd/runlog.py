@@ -41,8 +41,9 @@ from chexnet_hvd import cli
 SCHEMA = "chexnet_hvd.runlog/1"
 FILENAME = "runlog.jsonl"
 END_STATUSES = ("completed", "preempted", "failed", "stalled")
-# The fields every record of an event must have (the writer refuses one without them; the
-# docstring above lists the rest); readers such as tools/scaling_report.py rely on these.
+# The fields every record of an event must have (the writer refuses one without them, the
+# reader a file holding one; the docstring above lists the rest): readers such as
+# tools/scaling_report.py rely on these.
 REQUIRED = {"start": ("world_size", "local_batch", "model", "image_size", "precision"),
             "epoch": ("epoch", "seconds", "images_per_sec"),
             "end": ("status",)}
@@ -84,7 +85,8 @@ class RunLogWriter:
 def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
     """(records, numbers of the lines skipped as unreadable) of a run log (a file or its run
     directory). A line that is not JSON (a write torn by a kill or a full disk) is skipped;
-    RunLogError when the file is missing, holds no record, or holds JSON of another schema."""
+    RunLogError when the file is missing, holds no record, JSON of another schema, or a record
+    without its event's REQUIRED fields."""
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
@@ -102,6 +104,9 @@ def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
         if not isinstance(record, dict) or record.get("schema") != SCHEMA:
             found = record.get("schema") if isinstance(record, dict) else type(record).__name__
             raise RunLogError(f"{path}:{i + 1}: schema {found!r}, expected {SCHEMA!r}")
+        missing = [k for k in REQUIRED.get(record.get("event"), ("event",)) if k not in record]
+        if missing:
+            raise RunLogError(f"{path}:{i + 1}: {record.get('event', 'a')} record without {', '.join(missing)}")
         out.append(record)
     if not out:
         raise RunLogError(f"{path}: empty run log")

@@ -313,7 +313,7 @@ def test_nas_array_runs_one_worker_per_task_each_on_its_gpu(cluster, records_dir
 # ---------------------------------------------------------------- faults ----------------------
 # tfrec_8gpu.sh on 2 ranks, one per node (sbatch's flags override the template's), so that
 # what fails is one node's rank, or the link between the nodes.
-TWO_NODES = ["--nodes=2", "--ntasks-per-node=1"]
+TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--nodelist=node[1-2]"]
 STALL = 10  # --stall-timeout, seconds
 BOUND = STALL + 60
 
@@ -414,7 +414,7 @@ def test_a_slow_link_is_network_bound(cluster, records_dir, tmp_path):
     for node in ("node1", "node2"):
         run(["bash", "tools/slurm_local.sh", "link", node, "rate", "20mbit"], check=True)
     try:
-        job = submit(PREEMPTED, env, tmp_path, *TWO_NODES, "--nodelist=node[1-2]")
+        job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
         fields = wait_job(job, timeout=900)
     finally:
         for node in ("node1", "node2"):

@@ -135,11 +135,11 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
 def test_an_engine_refuses_the_other_engines_launcher(records_dir, tmp_path, launcher, engine, started_by):
     """Each rank of the other engine's launcher would see a world of one and train alone: N
     copies of the run writing one run directory. Refused, on every rank, before anything is
-    written."""
+    written (horovodrun may end the other rank before it prints: one line or two, the same)."""
     proc = run([*launcher_of(launcher, 2), *train_args(records_dir, tmp_path), "--engine", engine], timeout=300)
     errors = [line.split("error: ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
               if "error: --engine:" in line]
-    assert proc.returncode != 0 and len(errors) == 2 and len(set(errors)) == 1, proc.stderr[-2000:]
+    assert proc.returncode != 0 and len(errors) in (1, 2) and len(set(errors)) == 1, proc.stderr[-2000:]
     assert "sees a world of 1" in errors[0] and started_by in errors[0]
     assert not (tmp_path / "runlog.jsonl").exists()
 
