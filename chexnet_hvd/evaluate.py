@@ -39,19 +39,21 @@ class EvalConfig:
     tta: str = cli.field("none", help="test-time augmentation; the report also shows 'none'",
                          choices=["none", "flip", "tencrop"])
     out: str = cli.field("", help="output directory (default: CHECKPOINT/eval-SPLIT)")
-    batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)")
-    bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals")
-    seed: int = cli.field(0, help="bootstrap seed")
+    batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)", minimum=1)
+    bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals",
+                               minimum=1)
+    seed: int = cli.field(0, help="bootstrap seed", minimum=0)
     backend: str = cli.field("tf", help="inference backend", choices=["tf", "openvino"])
     engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what gathers the ranks' predictions: "
                             "Horovod or TensorFlow's collectives (as chexnet_hvd.train --engine)",
                             choices=["horovod", "tf"])
     workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port "
                              "(as chexnet_hvd.train --workers)")
-    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
+    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0",
+                                  minimum=0)
     stall_timeout: float = cli.field(600.0, help="end the job when no rank completes a batch for "
                                      "this many seconds, naming the rank(s) waited for (exit 76; "
-                                     "as chexnet_hvd.train --stall-timeout); 0: off")
+                                     "as chexnet_hvd.train --stall-timeout); 0: off", minimum=0)
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -174,7 +176,7 @@ def plot_curves(names, pred: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
+    cfg = cli.parse_config(EvalConfig, __doc__, argv, prog="python -m chexnet_hvd.evaluate")
 
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts

@@ -28,9 +28,9 @@ class PredictConfig:
     inputs: list[str] = cli.field(help="image files and/or directories of PNG/JPEG/DICOM files")
     checkpoint: str = cli.field(help="checkpoint directory (e.g. RUN_DIR/checkpoints/best)")
     cam: str = cli.field("", help="write Grad-CAM overlays of the top findings to this directory")
-    top: int = cli.field(3, help="findings per image that get a heatmap")
+    top: int = cli.field(3, help="findings per image that get a heatmap", minimum=1)
     format: str = cli.field("table", help="output format", choices=["table", "csv", "json"])
-    batch_size: int = cli.field(16, help="images per prediction batch")
+    batch_size: int = cli.field(16, help="images per prediction batch", minimum=1)
     backend: str = cli.field("tf", help="inference backend (openvino: --checkpoint is a directory "
                              "written by chexnet_hvd.export)", choices=["tf", "openvino"])
 
@@ -131,14 +131,13 @@ def render(files: list[Path], probs: np.ndarray, names: list[str], fmt: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(PredictConfig, __doc__.splitlines()[0], argv, positional=["inputs"])
+    cfg = cli.parse_config(PredictConfig, __doc__, argv, positional=["inputs"],
+                           prog="python -m chexnet_hvd.predict")
     if cfg.cam and cfg.backend != "tf":
         raise cli.InputError("--cam", "activation maps need gradients: use --backend tf")
     files = image_files(cfg.inputs)
     for f in files:  # every file checked before the model is built
         check_image(f)
-    if cfg.batch_size < 1:
-        raise cli.InputError("--batch-size", "must be at least 1")
 
     if cfg.backend == "tf":  # the model itself, so --cam can take gradients of it
         model, meta = checkpoints.load(cfg.checkpoint)
