@@ -101,6 +101,17 @@ def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return tf.image.resize(cam[..., None], shape, method="bilinear").numpy()[..., 0]
 
 
+def place_map(cam: np.ndarray, shape: tuple[int, int], view: data.View) -> np.ndarray:
+    """A heatmap over the model's input, on the image of `shape`: upsampled to the whole image,
+    or with --crop to the centre window the model saw (zero outside it)."""
+    if not view.crop:
+        return upsample(cam, shape)
+    top, left, rows, cols = data.window_box(*shape, view.image_size)
+    heat = np.zeros(shape, np.float32)
+    heat[top:top + rows, left:left + cols] = upsample(cam, (rows, cols))
+    return heat
+
+
 def save_overlay(gray: np.ndarray, heat: np.ndarray, title: str, path: Path) -> None:
     import matplotlib
 
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         predict = model.predict_on_batch
     else:
         predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
-    names, size = meta["classes"], meta["image_size"]
+    names, view = meta["classes"], data.View.of(meta)  # the checkpoint's scaling and crop
     out = Path(cfg.cam) if cfg.cam else None
     if out:
         cli.make_dir(out)
@@ -153,12 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(0, len(files), cfg.batch_size):  # one batch of images in memory at a time
         chunk = files[i:i + cfg.batch_size]
         images = [load_image(f) for f in chunk]
-        views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
+        views = np.stack([data.model_input(img[..., None], view).numpy() for img in images])
         probs.append(np.asarray(predict(views), np.float32))
         if out:
-            for f, img, view, row in zip(chunk, images, views, probs[-1], strict=True):
+            for f, img, x, row in zip(chunk, images, views, probs[-1], strict=True):
                 for c in np.argsort(-row)[: cfg.top]:
-                    heat = upsample(grad_cam(model, view, int(c)), img.shape)
+                    heat = place_map(grad_cam(model, x, int(c)), img.shape, view)
                     save_overlay(img, heat, f"{f.name}: {names[c]} {row[c]:.2f}",
                                  out / f"{f.stem}_{names[c]}.png")
     print(render(files, np.concatenate(probs), names, cfg.format))
