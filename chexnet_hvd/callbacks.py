@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from chexnet_hvd import checkpoints, data, metrics, schedules, sharding
+from chexnet_hvd import bottleneck, checkpoints, data, metrics, schedules, sharding
 from chexnet_hvd.config import Derived, TrainConfig, profile_range
 
 
@@ -44,6 +44,7 @@ class RunState:
     part_steps: int = 0  # steps this attempt trains of epoch `epoch`
     batch: int = 0  # of which done
     lr: float = 0.0  # the learning rate at the end of the last epoch
+    diagnosis: dict = dataclasses.field(default_factory=dict)  # the last epoch's bottleneck verdict
 
     def epoch_parts(self) -> list:
         """The parts of epoch `epoch` trained so far, this attempt's included (sharding.Part)."""
@@ -54,6 +55,26 @@ class RunState:
 # +1 to maximise or -1 to minimise). The mean AUROC, unless the validation split has no class
 # with both positives and negatives; then the validation loss.
 CRITERIA = {"val_mean_auroc": ("mean_auroc", 1), "val_loss": ("loss", -1)}
+
+
+def validation_criterion(manifest: dict, split: str) -> tuple[str, list[str]]:
+    """What ranks this run's epochs (a key of callbacks.CRITERIA), and a warning per kind of
+    class of the validation split whose AUROC is undefined (no positives, or no negatives)."""
+    info, classes = manifest["splits"][split], manifest["classes"]
+    if "no_positives" in info:
+        one_sided = {"positives": info["no_positives"], "negatives": info["no_negatives"]}
+    else:  # a manifest from before these were kept: every record labelled
+        one_sided = {"positives": [c for c in classes if info["positives"][c] == 0],
+                     "negatives": [c for c in classes if info["positives"][c] == info["count"]]}
+    warnings = [f"warning: validation split {split!r} has no {kind} for {len(names)} of "
+                f"{len(classes)} classes ({', '.join(names)}): their AUROC is undefined"
+                for kind, names in one_sided.items() if names]
+    if set(one_sided["positives"]) | set(one_sided["negatives"]) >= set(classes):
+        warnings.append(f"warning: no class of validation split {split!r} has both positives and "
+                        "negatives: the best checkpoint, --schedule plateau and --early-stopping "
+                        "go by the validation loss instead of the mean AUROC")
+        return "val_loss", warnings
+    return "val_mean_auroc", warnings
 
 
 def score(result: dict, best_by: str) -> float | None:
@@ -157,6 +178,37 @@ class Timing(tf.keras.callbacks.Callback):
         self.state.timing = {"steps": self.steps, "timed_steps": timed,
                              "seconds": round(t_end - self.t0, 3),
                              "images_per_sec": round(timed * self.global_batch / max(seconds, 1e-9), 3)}
+
+
+class Diagnosis(tf.keras.callbacks.Callback):
+    """Why the epoch ran at its speed (chexnet_hvd.bottleneck): after its timing, every rank
+    times a few passes of its compute probe and reads how often its input was empty; gathered
+    once (a collective), rank 0 gives the epoch its verdict (RunState.diagnosis)."""
+
+    def __init__(self, state: RunState, engine, feed_counts, global_batch: int, probe, repeats: int = 3):
+        super().__init__()
+        self.state, self.engine, self.feed_counts, self.global_batch = state, engine, feed_counts, global_batch
+        self.probe, self.repeats = probe, repeats
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.before = self.feed_counts()
+        self.state.diagnosis = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.preempted or not self.state.batch:
+            return
+        float(self.probe())  # traced (first epoch), warm
+        t0 = time.perf_counter()
+        for _ in range(self.repeats):
+            float(self.probe())  # float(): wait for it
+        compute = (time.perf_counter() - t0) / self.repeats
+        (taken, starved), (taken0, starved0) = self.feed_counts(), self.before
+        mine = (compute, (starved - starved0) / max(taken - taken0, 1))
+        everyone = self.engine.allgather_object(mine)  # a collective: every rank
+        ips = self.state.timing.get("images_per_sec")
+        if ips:  # rank 0, which times the epoch
+            self.state.diagnosis = bottleneck.verdict(self.global_batch / ips, [c for c, _ in everyone],
+                                                      [s for _, s in everyone])
 
 
 class Validation(tf.keras.callbacks.Callback):
@@ -284,12 +336,14 @@ class RunLog(tf.keras.callbacks.Callback):
                           val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
                           val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
                           val_seconds=val.get("seconds"), val_n=val.get("n"),
-                          val_batches=val.get("batches"), peak_memory_mb=round(peak_memory_mb(), 1))
+                          val_batches=val.get("batches"), peak_memory_mb=round(peak_memory_mb(), 1),
+                          **self.state.diagnosis)
         if self.summary:
             write_scalars(self.summary, record)
         if self.verbose:
             print(f"epoch {epoch + 1}: {t['images_per_sec']:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
-                  f"val mean AUROC {val.get('mean_auroc')}", flush=True)
+                  f"val mean AUROC {val.get('mean_auroc')}; {bottleneck.summary(self.state.diagnosis)}",
+                  flush=True)
 
 
 class Heartbeat(tf.keras.callbacks.Callback):
@@ -360,7 +414,7 @@ class Profile(tf.keras.callbacks.Callback):
 
 def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, stop,
                    validation: Validation, save, writer, trail: AuditTrail | None = None,
-                   beat=None) -> list:
+                   beat=None, diagnosis: Diagnosis | None = None) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = engine.rank == 0  # only the chief writes files
     saves = engine.saves_here
@@ -371,6 +425,8 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
         callbacks.append(Timing(state, cfg.timing_warmup_steps, derived.global_batch))
     if trail:
         callbacks.append(trail)
+    if diagnosis:
+        callbacks.append(diagnosis)
     callbacks.append(validation)
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))

@@ -116,6 +116,12 @@ class Engine:
         """images -> probabilities (numpy) on this rank alone, no collective."""
         return model.predict_on_batch
 
+    def local_function(self, fn):
+        """`fn` (no arguments) as a traced function run on this rank alone, no collective."""
+        import tensorflow as tf
+
+        return tf.function(fn)
+
     def backend(self) -> str:
         """The transport in use (run log `backend`)."""
         return "none"

@@ -9,7 +9,9 @@
          resumed_from, initial_epoch, initial_step, skipped_batches (a mid-epoch resume)
   epoch  epoch, steps, timed_steps, seconds, images_per_sec, images_per_sec_per_rank,
          train_loss, lr, val_loss, val_auroc (per class), val_mean_auroc, val_auprc, val_n,
-         val_batches, val_seconds, peak_memory_mb (rank 0: GPU allocator peak, or peak RSS on CPU)
+         val_batches, val_seconds, peak_memory_mb (rank 0: GPU allocator peak, or peak RSS on CPU),
+         bottleneck with step_seconds, compute_seconds and input_starved per rank and
+         communication_seconds (chexnet_hvd.bottleneck)
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
          (with error, and the ranks and hosts it names: chexnet_hvd.stall)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.

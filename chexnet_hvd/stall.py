@@ -11,14 +11,14 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   at start, and notes the heartbeats it receives;
 - when no rank has made progress for `timeout` seconds (as far as this rank knows: its own
   clock, and each peer's as last reported plus the age of that report), the rank ends the
-  job: it names the ranks it stopped
-  hearing from (stopped, killed, or cut off: their host), else the ranks whose input pipeline
-  delivered no batch for the step they wait for, else the ranks at the lowest step (everyone
-  else waits for them in a collective); prints one line; the chief (or, when the chief is the
-  one stalled, the lowest rank still running) writes the run log's end record, status `stalled`;
-  and the process exits with EXIT_STALLED. The launcher then ends the others (srun
-  --kill-on-bad-exit, mpirun, horovodrun and chexnet_hvd.launch all end a job when a rank
-  fails); a rank that is still alive after `grace` more seconds exits too.
+  job: it names the ranks it stopped hearing from (stopped, killed, or cut off: their host),
+  else the ranks whose input pipeline delivered no batch for the step they wait for, else the
+  ranks at the lowest step (everyone else waits for them in a collective); prints one line;
+  the chief (or, when the chief is the one stalled, the lowest rank still running, after a
+  grace period) writes the run log's end record, status `stalled`; and the process exits with
+  EXIT_STALLED. The launcher then ends the others (srun --kill-on-bad-exit, mpirun, horovodrun
+  and chexnet_hvd.launch all end a job when a rank fails); a rank that is still alive after the
+  grace period exits too.
 
 Heartbeats are threads of their own, so they run while the training thread is blocked inside
 a collective (TensorFlow and Horovod release the GIL there); a stopped process sends none. The
@@ -77,8 +77,9 @@ class Watchdog:
 
     def __init__(self, rank: int, hosts: list[str] | None, timeout: float,
                  on_stall: Callable[[str, list[int]], None],
-                 count_delivered: Callable[[], int] | None = None, grace: float = 30.0):
-        self.rank, self.timeout, self.on_stall, self.grace = rank, timeout, on_stall, grace
+                 count_delivered: Callable[[], int] | None = None):
+        self.rank, self.timeout, self.on_stall = rank, timeout, on_stall
+        self.grace = min(30.0, max(5.0, timeout))  # what the others give the chief to speak first
         # input batches this rank's pipeline handed over (unknown: never taken for starved)
         self.count_delivered = count_delivered or (lambda: self.step + 1)
         self.interval = interval_for(timeout)
@@ -171,7 +172,9 @@ class Watchdog:
         print(f"error: {message}; ending the job (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
         alive = [r for r in sorted(self.heard) if r not in names]
         writer = alive[0] if alive else self.rank
-        if self.rank != writer:  # the writer's exit ends the job; exit anyway if it does not
+        if self.rank != 0:  # the chief speaks first when it can (its exit ends the job); a rank
+            # that cannot hear it (it stopped, or a cut link between them) waits, then writes
+            # the end record if it is the lowest rank it hears, or leaves
             time.sleep(self.grace)
         try:
             self.on_stall(message, names if self.rank == writer else [])

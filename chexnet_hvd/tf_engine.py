@@ -252,6 +252,13 @@ class TensorFlow(Engine):
                            reduce_retracing=True, autograph=False)
         return lambda images: self._local(call(images)).numpy()
 
+    def local_function(self, fn):
+        """On this worker's replica: the model's variables are the strategy's."""
+        import tensorflow as tf
+
+        call = tf.function(lambda: self.strategy.run(fn), autograph=False)
+        return lambda: self._local(call())
+
     def backend(self) -> str:
         return self.implementation.name.lower()
 

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from chexnet_hvd import (
     distributed,
     metrics,
     models,
+    monitor,
     recipes,
     runlog,
     schedules,
@@ -131,26 +131,6 @@ def pos_weight(cfg: TrainConfig, manifest: dict) -> list[float] | None:
 
 
 # ---------------------------------------------------------------- resume ---------------------
-def validation_criterion(manifest: dict, split: str) -> tuple[str, list[str]]:
-    """What ranks this run's epochs (a key of callbacks.CRITERIA), and a warning per kind of
-    class of the validation split whose AUROC is undefined (no positives, or no negatives)."""
-    info, classes = manifest["splits"][split], manifest["classes"]
-    if "no_positives" in info:
-        one_sided = {"positives": info["no_positives"], "negatives": info["no_negatives"]}
-    else:  # a manifest from before these were kept: every record labelled
-        one_sided = {"positives": [c for c in classes if info["positives"][c] == 0],
-                     "negatives": [c for c in classes if info["positives"][c] == info["count"]]}
-    warnings = [f"warning: validation split {split!r} has no {kind} for {len(names)} of "
-                f"{len(classes)} classes ({', '.join(names)}): their AUROC is undefined"
-                for kind, names in one_sided.items() if names]
-    if set(one_sided["positives"]) | set(one_sided["negatives"]) >= set(classes):
-        warnings.append(f"warning: no class of validation split {split!r} has both positives and "
-                        "negatives: the best checkpoint, --schedule plateau and --early-stopping "
-                        "go by the validation loss instead of the mean AUROC")
-        return "val_loss", warnings
-    return "val_mean_auroc", warnings
-
-
 def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, derived: Derived,
                  records: data.Records, best_by: str) -> RunState:
     """The run state, and every rank on the chief's weights and optimizer state before the
@@ -300,6 +280,13 @@ def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunStat
         epochs(first, cfg.epochs)
 
 
+def probe_batch(trained, batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """A batch of zeros in the shape and type `trained` takes, with targets (the compute probe's)."""
+    classes = trained.output.shape[-1]
+    return (tf.zeros([batch_size, *trained.input.shape[1:]], trained.input.dtype),
+            pack_targets(tf.zeros([batch_size, classes]), tf.ones([batch_size, classes])))
+
+
 def progress_bar(verbose: int) -> int:
     """Keras' verbose: its bar only on a terminal; batch logs get our one line per epoch."""
     return int(verbose == 1 and sys.stdout.isatty())
@@ -315,54 +302,6 @@ def audit_weights(run_dir: Path, rank: int, model, suffix: str = "", optimizer=N
     if optimizer is not None:
         np.savez(audit / f"rank{rank}{suffix}-optimizer.npz",
                  *(v.numpy() for v in checkpoints.optimizer_variables(optimizer)))
-
-
-# ---------------------------------------------------------------- stalls ---------------------
-class StallWatch:
-    """The stall watchdog of this rank (chexnet_hvd.stall), wired to the trainer: progress from
-    every step, validation batch and checkpoint write; input batches counted as they are
-    handed to the model; the run log's end record when the job stalls."""
-
-    def __init__(self, cfg: TrainConfig, engine, ranks: list[dict], run_dir: Path):
-        self.hosts = [r["host"] for r in ranks]
-        self.run_dir, self.writer = run_dir, None  # the chief's run log, once open
-        self.delivered = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.watchdog = stall.watch(engine, self.hosts, cfg.stall_timeout, self.on_stall,
-                                    lambda: int(self.delivered.numpy()))
-
-    def on_stall(self, message: str, names: list[int]) -> None:
-        if names:  # this rank writes the end record: the chief, or the lowest rank still running
-            writer = self.writer or runlog.RunLogWriter(self.run_dir)
-            writer.write("end", status="stalled", error=message, ranks=names,
-                         hosts=sorted({self.hosts[r] for r in names}))
-
-    def beat(self, step: int | None = None) -> None:
-        self.watchdog.progress(step)
-
-    def count(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-        """`ds` counting the batches it hands over (a rank whose count stops is starved)."""
-
-        def counted(x, y):
-            with tf.control_dependencies([self.delivered.assign_add(1)]):
-                return tf.identity(x), y
-
-        return ds.map(counted)
-
-    def failed_collective(self, err: BaseException) -> str | None:
-        """When a collective failed because peers went silent (a timeout of the engine's own,
-        or its coordination service noticing): the one line that names them."""
-        silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
-        if not silent or isinstance(err, cli.InputError | KeyboardInterrupt):
-            return None
-        where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
-        message = (f"stalled: a collective failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                   f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
-        live = [r for r in range(len(self.hosts)) if r not in silent]
-        if live and live[0] == self.watchdog.rank:  # the end record, as in stall.Watchdog
-            self.on_stall(message, silent)
-        else:
-            time.sleep(5)  # let that rank write it before the launcher ends the job
-        return message
 
 
 # ---------------------------------------------------------------- main -----------------------
@@ -397,13 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = engine.rank == 0  # the chief writes files
     derived = config.derive(cfg, records.manifest, engine.size)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
-    watch = StallWatch(cfg, engine, ranks, run_dir) if cfg.stall_timeout > 0 else None
+    feed = monitor.Feed()
+    watch = monitor.StallWatch(cfg.stall_timeout, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
     writer = None  # opened with the start record: a run that fails before it leaves no log
 
     try:
         # --- model, optimizer, resume ---
         model, trained = build(cfg, engine, records, initial, derived)
-        best_by, warnings = validation_criterion(records.manifest, cfg.val_split)
+        best_by, warnings = callbacks.validation_criterion(records.manifest, cfg.val_split)
         state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records, best_by)
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, "-initial")
@@ -430,13 +370,15 @@ def main(argv: list[str] | None = None) -> int:
                                   beat=beat or (lambda: None))
         trail = (callbacks.AuditTrail(state, run_dir / "audit" / f"rank{engine.rank}-trained.jsonl")
                  if cfg.audit and not cfg.synthetic_input else None)
+        diagnosis = callbacks.Diagnosis(state, engine, feed.counts, derived.global_batch,
+                                        monitor.compute_probe(engine, trained, make_loss(), *probe_batch(trained, cfg.batch_size)))
         keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation,
-                                                   saver, writer, trail, beat)
+                                                   saver, writer, trail, beat, diagnosis)
 
         # --- fit ---
         def batches(shapes, parts, first, epochs):
-            ds = train_batches(cfg, engine, records, derived, placement.threads, shapes, parts, first, epochs, trail)
-            return watch.count(ds) if watch else ds
+            return feed.counted(train_batches(cfg, engine, records, derived, placement.threads, shapes,
+                                              parts, first, epochs, trail))
 
         fit(cfg, engine, trained, keras_callbacks, state, batches, steps=derived.steps_per_epoch)
 

@@ -1,0 +1,91 @@
+"""The trainer's watch over its ranks: the input feed's counters (batches produced, taken, and
+taken after waiting), the compute probe of the bottleneck verdict (chexnet_hvd.bottleneck), and
+the stall watchdog (chexnet_hvd.stall) wired to the run log."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import tensorflow as tf
+
+from chexnet_hvd import cli, runlog, stall
+
+
+class Feed:
+    """Counts, in the input pipeline's own graph (no Python per batch), the batches this rank's
+    pipeline produced and the model took, and the steps at which nothing else was ready when
+    the model took its batch (it had waited for its input): the stall watchdog reads the first,
+    the bottleneck verdict the last."""
+
+    def __init__(self):
+        self.produced, self.taken, self.starved = (tf.Variable(0, dtype=tf.int64, trainable=False)
+                                                   for _ in range(3))
+
+    def counted(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """`ds` with a buffer of its own whose level the counters see."""
+
+        def produce(x, y):
+            with tf.control_dependencies([self.produced.assign_add(1)]):
+                return tf.identity(x), y
+
+        def take(x, y):
+            taken = self.taken.assign_add(1)
+            empty = tf.cast(tf.equal(self.produced.read_value(), taken), tf.int64)
+            with tf.control_dependencies([self.starved.assign_add(empty)]):
+                return tf.identity(x), y
+
+        return ds.map(produce).prefetch(2).map(take)
+
+    def counts(self) -> tuple[int, int]:
+        """(batches taken, of which the model had waited for) so far."""
+        return int(self.taken.numpy()), int(self.starved.numpy())
+
+
+def compute_probe(engine, trained, loss, x: tf.Tensor, y: tf.Tensor):
+    """A function timing nothing itself: forward and backward passes of `trained` on one batch
+    (x, y) held in memory, on this rank alone (no input, no collective, no weight update)."""
+
+    def passes():
+        with tf.GradientTape() as tape:
+            value = loss(y, trained(x, training=False))  # training=False: batch-norm stats untouched
+        grads = [g for g in tape.gradient(value, trained.trainable_variables) if g is not None]
+        return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for g in grads])
+
+    return engine.local_function(passes)
+
+
+class StallWatch:
+    """The stall watchdog of this rank (chexnet_hvd.stall), wired to the trainer: progress from
+    every step, validation batch and checkpoint write; input batches counted as they are
+    handed to the model; the run log's end record when the job stalls."""
+
+    def __init__(self, timeout: float, engine, ranks: list[dict], run_dir: Path, feed: Feed):
+        self.hosts = [r["host"] for r in ranks]
+        self.run_dir, self.writer = run_dir, None  # the chief's run log, once open
+        self.watchdog = stall.watch(engine, self.hosts, timeout, self.on_stall, lambda: feed.counts()[0])
+
+    def on_stall(self, message: str, names: list[int]) -> None:
+        if names:  # this rank writes the end record: the chief, or the lowest rank still running
+            writer = self.writer or runlog.RunLogWriter(self.run_dir)
+            writer.write("end", status="stalled", error=message, ranks=names,
+                         hosts=sorted({self.hosts[r] for r in names}))
+
+    def beat(self, step: int | None = None) -> None:
+        self.watchdog.progress(step)
+
+    def failed_collective(self, err: BaseException) -> str | None:
+        """When a collective failed because peers went silent (a timeout of the engine's own,
+        or its coordination service noticing): the one line that names them."""
+        silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
+        if not silent or isinstance(err, cli.InputError | KeyboardInterrupt):
+            return None
+        where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
+        message = (f"stalled: a collective failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                   f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
+        live = [r for r in range(len(self.hosts)) if r not in silent]
+        if live and live[0] == self.watchdog.rank:  # the end record, as in stall.Watchdog
+            self.on_stall(message, silent)
+        else:
+            time.sleep(5)  # let that rank write it before the launcher ends the job
+        return message

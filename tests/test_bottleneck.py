@@ -1,0 +1,83 @@
+"""Why a run does not scale (chexnet_hvd.bottleneck): every epoch record carries the step time,
+each rank's compute probe and how often its input was empty, and a verdict. Real runs made
+input-bound (large stored images, a tiny model, one thread) and with one CPU-starved rank;
+network-bound on a slowed rehearsal link: tests/test_slurm.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, VENV_BIN, module
+
+from chexnet_hvd import bottleneck
+from chexnet_hvd.runlog import read_runlog
+
+
+def test_the_verdict_names_what_holds_the_step():
+    assert bottleneck.verdict(0.10, [0.09, 0.09], [0.0, 0.1])["bottleneck"] == "compute-bound"
+    assert bottleneck.verdict(0.10, [0.02, 0.02], [0.9, 0.0])["bottleneck"] == "input-bound"
+    assert bottleneck.verdict(0.10, [0.02, 0.02], [0.0, 0.0])["bottleneck"] == "network-bound"
+    slow = bottleneck.verdict(0.10, [0.03, 0.09, 0.03], [0.0, 0.0, 0.9])
+    assert slow["bottleneck"] == "straggler (rank 1)" and slow["communication_seconds"] == pytest.approx(0.01)
+    assert bottleneck.verdict(0.10, [0.02], [0.0])["bottleneck"] == "compute-bound"  # one rank: no network
+
+
+@pytest.mark.slow
+def test_large_images_for_a_tiny_model_on_one_thread_are_input_bound(tmp_path):
+    module("synthetic", "--out", tmp_path / "syn", "--images", 200, "--size", 512, "--seed", 3, check=True)
+    module("records", "--csv", tmp_path / "syn" / "Data_Entry_2017.csv", "--images", tmp_path / "syn" / "images",
+           "--out", tmp_path / "records", "--image-size", 512, "--no-progress", check=True)
+    module("train", "--data", tmp_path / "records", "--run-dir", tmp_path / "run", "--model", "small_cnn",
+           "--image-size", 32, "--batch-size", 8, "--epochs", 2, "--threads", 1, "--verbose", 0,
+           "--no-tensorboard", check=True, timeout=600)
+    last = [r for r in read_runlog(tmp_path / "run") if r["event"] == "epoch"][-1]
+    assert last["bottleneck"] == "input-bound", bottleneck.summary(last)
+    assert last["input_starved"][0] > bottleneck.STARVED
+
+
+def starve(pid: int, done: threading.Event) -> None:
+    """Take the CPU from process `pid` three quarters of the time (stopped 30 ms of every 40),
+    whatever else the machine runs."""
+    while not done.is_set():
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.03)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_cpu_starved_rank_is_named_the_straggler(records_dir, tmp_path):
+    """Rank 1 starved of CPU after the first epoch: its compute takes several times rank 0's,
+    and the epochs after that name it."""
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(["horovodrun", "--gloo", "-np", "2", sys.executable, "-m", "chexnet_hvd.train",
+                             "--data", str(records_dir), "--run-dir", str(tmp_path), "--model", "small_cnn",
+                             "--image-size", "32", "--batch-size", "8", "--epochs", "4", "--threads", "1",
+                             "--verbose", "0", "--no-tensorboard"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    done = threading.Event()
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "runlog.jsonl").is_file() or '"event": "epoch"' not in (tmp_path / "runlog.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        pids = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{tmp_path}"], capture_output=True, text=True).stdout
+        by_rank = {}
+        for pid in map(int, pids.split()):
+            environ = open(f"/proc/{pid}/environ").read()
+            if "HOROVOD_RANK=" in environ:
+                by_rank[int(environ.split("HOROVOD_RANK=")[1].split("\0")[0])] = pid
+        threading.Thread(target=starve, args=(by_rank[1], done), daemon=True).start()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        done.set()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    last = [r for r in read_runlog(tmp_path) if r["event"] == "epoch"][-1]
+    assert last["bottleneck"] == "straggler (rank 1)", bottleneck.summary(last)
