@@ -32,7 +32,8 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # parts: what the attempts so far trained of epoch `epoch` (world size, batch, steps, batches
 # done each; empty at an epoch's end); shapes: the (world size, batch) each epoch started with.
 # best: the best value of best_by (chexnet_hvd.callbacks.CRITERIA) so far.
-META_FIELDS = ("model", "image_size", "classes", "num_classes", "epoch", "step", "parts", "shapes",
+# scaling, crop: how the model's input is made from a stored image (chexnet_hvd.data.View).
+META_FIELDS = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "epoch", "step", "parts", "shapes",
                "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
                "best_by", "best", "since_best", "plateau", "config")
 
@@ -51,7 +52,8 @@ def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState
     exactly (step, epoch and what of it was trained at which shape, the plateau and early-stopping
     counts)."""
     return meta_record(
-        model=cfg.model, image_size=cfg.image_size, classes=manifest["classes"],
+        model=cfg.model, image_size=cfg.image_size, scaling=models.input_scaling(cfg.model),
+        crop=cfg.crop, classes=manifest["classes"],
         num_classes=manifest["num_classes"], epoch=epochs_done, step=state.step,
         parts=state.epoch_parts() if epochs_done == state.epoch else [], shapes=state.shapes,
         steps_per_epoch=derived.steps_per_epoch, global_batch=derived.global_batch,

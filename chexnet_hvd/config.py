@@ -78,6 +78,10 @@ class TrainConfig:
                              "a weights file")
     seed: int = cli.field(0, help="seed of weights, shuffles and augmentation", minimum=0)
     augment: bool = cli.field(True, help="random horizontal flips")
+    crop: bool = cli.field(False, help="CheXNet's geometry: train on random S-px windows of the "
+                           "image at S x 256/224 (records written with --image-size S x 256/224 "
+                           "or more), validate, evaluate and predict on the centre one; ten-crop "
+                           "takes its windows at the same scale. Recorded in the checkpoints")
     synthetic_input: bool = cli.field(False, help="train on one random in-memory batch, repeated "
                                       "(benchmarks: the trainer without its input pipeline)")
     shuffle_buffer: int = cli.field(2048, help="record shuffle buffer per rank", minimum=1)

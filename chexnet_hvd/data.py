@@ -6,14 +6,25 @@ every world size up to 256): each rank its own contiguous range of steps x batch
 split's shards in a per-epoch order, so every rank trains the same number of steps, no record
 twice, fewer than one global batch left out, and a different part each epoch. Training order per
 rank: its segments of shards -> parallel interleave -> shuffle within blocks, seeded per (seed,
-rank, epoch) -> parallel parse/decode/flip/preprocess (uint8 records: decode/flip only, the model
-preprocesses) -> batch(drop_remainder) -> prefetch, on a private thread pool of the rank's
-threads. Evaluation reads each record exactly once across ranks, with no dropped remainder. A raw
-index (records --format raw) takes the same path with its rows (image files) as the units.
+rank, epoch) -> each record zipped with its random draws (flip, crop), a pure function of (the
+reader's seed, its index in that reader's stream) -> batch(drop_remainder) -> parse the batch in
+one op, decode, crop and flip (uint8 gathers) -> prefetch, on a private thread pool of the rank's
+threads. Records of one stored size (uint8, or PNG written with --image-size) leave the CPU as
+uint8 batches: resizing, scaling and normalising run in the model's graph
+(`models.with_preprocessing`), on the GPU when there is one. Images of source sizes (PNG records
+written without --image-size, a raw index) are decoded, flipped and preprocessed one by one on
+the CPU. Evaluation reads each record exactly once across ranks, with no dropped remainder. A
+raw index (records --format raw) takes the same path with its rows (image files) as the units.
+
+A model's input (`View`): its side S, its backbone's input scaling (Keras' "torch" mode for
+DenseNet, "caffe" for the ResNets' ImageNet weights), and with --crop CheXNet's geometry: S-px
+windows of the image at S x 256/224, random in training, the centre one in evaluation, the
+corners and centre (and mirrors) in ten-crop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,24 +32,131 @@ import numpy as np
 import tensorflow as tf
 
 from chexnet_hvd import records, sharding
+from chexnet_hvd.cli import InputError
 from chexnet_hvd.images import to_8bit
+from chexnet_hvd.records import check_image_size
 
 AUTOTUNE = tf.data.AUTOTUNE
 # ImageNet statistics: the backbones' pretrained weights expect them (and CheXNet used them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Keras' "caffe" mode (its ResNet-50 ImageNet weights were trained on it): BGR, 0-255, the
+# ImageNet mean subtracted per channel (B, G, R), no division.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+SCALINGS = ("torch", "caffe")  # Keras' names: /255 then mean/std (DenseNet), or caffe (ResNet)
+CROP_SCALE = 256 / 224  # CheXNet's geometry: the image at S x 256/224, S-px windows of it
 
 
-def preprocess(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """uint8 grayscale [H, W, 1] (or a batch) -> float32 [S, S, 3], ImageNet mean/std.
+def scale_pixels(image: tf.Tensor, scaling: str = "torch") -> tf.Tensor:
+    """Float grey levels 0-255 [..., 1] -> the 3-channel input a backbone's ImageNet weights were
+    trained on: "torch" (/255, ImageNet mean/std, RGB) or "caffe" (0-255, BGR mean subtracted)."""
+    rgb = tf.image.grayscale_to_rgb(image)
+    if scaling == "caffe":
+        return rgb[..., ::-1] - CAFFE_MEAN_BGR  # BGR order as Keras' caffe mode (grey: equal channels)
+    if scaling != "torch":
+        raise ValueError(f"unknown input scaling {scaling!r} (one of {SCALINGS})")
+    return (rgb / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
-    The one preprocessing used by training, evaluation and inference: bilinear resize with
-    antialiasing, scale to [0, 1], replicate to 3 channels, normalise.
+
+def preprocess(image: tf.Tensor, image_size: int, scaling: str = "torch") -> tf.Tensor:
+    """uint8 grayscale [H, W, 1] (or a batch) -> float32 [S, S, 3] as the backbone expects.
+
+    The one preprocessing used by training (in the input pipeline or in the model's graph),
+    evaluation and inference: bilinear resize with antialiasing (exactly the identity when the
+    size is already S), replication to 3 channels, the backbone's input scaling (`scale_pixels`).
     """
-    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (image_size, image_size),
+    image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
                             method="bilinear", antialias=True)
-    image = tf.image.grayscale_to_rgb(image)
-    return (image - IMAGENET_MEAN) / IMAGENET_STD
+    return scale_pixels(image, scaling)
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How a model's input is made from a stored image: its side S, its backbone's input scaling
+    (`scale_pixels`), and whether it sees S-px windows of the image at S x 256/224 (--crop:
+    random windows in training, the centre one in evaluation) or the whole image."""
+
+    image_size: int
+    scaling: str = "torch"
+    crop: bool = False
+
+    @classmethod
+    def of(cls, meta: dict) -> View:
+        """The view a checkpoint's (or an export's) meta.json records; one written before these
+        were recorded trained on the whole image with torch scaling."""
+        return cls(meta["image_size"], meta.get("scaling") or "torch", bool(meta.get("crop")))
+
+
+def as_view(view: View | int) -> View:
+    """`view`, or a model side alone as the default view of that side."""
+    return view if isinstance(view, View) else View(int(view))
+
+
+def crop_scale_side(image_size: int) -> int:
+    """The side of the image that --crop takes S-px windows of: S x 256/224, rounded."""
+    return round(image_size * CROP_SCALE)
+
+
+def window_side(stored, image_size: int):
+    """The side, in stored pixels, of an S-px window of the image at S x 256/224 (S itself when
+    the records are stored at that size); `stored` an int or an int tensor."""
+    scaled = crop_scale_side(image_size)
+    return (2 * image_size * stored + scaled) // (2 * scaled)  # round(S x stored / scaled)
+
+
+def shipped_side(stored: int, view: View) -> int:
+    """The side of the uint8 images the training pipeline ships for `view` (fixed-size records):
+    the stored image, or with --crop a window of it."""
+    return window_side(stored, view.image_size) if view.crop else stored
+
+
+PLACES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
+
+
+def window_box(height, width, image_size: int, place: str = "centre") -> tuple:
+    """(top, left, rows, columns) of the S-px window at `place` (one of PLACES) of an image of
+    `height` x `width` stored pixels at S x 256/224 (`window_side`, each axis on its own)."""
+    rows, cols = window_side(height, image_size), window_side(width, image_size)
+    vertical, _, horizontal = place.partition("-")
+    top = {"top": 0, "bottom": height - rows, "centre": (height - rows) // 2}[vertical]
+    left = {"left": 0, "right": width - cols, "centre": (width - cols) // 2}[horizontal or vertical]
+    return top, left, rows, cols
+
+
+def window(image: tf.Tensor, image_size: int, place: str = "centre") -> tf.Tensor:
+    """The window of `window_box` of a stored image [H, W, 1] (static sizes stay static; a
+    NumPy image, as predict reads one, too)."""
+    image = tf.convert_to_tensor(image)
+    static = image.shape[:2]
+    height, width = (int(static[0]), int(static[1])) if static.is_fully_defined() else tf.unstack(tf.shape(image)[:2])
+    top, left, rows, cols = window_box(height, width, image_size, place)
+    return image[top:top + rows, left:left + cols]
+
+
+def model_input(image: tf.Tensor, view: View | int) -> tf.Tensor:
+    """A stored image (uint8 [H, W, 1]) as the model sees it in evaluation and inference: the
+    whole image, or with --crop its centre window, preprocessed ([S, S, 3])."""
+    view = as_view(view)
+    if view.crop:
+        image = window(image, view.image_size)
+    return preprocess(image, view.image_size, view.scaling)
+
+
+def check_view(manifest: dict, data_dir: str | Path, view: View) -> None:
+    """A one-line error for records a model with `view` cannot use without upsampling: stored
+    smaller than S, or with --crop smaller than S x 256/224 or of no fixed size."""
+    check_image_size(manifest, data_dir, view.image_size)
+    if not view.crop:
+        return
+    stored, scaled = manifest.get("image_size"), crop_scale_side(view.image_size)
+    if not stored or is_raw(manifest):
+        raise InputError("--crop", f"{data_dir} holds images at their source sizes: --crop takes "
+                         f"{view.image_size}-px windows of records written with --image-size "
+                         f"{scaled} (S x 256/224) or more")
+    if stored < scaled:
+        raise InputError("--crop", f"records stored at {stored} px, --crop takes {view.image_size}-px "
+                         f"windows of the image at {scaled} px (S x 256/224): write records with "
+                         f"--image-size {scaled} or more, or train without --crop")
 
 
 def decode(example: dict, encoding: str = "png", size: int | None = None) -> tf.Tensor:
@@ -46,13 +164,32 @@ def decode(example: dict, encoding: str = "png", size: int | None = None) -> tf.
     if encoding == "uint8":
         pixels = tf.io.decode_raw(example[records.IMAGE_KEYS["uint8"]], tf.uint8)
         return tf.reshape(pixels, [size, size, 1])
-    return tf.io.decode_png(example[records.IMAGE_KEYS["png"]], channels=1)
+    image = tf.io.decode_png(example[records.IMAGE_KEYS["png"]], channels=1)
+    return tf.ensure_shape(image, [size, size, 1]) if size else image
+
+
+def decode_batch(examples: dict, encoding: str, size: int) -> tf.Tensor:
+    """A batch of parsed fixed-size records' images -> uint8 [B, S, S, 1]: uint8 pixels in one
+    op, PNGs decoded one by one (there is no batched PNG decoder)."""
+    if encoding == "uint8":
+        pixels = tf.io.decode_raw(examples[records.IMAGE_KEYS["uint8"]], tf.uint8)
+        return tf.reshape(pixels, [-1, size, size, 1])
+    return tf.map_fn(lambda png: decode({records.IMAGE_KEYS["png"]: png}, "png", size),
+                     examples[records.IMAGE_KEYS["png"]],
+                     fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8))
+
+
+def fixed_size(manifest: dict) -> bool:
+    """Records of one stored size (uint8, or PNG written with --image-size): their batches are
+    uint8 images of one shape, so the float work can run in the model's graph."""
+    return bool(manifest.get("image_size")) and not is_raw(manifest)
 
 
 def preprocess_on_device(manifest: dict) -> bool:
-    """uint8 records are fixed-size pixels: the CPU pipeline ships them as they are and the
-    model's graph (`models.with_preprocessing`) does `preprocess` on the accelerator."""
-    return manifest.get("encoding") == "uint8"
+    """Fixed-size records (`fixed_size`): the CPU pipeline decodes, crops and flips them and
+    ships uint8 batches; the model's graph (`models.with_preprocessing`) does `preprocess`
+    on the accelerator. Images of source sizes are preprocessed in the pipeline."""
+    return fixed_size(manifest)
 
 
 def decode_file(raw: tf.Tensor) -> tf.Tensor:
@@ -99,7 +236,7 @@ def open_records(data: Records | str | Path) -> Records:
     return Records(Path(data), records.load_manifest(data))
 
 
-class _Source:
+class Source:
     """A split's units (shard files, or the rows of a raw index) with their record counts, and
     `read(segments)`: the records of [k, 3] (unit, skip, take) segments, before parsing."""
 
@@ -137,12 +274,19 @@ class _Source:
             return {"image": image, "label": item["label"], "mask": item["mask"],
                     "id": item["id"], "patient": item["patient"]}
         example = records.parse_example(item, self.num_classes, self.encoding)
-        return {"image": decode(example, self.encoding, self.stored_size), "label": example["label"], "mask": example["mask"],
-                "id": example["image/id"], "patient": example["patient/id"]}
+        return {"image": decode(example, self.encoding, self.stored_size), "label": example["label"],
+                "mask": example["mask"], "id": example["image/id"], "patient": example["patient/id"]}
+
+    def batch_examples(self, serialized: tf.Tensor) -> dict:
+        """A batch of serialized fixed-size records -> image (uint8 [B, S, S, 1]), label, mask,
+        id: parsed in one op (`records.parse_batch`), the pixels decoded (`decode_batch`)."""
+        example = records.parse_batch(serialized, self.num_classes, self.encoding)
+        return {"image": decode_batch(example, self.encoding, self.stored_size), "label": example["label"],
+                "mask": example["mask"], "id": example["image/id"]}
 
 
 def as_tensor(segments: list[sharding.Segment]) -> np.ndarray:
-    """Segments as the [k, 3] int64 array `_Source.read` takes."""
+    """Segments as the [k, 3] int64 array `Source.read` takes."""
     return np.asarray(segments, dtype=np.int64).reshape(-1, 3)
 
 
@@ -171,7 +315,40 @@ def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.D
     return ds.batch(size).enumerate().map(permute).unbatch()
 
 
-def train_dataset(data: Records | str | Path, split: str, image_size: int, batch_size: int, *,
+DRAW_CHUNK = 1024  # records whose random draws one stateless op makes
+
+
+def draws(seed: tf.Tensor) -> tf.data.Dataset:
+    """Endless [3] float32 uniform draws (flip, window row, window column), one per record of a
+    reader's stream, record i's a pure function of (seed, i): the i % DRAW_CHUNK-th of the chunk
+    drawn with seed (seed, i // DRAW_CHUNK). So a record gets the same flip and crop whichever
+    attempt, world size or batch it is trained in, and one op draws for a thousand records."""
+
+    def chunk(k):
+        return tf.random.stateless_uniform([DRAW_CHUNK, 3], tf.stack([seed, k]))
+
+    return tf.data.Dataset.range(2**62).map(chunk).unbatch()
+
+
+def augment_batch(images: tf.Tensor, draw: tf.Tensor, side: int, flip: bool, crop: bool) -> tf.Tensor:
+    """uint8 [B, H, W, 1] -> [B, side, side, 1]: each image's window (with `crop`, at the
+    offsets its draws pick, uniform over every position; else the whole image), mirrored
+    when its flip draw is below 0.5 (with `flip`), as two gathers over the batch."""
+    if not (flip or crop):
+        return images
+    span = tf.cast(tf.shape(images)[1:3] - side, tf.float32)  # the last offset, per axis
+    offsets = (tf.cast(tf.floor(draw[:, 1:] * (span + 1.0)), tf.int32) if crop
+               else tf.zeros_like(draw[:, 1:], tf.int32))
+    offsets = tf.minimum(offsets, tf.cast(span, tf.int32))
+    steps = tf.range(side)
+    rows = offsets[:, :1] + steps
+    mirrored = (draw[:, :1] < 0.5) if flip else tf.zeros_like(draw[:, :1], tf.bool)
+    cols = offsets[:, 1:] + tf.where(mirrored, side - 1 - steps, steps)
+    images = tf.gather(images, rows, axis=1, batch_dims=1)
+    return tf.gather(images, cols, axis=2, batch_dims=1)
+
+
+def train_dataset(data: Records | str | Path, split: str, view: View | int, batch_size: int, *,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
                   shuffle_buffer: int = 2048, steps_per_epoch: int | None = None,
                   start_epoch: int = 0, epochs: int | None = None,
@@ -183,15 +360,16 @@ def train_dataset(data: Records | str | Path, split: str, image_size: int, batch
     default this one throughout), read in an order fixed by (seed, epoch, rank): the same
     whether the run started at 0 or was resumed at e. `parts`: what earlier attempts trained of
     `start_epoch` (a resume in mid-epoch, at this shape or another); this rank then takes its
-    share of the rest (`sharding.rank_pieces`), each record in the order and with the flip its
-    first reader would have given it.
+    share of the rest (`sharding.rank_pieces`), each record in the order and with the flip and
+    crop its first reader would have given it (`draws`).
 
     Everything up to the choice of records is deterministic, whatever the flags, so that a
-    resumed epoch trains exactly the records its interrupted attempt did not. uint8 records come
-    out as flipped uint8 pixels, for a model that preprocesses in its graph
-    (`preprocess_on_device`)."""
-    source = _Source(data, split)
-    on_device = preprocess_on_device(source.manifest)
+    resumed epoch trains exactly the records its interrupted attempt did not. Fixed-size
+    records come out as uint8 images (with --crop, windows of them: `shipped_side`), parsed
+    and augmented a batch at a time, for a model that preprocesses in its graph
+    (`preprocess_on_device`); images of source sizes are preprocessed here, one by one."""
+    source, view = Source(data, split), as_view(view)
+    on_device = fixed_size(source.manifest)
     last = 2**62 if epochs is None else start_epoch + epochs
     shapes = shapes or [(0, world_size, batch_size)]
 
@@ -209,58 +387,70 @@ def train_dataset(data: Records | str | Path, split: str, image_size: int, batch
         ds = source.read(segments)
         if not is_tail:  # the tail is read in stored order
             ds = shuffle_blocks(ds, shuffle_buffer, epoch_seed).take(length)
-        ds = ds.enumerate().map(lambda i, r: (r, tf.stack([epoch_seed, i])))
+        ds = tf.data.Dataset.zip((ds, draws(epoch_seed)))  # record i of the stream, its draws
         return ds.skip(skip).take(take)
 
-    def parse(item, flip_seed):
+    def parse_batch(serialized, draw):  # fixed-size records: the CPU's work is uint8 only
+        example = source.batch_examples(serialized)
+        side = shipped_side(source.stored_size, view)
+        image = augment_batch(example["image"], draw, side, augment, view.crop)
+        out = (image, example["label"], example["mask"])
+        return out + (example["id"],) if with_ids else out
+
+    def parse_one(item, draw):  # images of source sizes: float work here, image by image
         example = source.example(item)
         image = example["image"]
-        if augment:  # CheXNet's only augmentation; stateless, so a resumed epoch flips the same
-            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        out = (image if on_device else preprocess(image, image_size), example["label"], example["mask"])
+        if augment:  # CheXNet's only augmentation
+            image = tf.where(draw[0] < 0.5, tf.reverse(image, [1]), image)
+        out = (preprocess(image, view.image_size, view.scaling), example["label"], example["mask"])
         return out + (example["id"],) if with_ids else out
 
     scalar = tf.TensorSpec((), tf.int64)
     ds = tf.data.Dataset.from_generator(plan, output_signature=(
         scalar, scalar, tf.TensorSpec((None, 3), tf.int64), tf.TensorSpec((), tf.bool), scalar, scalar, scalar))
     ds = ds.flat_map(one_piece)
-    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    if on_device:
+        ds = ds.batch(batch_size, drop_remainder=True)
+        ds = ds.map(parse_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
+    else:
+        ds = ds.map(parse_one, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch_size, drop_remainder=True)
     return sized(ds.prefetch(AUTOTUNE), threads)
 
 
 TTA_MODES = ("none", "flip", "tencrop")
-TENCROP_SCALE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
 
 
-def tta_views(image: tf.Tensor, image_size: int, mode: str) -> tf.Tensor:
+def tta_views(image: tf.Tensor, view: View | int, mode: str) -> tf.Tensor:
     """uint8 [H, W, 1] -> preprocessed views [V, S, S, 3] whose predictions are averaged.
-    none: the image (V=1); flip: it and its mirror (V=2); tencrop: resized to S x 256/224, the
-    four corner crops and the centre crop of side S, then the five mirrored (V=10)."""
+    none: the model's input (`model_input`, V=1); flip: it and its mirror (V=2); tencrop: the
+    four corner windows and the centre window of the image at S x 256/224 (`window`: the scale
+    --crop trains at; the centre one is a --crop model's own input), then the five mirrored
+    (V=10)."""
+    view = as_view(view)
     if mode == "none":
-        return preprocess(image, image_size)[None]
+        return model_input(image, view)[None]
     if mode == "flip":
-        view = preprocess(image, image_size)
-        return tf.stack([view, tf.image.flip_left_right(view)])
-    big = int(round(image_size * TENCROP_SCALE))
-    full = preprocess(image, big)
-    s, e, c = image_size, big - image_size, (big - image_size) // 2
-    crops = tf.stack([full[:s, :s], full[:s, e:], full[e:, :s], full[e:, e:], full[c:c + s, c:c + s]])
+        one = model_input(image, view)
+        return tf.stack([one, tf.image.flip_left_right(one)])
+    crops = tf.stack([preprocess(window(image, view.image_size, place), view.image_size, view.scaling)
+                      for place in PLACES])
     return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0)
 
 
-def eval_dataset(data: Records | str | Path, split: str, image_size: int, batch_size: int, *,
+def eval_dataset(data: Records | str | Path, split: str, view: View | int, batch_size: int, *,
                  rank: int = 0, world_size: int = 1, tta: str | None = None,
                  threads: int | None = None) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
-    With `tta`, image holds the views of `tta_views` ([B, V, S, S, 3])."""
-    source = _Source(data, split)
+    image is the model's input (`model_input`), or with `tta` the views of `tta_views`
+    ([B, V, S, S, 3])."""
+    source, view = Source(data, split), as_view(view)
     segments = sharding.eval_plan(source.counts, world_size)[rank]
 
     def parse(item):
         example = source.example(item)
-        image = (preprocess(example["image"], image_size) if tta is None
-                 else tta_views(example["image"], image_size, tta))
+        image = (model_input(example["image"], view) if tta is None
+                 else tta_views(example["image"], view, tta))
         return example | {"image": image}
 
     ds = source.read(as_tensor(segments)).map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -76,11 +76,11 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
                              f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
 
 
-def score(predict, data_dir: str, split: str, image_size: int, batch: int, tta: str, engine,
+def score(predict, data_dir: str, split: str, view: data.View, batch: int, tta: str, engine,
           watchdog: stall.Watchdog | None = None) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients; each batch
     is progress for the stall `watchdog`."""
-    dataset = data.eval_dataset(data_dir, split, image_size, batch, rank=engine.rank,
+    dataset = data.eval_dataset(data_dir, split, view, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
     batches = itertools.count(1)
 
@@ -203,14 +203,14 @@ def main(argv: list[str] | None = None) -> int:
 
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
-    names, size = meta["classes"], meta["image_size"]
-    records.check_image_size(manifest, cfg.data, size)
+    names, view = meta["classes"], data.View.of(meta)  # the checkpoint's scaling and crop
+    data.check_view(manifest, cfg.data, view)
 
-    plain = score(predict, cfg.data, cfg.split, size, cfg.batch_size, "none", engine, watchdog)
-    tta = score(predict, cfg.data, cfg.split, size, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
+    plain = score(predict, cfg.data, cfg.split, view, cfg.batch_size, "none", engine, watchdog)
+    tta = score(predict, cfg.data, cfg.split, view, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
     thresholds = np.full(len(names), np.nan)
     if cfg.val_split:
-        val = score(predict, cfg.data, cfg.val_split, size, cfg.batch_size, "none", engine, watchdog)
+        val = score(predict, cfg.data, cfg.val_split, view, cfg.batch_size, "none", engine, watchdog)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
     if engine.rank == 0:  # every rank has the gathered predictions; the chief reports
         report(cfg, engine, meta, manifest, ranks, plain, tta, thresholds)

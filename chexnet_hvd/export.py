@@ -5,8 +5,8 @@
     python -m chexnet_hvd.export --checkpoint CKPT --format openvino --precision int8 --calib RECORDS
 
 The output directory (default CKPT/../export-FORMAT-PRECISION) holds the model and a meta.json
-(model, image size, classes), written under a temporary name and renamed when complete; evaluate
-and predict read it with --backend openvino. INT8 is NNCF post-training quantisation calibrated
+(model, image size, input scaling and crop, classes), written under a temporary name and renamed
+when complete; evaluate and predict read it with --backend openvino. INT8 is NNCF post-training quantisation calibrated
 on --calib-images preprocessed training images. OpenVINO runs the models with the inference
 precision hint f32, so FP32 really is fp32 on CPUs with AMX (which would otherwise run bf16).
 """
@@ -47,11 +47,11 @@ def save_savedmodel(model, path: Path) -> None:
     tf.saved_model.save(model, str(path), signatures={"serving_default": serve})
 
 
-def calibration_images(records_dir: str, image_size: int, count: int) -> list[np.ndarray]:
+def calibration_images(records_dir: str, view: data.View, count: int) -> list[np.ndarray]:
     """The first `count` training images, preprocessed as for the model, one [1, S, S, 3] each."""
 
     out = []
-    for batch in data.eval_dataset(records_dir, "train", image_size, 32):
+    for batch in data.eval_dataset(records_dir, "train", view, 32):
         out += [img[None] for img in batch["image"].numpy()]
         if len(out) >= count:
             break
@@ -64,7 +64,7 @@ def export(cfg: ExportConfig) -> Path:
             raise cli.InputError("--calib", "int8 needs a records directory to calibrate on")
     model, meta = checkpoints.load(cfg.checkpoint)
     if cfg.calib:  # a clear error now rather than after the conversion
-        records.check_image_size(records.load_manifest(cfg.calib), cfg.calib, meta["image_size"])
+        data.check_view(records.load_manifest(cfg.calib), cfg.calib, data.View.of(meta))
     tag = "savedmodel" if cfg.format == "savedmodel" else f"openvino-{cfg.precision}"
     out = Path(cfg.out or Path(cfg.checkpoint).parent.parent / f"export-{tag}")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -78,11 +78,11 @@ def export(cfg: ExportConfig) -> Path:
         if cfg.precision == "int8":
             import nncf
 
-            calib = calibration_images(cfg.calib, meta["image_size"], cfg.calib_images)
+            calib = calibration_images(cfg.calib, data.View.of(meta), cfg.calib_images)
             ov_model = nncf.quantize(ov_model, nncf.Dataset(calib), subset_size=len(calib))
         ov.save_model(ov_model, str(tmp / OV_MODEL), compress_to_fp16=False)
         shutil.rmtree(tmp / "savedmodel")
-    keep = ("model", "image_size", "classes", "num_classes", "val_mean_auroc")
+    keep = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "val_mean_auroc")
     (tmp / "meta.json").write_text(json.dumps({k: meta.get(k) for k in keep} | {
         "format": cfg.format, "precision": cfg.precision if cfg.format == "openvino" else "fp32",
         "checkpoint": str(cfg.checkpoint)}, indent=1))

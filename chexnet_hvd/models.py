@@ -91,9 +91,12 @@ def resnet59(image_size: int, num_classes: int, weights: str | None) -> tf.keras
     published name, see chexnet_hvd.weights), which initialises the stem and the first four
     stages, whose shapes are ResNet-50's; the added fifth stage and the head start at random."""
     inputs = layers.Input((image_size, image_size, 3), name="image")
-    x = layers.Conv2D(64, 7, 2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    # ResNet-50's stem exactly (Keras pads 3, then 1 before the pool): 'same' padding puts the
+    # 7x7/2 windows one pixel off theirs, and then the copied kernels see other pixels
+    x = layers.ZeroPadding2D(3, name="stem_pad")(inputs)
+    x = layers.Conv2D(64, 7, 2, use_bias=False, name="stem_conv")(x)
     x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(epsilon=1.001e-5, name="stem_bn")(x))
-    x = layers.MaxPool2D(3, 2, padding="same", name="stem_pool")(x)
+    x = layers.MaxPool2D(3, 2, name="stem_pool")(layers.ZeroPadding2D(1, name="stem_pool_pad")(x))
     for s, (width, out, blocks, stride) in enumerate(RESNET59_STAGES, 1):
         for b in range(blocks):
             x = _bottleneck(x, width, out, stride if b == 0 else 1, f"stage{s}_block{b + 1}")
@@ -110,8 +113,10 @@ def _from_resnet50(model: tf.keras.Model, weights: str) -> None:
     """Copy ResNet-50's stem and stages (conv2..conv5 in Keras' names) into ResNet-59's stem and
     stages 1-4. Keras' convolutions have a bias and these do not; each is followed by batch
     normalisation, so the bias moves into its moving mean (BN(x + b) with mean m is BN(x) with
-    mean m - b) and each convolution + batch norm computes what ResNet-50's did. (The network
-    is still not ResNet-50: stage 1 has stride 2 here, and the stem pads 'same'.)"""
+    mean m - b) and each convolution + batch norm computes what ResNet-50's did on the same
+    input; the stem (padded as Keras pads it) computes ResNet-50's stem on the same image, which
+    takes ResNet-50's input scaling (INPUT_SCALING). (The network is still not ResNet-50: stage
+    1 has stride 2 here.)"""
     source = tf.keras.applications.ResNet50(include_top=False, weights=weights)
     pairs = [("conv1", "stem_conv", "stem_bn")]
     for s, (_, _, blocks, _) in enumerate(RESNET59_STAGES[:4], 1):
@@ -162,14 +167,26 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
                          f"{image_size} px ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 
 
-def with_preprocessing(model: tf.keras.Model, stored_size: int) -> tf.keras.Model:
-    """`model` behind `data.preprocess` as a layer of its graph: it takes the uint8 pixels of
-    uint8 records ([B, S, S, 1], S the stored size), so resizing, scaling, replication to 3
-    channels and ImageNet normalisation run where the model runs (a GPU), not on the CPU. The
-    weights are `model`'s own: checkpoints hold `model`, which takes preprocessed input."""
+# Each backbone's input scaling (data.scale_pixels): the one Keras' ImageNet weights for it were
+# trained on (keras.applications' preprocess_input), used whatever the initialisation, so that
+# weights trained here always meet the scaling they were trained with. Others: "torch".
+INPUT_SCALING = {"densenet121": "torch", "resnet50": "caffe", "resnet59": "caffe"}
+
+
+def input_scaling(name: str) -> str:
+    """The input scaling model `name` takes (INPUT_SCALING; "torch" for the rest)."""
+    return INPUT_SCALING.get(name, "torch")
+
+
+def with_preprocessing(model: tf.keras.Model, side: int, scaling: str = "torch") -> tf.keras.Model:
+    """`model` behind `data.preprocess` as a layer of its graph: it takes the uint8 images the
+    training pipeline ships for fixed-size records ([B, side, side, 1]: the stored image, or a
+    --crop window of it), so resizing, scaling, replication to 3 channels and the backbone's
+    input scaling run where the model runs (a GPU), not on the CPU. The weights are `model`'s
+    own: checkpoints hold `model`, which takes preprocessed input."""
     size = model.input_shape[1]
-    pixels = tf.keras.Input((stored_size, stored_size, 1), dtype=tf.uint8, name="pixels")
-    images = tf.keras.layers.Lambda(lambda t: data.preprocess(t, size), name="preprocess")(pixels)
+    pixels = tf.keras.Input((side, side, 1), dtype=tf.uint8, name="pixels")
+    images = tf.keras.layers.Lambda(lambda t: data.preprocess(t, size, scaling), name="preprocess")(pixels)
     return tf.keras.Model(pixels, model(images), name=f"{model.name}_on_pixels")
 
 

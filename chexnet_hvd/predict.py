@@ -113,6 +113,17 @@ def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return tf.image.resize(cam[..., None], shape, method="bilinear").numpy()[..., 0]
 
 
+def place_map(cam: np.ndarray, shape: tuple[int, int], view: data.View) -> np.ndarray:
+    """A heatmap over the model's input, on the image of `shape`: upsampled to the whole image,
+    or with --crop to the centre window the model saw (zero outside it)."""
+    if not view.crop:
+        return upsample(cam, shape)
+    top, left, rows, cols = data.window_box(*shape, view.image_size)
+    heat = np.zeros(shape, np.float32)
+    heat[top:top + rows, left:left + cols] = upsample(cam, (rows, cols))
+    return heat
+
+
 MAX_ALPHA = 0.6  # the opacity of the colour where the map is at its maximum
 
 
@@ -153,19 +164,20 @@ def relative_names(files: list[Path]) -> list[Path]:
     return [p.relative_to(root) for p in absolute]
 
 
-def write_maps(probe, name: Path, gray: np.ndarray, view: np.ndarray, row: np.ndarray,
+def write_maps(probe, name: Path, gray: np.ndarray, x: np.ndarray, view: data.View, row: np.ndarray,
                classes: list[str], top: int, out: Path) -> list[Path]:
-    """The activation maps of one image's `top` findings, as OUT/<its relative path>_<class>.png;
-    a warning for a map that is all zeros. Returns the files written."""
+    """The activation maps of one image's `top` findings (`x`: its model input, made as `view`
+    says), as OUT/<its relative path>_<class>.png; a warning for a map that is all zeros.
+    Returns the files written."""
     written = []
     for c in np.argsort(-row)[:top]:
-        cam = grad_cam(probe, view, int(c))
+        cam = grad_cam(probe, x, int(c))
         if not cam.any():
             print(f"warning: {name}: the {classes[c]} map is all zeros (no location raises its "
                   "score)", file=sys.stderr)
         path = out / name.parent / f"{name.name}_{classes[c]}.png"
         cli.make_dir(path.parent)
-        save_overlay(gray, upsample(cam, gray.shape), f"{name}: {classes[c]} {row[c]:.2f}", path)
+        save_overlay(gray, place_map(cam, gray.shape, view), f"{name}: {classes[c]} {row[c]:.2f}", path)
         written.append(path)
     return written
 
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         predict = model.predict_on_batch
     else:
         predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
-    names, size = meta["classes"], meta["image_size"]
+    names, view = meta["classes"], data.View.of(meta)  # the checkpoint's scaling and crop
     out = Path(cfg.cam) if cfg.cam else None
     if out:
         cli.make_dir(out)
@@ -205,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(0, len(files), cfg.batch_size):  # one batch of images in memory at a time
         chunk = files[i:i + cfg.batch_size]
         images = [load_image(f) for f in chunk]
-        views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
+        views = np.stack([data.model_input(img[..., None], view).numpy() for img in images])
         probs.append(np.asarray(predict(views), np.float32))
         if out:
-            for name, img, view, row in zip(names_of[i:i + cfg.batch_size], images, views, probs[-1], strict=True):
-                written.update(write_maps(probe, name, img, view, row, names, cfg.top, out))
+            for name, img, x, row in zip(names_of[i:i + cfg.batch_size], images, views, probs[-1], strict=True):
+                written.update(write_maps(probe, name, img, x, view, row, names, cfg.top, out))
     print(render(files, np.concatenate(probs), names, cfg.format))
     if out:  # an input named twice gets its maps once
         print(f"wrote {len(written)} heatmaps to {out}", file=sys.stderr)

@@ -91,6 +91,13 @@ def parse_example(serialized, num_classes: int, encoding: str = "png") -> dict:
     return tf.io.parse_single_example(serialized, feature_spec(num_classes, encoding))
 
 
+def parse_batch(serialized, num_classes: int, encoding: str = "png") -> dict:
+    """Parse a batch of serialized records (a [B] string tensor) into the feature dict, in one op."""
+    import tensorflow as tf
+
+    return tf.io.parse_example(serialized, feature_spec(num_classes, encoding))
+
+
 def load_manifest(data_dir: str | Path) -> dict:
     """manifest.json of a records directory; a clear error when it is not one."""
     path = Path(data_dir) / MANIFEST

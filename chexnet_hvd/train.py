@@ -46,7 +46,6 @@ from chexnet_hvd import (
 )
 from chexnet_hvd.callbacks import RunState
 from chexnet_hvd.config import Derived, TrainConfig
-from chexnet_hvd.records import check_image_size
 
 
 # ---------------------------------------------------------------- preemption -----------------
@@ -99,10 +98,16 @@ def make_optimizer(cfg: TrainConfig, engine, derived: Derived):
     return optimizer
 
 
+def model_view(cfg: TrainConfig) -> data.View:
+    """How the model's input is made from a stored image: --image-size, the backbone's own
+    input scaling, --crop (checkpoints record it: evaluate, predict and export use it)."""
+    return data.View(cfg.image_size, models.input_scaling(cfg.model), cfg.crop)
+
+
 def build(cfg: TrainConfig, engine, records: data.Records, initial, derived: Derived):
     """(model, trained): the model checkpoints hold, and what `fit` trains: the same model, or
-    with uint8 records the model behind `preprocess` in its graph. Compiled with the loss and
-    the distributed optimizer; the same initial weights on every rank (one seed)."""
+    with fixed-size records the model behind `preprocess` in its graph. Compiled with the loss
+    and the distributed optimizer; the same initial weights on every rank (one seed)."""
     tf.keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -112,7 +117,8 @@ def build(cfg: TrainConfig, engine, records: data.Records, initial, derived: Der
     manifest = records.manifest
     with engine.scope():
         model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], initial)
-        trained = (models.with_preprocessing(model, manifest["image_size"])
+        view = model_view(cfg)
+        trained = (models.with_preprocessing(model, data.shipped_side(manifest["image_size"], view), view.scaling)
                    if data.preprocess_on_device(manifest) else model)
         trained.compile(optimizer=make_optimizer(cfg, engine, derived),
                         loss=make_loss(pos_weight(cfg, manifest)))
@@ -156,6 +162,10 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
 def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int]) -> RunState:
     """The run state a checkpoint's meta.json describes, for an attempt at `shape`."""
     parts = [tuple(p) for p in meta.get("parts") or []]
+    trained_on = data.View.of(meta).scaling  # weights trained on one input scaling stay on it
+    if trained_on != models.input_scaling(cfg.model):
+        raise cli.InputError(found, f"its {cfg.model} was trained on {trained_on} input scaling, this "
+                             f"version feeds {cfg.model} {models.input_scaling(cfg.model)}: start a new run")
     if parts:  # the rest of the epoch is planned from the order its first attempt read it in
         for flag in ("seed", "shuffle_buffer"):
             if meta["config"].get(flag) != getattr(cfg, flag):
@@ -224,12 +234,12 @@ def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Deri
     earlier attempts trained `parts` of it, this rank's share of the rest), as Keras' (x, y)
     with y packing label and mask (`pack_targets`); with a `trail`, each batch's
     record ids noted as it is delivered."""
-    on_device = data.preprocess_on_device(records.manifest)
+    on_device, view = data.preprocess_on_device(records.manifest), model_view(cfg)
     if cfg.synthetic_input:
-        ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, records.manifest["num_classes"],
-                                    cfg.seed, records.manifest["image_size"] if on_device else None)
+        ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, records.manifest["num_classes"], cfg.seed,
+                                    data.shipped_side(records.manifest["image_size"], view) if on_device else None)
     else:
-        ds = data.train_dataset(records, "train", cfg.image_size, cfg.batch_size,
+        ds = data.train_dataset(records, "train", view, cfg.batch_size,
                                 rank=engine.rank, world_size=engine.size, seed=cfg.seed,
                                 augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer,
                                 steps_per_epoch=derived.steps_per_epoch, start_epoch=start_epoch,
@@ -300,7 +310,7 @@ def open_inputs(cfg: TrainConfig) -> data.Records:
     records = data.open_records(cfg.data)
     for split in ("train", cfg.val_split):
         records.units(split)
-    check_image_size(records.manifest, cfg.data, cfg.image_size)
+    data.check_view(records.manifest, cfg.data, model_view(cfg))
     return records
 
 
@@ -350,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         # --- data and callbacks ---
         beat = watch.beat if watch else None
         validation = callbacks.Validation(
-            state, data.eval_dataset(records, cfg.val_split, cfg.image_size, cfg.val_batch_size,
+            state, data.eval_dataset(records, cfg.val_split, model_view(cfg), cfg.val_batch_size,
                                      rank=engine.rank, world_size=engine.size, threads=placement.threads),
             records.manifest["classes"], pos_weight(cfg, records.manifest), engine.predictor(model), engine,
             beat)

@@ -120,9 +120,25 @@ def test_an_all_zero_map_is_written_with_a_warning(tmp_path, capsys):
     gray = np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)
     view = data.preprocess(gray[..., None], 32).numpy()
     row = np.eye(14, dtype=np.float32)[0]  # class 0 on top
-    [path] = write_maps(cam_probe(model), Path("a/x.png"), gray, view, row, list(PATHOLOGIES), 1, tmp_path)
+    [path] = write_maps(cam_probe(model), Path("a/x.png"), gray, view, data.View(32), row, list(PATHOLOGIES), 1,
+                        tmp_path)
     assert path == tmp_path / "a" / "x.png_Atelectasis.png" and path.is_file()
     assert "warning: a/x.png: the Atelectasis map is all zeros" in capsys.readouterr().err
+
+
+def test_a_crop_models_map_covers_the_centre_window_it_saw():
+    """With --crop the model saw the centre S-px window of the image at S x 256/224: its map is
+    placed over that window of the written overlay (zero outside), not stretched over the image."""
+    from chexnet_hvd.predict import place_map
+
+    whole = place_map(np.ones((4, 4), np.float32), (64, 64), data.View(28))
+    cropped = place_map(np.ones((4, 4), np.float32), (64, 64), data.View(28, crop=True))
+    assert whole.shape == cropped.shape == (64, 64) and whole.min() > 0.99
+    top, left, rows, cols = data.window_box(64, 64, 28)
+    assert (top, left, rows, cols) == (4, 4, 56, 56)
+    inside = np.zeros((64, 64), bool)
+    inside[top:top + rows, left:left + cols] = True
+    assert cropped[inside].min() > 0.99 and not cropped[~inside].any()
 
 
 def test_every_location_of_the_map_gets_gradient_and_upsamples_smoothly():

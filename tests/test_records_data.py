@@ -291,7 +291,7 @@ def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(s
     assert records.load_manifest(tmp_path / "uint8")["encoding"] == "uint8"
     pixels = {}
     for encoding in ("png", "uint8"):
-        source = data._Source(tmp_path / encoding, "val")
+        source = data.Source(tmp_path / encoding, "val")
         items = source.read(data.as_tensor(data.sharding.eval_plan(source.counts, 1)[0]))
         pixels[encoding] = {source.example(i)["id"].numpy(): source.example(i)["image"].numpy() for i in items}
     assert pixels["png"].keys() == pixels["uint8"].keys()
@@ -309,3 +309,47 @@ def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(s
     assert read_runlog(run_dir)[0]["preprocess"] == "model graph"
     module("evaluate", "--checkpoint", run_dir / "checkpoints" / "best", "--data", tmp_path / "uint8",
            "--bootstrap", 10, check=True, timeout=300)
+
+
+def cpu_preprocess_before(image: np.ndarray, size: int) -> np.ndarray:
+    """What the input pipeline made of a record on the CPU before the float work moved into the
+    model's graph: /255, bilinear antialiased resize, 3 channels, ImageNet mean/std."""
+    image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (size, size), method="bilinear", antialias=True)
+    return ((tf.image.grayscale_to_rgb(image) - data.IMAGENET_MEAN) / data.IMAGENET_STD).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoding", ["png", "uint8"])
+def test_records_of_one_size_leave_the_cpu_as_uint8_and_the_graph_preprocesses_them_as_before(
+        synthetic, tmp_path, encoding):
+    """PNG records written at one size, like uint8 records, come out of the training pipeline as
+    uint8 batches, about half of the images mirrored; the model graph's preprocessing of each
+    gives what the CPU's preprocessing gave for that record (or its mirror) within 1/255. The
+    trainer then preprocesses in the model graph."""
+    from chexnet_hvd import models
+    from chexnet_hvd.runlog import read_runlog
+
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+           "--out", tmp_path / encoding, "--image-size", 32, "--encoding", encoding, "--shard-size", 64,
+           "--no-progress", check=True)
+    source = data.Source(tmp_path / encoding, "train")
+    items = source.read(data.as_tensor(data.sharding.eval_plan(source.counts, 1)[0]))
+    stored = {ex["id"].numpy(): ex["image"].numpy() for ex in map(source.example, items)}
+    graph = models.with_preprocessing(models.build_model("small_cnn", 28, 14), 32)
+    in_graph = tf.keras.Model(graph.input, graph.get_layer("preprocess").output)
+    mirrored, seen = 0, 0
+    for images, _, _, ids in data.train_dataset(tmp_path / encoding, "train", 28, 16, epochs=1, with_ids=True):
+        assert images.dtype == tf.uint8 and images.shape[1:] == (32, 32, 1)
+        for out, image, i in zip(in_graph.predict_on_batch(images), images.numpy(), ids.numpy(), strict=True):
+            flipped = not np.array_equal(image, stored[i])
+            assert np.array_equal(image, stored[i][:, ::-1] if flipped else stored[i])
+            before = cpu_preprocess_before(stored[i], 28)
+            np.testing.assert_allclose(out, before[:, ::-1] if flipped else before, atol=1 / 255)
+            mirrored, seen = mirrored + flipped, seen + 1
+    assert seen >= 400 and 0.4 < mirrored / seen < 0.6
+    if encoding == "png":  # (the uint8 records' run is the test below)
+        run_dir = tmp_path / "run"
+        module("train", "--data", tmp_path / encoding, "--run-dir", run_dir, "--model", "small_cnn",
+               "--image-size", 28, "--batch-size", 16, "--epochs", 1, "--steps-per-epoch", 4, "--verbose", 0,
+               check=True, timeout=300)
+        assert read_runlog(run_dir)[0]["preprocess"] == "model graph"
