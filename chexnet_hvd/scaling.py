@@ -363,7 +363,8 @@ def project(step_seconds_1: float, grad_bytes: float, local_batch: int, ranks: l
     return rows
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as s, min or h, whichever reads best."""
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
@@ -379,9 +380,28 @@ def projection_markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["ranks"], r["nodes"], f"{r['step_seconds']:.4f}", f"{r['allreduce_seconds']:.4f}",
                  _fmt(r["images_per_sec"]), _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.1f}%",
-                 _duration(r["epoch_seconds"])]
+                 duration(r["epoch_seconds"])]
         if strong:
             cells += [f"{r['strong_step_seconds']:.4f}", _fmt(r["strong_speedup"], 2),
                       f"{r['strong_efficiency'] * 100:.1f}%"]
         body.append(cells)
     return cli.markdown_table(head, body)
+
+
+def fit_ring(samples: list[tuple[float, int, float]]) -> tuple[float, float]:
+    """(bandwidth GB/s, latency us) of the ring model fitted to measured allreduces, given as
+    (bytes, ranks, seconds): least squares of seconds = 2 (N-1)/N * bytes / bandwidth +
+    2 (N-1) * latency on the relative error (each sample divided by its seconds), so that small
+    messages, which carry the latency, weigh as much as large ones."""
+    rows = [(2 * (n - 1) / n * size / t, 2 * (n - 1) / t) for size, n, t in samples if n > 1]
+    if len(rows) < 2:
+        raise ValueError("fit_ring: needs at least two samples of more than one rank")
+    # normal equations of [x, z] @ [1/bandwidth, latency] = 1
+    sxx = sum(x * x for x, _ in rows)
+    sxz = sum(x * z for x, z in rows)
+    szz = sum(z * z for _, z in rows)
+    sx, sz = sum(x for x, _ in rows), sum(z for _, z in rows)
+    det = sxx * szz - sxz * sxz
+    inverse_bw = (sx * szz - sz * sxz) / det
+    latency = (sz * sxx - sx * sxz) / det
+    return 1 / inverse_bw / 1e9, latency * 1e6

@@ -201,6 +201,34 @@ def test_strong_scaling_splits_the_global_batch_and_epoch_time_follows_the_rate(
     assert "strong: efficiency" in scaling.projection_markdown(list(rows.values()))
 
 
+def test_fit_ring_recovers_the_bandwidth_and_latency_it_was_given():
+    # samples made by the model itself at 0.025 GB/s (200 Mbit/s) and 300 us: the fit finds them
+    samples = [(size, n, scaling.ring_seconds(size, n, 0.025, 300.0))
+               for size in (1e3, 1e5, 1e6, 2.8e7) for n in (2, 3, 4)]
+    bandwidth, latency = scaling.fit_ring(samples)
+    assert bandwidth == pytest.approx(0.025) and latency == pytest.approx(300.0)
+    with pytest.raises(ValueError):
+        scaling.fit_ring([(1e6, 1, 0.1), (1e6, 2, 0.1)])  # one usable sample
+
+
+def test_readme_projection_table_is_the_models():
+    """The README's projection table, row by row, is what scaling.project gives for the
+    assumptions it states (4 GPUs per node, NVLink defaults, 25 GbE / EDR InfiniBand)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| model (1-GPU step) | between nodes |"):].split("\n\n")[0].splitlines()[2:]
+    models = [(0.265, 6968206, 64), (0.063, 83379278, 16)]
+    fabrics = [(3.125, 25.0), (12.5, 10.0)]
+    expected = []
+    for step, params, batch in models:
+        for bandwidth, latency in fabrics:
+            for size in (4, 2):
+                net = scaling.Network(bandwidth, latency, gpus_per_node=4)
+                rows = scaling.project(step, params * size, batch, [16, 64, 256], net)
+                expected.append([f"{r['efficiency'] * 100:.0f}%" for r in rows]
+                                + [scaling.duration(rows[0]["epoch_seconds"])])
+    assert [[c.strip() for c in line.strip("|").split("|")][3:] for line in table] == expected
+
+
 def test_projection_cli_from_a_one_rank_run_log(tmp_path):
     writer = runlog.RunLogWriter(tmp_path / "np1")
     writer.write("start", model="densenet121", image_size=224, precision="fp32", local_batch=16,
