@@ -157,28 +157,40 @@ def main() -> None:
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     args = ap.parse_args()
     began = time.time()
+    rows, runs, nets, failed = [], [], {}, []
+
+    def save() -> None:  # after every measurement: a long run cut short keeps what it measured
+        result = {
+            "machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
+            "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
+            "minutes": round((time.time() - began) / 60, 1),
+            "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
+            "allreduce": rows, "train": runs, "failed": failed}
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
         tmp = Path(tmp)
-        rows = []
         for engine, nodes, per_node in SWEEP:
-            rows += sweep(engine, nodes, per_node, tmp, args.repeats)
+            try:
+                rows += sweep(engine, nodes, per_node, tmp, args.repeats)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
+                failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "error": str(err)[-1500:]})
             print(f"sweep {engine} {nodes}x{per_node}: done ({time.time() - began:.0f} s)", flush=True)
-        nets = {engine: fitted(rows, engine) for engine in {r["engine"] for r in rows}}
+            save()
+        nets = {engine: fitted(rows, engine) for engine in sorted({r["engine"] for r in rows})}
         rows = predict_sweep(rows, nets)
-        runs = []
+        save()
         if not args.skip_train:
             data = records(tmp)
             for engine, nodes, per_node, extra in TRAIN:
-                runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets))
-                print(f"train {runs[-1]}", flush=True)
-    result = {
-        "machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
-        "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(), "minutes": round((time.time() - began) / 60, 1),
-        "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
-        "allreduce": rows, "train": runs,
-        "max_abs_error_28mb": {e: max(abs(r["error"]) for r in rows if r["engine"] == e and r["bytes"] == 28_000_000)
-                               for e in nets}}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+                try:
+                    runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets))
+                except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
+                    failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": " ".join(extra),
+                                   "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
+                    continue
+                print(f"train {runs[-1]} ({time.time() - began:.0f} s)", flush=True)
+                save()
     print(f"wrote {args.out}")
 
 
