@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-BENCHMARKS = ["bench_train.py", "bench_data.py", "bench_scaling.py", "bench_inference.py",
+BENCHMARKS = ["bench_train.py", "bench_data.py", "bench_scaling.py", "bench_comm.py", "bench_inference.py",
               "bench_nas.py"]
 
 
@@ -158,6 +158,46 @@ def section_scaling(r: dict) -> list[str]:
         "one would mean Horovod hid part of the allreduce behind the backward pass.", ""]
 
 
+def section_comm(r: dict) -> list[str]:
+    """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
+    fit = r["fit"]
+    shown = (32_000, 1_000_000, 14_000_000, 28_000_000)
+    sweep = [f"| {a['engine']} | {a['nodes']} x {a['per_node']} | {a['bytes'] / 1e6:g} | {a['seconds'] * 1e3:.1f} | "
+             f"{a['predicted'] * 1e3:.1f} | {a['error'] * 100:+.0f}% |"
+             for a in r["allreduce"] if a["bytes"] in shown and "predicted" in a]
+    train = [f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {t['gradient_bytes'] / 1e6:.1f} | "
+             f"{t['compute']:.3f} | {t['measured_step']:.3f} | {t['predicted_step']:.3f} | {t['error'] * 100:+.0f}% |"
+             for t in r["train"]]
+    return [
+        f"## Communication model (rehearsal links shaped to {r['rate']})", "",
+        f"Machine: {r['machine']} ({r['cpus']} cores), {r['date']}; `bench/bench_comm.py`, {r['minutes']:.0f} "
+        f"min. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
+        "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
+        "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
+        "(unshaped), so on these CPU engines' flat ring each step crosses each node's link once: "
+        "the model is one ring over all ranks paced by the links "
+        "(`scaling.Network(hierarchical=False)`).", "",
+        "**Fitted** (least squares of the ring model on the relative error, 1 rank per node, "
+        "2-4 nodes, 1 kB to 28 MB):", "",
+        "| engine | bandwidth (MB/s) | latency per ring step (us) | bandwidth / link rate |", "|---|---:|---:|---:|",
+        *[f"| {e} | {f['bandwidth_gbs'] * 1e3:.1f} | {f['latency_us']:.0f} | {f['bandwidth_gbs'] / r['link_gbs']:.2f} |"
+          for e, f in fit.items()], "",
+        "**Allreduce, measured vs the fitted model** (median of the timed repeats; layouts with "
+        "more than 1 rank per node are predictions, not fitted):", "",
+        "| engine | nodes x ranks per node | MB | measured ms | predicted ms | error |", "|---|---|---:|---:|---:|---:|",
+        *sweep, "",
+        "**Training step, measured vs predicted**: the real trainer (DenseNet-121 at 32 px, its "
+        "real gradient bytes, synthetic input); predicted = the slowest rank's compute probe "
+        "(timed with every rank probing at once, so the 2 cores' contention is in it) + the "
+        "fitted allreduce of the gradient bytes (halved by --fp16-allreduce) / backward passes "
+        "per step:", "",
+        "| engine | nodes x ranks per node | flags | gradient MB | compute s | measured step s | predicted step s | error |",
+        "|---|---|---|---:|---:|---:|---:|---:|", *train, "",
+        *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: "
+          f"{f['error'].strip().splitlines()[-1][:200]}" for f in r.get("failed", [])],
+        *r.get("notes", []), ""]
+
+
 def section_inference(r: dict) -> list[str]:
     sp, au = r["speed"], r["small_cnn_mean_auroc"]
     rows = [f"| {name} | {v['latency_ms_batch1']:.1f} | {v['images_per_sec_batch32']:.1f} | "
@@ -226,6 +266,7 @@ SECTIONS = {
     "bench_train.json": section_trainer,
     "bench_data.json": section_data_path,
     "bench_scaling.json": section_scaling,
+    "bench_comm.json": section_comm,
     "bench_inference.json": section_inference,
     "bench_nas.json": section_nas,
 }
