@@ -99,16 +99,20 @@ def fitted(rows: list[dict], engine: str) -> scaling.Network:
     return scaling.Network(bandwidth_gbs=bandwidth, latency_us=latency)
 
 
-def on_layout(net: scaling.Network, per_node: int) -> scaling.Network:
-    """`net` with `per_node` ranks per node on one flat ring (the CPU engines), paced by the links."""
+def on_layout(net: scaling.Network, per_node: int, hierarchical: bool) -> scaling.Network:
+    """`net` with `per_node` ranks per node whose memory is free beside the links: one flat
+    ring over all ranks paced by the links, or hierarchical (a ring across the nodes only)."""
     return scaling.Network(net.bandwidth_gbs, net.latency_us, net.overlap, per_node, intra_bandwidth_gbs=1e9,
-                           intra_latency_us=0.0, hierarchical=False)
+                           intra_latency_us=0.0, hierarchical=hierarchical)
 
 
 def predict_sweep(rows: list[dict], nets: dict) -> list[dict]:
+    """Each allreduce's prediction by both layouts' models and its error (+: the model is slower)."""
     for r in rows:
-        predicted = scaling.allreduce_seconds(r["bytes"], r["ranks"], on_layout(nets[r["engine"]], r["per_node"]))
-        r |= {"predicted": predicted, "error": (predicted - r["seconds"]) / r["seconds"]}
+        for kind, hierarchical in (("flat", False), ("hierarchical", True)):
+            net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
+            predicted = scaling.allreduce_seconds(r["bytes"], r["ranks"], net)
+            r |= {f"predicted_{kind}": predicted, f"error_{kind}": (predicted - r["seconds"]) / r["seconds"]}
     return rows
 
 
@@ -141,9 +145,22 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
 
 
 def predict_train(r: dict, nets: dict) -> dict:
-    net = on_layout(nets[r["engine"]], r["per_node"])
-    predicted = scaling.step_seconds(r["compute"], r["gradient_bytes"], r["ranks"], net, r["backward_passes"])
-    return r | {"predicted_step": predicted, "error": (predicted - r["measured_step"]) / r["measured_step"]}
+    """A trainer run's step predicted by both layouts' models and its error."""
+    for kind, hierarchical in (("flat", False), ("hierarchical", True)):
+        net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
+        predicted = scaling.step_seconds(r["compute"], r["gradient_bytes"], r["ranks"], net, r["backward_passes"])
+        r = r | {f"predicted_step_{kind}": predicted, f"error_{kind}": (predicted - r["measured_step"]) / r["measured_step"]}
+    return r
+
+
+def refit(path: Path) -> None:
+    """Fit and predictions recomputed from the measurements of a saved result (no cluster)."""
+    result = json.loads(path.read_text())
+    nets = {engine: fitted(result["allreduce"], engine) for engine in sorted({r["engine"] for r in result["allreduce"]})}
+    result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
+    result["allreduce"] = predict_sweep(result["allreduce"], nets)
+    result["train"] = [predict_train(r, nets) for r in result["train"]]
+    path.write_text(json.dumps(result, indent=1))
 
 
 def main() -> None:
@@ -154,7 +171,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="trainer: steps per epoch (3 warm-up steps left out)")
     ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
+    ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
+    if args.refit:
+        refit(Path(args.out))
+        return
     began = time.time()
     rows, runs, nets, failed = [], [], {}, []
 

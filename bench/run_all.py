@@ -162,21 +162,24 @@ def section_comm(r: dict) -> list[str]:
     """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
     fit = r["fit"]
     shown = (32_000, 1_000_000, 14_000_000, 28_000_000)
+    def both(r: dict, key: str, scale: float, digits: int) -> str:
+        return " | ".join(f"{r[f'{key}_{kind}'] * scale:.{digits}f} ({r[f'error_{kind}'] * 100:+.0f}%)"
+                          for kind in ("flat", "hierarchical"))
+
     sweep = [f"| {a['engine']} | {a['nodes']} x {a['per_node']} | {a['bytes'] / 1e6:g} | {a['seconds'] * 1e3:.1f} | "
-             f"{a['predicted'] * 1e3:.1f} | {a['error'] * 100:+.0f}% |"
-             for a in r["allreduce"] if a["bytes"] in shown and "predicted" in a]
+             f"{both(a, 'predicted', 1e3, 1)} |" for a in r["allreduce"] if a["bytes"] in shown and "error_flat" in a]
     train = [f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {t['gradient_bytes'] / 1e6:.1f} | "
-             f"{t['compute']:.3f} | {t['measured_step']:.3f} | {t['predicted_step']:.3f} | {t['error'] * 100:+.0f}% |"
-             for t in r["train"]]
+             f"{t['compute']:.3f} | {t['measured_step']:.3f} | {both(t, 'predicted_step', 1, 3)} |" for t in r["train"]]
     return [
         f"## Communication model (rehearsal links shaped to {r['rate']})", "",
         f"Machine: {r['machine']} ({r['cpus']} cores), {r['date']}; `bench/bench_comm.py`, {r['minutes']:.0f} "
         f"min. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
         "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
-        "(unshaped), so on these CPU engines' flat ring each step crosses each node's link once: "
-        "the model is one ring over all ranks paced by the links "
-        "(`scaling.Network(hierarchical=False)`).", "",
+        "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
+        "links (`scaling.Network(hierarchical=False)`) and hierarchically (a ring across the "
+        "nodes only); with 1 rank per node the two are the same. Errors: + means the model is "
+        "slower than measured.", "",
         "**Fitted** (least squares of the ring model on the relative error, 1 rank per node, "
         "2-4 nodes, 1 kB to 28 MB):", "",
         "| engine | bandwidth (MB/s) | latency per ring step (us) | bandwidth / link rate |", "|---|---:|---:|---:|",
@@ -184,15 +187,16 @@ def section_comm(r: dict) -> list[str]:
           for e, f in fit.items()], "",
         "**Allreduce, measured vs the fitted model** (median of the timed repeats; layouts with "
         "more than 1 rank per node are predictions, not fitted):", "",
-        "| engine | nodes x ranks per node | MB | measured ms | predicted ms | error |", "|---|---|---:|---:|---:|---:|",
+        "| engine | nodes x ranks per node | MB | measured ms | flat ring: ms (error) | hierarchical: ms (error) |",
+        "|---|---|---:|---:|---:|---:|",
         *sweep, "",
         "**Training step, measured vs predicted**: the real trainer (DenseNet-121 at 32 px, its "
         "real gradient bytes, synthetic input); predicted = the slowest rank's compute probe "
         "(timed with every rank probing at once, so the 2 cores' contention is in it) + the "
         "fitted allreduce of the gradient bytes (halved by --fp16-allreduce) / backward passes "
         "per step:", "",
-        "| engine | nodes x ranks per node | flags | gradient MB | compute s | measured step s | predicted step s | error |",
-        "|---|---|---|---:|---:|---:|---:|---:|", *train, "",
+        "| engine | nodes x ranks per node | flags | gradient MB | compute s | measured step s | flat ring: s (error) "
+        "| hierarchical: s (error) |", "|---|---|---|---:|---:|---:|---:|---:|", *train, "",
         *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: "
           f"{f['error'].strip().splitlines()[-1][:200]}" for f in r.get("failed", [])],
         *r.get("notes", []), ""]
