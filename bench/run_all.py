@@ -200,8 +200,7 @@ def section_comm(r: dict) -> list[str]:
              f"{t['compute']:.3f} | {t['measured_step']:.3f} | {both(t, 'predicted_step', 1, 3)} |" for t in r["train"]]
     return [
         f"## Communication model (rehearsal links shaped to {r['rate']})", "",
-        f"Machine: {r['machine']} ({r['cpus']} cores), {r['date']}; `bench/bench_comm.py`, {r['minutes']:.0f} "
-        f"min. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
+        f"Machine: {r['machine']} ({r['cpus']} cores), {r['date']}; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
         "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
         "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
