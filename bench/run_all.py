@@ -186,6 +186,34 @@ def comm_notes(r: dict) -> list[str]:
     return notes
 
 
+def step_split(r: dict) -> list[str]:
+    """Each trainer run's communication (measured step - compute) beside the same bytes'
+    allreduce measured alone on the same layout: where the step model's error comes from."""
+    alone = {(a["engine"], a["nodes"], a["per_node"], a["bytes"]): a["seconds"] for a in r["allreduce"]}
+    rows = []
+    for t in r["train"]:
+        size = min((14_000_000, 28_000_000), key=lambda b: abs(b - t["gradient_bytes"]))
+        key = (t["engine"], t["nodes"], t["per_node"], size)
+        if key not in alone:
+            continue
+        expected = alone[key] * t["gradient_bytes"] / size / t["backward_passes"]
+        in_step = t["measured_step"] - t["compute"]
+        rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {in_step:.3f} | "
+                    f"{expected:.3f} | {in_step / expected:.2f} |")
+    if not rows:
+        return []
+    return ["**Where the step's error comes from**: each run's communication (measured step - compute "
+            "probe) beside its gradient bytes' allreduce measured alone on the same layout (from the "
+            "table above, scaled to the bytes, divided by the backward passes per step). A ratio "
+            "above 1 is measured time the trainer spends beyond one allreduce of its bytes; its parts "
+            "are not separated here (candidates: the gradients go as several tensors through "
+            "Horovod's fusion cycles, the optimizer's update and the loss average are outside the "
+            "compute probe, ranks sharing the 2 cores slow each other's reductions). The rest of "
+            "the step's error is the fit's (the allreduce table).", "",
+            "| engine | nodes x ranks per node | flags | communication in the step (s) | allreduce alone (s) | ratio |",
+            "|---|---|---|---:|---:|---:|", *rows, ""]
+
+
 def section_comm(r: dict) -> list[str]:
     """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
     fit = r["fit"]
@@ -223,7 +251,7 @@ def section_comm(r: dict) -> list[str]:
         "fitted allreduce of the gradient bytes (halved by --fp16-allreduce) / backward passes "
         "per step:", "",
         "| engine | nodes x ranks per node | flags | gradient MB | compute s | measured step s | flat ring: s (error) "
-        "| hierarchical: s (error) |", "|---|---|---|---:|---:|---:|---:|---:|", *train, "",
+        "| hierarchical: s (error) |", "|---|---|---|---:|---:|---:|---:|---:|", *train, "", *step_split(r),
         *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: "
           f"{f['error'].strip().splitlines()[-1][:200]}" for f in r.get("failed", [])],
         *comm_notes(r), ""]
