@@ -8,7 +8,14 @@
 
 --project: weak-scaling projection under a ring-allreduce cost model (chexnet_hvd.scaling:
 allreduce_seconds, project); the step time, parameter count and per-rank batch come from a
-1-rank run log or from the flags.
+1-rank run log or from the flags. The fabric: --bandwidth-gbs and --latency-us between nodes,
+--gpus-per-node and --intra-bandwidth-gbs / --intra-latency-us within one (hierarchical
+allreduce unless --flat-ring); --global-batch adds strong-scaling columns; the epoch column is
+--epoch-images (default: NIH's training split) at the projected rate. E.g. 8 GPUs per node on
+NVLink, 25 GbE between nodes:
+
+    python tools/scaling_report.py --project --step-time 0.2 --params 7e6 --batch 64 \
+        --gpus-per-node 8 --bandwidth-gbs 3.125 --latency-us 30 --global-batch 1024
 """
 
 from __future__ import annotations
@@ -41,6 +48,17 @@ class ReportConfig:
     overlap: float = cli.field(scaling.Network.overlap, help="--project: fraction of the allreduce "
                                "hidden behind the backward pass (0..1)")
     fp16_allreduce: bool = cli.field(False, help="--project: gradients sent as fp16 (2 bytes, not 4)")
+    backward_passes_per_step: int = cli.field(1, help="--project: batches accumulated per allreduce")
+    gpus_per_node: int = cli.field(scaling.Network.gpus_per_node, help="--project: ranks per node")
+    intra_bandwidth_gbs: float = cli.field(scaling.Network.intra_bandwidth_gbs,
+                                           help="--project: bandwidth within a node, GB/s (default: NVLink 2)")
+    intra_latency_us: float = cli.field(scaling.Network.intra_latency_us,
+                                        help="--project: latency per ring step within a node, us")
+    flat_ring: bool = cli.field(False, help="--project: one ring over all ranks (MPI, Gloo, the tf "
+                                "engine on CPUs), not hierarchical (NCCL)")
+    global_batch: int = cli.field(0, help="--project: also strong scaling at this fixed global batch")
+    epoch_images: int = cli.field(scaling.NIH_TRAIN_IMAGES, help="--project: images per epoch (the "
+                                  "epoch-time column; default: NIH's official training split)")
 
 
 def projection(cfg: ReportConfig) -> str:
@@ -60,13 +78,26 @@ def projection(cfg: ReportConfig) -> str:
             raise RunLogError(f"{single[0].path}: no trainable_params in the run log; pass --params")
     if not 0 <= cfg.overlap <= 1:
         raise cli.InputError("--overlap", f"{cfg.overlap} is not between 0 and 1")
-    net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap)
+    for flag, value in (("--gpus-per-node", cfg.gpus_per_node), ("--backward-passes-per-step",
+                        cfg.backward_passes_per_step), ("--bandwidth-gbs", cfg.bandwidth_gbs),
+                        ("--intra-bandwidth-gbs", cfg.intra_bandwidth_gbs)):
+        if value <= 0:
+            raise cli.InputError(flag, f"{value} is not above 0")
+    if cfg.global_batch < 0:
+        raise cli.InputError("--global-batch", f"{cfg.global_batch} is below 0")
+    net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap, cfg.gpus_per_node,
+                          cfg.intra_bandwidth_gbs, cfg.intra_latency_us, not cfg.flat_ring)
     grad_bytes = params * (2 if cfg.fp16_allreduce else 4)
-    rows = scaling.project(step, grad_bytes, batch, cfg.ranks, net)
+    rows = scaling.project(step, grad_bytes, batch, cfg.ranks, net, cfg.backward_passes_per_step,
+                           cfg.global_batch, cfg.epoch_images)
+    within = (f"; {net.gpus_per_node} per node at {net.intra_bandwidth_gbs} GB/s, {net.intra_latency_us} us, "
+              f"{'hierarchical' if net.hierarchical else 'flat ring'}" if net.gpus_per_node > 1 else "")
     return (f"Projection: {step:.4f} s per step on 1 rank, batch {batch}, {params:,.0f} parameters "
             f"({grad_bytes / 1e6:.1f} MB of gradients), {net.bandwidth_gbs} GB/s, "
-            f"{net.latency_us} us per ring step, overlap {net.overlap}\n\n"
-            + scaling.projection_markdown(rows))
+            f"{net.latency_us} us per ring step, overlap {net.overlap}{within}"
+            + (f", {cfg.backward_passes_per_step} backward passes per step" if cfg.backward_passes_per_step > 1 else "")
+            + (f"; strong scaling at a global batch of {cfg.global_batch}" if cfg.global_batch else "")
+            + f"; epoch: {cfg.epoch_images:,} images\n\n" + scaling.projection_markdown(rows))
 
 
 def measured(cfg: ReportConfig) -> list[dict]:
