@@ -29,11 +29,13 @@ from chexnet_hvd.runlog import read_runlog
 @dataclasses.dataclass
 class CheckConfig:
     model: str = cli.field("densenet121", help="model to time (any the trainer builds)")
-    image_size: int = cli.field(224, help="input side in pixels")
-    batch_size: int = cli.field(32, help="images per GPU (rank) per step")
-    steps: int = cli.field(20, help="training steps per precision (the first 5 are not timed)")
+    image_size: int = cli.field(224, help="input side in pixels", minimum=1)
+    batch_size: int = cli.field(32, help="images per GPU (rank) per step", minimum=1)
+    steps: int = cli.field(20, help="training steps per precision (the first 5 are not timed)",
+                           minimum=2)
     precisions: list[str] = cli.field(["fp32", "mixed_float16"], help="precisions to time")
-    ranks: int = cli.field(0, help="ranks to start; 0: one per visible GPU, 2 without GPUs")
+    ranks: int = cli.field(0, help="ranks to start; 0: one per visible GPU, 2 without GPUs",
+                           minimum=0)
     engine: str = cli.field(distributed.DEFAULT_ENGINE, choices=list(distributed.ENGINES),
                             help="the distribution engine to check (default: $CHEXNET_ENGINE, else horovod)")
 
@@ -112,9 +114,7 @@ def placement_verdict(start: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(CheckConfig, __doc__.splitlines()[0], argv)
-    if cfg.steps < 2:
-        raise cli.InputError("--steps", "at least 2 (the first is never timed)")
+    cfg = cli.parse_config(CheckConfig, __doc__, argv, prog="python -m chexnet_hvd.check")
     verdicts = stack(cfg.engine)
     import tensorflow as tf
 

@@ -139,9 +139,14 @@ def newest(ckpt_dir: Path) -> Path | None:
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` epoch checkpoints and the newest step checkpoint."""
-    for pattern, n in (("epoch-*", keep), ("step-*", 1)):
-        for old in sorted(ckpt_dir.glob(pattern))[:-n]:
+    """Keep the newest `keep` (>= 1) epoch checkpoints and the newest step checkpoint, newest by
+    number (epoch-10000 is newer than epoch-9999)."""
+    if keep < 1:  # [:-0] would keep everything, and a negative count delete the newest
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    for prefix, n in (("epoch-", keep), ("step-", 1)):
+        numbered = sorted((int(p.name[len(prefix):]), p) for p in ckpt_dir.glob(f"{prefix}*")
+                          if p.name[len(prefix):].isdigit())
+        for _, old in numbered[:-n]:
             shutil.rmtree(old, ignore_errors=True)
 
 

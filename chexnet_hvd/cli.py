@@ -1,6 +1,7 @@
 """The thin CLI layer shared by every command: a dataclass config becomes argparse flags (and
-`--config FILE`, the same settings from a TOML or JSON file, which flags override), and user
-errors become one line on stderr with exit code 2 (DESIGN.md, section 4)."""
+`--config FILE`, the same settings from a TOML or JSON file, which flags override), each numeric
+flag's range lives beside its field (`field(minimum=...)`) and is checked for every CLI when it
+parses, and user errors become one line on stderr with exit code 2 (DESIGN.md, section 4)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import operator
 import sys
 import tomllib
 import typing
@@ -100,15 +102,33 @@ def settings_file(argv: Sequence[str]) -> str | None:
     return found
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the suite's error convention: a usage error is one line, `error: <flag>:
+    <what>`, and exit code 2 (argparse printed its usage block and `prog: error: ...`)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        where, _, what = message.partition(": ")
+        if where.startswith("argument ") and what:  # "argument --lr: invalid float value: 'x'"
+            where = where[len("argument "):]
+        else:  # "unrecognized arguments: ...", "the following arguments are required: ..."
+            where, what = self.prog, message
+        self.exit(EXIT_USAGE, f"error: {where}: {what} (see {self.prog} --help)\n")
+
+
+def summary(doc: str) -> str:
+    """A docstring's first paragraph on one line: a CLI's --help description, in whole sentences."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def build_parser(config_cls: type, description: str, positional: Sequence[str] = (),
-                 given: dict | None = None) -> argparse.ArgumentParser:
+                 prog: str | None = None, given: dict | None = None) -> argparse.ArgumentParser:
     """argparse parser with one flag per dataclass field (the field's metadata['help'] is its
     help) and --config; fields `given` (by a settings file) default to those values and are no
-    longer required."""
+    longer required. `description`: a docstring, of which --help shows the first paragraph;
+    `prog`: how the usage line starts the command (`python -m chexnet_hvd.train`, not `train.py`)."""
     given = given or {}
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = Parser(prog=prog, description=summary(description),
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="settings from a TOML or JSON file whose "
                         "keys are these flags (- written as _); flags given here override it")
     hints = typing.get_type_hints(config_cls)
@@ -152,21 +172,55 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
 
 
 def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
-                 positional: Sequence[str] = ()) -> T:
+                 positional: Sequence[str] = (), prog: str | None = None) -> T:
     """Parse argv (and the --config file it names) into an instance of `config_cls` (unknown
-    flags are usage errors, exit 2)."""
+    flags are usage errors, exit 2), every numeric field within its range (`check_ranges`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = settings_file(argv)
-    parser = build_parser(config_cls, description, positional,
+    parser = build_parser(config_cls, description, positional, prog,
                           read_settings(config_cls, path) if path else None)
     return from_namespace(config_cls, parser.parse_args(argv))
 
 
 def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
-    """The config of a parsed namespace (--config itself left out: its settings are in)."""
+    """The config of a parsed namespace (--config itself left out: its settings are in), every
+    numeric field within its range (`check_ranges`: a settings file's values too)."""
     values = vars(namespace)
     values.pop("config", None)
-    return config_cls(**values)
+    return check_ranges(config_cls(**values))
+
+
+# A numeric field's range, in its metadata (JSON Schema's words): inclusive minimum / maximum,
+# or exclusive ones (a learning rate above 0).
+RANGE_KEYS = ("minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
+_RANGE_WORDS = {"minimum": "at least", "maximum": "at most", "exclusive_minimum": "more than",
+                "exclusive_maximum": "less than"}
+_RANGE_OK = {"minimum": operator.ge, "maximum": operator.le, "exclusive_minimum": operator.gt,
+             "exclusive_maximum": operator.lt}
+
+
+def range_of(field: dataclasses.Field) -> dict:
+    """The bounds a field's metadata sets ({} for none)."""
+    return {key: field.metadata[key] for key in RANGE_KEYS if field.metadata.get(key) is not None}
+
+
+def describe_range(bounds: dict) -> str:
+    """e.g. 'at least 1', 'more than 0 and less than 1'."""
+    return " and ".join(f"{_RANGE_WORDS[key]} {value}" for key, value in bounds.items())
+
+
+def check_ranges(config: T) -> T:
+    """`config` itself when every numeric field (every element of a list field) is within the
+    range its metadata sets; else a one-line InputError naming the flag."""
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        bounds = range_of(f)
+        value = getattr(config, f.name)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if item is None or isinstance(item, bool) or not bounds:
+                continue
+            if not all(_RANGE_OK[key](item, bound) for key, bound in bounds.items()):
+                raise InputError(_flag(f.name), f"must be {describe_range(bounds)}, not {item}")
+    return config
 
 
 def to_argv(config: Any, positional: Sequence[str] = (), defaults: dict | None = None) -> list[str]:
@@ -191,10 +245,14 @@ def to_argv(config: Any, positional: Sequence[str] = (), defaults: dict | None =
     return args
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence[str] | None = None,
+def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence | None = None,
+          minimum: float | None = None, maximum: float | None = None,
+          exclusive_minimum: float | None = None, exclusive_maximum: float | None = None,
           **kwargs: Any) -> Any:
-    """dataclasses.field with the help text (and choices) the CLI shows."""
-    meta = {"help": help, "choices": choices}
+    """dataclasses.field with the help text (and choices) the CLI shows and, for a number, its
+    range (inclusive minimum / maximum, or exclusive ones), which parsing checks."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
+            "exclusive_minimum": exclusive_minimum, "exclusive_maximum": exclusive_maximum}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta, **kwargs)
     return dataclasses.field(default=default, metadata=meta, **kwargs)

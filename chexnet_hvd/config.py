@@ -26,28 +26,34 @@ class TrainConfig:
                             "--recipe list, --recipe show NAME (chexnet_hvd/recipes.py)")
     model: str = cli.field("densenet121", help="densenet121 | resnet50 | resnet59 | small_cnn | "
                        "nas-<8 digits> (an architecture of chexnet_hvd.nas.space)")
-    image_size: int = cli.field(224, help="model input side in pixels")
-    batch_size: int = cli.field(16, help="images per rank per step (global batch = this x ranks)")
-    epochs: int = cli.field(3, help="epochs to train (in total, counting resumed ones)")
+    image_size: int = cli.field(224, help="model input side in pixels", minimum=1)
+    batch_size: int = cli.field(16, help="images per rank per step (global batch = this x ranks)",
+                                minimum=1)
+    epochs: int = cli.field(3, help="epochs to train (in total, counting resumed ones)", minimum=1)
     steps_per_epoch: int = cli.field(0, help="0: every full global batch of the training split "
-                                     "(fewer than one global batch is left out, another each epoch)")
+                                     "(fewer than one global batch is left out, another each epoch)",
+                                     minimum=0)
     optimizer: str = cli.field("adam", help="Adam (CheXNet) or SGD with Nesterov momentum 0.9",
                                choices=["adam", "sgd"])
-    lr: float = cli.field(1e-3, help="base learning rate at --reference-batch (CheXNet: Adam 1e-3 at 16)")
+    lr: float = cli.field(1e-3, help="base learning rate at --reference-batch (CheXNet: Adam 1e-3 at 16)",
+                          minimum=0)  # 0: weights that stay put (tests)
     reference_batch: int = cli.field(16, help="lr = lr x global_batch / reference_batch (Goyal "
                                      "et al. 2017); 0: lr as given, not scaled (and, with "
-                                     "--warmup-epochs -1, no warmup)")
+                                     "--warmup-epochs -1, no warmup)", minimum=0)
     warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
                                      "-1: proportional to the global batch, global_batch / "
-                                     "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)")
+                                     "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)",
+                                     minimum=-1)
     schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, step "
                               "(x0.1 every --step-epochs), or plateau (x --plateau-factor after "
                               "--plateau-patience epochs without a better val mean AUROC)",
                               choices=["constant", "cosine", "step", "plateau"])
-    step_epochs: int = cli.field(10, help="epochs between x0.1 decays of --schedule step")
+    step_epochs: int = cli.field(10, help="epochs between x0.1 decays of --schedule step",
+                                 minimum=1)
     plateau_patience: int = cli.field(1, help="--schedule plateau: epochs without improvement "
-                                      "before the lr drops (CheXNet: 1)")
-    plateau_factor: float = cli.field(0.1, help="--schedule plateau: lr multiplier per drop")
+                                      "before the lr drops (CheXNet: 1)", minimum=1)
+    plateau_factor: float = cli.field(0.1, help="--schedule plateau: lr multiplier per drop",
+                                      exclusive_minimum=0, exclusive_maximum=1)
     class_weights: str = cli.field("none", help="manifest: weighted BCE with the manifest's "
                                    "per-class positive weights (CheXNet)", choices=["none", "manifest"])
     precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
@@ -60,38 +66,46 @@ class TrainConfig:
                             choices=["horovod", "tf"])
     workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port in "
                              "rank order, the same list on each (in place of TF_CONFIG)")
-    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
+    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0",
+                                  minimum=0)
     fp16_allreduce: bool = cli.field(False, help="compress gradients to fp16 for the allreduce "
                                      "(Horovod only)")
     backward_passes_per_step: int = cli.field(1, help="accumulate gradients of N batches per "
-                                              "allreduce (large inputs, small batches; Horovod only)")
+                                              "allreduce (large inputs, small batches; Horovod only)",
+                                              minimum=1)
     weights: str = cli.field("none", help="none, imagenet (from the cache `python -m "
                              "chexnet_hvd.weights fetch` fills; nothing is downloaded here), or "
                              "a weights file")
-    seed: int = cli.field(0, help="seed of weights, shuffles and augmentation")
+    seed: int = cli.field(0, help="seed of weights, shuffles and augmentation", minimum=0)
     augment: bool = cli.field(True, help="random horizontal flips")
     synthetic_input: bool = cli.field(False, help="train on one random in-memory batch, repeated "
                                       "(benchmarks: the trainer without its input pipeline)")
-    shuffle_buffer: int = cli.field(2048, help="record shuffle buffer per rank")
+    shuffle_buffer: int = cli.field(2048, help="record shuffle buffer per rank", minimum=1)
     deterministic: bool = cli.field(False, help="deterministic ops (TensorFlow op determinism: slower on GPUs); the input order is deterministic always")
     val_split: str = cli.field("val", help="split validated after every epoch")
-    val_batch_size: int = cli.field(64, help="images per rank per validation step")
-    early_stopping: int = cli.field(0, help="stop after N epochs without a better val mean AUROC (0: off)")
+    val_batch_size: int = cli.field(64, help="images per rank per validation step", minimum=1)
+    early_stopping: int = cli.field(0, help="stop after N epochs without a better val mean AUROC (0: off)",
+                                    minimum=0)
     resume: bool = cli.field(False, help="continue from the newest complete checkpoint in RUN_DIR")
-    checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)")
+    checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)",
+                                            minimum=0)
     stall_timeout: float = cli.field(600.0, help="end the job when a rank makes no training "
                                      "progress (a step, a validation batch, a checkpoint) for this "
                                      "many seconds, naming the rank(s) it waits for: run log status "
-                                     "'stalled', exit 76 (chexnet_hvd.stall); 0: off")
+                                     "'stalled', exit 76 (chexnet_hvd.stall); 0: off", minimum=0)
     stop_check_steps: int = cli.field(10, help="the ranks agree on a stop request (SIGTERM, "
-                                      "SIGUSR1) every N steps: a collective, so not every step")
+                                      "SIGUSR1) every N steps: a collective, so not every step",
+                                      minimum=1)
     preempt_at_step: int = cli.field(0, help="act as if SIGUSR1 arrived at this step (the ranks "
                                      "stop at their next agreement): rehearse preemption, "
-                                     "checkpoint and --resume (0: off)")
-    keep_checkpoints: int = cli.field(3, help="how many of the newest epoch checkpoints to keep")
+                                     "checkpoint and --resume (0: off)", minimum=0)
+    keep_checkpoints: int = cli.field(3, help="how many of the newest epoch checkpoints to keep",
+                                      minimum=1)
     threads: int = cli.field(0, help="CPU threads per rank for TF ops; 0: from the CPUs this rank "
-                             "may run on (all of them when bound, else a share per local rank)")
-    timing_warmup_steps: int = cli.field(3, help="steps at the start of each epoch left out of img/s")
+                             "may run on (all of them when bound, else a share per local rank)",
+                             minimum=0)
+    timing_warmup_steps: int = cli.field(3, help="steps at the start of each epoch left out of img/s",
+                                         minimum=0)
     tensorboard: bool = cli.field(True, help="rank 0 writes each epoch's train loss, lr, img/s, "
                                   "val loss and per-class and mean AUROC as TensorBoard scalars "
                                   "to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)")
@@ -104,12 +118,13 @@ class TrainConfig:
                             "(its final optimizer state), for tests")
     heartbeat: float = cli.field(60.0, help="when stdout is not a terminal (a batch log): rank 0 "
                                  "prints a line every this many seconds of an epoch (step, img/s, "
-                                 "loss); 0: off")
+                                 "loss); 0: off", minimum=0)
     verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
                              "Keras' progress bar when stdout is a terminal; 2 one line per "
                              "epoch only", choices=[0, 1, 2])
 
 
+PROG = "python -m chexnet_hvd.train"
 DESCRIPTION = ("Train a chest X-ray classifier on 1..N ranks (GPUs or CPU processes), with "
                "Horovod or TensorFlow's own MultiWorkerMirroredStrategy carrying the gradients.")
 
@@ -121,12 +136,12 @@ def recipe_defaults(name: str) -> dict:
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """The trainer's config: a --recipe's settings, overridden by a --config file's, overridden
-    by the flags given. argparse finds the recipe (the last --recipe, abbreviations too; else
-    the file's), then parses again over it."""
+    by the flags given, every number in its field's range. argparse finds the recipe (the last
+    --recipe, abbreviations too; else the file's), then parses again over it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = cli.settings_file(argv)
     given = cli.read_settings(TrainConfig, path) if path else {}
-    parser = cli.build_parser(TrainConfig, DESCRIPTION, given=given)
+    parser = cli.build_parser(TrainConfig, DESCRIPTION, prog=PROG, given=given)
     name = parser.parse_known_args(argv)[0].recipe
     parser.set_defaults(**(recipe_defaults(name) | given))
     return cli.from_namespace(TrainConfig, parser.parse_args(argv))
@@ -190,10 +205,9 @@ def profile_range(steps: str) -> tuple[int, int]:
 
 
 def check_config(cfg: TrainConfig) -> None:
-    """Flag combinations that cannot work, refused before anything starts."""
-    for flag in ("backward_passes_per_step", "stop_check_steps", "batch_size", "image_size"):
-        if getattr(cfg, flag) < 1:
-            raise cli.InputError(f"--{flag.replace('_', '-')}", "must be at least 1")
+    """Flag combinations that cannot work, refused before anything starts (each number's own
+    range is its field's, checked by `parse`, and again here for a config built in code)."""
+    cli.check_ranges(cfg)
     if cfg.profile_steps and not (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)?", cfg.profile_steps)
                                   and operator.le(*profile_range(cfg.profile_steps))):
         raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "
@@ -202,8 +216,6 @@ def check_config(cfg: TrainConfig) -> None:
     if refused:
         flag, why = refused
         raise cli.InputError(flag, f"{why} (--engine {cfg.engine})")
-    if cfg.reference_batch < 0:
-        raise cli.InputError("--reference-batch", "must be 0 (no scaling) or more")
     if cfg.backward_passes_per_step > 1 and cfg.precision == "mixed_float16":
         # Horovod accumulates the passes locally and allreduces only every Nth: an overflow in
         # a local pass would make one rank skip while the others apply, and the loss scale differ.

@@ -60,12 +60,13 @@ class DownloadConfig:
                               "default: NIH's own links, images only")
     file_list: str = cli.field("", help="text file of `NAME [URL]` lines replacing the default list")
     md5: str = cli.field("", help="md5sum-style checksum file (`HASH  NAME` lines) to verify against")
-    jobs: int = cli.field(2, help="parallel downloads")
+    jobs: int = cli.field(2, help="parallel downloads", minimum=1)
     retries: int = cli.field(3, help="retries per file after a transient failure (a dropped "
-                             "connection, HTTP 5xx), each resuming where the last one stopped")
+                             "connection, HTTP 5xx), each resuming where the last one stopped",
+                             minimum=0)
     backoff: float = cli.field(1.0, help="seconds before the first retry, doubled for each next "
-                               "one (at most 60)")
-    timeout: float = cli.field(60.0, help="socket timeout in seconds")
+                               "one (at most 60)", minimum=0)
+    timeout: float = cli.field(60.0, help="socket timeout in seconds", exclusive_minimum=0)
     extract: bool = cli.field(False, help="extract the archives to OUT/images after downloading")
     extract_only: bool = cli.field(False, help="skip downloading; extract what is in OUT")
     progress: bool = cli.field(True, help="show progress bars")
@@ -249,7 +250,8 @@ def extract(out: str | Path, progress: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(DownloadConfig, "Download (and extract) the NIH ChestX-ray14 files.", argv)
+    cfg = cli.parse_config(DownloadConfig, "Download (and extract) the NIH ChestX-ray14 files.", argv,
+                           prog="python -m chexnet_hvd.download")
     if not cfg.extract_only:
         results = download(cfg)
         new = sum(v == "downloaded" for v in results.values())

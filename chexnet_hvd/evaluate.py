@@ -6,8 +6,9 @@ operating points from the validation split, test-time augmentation, curves.
     horovodrun -np 4 python -m chexnet_hvd.evaluate ...   # each rank scores a disjoint part
     python -m chexnet_hvd.launch -np 4 python -m chexnet_hvd.evaluate --engine tf ...
 
-Writes OUT/report.md, OUT/report.json (every number), OUT/roc.png and OUT/pr.png. Every rank
-predicts its part of the split; the predictions are gathered, so every record counts once.
+Writes OUT/report.md, OUT/report.json (every number), OUT/roc.png and OUT/pr.png; OUT defaults
+to RUN_DIR/eval/CHECKPOINT_NAME-SPLIT, outside the checkpoints training prunes and replaces. Every
+rank predicts its part of the split; the predictions are gathered, so every record counts once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,20 +40,33 @@ class EvalConfig:
     val_split: str = cli.field("val", help="split the operating points are chosen on ('' : none)")
     tta: str = cli.field("none", help="test-time augmentation; the report also shows 'none'",
                          choices=["none", "flip", "tencrop"])
-    out: str = cli.field("", help="output directory (default: CHECKPOINT/eval-SPLIT)")
-    batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)")
-    bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals")
-    seed: int = cli.field(0, help="bootstrap seed")
+    out: str = cli.field("", help="output directory (default: RUN_DIR/eval/NAME-SPLIT for a "
+                         "checkpoint RUN_DIR/checkpoints/NAME, else beside the checkpoint: "
+                         "CHECKPOINT/../eval/NAME-SPLIT)")
+    batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)", minimum=1)
+    bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals",
+                               minimum=1)
+    seed: int = cli.field(0, help="bootstrap seed", minimum=0)
     backend: str = cli.field("tf", help="inference backend", choices=["tf", "openvino"])
     engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what gathers the ranks' predictions: "
                             "Horovod or TensorFlow's collectives (as chexnet_hvd.train --engine)",
                             choices=["horovod", "tf"])
     workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port "
                              "(as chexnet_hvd.train --workers)")
-    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0")
+    worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0",
+                                  minimum=0)
     stall_timeout: float = cli.field(600.0, help="end the job when no rank completes a batch for "
                                      "this many seconds, naming the rank(s) waited for (exit 76; "
-                                     "as chexnet_hvd.train --stall-timeout); 0: off")
+                                     "as chexnet_hvd.train --stall-timeout); 0: off", minimum=0)
+
+
+def default_out(checkpoint: str | Path, split: str) -> Path:
+    """RUN_DIR/eval/<checkpoint name>-<split>: never inside the checkpoint, which training's
+    pruning and the swap of `best` delete (RUN_DIR is the checkpoint's grandparent when its
+    parent is `checkpoints`, else its parent: an export directory's run)."""
+    ckpt = Path(os.path.abspath(checkpoint))  # not resolved: `best` keeps its name, not its copy's
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / "eval" / f"{ckpt.name}-{split}"
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -89,12 +104,13 @@ def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec,
 
     auroc = metrics.per_class_auroc(pred["label"], pred["prob"], pred["mask"])
     auprc = metrics.per_class_auprc(pred["label"], pred["prob"], pred["mask"])
+    labelled = (pred["mask"] > 0).sum(0)
     positives = ((pred["label"] >= 0.5) & (pred["mask"] > 0)).sum(0)
 
     def num(v):
         return None if v is None or not np.isfinite(v) else round(float(v), 4)
 
-    return [{"pathology": name, "positives": int(positives[c]), "auroc": num(auroc[c]),
+    return [{"pathology": name, "labelled": int(labelled[c]), "positives": int(positives[c]), "auroc": num(auroc[c]),
              "auroc_ci": [num(ci["auroc_lo"][c]), num(ci["auroc_hi"][c])],
              "auroc_tta": num(tta_auroc[c]) if tta_auroc is not None else None,
              "auprc": num(auprc[c]), "auprc_ci": [num(ci["auprc_lo"][c]), num(ci["auprc_hi"][c])],
@@ -110,28 +126,30 @@ def markdown(report: dict) -> str:
         return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
 
     tta = report["tta"]
-    head = ["pathology", "positives", "CheXNet paper", "AUROC [95% CI]"]
+    head = ["pathology", "labelled", "positives", "CheXNet paper", "AUROC [95% CI]"]
     head += [f"AUROC {tta}"] if tta != "none" else []
     head += ["AUPRC [95% CI]", "threshold (val)", "sensitivity", "specificity"]
     rows = []
     for r in report["classes"]:
-        row = [r["pathology"], r["positives"], f(r["chexnet_paper_auroc"]) if r["chexnet_paper_auroc"] else "-",
+        row = [r["pathology"], r["labelled"], r["positives"], f(r["chexnet_paper_auroc"]) if r["chexnet_paper_auroc"] else "-",
                f(r["auroc"], r["auroc_ci"])]
         row += [f(r["auroc_tta"])] if tta != "none" else []
         row += [f(r["auprc"], r["auprc_ci"]), f(r["threshold"]), f(r["sensitivity"]), f(r["specificity"])]
         rows.append(row)
     m = report["mean_auroc"]
-    mean = ["**mean**", "", f"{CHEXNET_PAPER_MEAN:.3f}" if report["paper_comparable"] else "-",
+    mean = ["**mean**", "", "", f"{CHEXNET_PAPER_MEAN:.3f}" if report["paper_comparable"] else "-",
             f(m["value"], [m["ci_lo"], m["ci_hi"]])]
     mean += [f(report["mean_auroc_tta"])] if tta != "none" else []
     rows.append(mean + [""] * (len(head) - len(mean)))
     ci = report["bootstrap"]
+    epoch = f"epoch {report['checkpoint_epoch']}, " if report.get("checkpoint_epoch") is not None else ""
     return "\n".join([
         f"# Evaluation: {report['split']} split of {report['data']}", "",
-        f"Checkpoint `{report['checkpoint']}` ({report['model']}, {report['image_size']} px); "
+        f"Checkpoint `{report['checkpoint']}` ({epoch}{report['model']}, {report['image_size']} px); "
         f"{report['n']} images of {ci['patients']} patients. 95% intervals: percentile bootstrap "
         f"over patients, {ci['resamples']} resamples, seed {ci['seed']}. Operating points: Youden's "
-        f"J on the `{report['val_split'] or '-'}` split. A class without positives is undefined.",
+        f"J on the `{report['val_split'] or '-'}` split. Labelled: the images whose label for the class "
+        f"is known (scored); a class without positives or negatives among them is undefined.",
         "", cli.markdown_table(head, rows), ""])
 
 
@@ -174,7 +192,7 @@ def plot_curves(names, pred: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(EvalConfig, __doc__.splitlines()[0], argv)
+    cfg = cli.parse_config(EvalConfig, __doc__, argv, prog="python -m chexnet_hvd.evaluate")
 
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
@@ -216,7 +234,7 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
     tta_auroc = metrics.per_class_auroc(tta["label"], tta["prob"], tta["mask"]) if tta else None
     mean = metrics.mean_defined(metrics.per_class_auroc(plain["label"], plain["prob"], plain["mask"]))
     result = {
-        "checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
+        "checkpoint": cfg.checkpoint, "checkpoint_epoch": meta.get("epoch"), "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
         "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
         "world_size": engine.size, "engine": engine.name, "ranks": ranks, "paper_comparable": paper_comparable(manifest),
         "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
@@ -227,7 +245,7 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
         "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed")}
                      | {"defined": ci["defined"].tolist()},
     }
-    out = Path(cfg.out or Path(cfg.checkpoint) / f"eval-{cfg.split}")
+    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, cfg.split)
     cli.make_dir(out)
     with cli.output(out / "report.json") as fh:
         fh.write(json.dumps(result, indent=1))

@@ -33,7 +33,7 @@ class ExportConfig:
     precision: str = cli.field("fp32", help="openvino: fp32, or int8 by post-training quantisation",
                                choices=["fp32", "int8"])
     calib: str = cli.field("", help="int8: records directory whose training split calibrates")
-    calib_images: int = cli.field(300, help="int8: calibration images")
+    calib_images: int = cli.field(300, help="int8: calibration images", minimum=1)
     out: str = cli.field("", help="output directory (default: beside the checkpoint)")
 
 
@@ -109,7 +109,7 @@ def load_predictor(path: str | Path, backend: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(ExportConfig, __doc__.splitlines()[0], argv)
+    cfg = cli.parse_config(ExportConfig, __doc__, argv, prog="python -m chexnet_hvd.export")
     out = export(cfg)
     print(f"wrote {out}")
     return 0

@@ -84,13 +84,15 @@ def run(np_: int, command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="everything after the options is the worker command")
+    parser = cli.Parser(prog="python -m chexnet_hvd.launch", description=cli.summary(__doc__),
+                        epilog="everything after the options is the worker command")
     parser.add_argument("-np", "--np", dest="np_", type=int, required=True, help="workers to start")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command each worker runs")
     args = parser.parse_args(argv)
-    if args.np_ < 1 or not args.command:
-        parser.error("give -np N (N >= 1) and the worker command")
+    if args.np_ < 1:
+        raise InputError("-np", f"must be at least 1, not {args.np_}")
+    if not args.command:
+        parser.error("give the command each worker runs after -np N")
     if shutil.which(args.command[0]) is None:  # before any worker starts, not N tracebacks
         raise InputError(args.command[0], "no such program on PATH, or not executable")
     return run(args.np_, args.command)

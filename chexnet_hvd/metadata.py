@@ -387,8 +387,8 @@ class TableConfig:
                            choices=["random", "official"])
     fractions: list[float] = cli.field(list(DEFAULT_FRACTIONS),
                                        help="train/val/test fractions of patients (official: "
-                                       "only the val fraction is used)")
-    seed: int = cli.field(0, help="seed of the split (and of the records' shard order)")
+                                       "only the val fraction is used)", minimum=0, maximum=1)
+    seed: int = cli.field(0, help="seed of the split (and of the records' shard order)", minimum=0)
     observations: str = cli.field("competition", help="CheXpert: the 5 competition pathologies or "
                                   "all 14 observations", choices=["competition", "all"])
     uncertainty: str = cli.field("ones", help="uncertain (-1) labels become positive (ones), "

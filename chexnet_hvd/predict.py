@@ -5,14 +5,16 @@
 
 Any PNG/JPEG of any size and mode (L, RGB, RGBA, 16-bit) or DICOM is read with the records
 writer's grayscale conversion and the training `preprocess`. With --cam, each image's --top findings get
-a Grad-CAM heatmap (Selvaraju et al. 2017) over the last spatial layer, overlaid on the image, as
-CheXNet showed its class activation maps.
+an activation map (HiResCAM, the per-location form of Grad-CAM, Selvaraju et al. 2017) of the
+class's pre-sigmoid score, overlaid on the image as CheXNet showed its class activation maps:
+CAM_DIR/<the image's path relative to the inputs' common folder>_<class>.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,10 +29,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *images.DICOM_SUFFIXES)
 class PredictConfig:
     inputs: list[str] = cli.field(help="image files and/or directories of PNG/JPEG/DICOM files")
     checkpoint: str = cli.field(help="checkpoint directory (e.g. RUN_DIR/checkpoints/best)")
-    cam: str = cli.field("", help="write Grad-CAM overlays of the top findings to this directory")
-    top: int = cli.field(3, help="findings per image that get a heatmap")
+    cam: str = cli.field("", help="write activation maps of the top findings to this directory, "
+                         "as CAM/<the image's path relative to the inputs' common folder>_<class>.png")
+    top: int = cli.field(3, help="findings per image that get a heatmap", minimum=1)
     format: str = cli.field("table", help="output format", choices=["table", "csv", "json"])
-    batch_size: int = cli.field(16, help="images per prediction batch")
+    batch_size: int = cli.field(16, help="images per prediction batch", minimum=1)
     backend: str = cli.field("tf", help="inference backend (openvino: --checkpoint is a directory "
                              "written by chexnet_hvd.export)", choices=["tf", "openvino"])
 
@@ -74,31 +77,56 @@ def load_image(path: Path) -> np.ndarray:
         raise cli.InputError(path, f"not a readable image ({type(err).__name__})") from None
 
 
-def grad_cam(model, image: np.ndarray, class_index: int, layer=None) -> np.ndarray:
-    """Class activation map of one preprocessed image [S, S, 3] for one class: the spatial
-    layer's maps times the gradient of the class score, summed over channels, ReLU, scaled to
-    [0, 1]; [h, w]. Gradients are taken per location (HiResCAM, Draelos & Carin 2020), not
-    averaged over space as in Grad-CAM: the same map for the backbones' global-pooling heads,
-    and a faithful one for the small CNN's flattened head, where Grad-CAM's average blurs
-    where a finding is."""
+def cam_probe(model, layer=None):
+    """`model` from its input to [the activation-map layer's maps, the classes' pre-sigmoid
+    scores]: the input of the final sigmoid layer `predictions` (models._head). Maps are taken
+    from these scores, not the probabilities: at p = 1.0 in float32 the sigmoid's gradient is
+    exactly 0, which left a confident model's maps blank."""
     import tensorflow as tf
 
-
     layer = layer or models.cam_layer(model)
-    probe = tf.keras.Model(model.inputs, [layer.output, model.output])
+    return tf.keras.Model(model.inputs, [layer.output, model.get_layer("predictions").input])
+
+
+def grad_cam(probe, image: np.ndarray, class_index: int) -> np.ndarray:
+    """Class activation map of one preprocessed image [S, S, 3] for one class: the spatial
+    layer's maps times the gradient of the class's pre-sigmoid score, summed over channels,
+    ReLU, scaled to [0, 1]; [h, w] (all zeros where no location raises the score). Gradients
+    are taken per location (HiResCAM, Draelos & Carin 2020), not averaged over space as in
+    Grad-CAM: the same map for the backbones' global-pooling heads, and a faithful one for the
+    small CNN's flattened head, where Grad-CAM's average blurs where a finding is. `probe`:
+    cam_probe(model), built once for many maps."""
+    import tensorflow as tf
+
     with tf.GradientTape() as tape:
-        maps, prob = probe(image[None], training=False)
-        score = prob[:, class_index]
+        maps, logits = probe(image[None], training=False)
+        score = tf.cast(logits[:, class_index], tf.float32)
     grads = tape.gradient(score, maps)
-    cam = tf.nn.relu(tf.reduce_sum(grads * maps, axis=-1))[0].numpy()
+    cam = tf.nn.relu(tf.reduce_sum(tf.cast(grads * maps, tf.float32), axis=-1))[0].numpy()
     return cam / cam.max() if cam.max() > 0 else cam
 
 
 def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a heatmap to an image's [H, W]."""
+    """Bilinear resize of a heatmap to an image's [H, W] (smooth: no blocks of map cells)."""
     import tensorflow as tf
 
     return tf.image.resize(cam[..., None], shape, method="bilinear").numpy()[..., 0]
+
+
+MAX_ALPHA = 0.6  # the opacity of the colour where the map is at its maximum
+
+
+def overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: the grey X-ray [H, W] with the jet colour of `heat` ([0, 1])
+    blended in at an opacity proportional to the map's value, so that where the map is 0 the
+    pixel is the X-ray's own grey (a fixed opacity tinted the whole image blue)."""
+    import matplotlib
+
+    heat = np.clip(heat, 0.0, 1.0)
+    colour = matplotlib.colormaps["jet"](heat)[..., :3]
+    alpha = MAX_ALPHA * heat[..., None]
+    rgb = (1 - alpha) * (gray[..., None] / 255.0) + alpha * colour
+    return np.round(rgb * 255).astype(np.uint8)
 
 
 def save_overlay(gray: np.ndarray, heat: np.ndarray, title: str, path: Path) -> None:
@@ -108,14 +136,38 @@ def save_overlay(gray: np.ndarray, heat: np.ndarray, title: str, path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(gray, cmap="gray")
-    ax.imshow(heat, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+    ax.imshow(overlay(gray, heat))
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     with cli.output(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
+
+
+def relative_names(files: list[Path]) -> list[Path]:
+    """Each file's path relative to the folder all inputs share, suffix kept: a/x.png and
+    b/x.png, or x.png and x.dcm, keep different names."""
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    root = Path(os.path.commonpath([p.parent for p in absolute]))
+    return [p.relative_to(root) for p in absolute]
+
+
+def write_maps(probe, name: Path, gray: np.ndarray, view: np.ndarray, row: np.ndarray,
+               classes: list[str], top: int, out: Path) -> list[Path]:
+    """The activation maps of one image's `top` findings, as OUT/<its relative path>_<class>.png;
+    a warning for a map that is all zeros. Returns the files written."""
+    written = []
+    for c in np.argsort(-row)[:top]:
+        cam = grad_cam(probe, view, int(c))
+        if not cam.any():
+            print(f"warning: {name}: the {classes[c]} map is all zeros (no location raises its "
+                  "score)", file=sys.stderr)
+        path = out / name.parent / f"{name.name}_{classes[c]}.png"
+        cli.make_dir(path.parent)
+        save_overlay(gray, upsample(cam, gray.shape), f"{name}: {classes[c]} {row[c]:.2f}", path)
+        written.append(path)
+    return written
 
 
 def render(files: list[Path], probs: np.ndarray, names: list[str], fmt: str) -> str:
@@ -126,19 +178,18 @@ def render(files: list[Path], probs: np.ndarray, names: list[str], fmt: str) -> 
         lines = [",".join(["file", *names])]
         lines += [",".join([str(f), *(f"{p:.6f}" for p in row)]) for f, row in zip(files, probs, strict=True)]
         return "\n".join(lines)
-    return cli.markdown_table(["file", *names], [[f.name, *(f"{p:.3f}" for p in row)]
-                                                 for f, row in zip(files, probs, strict=True)])
+    return cli.markdown_table(["file", *names], [[str(f), *(f"{p:.3f}" for p in row)]  # a/x.png, b/x.png
+                                                 for f, row in zip(relative_names(files), probs, strict=True)])
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(PredictConfig, __doc__.splitlines()[0], argv, positional=["inputs"])
+    cfg = cli.parse_config(PredictConfig, __doc__, argv, positional=["inputs"],
+                           prog="python -m chexnet_hvd.predict")
     if cfg.cam and cfg.backend != "tf":
         raise cli.InputError("--cam", "activation maps need gradients: use --backend tf")
     files = image_files(cfg.inputs)
     for f in files:  # every file checked before the model is built
         check_image(f)
-    if cfg.batch_size < 1:
-        raise cli.InputError("--batch-size", "must be at least 1")
 
     if cfg.backend == "tf":  # the model itself, so --cam can take gradients of it
         model, meta = checkpoints.load(cfg.checkpoint)
@@ -149,21 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.cam) if cfg.cam else None
     if out:
         cli.make_dir(out)
-    probs = []
+        probe, names_of = cam_probe(model), relative_names(files)
+    probs, written = [], set()
     for i in range(0, len(files), cfg.batch_size):  # one batch of images in memory at a time
         chunk = files[i:i + cfg.batch_size]
         images = [load_image(f) for f in chunk]
         views = np.stack([data.preprocess(img[..., None], size).numpy() for img in images])
         probs.append(np.asarray(predict(views), np.float32))
         if out:
-            for f, img, view, row in zip(chunk, images, views, probs[-1], strict=True):
-                for c in np.argsort(-row)[: cfg.top]:
-                    heat = upsample(grad_cam(model, view, int(c)), img.shape)
-                    save_overlay(img, heat, f"{f.name}: {names[c]} {row[c]:.2f}",
-                                 out / f"{f.stem}_{names[c]}.png")
+            for name, img, view, row in zip(names_of[i:i + cfg.batch_size], images, views, probs[-1], strict=True):
+                written.update(write_maps(probe, name, img, view, row, names, cfg.top, out))
     print(render(files, np.concatenate(probs), names, cfg.format))
-    if out:
-        print(f"wrote {len(files) * min(cfg.top, len(names))} heatmaps to {out}", file=sys.stderr)
+    if out:  # an input named twice gets its maps once
+        print(f"wrote {len(written)} heatmaps to {out}", file=sys.stderr)
     return 0
 
 

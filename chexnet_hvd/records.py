@@ -463,23 +463,24 @@ class RecordsConfig(metadata.TableConfig):
                             "conversion, a per-split CSV index of the image files for the "
                             "raw-image pipeline (train reads either)", choices=["tfrecord", "raw"])
     image_size: int | None = cli.field(None, help="resize offline to N x N (default: keep source "
-                                       "size, e.g. 1024 for the large-input models)")
+                                       "size, e.g. 1024 for the large-input models)", minimum=1)
     encoding: str = cli.field("png", help="png: lossless PNG bytes (any size); uint8: the raw "
                               "pixels, needs --image-size; nearly free to read, the float work "
                               "then runs in the model's graph (on the GPU)", choices=["png", "uint8"])
-    shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)")
+    shard_size: int = cli.field(1024, help="records per shard (the last shard is never dropped)",
+                                minimum=1)
     workers: int = cli.field(len(os.sched_getaffinity(0)), help="parallel worker processes (per MPI rank "
-                             "under mpirun/srun)")
+                             "under mpirun/srun)", minimum=1)
     max_rejects: int = cli.field(-1, help="unreadable and missing images tolerated (listed in "
                                  "rejects.csv with the reason, and in missing.csv); with more, no "
-                                 "manifest is written and the exit code is 2 (-1: no limit)")
+                                 "manifest is written and the exit code is 2 (-1: no limit)",
+                                 minimum=-1)
     progress: bool = cli.field(True, help="show a progress bar")
 
 
 def write_records(cfg: RecordsConfig) -> dict:
     """The whole conversion: table -> shards -> rejects.csv -> manifest.json (last)."""
-    if cfg.shard_size < 1 or cfg.workers < 1:
-        raise cli.InputError("--shard-size/--workers", "must be at least 1")
+    cli.check_ranges(cfg)  # the CLI checked them; a config built in code is checked here
     for folder in cfg.images:
         if not Path(folder).is_dir():
             raise cli.InputError(folder, "no such directory")
@@ -539,7 +540,7 @@ def one_sided_warnings(manifest: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(RecordsConfig, "Convert chest X-ray images + metadata CSV to sharded "
-                           "TFRecords with a manifest.", argv)
+                           "TFRecords with a manifest.", argv, prog="python -m chexnet_hvd.records")
     manifest = write_records(cfg)
     if manifest is None:  # an MPI rank other than 0: rank 0 reports
         return 0

@@ -140,7 +140,8 @@ class StatusConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(StatusConfig, "Print how a run's newest attempt ended: completed, "
-                           "preempted, failed, stalled or running.", argv, positional=["run_dir"])
+                           "preempted, failed, stalled or running.", argv, positional=["run_dir"],
+                           prog="python -m chexnet_hvd.runlog")
     try:
         print(count(cfg.run_dir, cfg.count) if cfg.count else status(cfg.run_dir))
     except RunLogError as err:

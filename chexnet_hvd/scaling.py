@@ -1,8 +1,9 @@
 """Scaling tables from run logs: group runs, aggregate epochs, speedup and efficiency.
 
-Pure functions over `chexnet_hvd.runlog` records; no TensorFlow. Speedup is global img/s over the
-smallest world size's (normally 1 rank) scaled to it; efficiency is speedup / (ranks / base ranks),
-i.e. weak scaling with a fixed per-rank batch, as in NVIDIA's and Horovod's tables.
+Pure functions over `chexnet_hvd.runlog` records; no TensorFlow. Speedup is global img/s over a
+1-rank run's of the same group; efficiency is speedup / ranks, i.e. weak scaling with a fixed
+per-rank batch, as in NVIDIA's and Horovod's tables. A group without a 1-rank run has neither
+(taking its smallest run as the base would call that run's own scaling perfect).
 """
 
 from __future__ import annotations
@@ -135,10 +136,10 @@ def scaling_rows(runs: list[Run], skip_first_epochs: int = 1) -> list[dict]:
             "epochs": len(epochs), "runs": counts[cell]})
     for group in {tuple(r[k] for k in GROUP_KEYS) for r in rows}:
         members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
-        base = min(members, key=lambda r: r["ranks"])
+        base = next((r["images_per_sec"] for r in members if r["ranks"] == 1), None)
         for r in members:
-            r["speedup"] = r["images_per_sec"] / base["images_per_sec"] * base["ranks"]
-            r["efficiency"] = r["speedup"] / r["ranks"]
+            r["speedup"] = r["images_per_sec"] / base if base else None
+            r["efficiency"] = r["speedup"] / r["ranks"] if base else None
     return rows
 
 
@@ -168,9 +169,11 @@ def add_baseline(rows: list[dict], baseline: dict[int, float]) -> list[dict]:
     return rows
 
 
-def _fmt(value, digits: int = 1) -> str:
+def _fmt(value, digits: int = 1, percent: bool = False) -> str:
     if value is None:
         return "-"
+    if percent:
+        return f"{value * 100:.0f}%"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -197,7 +200,8 @@ def title(group: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """One Markdown table per job, a row per world size and engine; with more than one engine
-    (or transport) in a table, each row's img/s over the first one's at the same world size."""
+    (or transport) in a table, each row's img/s over the first one's at the same world size. An
+    engine without a 1-rank run has "-" for speedup and efficiency, and a note says so."""
     out = []
     jobs = sorted({tuple(r[k] for k in TABLE_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     has_base = any("baseline_images_per_sec" in r for r in rows)
@@ -215,7 +219,7 @@ def markdown(rows: list[dict]) -> str:
         body = []
         for r in members:
             cells = [str(r["ranks"]), transport(r), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
-                     _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.0f}%",
+                     _fmt(r["speedup"], 2), _fmt(r["efficiency"], percent=True),
                      f"{r['epoch_seconds_mean']:.1f} ± {r['epoch_seconds_sd']:.1f}"]
             if len(engines) > 1:
                 ref = reference.get(r["ranks"])
@@ -224,8 +228,15 @@ def markdown(rows: list[dict]) -> str:
                 cells += [_fmt(r.get("baseline_images_per_sec")), _fmt(r.get("ratio_to_baseline"), 2)]
             body.append(cells)
         out.append(cli.markdown_table(head, body))
-        out.append("")
+        out += [no_base_note(members), ""] if any(r["speedup"] is None for r in members) else [""]
     return "\n".join(out)
+
+
+def no_base_note(members: list[dict]) -> str:
+    """Which engines of a table have no 1-rank run, the base of speedup and efficiency."""
+    missing = sorted({transport(r) for r in members if r["speedup"] is None})
+    return (f"\nSpeedup and efficiency are measured against a 1-rank run of the same settings and "
+            f"engine; these runs have none for {', '.join(missing)}, so those cells are \"-\".")
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
@@ -252,7 +263,9 @@ def plot(rows: list[dict], path: str | Path) -> None:
         label = f"{title(members[0])}, {transport(members[0])}"
         ranks = [r["ranks"] for r in members]
         ax_t.plot(ranks, [r["images_per_sec"] for r in members], "o-", label=label)
-        ax_e.plot(ranks, [100 * r["efficiency"] for r in members], "o-", label=label)
+        timed = [r for r in members if r["efficiency"] is not None]  # none without a 1-rank run
+        if timed:
+            ax_e.plot([r["ranks"] for r in timed], [100 * r["efficiency"] for r in timed], "o-", label=label)
         if any(r.get("baseline_images_per_sec") for r in members):
             base = [(r["ranks"], r["baseline_images_per_sec"]) for r in members if r.get("baseline_images_per_sec")]
             ax_t.plot(*zip(*base, strict=False), "s--", label=f"baseline ({label})")

@@ -36,10 +36,11 @@ CSV_COLUMNS = [
 @dataclasses.dataclass
 class SyntheticConfig:
     out: str = cli.field(help="output directory (images/, Data_Entry_2017.csv, planted.csv)")
-    images: int = cli.field(2000, help="number of images")
-    size: int = cli.field(64, help="image side in pixels")
-    seed: int = cli.field(0, help="random seed (same seed, same bytes)")
-    mean_images_per_patient: float = cli.field(3.6, help="NIH has 112,120 images of 30,805 patients")
+    images: int = cli.field(2000, help="number of images", minimum=1)
+    size: int = cli.field(64, help="image side in pixels", minimum=16)
+    seed: int = cli.field(0, help="random seed (same seed, same bytes)", minimum=0)
+    mean_images_per_patient: float = cli.field(3.6, help="NIH has 112,120 images of 30,805 patients",
+                                               minimum=1)
 
 
 def finding_sites(size: int) -> list[tuple[float, float, float]]:
@@ -112,8 +113,7 @@ def draw_labels(rng: np.random.Generator, n_images: int, mean_per_patient: float
 
 def generate(cfg: SyntheticConfig) -> pd.DataFrame:
     """Write the image set; the CSV goes last (temp + rename), so its presence means complete."""
-    if cfg.images < 1 or cfg.size < 16:
-        raise cli.InputError("--images/--size", "need at least 1 image of at least 16 px")
+    cli.check_ranges(cfg)  # the CLI checked them; a config built in code is checked here
     out = Path(cfg.out)
     cli.make_dir(out / "images")
     rng = np.random.default_rng(cfg.seed)
@@ -137,7 +137,7 @@ def generate(cfg: SyntheticConfig) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(SyntheticConfig, __doc__.splitlines()[0], argv)
+    cfg = cli.parse_config(SyntheticConfig, __doc__, argv, prog="python -m chexnet_hvd.synthetic")
     entry = generate(cfg)
     print(f"wrote {len(entry)} images of {entry['Patient ID'].nunique()} patients to {cfg.out}")
     return 0

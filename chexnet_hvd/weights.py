@@ -71,8 +71,8 @@ class WeightsConfig:
     model: str = cli.field("densenet121", help="whose ImageNet weights", choices=sorted(PUBLISHED))
     url: str = cli.field("", help="a mirror's URL of the file (default: Keras' own)")
     md5: str = cli.field("", help="the mirror file's md5 (default: the published one)")
-    retries: int = cli.field(3, help="retries after a transient failure, each resuming")
-    timeout: float = cli.field(60.0, help="socket timeout in seconds")
+    retries: int = cli.field(3, help="retries after a transient failure, each resuming", minimum=0)
+    timeout: float = cli.field(60.0, help="socket timeout in seconds", exclusive_minimum=0)
     progress: bool = cli.field(True, help="show a progress bar")
 
 
@@ -92,7 +92,8 @@ def fetch(cfg: WeightsConfig) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(WeightsConfig, __doc__.splitlines()[0], argv, positional=["action"])
+    cfg = cli.parse_config(WeightsConfig, __doc__, argv, positional=["action"],
+                           prog="python -m chexnet_hvd.weights")
     if cfg.action == "path":
         print(resolve("imagenet", cfg.model))
         return 0

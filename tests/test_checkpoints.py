@@ -33,3 +33,29 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     meta = checkpoints.read_meta(ckpt_dir / "best")
     assert meta is not None and meta["epoch"] in (1, 2), calls
     checkpoints.load(ckpt_dir / "best")  # weights complete too
+
+
+EPOCHS = (1, 2, 3, 9998, 9999, 10000)  # past 9999 the names outgrow their 4 digits
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 7])
+def test_prune_keeps_the_newest_epochs_by_number_and_the_newest_step(tmp_path, keep):
+    for name in [f"epoch-{n:04d}" for n in EPOCHS] + ["step-000000010", "step-000000020", ".best-epoch-0002-1",
+                                                      ".epoch-0004.tmp12"]:
+        (tmp_path / name).mkdir()
+    os.symlink(".best-epoch-0002-1", tmp_path / "best")
+    checkpoints.prune(tmp_path, keep)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in left if n.startswith("epoch-")] == sorted(f"epoch-{n:04d}" for n in EPOCHS[-keep:])
+    assert [n for n in left if n.startswith("step-")] == ["step-000000020"]
+    assert {"best", ".best-epoch-0002-1", ".epoch-0004.tmp12"} <= set(left)  # best and writes in progress
+
+
+@pytest.mark.parametrize("keep", [0, -1])
+def test_prune_refuses_to_keep_fewer_than_one(tmp_path, keep):
+    """[:-0] kept every checkpoint; [:- -1] deleted all but the oldest."""
+    for n in EPOCHS[:3]:
+        (tmp_path / f"epoch-{n:04d}").mkdir()
+    with pytest.raises(ValueError, match="at least 1"):
+        checkpoints.prune(tmp_path, keep)
+    assert len(list(tmp_path.iterdir())) == 3

@@ -173,3 +173,59 @@ def test_chexnet_paper_numbers_only_beside_nih_records_of_its_14_classes():
     assert not paper_comparable({"dataset": "chexpert", "classes": list(CHEXPERT_COMPETITION)})
     assert not paper_comparable({"dataset": "chexpert", "classes": list(PATHOLOGIES)})
     assert not paper_comparable({"dataset": "nih", "classes": list(PATHOLOGIES[:5])})
+
+
+def test_the_report_counts_the_labelled_images_of_each_class_beside_its_positives():
+    """A class scored on 3 of 6 images (the rest unlabelled) says so: 'labelled' 3, positives 2."""
+    from chexnet_hvd.evaluate import class_rows, markdown
+
+    label = np.array([[1, 1], [0, 0], [1, 0], [0, 1], [1, 0], [0, 1]], np.float32)
+    mask = np.array([[1, 1], [1, 0], [1, 0], [1, 1], [1, 1], [1, 0]], np.float32)
+    pred = {"label": label, "mask": mask, "prob": np.linspace(0.1, 0.9, 12, dtype=np.float32).reshape(6, 2)}
+    ci = metrics.bootstrap_ci(label, pred["prob"], mask, np.arange(6).astype(str), resamples=20, seed=0)
+    none = np.full(2, np.nan)
+    rows = class_rows(["Atelectasis", "Edema"], pred, ci, None, none, none, none, comparable=False)
+    assert [(r["labelled"], r["positives"]) for r in rows] == [(6, 3), (3, 2)]
+    report = {"tta": "none", "classes": rows, "paper_comparable": False, "split": "test", "data": "d",
+              "checkpoint": "c", "checkpoint_epoch": 2, "model": "m", "image_size": 32, "n": 6, "val_split": "",
+              "mean_auroc": {"value": 0.5, "ci_lo": 0.4, "ci_hi": 0.6}, "mean_auroc_tta": None,
+              "bootstrap": {"patients": 6, "resamples": 20, "seed": 0}}
+    text = markdown(report)
+    assert "| pathology | labelled | positives |" in text and "| Edema | 3 | 2 |" in text
+    assert "(epoch 2, m, 32 px)" in text
+
+
+def test_the_default_output_lies_outside_the_checkpoints(tmp_path):
+    """RUN_DIR/eval/<name>-<split>: for RUN_DIR/checkpoints/NAME and for an export beside them."""
+    from chexnet_hvd.evaluate import default_out
+
+    run_dir = tmp_path / "runs" / "x"
+    assert default_out(run_dir / "checkpoints" / "best", "test") == run_dir / "eval" / "best-test"
+    assert default_out(f"{run_dir}/checkpoints/epoch-0003/", "val") == run_dir / "eval" / "epoch-0003-val"
+    assert default_out(run_dir / "export-openvino-int8", "test") == run_dir / "eval" / "export-openvino-int8-test"
+
+
+@pytest.mark.slow
+def test_reports_outlive_the_checkpoints_training_prunes_and_replaces(records_dir, tmp_path):
+    """Evaluate `best` and `epoch-0001` of a 1-epoch run, resume it for 3 more epochs keeping
+    one checkpoint: epoch-0001 is pruned and best moves to a later epoch (its old copy deleted),
+    and both reports are still where evaluate said it wrote them. (They were written inside the
+    checkpoints: CHECKPOINT/eval-SPLIT.)"""
+    run_dir = tmp_path / "run"
+    train = ["--data", records_dir, "--run-dir", run_dir, "--model", "small_cnn", "--image-size", 32,
+             "--batch-size", 16, "--keep-checkpoints", 1, "--deterministic", "--verbose", 0]
+    module("train", *train, "--epochs", 1, check=True, timeout=300)
+    written = {}
+    for name in ("best", "epoch-0001"):
+        proc = module("evaluate", "--checkpoint", run_dir / "checkpoints" / name, "--data", records_dir,
+                      "--bootstrap", 20, check=True, timeout=300)
+        out = run_dir / "eval" / f"{name}-test"
+        assert f"wrote {out}/report.md" in proc.stdout
+        written[name] = {f: (out / f).read_bytes() for f in ("report.md", "report.json", "roc.png", "pr.png")}
+    assert json.loads(written["best"]["report.json"])["checkpoint_epoch"] == 1
+    module("train", *train, "--epochs", 4, "--resume", check=True, timeout=300)
+    ckpts = run_dir / "checkpoints"
+    assert not (ckpts / "epoch-0001").exists() and checkpoints.read_meta(ckpts / "best")["epoch"] > 1
+    assert not list(ckpts.glob(".best-epoch-0001-*"))  # best's old copy is gone
+    for name, files in written.items():
+        assert {f: (run_dir / "eval" / f"{name}-test" / f).read_bytes() for f in files} == files

@@ -106,6 +106,32 @@ def test_the_engines_of_one_job_share_a_table_row_by_row(tmp_path):
     assert "/ horovod" not in next(t for t in tables if t.startswith("small_cnn"))  # one engine: no ratio
 
 
+def test_no_speedup_or_efficiency_without_a_one_rank_run(runs, tmp_path):
+    """Horovod ran on 2 and 4 ranks only, tf on 1 and 2: Horovod's smallest run is no base
+    (as one it was called speedup 2.00, efficiency 100%, and the worse-scaling engine drew the
+    best line). Its cells are "-", a note names it, the CSV leaves them empty."""
+    logs = tmp_path / "logs"
+    write_run(logs / "np2", 2, 180.0)
+    write_run(logs / "np4", 4, 320.0)
+    write_run(logs / "tf1", 1, 100.0, engine="tf", backend="ring")
+    write_run(logs / "tf2", 2, 150.0, engine="tf", backend="ring")
+    rows = scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(logs)])))
+    assert [(r["engine"], r["ranks"], r["speedup"], r["efficiency"]) for r in rows if r["engine"] == "horovod"] == [
+        ("horovod", 2, None, None), ("horovod", 4, None, None)]
+    assert [(r["ranks"], r["speedup"], r["efficiency"]) for r in rows if r["engine"] == "tf"] == [
+        (1, 1.0, 1.0), (2, 1.5, 0.75)]
+    out_csv, out_png = tmp_path / "t.csv", tmp_path / "t.png"
+    text = run([REPORT, str(logs), "--csv", str(out_csv), "--plot", str(out_png)], check=True).stdout
+    assert "| 2 | horovod | 180.0 | 90.0 | - | - |" in text and "| 4 | horovod | 320.0 | 80.0 | - | - |" in text
+    assert "| 2 | tf/ring | 150.0 | 75.0 | 1.50 | 75% |" in text
+    assert "against a 1-rank run" in text and "none for horovod," in text
+    assert [(r["ranks"], r["speedup"], r["efficiency"]) for r in csv.DictReader(out_csv.open())
+            if r["engine"] == "horovod"] == [("2", "", ""), ("4", "", "")]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    full = scaling.markdown(scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(runs)]))))
+    assert "-" not in full.replace("---", "") and "against" not in full  # every group has its 1-rank run
+
+
 @pytest.mark.slow
 def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):
     baseline = tmp_path / "dell.csv"

@@ -32,7 +32,7 @@ def render(stats) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(StatsConfig, __doc__.splitlines()[0], argv)
+    cfg = cli.parse_config(StatsConfig, __doc__, argv, prog="python tools/dataset_stats.py")
     stats = metadata.prevalence(metadata.load_table(cfg))
     text = render(stats)
     print(text)

@@ -26,11 +26,13 @@ class NasReportConfig:
     studies: list[str] = cli.field(help="study directories (python -m chexnet_hvd.nas --study-dir)")
     storage: str = cli.field("", help="SQLAlchemy URL, for a study not kept in its journal file")
     out: str = cli.field("", help="output directory (default: FIRST_STUDY/report)")
-    top: int = cli.field(0, help="rows of the trial table per study, best first (0: all, in order)")
+    top: int = cli.field(0, help="rows of the trial table per study, best first (0: all, in order)",
+                         minimum=0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(NasReportConfig, __doc__.splitlines()[0], argv, positional=["studies"])
+    cfg = cli.parse_config(NasReportConfig, __doc__, argv, positional=["studies"],
+                           prog="python tools/nas_report.py")
     studies = {}
     for path in cfg.studies:
         if not cfg.storage and not Path(path).is_dir():  # opening would create an empty study

@@ -36,29 +36,38 @@ class ReportConfig:
     csv: str = cli.field("", help="also write the table as CSV here")
     plot: str = cli.field("", help="also write a PNG plot (throughput, efficiency vs ranks) here")
     baseline: str = cli.field("", help="reference CSV (columns ranks,images_per_sec) shown beside ours")
-    skip_epochs: int = cli.field(1, help="leading epochs per run left out (warm-up)")
+    skip_epochs: int = cli.field(1, help="leading epochs per run left out (warm-up)", minimum=0)
     project: bool = cli.field(False, help="project throughput and efficiency to --ranks instead")
-    step_time: float = cli.field(0.0, help="--project: seconds per step on 1 rank (0: from the run log)")
-    params: float = cli.field(0.0, help="--project: trainable parameters (0: from the run log)")
-    batch: int = cli.field(0, help="--project: images per rank per step (0: from the run log)")
-    ranks: list[int] = cli.field([1, 2, 4, 8, 16, 32, 64, 128, 256], help="--project: world sizes")
+    step_time: float = cli.field(0.0, help="--project: seconds per step on 1 rank (0: from the run log)",
+                                 minimum=0)
+    params: float = cli.field(0.0, help="--project: trainable parameters (0: from the run log)",
+                              minimum=0)
+    batch: int = cli.field(0, help="--project: images per rank per step (0: from the run log)",
+                           minimum=0)
+    ranks: list[int] = cli.field([1, 2, 4, 8, 16, 32, 64, 128, 256], help="--project: world sizes",
+                                 minimum=1)
     bandwidth_gbs: float = cli.field(scaling.Network.bandwidth_gbs,
-                                     help="--project: link bandwidth in GB/s (default: 100 Gb/s EDR InfiniBand)")
-    latency_us: float = cli.field(scaling.Network.latency_us, help="--project: latency per ring step, us")
+                                     help="--project: link bandwidth in GB/s (default: 100 Gb/s EDR InfiniBand)",
+                                     exclusive_minimum=0)
+    latency_us: float = cli.field(scaling.Network.latency_us, help="--project: latency per ring step, us",
+                                  minimum=0)
     overlap: float = cli.field(scaling.Network.overlap, help="--project: fraction of the allreduce "
-                               "hidden behind the backward pass (0..1)")
+                               "hidden behind the backward pass (0..1)", minimum=0, maximum=1)
     fp16_allreduce: bool = cli.field(False, help="--project: gradients sent as fp16 (2 bytes, not 4)")
-    backward_passes_per_step: int = cli.field(1, help="--project: batches accumulated per allreduce")
-    gpus_per_node: int = cli.field(scaling.Network.gpus_per_node, help="--project: ranks per node")
+    backward_passes_per_step: int = cli.field(1, help="--project: batches accumulated per allreduce",
+                                              minimum=1)
+    gpus_per_node: int = cli.field(scaling.Network.gpus_per_node, help="--project: ranks per node", minimum=1)
     intra_bandwidth_gbs: float = cli.field(scaling.Network.intra_bandwidth_gbs,
-                                           help="--project: bandwidth within a node, GB/s (default: NVLink 2)")
+                                           help="--project: bandwidth within a node, GB/s (default: NVLink 2)",
+                                           exclusive_minimum=0)
     intra_latency_us: float = cli.field(scaling.Network.intra_latency_us,
-                                        help="--project: latency per ring step within a node, us")
+                                        help="--project: latency per ring step within a node, us", minimum=0)
     flat_ring: bool = cli.field(False, help="--project: one ring over all ranks (MPI, Gloo, the tf "
                                 "engine on CPUs), not hierarchical (NCCL)")
-    global_batch: int = cli.field(0, help="--project: also strong scaling at this fixed global batch")
+    global_batch: int = cli.field(0, help="--project: also strong scaling at this fixed global batch",
+                                  minimum=0)
     epoch_images: int = cli.field(scaling.NIH_TRAIN_IMAGES, help="--project: images per epoch (the "
-                                  "epoch-time column; default: NIH's official training split)")
+                                  "epoch-time column; default: NIH's official training split)", minimum=1)
 
 
 def projection(cfg: ReportConfig) -> str:
@@ -76,15 +85,6 @@ def projection(cfg: ReportConfig) -> str:
         params = params or start.get("trainable_params", 0)
         if not params:
             raise RunLogError(f"{single[0].path}: no trainable_params in the run log; pass --params")
-    if not 0 <= cfg.overlap <= 1:
-        raise cli.InputError("--overlap", f"{cfg.overlap} is not between 0 and 1")
-    for flag, value in (("--gpus-per-node", cfg.gpus_per_node), ("--backward-passes-per-step",
-                        cfg.backward_passes_per_step), ("--bandwidth-gbs", cfg.bandwidth_gbs),
-                        ("--intra-bandwidth-gbs", cfg.intra_bandwidth_gbs)):
-        if value <= 0:
-            raise cli.InputError(flag, f"{value} is not above 0")
-    if cfg.global_batch < 0:
-        raise cli.InputError("--global-batch", f"{cfg.global_batch} is below 0")
     net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap, cfg.gpus_per_node,
                           cfg.intra_bandwidth_gbs, cfg.intra_latency_us, not cfg.flat_ring)
     grad_bytes = params * (2 if cfg.fp16_allreduce else 4)
@@ -115,7 +115,8 @@ def measured(cfg: ReportConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = cli.parse_config(ReportConfig, __doc__.splitlines()[0], argv, positional=["runs"])
+    cfg = cli.parse_config(ReportConfig, __doc__, argv, positional=["runs"],
+                           prog="python tools/scaling_report.py")
     try:  # a bad run log is the user's input: one line, exit 2
         if cfg.project:
             print(projection(cfg))

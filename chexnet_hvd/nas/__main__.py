@@ -44,32 +44,38 @@ class NasConfig:
                               "(endpoint from CHEXNET_LLM_BASE_URL, _MODEL, _API_KEY)",
                               choices=PROPOSERS)
     n_trials: int = cli.field(20, help="the study stops when it holds this many trials, "
-                              "counted over all workers (re-queued ones count once)")
+                              "counted over all workers (re-queued ones count once)", minimum=1)
     timeout: float = cli.field(0.0, help="seconds after which this worker claims no new "
-                               "candidate (0: no limit)")
+                               "candidate (0: no limit)", minimum=0)
     workers: int = cli.field(1, help="worker processes to start on this machine (GPUs, when "
-                             "there are, dealt out one per worker)")
-    image_size: int = cli.field(224, help="candidate input side in pixels (32 in NAS-Bench-Macro)")
-    batch_size: int = cli.field(32, help="training batch per candidate")
-    epochs: int = cli.field(3, help="training epochs per candidate")
+                             "there are, dealt out one per worker)", minimum=1)
+    image_size: int = cli.field(224, help="candidate input side in pixels (32 in NAS-Bench-Macro)",
+                                minimum=1)
+    batch_size: int = cli.field(32, help="training batch per candidate", minimum=1)
+    epochs: int = cli.field(3, help="training epochs per candidate", minimum=1)
     train_args: str = cli.field("", help="more flags for chexnet_hvd.train, e.g. "
                                 "\"--precision mixed_float16 --lr 3e-3\"")
     threads: int = cli.field(0, help="CPU threads per candidate; 0: the CPUs this worker may "
-                             "run on (its affinity, e.g. Slurm's binding) / workers")
+                             "run on (its affinity, e.g. Slurm's binding) / workers", minimum=0)
     bind_cores: bool = cli.field(False, help="pin worker i to its own block of --threads cores "
                                  "(as Slurm's --cpu-bind=cores), so that workers sharing a CPU "
                                  "host, input pipelines included, do not compete")
-    population: int = cli.field(10, help="evolution: population (the newest completed trials)")
-    sample: int = cli.field(5, help="evolution: tournament size drawn from the population")
-    llm_retries: int = cli.field(3, help="llm: questions per proposal before evolution picks")
-    seed: int = cli.field(0, help="proposer seed (each worker adds its index)")
+    population: int = cli.field(10, help="evolution: population (the newest completed trials)",
+                                minimum=1)
+    sample: int = cli.field(5, help="evolution: tournament size drawn from the population",
+                            minimum=1)
+    llm_retries: int = cli.field(3, help="llm: questions per proposal before evolution picks",
+                                 minimum=1)
+    seed: int = cli.field(0, help="proposer seed (each worker adds its index)", minimum=0)
     stale_after: float = cli.field(900.0, help="seconds without a heartbeat after which a "
-                                   "worker on another host, outside Slurm, counts as dead")
-    heartbeat: float = cli.field(60.0, help="seconds between a worker's heartbeats")
+                                   "worker on another host, outside Slurm, counts as dead",
+                                   exclusive_minimum=0)
+    heartbeat: float = cli.field(60.0, help="seconds between a worker's heartbeats",
+                                 exclusive_minimum=0)
     max_failures: int = cli.field(3, help="stop this worker after this many failed trainings "
-                                  "in a row")
+                                  "in a row", minimum=1)
     worker_index: int = cli.field(-1, help="this worker's index (seeds, GPU); -1: "
-                                  "SLURM_ARRAY_TASK_ID, else 0")
+                                  "SLURM_ARRAY_TASK_ID, else 0", minimum=-1)
 
 
 # ---------------------------------------------------------------- checks ---------------------
@@ -77,10 +83,6 @@ def check(cfg: NasConfig) -> None:
     """Flags that would only fail later, inside a candidate's training: one line now."""
     if not (Path(cfg.data) / "manifest.json").is_file():
         raise cli.InputError(cfg.data, "not a records directory (no manifest.json)")
-    for name in ("n_trials", "workers", "image_size", "batch_size", "epochs", "population",
-                 "sample", "llm_retries", "max_failures"):
-        if getattr(cfg, name) < 1:
-            raise cli.InputError(f"--{name.replace('_', '-')}", f"must be at least 1, not {getattr(cfg, name)}")
     if cfg.sample > cfg.population:
         raise cli.InputError("--sample", f"{cfg.sample} is more than the population ({cfg.population})")
     clash = [f for f in shlex.split(cfg.train_args) if f.split("=")[0] in TRAINER_FLAGS]
@@ -283,7 +285,7 @@ def spawn_workers(cfg: NasConfig, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = cli.parse_config(NasConfig, __doc__.splitlines()[0], argv)
+    cfg = cli.parse_config(NasConfig, __doc__, argv, prog="python -m chexnet_hvd.nas")
     check(cfg)
     if cfg.workers > 1:
         study.open_study(cfg.study_dir, cfg.storage, task_of(cfg))  # refuse a wrong task once, here
