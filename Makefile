@@ -20,13 +20,14 @@ setup:            ## install everything (idempotent); GPU=1 for the CUDA + NCCL 
 demo: setup       ## synthetic data -> records -> train on 1 and 2 ranks -> AUROC + scaling table
 	bash tools/demo.sh
 
-# TF=2.21 runs every test that needs no Horovod (conftest skips the others), with
-# CHEXNET_ENGINE=tf as the default engine.
+# TF=2.21 runs the fast set and the slow tests marked `lane` (tests/conftest.py's LANE: one per
+# place another TensorFlow could differ), with CHEXNET_ENGINE=tf as the default engine.
 LANE_ENV   := $(if $(filter 2.21,$(TF)),CHEXNET_ENGINE=tf,)
+LANE_SET   := $(if $(filter 2.21,$(TF)),-m "not slow or lane",)
 
-test: setup       ## lint, then the whole suite (fast + slow + mpi); TF=2.21: all that needs no Horovod
+test: setup       ## lint, then the whole suite (fast + slow + mpi); TF=2.21: the fast set + the lane's
 	$(VENV)/bin/ruff check chexnet_hvd tools tests bench
-	$(LANE_ENV) $(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --durations=25
+	$(LANE_ENV) $(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --durations=25 $(LANE_SET)
 
 test-fast: setup  ## the fast set only (seconds)
 	$(PYTEST) -q -m "not slow"

@@ -97,9 +97,14 @@ class EpochProgress(tf.keras.callbacks.Callback):
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, beat=None):
+    def __init__(self, state: RunState, beat=None, rest=None):
         super().__init__()
         self.state, self.beat = state, beat  # beat(step): the stall watchdog's progress
+        self.rest = rest  # the stall watchdog: fit has ended, no step is due
+
+    def on_train_end(self, logs=None):
+        if self.rest:
+            self.rest()
 
     def on_epoch_begin(self, epoch, logs=None):
         state = self.state
@@ -415,11 +420,11 @@ class Profile(tf.keras.callbacks.Callback):
 
 def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, stop,
                    validation: Validation, save, writer, trail: AuditTrail | None = None,
-                   beat=None, diagnosis: Diagnosis | None = None) -> list:
+                   beat=None, diagnosis: Diagnosis | None = None, rest=None) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = engine.rank == 0  # only the chief writes files
     saves = engine.saves_here
-    callbacks = [EpochProgress(state, beat),
+    callbacks = [EpochProgress(state, beat, rest),
                  StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step),
                  *engine.callbacks()]
     if rank0:

@@ -82,6 +82,9 @@ class StallWatch:
     def beat(self, step: int | None = None) -> None:
         self.watchdog.progress(step)
 
+    def rest(self) -> None:
+        self.watchdog.rest()
+
     def failed_collective(self, err: BaseException) -> str | None:
         """When a collective failed because peers went silent (a timeout of the engine's own,
         or its coordination service noticing): the one line that names them."""

@@ -114,6 +114,12 @@ class Watchdog:
         if step is not None:
             self.step, self.armed = step, True
 
+    def rest(self) -> None:
+        """Training has ended (or a resumed part's fit has, before the next begins): no step is
+        due, so no time without one is a stall (a pipeline's teardown at the end of fit took
+        over 10 s on a loaded node); the next step arms the watch again."""
+        self.armed = False
+
     def stop(self) -> None:
         self._stop.set()
 

@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         diagnosis = callbacks.Diagnosis(state, engine, feed.counts, derived.global_batch,
                                         monitor.compute_probe(engine, trained, make_loss(), *probe_batch(trained, cfg.batch_size)))
         keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation,
-                                                   saver, writer, trail, beat, diagnosis)
+                                                   saver, writer, trail, beat, diagnosis,
+                                                   watch.rest if watch else None)
 
         # --- fit ---
         def batches(shapes, parts, first, epochs):

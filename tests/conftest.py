@@ -76,6 +76,26 @@ def crash_at(monkeypatch, n: int, operations) -> list:
 
 ENGINES = ["horovod", "tf"]
 HOROVOD = importlib.util.find_spec("horovod") is not None
+# The slow tests the TF 2.21 lane runs besides the fast set (`make test TF=2.21`): where another
+# TensorFlow, Keras or OpenVINO could behave differently (the tf engine's collectives, resume,
+# mixed precision, the backbones, gradients for maps, export), one test each; the default lane
+# runs every test.
+LANE = {
+    "test_two_ranks.py::test_weights_bitwise_identical_on_both_ranks[tf]",
+    "test_two_ranks.py::test_validation_auroc_equals_single_process[tf]",
+    "test_resume_preemption.py::test_a_mid_epoch_resume_is_exact[tf]",
+    "test_resume_preemption.py::test_sigterm_checkpoints_exits_75_and_resume_finishes[tf]",
+    "test_train_flags.py::test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank[tf]",
+    "test_models_precision.py::test_every_model_builds_and_takes_a_step[densenet121-32]",
+    "test_models_precision.py::test_every_model_builds_and_takes_a_step[resnet59-64]",
+    "test_models_precision.py::test_the_training_loss_is_masked_bce_for_any_number_of_classes[tf]",
+    "test_records_data.py::test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path",
+    "test_evaluate.py::test_evaluate_on_two_ranks_equals_one_and_writes_the_report[tf]",
+    "test_export.py::test_openvino_fp32_equals_tensorflow",
+    "test_predict.py::test_cam_files_and_bad_input",
+    "test_stalls.py::test_a_stopped_rank_ends_the_job_by_name_and_the_run_resumes[launch-rank1]",
+    "test_recipes_weights.py::test_resnet59_starts_from_resnet50_where_the_shapes_match",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers added here
@@ -83,9 +103,14 @@ def pytest_collection_modifyitems(config, items):
     """Tests parametrised with an engine (`engine`, or the `two_ranks` fixture) are marked
     tf_engine under tf. Where Horovod is not installed (the TF 2.21 lane), the tests that need
     it are skipped: those under Horovod or marked `horovod`, and those on the Slurm rehearsal
-    cluster (its jobs run the default lane's .venv)."""
+    cluster (its jobs run the default lane's .venv). The tests named in LANE are marked `lane`."""
     skip = pytest.mark.skip(reason="needs Horovod or the default lane, which this lane is not")
+    found = {item.nodeid.removeprefix("tests/") for item in items} & LANE
+    if "lane" in (config.option.markexpr or "") and found != LANE:  # a renamed test left the lane
+        raise pytest.UsageError(f"conftest LANE names tests that do not exist: {sorted(LANE - found)}")
     for item in items:
+        if item.nodeid.removeprefix("tests/") in found:
+            item.add_marker(pytest.mark.lane)
         params = item.callspec.params if hasattr(item, "callspec") else {}
         engine = params.get("engine", params.get("two_ranks"))
         if engine == "tf":

@@ -1,6 +1,7 @@
 """tools/scaling_report.py on fixture run logs written with the real run-log writer."""
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -185,6 +186,75 @@ def test_projection_matches_hand_computed_ring_allreduce():
     assert rows[4]["speedup"] == pytest.approx(4 * 0.1 / 0.1033)
 
 
+def test_hierarchical_allreduce_matches_hand_computed_terms():
+    # 8 ranks, 4 per node, 1e8 bytes; inter 1 GB/s + 10 us, intra 100 GB/s + 1 us.
+    # intra ring of 4: 2*3/4*1e8/1e11 + 6*1e-6 = 0.0015 + 0.000006
+    # inter ring of 2 nodes: 2*1/2*1e8/1e9 + 2*10e-6 = 0.1 + 0.00002
+    net = scaling.Network(bandwidth_gbs=1.0, latency_us=10.0, gpus_per_node=4, intra_bandwidth_gbs=100.0,
+                          intra_latency_us=1.0)
+    assert scaling.nodes_of(8, net) == (2, 4) and scaling.nodes_of(2, net) == (1, 2)
+    assert scaling.allreduce_seconds(1e8, 8, net) == pytest.approx(0.001506 + 0.10002)
+    assert scaling.allreduce_seconds(1e8, 4, net) == pytest.approx(0.001506)  # one node: NVLink only
+    # flat ring over all 8 (Open MPI, Gloo, the tf engine): 14 steps of 1e8/8 at the slower link
+    flat = dataclasses.replace(net, hierarchical=False)
+    assert scaling.allreduce_seconds(1e8, 8, flat) == pytest.approx(14 / 8 * 0.1 + 14 * 10e-6)
+    # one GPU per node: the plain ring of the original model
+    assert scaling.allreduce_seconds(1e8, 8, scaling.Network(1.0, 10.0)) == pytest.approx(
+        scaling.ring_seconds(1e8, 8, 1.0, 10.0))
+
+
+def test_step_time_knobs_halve_and_divide_the_allreduce():
+    net = scaling.Network(bandwidth_gbs=1.0, latency_us=0.0)
+    comm = scaling.allreduce_seconds(4e7, 4, net)  # 2*3/4*0.04 = 0.06 s
+    assert comm == pytest.approx(0.06)
+    assert scaling.step_seconds(0.1, 4e7, 4, net) == pytest.approx(0.16)
+    assert scaling.step_seconds(0.1, 2e7, 4, net) == pytest.approx(0.13)  # fp16: half the bytes
+    assert scaling.step_seconds(0.1, 4e7, 4, net, backward_passes=3) == pytest.approx(0.12)
+    hidden = dataclasses.replace(net, overlap=0.5)
+    assert scaling.step_seconds(0.1, 4e7, 4, hidden) == pytest.approx(0.13)
+
+
+def test_strong_scaling_splits_the_global_batch_and_epoch_time_follows_the_rate():
+    # compute 0.1 s per 16 images; global batch 64 over 4 ranks: 0.1 s compute + 0.06 s allreduce,
+    # against 0.4 s on one rank: speedup 2.5, efficiency 62.5%
+    net = scaling.Network(bandwidth_gbs=1.0, latency_us=0.0)
+    rows = {r["ranks"]: r for r in scaling.project(0.1, 4e7, 16, [1, 4], net, global_batch=64, epoch_images=1600)}
+    assert rows[4]["strong_step_seconds"] == pytest.approx(0.16)
+    assert rows[4]["strong_speedup"] == pytest.approx(2.5) and rows[4]["strong_efficiency"] == pytest.approx(0.625)
+    assert rows[1]["strong_speedup"] == pytest.approx(1.0)
+    assert rows[1]["epoch_seconds"] == pytest.approx(10.0)  # 1600 images at 160 img/s
+    assert rows[4]["epoch_seconds"] == pytest.approx(1600 / (64 / 0.16))
+    assert "strong: efficiency" in scaling.projection_markdown(list(rows.values()))
+
+
+def test_fit_ring_recovers_the_bandwidth_and_latency_it_was_given():
+    # samples made by the model itself at 0.025 GB/s (200 Mbit/s) and 300 us: the fit finds them
+    samples = [(size, n, scaling.ring_seconds(size, n, 0.025, 300.0))
+               for size in (1e3, 1e5, 1e6, 2.8e7) for n in (2, 3, 4)]
+    bandwidth, latency = scaling.fit_ring(samples)
+    assert bandwidth == pytest.approx(0.025) and latency == pytest.approx(300.0)
+    with pytest.raises(ValueError):
+        scaling.fit_ring([(1e6, 1, 0.1), (1e6, 2, 0.1)])  # one usable sample
+
+
+def test_readme_projection_table_is_the_models():
+    """The README's projection table, row by row, is what scaling.project gives for the
+    assumptions it states (4 GPUs per node, NVLink defaults, 25 GbE / EDR InfiniBand)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| model (1-GPU step) | between nodes |"):].split("\n\n")[0].splitlines()[2:]
+    models = [(0.265, 6968206, 64), (0.063, 83379278, 16)]
+    fabrics = [(3.125, 25.0), (12.5, 10.0)]
+    expected = []
+    for step, params, batch in models:
+        for bandwidth, latency in fabrics:
+            for size in (4, 2):
+                net = scaling.Network(bandwidth, latency, gpus_per_node=4)
+                rows = scaling.project(step, params * size, batch, [16, 64, 256], net)
+                expected.append([f"{r['efficiency'] * 100:.0f}%" for r in rows]
+                                + [scaling.duration(rows[0]["epoch_seconds"])])
+    assert [[c.strip() for c in line.strip("|").split("|")][3:] for line in table] == expected
+
+
 def test_projection_cli_from_a_one_rank_run_log(tmp_path):
     writer = runlog.RunLogWriter(tmp_path / "np1")
     writer.write("start", model="densenet121", image_size=224, precision="fp32", local_batch=16,
@@ -194,9 +264,9 @@ def test_projection_cli_from_a_one_rank_run_log(tmp_path):
     writer.close()
     proc = run([REPORT, "--project", str(tmp_path / "np1"), "--ranks", "1", "2", "4", "--bandwidth-gbs", "1",
                 "--latency-us", "100", "--overlap", "0.5"], check=True)
-    assert "| 4 | 0.1033 | 0.0066 | 619.6 | 3.87 | 96.8% |" in proc.stdout, proc.stdout
+    assert "| 4 | 4 | 0.1033 | 0.0066 | 619.6 | 3.87 | 96.8% |" in proc.stdout, proc.stdout
     fp16 = run([REPORT, "--project", "--step-time", "0.1", "--params", "1e6", "--batch", "16", "--ranks", "2",
                 "--bandwidth-gbs", "1", "--latency-us", "100", "--overlap", "0", "--fp16-allreduce"], check=True)
-    assert "| 2 | 0.1022 | 0.0022 |" in fp16.stdout, fp16.stdout  # 2 MB: 0.002 + 0.0002
+    assert "| 2 | 2 | 0.1022 | 0.0022 |" in fp16.stdout, fp16.stdout  # 2 MB: 0.002 + 0.0002
     bad = run([REPORT, "--project", str(tmp_path / "nothing")])
     assert_one_line_error(bad)

@@ -101,3 +101,25 @@ def test_who_a_stalled_rank_names():
     assert stall.culprits(now, 0, heard(r0=(99, 6, 7), r1=(99, 5, 7), r2=(99, 6, 7)), t)[0] == [1]
     names, why = stall.culprits(now, 0, heard(r0=(99, 6, 7), r1=(99, 6, 7)), t)
     assert names == [0, 1] and "collective" in why
+
+
+WATCH_ALONE = """
+import sys, time
+from chexnet_hvd import stall
+dog = stall.Watchdog(0, None, 0.5, lambda message, names: None)
+dog.start([dog.announce])
+dog.progress(1)  # a step: the watch is armed
+if sys.argv[1] == "rest":
+    dog.rest()  # fit has ended
+time.sleep(2)
+"""
+
+
+@pytest.mark.parametrize("after_fit,code", [("rest", 0), ("no-rest", stall.EXIT_STALLED)])
+def test_no_step_is_due_once_fit_has_ended(after_fit, code):
+    """A rank idle for 4 x the timeout after its last step: a stall while steps are due, none
+    once fit has ended (a pipeline's teardown at the end of fit outlasted a 10 s timeout on a
+    loaded node and ended a finished job as stalled)."""
+    proc = subprocess.run([sys.executable, "-c", WATCH_ALONE, after_fit], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr

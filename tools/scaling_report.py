@@ -8,7 +8,14 @@
 
 --project: weak-scaling projection under a ring-allreduce cost model (chexnet_hvd.scaling:
 allreduce_seconds, project); the step time, parameter count and per-rank batch come from a
-1-rank run log or from the flags.
+1-rank run log or from the flags. The fabric: --bandwidth-gbs and --latency-us between nodes,
+--gpus-per-node and --intra-bandwidth-gbs / --intra-latency-us within one (hierarchical
+allreduce unless --flat-ring); --global-batch adds strong-scaling columns; the epoch column is
+--epoch-images (default: NIH's training split) at the projected rate. E.g. 8 GPUs per node on
+NVLink, 25 GbE between nodes:
+
+    python tools/scaling_report.py --project --step-time 0.2 --params 7e6 --batch 64 \
+        --gpus-per-node 8 --bandwidth-gbs 3.125 --latency-us 30 --global-batch 1024
 """
 
 from __future__ import annotations
@@ -47,6 +54,20 @@ class ReportConfig:
     overlap: float = cli.field(scaling.Network.overlap, help="--project: fraction of the allreduce "
                                "hidden behind the backward pass (0..1)", minimum=0, maximum=1)
     fp16_allreduce: bool = cli.field(False, help="--project: gradients sent as fp16 (2 bytes, not 4)")
+    backward_passes_per_step: int = cli.field(1, help="--project: batches accumulated per allreduce",
+                                              minimum=1)
+    gpus_per_node: int = cli.field(scaling.Network.gpus_per_node, help="--project: ranks per node", minimum=1)
+    intra_bandwidth_gbs: float = cli.field(scaling.Network.intra_bandwidth_gbs,
+                                           help="--project: bandwidth within a node, GB/s (default: NVLink 2)",
+                                           exclusive_minimum=0)
+    intra_latency_us: float = cli.field(scaling.Network.intra_latency_us,
+                                        help="--project: latency per ring step within a node, us", minimum=0)
+    flat_ring: bool = cli.field(False, help="--project: one ring over all ranks (MPI, Gloo, the tf "
+                                "engine on CPUs), not hierarchical (NCCL)")
+    global_batch: int = cli.field(0, help="--project: also strong scaling at this fixed global batch",
+                                  minimum=0)
+    epoch_images: int = cli.field(scaling.NIH_TRAIN_IMAGES, help="--project: images per epoch (the "
+                                  "epoch-time column; default: NIH's official training split)", minimum=1)
 
 
 def projection(cfg: ReportConfig) -> str:
@@ -64,13 +85,19 @@ def projection(cfg: ReportConfig) -> str:
         params = params or start.get("trainable_params", 0)
         if not params:
             raise RunLogError(f"{single[0].path}: no trainable_params in the run log; pass --params")
-    net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap)
+    net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap, cfg.gpus_per_node,
+                          cfg.intra_bandwidth_gbs, cfg.intra_latency_us, not cfg.flat_ring)
     grad_bytes = params * (2 if cfg.fp16_allreduce else 4)
-    rows = scaling.project(step, grad_bytes, batch, cfg.ranks, net)
+    rows = scaling.project(step, grad_bytes, batch, cfg.ranks, net, cfg.backward_passes_per_step,
+                           cfg.global_batch, cfg.epoch_images)
+    within = (f"; {net.gpus_per_node} per node at {net.intra_bandwidth_gbs} GB/s, {net.intra_latency_us} us, "
+              f"{'hierarchical' if net.hierarchical else 'flat ring'}" if net.gpus_per_node > 1 else "")
     return (f"Projection: {step:.4f} s per step on 1 rank, batch {batch}, {params:,.0f} parameters "
             f"({grad_bytes / 1e6:.1f} MB of gradients), {net.bandwidth_gbs} GB/s, "
-            f"{net.latency_us} us per ring step, overlap {net.overlap}\n\n"
-            + scaling.projection_markdown(rows))
+            f"{net.latency_us} us per ring step, overlap {net.overlap}{within}"
+            + (f", {cfg.backward_passes_per_step} backward passes per step" if cfg.backward_passes_per_step > 1 else "")
+            + (f"; strong scaling at a global batch of {cfg.global_batch}" if cfg.global_batch else "")
+            + f"; epoch: {cfg.epoch_images:,} images\n\n" + scaling.projection_markdown(rows))
 
 
 def measured(cfg: ReportConfig) -> list[dict]:

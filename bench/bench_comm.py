@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""The communication model, measured: on the Slurm rehearsal (tools/slurm_local.sh) with every
+node's link shaped to --rate, allreduce time against message size and rank count for Horovod
+(MPI, srun --mpi=pmix) and the tf engine (its ring, srun --mpi=none), ranks spread over the 4
+nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
+(chexnet_hvd.scaling.fit_ring) and checked on the others; then the step-time model
+(compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
+step dividing them) against the real trainer on the same links.
+
+    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~35 min)
+
+The trainer runs DenseNet-121 (its 7.0 M parameters: 27.8 MB of fp32 gradients) at 32 px, so
+the compute is small beside the allreduce; the compute each step needs is the trainer's own
+compute probe (every rank, all at once, so the 2 cores' contention is in it). Ranks on one node
+share memory (unshaped): with several per node the flat ring still crosses each node's link
+once per step, so the model for the CPU engines is one ring over all ranks paced by the links.
+Holds /tmp/chexnet-rehearsal.lock and /tmp/chexnet-heavy.lock throughout; restores the links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PY = sys.executable
+sys.path.insert(0, str(ROOT))
+
+from chexnet_hvd import scaling  # noqa: E402
+from chexnet_hvd.runlog import read_runlog  # noqa: E402
+
+NODES = [f"node{i}" for i in range(1, 5)]
+SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 / fp32
+# (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
+SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1)]
+# (engine, nodes, ranks per node, extra trainer flags) of the step-time check
+TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()),
+         ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
+         ("tf", 2, 1, ())]
+LOCKS = ("/tmp/chexnet-rehearsal.lock", "/tmp/chexnet-heavy.lock")
+
+
+def env() -> dict:
+    return os.environ | {"PYTHONPATH": str(ROOT), "PATH": f"{Path(PY).parent}:{os.environ['PATH']}",
+                         "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                         "OMPI_MCA_mpi_yield_when_idle": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@contextlib.contextmanager
+def shaped(rate: str):
+    """The rehearsal up and held, every node's link at `rate`; restored to unlimited after."""
+    with contextlib.ExitStack() as stack:
+        for path in LOCKS:
+            fh = stack.enter_context(open(path, "w"))
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        script = ["bash", str(ROOT / "tools" / "slurm_local.sh")]
+        subprocess.run([*script, "up"], check=True, capture_output=True, timeout=600)
+        try:
+            for node in NODES:
+                subprocess.run([*script, "link", node, "rate", rate], check=True)
+            yield
+        finally:
+            for node in NODES:
+                subprocess.run([*script, "link", node, "rate", "unlimited"], check=False)
+
+
+def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, timeout: float = 1200) -> str:
+    """`cmd` once per rank on node1..node`nodes`, `per_node` ranks each; its stdout."""
+    launch = ["srun", f"--mpi={'pmix' if engine == 'horovod' else 'none'}", f"-N{nodes}",
+              f"--ntasks-per-node={per_node}", "-w", ",".join(NODES[:nodes]), "--kill-on-bad-exit=1"]
+    proc = subprocess.run([*launch, *cmd], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(launch)} {cmd[:4]}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int) -> list[dict]:
+    """The allreduce times of every size on one layout."""
+    out = srun(engine, nodes, per_node, [PY, str(ROOT / "bench" / "comm_worker.py"), "--engine", engine,
+                                         "--sizes", ",".join(map(str, SIZES)), "--repeats", str(repeats)], tmp)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [r | {"engine": engine, "nodes": nodes, "per_node": per_node} for r in rows]
+
+
+def fitted(rows: list[dict], engine: str) -> scaling.Network:
+    """The ring model fitted to `engine`'s one-rank-per-node allreduces."""
+    bandwidth, latency = scaling.fit_ring([(r["bytes"], r["ranks"], r["seconds"]) for r in rows
+                                           if r["engine"] == engine and r["per_node"] == 1])
+    return scaling.Network(bandwidth_gbs=bandwidth, latency_us=latency)
+
+
+def on_layout(net: scaling.Network, per_node: int, hierarchical: bool) -> scaling.Network:
+    """`net` with `per_node` ranks per node whose memory is free beside the links: one flat
+    ring over all ranks paced by the links, or hierarchical (a ring across the nodes only)."""
+    return scaling.Network(net.bandwidth_gbs, net.latency_us, net.overlap, per_node, intra_bandwidth_gbs=1e9,
+                           intra_latency_us=0.0, hierarchical=hierarchical)
+
+
+def predict_sweep(rows: list[dict], nets: dict) -> list[dict]:
+    """Each allreduce's prediction by both layouts' models and its error (+: the model is slower)."""
+    for r in rows:
+        for kind, hierarchical in (("flat", False), ("hierarchical", True)):
+            net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
+            predicted = scaling.allreduce_seconds(r["bytes"], r["ranks"], net)
+            r |= {f"predicted_{kind}": predicted, f"error_{kind}": (predicted - r["seconds"]) / r["seconds"]}
+    return rows
+
+
+def records(tmp: Path) -> Path:
+    """Synthetic 32-px records the trainer reads its manifest and validation from."""
+    subprocess.run([PY, "-m", "chexnet_hvd.synthetic", "--out", str(tmp / "syn"), "--images", "400", "--size", "32",
+                    "--seed", "0"], cwd=ROOT, env=env(), check=True, capture_output=True)
+    out = tmp / "records"
+    subprocess.run([PY, "-m", "chexnet_hvd.records", "--csv", str(tmp / "syn" / "Data_Entry_2017.csv"), "--images",
+                    str(tmp / "syn" / "images"), "--out", str(out), "--shard-size", "64", "--no-progress"],
+                   cwd=ROOT, env=env(), check=True, capture_output=True)
+    return out
+
+
+def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp: Path, args) -> dict:
+    """One real trainer run; its last epoch's measured step and compute probe."""
+    run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}"
+    cmd = [PY, "-m", "chexnet_hvd.train", "--data", str(data), "--run-dir", str(run_dir), "--model", "densenet121",
+           "--image-size", "32", "--batch-size", str(args.batch), "--epochs", "2", "--steps-per-epoch",
+           str(args.steps), "--synthetic-input", "--threads", "1", "--verbose", "0", "--engine", engine, *extra]
+    srun(engine, nodes, per_node, cmd, tmp)
+    log = read_runlog(run_dir)
+    start, last = log[0], [r for r in log if r["event"] == "epoch"][-1]
+    k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
+    grad_bytes = 4 * start["trainable_params"] / (2 if "--fp16-allreduce" in extra else 1)
+    return {"engine": engine, "nodes": nodes, "per_node": per_node, "ranks": nodes * per_node,
+            "flags": " ".join(extra), "backward_passes": k, "gradient_bytes": grad_bytes,
+            "measured_step": last["step_seconds"], "compute": max(last["compute_seconds"]),
+            "compute_seconds": last["compute_seconds"]}
+
+
+def predict_train(r: dict, nets: dict) -> dict:
+    """A trainer run's step predicted by both layouts' models and its error."""
+    for kind, hierarchical in (("flat", False), ("hierarchical", True)):
+        net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
+        predicted = scaling.step_seconds(r["compute"], r["gradient_bytes"], r["ranks"], net, r["backward_passes"])
+        r = r | {f"predicted_step_{kind}": predicted, f"error_{kind}": (predicted - r["measured_step"]) / r["measured_step"]}
+    return r
+
+
+def refit(path: Path) -> None:
+    """Fit and predictions recomputed from the measurements of a saved result (no cluster)."""
+    result = json.loads(path.read_text())
+    nets = {engine: fitted(result["allreduce"], engine) for engine in sorted({r["engine"] for r in result["allreduce"]})}
+    result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
+    result["allreduce"] = predict_sweep(result["allreduce"], nets)
+    result["train"] = [predict_train(r, nets) for r in result["train"]]
+    path.write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", default="200mbit", help="every node's link, both ways (tc tbf)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed allreduces per size (median)")
+    ap.add_argument("--batch", type=int, default=4, help="trainer: images per rank per step")
+    ap.add_argument("--steps", type=int, default=6, help="trainer: steps per epoch (3 warm-up steps left out)")
+    ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep")
+    ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
+    ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
+    args = ap.parse_args()
+    if args.refit:
+        refit(Path(args.out))
+        return
+    began = time.time()
+    rows, runs, nets, failed = [], [], {}, []
+
+    def save() -> None:  # after every measurement: a long run cut short keeps what it measured
+        result = {
+            "machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
+            "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
+            "minutes": round((time.time() - began) / 60, 1),
+            "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
+            "allreduce": rows, "train": runs, "failed": failed}
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
+        began = time.time()  # measured from here: waiting for the locks is not the benchmark's
+        tmp = Path(tmp)
+        for engine, nodes, per_node in SWEEP:
+            try:
+                rows += sweep(engine, nodes, per_node, tmp, args.repeats)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
+                failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "error": str(err)[-1500:]})
+            print(f"sweep {engine} {nodes}x{per_node}: done ({time.time() - began:.0f} s)", flush=True)
+            save()
+        nets = {engine: fitted(rows, engine) for engine in sorted({r["engine"] for r in rows})}
+        rows = predict_sweep(rows, nets)
+        save()
+        if not args.skip_train:
+            data = records(tmp)
+            for engine, nodes, per_node, extra in TRAIN:
+                try:
+                    runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets))
+                except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
+                    failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": " ".join(extra),
+                                   "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
+                    continue
+                print(f"train {runs[-1]} ({time.time() - began:.0f} s)", flush=True)
+                save()
+    print(f"wrote {args.out}")
+
+
+def rate_gbs(rate: str) -> float:
+    """A tc rate like 200mbit in GB/s."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    unit = next(u for u in units if rate.endswith(u))
+    return float(rate.removesuffix(unit)) * units[unit] / 8 / 1e9
+
+
+if __name__ == "__main__":
+    main()
