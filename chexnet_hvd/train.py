@@ -419,4 +419,4 @@ def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> 
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, leave=(cli.EXIT_PREEMPTED, stall.EXIT_STALLED))

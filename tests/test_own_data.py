@@ -283,10 +283,11 @@ def test_merged_nih_and_chexpert_records_keep_sources_and_mask_what_a_source_lac
         labelled = [r for r in rows.values() if r["split"] == "train" and r["mask"][name]]
         assert {r["source"] for r in labelled} == {source}
         assert counts["positives"][name] + counts["negatives"][name] == len(labelled) < counts["count"]
-    # trained and evaluated end to end: the masks reach the loss and the metrics
+    # trained and evaluated end to end: the masks reach the loss and the metrics (the recipe's
+    # --crop takes 28-px windows of the 32-px records)
     run_dir = tmp_path / "run"
     module("train", "--recipe", "chexnet", "--data", out, "--run-dir", run_dir, "--model", "small_cnn",
-           "--weights", "none", "--image-size", 32, "--batch-size", 8, "--epochs", 1, "--verbose", 0,
+           "--weights", "none", "--image-size", 28, "--batch-size", 8, "--epochs", 1, "--verbose", 0,
            check=True, timeout=900)
     assert read_runlog(run_dir)[-1]["status"] == "completed"
     report = tmp_path / "eval"
@@ -322,7 +323,7 @@ def test_hospital_dicoms_story_records_train_evaluate(tmp_path):
     assert manifest["classes"] == ["Pneumothorax", "Lung Opacity"]
     assert {s: v["count"] for s, v in manifest["splits"].items()} == {"train": 16, "val": 4, "test": 4}
     module("train", "--recipe", "chexnet", "--data", out, "--run-dir", run_dir, "--model", "small_cnn",
-           "--weights", "none", "--image-size", 32, "--batch-size", 4, "--epochs", 1, "--verbose", 0,
+           "--weights", "none", "--image-size", 28, "--batch-size", 4, "--epochs", 1, "--verbose", 0,
            check=True, timeout=900)
     module("evaluate", "--checkpoint", run_dir / "checkpoints" / "best", "--data", out, "--out",
            tmp_path / "eval", "--bootstrap", 20, check=True, timeout=600)

@@ -32,7 +32,7 @@ def by_id(out) -> dict:
     (or raw index), as the training pipeline decodes them."""
     found = {}
     for split in records.load_manifest(out)["splits"]:
-        source = data._Source(out, split)
+        source = data.Source(out, split)
         for item in source.read(data.as_tensor(sharding.eval_plan(source.counts, 1)[0])):
             ex = source.example(item)
             found[ex["id"].numpy().decode()] = (ex["label"].numpy().tolist(), ex["mask"].numpy().tolist(),

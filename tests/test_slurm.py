@@ -81,11 +81,21 @@ def wait_job(job_id: str, timeout: float) -> dict:
         time.sleep(1)
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
+def wait_until(predicate, timeout: float, what) -> None:
+    """Poll `predicate` until it holds; else fail with `what` (or what it returns, if callable:
+    e.g. the job's log as it stands then)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what() if callable(what) else what
         time.sleep(0.5)
+
+
+def log_tail(run_dir, what: str):
+    """A `what` for wait_until: `what`, and the end of the run's job.log when it fails."""
+    def message() -> str:
+        path = run_dir / "job.log"
+        return f"{what}; job.log ends:\n{path.read_text()[-3000:] if path.exists() else '(none)'}"
+    return message
 
 
 def output_of(out_dir, job_id: str) -> str:
@@ -216,7 +226,7 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
                "the job never finished an epoch")
     run(["scancel", "--batch", "--signal=USR1", job], check=True)  # what --signal=B:USR1@300 does
     wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 180,
-               "the job was not requeued")
+               log_tail(run_dir, "the job was not requeued"))
     # A requeued job is held back about 2 minutes so its nodes can clean up; once the old
     # attempt's steps are gone, let it start early. Not within the second of the requeue:
     # slurmd refuses a credential made in the second its old one was revoked.
@@ -224,7 +234,8 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
                "the old attempt's steps never ended")
     time.sleep(2)
     run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    wait_until(lambda: '"status": "completed"' in runlog.read_text(), 900, "the requeued job did not complete")
+    wait_until(lambda: '"status": "completed"' in runlog.read_text(), 900,
+               log_tail(run_dir, "the requeued job did not complete"))
     fields = wait_job(job, timeout=120)
     assert (fields["JobState"], fields["Restarts"]) == ("COMPLETED", "1")
 
@@ -371,9 +382,11 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
     os.kill(victim, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND, "no stall recorded")
+        wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND,
+                   log_tail(run_dir, "no stall recorded"))
         recorded = time.monotonic() - stopped
-        wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 180, "not requeued")
+        wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 180,
+                   log_tail(run_dir, "not requeued"))
     finally:
         if os.path.exists(f"/proc/{victim}"):  # a stopped task outlives srun's TERM
             os.kill(victim, signal.SIGKILL)
@@ -387,7 +400,8 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
         assert [(r["status"], r["ranks"], r["hosts"]) for r in stalled] == [("stalled", [1], ["node2"])]
         return
     start_early(job)
-    wait_until(lambda: '"status": "completed"' in (run_dir / "runlog.jsonl").read_text(), 900, "no completion")
+    wait_until(lambda: '"status": "completed"' in (run_dir / "runlog.jsonl").read_text(), 900,
+               log_tail(run_dir, "no completion"))
     log = read_runlog(run_dir)
     stalled = [r for r in log if r["event"] == "end" and r["status"] == "stalled"]
     assert len(stalled) == 1 and (stalled[0]["ranks"], stalled[0]["hosts"]) == ([1], ["node2"])
@@ -407,14 +421,16 @@ def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, recor
     run(["bash", "tools/slurm_local.sh", "link", "node2", "down"], check=True)
     cut = time.monotonic()
     try:
-        wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND, "no stall recorded")
+        wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND,
+                   log_tail(run_dir, "no stall recorded"))
         recorded = time.monotonic() - cut
     finally:
         run(["bash", "tools/slurm_local.sh", "link", "node2", "up"], check=True)
     print(f"node2's link cut: stall recorded after {recorded:.1f} s")
     end = [r for r in read_runlog(run_dir) if r["event"] == "end"][0]
     assert (end["status"], end["ranks"], end["hosts"]) == ("stalled", [1], ["node2"]), end
-    wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 300, "not requeued")
+    wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 300,
+               log_tail(run_dir, "not requeued"))
     run(["scancel", job])
 
 

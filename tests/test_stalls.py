@@ -1,8 +1,9 @@
 """A stalled rank ends the job within a bound and by name (chexnet_hvd.stall), under every
 launcher: one rank of a 2-rank run is stopped (SIGSTOP) in the middle of its training; the job
-ends within --stall-timeout plus a minute, a line names that rank, the run log ends `stalled`
-with it, and the run resumes from its checkpoint afterwards. (On the Slurm rehearsal, under
-srun with either engine: tests/test_slurm.py.)"""
+ends within --stall-timeout plus a minute, a line names that rank, and the run log ends
+`stalled` with it. The run then resumes from its checkpoint: checked once, after the chief
+stalled (the resume is the trainer's, whichever launcher ended the job; CI minutes are few).
+(On the Slurm rehearsal, under srun with either engine: tests/test_slurm.py.)"""
 
 import json
 import os
@@ -50,7 +51,7 @@ def ranks_of(run_dir) -> dict[int, int]:
 @pytest.mark.parametrize("launcher,victim", [("horovodrun", 1), ("horovodrun", 0), ("mpirun", 1),
                                              ("chexnet_hvd.launch", 1)],
                          ids=["horovodrun-rank1", "horovodrun-rank0", "mpirun-rank1", "launch-rank1"])
-def test_a_stopped_rank_ends_the_job_by_name_and_the_run_resumes(records_dir, tmp_path, launcher, victim):
+def test_a_stopped_rank_ends_the_job_by_name(records_dir, tmp_path, launcher, victim):
     start, engine = LAUNCHERS[launcher]
     train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(tmp_path),
              "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1",
@@ -81,6 +82,8 @@ def test_a_stopped_rank_ends_the_job_by_name_and_the_run_resumes(records_dir, tm
                          for line in named), out[-3000:]
     end = read_runlog(tmp_path)[-1]
     assert (end["event"], end["status"], end["ranks"]) == ("end", "stalled", [victim]), end
+    if (launcher, victim) != ("horovodrun", 0):
+        return
     epochs = [r["epoch"] for r in read_runlog(tmp_path) if r["event"] == "epoch"]
     run([*start, *train, "--resume", "--epochs", str(epochs[-1] + 1)], timeout=300, check=True)
     log = read_runlog(tmp_path)
