@@ -175,9 +175,11 @@ def test_training_template_runs_unchanged(cluster, template, records_dir, raw_di
     """Each at its own precision (16 ranks at fp32: 16 emulated mixed_float16 ranks on 2 cores
     took 22 s a step). tfrec_1gpu.sh also takes RECIPE=chexnet: the recipe's settings (its batch
     size, as BATCH_SIZE is unset), overridden by the workload's and TRAIN_ARGS' (no ImageNet
-    file here), at the template's own precision."""
+    file here, and no --crop: these records keep their source sizes; the recipe's crop is
+    tests/test_views.py's), at the template's own precision."""
     data = raw_dir if template.name.startswith("raw_") else records_dir
-    recipe = {"RECIPE": "chexnet", "TRAIN_ARGS": "--weights none"} if template.name == "tfrec_1gpu.sh" else {}
+    recipe = ({"RECIPE": "chexnet", "TRAIN_ARGS": "--weights none --no-crop"}
+              if template.name == "tfrec_1gpu.sh" else {})
     workload = {k: v for k, v in WORKLOAD.items() if not (recipe and k == "BATCH_SIZE")}
     workload |= FP32 if template.name == "tfrec_16gpu.sh" else {}
     job, fields = run_job(template, workload | recipe | {"DATA_DIR": data, "RUN_ROOT": tmp_path / "runs"}, tmp_path)
@@ -190,6 +192,7 @@ def test_training_template_runs_unchanged(cluster, template, records_dir, raw_di
             ("chexnet", "plateau", "manifest")
         assert (start["model"], start["config"]["weights"]) == (WORKLOAD["MODEL"], "none")
         assert start["local_batch"] == recipes.get("chexnet").train["batch_size"]  # BATCH_SIZE unset
+        assert not start["config"]["crop"]
 
 
 def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
