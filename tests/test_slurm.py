@@ -225,8 +225,7 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
     job = submit(template, env, tmp_path)
     run_dir = tmp_path / "runs" / directives(template)["job-name"] / job
     runlog = run_dir / "runlog.jsonl"
-    wait_until(lambda: runlog.is_file() and '"event": "epoch"' in runlog.read_text(), 600,
-               "the job never finished an epoch")
+    first_epoch(run_dir, job)
     run(["scancel", "--batch", "--signal=USR1", job], check=True)  # what --signal=B:USR1@300 does
     wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 180,
                log_tail(run_dir, "the job was not requeued"))
@@ -262,8 +261,7 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 50}
     job = submit(SLURM_DIR / "tfrec_1gpu.sh", env, tmp_path)
     runlog = tmp_path / "runs" / "chexnet-tfrec_1gpu" / job / "runlog.jsonl"
-    wait_until(lambda: runlog.is_file() and '"event": "epoch"' in runlog.read_text(), 600,
-               "the job never finished an epoch")
+    first_epoch(runlog.parent, job)
     run(["scancel", job], check=True)
     fields = wait_job(job, timeout=120)
     assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "0")
@@ -363,10 +361,19 @@ def start_early(job: str) -> None:
     run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
-def first_epoch(run_dir) -> None:
+def first_epoch(run_dir, job: str) -> None:
+    """Wait for the job's first epoch record; fail at once, with its log, if the job ends first
+    (a job that cannot start would otherwise hold the test for the whole wait)."""
     runlog = run_dir / "runlog.jsonl"
-    wait_until(lambda: runlog.is_file() and '"event": "epoch"' in runlog.read_text(), 600,
-               "the job never finished an epoch")
+
+    def epoch_or_end() -> bool:
+        if runlog.is_file() and '"event": "epoch"' in runlog.read_text():
+            return True
+        state = job_fields(job).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), log_tail(run_dir, f"the job ended {state} before an epoch")()
+        return False
+
+    wait_until(epoch_or_end, 600, log_tail(run_dir, "the job never finished an epoch"))
 
 
 @pytest.mark.parametrize("engine", ["horovod", "tf"])
@@ -380,7 +387,7 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
-    first_epoch(run_dir)
+    first_epoch(run_dir, job)
     victim = rank_pids(run_dir)[1]
     os.kill(victim, signal.SIGSTOP)
     stopped = time.monotonic()
@@ -420,7 +427,7 @@ def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, recor
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
-    first_epoch(run_dir)
+    first_epoch(run_dir, job)
     run(["bash", "tools/slurm_local.sh", "link", "node2", "down"], check=True)
     cut = time.monotonic()
     try:
