@@ -310,7 +310,8 @@ def run(main: Callable[[], int | None], leave: Collection[int] = ()) -> None:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     if code in leave:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):  # a launcher's pipe already gone: still exit `code`
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
     sys.exit(code or 0)

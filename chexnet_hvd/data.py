@@ -2,7 +2,7 @@
 evaluation and inference.
 
 Which records a rank reads in an epoch is decided by `chexnet_hvd.sharding` (pure, tested at
-every world size up to 256): each rank its own contiguous range of steps x batch records of the
+world sizes up to 256): each rank its own contiguous range of steps x batch records of the
 split's shards in a per-epoch order, so every rank trains the same number of steps, no record
 twice, fewer than one global batch left out, and a different part each epoch. Training order per
 rank: its segments of shards -> parallel interleave -> shuffle within blocks, seeded per (seed,

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadFileScheduling
 
 import chexnet_hvd  # noqa: F401  (first: on the TF 2.21 lane it selects Keras 2 before TensorFlow loads)
 
@@ -118,17 +119,41 @@ def pytest_collection_modifyitems(config, items):
         if not HOROVOD and (engine == "horovod" or item.get_closest_marker("horovod")
                             or "cluster" in item.fixturenames):
             item.add_marker(skip)
-    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST
-               else len(FIRST) + (item.path.name == "test_rehearsal_network.py"))
 
 
-# The longest test files first (sort is stable: the rest keep their order), so that the two
-# pytest-xdist workers (each file on one) end together instead of one idling while the other
-# finishes a long file it drew last. The rehearsal's other file goes last: it waits for the
-# cluster while test_slurm.py holds it.
+# The longest test files (measured) first, so that the two pytest-xdist workers (each file on
+# one) end together, not one idling while the other runs a long file it drew last (pytest-xdist
+# hands out the files with the most tests first: test_learning.py's 2 tests, 3 minutes, came
+# last). The rehearsal's other file goes last: it waits for the cluster while test_slurm.py
+# holds it.
 FIRST = ["test_slurm.py", "test_resume_preemption.py", "test_two_ranks.py", "test_train_flags.py",
          "test_hostile_inputs.py", "test_nas.py", "test_stalls.py", "test_evaluate.py",
-         "test_models_precision.py", "test_recipes_weights.py", "test_views.py", "test_learning.py"]
+         "test_models_precision.py", "test_recipes_weights.py", "test_views.py", "test_learning.py",
+         "test_check.py", "test_own_data.py", "test_records_data.py", "test_export.py"]
+
+
+def file_order(scope: str) -> int:
+    name = Path(scope.split("::")[0]).name
+    return FIRST.index(name) if name in FIRST else len(FIRST) + (name == "test_rehearsal_network.py")
+
+
+class LongestFirst(LoadFileScheduling):
+    """--dist loadfile with the files handed out in `file_order` (pytest-xdist 3.6, pinned in
+    constraints.txt, fills `workqueue` in schedule() and takes work from its front)."""
+
+    ordered = False
+
+    def _assign_work_unit(self, node) -> None:
+        if not self.ordered:
+            queue = sorted(self.workqueue.items(), key=lambda scope: file_order(scope[0]))
+            self.workqueue.clear()
+            self.workqueue.update(queue)
+            self.ordered = True
+        super()._assign_work_unit(node)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    return LongestFirst(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 def launcher(engine: str, n: int) -> list[str]:

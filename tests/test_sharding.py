@@ -1,7 +1,8 @@
 """Epoch coverage (chexnet_hvd.sharding), proven on the NIH official split's real training count
-cut at the default shard size, at every world size 1..256 and per-rank batch 8..64: every rank
-the same number of steps, no record twice in an epoch, fewer than one global batch left out, and
-over any 2 consecutive epochs every record trained on. No training: the plan is pure."""
+cut at the default shard size, at world sizes 1..16 and 11 more up to 256, each at every
+per-rank batch 8..64: every rank the same number of steps, no record twice in an epoch, fewer
+than one global batch left out, and over any 2 consecutive epochs every record trained on. No
+training: the plan is pure."""
 
 import numpy as np
 import pytest

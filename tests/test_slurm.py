@@ -68,12 +68,15 @@ def job_fields(job_id: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", run(["scontrol", "show", "job", job_id]).stdout))
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def wait_job(job_id: str, timeout: float) -> dict:
     """Poll scontrol until the job is finished; its fields as a dict."""
     deadline = time.monotonic() + timeout
     while True:
         fields = job_fields(job_id)
-        if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        if fields.get("JobState") in ENDED:
             return fields
         if time.monotonic() > deadline:
             run(["scancel", job_id])
@@ -366,11 +369,14 @@ def first_epoch(run_dir, job: str) -> None:
     (a job that cannot start would otherwise hold the test for the whole wait)."""
     runlog = run_dir / "runlog.jsonl"
 
+    def epoch() -> bool:
+        return runlog.is_file() and '"event": "epoch"' in runlog.read_text()
+
     def epoch_or_end() -> bool:
-        if runlog.is_file() and '"event": "epoch"' in runlog.read_text():
+        if epoch():
             return True
         state = job_fields(job).get("JobState")
-        assert state in ("PENDING", "CONFIGURING", "RUNNING"), log_tail(run_dir, f"the job ended {state} before an epoch")()
+        assert state not in ENDED or epoch(), log_tail(run_dir, f"the job ended ({state}) before an epoch")()
         return False
 
     wait_until(epoch_or_end, 600, log_tail(run_dir, "the job never finished an epoch"))
