@@ -7,9 +7,9 @@ TF     ?= 2.15
 VENV   := $(if $(filter 2.21,$(TF)),.venv-tf2.21,.venv)
 PY     := $(VENV)/bin/python
 PYTEST ?= $(PY) -m pytest
-# Test files run on this many workers (pytest-xdist), each file on one worker: the Slurm
-# rehearsal's tests stay together, and 2 workers keep a 2-core machine busy (most tests wait on
-# process start-up and I/O), about 36 instead of 50 minutes.
+# Test files run on this many workers (pytest-xdist), each file on one worker, longest files
+# first (tests/conftest.py): the Slurm rehearsal's tests stay together, and 2 workers keep a
+# 2-core machine busy (the suite is CPU-bound: more workers would not finish sooner).
 TEST_JOBS ?= 2
 
 .PHONY: setup demo test test-fast lint bench clean
