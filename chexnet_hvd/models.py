@@ -186,7 +186,7 @@ def with_preprocessing(model: tf.keras.Model, side: int, scaling: str = "torch")
     own: checkpoints hold `model`, which takes preprocessed input."""
     size = model.input_shape[1]
     pixels = tf.keras.Input((side, side, 1), dtype=tf.uint8, name="pixels")
-    images = tf.keras.layers.Lambda(lambda t: data.preprocess(t, size, scaling), name="preprocess")(pixels)
+    images = tf.keras.layers.Lambda(data.plain(lambda t: data.preprocess(t, size, scaling)), name="preprocess")(pixels)
     return tf.keras.Model(pixels, model(images), name=f"{model.name}_on_pixels")
 
 

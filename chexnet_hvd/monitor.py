@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from chexnet_hvd import cli, runlog, stall
+from chexnet_hvd import cli, data, runlog, stall
 
 
 class Feed:
@@ -25,10 +25,12 @@ class Feed:
     def counted(self, ds: tf.data.Dataset) -> tf.data.Dataset:
         """`ds` with a buffer of its own whose level the counters see."""
 
+        @data.plain
         def produce(x, y):
             with tf.control_dependencies([self.produced.assign_add(1)]):
                 return tf.identity(x), y
 
+        @data.plain
         def take(x, y):
             taken = self.taken.assign_add(1)
             empty = tf.cast(tf.equal(self.produced.read_value(), taken), tf.int64)
@@ -46,6 +48,7 @@ def compute_probe(engine, trained, loss, x: tf.Tensor, y: tf.Tensor):
     """A function timing nothing itself: forward and backward passes of `trained` on one batch
     (x, y) held in memory, on this rank alone (no input, no collective, no weight update)."""
 
+    @data.plain
     def passes():
         with tf.GradientTape() as tape:
             value = loss(y, trained(x, training=False))  # training=False: batch-norm stats untouched

@@ -75,6 +75,7 @@ def make_loss(pos_weight=None):
     """Keras' view of `metrics.masked_bce`, the suite's one loss, over `pack_targets`' y: the
     batch's mean over its unmasked entries (validation: the split's)."""
 
+    @data.plain
     def loss(y, prob):
         label, mask = tf.split(y, 2, axis=-1)
         return metrics.masked_bce(label, prob, mask, pos_weight)
@@ -246,8 +247,9 @@ def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Deri
                                 epochs=epochs, shapes=shapes, parts=parts, threads=threads,
                                 with_ids=trail is not None)
     if trail is None:
-        return ds.map(lambda x, y, m: (x, pack_targets(y, m)))
+        return ds.map(data.plain(lambda x, y, m: (x, pack_targets(y, m))))
 
+    @data.plain
     def noted(x, y, m, ids):  # in delivery order: a sequential map
         with tf.control_dependencies([tf.py_function(trail.record, [ids], tf.int64)]):
             return x, pack_targets(y, m)
