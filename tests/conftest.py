@@ -1,6 +1,6 @@
-"""Shared fixtures: a small synthetic dataset and its records (made once per session, i.e.
-once per pytest-xdist worker), a
-helper that runs the suite's CLIs as real processes, and a local HTTP server with Range support."""
+"""Shared fixtures: a small synthetic dataset, its records and a trained small CNN (each made
+once per test run, whichever pytest-xdist worker needs it first), a helper that runs the
+suite's CLIs as real processes, and a local HTTP server with Range support."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import fcntl
 import http.server
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -194,46 +195,60 @@ def cluster():
         yield True
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(out)`'s output, made by the first worker of the test run that asks (the others wait
+    for it, then read it): one folder under the run's temporary root, which every pytest-xdist
+    worker's own lies in. What tests read from it, they must not change."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    out = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed making it
+            make(out)
+            (root / f"{name}.done").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Path:
     """600 synthetic 32-px images with their CSV."""
-    out = tmp_path_factory.mktemp("synthetic")
-    module("synthetic", "--out", out, "--images", 600, "--size", 32, "--seed", 1, check=True)
-    return out
+    return made_once(tmp_path_factory, "synthetic", lambda out: module(
+        "synthetic", "--out", out, "--images", 600, "--size", 32, "--seed", 1, check=True))
 
 
 @pytest.fixture(scope="session")
 def records_dir(synthetic, tmp_path_factory) -> Path:
     """Records of the synthetic set: 64-record shards, so every split has several files."""
-    out = tmp_path_factory.mktemp("records")
-    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
-           "--out", out, "--shard-size", 64, "--workers", 2, "--no-progress", check=True)
-    return out
+    return made_once(tmp_path_factory, "records", lambda out: module(
+        "records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+        "--out", out, "--shard-size", 64, "--workers", 2, "--no-progress", check=True))
 
 
 @pytest.fixture(scope="session")
 def raw_dir(synthetic, tmp_path_factory) -> Path:
     """A raw-image index of the synthetic set (same split as records_dir: same seed)."""
-    out = tmp_path_factory.mktemp("raw")
-    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
-           "--out", out, "--format", "raw", "--no-progress", check=True)
-    return out
+    return made_once(tmp_path_factory, "raw", lambda out: module(
+        "records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
+        "--out", out, "--format", "raw", "--no-progress", check=True))
 
 
-@pytest.fixture(scope="session")
-def trained_cnn(tmp_path_factory) -> Path:
-    """A small CNN trained on 1,500 64-px synthetic images with planted findings (about 30 s):
-    root/syn (images, planted.csv), root/records, root/run/checkpoints/best. Deterministic, so
-    every pytest-xdist worker that builds it gets the same model (the activation-map test's hit
-    rate varied around its bound with the batch order)."""
-    root = tmp_path_factory.mktemp("trained")
+def train_cnn(root: Path) -> None:
     module("synthetic", "--out", root / "syn", "--images", 1500, "--size", 64, "--seed", 2, check=True)
     module("records", "--csv", root / "syn" / "Data_Entry_2017.csv", "--images", root / "syn" / "images",
            "--out", root / "records", "--no-progress", check=True)
     module("train", "--data", root / "records", "--run-dir", root / "run", "--model", "small_cnn",
            "--image-size", 64, "--batch-size", 32, "--epochs", 10, "--deterministic", "--verbose", 0,
            check=True, timeout=600)
-    return root
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(tmp_path_factory) -> Path:
+    """A small CNN trained on 1,500 64-px synthetic images with planted findings (about 30 s):
+    root/syn (images, planted.csv), root/records, root/run/checkpoints/best. Deterministic (the
+    activation-map test's hit rate varied around its bound with the batch order)."""
+    return made_once(tmp_path_factory, "trained", train_cnn)
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    """1,500 synthetic 64-px images with planted findings, as a CSV in the own-data layout."""
-    root = tmp_path_factory.mktemp("planted")
-    module("synthetic", "--out", root, "--images", 1500, "--size", 64, "--seed", 2, check=True)
+def planted(trained_cnn):
+    """The trained small CNN's 1,500 synthetic 64-px images with planted findings, as a CSV in
+    the own-data layout."""
+    root = trained_cnn / "syn"
     nih = pd.read_csv(root / "Data_Entry_2017.csv")
     findings = nih["Finding Labels"].str.split("|")
     table = pd.DataFrame({"path": nih["Image Index"], "patient": nih["Patient ID"]})

@@ -170,10 +170,11 @@ def epoch_lrs(run_dir) -> list[float]:
     return [r["lr"] for r in read_runlog(run_dir) if r["event"] == "epoch"]
 
 
-# Every schedule, and warmup (tests/test_schedules.py has each with and without, through a
-# resumed part). An lr too small to move the weights keeps every run's validation, so
-# plateau's decisions, the same: the lrs compare exactly.
-SCHEDULES = [("constant", 1.5), ("cosine", 1.5), ("step", 0), ("plateau", 0)]
+# A schedule of the step (cosine, with warmup) and plateau, which decides from validation:
+# tests/test_schedules.py has every schedule with and without warmup through a resumed part,
+# which the trainer resumes as it does these. An lr too small to move the weights keeps every
+# run's validation, so plateau's decisions, the same: the lrs compare exactly.
+SCHEDULES = [("cosine", 1.5), ("plateau", 0)]
 
 
 @pytest.mark.parametrize("schedule,warmup", SCHEDULES, ids=[f"{s}-warmup{w}" for s, w in SCHEDULES])
