@@ -86,7 +86,9 @@ def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, patie
     images of one patient are correlated (Efron & Tibshirani 1993). Resamples in which a class
     has no positives or no negatives leave that class out; `defined` counts the rest."""
     _, groups = np.unique(np.asarray(patients), return_inverse=True)
-    rows_of = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
+    # Each patient's rows in ascending order, by one stable sort: a scan per patient costs
+    # images x patients (0.26 s at NIH's 25,596 test images, 3 s at 100,000; here 0.03 and 0.13).
+    rows_of = np.split(np.argsort(groups, kind="stable"), np.cumsum(np.bincount(groups))[:-1])
     rng = np.random.default_rng(seed)
     aurocs, auprcs, means = [], [], []
     for _ in range(resamples):

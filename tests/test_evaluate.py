@@ -47,6 +47,28 @@ def test_bootstrap_is_reproducible_contains_the_estimate_and_resamples_patients(
     assert width > 1.5 * (per_image["auroc_hi"][0] - per_image["auroc_lo"][0])
 
 
+def test_bootstrap_draws_every_image_of_each_drawn_patient_wherever_its_rows_are():
+    # Patients' images scattered over the split, as in a shuffled test set: each draw must bring
+    # exactly a drawn patient's rows (the grouping is one sort, not a scan per patient).
+    rng = np.random.default_rng(1)
+    n = 500
+    patients = rng.choice([f"p{i:03d}" for i in range(140)], n)
+    label = (rng.random((n, 3)) < 0.3).astype(np.float32)
+    prob = np.clip(label * 0.4 + rng.random((n, 3)) * 0.7, 0, 1).astype(np.float32)
+    mask = np.ones_like(label)
+    got = metrics.bootstrap_ci(label, prob, mask, patients, resamples=40, seed=3)
+    names = np.unique(patients)
+    rows_of = {p: [i for i in range(n) if patients[i] == p] for p in names}
+    draws = np.random.default_rng(3)
+    means = []
+    for _ in range(40):
+        rows = [i for g in draws.integers(0, len(names), len(names)) for i in rows_of[names[g]]]
+        means.append(metrics.mean_defined(metrics.per_class_auroc(label[rows], prob[rows], mask[rows])))
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    assert (got["mean_auroc_lo"], got["mean_auroc_hi"]) == (lo, hi)
+    assert got["patients"] == len(names)
+
+
 def test_youden_threshold_and_sensitivity_specificity():
     label = np.array([[0], [0], [0], [1], [1], [1], [1]], np.float32)
     prob = np.array([[0.1], [0.2], [0.6], [0.4], [0.7], [0.8], [0.9]], np.float32)
