@@ -3,13 +3,18 @@
 Pure functions over `chexnet_hvd.runlog` records; no TensorFlow. Speedup is global img/s over a
 1-rank run's of the same group; efficiency is speedup / ranks, i.e. weak scaling with a fixed
 per-rank batch, as in NVIDIA's and Horovod's tables. A group without a 1-rank run has neither
-(taking its smallest run as the base would call that run's own scaling perfect).
+(taking its smallest run as the base would call that run's own scaling perfect). Runs of one
+global batch split over several world sizes also get strong-scaling speedup and efficiency
+(over the 1-rank run at that batch). Each row carries its epochs' bottleneck verdict
+(`chexnet_hvd.bottleneck`) with the numbers behind it, and the time an epoch of NIH's training
+split would take at its rate.
 """
 
 from __future__ import annotations
 
 import glob
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +23,13 @@ from chexnet_hvd import cli, runlog
 # Every setting that changes throughput: runs differing in one of them never pool.
 GROUP_KEYS = ("model", "image_size", "precision", "local_batch", "input", "preprocess", "xla",
               "fp16_allreduce", "backward_passes", "backend", "engine")
-COLUMNS = [*GROUP_KEYS, "ranks", "images_per_sec", "images_per_sec_per_rank", "speedup",
-           "efficiency", "epoch_seconds_mean", "epoch_seconds_sd", "epochs", "runs"]
+COLUMNS = [*GROUP_KEYS, "ranks", "global_batch", "images_per_sec", "images_per_sec_per_rank", "speedup",
+           "efficiency", "strong_speedup", "strong_efficiency", "epoch_seconds_mean", "epoch_seconds_sd",
+           "nih_epoch_seconds", "bottleneck", "step_ms", "compute_ms", "communication_ms", "input_empty",
+           "epochs", "runs"]
+# The NIH official split's training images (train_val_list.txt less the validation patients the
+# suite carves out): what one epoch of the time-per-NIH-epoch columns covers.
+NIH_TRAIN_IMAGES = 77_707
 
 
 def settings(start: dict) -> dict:
@@ -129,18 +139,60 @@ def scaling_rows(runs: list[Run], skip_first_epochs: int = 1) -> list[dict]:
         epochs = cells[cell]
         ips = statistics.mean(e["images_per_sec"] for e in epochs)
         secs = [e["seconds"] for e in epochs]
-        rows.append(dict(zip(GROUP_KEYS, cell[:-1], strict=True)) | {
-            "ranks": cell[-1], "images_per_sec": ips, "images_per_sec_per_rank": ips / cell[-1],
-            "epoch_seconds_mean": statistics.mean(secs),
+        group = dict(zip(GROUP_KEYS, cell[:-1], strict=True))
+        rows.append(group | {
+            "ranks": cell[-1], "global_batch": group["local_batch"] * cell[-1], "images_per_sec": ips,
+            "images_per_sec_per_rank": ips / cell[-1], "epoch_seconds_mean": statistics.mean(secs),
             "epoch_seconds_sd": statistics.stdev(secs) if len(secs) > 1 else 0.0,
-            "epochs": len(epochs), "runs": counts[cell]})
-    for group in {tuple(r[k] for k in GROUP_KEYS) for r in rows}:
-        members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
-        base = next((r["images_per_sec"] for r in members if r["ranks"] == 1), None)
-        for r in members:
-            r["speedup"] = r["images_per_sec"] / base if base else None
-            r["efficiency"] = r["speedup"] / r["ranks"] if base else None
+            "nih_epoch_seconds": NIH_TRAIN_IMAGES / ips, "epochs": len(epochs), "runs": counts[cell]}
+            | diagnosis(epochs))
+    add_speedup(rows, weak_key, "speedup", "efficiency", sizes=1)
+    add_speedup(rows, strong_key, "strong_speedup", "strong_efficiency", sizes=2)
     return rows
+
+
+def weak_key(row: dict) -> tuple:
+    """Rows of one weak-scaling series: every setting equal, the per-rank batch included."""
+    return tuple(row[k] for k in GROUP_KEYS)
+
+
+def strong_key(row: dict) -> tuple:
+    """Rows of one strong-scaling series: the same global batch split over the world sizes, every
+    other setting equal (the transport aside: one rank moves no gradients)."""
+    return tuple(row[k] for k in GROUP_KEYS if k not in ("local_batch", "backend")) + (row["global_batch"],)
+
+
+def add_speedup(rows: list[dict], key, speedup: str, efficiency: str, sizes: int) -> None:
+    """Speedup (img/s over the series' 1-rank row's) and efficiency (speedup / ranks) for each
+    series of `key` with a 1-rank row and at least `sizes` world sizes; None elsewhere."""
+    for series in {key(r) for r in rows}:
+        members = [r for r in rows if key(r) == series]
+        base = next((r["images_per_sec"] for r in members if r["ranks"] == 1), None)
+        scaled = base and len({r["ranks"] for r in members}) >= sizes
+        for r in members:
+            r[speedup] = r["images_per_sec"] / base if scaled else None
+            r[efficiency] = r[speedup] / r["ranks"] if scaled else None
+
+
+def diagnosis(epochs: list[dict]) -> dict:
+    """What held a row's epochs back: the most frequent bottleneck verdict among the epochs
+    that carry one (the latest of a tie), with the medians of its epochs' step, compute
+    (slowest rank) and communication times and input-empty fraction (worst rank). Empty for
+    epochs without verdicts (older trainers; one-rank runs have them too)."""
+    judged = [e for e in epochs if e.get("bottleneck")]
+    if not judged:
+        return {}
+    counts = Counter(e["bottleneck"] for e in judged)
+    found = next(e["bottleneck"] for e in reversed(judged) if counts[e["bottleneck"]] == max(counts.values()))
+    mine = [e for e in judged if e["bottleneck"] == found]
+
+    def median(value) -> float:
+        return statistics.median(value(e) for e in mine)
+
+    return {"bottleneck": found, "step_ms": median(lambda e: e["step_seconds"]) * 1e3,
+            "compute_ms": median(lambda e: max(e["compute_seconds"])) * 1e3,
+            "communication_ms": median(lambda e: e["communication_seconds"]) * 1e3,
+            "input_empty": median(lambda e: max(e["input_starved"]))}
 
 
 def read_baseline(path: str | Path) -> dict[int, float]:
@@ -188,10 +240,11 @@ def transport(row: dict) -> str:
     return row["engine"] + (f"/{row['backend']}" if row["backend"] else "")
 
 
-def title(group: dict) -> str:
-    """A job in words: model, size, precision, batch, input, then what is switched on."""
-    text = (f"{group['model']}, {group['image_size']} px, {group['precision']}, batch "
-            f"{group['local_batch']} per rank, {group['input']} input")
+def title(group: dict, batch: str = "") -> str:
+    """A job in words: model, size, precision, batch (`batch`, else the per-rank batch), input,
+    then what is switched on."""
+    batch = batch or f"batch {group['local_batch']} per rank"
+    text = f"{group['model']}, {group['image_size']} px, {group['precision']}, {batch}, {group['input']} input"
     switched = (("preprocessed in the model graph", group["preprocess"] == "model graph"),
                 ("XLA", group["xla"]), ("fp16 allreduce", group["fp16_allreduce"]),
                 (f"{group['backward_passes']} backward passes per step", group["backward_passes"] > 1))
@@ -201,7 +254,8 @@ def title(group: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     """One Markdown table per job, a row per world size and engine; with more than one engine
     (or transport) in a table, each row's img/s over the first one's at the same world size. An
-    engine without a 1-rank run has "-" for speedup and efficiency, and a note says so."""
+    engine without a 1-rank run has "-" for speedup and efficiency, and a note says so. Then a
+    table per strong-scaling series (`strong_markdown`)."""
     out = []
     jobs = sorted({tuple(r[k] for k in TABLE_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     has_base = any("baseline_images_per_sec" in r for r in rows)
@@ -216,6 +270,10 @@ def markdown(rows: list[dict]) -> str:
             head.append(f"img/s / {engines[0]}'s")
         if has_base:
             head += ["baseline img/s", "ours / baseline"]
+        head.append("NIH epoch")
+        judged = any(r.get("bottleneck") for r in members)
+        if judged:
+            head += ["bottleneck", "step / compute / communication ms, input empty"]
         body = []
         for r in members:
             cells = [str(r["ranks"]), transport(r), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
@@ -226,10 +284,38 @@ def markdown(rows: list[dict]) -> str:
                 cells.append(_fmt(r["images_per_sec"] / ref if ref else None, 2))
             if has_base:
                 cells += [_fmt(r.get("baseline_images_per_sec")), _fmt(r.get("ratio_to_baseline"), 2)]
+            cells.append(duration(r["nih_epoch_seconds"]))
+            if judged:
+                cells += [r.get("bottleneck", "-"), numbers_behind(r)]
             body.append(cells)
         out.append(cli.markdown_table(head, body))
         out += [no_base_note(members), ""] if any(r["speedup"] is None for r in members) else [""]
-    return "\n".join(out)
+    return "\n".join(out + strong_markdown(rows))
+
+
+def numbers_behind(row: dict) -> str:
+    """A row's verdict numbers in one cell: step / compute / communication ms, input empty."""
+    if not row.get("bottleneck"):
+        return "-"
+    return (f"{row['step_ms']:.1f} / {row['compute_ms']:.1f} / {row['communication_ms']:.1f}, "
+            f"{row['input_empty']:.0%}")
+
+
+def strong_markdown(rows: list[dict]) -> list[str]:
+    """A table per strong-scaling series: one global batch split over the world sizes."""
+    out = []
+    series = sorted({strong_key(r) for r in rows if r["strong_speedup"] is not None},
+                    key=lambda k: tuple(map(str, k)))
+    for key in series:
+        members = sorted((r for r in rows if strong_key(r) == key), key=lambda r: (r["ranks"], transport(r)))
+        batch = f"global batch {members[0]['global_batch']}"
+        out += [f"### Strong scaling: {title(members[0], batch)}\n",
+                cli.markdown_table(
+                    ["ranks", "engine", "batch per rank", "img/s", "speedup", "efficiency", "NIH epoch"],
+                    [[str(r["ranks"]), transport(r), str(r["local_batch"]), _fmt(r["images_per_sec"]),
+                      _fmt(r["strong_speedup"], 2), _fmt(r["strong_efficiency"], percent=True),
+                      duration(r["nih_epoch_seconds"])] for r in members]), ""]
+    return out
 
 
 def no_base_note(members: list[dict]) -> str:
@@ -283,9 +369,6 @@ def plot(rows: list[dict], path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------- projection -----------------
-# The NIH official split's training images (train_val_list.txt less the validation patients the
-# suite carves out): what one epoch of --project's epoch-time column covers.
-NIH_TRAIN_IMAGES = 77_707
 
 
 @dataclass

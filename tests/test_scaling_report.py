@@ -13,15 +13,16 @@ REPORT = str(ROOT / "tools" / "scaling_report.py")
 
 
 def write_run(run_dir, ranks, ips, model="densenet121", epoch_seconds=(50.0, 10.0, 12.0), first=1,
-              **start):
+              local_batch=16, verdicts=(), **start):
+    """A run log of `ranks` at `ips` img/s; `verdicts`: each epoch's bottleneck fields, in order."""
     writer = runlog.RunLogWriter(run_dir)
-    writer.write("start", model=model, image_size=224, precision="fp32", local_batch=16,
-                 global_batch=16 * ranks, world_size=ranks, **start)
+    writer.write("start", model=model, image_size=224, precision="fp32", local_batch=local_batch,
+                 global_batch=local_batch * ranks, world_size=ranks, **start)
     for epoch, seconds in enumerate(epoch_seconds, first):
         # epoch 1 is warm-up: a value that would spoil every number if it were counted
         rate = 1.0 if epoch == 1 else ips
         writer.write("epoch", epoch=epoch, seconds=seconds, images_per_sec=rate,
-                     images_per_sec_per_rank=rate / ranks)
+                     images_per_sec_per_rank=rate / ranks, **(verdicts[epoch - first] if verdicts else {}))
     writer.write("end", status="completed")
     writer.close()
 
@@ -130,6 +131,55 @@ def test_no_speedup_or_efficiency_without_a_one_rank_run(runs, tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     full = scaling.markdown(scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(runs)]))))
     assert "-" not in full.replace("---", "") and "against" not in full  # every group has its 1-rank run
+
+
+def test_a_rows_bottleneck_is_its_epochs_most_frequent_verdict_with_the_numbers_behind_it(tmp_path):
+    """Epochs 2 and 4 network-bound, 3 compute-bound (epoch 1, warm-up, input-bound and left
+    out): the row says network-bound, with the medians of those two epochs' numbers; a run
+    whose epochs carry no verdict (an older trainer) says "-"."""
+    def judged(found, step, compute, comm, empty):
+        return {"bottleneck": found, "step_seconds": step, "compute_seconds": [compute / 2, compute],
+                "communication_seconds": comm, "input_starved": [empty, 0.0]}
+
+    write_run(tmp_path / "np2", 2, 180.0, epoch_seconds=(50.0, 10.0, 12.0, 11.0), verdicts=[
+        judged("input-bound", 1.0, 0.1, 0.0, 0.9), judged("network-bound", 0.2, 0.05, 0.15, 0.1),
+        judged("compute-bound", 0.1, 0.09, 0.01, 0.0), judged("network-bound", 0.3, 0.07, 0.23, 0.3)])
+    write_run(tmp_path / "np1", 1, 100.0)
+    rows = {r["ranks"]: r for r in scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))}
+    two = rows[2]
+    assert two["bottleneck"] == "network-bound"
+    assert (two["step_ms"], two["compute_ms"], two["communication_ms"], two["input_empty"]) == pytest.approx(
+        (250.0, 60.0, 190.0, 0.2))
+    assert "bottleneck" not in rows[1]
+    text = scaling.markdown(list(rows.values()))
+    assert "| network-bound | 250.0 / 60.0 / 190.0, 20% |" in text
+    assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("| 1 ")][0]].endswith(
+        "| - | - |")
+    out_csv = tmp_path / "t.csv"
+    run([REPORT, str(tmp_path), "--csv", str(out_csv)], check=True)
+    cells = {int(r["ranks"]): r for r in csv.DictReader(out_csv.open())}
+    assert (cells[2]["bottleneck"], float(cells[2]["communication_ms"])) == ("network-bound", 190.0)
+    assert cells[1]["bottleneck"] == ""
+
+
+def test_one_global_batch_over_several_world_sizes_is_strong_scaling(tmp_path):
+    """Global batch 64 as 1 x 64, 2 x 32 and 4 x 16: strong speedup over the 1-rank run and
+    efficiency per rank; each has no weak-scaling base of its own but the 1-rank run. Every row
+    gives the time an epoch of NIH's training split would take at its rate."""
+    for ranks, ips in ((1, 100.0), (2, 180.0), (4, 300.0)):
+        write_run(tmp_path / f"np{ranks}", ranks, ips, local_batch=64 // ranks)
+    rows = {r["ranks"]: r for r in scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))}
+    assert [rows[n]["strong_speedup"] for n in (1, 2, 4)] == pytest.approx([1.0, 1.8, 3.0])
+    assert [rows[n]["strong_efficiency"] for n in (1, 2, 4)] == pytest.approx([1.0, 0.9, 0.75])
+    assert [rows[n]["speedup"] for n in (1, 2, 4)] == [1.0, None, None]
+    assert rows[2]["nih_epoch_seconds"] == pytest.approx(scaling.NIH_TRAIN_IMAGES / 180.0)
+    text = run([REPORT, str(tmp_path)], check=True).stdout
+    strong = text[text.index("### Strong scaling: densenet121, 224 px, fp32, global batch 64, records input"):]
+    assert "| 2 | horovod | 32 | 180.0 | 1.80 | 90% | 7.2 min |" in strong
+    assert "| 4 | horovod | 16 | 300.0 | 3.00 | 75% | 4.3 min |" in strong
+    alone = tmp_path / "alone"
+    write_run(alone, 2, 180.0)
+    assert "Strong scaling" not in run([REPORT, str(alone)], check=True).stdout  # one world size: no series
 
 
 @pytest.mark.slow

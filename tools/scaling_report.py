@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Scaling tables from training run logs: Markdown on stdout, optional CSV and PNG plot.
+"""Scaling tables from training run logs: Markdown on stdout, optional CSV and PNG plot. Weak
+scaling (a table per per-rank batch) and, for runs of one global batch over several world
+sizes, strong scaling; per row, the time per epoch of NIH's training split and the epochs'
+bottleneck verdict with the numbers behind it.
 
     python tools/scaling_report.py runs/np1 runs/np2 --csv scaling.csv --plot scaling.png
     python tools/scaling_report.py 'runs/*' --baseline docs/dell_v100_baseline.csv
