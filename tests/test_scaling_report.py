@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import ROOT, assert_one_line_error, run
 
-from chexnet_hvd import runlog, scaling
+from chexnet_hvd import projection, runlog, scaling
 
 REPORT = str(ROOT / "tools" / "scaling_report.py")
 
@@ -227,8 +227,8 @@ def test_projection_matches_hand_computed_ring_allreduce():
     # 4 MB of gradients (1e6 fp32 parameters), 1 GB/s, 100 us per ring step, half hidden:
     # N=2: 2*(1/2)*4e6/1e9 + 2*100e-6 = 0.0042 s -> step 0.1 + 0.0021 = 0.1021 s
     # N=4: 2*(3/4)*4e6/1e9 + 6*100e-6 = 0.0066 s -> step 0.1 + 0.0033 = 0.1033 s
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=100.0, overlap=0.5)
-    rows = {r["ranks"]: r for r in scaling.project(0.1, 4e6, 16, [1, 2, 4], net)}
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=100.0, overlap=0.5)
+    rows = {r["ranks"]: r for r in projection.project(0.1, 4e6, 16, [1, 2, 4], net)}
     assert rows[1]["efficiency"] == 1.0 and rows[1]["images_per_sec"] == pytest.approx(160.0)
     assert rows[2]["allreduce_seconds"] == pytest.approx(0.0042)
     assert rows[2]["images_per_sec"] == pytest.approx(32 / 0.1021)
@@ -240,55 +240,55 @@ def test_hierarchical_allreduce_matches_hand_computed_terms():
     # 8 ranks, 4 per node, 1e8 bytes; inter 1 GB/s + 10 us, intra 100 GB/s + 1 us.
     # intra ring of 4: 2*3/4*1e8/1e11 + 6*1e-6 = 0.0015 + 0.000006
     # inter ring of 2 nodes: 2*1/2*1e8/1e9 + 2*10e-6 = 0.1 + 0.00002
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=10.0, gpus_per_node=4, intra_bandwidth_gbs=100.0,
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=10.0, gpus_per_node=4, intra_bandwidth_gbs=100.0,
                           intra_latency_us=1.0)
-    assert scaling.nodes_of(8, net) == (2, 4) and scaling.nodes_of(2, net) == (1, 2)
-    assert scaling.allreduce_seconds(1e8, 8, net) == pytest.approx(0.001506 + 0.10002)
-    assert scaling.allreduce_seconds(1e8, 4, net) == pytest.approx(0.001506)  # one node: NVLink only
+    assert projection.nodes_of(8, net) == (2, 4) and projection.nodes_of(2, net) == (1, 2)
+    assert projection.allreduce_seconds(1e8, 8, net) == pytest.approx(0.001506 + 0.10002)
+    assert projection.allreduce_seconds(1e8, 4, net) == pytest.approx(0.001506)  # one node: NVLink only
     # flat ring over all 8 (Open MPI, Gloo, the tf engine): 14 steps of 1e8/8 at the slower link
     flat = dataclasses.replace(net, hierarchical=False)
-    assert scaling.allreduce_seconds(1e8, 8, flat) == pytest.approx(14 / 8 * 0.1 + 14 * 10e-6)
+    assert projection.allreduce_seconds(1e8, 8, flat) == pytest.approx(14 / 8 * 0.1 + 14 * 10e-6)
     # one GPU per node: the plain ring of the original model
-    assert scaling.allreduce_seconds(1e8, 8, scaling.Network(1.0, 10.0)) == pytest.approx(
-        scaling.ring_seconds(1e8, 8, 1.0, 10.0))
+    assert projection.allreduce_seconds(1e8, 8, projection.Network(1.0, 10.0)) == pytest.approx(
+        projection.ring_seconds(1e8, 8, 1.0, 10.0))
 
 
 def test_step_time_knobs_halve_and_divide_the_allreduce():
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=0.0)
-    comm = scaling.allreduce_seconds(4e7, 4, net)  # 2*3/4*0.04 = 0.06 s
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=0.0)
+    comm = projection.allreduce_seconds(4e7, 4, net)  # 2*3/4*0.04 = 0.06 s
     assert comm == pytest.approx(0.06)
-    assert scaling.step_seconds(0.1, 4e7, 4, net) == pytest.approx(0.16)
-    assert scaling.step_seconds(0.1, 2e7, 4, net) == pytest.approx(0.13)  # fp16: half the bytes
-    assert scaling.step_seconds(0.1, 4e7, 4, net, backward_passes=3) == pytest.approx(0.12)
+    assert projection.step_seconds(0.1, 4e7, 4, net) == pytest.approx(0.16)
+    assert projection.step_seconds(0.1, 2e7, 4, net) == pytest.approx(0.13)  # fp16: half the bytes
+    assert projection.step_seconds(0.1, 4e7, 4, net, backward_passes=3) == pytest.approx(0.12)
     hidden = dataclasses.replace(net, overlap=0.5)
-    assert scaling.step_seconds(0.1, 4e7, 4, hidden) == pytest.approx(0.13)
+    assert projection.step_seconds(0.1, 4e7, 4, hidden) == pytest.approx(0.13)
 
 
 def test_strong_scaling_splits_the_global_batch_and_epoch_time_follows_the_rate():
     # compute 0.1 s per 16 images; global batch 64 over 4 ranks: 0.1 s compute + 0.06 s allreduce,
     # against 0.4 s on one rank: speedup 2.5, efficiency 62.5%
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=0.0)
-    rows = {r["ranks"]: r for r in scaling.project(0.1, 4e7, 16, [1, 4], net, global_batch=64, epoch_images=1600)}
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=0.0)
+    rows = {r["ranks"]: r for r in projection.project(0.1, 4e7, 16, [1, 4], net, global_batch=64, epoch_images=1600)}
     assert rows[4]["strong_step_seconds"] == pytest.approx(0.16)
     assert rows[4]["strong_speedup"] == pytest.approx(2.5) and rows[4]["strong_efficiency"] == pytest.approx(0.625)
     assert rows[1]["strong_speedup"] == pytest.approx(1.0)
     assert rows[1]["epoch_seconds"] == pytest.approx(10.0)  # 1600 images at 160 img/s
     assert rows[4]["epoch_seconds"] == pytest.approx(1600 / (64 / 0.16))
-    assert "strong: efficiency" in scaling.projection_markdown(list(rows.values()))
+    assert "strong: efficiency" in projection.projection_markdown(list(rows.values()))
 
 
 def test_fit_ring_recovers_the_bandwidth_and_latency_it_was_given():
     # samples made by the model itself at 0.025 GB/s (200 Mbit/s) and 300 us: the fit finds them
-    samples = [(size, n, scaling.ring_seconds(size, n, 0.025, 300.0))
+    samples = [(size, n, projection.ring_seconds(size, n, 0.025, 300.0))
                for size in (1e3, 1e5, 1e6, 2.8e7) for n in (2, 3, 4)]
-    bandwidth, latency = scaling.fit_ring(samples)
+    bandwidth, latency = projection.fit_ring(samples)
     assert bandwidth == pytest.approx(0.025) and latency == pytest.approx(300.0)
     with pytest.raises(ValueError):
-        scaling.fit_ring([(1e6, 1, 0.1), (1e6, 2, 0.1)])  # one usable sample
+        projection.fit_ring([(1e6, 1, 0.1), (1e6, 2, 0.1)])  # one usable sample
 
 
 def test_readme_projection_table_is_the_models():
-    """The README's projection table, row by row, is what scaling.project gives for the
+    """The README's projection table, row by row, is what projection.project gives for the
     assumptions it states (4 GPUs per node, NVLink defaults, 25 GbE / EDR InfiniBand)."""
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| model (1-GPU step) | between nodes |"):].split("\n\n")[0].splitlines()[2:]
@@ -298,8 +298,8 @@ def test_readme_projection_table_is_the_models():
     for step, params, batch in models:
         for bandwidth, latency in fabrics:
             for size in (4, 2):
-                net = scaling.Network(bandwidth, latency, gpus_per_node=4)
-                rows = scaling.project(step, params * size, batch, [16, 64, 256], net)
+                net = projection.Network(bandwidth, latency, gpus_per_node=4)
+                rows = projection.project(step, params * size, batch, [16, 64, 256], net)
                 expected.append([f"{r['efficiency'] * 100:.0f}%" for r in rows]
                                 + [scaling.duration(rows[0]["epoch_seconds"])])
     assert [[c.strip() for c in line.strip("|").split("|")][3:] for line in table] == expected
