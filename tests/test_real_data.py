@@ -19,6 +19,7 @@ from PIL import Image
 
 from chexnet_hvd import data, metadata, records
 from chexnet_hvd.labels import PATHOLOGIES
+from chexnet_hvd.records import writer
 
 REAL = SHARED / "data" / "real"
 NIH = REAL / "nih"
@@ -187,7 +188,7 @@ def test_a_failing_writer_rank_ends_the_mpi_job_at_once(synthetic, tmp_path):
     in seconds and with a non-zero exit code; no manifest says the directory is complete. (Before,
     rank 1 waited in MPI_Finalize and rank 0 in gather until the job's time limit.)"""
     cfg = metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"), images=str(synthetic / "images"))
-    jobs = records.plan_shards(metadata.load_table(cfg), 50, None, cfg.seed)
+    jobs = writer.plan_shards(metadata.load_table(cfg), 50, None, cfg.seed)
     out = tmp_path / "mpi"
     (out / jobs[1].file).mkdir(parents=True)  # jobs[1::2] are rank 1's
     command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none",
