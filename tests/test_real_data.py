@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, SHARED, VENV_BIN, module, run
 from PIL import Image
 
-from chexnet_hvd import data, metadata, records
+from chexnet_hvd import data, metadata, records, splits
 from chexnet_hvd.labels import PATHOLOGIES
 from chexnet_hvd.records import writer
 
@@ -41,7 +41,7 @@ def test_official_split_of_the_real_metadata(csv):
     counts = table["split"].value_counts()
     assert len(table) == 112_120
     assert counts["train"] + counts["val"] == 86_524 and counts["test"] == 25_596
-    patients = [set(table.loc[table["split"] == s, "patient"]) for s in metadata.SPLITS]
+    patients = [set(table.loc[table["split"] == s, "patient"]) for s in splits.SPLITS]
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
     assert len(set().union(*patients)) == 30_805
     assert 0.09 < len(patients[1]) / (len(patients[0]) + len(patients[1])) < 0.11  # val by patient
@@ -83,7 +83,7 @@ def test_the_121_real_pngs_round_trip_through_records(tmp_path):
     manifest = records.load_manifest(out)
     assert manifest["rejected"] == 0 and manifest["splits"]["test"]["count"] == 25
     seen = {}
-    for split in metadata.SPLITS:
+    for split in splits.SPLITS:
         for batch in data.eval_dataset(out, split, 8, 16):  # labels, ids; pixels below
             seen.update(dict(zip(batch["id"].numpy().astype(str), batch["label"].numpy(), strict=True)))
     assert sorted(seen) == names

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chexnet_hvd import cli, images, metadata
+from chexnet_hvd import cli, images, metadata, splits
 from chexnet_hvd.records import (
     MANIFEST,
     MISSING,
@@ -176,7 +176,7 @@ def plan_shards(table: pd.DataFrame, shard_size: int, image_size: int | None,
     `table` holds the rows to write (the records writer leaves out the missing images first)."""
     names = metadata.class_names(table)
     jobs = []
-    for split in metadata.SPLITS:
+    for split in splits.SPLITS:
         part = table[table["split"] == split]
         if part.empty:
             continue
@@ -240,7 +240,7 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
     unreadable = table["image"].isin({r[0] for res in results for r in res["rejects"]}).to_numpy()
     written_rows = present & ~unreadable
     splits: dict[str, Any] = {}
-    for split in metadata.SPLITS:
+    for split in splits.SPLITS:
         mine = [r for r in results if r["split"] == split]
         listed = int((table["split"] == split).sum())
         if not listed:
