@@ -177,8 +177,8 @@ def add_speedup(rows: list[dict], key, speedup: str, efficiency: str, sizes: int
 def diagnosis(epochs: list[dict]) -> dict:
     """What held a row's epochs back: the most frequent bottleneck verdict among the epochs
     that carry one (the latest of a tie), with the medians of its epochs' step, compute
-    (slowest rank) and communication times and input-empty fraction (worst rank). Empty for
-    epochs without verdicts (older trainers; one-rank runs have them too)."""
+    (slowest rank) and communication times and input-empty fraction (worst rank). Empty when
+    no epoch carries one (an older trainer's log)."""
     judged = [e for e in epochs if e.get("bottleneck")]
     if not judged:
         return {}
