@@ -3,7 +3,7 @@
 node's link shaped to --rate, allreduce time against message size and rank count for Horovod
 (MPI, srun --mpi=pmix) and the tf engine (its ring, srun --mpi=none), ranks spread over the 4
 nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
-(chexnet_hvd.scaling.fit_ring) and checked on the others; then the step-time model
+(chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links.
 
@@ -36,7 +36,7 @@ DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from chexnet_hvd import scaling  # noqa: E402
+from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
 
 NODES = [f"node{i}" for i in range(1, 5)]
@@ -92,17 +92,17 @@ def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int) -> li
     return [r | {"engine": engine, "nodes": nodes, "per_node": per_node} for r in rows]
 
 
-def fitted(rows: list[dict], engine: str) -> scaling.Network:
+def fitted(rows: list[dict], engine: str) -> projection.Network:
     """The ring model fitted to `engine`'s one-rank-per-node allreduces."""
-    bandwidth, latency = scaling.fit_ring([(r["bytes"], r["ranks"], r["seconds"]) for r in rows
+    bandwidth, latency = projection.fit_ring([(r["bytes"], r["ranks"], r["seconds"]) for r in rows
                                            if r["engine"] == engine and r["per_node"] == 1])
-    return scaling.Network(bandwidth_gbs=bandwidth, latency_us=latency)
+    return projection.Network(bandwidth_gbs=bandwidth, latency_us=latency)
 
 
-def on_layout(net: scaling.Network, per_node: int, hierarchical: bool) -> scaling.Network:
+def on_layout(net: projection.Network, per_node: int, hierarchical: bool) -> projection.Network:
     """`net` with `per_node` ranks per node whose memory is free beside the links: one flat
     ring over all ranks paced by the links, or hierarchical (a ring across the nodes only)."""
-    return scaling.Network(net.bandwidth_gbs, net.latency_us, net.overlap, per_node, intra_bandwidth_gbs=1e9,
+    return projection.Network(net.bandwidth_gbs, net.latency_us, net.overlap, per_node, intra_bandwidth_gbs=1e9,
                            intra_latency_us=0.0, hierarchical=hierarchical)
 
 
@@ -111,7 +111,7 @@ def predict_sweep(rows: list[dict], nets: dict) -> list[dict]:
     for r in rows:
         for kind, hierarchical in (("flat", False), ("hierarchical", True)):
             net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
-            predicted = scaling.allreduce_seconds(r["bytes"], r["ranks"], net)
+            predicted = projection.allreduce_seconds(r["bytes"], r["ranks"], net)
             r |= {f"predicted_{kind}": predicted, f"error_{kind}": (predicted - r["seconds"]) / r["seconds"]}
     return rows
 
@@ -148,7 +148,7 @@ def predict_train(r: dict, nets: dict) -> dict:
     """A trainer run's step predicted by both layouts' models and its error."""
     for kind, hierarchical in (("flat", False), ("hierarchical", True)):
         net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
-        predicted = scaling.step_seconds(r["compute"], r["gradient_bytes"], r["ranks"], net, r["backward_passes"])
+        predicted = projection.step_seconds(r["compute"], r["gradient_bytes"], r["ranks"], net, r["backward_passes"])
         r = r | {f"predicted_step_{kind}": predicted, f"error_{kind}": (predicted - r["measured_step"]) / r["measured_step"]}
     return r
 

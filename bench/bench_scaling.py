@@ -10,7 +10,7 @@ and the two engines side by side: 1 x 2 and 2 x 1 on TFRecords under --engine tf
 Writes docs/bench_scaling.json, and with tools/scaling_report.py itself docs/scaling.md,
 docs/scaling.csv and docs/scaling.png from the 1x2 and 2x1 run logs of both engines. The projection check:
 the 2-rank step time predicted from the 1 rank x 1 thread step time plus the measured allreduce
-(chexnet_hvd.scaling.project, overlap 0) against the measured 2 x 1 step time.
+(chexnet_hvd.projection.project, overlap 0) against the measured 2 x 1 step time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from chexnet_hvd import scaling  # noqa: E402
+from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
 
 ALLREDUCE = r"""
@@ -116,8 +116,8 @@ def main() -> None:
     measured_2 = runs["2x1_records"]["step_seconds"]
     grad_bytes = 4 * params
     bandwidth = 2 * (2 - 1) / 2 * grad_bytes / allreduce_s / 1e9  # effective, latency folded in
-    net = scaling.Network(bandwidth_gbs=bandwidth, latency_us=0.0, overlap=0.0)
-    predicted_2 = scaling.project(runs["1x1_records"]["step_seconds"], grad_bytes, args.batch, [2], net)[0]
+    net = projection.Network(bandwidth_gbs=bandwidth, latency_us=0.0, overlap=0.0)
+    predicted_2 = projection.project(runs["1x1_records"]["step_seconds"], grad_bytes, args.batch, [2], net)[0]
     result = {
         "machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
         "model": "densenet121", "image_size": args.image_size, "batch": args.batch, "steps": args.steps,

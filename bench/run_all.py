@@ -232,7 +232,7 @@ def section_comm(r: dict) -> list[str]:
         "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
         "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
-        "links (`scaling.Network(hierarchical=False)`) and hierarchically (a ring across the "
+        "links (`projection.Network(hierarchical=False)`) and hierarchically (a ring across the "
         "nodes only); with 1 rank per node the two are the same. Errors: + means the model is "
         "slower than measured.", "",
         "**Fitted** (least squares of the ring model on the relative error, 1 rank per node, "

@@ -21,8 +21,9 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from chexnet_hvd import cli, config, distributed, records, synthetic
+from chexnet_hvd import cli, config, distributed, synthetic
 from chexnet_hvd.placement import visible_gpus
+from chexnet_hvd.records import writer
 from chexnet_hvd.runlog import read_runlog
 
 
@@ -72,7 +73,7 @@ def synthetic_records(root: Path, size: int) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):  # their own reports are not checks
         synthetic.main(["--out", str(root / "syn"), "--images", "64", "--size", str(min(size, 64)),
                         "--seed", "0"])
-        records.main(["--csv", str(root / "syn" / "Data_Entry_2017.csv"), "--images",
+        writer.main(["--csv", str(root / "syn" / "Data_Entry_2017.csv"), "--images",
                       str(root / "syn" / "images"), "--out", str(root / "records"),
                       "--workers", "1", "--no-progress"])
     return root / "records"

@@ -3,13 +3,18 @@
 Pure functions over `chexnet_hvd.runlog` records; no TensorFlow. Speedup is global img/s over a
 1-rank run's of the same group; efficiency is speedup / ranks, i.e. weak scaling with a fixed
 per-rank batch, as in NVIDIA's and Horovod's tables. A group without a 1-rank run has neither
-(taking its smallest run as the base would call that run's own scaling perfect).
+(taking its smallest run as the base would call that run's own scaling perfect). Runs of one
+global batch split over several world sizes also get strong-scaling speedup and efficiency
+(over the 1-rank run at that batch). Each row carries its epochs' bottleneck verdict
+(`chexnet_hvd.bottleneck`) with the numbers behind it, and the time an epoch of NIH's training
+split would take at its rate.
 """
 
 from __future__ import annotations
 
 import glob
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +23,13 @@ from chexnet_hvd import cli, runlog
 # Every setting that changes throughput: runs differing in one of them never pool.
 GROUP_KEYS = ("model", "image_size", "precision", "local_batch", "input", "preprocess", "xla",
               "fp16_allreduce", "backward_passes", "backend", "engine")
-COLUMNS = [*GROUP_KEYS, "ranks", "images_per_sec", "images_per_sec_per_rank", "speedup",
-           "efficiency", "epoch_seconds_mean", "epoch_seconds_sd", "epochs", "runs"]
+COLUMNS = [*GROUP_KEYS, "ranks", "global_batch", "images_per_sec", "images_per_sec_per_rank", "speedup",
+           "efficiency", "strong_speedup", "strong_efficiency", "epoch_seconds_mean", "epoch_seconds_sd",
+           "nih_epoch_seconds", "bottleneck", "step_ms", "compute_ms", "communication_ms", "input_empty",
+           "epochs", "runs"]
+# The NIH official split's training images (train_val_list.txt less the validation patients the
+# suite carves out): what one epoch of the time-per-NIH-epoch columns covers.
+NIH_TRAIN_IMAGES = 77_707
 
 
 def settings(start: dict) -> dict:
@@ -129,18 +139,60 @@ def scaling_rows(runs: list[Run], skip_first_epochs: int = 1) -> list[dict]:
         epochs = cells[cell]
         ips = statistics.mean(e["images_per_sec"] for e in epochs)
         secs = [e["seconds"] for e in epochs]
-        rows.append(dict(zip(GROUP_KEYS, cell[:-1], strict=True)) | {
-            "ranks": cell[-1], "images_per_sec": ips, "images_per_sec_per_rank": ips / cell[-1],
-            "epoch_seconds_mean": statistics.mean(secs),
+        group = dict(zip(GROUP_KEYS, cell[:-1], strict=True))
+        rows.append(group | {
+            "ranks": cell[-1], "global_batch": group["local_batch"] * cell[-1], "images_per_sec": ips,
+            "images_per_sec_per_rank": ips / cell[-1], "epoch_seconds_mean": statistics.mean(secs),
             "epoch_seconds_sd": statistics.stdev(secs) if len(secs) > 1 else 0.0,
-            "epochs": len(epochs), "runs": counts[cell]})
-    for group in {tuple(r[k] for k in GROUP_KEYS) for r in rows}:
-        members = [r for r in rows if tuple(r[k] for k in GROUP_KEYS) == group]
-        base = next((r["images_per_sec"] for r in members if r["ranks"] == 1), None)
-        for r in members:
-            r["speedup"] = r["images_per_sec"] / base if base else None
-            r["efficiency"] = r["speedup"] / r["ranks"] if base else None
+            "nih_epoch_seconds": NIH_TRAIN_IMAGES / ips, "epochs": len(epochs), "runs": counts[cell]}
+            | diagnosis(epochs))
+    add_speedup(rows, weak_key, "speedup", "efficiency", sizes=1)
+    add_speedup(rows, strong_key, "strong_speedup", "strong_efficiency", sizes=2)
     return rows
+
+
+def weak_key(row: dict) -> tuple:
+    """Rows of one weak-scaling series: every setting equal, the per-rank batch included."""
+    return tuple(row[k] for k in GROUP_KEYS)
+
+
+def strong_key(row: dict) -> tuple:
+    """Rows of one strong-scaling series: the same global batch split over the world sizes, every
+    other setting equal (the transport aside: one rank moves no gradients)."""
+    return tuple(row[k] for k in GROUP_KEYS if k not in ("local_batch", "backend")) + (row["global_batch"],)
+
+
+def add_speedup(rows: list[dict], key, speedup: str, efficiency: str, sizes: int) -> None:
+    """Speedup (img/s over the series' 1-rank row's) and efficiency (speedup / ranks) for each
+    series of `key` with a 1-rank row and at least `sizes` world sizes; None elsewhere."""
+    for series in {key(r) for r in rows}:
+        members = [r for r in rows if key(r) == series]
+        base = next((r["images_per_sec"] for r in members if r["ranks"] == 1), None)
+        scaled = base and len({r["ranks"] for r in members}) >= sizes
+        for r in members:
+            r[speedup] = r["images_per_sec"] / base if scaled else None
+            r[efficiency] = r[speedup] / r["ranks"] if scaled else None
+
+
+def diagnosis(epochs: list[dict]) -> dict:
+    """What held a row's epochs back: the most frequent bottleneck verdict among the epochs
+    that carry one (the latest of a tie), with the medians of its epochs' step, compute
+    (slowest rank) and communication times and input-empty fraction (worst rank). Empty when
+    no epoch carries one (an older trainer's log)."""
+    judged = [e for e in epochs if e.get("bottleneck")]
+    if not judged:
+        return {}
+    counts = Counter(e["bottleneck"] for e in judged)
+    found = next(e["bottleneck"] for e in reversed(judged) if counts[e["bottleneck"]] == max(counts.values()))
+    mine = [e for e in judged if e["bottleneck"] == found]
+
+    def median(value) -> float:
+        return statistics.median(value(e) for e in mine)
+
+    return {"bottleneck": found, "step_ms": median(lambda e: e["step_seconds"]) * 1e3,
+            "compute_ms": median(lambda e: max(e["compute_seconds"])) * 1e3,
+            "communication_ms": median(lambda e: e["communication_seconds"]) * 1e3,
+            "input_empty": median(lambda e: max(e["input_starved"]))}
 
 
 def read_baseline(path: str | Path) -> dict[int, float]:
@@ -169,7 +221,7 @@ def add_baseline(rows: list[dict], baseline: dict[int, float]) -> list[dict]:
     return rows
 
 
-def _fmt(value, digits: int = 1, percent: bool = False) -> str:
+def fmt(value, digits: int = 1, percent: bool = False) -> str:
     if value is None:
         return "-"
     if percent:
@@ -188,10 +240,11 @@ def transport(row: dict) -> str:
     return row["engine"] + (f"/{row['backend']}" if row["backend"] else "")
 
 
-def title(group: dict) -> str:
-    """A job in words: model, size, precision, batch, input, then what is switched on."""
-    text = (f"{group['model']}, {group['image_size']} px, {group['precision']}, batch "
-            f"{group['local_batch']} per rank, {group['input']} input")
+def title(group: dict, batch: str = "") -> str:
+    """A job in words: model, size, precision, batch (`batch`, else the per-rank batch), input,
+    then what is switched on."""
+    batch = batch or f"batch {group['local_batch']} per rank"
+    text = f"{group['model']}, {group['image_size']} px, {group['precision']}, {batch}, {group['input']} input"
     switched = (("preprocessed in the model graph", group["preprocess"] == "model graph"),
                 ("XLA", group["xla"]), ("fp16 allreduce", group["fp16_allreduce"]),
                 (f"{group['backward_passes']} backward passes per step", group["backward_passes"] > 1))
@@ -201,7 +254,8 @@ def title(group: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     """One Markdown table per job, a row per world size and engine; with more than one engine
     (or transport) in a table, each row's img/s over the first one's at the same world size. An
-    engine without a 1-rank run has "-" for speedup and efficiency, and a note says so."""
+    engine without a 1-rank run has "-" for speedup and efficiency, and a note says so. Then a
+    table per strong-scaling series (`strong_markdown`)."""
     out = []
     jobs = sorted({tuple(r[k] for k in TABLE_KEYS) for r in rows}, key=lambda g: tuple(map(str, g)))
     has_base = any("baseline_images_per_sec" in r for r in rows)
@@ -216,20 +270,52 @@ def markdown(rows: list[dict]) -> str:
             head.append(f"img/s / {engines[0]}'s")
         if has_base:
             head += ["baseline img/s", "ours / baseline"]
+        head.append("NIH epoch")
+        judged = any(r.get("bottleneck") for r in members)
+        if judged:
+            head += ["bottleneck", "step / compute / communication ms, input empty"]
         body = []
         for r in members:
-            cells = [str(r["ranks"]), transport(r), _fmt(r["images_per_sec"]), _fmt(r["images_per_sec_per_rank"]),
-                     _fmt(r["speedup"], 2), _fmt(r["efficiency"], percent=True),
+            cells = [str(r["ranks"]), transport(r), fmt(r["images_per_sec"]), fmt(r["images_per_sec_per_rank"]),
+                     fmt(r["speedup"], 2), fmt(r["efficiency"], percent=True),
                      f"{r['epoch_seconds_mean']:.1f} ± {r['epoch_seconds_sd']:.1f}"]
             if len(engines) > 1:
                 ref = reference.get(r["ranks"])
-                cells.append(_fmt(r["images_per_sec"] / ref if ref else None, 2))
+                cells.append(fmt(r["images_per_sec"] / ref if ref else None, 2))
             if has_base:
-                cells += [_fmt(r.get("baseline_images_per_sec")), _fmt(r.get("ratio_to_baseline"), 2)]
+                cells += [fmt(r.get("baseline_images_per_sec")), fmt(r.get("ratio_to_baseline"), 2)]
+            cells.append(duration(r["nih_epoch_seconds"]))
+            if judged:
+                cells += [r.get("bottleneck", "-"), numbers_behind(r)]
             body.append(cells)
         out.append(cli.markdown_table(head, body))
         out += [no_base_note(members), ""] if any(r["speedup"] is None for r in members) else [""]
-    return "\n".join(out)
+    return "\n".join(out + strong_markdown(rows))
+
+
+def numbers_behind(row: dict) -> str:
+    """A row's verdict numbers in one cell: step / compute / communication ms, input empty."""
+    if not row.get("bottleneck"):
+        return "-"
+    return (f"{row['step_ms']:.1f} / {row['compute_ms']:.1f} / {row['communication_ms']:.1f}, "
+            f"{row['input_empty']:.0%}")
+
+
+def strong_markdown(rows: list[dict]) -> list[str]:
+    """A table per strong-scaling series: one global batch split over the world sizes."""
+    out = []
+    series = sorted({strong_key(r) for r in rows if r["strong_speedup"] is not None},
+                    key=lambda k: tuple(map(str, k)))
+    for key in series:
+        members = sorted((r for r in rows if strong_key(r) == key), key=lambda r: (r["ranks"], transport(r)))
+        batch = f"global batch {members[0]['global_batch']}"
+        out += [f"### Strong scaling: {title(members[0], batch)}\n",
+                cli.markdown_table(
+                    ["ranks", "engine", "batch per rank", "img/s", "speedup", "efficiency", "NIH epoch"],
+                    [[str(r["ranks"]), transport(r), str(r["local_batch"]), fmt(r["images_per_sec"]),
+                      fmt(r["strong_speedup"], 2), fmt(r["strong_efficiency"], percent=True),
+                      duration(r["nih_epoch_seconds"])] for r in members]), ""]
+    return out
 
 
 def no_base_note(members: list[dict]) -> str:
@@ -282,139 +368,8 @@ def plot(rows: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- projection -----------------
-# The NIH official split's training images (train_val_list.txt less the validation patients the
-# suite carves out): what one epoch of --project's epoch-time column covers.
-NIH_TRAIN_IMAGES = 77_707
-
-
-@dataclass
-class Network:
-    """The fabric, as allreduce cost parameters. Defaults: 100 Gb/s EDR InfiniBand between nodes,
-    the interconnect of the reference GPU clusters (12.5 GB/s per direction per node); 10 us per
-    ring step, the order of an NCCL/MPI message latency over InfiniBand; one GPU per node (every
-    rank on the network); no overlap of communication with the backward pass (an upper bound on
-    its cost; Horovod's tensor fusion overlaps some of it in practice). With several GPUs per node
-    the ranks within a node talk over `intra_bandwidth_gbs` (default: NVLink 2 on a V100 node,
-    about 150 GB/s per GPU per direction) and the allreduce is hierarchical (NCCL's and Horovod's
-    HOROVOD_HIERARCHICAL_ALLREDUCE) unless `hierarchical` is False (one flat ring over all ranks,
-    as Open MPI's and Gloo's CPU allreduce and the tf engine's ring)."""
-
-    bandwidth_gbs: float = 12.5
-    latency_us: float = 10.0
-    overlap: float = 0.0
-    gpus_per_node: int = 1
-    intra_bandwidth_gbs: float = 150.0
-    intra_latency_us: float = 5.0
-    hierarchical: bool = True
-
-
-def ring_seconds(grad_bytes: float, ranks: int, bandwidth_gbs: float, latency_us: float) -> float:
-    """Ring allreduce of `grad_bytes` on `ranks` ranks over links of `bandwidth_gbs` (Patarasuk &
-    Yuan 2009; the algorithm of Horovod and NCCL): 2 (N-1) steps, each moving grad_bytes / N per
-    rank, so 2 (N-1)/N * bytes / bandwidth + 2 (N-1) * latency. Zero on one rank."""
-    if ranks <= 1:
-        return 0.0
-    steps = 2 * (ranks - 1)
-    return steps / ranks * grad_bytes / (bandwidth_gbs * 1e9) + steps * latency_us * 1e-6
-
-
-def nodes_of(ranks: int, net: Network) -> tuple[int, int]:
-    """(nodes, ranks per node) of `ranks` ranks placed in blocks of `net.gpus_per_node`."""
-    local = max(1, min(ranks, net.gpus_per_node))
-    return -(-ranks // local), local
-
-
-def allreduce_seconds(grad_bytes: float, ranks: int, net: Network) -> float:
-    """One allreduce of `grad_bytes` on `ranks` ranks of `net`. Within one node: a ring over the
-    intra-node links. Hierarchical (NCCL, Horovod's hierarchical allreduce): a reduce-scatter and
-    an allgather within each node (together one intra-node ring's cost) and between them a ring
-    across the nodes, its local-size parallel rings of bytes / local sharing the node's link (one
-    ring of all bytes at the node's bandwidth). Flat: one ring over every rank in block order,
-    each of its 2 (N-1) steps paced by the hop that crosses a node boundary."""
-    nodes, local = nodes_of(ranks, net)
-    intra = ring_seconds(grad_bytes, local, net.intra_bandwidth_gbs, net.intra_latency_us)
-    if nodes == 1:
-        return intra
-    if net.hierarchical:
-        return intra + ring_seconds(grad_bytes, nodes, net.bandwidth_gbs, net.latency_us)
-    return ring_seconds(grad_bytes, ranks, min(net.bandwidth_gbs, net.intra_bandwidth_gbs),
-                        max(net.latency_us, net.intra_latency_us))
-
-
-def step_seconds(compute_seconds: float, grad_bytes: float, ranks: int, net: Network,
-                 backward_passes: int = 1) -> float:
-    """A training step on `ranks` ranks: the compute, and the part of the allreduce not hidden
-    behind the backward pass; accumulating `backward_passes` batches per update allreduces once
-    every that many steps."""
-    return compute_seconds + (1 - net.overlap) * allreduce_seconds(grad_bytes, ranks, net) / backward_passes
-
-
-def project(step_seconds_1: float, grad_bytes: float, local_batch: int, ranks: list[int],
-            net: Network, backward_passes: int = 1, global_batch: int = 0,
-            epoch_images: int = NIH_TRAIN_IMAGES) -> list[dict]:
-    """Weak scaling from a single-rank step time: every rank computes as fast as one alone
-    (`local_batch` images per rank), and the allreduce adds to each step. With `global_batch`,
-    also strong scaling: that batch split over the ranks, compute taken as proportional to the
-    per-rank batch (an optimistic assumption on GPUs, which run small batches below their peak).
-    Epoch seconds: `epoch_images` at the weak-scaling rate."""
-    rows = []
-    for n in ranks:
-        comm = allreduce_seconds(grad_bytes, n, net)
-        step = step_seconds(step_seconds_1, grad_bytes, n, net, backward_passes)
-        ips = n * local_batch / step
-        row = {"ranks": n, "nodes": nodes_of(n, net)[0], "step_seconds": step, "allreduce_seconds": comm,
-               "images_per_sec": ips, "speedup": n * step_seconds_1 / step,
-               "efficiency": step_seconds_1 / step, "epoch_seconds": epoch_images / ips}
-        if global_batch:
-            compute = step_seconds_1 * global_batch / (n * local_batch)
-            strong = step_seconds(compute, grad_bytes, n, net, backward_passes)
-            single = step_seconds_1 * global_batch / local_batch
-            row |= {"strong_step_seconds": strong, "strong_speedup": single / strong,
-                    "strong_efficiency": single / strong / n}
-        rows.append(row)
-    return rows
-
-
 def duration(seconds: float) -> str:
     """Seconds as s, min or h, whichever reads best."""
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def projection_markdown(rows: list[dict]) -> str:
-    """The projection as a Markdown table; strong-scaling columns when `project` made them."""
-    strong = "strong_speedup" in rows[0]
-    head = ["ranks", "nodes", "step s", "allreduce s", "img/s", "speedup", "efficiency", "epoch"]
-    if strong:
-        head += ["strong: step s", "strong: speedup", "strong: efficiency"]
-    body = []
-    for r in rows:
-        cells = [r["ranks"], r["nodes"], f"{r['step_seconds']:.4f}", f"{r['allreduce_seconds']:.4f}",
-                 _fmt(r["images_per_sec"]), _fmt(r["speedup"], 2), f"{r['efficiency'] * 100:.1f}%",
-                 duration(r["epoch_seconds"])]
-        if strong:
-            cells += [f"{r['strong_step_seconds']:.4f}", _fmt(r["strong_speedup"], 2),
-                      f"{r['strong_efficiency'] * 100:.1f}%"]
-        body.append(cells)
-    return cli.markdown_table(head, body)
-
-
-def fit_ring(samples: list[tuple[float, int, float]]) -> tuple[float, float]:
-    """(bandwidth GB/s, latency us) of the ring model fitted to measured allreduces, given as
-    (bytes, ranks, seconds): least squares of seconds = 2 (N-1)/N * bytes / bandwidth +
-    2 (N-1) * latency on the relative error (each sample divided by its seconds), so that small
-    messages, which carry the latency, weigh as much as large ones."""
-    rows = [(2 * (n - 1) / n * size / t, 2 * (n - 1) / t) for size, n, t in samples if n > 1]
-    if len(rows) < 2:
-        raise ValueError("fit_ring: needs at least two samples of more than one rank")
-    # normal equations of [x, z] @ [1/bandwidth, latency] = 1
-    sxx = sum(x * x for x, _ in rows)
-    sxz = sum(x * z for x, z in rows)
-    szz = sum(z * z for _, z in rows)
-    sx, sz = sum(x for x, _ in rows), sum(z for _, z in rows)
-    det = sxx * szz - sxz * sxz
-    inverse_bw = (sx * szz - sz * sxz) / det
-    latency = (sz * sxx - sx * sxz) / det
-    return 1 / inverse_bw / 1e9, latency * 1e6

@@ -170,6 +170,13 @@ def ranks(engine: str, n: int, *command) -> list[str]:
     return [*launcher(engine, n), *map(str, command), "--engine", engine]
 
 
+def reported_bottleneck(run_dir) -> str:
+    """The bottleneck column of tools/scaling_report.py's row for a run of one world size."""
+    out = run([sys.executable, str(ROOT / "tools" / "scaling_report.py"), str(run_dir)], check=True).stdout
+    [row] = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    return row.split(" | ")[-2]
+
+
 def assert_ranks_identical(run_dir, ranks: int = 2) -> None:
     """--audit's final weights of every rank, bitwise equal (not approximately)."""
     import numpy as np

@@ -1,7 +1,8 @@
 """Why a run does not scale (chexnet_hvd.bottleneck): every epoch record carries the step time,
-each rank's compute probe and how often its input was empty, and a verdict. Real runs made
-input-bound (large stored images, a tiny model, one thread) and with one CPU-starved rank;
-network-bound on a slowed rehearsal link: tests/test_slurm.py."""
+each rank's compute probe and how often its input was empty, and a verdict, which the scaling
+report's row repeats. Real runs made input-bound (large stored images, a tiny model, one
+thread) and with one CPU-starved rank; network-bound on a slowed rehearsal link:
+tests/test_slurm.py."""
 
 import os
 import signal
@@ -11,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, VENV_BIN, module
+from conftest import ROOT, VENV_BIN, module, reported_bottleneck
 
 from chexnet_hvd import bottleneck
 from chexnet_hvd.runlog import read_runlog
@@ -40,6 +41,7 @@ def test_large_images_for_a_tiny_model_on_one_thread_are_input_bound(tmp_path):
     last = [r for r in read_runlog(tmp_path / "run") if r["event"] == "epoch"][-1]
     assert last["bottleneck"] == "input-bound", bottleneck.summary(last)
     assert last["input_starved"][0] > bottleneck.STARVED
+    assert reported_bottleneck(tmp_path / "run") == "input-bound"
 
 
 def starve(pid: int, done: threading.Event) -> None:
@@ -84,3 +86,4 @@ def test_a_cpu_starved_rank_is_named_the_straggler(records_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     last = [r for r in read_runlog(tmp_path) if r["event"] == "epoch"][-1]
     assert last["bottleneck"] == "straggler (rank 1)", bottleneck.summary(last)
+    assert reported_bottleneck(tmp_path) == "straggler (rank 1)"

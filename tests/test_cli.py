@@ -135,7 +135,7 @@ def test_a_settings_files_numbers_are_range_checked_as_flags_are(tmp_path):
 # before anything else happens.
 CLIS = {
     "synthetic": ("chexnet_hvd.synthetic", "chexnet_hvd.synthetic:SyntheticConfig", ["--out", "o"]),
-    "records": ("chexnet_hvd.records", "chexnet_hvd.records:RecordsConfig", ["--csv", "c", "--out", "o"]),
+    "records": ("chexnet_hvd.records.writer", "chexnet_hvd.records.writer:RecordsConfig", ["--csv", "c", "--out", "o"]),
     "train": ("chexnet_hvd.train", "chexnet_hvd.config:TrainConfig", ["--data", "d", "--run-dir", "r"]),
     "evaluate": ("chexnet_hvd.evaluate", "chexnet_hvd.evaluate:EvalConfig", ["--checkpoint", "c", "--data", "d"]),
     "predict": ("chexnet_hvd.predict", "chexnet_hvd.predict:PredictConfig", ["x.png", "--checkpoint", "c"]),

@@ -21,6 +21,7 @@ from pydicom.uid import (
 )
 
 from chexnet_hvd import data, records
+from chexnet_hvd.records import writer
 
 
 def gray(shape, seed) -> np.ndarray:
@@ -161,8 +162,8 @@ def test_colour_sources_with_an_rgb_icc_profile_give_png_records_without_ancilla
     text.add_text("Software", "scanner")
     Image.fromarray(g).save(tmp_path / "c.png", pnginfo=text, dpi=(300, 300))
     rows = [(name, str(tmp_path / name), "p", [0.0], [1.0], "") for name in ("a.jpg", "b.png", "c.png")]
-    job = records.ShardJob("train", "train-00000-of-00001.tfrecord", rows, None, ("Effusion",))
-    assert records.write_shard(job, str(tmp_path))["count"] == 3
+    job = writer.ShardJob("train", "train-00000-of-00001.tfrecord", rows, None, ("Effusion",))
+    assert writer.write_shard(job, str(tmp_path))["count"] == 3
     pngs = [records.parse_example(raw, 1)["image/png"].numpy()
             for raw in tf.data.TFRecordDataset(str(tmp_path / job.file))]
     assert [png_chunks(png) for png in pngs] == [["IHDR", "IDAT", "IEND"]] * 3

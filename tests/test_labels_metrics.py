@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chexnet_hvd import metadata, metrics
+from chexnet_hvd import metadata, metrics, splits
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.labels import (
     PATHOLOGIES,
@@ -71,16 +71,16 @@ def _table(patients):
 
 def test_random_split_is_by_patient_seeded_and_leak_free():
     table = _table(np.repeat(np.arange(100), 3))
-    a, b = metadata.random_split(table, seed=3), metadata.random_split(table, seed=3)
+    a, b = splits.random_split(table, seed=3), splits.random_split(table, seed=3)
     assert (a["split"] == b["split"]).all()
     assert a.groupby("patient")["split"].nunique().max() == 1
     counts = a.groupby("split")["patient"].nunique()
     assert (counts["train"], counts["val"], counts["test"]) == (70, 10, 20)
-    metadata.check_no_leak(a)
+    splits.check_no_leak(a)
 
 
 def test_leak_guard_refuses_a_patient_in_two_splits():
     table = _table([1, 1, 2])
     table["split"] = ["train", "test", "val"]
     with pytest.raises(InputError, match="1 patients are in more than one split"):
-        metadata.check_no_leak(table)
+        splits.check_no_leak(table)

@@ -17,8 +17,9 @@ import pytest
 from conftest import ROOT, SHARED, VENV_BIN, module, run
 from PIL import Image
 
-from chexnet_hvd import data, metadata, records
+from chexnet_hvd import data, metadata, records, splits
 from chexnet_hvd.labels import PATHOLOGIES
+from chexnet_hvd.records import writer
 
 REAL = SHARED / "data" / "real"
 NIH = REAL / "nih"
@@ -40,7 +41,7 @@ def test_official_split_of_the_real_metadata(csv):
     counts = table["split"].value_counts()
     assert len(table) == 112_120
     assert counts["train"] + counts["val"] == 86_524 and counts["test"] == 25_596
-    patients = [set(table.loc[table["split"] == s, "patient"]) for s in metadata.SPLITS]
+    patients = [set(table.loc[table["split"] == s, "patient"]) for s in splits.SPLITS]
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
     assert len(set().union(*patients)) == 30_805
     assert 0.09 < len(patients[1]) / (len(patients[0]) + len(patients[1])) < 0.11  # val by patient
@@ -82,7 +83,7 @@ def test_the_121_real_pngs_round_trip_through_records(tmp_path):
     manifest = records.load_manifest(out)
     assert manifest["rejected"] == 0 and manifest["splits"]["test"]["count"] == 25
     seen = {}
-    for split in metadata.SPLITS:
+    for split in splits.SPLITS:
         for batch in data.eval_dataset(out, split, 8, 16):  # labels, ids; pixels below
             seen.update(dict(zip(batch["id"].numpy().astype(str), batch["label"].numpy(), strict=True)))
     assert sorted(seen) == names
@@ -187,7 +188,7 @@ def test_a_failing_writer_rank_ends_the_mpi_job_at_once(synthetic, tmp_path):
     in seconds and with a non-zero exit code; no manifest says the directory is complete. (Before,
     rank 1 waited in MPI_Finalize and rank 0 in gather until the job's time limit.)"""
     cfg = metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"), images=str(synthetic / "images"))
-    jobs = records.plan_shards(metadata.load_table(cfg), 50, None, cfg.seed)
+    jobs = writer.plan_shards(metadata.load_table(cfg), 50, None, cfg.seed)
     out = tmp_path / "mpi"
     (out / jobs[1].file).mkdir(parents=True)  # jobs[1::2] are rank 1's
     command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none",

@@ -16,6 +16,7 @@ from PIL import Image
 from chexnet_hvd import data, metadata, records, sharding
 from chexnet_hvd.images import read_grayscale
 from chexnet_hvd.labels import CHEXPERT_COMPETITION
+from chexnet_hvd.records import writer
 
 pytestmark = pytest.mark.slow
 CHEXPERT = SHARED / "data" / "real" / "chexpert"
@@ -101,15 +102,15 @@ def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, 
     sidecar first: a kill before the shard's rename left the old shard vouched for as new.)"""
     table = metadata.load_table(metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"),
                                                      images=str(synthetic / "images")))
-    job = records.plan_shards(table, 1000, None, seed=0)[0]
-    flipped = records.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m, src)
+    job = writer.plan_shards(table, 1000, None, seed=0)[0]
+    flipped = writer.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m, src)
                                                      for i, p, pt, lab, m, src in job.rows], None, job.names)
-    records.write_shard(job, str(tmp_path))
+    writer.write_shard(job, str(tmp_path))
     with monkeypatch.context() as patched:
         crash_at(patched, n, ((os, "replace"), (os, "unlink")))
         with pytest.raises(Crash):
-            records.write_shard(flipped, str(tmp_path))
-    assert records.write_shard(flipped, str(tmp_path))["count"] == len(flipped.rows)
+            writer.write_shard(flipped, str(tmp_path))
+    assert writer.write_shard(flipped, str(tmp_path))["count"] == len(flipped.rows)
     stored = [records.parse_example(r, 14)["label"].numpy().tolist()
               for r in tf.data.TFRecordDataset(str(tmp_path / job.file))]
     assert stored == [list(map(float, r[3])) for r in flipped.rows]

@@ -7,21 +7,22 @@ import json
 import pytest
 from conftest import ROOT, assert_one_line_error, run
 
-from chexnet_hvd import runlog, scaling
+from chexnet_hvd import projection, runlog, scaling
 
 REPORT = str(ROOT / "tools" / "scaling_report.py")
 
 
 def write_run(run_dir, ranks, ips, model="densenet121", epoch_seconds=(50.0, 10.0, 12.0), first=1,
-              **start):
+              local_batch=16, verdicts=(), **start):
+    """A run log of `ranks` at `ips` img/s; `verdicts`: each epoch's bottleneck fields, in order."""
     writer = runlog.RunLogWriter(run_dir)
-    writer.write("start", model=model, image_size=224, precision="fp32", local_batch=16,
-                 global_batch=16 * ranks, world_size=ranks, **start)
+    writer.write("start", model=model, image_size=224, precision="fp32", local_batch=local_batch,
+                 global_batch=local_batch * ranks, world_size=ranks, **start)
     for epoch, seconds in enumerate(epoch_seconds, first):
         # epoch 1 is warm-up: a value that would spoil every number if it were counted
         rate = 1.0 if epoch == 1 else ips
         writer.write("epoch", epoch=epoch, seconds=seconds, images_per_sec=rate,
-                     images_per_sec_per_rank=rate / ranks)
+                     images_per_sec_per_rank=rate / ranks, **(verdicts[epoch - first] if verdicts else {}))
     writer.write("end", status="completed")
     writer.close()
 
@@ -132,6 +133,55 @@ def test_no_speedup_or_efficiency_without_a_one_rank_run(runs, tmp_path):
     assert "-" not in full.replace("---", "") and "against" not in full  # every group has its 1-rank run
 
 
+def test_a_rows_bottleneck_is_its_epochs_most_frequent_verdict_with_the_numbers_behind_it(tmp_path):
+    """Epochs 2 and 4 network-bound, 3 compute-bound (epoch 1, warm-up, input-bound and left
+    out): the row says network-bound, with the medians of those two epochs' numbers; a run
+    whose epochs carry no verdict (an older trainer) says "-"."""
+    def judged(found, step, compute, comm, empty):
+        return {"bottleneck": found, "step_seconds": step, "compute_seconds": [compute / 2, compute],
+                "communication_seconds": comm, "input_starved": [empty, 0.0]}
+
+    write_run(tmp_path / "np2", 2, 180.0, epoch_seconds=(50.0, 10.0, 12.0, 11.0), verdicts=[
+        judged("input-bound", 1.0, 0.1, 0.0, 0.9), judged("network-bound", 0.2, 0.05, 0.15, 0.1),
+        judged("compute-bound", 0.1, 0.09, 0.01, 0.0), judged("network-bound", 0.3, 0.07, 0.23, 0.3)])
+    write_run(tmp_path / "np1", 1, 100.0)
+    rows = {r["ranks"]: r for r in scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))}
+    two = rows[2]
+    assert two["bottleneck"] == "network-bound"
+    assert (two["step_ms"], two["compute_ms"], two["communication_ms"], two["input_empty"]) == pytest.approx(
+        (250.0, 60.0, 190.0, 0.2))
+    assert "bottleneck" not in rows[1]
+    text = scaling.markdown(list(rows.values()))
+    assert "| network-bound | 250.0 / 60.0 / 190.0, 20% |" in text
+    assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("| 1 ")][0]].endswith(
+        "| - | - |")
+    out_csv = tmp_path / "t.csv"
+    run([REPORT, str(tmp_path), "--csv", str(out_csv)], check=True)
+    cells = {int(r["ranks"]): r for r in csv.DictReader(out_csv.open())}
+    assert (cells[2]["bottleneck"], float(cells[2]["communication_ms"])) == ("network-bound", 190.0)
+    assert cells[1]["bottleneck"] == ""
+
+
+def test_one_global_batch_over_several_world_sizes_is_strong_scaling(tmp_path):
+    """Global batch 64 as 1 x 64, 2 x 32 and 4 x 16: strong speedup over the 1-rank run and
+    efficiency per rank; each has no weak-scaling base of its own but the 1-rank run. Every row
+    gives the time an epoch of NIH's training split would take at its rate."""
+    for ranks, ips in ((1, 100.0), (2, 180.0), (4, 300.0)):
+        write_run(tmp_path / f"np{ranks}", ranks, ips, local_batch=64 // ranks)
+    rows = {r["ranks"]: r for r in scaling.scaling_rows(scaling.load_all(scaling.find_runlogs([str(tmp_path)])))}
+    assert [rows[n]["strong_speedup"] for n in (1, 2, 4)] == pytest.approx([1.0, 1.8, 3.0])
+    assert [rows[n]["strong_efficiency"] for n in (1, 2, 4)] == pytest.approx([1.0, 0.9, 0.75])
+    assert [rows[n]["speedup"] for n in (1, 2, 4)] == [1.0, None, None]
+    assert rows[2]["nih_epoch_seconds"] == pytest.approx(scaling.NIH_TRAIN_IMAGES / 180.0)
+    text = run([REPORT, str(tmp_path)], check=True).stdout
+    strong = text[text.index("### Strong scaling: densenet121, 224 px, fp32, global batch 64, records input"):]
+    assert "| 2 | horovod | 32 | 180.0 | 1.80 | 90% | 7.2 min |" in strong
+    assert "| 4 | horovod | 16 | 300.0 | 3.00 | 75% | 4.3 min |" in strong
+    alone = tmp_path / "alone"
+    write_run(alone, 2, 180.0)
+    assert "Strong scaling" not in run([REPORT, str(alone)], check=True).stdout  # one world size: no series
+
+
 @pytest.mark.slow
 def test_cli_writes_markdown_csv_png_with_baseline(runs, tmp_path):
     baseline = tmp_path / "dell.csv"
@@ -177,8 +227,8 @@ def test_projection_matches_hand_computed_ring_allreduce():
     # 4 MB of gradients (1e6 fp32 parameters), 1 GB/s, 100 us per ring step, half hidden:
     # N=2: 2*(1/2)*4e6/1e9 + 2*100e-6 = 0.0042 s -> step 0.1 + 0.0021 = 0.1021 s
     # N=4: 2*(3/4)*4e6/1e9 + 6*100e-6 = 0.0066 s -> step 0.1 + 0.0033 = 0.1033 s
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=100.0, overlap=0.5)
-    rows = {r["ranks"]: r for r in scaling.project(0.1, 4e6, 16, [1, 2, 4], net)}
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=100.0, overlap=0.5)
+    rows = {r["ranks"]: r for r in projection.project(0.1, 4e6, 16, [1, 2, 4], net)}
     assert rows[1]["efficiency"] == 1.0 and rows[1]["images_per_sec"] == pytest.approx(160.0)
     assert rows[2]["allreduce_seconds"] == pytest.approx(0.0042)
     assert rows[2]["images_per_sec"] == pytest.approx(32 / 0.1021)
@@ -190,55 +240,55 @@ def test_hierarchical_allreduce_matches_hand_computed_terms():
     # 8 ranks, 4 per node, 1e8 bytes; inter 1 GB/s + 10 us, intra 100 GB/s + 1 us.
     # intra ring of 4: 2*3/4*1e8/1e11 + 6*1e-6 = 0.0015 + 0.000006
     # inter ring of 2 nodes: 2*1/2*1e8/1e9 + 2*10e-6 = 0.1 + 0.00002
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=10.0, gpus_per_node=4, intra_bandwidth_gbs=100.0,
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=10.0, gpus_per_node=4, intra_bandwidth_gbs=100.0,
                           intra_latency_us=1.0)
-    assert scaling.nodes_of(8, net) == (2, 4) and scaling.nodes_of(2, net) == (1, 2)
-    assert scaling.allreduce_seconds(1e8, 8, net) == pytest.approx(0.001506 + 0.10002)
-    assert scaling.allreduce_seconds(1e8, 4, net) == pytest.approx(0.001506)  # one node: NVLink only
+    assert projection.nodes_of(8, net) == (2, 4) and projection.nodes_of(2, net) == (1, 2)
+    assert projection.allreduce_seconds(1e8, 8, net) == pytest.approx(0.001506 + 0.10002)
+    assert projection.allreduce_seconds(1e8, 4, net) == pytest.approx(0.001506)  # one node: NVLink only
     # flat ring over all 8 (Open MPI, Gloo, the tf engine): 14 steps of 1e8/8 at the slower link
     flat = dataclasses.replace(net, hierarchical=False)
-    assert scaling.allreduce_seconds(1e8, 8, flat) == pytest.approx(14 / 8 * 0.1 + 14 * 10e-6)
+    assert projection.allreduce_seconds(1e8, 8, flat) == pytest.approx(14 / 8 * 0.1 + 14 * 10e-6)
     # one GPU per node: the plain ring of the original model
-    assert scaling.allreduce_seconds(1e8, 8, scaling.Network(1.0, 10.0)) == pytest.approx(
-        scaling.ring_seconds(1e8, 8, 1.0, 10.0))
+    assert projection.allreduce_seconds(1e8, 8, projection.Network(1.0, 10.0)) == pytest.approx(
+        projection.ring_seconds(1e8, 8, 1.0, 10.0))
 
 
 def test_step_time_knobs_halve_and_divide_the_allreduce():
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=0.0)
-    comm = scaling.allreduce_seconds(4e7, 4, net)  # 2*3/4*0.04 = 0.06 s
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=0.0)
+    comm = projection.allreduce_seconds(4e7, 4, net)  # 2*3/4*0.04 = 0.06 s
     assert comm == pytest.approx(0.06)
-    assert scaling.step_seconds(0.1, 4e7, 4, net) == pytest.approx(0.16)
-    assert scaling.step_seconds(0.1, 2e7, 4, net) == pytest.approx(0.13)  # fp16: half the bytes
-    assert scaling.step_seconds(0.1, 4e7, 4, net, backward_passes=3) == pytest.approx(0.12)
+    assert projection.step_seconds(0.1, 4e7, 4, net) == pytest.approx(0.16)
+    assert projection.step_seconds(0.1, 2e7, 4, net) == pytest.approx(0.13)  # fp16: half the bytes
+    assert projection.step_seconds(0.1, 4e7, 4, net, backward_passes=3) == pytest.approx(0.12)
     hidden = dataclasses.replace(net, overlap=0.5)
-    assert scaling.step_seconds(0.1, 4e7, 4, hidden) == pytest.approx(0.13)
+    assert projection.step_seconds(0.1, 4e7, 4, hidden) == pytest.approx(0.13)
 
 
 def test_strong_scaling_splits_the_global_batch_and_epoch_time_follows_the_rate():
     # compute 0.1 s per 16 images; global batch 64 over 4 ranks: 0.1 s compute + 0.06 s allreduce,
     # against 0.4 s on one rank: speedup 2.5, efficiency 62.5%
-    net = scaling.Network(bandwidth_gbs=1.0, latency_us=0.0)
-    rows = {r["ranks"]: r for r in scaling.project(0.1, 4e7, 16, [1, 4], net, global_batch=64, epoch_images=1600)}
+    net = projection.Network(bandwidth_gbs=1.0, latency_us=0.0)
+    rows = {r["ranks"]: r for r in projection.project(0.1, 4e7, 16, [1, 4], net, global_batch=64, epoch_images=1600)}
     assert rows[4]["strong_step_seconds"] == pytest.approx(0.16)
     assert rows[4]["strong_speedup"] == pytest.approx(2.5) and rows[4]["strong_efficiency"] == pytest.approx(0.625)
     assert rows[1]["strong_speedup"] == pytest.approx(1.0)
     assert rows[1]["epoch_seconds"] == pytest.approx(10.0)  # 1600 images at 160 img/s
     assert rows[4]["epoch_seconds"] == pytest.approx(1600 / (64 / 0.16))
-    assert "strong: efficiency" in scaling.projection_markdown(list(rows.values()))
+    assert "strong: efficiency" in projection.projection_markdown(list(rows.values()))
 
 
 def test_fit_ring_recovers_the_bandwidth_and_latency_it_was_given():
     # samples made by the model itself at 0.025 GB/s (200 Mbit/s) and 300 us: the fit finds them
-    samples = [(size, n, scaling.ring_seconds(size, n, 0.025, 300.0))
+    samples = [(size, n, projection.ring_seconds(size, n, 0.025, 300.0))
                for size in (1e3, 1e5, 1e6, 2.8e7) for n in (2, 3, 4)]
-    bandwidth, latency = scaling.fit_ring(samples)
+    bandwidth, latency = projection.fit_ring(samples)
     assert bandwidth == pytest.approx(0.025) and latency == pytest.approx(300.0)
     with pytest.raises(ValueError):
-        scaling.fit_ring([(1e6, 1, 0.1), (1e6, 2, 0.1)])  # one usable sample
+        projection.fit_ring([(1e6, 1, 0.1), (1e6, 2, 0.1)])  # one usable sample
 
 
 def test_readme_projection_table_is_the_models():
-    """The README's projection table, row by row, is what scaling.project gives for the
+    """The README's projection table, row by row, is what projection.project gives for the
     assumptions it states (4 GPUs per node, NVLink defaults, 25 GbE / EDR InfiniBand)."""
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| model (1-GPU step) | between nodes |"):].split("\n\n")[0].splitlines()[2:]
@@ -248,8 +298,8 @@ def test_readme_projection_table_is_the_models():
     for step, params, batch in models:
         for bandwidth, latency in fabrics:
             for size in (4, 2):
-                net = scaling.Network(bandwidth, latency, gpus_per_node=4)
-                rows = scaling.project(step, params * size, batch, [16, 64, 256], net)
+                net = projection.Network(bandwidth, latency, gpus_per_node=4)
+                rows = projection.project(step, params * size, batch, [16, 64, 256], net)
                 expected.append([f"{r['efficiency'] * 100:.0f}%" for r in rows]
                                 + [scaling.duration(rows[0]["epoch_seconds"])])
     assert [[c.strip() for c in line.strip("|").split("|")][3:] for line in table] == expected

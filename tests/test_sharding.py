@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from chexnet_hvd import metadata, records, sharding
+from chexnet_hvd import metadata, sharding
+from chexnet_hvd.records import writer
 
 NIH = SHARED / "data" / "real" / "nih"
 
@@ -19,7 +20,7 @@ def nih_train_counts() -> list[int]:
         pytest.skip("no real NIH metadata")
     table = metadata.load_table(metadata.TableConfig(
         csv=str(NIH / "Data_Entry_2017_v2020.csv"), images=str(NIH), split="official"))
-    jobs = records.plan_shards(table[table["split"] == "train"], 1024, None, seed=0)
+    jobs = writer.plan_shards(table[table["split"] == "train"], 1024, None, seed=0)
     return [len(job.rows) for job in jobs]
 
 

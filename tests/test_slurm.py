@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, reported_bottleneck, run
 
 from chexnet_hvd import recipes
 from chexnet_hvd.runlog import read_runlog
@@ -467,6 +467,7 @@ def test_a_slow_link_is_network_bound(cluster, records_dir, tmp_path):
         for node in ("node1", "node2"):
             run(["bash", "tools/slurm_local.sh", "link", node, "rate", "unlimited"], check=True)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, job)
-    last = [r for r in read_runlog(tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job)
-            if r["event"] == "epoch"][-1]
+    run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
+    last = [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]
     assert last["bottleneck"] == "network-bound", last
+    assert reported_bottleneck(run_dir) == "network-bound"

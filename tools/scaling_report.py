@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Scaling tables from training run logs: Markdown on stdout, optional CSV and PNG plot.
+"""Scaling tables from training run logs: Markdown on stdout, optional CSV and PNG plot. Weak
+scaling (a table per per-rank batch) and, for runs of one global batch over several world
+sizes, strong scaling; per row, the time per epoch of NIH's training split and the epochs'
+bottleneck verdict with the numbers behind it.
 
     python tools/scaling_report.py runs/np1 runs/np2 --csv scaling.csv --plot scaling.png
     python tools/scaling_report.py 'runs/*' --baseline docs/dell_v100_baseline.csv
     python tools/scaling_report.py --project runs/np1            # project a 1-rank run to 256
     python tools/scaling_report.py --project --step-time 0.35 --params 7e6 --batch 64
 
---project: weak-scaling projection under a ring-allreduce cost model (chexnet_hvd.scaling:
+--project: weak-scaling projection under a ring-allreduce cost model (chexnet_hvd.projection:
 allreduce_seconds, project); the step time, parameter count and per-rank batch come from a
 1-rank run log or from the flags. The fabric: --bandwidth-gbs and --latency-us between nodes,
 --gpus-per-node and --intra-bandwidth-gbs / --intra-latency-us within one (hierarchical
@@ -26,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
 
-from chexnet_hvd import cli, scaling  # noqa: E402
+from chexnet_hvd import cli, projection, scaling  # noqa: E402
 from chexnet_hvd.runlog import RunLogError  # noqa: E402
 
 
@@ -46,21 +49,21 @@ class ReportConfig:
                            minimum=0)
     ranks: list[int] = cli.field([1, 2, 4, 8, 16, 32, 64, 128, 256], help="--project: world sizes",
                                  minimum=1)
-    bandwidth_gbs: float = cli.field(scaling.Network.bandwidth_gbs,
+    bandwidth_gbs: float = cli.field(projection.Network.bandwidth_gbs,
                                      help="--project: link bandwidth in GB/s (default: 100 Gb/s EDR InfiniBand)",
                                      exclusive_minimum=0)
-    latency_us: float = cli.field(scaling.Network.latency_us, help="--project: latency per ring step, us",
+    latency_us: float = cli.field(projection.Network.latency_us, help="--project: latency per ring step, us",
                                   minimum=0)
-    overlap: float = cli.field(scaling.Network.overlap, help="--project: fraction of the allreduce "
+    overlap: float = cli.field(projection.Network.overlap, help="--project: fraction of the allreduce "
                                "hidden behind the backward pass (0..1)", minimum=0, maximum=1)
     fp16_allreduce: bool = cli.field(False, help="--project: gradients sent as fp16 (2 bytes, not 4)")
     backward_passes_per_step: int = cli.field(1, help="--project: batches accumulated per allreduce",
                                               minimum=1)
-    gpus_per_node: int = cli.field(scaling.Network.gpus_per_node, help="--project: ranks per node", minimum=1)
-    intra_bandwidth_gbs: float = cli.field(scaling.Network.intra_bandwidth_gbs,
+    gpus_per_node: int = cli.field(projection.Network.gpus_per_node, help="--project: ranks per node", minimum=1)
+    intra_bandwidth_gbs: float = cli.field(projection.Network.intra_bandwidth_gbs,
                                            help="--project: bandwidth within a node, GB/s (default: NVLink 2)",
                                            exclusive_minimum=0)
-    intra_latency_us: float = cli.field(scaling.Network.intra_latency_us,
+    intra_latency_us: float = cli.field(projection.Network.intra_latency_us,
                                         help="--project: latency per ring step within a node, us", minimum=0)
     flat_ring: bool = cli.field(False, help="--project: one ring over all ranks (MPI, Gloo, the tf "
                                 "engine on CPUs), not hierarchical (NCCL)")
@@ -70,7 +73,7 @@ class ReportConfig:
                                   "epoch-time column; default: NIH's official training split)", minimum=1)
 
 
-def projection(cfg: ReportConfig) -> str:
+def projected(cfg: ReportConfig) -> str:
     """The projection table, from the flags or the first 1-rank run of the logs given."""
     step, params, batch = cfg.step_time, cfg.params, cfg.batch
     if not (step and params and batch):
@@ -85,10 +88,10 @@ def projection(cfg: ReportConfig) -> str:
         params = params or start.get("trainable_params", 0)
         if not params:
             raise RunLogError(f"{single[0].path}: no trainable_params in the run log; pass --params")
-    net = scaling.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap, cfg.gpus_per_node,
+    net = projection.Network(cfg.bandwidth_gbs, cfg.latency_us, cfg.overlap, cfg.gpus_per_node,
                           cfg.intra_bandwidth_gbs, cfg.intra_latency_us, not cfg.flat_ring)
     grad_bytes = params * (2 if cfg.fp16_allreduce else 4)
-    rows = scaling.project(step, grad_bytes, batch, cfg.ranks, net, cfg.backward_passes_per_step,
+    rows = projection.project(step, grad_bytes, batch, cfg.ranks, net, cfg.backward_passes_per_step,
                            cfg.global_batch, cfg.epoch_images)
     within = (f"; {net.gpus_per_node} per node at {net.intra_bandwidth_gbs} GB/s, {net.intra_latency_us} us, "
               f"{'hierarchical' if net.hierarchical else 'flat ring'}" if net.gpus_per_node > 1 else "")
@@ -97,7 +100,7 @@ def projection(cfg: ReportConfig) -> str:
             f"{net.latency_us} us per ring step, overlap {net.overlap}{within}"
             + (f", {cfg.backward_passes_per_step} backward passes per step" if cfg.backward_passes_per_step > 1 else "")
             + (f"; strong scaling at a global batch of {cfg.global_batch}" if cfg.global_batch else "")
-            + f"; epoch: {cfg.epoch_images:,} images\n\n" + scaling.projection_markdown(rows))
+            + f"; epoch: {cfg.epoch_images:,} images\n\n" + projection.projection_markdown(rows))
 
 
 def measured(cfg: ReportConfig) -> list[dict]:
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                            prog="python tools/scaling_report.py")
     try:  # a bad run log is the user's input: one line, exit 2
         if cfg.project:
-            print(projection(cfg))
+            print(projected(cfg))
             return 0
         rows = measured(cfg)
     except RunLogError as err:
