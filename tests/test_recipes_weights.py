@@ -12,7 +12,7 @@ from conftest import SHARED, assert_one_line_error, module
 
 from chexnet_hvd import cli, config, recipes
 from chexnet_hvd.evaluate import EvalConfig
-from chexnet_hvd.records import RecordsConfig
+from chexnet_hvd.records.writer import RecordsConfig
 from chexnet_hvd.runlog import read_runlog
 
 NEEDED = ["--data", "d", "--run-dir", "r"]

@@ -239,7 +239,7 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
     names = metadata.class_names(table)
     unreadable = table["image"].isin({r[0] for res in results for r in res["rejects"]}).to_numpy()
     written_rows = present & ~unreadable
-    splits: dict[str, Any] = {}
+    per_split: dict[str, Any] = {}
     for split in splits.SPLITS:
         mine = [r for r in results if r["split"] == split]
         listed = int((table["split"] == split).sum())
@@ -253,7 +253,7 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
                                f"{missing} != listed {listed}")
         positives = np.sum([r["positives"] for r in mine] or [[0] * len(names)], axis=0)
         negatives = np.sum([r["negatives"] for r in mine] or [[0] * len(names)], axis=0)
-        splits[split] = {
+        per_split[split] = {
             "count": written, "rejected": rejected, "missing": missing, "listed": listed,
             # the patients of the written records (not of the missing or unreadable images)
             "patients": int(table.loc[(table["split"] == split).to_numpy() & written_rows, "patient"].nunique()),
@@ -265,7 +265,7 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
             "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"]} for r in mine],
         }
     none = dict.fromkeys(names, 0)
-    train = splits.get("train", {"positives": none, "negatives": none})
+    train = per_split.get("train", {"positives": none, "negatives": none})
     pos = np.array([train["positives"][n] for n in names], dtype=np.float64)
     neg = np.array([train["negatives"][n] for n in names], dtype=np.float64)
     sources = metadata.sources(cfg)
@@ -295,7 +295,7 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
         "split_fractions": list(cfg.fractions),
         "seed": cfg.seed,
         "shard_size": cfg.shard_size,
-        "splits": splits,
+        "splits": per_split,
         # Images per bit depth of the source grey levels; 16-bit sources are scaled to 8 bits
         # by their real range (images.to_8bit), so 12-bit data is not left nearly black.
         "source_bit_depths": bits,
