@@ -25,42 +25,50 @@ def verdict(value: float, goal: float) -> str:
 
 
 def section_trainer(r: dict) -> list[str]:
-    small = r.get("small")
-    lines = []
-    if small:
-        lines = [
-            f"## The trainer's cost per step ({small['model']}, {small['image_size']} px, batch "
-            f"{small['batch']}, 1 rank)", "",
-            f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (about 10 ms a "
-            "step here, the scale of a GPU step), warm-up left out.", "",
-            "| configuration | images/s |", "|---|---:|",
-            f"| trainer, in-memory synthetic input | {small['trainer_synthetic']:.1f} |",
-            f"| trainer, uint8 records (32 px) | {small['trainer_records']:.1f} |",
-            f"| trainer, synthetic input, --xla | {small['trainer_xla']:.1f} |",
-            f"| bare Horovod loop, in-memory random data | {small['bare_loop']:.1f} |",
-            *([f"| plain Keras fit, same data and optimizer, no callbacks | {small['keras_fit']:.1f} |"]
-              if "keras_fit" in small else []), "",
-            f"- trainer / bare loop, synthetic input: {verdict(small['synthetic_over_bare'], 0.95)}",
-            f"- trainer / bare loop, records pipeline: {verdict(small['records_over_bare'], 0.90)}",
-            *([f"- the gap, split: plain Keras fit / bare loop {small['fit_over_bare']:.2f} (Keras' "
-               f"own loop), trainer / plain Keras fit {small['synthetic_over_fit']:.2f} (the "
-               "trainer's callbacks, stop-flag agreement and run log, and the uint8 input's "
-               "preprocessing in the model's graph, which the plain loops skip: not separated "
-               "here); uint8 records / synthetic "
-               f"input {small['trainer_records'] / small['trainer_synthetic']:.2f} (the input "
-               "pipeline)"] if "keras_fit" in small else []),
-            f"- --xla / no XLA (synthetic input): {small['xla_over_no_xla']:.2f}; DenseNet-121 at 128 px: "
-            f"{r['xla_over_no_xla_128']:.2f} (recipes turn XLA on only where it wins)", ""]
+    small = r["small"]
+    ratio = small["records_over_bare"]
+    lines = [
+        f"## The trainer's cost per step ({small['model']}, {small['image_size']} px, batch "
+        f"{small['batch']}, 1 rank)", "",
+        f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (a bare step "
+        f"takes {small['step_ms_bare']:.1f} ms here, the scale of a GPU step), warm-up left out; "
+        f"medians of {small['repeats']} rounds. Like with like: every loop trains the same model "
+        "behind the same in-graph preprocessing on uint8 batches.", "",
+        "| configuration | images/s | / bare loop |", "|---|---:|---:|",
+        *[f"| {label} | {small[key]:.0f} | {small[key] / small['bare_loop']:.3f} |" for key, label in (
+            ("bare_loop", "bare Horovod loop, in-memory batch"),
+            ("bare_loop_feed", "bare Horovod loop, in-memory batch through the trainer's per-batch maps"),
+            ("bare_loop_records", "bare Horovod loop on the uint8 records"),
+            ("keras_fit", "plain Keras fit, in-memory batch, no callbacks"),
+            ("trainer_synthetic_quiet", "trainer, in-memory input, stall watch and stop agreement off"),
+            ("trainer_synthetic_stall_watch", "trainer, in-memory input, + stall watch"),
+            ("trainer_synthetic_stop_agreement", "trainer, in-memory input, + stop agreement"),
+            ("trainer_synthetic", "trainer, in-memory input (defaults)"),
+            ("trainer_records_quiet", "trainer on uint8 records, stall watch and stop agreement off"),
+            ("trainer_records", "trainer on uint8 records (defaults)"),
+            ("trainer_xla", "trainer, in-memory input, --xla"))], "",
+        f"- trainer on records / bare loop: {verdict(ratio, 0.95)}",
+        f"- the pieces: Keras' fit loop / bare loop {small['fit_over_bare']:.3f}; the trainer's per-batch "
+        f"maps (targets packed, feed counters) in the bare loop {small['feed_over_bare']:.3f}; the "
+        f"trainer's callbacks and maps / Keras fit {small['quiet_over_fit']:.3f}; stall watch "
+        f"{small['stall_watch_over_quiet']:.3f}; stop agreement {small['stop_agreement_over_quiet']:.3f}; "
+        f"the records pipeline on these 2 shared cores {small['records_over_synthetic']:.3f} (the bare "
+        f"loop on the same records: {small['bare_records_over_bare']:.3f} of itself in memory)",
+        f"- --xla / no XLA (in-memory input): {small['xla_over_no_xla']:.2f}"
+        + (f"; DenseNet-121 at 128 px: {r['xla_over_no_xla_128']:.2f}" if "xla_over_no_xla_128" in r else "")
+        + " (recipes turn XLA on only where it wins)", ""]
+    if "trainer_fp32" not in r:
+        return lines
     return lines + [
         f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
         f"Machine: {r['machine']} ({platform.processor() or platform.machine()}), {r['date']}; "
         f"{r['steps']} timed steps each, warm-up steps left out.", "",
         "| configuration | images/s |", "|---|---:|",
-        f"| trainer, TFRecords, fp32 | {r['trainer_fp32']:.2f} |",
-        *([f"| trainer, TFRecords, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |"]
+        f"| trainer, uint8 records, fp32 | {r['trainer_fp32']:.2f} |",
+        *([f"| trainer, uint8 records, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |"]
           if "trainer_mixed_bfloat16" in r else []),
-        f"| bare Horovod loop, in-memory random data, fp32 | {r['bare_loop_fp32']:.2f} |", "",
-        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.97)}",
+        f"| bare Horovod loop, in-memory uint8 batch, fp32 | {r['bare_loop_fp32']:.2f} |", "",
+        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.98)}",
         (f"- mixed_bfloat16 / fp32: {r['bf16_over_fp32']:.2f} (no goal; measure it on your CPU "
          "before choosing)" if "bf16_over_fp32" in r else
          "- mixed_bfloat16: not measured, this CPU has no bf16 instructions (emulated, bf16 "
@@ -84,34 +92,47 @@ def section_data_path(r: dict) -> list[str]:
         f"end to end on {r['images']:,} images, start included: {verdict(r['convert_end_to_end_speedup'], 1.8)}. "
         "The steady-state rate is (n - n/3) / (t(n) - t(n/3)); at the full 112,120 images the "
         "start cost is a fraction of a percent.", "",
-        "| input pipeline, 1 core, 224 px, decode + flip + preprocess + batch 16 | images/s |",
-        "|---|---:|",
-        f"| TFRecords (256 px grayscale PNG) | {r['pipeline_images_per_sec_per_core_tfrecord']:.1f} |",
-        f"| raw PNG files (1024 px, `--format raw`) | {r['pipeline_images_per_sec_per_core_raw']:.1f} |", "",
-        f"- TFRecord / raw-PNG pipeline: {verdict(r['pipeline_tfrecord_over_raw'], 3.0)}. This "
-        "compares the two as users run them: records resized offline to 256 px against the "
-        "1024 px source files; decoding a 16x smaller PNG is the likely main cause, reading a "
-        "few large files instead of one file per image the other (not separated here).", "",
-        *section_uint8(r)]
+        *section_pipeline(r)]
 
 
-def section_uint8(r: dict) -> list[str]:
-    if "pipeline_images_per_sec_per_core_uint8" not in r:
+def section_pipeline(r: dict) -> list[str]:
+    """The training input pipeline per CPU-second (bench_data.py's `pipeline`)."""
+    if "pipeline" not in r:
         return []
+    p, size, batch = r["pipeline"], r["pipeline_image_size"], r["pipeline_batch"]
+    png, u8, raw = p["png"], p["uint8"], p["raw"]
+    steps = list(png["step_us_per_image"])
     return [
-        "| input pipeline at 224 px | 1 core | 2 cores | bytes per image (256 px) | NIH, 112,120 images |",
-        "|---|---:|---:|---:|---:|",
-        f"| PNG records | {r['pipeline_images_per_sec_per_core_tfrecord']:.0f} | "
-        f"{r['pipeline_images_per_sec_2_cores_tfrecord']:.0f} | {r['bytes_per_image_png_256']:,} | "
-        f"{r['nih_112120_gb_png_256']:.1f} GB |",
-        f"| uint8 records (`--encoding uint8`), float work in the model graph | "
-        f"{r['pipeline_images_per_sec_per_core_uint8']:.0f} | {r['pipeline_images_per_sec_2_cores_uint8']:.0f} | "
-        f"{r['bytes_per_image_uint8_256']:,} | {r['nih_112120_gb_uint8_256']:.1f} GB |", "",
-        f"- uint8 records, images/s per core: {verdict(r['pipeline_images_per_sec_per_core_uint8'] / 2500, 1.0)} "
-        "of the goal of 2,500 (the ratio to it shown).",
-        f"- Cores per GPU at 2,000 img/s (DenseNet-121 in mixed precision on a GPU, derived): "
-        f"{r['cores_per_gpu_at_2000_png']:.1f} with PNG records, {r['cores_per_gpu_at_2000_uint8']:.2f} "
-        "with uint8 records.", ""]
+        f"**Input pipeline per CPU-second** ({size} px model, batch {batch}, 256-px records; one "
+        "thread, process CPU time: the pipeline's cost whatever else ran on the machine). Records of "
+        "one size leave the CPU as uint8 batches; resize, scaling and normalisation run in the "
+        "model's graph (on the GPU when there is one).", "",
+        "| records | images per CPU-second | with --crop | goal | the per-record path, float work "
+        "on the CPU (before) | wall img/s, 2 threads | bytes per image | NIH, 112,120 images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| PNG (the default) | {png['images_per_cpu_second']:,} | {png['images_per_cpu_second_crop']:,} | "
+        f"{png['goal']:,} | {png['per_record_float_on_cpu']:,} | {png['images_per_sec_2_threads']:,} | "
+        f"{r['bytes_per_image_png_256']:,} | {r['nih_112120_gb_png_256']:.1f} GB |",
+        f"| uint8 (`--encoding uint8`) | {u8['images_per_cpu_second']:,} | {u8['images_per_cpu_second_crop']:,} | "
+        f"{u8['goal']:,} | {u8['per_record_float_on_cpu']:,} | {u8['images_per_sec_2_threads']:,} | "
+        f"{r['bytes_per_image_uint8_256']:,} | {r['nih_112120_gb_uint8_256']:.1f} GB |",
+        f"| raw PNG files (1024 px, `--format raw`: source sizes, float work on the CPU) | "
+        f"{raw['images_per_cpu_second']:,} | - | - | - | - | - | - |", "",
+        f"- PNG records: {verdict(png['images_per_cpu_second'] / png['goal'], 1.0)} of the goal of "
+        f"{png['goal']:,} images per CPU-second (the ratio to it shown); uint8 records: "
+        f"{verdict(u8['images_per_cpu_second'] / u8['goal'], 1.0)} of {u8['goal']:,}.",
+        "- What each step costs, CPU microseconds per image (each step measured as the pipeline "
+        "up to it minus the pipeline up to the step before, in separate processes; a step "
+        "cheaper than the noise can show as negative):", "",
+        "| step | PNG records | uint8 records |", "|---|---:|---:|",
+        *[f"| {step} | {png['step_us_per_image'][step]:.1f} | {u8['step_us_per_image'][step]:.1f} |"
+          for step in steps], "",
+        "- Cores per GPU for the input pipeline alone (the float work on the GPU): "
+        + "; ".join(f"at {rate:,} img/s, {png[f'cores_per_gpu_at_{rate}']:.2f} with PNG records, "
+                    f"{u8[f'cores_per_gpu_at_{rate}']:.2f} with uint8 records, "
+                    f"{raw[f'cores_per_gpu_at_{rate}']:.1f} with a raw index"
+                    for rate in (2000, 4000)) + " (2,000-4,000 img/s: DenseNet-121 in mixed "
+        "precision on an A100 and newer GPUs; derived, not measured here).", ""]
 
 
 def section_engines(r: dict) -> list[str]:
