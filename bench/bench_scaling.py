@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="steps per epoch")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is left out)")
     ap.add_argument("--out", default=str(DOCS / "bench_scaling.json"))
+    ap.add_argument("--docs", default=str(DOCS), help="folder for scaling.md, scaling.csv, scaling.png")
     args = ap.parse_args()
+    docs = Path(args.docs)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         subprocess.run([PY, "-m", "chexnet_hvd.synthetic", "--out", str(tmp / "syn"), "--images", "900",
@@ -110,9 +112,9 @@ def main() -> None:
         params = runs["1x2_records"]["trainable_params"]
         allreduce_s = allreduce(params)
         report = [PY, str(ROOT / "tools" / "scaling_report.py"), str(tmp / "runs"),
-                  "--csv", str(DOCS / "scaling.csv"), "--plot", str(DOCS / "scaling.png")]
+                  "--csv", str(docs / "scaling.csv"), "--plot", str(docs / "scaling.png")]
         table = subprocess.run(report, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    (DOCS / "scaling.md").write_text(table)
+    (docs / "scaling.md").write_text(table)
     measured_2 = runs["2x1_records"]["step_seconds"]
     grad_bytes = 4 * params
     bandwidth = 2 * (2 - 1) / 2 * grad_bytes / allreduce_s / 1e9  # effective, latency folded in

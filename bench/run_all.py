@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """`make bench`: run every benchmark, then render docs/benchmarks.md from their JSON results.
 
-    .venv/bin/python bench/run_all.py            # run + render (about 35 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # run + render (about 60 minutes on 2 cores)
     .venv/bin/python bench/run_all.py --render   # only render the page from docs/bench_*.json
+    .venv/bin/python bench/run_all.py --quick    # smoke run, small sizes, into a scratch folder
+
+Each benchmark runs as it is, in its own process, writing its JSON (and figures) into the output
+folder (docs/, or with --quick a scratch folder: smoke numbers never reach docs/). How long each
+took is kept in bench_runs.json and shown at the end of the page.
 """
 
 from __future__ import annotations
@@ -10,14 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+from common import machine, today
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-BENCHMARKS = ["bench_train.py", "bench_data.py", "bench_scaling.py", "bench_comm.py", "bench_inference.py",
-              "bench_nas.py"]
+PAGE_DIR = DOCS  # where the JSON results, figures and the page are: docs/, or --quick's scratch folder
+# Each benchmark with the flags of a smoke run (--quick): the same code paths, small sizes.
+BENCHMARKS = {
+    "bench_train.py": ["--steps", "3", "--small-steps", "20", "--warmup", "1", "--repeats", "1"],
+    "bench_data.py": ["--copies", "1", "--repeats", "1", "--cpu-seconds", "1"],
+    "bench_scaling.py": ["--image-size", "64", "--steps", "3", "--epochs", "2"],
+    "bench_comm.py": ["--repeats", "1", "--steps", "4"],
+    "bench_inference.py": ["--repeats", "1"],
+    "bench_nas.py": ["--seeds", "5", "--trials", "2", "--search-trials", "2"],
+    "bench_scale.py": ["--quick"],
+}
+# Where a benchmark writes files besides its JSON, as flags taking the output folder.
+OUTPUT_FLAGS = {"bench_scaling.py": ["--docs", "{dir}"], "bench_nas.py": ["--report", "{dir}/nas"]}
 
 
 def verdict(value: float, goal: float) -> str:
@@ -165,7 +186,7 @@ def section_scaling(r: dict) -> list[str]:
         *section_engines(r),
         "The Horovod and tf engine runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png;"
         " both engines in one table):", "",
-        (DOCS / "scaling.md").read_text().strip() if (DOCS / "scaling.md").is_file() else "(missing)", "",
+        (PAGE_DIR / "scaling.md").read_text().strip() if (PAGE_DIR / "scaling.md").is_file() else "(missing)", "",
         "![scaling](scaling.png)", "",
         "**Projection check.** A 2-rank allreduce of the model's "
         f"{r['gradient_bytes'] / 1e6:.1f} MB of fp32 gradients took {r['allreduce_seconds_2_ranks'] * 1e3:.1f} ms "
@@ -294,9 +315,9 @@ def section_inference(r: dict) -> list[str]:
         "OpenVINO's FP32 lead is large at batch 1 and small at batch 32 on these 2 cores "
         "(not analysed further here).",
         f"- OpenVINO INT8 / FP32 (batch 32): {verdict(r['int8_over_fp32'], 2.0)}",
-        f"- INT8 mean AUROC drop: {r['int8_auroc_drop']:+.4f} (FP32 {au['fp32']:.4f}, INT8 "
-        f"{au['int8']:.4f}, {au['n']} synthetic test images, small CNN; goal: within 0.005: "
-        f"{'met' if abs(r['int8_auroc_drop']) <= 0.005 else 'MISSED'}). DenseNet-121 runs with "
+        f"- INT8 mean AUROC drop: {r['int8_auroc_drop']:+.4f} (goal within 0.005: "
+        f"{'met' if abs(r['int8_auroc_drop']) <= 0.005 else 'MISSED'}); FP32 {au['fp32']:.4f}, INT8 "
+        f"{au['int8']:.4f}, {au['n']} synthetic test images, small CNN. DenseNet-121 runs with "
         "random weights (nothing may download ImageNet weights, and this CPU cannot train it "
         "to a meaningful AUROC in a benchmark), so the AUROC check uses the trained small CNN.",
         "- Ten-crop costs about 10x the compute of one view: compare the last two columns. "
@@ -341,6 +362,108 @@ def section_nas(r: dict) -> list[str]:
         "![best so far](nas/best_so_far.png)", "", "![AUROC vs params](nas/pareto.png)", ""]
 
 
+def goal(value: float, op: str, target: float, unit: str = "") -> str:
+    """`value (goal <op> target: met|MISSED)`, for goals of at most or under a target."""
+    met = value <= target if op == "<=" else value < target
+    return f"{value:.2f}{unit} (goal {op} {target:g}{unit}: {'met' if met else 'MISSED'})"
+
+
+def _first_batch(s: dict) -> float:
+    """Seconds to the first batch of the slower of the ranks measured."""
+    return max(p["first_batch_seconds"] for p in s["pipeline"].values())
+
+
+def _pipeline_cost(s: dict) -> float:
+    """CPU-seconds per image of the input pipeline, mean of the ranks measured."""
+    return sum(1 / p["images_per_cpu_second"] for p in s["pipeline"].values()) / len(s["pipeline"])
+
+
+def _bootstrap_cost(s: dict) -> float:
+    """CPU-seconds per test image and resample of the patient bootstrap."""
+    b = s["bootstrap"]
+    return b["cpu_seconds"] / (b["images"] * b["resamples"])
+
+
+# (short name, row label, the cell at one size, the cost per item at one size)
+SCALE_TIMES = [
+    ("records conversion", "records conversion, 2 workers: wall s (CPU ms per image)",
+     lambda s: f"{s['convert']['seconds']:.0f} ({1e3 * s['convert']['cpu_seconds'] / s['images']:.2f})",
+     lambda s: s["convert"]["cpu_seconds"] / s["images"]),
+    ("listing and manifest", "listing, split, leak guard, shard plan and manifest: s (us per image)",
+     lambda s: f"{s['table']['seconds']:.2f} ({1e6 * s['table']['seconds'] / s['images']:.0f})",
+     lambda s: s["table"]["seconds"] / s["images"]),
+    ("input pipeline", "input pipeline, one rank of 16, steady: images per CPU-second (wall img/s)",
+     lambda s: f"{1 / _pipeline_cost(s):,.0f} ({min(p['images_per_sec'] for p in s['pipeline'].values()):,.0f})",
+     _pipeline_cost),
+    ("patient bootstrap", "test-split patient bootstrap: CPU s per 100 resamples (us per image and resample)",
+     lambda s: f"{100 * s['bootstrap']['cpu_seconds'] / s['bootstrap']['resamples']:.1f} ({1e6 * _bootstrap_cost(s):.1f})",
+     _bootstrap_cost),
+    ("scaling report", "`tools/scaling_report.py`, 16-rank 100-epoch run log: s (CPU ms per log line)",
+     lambda s: f"{s['report']['seconds']:.2f} ({1e3 * s['report']['cpu_seconds'] / s['report']['lines']:.1f})",
+     lambda s: s["report"]["cpu_seconds"] / s["report"]["lines"]),
+]
+# (short name, row label, peak RSS in MB at one size)
+SCALE_MEMORY = [
+    ("records main process", "records conversion: main process", lambda s: s["convert"]["main_rss_mb"]),
+    ("records worker", "records conversion: each worker process (the largest)", lambda s: s["convert"]["worker_rss_mb"]),
+    ("listing and manifest", "listing, split, plan and manifest", lambda s: s["table"]["peak_rss_mb"]),
+    ("input pipeline", "input pipeline, one rank of 16", lambda s: max(p["peak_rss_mb"] for p in s["pipeline"].values())),
+    ("patient bootstrap", "test-split patient bootstrap", lambda s: s["bootstrap"]["peak_rss_mb"]),
+    ("scaling report", "`tools/scaling_report.py`", lambda s: s["report"]["peak_rss_mb"]),
+]
+
+
+def section_scale(r: dict) -> list[str]:
+    """Costs against data size, up to the full NIH set (bench/bench_scale.py): a time table, a
+    memory table, and each goal as a bullet."""
+    sizes = list(r["sizes"].values())
+    full = max(r["sizes"], key=int)
+    big = r["sizes"][full]
+    head = "| measure | " + " | ".join(f"{s['images']:,} images" for s in sizes)
+    lines = [
+        "## Costs against data size, up to the full NIH set", "",
+        f"Machine: {r['machine']}, {r['date']}. Synthetic NIH-like sets (`bench/bench_scale.py`; "
+        f"{r['image_px']} px images: the costs here are per image and per record, not per pixel), each "
+        "with NIH's patient structure (3.64 images per patient on average) and official split sizes "
+        f"(test: {big['test_images']:,} images at the full size). Pipeline: `data.train_dataset` of "
+        f"ranks 0 and 15 at world size {r['world_size']}, each in a fresh process, 2 threads, batch 16, "
+        f"{r['batches']} timed batches. Costs per item in CPU time (the process's, its workers "
+        "included), but the listing and manifest's (one thread) in wall time.", "",
+        head + " | per item, worst size / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
+    worst = {}
+    for name, label, cell, cost in SCALE_TIMES:
+        costs = [cost(s) for s in sizes]
+        worst[name] = max(c / costs[0] for c in costs)
+        lines.append(f"| {label} | {' | '.join(cell(s) for s in sizes)} | {worst[name]:.2f} |")
+    lines.insert(-2, f"| input pipeline, one rank of 16: seconds to the first batch (slower of ranks 0 and 15) | "
+                 f"{' | '.join(f'{_first_batch(s):.2f}' for s in sizes)} | |")
+    lines += ["", head + " | largest / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
+    growth = {}
+    for name, label, mb in SCALE_MEMORY:
+        mbs = [mb(s) for s in sizes]
+        growth[name] = mbs[-1] / mbs[0]
+        lines.append(f"| peak RSS (MB), {label} | {' | '.join(f'{m:,.0f}' for m in mbs)} | {growth[name]:.2f} |")
+    lines += [
+        "",
+        "- Time per item, worst size / smallest size: "
+        + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in worst.items()) + ".",
+        f"- First batch at the full size: {goal(_first_batch(big), '<', 10, ' s')}.",
+        "- Peak memory, largest / smallest size (flat: at most 1.2): "
+        + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in growth.items()) + ".",
+        f"- Records conversion of the full {big['images']:,} images: {big['convert']['seconds']:.0f} s wall on "
+        f"{big['convert']['workers']} workers, {big['records_bytes'] / 1e6:,.0f} MB of records.",
+        f"- The bootstrap's cost is linear in its resamples: evaluate's default 1,000 over the full test "
+        f"split ({big['bootstrap']['patients']:,} patients) costs {1000 * big['bootstrap']['cpu_seconds'] / big['bootstrap']['resamples']:,.0f} CPU s here."]
+    if "evaluate" in big:
+        ev = big["evaluate"]
+        lines.append(
+            f"- `python -m chexnet_hvd.evaluate` end to end at {big['images']:,} images (test split "
+            f"{big['test_images']:,}, validation split {big['splits']['val']:,} for the operating points, "
+            f"small CNN, 1 process, {ev['resamples']:,} bootstrap resamples): {ev['seconds']:.0f} s wall, "
+            f"{ev['cpu_seconds']:.0f} CPU s, peak RSS {ev['peak_rss_mb']:,.0f} MB.")
+    return lines + [""] + r.get("notes", [])
+
+
 # Each benchmark's JSON and the page section made from it, in page order.
 SECTIONS = {
     "bench_train.json": section_trainer,
@@ -349,32 +472,92 @@ SECTIONS = {
     "bench_comm.json": section_comm,
     "bench_inference.json": section_inference,
     "bench_nas.json": section_nas,
+    "bench_scale.json": section_scale,
 }
+GOAL = re.compile(r": ([-+]?[0-9][0-9.,]*(?: s)?) \(goal (>=|<=|<|within) ([0-9.]+(?: s)?): (met|MISSED)\)")
+
+
+def goals(lines: list[str], r: dict) -> list[str]:
+    """A summary row for every `label: value (goal ...: met|MISSED)` in a section's bullet and
+    table lines, under the heading it stands under."""
+    rows, heading = [], ""
+    for line in lines:
+        if line.startswith("## "):
+            heading = line[3:].split(" (")[0]
+        if not line.startswith("- "):
+            continue
+        end = 2
+        for m in GOAL.finditer(line):
+            label = re.sub(r"\s*\([^()]*\)", "", line[end:m.start()])  # asides in brackets
+            label = re.split(r"[.;] ", label)[-1].strip(" ,")
+            end = m.end()
+            value, op, target, met = m.groups()
+            rows.append(f"| {heading}: {label} | {value} | {op} {target}: "
+                        f"{met if met == 'met' else '**missed**'} | {r['machine']} | {r['date']} |")
+    return rows
 
 
 def render() -> str:
+    """The page, from the JSON results in PAGE_DIR."""
+    sections, summary = [], []
+    for name, section in SECTIONS.items():
+        if (PAGE_DIR / name).is_file():
+            r = json.loads((PAGE_DIR / name).read_text())
+            lines = section(r)
+            sections += lines
+            summary += goals(lines, r)
+    runs = json.loads((PAGE_DIR / "bench_runs.json").read_text()) if (PAGE_DIR / "bench_runs.json").is_file() else None
     lines = ["# Benchmarks", "",
              "Generated by `make bench` (bench/run_all.py) from `docs/bench_*.json`; never typed by hand.",
              "Each benchmark measures its ratios within one run on one machine (these machines are",
-             "shared and noisy: compare ratios, not absolute numbers across machines).", ""]
-    for name, section in SECTIONS.items():
-        if (DOCS / name).is_file():
-            lines += section(json.loads((DOCS / name).read_text()))
-    lines += ["## Not yet measured", "",
-              "- GPU numbers: no GPU was lent to the sessions that wrote this page (the GPU code paths "
-              "are written and exercised on CPU where the logic allows).", ""]
+             "shared and noisy: compare ratios, not absolute numbers across machines).", "",
+             "## Goals", "",
+             "Every goal on this page, with the machine and date of its measurement:", "",
+             "| figure | value | goal | machine | date |", "|---|---:|---|---|---|", *summary, "",
+             *sections,
+             "## Not yet measured", "",
+             "- GPU numbers: no GPU was available where this page was measured (the GPU code paths "
+             "are written and exercised on CPU where the logic allows).", ""]
+    if runs:
+        lines += ["## How long `make bench` takes", "",
+                  f"Machine: {runs['machine']}, {runs['date']}: {runs['seconds'] / 60:.0f} minutes in all"
+                  + (" (--quick)" if runs.get("quick") else "") + ".", "",
+                  "| benchmark | minutes |", "|---|---:|",
+                  *[f"| `bench/{name}` | {sec / 60:.1f} |" for name, sec in runs["benchmarks"].items()], ""]
     return "\n".join(lines)
 
 
+def run_benchmarks(quick: bool) -> dict:
+    """Every benchmark in its own process, writing into PAGE_DIR; their wall times."""
+    times, t0 = {}, time.perf_counter()
+    for script, quick_flags in BENCHMARKS.items():
+        flags = ["--out", str(PAGE_DIR / script.replace(".py", ".json"))]
+        flags += [f.format(dir=PAGE_DIR) for f in OUTPUT_FLAGS.get(script, [])]
+        print(f"== {script}", flush=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "bench" / script), *flags, *(quick_flags if quick else [])],
+                       check=True, cwd=ROOT)
+        times[script] = time.perf_counter() - started
+    return {"machine": machine(), "date": today(), "quick": quick,
+            "seconds": time.perf_counter() - t0, "benchmarks": times}
+
+
 def main() -> None:
+    global PAGE_DIR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="only render the page from existing JSON")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every benchmark at small "
+                    "sizes, written to a scratch folder (docs/ is left alone)")
+    ap.add_argument("--out-dir", default=None, help="where the results and the page go (default: "
+                    "docs/; with --quick a new scratch folder)")
     args = ap.parse_args()
+    PAGE_DIR = Path(args.out_dir or (tempfile.mkdtemp(prefix="bench-quick-") if args.quick else DOCS))
+    PAGE_DIR.mkdir(parents=True, exist_ok=True)
     if not args.render:
-        for script in BENCHMARKS:
-            subprocess.run([sys.executable, str(ROOT / "bench" / script)], check=True, cwd=ROOT)
-    (DOCS / "benchmarks.md").write_text(render())
-    print(f"wrote {DOCS / 'benchmarks.md'}")
+        runs = run_benchmarks(args.quick)
+        (PAGE_DIR / "bench_runs.json").write_text(json.dumps(runs, indent=1))
+    (PAGE_DIR / "benchmarks.md").write_text(render())
+    print(f"wrote {PAGE_DIR / 'benchmarks.md'}")
 
 
 if __name__ == "__main__":
