@@ -1,0 +1,44 @@
+"""`make bench`'s page: bench/run_all.py --render writes a page whatever results it finds (a
+benchmark not run yet, or run by an older version of its script, is said to be not measured
+yet), each goal row with its machine and date."""
+
+import json
+import re
+import shutil
+import sys
+
+from conftest import ROOT, run
+
+SECTIONS = ["bench_train", "bench_data", "bench_scaling", "bench_comm", "bench_inference", "bench_nas",
+            "bench_scale"]
+
+
+def render(folder) -> str:
+    run([sys.executable, "bench/run_all.py", "--render", "--out-dir", str(folder)], timeout=60, check=True)
+    return (folder / "benchmarks.md").read_text()
+
+
+def test_a_page_with_no_results_says_each_section_is_not_measured_yet(tmp_path):
+    page = render(tmp_path)
+    for name in SECTIONS:
+        assert f"Not measured yet: `bench/{name}.py` has not written {name}.json." in page
+
+
+def test_results_of_an_older_benchmark_version_are_named_not_measured_and_the_rest_rendered(tmp_path):
+    """An old bench_train.json (before the trainer's pieces were measured) beside the committed
+    results: its section says which figure it lacks; every goal row of the others ends with
+    the machine and date of its JSON."""
+    for path in (ROOT / "docs").glob("bench_*.json"):
+        shutil.copy(path, tmp_path)
+    shutil.copy(ROOT / "docs" / "scaling.md", tmp_path)
+    old = {"machine": "m", "date": "2026-01-02", "small": {"model": "small_cnn", "bare_loop": 100.0}}
+    (tmp_path / "bench_train.json").write_text(json.dumps(old))
+    page = render(tmp_path)
+    assert "Not measured yet by the current `bench/bench_train.py`: its bench_train.json of 2026-01-02 has no" in page
+    table = page.split("## Goals")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    assert rows
+    for row in rows:
+        machine, date = [cell.strip() for cell in row.strip("|").split("|")][-2:]
+        assert machine and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), row
+
