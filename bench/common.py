@@ -3,11 +3,14 @@ wall time, CPU time and peak memory (the process's and its worker processes').""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,19 +36,52 @@ def today() -> str:
     return time.strftime("%Y-%m-%d")
 
 
+def _parent(pid: int | str) -> int:
+    """The parent pid of a live process (0 once it has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the name in (...) may hold spaces
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids, from /proc (a process that ends while it is read is skipped)."""
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])  # the name in (...) may hold spaces
-        tree.setdefault(ppid, []).append(int(entry))
+        if entry.isdigit() and (ppid := _parent(entry)):
+            tree.setdefault(ppid, []).append(int(entry))
     return tree
+
+
+def ancestors(pid: int) -> list[int]:
+    """The pids above `pid`, its parent first, up to init."""
+    out = []
+    while (pid := _parent(pid)) > 0:
+        out.append(pid)
+    return out
+
+
+def held_above(path: str | Path) -> bool:
+    """Whether a process this one descends from holds a flock(2) lock on `path`: the whole run
+    started under `flock PATH make bench`, say, which a second lock on PATH would wait for forever."""
+    st = os.stat(path)
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = {int(f[4]) for f in map(str.split, Path("/proc/locks").read_text().splitlines())
+               if f[1] == "FLOCK" and f[5] == file}  # a waiter's line has "->" in f[1]
+    return bool(holders & set(ancestors(os.getpid())))
+
+
+@contextlib.contextmanager
+def locked(paths: tuple[str, ...]) -> Iterator[None]:
+    """Hold an exclusive flock on each of `paths` (waiting for other holders), except those a
+    process above this one already holds for it."""
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            fh = stack.enter_context(open(path, "a"))
+            if not held_above(path):
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def descendants(pid: int) -> list[int]:

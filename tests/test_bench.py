@@ -1,11 +1,14 @@
-"""`make bench`'s page: bench/run_all.py --render writes a page whatever results it finds (a
-benchmark not run yet, or run by an older version of its script, is said to be not measured
-yet), each goal row with its machine and date."""
+"""`make bench`'s page and locks: bench/run_all.py --render writes a page whatever results it
+finds (a benchmark not run yet, or run by an older version of its script, is said to be not
+measured yet), each goal row with its machine and date; a benchmark that takes the machine's
+lock does not wait for a lock its caller already holds."""
 
 import json
 import re
 import shutil
+import subprocess
 import sys
+import time
 
 from conftest import ROOT, run
 
@@ -42,3 +45,23 @@ def test_results_of_an_older_benchmark_version_are_named_not_measured_and_the_re
         machine, date = [cell.strip() for cell in row.strip("|").split("|")][-2:]
         assert machine and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), row
 
+
+def test_a_lock_held_by_the_caller_is_not_waited_for_and_another_holder_is(tmp_path):
+    """`flock LOCK make bench` must not hang in the benchmark that takes LOCK itself (it did:
+    a second flock on the file waits for the first forever); a lock held by a process that is
+    not its caller is still waited for."""
+    lock = tmp_path / "heavy.lock"
+    lock.touch()
+    take = (f"import sys, time; sys.path.insert(0, 'bench'); import common; t = time.monotonic()\n"
+            f"with common.locked(({str(lock)!r},)): print(round(time.monotonic() - t, 1))")
+    under = run(["flock", str(lock), sys.executable, "-c", take], timeout=30, check=True)
+    assert float(under.stdout) < 5
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "4"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while f":{lock.stat().st_ino} " not in open("/proc/locks").read() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waited = run([sys.executable, "-c", take], timeout=30, check=True)
+    finally:
+        holder.wait()
+    assert float(waited.stdout) >= 2
