@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from common import locked  # noqa: E402
+from common import locked, machine, today  # noqa: E402
 
 from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
@@ -181,7 +180,7 @@ def main() -> None:
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
         result = {
-            "machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
+            "machine": machine(), "date": today(), "rate": args.rate,
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round((time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},

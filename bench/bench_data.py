@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from common import machine, today
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -233,7 +233,7 @@ def main() -> None:
     t = {key: statistics.median(v) for key, v in seconds.items()}
     steady = {w: (n - n3) / (t[w, "all"] - t[w, "third"]) for w in (1, 2)}
     result = {
-        "machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(), "date": today(),
         "images": n, "images_third": n3, "source": "121 real NIH PNGs (1024 px; 117 L, 4 RGBA), "
         f"each listed {args.copies}x", "records_image_size": 256,
         "convert_seconds_1_worker": round(t[1, "all"], 2), "convert_seconds_2_workers": round(t[2, "all"], 2),

@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+
+from common import machine, today  # noqa: E402
 
 from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
@@ -121,7 +121,7 @@ def main() -> None:
     net = projection.Network(bandwidth_gbs=bandwidth, latency_us=0.0, overlap=0.0)
     predicted_2 = projection.project(runs["1x1_records"]["step_seconds"], grad_bytes, args.batch, [2], net)[0]
     result = {
-        "machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(), "date": today(),
         "model": "densenet121", "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
         "epochs_timed": args.epochs - 1, "runs": runs,
         "records_over_in_memory": runs["1x2_records"]["images_per_sec"] / runs["1x2_in_memory"]["images_per_sec"],

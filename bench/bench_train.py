@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import machine, today
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -143,12 +144,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), "unknown CPU")
-
-
 QUIET = {"stall_timeout": 0.0, "stop_check_steps": 10**9}  # the trainer's per-step pieces off
 
 
@@ -199,7 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     size, batch, s, w = 32, 16, args.small_steps, args.warmup * 25
     d, dw = args.steps, args.warmup
-    result = {"machine": f"{os.cpu_count()} cores, {cpu_model()}", "date": time.strftime("%Y-%m-%d"),
+    result = {"machine": machine(), "date": today(),
               "model": "densenet121", "image_size": 224, "batch": 16, "steps": d,
               "small": {"model": "small_cnn", "image_size": size, "batch": batch, "steps": s,
                         "repeats": args.repeats}}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def section_trainer(r: dict) -> list[str]:
         return lines
     return lines + [
         f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
-        f"Machine: {r['machine']} ({platform.processor() or platform.machine()}), {r['date']}; "
+        f"Machine: {r['machine']}, {r['date']}; "
         f"{r['steps']} timed steps each, warm-up steps left out.", "",
         "| configuration | images/s |", "|---|---:|",
         f"| trainer, uint8 records, fp32 | {r['trainer_fp32']:.2f} |",
@@ -270,7 +269,7 @@ def section_comm(r: dict) -> list[str]:
              f"{t['compute']:.3f} | {t['measured_step']:.3f} | {both(t, 'predicted_step', 1, 3)} |" for t in r["train"]]
     return [
         f"## Communication model (rehearsal links shaped to {r['rate']})", "",
-        f"Machine: {r['machine']} ({r['cpus']} cores), {r['date']}; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
+        f"Machine: {r['machine']}, {r['date']}; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
         "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
         "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
