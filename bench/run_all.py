@@ -477,18 +477,23 @@ GOAL = re.compile(r": ([-+]?[0-9][0-9.,]*(?: s)?) \(goal (>=|<=|<|within) ([0-9.
 
 
 def goals(lines: list[str], r: dict) -> list[str]:
-    """A summary row for every `label: value (goal ...: met|MISSED)` in a section's bullet and
-    table lines, under the heading it stands under."""
+    """A summary row for every `label: value (goal ...: met|MISSED)` in a section's bullet
+    lines, under the heading it stands under. In a bullet `what: a: value (goal ...); b: ...`,
+    b's row is labelled `what: b` like a's."""
     rows, heading = [], ""
     for line in lines:
         if line.startswith("## "):
             heading = line[3:].split(" (")[0]
         if not line.startswith("- "):
             continue
-        end = 2
+        end, context = 2, ""
         for m in GOAL.finditer(line):
             label = re.sub(r"\s*\([^()]*\)", "", line[end:m.start()])  # asides in brackets
             label = re.split(r"[.;] ", label)[-1].strip(" ,")
+            if end == 2 and ": " in label:
+                context = label.rsplit(": ", 1)[0]
+            elif context:
+                label = f"{context}: {label}"
             end = m.end()
             value, op, target, met = m.groups()
             rows.append(f"| {heading}: {label} | {value} | {op} {target}: "

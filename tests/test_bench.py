@@ -65,3 +65,19 @@ def test_a_lock_held_by_the_caller_is_not_waited_for_and_another_holder_is(tmp_p
     finally:
         holder.wait()
     assert float(waited.stdout) >= 2
+
+
+def test_each_goal_of_a_bullet_with_several_is_labelled_with_what_the_bullet_measures(monkeypatch):
+    """`- Peak memory ...: a: 1.0 (goal ...); b: 3.0 (goal ...)`: b's row says it is peak memory
+    (it was labelled `b` alone, the same as b's row of the time bullet)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    lines = ["## Costs against data size (x)",
+             f"- Peak memory, largest / smallest (flat: at most 1.2): a: {run_all.goal(1.0, '<=', 1.2)}; "
+             f"b: {run_all.goal(3.0, '<=', 1.2)}.",
+             f"- First batch: {run_all.goal(4.2, '<', 10, ' s')}."]
+    assert run_all.goals(lines, {"machine": "m", "date": "2026-01-02"}) == [
+        "| Costs against data size: Peak memory, largest / smallest: a | 1.00 | <= 1.2: met | m | 2026-01-02 |",
+        "| Costs against data size: Peak memory, largest / smallest: b | 3.00 | <= 1.2: **missed** | m | 2026-01-02 |",
+        "| Costs against data size: First batch | 4.20 s | < 10 s: met | m | 2026-01-02 |"]
