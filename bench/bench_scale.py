@@ -15,7 +15,7 @@ the 112,120 images, whole patients; validation carved from the rest by patient),
   size, as the README's NIH commands write them, so the pipeline below is the one that ships
   uint8 batches to the model's graph);
 - table and manifest: the listing, split and leak guard (`metadata.load`), the file check and
-  shard plan, and `records.build_manifest` over the written shards' sidecars;
+  shard plan, and `records.writer.build_manifest` over the written shards' sidecars;
 - input pipeline at 16 ranks: `data.train_dataset(..., rank=r, world_size=16)` for ranks 0 and
   15, each in a fresh process: seconds to the first batch (TensorFlow imported and started
   first, as in the trainer), then the steady rate per rank in images per CPU-second and per
@@ -84,28 +84,29 @@ def make_set(folder: Path, n: int) -> dict:
 
 
 def table_config(folder: Path, records_dir: Path):
-    from chexnet_hvd import records
+    from chexnet_hvd.records import writer
 
-    return records.RecordsConfig(csv=[str(folder / "Data_Entry_2017.csv")], images=[str(folder / "images")],
-                                 dataset=["nih"], split="official", image_size=PX, out=str(records_dir))
+    return writer.RecordsConfig(csv=[str(folder / "Data_Entry_2017.csv")], images=[str(folder / "images")],
+                                dataset=["nih"], split="official", image_size=PX, out=str(records_dir))
 
 
 # ---------------------------------------------------------------- stages (own processes) -----
 def stage_table(folder: str, records_dir: str) -> dict:
     """The listing (CSV, labels, official split, leak guard), file check and shard plan, and the
     manifest from the written shards' sidecars: what `records` does besides converting images."""
-    from chexnet_hvd import metadata, records
+    from chexnet_hvd import metadata
+    from chexnet_hvd.records import writer
 
     cfg = table_config(Path(folder), Path(records_dir))
     t0 = time.perf_counter()
     listing = metadata.load(cfg)
     t1 = time.perf_counter()
-    present = records.existing(listing.table["path"])
-    jobs = records.plan_shards(listing.table[present], cfg.shard_size, cfg.image_size, cfg.seed)
+    present = writer.existing(listing.table["path"])
+    jobs = writer.plan_shards(listing.table[present], cfg.shard_size, cfg.image_size, cfg.seed)
     t2 = time.perf_counter()
     results = [json.loads((Path(records_dir) / job.file).with_suffix(".json").read_text()) for job in jobs]
     t3 = time.perf_counter()
-    manifest = records.build_manifest(listing, results, present, cfg)
+    manifest = writer.build_manifest(listing, results, present, cfg)
     t4 = time.perf_counter()
     assert sum(s["count"] for s in manifest["splits"].values()) == len(listing.table)
     return {"listing_seconds": t1 - t0, "plan_seconds": t2 - t1, "manifest_seconds": t4 - t3,
