@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: run every benchmark, then render docs/benchmarks.md from their JSON results.
 
-    .venv/bin/python bench/run_all.py            # run + render (about 60 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # run + render (about 2 hours on 2 cores)
     .venv/bin/python bench/run_all.py --render   # only render the page from docs/bench_*.json
     .venv/bin/python bench/run_all.py --quick    # smoke run, small sizes, into a scratch folder
 
