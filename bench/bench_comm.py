@@ -14,17 +14,17 @@ the compute is small beside the allreduce; the compute each step needs is the tr
 compute probe (every rank, all at once, so the 2 cores' contention is in it). Ranks on one node
 share memory (unshaped): with several per node the flat ring still crosses each node's link
 once per step, so the model for the CPU engines is one ring over all ranks paced by the links.
-Holds /tmp/chexnet-rehearsal.lock and /tmp/chexnet-heavy.lock throughout; restores the links.
+Holds /tmp/chexnet-rehearsal.lock and /tmp/chexnet-heavy.lock throughout (but not a second
+time when a process it runs under holds one: `flock /tmp/chexnet-heavy.lock make bench`);
+restores the links.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+
+from common import locked, machine, today  # noqa: E402
 
 from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
@@ -59,10 +61,7 @@ def env() -> dict:
 @contextlib.contextmanager
 def shaped(rate: str):
     """The rehearsal up and held, every node's link at `rate`; restored to unlimited after."""
-    with contextlib.ExitStack() as stack:
-        for path in LOCKS:
-            fh = stack.enter_context(open(path, "w"))
-            fcntl.flock(fh, fcntl.LOCK_EX)
+    with locked(LOCKS):
         script = ["bash", str(ROOT / "tools" / "slurm_local.sh")]
         subprocess.run([*script, "up"], check=True, capture_output=True, timeout=600)
         try:
@@ -181,7 +180,7 @@ def main() -> None:
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
         result = {
-            "machine": platform.node(), "date": time.strftime("%Y-%m-%d"), "rate": args.rate,
+            "machine": machine(), "date": today(), "rate": args.rate,
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round((time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},

@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
-"""Data-path throughput on this CPU, in one run: records conversion with 1 vs 2 worker processes,
-and the training input pipeline's images/s per core at 224 px over PNG records, uint8 records
-and a raw-PNG index (and over PNG and uint8 records on 2 cores), with each encoding's bytes per
-image.
+"""Data-path cost on this CPU, in one run: records conversion with 1 vs 2 worker processes, and
+the training input pipeline per CPU-second at 224 px, batch 16, over PNG and uint8 records
+(256 px) and a raw-PNG index, step by step, with each encoding's bytes per image.
 
     .venv/bin/python bench/bench_data.py [--copies 10] [--out docs/bench_data.json]
 
@@ -11,11 +10,22 @@ times under new names (symlinks; new patient ids). Conversion resizes to 256 px 
 224-px training. Each conversion is timed end to end at two sizes (all rows and a third of them),
 so that the steady-state rate, (n_all - n_third) / (t_all - t_third), leaves out the fixed start
 cost (Python, pandas and TensorFlow imports, about 2-3 s per process) that a 112,120-image run
-hardly notices. The pipelines are `chexnet_hvd.data.train_dataset` over those records and over
-a raw index of the same files, with tf.data and TF ops held to N threads (1, then 2). Over uint8
-records the pipeline ships the flipped uint8 pixels: the float work (resize to 224, scale, 3
-channels, ImageNet mean/std) runs in the model's graph, on the GPU when there is one, so it is
-not the CPU's cost here.
+hardly notices.
+
+Input pipelines: each measurement is a fresh process running only the pipeline on one thread
+(tf.data's private pool and TF's op pools of size 1), timed in process CPU time
+(time.process_time: every thread of the process) after warm-up batches, so the figure is images
+per CPU-second whatever else runs on the machine; wall-clock images/s on 2 threads too. The
+project pipeline is `chexnet_hvd.data.train_dataset`: fixed-size records leave it as uint8
+batches (the float work, resize to 224, scale, 3 channels, ImageNet mean/std, runs in the
+model's graph, on the GPU when there is one), and it is measured without and with --crop. The
+steps are measured cumulatively, each a pipeline built from the same functions of
+chexnet_hvd.data, one step longer than the one before: read (interleave of the shards) ->
+shuffle within blocks -> zip with the random draws -> batch + parse (tf.io.parse_example) ->
+decode -> crop + flip; a step's cost is the difference of CPU time per image. Two more rows for
+comparison: the same steps plus the float work on the CPU (what a CPU-only run pays in the
+model's graph), and the per-record path (parse, decode and flip one record at a time, then the
+float work), which images of source sizes still take and all PNG records took before.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,26 +41,71 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from common import machine, today
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 PY = sys.executable
+STEPS = ["read", "shuffle", "draws", "parse", "decode", "augment"]  # cumulative, in order
+EXTRA = ["cpu_float", "per_record_cpu_float", "per_record_uint8", "pipeline", "pipeline_crop"]
 
 PIPELINE = r"""
 import json, sys, time
 import tensorflow as tf
-data_dir, batches, warm, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+data_dir, variant, budget, warm, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), *map(int, sys.argv[4:6])
 tf.config.threading.set_intra_op_parallelism_threads(threads)
 tf.config.threading.set_inter_op_parallelism_threads(threads)
-from chexnet_hvd import data
-# `threads` cores for the whole input pipeline: its private thread pool (as the trainer sizes it)
-it = iter(data.train_dataset(data_dir, "train", 224, 16, shuffle_buffer=256, threads=threads))
+from chexnet_hvd import data, sharding
+S, B, steps = 224, 16, ["read", "shuffle", "draws", "parse", "decode", "augment"]
+
+def upto(last, per_record=False, cpu_float=False):
+    # rank 0's first epoch, repeated, through the steps up to `last` (data.train_dataset's order)
+    source = data.Source(data_dir, "train")
+    (_, layout), = sharding.epoch_layouts(source.counts, [(0, 1, B)], 0, range(1))
+    seed, n = tf.constant(7, tf.int64), steps.index(last)
+    ds = source.read(data.as_tensor(layout.ranks[0])).repeat()
+    if n >= 1:
+        ds = data.shuffle_blocks(ds, 2048, seed)
+    if n >= 2:
+        ds = tf.data.Dataset.zip((ds, data.draws(seed)))
+    if per_record:  # one record at a time, as images of source sizes are
+        def one(item, draw):  # noqa: E306
+            image = source.example(item)["image"]
+            image = tf.where(draw[0] < 0.5, tf.reverse(image, [1]), image)
+            return data.preprocess(image, S) if cpu_float else image
+        ds = ds.map(one, num_parallel_calls=data.AUTOTUNE)
+    ds = ds.batch(B, drop_remainder=True)  # also before parsing: Python iterates per batch
+    def batch(serialized, draw):
+        example = data.records.parse_batch(serialized, source.num_classes, source.encoding)
+        if n < 4:
+            return example["label"]
+        image = data.decode_batch(example, source.encoding, source.stored_size)
+        if n >= 5:
+            image = data.augment_batch(image, draw, source.stored_size, True, False)
+        return data.preprocess(image, S) if cpu_float else image
+    if n >= 3 and not per_record:
+        ds = ds.map(batch, num_parallel_calls=data.AUTOTUNE)
+    return data.sized(ds.prefetch(data.AUTOTUNE), threads)
+
+if variant in steps:
+    ds = upto(variant)
+elif variant == "cpu_float":
+    ds = upto("augment", cpu_float=True)
+elif variant.startswith("per_record"):
+    ds = upto("draws", per_record=True, cpu_float=variant.endswith("cpu_float"))
+else:  # the project pipeline itself
+    view = data.View(S, crop=variant.endswith("crop"))
+    ds = data.train_dataset(data_dir, "train", view, B, shuffle_buffer=2048, threads=threads)
+it = iter(ds)
 for _ in range(warm):
     next(it)
-t0 = time.perf_counter()
-for _ in range(batches):
-    next(it)
-print(json.dumps({"images_per_sec": batches * 16 / (time.perf_counter() - t0)}))
+c0, t0, images = time.process_time(), time.perf_counter(), 0
+while time.process_time() - c0 < budget:  # CPU seconds, in rounds of 4 batches
+    for _ in range(4):
+        next(it)
+    images += 4 * B
+cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+print(json.dumps({"images_per_cpu_second": images / cpu, "images_per_sec": images / wall}))
 """
 
 
@@ -85,10 +139,40 @@ def convert(csv: Path, out: Path, workers: int, fmt: str = "tfrecord", encoding:
     return time.perf_counter() - t0
 
 
-def pipeline(data_dir: Path, batches: int, threads: int = 1) -> float:
-    proc = subprocess.run([PY, "-c", PIPELINE, str(data_dir), str(batches), "3", str(threads)], cwd=ROOT,
-                          check=True, capture_output=True, text=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_sec"]
+def pipeline(data_dir: Path, variant: str, threads: int = 1, budget: float = 3.0) -> dict:
+    """One pipeline `variant` over `data_dir` in a fresh process: images per CPU-second and per
+    second of wall time, over `budget` CPU-seconds after 10 warm-up batches."""
+    proc = subprocess.run([PY, "-c", PIPELINE, str(data_dir), variant, str(budget), "10", str(threads)],
+                          cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_pipelines(dirs: dict[str, Path], repeats: int, budget: float) -> dict:
+    """{encoding: {variant: [images per CPU-second per run]}}, and the 2-thread wall rates of
+    the project pipeline, each over `budget` CPU-seconds; runs interleaved, so drift in machine
+    load hits all alike."""
+    cpu: dict = {enc: {v: [] for v in STEPS + EXTRA} for enc in ("png", "uint8")}
+    cpu["raw"] = {"per_record_cpu_float": []}
+    wall: dict = {enc: [] for enc in ("png", "uint8")}
+    for _ in range(repeats):
+        for enc in ("png", "uint8"):
+            for variant in STEPS + EXTRA:
+                cpu[enc][variant].append(pipeline(dirs[enc], variant, 1, budget)["images_per_cpu_second"])
+            wall[enc].append(pipeline(dirs[enc], "pipeline", 2, budget)["images_per_sec"])
+        cpu["raw"]["per_record_cpu_float"].append(pipeline(dirs["raw"], "pipeline", 1, budget)["images_per_cpu_second"])
+    return {"cpu": cpu, "wall_2_threads": wall}
+
+
+def step_costs(rates: dict) -> dict:
+    """Microseconds of CPU per image of each step: the difference between the cumulative
+    pipelines up to it and up to the step before."""
+    micro = {v: 1e6 / statistics.median(r) for v, r in rates.items() if r}
+    costs, before = {}, 0.0
+    for step in STEPS:
+        costs[step] = round(micro[step] - before, 1)
+        before = micro[step]
+    costs["float work on the CPU (in the model graph otherwise)"] = round(micro["cpu_float"] - micro["augment"], 1)
+    return costs
 
 
 def bytes_per_image(records_dir: Path) -> float:
@@ -97,11 +181,36 @@ def bytes_per_image(records_dir: Path) -> float:
     return sum(s["bytes"] for s in shards) / sum(s["count"] for s in shards)
 
 
+GOALS = {"png": 1200, "uint8": 6000}  # images per CPU-second of the project pipeline
+GPU_RATES = (2000, 4000)  # img/s a GPU trains DenseNet-121 at in mixed precision (A100 and newer)
+
+
+def pipeline_summary(measured: dict) -> dict:
+    """Medians per encoding: the project pipeline (and with --crop), the per-record path with the
+    float work on the CPU (before this pipeline), the step costs, and the cores a GPU needs."""
+    out = {}
+    for enc in ("png", "uint8"):
+        med = {v: statistics.median(r) for v, r in measured["cpu"][enc].items()}
+        out[enc] = {"images_per_cpu_second": round(med["pipeline"]),
+                    "images_per_cpu_second_crop": round(med["pipeline_crop"]),
+                    "goal": GOALS[enc],
+                    "per_record_float_on_cpu": round(med["per_record_cpu_float"]),
+                    "per_record_uint8": round(med["per_record_uint8"]),
+                    "steps_with_float_on_cpu": round(med["cpu_float"]),
+                    "step_us_per_image": step_costs(measured["cpu"][enc]),
+                    "images_per_sec_2_threads": round(statistics.median(measured["wall_2_threads"][enc])),
+                    **{f"cores_per_gpu_at_{rate}": round(rate / med["pipeline"], 2) for rate in GPU_RATES}}
+    raw = statistics.median(measured["cpu"]["raw"]["per_record_cpu_float"])
+    out["raw"] = {"images_per_cpu_second": round(raw),
+                  **{f"cores_per_gpu_at_{rate}": round(rate / raw, 1) for rate in GPU_RATES}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=10, help="times each real image is listed")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each measurement (median)")
-    ap.add_argument("--batches", type=int, default=30, help="timed batches of 16 per pipeline run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement (median)")
+    ap.add_argument("--cpu-seconds", type=float, default=3.0, help="CPU time each pipeline run is timed for")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_data.json"))
     args = ap.parse_args()
     if not (REAL / "images" / "nih").is_dir():
@@ -118,21 +227,13 @@ def main() -> None:
                     seconds[workers, part].append(convert(source, tmp / f"rec{workers}{part}{r}", workers))
         convert(csv, tmp / "raw", 1, "raw")
         convert(csv, tmp / "uint8", 2, encoding="uint8")
-        records_dir = tmp / "rec2all0"
-        sizes = {"png": bytes_per_image(records_dir), "uint8": bytes_per_image(tmp / "uint8")}
-        ips = {"tfrecord": [], "raw": [], "uint8": [], "tfrecord_2_cores": [], "uint8_2_cores": []}
-        for _ in range(args.repeats):
-            ips["tfrecord"].append(pipeline(records_dir, args.batches))
-            ips["raw"].append(pipeline(tmp / "raw", args.batches))
-            ips["uint8"].append(pipeline(tmp / "uint8", args.batches * 10))
-            ips["tfrecord_2_cores"].append(pipeline(records_dir, args.batches, threads=2))
-            ips["uint8_2_cores"].append(pipeline(tmp / "uint8", args.batches * 10, threads=2))
+        dirs = {"png": tmp / "rec2all0", "uint8": tmp / "uint8", "raw": tmp / "raw"}
+        sizes = {"png": bytes_per_image(dirs["png"]), "uint8": bytes_per_image(dirs["uint8"])}
+        measured = measure_pipelines(dirs, args.repeats, args.cpu_seconds)
     t = {key: statistics.median(v) for key, v in seconds.items()}
     steady = {w: (n - n3) / (t[w, "all"] - t[w, "third"]) for w in (1, 2)}
-    med = {key: statistics.median(v) for key, v in ips.items()}
-    rec, raw = med["tfrecord"], med["raw"]
     result = {
-        "machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(), "date": today(),
         "images": n, "images_third": n3, "source": "121 real NIH PNGs (1024 px; 117 L, 4 RGBA), "
         f"each listed {args.copies}x", "records_image_size": 256,
         "convert_seconds_1_worker": round(t[1, "all"], 2), "convert_seconds_2_workers": round(t[2, "all"], 2),
@@ -142,22 +243,14 @@ def main() -> None:
         "convert_steady_speedup": round(steady[2] / steady[1], 3),
         "convert_start_seconds_1_worker": round(t[1, "all"] - n / steady[1], 2),
         "convert_start_seconds_2_workers": round(t[2, "all"] - n / steady[2], 2),
-        "pipeline_images_per_sec_per_core_tfrecord": round(rec, 2),
-        "pipeline_images_per_sec_per_core_raw": round(raw, 2),
-        "pipeline_tfrecord_over_raw": round(rec / raw, 3),
-        "pipeline_images_per_sec_per_core_uint8": round(med["uint8"], 2),
-        "pipeline_uint8_over_png": round(med["uint8"] / rec, 3),
-        "pipeline_images_per_sec_2_cores_tfrecord": round(med["tfrecord_2_cores"], 2),
-        "pipeline_images_per_sec_2_cores_uint8": round(med["uint8_2_cores"], 2),
-        # a DenseNet-121 GPU at ~2,000 img/s (mixed precision; derived, not measured here)
-        "cores_per_gpu_at_2000_png": round(2000 / rec, 2),
-        "cores_per_gpu_at_2000_uint8": round(2000 / med["uint8"], 2),
+        "pipeline": pipeline_summary(measured), "pipeline_image_size": 224, "pipeline_batch": 16,
         "bytes_per_image_png_256": round(sizes["png"]),
         "bytes_per_image_uint8_256": round(sizes["uint8"]),
         "nih_112120_gb_png_256": round(sizes["png"] * 112_120 / 1e9, 2),
         "nih_112120_gb_uint8_256": round(sizes["uint8"] * 112_120 / 1e9, 2),
         "runs": {"convert_seconds": {f"{w} worker(s), {part}": v for (w, part), v in seconds.items()},
-                 "pipeline_images_per_sec": ips},
+                 "pipeline_images_per_cpu_second": measured["cpu"],
+                 "pipeline_images_per_sec_2_threads": measured["wall_2_threads"]},
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

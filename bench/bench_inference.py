@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+
+from common import machine, today  # noqa: E402
 
 
 def cli(*args) -> None:
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_inference.json"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+        result = {"machine": machine(), "date": today(),
                   "speed": speed(Path(tmp), args.repeats), "small_cnn_mean_auroc": auroc(Path(tmp))}
     s = result["speed"]
     result["openvino_fp32_over_tf"] = s["openvino_fp32"]["images_per_sec_batch32"] / s["tensorflow"]["images_per_sec_batch32"]

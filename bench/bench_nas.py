@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -33,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, today  # noqa: E402
+
 BENCH = ROOT.parent / "shared" / "data" / "nas-bench-macro" / "nas-bench-macro_cifar10.json"
 PY = sys.executable
 
@@ -94,7 +96,7 @@ def main() -> None:
     ap.add_argument("--report", default=str(ROOT / "docs" / "nas"))
     args = ap.parse_args()
 
-    result = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+    result = {"machine": machine(), "date": today(),
               "oracle": oracle_runs(args.seeds), "task": TASK | {"images": 1200}}
     rng = random.Random(11)
     codes = []

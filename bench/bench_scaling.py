@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+
+from common import machine, today  # noqa: E402
 
 from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="steps per epoch")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is left out)")
     ap.add_argument("--out", default=str(DOCS / "bench_scaling.json"))
+    ap.add_argument("--docs", default=str(DOCS), help="folder for scaling.md, scaling.csv, scaling.png")
     args = ap.parse_args()
+    docs = Path(args.docs)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         subprocess.run([PY, "-m", "chexnet_hvd.synthetic", "--out", str(tmp / "syn"), "--images", "900",
@@ -110,16 +112,16 @@ def main() -> None:
         params = runs["1x2_records"]["trainable_params"]
         allreduce_s = allreduce(params)
         report = [PY, str(ROOT / "tools" / "scaling_report.py"), str(tmp / "runs"),
-                  "--csv", str(DOCS / "scaling.csv"), "--plot", str(DOCS / "scaling.png")]
+                  "--csv", str(docs / "scaling.csv"), "--plot", str(docs / "scaling.png")]
         table = subprocess.run(report, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    (DOCS / "scaling.md").write_text(table)
+    (docs / "scaling.md").write_text(table)
     measured_2 = runs["2x1_records"]["step_seconds"]
     grad_bytes = 4 * params
     bandwidth = 2 * (2 - 1) / 2 * grad_bytes / allreduce_s / 1e9  # effective, latency folded in
     net = projection.Network(bandwidth_gbs=bandwidth, latency_us=0.0, overlap=0.0)
     predicted_2 = projection.project(runs["1x1_records"]["step_seconds"], grad_bytes, args.batch, [2], net)[0]
     result = {
-        "machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(), "date": today(),
         "model": "densenet121", "image_size": args.image_size, "batch": args.batch, "steps": args.steps,
         "epochs_timed": args.epochs - 1, "runs": runs,
         "records_over_in_memory": runs["1x2_records"]["images_per_sec"] / runs["1x2_in_memory"]["images_per_sec"],

@@ -3,112 +3,138 @@
 
     .venv/bin/python bench/bench_train.py [--out docs/bench_train.json]
 
-- small CNN, 32 px, batch 64 (~10 ms a step here, the scale of a GPU step): the trainer on
-  in-memory synthetic input and on uint8 records, against a bare Horovod loop on the same model
-  (the shape of Horovod's tensorflow2_synthetic_benchmark.py: DistributedGradientTape in a
-  tf.function, in-memory data). Goals: >= 0.95 and >= 0.90. Plain Keras fit on the same data
-  and optimizer, with no callbacks, splits the gap into Keras' share and the trainer's.
-- DenseNet-121, 224 px, batch 16 (compute-bound): the trainer on PNG records in fp32 (and in
-  mixed_bfloat16 where the CPU has bf16 instructions) against the bare loop. Goal: >= 0.97.
+Like with like: every loop trains the same model behind the same in-graph preprocessing
+(`models.with_preprocessing`) on uint8 batches, in-memory or from uint8 records through
+`chexnet_hvd.data.train_dataset`, with Adam under Horovod, 1 rank.
+
+- small CNN, 32 px, batch 16 (about 10 ms a step here, the scale of a GPU step). The bare loop:
+  Horovod's DistributedGradientTape in a tf.function that takes its batch from a dataset
+  iterator, no callbacks, no host sync per step (the shape of Horovod's synthetic benchmark).
+  Then, each a piece of the trainer's cost: the bare loop with its batches through the
+  trainer's per-batch maps (targets packed, feed counters); plain Keras fit on the same model,
+  data and distributed optimizer; the trainer on in-memory input with its per-step pieces switched off
+  (stall watch: --stall-timeout 0; stop agreement: --stop-check-steps beyond the run) and on
+  one at a time; the trainer on records; the bare loop on the same records (the input
+  pipeline's share of these 2 shared cores, which a GPU node's spare cores would carry).
+  Goal: trainer on records / bare loop >= 0.95.
+- DenseNet-121, 224 px, batch 16 (compute-bound): the trainer on uint8 records against the
+  bare loop on in-memory uint8 batches. Goal: >= 0.98.
 - XLA (--xla: auto-clustering, Horovod's allreduce left outside the compiled clusters) against
-  no XLA, on the small CNN and on DenseNet-121 at 128 px, trainer on synthetic input.
-Warm-up steps are left out of every number.
+  no XLA, trainer on in-memory input: small CNN, and DenseNet-121 at 128 px.
+Warm-up steps are left out of every number; configurations alternate over --repeats rounds and
+the medians are reported (the machine is shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import machine, today
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
+# The bare loop: `python -c BARE name size batch steps warm [records]`.
 BARE = r"""
 import sys, time, json
 import tensorflow as tf, horovod.tensorflow as hvd
 hvd.init()
-from chexnet_hvd import models
+from chexnet_hvd import data, models
 from chexnet_hvd.train import make_loss, pack_targets
-name, size, batch, steps, warm = sys.argv[1], *map(int, sys.argv[2:6])
+name, (size, batch, steps, warm, feed), records = sys.argv[1], map(int, sys.argv[2:7]), sys.argv[7:]
 tf.keras.utils.set_random_seed(0)
 model = models.build_model(name, size)
+trained = models.with_preprocessing(model, size, models.input_scaling(name))
 opt = tf.keras.optimizers.Adam(1e-3)
 loss_fn = make_loss()
-x = tf.random.uniform((batch, size, size, 3))
-y = pack_targets(tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14)))
+if records:
+    ds = data.train_dataset(records[0], "train", data.View(size, models.input_scaling(name)), batch)
+else:
+    ds = data.synthetic_dataset(size, batch, 14, uint8_size=size)
+ds = ds.map(lambda x, y, m: (x, pack_targets(y, m)))
+if feed:  # the trainer's per-batch counters (chexnet_hvd.monitor.Feed)
+    from chexnet_hvd import monitor
+    ds = monitor.Feed().counted(ds)
+it = iter(ds)
 @tf.function
-def step():
+def step(it):
+    x, y = next(it)
     with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=True))
+        loss = loss_fn(y, trained(x, training=True))
     tape = hvd.DistributedGradientTape(tape)
-    opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    opt.apply_gradients(zip(tape.gradient(loss, trained.trainable_variables), trained.trainable_variables))
     return loss
 for _ in range(warm):
-    step().numpy()
+    step(it).numpy()
 t0 = time.perf_counter()
 for _ in range(steps):
-    step().numpy()
+    loss = step(it)
+loss.numpy()
 print(json.dumps({"images_per_sec": steps * batch / (time.perf_counter() - t0)}))
 """
 
-# Plain Keras fit on the same model, data and distributed optimizer as BARE, with no callbacks
-# but a clock: separates the Keras fit loop's cost per step from the trainer's own.
+# Plain Keras fit on BARE's model, in-memory data and distributed optimizer, with no callbacks
+# but a clock: Keras' own loop, without the trainer's pieces.
 FIT = r"""
 import sys, time, json
 import tensorflow as tf, horovod.tensorflow.keras as hvd
 hvd.init()
-from chexnet_hvd import models
+from chexnet_hvd import data, models
 from chexnet_hvd.train import make_loss, pack_targets
-name, size, batch, steps, warm = sys.argv[1], *map(int, sys.argv[2:6])
+name, (size, batch, steps, warm) = sys.argv[1], map(int, sys.argv[2:6])  # (and feed: 0)
 tf.keras.utils.set_random_seed(0)
-model = models.build_model(name, size)
-model.compile(hvd.DistributedOptimizer(tf.keras.optimizers.Adam(1e-3)), make_loss())
-x = tf.random.uniform((batch, size, size, 3))
-y = pack_targets(tf.cast(tf.random.uniform((batch, 14)) < 0.1, tf.float32), tf.ones((batch, 14)))
+trained = models.with_preprocessing(models.build_model(name, size), size, models.input_scaling(name))
+trained.compile(hvd.DistributedOptimizer(tf.keras.optimizers.Adam(1e-3)), make_loss())
+ds = data.synthetic_dataset(size, batch, 14, uint8_size=size).map(lambda x, y, m: (x, pack_targets(y, m)))
 class Clock(tf.keras.callbacks.Callback):
+    _supports_tf_logs = True
     def on_train_batch_begin(self, b, logs=None):
         if b == warm:
             self.t0 = time.perf_counter()
-    def on_train_end(self, logs=None):
-        self.seconds = time.perf_counter() - self.t0
 clock = Clock()
-model.fit(tf.data.Dataset.from_tensors((x, y)).repeat(), steps_per_epoch=steps + warm, epochs=1,
-          callbacks=[clock], verbose=0)
-print(json.dumps({"images_per_sec": steps * batch / clock.seconds}))
+history = trained.fit(ds, steps_per_epoch=steps + warm, epochs=1, callbacks=[clock], verbose=0)
+print(json.dumps({"images_per_sec": steps * batch / (time.perf_counter() - clock.t0)}))
 """
 
 
 def trainer(records: Path, run_dir: Path, model: str, size: int, batch: int, steps: int, warm: int,
             **options) -> float:
+    """The trainer's own img/s (its run log, warm-up steps left out) for one epoch."""
     from chexnet_hvd import config
     from chexnet_hvd.runlog import read_runlog
 
     cfg = config.TrainConfig(data=str(records), run_dir=str(run_dir), model=model, image_size=size,
                              batch_size=batch, epochs=1, steps_per_epoch=steps + warm,
-                             timing_warmup_steps=warm, verbose=0, val_batch_size=16, **options)
+                             timing_warmup_steps=warm, verbose=0, val_batch_size=64, **options)
     subprocess.run(config.command(cfg), cwd=ROOT, check=True)
-
     return [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]["images_per_sec"]
 
 
-def bare(model: str, size: int, batch: int, steps: int, warm: int, script: str = BARE) -> float:
-    out = subprocess.run([PY, "-c", script, model, str(size), str(batch), str(steps), str(warm)], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
+def loop(script: str, model: str, size: int, batch: int, steps: int, warm: int, *records: Path,
+         feed: bool = False) -> float:
+    """img/s of the bare loop (or plain Keras fit) in a fresh process; `feed`: its batches through
+    the trainer's feed counters."""
+    args = [model, size, batch, steps, warm, int(feed), *records]
+    out = subprocess.run([PY, "-c", script, *map(str, args)], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
 
 
-def records(tmp: Path, name: str, images: int, size: int, *flags: str) -> Path:
+def records(tmp: Path, name: str, images: int, size: int) -> Path:
+    """Synthetic images as uint8 records at `size` px (the model's input size)."""
     subprocess.run([PY, "-m", "chexnet_hvd.synthetic", "--out", str(tmp / f"{name}_raw"), "--images",
                     str(images), "--size", str(size)], check=True, cwd=ROOT, capture_output=True)
     subprocess.run([PY, "-m", "chexnet_hvd.records", "--csv", str(tmp / f"{name}_raw/Data_Entry_2017.csv"),
                     "--images", str(tmp / f"{name}_raw/images"), "--out", str(tmp / name), "--fractions",
-                    "0.95", "0.02", "0.03", "--no-progress", *flags], check=True, cwd=ROOT)
+                    "0.95", "0.02", "0.03", "--no-progress", "--image-size", str(size), "--encoding", "uint8"],
+                   check=True, cwd=ROOT)
     return tmp / name
 
 
@@ -118,56 +144,92 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), "unknown CPU")
+QUIET = {"stall_timeout": 0.0, "stop_check_steps": 10**9}  # the trainer's per-step pieces off
+
+
+def small_configs(rec: Path, tmp: Path, size: int, batch: int, steps: int, warm: int) -> dict:
+    """name -> a function measuring img/s of one small-CNN configuration."""
+    def run(name, **options):
+        return lambda: trainer(rec, tmp / f"{name}-{time.monotonic_ns()}", "small_cnn", size, batch, steps, warm,
+                               **options)
+
+    return {
+        "bare_loop": lambda: loop(BARE, "small_cnn", size, batch, steps, warm),
+        "bare_loop_feed": lambda: loop(BARE, "small_cnn", size, batch, steps, warm, feed=True),
+        "bare_loop_records": lambda: loop(BARE, "small_cnn", size, batch, steps, warm, rec),
+        "keras_fit": lambda: loop(FIT, "small_cnn", size, batch, steps, warm),
+        "trainer_synthetic_quiet": run("q", synthetic_input=True, **QUIET),
+        "trainer_synthetic_stall_watch": run("w", synthetic_input=True, stop_check_steps=10**9),
+        "trainer_synthetic_stop_agreement": run("a", synthetic_input=True, stall_timeout=0.0),
+        "trainer_synthetic": run("s", synthetic_input=True),
+        "trainer_records": run("r"),
+        "trainer_records_quiet": run("rq", **QUIET),
+    }
+
+
+def ratios(m: dict) -> dict:
+    """The small CNN's ratios: the goal's, and the gap split into its pieces."""
+    return {
+        "records_over_bare": m["trainer_records"] / m["bare_loop"],
+        "synthetic_over_bare": m["trainer_synthetic"] / m["bare_loop"],
+        "fit_over_bare": m["keras_fit"] / m["bare_loop"],
+        "feed_over_bare": m["bare_loop_feed"] / m["bare_loop"],
+        "quiet_over_fit": m["trainer_synthetic_quiet"] / m["keras_fit"],
+        "stall_watch_over_quiet": m["trainer_synthetic_stall_watch"] / m["trainer_synthetic_quiet"],
+        "stop_agreement_over_quiet": m["trainer_synthetic_stop_agreement"] / m["trainer_synthetic_quiet"],
+        "records_over_synthetic": m["trainer_records"] / m["trainer_synthetic"],
+        "bare_records_over_bare": m["bare_loop_records"] / m["bare_loop"],
+        "records_over_bare_records": m["trainer_records"] / m["bare_loop_records"],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20, help="timed DenseNet-121 steps per measurement")
-    ap.add_argument("--small-steps", type=int, default=200, help="timed small-CNN steps")
-    ap.add_argument("--warmup", type=int, default=3, help="steps left out (small CNN: 10x)")
+    ap.add_argument("--steps", type=int, default=10, help="timed DenseNet-121 steps per measurement")
+    ap.add_argument("--small-steps", type=int, default=600, help="timed small-CNN steps")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out (small CNN: 25x)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the small-CNN configurations")
+    ap.add_argument("--no-densenet", action="store_true", help="the small CNN only")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_train.json"))
     args = ap.parse_args()
-    s, w = args.small_steps, args.warmup * 10
+    size, batch, s, w = 32, 16, args.small_steps, args.warmup * 25
     d, dw = args.steps, args.warmup
-    result = {"machine": f"{os.cpu_count()} cores, {cpu_model()}", "date": time.strftime("%Y-%m-%d"),
+    result = {"machine": machine(), "date": today(),
               "model": "densenet121", "image_size": 224, "batch": 16, "steps": d,
-              "small": {"model": "small_cnn", "image_size": 32, "batch": 64, "steps": s}}
+              "small": {"model": "small_cnn", "image_size": size, "batch": batch, "steps": s,
+                        "repeats": args.repeats}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        small = records(tmp, "small", int((s + w) * 64 * 1.1), 32, "--image-size", "32",
-                        "--encoding", "uint8")
-        dense = records(tmp, "dense", (d + dw) * 16 * 2, 224)
+        small = records(tmp, "small", int((s + w) * batch * 1.2), size)
+        configs = small_configs(small, tmp, size, batch, s, w)
+        runs = {name: [] for name in configs}
+        for _ in range(args.repeats):
+            for name, measure in configs.items():
+                runs[name].append(measure())
         r = result["small"]
-        r["trainer_synthetic"] = trainer(small, tmp / "s_syn", "small_cnn", 32, 64, s, w, synthetic_input=True)
-        r["trainer_records"] = trainer(small, tmp / "s_rec", "small_cnn", 32, 64, s, w)
-        r["bare_loop"] = bare("small_cnn", 32, 64, s, w)
-        r["keras_fit"] = bare("small_cnn", 32, 64, s, w, FIT)
-        r["trainer_xla"] = trainer(small, tmp / "s_xla", "small_cnn", 32, 64, s, w, synthetic_input=True, xla=True)
-        r["synthetic_over_bare"] = r["trainer_synthetic"] / r["bare_loop"]
-        r["records_over_bare"] = r["trainer_records"] / r["bare_loop"]
-        # the gap, split: Keras' fit loop against the bare loop, the trainer against Keras' fit
-        r["fit_over_bare"] = r["keras_fit"] / r["bare_loop"]
-        r["synthetic_over_fit"] = r["trainer_synthetic"] / r["keras_fit"]
+        r |= {name: statistics.median(v) for name, v in runs.items()}
+        r["runs"] = runs
+        r |= ratios(r)
+        r["step_ms_bare"] = 1000 * batch / r["bare_loop"]
+        r["trainer_xla"] = trainer(small, tmp / "s_xla", "small_cnn", size, batch, s, w, synthetic_input=True, xla=True)
         r["xla_over_no_xla"] = r["trainer_xla"] / r["trainer_synthetic"]
-        # bf16 without bf16 instructions is emulated (over 4x slower than fp32 on an AMD
-        # EPYC without AVX-512): measured only where the CPU has them
-        result["cpu_bf16"] = cpu_has_bf16()
-        for precision in ("fp32", "mixed_bfloat16")[:2 if result["cpu_bf16"] else 1]:
-            result[f"trainer_{precision}"] = trainer(dense, tmp / precision, "densenet121", 224, 16, d, dw,
-                                                     precision=precision)
-        result["bare_loop_fp32"] = bare("densenet121", 224, 16, d, dw)
-        result["trainer_128_no_xla"] = trainer(dense, tmp / "d128", "densenet121", 128, 16, d, dw,
-                                               synthetic_input=True)
-        result["trainer_128_xla"] = trainer(dense, tmp / "d128x", "densenet121", 128, 16, d, dw,
-                                            synthetic_input=True, xla=True)
-    if result["cpu_bf16"]:
-        result["bf16_over_fp32"] = result["trainer_mixed_bfloat16"] / result["trainer_fp32"]
-    result["trainer_over_bare"] = result["trainer_fp32"] / result["bare_loop_fp32"]
-    result["xla_over_no_xla_128"] = result["trainer_128_xla"] / result["trainer_128_no_xla"]
+        if not args.no_densenet:
+            dense = records(tmp, "dense", (d + dw) * 16 * 2, 224)
+            result["trainer_fp32"] = trainer(dense, tmp / "fp32", "densenet121", 224, 16, d, dw)
+            result["bare_loop_fp32"] = loop(BARE, "densenet121", 224, 16, d, dw)
+            result["trainer_over_bare"] = result["trainer_fp32"] / result["bare_loop_fp32"]
+            # bf16 without bf16 instructions is emulated (over 4x slower than fp32 on an AMD
+            # EPYC without AVX-512): measured only where the CPU has them
+            result["cpu_bf16"] = cpu_has_bf16()
+            if result["cpu_bf16"]:
+                result["trainer_mixed_bfloat16"] = trainer(dense, tmp / "bf16", "densenet121", 224, 16, d, dw,
+                                                           precision="mixed_bfloat16")
+                result["bf16_over_fp32"] = result["trainer_mixed_bfloat16"] / result["trainer_fp32"]
+            result["trainer_128_no_xla"] = trainer(dense, tmp / "d128", "densenet121", 128, 16, d, dw,
+                                                   synthetic_input=True)
+            result["trainer_128_xla"] = trainer(dense, tmp / "d128x", "densenet121", 128, 16, d, dw,
+                                                synthetic_input=True, xla=True)
+            result["xla_over_no_xla_128"] = result["trainer_128_xla"] / result["trainer_128_no_xla"]
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

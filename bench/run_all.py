@@ -1,23 +1,43 @@
 #!/usr/bin/env python3
 """`make bench`: run every benchmark, then render docs/benchmarks.md from their JSON results.
 
-    .venv/bin/python bench/run_all.py            # run + render (about 35 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # run + render (about 2 hours on 2 cores)
     .venv/bin/python bench/run_all.py --render   # only render the page from docs/bench_*.json
+    .venv/bin/python bench/run_all.py --quick    # smoke run, small sizes, into a scratch folder
+
+Each benchmark runs as it is, in its own process, writing its JSON (and figures) into the output
+folder (docs/, or with --quick a scratch folder: smoke numbers never reach docs/). How long each
+took is kept in bench_runs.json and shown at the end of the page.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+
+from common import machine, today
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-BENCHMARKS = ["bench_train.py", "bench_data.py", "bench_scaling.py", "bench_comm.py", "bench_inference.py",
-              "bench_nas.py"]
+PAGE_DIR = DOCS  # where the JSON results, figures and the page are: docs/, or --quick's scratch folder
+# Each benchmark with the flags of a smoke run (--quick): the same code paths, small sizes.
+BENCHMARKS = {
+    "bench_train.py": ["--steps", "3", "--small-steps", "20", "--warmup", "1", "--repeats", "1"],
+    "bench_data.py": ["--copies", "1", "--repeats", "1", "--cpu-seconds", "1"],
+    "bench_scaling.py": ["--image-size", "64", "--steps", "3", "--epochs", "2"],
+    "bench_comm.py": ["--repeats", "1", "--steps", "4"],
+    "bench_inference.py": ["--repeats", "1"],
+    "bench_nas.py": ["--seeds", "5", "--trials", "2", "--search-trials", "2"],
+    "bench_scale.py": ["--quick"],
+}
+# Where a benchmark writes files besides its JSON, as flags taking the output folder.
+OUTPUT_FLAGS = {"bench_scaling.py": ["--docs", "{dir}"], "bench_nas.py": ["--report", "{dir}/nas"]}
 
 
 def verdict(value: float, goal: float) -> str:
@@ -25,42 +45,50 @@ def verdict(value: float, goal: float) -> str:
 
 
 def section_trainer(r: dict) -> list[str]:
-    small = r.get("small")
-    lines = []
-    if small:
-        lines = [
-            f"## The trainer's cost per step ({small['model']}, {small['image_size']} px, batch "
-            f"{small['batch']}, 1 rank)", "",
-            f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (about 10 ms a "
-            "step here, the scale of a GPU step), warm-up left out.", "",
-            "| configuration | images/s |", "|---|---:|",
-            f"| trainer, in-memory synthetic input | {small['trainer_synthetic']:.1f} |",
-            f"| trainer, uint8 records (32 px) | {small['trainer_records']:.1f} |",
-            f"| trainer, synthetic input, --xla | {small['trainer_xla']:.1f} |",
-            f"| bare Horovod loop, in-memory random data | {small['bare_loop']:.1f} |",
-            *([f"| plain Keras fit, same data and optimizer, no callbacks | {small['keras_fit']:.1f} |"]
-              if "keras_fit" in small else []), "",
-            f"- trainer / bare loop, synthetic input: {verdict(small['synthetic_over_bare'], 0.95)}",
-            f"- trainer / bare loop, records pipeline: {verdict(small['records_over_bare'], 0.90)}",
-            *([f"- the gap, split: plain Keras fit / bare loop {small['fit_over_bare']:.2f} (Keras' "
-               f"own loop), trainer / plain Keras fit {small['synthetic_over_fit']:.2f} (the "
-               "trainer's callbacks, stop-flag agreement and run log, and the uint8 input's "
-               "preprocessing in the model's graph, which the plain loops skip: not separated "
-               "here); uint8 records / synthetic "
-               f"input {small['trainer_records'] / small['trainer_synthetic']:.2f} (the input "
-               "pipeline)"] if "keras_fit" in small else []),
-            f"- --xla / no XLA (synthetic input): {small['xla_over_no_xla']:.2f}; DenseNet-121 at 128 px: "
-            f"{r['xla_over_no_xla_128']:.2f} (recipes turn XLA on only where it wins)", ""]
+    small = r["small"]
+    ratio = small["records_over_bare"]
+    lines = [
+        f"## The trainer's cost per step ({small['model']}, {small['image_size']} px, batch "
+        f"{small['batch']}, 1 rank)", "",
+        f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (a bare step "
+        f"takes {small['step_ms_bare']:.1f} ms here, the scale of a GPU step), warm-up left out; "
+        f"medians of {small['repeats']} rounds. Like with like: every loop trains the same model "
+        "behind the same in-graph preprocessing on uint8 batches.", "",
+        "| configuration | images/s | / bare loop |", "|---|---:|---:|",
+        *[f"| {label} | {small[key]:.0f} | {small[key] / small['bare_loop']:.3f} |" for key, label in (
+            ("bare_loop", "bare Horovod loop, in-memory batch"),
+            ("bare_loop_feed", "bare Horovod loop, in-memory batch through the trainer's per-batch maps"),
+            ("bare_loop_records", "bare Horovod loop on the uint8 records"),
+            ("keras_fit", "plain Keras fit, in-memory batch, no callbacks"),
+            ("trainer_synthetic_quiet", "trainer, in-memory input, stall watch and stop agreement off"),
+            ("trainer_synthetic_stall_watch", "trainer, in-memory input, + stall watch"),
+            ("trainer_synthetic_stop_agreement", "trainer, in-memory input, + stop agreement"),
+            ("trainer_synthetic", "trainer, in-memory input (defaults)"),
+            ("trainer_records_quiet", "trainer on uint8 records, stall watch and stop agreement off"),
+            ("trainer_records", "trainer on uint8 records (defaults)"),
+            ("trainer_xla", "trainer, in-memory input, --xla"))], "",
+        f"- trainer on records / bare loop: {verdict(ratio, 0.95)}",
+        f"- the pieces: Keras' fit loop / bare loop {small['fit_over_bare']:.3f}; the trainer's per-batch "
+        f"maps (targets packed, feed counters) in the bare loop {small['feed_over_bare']:.3f}; the "
+        f"trainer's callbacks and maps / Keras fit {small['quiet_over_fit']:.3f}; stall watch "
+        f"{small['stall_watch_over_quiet']:.3f}; stop agreement {small['stop_agreement_over_quiet']:.3f}; "
+        f"the records pipeline on these 2 shared cores {small['records_over_synthetic']:.3f} (the bare "
+        f"loop on the same records: {small['bare_records_over_bare']:.3f} of itself in memory)",
+        f"- --xla / no XLA (in-memory input): {small['xla_over_no_xla']:.2f}"
+        + (f"; DenseNet-121 at 128 px: {r['xla_over_no_xla_128']:.2f}" if "xla_over_no_xla_128" in r else "")
+        + " (recipes turn XLA on only where it wins)", ""]
+    if "trainer_fp32" not in r:
+        return lines
     return lines + [
         f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
-        f"Machine: {r['machine']} ({platform.processor() or platform.machine()}), {r['date']}; "
+        f"Machine: {r['machine']}, {r['date']}; "
         f"{r['steps']} timed steps each, warm-up steps left out.", "",
         "| configuration | images/s |", "|---|---:|",
-        f"| trainer, TFRecords, fp32 | {r['trainer_fp32']:.2f} |",
-        *([f"| trainer, TFRecords, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |"]
+        f"| trainer, uint8 records, fp32 | {r['trainer_fp32']:.2f} |",
+        *([f"| trainer, uint8 records, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |"]
           if "trainer_mixed_bfloat16" in r else []),
-        f"| bare Horovod loop, in-memory random data, fp32 | {r['bare_loop_fp32']:.2f} |", "",
-        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.97)}",
+        f"| bare Horovod loop, in-memory uint8 batch, fp32 | {r['bare_loop_fp32']:.2f} |", "",
+        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.98)}",
         (f"- mixed_bfloat16 / fp32: {r['bf16_over_fp32']:.2f} (no goal; measure it on your CPU "
          "before choosing)" if "bf16_over_fp32" in r else
          "- mixed_bfloat16: not measured, this CPU has no bf16 instructions (emulated, bf16 "
@@ -84,34 +112,47 @@ def section_data_path(r: dict) -> list[str]:
         f"end to end on {r['images']:,} images, start included: {verdict(r['convert_end_to_end_speedup'], 1.8)}. "
         "The steady-state rate is (n - n/3) / (t(n) - t(n/3)); at the full 112,120 images the "
         "start cost is a fraction of a percent.", "",
-        "| input pipeline, 1 core, 224 px, decode + flip + preprocess + batch 16 | images/s |",
-        "|---|---:|",
-        f"| TFRecords (256 px grayscale PNG) | {r['pipeline_images_per_sec_per_core_tfrecord']:.1f} |",
-        f"| raw PNG files (1024 px, `--format raw`) | {r['pipeline_images_per_sec_per_core_raw']:.1f} |", "",
-        f"- TFRecord / raw-PNG pipeline: {verdict(r['pipeline_tfrecord_over_raw'], 3.0)}. This "
-        "compares the two as users run them: records resized offline to 256 px against the "
-        "1024 px source files; decoding a 16x smaller PNG is the likely main cause, reading a "
-        "few large files instead of one file per image the other (not separated here).", "",
-        *section_uint8(r)]
+        *section_pipeline(r)]
 
 
-def section_uint8(r: dict) -> list[str]:
-    if "pipeline_images_per_sec_per_core_uint8" not in r:
-        return []
+def section_pipeline(r: dict) -> list[str]:
+    """The training input pipeline per CPU-second (bench_data.py's `pipeline`)."""
+    if "pipeline" not in r:  # a bench_data.json written before the pipeline was measured this way
+        return ["**Input pipeline per CPU-second**: not measured yet by the current `bench/bench_data.py`.", ""]
+    p, size, batch = r["pipeline"], r["pipeline_image_size"], r["pipeline_batch"]
+    png, u8, raw = p["png"], p["uint8"], p["raw"]
+    steps = list(png["step_us_per_image"])
     return [
-        "| input pipeline at 224 px | 1 core | 2 cores | bytes per image (256 px) | NIH, 112,120 images |",
-        "|---|---:|---:|---:|---:|",
-        f"| PNG records | {r['pipeline_images_per_sec_per_core_tfrecord']:.0f} | "
-        f"{r['pipeline_images_per_sec_2_cores_tfrecord']:.0f} | {r['bytes_per_image_png_256']:,} | "
-        f"{r['nih_112120_gb_png_256']:.1f} GB |",
-        f"| uint8 records (`--encoding uint8`), float work in the model graph | "
-        f"{r['pipeline_images_per_sec_per_core_uint8']:.0f} | {r['pipeline_images_per_sec_2_cores_uint8']:.0f} | "
-        f"{r['bytes_per_image_uint8_256']:,} | {r['nih_112120_gb_uint8_256']:.1f} GB |", "",
-        f"- uint8 records, images/s per core: {verdict(r['pipeline_images_per_sec_per_core_uint8'] / 2500, 1.0)} "
-        "of the goal of 2,500 (the ratio to it shown).",
-        f"- Cores per GPU at 2,000 img/s (DenseNet-121 in mixed precision on a GPU, derived): "
-        f"{r['cores_per_gpu_at_2000_png']:.1f} with PNG records, {r['cores_per_gpu_at_2000_uint8']:.2f} "
-        "with uint8 records.", ""]
+        f"**Input pipeline per CPU-second** ({size} px model, batch {batch}, 256-px records; one "
+        "thread, process CPU time: the pipeline's cost whatever else ran on the machine). Records of "
+        "one size leave the CPU as uint8 batches; resize, scaling and normalisation run in the "
+        "model's graph (on the GPU when there is one).", "",
+        "| records | images per CPU-second | with --crop | goal | the per-record path, float work "
+        "on the CPU (before) | wall img/s, 2 threads | bytes per image | NIH, 112,120 images |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| PNG (the default) | {png['images_per_cpu_second']:,} | {png['images_per_cpu_second_crop']:,} | "
+        f"{png['goal']:,} | {png['per_record_float_on_cpu']:,} | {png['images_per_sec_2_threads']:,} | "
+        f"{r['bytes_per_image_png_256']:,} | {r['nih_112120_gb_png_256']:.1f} GB |",
+        f"| uint8 (`--encoding uint8`) | {u8['images_per_cpu_second']:,} | {u8['images_per_cpu_second_crop']:,} | "
+        f"{u8['goal']:,} | {u8['per_record_float_on_cpu']:,} | {u8['images_per_sec_2_threads']:,} | "
+        f"{r['bytes_per_image_uint8_256']:,} | {r['nih_112120_gb_uint8_256']:.1f} GB |",
+        f"| raw PNG files (1024 px, `--format raw`: source sizes, float work on the CPU) | "
+        f"{raw['images_per_cpu_second']:,} | - | - | - | - | - | - |", "",
+        f"- PNG records: {verdict(png['images_per_cpu_second'] / png['goal'], 1.0)} of the goal of "
+        f"{png['goal']:,} images per CPU-second (the ratio to it shown); uint8 records: "
+        f"{verdict(u8['images_per_cpu_second'] / u8['goal'], 1.0)} of {u8['goal']:,}.",
+        "- What each step costs, CPU microseconds per image (each step measured as the pipeline "
+        "up to it minus the pipeline up to the step before, in separate processes; a step "
+        "cheaper than the noise can show as negative):", "",
+        "| step | PNG records | uint8 records |", "|---|---:|---:|",
+        *[f"| {step} | {png['step_us_per_image'][step]:.1f} | {u8['step_us_per_image'][step]:.1f} |"
+          for step in steps], "",
+        "- Cores per GPU for the input pipeline alone (the float work on the GPU): "
+        + "; ".join(f"at {rate:,} img/s, {png[f'cores_per_gpu_at_{rate}']:.2f} with PNG records, "
+                    f"{u8[f'cores_per_gpu_at_{rate}']:.2f} with uint8 records, "
+                    f"{raw[f'cores_per_gpu_at_{rate}']:.1f} with a raw index"
+                    for rate in (2000, 4000)) + " (2,000-4,000 img/s: DenseNet-121 in mixed "
+        "precision on an A100 and newer GPUs; derived, not measured here).", ""]
 
 
 def section_engines(r: dict) -> list[str]:
@@ -144,7 +185,7 @@ def section_scaling(r: dict) -> list[str]:
         *section_engines(r),
         "The Horovod and tf engine runs through `tools/scaling_report.py` (docs/scaling.md, .csv, .png;"
         " both engines in one table):", "",
-        (DOCS / "scaling.md").read_text().strip() if (DOCS / "scaling.md").is_file() else "(missing)", "",
+        (PAGE_DIR / "scaling.md").read_text().strip() if (PAGE_DIR / "scaling.md").is_file() else "(missing)", "",
         "![scaling](scaling.png)", "",
         "**Projection check.** A 2-rank allreduce of the model's "
         f"{r['gradient_bytes'] / 1e6:.1f} MB of fp32 gradients took {r['allreduce_seconds_2_ranks'] * 1e3:.1f} ms "
@@ -228,7 +269,7 @@ def section_comm(r: dict) -> list[str]:
              f"{t['compute']:.3f} | {t['measured_step']:.3f} | {both(t, 'predicted_step', 1, 3)} |" for t in r["train"]]
     return [
         f"## Communication model (rehearsal links shaped to {r['rate']})", "",
-        f"Machine: {r['machine']} ({r['cpus']} cores), {r['date']}; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
+        f"Machine: {r['machine']}, {r['date']}; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
         "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
         "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
@@ -273,9 +314,9 @@ def section_inference(r: dict) -> list[str]:
         "OpenVINO's FP32 lead is large at batch 1 and small at batch 32 on these 2 cores "
         "(not analysed further here).",
         f"- OpenVINO INT8 / FP32 (batch 32): {verdict(r['int8_over_fp32'], 2.0)}",
-        f"- INT8 mean AUROC drop: {r['int8_auroc_drop']:+.4f} (FP32 {au['fp32']:.4f}, INT8 "
-        f"{au['int8']:.4f}, {au['n']} synthetic test images, small CNN; goal: within 0.005: "
-        f"{'met' if abs(r['int8_auroc_drop']) <= 0.005 else 'MISSED'}). DenseNet-121 runs with "
+        f"- INT8 mean AUROC drop: {r['int8_auroc_drop']:+.4f} (goal within 0.005: "
+        f"{'met' if abs(r['int8_auroc_drop']) <= 0.005 else 'MISSED'}); FP32 {au['fp32']:.4f}, INT8 "
+        f"{au['int8']:.4f}, {au['n']} synthetic test images, small CNN. DenseNet-121 runs with "
         "random weights (nothing may download ImageNet weights, and this CPU cannot train it "
         "to a meaningful AUROC in a benchmark), so the AUROC check uses the trained small CNN.",
         "- Ten-crop costs about 10x the compute of one view: compare the last two columns. "
@@ -320,40 +361,230 @@ def section_nas(r: dict) -> list[str]:
         "![best so far](nas/best_so_far.png)", "", "![AUROC vs params](nas/pareto.png)", ""]
 
 
-# Each benchmark's JSON and the page section made from it, in page order.
+def goal(value: float, op: str, target: float, unit: str = "") -> str:
+    """`value (goal <op> target: met|MISSED)`, for goals of at most or under a target."""
+    met = value <= target if op == "<=" else value < target
+    return f"{value:.2f}{unit} (goal {op} {target:g}{unit}: {'met' if met else 'MISSED'})"
+
+
+def _first_batch(s: dict) -> float:
+    """Seconds to the first batch of the slower of the ranks measured."""
+    return max(p["first_batch_seconds"] for p in s["pipeline"].values())
+
+
+def _pipeline_cost(s: dict) -> float:
+    """CPU-seconds per image of the input pipeline, mean of the ranks measured."""
+    return sum(1 / p["images_per_cpu_second"] for p in s["pipeline"].values()) / len(s["pipeline"])
+
+
+def _bootstrap_cost(s: dict) -> float:
+    """CPU-seconds per test image and resample of the patient bootstrap."""
+    b = s["bootstrap"]
+    return b["cpu_seconds"] / (b["images"] * b["resamples"])
+
+
+# (short name, row label, the cell at one size, the cost per item at one size)
+SCALE_TIMES = [
+    ("records conversion", "records conversion, 2 workers: wall s (CPU ms per image)",
+     lambda s: f"{s['convert']['seconds']:.0f} ({1e3 * s['convert']['cpu_seconds'] / s['images']:.2f})",
+     lambda s: s["convert"]["cpu_seconds"] / s["images"]),
+    ("listing and manifest", "listing, split, leak guard, shard plan and manifest: s (us per image)",
+     lambda s: f"{s['table']['seconds']:.2f} ({1e6 * s['table']['seconds'] / s['images']:.0f})",
+     lambda s: s["table"]["seconds"] / s["images"]),
+    ("input pipeline", "input pipeline, one rank of 16, steady: images per CPU-second (wall img/s)",
+     lambda s: f"{1 / _pipeline_cost(s):,.0f} ({min(p['images_per_sec'] for p in s['pipeline'].values()):,.0f})",
+     _pipeline_cost),
+    ("patient bootstrap", "test-split patient bootstrap: CPU s per 100 resamples (us per image and resample)",
+     lambda s: f"{100 * s['bootstrap']['cpu_seconds'] / s['bootstrap']['resamples']:.1f} ({1e6 * _bootstrap_cost(s):.1f})",
+     _bootstrap_cost),
+    ("scaling report", "`tools/scaling_report.py`, 16-rank 100-epoch run log: s (CPU ms per log line)",
+     lambda s: f"{s['report']['seconds']:.2f} ({1e3 * s['report']['cpu_seconds'] / s['report']['lines']:.1f})",
+     lambda s: s["report"]["cpu_seconds"] / s["report"]["lines"]),
+]
+# (short name, row label, peak RSS in MB at one size)
+SCALE_MEMORY = [
+    ("records main process", "records conversion: main process", lambda s: s["convert"]["main_rss_mb"]),
+    ("records worker", "records conversion: each worker process (the largest)", lambda s: s["convert"]["worker_rss_mb"]),
+    ("listing and manifest", "listing, split, plan and manifest", lambda s: s["table"]["peak_rss_mb"]),
+    ("input pipeline", "input pipeline, one rank of 16", lambda s: max(p["peak_rss_mb"] for p in s["pipeline"].values())),
+    ("patient bootstrap", "test-split patient bootstrap", lambda s: s["bootstrap"]["peak_rss_mb"]),
+    ("scaling report", "`tools/scaling_report.py`", lambda s: s["report"]["peak_rss_mb"]),
+]
+
+
+def section_scale(r: dict) -> list[str]:
+    """Costs against data size, up to the full NIH set (bench/bench_scale.py): a time table, a
+    memory table, and each goal as a bullet."""
+    sizes = list(r["sizes"].values())
+    full = max(r["sizes"], key=int)
+    big = r["sizes"][full]
+    head = "| measure | " + " | ".join(f"{s['images']:,} images" for s in sizes)
+    lines = [
+        "## Costs against data size, up to the full NIH set", "",
+        f"Machine: {r['machine']}, {r['date']}. Synthetic NIH-like sets (`bench/bench_scale.py`; "
+        f"{r['image_px']} px images: the costs here are per image and per record, not per pixel), each "
+        "with NIH's patient structure (3.64 images per patient on average) and official split sizes "
+        f"(test: {big['test_images']:,} images at the full size). Pipeline: `data.train_dataset` of "
+        f"ranks 0 and 15 at world size {r['world_size']}, each in a fresh process, 2 threads, batch 16, "
+        f"{r['batches']} timed batches. Costs per item in CPU time (the process's, its workers "
+        "included), but the listing and manifest's (one thread) in wall time.", "",
+        head + " | per item, worst size / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
+    worst = {}
+    for name, label, cell, cost in SCALE_TIMES:
+        costs = [cost(s) for s in sizes]
+        worst[name] = max(c / costs[0] for c in costs)
+        lines.append(f"| {label} | {' | '.join(cell(s) for s in sizes)} | {worst[name]:.2f} |")
+    lines.insert(-2, f"| input pipeline, one rank of 16: seconds to the first batch (slower of ranks 0 and 15) | "
+                 f"{' | '.join(f'{_first_batch(s):.2f}' for s in sizes)} | |")
+    lines += ["", head + " | largest / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
+    growth = {}
+    for name, label, mb in SCALE_MEMORY:
+        mbs = [mb(s) for s in sizes]
+        growth[name] = mbs[-1] / mbs[0]
+        lines.append(f"| peak RSS (MB), {label} | {' | '.join(f'{m:,.0f}' for m in mbs)} | {growth[name]:.2f} |")
+    lines += [
+        "",
+        "- Time per item, worst size / smallest size: "
+        + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in worst.items()) + ".",
+        f"- First batch at the full size: {goal(_first_batch(big), '<', 10, ' s')}.",
+        "- Peak memory, largest / smallest size (flat: at most 1.2): "
+        + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in growth.items()) + ".",
+        f"- Records conversion of the full {big['images']:,} images: {big['convert']['seconds']:.0f} s wall on "
+        f"{big['convert']['workers']} workers, {big['records_bytes'] / 1e6:,.0f} MB of records.",
+        f"- The bootstrap's cost is linear in its resamples: evaluate's default 1,000 over the full test "
+        f"split ({big['bootstrap']['patients']:,} patients) costs {1000 * big['bootstrap']['cpu_seconds'] / big['bootstrap']['resamples']:,.0f} CPU s here."]
+    if "evaluate" in big:
+        ev = big["evaluate"]
+        lines.append(
+            f"- `python -m chexnet_hvd.evaluate` end to end at {big['images']:,} images (test split "
+            f"{big['test_images']:,}, validation split {big['splits']['val']:,} for the operating points, "
+            f"small CNN, 1 process, {ev['resamples']:,} bootstrap resamples): {ev['seconds']:.0f} s wall, "
+            f"{ev['cpu_seconds']:.0f} CPU s, peak RSS {ev['peak_rss_mb']:,.0f} MB.")
+    return lines + [""] + r.get("notes", [])
+
+
+# Each benchmark's JSON, its section's title and the function making the section, in page order.
 SECTIONS = {
-    "bench_train.json": section_trainer,
-    "bench_data.json": section_data_path,
-    "bench_scaling.json": section_scaling,
-    "bench_comm.json": section_comm,
-    "bench_inference.json": section_inference,
-    "bench_nas.json": section_nas,
+    "bench_train.json": ("The trainer's cost per step", section_trainer),
+    "bench_data.json": ("Data path: records conversion and input pipelines", section_data_path),
+    "bench_scaling.json": ("Scaling on this machine", section_scaling),
+    "bench_comm.json": ("Communication model", section_comm),
+    "bench_inference.json": ("Inference: TensorFlow vs OpenVINO FP32 / INT8", section_inference),
+    "bench_nas.json": ("Architecture search (GenNAS space)", section_nas),
+    "bench_scale.json": ("Costs against data size, up to the full NIH set", section_scale),
 }
+GOAL = re.compile(r": ([-+]?[0-9][0-9.,]*(?: s)?) \(goal (>=|<=|<|within) ([0-9.]+(?: s)?): (met|MISSED)\)")
+
+
+def goals(lines: list[str], r: dict) -> list[str]:
+    """A summary row for every `label: value (goal ...: met|MISSED)` in a section's bullet
+    lines, under the heading it stands under. In a bullet `what: a: value (goal ...); b: ...`,
+    b's row is labelled `what: b` like a's."""
+    rows, heading = [], ""
+    for line in lines:
+        if line.startswith("## "):
+            heading = line[3:].split(" (")[0]
+        if not line.startswith("- "):
+            continue
+        end, context = 2, ""
+        for m in GOAL.finditer(line):
+            label = re.sub(r"\s*\([^()]*\)", "", line[end:m.start()])  # asides in brackets
+            label = re.split(r"[.;] ", label)[-1].strip(" ,")
+            if end == 2 and ": " in label:
+                context = label.rsplit(": ", 1)[0]
+            elif context:
+                label = f"{context}: {label}"
+            end = m.end()
+            value, op, target, met = m.groups()
+            rows.append(f"| {heading}: {label} | {value} | {op} {target}: "
+                        f"{met if met == 'met' else '**missed**'} | {r['machine']} | {r['date']} |")
+    return rows
+
+
+def measured(name: str, title: str, section) -> tuple[list[str], list[str]]:
+    """A section's lines and goal rows from PAGE_DIR/name; or, when the benchmark has not
+    written it, or an older version of the benchmark wrote it without a figure the section now
+    shows, the section's heading saying so (the rest of the page is still rendered)."""
+    script = f"`bench/{name.replace('.json', '.py')}`"
+    if not (PAGE_DIR / name).is_file():
+        return [f"## {title}", "", f"Not measured yet: {script} has not written {name}.", ""], []
+    r = json.loads((PAGE_DIR / name).read_text())
+    try:
+        lines = section(r)
+    except KeyError as missing:
+        return [f"## {title}", "", f"Not measured yet by the current {script}: its {name} of "
+                f"{r.get('date', 'an unknown date')} has no {missing} (written by an older version).", ""], []
+    return lines, goals(lines, r)
 
 
 def render() -> str:
+    """The page, from the JSON results in PAGE_DIR."""
+    sections, summary = [], []
+    for name, (title, section) in SECTIONS.items():
+        lines, rows = measured(name, title, section)
+        sections += lines
+        summary += rows
+    runs = json.loads((PAGE_DIR / "bench_runs.json").read_text()) if (PAGE_DIR / "bench_runs.json").is_file() else None
     lines = ["# Benchmarks", "",
              "Generated by `make bench` (bench/run_all.py) from `docs/bench_*.json`; never typed by hand.",
              "Each benchmark measures its ratios within one run on one machine (these machines are",
-             "shared and noisy: compare ratios, not absolute numbers across machines).", ""]
-    for name, section in SECTIONS.items():
-        if (DOCS / name).is_file():
-            lines += section(json.loads((DOCS / name).read_text()))
-    lines += ["## Not yet measured", "",
-              "- GPU numbers: no GPU was lent to the sessions that wrote this page (the GPU code paths "
-              "are written and exercised on CPU where the logic allows).", ""]
+             "shared and noisy: compare ratios, not absolute numbers across machines).", "",
+             "## Goals", "",
+             "Every goal on this page, with the machine and date of its measurement:", "",
+             "| figure | value | goal | machine | date |", "|---|---:|---|---|---|", *summary, "",
+             *sections,
+             "## Not yet measured", "",
+             "- GPU numbers: no GPU was available where this page was measured (the GPU code paths "
+             "are written and exercised on CPU where the logic allows).", ""]
+    if runs:
+        lines += ["## How long `make bench` takes", "",
+                  f"Machine: {runs['machine']}, {runs['date']}: {runs['seconds'] / 60:.0f} minutes in all"
+                  + (" (--quick)" if runs.get("quick") else "") + ".", "",
+                  "| benchmark | minutes |", "|---|---:|",
+                  *[f"| `bench/{name}` | {sec / 60:.1f}"
+                    + (f" (failed: exit {runs['failed'][name]})" if name in runs.get("failed", {}) else "") + " |"
+                    for name, sec in runs["benchmarks"].items()], ""]
     return "\n".join(lines)
 
 
+def run_benchmarks(quick: bool) -> dict:
+    """Every benchmark in its own process, writing into PAGE_DIR; their wall times and the exit
+    codes of those that failed (the others still run: an hour's run is not lost to one)."""
+    times, failed, t0 = {}, {}, time.perf_counter()
+    for script, quick_flags in BENCHMARKS.items():
+        flags = ["--out", str(PAGE_DIR / script.replace(".py", ".json"))]
+        flags += [f.format(dir=PAGE_DIR) for f in OUTPUT_FLAGS.get(script, [])]
+        print(f"== {script}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.run([sys.executable, str(ROOT / "bench" / script), *flags, *(quick_flags if quick else [])],
+                              cwd=ROOT).returncode
+        times[script] = time.perf_counter() - started
+        if code:
+            failed[script] = code
+            print(f"== {script} failed: exit {code}", file=sys.stderr, flush=True)
+    return {"machine": machine(), "date": today(), "quick": quick,
+            "seconds": time.perf_counter() - t0, "benchmarks": times, "failed": failed}
+
+
 def main() -> None:
+    global PAGE_DIR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="only render the page from existing JSON")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every benchmark at small "
+                    "sizes, written to a scratch folder (docs/ is left alone)")
+    ap.add_argument("--out-dir", default=None, help="where the results and the page go (default: "
+                    "docs/; with --quick a new scratch folder)")
     args = ap.parse_args()
+    PAGE_DIR = Path(args.out_dir or (tempfile.mkdtemp(prefix="bench-quick-") if args.quick else DOCS))
+    PAGE_DIR.mkdir(parents=True, exist_ok=True)
+    runs = None
     if not args.render:
-        for script in BENCHMARKS:
-            subprocess.run([sys.executable, str(ROOT / "bench" / script)], check=True, cwd=ROOT)
-    (DOCS / "benchmarks.md").write_text(render())
-    print(f"wrote {DOCS / 'benchmarks.md'}")
+        runs = run_benchmarks(args.quick)
+        (PAGE_DIR / "bench_runs.json").write_text(json.dumps(runs, indent=1))
+    (PAGE_DIR / "benchmarks.md").write_text(render())
+    print(f"wrote {PAGE_DIR / 'benchmarks.md'}")
+    if runs and runs["failed"]:
+        sys.exit(f"error: bench/run_all.py: failed: {', '.join(runs['failed'])}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from chexnet_hvd import data, records
 from chexnet_hvd.labels import PATHOLOGIES, parse_finding_labels
 
 
-def read_all(records_dir, split):
+def read_all(records_dir, split, encoding="png"):
     manifest = records.load_manifest(records_dir)
     out = {}
     for path, _ in records.split_shards(manifest, records_dir, split):
         for raw in tf.data.TFRecordDataset(path):
-            ex = records.parse_example(raw, manifest["num_classes"])
+            ex = records.parse_example(raw, manifest["num_classes"], encoding)
             out[ex["image/id"].numpy().decode()] = ex
     return out
 
@@ -332,9 +332,10 @@ def test_records_of_one_size_leave_the_cpu_as_uint8_and_the_graph_preprocesses_t
     module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
            "--out", tmp_path / encoding, "--image-size", 32, "--encoding", encoding, "--shard-size", 64,
            "--no-progress", check=True)
-    source = data.Source(tmp_path / encoding, "train")
-    items = source.read(data.as_tensor(data.sharding.eval_plan(source.counts, 1)[0]))
-    stored = {ex["id"].numpy(): ex["image"].numpy() for ex in map(source.example, items)}
+    key = records.IMAGE_KEYS[encoding]
+    stored = {i.encode(): (tf.io.decode_png(ex[key], 1) if encoding == "png" else
+                           tf.reshape(tf.io.decode_raw(ex[key], tf.uint8), [32, 32, 1])).numpy()
+              for i, ex in read_all(tmp_path / encoding, "train", encoding).items()}
     graph = models.with_preprocessing(models.build_model("small_cnn", 28, 14), 32)
     in_graph = tf.keras.Model(graph.input, graph.get_layer("preprocess").output)
     mirrored, seen = 0, 0

@@ -1,0 +1,83 @@
+"""`make bench`'s page and locks: bench/run_all.py --render writes a page whatever results it
+finds (a benchmark not run yet, or run by an older version of its script, is said to be not
+measured yet), each goal row with its machine and date; a benchmark that takes the machine's
+lock does not wait for a lock its caller already holds."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, run
+
+SECTIONS = ["bench_train", "bench_data", "bench_scaling", "bench_comm", "bench_inference", "bench_nas",
+            "bench_scale"]
+
+
+def render(folder) -> str:
+    run([sys.executable, "bench/run_all.py", "--render", "--out-dir", str(folder)], timeout=60, check=True)
+    return (folder / "benchmarks.md").read_text()
+
+
+def test_a_page_with_no_results_says_each_section_is_not_measured_yet(tmp_path):
+    page = render(tmp_path)
+    for name in SECTIONS:
+        assert f"Not measured yet: `bench/{name}.py` has not written {name}.json." in page
+
+
+def test_results_of_an_older_benchmark_version_are_named_not_measured_and_the_rest_rendered(tmp_path):
+    """An old bench_train.json (before the trainer's pieces were measured) beside the committed
+    results: its section says which figure it lacks; every goal row of the others ends with
+    the machine and date of its JSON."""
+    for path in (ROOT / "docs").glob("bench_*.json"):
+        shutil.copy(path, tmp_path)
+    shutil.copy(ROOT / "docs" / "scaling.md", tmp_path)
+    old = {"machine": "m", "date": "2026-01-02", "small": {"model": "small_cnn", "bare_loop": 100.0}}
+    (tmp_path / "bench_train.json").write_text(json.dumps(old))
+    page = render(tmp_path)
+    assert "Not measured yet by the current `bench/bench_train.py`: its bench_train.json of 2026-01-02 has no" in page
+    table = page.split("## Goals")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    assert rows
+    for row in rows:
+        machine, date = [cell.strip() for cell in row.strip("|").split("|")][-2:]
+        assert machine and re.fullmatch(r"\d{4}-\d{2}-\d{2}", date), row
+
+
+def test_a_lock_held_by_the_caller_is_not_waited_for_and_another_holder_is(tmp_path):
+    """`flock LOCK make bench` must not hang in the benchmark that takes LOCK itself (it did:
+    a second flock on the file waits for the first forever); a lock held by a process that is
+    not its caller is still waited for."""
+    lock = tmp_path / "heavy.lock"
+    lock.touch()
+    take = (f"import sys, time; sys.path.insert(0, 'bench'); import common; t = time.monotonic()\n"
+            f"with common.locked(({str(lock)!r},)): print(round(time.monotonic() - t, 1))")
+    under = run(["flock", str(lock), sys.executable, "-c", take], timeout=30, check=True)
+    assert float(under.stdout) < 5
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "4"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 10
+        while f":{lock.stat().st_ino} " not in open("/proc/locks").read() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waited = run([sys.executable, "-c", take], timeout=30, check=True)
+    finally:
+        holder.wait()
+    assert float(waited.stdout) >= 2
+
+
+def test_each_goal_of_a_bullet_with_several_is_labelled_with_what_the_bullet_measures(monkeypatch):
+    """`- Peak memory ...: a: 1.0 (goal ...); b: 3.0 (goal ...)`: b's row says it is peak memory
+    (it was labelled `b` alone, the same as b's row of the time bullet)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    lines = ["## Costs against data size (x)",
+             f"- Peak memory, largest / smallest (flat: at most 1.2): a: {run_all.goal(1.0, '<=', 1.2)}; "
+             f"b: {run_all.goal(3.0, '<=', 1.2)}.",
+             f"- First batch: {run_all.goal(4.2, '<', 10, ' s')}."]
+    assert run_all.goals(lines, {"machine": "m", "date": "2026-01-02"}) == [
+        "| Costs against data size: Peak memory, largest / smallest: a | 1.00 | <= 1.2: met | m | 2026-01-02 |",
+        "| Costs against data size: Peak memory, largest / smallest: b | 3.00 | <= 1.2: **missed** | m | 2026-01-02 |",
+        "| Costs against data size: First batch | 4.20 s | < 10 s: met | m | 2026-01-02 |"]
