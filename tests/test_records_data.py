@@ -208,6 +208,23 @@ def test_evaluation_sees_every_record_exactly_once(records_dir, world):
     assert sorted(ids) == sorted(read_all(records_dir, "val"))
 
 
+@pytest.mark.parametrize("stored, side, crop", [(32, 28, True), (30, 26, True), (31, 31, False), (28, 28, False)])
+def test_a_batchs_windows_and_mirrors_are_the_draws_numpy_cut(stored, side, crop):
+    """augment_batch against numpy: image b's window starts at floor(draw x (positions)) on
+    each axis, and it is mirrored when its flip draw is below 0.5; widths divisible by 4 (the
+    word-wise mirror) and not, a batch with every image mirrored and one with none."""
+    rng = np.random.default_rng(stored)
+    images = rng.integers(0, 256, (6, stored, stored, 1), dtype=np.uint8)
+    for flips in (rng.random(6), np.zeros(6), np.ones(6)):
+        draw = np.column_stack([flips, rng.random((6, 2))]).astype(np.float32)
+        out = data.augment_batch(tf.constant(images), tf.constant(draw), side, flip=True, crop=crop).numpy()
+        assert out.shape == (6, side, side, 1)
+        for b, image in enumerate(images):
+            y, x = (np.floor(draw[b, 1:] * (stored - side + 1)).astype(int) if crop else (0, 0))
+            window = image[y:y + side, x:x + side]
+            np.testing.assert_array_equal(out[b], window[:, ::-1] if draw[b, 0] < 0.5 else window)
+
+
 def test_preprocess_is_imagenet_normalised_three_channel():
     image = tf.fill((10, 12, 1), tf.constant(255, tf.uint8))
     out = data.preprocess(image, 8).numpy()
