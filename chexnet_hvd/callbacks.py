@@ -1,13 +1,8 @@
-"""The trainer's Keras callbacks and the run state they share (chexnet_hvd.train builds them).
-
-One RunState per run, the same on every rank: counters (epoch, step), the validation result and
-the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the flags that end a run
-(preempted, stopped early). A checkpoint's meta.json carries what a resumed run needs of it.
-"""
+"""The trainer's Keras callbacks (chexnet_hvd.train builds them): each reads and writes the one
+RunState of the run (chexnet_hvd.checkpoints), the same on every rank."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import sys
@@ -17,39 +12,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from chexnet_hvd import bottleneck, checkpoints, data, metrics, schedules, sharding
+from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig, profile_range
-
-
-@dataclasses.dataclass
-class RunState:
-    """What the callbacks share, the same on every rank, and what a checkpoint carries on to
-    the next attempt (`checkpoints.run_meta`)."""
-
-    plateau: dict  # reduce-on-plateau: scale, best, wait
-    epoch: int = 0  # epochs completed, so also the index of the epoch in progress
-    step: int = 0  # optimizer steps taken (counted in Python: reading the optimizer would sync)
-    best_by: str = "val_mean_auroc"  # what ranks epochs: a key of CRITERIA
-    best: float | None = None  # its best value so far
-    since_best: int = 0  # epochs (with a defined value) since it improved (--early-stopping)
-    improved: bool = False  # the epoch just validated set a new best
-    validation: dict = dataclasses.field(default_factory=dict)  # the last epoch's result
-    timing: dict = dataclasses.field(default_factory=dict)  # the last epoch's seconds, img/s
-    resumed_from: str | None = None
-    preempted: bool = False
-    stopped_early: bool = False
-    # Where in the data the run is, whatever shape each attempt had (chexnet_hvd.sharding):
-    shape: tuple[int, int] = (1, 1)  # this attempt's (world size, per-rank batch)
-    shapes: list = dataclasses.field(default_factory=list)  # the shape each epoch started with
-    parts: list = dataclasses.field(default_factory=list)  # earlier attempts' parts of this epoch
-    part_steps: int = 0  # steps this attempt trains of epoch `epoch`
-    batch: int = 0  # of which done
-    lr: float = 0.0  # the learning rate at the end of the last epoch
-    diagnosis: dict = dataclasses.field(default_factory=dict)  # the last epoch's bottleneck verdict
-
-    def epoch_parts(self) -> list:
-        """The parts of epoch `epoch` trained so far, this attempt's included (sharding.Part)."""
-        return self.parts + ([(*self.shape, self.part_steps, self.batch)] if self.batch else [])
-
 
 # What ranks the epochs for best/, plateau and early stopping: (key of the validation result,
 # +1 to maximise or -1 to minimise). The mean AUROC, unless the validation split has no class

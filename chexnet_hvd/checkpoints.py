@@ -3,7 +3,11 @@ step counter) and meta.json (model, image size, classes, epochs completed, step,
 A checkpoint is written into a hidden temporary directory and renamed when complete, so any
 directory under its final name is whole. `best` is a symlink to a hidden copy of the best epoch
 by mean validation AUROC (or loss, when the validation split cannot define one), swapped in one
-rename: a complete best exists at every instant."""
+rename: a complete best exists at every instant.
+
+One RunState per run, the same on every rank: counters (epoch, step), the validation result and
+the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the flags that end a run
+(preempted, stopped early); meta.json carries what a resumed run needs of it."""
 
 from __future__ import annotations
 
@@ -23,12 +27,11 @@ from chexnet_hvd import models
 from chexnet_hvd.cli import InputError
 
 if TYPE_CHECKING:
-    from chexnet_hvd.callbacks import RunState
     from chexnet_hvd.config import Derived, TrainConfig
 
 META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # meta.json, written by `save` through `meta_record` and read back by `read_meta`: the model to
-# rebuild, and the counters a resumed run continues from (the trainer's RunState).
+# rebuild, and the counters a resumed run continues from (RunState).
 # parts: what the attempts so far trained of epoch `epoch` (world size, batch, steps, batches
 # done each; empty at an epoch's end); shapes: the (world size, batch) each epoch started with.
 # best: the best value of best_by (chexnet_hvd.callbacks.CRITERIA) so far.
@@ -36,6 +39,37 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 META_FIELDS = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "epoch", "step", "parts", "shapes",
                "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
                "best_by", "best", "since_best", "plateau", "config")
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the callbacks share, the same on every rank, and what a checkpoint carries on to
+    the next attempt (`run_meta`)."""
+
+    plateau: dict  # reduce-on-plateau: scale, best, wait
+    epoch: int = 0  # epochs completed, so also the index of the epoch in progress
+    step: int = 0  # optimizer steps taken (counted in Python: reading the optimizer would sync)
+    best_by: str = "val_mean_auroc"  # what ranks epochs: a key of callbacks.CRITERIA
+    best: float | None = None  # its best value so far
+    since_best: int = 0  # epochs (with a defined value) since it improved (--early-stopping)
+    improved: bool = False  # the epoch just validated set a new best
+    validation: dict = dataclasses.field(default_factory=dict)  # the last epoch's result
+    timing: dict = dataclasses.field(default_factory=dict)  # the last epoch's seconds, img/s
+    resumed_from: str | None = None
+    preempted: bool = False
+    stopped_early: bool = False
+    # Where in the data the run is, whatever shape each attempt had (chexnet_hvd.sharding):
+    shape: tuple[int, int] = (1, 1)  # this attempt's (world size, per-rank batch)
+    shapes: list = dataclasses.field(default_factory=list)  # the shape each epoch started with
+    parts: list = dataclasses.field(default_factory=list)  # earlier attempts' parts of this epoch
+    part_steps: int = 0  # steps this attempt trains of epoch `epoch`
+    batch: int = 0  # of which done
+    lr: float = 0.0  # the learning rate at the end of the last epoch
+    diagnosis: dict = dataclasses.field(default_factory=dict)  # the last epoch's bottleneck verdict
+
+    def epoch_parts(self) -> list:
+        """The parts of epoch `epoch` trained so far, this attempt's included (sharding.Part)."""
+        return self.parts + ([(*self.shape, self.part_steps, self.batch)] if self.batch else [])
 
 
 def meta_record(**fields) -> dict:

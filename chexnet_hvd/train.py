@@ -44,7 +44,7 @@ from chexnet_hvd import (
     stall,
     weights,
 )
-from chexnet_hvd.callbacks import RunState
+from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig
 
 
