@@ -46,9 +46,9 @@ SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 
 # (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
 SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1)]
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check
-TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()),
+TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("horovod", 4, 4, ()),
          ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
-         ("tf", 2, 1, ())]
+         ("tf", 2, 1, ()), ("tf", 4, 1, ())]
 LOCKS = ("/tmp/chexnet-rehearsal.lock", "/tmp/chexnet-heavy.lock")
 
 
@@ -163,12 +163,14 @@ def refit(path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", default="200mbit", help="every node's link, both ways (tc tbf)")
     ap.add_argument("--repeats", type=int, default=3, help="timed allreduces per size (median)")
     ap.add_argument("--batch", type=int, default=4, help="trainer: images per rank per step")
     ap.add_argument("--steps", type=int, default=6, help="trainer: steps per epoch (3 warm-up steps left out)")
     ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep")
+    ap.add_argument("--train-only", action="store_true",
+                    help="only the trainer runs, against the allreduce sweep and fit already in --out")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
@@ -177,6 +179,9 @@ def main() -> None:
         return
     began = time.time()
     rows, runs, nets, failed = [], [], {}, []
+    if args.train_only:  # the sweep's measurements (and their failures) kept, the trainer's redone
+        kept = json.loads(Path(args.out).read_text())
+        rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
         result = {
@@ -190,7 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
         began = time.time()  # measured from here: waiting for the locks is not the benchmark's
         tmp = Path(tmp)
-        for engine, nodes, per_node in SWEEP:
+        for engine, nodes, per_node in [] if args.train_only else SWEEP:
             try:
                 rows += sweep(engine, nodes, per_node, tmp, args.repeats)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
