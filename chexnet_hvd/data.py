@@ -8,7 +8,7 @@ twice, fewer than one global batch left out, and a different part each epoch. Tr
 rank: its segments of shards -> parallel interleave -> shuffle within blocks, seeded per (seed,
 rank, epoch) -> each record zipped with its random draws (flip, crop), a pure function of (the
 reader's seed, its index in that reader's stream) -> batch(drop_remainder) -> parse the batch in
-one op, decode, crop and flip (uint8 gathers) -> prefetch, on a private thread pool of the rank's
+one op, decode, crop (slices) and flip (uint8) -> prefetch, on a private thread pool of the rank's
 threads. Records of one stored size (uint8, or PNG written with --image-size) leave the CPU as
 uint8 batches: resizing, scaling and normalising run in the model's graph
 (`models.with_preprocessing`), on the GPU when there is one. Images of source sizes (PNG records
