@@ -207,7 +207,7 @@ def pipeline_summary(measured: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--copies", type=int, default=10, help="times each real image is listed")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement (median)")
     ap.add_argument("--cpu-seconds", type=float, default=3.0, help="CPU time each pipeline run is timed for")

@@ -106,7 +106,7 @@ def auroc(tmp: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (x4 at batch 1)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_inference.json"))
     args = ap.parse_args()

@@ -88,7 +88,7 @@ def search(study_dir: Path, records: Path, trials: int, workers: int, threads: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=50)
     ap.add_argument("--trials", type=int, default=12, help="candidates per throughput study")
     ap.add_argument("--search-trials", type=int, default=20, help="candidates of the evolution search")

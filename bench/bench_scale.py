@@ -264,7 +264,7 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--stage":
         print(json.dumps(STAGES[sys.argv[2]](*json.loads(sys.argv[3]))))
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, NIH_IMAGES])
     ap.add_argument("--quick", action="store_true", help="a smoke run: sizes 1,000 and 3,000, "
                     "40 resamples, 30 batches")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The trainer's cost per step on this CPU, in one run, each number from a fresh process:
+"""The trainer's cost per step on this CPU against a bare training loop, like with like, in one
+run, each number from a fresh process.
 
     .venv/bin/python bench/bench_train.py [--out docs/bench_train.json]
 
@@ -184,7 +185,7 @@ def ratios(m: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed DenseNet-121 steps per measurement")
     ap.add_argument("--small-steps", type=int, default=600, help="timed small-CNN steps")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out (small CNN: 25x)")

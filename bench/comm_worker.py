@@ -32,7 +32,7 @@ def allreduce_fn(engine):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", default="horovod", choices=sorted(distributed.ENGINES))
     ap.add_argument("--sizes", default="1e3,1.6e4,2.56e5,1e6,4e6,1.6e7,2.8e7", help="bytes, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)

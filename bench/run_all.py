@@ -568,7 +568,7 @@ def run_benchmarks(quick: bool) -> dict:
 
 def main() -> None:
     global PAGE_DIR
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--render", action="store_true", help="only render the page from existing JSON")
     ap.add_argument("--quick", action="store_true", help="a smoke run of every benchmark at small "
                     "sizes, written to a scratch folder (docs/ is left alone)")
