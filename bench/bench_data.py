@@ -55,7 +55,7 @@ import tensorflow as tf
 data_dir, variant, budget, warm, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), *map(int, sys.argv[4:6])
 tf.config.threading.set_intra_op_parallelism_threads(threads)
 tf.config.threading.set_inter_op_parallelism_threads(threads)
-from chexnet_hvd import data, sharding
+from chexnet_hvd import data, sharding, views
 S, B, steps = 224, 16, ["read", "shuffle", "draws", "parse", "decode", "augment"]
 
 def upto(last, per_record=False, cpu_float=False):
@@ -72,7 +72,7 @@ def upto(last, per_record=False, cpu_float=False):
         def one(item, draw):  # noqa: E306
             image = source.example(item)["image"]
             image = tf.where(draw[0] < 0.5, tf.reverse(image, [1]), image)
-            return data.preprocess(image, S) if cpu_float else image
+            return views.preprocess(image, S) if cpu_float else image
         ds = ds.map(one, num_parallel_calls=data.AUTOTUNE)
     ds = ds.batch(B, drop_remainder=True)  # also before parsing: Python iterates per batch
     def batch(serialized, draw):
@@ -82,7 +82,7 @@ def upto(last, per_record=False, cpu_float=False):
         image = data.decode_batch(example, source.encoding, source.stored_size)
         if n >= 5:
             image = data.augment_batch(image, draw, source.stored_size, True, False)
-        return data.preprocess(image, S) if cpu_float else image
+        return views.preprocess(image, S) if cpu_float else image
     if n >= 3 and not per_record:
         ds = ds.map(batch, num_parallel_calls=data.AUTOTUNE)
     return data.sized(ds.prefetch(data.AUTOTUNE), threads)
@@ -94,7 +94,7 @@ elif variant == "cpu_float":
 elif variant.startswith("per_record"):
     ds = upto("draws", per_record=True, cpu_float=variant.endswith("cpu_float"))
 else:  # the project pipeline itself
-    view = data.View(S, crop=variant.endswith("crop"))
+    view = views.View(S, crop=variant.endswith("crop"))
     ds = data.train_dataset(data_dir, "train", view, B, shuffle_buffer=2048, threads=threads)
 it = iter(ds)
 for _ in range(warm):

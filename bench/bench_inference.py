@@ -62,7 +62,7 @@ def densenet_checkpoint(tmp: Path) -> Path:
 
 
 def speed(tmp: Path, repeats: int) -> dict:
-    from chexnet_hvd import data, export
+    from chexnet_hvd import export, views
 
     ckpt = densenet_checkpoint(tmp)
     cli("chexnet_hvd.synthetic", "--out", tmp / "syn224", "--images", 300, "--size", 224, "--seed", 0)
@@ -77,7 +77,7 @@ def speed(tmp: Path, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     one, batch = rng.normal(size=(1, 224, 224, 3)).astype(np.float32), rng.normal(size=(32, 224, 224, 3)).astype(np.float32)
     image = rng.integers(0, 255, (256, 256, 1), dtype=np.uint8)
-    crops = np.concatenate([data.tta_views(image, 224, "tencrop").numpy()] * 4)  # 4 images x 10 views
+    crops = np.concatenate([views.tta_views(image, 224, "tencrop").numpy()] * 4)  # 4 images x 10 views
     out = {}
     for name, fn in backends.items():
         out[name] = {"latency_ms_batch1": 1e3 * timed(fn, one, repeats * 4),

@@ -47,7 +47,7 @@ BARE = r"""
 import sys, time, json
 import tensorflow as tf, horovod.tensorflow as hvd
 hvd.init()
-from chexnet_hvd import data, models
+from chexnet_hvd import data, models, views
 from chexnet_hvd.train import make_loss, pack_targets
 name, (size, batch, steps, warm, feed), records = sys.argv[1], map(int, sys.argv[2:7]), sys.argv[7:]
 tf.keras.utils.set_random_seed(0)
@@ -56,7 +56,7 @@ trained = models.with_preprocessing(model, size, models.input_scaling(name))
 opt = tf.keras.optimizers.Adam(1e-3)
 loss_fn = make_loss()
 if records:
-    ds = data.train_dataset(records[0], "train", data.View(size, models.input_scaling(name)), batch)
+    ds = data.train_dataset(records[0], "train", views.View(size, models.input_scaling(name)), batch)
 else:
     ds = data.synthetic_dataset(size, batch, 14, uint8_size=size)
 ds = ds.map(lambda x, y, m: (x, pack_targets(y, m)))

@@ -35,7 +35,7 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # parts: what the attempts so far trained of epoch `epoch` (world size, batch, steps, batches
 # done each; empty at an epoch's end); shapes: the (world size, batch) each epoch started with.
 # best: the best value of best_by (chexnet_hvd.callbacks.CRITERIA) so far.
-# scaling, crop: how the model's input is made from a stored image (chexnet_hvd.data.View).
+# scaling, crop: how the model's input is made from a stored image (chexnet_hvd.views.View).
 META_FIELDS = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "epoch", "step", "parts", "shapes",
                "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
                "best_by", "best", "since_best", "plateau", "config")

@@ -1,5 +1,5 @@
-"""tf.data input pipelines over the records (or a raw-image index), and `preprocess`, shared with
-evaluation and inference.
+"""tf.data input pipelines over the records (or a raw-image index): training, evaluation and the
+synthetic input.
 
 Which records a rank reads in an epoch is decided by `chexnet_hvd.sharding` (pure, tested at
 world sizes up to 256): each rank its own contiguous range of steps x batch records of the
@@ -16,22 +16,18 @@ written without --image-size, a raw index) are decoded, flipped and preprocessed
 the CPU. Evaluation reads each record exactly once across ranks, with no dropped remainder. A
 raw index (records --format raw) takes the same path with its rows (image files) as the units.
 
-A model's input (`View`): its side S, its backbone's input scaling (Keras' "torch" mode for
-DenseNet, "caffe" for the ResNets' ImageNet weights), and with --crop CheXNet's geometry: S-px
-windows of the image at S x 256/224, random in training, the centre one in evaluation, the
-corners and centre (and mirrors) in ten-crop.
+What a model's input is made of (`View`: side, input scaling, CheXNet's crops): chexnet_hvd.views.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from chexnet_hvd import records, sharding
+from chexnet_hvd import records, sharding, views
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.images import to_8bit
 from chexnet_hvd.records import check_image_size
@@ -43,118 +39,13 @@ from chexnet_hvd.records import check_image_size
 plain = tf.autograph.experimental.do_not_convert
 
 AUTOTUNE = tf.data.AUTOTUNE
-# ImageNet statistics: the backbones' pretrained weights expect them (and CheXNet used them).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Keras' "caffe" mode (its ResNet-50 ImageNet weights were trained on it): BGR, 0-255, the
-# ImageNet mean subtracted per channel (B, G, R), no division.
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-SCALINGS = ("torch", "caffe")  # Keras' names: /255 then mean/std (DenseNet), or caffe (ResNet)
-CROP_SCALE = 256 / 224  # CheXNet's geometry: the image at S x 256/224, S-px windows of it
-
-
-def scale_pixels(image: tf.Tensor, scaling: str = "torch") -> tf.Tensor:
-    """Float grey levels 0-255 [..., 1] -> the 3-channel input a backbone's ImageNet weights were
-    trained on: "torch" (/255, ImageNet mean/std, RGB) or "caffe" (0-255, BGR mean subtracted)."""
-    rgb = tf.image.grayscale_to_rgb(image)
-    if scaling == "caffe":
-        return rgb[..., ::-1] - CAFFE_MEAN_BGR  # BGR order as Keras' caffe mode (grey: equal channels)
-    if scaling != "torch":
-        raise ValueError(f"unknown input scaling {scaling!r} (one of {SCALINGS})")
-    return (rgb / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def preprocess(image: tf.Tensor, image_size: int, scaling: str = "torch") -> tf.Tensor:
-    """uint8 grayscale [H, W, 1] (or a batch) -> float32 [S, S, 3] as the backbone expects.
-
-    The one preprocessing used by training (in the input pipeline or in the model's graph),
-    evaluation and inference: bilinear resize with antialiasing (exactly the identity when the
-    size is already S), replication to 3 channels, the backbone's input scaling (`scale_pixels`).
-    """
-    image = tf.image.resize(tf.cast(image, tf.float32), (image_size, image_size),
-                            method="bilinear", antialias=True)
-    return scale_pixels(image, scaling)
-
-
-@dataclasses.dataclass(frozen=True)
-class View:
-    """How a model's input is made from a stored image: its side S, its backbone's input scaling
-    (`scale_pixels`), and whether it sees S-px windows of the image at S x 256/224 (--crop:
-    random windows in training, the centre one in evaluation) or the whole image."""
-
-    image_size: int
-    scaling: str = "torch"
-    crop: bool = False
-
-    @classmethod
-    def of(cls, meta: dict) -> View:
-        """The view a checkpoint's (or an export's) meta.json records; one written before these
-        were recorded trained on the whole image with torch scaling."""
-        return cls(meta["image_size"], meta.get("scaling") or "torch", bool(meta.get("crop")))
-
-
-def as_view(view: View | int) -> View:
-    """`view`, or a model side alone as the default view of that side."""
-    return view if isinstance(view, View) else View(int(view))
-
-
-def crop_scale_side(image_size: int) -> int:
-    """The side of the image that --crop takes S-px windows of: S x 256/224, rounded."""
-    return round(image_size * CROP_SCALE)
-
-
-def window_side(stored, image_size: int):
-    """The side, in stored pixels, of an S-px window of the image at S x 256/224 (S itself when
-    the records are stored at that size); `stored` an int or an int tensor."""
-    scaled = crop_scale_side(image_size)
-    return (2 * image_size * stored + scaled) // (2 * scaled)  # round(S x stored / scaled)
-
-
-def shipped_side(stored: int, view: View) -> int:
-    """The side of the uint8 images the training pipeline ships for `view` (fixed-size records):
-    the stored image, or with --crop a window of it."""
-    return window_side(stored, view.image_size) if view.crop else stored
-
-
-PLACES = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
-
-
-def window_box(height, width, image_size: int, place: str = "centre") -> tuple:
-    """(top, left, rows, columns) of the S-px window at `place` (one of PLACES) of an image of
-    `height` x `width` stored pixels at S x 256/224 (`window_side`, each axis on its own)."""
-    rows, cols = window_side(height, image_size), window_side(width, image_size)
-    vertical, _, horizontal = place.partition("-")
-    top = {"top": 0, "bottom": height - rows, "centre": (height - rows) // 2}[vertical]
-    left = {"left": 0, "right": width - cols, "centre": (width - cols) // 2}[horizontal or vertical]
-    return top, left, rows, cols
-
-
-def window(image: tf.Tensor, image_size: int, place: str = "centre") -> tf.Tensor:
-    """The window of `window_box` of a stored image [H, W, 1] (static sizes stay static; a
-    NumPy image, as predict reads one, too)."""
-    image = tf.convert_to_tensor(image)
-    static = image.shape[:2]
-    height, width = (int(static[0]), int(static[1])) if static.is_fully_defined() else tf.unstack(tf.shape(image)[:2])
-    top, left, rows, cols = window_box(height, width, image_size, place)
-    return image[top:top + rows, left:left + cols]
-
-
-def model_input(image: tf.Tensor, view: View | int) -> tf.Tensor:
-    """A stored image (uint8 [H, W, 1]) as the model sees it in evaluation and inference: the
-    whole image, or with --crop its centre window, preprocessed ([S, S, 3])."""
-    view = as_view(view)
-    if view.crop:
-        image = window(image, view.image_size)
-    return preprocess(image, view.image_size, view.scaling)
-
-
-def check_view(manifest: dict, data_dir: str | Path, view: View) -> None:
+def check_view(manifest: dict, data_dir: str | Path, view: views.View) -> None:
     """A one-line error for records a model with `view` cannot use without upsampling: stored
     smaller than S, or with --crop smaller than S x 256/224 or of no fixed size."""
     check_image_size(manifest, data_dir, view.image_size)
     if not view.crop:
         return
-    stored, scaled = manifest.get("image_size"), crop_scale_side(view.image_size)
+    stored, scaled = manifest.get("image_size"), views.crop_scale_side(view.image_size)
     if not stored or is_raw(manifest):
         raise InputError("--crop", f"{data_dir} holds images at their source sizes: --crop takes "
                          f"{view.image_size}-px windows of records written with --image-size "
@@ -193,7 +84,7 @@ def fixed_size(manifest: dict) -> bool:
 
 def preprocess_on_device(manifest: dict) -> bool:
     """Fixed-size records (`fixed_size`): the CPU pipeline decodes, crops and flips them and
-    ships uint8 batches; the model's graph (`models.with_preprocessing`) does `preprocess`
+    ships uint8 batches; the model's graph (`models.with_preprocessing`) does `views.preprocess`
     on the accelerator. Images of source sizes are preprocessed in the pipeline."""
     return fixed_size(manifest)
 
@@ -374,7 +265,7 @@ def augment_batch(images: tf.Tensor, draw: tf.Tensor, side: int, flip: bool, cro
     return images
 
 
-def train_dataset(data: Records | str | Path, split: str, view: View | int, batch_size: int, *,
+def train_dataset(data: Records | str | Path, split: str, view: views.View | int, batch_size: int, *,
                   rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True,
                   shuffle_buffer: int = 2048, steps_per_epoch: int | None = None,
                   start_epoch: int = 0, epochs: int | None = None,
@@ -391,10 +282,10 @@ def train_dataset(data: Records | str | Path, split: str, view: View | int, batc
 
     Everything up to the choice of records is deterministic, whatever the flags, so that a
     resumed epoch trains exactly the records its interrupted attempt did not. Fixed-size
-    records come out as uint8 images (with --crop, windows of them: `shipped_side`), parsed
+    records come out as uint8 images (with --crop, windows of them: `views.shipped_side`), parsed
     and augmented a batch at a time, for a model that preprocesses in its graph
     (`preprocess_on_device`); images of source sizes are preprocessed here, one by one."""
-    source, view = Source(data, split), as_view(view)
+    source, view = Source(data, split), views.as_view(view)
     on_device = fixed_size(source.manifest)
     last = 2**62 if epochs is None else start_epoch + epochs
     shapes = shapes or [(0, world_size, batch_size)]
@@ -420,7 +311,7 @@ def train_dataset(data: Records | str | Path, split: str, view: View | int, batc
     @plain
     def parse_batch(serialized, draw):  # fixed-size records: the CPU's work is uint8 only
         example = source.batch_examples(serialized)
-        side = shipped_side(source.stored_size, view)
+        side = views.shipped_side(source.stored_size, view)
         image = augment_batch(example["image"], draw, side, augment, view.crop)
         out = (image, example["label"], example["mask"])
         return out + (example["id"],) if with_ids else out
@@ -431,7 +322,7 @@ def train_dataset(data: Records | str | Path, split: str, view: View | int, batc
         image = example["image"]
         if augment:  # CheXNet's only augmentation
             image = tf.where(draw[0] < 0.5, tf.reverse(image, [1]), image)
-        out = (preprocess(image, view.image_size, view.scaling), example["label"], example["mask"])
+        out = (views.preprocess(image, view.image_size, view.scaling), example["label"], example["mask"])
         return out + (example["id"],) if with_ids else out
 
     scalar = tf.TensorSpec((), tf.int64)
@@ -447,40 +338,20 @@ def train_dataset(data: Records | str | Path, split: str, view: View | int, batc
     return sized(ds.prefetch(AUTOTUNE), threads)
 
 
-TTA_MODES = ("none", "flip", "tencrop")
-
-
-def tta_views(image: tf.Tensor, view: View | int, mode: str) -> tf.Tensor:
-    """uint8 [H, W, 1] -> preprocessed views [V, S, S, 3] whose predictions are averaged.
-    none: the model's input (`model_input`, V=1); flip: it and its mirror (V=2); tencrop: the
-    four corner windows and the centre window of the image at S x 256/224 (`window`: the scale
-    --crop trains at; the centre one is a --crop model's own input), then the five mirrored
-    (V=10)."""
-    view = as_view(view)
-    if mode == "none":
-        return model_input(image, view)[None]
-    if mode == "flip":
-        one = model_input(image, view)
-        return tf.stack([one, tf.image.flip_left_right(one)])
-    crops = tf.stack([preprocess(window(image, view.image_size, place), view.image_size, view.scaling)
-                      for place in PLACES])
-    return tf.concat([crops, tf.image.flip_left_right(crops)], axis=0)
-
-
-def eval_dataset(data: Records | str | Path, split: str, view: View | int, batch_size: int, *,
+def eval_dataset(data: Records | str | Path, split: str, view: views.View | int, batch_size: int, *,
                  rank: int = 0, world_size: int = 1, tta: str | None = None,
                  threads: int | None = None) -> tf.data.Dataset:
     """Dicts of image, label, mask, id, patient: this rank's part, each record exactly once.
-    image is the model's input (`model_input`), or with `tta` the views of `tta_views`
+    image is the model's input (`views.model_input`), or with `tta` the views of `views.tta_views`
     ([B, V, S, S, 3])."""
-    source, view = Source(data, split), as_view(view)
+    source, view = Source(data, split), views.as_view(view)
     segments = sharding.eval_plan(source.counts, world_size)[rank]
 
     @plain
     def parse(item):
         example = source.example(item)
-        image = (model_input(example["image"], view) if tta is None
-                 else tta_views(example["image"], view, tta))
+        image = (views.model_input(example["image"], view) if tta is None
+                 else views.tta_views(example["image"], view, tta))
         return example | {"image": image}
 
     ds = source.read(as_tensor(segments)).map(parse, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli, data, distributed, export, metrics, records, stall
+from chexnet_hvd import cli, data, distributed, export, metrics, records, stall, views
 from chexnet_hvd.labels import PATHOLOGIES
 
 # Rajpurkar et al. 2017 (CheXNet), Table 2: per-class test AUROC, in the canonical order.
@@ -76,7 +76,7 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
                              f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
 
 
-def score(predict, data_dir: str, split: str, view: data.View, batch: int, tta: str, engine,
+def score(predict, data_dir: str, split: str, view: views.View, batch: int, tta: str, engine,
           watchdog: stall.Watchdog | None = None) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients; each batch
     is progress for the stall `watchdog`."""
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
-    names, view = meta["classes"], data.View.of(meta)  # the checkpoint's scaling and crop
+    names, view = meta["classes"], views.View.of(meta)  # the checkpoint's scaling and crop
     data.check_view(manifest, cfg.data, view)
 
     plain = score(predict, cfg.data, cfg.split, view, cfg.batch_size, "none", engine, watchdog)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import checkpoints, cli, data, records
+from chexnet_hvd import checkpoints, cli, data, records, views
 
 OV_MODEL = "model.xml"
 OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -47,7 +47,7 @@ def save_savedmodel(model, path: Path) -> None:
     tf.saved_model.save(model, str(path), signatures={"serving_default": serve})
 
 
-def calibration_images(records_dir: str, view: data.View, count: int) -> list[np.ndarray]:
+def calibration_images(records_dir: str, view: views.View, count: int) -> list[np.ndarray]:
     """The first `count` training images, preprocessed as for the model, one [1, S, S, 3] each."""
 
     out = []
@@ -64,7 +64,7 @@ def export(cfg: ExportConfig) -> Path:
             raise cli.InputError("--calib", "int8 needs a records directory to calibrate on")
     model, meta = checkpoints.load(cfg.checkpoint)
     if cfg.calib:  # a clear error now rather than after the conversion
-        data.check_view(records.load_manifest(cfg.calib), cfg.calib, data.View.of(meta))
+        data.check_view(records.load_manifest(cfg.calib), cfg.calib, views.View.of(meta))
     tag = "savedmodel" if cfg.format == "savedmodel" else f"openvino-{cfg.precision}"
     out = Path(cfg.out or Path(cfg.checkpoint).parent.parent / f"export-{tag}")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -78,7 +78,7 @@ def export(cfg: ExportConfig) -> Path:
         if cfg.precision == "int8":
             import nncf
 
-            calib = calibration_images(cfg.calib, data.View.of(meta), cfg.calib_images)
+            calib = calibration_images(cfg.calib, views.View.of(meta), cfg.calib_images)
             ov_model = nncf.quantize(ov_model, nncf.Dataset(calib), subset_size=len(calib))
         ov.save_model(ov_model, str(tmp / OV_MODEL), compress_to_fp16=False)
         shutil.rmtree(tmp / "savedmodel")

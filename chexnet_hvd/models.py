@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from chexnet_hvd import data
+from chexnet_hvd import data, views
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.labels import NUM_CLASSES
 from chexnet_hvd.nas import space
@@ -167,7 +167,7 @@ def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
                          f"{image_size} px ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 
 
-# Each backbone's input scaling (data.scale_pixels): the one Keras' ImageNet weights for it were
+# Each backbone's input scaling (views.scale_pixels): the one Keras' ImageNet weights for it were
 # trained on (keras.applications' preprocess_input), used whatever the initialisation, so that
 # weights trained here always meet the scaling they were trained with. Others: "torch".
 INPUT_SCALING = {"densenet121": "torch", "resnet50": "caffe", "resnet59": "caffe"}
@@ -179,14 +179,14 @@ def input_scaling(name: str) -> str:
 
 
 def with_preprocessing(model: tf.keras.Model, side: int, scaling: str = "torch") -> tf.keras.Model:
-    """`model` behind `data.preprocess` as a layer of its graph: it takes the uint8 images the
+    """`model` behind `views.preprocess` as a layer of its graph: it takes the uint8 images the
     training pipeline ships for fixed-size records ([B, side, side, 1]: the stored image, or a
     --crop window of it), so resizing, scaling, replication to 3 channels and the backbone's
     input scaling run where the model runs (a GPU), not on the CPU. The weights are `model`'s
     own: checkpoints hold `model`, which takes preprocessed input."""
     size = model.input_shape[1]
     pixels = tf.keras.Input((side, side, 1), dtype=tf.uint8, name="pixels")
-    images = tf.keras.layers.Lambda(data.plain(lambda t: data.preprocess(t, size, scaling)), name="preprocess")(pixels)
+    images = tf.keras.layers.Lambda(data.plain(lambda t: views.preprocess(t, size, scaling)), name="preprocess")(pixels)
     return tf.keras.Model(pixels, model(images), name=f"{model.name}_on_pixels")
 
 

@@ -4,7 +4,7 @@
         [--cam heatmaps/] [--format table|csv|json]
 
 Any PNG/JPEG of any size and mode (L, RGB, RGBA, 16-bit) or DICOM is read with the records
-writer's grayscale conversion and the training `preprocess`. With --cam, each image's --top findings get
+writer's grayscale conversion and the training `views.preprocess`. With --cam, each image's --top findings get
 an activation map (HiResCAM, the per-location form of Grad-CAM, Selvaraju et al. 2017) of the
 class's pre-sigmoid score, overlaid on the image as CheXNet showed its class activation maps:
 CAM_DIR/<the image's path relative to the inputs' common folder>_<class>.png.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import checkpoints, cli, data, export, images, models
+from chexnet_hvd import checkpoints, cli, export, images, models, views
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", *images.DICOM_SUFFIXES)
 
@@ -113,12 +113,12 @@ def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return tf.image.resize(cam[..., None], shape, method="bilinear").numpy()[..., 0]
 
 
-def place_map(cam: np.ndarray, shape: tuple[int, int], view: data.View) -> np.ndarray:
+def place_map(cam: np.ndarray, shape: tuple[int, int], view: views.View) -> np.ndarray:
     """A heatmap over the model's input, on the image of `shape`: upsampled to the whole image,
     or with --crop to the centre window the model saw (zero outside it)."""
     if not view.crop:
         return upsample(cam, shape)
-    top, left, rows, cols = data.window_box(*shape, view.image_size)
+    top, left, rows, cols = views.window_box(*shape, view.image_size)
     heat = np.zeros(shape, np.float32)
     heat[top:top + rows, left:left + cols] = upsample(cam, (rows, cols))
     return heat
@@ -164,7 +164,7 @@ def relative_names(files: list[Path]) -> list[Path]:
     return [p.relative_to(root) for p in absolute]
 
 
-def write_maps(probe, name: Path, gray: np.ndarray, x: np.ndarray, view: data.View, row: np.ndarray,
+def write_maps(probe, name: Path, gray: np.ndarray, x: np.ndarray, view: views.View, row: np.ndarray,
                classes: list[str], top: int, out: Path) -> list[Path]:
     """The activation maps of one image's `top` findings (`x`: its model input, made as `view`
     says), as OUT/<its relative path>_<class>.png; a warning for a map that is all zeros.
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         predict = model.predict_on_batch
     else:
         predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
-    names, view = meta["classes"], data.View.of(meta)  # the checkpoint's scaling and crop
+    names, view = meta["classes"], views.View.of(meta)  # the checkpoint's scaling and crop
     out = Path(cfg.cam) if cfg.cam else None
     if out:
         cli.make_dir(out)
@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(0, len(files), cfg.batch_size):  # one batch of images in memory at a time
         chunk = files[i:i + cfg.batch_size]
         images = [load_image(f) for f in chunk]
-        views = np.stack([data.model_input(img[..., None], view).numpy() for img in images])
-        probs.append(np.asarray(predict(views), np.float32))
+        inputs = np.stack([views.model_input(img[..., None], view).numpy() for img in images])
+        probs.append(np.asarray(predict(inputs), np.float32))
         if out:
-            for name, img, x, row in zip(names_of[i:i + cfg.batch_size], images, views, probs[-1], strict=True):
+            for name, img, x, row in zip(names_of[i:i + cfg.batch_size], images, inputs, probs[-1], strict=True):
                 written.update(write_maps(probe, name, img, x, view, row, names, cfg.top, out))
     print(render(files, np.concatenate(probs), names, cfg.format))
     if out:  # an input named twice gets its maps once

@@ -42,6 +42,7 @@ from chexnet_hvd import (
     schedules,
     sharding,
     stall,
+    views,
     weights,
 )
 from chexnet_hvd.checkpoints import RunState
@@ -99,15 +100,15 @@ def make_optimizer(cfg: TrainConfig, engine, derived: Derived):
     return optimizer
 
 
-def model_view(cfg: TrainConfig) -> data.View:
+def model_view(cfg: TrainConfig) -> views.View:
     """How the model's input is made from a stored image: --image-size, the backbone's own
     input scaling, --crop (checkpoints record it: evaluate, predict and export use it)."""
-    return data.View(cfg.image_size, models.input_scaling(cfg.model), cfg.crop)
+    return views.View(cfg.image_size, models.input_scaling(cfg.model), cfg.crop)
 
 
 def build(cfg: TrainConfig, engine, records: data.Records, initial, derived: Derived):
     """(model, trained): the model checkpoints hold, and what `fit` trains: the same model, or
-    with fixed-size records the model behind `preprocess` in its graph. Compiled with the loss
+    with fixed-size records the model behind `views.preprocess` in its graph. Compiled with the loss
     and the distributed optimizer; the same initial weights on every rank (one seed)."""
     tf.keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -119,7 +120,7 @@ def build(cfg: TrainConfig, engine, records: data.Records, initial, derived: Der
     with engine.scope():
         model = models.build_model(cfg.model, cfg.image_size, manifest["num_classes"], initial)
         view = model_view(cfg)
-        trained = (models.with_preprocessing(model, data.shipped_side(manifest["image_size"], view), view.scaling)
+        trained = (models.with_preprocessing(model, views.shipped_side(manifest["image_size"], view), view.scaling)
                    if data.preprocess_on_device(manifest) else model)
         trained.compile(optimizer=make_optimizer(cfg, engine, derived),
                         loss=make_loss(pos_weight(cfg, manifest)))
@@ -163,7 +164,7 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
 def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int]) -> RunState:
     """The run state a checkpoint's meta.json describes, for an attempt at `shape`."""
     parts = [tuple(p) for p in meta.get("parts") or []]
-    trained_on = data.View.of(meta).scaling  # weights trained on one input scaling stay on it
+    trained_on = views.View.of(meta).scaling  # weights trained on one input scaling stay on it
     if trained_on != models.input_scaling(cfg.model):
         raise cli.InputError(found, f"its {cfg.model} was trained on {trained_on} input scaling, this "
                              f"version feeds {cfg.model} {models.input_scaling(cfg.model)}: start a new run")
@@ -238,7 +239,7 @@ def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Deri
     on_device, view = data.preprocess_on_device(records.manifest), model_view(cfg)
     if cfg.synthetic_input:
         ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, records.manifest["num_classes"], cfg.seed,
-                                    data.shipped_side(records.manifest["image_size"], view) if on_device else None)
+                                    views.shipped_side(records.manifest["image_size"], view) if on_device else None)
     else:
         ds = data.train_dataset(records, "train", view, cfg.batch_size,
                                 rank=engine.rank, world_size=engine.size, seed=cfg.seed,

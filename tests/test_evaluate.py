@@ -22,7 +22,7 @@ from conftest import (
     run,
 )
 
-from chexnet_hvd import checkpoints, data, launch, metrics, models
+from chexnet_hvd import checkpoints, launch, metrics, models, views
 from chexnet_hvd.runlog import read_runlog
 
 
@@ -83,13 +83,13 @@ def test_tencrop_views_are_the_expected_windows_and_mirrors():
     size, big = 28, 32  # 28 x 256/224 = 32: the source is already the resized size
     rows, cols = np.mgrid[0:big, 0:big]
     pixels = ((rows * 7 + cols * 3) % 256).astype(np.uint8)
-    views = data.tta_views(tf.constant(pixels[..., None]), size, "tencrop").numpy()
-    assert views.shape == (10, size, size, 3)
-    norm = (pixels[..., None] / 255.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+    crops = views.tta_views(tf.constant(pixels[..., None]), size, "tencrop").numpy()
+    assert crops.shape == (10, size, size, 3)
+    norm = (pixels[..., None] / 255.0 - np.array(views.IMAGENET_MEAN)) / np.array(views.IMAGENET_STD)
     windows = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2)]  # corners, then the centre
     for i, (r, c) in enumerate(windows):
-        np.testing.assert_allclose(views[i], norm[r:r + size, c:c + size], atol=1e-5)
-        np.testing.assert_array_equal(views[i + 5], views[i][:, ::-1])
+        np.testing.assert_allclose(crops[i], norm[r:r + size, c:c + size], atol=1e-5)
+        np.testing.assert_array_equal(crops[i + 5], crops[i][:, ::-1])
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import SHARED, assert_one_line_error, module, run
 from PIL import Image
 
-from chexnet_hvd import checkpoints, data, models
+from chexnet_hvd import checkpoints, data, models, views
 from chexnet_hvd.labels import PATHOLOGIES
 from chexnet_hvd.predict import cam_probe, grad_cam, load_image, overlay, save_overlay, upsample
 
@@ -30,7 +30,7 @@ def test_activation_maps_peak_inside_the_planted_findings(trained_cnn):
     hits = []
     for _, row in planted.iterrows():
         image = load_image(trained_cnn / "syn" / "images" / row["Image Index"])
-        view = data.preprocess(image[..., None], 64).numpy()
+        view = views.preprocess(image[..., None], 64).numpy()
         heat = upsample(grad_cam(probe, view, meta["classes"].index(row["Pathology"])), image.shape)
         y, x = np.unravel_index(np.argmax(heat), heat.shape)
         hits.append(np.hypot(x + 0.5 - row["cx"], y + 0.5 - row["cy"]) <= row["r"])
@@ -118,9 +118,9 @@ def test_an_all_zero_map_is_written_with_a_warning(tmp_path, capsys):
     kernel[:, 0] = 0.0
     model.get_layer("logits").set_weights([kernel, bias])
     gray = np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)
-    view = data.preprocess(gray[..., None], 32).numpy()
+    view = views.preprocess(gray[..., None], 32).numpy()
     row = np.eye(14, dtype=np.float32)[0]  # class 0 on top
-    [path] = write_maps(cam_probe(model), Path("a/x.png"), gray, view, data.View(32), row, list(PATHOLOGIES), 1,
+    [path] = write_maps(cam_probe(model), Path("a/x.png"), gray, view, views.View(32), row, list(PATHOLOGIES), 1,
                         tmp_path)
     assert path == tmp_path / "a" / "x.png_Atelectasis.png" and path.is_file()
     assert "warning: a/x.png: the Atelectasis map is all zeros" in capsys.readouterr().err
@@ -131,10 +131,10 @@ def test_a_crop_models_map_covers_the_centre_window_it_saw():
     placed over that window of the written overlay (zero outside), not stretched over the image."""
     from chexnet_hvd.predict import place_map
 
-    whole = place_map(np.ones((4, 4), np.float32), (64, 64), data.View(28))
-    cropped = place_map(np.ones((4, 4), np.float32), (64, 64), data.View(28, crop=True))
+    whole = place_map(np.ones((4, 4), np.float32), (64, 64), views.View(28))
+    cropped = place_map(np.ones((4, 4), np.float32), (64, 64), views.View(28, crop=True))
     assert whole.shape == cropped.shape == (64, 64) and whole.min() > 0.99
-    top, left, rows, cols = data.window_box(64, 64, 28)
+    top, left, rows, cols = views.window_box(64, 64, 28)
     assert (top, left, rows, cols) == (4, 4, 56, 56)
     inside = np.zeros((64, 64), bool)
     inside[top:top + rows, left:left + cols] = True

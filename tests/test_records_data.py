@@ -10,7 +10,7 @@ import tensorflow as tf
 from conftest import assert_one_line_error, module
 from PIL import Image
 
-from chexnet_hvd import data, records
+from chexnet_hvd import data, records, views
 from chexnet_hvd.labels import PATHOLOGIES, parse_finding_labels
 
 
@@ -227,9 +227,9 @@ def test_a_batchs_windows_and_mirrors_are_the_draws_numpy_cut(stored, side, crop
 
 def test_preprocess_is_imagenet_normalised_three_channel():
     image = tf.fill((10, 12, 1), tf.constant(255, tf.uint8))
-    out = data.preprocess(image, 8).numpy()
+    out = views.preprocess(image, 8).numpy()
     assert out.shape == (8, 8, 3)
-    np.testing.assert_allclose(out[0, 0], (1 - np.array(data.IMAGENET_MEAN)) / data.IMAGENET_STD, rtol=1e-5)
+    np.testing.assert_allclose(out[0, 0], (1 - np.array(views.IMAGENET_MEAN)) / views.IMAGENET_STD, rtol=1e-5)
 
 
 def test_manifest_records_sizes_and_weights(records_dir):
@@ -295,7 +295,7 @@ def test_raw_index_rejects_missing_files(synthetic, tmp_path):
 @pytest.mark.slow
 def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(synthetic, tmp_path):
     """--encoding uint8 stores the same pixels as PNG records; a model built by
-    models.with_preprocessing turns them into what `preprocess` makes of the PNG records
+    models.with_preprocessing turns them into what `views.preprocess` makes of the PNG records
     (within 1/255); and the trainer runs on them, preprocessing in the model's graph, with
     checkpoints that evaluate like any other."""
     from chexnet_hvd import models
@@ -317,7 +317,7 @@ def test_uint8_records_and_preprocessing_in_the_model_graph_match_the_png_path(s
     graph = models.with_preprocessing(models.build_model("small_cnn", 28, 14), 32)
     in_graph = tf.keras.Model(graph.input, graph.get_layer("preprocess").output)
     batch = np.stack(list(pixels["uint8"].values()))
-    on_cpu = np.stack([data.preprocess(tf.constant(img), 28).numpy() for img in pixels["png"].values()])
+    on_cpu = np.stack([views.preprocess(tf.constant(img), 28).numpy() for img in pixels["png"].values()])
     np.testing.assert_allclose(in_graph.predict_on_batch(batch), on_cpu, atol=1 / 255)
 
     run_dir = tmp_path / "run"
@@ -332,7 +332,7 @@ def cpu_preprocess_before(image: np.ndarray, size: int) -> np.ndarray:
     """What the input pipeline made of a record on the CPU before the float work moved into the
     model's graph: /255, bilinear antialiased resize, 3 channels, ImageNet mean/std."""
     image = tf.image.resize(tf.cast(image, tf.float32) / 255.0, (size, size), method="bilinear", antialias=True)
-    return ((tf.image.grayscale_to_rgb(image) - data.IMAGENET_MEAN) / data.IMAGENET_STD).numpy()
+    return ((tf.image.grayscale_to_rgb(image) - views.IMAGENET_MEAN) / views.IMAGENET_STD).numpy()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""A model's input from a stored image (chexnet_hvd.data.View): CheXNet's geometry with --crop
+"""A model's input from a stored image (chexnet_hvd.views.View): CheXNet's geometry with --crop
 (random windows in training, seeded and resume-exact; the centre window in evaluation; ten-crop
 at the same scale) and each backbone's own input scaling, recorded in the checkpoint."""
 
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import SHARED, assert_one_line_error, module
 
-from chexnet_hvd import checkpoints, data, images, models, records, weights
+from chexnet_hvd import checkpoints, data, images, models, records, views, weights
 
 SIZE, SCALED = 28, 32  # 28 x 256/224 = 32: records stored at the scale --crop takes windows of
 
@@ -56,7 +56,7 @@ def test_training_windows_are_random_seeded_and_a_resumed_epoch_cuts_the_same(sc
     every position, mirrored about half the time; a pure function of the seed and the record's
     place in its reader's stream: an epoch resumed in mid-epoch on 2 ranks of another batch
     gives each record the window and flip the straight run gave it, another epoch others."""
-    view = data.View(SIZE, crop=True)
+    view = views.View(SIZE, crop=True)
     stored = stored_pixels(scaled_records, "train")
 
     def epoch(e, batch=8, steps=6, **kw):
@@ -95,18 +95,18 @@ def test_a_crop_model_sees_the_centre_window_and_ten_crop_is_at_the_same_scale(s
            check=True, timeout=300)
     best = run_dir / "checkpoints" / "best"
     meta = checkpoints.read_meta(best)
-    assert (meta["crop"], meta["scaling"], data.View.of(meta)) == (True, "torch", data.View(SIZE, "torch", True))
+    assert (meta["crop"], meta["scaling"], views.View.of(meta)) == (True, "torch", views.View(SIZE, "torch", True))
     model, _ = checkpoints.load(best)
-    plain = next(iter(data.eval_dataset(scaled_records, "test", data.View.of(meta), 12)))
-    tencrop = next(iter(data.eval_dataset(scaled_records, "test", data.View.of(meta), 12, tta="tencrop")))
-    centre = tencrop["image"].numpy()[:, data.PLACES.index("centre")]
+    plain = next(iter(data.eval_dataset(scaled_records, "test", views.View.of(meta), 12)))
+    tencrop = next(iter(data.eval_dataset(scaled_records, "test", views.View.of(meta), 12, tta="tencrop")))
+    centre = tencrop["image"].numpy()[:, views.PLACES.index("centre")]
     np.testing.assert_array_equal(plain["image"].numpy(), centre)
     np.testing.assert_array_equal(model.predict_on_batch(plain["image"]), model.predict_on_batch(centre))
     stored = stored_pixels(scaled_records, "test")
     first = stored[plain["id"].numpy()[0].decode()]
-    np.testing.assert_array_equal(plain["image"].numpy()[0], data.preprocess(first[2:30, 2:30, None], SIZE).numpy())
+    np.testing.assert_array_equal(plain["image"].numpy()[0], views.preprocess(first[2:30, 2:30, None], SIZE).numpy())
     # the whole image at 28 px is what a model without --crop sees: another input
-    assert not np.allclose(plain["image"].numpy()[0], data.preprocess(first[..., None], SIZE).numpy(), atol=0.1)
+    assert not np.allclose(plain["image"].numpy()[0], views.preprocess(first[..., None], SIZE).numpy(), atol=0.1)
 
     report = tmp_path / "eval"
     module("evaluate", "--checkpoint", best, "--data", scaled_records, "--tta", "tencrop", "--bootstrap", 10,
@@ -126,12 +126,12 @@ def test_a_numpy_image_gets_the_same_crop_model_input_as_a_tensor():
     """predict reads images as NumPy arrays: with --crop their centre window is cut as from a
     tensor (it was an AttributeError: a NumPy shape has no is_fully_defined)."""
     image = np.random.default_rng(2).integers(0, 256, (40, 36, 1), dtype=np.uint8)
-    view = data.View(SIZE, crop=True)
-    from_numpy = data.model_input(image, view).numpy()
+    view = views.View(SIZE, crop=True)
+    from_numpy = views.model_input(image, view).numpy()
     assert from_numpy.shape == (SIZE, SIZE, 3)
-    np.testing.assert_array_equal(from_numpy, data.model_input(tf.constant(image), view).numpy())
-    top, left, rows, cols = data.window_box(40, 36, SIZE)
-    np.testing.assert_array_equal(from_numpy, data.preprocess(image[top:top + rows, left:left + cols], SIZE).numpy())
+    np.testing.assert_array_equal(from_numpy, views.model_input(tf.constant(image), view).numpy())
+    top, left, rows, cols = views.window_box(40, 36, SIZE)
+    np.testing.assert_array_equal(from_numpy, views.preprocess(image[top:top + rows, left:left + cols], SIZE).numpy())
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ def test_each_backbone_first_layer_sees_what_its_imagenet_weights_were_trained_o
     gray = np.asarray(images.read_grayscale(REAL[0], 256))[..., None]  # a 256-px record of it
 
     model = models.build_model(name, size, 14, path)
-    x = data.preprocess(gray, size, models.input_scaling(name))[None]
+    x = views.preprocess(gray, size, models.input_scaling(name))[None]
     ours = tf.keras.Model(model.input, model.get_layer(ours_layer).output)(x).numpy()
 
     stock = stock_model(include_top=False, weights=path, input_shape=(size, size, 3))
@@ -236,7 +236,7 @@ def test_the_checkpoint_records_the_scaling_and_predict_uses_it(scaled_records, 
                             check=True, timeout=300).stdout)[0]
     model, meta = checkpoints.load(best)
     got = np.array([row[c] for c in meta["classes"]])
-    caffe = model.predict_on_batch(data.preprocess(image[..., None], 32, "caffe")[None])[0]
-    torch = model.predict_on_batch(data.preprocess(image[..., None], 32, "torch")[None])[0]
+    caffe = model.predict_on_batch(views.preprocess(image[..., None], 32, "caffe")[None])[0]
+    torch = model.predict_on_batch(views.preprocess(image[..., None], 32, "torch")[None])[0]
     np.testing.assert_allclose(got, caffe, atol=1e-5)
     assert np.abs(caffe - torch).max() > 1e-3
