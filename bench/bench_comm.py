@@ -5,7 +5,8 @@ node's link shaped to --rate, allreduce time against message size and rank count
 nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
-step dividing them) against the real trainer on the same links.
+step dividing them) against the real trainer on the same links, and Horovod's timeline of two of
+those runs: how much of a step is on the wire.
 
     .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~35 min)
 
@@ -49,6 +50,9 @@ SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4,
 TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("horovod", 4, 4, ()),
          ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
          ("tf", 2, 1, ()), ("tf", 4, 1, ())]
+# (engine, nodes, ranks per node) run once more with Horovod's timeline: how much of the step is on the wire
+TIMELINE = [("horovod", 2, 1), ("horovod", 4, 1)]
+WARMUP = 3  # trainer steps per epoch left out of the timing
 LOCKS = ("/tmp/chexnet-rehearsal.lock", "/tmp/chexnet-heavy.lock")
 
 
@@ -73,11 +77,13 @@ def shaped(rate: str):
                 subprocess.run([*script, "link", node, "rate", "unlimited"], check=False)
 
 
-def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, timeout: float = 1200) -> str:
+def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, timeout: float = 1200,
+         extra_env: dict | None = None) -> str:
     """`cmd` once per rank on node1..node`nodes`, `per_node` ranks each; its stdout."""
     launch = ["srun", f"--mpi={'pmix' if engine == 'horovod' else 'none'}", f"-N{nodes}",
               f"--ntasks-per-node={per_node}", "-w", ",".join(NODES[:nodes]), "--kill-on-bad-exit=1"]
-    proc = subprocess.run([*launch, *cmd], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*launch, *cmd], cwd=cwd, env=env() | (extra_env or {}), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(launch)} {cmd[:4]}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -126,21 +132,68 @@ def records(tmp: Path) -> Path:
     return out
 
 
-def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp: Path, args) -> dict:
-    """One real trainer run; its last epoch's measured step and compute probe."""
+def allreduce_rounds(timeline: Path) -> list[tuple[float, float]]:
+    """The allreduces Horovod ran (rank 0's timeline): [start, end] seconds of each *_ALLREDUCE
+    activity but the negotiation, merged over the tensors one fused buffer carried."""
+    text = timeline.read_text().strip().rstrip(",")  # written as it goes: may lack its "]"
+    stacks, spans = {}, []
+    for event in json.loads(text if text.endswith("]") else text + "]"):
+        stack = stacks.setdefault(event.get("pid"), [])
+        if event.get("ph") == "B":
+            stack.append((event["name"], event["ts"]))
+        elif event.get("ph") == "E" and stack:
+            name, start = stack.pop()
+            if name.endswith("_ALLREDUCE") and name != "NEGOTIATE_ALLREDUCE":
+                spans.append([start / 1e6, event["ts"] / 1e6])
+    merged: list = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(m) for m in merged]
+
+
+def wire_per_step(rounds: list[tuple[float, float]], compute: float, steps: int) -> dict:
+    """The timeline's allreduce rounds grouped into steps (a gap longer than a third of the
+    compute starts a new one; groups with less than half the largest one's wire time, such as
+    the epoch's end, left out): per step of the last `steps`, the median seconds on the wire,
+    the number of fused rounds (the step's stop check among them), and the span from the first
+    round's start to the last's end."""
+    groups: list = []
+    for start, end in rounds:
+        if groups and start - groups[-1][-1][1] < compute / 3:
+            groups[-1].append((start, end))
+        else:
+            groups.append([(start, end)])
+    wire = [sum(e - s for s, e in g) for g in groups]
+    last = [g for g, w in zip(groups, wire, strict=True) if w > max(wire) / 2][-steps:]  # steps, not the epoch-end averaging
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"wire_seconds": median([sum(e - s for s, e in g) for g in last]),
+            "rounds": median([len(g) for g in last]), "span_seconds": median([g[-1][1] - g[0][0] for g in last])}
+
+
+def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp: Path, args,
+          timeline: bool = False) -> dict:
+    """One real trainer run; its last epoch's measured step and compute probe (with `timeline`,
+    Horovod's timeline of it: what of the step is on the wire, `wire_per_step`)."""
     run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}"
+    k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
+    timed = args.steps - WARMUP + (WARMUP - args.steps) % k  # whole accumulation cycles: 1 allreduce per k steps
     cmd = [PY, "-m", "chexnet_hvd.train", "--data", str(data), "--run-dir", str(run_dir), "--model", "densenet121",
            "--image-size", "32", "--batch-size", str(args.batch), "--epochs", "2", "--steps-per-epoch",
-           str(args.steps), "--synthetic-input", "--threads", "1", "--verbose", "0", "--engine", engine, *extra]
-    srun(engine, nodes, per_node, cmd, tmp)
+           str(WARMUP + timed), "--timing-warmup-steps", str(WARMUP), "--synthetic-input", "--threads", "1",
+           "--verbose", "0", "--engine", engine, *extra]
+    trace = tmp / f"timeline-{engine}-{nodes}x{per_node}.json"
+    srun(engine, nodes, per_node, cmd, tmp, extra_env={"HOROVOD_TIMELINE": str(trace)} if timeline else {})
     log = read_runlog(run_dir)
     start, last = log[0], [r for r in log if r["event"] == "epoch"][-1]
-    k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
     grad_bytes = 4 * start["trainable_params"] / (2 if "--fp16-allreduce" in extra else 1)
-    return {"engine": engine, "nodes": nodes, "per_node": per_node, "ranks": nodes * per_node,
-            "flags": " ".join(extra), "backward_passes": k, "gradient_bytes": grad_bytes,
-            "measured_step": last["step_seconds"], "compute": max(last["compute_seconds"]),
-            "compute_seconds": last["compute_seconds"]}
+    run = {"engine": engine, "nodes": nodes, "per_node": per_node, "ranks": nodes * per_node,
+           "flags": " ".join(extra), "backward_passes": k, "gradient_bytes": grad_bytes,
+           "measured_step": last["step_seconds"], "compute": max(last["compute_seconds"]),
+           "compute_seconds": last["compute_seconds"]}
+    return run | ({"timeline": wire_per_step(allreduce_rounds(trace), run["compute"], timed)} if timeline else {})
 
 
 def predict_train(r: dict, nets: dict) -> dict:
@@ -167,7 +220,9 @@ def main() -> None:
     ap.add_argument("--rate", default="200mbit", help="every node's link, both ways (tc tbf)")
     ap.add_argument("--repeats", type=int, default=3, help="timed allreduces per size (median)")
     ap.add_argument("--batch", type=int, default=4, help="trainer: images per rank per step")
-    ap.add_argument("--steps", type=int, default=6, help="trainer: steps per epoch (3 warm-up steps left out)")
+    ap.add_argument("--steps", type=int, default=7,
+                    help=f"trainer: steps per epoch ({WARMUP} warm-up steps left out; the timed ones rounded up to "
+                         "whole accumulation cycles)")
     ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep")
     ap.add_argument("--train-only", action="store_true",
                     help="only the trainer runs, against the allreduce sweep and fit already in --out")
@@ -178,7 +233,7 @@ def main() -> None:
         refit(Path(args.out))
         return
     began = time.time()
-    rows, runs, nets, failed = [], [], {}, []
+    rows, runs, traced, nets, failed = [], [], [], {}, []
     if args.train_only:  # the sweep's measurements (and their failures) kept, the trainer's redone
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
@@ -189,7 +244,7 @@ def main() -> None:
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round((time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
-            "allreduce": rows, "train": runs, "failed": failed}
+            "allreduce": rows, "train": runs, "timeline": traced, "failed": failed}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
@@ -215,6 +270,15 @@ def main() -> None:
                                    "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
                     continue
                 print(f"train {runs[-1]} ({time.time() - began:.0f} s)", flush=True)
+                save()
+            for engine, nodes, per_node in TIMELINE:
+                try:
+                    traced.append(train(engine, nodes, per_node, (), data, tmp, args, timeline=True))
+                except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError, ValueError) as err:
+                    failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": "(timeline)",
+                                   "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
+                    continue
+                print(f"timeline {traced[-1]} ({time.time() - began:.0f} s)", flush=True)
                 save()
     print(f"wrote {args.out}")
 
