@@ -18,7 +18,8 @@ Input pipelines: each measurement is a fresh process running only the pipeline o
 per CPU-second whatever else runs on the machine; wall-clock images/s on 2 threads too. The
 project pipeline is `chexnet_hvd.data.train_dataset`: fixed-size records leave it as uint8
 batches (the float work, resize to 224, scale, 3 channels, ImageNet mean/std, runs in the
-model's graph, on the GPU when there is one), and it is measured without and with --crop. The
+model's graph, on the GPU when there is one), and it is measured without and with --crop, and
+with --shuffle-buffer 256 beside the default 2048 (the block shuffle's working set). The
 steps are measured cumulatively, each a pipeline built from the same functions of
 chexnet_hvd.data, one step longer than the one before: read (interleave of the shards) ->
 shuffle within blocks -> zip with the random draws -> batch + parse (tf.io.parse_example) ->
@@ -47,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 PY = sys.executable
 STEPS = ["read", "shuffle", "draws", "parse", "decode", "augment"]  # cumulative, in order
-EXTRA = ["cpu_float", "per_record_cpu_float", "per_record_uint8", "pipeline", "pipeline_crop"]
+EXTRA = ["cpu_float", "per_record_cpu_float", "per_record_uint8", "pipeline", "pipeline_crop", "pipeline_shuffle256"]
 
 PIPELINE = r"""
 import json, sys, time
@@ -95,7 +96,8 @@ elif variant.startswith("per_record"):
     ds = upto("draws", per_record=True, cpu_float=variant.endswith("cpu_float"))
 else:  # the project pipeline itself
     view = views.View(S, crop=variant.endswith("crop"))
-    ds = data.train_dataset(data_dir, "train", view, B, shuffle_buffer=2048, threads=threads)
+    buffer = 256 if variant.endswith("shuffle256") else 2048
+    ds = data.train_dataset(data_dir, "train", view, B, shuffle_buffer=buffer, threads=threads)
 it = iter(ds)
 for _ in range(warm):
     next(it)
@@ -193,6 +195,7 @@ def pipeline_summary(measured: dict) -> dict:
         med = {v: statistics.median(r) for v, r in measured["cpu"][enc].items()}
         out[enc] = {"images_per_cpu_second": round(med["pipeline"]),
                     "images_per_cpu_second_crop": round(med["pipeline_crop"]),
+                    "images_per_cpu_second_shuffle_256": round(med["pipeline_shuffle256"]),
                     "goal": GOALS[enc],
                     "per_record_float_on_cpu": round(med["per_record_cpu_float"]),
                     "per_record_uint8": round(med["per_record_uint8"]),
