@@ -141,6 +141,7 @@ def section_pipeline(r: dict) -> list[str]:
         f"- PNG records: {verdict(png['images_per_cpu_second'] / png['goal'], 1.0)} of the goal of "
         f"{png['goal']:,} images per CPU-second (the ratio to it shown); uint8 records: "
         f"{verdict(u8['images_per_cpu_second'] / u8['goal'], 1.0)} of {u8['goal']:,}.",
+        *pipeline_misses(r),
         "- What each step costs, CPU microseconds per image (each step measured as the pipeline "
         "up to it minus the pipeline up to the step before, in separate processes; a step "
         "cheaper than the noise can show as negative):", "",
@@ -153,6 +154,31 @@ def section_pipeline(r: dict) -> list[str]:
                     f"{raw[f'cores_per_gpu_at_{rate}']:.1f} with a raw index"
                     for rate in (2000, 4000)) + " (2,000-4,000 img/s: DenseNet-121 in mixed "
         "precision on an A100 and newer GPUs; derived, not measured here).", ""]
+
+
+def pipeline_misses(r: dict) -> list[str]:
+    """Where each encoding's missed pipeline goal goes, from the step costs measured."""
+    p, notes = r["pipeline"], []
+    png, u8 = p["png"], p["uint8"]
+    if png["images_per_cpu_second"] < png["goal"]:
+        decode = png["step_us_per_image"]["decode"]
+        notes.append(
+            f"- PNG: decoding one 256-px record alone takes {decode:.0f} us of CPU (libpng through "
+            f"tf.io.decode_png), a ceiling of {1e6 / decode:,.0f} images per CPU-second with every other "
+            f"step free; the goal of {png['goal']:,} needs records stored at the model's size (fewer "
+            "pixels to inflate; not measured here) or uint8 records.")
+    if u8["images_per_cpu_second"] < u8["goal"] and "images_per_cpu_second_shuffle_256" in u8:
+        block = 2048 * r["bytes_per_image_uint8_256"] / 1e6
+        notes.append(
+            f"- uint8: the steps add up to {sum(v for k, v in u8['step_us_per_image'].items() if not k.startswith('float')):.0f} us per image "
+            f"when measured as one endless stream; the trainer's pipeline reads each epoch as its own "
+            f"piece, its block shuffle (batch, permute, unbatch: 3 copies of every record) over "
+            f"2,048 records of 66 kB ({block:.0f} MB, beyond the CPU's caches) at the epoch's start: "
+            f"{1e6 / u8['images_per_cpu_second']:.0f} us per image. With --shuffle-buffer 256 "
+            f"({block / 8:.0f} MB) the same pipeline gives {u8['images_per_cpu_second_shuffle_256']:,} images "
+            f"per CPU-second (PNG records: {png['images_per_cpu_second_shuffle_256']:,}): a smaller shuffle "
+            "buffer buys input rate at the cost of shuffle reach.")
+    return notes
 
 
 def section_engines(r: dict) -> list[str]:
@@ -255,6 +281,25 @@ def step_split(r: dict) -> list[str]:
             "|---|---|---|---:|---:|---:|", *rows, ""]
 
 
+def wire_split(r: dict) -> list[str]:
+    """The runs traced with Horovod's timeline: the step split into compute, time on the wire
+    and the rest, beside the same bytes' allreduce measured alone."""
+    alone = {(a["engine"], a["nodes"], a["per_node"]): a["seconds"] for a in r["allreduce"] if a["bytes"] == 28_000_000}
+    rows = [f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['measured_step']:.3f} | {t['compute']:.3f} | "
+            f"{t['timeline']['wire_seconds']:.3f} | {t['timeline']['rounds']} | "
+            f"{t['measured_step'] - t['compute'] - t['timeline']['wire_seconds']:.3f} | "
+            f"{alone[t['engine'], t['nodes'], t['per_node']] * t['gradient_bytes'] / 28e6:.3f} |"
+            for t in r.get("timeline", []) if (t["engine"], t["nodes"], t["per_node"]) in alone]
+    if not rows:
+        return []
+    return ["**What of the step is on the wire** (the same runs once more with Horovod's timeline, "
+            "rank 0; medians over the timed steps): time inside Horovod's MPI allreduces (fused "
+            "rounds merged), and the rest of the step beyond compute and wire (negotiation, "
+            "fusion-buffer copies, gaps between rounds, the optimizer's update):", "",
+            "| engine | nodes x ranks per node | measured step s | compute s | on the wire s | fused rounds "
+            "| rest s | allreduce alone s |", "|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def section_comm(r: dict) -> list[str]:
     """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
     fit = r["fit"]
@@ -293,6 +338,7 @@ def section_comm(r: dict) -> list[str]:
         "per step:", "",
         "| engine | nodes x ranks per node | flags | gradient MB | compute s | measured step s | flat ring: s (error) "
         "| hierarchical: s (error) |", "|---|---|---|---:|---:|---:|---:|---:|", *train, "", *step_split(r),
+        *wire_split(r),
         *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: "
           f"{f['error'].strip().splitlines()[-1][:200]}" for f in r.get("failed", [])],
         *comm_notes(r), ""]

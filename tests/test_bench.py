@@ -81,3 +81,48 @@ def test_each_goal_of_a_bullet_with_several_is_labelled_with_what_the_bullet_mea
         "| Costs against data size: Peak memory, largest / smallest: a | 1.00 | <= 1.2: met | m | 2026-01-02 |",
         "| Costs against data size: Peak memory, largest / smallest: b | 3.00 | <= 1.2: **missed** | m | 2026-01-02 |",
         "| Costs against data size: First batch | 4.20 s | < 10 s: met | m | 2026-01-02 |"]
+
+
+def test_a_horovod_timeline_is_split_into_steps_on_the_wire(monkeypatch, tmp_path):
+    """bench_comm reads Horovod's timeline (rank 0's, cut off before its closing bracket, as a
+    killed run leaves it): one fused buffer's tensors count once, a step's rounds group together
+    (its stop check among them), the epoch-end averaging is not a step."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_comm
+
+    def op(pid, start, end, name="MPI_ALLREDUCE"):  # ms; a negotiation, then the allreduce in it
+        return [{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": (start - 1) * 1000, "pid": pid},
+                {"ph": "E", "ts": start * 1000, "pid": pid},
+                {"ph": "B", "name": "ALLREDUCE", "ts": start * 1000, "pid": pid},
+                {"ph": "B", "name": name, "ts": start * 1000, "pid": pid},
+                {"ph": "E", "ts": end * 1000, "pid": pid}, {"ph": "E", "ts": end * 1000, "pid": pid}]
+
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {}}]
+    for step in range(3):  # 1 s apart: two fused rounds (two tensors in the first), then the stop check
+        t = 1000 * step
+        events += op(1, t, t + 300) + op(2, t, t + 300) + op(3, t + 310, t + 400) + op(4, t + 402, t + 404)
+    events += op(5, 3000, 3020, "GLOO_ALLREDUCE")  # the epoch's end: a small averaging
+    trace = tmp_path / "timeline.json"
+    trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")
+    rounds = bench_comm.allreduce_rounds(trace)
+    assert len(rounds) == 10 and rounds[0] == (0.0, 0.3)
+    wire = bench_comm.wire_per_step(rounds, compute=0.5, steps=2)
+    assert wire["rounds"] == 3
+    assert abs(wire["wire_seconds"] - 0.392) < 1e-9 and abs(wire["span_seconds"] - 0.404) < 1e-9
+
+
+def test_a_measured_commands_peak_memory_is_its_own_not_the_benchmarks(monkeypatch):
+    """A child's ru_maxrss starts at its parent's size (Linux keeps the high-water mark over the
+    exec): a benchmark holding 300 MB measuring a 60 MB command must report about 60 MB, and a
+    worker the command starts is counted."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import common
+
+    held = bytearray(300 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touched: resident
+    grow = "import time; x = bytearray(60 * 2**20); x[::4096] = b'\\1' * len(x[::4096]); time.sleep(0.5)"
+    alone = common.measure([sys.executable, "-c", grow])
+    worker = common.measure([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grow!r}])"])
+    assert 60 < alone["peak_rss_mb"] < 150 and 60 < alone["main_rss_mb"] <= alone["peak_rss_mb"] + 1, alone
+    assert 60 < worker["peak_rss_mb"] < 150 and worker["main_rss_mb"] < 40, worker
+    del held
