@@ -8,7 +8,7 @@
 
 What the step spends beyond the slowest rank's compute is communication, or waiting for a
 slower rank. The verdict, first match: `straggler (rank N)` when one rank's compute is well above
-the others' (they wait for it), `input-bound` when a rank's input was empty at most steps,
+the others' and their wait for it is a good part of the step, `input-bound` when a rank's input was empty at most steps,
 `network-bound` when communication takes most of the step, else `compute-bound`. The optimizer's
 update is left out of the compute probe (it would change the weights), so communication is
 slightly overstated. Pure functions: no TensorFlow (the scaling report uses them too).
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import statistics
 
-STRAGGLER = 1.3  # a rank whose compute is this many times the median holds the others
+STRAGGLER = 1.3  # a rank whose compute is this many times the median holds the others,
+WAIT = 0.1  # when the others' wait for it (its compute beyond the median) is this part of a step
 STARVED = 0.5  # input-bound: a rank's input buffer empty at more than this fraction of its steps
 NETWORK = 0.5  # network-bound: communication (or waiting) more than this fraction of a step
 
@@ -29,7 +30,8 @@ def verdict(step_seconds: float, compute_seconds: list[float], input_starved: li
     slowest = max(range(len(compute_seconds)), key=compute_seconds.__getitem__)
     median = statistics.median(compute_seconds)
     communication = max(0.0, step_seconds - compute_seconds[slowest]) if len(compute_seconds) > 1 else 0.0
-    if len(compute_seconds) > 1 and compute_seconds[slowest] > STRAGGLER * median:
+    excess = compute_seconds[slowest] - median
+    if len(compute_seconds) > 1 and compute_seconds[slowest] > STRAGGLER * median and excess > WAIT * step_seconds:
         found = f"straggler (rank {slowest})"
     elif max(input_starved) > STARVED:
         found = "input-bound"

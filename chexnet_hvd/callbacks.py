@@ -152,13 +152,17 @@ class Timing(tf.keras.callbacks.Callback):
 
 class Diagnosis(tf.keras.callbacks.Callback):
     """Why the epoch ran at its speed (chexnet_hvd.bottleneck): after its timing, every rank
-    times a few passes of its compute probe and reads how often its input was empty; gathered
-    once (a collective), rank 0 gives the epoch its verdict (RunState.diagnosis)."""
+    times passes of its compute probe and reads how often its input was empty; gathered once
+    (a collective), rank 0 gives the epoch its verdict (RunState.diagnosis). The probe runs at
+    least `repeats` times and `min_seconds` long: a rank slowed part of the time (a CPU quota's
+    100 ms period, time slices shared with other work) shows as slowed, where a few passes of a
+    small model could fit between its pauses."""
 
-    def __init__(self, state: RunState, engine, feed_counts, global_batch: int, probe, repeats: int = 3):
+    def __init__(self, state: RunState, engine, feed_counts, global_batch: int, probe, repeats: int = 3,
+                 min_seconds: float = 0.25):
         super().__init__()
         self.state, self.engine, self.feed_counts, self.global_batch = state, engine, feed_counts, global_batch
-        self.probe, self.repeats = probe, repeats
+        self.probe, self.repeats, self.min_seconds = probe, repeats, min_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
         self.before = self.feed_counts()
@@ -168,10 +172,11 @@ class Diagnosis(tf.keras.callbacks.Callback):
         if self.state.preempted or not self.state.batch:
             return
         float(self.probe())  # traced (first epoch), warm
-        t0 = time.perf_counter()
-        for _ in range(self.repeats):
+        passes, t0 = 0, time.perf_counter()
+        while passes < self.repeats or time.perf_counter() - t0 < self.min_seconds:
             float(self.probe())  # float(): wait for it
-        compute = (time.perf_counter() - t0) / self.repeats
+            passes += 1
+        compute = (time.perf_counter() - t0) / passes
         (taken, starved), (taken0, starved0) = self.feed_counts(), self.before
         mine = (compute, (starved - starved0) / max(taken - taken0, 1))
         everyone = self.engine.allgather_object(mine)  # a collective: every rank
