@@ -8,7 +8,7 @@
 
 What the step spends beyond the slowest rank's compute is communication, or waiting for a
 slower rank. The verdict, first match: `straggler (rank N)` when one rank's compute is well above
-the others' and their wait for it is a good part of the step, `input-bound` when a rank's input was empty at most steps,
+the others' and their wait for it is a tenth of the step or more, `input-bound` when a rank's input was empty at most steps,
 `network-bound` when communication takes most of the step, else `compute-bound`. The optimizer's
 update is left out of the compute probe (it would change the weights), so communication is
 slightly overstated. Pure functions: no TensorFlow (the scaling report uses them too).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import statistics
 
-STRAGGLER = 1.3  # a rank whose compute is this many times the median holds the others,
-WAIT = 0.1  # when the others' wait for it (its compute beyond the median) is this part of a step
+STRAGGLER = 1.3  # a rank whose compute is this many times the others' median holds them,
+WAIT = 0.1  # when their wait for it (its compute beyond their median) is this part of a step
 STARVED = 0.5  # input-bound: a rank's input buffer empty at more than this fraction of its steps
 NETWORK = 0.5  # network-bound: communication (or waiting) more than this fraction of a step
 
@@ -28,10 +28,10 @@ def verdict(step_seconds: float, compute_seconds: list[float], input_starved: li
     """The epoch's verdict and the numbers behind it (JSON-ready), from the step time and the
     ranks' compute probes and input-starved fractions (in rank order)."""
     slowest = max(range(len(compute_seconds)), key=compute_seconds.__getitem__)
-    median = statistics.median(compute_seconds)
-    communication = max(0.0, step_seconds - compute_seconds[slowest]) if len(compute_seconds) > 1 else 0.0
-    excess = compute_seconds[slowest] - median
-    if len(compute_seconds) > 1 and compute_seconds[slowest] > STRAGGLER * median and excess > WAIT * step_seconds:
+    others = compute_seconds[:slowest] + compute_seconds[slowest + 1:]
+    communication = max(0.0, step_seconds - compute_seconds[slowest]) if others else 0.0
+    median = statistics.median(others) if others else compute_seconds[slowest]
+    if others and compute_seconds[slowest] > STRAGGLER * median and compute_seconds[slowest] - median >= WAIT * step_seconds:
         found = f"straggler (rank {slowest})"
     elif max(input_starved) > STARVED:
         found = "input-bound"
