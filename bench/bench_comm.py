@@ -5,10 +5,10 @@ node's link shaped to --rate, allreduce time against message size and rank count
 nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
-step dividing them) against the real trainer on the same links, and Horovod's timeline of two of
-those runs: how much of a step is on the wire.
+step dividing them) against the real trainer on the same links, and Horovod's timeline of those
+runs but the 16-rank one: how much of a step is on the wire.
 
-    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~35 min)
+    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~70 min)
 
 The trainer runs DenseNet-121 (its 7.0 M parameters: 27.8 MB of fp32 gradients) at 32 px, so
 the compute is small beside the allreduce; the compute each step needs is the trainer's own
@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,9 @@ SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4,
 TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("horovod", 4, 4, ()),
          ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
          ("tf", 2, 1, ()), ("tf", 4, 1, ())]
-# (engine, nodes, ranks per node) run once more with Horovod's timeline: how much of the step is on the wire
-TIMELINE = [("horovod", 2, 1), ("horovod", 4, 1)]
+# (engine, nodes, ranks per node, extra trainer flags) run once more with Horovod's timeline: what of
+# the step is on the wire (the Horovod configurations of TRAIN but the 16-rank one)
+TIMELINE = [t for t in TRAIN if t[0] == "horovod" and t[1] * t[2] < 16]
 WARMUP = 3  # trainer steps per epoch left out of the timing
 LOCKS = ("/tmp/chexnet-rehearsal.lock", "/tmp/chexnet-heavy.lock")
 
@@ -168,15 +170,16 @@ def wire_per_step(rounds: list[tuple[float, float]], compute: float, steps: int)
             groups.append([(start, end)])
     wire = [sum(e - s for s, e in g) for g in groups]
     last = [g for g, w in zip(groups, wire, strict=True) if w > max(wire) / 2][-steps:]  # steps, not the epoch-end averaging
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"wire_seconds": median([sum(e - s for s, e in g) for g in last]),
-            "rounds": median([len(g) for g in last]), "span_seconds": median([g[-1][1] - g[0][0] for g in last])}
+    return {"wire_seconds": statistics.median([sum(e - s for s, e in g) for g in last]),
+            "rounds": statistics.median([len(g) for g in last]),
+            "span_seconds": statistics.median([g[-1][1] - g[0][0] for g in last])}
 
 
 def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp: Path, args,
           timeline: bool = False) -> dict:
     """One real trainer run; its last epoch's measured step and compute probe (with `timeline`,
-    Horovod's timeline of it: what of the step is on the wire, `wire_per_step`)."""
+    Horovod's timeline of it: what of the step is on the wire, `wire_per_step`, per allreduce:
+    one per `--backward-passes-per-step` steps)."""
     run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}"
     k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
     timed = args.steps - WARMUP + (WARMUP - args.steps) % k  # whole accumulation cycles: 1 allreduce per k steps
@@ -184,7 +187,7 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
            "--image-size", "32", "--batch-size", str(args.batch), "--epochs", "2", "--steps-per-epoch",
            str(WARMUP + timed), "--timing-warmup-steps", str(WARMUP), "--synthetic-input", "--threads", "1",
            "--verbose", "0", "--engine", engine, *extra]
-    trace = tmp / f"timeline-{engine}-{nodes}x{per_node}.json"
+    trace = run_dir.with_name(run_dir.name + "-timeline.json")
     srun(engine, nodes, per_node, cmd, tmp, extra_env={"HOROVOD_TIMELINE": str(trace)} if timeline else {})
     log = read_runlog(run_dir)
     start, last = log[0], [r for r in log if r["event"] == "epoch"][-1]
@@ -193,7 +196,7 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
            "flags": " ".join(extra), "backward_passes": k, "gradient_bytes": grad_bytes,
            "measured_step": last["step_seconds"], "compute": max(last["compute_seconds"]),
            "compute_seconds": last["compute_seconds"]}
-    return run | ({"timeline": wire_per_step(allreduce_rounds(trace), run["compute"], timed)} if timeline else {})
+    return run | ({"timeline": wire_per_step(allreduce_rounds(trace), run["compute"], timed // k)} if timeline else {})
 
 
 def predict_train(r: dict, nets: dict) -> dict:
@@ -212,6 +215,7 @@ def refit(path: Path) -> None:
     result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
     result["allreduce"] = predict_sweep(result["allreduce"], nets)
     result["train"] = [predict_train(r, nets) for r in result["train"]]
+    result["timeline"] = [predict_train(r, nets) for r in result.get("timeline", [])]
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -226,6 +230,8 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep")
     ap.add_argument("--train-only", action="store_true",
                     help="only the trainer runs, against the allreduce sweep and fit already in --out")
+    ap.add_argument("--timeline-only", action="store_true",
+                    help="only the runs traced with Horovod's timeline, beside the sweep and trainer runs in --out")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
@@ -234,9 +240,11 @@ def main() -> None:
         return
     began = time.time()
     rows, runs, traced, nets, failed = [], [], [], {}, []
-    if args.train_only:  # the sweep's measurements (and their failures) kept, the trainer's redone
+    if args.train_only or args.timeline_only:  # the sweep's measurements (and their failures) kept
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
+        if args.timeline_only:  # and the trainer runs'
+            runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
         result = {
@@ -250,7 +258,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
         began = time.time()  # measured from here: waiting for the locks is not the benchmark's
         tmp = Path(tmp)
-        for engine, nodes, per_node in [] if args.train_only else SWEEP:
+        for engine, nodes, per_node in [] if args.train_only or args.timeline_only else SWEEP:
             try:
                 rows += sweep(engine, nodes, per_node, tmp, args.repeats)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
@@ -262,7 +270,7 @@ def main() -> None:
         save()
         if not args.skip_train:
             data = records(tmp)
-            for engine, nodes, per_node, extra in TRAIN:
+            for engine, nodes, per_node, extra in [] if args.timeline_only else TRAIN:
                 try:
                     runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
@@ -271,9 +279,10 @@ def main() -> None:
                     continue
                 print(f"train {runs[-1]} ({time.time() - began:.0f} s)", flush=True)
                 save()
-            for engine, nodes, per_node in TIMELINE:
+            for engine, nodes, per_node, extra in TIMELINE:
                 try:
-                    traced.append(train(engine, nodes, per_node, (), data, tmp, args, timeline=True))
+                    traced.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args, timeline=True),
+                                                nets))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError, ValueError) as err:
                     failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": "(timeline)",
                                    "error": f"{type(err).__name__}: {str(err)[-1500:]}"})

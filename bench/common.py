@@ -106,16 +106,18 @@ def peak_rss_kb(pid: int) -> int:
 
 
 # `measure` runs its command under this small shim, which forks, execs the command and writes
-# the command's own peak RSS (its ru_maxrss from wait4) to argv[1]. Measured directly, a child's
-# ru_maxrss would start at its parent's size: Linux carries the replaced address space's
-# high-water mark over an exec, and before the exec that space is the benchmark's (tested).
-SHIM = """import os, sys
+# the command's own peak RSS, CPU seconds (from wait4: its workers included) and wall seconds to
+# argv[1], so the shim's own start is in none of them. Measured directly, a child's ru_maxrss
+# would start at its parent's size: Linux carries the replaced address space's high-water mark
+# over an exec, and before the exec that space is the benchmark's (tested).
+SHIM = """import os, sys, time
+t0 = time.perf_counter()
 pid = os.fork()
 if not pid:
     os.execvp(sys.argv[2], sys.argv[2:])
 status, usage = os.wait4(pid, 0)[1:]
 with open(sys.argv[1], "w") as fh:
-    fh.write(str(usage.ru_maxrss))
+    fh.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime} {time.perf_counter() - t0}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -128,29 +130,27 @@ def measure(cmd: list[str], cwd: Path = ROOT, env: dict | None = None, interval:
     and stdout. A failing command raises with its stderr's last lines."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile("r") as peak:
-        t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", SHIM, peak.name, *map(str, cmd)], cwd=cwd, env=env,
                                 stdout=out, stderr=err)
         peaks: dict[int, int] = {}
         main = None
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             main = main or next(iter(_children().get(proc.pid, [])), None)  # the command, under the shim
             for p in descendants(proc.pid):
                 peaks[p] = max(peaks.get(p, 0), peak_rss_kb(p))
             time.sleep(interval)
-        wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-        peak_kb = int(peak.read() or 0)
+        peak_kb, cpu, wall = (float(v) for v in (peak.read().split() or [0, 0, 0]))
     if proc.returncode:
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"{' '.join(map(str, cmd))}: exit {proc.returncode}\n{tail}")
     workers = [kb for p, kb in peaks.items() if p != main]
-    return {"seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mb": peak_kb / 1024, "main_rss_mb": peaks.get(main, 0) / 1024,
+    return {"seconds": wall, "cpu_seconds": cpu,
+            "peak_rss_mb": peak_kb / 1024, "main_rss_mb": (peaks.get(main) or peak_kb) / 1024,
             "worker_rss_mb": max(workers, default=0) / 1024, "stdout": stdout}

@@ -74,6 +74,9 @@ def section_trainer(r: dict) -> list[str]:
         f"{small['stall_watch_over_quiet']:.3f}; stop agreement {small['stop_agreement_over_quiet']:.3f}; "
         f"the records pipeline on these 2 shared cores {small['records_over_synthetic']:.3f} (the bare "
         f"loop on the same records: {small['bare_records_over_bare']:.3f} of itself in memory)",
+        *([f"- between rounds, one configuration's fastest / slowest round: {min(spread):.2f} to "
+           f"{max(spread):.2f}; a piece smaller than that is not resolved by these medians"]
+          if (spread := [max(v) / min(v) for k, v in small.get("runs", {}).items() if k != "trainer_xla"]) else []),
         f"- --xla / no XLA (in-memory input): {small['xla_over_no_xla']:.2f}"
         + (f"; DenseNet-121 at 128 px: {r['xla_over_no_xla_128']:.2f}" if "xla_over_no_xla_128" in r else "")
         + " (recipes turn XLA on only where it wins)", ""]
@@ -169,15 +172,17 @@ def pipeline_misses(r: dict) -> list[str]:
             "pixels to inflate; not measured here) or uint8 records.")
     if u8["images_per_cpu_second"] < u8["goal"] and "images_per_cpu_second_shuffle_256" in u8:
         block = 2048 * r["bytes_per_image_uint8_256"] / 1e6
+        stream = sum(v for k, v in u8["step_us_per_image"].items() if not k.startswith("float"))
+        whole, small = 1e6 / u8["images_per_cpu_second"], 1e6 / u8["images_per_cpu_second_shuffle_256"]
         notes.append(
-            f"- uint8: the steps add up to {sum(v for k, v in u8['step_us_per_image'].items() if not k.startswith('float')):.0f} us per image "
-            f"when measured as one endless stream; the trainer's pipeline reads each epoch as its own "
-            f"piece, its block shuffle (batch, permute, unbatch: 3 copies of every record) over "
-            f"2,048 records of 66 kB ({block:.0f} MB, beyond the CPU's caches) at the epoch's start: "
-            f"{1e6 / u8['images_per_cpu_second']:.0f} us per image. With --shuffle-buffer 256 "
-            f"({block / 8:.0f} MB) the same pipeline gives {u8['images_per_cpu_second_shuffle_256']:,} images "
-            f"per CPU-second (PNG records: {png['images_per_cpu_second_shuffle_256']:,}): a smaller shuffle "
-            "buffer buys input rate at the cost of shuffle reach.")
+            f"- uint8: the steps add up to {stream:.0f} us per image when measured as one endless stream; "
+            f"the trainer's pipeline, which reads each epoch as its own piece and block-shuffles it (batch, "
+            f"permute, unbatch: 3 copies of every record; the default buffer of 2,048 records of 66 kB is "
+            f"{block:.0f} MB, beyond the CPU's caches), costs {whole:.0f} us. With --shuffle-buffer 256 "
+            f"({block / 8:.0f} MB) it costs {small:.0f} us ({u8['images_per_cpu_second_shuffle_256']:,} images "
+            f"per CPU-second; PNG records: {png['images_per_cpu_second_shuffle_256']:,}): the buffer's size "
+            f"explains {whole - small:.0f} of the {whole - stream:.0f} us between the two; the other "
+            f"{small - stream:.0f} us (the per-epoch pieces, the shuffle's copies) are not separated here.")
     return notes
 
 
@@ -253,51 +258,62 @@ def comm_notes(r: dict) -> list[str]:
     return notes
 
 
+def alone_seconds(r: dict, t: dict) -> float | None:
+    """A trainer run's gradient bytes' allreduce measured alone on its layout (the sweep's nearest
+    size, scaled to the bytes), per step: divided by the backward passes per step."""
+    alone = {(a["engine"], a["nodes"], a["per_node"], a["bytes"]): a["seconds"] for a in r["allreduce"]}
+    size = min((14_000_000, 28_000_000), key=lambda b: abs(b - t["gradient_bytes"]))
+    seconds = alone.get((t["engine"], t["nodes"], t["per_node"], size))
+    return None if seconds is None else seconds * t["gradient_bytes"] / size / t["backward_passes"]
+
+
 def step_split(r: dict) -> list[str]:
     """Each trainer run's communication (measured step - compute) beside the same bytes'
     allreduce measured alone on the same layout: where the step model's error comes from."""
-    alone = {(a["engine"], a["nodes"], a["per_node"], a["bytes"]): a["seconds"] for a in r["allreduce"]}
-    rows = []
-    for t in r["train"]:
-        size = min((14_000_000, 28_000_000), key=lambda b: abs(b - t["gradient_bytes"]))
-        key = (t["engine"], t["nodes"], t["per_node"], size)
-        if key not in alone:
-            continue
-        expected = alone[key] * t["gradient_bytes"] / size / t["backward_passes"]
-        in_step = t["measured_step"] - t["compute"]
-        rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {in_step:.3f} | "
-                    f"{expected:.3f} | {in_step / expected:.2f} |")
+    rows = [f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | "
+            f"{t['measured_step'] - t['compute']:.3f} | {alone:.3f} | {(t['measured_step'] - t['compute']) / alone:.2f} |"
+            for t in r["train"] if (alone := alone_seconds(r, t))]
     if not rows:
         return []
     return ["**Where the step's error comes from**: each run's communication (measured step - compute "
             "probe) beside its gradient bytes' allreduce measured alone on the same layout (from the "
             "table above, scaled to the bytes, divided by the backward passes per step). A ratio "
-            "above 1 is measured time the trainer spends beyond one allreduce of its bytes; its parts "
-            "are not separated here (candidates: the gradients go as several tensors through "
-            "Horovod's fusion cycles, the optimizer's update and the loss average are outside the "
-            "compute probe, ranks sharing the 2 cores slow each other's reductions). The rest of "
-            "the step's error is the fit's (the allreduce table).", "",
+            "above 1 is measured time the trainer spends beyond one allreduce of its bytes (split "
+            "for the traced runs below); the rest of the step's error is the fit's (the allreduce table).", "",
             "| engine | nodes x ranks per node | flags | communication in the step (s) | allreduce alone (s) | ratio |",
             "|---|---|---|---:|---:|---:|", *rows, ""]
 
 
 def wire_split(r: dict) -> list[str]:
-    """The runs traced with Horovod's timeline: the step split into compute, time on the wire
-    and the rest, beside the same bytes' allreduce measured alone."""
-    alone = {(a["engine"], a["nodes"], a["per_node"]): a["seconds"] for a in r["allreduce"] if a["bytes"] == 28_000_000}
-    rows = [f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['measured_step']:.3f} | {t['compute']:.3f} | "
-            f"{t['timeline']['wire_seconds']:.3f} | {t['timeline']['rounds']} | "
-            f"{t['measured_step'] - t['compute'] - t['timeline']['wire_seconds']:.3f} | "
-            f"{alone[t['engine'], t['nodes'], t['per_node']] * t['gradient_bytes'] / 28e6:.3f} |"
-            for t in r.get("timeline", []) if (t["engine"], t["nodes"], t["per_node"]) in alone]
+    """The runs traced with Horovod's timeline: the step split into compute, time on the wire and
+    the rest, and the flat-ring model's error split into the fit's, the wire's beyond one
+    allreduce of the bytes, and the rest's (the three add up to the error)."""
+    rows = []
+    for t in r.get("timeline", []):
+        alone = alone_seconds(r, t)
+        if alone is None or "predicted_step_flat" not in t:
+            continue
+        measured, compute = t["measured_step"], t["compute"]
+        wire = t["timeline"]["wire_seconds"] / t["backward_passes"]
+        rest, model = measured - compute - wire, t["predicted_step_flat"] - compute
+        parts = [(model - alone) / measured, -(wire - alone) / measured, -rest / measured]
+        rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {measured:.3f} | "
+                    f"{compute:.3f} | {wire:.3f} | {t['timeline']['rounds']:g} | {rest:.3f} | {alone:.3f} | "
+                    f"{model:.3f} | {t['error_flat']:+.0%} | " + " | ".join(f"{p:+.0%}" for p in parts) + " |")
     if not rows:
         return []
-    return ["**What of the step is on the wire** (the same runs once more with Horovod's timeline, "
-            "rank 0; medians over the timed steps): time inside Horovod's MPI allreduces (fused "
-            "rounds merged), and the rest of the step beyond compute and wire (negotiation, "
-            "fusion-buffer copies, gaps between rounds, the optimizer's update):", "",
-            "| engine | nodes x ranks per node | measured step s | compute s | on the wire s | fused rounds "
-            "| rest s | allreduce alone s |", "|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    return ["**What of the step is on the wire, and the model's error split** (the Horovod runs above "
+            "but the 16-rank one, once more with Horovod's timeline, rank 0; medians over the timed "
+            "steps, per step): time inside Horovod's MPI allreduces (fused rounds merged; waiting for "
+            "a slower rank's data included), and the rest of the step beyond compute and wire "
+            "(negotiation, fusion-buffer copies, gaps between rounds, the optimizer's update). The "
+            "flat-ring model's error (of the measured step) is the sum of three parts: the fit's "
+            "(the model's allreduce of the bytes against the one measured alone), the wire's beyond "
+            "one allreduce of the bytes (the gradients go as several fused rounds, each paying the "
+            "ring's steps again), and the rest's (not in the model).", "",
+            "| engine | nodes x ranks per node | flags | measured step s | compute s | on the wire s | fused "
+            "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
+            "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, ""]
 
 
 def section_comm(r: dict) -> list[str]:
@@ -483,11 +499,13 @@ def section_scale(r: dict) -> list[str]:
     lines.insert(-2, f"| input pipeline, one rank of 16: seconds to the first batch (slower of ranks 0 and 15) | "
                  f"{' | '.join(f'{_first_batch(s):.2f}' for s in sizes)} | |")
     lines += ["", head + " | largest / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
-    growth = {}
+    growth, per_row = {}, {}
     for name, label, mb in SCALE_MEMORY:
         mbs = [mb(s) for s in sizes]
         growth[name] = mbs[-1] / mbs[0]
+        per_row[name] = (mbs[-1] - mbs[0]) * 2**20 / (sizes[-1]["images"] - sizes[0]["images"])
         lines.append(f"| peak RSS (MB), {label} | {' | '.join(f'{m:,.0f}' for m in mbs)} | {growth[name]:.2f} |")
+    growing = [n for n in ("records main process", "listing and manifest") if growth[n] > 1.2]
     lines += [
         "",
         "- Time per item, worst size / smallest size: "
@@ -495,6 +513,11 @@ def section_scale(r: dict) -> list[str]:
         f"- First batch at the full size: {goal(_first_batch(big), '<', 10, ' s')}.",
         "- Peak memory, largest / smallest size (flat: at most 1.2): "
         + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in growth.items()) + ".",
+        *([f"- Where memory grows ({', '.join(growing)}): by {', '.join(f'{per_row[n]:,.0f}' for n in growing)} "
+          "bytes per listed image: the listing's table (one row of names, path, patient, split, view and "
+          "label/mask cells per CSV row, which the split, leak guard and manifest read) and the shard plan's "
+          f"rows; no step holds an image or a record. At {big['images']:,} images: "
+          f"{', '.join(f'{mb(big):,.0f} MB' for n, _, mb in SCALE_MEMORY if n in growing)}."] if growing else []),
         f"- Records conversion of the full {big['images']:,} images: {big['convert']['seconds']:.0f} s wall on "
         f"{big['convert']['workers']} workers, {big['records_bytes'] / 1e6:,.0f} MB of records.",
         f"- The bootstrap's cost is linear in its resamples: evaluate's default 1,000 over the full test "
