@@ -52,7 +52,8 @@ def section_trainer(r: dict) -> list[str]:
         f"{small['batch']}, 1 rank)", "",
         f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (a bare step "
         f"takes {small['step_ms_bare']:.1f} ms here, the scale of a GPU step), warm-up left out; "
-        f"medians of {small['repeats']} rounds. Like with like: every loop trains the same model "
+        + (f"each configuration's best of {small['repeats']} rounds (other work only slows a round)"
+           if small.get("aggregate") == "best" else f"medians of {small['repeats']} rounds") + ". Like with like: every loop trains the same model "
         "behind the same in-graph preprocessing on uint8 batches.", "",
         "| configuration | images/s | / bare loop |", "|---|---:|---:|",
         *[f"| {label} | {small[key]:.0f} | {small[key] / small['bare_loop']:.3f} |" for key, label in (
@@ -75,7 +76,7 @@ def section_trainer(r: dict) -> list[str]:
         f"the records pipeline on these 2 shared cores {small['records_over_synthetic']:.3f} (the bare "
         f"loop on the same records: {small['bare_records_over_bare']:.3f} of itself in memory)",
         *([f"- between rounds, one configuration's fastest / slowest round: {min(spread):.2f} to "
-           f"{max(spread):.2f}; a piece smaller than that is not resolved by these medians"]
+           f"{max(spread):.2f}; a piece smaller than that is not resolved here"]
           if (spread := [max(v) / min(v) for k, v in small.get("runs", {}).items() if k != "trainer_xla"]) else []),
         f"- --xla / no XLA (in-memory input): {small['xla_over_no_xla']:.2f}"
         + (f"; DenseNet-121 at 128 px: {r['xla_over_no_xla_128']:.2f}" if "xla_over_no_xla_128" in r else "")
