@@ -289,7 +289,7 @@ def wire_split(r: dict) -> list[str]:
     """The runs traced with Horovod's timeline: the step split into compute, time on the wire and
     the rest, and the flat-ring model's error split into the fit's, the wire's beyond one
     allreduce of the bytes, and the rest's (the three add up to the error)."""
-    rows = []
+    rows, unsplit = [], False
     for t in r.get("timeline", []):
         alone = alone_seconds(r, t)
         if alone is None or "predicted_step_flat" not in t:
@@ -298,9 +298,12 @@ def wire_split(r: dict) -> list[str]:
         wire = t["timeline"]["wire_seconds"] / t["backward_passes"]
         rest, model = measured - compute - wire, t["predicted_step_flat"] - compute
         parts = [(model - alone) / measured, -(wire - alone) / measured, -rest / measured]
+        split = wire >= 0.9 * alone  # else the trace's grouping into steps missed rounds: no split
+        unsplit |= not split
         rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {measured:.3f} | "
                     f"{compute:.3f} | {wire:.3f} | {t['timeline']['rounds']:g} | {rest:.3f} | {alone:.3f} | "
-                    f"{model:.3f} | {t['error_flat']:+.0%} | " + " | ".join(f"{p:+.0%}" for p in parts) + " |")
+                    f"{model:.3f} | {t['error_flat']:+.0%} | "
+                    + (" | ".join(f"{p:+.0%}" for p in parts) if split else "- | - | -") + " |")
     if not rows:
         return []
     return ["**What of the step is on the wire, and the model's error split** (the Horovod runs above "
@@ -314,7 +317,12 @@ def wire_split(r: dict) -> list[str]:
             "ring's steps again), and the rest's (not in the model).", "",
             "| engine | nodes x ranks per node | flags | measured step s | compute s | on the wire s | fused "
             "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
-            "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, ""]
+            "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
+            *(["- A row without the split: its time on the wire came out below the same bytes' allreduce "
+               "alone, which the trainer's allreduce cannot beat, so the trace's rounds were grouped into "
+               "steps wrongly (likely a gap between the fused rounds of one allreduce longer than a third "
+               "of a step's compute, which `wire_per_step` takes for the next step); that row's wire and "
+               "rest are not to be read.", ""] if unsplit else [])]
 
 
 def section_comm(r: dict) -> list[str]:
