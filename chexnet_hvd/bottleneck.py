@@ -1,17 +1,18 @@
 """Why a run does not scale: a verdict per epoch, from what every rank measures cheaply.
 
 - the step: the epoch's timed seconds per step (the ranks step together, so one number);
-- compute, per rank: a short probe after the epoch, a few forward and backward passes of the
-  model on a batch held in memory, with no input pipeline and no collective;
+- compute, per rank: a probe after the epoch, forward and backward passes of the model on a
+  batch held in memory for a quarter of a second or more, with no input pipeline and no
+  collective;
 - input, per rank: the fraction of the epoch's steps at which its input buffer was empty when
   the model asked for the next batch (it then waited for its input pipeline).
 
 What the step spends beyond the slowest rank's compute is communication, or waiting for a
 slower rank. The verdict, first match: `straggler (rank N)` when one rank's compute is well above
-the others' and their wait for it is a tenth of the step or more, `input-bound` when a rank's input was empty at most steps,
-`network-bound` when communication takes most of the step, else `compute-bound`. The optimizer's
-update is left out of the compute probe (it would change the weights), so communication is
-slightly overstated. Pure functions: no TensorFlow (the scaling report uses them too).
+the others' and their wait for it is a tenth of the step or more, `input-bound` when a rank's
+input was empty at most steps, `network-bound` when communication takes most of the step, else
+`compute-bound`. The optimizer's update is left out of the compute probe (it would change the
+weights), so communication is slightly overstated. Pure functions: no TensorFlow (the scaling report uses them too).
 """
 
 from __future__ import annotations

@@ -23,9 +23,11 @@ def test_the_verdict_names_what_holds_the_step():
     assert bottleneck.verdict(0.10, [0.02, 0.02], [0.9, 0.0])["bottleneck"] == "input-bound"
     assert bottleneck.verdict(0.10, [0.02, 0.02], [0.0, 0.0])["bottleneck"] == "network-bound"
     slow = bottleneck.verdict(0.10, [0.03, 0.09, 0.03], [0.0, 0.0, 0.9])
+    assert slow["bottleneck"] == "straggler (rank 1)" and slow["communication_seconds"] == pytest.approx(0.01)
+    # of two ranks, the other's compute is the measure: 0.04 s of waiting, 2x its compute
+    assert bottleneck.verdict(0.10, [0.08, 0.04], [0.0, 0.0])["bottleneck"] == "straggler (rank 0)"
     # a slower probe whose excess is a sliver of a long step is noise beside the network's share
     assert bottleneck.verdict(0.17, [0.009, 0.004], [0.0, 0.0])["bottleneck"] == "network-bound"
-    assert slow["bottleneck"] == "straggler (rank 1)" and slow["communication_seconds"] == pytest.approx(0.01)
     assert bottleneck.verdict(0.10, [0.02], [0.0])["bottleneck"] == "compute-bound"  # one rank: no network
 
 
