@@ -523,6 +523,10 @@ def section_scale(r: dict) -> list[str]:
         "",
         "- Time per item, worst size / smallest size: "
         + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in worst.items()) + ".",
+        *([f"- The scaling report reads the same {big['report']['lines']}-line run log at every size (a run log "
+           "grows with epochs and attempts, not with images): its ratio is the run-to-run spread of a "
+           f"{big['report']['seconds']:.2f} s command, most of it Python's start."]
+          if len({s["report"]["lines"] for s in sizes}) == 1 else []),
         f"- First batch at the full size: {goal(_first_batch(big), '<', 10, ' s')}.",
         "- Peak memory, largest / smallest size (flat: at most 1.2): "
         + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in growth.items()) + ".",
