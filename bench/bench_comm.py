@@ -5,8 +5,8 @@ node's link shaped to --rate, allreduce time against message size and rank count
 nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
-step dividing them) against the real trainer on the same links, and Horovod's timeline of those
-runs but the 16-rank one: how much of a step is on the wire.
+step dividing them) against the real trainer on the same links, and Horovod's timeline of the
+Horovod runs but the 16-rank one: how much of a step is on the wire.
 
     .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~70 min)
 
@@ -180,7 +180,7 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
     """One real trainer run; its last epoch's measured step and compute probe (with `timeline`,
     Horovod's timeline of it: what of the step is on the wire, `wire_per_step`, per allreduce:
     one per `--backward-passes-per-step` steps)."""
-    run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}"
+    run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}{'-traced' if timeline else ''}"
     k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
     timed = args.steps - WARMUP + (WARMUP - args.steps) % k  # whole accumulation cycles: 1 allreduce per k steps
     cmd = [PY, "-m", "chexnet_hvd.train", "--data", str(data), "--run-dir", str(run_dir), "--model", "densenet121",
@@ -240,15 +240,17 @@ def main() -> None:
         return
     began = time.time()
     rows, runs, traced, nets, failed = [], [], [], {}, []
+    sweep_date = today()
     if args.train_only or args.timeline_only:  # the sweep's measurements (and their failures) kept
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
+        sweep_date = kept.get("sweep_date", kept["date"])
         if args.timeline_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
         result = {
-            "machine": machine(), "date": today(), "rate": args.rate,
+            "machine": machine(), "date": today(), "sweep_date": sweep_date, "rate": args.rate,
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round((time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},

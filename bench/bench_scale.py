@@ -153,6 +153,12 @@ def stage_bootstrap(arrays: str, resamples: int) -> dict:
 STAGES = {"table": stage_table, "pipeline": stage_pipeline, "bootstrap": stage_bootstrap}
 
 
+def median_of_3(run, key: str) -> dict:
+    """Of three runs of a short measurement (a second or less: one run is noise), the one with
+    the median `key`."""
+    return sorted((run() for _ in range(3)), key=lambda m: m[key])[1]
+
+
 def stage(name: str, *args) -> dict:
     """Run a stage in a fresh process: its own numbers, plus its process's peak RSS and times."""
     run = measure([PY, __file__, "--stage", name, json.dumps(args)])
@@ -237,9 +243,7 @@ def one_size(work: Path, n: int, args, real: dict | None,
     result["records_bytes"] = sum(sh["bytes"] for v in manifest["splits"].values() for sh in v["shards"])
     result["convert"] = {k: v for k, v in conv.items() if k != "stdout"} | {"workers": args.workers}
     print(f"{n}: converted ({conv['seconds']:.0f} s)", flush=True)
-    # about a second in wall time, one thread: the median of three runs
-    result["table"] = sorted((stage("table", str(folder), str(records_dir)) for _ in range(3)),
-                             key=lambda t: t["seconds"])[1]
+    result["table"] = median_of_3(lambda: stage("table", str(folder), str(records_dir)), "seconds")
     result["pipeline"] = {str(r): stage("pipeline", str(records_dir), r, args.batches, 2) for r in (0, WORLD - 1)}
     test_arrays(folder, records_dir, work / "test.npz")
     result["bootstrap"] = stage("bootstrap", str(work / "test.npz"), args.resamples)
@@ -249,9 +253,8 @@ def one_size(work: Path, n: int, args, real: dict | None,
         checkpoint = work / "small_run" / "checkpoints" / "best"
     run_dir = work / f"run16_{n}"
     lines = write_16_rank_log(run_dir, real, result["splits"]["train"])
-    # a fraction of a second: the median of three runs by CPU time
-    report = sorted((measure([PY, str(ROOT / "tools" / "scaling_report.py"), str(run_dir), "--csv", str(work / "s.csv")])
-                     for _ in range(3)), key=lambda m: m["cpu_seconds"])[1]
+    report = median_of_3(lambda: measure([PY, str(ROOT / "tools" / "scaling_report.py"), str(run_dir),
+                                          "--csv", str(work / "s.csv")]), "cpu_seconds")
     result["report"] = {k: v for k, v in report.items() if k != "stdout"} | {"epochs": EPOCHS, "lines": lines}
     if n == max(args.sizes):
         ev = measure([PY, "-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data",

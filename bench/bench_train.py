@@ -8,7 +8,7 @@ Like with like: every loop trains the same model behind the same in-graph prepro
 (`models.with_preprocessing`) on uint8 batches, in-memory or from uint8 records through
 `chexnet_hvd.data.train_dataset`, with Adam under Horovod, 1 rank.
 
-- small CNN, 32 px, batch 16 (about 10 ms a step here, the scale of a GPU step). The bare loop:
+- small CNN, 32 px, batch 16 (5-7 ms a step here, the scale of a GPU step). The bare loop:
   Horovod's DistributedGradientTape in a tf.function that takes its batch from a dataset
   iterator, no callbacks, no host sync per step (the shape of Horovod's synthetic benchmark).
   Then, each a piece of the trainer's cost: the bare loop with its batches through the
@@ -22,14 +22,16 @@ Like with like: every loop trains the same model behind the same in-graph prepro
   bare loop on in-memory uint8 batches. Goal: >= 0.98.
 - XLA (--xla: auto-clustering, Horovod's allreduce left outside the compiled clusters) against
   no XLA, trainer on in-memory input: small CNN, and DenseNet-121 at 128 px.
-Warm-up steps are left out of every number; configurations alternate over --repeats rounds and
-each one's best round is reported: other work on a shared machine only ever slows a round.
+Warm-up steps are left out of every number; configurations alternate over --repeats rounds:
+images/s are each configuration's median, ratios the median of the rounds' own ratios (one
+round's configurations ran minutes apart, so a slow spell of the shared machine is in both).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,20 +169,26 @@ def small_configs(rec: Path, tmp: Path, size: int, batch: int, steps: int, warm:
     }
 
 
-def ratios(m: dict) -> dict:
-    """The small CNN's ratios: the goal's, and the gap split into its pieces."""
-    return {
-        "records_over_bare": m["trainer_records"] / m["bare_loop"],
-        "synthetic_over_bare": m["trainer_synthetic"] / m["bare_loop"],
-        "fit_over_bare": m["keras_fit"] / m["bare_loop"],
-        "feed_over_bare": m["bare_loop_feed"] / m["bare_loop"],
-        "quiet_over_fit": m["trainer_synthetic_quiet"] / m["keras_fit"],
-        "stall_watch_over_quiet": m["trainer_synthetic_stall_watch"] / m["trainer_synthetic_quiet"],
-        "stop_agreement_over_quiet": m["trainer_synthetic_stop_agreement"] / m["trainer_synthetic_quiet"],
-        "records_over_synthetic": m["trainer_records"] / m["trainer_synthetic"],
-        "bare_records_over_bare": m["bare_loop_records"] / m["bare_loop"],
-        "records_over_bare_records": m["trainer_records"] / m["bare_loop_records"],
-    }
+# The small CNN's ratios (name: numerator, denominator): the goal's, and the gap's pieces.
+RATIOS = {
+    "records_over_bare": ("trainer_records", "bare_loop"),
+    "synthetic_over_bare": ("trainer_synthetic", "bare_loop"),
+    "fit_over_bare": ("keras_fit", "bare_loop"),
+    "feed_over_bare": ("bare_loop_feed", "bare_loop"),
+    "quiet_over_fit": ("trainer_synthetic_quiet", "keras_fit"),
+    "stall_watch_over_quiet": ("trainer_synthetic_stall_watch", "trainer_synthetic_quiet"),
+    "stop_agreement_over_quiet": ("trainer_synthetic_stop_agreement", "trainer_synthetic_quiet"),
+    "records_over_synthetic": ("trainer_records", "trainer_synthetic"),
+    "bare_records_over_bare": ("bare_loop_records", "bare_loop"),
+    "records_over_bare_records": ("trainer_records", "bare_loop_records"),
+}
+
+
+def summary(runs: dict) -> dict:
+    """Each configuration's median images/s and each ratio's median over the rounds."""
+    return {name: statistics.median(v) for name, v in runs.items()} | {
+        name: statistics.median(a / b for a, b in zip(runs[num], runs[den], strict=True))
+        for name, (num, den) in RATIOS.items()}
 
 
 def main() -> None:
@@ -190,7 +198,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps left out (small CNN: 25x)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the small-CNN configurations")
     ap.add_argument("--small-only", action="store_true",
-                    help="the small CNN only, beside the DenseNet-121 figures already in --out")
+                    help="the small CNN only (with its own date), beside the DenseNet-121 figures already in --out")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_train.json"))
     args = ap.parse_args()
     size, batch, s, w = 32, 16, args.small_steps, args.warmup * 25
@@ -198,7 +206,8 @@ def main() -> None:
     result = {"machine": machine(), "date": today(),
               "model": "densenet121", "image_size": 224, "batch": 16, "steps": d,
               "small": {"model": "small_cnn", "image_size": size, "batch": batch, "steps": s,
-                        "repeats": args.repeats, "aggregate": "best"}}
+                        "repeats": args.repeats, "machine": machine(), "date": today()}}
+    kept = json.loads(Path(args.out).read_text()) if args.small_only else {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         small = records(tmp, "small", int((s + w) * batch * 1.2), size)
@@ -208,15 +217,13 @@ def main() -> None:
             for name, measure in configs.items():
                 runs[name].append(measure())
         r = result["small"]
-        r |= {name: max(v) for name, v in runs.items()}
+        r |= summary(runs)
         r["runs"] = runs
-        r |= ratios(r)
         r["step_ms_bare"] = 1000 * batch / r["bare_loop"]
         r["trainer_xla"] = trainer(small, tmp / "s_xla", "small_cnn", size, batch, s, w, synthetic_input=True, xla=True)
         r["xla_over_no_xla"] = r["trainer_xla"] / r["trainer_synthetic"]
         if args.small_only:
-            kept = json.loads(Path(args.out).read_text())
-            result |= {k: v for k, v in kept.items() if k not in result}
+            result = kept | {"small": r}
         else:
             dense = records(tmp, "dense", (d + dw) * 16 * 2, 224)
             result["trainer_fp32"] = trainer(dense, tmp / "fp32", "densenet121", 224, 16, d, dw)

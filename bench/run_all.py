@@ -50,10 +50,10 @@ def section_trainer(r: dict) -> list[str]:
     lines = [
         f"## The trainer's cost per step ({small['model']}, {small['image_size']} px, batch "
         f"{small['batch']}, 1 rank)", "",
-        f"Machine: {r['machine']}, {r['date']}; {small['steps']} timed steps each (a bare step "
-        f"takes {small['step_ms_bare']:.1f} ms here, the scale of a GPU step), warm-up left out; "
-        + (f"each configuration's best of {small['repeats']} rounds (other work only slows a round)"
-           if small.get("aggregate") == "best" else f"medians of {small['repeats']} rounds") + ". Like with like: every loop trains the same model "
+        f"Machine: {small.get('machine', r['machine'])}, {small.get('date', r['date'])}; {small['steps']} "
+        f"timed steps each (a bare step takes {small['step_ms_bare']:.1f} ms here, the scale of a GPU step), "
+        f"warm-up left out; {small['repeats']} rounds: images/s the medians, ratios the medians of each "
+        "round's own ratios. Like with like: every loop trains the same model "
         "behind the same in-graph preprocessing on uint8 batches.", "",
         "| configuration | images/s | / bare loop |", "|---|---:|---:|",
         *[f"| {label} | {small[key]:.0f} | {small[key] / small['bare_loop']:.3f} |" for key, label in (
@@ -77,7 +77,7 @@ def section_trainer(r: dict) -> list[str]:
         f"loop on the same records: {small['bare_records_over_bare']:.3f} of itself in memory)",
         *([f"- between rounds, one configuration's fastest / slowest round: {min(spread):.2f} to "
            f"{max(spread):.2f}; a piece smaller than that is not resolved here"]
-          if (spread := [max(v) / min(v) for k, v in small.get("runs", {}).items() if k != "trainer_xla"]) else []),
+          if small["repeats"] > 1 and (spread := [max(v) / min(v) for v in small.get("runs", {}).values()]) else []),
         f"- --xla / no XLA (in-memory input): {small['xla_over_no_xla']:.2f}"
         + (f"; DenseNet-121 at 128 px: {r['xla_over_no_xla_128']:.2f}" if "xla_over_no_xla_128" in r else "")
         + " (recipes turn XLA on only where it wins)", ""]
@@ -318,8 +318,8 @@ def wire_split(r: dict) -> list[str]:
             "| engine | nodes x ranks per node | flags | measured step s | compute s | on the wire s | fused "
             "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
-            *(["- A row without the split: its time on the wire came out below the same bytes' allreduce "
-               "alone, which the trainer's allreduce cannot beat, so the trace's rounds were grouped into "
+            *(["- A row without the split: its time on the wire came out below 0.9x the same bytes' "
+               "allreduce alone, which the trainer's allreduce cannot beat by more than the noise, so the trace's rounds were grouped into "
                "steps wrongly (likely a gap between the fused rounds of one allreduce longer than a third "
                "of a step's compute, which `wire_per_step` takes for the next step); that row's wire and "
                "rest are not to be read.", ""] if unsplit else [])]
@@ -339,7 +339,9 @@ def section_comm(r: dict) -> list[str]:
              f"{t['compute']:.3f} | {t['measured_step']:.3f} | {both(t, 'predicted_step', 1, 3)} |" for t in r["train"]]
     return [
         f"## Communication model (rehearsal links shaped to {r['rate']})", "",
-        f"Machine: {r['machine']}, {r['date']}; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
+        f"Machine: {r['machine']}, {r['date']}"
+        + (f" (the allreduce sweep and fit: {r['sweep_date']})" if r.get("sweep_date", r["date"]) != r["date"] else "")
+        + f"; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
         "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
         "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
@@ -505,10 +507,13 @@ def section_scale(r: dict) -> list[str]:
         "included), but the listing and manifest's (one thread) in wall time.", "",
         head + " | per item, worst size / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
     worst = {}
+    one_log = len({s["report"]["lines"] for s in sizes}) == 1  # the report's work is the same at every size
     for name, label, cell, cost in SCALE_TIMES:
         costs = [cost(s) for s in sizes]
-        worst[name] = max(c / costs[0] for c in costs)
-        lines.append(f"| {label} | {' | '.join(cell(s) for s in sizes)} | {worst[name]:.2f} |")
+        ratio = max(c / costs[0] for c in costs)
+        if not (one_log and name == "scaling report"):
+            worst[name] = ratio
+        lines.append(f"| {label} | {' | '.join(cell(s) for s in sizes)} | {ratio:.2f} |")
     lines.insert(-2, f"| input pipeline, one rank of 16: seconds to the first batch (slower of ranks 0 and 15) | "
                  f"{' | '.join(f'{_first_batch(s):.2f}' for s in sizes)} | |")
     lines += ["", head + " | largest / smallest |", "|---|" + "---:|" * len(sizes) + "---:|"]
@@ -524,9 +529,9 @@ def section_scale(r: dict) -> list[str]:
         "- Time per item, worst size / smallest size: "
         + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in worst.items()) + ".",
         *([f"- The scaling report reads the same {big['report']['lines']}-line run log at every size (a run log "
-           "grows with epochs and attempts, not with images): its ratio is the run-to-run spread of a "
-           f"{big['report']['seconds']:.2f} s command, most of it Python's start."]
-          if len({s["report"]["lines"] for s in sizes}) == 1 else []),
+           "grows with epochs and attempts, not with images): no goal per item; its ratio in the table is "
+           f"the run-to-run spread of a {big['report']['seconds']:.2f} s command, most of it Python's start."]
+          if one_log else []),
         f"- First batch at the full size: {goal(_first_batch(big), '<', 10, ' s')}.",
         "- Peak memory, largest / smallest size (flat: at most 1.2): "
         + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in growth.items()) + ".",
