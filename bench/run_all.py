@@ -319,10 +319,10 @@ def wire_split(r: dict) -> list[str]:
             "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
             *(["- A row without the split: its time on the wire came out below 0.9x the same bytes' "
-               "allreduce alone, which the trainer's allreduce cannot beat by more than the noise, so the trace's rounds were grouped into "
-               "steps wrongly (likely a gap between the fused rounds of one allreduce longer than a third "
-               "of a step's compute, which `wire_per_step` takes for the next step); that row's wire and "
-               "rest are not to be read.", ""] if unsplit else [])]
+               "allreduce alone, which the trainer's allreduce cannot beat by more than the noise, so "
+               "the trace's rounds were grouped into steps wrongly (likely a gap between the fused rounds "
+               "of one allreduce longer than a third of a step's compute, which `wire_per_step` takes "
+               "for the next step); that row's wire and rest are not to be read.", ""] if unsplit else [])]
 
 
 def section_comm(r: dict) -> list[str]:

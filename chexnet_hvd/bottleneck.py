@@ -12,7 +12,8 @@ slower rank. The verdict, first match: `straggler (rank N)` when one rank's comp
 the others' and their wait for it is a tenth of the step or more, `input-bound` when a rank's
 input was empty at most steps, `network-bound` when communication takes most of the step, else
 `compute-bound`. The optimizer's update is left out of the compute probe (it would change the
-weights), so communication is slightly overstated. Pure functions: no TensorFlow (the scaling report uses them too).
+weights), so communication is slightly overstated. Pure functions: no TensorFlow (the scaling
+report uses them too).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ def verdict(step_seconds: float, compute_seconds: list[float], input_starved: li
     """The epoch's verdict and the numbers behind it (JSON-ready), from the step time and the
     ranks' compute probes and input-starved fractions (in rank order)."""
     slowest = max(range(len(compute_seconds)), key=compute_seconds.__getitem__)
-    others = compute_seconds[:slowest] + compute_seconds[slowest + 1:]
-    communication = max(0.0, step_seconds - compute_seconds[slowest]) if others else 0.0
-    median = statistics.median(others) if others else compute_seconds[slowest]
-    if others and compute_seconds[slowest] > STRAGGLER * median and compute_seconds[slowest] - median >= WAIT * step_seconds:
+    others, most = compute_seconds[:slowest] + compute_seconds[slowest + 1:], compute_seconds[slowest]
+    communication = max(0.0, step_seconds - most) if others else 0.0
+    median = statistics.median(others) if others else most  # one rank: nobody waits for it
+    if most > STRAGGLER * median and most - median >= WAIT * step_seconds:
         found = f"straggler (rank {slowest})"
     elif max(input_starved) > STARVED:
         found = "input-bound"
