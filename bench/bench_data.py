@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Data-path cost on this CPU, in one run: records conversion with 1 vs 2 worker processes, and
 the training input pipeline per CPU-second at 224 px, batch 16, over PNG and uint8 records
-(256 px) and a raw-PNG index, step by step, with each encoding's bytes per image.
+(256 px, and PNG at the model's 224 px) and a raw-PNG index, step by step, with each
+encoding's bytes per image.
 
     .venv/bin/python bench/bench_data.py [--copies 10] [--out docs/bench_data.json]
 
@@ -26,7 +27,9 @@ shuffle within blocks -> zip with the random draws -> batch + parse (tf.io.parse
 decode -> crop + flip; a step's cost is the difference of CPU time per image. Two more rows for
 comparison: the same steps plus the float work on the CPU (what a CPU-only run pays in the
 model's graph), and the per-record path (parse, decode and flip one record at a time, then the
-float work), which images of source sizes still take and all PNG records took before.
+float work), which images of source sizes still take and all PNG records took before. PNG
+records stored at the model's 224 px (`--image-size 224`: no resize left, fewer pixels to
+inflate) get the project pipeline and its parse and decode steps.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
 PY = sys.executable
 STEPS = ["read", "shuffle", "draws", "parse", "decode", "augment"]  # cumulative, in order
+AT_MODEL_SIZE = ["parse", "decode", "pipeline"]  # PNG records stored at the model's 224 px
 EXTRA = ["cpu_float", "per_record_cpu_float", "per_record_uint8", "pipeline", "pipeline_crop", "pipeline_shuffle256"]
 
 PIPELINE = r"""
@@ -132,10 +136,10 @@ def make_input(tmp: Path, copies: int) -> Path:
     return tmp / "all" / "Data_Entry_2017.csv"
 
 
-def convert(csv: Path, out: Path, workers: int, fmt: str = "tfrecord", encoding: str = "png") -> float:
+def convert(csv: Path, out: Path, workers: int, fmt: str = "tfrecord", encoding: str = "png", size: int = 256) -> float:
     args = [PY, "-m", "chexnet_hvd.records", "--csv", str(csv), "--images", str(csv.parent.parent / "images"),
             "--out", str(out), "--workers", str(workers), "--shard-size", "128", "--no-progress",
-            "--format", fmt] + (["--image-size", "256", "--encoding", encoding] if fmt == "tfrecord" else [])
+            "--format", fmt] + (["--image-size", str(size), "--encoding", encoding] if fmt == "tfrecord" else [])
     t0 = time.perf_counter()
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - t0
@@ -155,6 +159,7 @@ def measure_pipelines(dirs: dict[str, Path], repeats: int, budget: float) -> dic
     load hits all alike."""
     cpu: dict = {enc: {v: [] for v in STEPS + EXTRA} for enc in ("png", "uint8")}
     cpu["raw"] = {"per_record_cpu_float": []}
+    cpu["png_224"] = {v: [] for v in AT_MODEL_SIZE}
     wall: dict = {enc: [] for enc in ("png", "uint8")}
     for _ in range(repeats):
         for enc in ("png", "uint8"):
@@ -162,6 +167,8 @@ def measure_pipelines(dirs: dict[str, Path], repeats: int, budget: float) -> dic
                 cpu[enc][variant].append(pipeline(dirs[enc], variant, 1, budget)["images_per_cpu_second"])
             wall[enc].append(pipeline(dirs[enc], "pipeline", 2, budget)["images_per_sec"])
         cpu["raw"]["per_record_cpu_float"].append(pipeline(dirs["raw"], "pipeline", 1, budget)["images_per_cpu_second"])
+        for variant in AT_MODEL_SIZE:
+            cpu["png_224"][variant].append(pipeline(dirs["png_224"], variant, 1, budget)["images_per_cpu_second"])
     return {"cpu": cpu, "wall_2_threads": wall}
 
 
@@ -203,6 +210,10 @@ def pipeline_summary(measured: dict) -> dict:
                     "step_us_per_image": step_costs(measured["cpu"][enc]),
                     "images_per_sec_2_threads": round(statistics.median(measured["wall_2_threads"][enc])),
                     **{f"cores_per_gpu_at_{rate}": round(rate / med["pipeline"], 2) for rate in GPU_RATES}}
+    at_size = {v: statistics.median(r) for v, r in measured["cpu"]["png_224"].items()}
+    out["png_224"] = {"images_per_cpu_second": round(at_size["pipeline"]), "goal": GOALS["png"],
+                      "decode_us_per_image": round(1e6 / at_size["decode"] - 1e6 / at_size["parse"], 1),
+                      **{f"cores_per_gpu_at_{rate}": round(rate / at_size["pipeline"], 2) for rate in GPU_RATES}}
     raw = statistics.median(measured["cpu"]["raw"]["per_record_cpu_float"])
     out["raw"] = {"images_per_cpu_second": round(raw),
                   **{f"cores_per_gpu_at_{rate}": round(rate / raw, 1) for rate in GPU_RATES}}
@@ -230,8 +241,9 @@ def main() -> None:
                     seconds[workers, part].append(convert(source, tmp / f"rec{workers}{part}{r}", workers))
         convert(csv, tmp / "raw", 1, "raw")
         convert(csv, tmp / "uint8", 2, encoding="uint8")
-        dirs = {"png": tmp / "rec2all0", "uint8": tmp / "uint8", "raw": tmp / "raw"}
-        sizes = {"png": bytes_per_image(dirs["png"]), "uint8": bytes_per_image(dirs["uint8"])}
+        convert(csv, tmp / "png224", 2, size=224)
+        dirs = {"png": tmp / "rec2all0", "uint8": tmp / "uint8", "raw": tmp / "raw", "png_224": tmp / "png224"}
+        sizes = {enc: bytes_per_image(dirs[enc]) for enc in ("png", "uint8", "png_224")}
         measured = measure_pipelines(dirs, args.repeats, args.cpu_seconds)
     t = {key: statistics.median(v) for key, v in seconds.items()}
     steady = {w: (n - n3) / (t[w, "all"] - t[w, "third"]) for w in (1, 2)}
@@ -251,6 +263,8 @@ def main() -> None:
         "bytes_per_image_uint8_256": round(sizes["uint8"]),
         "nih_112120_gb_png_256": round(sizes["png"] * 112_120 / 1e9, 2),
         "nih_112120_gb_uint8_256": round(sizes["uint8"] * 112_120 / 1e9, 2),
+        "bytes_per_image_png_224": round(sizes["png_224"]),
+        "nih_112120_gb_png_224": round(sizes["png_224"] * 112_120 / 1e9, 2),
         "runs": {"convert_seconds": {f"{w} worker(s), {part}": v for (w, part), v in seconds.items()},
                  "pipeline_images_per_cpu_second": measured["cpu"],
                  "pipeline_images_per_sec_2_threads": measured["wall_2_threads"]},

@@ -140,11 +140,16 @@ def section_pipeline(r: dict) -> list[str]:
         f"| uint8 (`--encoding uint8`) | {u8['images_per_cpu_second']:,} | {u8['images_per_cpu_second_crop']:,} | "
         f"{u8['goal']:,} | {u8['per_record_float_on_cpu']:,} | {u8['images_per_sec_2_threads']:,} | "
         f"{r['bytes_per_image_uint8_256']:,} | {r['nih_112120_gb_uint8_256']:.1f} GB |",
+        *([f"| PNG at the model's size (224 px, `--image-size 224`) | {p['png_224']['images_per_cpu_second']:,} | - | "
+           f"{png['goal']:,} | - | - | {r['bytes_per_image_png_224']:,} | {r['nih_112120_gb_png_224']:.1f} GB |"]
+          if "png_224" in p else []),
         f"| raw PNG files (1024 px, `--format raw`: source sizes, float work on the CPU) | "
         f"{raw['images_per_cpu_second']:,} | - | - | - | - | - | - |", "",
         f"- PNG records: {verdict(png['images_per_cpu_second'] / png['goal'], 1.0)} of the goal of "
         f"{png['goal']:,} images per CPU-second (the ratio to it shown); uint8 records: "
-        f"{verdict(u8['images_per_cpu_second'] / u8['goal'], 1.0)} of {u8['goal']:,}.",
+        f"{verdict(u8['images_per_cpu_second'] / u8['goal'], 1.0)} of {u8['goal']:,}"
+        + (f"; PNG records at the model's size: {verdict(p['png_224']['images_per_cpu_second'] / png['goal'], 1.0)} "
+           f"of {png['goal']:,}." if "png_224" in p else "."),
         *pipeline_misses(r),
         "- What each step costs, CPU microseconds per image (each step measured as the pipeline "
         "up to it minus the pipeline up to the step before, in separate processes; a step "
@@ -153,7 +158,9 @@ def section_pipeline(r: dict) -> list[str]:
         *[f"| {step} | {png['step_us_per_image'][step]:.1f} | {u8['step_us_per_image'][step]:.1f} |"
           for step in steps], "",
         "- Cores per GPU for the input pipeline alone (the float work on the GPU): "
-        + "; ".join(f"at {rate:,} img/s, {png[f'cores_per_gpu_at_{rate}']:.2f} with PNG records, "
+        + "; ".join(f"at {rate:,} img/s, {png[f'cores_per_gpu_at_{rate}']:.2f} with PNG records"
+                    + (f" ({p['png_224'][f'cores_per_gpu_at_{rate}']:.2f} stored at 224 px)" if "png_224" in p else "")
+                    + ", "
                     f"{u8[f'cores_per_gpu_at_{rate}']:.2f} with uint8 records, "
                     f"{raw[f'cores_per_gpu_at_{rate}']:.1f} with a raw index"
                     for rate in (2000, 4000)) + " (2,000-4,000 img/s: DenseNet-121 in mixed "
@@ -170,7 +177,9 @@ def pipeline_misses(r: dict) -> list[str]:
             f"- PNG: decoding one 256-px record alone takes {decode:.0f} us of CPU (libpng through "
             f"tf.io.decode_png), a ceiling of {1e6 / decode:,.0f} images per CPU-second with every other "
             f"step free; the goal of {png['goal']:,} needs records stored at the model's size (fewer "
-            "pixels to inflate; not measured here) or uint8 records.")
+            "pixels to inflate) or uint8 records."
+            + (f" Stored at 224 px, a record decodes in {p['png_224']['decode_us_per_image']:.0f} us."
+               if "png_224" in p else ""))
     if u8["images_per_cpu_second"] < u8["goal"] and "images_per_cpu_second_shuffle_256" in u8:
         block = 2048 * r["bytes_per_image_uint8_256"] / 1e6
         stream = sum(v for k, v in u8["step_us_per_image"].items() if not k.startswith("float"))
