@@ -8,10 +8,12 @@ nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
 Horovod runs but the 16-rank one: how much of a step is on the wire.
 
-    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~70 min)
+    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~100 min)
 
-The trainer runs DenseNet-121 (its 7.0 M parameters: 27.8 MB of fp32 gradients) at 32 px, so
-the compute is small beside the allreduce; the compute each step needs is the trainer's own
+The trainer runs DenseNet-121 (its 7.0 M parameters: 27.8 MB of fp32 gradients) and, on 1 rank
+per node, ResNet-50 (23.6 M: 94 MB, beyond Horovod's 64 MB fusion buffer; once more with a
+128 MB buffer: whether a buffer that holds all the bytes changes the step) at 32 px, so the
+compute is small beside the allreduce; the compute each step needs is the trainer's own
 compute probe (every rank, all at once, so the 2 cores' contention is in it). Ranks on one node
 share memory (unshaped): with several per node the flat ring still crosses each node's link
 once per step, so the model for the CPU engines is one ring over all ranks paced by the links.
@@ -47,10 +49,13 @@ NODES = [f"node{i}" for i in range(1, 5)]
 SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 / fp32
 # (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
 SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1)]
-# (engine, nodes, ranks per node, extra trainer flags) of the step-time check
+# (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
+# NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
 TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("horovod", 4, 4, ()),
          ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
-         ("tf", 2, 1, ()), ("tf", 4, 1, ())]
+         ("tf", 2, 1, ()), ("tf", 4, 1, ()),
+         *[(engine, nodes, 1, ("--model", "resnet50")) for engine, nodes in (("horovod", 2), ("horovod", 4), ("tf", 4))],
+         ("horovod", 4, 1, ("--model", "resnet50", f"HOROVOD_FUSION_THRESHOLD={128 << 20}"))]
 # (engine, nodes, ranks per node, extra trainer flags) run once more with Horovod's timeline: what of
 # the step is on the wire (the Horovod configurations of TRAIN but the 16-rank one)
 TIMELINE = [t for t in TRAIN if t[0] == "horovod" and t[1] * t[2] < 16]
@@ -175,6 +180,14 @@ def wire_per_step(rounds: list[tuple[float, float]], compute: float, steps: int)
             "span_seconds": statistics.median([g[-1][1] - g[0][0] for g in last])}
 
 
+def split_knobs(extra: tuple) -> tuple[dict, list]:
+    """A run's extra items as (environment, trainer flags): NAME=value with an upper-case NAME
+    goes to the ranks' environment (Horovod's settings), the rest to the trainer."""
+    def knob(item: str) -> bool:
+        return "=" in item and item.partition("=")[0].isupper()
+    return dict(x.partition("=")[::2] for x in extra if knob(x)), [x for x in extra if not knob(x)]
+
+
 def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp: Path, args,
           timeline: bool = False) -> dict:
     """One real trainer run; its last epoch's measured step and compute probe (with `timeline`,
@@ -182,13 +195,14 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
     one per `--backward-passes-per-step` steps)."""
     run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}{'-traced' if timeline else ''}"
     k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
+    knobs, flags = split_knobs(extra)
     timed = args.steps - WARMUP + (WARMUP - args.steps) % k  # whole accumulation cycles: 1 allreduce per k steps
     cmd = [PY, "-m", "chexnet_hvd.train", "--data", str(data), "--run-dir", str(run_dir), "--model", "densenet121",
            "--image-size", "32", "--batch-size", str(args.batch), "--epochs", "2", "--steps-per-epoch",
            str(WARMUP + timed), "--timing-warmup-steps", str(WARMUP), "--synthetic-input", "--threads", "1",
-           "--verbose", "0", "--engine", engine, *extra]
+           "--verbose", "0", "--engine", engine, *flags]
     trace = run_dir.with_name(run_dir.name + "-timeline.json")
-    srun(engine, nodes, per_node, cmd, tmp, extra_env={"HOROVOD_TIMELINE": str(trace)} if timeline else {})
+    srun(engine, nodes, per_node, cmd, tmp, extra_env=knobs | ({"HOROVOD_TIMELINE": str(trace)} if timeline else {}))
     log = read_runlog(run_dir)
     start, last = log[0], [r for r in log if r["event"] == "epoch"][-1]
     grad_bytes = 4 * start["trainable_params"] / (2 if "--fp16-allreduce" in extra else 1)
@@ -232,6 +246,9 @@ def main() -> None:
                     help="only the trainer runs, against the allreduce sweep and fit already in --out")
     ap.add_argument("--timeline-only", action="store_true",
                     help="only the runs traced with Horovod's timeline, beside the sweep and trainer runs in --out")
+    ap.add_argument("--missing-only", action="store_true",
+                    help="only the trainer and traced runs that --out lacks (a run cut short, configurations added "
+                         "since), beside the sweep and runs it has")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
@@ -241,18 +258,25 @@ def main() -> None:
     began = time.time()
     rows, runs, traced, nets, failed = [], [], [], {}, []
     sweep_date = today()
-    if args.train_only or args.timeline_only:  # the sweep's measurements (and their failures) kept
+    have: set = set()  # (engine, nodes, per_node, flags, traced) of the runs kept
+    minutes_before = 0.0  # "minutes" sums every pass that wrote --out
+    if args.train_only or args.timeline_only or args.missing_only:  # the sweep's measurements (and failures) kept
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
-        sweep_date = kept.get("sweep_date", kept["date"])
-        if args.timeline_only:  # and the trainer runs'
+        sweep_date, minutes_before = kept.get("sweep_date", kept["date"]), kept.get("minutes", 0.0)
+        if args.timeline_only or args.missing_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
+        if args.missing_only:  # and the traced ones'
+            traced = kept.get("timeline", [])
+            have = ({(r["engine"], r["nodes"], r["per_node"], r["flags"], False) for r in runs}
+                    | {(r["engine"], r["nodes"], r["per_node"], r["flags"], True) for r in traced})
+            failed = [f for f in kept["failed"] if "flags" not in f]
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
         result = {
             "machine": machine(), "date": today(), "sweep_date": sweep_date, "rate": args.rate,
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
-            "minutes": round((time.time() - began) / 60, 1),
+            "minutes": round(minutes_before + (time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
             "allreduce": rows, "train": runs, "timeline": traced, "failed": failed}
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -260,7 +284,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
         began = time.time()  # measured from here: waiting for the locks is not the benchmark's
         tmp = Path(tmp)
-        for engine, nodes, per_node in [] if args.train_only or args.timeline_only else SWEEP:
+        for engine, nodes, per_node in [] if args.train_only or args.timeline_only or args.missing_only else SWEEP:
             try:
                 rows += sweep(engine, nodes, per_node, tmp, args.repeats)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
@@ -273,6 +297,8 @@ def main() -> None:
         if not args.skip_train:
             data = records(tmp)
             for engine, nodes, per_node, extra in [] if args.timeline_only else TRAIN:
+                if (engine, nodes, per_node, " ".join(extra), False) in have:
+                    continue
                 try:
                     runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
@@ -282,6 +308,8 @@ def main() -> None:
                 print(f"train {runs[-1]} ({time.time() - began:.0f} s)", flush=True)
                 save()
             for engine, nodes, per_node, extra in TIMELINE:
+                if (engine, nodes, per_node, " ".join(extra), True) in have:
+                    continue
                 try:
                     traced.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args, timeline=True),
                                                 nets))
@@ -291,6 +319,7 @@ def main() -> None:
                     continue
                 print(f"timeline {traced[-1]} ({time.time() - began:.0f} s)", flush=True)
                 save()
+            save()  # the last run's failure too
     print(f"wrote {args.out}")
 
 

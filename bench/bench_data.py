@@ -196,7 +196,8 @@ GPU_RATES = (2000, 4000)  # img/s a GPU trains DenseNet-121 at in mixed precisio
 
 def pipeline_summary(measured: dict) -> dict:
     """Medians per encoding: the project pipeline (and with --crop), the per-record path with the
-    float work on the CPU (before this pipeline), the step costs, and the cores a GPU needs."""
+    float work on the CPU (before this pipeline), the step costs, and the cores a GPU needs; for
+    PNG records at 224 px the pipeline and its decode step, for the raw index the pipeline."""
     out = {}
     for enc in ("png", "uint8"):
         med = {v: statistics.median(r) for v, r in measured["cpu"][enc].items()}

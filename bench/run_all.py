@@ -265,14 +265,43 @@ def comm_notes(r: dict) -> list[str]:
             "fit is already low at 4 x 1. Small messages (32 kB, 1 MB) on several ranks per "
             "node follow the flat ring's latency (2 (N-1) steps), large ones the hierarchical "
             "bandwidth.")
+    return notes + fusion_note(r)
+
+
+def fusion_note(r: dict) -> list[str]:
+    """A run with Horovod's fusion buffer set (HOROVOD_FUSION_THRESHOLD among its flags) beside the
+    same run at the default buffer: steps, fused rounds per step, the model's errors."""
+    def key(t: dict) -> tuple:
+        return t["engine"], t["nodes"], t["per_node"], " ".join(f for f in t["flags"].split() if "=" not in f)
+
+    def rounds(t: dict) -> str:
+        traced = [x for x in r.get("timeline", []) if (key(x), x["flags"]) == (key(t), t["flags"])]
+        return f"{traced[0]['timeline']['rounds']:g} fused rounds a step, " if traced else ""
+
+    default = {key(t): t for t in r["train"] if "HOROVOD_FUSION_THRESHOLD=" not in t["flags"]}
+    notes = []
+    for t in r["train"]:
+        base = default.get(key(t)) if "HOROVOD_FUSION_THRESHOLD=" in t["flags"] else None
+        if base:
+            size = int(t["flags"].split("HOROVOD_FUSION_THRESHOLD=")[1].split()[0]) / 2**20
+            notes.append(
+                f"- Horovod's fusion buffer, {key(t)[3] or 'DenseNet-121'} on {t['nodes']} x {t['per_node']} "
+                f"({t['gradient_bytes'] / 1e6:.0f} MB of gradients): the default 64 MB: {rounds(base)}step "
+                f"{base['measured_step']:.2f} s (model {base['error_flat']:+.0%}); {size:g} MB: {rounds(t)}step "
+                f"{t['measured_step']:.2f} s (model {t['error_flat']:+.0%}). A buffer that holds every gradient "
+                "does not make one round: Horovod fuses what the backward pass has ready at each cycle "
+                "(HOROVOD_CYCLE_TIME), so the model's one allreduce of all the bytes stands for both.")
     return notes
+
+
+LARGE = (14_000_000, 28_000_000)  # the sweep's messages of a gradient's size (bench_comm.SIZES)
 
 
 def alone_seconds(r: dict, t: dict) -> float | None:
     """A trainer run's gradient bytes' allreduce measured alone on its layout (the sweep's nearest
     size, scaled to the bytes), per step: divided by the backward passes per step."""
     alone = {(a["engine"], a["nodes"], a["per_node"], a["bytes"]): a["seconds"] for a in r["allreduce"]}
-    size = min((14_000_000, 28_000_000), key=lambda b: abs(b - t["gradient_bytes"]))
+    size = min(LARGE, key=lambda b: abs(b - t["gradient_bytes"]))
     seconds = alone.get((t["engine"], t["nodes"], t["per_node"], size))
     return None if seconds is None else seconds * t["gradient_bytes"] / size / t["backward_passes"]
 
@@ -298,7 +327,7 @@ def wire_split(r: dict) -> list[str]:
     """The runs traced with Horovod's timeline: the step split into compute, time on the wire and
     the rest, and the flat-ring model's error split into the fit's, the wire's beyond one
     allreduce of the bytes, and the rest's (the three add up to the error)."""
-    rows, unsplit = [], False
+    rows, unsplit = [], set()
     for t in r.get("timeline", []):
         alone = alone_seconds(r, t)
         if alone is None or "predicted_step_flat" not in t:
@@ -307,8 +336,9 @@ def wire_split(r: dict) -> list[str]:
         wire = t["timeline"]["wire_seconds"] / t["backward_passes"]
         rest, model = measured - compute - wire, t["predicted_step_flat"] - compute
         parts = [(model - alone) / measured, -(wire - alone) / measured, -rest / measured]
-        split = wire >= 0.9 * alone  # else the trace's grouping into steps missed rounds: no split
-        unsplit |= not split
+        split = wire >= 0.9 * alone  # else no split: the reasons below
+        if not split:
+            unsplit.add("scaled" if t["gradient_bytes"] > max(LARGE) else "grouped")
         rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {measured:.3f} | "
                     f"{compute:.3f} | {wire:.3f} | {t['timeline']['rounds']:g} | {rest:.3f} | {alone:.3f} | "
                     f"{model:.3f} | {t['error_flat']:+.0%} | "
@@ -327,11 +357,16 @@ def wire_split(r: dict) -> list[str]:
             "| engine | nodes x ranks per node | flags | measured step s | compute s | on the wire s | fused "
             "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
-            *(["- A row without the split: its time on the wire came out below 0.9x the same bytes' "
-               "allreduce alone, which the trainer's allreduce cannot beat by more than the noise, so "
-               "the trace's rounds were grouped into steps wrongly (likely a gap between the fused rounds "
-               "of one allreduce longer than a third of a step's compute, which `wire_per_step` takes "
-               "for the next step); that row's wire and rest are not to be read.", ""] if unsplit else [])]
+            *(["- A row without the split, its bytes within the sweep's: its time on the wire came out "
+               "below 0.9x the same bytes' allreduce alone, which the trainer's allreduce cannot beat by "
+               "more than the noise, so the trace's rounds were grouped into steps wrongly (likely a gap "
+               "between the fused rounds of one allreduce longer than a third of a step's compute, which "
+               "`wire_per_step` takes for the next step); that row's wire and rest are not to be read."]
+              if "grouped" in unsplit else []),
+            *([f"- A row without the split, its bytes beyond the sweep's largest message ({max(LARGE) / 1e6:g} MB): "
+               "its allreduce alone is extrapolated (that message's time scaled up to the bytes), and "
+               "its time on the wire came out below 0.9x of it, so the split is not given."]
+              if "scaled" in unsplit else []), *([""] if unsplit else [])]
 
 
 def section_comm(r: dict) -> list[str]:
@@ -367,8 +402,11 @@ def section_comm(r: dict) -> list[str]:
         "| engine | nodes x ranks per node | MB | measured ms | flat ring: ms (error) | hierarchical: ms (error) |",
         "|---|---|---:|---:|---:|---:|",
         *sweep, "",
-        "**Training step, measured vs predicted**: the real trainer (DenseNet-121 at 32 px, its "
-        "real gradient bytes, synthetic input); predicted = the slowest rank's compute probe "
+        "**Training step, measured vs predicted**: the real trainer (DenseNet-121, and ResNet-50 "
+        "where the flags say so, at 32 px: their real gradient bytes; synthetic input; an "
+        "upper-case NAME=value among the flags is a Horovod setting in the ranks' environment; "
+        "the step model counts one allreduce of all the bytes); predicted = the slowest rank's "
+        "compute probe "
         "(timed with every rank probing at once, so the 2 cores' contention is in it) + the "
         "fitted allreduce of the gradient bytes (halved by --fp16-allreduce) / backward passes "
         "per step:", "",

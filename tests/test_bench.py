@@ -126,3 +126,15 @@ def test_a_measured_commands_peak_memory_is_its_own_not_the_benchmarks(monkeypat
     assert 60 < alone["peak_rss_mb"] < 150 and 60 < alone["main_rss_mb"] <= alone["peak_rss_mb"] + 1, alone
     assert 60 < worker["peak_rss_mb"] < 150 and worker["main_rss_mb"] < 40, worker
     del held
+
+
+def test_a_runs_horovod_settings_go_to_the_environment_and_its_flags_to_the_trainer(monkeypatch):
+    """bench_comm's configurations carry Horovod's settings (upper-case NAME=value) beside the
+    trainer's flags; an upper-case flag value without "=" stays a flag."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import bench_comm
+
+    env, flags = bench_comm.split_knobs(("--model", "resnet50", "HOROVOD_FUSION_THRESHOLD=134217728", "FP16",
+                                         "--note=A=B"))
+    assert env == {"HOROVOD_FUSION_THRESHOLD": "134217728"}
+    assert flags == ["--model", "resnet50", "FP16", "--note=A=B"]
