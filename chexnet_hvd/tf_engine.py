@@ -73,6 +73,22 @@ def rendezvous(folder: Path, me: int, count: int, address: str, wait: float = RE
         time.sleep(0.2)
 
 
+def heartbeat_timeout(workers: list[str], seconds: float) -> None:
+    """TF's coordination service, set up as MultiWorkerMirroredStrategy would (it leaves one
+    already set up alone), but with its heartbeat timeout above the stall watchdog's bound: at
+    TF's default of 10 s a worker whose heartbeats a loaded node delays ends a healthy job, and a
+    stalled one would end it without the watchdog's message naming the rank."""
+    import tensorflow as tf
+    from tensorflow.python.distribute import collective_all_reduce_strategy, multi_worker_util
+    from tensorflow.python.eager import context
+
+    cluster = tf.train.ClusterSpec({"worker": workers})
+    job = collective_all_reduce_strategy.coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=len(workers))
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=[job], heartbeat_timeout_in_ms=int(seconds * 1000))
+
+
 def tf_config(workers: list[str], index: int) -> str:
     """TF_CONFIG for worker `index` of `workers` (host:port each)."""
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
@@ -150,6 +166,8 @@ class TensorFlow(Engine):
 
         if workers:  # the strategy reads the cluster from TF_CONFIG
             os.environ["TF_CONFIG"] = tf_config(workers, index)
+            if stall_timeout > 0:
+                heartbeat_timeout(workers, stall_timeout + 60)
         implementation = tf.distribute.experimental.CommunicationImplementation
         self.implementation = implementation.NCCL if self.placement.tf_gpus else implementation.RING
         handler = signal.getsignal(signal.SIGTERM)
