@@ -17,7 +17,8 @@ from chexnet_hvd import config, distributed, metrics, models, train
 
 
 def main(out: str, engine_name: str) -> None:
-    engine, _ = distributed.start(engine_name, threads=1)
+    # the engines' timeouts of a watched job (as the trainer's default): above a loaded machine's pauses
+    engine, _ = distributed.start(engine_name, threads=1, stall_timeout=600)
     import tensorflow as tf
 
     results = []

@@ -23,7 +23,8 @@ def weights_hash(model) -> str:
 
 
 def main(out: str, engine_name: str) -> None:
-    engine, _ = distributed.start(engine_name, threads=1)
+    # the engines' timeouts of a watched job (as the trainer's default): above a loaded machine's pauses
+    engine, _ = distributed.start(engine_name, threads=1, stall_timeout=600)
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(0)

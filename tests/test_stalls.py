@@ -2,7 +2,8 @@
 launcher: one rank of a 2-rank run is stopped (SIGSTOP) in the middle of its training; the job
 ends within --stall-timeout plus a minute, a line names that rank, and the run log ends
 `stalled` with it. The run then resumes from its checkpoint: checked once, after the chief
-stalled (the resume is the trainer's, whichever launcher ended the job; CI minutes are few).
+stalled (the resume is the trainer's, whichever launcher ended the job; CI minutes are few). A
+rank paused for less than the timeout does not end the job.
 (On the Slurm rehearsal, under srun with either engine: tests/test_slurm.py.)"""
 
 import json
@@ -104,10 +105,11 @@ def test_a_rank_paused_for_less_than_the_stall_timeout_does_not_end_the_job(reco
     proc = subprocess.Popen([*start, sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir),
                              "--run-dir", str(tmp_path), "--model", "small_cnn", "--image-size", "32",
                              "--batch-size", "8", "--threads", "1", "--verbose", "0", "--engine", engine,
-                             "--stall-timeout", "30", "--epochs", "3"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--stall-timeout", "30", "--epochs", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         first_epoch_saved(proc, tmp_path)
+        time.sleep(1)  # into epoch 2
         pid = ranks_of(tmp_path)[1]
         os.kill(pid, signal.SIGSTOP)
         time.sleep(15)
