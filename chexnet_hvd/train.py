@@ -410,14 +410,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> int:
     """Every rank stopped after the same step: the chief writes the checkpoint (see Saver) and
-    the run log's end, and no rank exits before it has (exit 75: requeue me)."""
+    the run log's end, and no rank exits before it has (exit 75: requeue me). Each rank says so
+    before the last collective: once one rank exits, a launcher may kill the others (srun
+    --kill-on-bad-exit), and a line after it could be lost."""
     if engine.saves_here:
         saver(f"step-{state.step:09d}", state.epoch)
     if writer:
         writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
-    engine.broadcast_object(0)  # nobody exits before the checkpoint
-    print(f"rank {engine.rank}: preempted after step {state.step}; checkpoint written, "
-          f"exiting {cli.EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+    print(f"rank {engine.rank}: preempted after step {state.step}; exiting {cli.EXIT_PREEMPTED} "
+          "once the checkpoint is written", file=sys.stderr, flush=True)
+    engine.broadcast_object(0)  # Horovod: a collective, so nobody exits before the checkpoint
     return cli.EXIT_PREEMPTED
 
 
