@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import http.server
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -168,6 +169,28 @@ def ranks(engine: str, n: int, *command) -> list[str]:
     """`command` (a python -m chexnet_hvd.train or .evaluate invocation) on n ranks of `engine`,
     told which engine it runs under."""
     return [*launcher(engine, n), *map(str, command), "--engine", engine]
+
+
+def rank_of(pid: int) -> int | None:
+    """The rank a trainer process is, from what its launcher put in its environment (None for
+    a launcher's own processes and the shells it starts the trainer in)."""
+    try:
+        if "python" not in os.readlink(f"/proc/{pid}/exe"):
+            return None
+        env = dict(line.split("=", 1) for line in open(f"/proc/{pid}/environ").read().split("\0") if "=" in line)
+    except OSError:
+        return None
+    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK"):
+        if var in env:
+            return int(env[var])
+    return json.loads(env["TF_CONFIG"])["task"]["index"] if "TF_CONFIG" in env else None
+
+
+def ranks_of(run_dir) -> dict[int, int]:
+    """{rank: pid} of the trainer processes of `run_dir` (their launchers left out)."""
+    pids = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"], capture_output=True, text=True).stdout
+    found = {rank_of(int(p)): int(p) for p in pids.split()}
+    return {r: p for r, p in found.items() if r is not None}
 
 
 def reported_bottleneck(run_dir) -> str:

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, VENV_BIN, module, reported_bottleneck
+from conftest import ROOT, VENV_BIN, module, ranks_of, reported_bottleneck
 
 from chexnet_hvd import bottleneck
 from chexnet_hvd.runlog import read_runlog
@@ -85,12 +85,7 @@ def test_a_cpu_starved_rank_is_named_the_straggler(records_dir, tmp_path):
         while not (tmp_path / "runlog.jsonl").is_file() or '"event": "epoch"' not in (tmp_path / "runlog.jsonl").read_text():
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
             time.sleep(0.1)  # soon after the first epoch: the second is short
-        pids = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{tmp_path}"], capture_output=True, text=True).stdout
-        by_rank = {}
-        for pid in map(int, pids.split()):
-            environ = open(f"/proc/{pid}/environ").read()
-            if "HOROVOD_RANK=" in environ and "python" in os.readlink(f"/proc/{pid}/exe"):  # not its shell
-                by_rank[int(environ.split("HOROVOD_RANK=")[1].split("\0")[0])] = pid
+        by_rank = ranks_of(tmp_path)
         starver = subprocess.Popen([sys.executable, "-c", STARVE, str(by_rank[1])])
         out, _ = proc.communicate(timeout=600)
     finally:

@@ -6,7 +6,6 @@ stalled (the resume is the trainer's, whichever launcher ended the job; CI minut
 rank paused for less than the timeout does not end the job.
 (On the Slurm rehearsal, under srun with either engine: tests/test_slurm.py.)"""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, VENV_BIN, run
+from conftest import ROOT, VENV_BIN, ranks_of, run
 
 from chexnet_hvd import stall
 from chexnet_hvd.runlog import read_runlog
@@ -30,31 +29,14 @@ LAUNCHERS = {
 }
 
 
-def rank_of(pid: int) -> int | None:
-    """The rank a process of the job is, from what its launcher put in its environment."""
-    try:
-        env = dict(line.split("=", 1) for line in open(f"/proc/{pid}/environ").read().split("\0") if "=" in line)
-    except OSError:
-        return None
-    for var in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK"):
-        if var in env:
-            return int(env[var])
-    return json.loads(env["TF_CONFIG"])["task"]["index"] if "TF_CONFIG" in env else None
-
-
-def ranks_of(run_dir) -> dict[int, int]:
-    """{rank: pid} of the trainer processes of `run_dir` (their launchers left out)."""
-    pids = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"], capture_output=True, text=True).stdout
-    found = {rank_of(int(p)): int(p) for p in pids.split()}
-    return {r: p for r, p in found.items() if r is not None}
-
-
-def first_epoch_saved(proc: subprocess.Popen, run_dir) -> None:
-    """Wait until the 2-rank job `proc` has checkpointed its first epoch into `run_dir`."""
+def into_epoch_2(proc: subprocess.Popen, run_dir) -> None:
+    """Wait until the 2-rank job `proc` has checkpointed its first epoch into `run_dir`, and a
+    second more (into its second epoch)."""
     deadline = time.monotonic() + 300
     while not ((run_dir / "checkpoints" / "epoch-0001").is_dir() and len(ranks_of(run_dir)) == 2):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
+    time.sleep(1)
 
 
 @pytest.mark.parametrize("launcher,victim", [("horovodrun", 1), ("horovodrun", 0), ("mpirun", 1),
@@ -69,8 +51,7 @@ def test_a_stopped_rank_ends_the_job_by_name(records_dir, tmp_path, launcher, vi
     proc = subprocess.Popen([*start, *train, "--epochs", "200"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        first_epoch_saved(proc, tmp_path)
-        time.sleep(1)  # into epoch 2
+        into_epoch_2(proc, tmp_path)
         pid = ranks_of(tmp_path)[victim]
         os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -108,8 +89,7 @@ def test_a_rank_paused_for_less_than_the_stall_timeout_does_not_end_the_job(reco
                              "--stall-timeout", "30", "--epochs", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        first_epoch_saved(proc, tmp_path)
-        time.sleep(1)  # into epoch 2
+        into_epoch_2(proc, tmp_path)
         pid = ranks_of(tmp_path)[1]
         os.kill(pid, signal.SIGSTOP)
         time.sleep(15)
