@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="1e3,1.6e4,2.56e5,1e6,4e6,1.6e7,2.8e7", help="bytes, comma-separated")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    engine, _ = distributed.start(args.engine, threads=1)
+    # a watched job's timeouts (the trainer's default --stall-timeout): at TF's 10 s heartbeat a
+    # worker slowed by a shaped link or a loaded node ends the measurement
+    engine, _ = distributed.start(args.engine, threads=1, stall_timeout=600)
     import numpy as np
     import tensorflow as tf
 

@@ -1,9 +1,10 @@
 """Trainer checkpoints: RUN_DIR/checkpoints/<name>/ with `ckpt.*` (model + optimizer, incl. the
 step counter) and meta.json (model, image size, classes, epochs completed, step, validation AUROC).
 A checkpoint is written into a hidden temporary directory and renamed when complete, so any
-directory under its final name is whole. `best` is a symlink to a hidden copy of the best epoch
-by mean validation AUROC (or loss, when the validation split cannot define one), swapped in one
-rename: a complete best exists at every instant.
+directory under its final name is whole; a write that fails (a full disk) leaves no partial
+copy and is one line. `best` is a symlink to a hidden copy (hard links where the file system
+has them) of the best epoch by mean validation AUROC (or loss, when the validation split cannot
+define one), swapped in one rename: a complete best exists at every instant.
 
 One RunState per run, the same on every rank: counters (epoch, step), the validation result and
 the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the flags that end a run
@@ -11,6 +12,7 @@ the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the fla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 import tensorflow as tf
 
 from chexnet_hvd import models
-from chexnet_hvd.cli import InputError
+from chexnet_hvd.cli import InputError, error_text
 
 if TYPE_CHECKING:
     from chexnet_hvd.config import Derived, TrainConfig
@@ -130,6 +132,20 @@ def optimizer_variables(optimizer) -> list:
     return list(found.values())
 
 
+@contextlib.contextmanager
+def writing(partial: Path, final: Path):
+    """A checkpoint's write into `partial` that fails (a full disk, a quota, a permission) is
+    one line naming `final`, and leaves no partial copy behind to hold the space the next
+    attempt needs (the checkpoints already there are untouched)."""
+    try:
+        yield
+    except (OSError, tf.errors.OpError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else error_text(err, limit=None)
+        why = why.rsplit("; ", 1)[-1].split(" [Op:")[0]  # TF's save op: "FILE; REASON [Op:SaveV2]"
+        raise InputError(final, f"cannot write this checkpoint: {why}") from None
+
+
 def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:
     """`model` (and `optimizer`, default the model's own) as ckpt_dir/name, renamed into place
     when complete."""
@@ -137,8 +153,9 @@ def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tf.train.Checkpoint(model=model, optimizer=optimizer or model.optimizer).write(str(tmp / "ckpt"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    with writing(tmp, final):
+        tf.train.Checkpoint(model=model, optimizer=optimizer or model.optimizer).write(str(tmp / "ckpt"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     _replace_dir(tmp, final)
     return final
 
@@ -186,13 +203,25 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system has them (no bytes copied: a checkpoint's files are
+    never changed once written, only renamed and deleted), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def set_best(source: Path) -> Path:
-    """Make `best` (in the same folder) a complete copy of `source`: copy into a hidden
+    """Make `best` (in the same folder) a complete copy of `source`: link or copy into a hidden
     directory, point a new symlink at it, rename that over `best` (atomic), then drop older
     copies. A crash at any point leaves the previous best or the new one, never none."""
     ckpt_dir = source.parent
     copy = ckpt_dir / f".best-{source.name}-{time.time_ns()}"
-    shutil.copytree(source, copy)
+    with writing(copy, ckpt_dir / "best"):
+        copy.mkdir()
+        for file in source.iterdir():  # a checkpoint is flat: ckpt.* and meta.json (`save`)
+            link_or_copy(file, copy / file.name)
     link = ckpt_dir / f".best-link.tmp{os.getpid()}"
     link.unlink(missing_ok=True)
     os.symlink(copy.name, link)

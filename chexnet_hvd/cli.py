@@ -9,8 +9,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import operator
 import os
+import re
 import sys
 import tomllib
 import typing
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 T = TypeVar("T")
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, requeue me
 
@@ -36,6 +39,15 @@ class InputError(Exception):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def error_text(err: BaseException, limit: int | None = 200) -> str:
+    """An exception's first line, without the '{{function_node ...}} ' TensorFlow puts first;
+    for TF's "Graph execution error:", the first line of the message after the node's stack."""
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if lines[0].startswith("Graph execution error"):
+        lines = [line for line in lines[1:] if not line.startswith((" ", "\t", "Detected at node"))] or lines
+    return re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0])[:limit]
 
 
 def read_settings(config_cls: type, path: str | Path) -> dict:
@@ -211,12 +223,15 @@ def describe_range(bounds: dict) -> str:
 
 
 def check_ranges(config: T) -> T:
-    """`config` itself when every numeric field (every element of a list field) is within the
-    range its metadata sets; else a one-line InputError naming the flag."""
+    """`config` itself when every numeric field (every element of a list field) is finite and
+    within the range its metadata sets; else a one-line InputError naming the flag."""
     for f in dataclasses.fields(config):  # type: ignore[arg-type]
         bounds = range_of(f)
         value = getattr(config, f.name)
         for item in value if isinstance(value, list | tuple) else [value]:
+            # argparse's float() takes "inf" and "nan"; no flag means either (0 turns a limit off)
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InputError(_flag(f.name), f"must be a finite number, not {item}")
             if item is None or isinstance(item, bool) or not bounds:
                 continue
             if not all(_RANGE_OK[key](item, bound) for key, bound in bounds.items()):

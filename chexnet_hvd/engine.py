@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 
-from chexnet_hvd.cli import InputError
+from chexnet_hvd.cli import EXIT_FAILED, InputError, error_text
 from chexnet_hvd.placement import Placement, place
 
 Cluster = tuple[list[str], int]  # (every worker as host:port in rank order, this one's index)
@@ -121,6 +122,20 @@ class Engine:
         import tensorflow as tf
 
         return tf.function(fn)
+
+    def peer_left(self, err: BaseException) -> bool:
+        """Whether `err` is a collective this rank was in failing because another rank left
+        the job (that rank's own error is the news; this one's traceback is noise)."""
+        return False
+
+    def says_peer_left(self, err: BaseException) -> bool:
+        """When `peer_left(err)`: one line on stderr saying so (the rank then exits
+        EXIT_FAILED, the other rank's own error being the news), and True."""
+        if self.size == 1 or not self.peer_left(err):
+            return False
+        print(f"error: rank {self.rank}: another rank left the job ({type(err).__name__}: "
+              f"{error_text(err)}); ending this one (exit {EXIT_FAILED})", file=sys.stderr, flush=True)
+        return True
 
     def backend(self) -> str:
         """The transport in use (run log `backend`)."""

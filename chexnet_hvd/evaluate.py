@@ -201,6 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     watchdog = (stall.watch(engine, [r["host"] for r in ranks], cfg.stall_timeout, lambda message, names: None)
                 if cfg.stall_timeout > 0 else None)
 
+    try:
+        evaluate(cfg, engine, manifest, ranks, watchdog)
+    except Exception as err:
+        if engine.says_peer_left(err):  # a rank failed and said why; this one says no more
+            return cli.EXIT_FAILED
+        raise
+    finally:
+        if watchdog:
+            watchdog.stop()
+    return 0
+
+
+def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdog) -> None:
+    """Every rank scores its share; the chief reports."""
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, view = meta["classes"], views.View.of(meta)  # the checkpoint's scaling and crop
@@ -217,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     # Horovod/TF: nobody leaves before the chief has reported (a tf worker that exits while the
     # chief still works makes the chief's coordination service log errors on a run that succeeded)
     engine.broadcast_object(0)
-    if watchdog:
-        watchdog.stop()
-    return 0
 
 
 def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict], plain: dict,
@@ -261,4 +272,4 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, leave=(cli.EXIT_FAILED,))

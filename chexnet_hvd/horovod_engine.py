@@ -81,6 +81,10 @@ class Horovod(Engine):
     def callbacks(self) -> list:
         return [self.hvd.callbacks.MetricAverageCallback()]  # Horovod: average the train loss
 
+    def peer_left(self, err: BaseException) -> bool:
+        # Horovod's background loop shuts down when a peer goes; each later op then says so
+        return "Horovod has been shut down" in str(err) or type(err).__name__ == "HorovodInternalError"
+
     def backend(self) -> str:
         if self.hvd.mpi_enabled():
             return "mpi"

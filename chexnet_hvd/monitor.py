@@ -95,7 +95,7 @@ class StallWatch:
         if not silent or isinstance(err, cli.InputError | KeyboardInterrupt):
             return None
         where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
-        message = (f"stalled: a collective failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}); "
                    f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
         live = [r for r in range(len(self.hosts)) if r not in silent]
         if live and live[0] == self.watchdog.rank:  # the end record, as in stall.Watchdog

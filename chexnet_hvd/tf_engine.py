@@ -103,8 +103,12 @@ def tf_cluster(shared: Path | None = None) -> Cluster:
         try:
             config = json.loads(os.environ["TF_CONFIG"])
             workers, index = list(config["cluster"]["worker"]), int(config["task"]["index"])
+            roles = {*config["cluster"], config["task"]["type"]} - {"worker"}
         except (ValueError, KeyError, TypeError) as err:
             raise InputError("TF_CONFIG", f"not a worker cluster spec ({err})") from None
+        if roles:  # a chief / ps / evaluator task would take worker `index`'s rank as well
+            raise InputError("TF_CONFIG", f"has {', '.join(sorted(roles))} tasks; this trainer's ranks are "
+                                          "all 'worker' tasks (worker 0 is the chief)")
         if not 0 <= index < len(workers):
             raise InputError("TF_CONFIG", f"task index {index} but {len(workers)} workers")
         return workers, index
@@ -276,6 +280,12 @@ class TensorFlow(Engine):
 
         call = tf.function(lambda: self.strategy.run(fn), autograph=False)
         return lambda: self._local(call())
+
+    def peer_left(self, err: BaseException) -> bool:
+        import tensorflow as tf
+
+        # a collective aborted by its peer's closed socket, or by the coordination service
+        return isinstance(err, tf.errors.UnavailableError | tf.errors.AbortedError | tf.errors.CancelledError)
 
     def backend(self) -> str:
         return self.implementation.name.lower()

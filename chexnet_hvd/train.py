@@ -17,6 +17,7 @@ chexnet_hvd.config; the callbacks and the run state they share, chexnet_hvd.call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -397,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {stalled}; ending the job (exit {stall.EXIT_STALLED})", file=sys.stderr, flush=True)
             return stall.EXIT_STALLED
         if writer:
-            writer.write("end", status="failed", error=f"{type(err).__name__}: {err}")
+            with contextlib.suppress(OSError):  # a full disk: the error itself is the news
+                writer.write("end", status="failed", error=f"{type(err).__name__}: {cli.error_text(err)}")
+        if engine.says_peer_left(err):  # a rank failed and said why; this one says no more
+            return cli.EXIT_FAILED
         raise
     finally:
         if watch:
@@ -424,4 +428,4 @@ def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> 
 
 
 if __name__ == "__main__":
-    cli.run(main, leave=(cli.EXIT_PREEMPTED, stall.EXIT_STALLED))
+    cli.run(main, leave=(cli.EXIT_PREEMPTED, stall.EXIT_STALLED, cli.EXIT_FAILED))

@@ -4,6 +4,7 @@ suite's CLIs as real processes, and a local HTTP server with Range support."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import http.server
 import importlib.util
@@ -75,6 +76,29 @@ def crash_at(monkeypatch, n: int, operations) -> list:
     for module_, name in operations:
         monkeypatch.setattr(module_, name, crashing(getattr(module_, name)))
     return calls
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "16m"):
+    """A file system of `size` mounted at `path` (a tmpfs: root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file in `folder` until its file system is full; the file."""
+    filler = folder / "filler"
+    with open(filler, "wb") as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    return filler
 
 
 ENGINES = ["horovod", "tf"]

@@ -10,11 +10,12 @@ from conftest import Crash, crash_at
 from chexnet_hvd import checkpoints, models
 
 
-@pytest.mark.parametrize("n", range(6))
+@pytest.mark.parametrize("n", range(10))
 def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_path, monkeypatch, n):
-    """`best` is replaced by copying, linking, renaming and cleaning up; a kill at any of those
-    steps (simulated: the n-th file operation fails) leaves a complete best, old or new. (The
-    old way moved the old best aside before the new one was in place.)"""
+    """`best` is replaced by linking (or copying) the epoch's files, a symlink, renaming and
+    cleaning up; a kill at any of those steps (simulated: the n-th file operation fails) leaves
+    a complete best, old or new. (The old way moved the old best aside before the new one was
+    in place.)"""
     model = models.build_model("small_cnn", 32, 14)
     model.compile(optimizer=tf.keras.optimizers.Adam(), loss="mse")
     model.optimizer.build(model.trainable_variables)
@@ -24,15 +25,29 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     second = checkpoints.save(model, ckpt_dir, "epoch-0002", meta | {"epoch": 2})
     checkpoints.set_best(first)
     with monkeypatch.context() as patched:
-        calls = crash_at(patched, n, ((os, "replace"), (os, "symlink"), (os, "unlink"),
-                                      (shutil, "copytree"), (shutil, "rmtree"), (os, "rename")))
+        calls = crash_at(patched, n, ((os, "replace"), (os, "symlink"), (os, "unlink"), (os, "mkdir"),
+                                      (os, "link"), (shutil, "rmtree"), (os, "rename")))
         try:
             checkpoints.set_best(second)
         except Crash:
             pass
+    assert len(calls) > n  # the n-th step was reached, and killed
     meta = checkpoints.read_meta(ckpt_dir / "best")
     assert meta is not None and meta["epoch"] in (1, 2), calls
     checkpoints.load(ckpt_dir / "best")  # weights complete too
+
+
+def test_best_shares_its_epochs_files_and_outlives_them(tmp_path):
+    """best/ holds hard links to its epoch's files (no second copy on disk), and stays whole when
+    that epoch is pruned."""
+    model = models.build_model("small_cnn", 32, 14)
+    model.compile(optimizer=tf.keras.optimizers.Adam(), loss="mse")
+    meta = {"model": "small_cnn", "image_size": 32, "num_classes": 14, "classes": [], "step": 1, "epoch": 1}
+    first = checkpoints.save(model, tmp_path, "epoch-0001", meta)
+    best = checkpoints.set_best(first)
+    assert all((best / f.name).stat().st_ino == f.stat().st_ino for f in first.iterdir())
+    shutil.rmtree(first)
+    checkpoints.load(best)
 
 
 EPOCHS = (1, 2, 3, 9998, 9999, 10000)  # past 9999 the names outgrow their 4 digits

@@ -180,13 +180,15 @@ def numeric_fields(config_cls) -> list[tuple[dataclasses.Field, type]]:
 
 
 def out_of_range(f: dataclasses.Field, kind: type) -> list:
-    """A value just past each bound of the field, and one outside its choices."""
+    """A value just past each bound of the field, one outside its choices, and for a float
+    "inf" and "nan" (argparse's float() takes both; --stall-timeout inf was an overflow deep in
+    an engine)."""
     step = 1 if kind is int else 0.5
     past = {"minimum": lambda b: b - step, "maximum": lambda b: b + step,
             "exclusive_minimum": lambda b: b, "exclusive_maximum": lambda b: b}
     values = [past[key](bound) for key, bound in cli.range_of(f).items()]
     choices = f.metadata.get("choices")
-    return values + ([max(choices) + 1] if choices else [])
+    return values + ([max(choices) + 1] if choices else []) + (["inf", "nan"] if kind is float else [])
 
 
 def run_main(mod, argv, capsys) -> tuple[int, list[str]]:

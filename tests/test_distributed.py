@@ -106,6 +106,12 @@ def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
         monkeypatch.setenv("TF_CONFIG", broken)
         with pytest.raises(InputError, match="TF_CONFIG"):
             tf_cluster()
+    # a chief beside the workers (tf.distribute's other layout): the chief and worker 0 would
+    # both be rank 0 and write one run directory
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2", "c:3"]},
+                                                "task": {"type": "chief", "index": 0}}))
+    with pytest.raises(InputError, match="TF_CONFIG: has chief tasks; this trainer's ranks are all 'worker'"):
+        tf_cluster()
 
 
 def test_workers_flags_name_the_cluster_and_bad_ones_are_one_line_errors():

@@ -17,9 +17,11 @@ from conftest import (
     VENV_BIN,
     assert_one_line_error,
     assert_ranks_identical,
+    fill,
     module,
     ranks,
     run,
+    small_disk,
 )
 
 from chexnet_hvd import checkpoints, launch, metrics, models, views
@@ -127,6 +129,21 @@ def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, reco
         assert (tmp_path / "one" / name).stat().st_size > 1000
     report = (tmp_path / "one" / "report.md").read_text()
     assert "AUROC tencrop" in report and "| **mean** |" in report and "0.841" in report
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_chief_that_cannot_write_its_report_ends_both_ranks_with_one_line_each(checkpoint, records_dir, tmp_path):
+    """The report's file system is full: the chief says so in one line (exit 2); the other
+    rank, waiting for it in a collective, ends with one line saying another rank left."""
+    with small_disk(tmp_path / "disk") as disk:
+        fill(disk)
+        proc = run(ranks("tf", 2, sys.executable, "-m", "chexnet_hvd.evaluate", "--checkpoint", checkpoint,
+                         "--data", records_dir, "--bootstrap", "20", "--out", disk / "eval"), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert re.search(rf"^error: {disk}/eval/report.json: cannot write \(No space left on device", out, re.M), out[-3000:]
+    assert "error: rank 1: another rank left the job (" in out, out[-3000:]
 
 
 def by_hand(n: int, logs, *command) -> None:

@@ -1,6 +1,7 @@
 """Resume and preemption with real 2-rank jobs under both engines (horovodrun; the tf engine's
 launcher), at the defaults the Slurm templates use (no --deterministic); resumes onto another
-batch or world size; a killed rank fails the job promptly."""
+batch or world size; a killed rank fails the job promptly, and so does a full disk at a
+checkpoint."""
 
 import csv
 import json
@@ -12,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ENGINES, ROOT, VENV_BIN, launcher, module, ranks, run
+from conftest import ENGINES, ROOT, VENV_BIN, fill, launcher, module, ranks, run, small_disk
 
 from chexnet_hvd import checkpoints
 from chexnet_hvd.runlog import read_runlog
@@ -253,6 +254,35 @@ def test_a_torn_run_log_line_loses_nothing(records_dir, tmp_path):
     report = run([sys.executable, str(ROOT / "tools" / "scaling_report.py"), str(tmp_path), "--skip-epochs", "0"])
     assert report.returncode == 0 and "| 1 |" in report.stdout, report.stderr
     assert f"skipped unreadable line(s) {lines.index(torn) + 1}" in report.stderr
+
+
+def test_a_full_disk_at_a_checkpoint_ends_the_job_with_one_line_and_loses_nothing(records_dir, tmp_path, engine):
+    """The checkpoints' file system fills up after epoch 1: the job (2 ranks) ends at epoch 2's
+    checkpoint with one line naming it and the reason, no traceback, no partial copy left to
+    hold space, the run log's end "failed"; epoch 1's checkpoint is whole, and once space is
+    freed the run resumes from it and completes."""
+    run_dir = tmp_path / "full"
+    cmd = train_cmd(records_dir, run_dir, "--epochs", 3, engine=engine)
+    with small_disk(run_dir / "checkpoints") as ckpts:
+        proc = start(cmd)
+        assert wait_for(lambda: checkpoints.read_meta(ckpts / "epoch-0001") is not None, 240)
+        filler = fill(ckpts)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode not in (0, 75), out
+        line = f"error: {ckpts / 'epoch-0002'}: cannot write this checkpoint: No space left on device"
+        # the ranks' lines (horovodrun's own traceback aside)
+        ours = [x for x in out.splitlines() if x.startswith("[")] if engine == "horovod" else out.splitlines()
+        assert any(x.endswith(line) for x in ours) and not [x for x in ours if "Traceback" in x], out
+        if engine == "tf":  # its launcher gives the others time to say why they end (horovodrun kills them)
+            assert "error: rank 1: another rank left the job (" in out, out
+        assert not [p.name for p in ckpts.iterdir() if ".tmp" in p.name]  # no partial copy
+        assert checkpoints.read_meta(ckpts / "epoch-0001")["epoch"] == 1
+        assert read_runlog(run_dir)[-1]["status"] == "failed"
+        filler.unlink()
+        run([*cmd, "--resume"], timeout=300, check=True)
+        log = read_runlog(run_dir)
+        assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+        assert [r["status"] for r in log if r["event"] == "end"] == ["failed", "completed"]
 
 
 @pytest.mark.horovod
