@@ -12,7 +12,6 @@ the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the fla
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
-from chexnet_hvd import models
-from chexnet_hvd.cli import InputError, error_text
+from chexnet_hvd import cli, models
+from chexnet_hvd.cli import InputError
 
 if TYPE_CHECKING:
     from chexnet_hvd.config import Derived, TrainConfig
@@ -132,18 +131,16 @@ def optimizer_variables(optimizer) -> list:
     return list(found.values())
 
 
-@contextlib.contextmanager
+# What a write fails with when the file system refuses it (a full disk or quota: ResourceExhausted;
+# a permission): a collective failing inside a save (the tf engine reads variables through one)
+# is not the disk's fault, and keeps its own handling.
+WRITE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
+
+
 def writing(partial: Path, final: Path):
-    """A checkpoint's write into `partial` that fails (a full disk, a quota, a permission) is
-    one line naming `final`, and leaves no partial copy behind to hold the space the next
-    attempt needs (the checkpoints already there are untouched)."""
-    try:
-        yield
-    except (OSError, tf.errors.OpError) as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        why = err.strerror if isinstance(err, OSError) and err.strerror else error_text(err, limit=None)
-        why = why.rsplit("; ", 1)[-1].split(" [Op:")[0]  # TF's save op: "FILE; REASON [Op:SaveV2]"
-        raise InputError(final, f"cannot write this checkpoint: {why}") from None
+    """A checkpoint's write into `partial` that fails (a full disk) is one line naming `final`
+    and leaves no partial copy (the checkpoints already there are untouched)."""
+    return cli.writing(partial, final, "this checkpoint", WRITE_ERRORS)
 
 
 def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:
@@ -222,9 +219,9 @@ def set_best(source: Path) -> Path:
         copy.mkdir()
         for file in source.iterdir():  # a checkpoint is flat: ckpt.* and meta.json (`save`)
             link_or_copy(file, copy / file.name)
-    link = ckpt_dir / f".best-link.tmp{os.getpid()}"
-    link.unlink(missing_ok=True)
-    os.symlink(copy.name, link)
+        link = ckpt_dir / f".best-link.tmp{os.getpid()}"
+        link.unlink(missing_ok=True)
+        os.symlink(copy.name, link)
     best = ckpt_dir / "best"
     if best.is_dir() and not best.is_symlink():  # a best/ written by an older version
         os.replace(best, ckpt_dir / f".best-legacy-{time.time_ns()}")

@@ -13,6 +13,7 @@ import math
 import operator
 import os
 import re
+import shutil
 import sys
 import tomllib
 import typing
@@ -43,10 +44,10 @@ def _flag(name: str) -> str:
 
 def error_text(err: BaseException, limit: int | None = 200) -> str:
     """An exception's first line, without the '{{function_node ...}} ' TensorFlow puts first;
-    for TF's "Graph execution error:", the first line of the message after the node's stack."""
+    for TF's "Graph execution error:", the first line of the reason after the node's stack."""
     lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     if lines[0].startswith("Graph execution error"):
-        lines = [line for line in lines[1:] if not line.startswith((" ", "\t", "Detected at node"))] or lines
+        lines = [line for line in lines[1:] if not line.startswith((" ", "\t", "Detected at node", "Node: "))] or lines
     return re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", lines[0])[:limit]
 
 
@@ -287,13 +288,27 @@ def output(path: str | Path, mode: str = "w") -> Iterator[IO]:
     /dev/full) the error names the file, and a partly written regular file is removed: nothing
     half-written is left looking complete."""
     path = Path(path)
+    with writing(path, path, "this file"), open(
+            path, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def writing(partial: Path, final: Path, what: str, errors: tuple[type[BaseException], ...] = (OSError,)):
+    """Writing `final` by way of `partial` (a temporary file or folder, renamed into place once
+    complete; or `final` itself): a failure among `errors` (a full disk, a quota, a permission)
+    removes `partial` when it is a regular file or a folder (never a device such as /dev/full),
+    so that it holds no space the next attempt needs, and is one line naming `final`."""
     try:
-        with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as fh:
-            yield fh
-    except OSError as err:
-        if path.is_file():
-            path.unlink(missing_ok=True)
-        raise InputError(path, f"cannot write ({err.strerror or err})") from None
+        yield
+    except errors as err:
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        elif partial.is_file():
+            partial.unlink(missing_ok=True)
+        why = err.strerror if isinstance(err, OSError) and err.strerror else error_text(err, limit=None)
+        why = why.rsplit("; ", 1)[-1].split(" [Op:")[0]  # TensorFlow's: "FILE; REASON [Op:SaveV2]"
+        raise InputError(final, f"cannot write {what}: {why}") from None
 
 
 def make_dir(path: str | Path) -> Path:

@@ -96,7 +96,8 @@ class TrainConfig:
     stall_timeout: float = cli.field(600.0, help="end the job when a rank makes no training "
                                      "progress (a step, a validation batch, a checkpoint) for this "
                                      "many seconds, naming the rank(s) it waits for: run log status "
-                                     "'stalled', exit 76 (chexnet_hvd.stall); 0: off", minimum=0)
+                                     "'stalled', exit 76 (chexnet_hvd.stall); 0: off", minimum=0,
+                                     maximum=1e6)  # the engines' timeouts are integer milliseconds
     stop_check_steps: int = cli.field(10, help="the ranks agree on a stop request (SIGTERM, "
                                       "SIGUSR1) every N steps: a collective, so not every step",
                                       minimum=1)

@@ -57,7 +57,8 @@ class EvalConfig:
                                   minimum=0)
     stall_timeout: float = cli.field(600.0, help="end the job when no rank completes a batch for "
                                      "this many seconds, naming the rank(s) waited for (exit 76; "
-                                     "as chexnet_hvd.train --stall-timeout); 0: off", minimum=0)
+                                     "as chexnet_hvd.train --stall-timeout); 0: off", minimum=0,
+                                     maximum=1e6)
 
 
 def default_out(checkpoint: str | Path, split: str) -> Path:

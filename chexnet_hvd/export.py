@@ -70,6 +70,15 @@ def export(cfg: ExportConfig) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cli.make_dir(tmp)
+    with cli.writing(tmp, out, "the export", checkpoints.WRITE_ERRORS):  # a full disk: one line
+        write_export(cfg, model, meta, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def write_export(cfg: ExportConfig, model, meta: dict, tmp: Path) -> None:
+    """The exported model and its meta.json, into the folder `tmp`."""
     save_savedmodel(model, tmp / "savedmodel")
     if cfg.format == "openvino":
         import openvino as ov
@@ -86,9 +95,6 @@ def export(cfg: ExportConfig) -> Path:
     (tmp / "meta.json").write_text(json.dumps({k: meta.get(k) for k in keep} | {
         "format": cfg.format, "precision": cfg.precision if cfg.format == "openvino" else "fp32",
         "checkpoint": str(cfg.checkpoint)}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 def load_predictor(path: str | Path, backend: str):

@@ -73,9 +73,12 @@ class RunLogWriter:
             raise ValueError(f"run-log {event} record without {missing or 'a known status'}")
         record = {"schema": SCHEMA, "event": event, "time": round(time.time(), 3), **fields}
         with self._lock:
-            self._fh.write((json.dumps(record, default=str) + "\n").encode())
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            try:
+                self._fh.write((json.dumps(record, default=str) + "\n").encode())
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            except OSError as err:  # a full disk fails the flush, whose error names no file
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
         return record
 
     def close(self) -> None:

@@ -89,6 +89,11 @@ def heartbeat_timeout(workers: list[str], seconds: float) -> None:
         coordinated_jobs=[job], heartbeat_timeout_in_ms=int(seconds * 1000))
 
 
+# What TF's errors say when a collective or the coordination service lost a peer.
+PEER_MARKS = ("Collective ops is aborted", "coordination service", "CollectiveReduce", "CollectiveGather",
+              "CollectiveBcast", "/tensorflow.WorkerService/")
+
+
 def tf_config(workers: list[str], index: int) -> str:
     """TF_CONFIG for worker `index` of `workers` (host:port each)."""
     return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
@@ -103,7 +108,8 @@ def tf_cluster(shared: Path | None = None) -> Cluster:
         try:
             config = json.loads(os.environ["TF_CONFIG"])
             workers, index = list(config["cluster"]["worker"]), int(config["task"]["index"])
-            roles = {*config["cluster"], config["task"]["type"]} - {"worker"}
+            roles = {role for role, tasks in config["cluster"].items() if tasks} | {config["task"].get("type", "worker")}
+            roles -= {"worker"}
         except (ValueError, KeyError, TypeError) as err:
             raise InputError("TF_CONFIG", f"not a worker cluster spec ({err})") from None
         if roles:  # a chief / ps / evaluator task would take worker `index`'s rank as well
@@ -284,8 +290,11 @@ class TensorFlow(Engine):
     def peer_left(self, err: BaseException) -> bool:
         import tensorflow as tf
 
-        # a collective aborted by its peer's closed socket, or by the coordination service
-        return isinstance(err, tf.errors.UnavailableError | tf.errors.AbortedError | tf.errors.CancelledError)
+        # a collective aborted (its peer's socket closed), or the coordination service gone; the
+        # same error types also carry local file errors (a stale NFS handle is Aborted), which
+        # keep their traceback
+        return (isinstance(err, tf.errors.UnavailableError | tf.errors.AbortedError | tf.errors.CancelledError)
+                and any(mark in str(err) for mark in PEER_MARKS))
 
     def backend(self) -> str:
         return self.implementation.name.lower()

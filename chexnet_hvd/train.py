@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             return stall.EXIT_STALLED
         if writer:
             with contextlib.suppress(OSError):  # a full disk: the error itself is the news
-                writer.write("end", status="failed", error=f"{type(err).__name__}: {cli.error_text(err)}")
+                writer.write("end", status="failed", error=f"{type(err).__name__}: {cli.error_text(err, limit=1000)}")
         if engine.says_peer_left(err):  # a rank failed and said why; this one says no more
             return cli.EXIT_FAILED
         raise

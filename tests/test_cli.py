@@ -5,6 +5,7 @@ line that parses back to it."""
 import dataclasses
 import importlib
 import importlib.util
+import os
 import re
 import sys
 import typing
@@ -238,6 +239,24 @@ def test_every_number_of_every_cli_out_of_range_is_one_line_naming_its_flag(name
     assert tried or not numeric_fields(config_cls)
     assert not {k for k in UNBOUNDED if k.startswith(config_cls.__name__ + ".")} - {
         f"{config_cls.__name__}.{f.name}" for f, _ in numeric_fields(config_cls)}  # none stale
+
+
+def test_a_failed_write_removes_its_partial_copy_and_is_one_line(tmp_path):
+    """cli.writing: a full disk while writing a file or a folder by way of a temporary one; a
+    device (/dev/full) given as the output is never removed."""
+    import errno
+
+    (tmp_path / ".file.tmp").write_text("half")
+    (tmp_path / ".folder.tmp" / "sub").mkdir(parents=True)
+    for partial in (tmp_path / ".file.tmp", tmp_path / ".folder.tmp"):
+        with pytest.raises(cli.InputError, match=r"^.*/final: cannot write this: No space left on device$"):
+            with cli.writing(partial, tmp_path / "final", "this"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        assert not partial.exists()
+    with pytest.raises(cli.InputError, match="/dev/full: cannot write this file: No space left on device"):
+        with cli.output("/dev/full") as fh:
+            fh.write("x" * 100_000)
+    assert os.path.exists("/dev/full")
 
 
 def test_launch_refuses_fewer_than_one_worker(capsys):

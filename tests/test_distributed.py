@@ -112,6 +112,24 @@ def test_tf_config_is_read_and_a_broken_one_is_a_one_line_error(monkeypatch):
                                                 "task": {"type": "chief", "index": 0}}))
     with pytest.raises(InputError, match="TF_CONFIG: has chief tasks; this trainer's ranks are all 'worker'"):
         tf_cluster()
+    # an empty role, or a task without a type, names no second rank 0
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": [], "worker": ["a:1", "b:2"]}, "task": {"index": 1}}))
+    assert tf_cluster() == (["a:1", "b:2"], 1)
+
+
+def test_a_peer_that_left_is_told_apart_from_a_local_error_of_the_same_type():
+    """The engines' errors when another rank left (which end a rank with one line) against a
+    local file error TF reports with the same type (which keeps its traceback)."""
+    import tensorflow as tf
+
+    from chexnet_hvd.horovod_engine import Horovod
+    from chexnet_hvd.tf_engine import TensorFlow
+
+    aborted = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: Socket closed")
+    stale = tf.errors.AbortedError(None, None, "/scratch/train-00001.tfrecord; Stale file handle")
+    shut = tf.errors.UnknownError(None, None, "Horovod has been shut down. This was caused by an exception on one of the ranks")
+    assert TensorFlow.peer_left(None, aborted) and not TensorFlow.peer_left(None, stale)
+    assert Horovod.peer_left(None, shut) and not Horovod.peer_left(None, stale)
 
 
 def test_workers_flags_name_the_cluster_and_bad_ones_are_one_line_errors():

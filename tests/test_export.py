@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, module
+from conftest import assert_one_line_error, module, small_disk
 
 from chexnet_hvd import data, export
 
@@ -53,3 +53,11 @@ def test_export_and_backend_errors(exported, trained_cnn, tmp_path):
     assert unknown.returncode == 2 and "invalid choice: 'onnx'" in unknown.stderr
     assert_one_line_error(module("predict", trained_cnn / "syn" / "images", "--checkpoint", fp32,
                                  "--backend", "openvino", "--cam", tmp_path), "--cam")
+
+
+def test_a_full_disk_ends_an_export_with_one_line_and_leaves_nothing(trained_cnn, tmp_path):
+    with small_disk(tmp_path / "disk", "100k") as disk:
+        proc = module("export", "--checkpoint", trained_cnn / "run" / "checkpoints" / "best", "--format",
+                      "savedmodel", "--out", disk / "exported", timeout=300)
+        assert_one_line_error(proc, f"{disk / 'exported'}: cannot write the export: No space left on device")
+        assert not list(disk.iterdir())  # its partial folder removed

@@ -5,12 +5,13 @@ scaled by their real range (in the records and the raw pipeline alike)."""
 
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import SHARED, Crash, crash_at, module
+from conftest import SHARED, Crash, assert_one_line_error, crash_at, module, small_disk
 from PIL import Image
 
 from chexnet_hvd import data, metadata, records, sharding
@@ -53,6 +54,24 @@ def test_a_relabelled_row_rewrites_its_shard(synthetic, tmp_path):
     assert label[-1] == 1 and sum(label) == 1  # Hernia, the last of the 14
     manifest = records.load_manifest(tmp_path / "out")
     assert manifest["sources"][0]["csv_sha256"] == metadata.file_sha256(relabelled)
+
+
+def test_a_full_disk_ends_the_conversion_with_one_line_and_a_rerun_finishes_the_rest(synthetic, tmp_path):
+    """Records on a file system that fills up part way (2 worker processes): one line naming
+    the shard, exit 2, no partial shard and no manifest left; once there is space, the same
+    command reuses the shards already complete and writes the rest."""
+    csv, images = synthetic / "Data_Entry_2017.csv", synthetic / "images"
+    args = ["--csv", csv, "--images", images, "--shard-size", 64, "--workers", 2, "--no-progress"]
+    with small_disk(tmp_path / "disk", "300k") as disk:
+        out = disk / "records"
+        assert_one_line_error(module("records", *args, "--out", out), "cannot write this shard", ": No space left on device")
+        assert not list(out.glob("*.tmp*")) and not (out / records.MANIFEST).exists()
+        complete = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord") if p.with_suffix(".json").exists()}
+        assert complete  # some shards were written before the disk filled
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        module("records", *args, "--out", out, check=True)
+        assert {name: (out / name).stat().st_mtime_ns for name in complete} == complete  # reused
+        assert sum(s["count"] for s in records.load_manifest(out)["splits"].values()) == len(pd.read_csv(csv))
 
 
 def test_a_replaced_image_file_rewrites_its_shard(synthetic, tmp_path):

@@ -258,9 +258,10 @@ def test_a_torn_run_log_line_loses_nothing(records_dir, tmp_path):
 
 def test_a_full_disk_at_a_checkpoint_ends_the_job_with_one_line_and_loses_nothing(records_dir, tmp_path, engine):
     """The checkpoints' file system fills up after epoch 1: the job (2 ranks) ends at epoch 2's
-    checkpoint with one line naming it and the reason, no traceback, no partial copy left to
-    hold space, the run log's end "failed"; epoch 1's checkpoint is whole, and once space is
-    freed the run resumes from it and completes."""
+    checkpoint with one line naming it and the reason, no traceback from a rank, no partial copy
+    left to hold space, the run log's end "failed" (the log is on another file system here; on
+    the full one that record is lost and the next attempt reads the log as it was); epoch 1's
+    checkpoint is whole, and once space is freed the run resumes from it and completes."""
     run_dir = tmp_path / "full"
     cmd = train_cmd(records_dir, run_dir, "--epochs", 3, engine=engine)
     with small_disk(run_dir / "checkpoints") as ckpts:

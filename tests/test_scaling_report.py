@@ -5,7 +5,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import ROOT, assert_one_line_error, run
+from conftest import ROOT, assert_one_line_error, fill, run, small_disk
 
 from chexnet_hvd import projection, runlog, scaling
 
@@ -221,6 +221,16 @@ def test_torn_lines_are_skipped_and_counted(tmp_path):
     proc = run([REPORT, str(tmp_path)])
     assert proc.returncode == 0 and "| 1 |" in proc.stdout
     assert f"runlog.jsonl: skipped unreadable line(s) {lines}" in proc.stderr
+
+
+def test_a_run_log_write_on_a_full_disk_names_the_run_log(tmp_path):
+    """The flush fails, not the open: its error names no file unless the writer adds it."""
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        writer = runlog.RunLogWriter(disk)
+        fill(disk)
+        with pytest.raises(OSError) as failed:
+            writer.write("end", status="completed", note="x" * 8192)
+        assert (failed.value.filename, failed.value.strerror) == (str(disk / "runlog.jsonl"), "No space left on device")
 
 
 def test_projection_matches_hand_computed_ring_allreduce():

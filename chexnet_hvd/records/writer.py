@@ -100,7 +100,9 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     n_classes = len(job.rows[0][3])
     written, rejects, bits = 0, [], {}
     positives, negatives = np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
-    with tf.io.TFRecordWriter(str(tmp)) as writer:
+    # a full disk: one line naming the shard, its partial file removed (the pool hands the error on)
+    refused = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
+    with cli.writing(tmp, final, "this shard", refused), tf.io.TFRecordWriter(str(tmp)) as writer:
         for image, path, patient, labels, mask, source in job.rows:
             try:
                 gray, depth = images.read_grayscale_bits(path, job.image_size)
@@ -123,7 +125,8 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
               "bytes": final.stat().st_size, "positives": positives.tolist(),
               "negatives": negatives.tolist(), "source_bits": bits, "rejects": rejects}
     sidecar_tmp = sidecar.with_name(sidecar.name + ".tmp")
-    sidecar_tmp.write_text(json.dumps(result))
+    with cli.writing(sidecar_tmp, sidecar, "this shard's sidecar"):
+        sidecar_tmp.write_text(json.dumps(result))
     os.replace(sidecar_tmp, sidecar)  # the commit point: the shard is vouched for
     return result | {"reused": False}
 
@@ -142,7 +145,8 @@ def write_index(job: ShardJob, out_dir: str) -> dict:
     frame = pd.DataFrame(rows, columns=["image", "path", "patient", "source", *y, *m])
     final = Path(out_dir) / job.file
     tmp = final.with_name(final.name + ".tmp")
-    frame.to_csv(tmp, index=False)
+    with cli.writing(tmp, final, "this index"):
+        frame.to_csv(tmp, index=False)
     os.replace(tmp, final)
     labelled = frame[m].to_numpy() > 0
     positives = (labelled & (frame[y].to_numpy() >= 0.5)).sum(0)
@@ -422,7 +426,8 @@ def write_records(cfg: RecordsConfig) -> dict:
     manifest["listed"] = len(table)
     manifest["writer_ranks"] = size
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    with cli.writing(tmp, out / MANIFEST, "the manifest"):
+        tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     return manifest
 
