@@ -48,6 +48,7 @@ from chexnet_hvd import (
 )
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig
+from chexnet_hvd.records import split_signature
 
 
 # ---------------------------------------------------------------- preemption -----------------
@@ -150,7 +151,7 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     if found is not None:
         try:
             checkpoints.restore(model, found, optimizer)
-            state = restored_state(cfg, found, checkpoints.read_meta(found), shape)
+            state = restored_state(cfg, found, checkpoints.read_meta(found), shape, records.manifest)
         except cli.InputError as err:
             error = err
     state, error = engine.broadcast_object((state, error))  # counters from the chief
@@ -162,8 +163,9 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     return state
 
 
-def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int]) -> RunState:
-    """The run state a checkpoint's meta.json describes, for an attempt at `shape`."""
+def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int], manifest: dict) -> RunState:
+    """The run state a checkpoint's meta.json describes, for an attempt at `shape` on the
+    records of `manifest`."""
     parts = [tuple(p) for p in meta.get("parts") or []]
     trained_on = views.View.of(meta).scaling  # weights trained on one input scaling stay on it
     if trained_on != models.input_scaling(cfg.model):
@@ -175,6 +177,12 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
                 raise cli.InputError(f"--{flag.replace('_', '-')}", f"{getattr(cfg, flag)}, but {found} "
                                      f"stopped in mid-epoch with {meta['config'].get(flag)}: resume "
                                      "with that, or from an epoch checkpoint")
+        then, now = meta.get("train_records"), split_signature(manifest, "train")  # None: written before it was kept
+        if then and then != now:  # its parts index into the records it read
+            raise cli.InputError("--data", f"{cfg.data}: training records of {now['shards']} shards, "
+                                 f"{now['records']} records, but {found} stopped in mid-epoch on "
+                                 f"{then['shards']} shards, {then['records']} records ({then['digest']}, now "
+                                 f"{now['digest']}): resume with those, or from an epoch checkpoint")
     shapes = meta.get("shapes") or [(0, *shape)]  # written before shapes were kept: this one
     return RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
                     best_by=meta.get("best_by", "val_mean_auroc"),

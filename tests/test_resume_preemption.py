@@ -6,6 +6,7 @@ checkpoint."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,18 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ENGINES, ROOT, VENV_BIN, fill, launcher, module, ranks, run, small_disk
+from conftest import (
+    ENGINES,
+    ROOT,
+    VENV_BIN,
+    assert_one_line_error,
+    fill,
+    launcher,
+    module,
+    ranks,
+    run,
+    small_disk,
+)
 
 from chexnet_hvd import checkpoints
 from chexnet_hvd.runlog import read_runlog
@@ -101,8 +113,12 @@ def test_sigterm_checkpoints_exits_75_and_resume_finishes(records_dir, tmp_path,
     t0 = time.monotonic()
     out, _ = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 30
-    # horovodrun reports the ranks' 75 in words (its own code is 1); the tf launcher passes it on
-    assert proc.returncode == 75 or "Exit code: 75" in out or "exit with status code 75" in out, out[-3000:]
+    # the tf launcher passes the ranks' 75 on; horovodrun's own report after it forwarded a
+    # SIGTERM varies (README), so there each rank's own line is what is asserted
+    if engine == "horovod":
+        assert out.count("exiting 75 once the checkpoint is written") == 2, out[-3000:]
+    else:
+        assert proc.returncode == 75, out[-3000:]
     end = read_runlog(run_dir)[-1]
     assert end["event"] == "end" and end["status"] == "preempted"
     ckpt = checkpoints.newest(run_dir / "checkpoints")
@@ -219,6 +235,25 @@ def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_recor
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 24)]  # (420 - 224) // 8
     epoch2 = trained(tmp_path / "split", 2)[2]
     assert len(epoch2) == len(set(epoch2)) == 2 * 14 * 8 + 24 * 8
+
+
+def test_a_mid_epoch_resume_refuses_other_records_and_takes_a_staged_copy(records_dir, synthetic, tmp_path):
+    """Stopped in mid-epoch, a run resumed on records rewritten with another shard size (its
+    parts would index into other shards: records trained twice or never) is a one-line error;
+    resumed on a copy of its records at another path (staged to a node's disk) it completes."""
+    cmd = one_process(train_cmd(records_dir, tmp_path / "run", "--epochs", 2))
+    assert run([*cmd, "--preempt-at-step", "5"], timeout=300).returncode == 75
+
+    def on(data):
+        return [*cmd[:cmd.index("--data") + 1], str(data), *cmd[cmd.index("--data") + 2:], "--resume"]
+
+    module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images", "--out",
+           tmp_path / "rewritten", "--shard-size", 32, "--no-progress", check=True)
+    assert_one_line_error(run(on(tmp_path / "rewritten"), timeout=300), "--data", "stopped in mid-epoch on",
+                          "resume with those, or from an epoch checkpoint")
+    shutil.copytree(records_dir, tmp_path / "staged")
+    run(on(tmp_path / "staged"), timeout=300, check=True)
+    assert [r["epoch"] for r in read_runlog(tmp_path / "run") if r["event"] == "epoch"] == [1, 2]
 
 
 def test_the_early_stopping_count_survives_a_resume(records_dir, tmp_path):

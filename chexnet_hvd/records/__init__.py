@@ -4,6 +4,7 @@ manifest.json and its checks, and the raw-image index of `--format raw`. The wri
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,6 +100,15 @@ def check_image_size(manifest: dict, data_dir: str | Path, image_size: int) -> N
         raise cli.InputError(data_dir, f"records stored at {stored} px, the model takes {image_size}: "
                              f"write records with --image-size {image_size} or more, or use a "
                              f"model size of at most {stored}")
+
+
+def split_signature(manifest: dict, split: str) -> dict:
+    """Which records a split holds, in brief: its shards, records and a digest of every shard's
+    (file, records, bytes). Two records directories with the same signature are copies (staged
+    to another path, say); a rewrite with another shard size or other images is not."""
+    shards = sorted((s["file"], s["count"], s.get("bytes")) for s in manifest["splits"][split]["shards"])
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+    return {"shards": len(shards), "records": sum(count for _, count, _ in shards), "digest": digest}
 
 
 def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple[str, int]]:
