@@ -37,11 +37,11 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # done each; empty at an epoch's end); shapes: the (world size, batch) each epoch started with.
 # best: the best value of best_by (chexnet_hvd.callbacks.CRITERIA) so far.
 # scaling, crop: how the model's input is made from a stored image (chexnet_hvd.views.View).
-# train_records: the training split's signature (chexnet_hvd.records.split_signature), so that
-# a mid-epoch resume refuses records other than those its parts index into.
+# train_signature: the training split's (chexnet_hvd.records.split_signature), so that a
+# mid-epoch resume refuses records other than those its parts index into.
 META_FIELDS = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "epoch", "step", "parts", "shapes",
                "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
-               "best_by", "best", "since_best", "plateau", "train_records", "config")
+               "best_by", "best", "since_best", "plateau", "train_signature", "config")
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState
         precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
         val_loss=state.validation.get("loss"), best_by=state.best_by, best=state.best,
         since_best=state.since_best, plateau=state.plateau,
-        train_records=records.split_signature(manifest, "train"), config=dataclasses.asdict(cfg))
+        train_signature=records.split_signature(manifest, "train"), config=dataclasses.asdict(cfg))
 
 
 class Saver:

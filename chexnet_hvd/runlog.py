@@ -22,8 +22,9 @@ skips unreadable lines and counts them (`read_records`). This module must not im
 TensorFlow: tools/scaling_report.py reads logs on machines without it.
 
 `python -m chexnet_hvd.runlog RUN_DIR` prints how the newest attempt ended (the Slurm templates
-requeue a job when it says `preempted`, whatever exit code the launcher passed on, and once when
-it says `stalled`); with `--count STATUS`, how many attempts ended so.
+requeue a job when it says `preempted` and the launcher failed, whatever its code: srun ends
+the other ranks (143) once one exits 75; and once when it says `stalled`); with `--count
+STATUS`, how many attempts ended so.
 """
 
 from __future__ import annotations

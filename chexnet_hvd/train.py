@@ -177,12 +177,13 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
                 raise cli.InputError(f"--{flag.replace('_', '-')}", f"{getattr(cfg, flag)}, but {found} "
                                      f"stopped in mid-epoch with {meta['config'].get(flag)}: resume "
                                      "with that, or from an epoch checkpoint")
-        then, now = meta.get("train_records"), split_signature(manifest, "train")  # None: written before it was kept
+        then, now = meta.get("train_signature"), split_signature(manifest, "train")  # None: written before it was kept
         if then and then != now:  # its parts index into the records it read
-            raise cli.InputError("--data", f"{cfg.data}: training records of {now['shards']} shards, "
-                                 f"{now['records']} records, but {found} stopped in mid-epoch on "
-                                 f"{then['shards']} shards, {then['records']} records ({then['digest']}, now "
-                                 f"{now['digest']}): resume with those, or from an epoch checkpoint")
+            raise cli.InputError("--data", f"{cfg.data}: other training records than {found} stopped in "
+                                 f"mid-epoch on (shard files, counts, sizes or rows differ: then {then['shards']} "
+                                 f"shards of {then['records']} records, digest {then['digest']}; now "
+                                 f"{now['shards']} of {now['records']}, {now['digest']}): resume with those "
+                                 "records, or from an epoch checkpoint (remove the step-* checkpoint)")
     shapes = meta.get("shapes") or [(0, *shape)]  # written before shapes were kept: this one
     return RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
                     best_by=meta.get("best_by", "val_mean_auroc"),

@@ -74,6 +74,21 @@ def test_a_full_disk_ends_the_conversion_with_one_line_and_a_rerun_finishes_the_
         assert sum(s["count"] for s in records.load_manifest(out)["splits"].values()) == len(pd.read_csv(csv))
 
 
+def test_the_same_images_in_another_order_have_another_training_signature(synthetic, tmp_path):
+    """A CSV listing the same images in another order writes the same split into the same shard
+    files and counts, its records in another order: what a mid-epoch resume must not take for
+    its own records (split_signature); a copy of the records keeps the signature."""
+    csv = synthetic / "Data_Entry_2017.csv"
+    pd.read_csv(csv, dtype=str).iloc[::-1].to_csv(tmp_path / "reversed.csv", index=False)
+    write(csv, synthetic / "images", tmp_path / "a")
+    write(tmp_path / "reversed.csv", synthetic / "images", tmp_path / "b")
+    order = {d: list(by_id(tmp_path / d)) for d in "ab"}
+    assert sorted(order["a"]) == sorted(order["b"]) and order["a"] != order["b"]
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    a, b, copy = (records.split_signature(records.load_manifest(tmp_path / d), "train") for d in ("a", "b", "copy"))
+    assert (a["shards"], a["records"]) == (b["shards"], b["records"]) and a != b and a == copy
+
+
 def test_a_replaced_image_file_rewrites_its_shard(synthetic, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(synthetic / "images", images)

@@ -104,11 +104,12 @@ def check_image_size(manifest: dict, data_dir: str | Path, image_size: int) -> N
 
 def split_signature(manifest: dict, split: str) -> dict:
     """Which records a split holds, in brief: its shards, records and a digest of every shard's
-    (file, records, bytes). Two records directories with the same signature are copies (staged
-    to another path, say); a rewrite with another shard size or other images is not."""
-    shards = sorted((s["file"], s["count"], s.get("bytes")) for s in manifest["splits"][split]["shards"])
+    (file, records, bytes, key: the rows it was written from, in order). Two records directories
+    with the same signature are copies (staged to another path, say); a rewrite with another
+    shard size, other images or the same images in another order is not."""
+    shards = sorted((s["file"], s["count"], s.get("bytes"), s.get("key")) for s in manifest["splits"][split]["shards"])
     digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
-    return {"shards": len(shards), "records": sum(count for _, count, _ in shards), "digest": digest}
+    return {"shards": len(shards), "records": sum(shard[1] for shard in shards), "digest": digest}
 
 
 def split_shards(manifest: dict, data_dir: str | Path, split: str) -> list[tuple[str, int]]:

@@ -269,7 +269,8 @@ def build_manifest(listing: metadata.Listing, results: list[dict], present: np.n
             # AUROC is undefined for these classes on this split (and they teach nothing in train)
             "no_positives": [n for n, p in zip(names, positives, strict=True) if p == 0],
             "no_negatives": [n for n, q in zip(names, negatives, strict=True) if q == 0],
-            "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"]} for r in mine],
+            # key: what the shard was written from, rows in order (ShardJob.key): a resume checks it
+            "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"], "key": r["key"]} for r in mine],
         }
     none = dict.fromkeys(names, 0)
     train = per_split.get("train", {"positives": none, "negatives": none})
