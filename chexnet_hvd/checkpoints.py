@@ -133,16 +133,10 @@ def optimizer_variables(optimizer) -> list:
     return list(found.values())
 
 
-# What a write fails with when the file system refuses it (a full disk or quota: ResourceExhausted;
-# a permission): a collective failing inside a save (the tf engine reads variables through one)
-# is not the disk's fault, and keeps its own handling.
-WRITE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
-
-
 def writing(partial: Path, final: Path):
     """A checkpoint's write into `partial` that fails (a full disk) is one line naming `final`
     and leaves no partial copy (the checkpoints already there are untouched)."""
-    return cli.writing(partial, final, "this checkpoint", WRITE_ERRORS)
+    return cli.writing(partial, final, "this checkpoint", records.write_errors())
 
 
 def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:

@@ -70,7 +70,7 @@ def export(cfg: ExportConfig) -> Path:
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cli.make_dir(tmp)
-    with cli.writing(tmp, out, "the export", checkpoints.WRITE_ERRORS):  # a full disk: one line
+    with cli.writing(tmp, out, "the export", records.write_errors()):  # a full disk: one line
         write_export(cfg, model, meta, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

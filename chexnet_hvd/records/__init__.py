@@ -102,6 +102,16 @@ def check_image_size(manifest: dict, data_dir: str | Path, image_size: int) -> N
                              f"model size of at most {stored}")
 
 
+def write_errors() -> tuple[type[Exception], ...]:
+    """What a file write (a shard, a checkpoint, an export) fails with when the file system
+    refuses it: a full disk or quota (TensorFlow's ResourceExhausted), a permission. A collective
+    failing inside a save (the tf engine reads variables through one) is not the disk's fault and
+    keeps its own handling."""
+    import tensorflow as tf
+
+    return OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError
+
+
 def split_signature(manifest: dict, split: str) -> dict:
     """Which records a split holds, in brief: its shards, records and a digest of every shard's
     (file, records, bytes, key: the rows it was written from, in order). Two records directories

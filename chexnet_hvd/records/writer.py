@@ -43,6 +43,7 @@ from chexnet_hvd.records import (
     REJECTS,
     SCHEMA_VERSION,
     serialize_example,
+    write_errors,
 )
 
 T = TypeVar("T")
@@ -101,8 +102,7 @@ def write_shard(job: ShardJob, out_dir: str) -> dict:
     written, rejects, bits = 0, [], {}
     positives, negatives = np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
     # a full disk: one line naming the shard, its partial file removed (the pool hands the error on)
-    refused = (OSError, tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)
-    with cli.writing(tmp, final, "this shard", refused), tf.io.TFRecordWriter(str(tmp)) as writer:
+    with cli.writing(tmp, final, "this shard", write_errors()), tf.io.TFRecordWriter(str(tmp)) as writer:
         for image, path, patient, labels, mask, source in job.rows:
             try:
                 gray, depth = images.read_grayscale_bits(path, job.image_size)
