@@ -106,13 +106,15 @@ def type_name(kind: Any) -> str:
 
 
 def settings_file(argv: Sequence[str]) -> str | None:
-    """The value of the last --config in argv, if any."""
+    """The value of the last --config in argv, if any, abbreviated as argparse allows (`--conf
+    FILE`: a prefix shared with another flag is argparse's "ambiguous option" error anyway)."""
     found = None
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif arg.startswith("--config="):
-            found = arg.split("=", 1)[1]
+        if arg == "--":  # what follows is positional
+            break
+        name, eq, value = arg.partition("=")
+        if len(name) > 2 and "--config".startswith(name):
+            found = value if eq else argv[i + 1] if i + 1 < len(argv) else None
     return found
 
 
@@ -188,7 +190,7 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
 def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
                  positional: Sequence[str] = (), prog: str | None = None) -> T:
     """Parse argv (and the --config file it names) into an instance of `config_cls` (unknown
-    flags are usage errors, exit 2), every numeric field within its range (`check_ranges`)."""
+    flags are usage errors, exit 2), every numeric field within its range (`check_values`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = settings_file(argv)
     parser = build_parser(config_cls, description, positional, prog,
@@ -198,10 +200,10 @@ def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | No
 
 def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
     """The config of a parsed namespace (--config itself left out: its settings are in), every
-    numeric field within its range (`check_ranges`: a settings file's values too)."""
+    numeric field within its range (`check_values`: a settings file's values too)."""
     values = vars(namespace)
     values.pop("config", None)
-    return check_ranges(config_cls(**values))
+    return check_values(config_cls(**values))
 
 
 # A numeric field's range, in its metadata (JSON Schema's words): inclusive minimum / maximum,
@@ -223,13 +225,17 @@ def describe_range(bounds: dict) -> str:
     return " and ".join(f"{_RANGE_WORDS[key]} {value}" for key, value in bounds.items())
 
 
-def check_ranges(config: T) -> T:
-    """`config` itself when every numeric field (every element of a list field) is finite and
-    within the range its metadata sets; else a one-line InputError naming the flag."""
+def check_values(config: T) -> T:
+    """`config` itself when every field (every element of a list field) is one of its choices,
+    and every number is finite and within the range its metadata sets; else a one-line
+    InputError naming the flag. argparse checks a flag's choices, not a default's: a settings
+    file's values arrive as defaults, so they are checked here."""
     for f in dataclasses.fields(config):  # type: ignore[arg-type]
-        bounds = range_of(f)
+        bounds, choices = range_of(f), f.metadata.get("choices")
         value = getattr(config, f.name)
         for item in value if isinstance(value, list | tuple) else [value]:
+            if choices and item not in choices:
+                raise InputError(_flag(f.name), f"{item!r} is not one of {', '.join(map(repr, choices))}")
             # argparse's float() takes "inf" and "nan"; no flag means either (0 turns a limit off)
             if isinstance(item, float) and not math.isfinite(item):
                 raise InputError(_flag(f.name), f"must be a finite number, not {item}")

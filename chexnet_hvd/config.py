@@ -140,15 +140,18 @@ def recipe_defaults(name: str) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    """The trainer's config: a --recipe's settings, overridden by a --config file's, overridden
-    by the flags given, every number in its field's range. argparse finds the recipe (the last
-    --recipe, abbreviations too; else the file's), then parses again over it."""
+    """The trainer's config: a --config file's settings over its recipe's, the flags given over
+    both (a --recipe flag's settings too), every value in its field's range and choices.
+    argparse finds a --recipe flag (the last, abbreviations too), then parses again over it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = cli.settings_file(argv)
     given = cli.read_settings(TrainConfig, path) if path else {}
     parser = cli.build_parser(TrainConfig, DESCRIPTION, prog=PROG, given=given)
-    name = parser.parse_known_args(argv)[0].recipe
-    parser.set_defaults(**(recipe_defaults(name) | given))
+    parser.set_defaults(recipe=None)
+    flag = parser.parse_known_args(argv)[0].recipe  # None: no --recipe on the command line
+    name = given.get("recipe", "none") if flag is None else flag
+    recipe = recipe_defaults(name)
+    parser.set_defaults(**(recipe | given if flag is None else given | recipe) | {"recipe": name})
     return cli.from_namespace(TrainConfig, parser.parse_args(argv))
 
 
@@ -212,7 +215,7 @@ def profile_range(steps: str) -> tuple[int, int]:
 def check_config(cfg: TrainConfig) -> None:
     """Flag combinations that cannot work, refused before anything starts (each number's own
     range is its field's, checked by `parse`, and again here for a config built in code)."""
-    cli.check_ranges(cfg)
+    cli.check_values(cfg)
     if cfg.profile_steps and not (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)?", cfg.profile_steps)
                                   and operator.le(*profile_range(cfg.profile_steps))):
         raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "

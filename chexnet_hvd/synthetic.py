@@ -113,7 +113,7 @@ def draw_labels(rng: np.random.Generator, n_images: int, mean_per_patient: float
 
 def generate(cfg: SyntheticConfig) -> pd.DataFrame:
     """Write the image set; the CSV goes last (temp + rename), so its presence means complete."""
-    cli.check_ranges(cfg)  # the CLI checked them; a config built in code is checked here
+    cli.check_values(cfg)  # the CLI checked them; a config built in code is checked here
     out = Path(cfg.out)
     cli.make_dir(out / "images")
     rng = np.random.default_rng(cfg.seed)

@@ -202,9 +202,12 @@ def run_main(mod, argv, capsys) -> tuple[int, list[str]]:
 def required(config_cls) -> dict:
     """Values for the fields without a default, so the config can be built."""
     hints = typing.get_type_hints(config_cls)
-    return {f.name: ["x"] if typing.get_origin(hints[f.name]) is list else "x"
-            for f in dataclasses.fields(config_cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            value = (f.metadata.get("choices") or ["x"])[0]
+            values[f.name] = [value] if typing.get_origin(hints[f.name]) is list else value
+    return values
 
 
 @pytest.mark.parametrize("name", list(CLIS))
@@ -218,7 +221,7 @@ def test_every_number_of_every_cli_out_of_range_is_one_line_naming_its_flag(name
     argv = CLIS[name][2]
     problems, tried = [], 0
     base = config_cls(**required(config_cls))
-    cli.check_ranges(base)  # the defaults are in range
+    cli.check_values(base)  # the defaults are in range
     for f, kind in numeric_fields(config_cls):
         key = f"{config_cls.__name__}.{f.name}"
         if not cli.range_of(f) and not f.metadata.get("choices"):
@@ -228,7 +231,7 @@ def test_every_number_of_every_cli_out_of_range_is_one_line_naming_its_flag(name
         for key, bound in cli.range_of(f).items():  # an inclusive bound is itself accepted
             if key in ("minimum", "maximum"):
                 value = [bound] if isinstance(getattr(base, f.name), list) else bound
-                cli.check_ranges(dataclasses.replace(base, **{f.name: value}))
+                cli.check_values(dataclasses.replace(base, **{f.name: value}))
         flag = "--" + f.name.replace("_", "-")
         for bad in out_of_range(f, kind):
             tried += 1
@@ -239,6 +242,71 @@ def test_every_number_of_every_cli_out_of_range_is_one_line_naming_its_flag(name
     assert tried or not numeric_fields(config_cls)
     assert not {k for k in UNBOUNDED if k.startswith(config_cls.__name__ + ".")} - {
         f"{config_cls.__name__}.{f.name}" for f, _ in numeric_fields(config_cls)}  # none stale
+
+
+def bad_settings(config_cls) -> list[tuple[str, object]]:
+    """(field, value) pairs a settings file could hold that its flag would refuse: one outside
+    each field's choices (any type), and each number past its range (not the required fields:
+    the command line of CLIS gives them, and the command line wins)."""
+    hints = typing.get_type_hints(config_cls)
+    pairs = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in required(config_cls):
+            continue
+        listed = typing.get_origin(hints[f.name]) in (list, tuple)
+        kinds = [hints[f.name], *typing.get_args(hints[f.name])]
+        kind = next((k for k in kinds if k in (int, float, str)), None)
+        values = []
+        if f.metadata.get("choices"):
+            choices = f.metadata["choices"]
+            values.append(max(choices) + 1 if kind in (int, float) else "not-a-choice")
+        if kind in (int, float):
+            values += [kind(v) for v in out_of_range(f, kind) if not f.metadata.get("choices")]
+        pairs += [(f.name, [v] if listed else v) for v in values]
+    return pairs
+
+
+@pytest.mark.parametrize("name", list(CLIS))
+def test_every_choice_and_number_from_a_settings_file_is_checked_as_its_flag_is(name, tmp_path, capsys):
+    """argparse checks a flag's choices, not a default's, and a settings file's values arrive as
+    defaults: `optimizer = "adamw"` in a file trained with SGD without a word. Each value the
+    flag would refuse is, from a file too, one line naming the flag and exit 2."""
+    import tomli_w
+
+    mod, config_cls = entry(name)
+    problems = []
+    for i, (key, bad) in enumerate(bad_settings(config_cls)):
+        path = tmp_path / f"s{i}.toml"
+        path.write_text(tomli_w.dumps({key: bad}))
+        code, lines = run_main(mod, ["--config", str(path), *CLIS[name][2]], capsys)
+        flag = "--" + key.replace("_", "-")
+        if code != 2 or len(lines) != 1 or not re.match(rf"error: {flag}: ", lines[0]):
+            problems.append(f"{key} = {bad!r}: exit {code}, stderr {lines}")
+    assert not problems, "\n".join(problems)
+
+
+def test_config_abbreviated_as_argparse_allows_is_read(tmp_path):
+    """`--conf FILE` is --config to argparse: its settings were dropped without a word."""
+    from chexnet_hvd.synthetic import SyntheticConfig
+
+    (tmp_path / "s.toml").write_text('out = "data/x"\nimages = 50\n')
+    for argv in (["--conf", str(tmp_path / "s.toml")], [f"--confi={tmp_path / 's.toml'}"]):
+        assert cli.parse_config(SyntheticConfig, "", argv).images == 50
+
+
+def test_a_recipe_flag_beside_a_settings_file_applies_its_settings(tmp_path):
+    """Flags win over the file, a --recipe flag's settings too (they were recorded as the recipe
+    and not applied); a recipe named in the file is under the file's own settings."""
+    from chexnet_hvd import config
+
+    chexnet = config.recipe_defaults("chexnet")
+    (tmp_path / "c.toml").write_text('data = "d"\nrun_dir = "r"\nepochs = 3\nschedule = "constant"\n')
+    cfg = config.parse(["--config", str(tmp_path / "c.toml"), "--recipe", "chexnet", "--lr", "0.5"])
+    assert cfg.recipe == "chexnet" and cfg.lr == 0.5
+    assert all(getattr(cfg, key) == value for key, value in chexnet.items() if key != "lr")
+    (tmp_path / "r.toml").write_text('data = "d"\nrun_dir = "r"\nrecipe = "chexnet"\nepochs = 3\n')
+    cfg = config.parse(["--config", str(tmp_path / "r.toml")])
+    assert cfg.epochs == 3 and cfg.schedule == chexnet["schedule"]
 
 
 def test_a_failed_write_removes_its_partial_copy_and_is_one_line(tmp_path):

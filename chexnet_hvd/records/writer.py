@@ -388,7 +388,7 @@ class RecordsConfig(metadata.TableConfig):
 
 def write_records(cfg: RecordsConfig) -> dict:
     """The whole conversion: table -> shards -> rejects.csv -> manifest.json (last)."""
-    cli.check_ranges(cfg)  # the CLI checked them; a config built in code is checked here
+    cli.check_values(cfg)  # the CLI checked them; a config built in code is checked here
     for folder in cfg.images:
         if not Path(folder).is_dir():
             raise cli.InputError(folder, "no such directory")
