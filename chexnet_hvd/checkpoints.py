@@ -39,9 +39,10 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # scaling, crop: how the model's input is made from a stored image (chexnet_hvd.views.View).
 # train_signature: the training split's (chexnet_hvd.records.split_signature), so that a
 # mid-epoch resume refuses records other than those its parts index into.
+# warmup: [start as a fraction of the peak lr, epochs], chosen by the run's first attempt.
 META_FIELDS = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "epoch", "step", "parts", "shapes",
                "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
-               "best_by", "best", "since_best", "plateau", "train_signature", "config")
+               "best_by", "best", "since_best", "plateau", "warmup", "train_signature", "config")
 
 
 @dataclasses.dataclass
@@ -69,6 +70,10 @@ class RunState:
     batch: int = 0  # of which done
     lr: float = 0.0  # the learning rate at the end of the last epoch
     diagnosis: dict = dataclasses.field(default_factory=dict)  # the last epoch's bottleneck verdict
+    # The lr warmup's (start / peak, epochs), as the run's first attempt derived them from its
+    # world size and global batch: a resume on another shape keeps them, so that its lr is the
+    # straight run's times the global-batch ratio (None until resume_state sets it)
+    warmup: tuple[float, float] | None = None
 
     def epoch_parts(self) -> list:
         """The parts of epoch `epoch` trained so far, this attempt's included (sharding.Part)."""
@@ -96,7 +101,7 @@ def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState
         steps_per_epoch=derived.steps_per_epoch, global_batch=derived.global_batch,
         precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
         val_loss=state.validation.get("loss"), best_by=state.best_by, best=state.best,
-        since_best=state.since_best, plateau=state.plateau,
+        since_best=state.since_best, plateau=state.plateau, warmup=list(state.warmup),
         train_signature=records.split_signature(manifest, "train"), config=dataclasses.asdict(cfg))
 
 

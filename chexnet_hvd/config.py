@@ -177,6 +177,7 @@ class Derived:
     global_batch: int
     steps_per_epoch: int
     scaled_lr: float
+    warmup_from: float  # the warmup's start lr as a fraction of scaled_lr: 1 / world_size
     warmup_epochs: float
     train_records: int
     records_per_rank: int  # every rank the same (chexnet_hvd.sharding)
@@ -201,7 +202,8 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> Derived:
     proportional = min(5.0, ratio / 8) if cfg.reference_batch else 0.0  # unscaled: no warmup
     warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else proportional
     return Derived(world_size=world_size, local_batch=cfg.batch_size, global_batch=global_batch,
-                   steps_per_epoch=steps, scaled_lr=cfg.lr * ratio, warmup_epochs=warmup_epochs,
+                   steps_per_epoch=steps, scaled_lr=cfg.lr * ratio,
+                   warmup_from=1 / world_size, warmup_epochs=warmup_epochs,
                    train_records=records_total, records_per_rank=full * cfg.batch_size,
                    epoch_coverage=round(steps * global_batch / records_total, 6))
 

@@ -16,17 +16,18 @@ import math
 import tensorflow as tf
 
 
-def scheduled_lr(progress, peak: float, world_size: int, warmup_epochs: float, epochs: int,
+def scheduled_lr(progress, peak: float, warmup_from, warmup_epochs, epochs: int,
                  schedule: str = "constant", step_epochs: int = 0):
-    """Learning rate at `progress` epochs: linear warmup from peak / world_size (the single-rank
-    lr, as in Horovod's warmup) to peak = base x global_batch / reference_batch (Goyal et al.
-    2017) over `warmup_epochs`, then constant, half-cosine to zero at `epochs`, or step (x0.1
-    every `step_epochs`)."""
+    """Learning rate at `progress` epochs: linear warmup from peak x warmup_from (1 / the world
+    size: the single-rank lr, as in Horovod's warmup) to peak = base x global_batch /
+    reference_batch (Goyal et al. 2017) over `warmup_epochs`, then constant, half-cosine to zero
+    at `epochs`, or step (x0.1 every `step_epochs`)."""
     progress = tf.cast(progress, tf.float32)
-    start = peak / world_size
-    warm = start + (peak - start) * tf.minimum(1.0, progress / max(warmup_epochs, 1e-9))
+    warmup_epochs = tf.cast(warmup_epochs, tf.float32)
+    start = peak * tf.cast(warmup_from, tf.float32)
+    warm = start + (peak - start) * tf.minimum(1.0, progress / tf.maximum(warmup_epochs, 1e-9))
     if schedule == "cosine":
-        done = tf.clip_by_value((progress - warmup_epochs) / max(epochs - warmup_epochs, 1e-9), 0, 1)
+        done = tf.clip_by_value((progress - warmup_epochs) / tf.maximum(epochs - warmup_epochs, 1e-9), 0, 1)
         after = peak * 0.5 * (1.0 + tf.cos(math.pi * done))
     elif schedule == "step":
         after = peak * tf.pow(0.1, tf.floor(progress / max(step_epochs, 1)))
@@ -58,17 +59,25 @@ PLATEAU_START = {"scale": 1.0, "best": None, "wait": 0}
 class EpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
     """`scheduled_lr` as a Keras schedule of the optimizer's step, through the progress of the
     part of an epoch in training: progress = part_start + (step - part_first_step) x per_step.
-    Those three and the plateau `scale` are variables (changed between epochs without retracing
-    the train step), set from the run state, not kept in checkpoints."""
+    Those three, the plateau `scale` and the warmup's shape are variables (changed between
+    epochs, or at a resume, without retracing the train step), set from the run state, not kept
+    in checkpoints. The warmup keeps the shape of the run's first attempt (`set_warmup`): its
+    length and start, as fractions of epochs and of the peak, do not follow a new world size."""
 
-    def __init__(self, peak: float, world_size: int, warmup_epochs: float, epochs: int,
+    def __init__(self, peak: float, warmup_from: float, warmup_epochs: float, epochs: int,
                  schedule: str = "constant", step_epochs: int = 0):
-        self.peak, self.world_size, self.schedule = peak, world_size, schedule
-        self.warmup_epochs, self.epochs, self.step_epochs = warmup_epochs, epochs, step_epochs
+        self.peak, self.epochs, self.schedule, self.step_epochs = peak, epochs, schedule, step_epochs
+        self.initial = (warmup_from, warmup_epochs)  # the config (Horovod rebuilds from it)
         self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
         self.part_start = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="part_start")
         self.part_first_step = tf.Variable(0, trainable=False, dtype=tf.int64, name="part_first_step")
         self.per_step = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="per_step")
+        self.warmup_from = tf.Variable(warmup_from, trainable=False, dtype=tf.float32, name="warmup_from")
+        self.warmup_epochs = tf.Variable(warmup_epochs, trainable=False, dtype=tf.float32, name="warmup_epochs")
+
+    def set_warmup(self, warmup_from: float, warmup_epochs: float) -> None:
+        self.warmup_from.assign(warmup_from)
+        self.warmup_epochs.assign(warmup_epochs)
 
     def start_part(self, progress: float, first_step: int, steps: int, fraction: float = 1.0) -> None:
         """The part of an epoch about to train: it starts at `progress` epochs, with the optimizer
@@ -84,16 +93,15 @@ class EpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
 
     def at(self, progress: float) -> float:
         """The learning rate at `progress` epochs, at the current plateau scale."""
-        return float(self.scale * scheduled_lr(progress, self.peak, self.world_size, self.warmup_epochs,
-                                               self.epochs, self.schedule, self.step_epochs))
+        return float(self(None, progress))
 
-    def __call__(self, step):
-        return self.scale * scheduled_lr(self.progress(step), self.peak, self.world_size,
-                                         self.warmup_epochs, self.epochs, self.schedule,
-                                         self.step_epochs)
+    def __call__(self, step, progress=None):
+        progress = self.progress(step) if progress is None else progress
+        return self.scale * scheduled_lr(progress, self.peak, self.warmup_from, self.warmup_epochs,
+                                         self.epochs, self.schedule, self.step_epochs)
 
     def get_config(self) -> dict:
-        return {"peak": self.peak, "world_size": self.world_size, "warmup_epochs": self.warmup_epochs,
+        return {"peak": self.peak, "warmup_from": self.initial[0], "warmup_epochs": self.initial[1],
                 "epochs": self.epochs, "schedule": self.schedule, "step_epochs": self.step_epochs}
 
 

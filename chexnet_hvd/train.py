@@ -92,7 +92,7 @@ def make_optimizer(cfg: TrainConfig, engine, derived: Derived):
     from inside). The scaled gradients are allreduced before the finiteness check, and an
     overflow on any rank makes the sum non-finite on every rank, so all ranks skip the same steps
     and halve the loss scale alike (tested with an overflow on one rank only, both engines)."""
-    schedule = schedules.EpochSchedule(derived.scaled_lr, derived.world_size, derived.warmup_epochs,
+    schedule = schedules.EpochSchedule(derived.scaled_lr, derived.warmup_from, derived.warmup_epochs,
                                        cfg.epochs, cfg.schedule, cfg.step_epochs)
     optimizer = (tf.keras.optimizers.Adam(schedule) if cfg.optimizer == "adam"
                  else tf.keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True))
@@ -158,7 +158,9 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     if error:
         raise error
     state.part_steps = first_part_steps(cfg, records, state, derived)
+    state.warmup = state.warmup or (derived.warmup_from, derived.warmup_epochs)  # a fresh run's own
     schedules.live_schedule(optimizer).scale.assign(state.plateau["scale"])
+    schedules.live_schedule(optimizer).set_warmup(*state.warmup)
     engine.broadcast_variables(model.variables + checkpoints.optimizer_variables(optimizer))
     return state
 
@@ -189,6 +191,7 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
                     best_by=meta.get("best_by", "val_mean_auroc"),
                     best=meta.get("best", meta.get("best_val_mean_auroc")), since_best=meta.get("since_best", 0),
                     resumed_from=str(found), shape=shape, parts=parts,
+                    warmup=tuple(meta["warmup"]) if meta.get("warmup") else None,  # None: before it was kept
                     shapes=sharding.with_shape(shapes, meta["epoch"] + bool(parts), shape))
 
 
@@ -358,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         model, trained = build(cfg, engine, records, initial, derived)
         best_by, warnings = callbacks.validation_criterion(records.manifest, cfg.val_split)
         state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records, best_by)
+        derived = dataclasses.replace(derived, warmup_from=state.warmup[0], warmup_epochs=state.warmup[1])
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, "-initial")
         if rank0:

@@ -238,6 +238,24 @@ def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_recor
     assert len(epoch2) == len(set(epoch2)) == 2 * 14 * 8 + 24 * 8
 
 
+def test_a_resume_on_another_world_size_keeps_the_default_warmup_of_the_first_attempt(records_dir, tmp_path):
+    """At the default --warmup-epochs (proportional to the global batch: 32 / 2 / 8 = 2 epochs,
+    from the peak over 2 ranks), preempted in epoch 1 on 2 ranks and resumed as one process:
+    the warmup keeps its length and start (a resume used to derive its own: 1 epoch from the
+    full peak), so every epoch ends at half the straight run's lr, inside the warmup too."""
+    common = ["--epochs", 3, "--batch-size", 16, "--reference-batch", 2, "--warmup-epochs", -1,
+              "--schedule", "cosine"]
+    run(train_cmd(records_dir, tmp_path / "straight", *common), timeout=300, check=True)
+    split = train_cmd(records_dir, tmp_path / "split", *common)
+    preempted = run([*split, "--preempt-at-step", "3"], timeout=300)
+    assert "rank 0: preempted after step 10" in preempted.stderr, preempted.stderr[-2000:]  # of 13
+    run([*one_process(split), "--resume"], timeout=300, check=True)
+    straight_lr, split_lr = epoch_lrs(tmp_path / "straight"), epoch_lrs(tmp_path / "split")
+    assert len(split_lr) == 3 and split_lr == pytest.approx([lr / 2 for lr in straight_lr], rel=1e-5, abs=1e-12)
+    warmup = [r["warmup_epochs"] for r in read_runlog(tmp_path / "split") if r["event"] == "start"]
+    assert warmup == [2.0, 2.0]
+
+
 def test_a_mid_epoch_resume_refuses_other_records_and_takes_a_staged_copy(records_dir, synthetic, tmp_path):
     """Stopped in mid-epoch, a run resumed on records rewritten with another shard size (its
     parts would index into other shards: records trained twice or never) is a one-line error;

@@ -14,7 +14,7 @@ def test_lr_warmup_and_scaling_formula(world):
     zero at epoch 10; 10 steps per epoch."""
     base, ref, local = 1e-3, 16, 16
     peak = base * local * world / ref
-    sched = EpochSchedule(peak, world, warmup_epochs=1, epochs=10, schedule="cosine")
+    sched = EpochSchedule(peak, 1 / world, warmup_epochs=1, epochs=10, schedule="cosine")
     sched.start_part(0.0, first_step=0, steps=10)
     assert float(sched(0)) == pytest.approx(peak / world)
     assert float(sched(5)) == pytest.approx(peak / world + (peak - peak / world) * 0.5)
@@ -27,11 +27,14 @@ def test_lr_warmup_and_scaling_formula(world):
 @pytest.mark.parametrize("warmup", [2.5, 0])
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
 def test_the_lr_is_a_function_of_epoch_progress_whatever_the_epochs_length(schedule, warmup):
-    """An epoch of 10 steps, interrupted after 4 and finished in 3 steps at twice the batch (the
-    peak twice as high): every step of the rest has the lr of the same progress, rescaled (in
-    warmup too: it starts from the peak over the world size)."""
-    common = dict(warmup_epochs=warmup, epochs=4, schedule=schedule, step_epochs=2)
-    straight, resumed = EpochSchedule(1e-3, 2, **common), EpochSchedule(2e-3, 2, **common)
+    """An epoch of 10 steps on 2 ranks, interrupted after 4 and finished in 3 steps on 4 ranks
+    (the global batch and peak twice as high): every step of the rest has the lr of the same
+    progress, rescaled, in warmup too: the resumed attempt's own warmup (from the peak over 4,
+    over a proportional warmup twice as long) is replaced by the run's (`set_warmup`)."""
+    common = dict(epochs=4, schedule=schedule, step_epochs=2)
+    straight = EpochSchedule(1e-3, 1 / 2, warmup_epochs=warmup, **common)
+    resumed = EpochSchedule(2e-3, 1 / 4, warmup_epochs=2 * warmup, **common)
+    resumed.set_warmup(1 / 2, warmup)
     straight.start_part(2.0, first_step=20, steps=10)  # epoch 3 of 4, steps 20..29
     resumed.start_part(2.4, first_step=24, steps=3, fraction=0.6)  # its last 60% in 3 steps
     for k in range(4):
