@@ -227,6 +227,8 @@ def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdo
     if cfg.val_split:
         val = score(predict, cfg.data, cfg.val_split, view, cfg.batch_size, "none", engine, watchdog)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
+    if watchdog:  # scored: the chief's report (minutes of bootstrap) is no batch that is late
+        watchdog.rest()
     if engine.rank == 0:  # every rank has the gathered predictions; the chief reports
         report(cfg, engine, meta, manifest, ranks, plain, tta, thresholds)
     # Horovod/TF: nobody leaves before the chief has reported (a tf worker that exits while the

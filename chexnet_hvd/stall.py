@@ -56,12 +56,14 @@ def interval_for(timeout: float) -> float:
 
 def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tuple[list[int], str]:
     """Whom a rank with no progress for `timeout` names, and why, from the heartbeats `heard`
-    ({rank: {"at": when received (monotonic), "step", "delivered", "idle"}}) of its peers and its
-    own (`me`, at `now`)."""
+    ({rank: {"at": when received (monotonic), "step": the run's, "taken": steps this process
+    took, "delivered": input batches this process's pipeline handed over, "idle"}}) of its
+    peers and its own (`me`, at `now`). A resumed attempt's step starts where the checkpoint
+    left off, its counts at 0: starved compares the counts."""
     silent = sorted(r for r, h in heard.items() if r != me and now - h["at"] > timeout)
     if silent:
         return silent, f"no heartbeat for more than {timeout:g} s (stopped, killed, or cut off)"
-    starved = sorted(r for r, h in heard.items() if h["delivered"] <= h["step"])
+    starved = sorted(r for r, h in heard.items() if h["delivered"] <= h["taken"])
     if starved:
         return starved, "its input pipeline delivered no batch for the step it is at"
     lowest = min(h["step"] for h in heard.values())
@@ -81,9 +83,10 @@ class Watchdog:
         self.rank, self.timeout, self.on_stall = rank, timeout, on_stall
         self.grace = min(30.0, max(5.0, timeout))  # what the others give the chief to speak first
         # input batches this rank's pipeline handed over (unknown: never taken for starved)
-        self.count_delivered = count_delivered or (lambda: self.step + 1)
+        self.count_delivered = count_delivered or (lambda: self.taken + 1)
         self.interval = interval_for(timeout)
-        self.step = 0
+        self.step = 0  # the run's step, as the trainer counts it (from a checkpoint's on resume)
+        self.taken = 0  # steps this process took
         self.delivered = 0
         self.last_progress = time.monotonic()
         self.armed = False
@@ -103,7 +106,7 @@ class Watchdog:
         """Begin heartbeats to `addresses` (every rank's `announce`, in rank order)."""
         self.peers = [(resolve(host), port) for host, port in addresses]
         now = time.monotonic()
-        self.heard = {r: {"at": now, "step": 0, "delivered": 1, "idle": 0.0} for r in range(len(addresses))}
+        self.heard = {r: {"at": now, "step": 0, "taken": 0, "delivered": 1, "idle": 0.0} for r in range(len(addresses))}
         for target in (self._listen, self._watch):
             threading.Thread(target=target, daemon=True, name=f"stall-{target.__name__}").start()
 
@@ -113,6 +116,7 @@ class Watchdog:
         self.last_progress = time.monotonic()
         if step is not None:
             self.step, self.armed = step, True
+            self.taken += 1
 
     def rest(self) -> None:
         """Training has ended (or a resumed part's fit has, before the next begins): no step is
@@ -135,8 +139,8 @@ class Watchdog:
             except (TimeoutError, OSError, ValueError):
                 continue
             if isinstance(payload, dict) and payload.get("rank") in self.heard:
-                self.heard[payload["rank"]] = {"at": time.monotonic(), "step": payload["step"],
-                                               "delivered": payload["delivered"], "idle": payload["idle"]}
+                self.heard[payload["rank"]] = {"at": time.monotonic(), **{
+                    key: payload[key] for key in ("step", "taken", "delivered", "idle")}}
 
     def _watch(self) -> None:
         last_tick = time.monotonic()
@@ -148,14 +152,14 @@ class Watchdog:
             last_tick = now
             idle = now - self.last_progress
             self.delivered = self.count_delivered()
-            beat = json.dumps({"rank": self.rank, "step": self.step, "delivered": self.delivered,
-                               "idle": round(idle, 1)}).encode()
+            mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle}
+            beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1)}).encode()
             for address in self.peers:
                 try:
                     self.sock.sendto(beat, address)
                 except OSError:
                     pass  # a peer we cannot reach is what the others will report
-            self.heard[self.rank] = {"at": now, "step": self.step, "delivered": self.delivered, "idle": idle}
+            self.heard[self.rank] = {"at": now, **mine}
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
             job_idle = min(h["idle"] + now - h["at"] for h in self.heard.values())
@@ -173,7 +177,7 @@ class Watchdog:
     def _stalled(self, now: float, idle: float) -> None:
         names, why = culprits(now, self.rank, self.heard, self.timeout)
         where = ", ".join(f"rank {r}" + (f" ({self.hosts[r]})" if self.hosts else "") for r in names)
-        message = (f"stalled: no training progress on rank {self.rank} for {idle:.0f} s "
+        message = (f"stalled: no progress on rank {self.rank} for {idle:.0f} s "
                    f"(--stall-timeout {self.timeout:g}); waiting for {where}: {why}")
         print(f"error: {message}; ending the job (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
         alive = [r for r in sorted(self.heard) if r not in names]

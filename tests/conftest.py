@@ -210,9 +210,10 @@ def rank_of(pid: int) -> int | None:
     return json.loads(env["TF_CONFIG"])["task"]["index"] if "TF_CONFIG" in env else None
 
 
-def ranks_of(run_dir) -> dict[int, int]:
-    """{rank: pid} of the trainer processes of `run_dir` (their launchers left out)."""
-    pids = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"], capture_output=True, text=True).stdout
+def ranks_of(run_dir, command: str = "chexnet_hvd.train") -> dict[int, int]:
+    """{rank: pid} of the `command` processes (the trainer's) with `run_dir` in their arguments
+    (their launchers left out)."""
+    pids = subprocess.run(["pgrep", "-f", f"{command}.*{run_dir}"], capture_output=True, text=True).stdout
     found = {rank_of(int(p)): int(p) for p in pids.split()}
     return {r: p for r, p in found.items() if r is not None}
 

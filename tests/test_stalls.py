@@ -3,10 +3,12 @@ launcher: one rank of a 2-rank run is stopped (SIGSTOP) in the middle of its tra
 ends within --stall-timeout plus a minute, a line names that rank, and the run log ends
 `stalled` with it. The run then resumes from its checkpoint: checked once, after the chief
 stalled (the resume is the trainer's, whichever launcher ended the job; CI minutes are few). A
-rank paused for less than the timeout does not end the job.
+rank paused for less than the timeout does not end the job. evaluate: a rank stopped while it
+scores ends the job; a chief's long report does not.
 (On the Slurm rehearsal, under srun with either engine: tests/test_slurm.py.)"""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +66,8 @@ def test_a_stopped_rank_ends_the_job_by_name(records_dir, tmp_path, launcher, vi
             os.killpg(proc.pid, signal.SIGKILL)
     print(f"{launcher}, rank {victim} stopped: the job ended after {ended:.1f} s")
     assert proc.returncode != 0 and ended < BOUND, (ended, out[-3000:])
+    if launcher == "chexnet_hvd.launch":  # passes its workers' exit code on: the distinct one
+        assert proc.returncode == stall.EXIT_STALLED, out[-3000:]
     named = [line for line in out.splitlines() if "error: stalled:" in line]
     assert named and all(f"rank {victim} " in line.split("waiting for", 1)[-1].split("heartbeat from", 1)[-1]
                          for line in named), out[-3000:]
@@ -75,6 +79,51 @@ def test_a_stopped_rank_ends_the_job_by_name(records_dir, tmp_path, launcher, vi
     run([*start, *train, "--resume", "--epochs", str(epochs[-1] + 1)], timeout=300, check=True)
     log = read_runlog(tmp_path)
     assert log[-1]["status"] == "completed" and [r for r in log if r["event"] == "start"][-1]["resumed_from"]
+
+
+def reading(pid: int, folder) -> bool:
+    """Whether process `pid` has a file of `folder` open (a rank reading its records)."""
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(folder)) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:  # an fd closed while looked at
+        return False
+
+
+def test_a_rank_stopped_while_evaluating_ends_the_job_by_name_and_a_long_report_does_not(
+        records_dir, tmp_path):
+    """evaluate --stall-timeout: rank 1 stopped while it reads the test records (one image per
+    batch, ten crops: seconds of scoring) ends the job within the bound, naming rank 1, exit 76;
+    a chief still computing its report (bootstrap) longer than the timeout, the other rank
+    waiting for it, is no stall (it used to end a healthy job mid-report)."""
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch-0001"
+    run([sys.executable, "-m", "chexnet_hvd.train", "--data", records_dir, "--run-dir", tmp_path / "run",
+         "--model", "small_cnn", "--image-size", "32", "--epochs", "1", "--verbose", "0"], timeout=300, check=True)
+    evaluate = [sys.executable, "-m", "chexnet_hvd.launch", "-np", "2", sys.executable, "-m", "chexnet_hvd.evaluate",
+                "--checkpoint", str(ckpt), "--data", str(records_dir), "--engine", "tf", "--stall-timeout", "3"]
+    long_report = run([*evaluate, "--bootstrap", "3000", "--out", tmp_path / "long"], timeout=600)
+    assert long_report.returncode == 0 and (tmp_path / "long" / "report.json").is_file(), long_report.stderr[-3000:]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*evaluate, "--batch-size", "1", "--tta", "tencrop", "--out", str(tmp_path / "stopped")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((pid := ranks_of(tmp_path / "stopped", "chexnet_hvd.evaluate").get(1)) and reading(pid, records_dir)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, _ = proc.communicate(timeout=BOUND + 60)
+        ended = time.monotonic() - stopped
+    finally:
+        for leftover in ranks_of(tmp_path / "stopped", "chexnet_hvd.evaluate").values():
+            os.kill(leftover, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"evaluate, rank 1 stopped: the job ended after {ended:.1f} s")
+    assert proc.returncode == stall.EXIT_STALLED and ended < BOUND, (ended, out[-3000:])
+    assert re.search(r"error: stalled: .*rank 1 ", out), out[-3000:]
+    assert not (tmp_path / "stopped" / "report.json").exists()
 
 
 def test_a_rank_paused_for_less_than_the_stall_timeout_does_not_end_the_job(records_dir, tmp_path):
@@ -104,11 +153,13 @@ def test_a_rank_paused_for_less_than_the_stall_timeout_does_not_end_the_job(reco
 
 def test_who_a_stalled_rank_names():
     """Silent peers first; else ranks whose input delivered nothing for their step; else the
-    ranks behind; else every rank (a collective that never completes)."""
+    ranks behind; else every rank (a collective that never completes). A resumed attempt (the
+    run's step from its checkpoint, this process's counts from 0) names the rank behind, not
+    every rank as starved of input."""
     now, t = 100.0, 10
 
-    def heard(**ranks):
-        return {int(r[1:]): {"at": at, "step": step, "delivered": delivered, "idle": 0}
+    def heard(resumed_at=0, **ranks):
+        return {int(r[1:]): {"at": at, "step": resumed_at + step, "taken": step, "delivered": delivered, "idle": 0}
                 for r, (at, step, delivered) in ranks.items()}
 
     assert stall.culprits(now, 0, heard(r0=(99, 5, 6), r1=(80, 5, 6), r2=(99, 5, 6)), t)[0] == [1]
@@ -116,6 +167,8 @@ def test_who_a_stalled_rank_names():
     assert stall.culprits(now, 0, heard(r0=(99, 6, 7), r1=(99, 5, 7), r2=(99, 6, 7)), t)[0] == [1]
     names, why = stall.culprits(now, 0, heard(r0=(99, 6, 7), r1=(99, 6, 7)), t)
     assert names == [0, 1] and "collective" in why
+    assert stall.culprits(now, 0, heard(400, r0=(99, 20, 22), r1=(99, 19, 21)), t)[0] == [1]
+    assert stall.culprits(now, 0, heard(400, r0=(99, 20, 22), r1=(99, 20, 20)), t)[0] == [1]
 
 
 WATCH_ALONE = """
