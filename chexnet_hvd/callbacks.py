@@ -243,8 +243,9 @@ class Plateau(tf.keras.callbacks.Callback):
 
 
 class EarlyStop(tf.keras.callbacks.Callback):
-    """Stop after `patience` epochs without a better val mean AUROC; the count is in the run
-    state, so a resumed run stops where an uninterrupted one would."""
+    """Stop after `patience` epochs without a better validation score (the run's `best_by`:
+    mean AUROC, or the loss); the count is in the run state, so a resumed run stops where an
+    uninterrupted one would."""
 
     def __init__(self, state: RunState, patience: int, verbose: bool):
         super().__init__()

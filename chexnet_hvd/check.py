@@ -38,7 +38,8 @@ class CheckConfig:
     ranks: int = cli.field(0, help="ranks to start; 0: one per visible GPU, 2 without GPUs",
                            minimum=0)
     engine: str = cli.field(distributed.DEFAULT_ENGINE, choices=list(distributed.ENGINES),
-                            help="the distribution engine to check (default: $CHEXNET_ENGINE, else horovod)")
+                            help="the distribution engine to check (default: $CHEXNET_ENGINE, else horovod where it "
+                            "is installed, else tf)")
 
 
 def line(verdict: str, text: str) -> str:

@@ -46,7 +46,8 @@ class TrainConfig:
                                      minimum=-1)
     schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, step "
                               "(x0.1 every --step-epochs), or plateau (x --plateau-factor after "
-                              "--plateau-patience epochs without a better val mean AUROC)",
+                              "--plateau-patience epochs without a better validation score: mean AUROC, or the loss "
+                              "where no class's AUROC is defined)",
                               choices=["constant", "cosine", "step", "plateau"])
     step_epochs: int = cli.field(10, help="epochs between x0.1 decays of --schedule step",
                                  minimum=1)
@@ -88,7 +89,8 @@ class TrainConfig:
     deterministic: bool = cli.field(False, help="deterministic ops (TensorFlow op determinism: slower on GPUs); the input order is deterministic always")
     val_split: str = cli.field("val", help="split validated after every epoch")
     val_batch_size: int = cli.field(64, help="images per rank per validation step", minimum=1)
-    early_stopping: int = cli.field(0, help="stop after N epochs without a better val mean AUROC (0: off)",
+    early_stopping: int = cli.field(0, help="stop after N epochs without a better validation score "
+                                    "(as --schedule plateau's) (0: off)",
                                     minimum=0)
     resume: bool = cli.field(False, help="continue from the newest complete checkpoint in RUN_DIR")
     checkpoint_every_steps: int = cli.field(0, help="also checkpoint every N steps (0: per epoch only)",

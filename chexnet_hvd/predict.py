@@ -1,4 +1,4 @@
-"""Probabilities per pathology for image files, and Grad-CAM heatmaps of the top findings.
+"""Probabilities per pathology for image files, and activation maps (HiResCAM) of the top findings.
 
     python -m chexnet_hvd.predict scans/ xray.png --checkpoint runs/x/checkpoints/best \
         [--cam heatmaps/] [--format table|csv|json]

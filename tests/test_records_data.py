@@ -365,7 +365,7 @@ def test_records_of_one_size_leave_the_cpu_as_uint8_and_the_graph_preprocesses_t
             np.testing.assert_allclose(out, before[:, ::-1] if flipped else before, atol=1 / 255)
             mirrored, seen = mirrored + flipped, seen + 1
     assert seen >= 400 and 0.4 < mirrored / seen < 0.6
-    if encoding == "png":  # (the uint8 records' run is the test below)
+    if encoding == "png":  # (the uint8 records' run is the test above)
         run_dir = tmp_path / "run"
         module("train", "--data", tmp_path / encoding, "--run-dir", run_dir, "--model", "small_cnn",
                "--image-size", 28, "--batch-size", 16, "--epochs", 1, "--steps-per-epoch", 4, "--verbose", 0,

@@ -88,7 +88,7 @@ def assert_same_weights(a, b) -> None:
             x, y = (np.load(d / "audit" / name) for d in (a, b))
             assert len(x.files) == len(y.files), name
             for key in x.files:
-                np.testing.assert_array_equal(x[key], y[key], f"{name} {key}")  # deterministic ops: bitwise
+                np.testing.assert_array_equal(x[key], y[key], f"{name} {key}")  # bitwise (the same ops on the same CPU)
 
 
 def test_resume_matches_a_straight_run(records_dir, straight, tmp_path, engine):
