@@ -422,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     if writer:
         writer.write("end", status="completed")
         writer.close()
+    # Horovod/TF: nobody leaves before the chief has written the end (a tf worker that exits
+    # while the chief still works makes its coordination service log errors on a success)
+    engine.broadcast_object(0)
     return 0
 
 

@@ -36,14 +36,23 @@ def two_ranks(request, records_dir, tmp_path_factory):
     step checkpoint in each epoch (13 steps) as well as the epoch's: under the tf engine,
     reading the statistics is a collective, so every worker joins each checkpoint write."""
     run_dir = tmp_path_factory.mktemp(request.param)
-    run(ranks(request.param, 2, *train_args(records_dir, run_dir), "--model", BATCH_NORM_MODEL,
-              "--checkpoint-every-steps", "12"), timeout=300, check=True)
+    proc = run(ranks(request.param, 2, *train_args(records_dir, run_dir), "--model", BATCH_NORM_MODEL,
+                     "--checkpoint-every-steps", "12"), timeout=300, check=True)
+    (run_dir / "stderr.txt").write_text(proc.stderr)
     return request.param, run_dir
 
 
 @pytest.fixture
 def two_ranks_run(two_ranks):
     return two_ranks[1]
+
+
+def test_a_run_that_succeeds_ends_without_error_lines(two_ranks_run):
+    """No rank leaves before the chief has written the run log's end: a tf worker that exited
+    first made the chief's coordination service log errors (`E...` lines, "heartbeat timeout")
+    on a run that succeeded."""
+    stderr = (two_ranks_run / "stderr.txt").read_text()
+    assert not re.search(r"^(\[\d\]<std\w+>:)?E\d{4} |heartbeat timeout|Traceback", stderr, re.M), stderr[-3000:]
 
 
 def test_weights_bitwise_identical_on_both_ranks(two_ranks_run):
@@ -124,7 +133,7 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
         check=True)
     assert read_runlog(tmp_path / "tf")[0]["engine"] == "tf"
     bad = run(train_args(records_dir, tmp_path / "bad"), env={"CHEXNET_ENGINE": "mxnet"})
-    assert_one_line_error(bad, "error: --engine: unknown engine 'mxnet'")
+    assert_one_line_error(bad, "error: --engine: 'mxnet' is not one of 'horovod', 'tf'")
 
 
 @pytest.mark.horovod
