@@ -194,12 +194,14 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine)
     assert last["val_n"] == 1 and read_runlog(run_dir)[-1]["status"] == "completed"
 
 
-def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path):
+@pytest.mark.parametrize("model", ["small_cnn", "densenet121"])
+def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path, model):
     """2 workers, stdout not a terminal (a batch job's log): a start line before the start-up
     (input, tracing), then a heartbeat line every --heartbeat seconds of an epoch (0.05 s: a
-    few steps of the small CNN), before the first epoch line."""
-    proc = run(ranks("tf", 2, *train_args(records_dir, tmp_path), "--epochs", "1",
-                     "--steps-per-epoch", "12", "--heartbeat", "0.05", "--verbose", "2"), timeout=300, check=True)
+    few steps of the small CNN), before the first epoch line; DenseNet-121 (at 32 px) too, whose
+    start-up was minutes of silence."""
+    proc = run(ranks("tf", 2, *train_args(records_dir, tmp_path), "--epochs", "1", "--model", model,
+                     "--steps-per-epoch", "12", "--heartbeat", "0.05", "--verbose", "2"), timeout=600, check=True)
     lines = proc.stdout.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("start: 2 rank(s) of the tf engine")]
     beats = [i for i, line in enumerate(lines) if re.match(r"epoch 1: step \d+/12, [\d.]+ img/s, loss", line)]
