@@ -46,3 +46,21 @@ def test_check_at_its_default_batch_on_four_ranks():
     assert any(line.startswith("[WARN] 4 ranks of the") for line in verdicts), proc.stdout
     assert any(re.match(r"\[PASS\] small_cnn 32 px fp32, batch 32 per CPU rank: [\d.]+ img/s", line)
                for line in verdicts), proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_placement_verdict_is_printed_when_every_timing_run_fails(monkeypatch, capsys):
+    """A trainer that started (its run log's start says where the ranks ran) and then failed:
+    the placement verdict still comes, before the failure, and the failures are counted. (The
+    trainer's run is stood in for: what is checked is the report's logic.)"""
+    from chexnet_hvd import check
+
+    start = {"world_size": 2, "engine": "tf", "ranks": [{"host": "gpu1", "gpu": 0}, {"host": "gpu1", "gpu": 0}]}
+    monkeypatch.setattr(check, "stack", lambda engine: [])
+    monkeypatch.setattr(check, "synthetic_records", lambda root, size: root)
+    monkeypatch.setattr(check, "time_precision", lambda *args: (start, None, "exit 1: out of memory"))
+    assert check.main(["--ranks", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[FAIL] ranks share or lack a GPU (gpu1: 0,0): start one rank per GPU"
+    assert [line.startswith("[FAIL] densenet121 224 px") and line.endswith("(exit 1: out of memory)")
+            for line in lines[1:3]] == [True, True]
+    assert lines[-1] == "verdict: 3 check(s) failed"

@@ -291,6 +291,18 @@ def test_settings_that_cannot_work_are_refused_in_batch_jobs(cluster, records_di
     assert not (tmp_path / "runs").exists()
 
 
+def test_horovod_under_srun_without_pmix_starts_no_worlds_of_one(cluster, records_dir, tmp_path):
+    """srun --mpi=none starts N processes that MPI does not join: each would be a world of one
+    training alone into one run directory. Open MPI here refuses to start without Slurm's PMI
+    (an MPI that starts anyway meets the trainer's own refusal, tests/test_two_ranks.py): either
+    way the step fails and writes nothing."""
+    proc = run(["srun", "-N1", "-n2", "--mpi=none", ".venv/bin/python", "-m", "chexnet_hvd.train", "--data",
+                str(records_dir), "--run-dir", str(tmp_path / "run"), "--model", "small_cnn", "--engine",
+                "horovod"], timeout=300)
+    assert proc.returncode != 0 and not (tmp_path / "run" / "runlog.jsonl").exists(), proc.stderr[-2000:]
+    assert "PMI" in proc.stdout + proc.stderr or "sees a world of 1" in proc.stderr
+
+
 def test_records_mpi_template_writes_records_on_two_nodes(cluster, synthetic, records_dir, tmp_path):
     out = tmp_path / "records"
     env = {"CSV": synthetic / "Data_Entry_2017.csv", "IMAGES": synthetic / "images", "DATA_DIR": out}
@@ -449,6 +461,9 @@ def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, recor
     assert (end["status"], end["ranks"], end["hosts"]) == ("stalled", [1], ["node2"]), end
     wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 300,
                log_tail(run_dir, "not requeued"))
+    job_log = (run_dir / "job.log").read_text()  # the message a user reads
+    assert re.search(r"error: stalled: .*waiting for rank 1 \(node2\): no heartbeat", job_log), job_log[-3000:]
+    assert "stalled (see the error above); requeueing once" in job_log
     run(["scancel", job])
 
 

@@ -136,14 +136,18 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
     assert_one_line_error(bad, "error: --engine: 'mxnet' is not one of 'horovod', 'tf'")
 
 
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none"]
+
+
 @pytest.mark.horovod
 @pytest.mark.parametrize("launcher,engine,started_by", [
-    ("tf", "horovod", "chexnet_hvd.launch or TF_CONFIG"), ("horovod", "tf", "horovodrun")])
+    ("tf", "horovod", "chexnet_hvd.launch or TF_CONFIG"), ("horovod", "tf", "horovodrun"), ("mpirun", "tf", "mpirun")])
 def test_an_engine_refuses_the_other_engines_launcher(records_dir, tmp_path, launcher, engine, started_by):
     """Each rank of the other engine's launcher would see a world of one and train alone: N
     copies of the run writing one run directory. Refused, on every rank, before anything is
-    written (horovodrun may end the other rank before it prints: one line or two, the same)."""
-    proc = run([*launcher_of(launcher, 2), *train_args(records_dir, tmp_path), "--engine", engine], timeout=300)
+    written (a launcher may end the other rank before it prints: one line or two, the same)."""
+    start = MPIRUN if launcher == "mpirun" else launcher_of(launcher, 2)
+    proc = run([*start, *train_args(records_dir, tmp_path), "--engine", engine], timeout=300)
     errors = [line.split("error: ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
               if "error: --engine:" in line]
     assert proc.returncode != 0 and len(errors) in (1, 2) and len(set(errors)) == 1, proc.stderr[-2000:]
@@ -163,8 +167,7 @@ def test_the_tf_engines_launcher_makes_its_workers_default_to_it(records_dir, tm
 def test_mpirun_two_ranks(records_dir, tmp_path):
     run_dir = tmp_path / "mpi"
     # Open MPI busy-polls; yielding when idle keeps 2 ranks on 2 cores from starving each other.
-    run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--mca", "mpi_yield_when_idle", "1",
-         "--bind-to", "none", *train_args(records_dir, run_dir)], timeout=300, check=True)
+    run([*MPIRUN, "--mca", "mpi_yield_when_idle", "1", *train_args(records_dir, run_dir)], timeout=300, check=True)
     assert_ranks_identical(run_dir)
     start = read_runlog(run_dir)[0]
     assert (start["world_size"], start["backend"]) == (2, "mpi")
