@@ -30,16 +30,18 @@ from chexnet_hvd.engine import (
 RENDEZVOUS_SECONDS = 300  # how long a worker waits for the others' addresses
 
 
-def own_port() -> int:
+def own_port() -> tuple[int, socket.socket | None]:
     """The port this worker will listen on: CHEXNET_TF_PORT + its rank (a range the cluster's
-    firewall opens), else one of the ports Slurm reserved for the step on this node (srun
-    --resv-ports), else one the kernel finds free now."""
+    firewall opens), else the one Slurm reserved for this task of the step on this node (srun
+    --resv-ports), else one the kernel finds free now; with the last, the socket that holds it
+    (bound, so no other process is given it) until the caller closes it, just before the
+    worker's own server takes the port."""
     if os.environ.get("CHEXNET_TF_PORT"):
         base = os.environ["CHEXNET_TF_PORT"]
         port = int(base) + int(os.environ.get("SLURM_PROCID", "0")) if base.isdigit() else -1
         if not 0 < port < 65536:
             raise InputError("CHEXNET_TF_PORT", f"{base!r} plus the worker's rank is not a port number")
-        return port
+        return port, None
     reserved = os.environ.get("SLURM_STEP_RESV_PORTS", "")
     if reserved:
         from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
@@ -47,16 +49,21 @@ def own_port() -> int:
         )
 
         ports = [int(p) for p in expand_hostlist(f"p[{reserved}]") if p[1:].isdigit() for p in [p[1:]]]
-        return ports[int(os.environ.get("SLURM_LOCALID", "0")) % len(ports)]
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+        local = int(os.environ.get("SLURM_LOCALID", "0"))
+        if local >= len(ports):  # two workers on one port: the second fails, or worse
+            raise InputError("SLURM_STEP_RESV_PORTS", f"{reserved}: {len(ports)} port(s) reserved on this "
+                             f"node for task {local} and the ones before it: give srun --resv-ports "
+                             "one port per task (its default), or leave it out")
+        return ports[local], None
+    holder = socket.socket()
+    holder.bind(("", 0))
+    return holder.getsockname()[1], holder
 
 
 def rendezvous(folder: Path, me: int, count: int, address: str, wait: float = RENDEZVOUS_SECONDS) -> list[str]:
     """Every worker's address, in rank order: each writes its own into `folder` (a directory
-    every node sees) and reads the others'. Ports are chosen by each worker on its own node,
-    so no formula can make two jobs sharing a node collide."""
+    every node sees) and reads the others'. Ports are chosen by each worker on its own node
+    (`own_port`), not by a formula two jobs sharing a node could both compute."""
     folder.mkdir(parents=True, exist_ok=True)
     mine = folder / f"{me}.tmp{os.getpid()}"
     mine.write_text(address)
@@ -135,7 +142,12 @@ def tf_cluster(shared: Path | None = None) -> Cluster:
         step = "{}.{}.{}".format(*(os.environ.get(v, "0") for v in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT",
                                                                     "SLURM_STEP_ID")))
         shared = shared or Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / ".chexnet-rendezvous"
-        return rendezvous(shared / step, me, len(hosts), f"{hosts[me]}:{own_port()}"), me
+        port, holder = own_port()
+        try:
+            return rendezvous(shared / step, me, len(hosts), f"{hosts[me]}:{port}"), me
+        finally:  # the server takes the port next (a held port is no other process's meanwhile)
+            if holder:
+                holder.close()
     return [], 0
 
 

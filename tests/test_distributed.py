@@ -41,14 +41,22 @@ def test_a_tf_worker_finds_its_place_among_the_workers_on_its_host():
 def test_a_tf_worker_listens_on_a_free_port_a_reserved_one_or_the_range_it_is_given(monkeypatch):
     for var in ("CHEXNET_TF_PORT", "SLURM_STEP_RESV_PORTS", "SLURM_PROCID", "SLURM_LOCALID"):
         monkeypatch.delenv(var, raising=False)
-    with socket.socket() as s:
-        s.bind(("", own_port()))  # free now
+    port, holder = own_port()
+    with socket.socket() as s:  # held: no other process is given it
+        with pytest.raises(OSError):
+            s.bind(("", port))
+    holder.close()
+    with socket.socket() as s:  # released: free for the worker's server
+        s.bind(("", port))
     monkeypatch.setenv("SLURM_STEP_RESV_PORTS", "12000-12001,12005")  # srun --resv-ports
     monkeypatch.setenv("SLURM_LOCALID", "2")
-    assert own_port() == 12005
+    assert own_port() == (12005, None)
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # fewer reserved than tasks: never two on one port
+    with pytest.raises(InputError, match="3 port.s. reserved on this node for task 3"):
+        own_port()
     monkeypatch.setenv("CHEXNET_TF_PORT", "31000")  # a range a firewall opens: base + rank
     monkeypatch.setenv("SLURM_PROCID", "3")
-    assert own_port() == 31003
+    assert own_port() == (31003, None)
     for bad in ("3l000", "70000"):
         monkeypatch.setenv("CHEXNET_TF_PORT", bad)
         with pytest.raises(InputError, match=f"CHEXNET_TF_PORT: '{bad}' plus the worker's rank"):
