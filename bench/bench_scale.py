@@ -14,8 +14,8 @@ the 112,120 images, whole patients; validation carved from the rest by patient),
   end, with the peak RSS of its main process and of its largest worker process (records of one
   size, as the README's NIH commands write them, so the pipeline below is the one that ships
   uint8 batches to the model's graph);
-- table and manifest: the listing, split and leak guard (`metadata.load`), the file check and
-  shard plan, and `records.writer.build_manifest` over the written shards' sidecars;
+- table and manifest: the listing, split and leak guard (`sources.load`), the file check and
+  shard plan, and `records.manifest.build_manifest` over the written shards' sidecars;
 - input pipeline at 16 ranks: `data.train_dataset(..., rank=r, world_size=16)` for ranks 0 and
   15, each in a fresh process: seconds to the first batch (TensorFlow imported and started
   first, as in the trainer), then the steady rate per rank in images per CPU-second and per
@@ -94,21 +94,21 @@ def table_config(folder: Path, records_dir: Path):
 def stage_table(folder: str, records_dir: str) -> dict:
     """The listing (CSV, labels, official split, leak guard), file check and shard plan, and the
     manifest from the written shards' sidecars: what `records` does besides converting images."""
-    from chexnet_hvd import metadata
-    from chexnet_hvd.records import writer
+    from chexnet_hvd import sources
+    from chexnet_hvd.records import manifest, writer
 
     cfg = table_config(Path(folder), Path(records_dir))
     t0 = time.perf_counter()
-    listing = metadata.load(cfg)
+    listing = sources.load(cfg)
     t1 = time.perf_counter()
     present = writer.existing(listing.table["path"])
     jobs = writer.plan_shards(listing.table[present], cfg.shard_size, cfg.image_size, cfg.seed)
     t2 = time.perf_counter()
     results = [json.loads((Path(records_dir) / job.file).with_suffix(".json").read_text()) for job in jobs]
     t3 = time.perf_counter()
-    manifest = writer.build_manifest(listing, results, present, cfg)
+    built = manifest.build_manifest(listing, results, present, cfg)
     t4 = time.perf_counter()
-    assert sum(s["count"] for s in manifest["splits"].values()) == len(listing.table)
+    assert sum(s["count"] for s in built["splits"].values()) == len(listing.table)
     return {"listing_seconds": t1 - t0, "plan_seconds": t2 - t1, "manifest_seconds": t4 - t3,
             "seconds": (t2 - t0) + (t4 - t3), "shards": len(jobs)}
 
@@ -217,9 +217,9 @@ def write_16_rank_log(run_dir: Path, real: dict, train_images: int) -> int:
 # ---------------------------------------------------------------- one size -------------------
 def test_arrays(folder: Path, records_dir: Path, out: Path) -> None:
     """The test split's labels, masks and patients (what evaluate gathers), as an .npz."""
-    from chexnet_hvd import metadata
+    from chexnet_hvd import metadata, sources
 
-    table = metadata.load(table_config(folder, records_dir)).table
+    table = sources.load(table_config(folder, records_dir)).table
     test = table[table["split"] == "test"]
     names = metadata.class_names(test)
     np.savez(out, label=test[metadata.label_columns(names)].to_numpy(np.float32),

@@ -1,6 +1,7 @@
 """Patient-level splits of an image table into train, val and test: seeded random fractions of
 patients, NIH's official lists, CheXpert's official validation set, and the leak guard that
-refuses a patient in two splits. Pure functions over `chexnet_hvd.metadata` tables."""
+refuses a patient in two splits. Pure functions over `chexnet_hvd.metadata` tables
+(chexnet_hvd.sources applies them)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from conftest import SHARED, assert_one_line_error, module
 from PIL import Image
 from test_images import gray, write_dicom
 
-from chexnet_hvd import data, labels, metadata, records
+from chexnet_hvd import data, labels, records, sources
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.runlog import read_runlog
 
@@ -71,18 +71,18 @@ def test_two_csvs_of_one_hospital_share_patients_and_duplicates_are_refused(tmp_
     one split; the same file in both is an error."""
     (tmp_path / "a.csv").write_text("path,patient,Edema\n" + "".join(f"a{i}.png,H{i},1\n" for i in range(20)))
     (tmp_path / "b.csv").write_text("path,patient,Edema\n" + "".join(f"b{i}.png,H{i},0\n" for i in range(5, 30)))
-    cfg = metadata.TableConfig(dataset=["csv"], csv=[str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+    cfg = sources.TableConfig(dataset=["csv"], csv=[str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
                                images=[str(tmp_path)])
-    table = metadata.load_table(cfg)
+    table = sources.load_table(cfg)
     assert table["patient"].nunique() == 30 and table.groupby("patient")["split"].nunique().max() == 1
     assert set(table["source"]) == {"csv-1", "csv-2"} and table["image"].str.startswith(("csv-1/", "csv-2/")).all()
     (tmp_path / "a.csv").write_text("path,patient,split,Edema\na0.png,H0,train,1\n")
     (tmp_path / "b.csv").write_text("path,patient,split,Edema\nb0.png,H0,test,1\n")
     with pytest.raises(InputError, match="1 patients are in more than one split"):
-        metadata.load_table(dataclasses.replace(cfg, split="official"))
+        sources.load_table(dataclasses.replace(cfg, split="official"))
     (tmp_path / "b.csv").write_text("path,patient,split,Edema\na0.png,H0,train,1\n")
     with pytest.raises(InputError, match="a0.png: listed by two sources"):
-        metadata.load_table(dataclasses.replace(cfg, split="official"))
+        sources.load_table(dataclasses.replace(cfg, split="official"))
     # names are compared blind to case, spaces and underscores
     assert [labels.canonical(n) for n in ("pleural thickening", "PLEURAL_EFFUSION", " lung  opacity")] == \
         ["Pleural_Thickening", "Effusion", "Lung Opacity"]
@@ -123,7 +123,7 @@ def test_every_duplicate_and_every_unknown_label_is_named_in_one_error(tmp_path)
     findings: one error names the first few (with their rows) and says how many there are."""
     def load(text, dataset="csv"):
         (tmp_path / "x.csv").write_text(text)
-        return metadata.load_table(metadata.TableConfig(csv=str(tmp_path / "x.csv"), dataset=[dataset]))
+        return sources.load_table(sources.TableConfig(csv=str(tmp_path / "x.csv"), dataset=[dataset]))
 
     rows = [f"img{i}.png,p{i},0" for i in range(10)] + [f"img{i}.png,p{i},1" for i in range(7)]
     with pytest.raises(InputError) as err:

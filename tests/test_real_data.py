@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, SHARED, VENV_BIN, module, run
 from PIL import Image
 
-from chexnet_hvd import data, metadata, records, splits
+from chexnet_hvd import data, metadata, records, sources, splits
 from chexnet_hvd.labels import PATHOLOGIES
 from chexnet_hvd.records import writer
 
@@ -30,14 +30,14 @@ needs_images = pytest.mark.skipif(not NIH_IMAGES.is_dir(), reason="no real NIH i
 needs_chexpert = pytest.mark.skipif(not (CHEXPERT / "valid.csv").is_file(), reason="no CheXpert CSVs")
 
 
-def nih_config(csv, **kwargs) -> metadata.TableConfig:
-    return metadata.TableConfig(csv=str(csv), images=str(NIH_IMAGES), **kwargs)
+def nih_config(csv, **kwargs) -> sources.TableConfig:
+    return sources.TableConfig(csv=str(csv), images=str(NIH_IMAGES), **kwargs)
 
 
 @needs_nih
 @pytest.mark.parametrize("csv", ["Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"])
 def test_official_split_of_the_real_metadata(csv):
-    table = metadata.load_table(nih_config(NIH / csv, split="official", seed=3))
+    table = sources.load_table(nih_config(NIH / csv, split="official", seed=3))
     counts = table["split"].value_counts()
     assert len(table) == 112_120
     assert counts["train"] + counts["val"] == 86_524 and counts["test"] == 25_596
@@ -187,8 +187,8 @@ def test_a_failing_writer_rank_ends_the_mpi_job_at_once(synthetic, tmp_path):
     a permission would stop it): its one-line error, then the whole job ends, rank 0 included,
     in seconds and with a non-zero exit code; no manifest says the directory is complete. (Before,
     rank 1 waited in MPI_Finalize and rank 0 in gather until the job's time limit.)"""
-    cfg = metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"), images=str(synthetic / "images"))
-    jobs = writer.plan_shards(metadata.load_table(cfg), 50, None, cfg.seed)
+    cfg = sources.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"), images=str(synthetic / "images"))
+    jobs = writer.plan_shards(sources.load_table(cfg), 50, None, cfg.seed)
     out = tmp_path / "mpi"
     (out / jobs[1].file).mkdir(parents=True)  # jobs[1::2] are rank 1's
     command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none",

@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import SHARED, Crash, assert_one_line_error, crash_at, module, small_disk
 from PIL import Image
 
-from chexnet_hvd import data, metadata, records, sharding
+from chexnet_hvd import data, metadata, records, sharding, sources
 from chexnet_hvd.images import read_grayscale
 from chexnet_hvd.labels import CHEXPERT_COMPETITION
 from chexnet_hvd.records import writer
@@ -134,7 +134,7 @@ def test_a_kill_at_any_commit_step_never_leaves_a_stale_shard_in_use(synthetic, 
     """A shard written with one labelling, then a re-run with another killed at a step of its
     commit, then the re-run done: the shard holds the new labels. (The old order renamed the
     sidecar first: a kill before the shard's rename left the old shard vouched for as new.)"""
-    table = metadata.load_table(metadata.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"),
+    table = sources.load_table(sources.TableConfig(csv=str(synthetic / "Data_Entry_2017.csv"),
                                                      images=str(synthetic / "images")))
     job = writer.plan_shards(table, 1000, None, seed=0)[0]
     flipped = writer.ShardJob(job.split, job.file, [(i, p, pt, [1 - v for v in lab], m, src)

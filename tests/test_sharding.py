@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from chexnet_hvd import metadata, sharding
+from chexnet_hvd import sharding, sources
 from chexnet_hvd.records import writer
 
 NIH = SHARED / "data" / "real" / "nih"
@@ -18,7 +18,7 @@ NIH = SHARED / "data" / "real" / "nih"
 def nih_train_counts() -> list[int]:
     if not (NIH / "Data_Entry_2017_v2020.csv").is_file():
         pytest.skip("no real NIH metadata")
-    table = metadata.load_table(metadata.TableConfig(
+    table = sources.load_table(sources.TableConfig(
         csv=str(NIH / "Data_Entry_2017_v2020.csv"), images=str(NIH), split="official"))
     jobs = writer.plan_shards(table[table["split"] == "train"], 1024, None, seed=0)
     return [len(job.rows) for job in jobs]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a clone without install
 
-from chexnet_hvd import cli, metadata  # noqa: E402
+from chexnet_hvd import cli, sources  # noqa: E402
 
 
 @dataclasses.dataclass(kw_only=True)
-class StatsConfig(metadata.TableConfig):
+class StatsConfig(sources.TableConfig):
     out: str = cli.field("", help="also write the table to OUT.md and OUT.csv")
 
 
@@ -33,7 +33,7 @@ def render(stats) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(StatsConfig, __doc__, argv, prog="python tools/dataset_stats.py")
-    stats = metadata.prevalence(metadata.load_table(cfg))
+    stats = sources.prevalence(sources.load_table(cfg))
     text = render(stats)
     print(text)
     if cfg.out:

@@ -3,7 +3,7 @@
 
 `python -m chexnet_hvd.records --dataset nih --csv CSV --images DIR --out DIR` converts every image
 (PNG, JPEG or DICOM) listed in the CSV, or in each of several sources' CSVs merged into one set
-(chexnet_hvd.metadata), to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels
+(chexnet_hvd.sources), to 8-bit grayscale (PNG bytes, or with --encoding uint8 the raw pixels
 of a fixed size) in sharded `<split>-NNNNN-of-NNNNN.tfrecord` files. Each shard is written under a
 temporary name and renamed when complete, then a sidecar JSON holding its key and counts; a
 re-run reuses a shard only when its key (everything its bytes depend on) is unchanged. Shards are
@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,16 +34,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from chexnet_hvd import cli, images, metadata, splits
+from chexnet_hvd import cli, images, metadata, sources, splits
 from chexnet_hvd.records import (
     MANIFEST,
     MISSING,
-    RAW_ENCODING,
     REJECTS,
     SCHEMA_VERSION,
     serialize_example,
     write_errors,
 )
+from chexnet_hvd.records.manifest import build_manifest, one_sided_warnings
 
 T = TypeVar("T")
 
@@ -238,83 +237,6 @@ def mpi_comm():
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 
-def build_manifest(listing: metadata.Listing, results: list[dict], present: np.ndarray,
-                   cfg: RecordsConfig) -> dict:
-    """Counts per split, positives per class, shards, class weights; reconciles with the table
-    (`present`: which of its rows' files exist)."""
-    table = listing.table
-    names = metadata.class_names(table)
-    unreadable = table["image"].isin({r[0] for res in results for r in res["rejects"]}).to_numpy()
-    written_rows = present & ~unreadable
-    per_split: dict[str, Any] = {}
-    for split in splits.SPLITS:
-        mine = [r for r in results if r["split"] == split]
-        listed = int((table["split"] == split).sum())
-        if not listed:
-            continue
-        written = sum(r["count"] for r in mine)
-        rejected = sum(len(r["rejects"]) for r in mine)
-        missing = int(((table["split"] == split).to_numpy() & ~present).sum())
-        if written + rejected + missing != listed:  # cannot happen unless the writer is broken
-            raise RuntimeError(f"{split}: written {written} + rejected {rejected} + missing "
-                               f"{missing} != listed {listed}")
-        positives = np.sum([r["positives"] for r in mine] or [[0] * len(names)], axis=0)
-        negatives = np.sum([r["negatives"] for r in mine] or [[0] * len(names)], axis=0)
-        per_split[split] = {
-            "count": written, "rejected": rejected, "missing": missing, "listed": listed,
-            # the patients of the written records (not of the missing or unreadable images)
-            "patients": int(table.loc[(table["split"] == split).to_numpy() & written_rows, "patient"].nunique()),
-            "positives": dict(zip(names, positives.tolist(), strict=True)),
-            "negatives": dict(zip(names, negatives.tolist(), strict=True)),
-            # AUROC is undefined for these classes on this split (and they teach nothing in train)
-            "no_positives": [n for n, p in zip(names, positives, strict=True) if p == 0],
-            "no_negatives": [n for n, q in zip(names, negatives, strict=True) if q == 0],
-            # key: what the shard was written from, rows in order (ShardJob.key): a resume checks it
-            "shards": [{"file": r["file"], "count": r["count"], "bytes": r["bytes"], "key": r["key"]} for r in mine],
-        }
-    none = dict.fromkeys(names, 0)
-    train = per_split.get("train", {"positives": none, "negatives": none})
-    pos = np.array([train["positives"][n] for n in names], dtype=np.float64)
-    neg = np.array([train["negatives"][n] for n in names], dtype=np.float64)
-    sources = metadata.sources(cfg)
-    bits: dict[str, int] = {}
-    for r in results:
-        for depth, n in r["source_bits"].items():
-            bits[depth] = bits.get(depth, 0) + n
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": "+".join(d for _, d, _, _ in sources),
-        # Each source's CSV (and its hash: relabelled rows show) and its share of the table.
-        "sources": [{"name": name, "dataset": dataset, "csv": str(csv),
-                     "csv_sha256": metadata.file_sha256(csv), "images": str(folder),
-                     "listed": int((table["source"] == name).sum()),
-                     "dropped_by_views": listing.dropped_by_views[name]}
-                    for name, dataset, csv, folder in sources],
-        "labels": {"observations": cfg.observations, "uncertainty": cfg.uncertainty,
-                   "views": cfg.views, "label_map": list(cfg.label_map)},
-        # Rows of the CSVs --views left out: not listed, not counted anywhere else.
-        "dropped_by_views": sum(listing.dropped_by_views.values()),
-        "classes": list(names),
-        "num_classes": len(names),
-        "image_size": cfg.image_size,  # null: stored at the source resolution
-        "channels": 1,
-        "encoding": RAW_ENCODING if cfg.format == "raw" else cfg.encoding,
-        "split_method": cfg.split,
-        "split_fractions": list(cfg.fractions),
-        "seed": cfg.seed,
-        "shard_size": cfg.shard_size,
-        "splits": per_split,
-        # Images per bit depth of the source grey levels; 16-bit sources are scaled to 8 bits
-        # by their real range (images.to_8bit), so 12-bit data is not left nearly black.
-        "source_bit_depths": bits,
-        # CheXNet's weighted BCE: a positive of class c weighs neg_c / pos_c (Rajpurkar et al.
-        # 2017), both counted over the labelled (unmasked) entries only.
-        "pos_weight": dict(zip(names, np.where(pos > 0, neg / np.maximum(pos, 1), 1.0).round(6).tolist(),
-                               strict=True)),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def write_shards(cfg: RecordsConfig, table: pd.DataFrame, comm) -> tuple[list[dict] | None, np.ndarray]:
     """This rank's share of the shards (every size-th of one plan). Returns every rank's results
     on rank 0 (None elsewhere) and which of the table's files exist."""
@@ -365,7 +287,7 @@ def ending_the_job_on_failure(comm: Any, work: Callable[[], T]) -> T:
 
 
 @dataclasses.dataclass(kw_only=True)
-class RecordsConfig(metadata.TableConfig):
+class RecordsConfig(sources.TableConfig):
     out: str = cli.field(help="output records directory")
     format: str = cli.field("tfrecord", help="tfrecord: convert to sharded TFRecords; raw: no "
                             "conversion, a per-split CSV index of the image files for the "
@@ -397,7 +319,7 @@ def write_records(cfg: RecordsConfig) -> dict:
     if cfg.format == "raw" and cfg.image_size:
         raise cli.InputError("--image-size", "resizing offline needs --format tfrecord (the raw "
                              "pipeline resizes while training)")
-    listing = metadata.load(cfg)
+    listing = sources.load(cfg)
     table = listing.table
     if cfg.format == "raw" and table["path"].map(images.is_dicom_name).any():
         raise cli.InputError(table["path"][table["path"].map(images.is_dicom_name)].iloc[0],
@@ -431,20 +353,6 @@ def write_records(cfg: RecordsConfig) -> dict:
         tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     return manifest
-
-
-def one_sided_warnings(manifest: dict) -> list[str]:
-    """A line per scored split (val, test) with classes whose AUROC it cannot define: no
-    positives, or no negatives, among its written records."""
-    lines = []
-    for split in ("val", "test"):
-        info = manifest["splits"].get(split)
-        if info and (info["no_positives"] or info["no_negatives"]):
-            parts = [f"no {kind} for {', '.join(info[f'no_{kind}'])}"
-                     for kind in ("positives", "negatives") if info[f"no_{kind}"]]
-            lines.append(f"warning: {split} split: {'; '.join(parts)}: AUROC undefined for these "
-                         f"classes (more patients in the split, or another --seed or --fractions)")
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
