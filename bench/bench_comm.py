@@ -48,12 +48,15 @@ from chexnet_hvd.runlog import read_runlog  # noqa: E402
 NODES = [f"node{i}" for i in range(1, 5)]
 SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 / fp32
 # (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
-SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1)]
+SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1),
+         ("gloo", 2, 1), ("gloo", 4, 1), ("gloo", 4, 2)]
+BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
 # NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
 TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("horovod", 4, 4, ()),
          ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
-         ("tf", 2, 1, ()), ("tf", 4, 1, ()),
+         ("tf", 2, 1, ()), ("tf", 4, 1, ()), ("tf", 4, 2, ()), ("tf", 4, 4, ()),
+         ("gloo", 2, 1, ()), ("gloo", 4, 1, ()), ("gloo", 4, 2, ()),
          *[(engine, nodes, 1, ("--model", "resnet50")) for engine, nodes in (("horovod", 2), ("horovod", 4), ("tf", 4))],
          ("horovod", 4, 1, ("--model", "resnet50", f"HOROVOD_FUSION_THRESHOLD={128 << 20}"))]
 # (engine, nodes, ranks per node, extra trainer flags) run once more with Horovod's timeline: what of
@@ -84,13 +87,40 @@ def shaped(rate: str):
                 subprocess.run([*script, "link", node, "rate", "unlimited"], check=False)
 
 
+@contextlib.contextmanager
+def gloo_rendezvous(nodes: int, per_node: int):
+    """Horovod's Gloo rendezvous server on this machine's bridge address for node1..node`nodes`,
+    `per_node` ranks each (what horovodrun --gloo serves); yields the ranks' environment."""
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.http.http_server import RendezvousServer
+
+    server = RendezvousServer()
+    port = server.start()
+    server.init(get_host_assignments(parse_hosts(",".join(f"{n}:{per_node}" for n in NODES[:nodes])),
+                                     nodes * per_node))
+    try:
+        yield {"HOROVOD_GLOO_RENDEZVOUS_ADDR": BRIDGE_ADDRESS, "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+               "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "eth0"}
+    finally:
+        server.stop()
+
+
+def engine_flag(engine: str) -> str:
+    """The suite's --engine for a measured engine ("gloo": Horovod over Gloo)."""
+    return "horovod" if engine == "gloo" else engine
+
+
 def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, timeout: float = 1200,
          extra_env: dict | None = None) -> str:
-    """`cmd` once per rank on node1..node`nodes`, `per_node` ranks each; its stdout."""
+    """`cmd` (python and its arguments) once per rank on node1..node`nodes`, `per_node` ranks
+    each, under Horovod over MPI ("horovod"), over Gloo ("gloo") or the tf engine; its stdout."""
     launch = ["srun", f"--mpi={'pmix' if engine == 'horovod' else 'none'}", f"-N{nodes}",
               f"--ntasks-per-node={per_node}", "-w", ",".join(NODES[:nodes]), "--kill-on-bad-exit=1"]
-    proc = subprocess.run([*launch, *cmd], cwd=cwd, env=env() | (extra_env or {}), capture_output=True, text=True,
-                          timeout=timeout)
+    if engine == "gloo":  # each rank told its place as horovodrun --gloo would
+        cmd = [cmd[0], str(ROOT / "bench" / "gloo_rank.py"), *cmd[1:]]
+    with gloo_rendezvous(nodes, per_node) if engine == "gloo" else contextlib.nullcontext({}) as gloo:
+        proc = subprocess.run([*launch, *cmd], cwd=cwd, env=env() | gloo | (extra_env or {}), capture_output=True,
+                              text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(launch)} {cmd[:4]}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -98,7 +128,7 @@ def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, time
 
 def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int) -> list[dict]:
     """The allreduce times of every size on one layout."""
-    out = srun(engine, nodes, per_node, [PY, str(ROOT / "bench" / "comm_worker.py"), "--engine", engine,
+    out = srun(engine, nodes, per_node, [PY, str(ROOT / "bench" / "comm_worker.py"), "--engine", engine_flag(engine),
                                          "--sizes", ",".join(map(str, SIZES)), "--repeats", str(repeats)], tmp)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return [r | {"engine": engine, "nodes": nodes, "per_node": per_node} for r in rows]
@@ -200,7 +230,7 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
     cmd = [PY, "-m", "chexnet_hvd.train", "--data", str(data), "--run-dir", str(run_dir), "--model", "densenet121",
            "--image-size", "32", "--batch-size", str(args.batch), "--epochs", "2", "--steps-per-epoch",
            str(WARMUP + timed), "--timing-warmup-steps", str(WARMUP), "--synthetic-input", "--threads", "1",
-           "--verbose", "0", "--engine", engine, *flags]
+           "--verbose", "0", "--engine", engine_flag(engine), *flags]
     trace = run_dir.with_name(run_dir.name + "-timeline.json")
     srun(engine, nodes, per_node, cmd, tmp, extra_env=knobs | ({"HOROVOD_TIMELINE": str(trace)} if timeline else {}))
     log = read_runlog(run_dir)
@@ -247,8 +277,8 @@ def main() -> None:
     ap.add_argument("--timeline-only", action="store_true",
                     help="only the runs traced with Horovod's timeline, beside the sweep and trainer runs in --out")
     ap.add_argument("--missing-only", action="store_true",
-                    help="only the trainer and traced runs that --out lacks (a run cut short, configurations added "
-                         "since), beside the sweep and runs it has")
+                    help="only the sweep layouts, trainer and traced runs that --out lacks (a run cut short, "
+                         "configurations added since), beside the sweep and runs it has")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
@@ -284,12 +314,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
         began = time.time()  # measured from here: waiting for the locks is not the benchmark's
         tmp = Path(tmp)
-        for engine, nodes, per_node in [] if args.train_only or args.timeline_only or args.missing_only else SWEEP:
+        measured = {(r["engine"], r["nodes"], r["per_node"]) for r in rows}
+        for engine, nodes, per_node in ([] if args.train_only or args.timeline_only else
+                                        [s for s in SWEEP if s not in measured] if args.missing_only else SWEEP):
             try:
                 rows += sweep(engine, nodes, per_node, tmp, args.repeats)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
                 failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "error": str(err)[-1500:]})
             print(f"sweep {engine} {nodes}x{per_node}: done ({time.time() - began:.0f} s)", flush=True)
+            if args.missing_only:  # measured today, beside the kept sweep's date
+                sweep_date = f"{sweep_date.split('; ')[0]}; added layouts: {today()}"
             save()
         nets = {engine: fitted(rows, engine) for engine in sorted({r["engine"] for r in rows})}
         rows = predict_sweep(rows, nets)

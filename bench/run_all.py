@@ -28,7 +28,7 @@ DOCS = ROOT / "docs"
 PAGE_DIR = DOCS  # where the JSON results, figures and the page are: docs/, or --quick's scratch folder
 # Each benchmark with the flags of a smoke run (--quick): the same code paths, small sizes.
 BENCHMARKS = {
-    "bench_train.py": ["--steps", "3", "--small-steps", "20", "--warmup", "1", "--repeats", "1"],
+    "bench_train.py": ["--steps", "3", "--small-steps", "20", "--warmup", "1", "--repeats", "1", "--dense-repeats", "1"],
     "bench_data.py": ["--copies", "1", "--repeats", "1", "--cpu-seconds", "1"],
     "bench_scaling.py": ["--image-size", "64", "--steps", "3", "--epochs", "2"],
     "bench_comm.py": ["--repeats", "1", "--steps", "4"],
@@ -86,13 +86,17 @@ def section_trainer(r: dict) -> list[str]:
     return lines + [
         f"## Trainer throughput ({r['model']}, {r['image_size']} px, batch {r['batch']}, 1 rank)", "",
         f"Machine: {r['machine']}, {r['date']}; "
-        f"{r['steps']} timed steps each, warm-up steps left out.", "",
+        f"{r['steps']} timed steps each, warm-up steps left out"
+        + (f"; medians of {r['repeats']} rounds, trainer and bare loop alternating" if r.get("repeats") else "")
+        + ".", "",
         "| configuration | images/s |", "|---|---:|",
         f"| trainer, uint8 records, fp32 | {r['trainer_fp32']:.2f} |",
         *([f"| trainer, uint8 records, mixed_bfloat16 | {r['trainer_mixed_bfloat16']:.2f} |"]
           if "trainer_mixed_bfloat16" in r else []),
         f"| bare Horovod loop, in-memory uint8 batch, fp32 | {r['bare_loop_fp32']:.2f} |", "",
-        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.98)}",
+        f"- trainer / bare loop: {verdict(r['trainer_over_bare'], 0.98)}"
+        + (f"; the rounds' ratios {r['trainer_over_bare_range'][0]:.2f} to {r['trainer_over_bare_range'][1]:.2f}"
+           if "trainer_over_bare_range" in r else "; one round: a difference this small is not resolved"),
         (f"- mixed_bfloat16 / fp32: {r['bf16_over_fp32']:.2f} (no goal; measure it on your CPU "
          "before choosing)" if "bf16_over_fp32" in r else
          "- mixed_bfloat16: not measured, this CPU has no bf16 instructions (emulated, bf16 "
@@ -265,6 +269,11 @@ def comm_notes(r: dict) -> list[str]:
             "fit is already low at 4 x 1. Small messages (32 kB, 1 MB) on several ranks per "
             "node follow the flat ring's latency (2 (N-1) steps), large ones the hierarchical "
             "bandwidth.")
+    notes.append(
+        "- Not measured: Horovod's HOROVOD_HIERARCHICAL_ALLREDUCE. Its hierarchical allreduce is "
+        "NCCL's (NCCLHierarchicalAllreduce, GPUs only); on CPUs the collective is Open MPI's or "
+        "Gloo's own, and Open MPI's already behaves hierarchically on large messages (above). "
+        "`tools/scaling_report.py --project` models NVLink-within-a-node layouts hierarchically.")
     return notes + fusion_note(r)
 
 
@@ -386,7 +395,9 @@ def section_comm(r: dict) -> list[str]:
         f"Machine: {r['machine']}, {r['date']}"
         + (f" (the allreduce sweep and fit: {r['sweep_date']})" if r.get("sweep_date", r["date"]) != r["date"] else "")
         + f"; `bench/bench_comm.py`. Every node's link of the Slurm rehearsal shaped to {r['rate']} ({r['link_gbs'] * 1e3:.0f} MB/s) "
-        "both ways (tc tbf); Horovod over MPI (srun --mpi=pmix) and the tf engine's ring (srun), "
+        "both ways (tc tbf); Horovod over MPI (`horovod`: srun --mpi=pmix), Horovod over Gloo "
+        "(`gloo`: srun --mpi=none, each rank told its place as horovodrun --gloo would, "
+        "bench/gloo_rank.py) and the tf engine's ring (`tf`: srun), "
         "ranks in blocks over node1..node4. Ranks on one node share memory and loopback "
         "(unshaped, taken as free): predicted both as one flat ring over all ranks paced by the "
         "links (`projection.Network(hierarchical=False)`) and hierarchically (a ring across the "
