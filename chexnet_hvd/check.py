@@ -37,9 +37,7 @@ class CheckConfig:
     precisions: list[str] = cli.field(["fp32", "mixed_float16"], help="precisions to time")
     ranks: int = cli.field(0, help="ranks to start; 0: one per visible GPU, 2 without GPUs",
                            minimum=0)
-    engine: str = cli.field(distributed.DEFAULT_ENGINE, choices=list(distributed.ENGINES),
-                            help="the distribution engine to check (default: $CHEXNET_ENGINE, else horovod where it "
-                            "is installed, else tf)")
+    engine: str = distributed.engine_field("the distribution engine to check")
 
 
 def line(verdict: str, text: str) -> str:

@@ -190,7 +190,7 @@ def build_parser(config_cls: type, description: str, positional: Sequence[str] =
 def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | None = None,
                  positional: Sequence[str] = (), prog: str | None = None) -> T:
     """Parse argv (and the --config file it names) into an instance of `config_cls` (unknown
-    flags are usage errors, exit 2), every numeric field within its range (`check_values`)."""
+    flags are usage errors, exit 2), every field within its range and choices (`check_values`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = settings_file(argv)
     parser = build_parser(config_cls, description, positional, prog,
@@ -200,7 +200,7 @@ def parse_config(config_cls: type[T], description: str, argv: Sequence[str] | No
 
 def from_namespace(config_cls: type[T], namespace: argparse.Namespace) -> T:
     """The config of a parsed namespace (--config itself left out: its settings are in), every
-    numeric field within its range (`check_values`: a settings file's values too)."""
+    field within its range and choices (`check_values`: a settings file's values too)."""
     values = vars(namespace)
     values.pop("config", None)
     return check_values(config_cls(**values))
@@ -235,7 +235,9 @@ def check_values(config: T) -> T:
         value = getattr(config, f.name)
         for item in value if isinstance(value, list | tuple) else [value]:
             if choices and item not in choices:
-                raise InputError(_flag(f.name), f"{item!r} is not one of {', '.join(map(repr, choices))}")
+                env = f.metadata.get("env")
+                source = f" (from {env})" if env and os.environ.get(env) == item else ""
+                raise InputError(_flag(f.name), f"{item!r}{source} is not one of {', '.join(map(repr, choices))}")
             # argparse's float() takes "inf" and "nan"; no flag means either (0 turns a limit off)
             if isinstance(item, float) and not math.isfinite(item):
                 raise InputError(_flag(f.name), f"must be a finite number, not {item}")
@@ -271,11 +273,12 @@ def to_argv(config: Any, positional: Sequence[str] = (), defaults: dict | None =
 def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence | None = None,
           minimum: float | None = None, maximum: float | None = None,
           exclusive_minimum: float | None = None, exclusive_maximum: float | None = None,
-          **kwargs: Any) -> Any:
+          env: str | None = None, **kwargs: Any) -> Any:
     """dataclasses.field with the help text (and choices) the CLI shows and, for a number, its
-    range (inclusive minimum / maximum, or exclusive ones), which parsing checks."""
+    range (inclusive minimum / maximum, or exclusive ones), which parsing checks; `env`: the
+    environment variable its default comes from (named when its value is refused)."""
     meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum,
-            "exclusive_minimum": exclusive_minimum, "exclusive_maximum": exclusive_maximum}
+            "exclusive_minimum": exclusive_minimum, "exclusive_maximum": exclusive_maximum, "env": env}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta, **kwargs)
     return dataclasses.field(default=default, metadata=meta, **kwargs)

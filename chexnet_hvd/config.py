@@ -42,7 +42,8 @@ class TrainConfig:
                                      "--warmup-epochs -1, no warmup)", minimum=0)
     warmup_epochs: float = cli.field(-1.0, help="linear warmup from lr/world_size to the scaled lr; "
                                      "-1: proportional to the global batch, global_batch / "
-                                     "reference_batch / 8 epochs, at most 5 (SURFsara's recipe)",
+                                     "reference_batch / 8 epochs, at most 5 (SURFsara's recipe); a "
+                                     "resumed run keeps its first attempt's warmup unless this changes",
                                      minimum=-1)
     schedule: str = cli.field("constant", help="lr after warmup: constant, cosine to zero, step "
                               "(x0.1 every --step-epochs), or plateau (x --plateau-factor after "
@@ -60,11 +61,9 @@ class TrainConfig:
     precision: str = cli.field("fp32", help="Keras mixed-precision policy; mixed_float16 adds "
                                "dynamic loss scaling", choices=PRECISIONS)
     xla: bool = cli.field(False, help="XLA auto-clustering (the engine's collectives stay outside XLA)")
-    engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what carries the gradients between "
-                            "ranks: Horovod (horovodrun, mpirun, srun --mpi=pmix) or TensorFlow's "
-                            "MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG); "
-                            "default: $CHEXNET_ENGINE, else horovod where installed, else tf",
-                            choices=["horovod", "tf"])
+    engine: str = distributed.engine_field(
+        "what carries the gradients between ranks: Horovod (horovodrun, mpirun, srun --mpi=pmix) "
+        "or TensorFlow's MultiWorkerMirroredStrategy (chexnet_hvd.launch, srun, TF_CONFIG)")
     workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port in "
                              "rank order, the same list on each (in place of TF_CONFIG)")
     worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0",
@@ -179,11 +178,21 @@ class Derived:
     global_batch: int
     steps_per_epoch: int
     scaled_lr: float
-    warmup_from: float  # the warmup's start lr as a fraction of scaled_lr: 1 / world_size
+    # the warmup's start lr as a fraction of scaled_lr (1 / world_size) and its length; a resumed
+    # run has its first attempt's (chexnet_hvd.train.run_warmup)
+    warmup_from: float
     warmup_epochs: float
     train_records: int
     records_per_rank: int  # every rank the same (chexnet_hvd.sharding)
     epoch_coverage: float
+
+
+def warmup_epochs(flag: float, reference_batch: int, global_batch: int) -> float:
+    """--warmup-epochs, or at -1 proportional to the global batch: global_batch /
+    reference_batch / 8 epochs, at most 5 (none when the lr is not scaled)."""
+    if flag >= 0:
+        return flag
+    return min(5.0, global_batch / reference_batch / 8) if reference_batch else 0.0
 
 
 def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> Derived:
@@ -201,11 +210,10 @@ def derive(cfg: TrainConfig, manifest: dict, world_size: int) -> Derived:
                              f"global batches of {global_batch} the training split holds")
     steps = cfg.steps_per_epoch or full
     ratio = global_batch / cfg.reference_batch if cfg.reference_batch else 1.0
-    proportional = min(5.0, ratio / 8) if cfg.reference_batch else 0.0  # unscaled: no warmup
-    warmup_epochs = cfg.warmup_epochs if cfg.warmup_epochs >= 0 else proportional
     return Derived(world_size=world_size, local_batch=cfg.batch_size, global_batch=global_batch,
                    steps_per_epoch=steps, scaled_lr=cfg.lr * ratio,
-                   warmup_from=1 / world_size, warmup_epochs=warmup_epochs,
+                   warmup_from=1 / world_size,
+                   warmup_epochs=warmup_epochs(cfg.warmup_epochs, cfg.reference_batch, global_batch),
                    train_records=records_total, records_per_rank=full * cfg.batch_size,
                    epoch_coverage=round(steps * global_batch / records_total, 6))
 

@@ -15,6 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from chexnet_hvd import cli
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.engine import Cluster, Engine
 from chexnet_hvd.horovod_engine import Horovod
@@ -25,6 +26,13 @@ ENGINES: dict[str, type[Engine]] = {"horovod": Horovod, "tf": TensorFlow}
 # --engine's default: CHEXNET_ENGINE, else horovod where it is installed, else tf.
 DEFAULT_ENGINE = os.environ.get("CHEXNET_ENGINE") or (
     "horovod" if importlib.util.find_spec("horovod") is not None else "tf")
+
+
+def engine_field(what: str):
+    """A config's --engine: `what` it carries, its choices, and its default (CHEXNET_ENGINE, else
+    horovod where installed, else tf)."""
+    return cli.field(DEFAULT_ENGINE, help=f"{what}; default: $CHEXNET_ENGINE, else horovod where "
+                     "installed, else tf", choices=list(ENGINES), env="CHEXNET_ENGINE")
 
 
 def engine_class(name: str) -> type[Engine]:

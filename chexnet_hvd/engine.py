@@ -82,6 +82,13 @@ class Engine:
         """Rank 0's `obj` on every rank."""
         raise NotImplementedError
 
+    def barrier(self) -> None:
+        """Returns on each rank once every rank has called it: no rank leaves before the chief
+        has written what it writes last (a tf worker that exits while the chief still works
+        makes the chief's coordination service log errors on a success; a launcher may kill
+        the others once one rank exits)."""
+        self.broadcast_object(0)  # Horovod/TF: a collective
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any (the stop agreement)."""
         raise NotImplementedError

@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,8 @@ class EvalConfig:
                                minimum=1)
     seed: int = cli.field(0, help="bootstrap seed", minimum=0)
     backend: str = cli.field("tf", help="inference backend", choices=["tf", "openvino"])
-    engine: str = cli.field(distributed.DEFAULT_ENGINE, help="what gathers the ranks' predictions: "
-                            "Horovod or TensorFlow's collectives (as chexnet_hvd.train --engine)",
-                            choices=["horovod", "tf"])
+    engine: str = distributed.engine_field(
+        "what gathers the ranks' predictions: Horovod or TensorFlow's collectives (as chexnet_hvd.train --engine)")
     workers: str = cli.field("", help="--engine tf with no launcher: every worker as host:port "
                              "(as chexnet_hvd.train --workers)")
     worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0",
@@ -227,23 +227,25 @@ def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdo
     if cfg.val_split:
         val = score(predict, cfg.data, cfg.val_split, view, cfg.batch_size, "none", engine, watchdog)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
-    if watchdog:  # scored: the chief's report (minutes of bootstrap) is no batch that is late
+    if watchdog:  # scored: the bootstrap and the report (minutes) are no batch that is late
         watchdog.rest()
-    if engine.rank == 0:  # every rank has the gathered predictions; the chief reports
-        report(cfg, engine, meta, manifest, ranks, plain, tta, thresholds)
-    # Horovod/TF: nobody leaves before the chief has reported (a tf worker that exits while the
-    # chief still works makes the chief's coordination service log errors on a run that succeeded)
-    engine.broadcast_object(0)
+    # every rank has the gathered predictions and scores its share of the resamples
+    began = time.perf_counter()
+    ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"], cfg.bootstrap,
+                              cfg.seed, part=(engine.rank, engine.size),
+                              gather=engine.allgather_object)  # Horovod/TF: every rank's share
+    ci["seconds"] = round(time.perf_counter() - began, 3)
+    if engine.rank == 0:  # the chief reports
+        report(cfg, engine, meta, manifest, ranks, plain, tta, thresholds, ci)
+    engine.barrier()  # Horovod/TF: nobody leaves before the chief has reported
 
 
 def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict], plain: dict,
-           tta: dict | None, thresholds: np.ndarray) -> None:
+           tta: dict | None, thresholds: np.ndarray, ci: dict) -> None:
     """The chief's report: report.json, report.md and the curves in the output directory; on
     stdout the report, or under a launcher of several ranks (which may prefix every line) its
     headline and where it is."""
     names, size = meta["classes"], meta["image_size"]
-    ci = metrics.bootstrap_ci(plain["label"], plain["prob"], plain["mask"], plain["patient"],
-                              cfg.bootstrap, cfg.seed)
     sens, spec = metrics.sensitivity_specificity(plain["label"], plain["prob"], plain["mask"], thresholds)
     tta_auroc = metrics.per_class_auroc(tta["label"], tta["prob"], tta["mask"]) if tta else None
     mean = metrics.mean_defined(metrics.per_class_auroc(plain["label"], plain["prob"], plain["mask"]))
@@ -256,7 +258,7 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
         "mean_auroc_tta": round(metrics.mean_defined(tta_auroc), 4) if tta else None,
         "classes": class_rows(names, plain, ci, tta_auroc, thresholds, sens, spec,
                               paper_comparable(manifest)),
-        "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed")}
+        "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed", "seconds")}
                      | {"defined": ci["defined"].tolist()},
     }
     out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, cfg.split)

@@ -80,23 +80,30 @@ def gather(arrays: dict[str, np.ndarray], allgather) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- test-set statistics --------
 def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, patients: np.ndarray,
-                 resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+                 resamples: int = 1000, seed: int = 0, level: float = 0.95, part: tuple[int, int] = (0, 1),
+                 gather=lambda mine: [mine]) -> dict:
     """Percentile bootstrap intervals of per-class AUROC and AUPRC and of the mean AUROC,
     resampling *patients* with replacement (all images of a drawn patient come along), since the
     images of one patient are correlated (Efron & Tibshirani 1993). Resamples in which a class
-    has no positives or no negatives leave that class out; `defined` counts the rest."""
+    has no positives or no negatives leave that class out; `defined` counts the rest.
+    Shared by `part` = (index, parts) of a job: each scores every parts-th resample (all draw
+    the same seeded resamples) and `gather` (an allgather) brings them together, so the result
+    is the same on any number of parts."""
     _, groups = np.unique(np.asarray(patients), return_inverse=True)
     # Each patient's rows in ascending order, by one stable sort: a scan per patient costs
     # images x patients (0.26 s at NIH's 25,596 test images, 3 s at 100,000; here 0.03 and 0.13).
     rows_of = np.split(np.argsort(groups, kind="stable"), np.cumsum(np.bincount(groups))[:-1])
     rng = np.random.default_rng(seed)
-    aurocs, auprcs, means = [], [], []
-    for _ in range(resamples):
-        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
+    mine = {}
+    for i in range(resamples):
+        drawn = rng.integers(0, len(rows_of), len(rows_of))  # every part draws each, in order
+        if i % part[1] != part[0]:
+            continue
+        rows = np.concatenate([rows_of[g] for g in drawn])
         auroc = per_class_auroc(y_true[rows], y_prob[rows], mask[rows])
-        aurocs.append(auroc)
-        auprcs.append(per_class_auprc(y_true[rows], y_prob[rows], mask[rows]))
-        means.append(mean_defined(auroc))
+        mine[i] = (auroc, per_class_auprc(y_true[rows], y_prob[rows], mask[rows]), mean_defined(auroc))
+    scored = {i: result for share in gather(mine) for i, result in share.items()}
+    aurocs, auprcs, means = zip(*(scored[i] for i in range(resamples)), strict=True) if resamples else ([], [], [])
     q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
 
     def interval(samples):

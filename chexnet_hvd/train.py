@@ -191,8 +191,21 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
                     best_by=meta.get("best_by", "val_mean_auroc"),
                     best=meta.get("best", meta.get("best_val_mean_auroc")), since_best=meta.get("since_best", 0),
                     resumed_from=str(found), shape=shape, parts=parts,
-                    warmup=tuple(meta["warmup"]) if meta.get("warmup") else None,  # None: before it was kept
+                    warmup=run_warmup(cfg, meta),
                     shapes=sharding.with_shape(shapes, meta["epoch"] + bool(parts), shape))
+
+
+def run_warmup(cfg: TrainConfig, meta: dict) -> tuple[float, float] | None:
+    """The lr warmup (start / peak, epochs) a resumed run keeps: its first attempt's, from a
+    checkpoint that recorded it or, written before it was, derived from the first attempt's shape
+    as that attempt derived it. None (this attempt's own) when --warmup-epochs changed."""
+    then = meta["config"]
+    if cfg.warmup_epochs != then.get("warmup_epochs", cfg.warmup_epochs):
+        return None
+    if meta.get("warmup"):
+        return tuple(meta["warmup"])
+    _, world, batch = (meta.get("shapes") or [(0, meta["global_batch"] // then["batch_size"], then["batch_size"])])[0]
+    return 1 / world, config.warmup_epochs(then["warmup_epochs"], then["reference_batch"], world * batch)
 
 
 def first_part_steps(cfg: TrainConfig, records: data.Records, state: RunState, derived: Derived) -> int:
@@ -405,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             return end_preempted(engine, state, saver, writer)
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, optimizer=trained.optimizer)
+        if writer:
+            writer.write("end", status="completed")
+            writer.close()
+            writer = None  # ended: a peer gone at the barrier below does not make it a failure
+        engine.barrier()  # Horovod/TF: nobody leaves before the chief has written the end
     except BaseException as err:
         stalled = watch.failed_collective(err) if watch else None
         if stalled:
@@ -419,12 +437,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if watch:
             watch.watchdog.stop()
-    if writer:
-        writer.write("end", status="completed")
-        writer.close()
-    # Horovod/TF: nobody leaves before the chief has written the end (a tf worker that exits
-    # while the chief still works makes its coordination service log errors on a success)
-    engine.broadcast_object(0)
     return 0
 
 
@@ -439,7 +451,7 @@ def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> 
         writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
     print(f"rank {engine.rank}: preempted after step {state.step}; exiting {cli.EXIT_PREEMPTED} "
           "once the checkpoint is written", file=sys.stderr, flush=True)
-    engine.broadcast_object(0)  # Horovod: a collective, so nobody exits before the checkpoint
+    engine.barrier()  # Horovod/TF: nobody exits before the checkpoint
     return cli.EXIT_PREEMPTED
 
 

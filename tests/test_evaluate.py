@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -42,6 +44,23 @@ def test_bootstrap_is_reproducible_contains_the_estimate_and_resamples_patients(
     b = metrics.bootstrap_ci(label, prob, mask, patients, resamples=300, seed=7)
     np.testing.assert_array_equal(a["auroc_lo"], b["auroc_lo"])
     assert a["patients"] == n - 59
+    # shared by 3 ranks, each scoring every 3rd resample, their shares allgathered (threads
+    # meeting at a barrier stand in for the ranks): the same intervals as one process's
+    shares, meet = [None] * 3, threading.Barrier(3)
+
+    def share(k):
+        def allgather(mine):
+            shares[k] = mine
+            meet.wait()
+            return shares
+        return metrics.bootstrap_ci(label, prob, mask, patients, resamples=300, seed=7, part=(k, 3), gather=allgather)
+
+    with ThreadPoolExecutor(3) as pool:
+        for shared in pool.map(share, range(3)):
+            for key in ("auroc_lo", "auroc_hi", "auprc_lo", "defined"):
+                np.testing.assert_array_equal(shared[key], a[key])
+            assert shared["mean_auroc_lo"] == a["mean_auroc_lo"]
+    assert sorted(i for part in shares for i in part) == list(range(300))
     point = metrics.per_class_auroc(label, prob, mask)
     assert np.all(a["auroc_lo"] <= point) and np.all(point <= a["auroc_hi"])
     per_image = metrics.bootstrap_ci(label, prob, mask, np.arange(n).astype(str), resamples=300, seed=7)

@@ -70,3 +70,20 @@ def test_plateau_schedule_lowers_the_lr_and_resume_keeps_it(records_dir, tmp_pat
     module("train", *args, "--epochs", 4, "--resume", check=True, timeout=300)
     lrs = [r["lr"] for r in read_runlog(tmp_path) if r["event"] == "epoch"]
     assert lrs == pytest.approx([1e-12, 1e-12, 5e-13, 2.5e-13], rel=1e-4)
+
+
+def test_a_resumed_run_keeps_the_warmup_of_its_first_attempt():
+    """The warmup a resume keeps: the one its checkpoint recorded; for a checkpoint written
+    before it was recorded, the first attempt's as that attempt derived it (4 ranks x 8 at
+    --reference-batch 2: 2 epochs from a quarter of the peak), not this attempt's; this
+    attempt's own when --warmup-epochs changed."""
+    from chexnet_hvd.config import TrainConfig
+    from chexnet_hvd.train import run_warmup
+
+    cfg = TrainConfig(data="d", run_dir="r", batch_size=16, reference_batch=2)
+    old = {"config": {"warmup_epochs": -1.0, "reference_batch": 2, "batch_size": 8}, "global_batch": 16,
+           "shapes": [(0, 4, 8), (2, 2, 8)]}
+    assert run_warmup(cfg, old) == (0.25, 2.0)
+    assert run_warmup(cfg, {k: v for k, v in old.items() if k != "shapes"}) == (0.5, 1.0)  # before shapes: its own
+    assert run_warmup(cfg, old | {"warmup": [0.5, 1.5]}) == (0.5, 1.5)
+    assert run_warmup(TrainConfig(data="d", run_dir="r", warmup_epochs=3.0), old) is None

@@ -7,6 +7,7 @@ rank paused for less than the timeout does not end the job. evaluate: a rank sto
 scores ends the job; a chief's long report does not.
 (On the Slurm rehearsal, under srun with either engine: tests/test_slurm.py.)"""
 
+import json
 import os
 import re
 import signal
@@ -93,8 +94,8 @@ def test_a_rank_stopped_while_evaluating_ends_the_job_by_name_and_a_long_report_
         records_dir, tmp_path):
     """evaluate --stall-timeout: rank 1 stopped while it reads the test records (one image per
     batch, ten crops: seconds of scoring) ends the job within the bound, naming rank 1, exit 76;
-    a chief still computing its report (bootstrap) longer than the timeout, the other rank
-    waiting for it, is no stall (it used to end a healthy job mid-report)."""
+    a bootstrap (shared by the ranks) and report longer than the timeout are no stall (they
+    used to end a healthy job mid-report)."""
     ckpt = tmp_path / "run" / "checkpoints" / "epoch-0001"
     run([sys.executable, "-m", "chexnet_hvd.train", "--data", records_dir, "--run-dir", tmp_path / "run",
          "--model", "small_cnn", "--image-size", "32", "--epochs", "1", "--verbose", "0"], timeout=300, check=True)
@@ -102,6 +103,7 @@ def test_a_rank_stopped_while_evaluating_ends_the_job_by_name_and_a_long_report_
                 "--checkpoint", str(ckpt), "--data", str(records_dir), "--engine", "tf", "--stall-timeout", "3"]
     long_report = run([*evaluate, "--bootstrap", "3000", "--out", tmp_path / "long"], timeout=600)
     assert long_report.returncode == 0 and (tmp_path / "long" / "report.json").is_file(), long_report.stderr[-3000:]
+    assert json.loads((tmp_path / "long" / "report.json").read_text())["bootstrap"]["seconds"] > 3  # > the timeout
     env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen([*evaluate, "--batch-size", "1", "--tta", "tencrop", "--out", str(tmp_path / "stopped")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

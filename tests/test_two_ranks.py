@@ -133,7 +133,7 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
         check=True)
     assert read_runlog(tmp_path / "tf")[0]["engine"] == "tf"
     bad = run(train_args(records_dir, tmp_path / "bad"), env={"CHEXNET_ENGINE": "mxnet"})
-    assert_one_line_error(bad, "error: --engine: 'mxnet' is not one of 'horovod', 'tf'")
+    assert_one_line_error(bad, "error: --engine: 'mxnet' (from CHEXNET_ENGINE) is not one of 'horovod', 'tf'")
 
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none"]
