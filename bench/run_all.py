@@ -244,6 +244,13 @@ def section_scaling(r: dict) -> list[str]:
         "one would mean Horovod hid part of the allreduce behind the backward pass.", ""]
 
 
+def first_error(text: str) -> str:
+    """What a failed run's output says first: its first `error:` line (the ranks' own), else its
+    last line."""
+    lines = text.strip().splitlines() or [""]
+    return next((line for line in lines if line.startswith("error: ")), lines[-1])
+
+
 def comm_notes(r: dict) -> list[str]:
     """What the errors above 10% in the communication tables come from, from the measurements."""
     big = {(a["engine"], a["nodes"], a["per_node"]): a for a in r["allreduce"] if a["bytes"] == 28_000_000}
@@ -428,8 +435,8 @@ def section_comm(r: dict) -> list[str]:
            "below (communication beyond one allreduce for every run; fit, wire and the rest for the traced ones).",
            ""] if r["train"] else []),
         *step_split(r), *wire_split(r),
-        *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: "
-          f"{f['error'].strip().splitlines()[-1][:200]}" for f in r.get("failed", [])],
+        *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: the run failed, "
+          f"{first_error(f['error'])[:300]}" for f in r.get("failed", [])],
         *comm_notes(r), ""]
 
 
