@@ -198,7 +198,8 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
 def run_warmup(cfg: TrainConfig, meta: dict) -> tuple[float, float] | None:
     """The lr warmup (start / peak, epochs) a resumed run keeps: its first attempt's, from a
     checkpoint that recorded it or, written before it was, derived from the first attempt's shape
-    as that attempt derived it. None (this attempt's own) when --warmup-epochs changed."""
+    (with the flags of the attempt that wrote the checkpoint). None (this attempt's own) when
+    --warmup-epochs changed."""
     then = meta["config"]
     if cfg.warmup_epochs != then.get("warmup_epochs", cfg.warmup_epochs):
         return None
@@ -418,11 +419,6 @@ def main(argv: list[str] | None = None) -> int:
             return end_preempted(engine, state, saver, writer)
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, optimizer=trained.optimizer)
-        if writer:
-            writer.write("end", status="completed")
-            writer.close()
-            writer = None  # ended: a peer gone at the barrier below does not make it a failure
-        engine.barrier()  # Horovod/TF: nobody leaves before the chief has written the end
     except BaseException as err:
         stalled = watch.failed_collective(err) if watch else None
         if stalled:
@@ -437,6 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if watch:
             watch.watchdog.stop()
+    if writer:
+        writer.write("end", status="completed")
+        writer.close()
+    return end_completed(engine)
+
+
+def end_completed(engine) -> int:
+    """The run has completed: no rank leaves before the chief has written the run log's end (the
+    barrier); a rank that left meanwhile, its work done, makes this one say so, not fail (the
+    barrier is bounded by the engines' own collective limits, the watchdog being stopped)."""
+    try:
+        engine.barrier()
+    except Exception as err:
+        if not engine.says_peer_left(err):
+            raise
+        print(f"warning: rank {engine.rank}: another rank left at the end of a completed run "
+              f"({cli.error_text(err, limit=200)})", file=sys.stderr, flush=True)
     return 0
 
 
