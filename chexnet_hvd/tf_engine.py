@@ -194,10 +194,13 @@ class TensorFlow(Engine):
         self.implementation = implementation.NCCL if self.placement.tf_gpus else implementation.RING
         handler = signal.getsignal(signal.SIGTERM)
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            # No timeout_seconds: TF gives every collective with a timeout a thread that sleeps
+            # out the whole timeout (PosixEnv::SchedClosureAfter), so at --stall-timeout's 600 s
+            # and a dozen collectives a step a fast job holds tens of thousands of threads and
+            # dies on "Resource temporarily unavailable". The coordination service's heartbeat
+            # timeout (above) is the second line of defence instead.
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=self.implementation,
-                # a collective's own limit, above --stall-timeout: the watchdog speaks first
-                timeout_seconds=stall_timeout + 60 if stall_timeout > 0 else None))
+                implementation=self.implementation))
         # The strategy's preemption notifier takes SIGTERM over (in C++, unseen by Python's
         # signal module); give it back to whoever had it: the trainer stops on it by agreement.
         signal.signal(signal.SIGTERM, handler)
