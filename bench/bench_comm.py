@@ -49,7 +49,7 @@ NODES = [f"node{i}" for i in range(1, 5)]
 SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 / fp32
 # (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
 SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1),
-         ("gloo", 2, 1), ("gloo", 4, 1), ("gloo", 4, 2)]
+         ("tf", 4, 2), ("tf", 4, 4), ("gloo", 2, 1), ("gloo", 4, 1), ("gloo", 4, 2)]
 BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
 # NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
@@ -126,12 +126,26 @@ def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, time
     return proc.stdout
 
 
+def sent_bytes(nodes: int) -> list[int]:
+    """The bytes node1..node`nodes` have sent over their links (their eth0's counters)."""
+    def sent(node: str) -> int:
+        out = subprocess.run(["ip", "-n", node, "-s", "-j", "link", "show", "eth0"], check=True, capture_output=True,
+                             text=True).stdout
+        return json.loads(out)[0]["stats64"]["tx"]["bytes"]
+    return [sent(node) for node in NODES[:nodes]]
+
+
 def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int) -> list[dict]:
-    """The allreduce times of every size on one layout."""
+    """The allreduce times of every size on one layout, each with the bytes every node sent over
+    its link per byte allreduced (the whole sweep's: a ring crossing each link once sends
+    2 (N-1)/N)."""
+    before = sent_bytes(nodes)
     out = srun(engine, nodes, per_node, [PY, str(ROOT / "bench" / "comm_worker.py"), "--engine", engine_flag(engine),
                                          "--sizes", ",".join(map(str, SIZES)), "--repeats", str(repeats)], tmp)
+    reduced = sum(SIZES) * (repeats + 1)  # each size once to warm up, then timed
+    sent = [round((b - a) / reduced, 2) for a, b in zip(before, sent_bytes(nodes), strict=True)]
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return [r | {"engine": engine, "nodes": nodes, "per_node": per_node} for r in rows]
+    return [r | {"engine": engine, "nodes": nodes, "per_node": per_node, "sent_per_byte": sent} for r in rows]
 
 
 def fitted(rows: list[dict], engine: str) -> projection.Network:

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """One rank of bench/bench_comm.py: times allreduces of float32 buffers of the given sizes
 through the suite's engine seam (chexnet_hvd.distributed.start) and prints, from rank 0, one
-JSON line per size: {"bytes", "seconds" (median), "all" (every repeat)}.
+JSON line per size: {"bytes", "seconds" (median), "all" (every repeat), "cores_busy" (the CPU
+time every rank spent in the timed allreduces over their wall time times this machine's cores:
+near 1, the rehearsal's shared CPU rather than its links paced them)}.
 
     srun --mpi=pmix -N4 --ntasks-per-node=1 python bench/comm_worker.py --engine horovod
     srun --mpi=none -N2 --ntasks-per-node=1 python bench/comm_worker.py --engine tf
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -49,15 +52,17 @@ def main() -> None:
         # tf engine: numpy in (its sum takes arrays); Horovod: a tensor
         x = np.ones(size // 4, np.float32) if engine.name == "tf" else tf.ones(size // 4, tf.float32)
         reduce(x, f"warm{size}")
-        times = []
+        times, cpu = [], 0.0
         for i in range(args.repeats):
             reduce(np.ones(1, np.float32) if engine.name == "tf" else tf.ones(1), f"sync{size}_{i}")  # line up
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             reduce(x, f"t{size}_{i}")
             times.append(time.perf_counter() - start)
+            cpu += time.process_time() - start_cpu
+        busy = sum(engine.allgather_object(cpu)) / (sum(times) * os.cpu_count())
         if engine.rank == 0:
             print(json.dumps({"bytes": size, "ranks": engine.size, "seconds": statistics.median(times),
-                              "all": [round(t, 6) for t in times]}), flush=True)
+                              "all": [round(t, 6) for t in times], "cores_busy": round(busy, 3)}), flush=True)
 
 
 if __name__ == "__main__":

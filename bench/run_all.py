@@ -276,6 +276,13 @@ def comm_notes(r: dict) -> list[str]:
             "fit is already low at 4 x 1. Small messages (32 kB, 1 MB) on several ranks per "
             "node follow the flat ring's latency (2 (N-1) steps), large ones the hierarchical "
             "bandwidth.")
+    sent = {(a["engine"], a["nodes"], a["per_node"]): a["sent_per_byte"] for a in r["allreduce"] if "sent_per_byte" in a}
+    if sent:
+        notes.append(
+            "- Bytes each node sent over its link per byte allreduced (the sweep's; a ring that "
+            "crosses each link once sends 2 (N-1)/N, N ranks): "
+            + "; ".join(f"{e} {n} x {k}: {', '.join(f'{v:g}' for v in per)} (ring {2 * (n * k - 1) / (n * k):.2f})"
+                        for (e, n, k), per in sent.items()) + ".")
     notes.append(
         "- Not measured: Horovod's HOROVOD_HIERARCHICAL_ALLREDUCE. Its hierarchical allreduce is "
         "NCCL's (NCCLHierarchicalAllreduce, GPUs only); on CPUs the collective is Open MPI's or "
@@ -385,6 +392,12 @@ def wire_split(r: dict) -> list[str]:
               if "scaled" in unsplit else []), *([""] if unsplit else [])]
 
 
+def layout_order(a: dict) -> tuple:
+    """A sweep row's place: by engine (as bench_comm sweeps them), layout, then size; layouts
+    added by a later pass are listed with their engine's."""
+    return ("horovod", "tf", "gloo").index(a["engine"]), a["nodes"], a["per_node"], a["bytes"]
+
+
 def section_comm(r: dict) -> list[str]:
     """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
     fit = r["fit"]
@@ -394,7 +407,8 @@ def section_comm(r: dict) -> list[str]:
                           for kind in ("flat", "hierarchical"))
 
     sweep = [f"| {a['engine']} | {a['nodes']} x {a['per_node']} | {a['bytes'] / 1e6:g} | {a['seconds'] * 1e3:.1f} | "
-             f"{both(a, 'predicted', 1e3, 1)} |" for a in r["allreduce"] if a["bytes"] in shown and "error_flat" in a]
+             f"{both(a, 'predicted', 1e3, 1)} | {a['cores_busy'] if 'cores_busy' in a else '-'} |"
+             for a in sorted(r["allreduce"], key=layout_order) if a["bytes"] in shown and "error_flat" in a]
     train = [f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {t['gradient_bytes'] / 1e6:.1f} | "
              f"{t['compute']:.3f} | {t['measured_step']:.3f} | {both(t, 'predicted_step', 1, 3)} |" for t in r["train"]]
     return [
@@ -416,9 +430,11 @@ def section_comm(r: dict) -> list[str]:
         *[f"| {e} | {f['bandwidth_gbs'] * 1e3:.1f} | {f['latency_us']:.0f} | {f['bandwidth_gbs'] / r['link_gbs']:.2f} |"
           for e, f in fit.items()], "",
         "**Allreduce, measured vs the fitted model** (median of the timed repeats; layouts with "
-        "more than 1 rank per node are predictions, not fitted):", "",
-        "| engine | nodes x ranks per node | MB | measured ms | flat ring: ms (error) | hierarchical: ms (error) |",
-        "|---|---|---:|---:|---:|---:|",
+        "more than 1 rank per node are predictions, not fitted; cores busy: the CPU time of every "
+        "rank in the timed allreduces over their wall time times the machine's cores, where "
+        "measured: near 1, the shared CPU paced the allreduce, not the links):", "",
+        "| engine | nodes x ranks per node | MB | measured ms | flat ring: ms (error) | hierarchical: ms (error) "
+        "| cores busy |", "|---|---|---:|---:|---:|---:|---:|",
         *sweep, "",
         "**Training step, measured vs predicted**: the real trainer (DenseNet-121, and ResNet-50 "
         "where the flags say so, at 32 px: their real gradient bytes; synthetic input; an "
