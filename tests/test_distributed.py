@@ -3,6 +3,7 @@ as pure functions: which GPU a rank takes, how many threads it gets, where a tf 
 its cluster and listens, and what exit code a job of workers ends with. (Run for real on every
 multi-rank test and template.)"""
 
+import importlib.util
 import json
 import os
 import socket
@@ -175,3 +176,17 @@ def test_a_job_of_workers_ends_with_the_first_failure_else_their_common_code():
     assert launch.outcome([75, 1]) == 1  # a crash is not a preemption
     assert launch.outcome([0, -9]) == 128 + 9  # killed by SIGKILL, as a shell reports it
     assert launch.outcome([0, 75]) == 75
+
+
+@pytest.mark.parametrize("horovod,engine", [(True, "horovod"), (False, "tf")])
+def test_the_default_engine_is_horovod_where_installed_else_tf(horovod, engine):
+    """Without CHEXNET_ENGINE, --engine (and the Slurm templates' ENGINE, which ask the package)
+    defaults to horovod only where it can be imported: the lane of the newest TensorFlow has no
+    Horovod, and each rank there failed on `import horovod` with a traceback."""
+    if horovod and importlib.util.find_spec("horovod") is None:
+        pytest.skip("Horovod is not installed in this lane")
+    hide = "" if horovod else "sys.modules['horovod'] = None; "  # as if it were not installed
+    code = f"import sys; {hide}from chexnet_hvd.distributed import DEFAULT_ENGINE; print(DEFAULT_ENGINE)"
+    env = {k: v for k, v in os.environ.items() if k != "CHEXNET_ENGINE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == engine
