@@ -2,8 +2,9 @@
 """One rank of bench/bench_comm.py: times allreduces of float32 buffers of the given sizes
 through the suite's engine seam (chexnet_hvd.distributed.start) and prints, from rank 0, one
 JSON line per size: {"bytes", "seconds" (median), "all" (every repeat), "cores_busy" (the CPU
-time every rank spent in the timed allreduces over their wall time times this machine's cores:
-near 1, the rehearsal's shared CPU rather than its links paced them)}.
+time every rank spent in the timed allreduces over their wall time times this machine's cores,
+meaningful where every rank runs on this one machine, as on the rehearsal: near 1, its shared
+CPU rather than its links paced them)}.
 
     srun --mpi=pmix -N4 --ntasks-per-node=1 python bench/comm_worker.py --engine horovod
     srun --mpi=none -N2 --ntasks-per-node=1 python bench/comm_worker.py --engine tf

@@ -395,7 +395,8 @@ def wire_split(r: dict) -> list[str]:
 def layout_order(a: dict) -> tuple:
     """A sweep row's place: by engine (as bench_comm sweeps them), layout, then size; layouts
     added by a later pass are listed with their engine's."""
-    return ("horovod", "tf", "gloo").index(a["engine"]), a["nodes"], a["per_node"], a["bytes"]
+    engines = ("horovod", "tf", "gloo")
+    return engines.index(a["engine"]) if a["engine"] in engines else len(engines), a["nodes"], a["per_node"], a["bytes"]
 
 
 def section_comm(r: dict) -> list[str]:

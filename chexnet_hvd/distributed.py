@@ -68,8 +68,9 @@ def workers_flag(engine: str, workers: str, index: int) -> Cluster | None:
 def start(engine: str = DEFAULT_ENGINE, threads: int = 0, cluster: Cluster | None = None,
           stall_timeout: float = 0, shared: Path | None = None) -> tuple[Engine, Placement]:
     """Start `engine` (a name of ENGINES), pin this rank's GPU, size TF's thread pools;
-    `cluster` (from workers_flag) names the tf engine's workers; the engine's own collective
-    timeouts are set above `stall_timeout` (chexnet_hvd.stall); under Slurm the tf engine's
+    `cluster` (from workers_flag) names the tf engine's workers; the engine's own timeouts
+    (Horovod's stall shutdown, Gloo's, TF's heartbeat) are set above `stall_timeout`
+    (chexnet_hvd.stall); under Slurm the tf engine's
     workers share their addresses through `shared`, a directory every node sees."""
     started = engine_class(engine)(threads, cluster, stall_timeout, shared)
     return started, started.placement

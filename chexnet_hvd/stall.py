@@ -22,7 +22,8 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
 
 Heartbeats are threads of their own, so they run while the training thread is blocked inside
 a collective (TensorFlow and Horovod release the GIL there); a stopped process sends none. The
-engines' own timeouts are set above `timeout` (`engine_timeouts`), as the second line of defence.
+engines' own timeouts are set above `timeout`, as the second line of defence: Horovod's and
+Gloo's (`engine_timeouts`), TF's heartbeat (chexnet_hvd.tf_engine; its collectives get none).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ imports it when it starts."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -31,8 +32,8 @@ RENDEZVOUS_SECONDS = 300  # how long a worker waits for the others' addresses
 
 
 def own_port() -> tuple[int, socket.socket | None]:
-    """The port this worker will listen on: CHEXNET_TF_PORT + its rank (a range the cluster's
-    firewall opens), else the one Slurm reserved for this task of the step on this node (srun
+    """The port this worker will listen on: CHEXNET_TF_PORT + its Slurm task number (a range
+    the cluster's firewall opens), else the one Slurm reserved for this task of the step on this node (srun
     --resv-ports), else one the kernel finds free now; with the last, the socket that holds it
     (bound, so no other process is given it) until the caller closes it, once the addresses are
     exchanged (the worker's own server takes the port moments later)."""
@@ -40,7 +41,7 @@ def own_port() -> tuple[int, socket.socket | None]:
         base = os.environ["CHEXNET_TF_PORT"]
         port = int(base) + int(os.environ.get("SLURM_PROCID", "0")) if base.isdigit() else -1
         if not 0 < port < 65536:
-            raise InputError("CHEXNET_TF_PORT", f"{base!r} plus the worker's rank is not a port number")
+            raise InputError("CHEXNET_TF_PORT", f"{base!r} plus the worker's Slurm task number is not a port number")
         return port, None
     reserved = os.environ.get("SLURM_STEP_RESV_PORTS", "")
     if reserved:
@@ -154,16 +155,19 @@ def tf_cluster(shared: Path | None = None) -> Cluster:
 def ring_places(hosts: list[str]) -> tuple[list[str], list[int]]:
     """(the host of each worker index, the worker index of each Slurm task) for a step whose
     tasks are on `hosts` (Slurm's task order: node by node). TF's ring all-reduce visits the
-    workers in the text order of their device names (worker 10 before worker 2), so Slurm's
-    task p becomes the p-th index in that order and the ring goes node by node, crossing each
-    node's link once. (Numbered as Slurm numbers them, 16 workers 4 per node crossed two
-    nodes' links twice: those sent twice the bytes, and the allreduce took 2.9x the 4-worker
-    one; below 11 workers the two orders are the same.)"""
+    workers in the text order of their names (worker 10 before worker 2), so each node's tasks
+    take the indices of a run of places in that order, in ascending order (so a worker's local
+    rank is its SLURM_LOCALID), and the ring goes node by node, crossing each node's link once.
+    (Numbered as Slurm numbers them, 16 workers 4 per node crossed two nodes' links twice:
+    those sent twice the bytes, and the allreduce took 2.9x the 4-worker one; below 11 workers
+    the two numberings are the same.)"""
     order = sorted(range(len(hosts)), key=lambda task: f"/job:worker/replica:0/task:{task}/")
-    by_index = [""] * len(hosts)
-    for place, task in enumerate(order):
-        by_index[task] = hosts[place]
-    return by_index, order
+    by_index, index_of = [""] * len(hosts), [0] * len(hosts)
+    for _, tasks in itertools.groupby(range(len(hosts)), key=hosts.__getitem__):
+        tasks = list(tasks)
+        for task, index in zip(tasks, sorted(order[t] for t in tasks), strict=True):
+            by_index[index], index_of[task] = hosts[task], index
+    return by_index, index_of
 
 
 def local_ranks(workers: list[str], index: int) -> tuple[int, int]:
@@ -220,6 +224,7 @@ class TensorFlow(Engine):
         # signal module); give it back to whoever had it: the trainer stops on it by agreement.
         signal.signal(signal.SIGTERM, handler)
         self._sums: dict = {}  # dtype -> its graph (`sum`)
+        self._reducers: dict = {}  # (op, chief only) -> its graph (`_reduce_into`)
 
     def _replica_sum(self, value):
         import tensorflow as tf
@@ -265,38 +270,38 @@ class TensorFlow(Engine):
 
     def broadcast_variables(self, variables: list) -> None:
         """Each variable's rank-0 value summed with the others' zeros."""
-        import tensorflow as tf
-
-        chief = self.rank == 0
-        self._reduce_into(variables, lambda v: tf.identity(v) if chief else tf.zeros_like(v), "SUM")
+        self._reduce_into(variables, "SUM", chief_only=True)
 
     def average_statistics(self, model) -> None:
         """Each worker's own values (a replica reads its local copy), averaged."""
-        import tensorflow as tf
+        self._reduce_into(batch_norm_statistics(model), "MEAN")
 
-        self._reduce_into(batch_norm_statistics(model), tf.identity, "MEAN")
-
-    def _reduce_into(self, variables: list, mine, op: str) -> None:
-        """variables := the `op` (SUM or MEAN) over the workers of mine(variable), one
-        collective per dtype (a collective packs its tensors into one)."""
+    def _reduce_into(self, variables: list, op: str, chief_only: bool = False) -> None:
+        """variables := the `op` (SUM or MEAN) over the workers of their values (with
+        `chief_only`, the chief's and the others' zeros), one collective per dtype (a collective
+        packs its tensors into one). One graph per kind of reduction, kept: TF counts traces per
+        Python function, so a graph made per call warned of retracing from the third epoch on."""
         import tensorflow as tf
 
         if self.size == 1 or not variables:
             return
+        if (op, chief_only) not in self._reducers:
+            zero = chief_only and self.rank != 0
+
+            @tf.function(autograph=False)
+            def reduce(group):
+                def replica():
+                    return tf.distribute.get_replica_context().all_reduce(  # TF collective
+                        tf.distribute.ReduceOp[op], [tf.zeros_like(v) if zero else tf.identity(v) for v in group])
+
+                return self.strategy.run(replica)
+
+            self._reducers[op, chief_only] = reduce
         groups = {}
         for variable in variables:
             groups.setdefault(variable.dtype, []).append(variable)
-
-        @tf.function(autograph=False)
-        def reduce(group):
-            def replica():
-                return tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp[op], [mine(v) for v in group])  # TF collective
-
-            return self.strategy.run(replica)
-
         for group in groups.values():
-            for variable, value in zip(group, reduce(group), strict=True):
+            for variable, value in zip(group, self._reducers[op, chief_only](group), strict=True):
                 variable.assign(self._local(value))
 
     def scope(self):

@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
 def end_completed(engine) -> int:
     """The run has completed: no rank leaves before the chief has written the run log's end (the
     barrier); a rank that left meanwhile, its work done, makes this one say so, not fail (the
-    barrier is bounded by the engines' own collective limits, the watchdog being stopped)."""
+    watchdog being stopped, the barrier is bounded by the engines' own limits: under the tf
+    engine only against a peer that stopped or died, its heartbeat timeout)."""
     try:
         engine.barrier()
     except Exception as err:

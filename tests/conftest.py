@@ -182,6 +182,9 @@ def pytest_xdist_make_scheduler(config, log):
     return LongestFirst(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
+BATCH_NORM_MODEL = "nas-01201120"  # a small search candidate with batch normalisation
+
+
 def launcher(engine: str, n: int) -> list[str]:
     """What starts n ranks of `engine` here: horovodrun over Gloo, or the tf engine's launcher."""
     from chexnet_hvd.distributed import engine_class

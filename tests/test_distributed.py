@@ -60,7 +60,7 @@ def test_a_tf_worker_listens_on_a_free_port_a_reserved_one_or_the_range_it_is_gi
     assert own_port() == (31003, None)
     for bad in ("3l000", "70000"):
         monkeypatch.setenv("CHEXNET_TF_PORT", bad)
-        with pytest.raises(InputError, match=f"CHEXNET_TF_PORT: '{bad}' plus the worker's rank"):
+        with pytest.raises(InputError, match=f"CHEXNET_TF_PORT: '{bad}' plus the worker's Slurm task number"):
             own_port()
 
 
@@ -104,6 +104,33 @@ def test_tfs_ring_goes_node_by_node_through_a_slurm_steps_workers():
     assert [by_index[i] for i in tf_ring] == hosts
     assert [by_index[index_of[task]] for task in range(16)] == hosts and sorted(index_of) == list(range(16))
     assert ring_places(hosts[:10]) == (hosts[:10], list(range(10)))
+
+
+@pytest.mark.parametrize("nodes,per_node", [(4, 4), (4, 8), (3, 4)])
+def test_each_task_of_a_large_slurm_step_is_a_worker_on_its_node_with_its_local_id(monkeypatch, tmp_path,
+                                                                                  nodes, per_node):
+    """tf_cluster in every task of a step of 11 or more (the address exchange stubbed): distinct
+    worker indices, the chief Slurm's task 0, each worker named by its own node, and its local
+    rank (its GPU, beside the CPUs srun bound) its SLURM_LOCALID."""
+    from chexnet_hvd import tf_engine
+
+    addresses = {}
+    monkeypatch.setattr(tf_engine, "own_port", lambda: (7000, None))
+    monkeypatch.setattr(tf_engine, "rendezvous", lambda folder, me, count, address: addresses.setdefault(me, address)
+                        and [address if i == me else "" for i in range(count)])
+    for var, value in {"SLURM_STEP_NUM_TASKS": nodes * per_node, "SLURM_STEP_NODELIST": f"node[1-{nodes}]",
+                       "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})", "SLURM_JOB_ID": 7}.items():
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    index_of = {}
+    for task in range(nodes * per_node):
+        monkeypatch.setenv("SLURM_PROCID", str(task))
+        index_of[task] = tf_cluster(tmp_path)[1]
+    workers = [addresses[i] for i in range(nodes * per_node)]
+    assert sorted(index_of.values()) == list(range(nodes * per_node)) and index_of[0] == 0
+    for task, index in index_of.items():
+        assert workers[index] == f"node{1 + task // per_node}:7000"
+        assert local_ranks(workers, index) == (task % per_node, per_node)
 
 
 @pytest.mark.slow

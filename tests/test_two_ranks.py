@@ -10,7 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ENGINES, assert_one_line_error, assert_ranks_identical, ranks, run
+from conftest import (
+    BATCH_NORM_MODEL,
+    ENGINES,
+    assert_one_line_error,
+    assert_ranks_identical,
+    ranks,
+    run,
+)
 from conftest import launcher as launcher_of
 from sklearn.metrics import roc_auc_score
 
@@ -26,7 +33,6 @@ def train_args(records_dir, run_dir):
     return [sys.executable, *TRAIN, "--data", str(records_dir), "--run-dir", str(run_dir)]
 
 
-BATCH_NORM_MODEL = "nas-01201120"  # a small search candidate with batch normalisation
 
 
 @pytest.fixture(scope="module", params=ENGINES)
