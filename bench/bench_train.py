@@ -16,8 +16,9 @@ Like with like: every loop trains the same model behind the same in-graph prepro
   data and distributed optimizer; the trainer on in-memory input with its per-step pieces switched off
   (stall watch: --stall-timeout 0; stop agreement: --stop-check-steps beyond the run) and on
   one at a time; the trainer on records; the bare loop on the same records (the input
-  pipeline's share of these 2 shared cores, which a GPU node's spare cores would carry).
-  Goal: trainer on records / bare loop >= 0.95.
+  pipeline's share of these 2 shared cores, which a GPU node's spare cores would carry); Keras
+  fit and the trainer on records at --steps-per-execution 8 (Python's cost per call of Keras'
+  train function spread over 8 steps). Goal: trainer on records / bare loop >= 0.95.
 - DenseNet-121, 224 px, batch 16 (compute-bound): the trainer on uint8 records against the
   bare loop on in-memory uint8 batches. Goal: >= 0.98.
 - XLA (--xla: auto-clustering, Horovod's allreduce left outside the compiled clusters) against
@@ -83,7 +84,7 @@ print(json.dumps({"images_per_sec": steps * batch / (time.perf_counter() - t0)})
 """
 
 # Plain Keras fit on BARE's model, in-memory data and distributed optimizer, with no callbacks
-# but a clock: Keras' own loop, without the trainer's pieces.
+# but a clock: Keras' own loop, without the trainer's pieces; `... feed [steps per execution]`.
 FIT = r"""
 import sys, time, json
 import tensorflow as tf, horovod.tensorflow.keras as hvd
@@ -91,18 +92,21 @@ hvd.init()
 from chexnet_hvd import data, models
 from chexnet_hvd.train import make_loss, pack_targets
 name, (size, batch, steps, warm) = sys.argv[1], map(int, sys.argv[2:6])  # (and feed: 0)
+calls = int((sys.argv[7:] or [1])[0])
 tf.keras.utils.set_random_seed(0)
 trained = models.with_preprocessing(models.build_model(name, size), size, models.input_scaling(name))
-trained.compile(hvd.DistributedOptimizer(tf.keras.optimizers.Adam(1e-3)), make_loss())
+trained.compile(hvd.DistributedOptimizer(tf.keras.optimizers.Adam(1e-3)), make_loss(), steps_per_execution=calls)
 ds = data.synthetic_dataset(size, batch, 14, uint8_size=size).map(lambda x, y, m: (x, pack_targets(y, m)))
 class Clock(tf.keras.callbacks.Callback):
     _supports_tf_logs = True
+    first = None  # the step the clock starts at: the first call's start at or past warm
     def on_train_batch_begin(self, b, logs=None):
-        if b == warm:
-            self.t0 = time.perf_counter()
+        if self.first is None and b >= warm:
+            self.first, self.t0 = b, time.perf_counter()
 clock = Clock()
 history = trained.fit(ds, steps_per_epoch=steps + warm, epochs=1, callbacks=[clock], verbose=0)
-print(json.dumps({"images_per_sec": steps * batch / (time.perf_counter() - clock.t0)}))
+timed = steps + warm - clock.first
+print(json.dumps({"images_per_sec": timed * batch / (time.perf_counter() - clock.t0)}))
 """
 
 
@@ -119,11 +123,11 @@ def trainer(records: Path, run_dir: Path, model: str, size: int, batch: int, ste
     return [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]["images_per_sec"]
 
 
-def loop(script: str, model: str, size: int, batch: int, steps: int, warm: int, *records: Path,
+def loop(script: str, model: str, size: int, batch: int, steps: int, warm: int, *extra,
          feed: bool = False) -> float:
     """img/s of the bare loop (or plain Keras fit) in a fresh process; `feed`: its batches through
-    the trainer's feed counters."""
-    args = [model, size, batch, steps, warm, int(feed), *records]
+    the trainer's feed counters; `extra`: the bare loop's records, Keras fit's steps per call."""
+    args = [model, size, batch, steps, warm, int(feed), *extra]
     out = subprocess.run([PY, "-c", script, *map(str, args)], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["images_per_sec"]
@@ -147,6 +151,7 @@ def cpu_has_bf16() -> bool:
 
 
 QUIET = {"stall_timeout": 0.0, "stop_check_steps": 10**9}  # the trainer's per-step pieces off
+CALLS = 8  # --steps-per-execution of the configurations that measure it
 
 
 def small_configs(rec: Path, tmp: Path, size: int, batch: int, steps: int, warm: int) -> dict:
@@ -160,12 +165,14 @@ def small_configs(rec: Path, tmp: Path, size: int, batch: int, steps: int, warm:
         "bare_loop_feed": lambda: loop(BARE, "small_cnn", size, batch, steps, warm, feed=True),
         "bare_loop_records": lambda: loop(BARE, "small_cnn", size, batch, steps, warm, rec),
         "keras_fit": lambda: loop(FIT, "small_cnn", size, batch, steps, warm),
+        "keras_fit_calls": lambda: loop(FIT, "small_cnn", size, batch, steps, warm, CALLS),
         "trainer_synthetic_quiet": run("q", synthetic_input=True, **QUIET),
         "trainer_synthetic_stall_watch": run("w", synthetic_input=True, stop_check_steps=10**9),
         "trainer_synthetic_stop_agreement": run("a", synthetic_input=True, stall_timeout=0.0),
         "trainer_synthetic": run("s", synthetic_input=True),
         "trainer_records": run("r"),
         "trainer_records_quiet": run("rq", **QUIET),
+        "trainer_records_calls": run("rc", steps_per_execution=CALLS),
     }
 
 
@@ -174,6 +181,8 @@ RATIOS = {
     "records_over_bare": ("trainer_records", "bare_loop"),
     "synthetic_over_bare": ("trainer_synthetic", "bare_loop"),
     "fit_over_bare": ("keras_fit", "bare_loop"),
+    "fit_calls_over_bare": ("keras_fit_calls", "bare_loop"),
+    "records_calls_over_bare": ("trainer_records_calls", "bare_loop"),
     "feed_over_bare": ("bare_loop_feed", "bare_loop"),
     "quiet_over_fit": ("trainer_synthetic_quiet", "keras_fit"),
     "stall_watch_over_quiet": ("trainer_synthetic_stall_watch", "trainer_synthetic_quiet"),

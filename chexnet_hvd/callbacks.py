@@ -41,6 +41,13 @@ def validation_criterion(manifest: dict, split: str) -> tuple[str, list[str]]:
     return "val_mean_auroc", warnings
 
 
+def reached(state: RunState, every: int) -> bool:
+    """Whether the steps the last call of Keras' train function took (--steps-per-execution of
+    them) include a multiple of `every`: the step-counted actions happen at the first call's end
+    at or after it, the same one on every rank."""
+    return state.step // every > (state.step - state.executed) // every
+
+
 def score(result: dict, best_by: str) -> float | None:
     """The validation `result`'s value of criterion `best_by`, signed so that more is better;
     None when undefined."""
@@ -78,8 +85,10 @@ class EpochProgress(tf.keras.callbacks.Callback):
             epoch + done, state.step, state.part_steps, 1.0 - done)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.state.step += 1
-        self.state.batch += 1
+        state = self.state  # Keras passes the index of the call's last step in the epoch
+        state.executed = batch + 1 - state.batch
+        state.step += state.executed
+        state.batch = batch + 1
         if self.beat:
             self.beat(self.state.step)
 
@@ -93,9 +102,9 @@ class EpochProgress(tf.keras.callbacks.Callback):
 
 
 class StopAgreement(tf.keras.callbacks.Callback):
-    """The ranks agree (allreduce max of their stop flags) every `every` steps and as an epoch
-    begins (Keras then trains one step before it stops), at points all ranks share, and all stop
-    after the same step. Never on an epoch's last step: that epoch is validated and checkpointed
+    """The ranks agree (allreduce max of their stop flags) every `every` steps (`reached`) and as
+    an epoch begins (Keras then trains one call of its train function before it stops), at points
+    all ranks share, and all stop after the same step. Never on an epoch's last step: that epoch is validated and checkpointed
     first, so a resumed run never meets a finished but unvalidated epoch. --preempt-at-step
     raises the flag as a signal would."""
 
@@ -111,9 +120,9 @@ class StopAgreement(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         state = self.state
-        if state.step == self.preempt_at:
+        if state.step - state.executed < self.preempt_at <= state.step:
             self.stop.requested = True  # as if SIGUSR1 arrived now
-        if state.step % self.every == 0 and state.batch < state.part_steps:
+        if reached(state, self.every) and state.batch < state.part_steps:
             self.agree()
 
     def agree(self):
@@ -123,7 +132,8 @@ class StopAgreement(tf.keras.callbacks.Callback):
 
 
 class Timing(tf.keras.callbacks.Callback):
-    """Rank 0: the epoch's training time and img/s, its first `warmup` steps left out."""
+    """Rank 0: the epoch's training time and img/s, its first `warmup` steps (to the end of the
+    call of Keras' train function that reaches them) left out."""
 
     _supports_tf_logs = True
 
@@ -133,19 +143,20 @@ class Timing(tf.keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.t0 = self.t_warm = time.perf_counter()
-        self.steps = 0
+        self.warm = 0 if self.warmup == 0 else None  # the step the timed part starts after
 
     def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.steps == self.warmup:
+        if self.warm is None and self.state.batch >= self.warmup:  # the first call's end past it
             float(logs["loss"])  # wait for the step itself (GPUs run ahead of Python)
-            self.t_warm = time.perf_counter()
+            self.t_warm, self.warm = time.perf_counter(), self.state.batch
 
     def on_epoch_end(self, epoch, logs=None):
         t_end = time.perf_counter()  # Keras has synced the epoch's logs already
-        timed = self.steps - (self.warmup if self.steps > self.warmup else 0)
-        seconds = t_end - (self.t_warm if self.steps > self.warmup else self.t0)
-        self.state.timing = {"steps": self.steps, "timed_steps": timed,
+        steps = self.state.batch
+        warmed = self.warm is not None and steps > self.warm
+        timed = steps - self.warm if warmed else steps
+        seconds = t_end - (self.t_warm if warmed else self.t0)
+        self.state.timing = {"steps": steps, "timed_steps": timed,
                              "seconds": round(t_end - self.t0, 3),
                              "images_per_sec": round(timed * self.global_batch / max(seconds, 1e-9), 3)}
 
@@ -260,9 +271,9 @@ class EarlyStop(tf.keras.callbacks.Callback):
 
 
 class StepCheckpoint(tf.keras.callbacks.Callback):
-    """A checkpoint every `every` steps (only the newest is kept), except on an epoch's last
-    step, whose epoch checkpoint follows once it is validated. Rank 0, or every rank when the
-    engine's saves are collectives (`save` knows where each writes)."""
+    """A checkpoint every `every` steps (`reached`; only the newest is kept), except on an
+    epoch's last step, whose epoch checkpoint follows once it is validated. Rank 0, or every rank
+    when the engine's saves are collectives (`save` knows where each writes)."""
 
     _supports_tf_logs = True
 
@@ -272,7 +283,7 @@ class StepCheckpoint(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         state = self.state
-        if state.step % self.every == 0 and state.batch < state.part_steps and not state.preempted:
+        if reached(state, self.every) and state.batch < state.part_steps and not state.preempted:
             self.save(f"step-{state.step:09d}", state.epoch)
 
 
@@ -363,18 +374,19 @@ def write_scalars(summary, record: dict) -> None:
 
 
 class Profile(tf.keras.callbacks.Callback):
-    """Rank 0: TensorFlow's profiler over the run's steps first..last (StopAgreement, earlier in
-    the list, has counted the step that just ended)."""
+    """Rank 0: TensorFlow's profiler over the run's steps first..last, from the start of the call
+    of Keras' train function (`per_call` steps at most) that takes step `first` (EpochProgress,
+    earlier in the list, has counted the steps that just ended)."""
 
     _supports_tf_logs = True
 
-    def __init__(self, state: RunState, first: int, last: int, logdir):
+    def __init__(self, state: RunState, first: int, last: int, logdir, per_call: int = 1):
         super().__init__()
         self.state, self.first, self.last, self.logdir = state, first, last, str(logdir)
-        self.tracing = False
+        self.per_call, self.tracing = per_call, False
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.state.step + 1 == self.first:
+        if not self.tracing and self.state.step < self.first <= self.state.step + self.per_call:
             tf.profiler.experimental.start(self.logdir)
             self.tracing = True
 
@@ -418,7 +430,8 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
     if rank0 and cfg.verbose and cfg.heartbeat and not sys.stdout.isatty():
         callbacks.append(Heartbeat(state, cfg.heartbeat, derived.global_batch))
     if rank0 and cfg.profile_steps:  # rank 0's trace
-        callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile"))
+        callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile",
+                                 cfg.steps_per_execution))
     return callbacks
 
 

@@ -68,6 +68,7 @@ class RunState:
     parts: list = dataclasses.field(default_factory=list)  # earlier attempts' parts of this epoch
     part_steps: int = 0  # steps this attempt trains of epoch `epoch`
     batch: int = 0  # of which done
+    executed: int = 0  # steps the last call of Keras' train function took (--steps-per-execution)
     lr: float = 0.0  # the learning rate at the end of the last epoch
     diagnosis: dict = dataclasses.field(default_factory=dict)  # the last epoch's bottleneck verdict
     # The lr warmup's (start / peak, epochs), as the run's first attempt derived them from its

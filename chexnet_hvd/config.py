@@ -99,6 +99,11 @@ class TrainConfig:
                                      "many seconds, naming the rank(s) it waits for: run log status "
                                      "'stalled', exit 76 (chexnet_hvd.stall); 0: off", minimum=0,
                                      maximum=1e6)  # the engines' timeouts are integer milliseconds
+    steps_per_execution: int = cli.field(1, help="training steps Keras runs in one call of its "
+                                         "graph: Python's cost per call (~1 ms here) spread over "
+                                         "N steps, which matters at GPU step times; stops, step "
+                                         "checkpoints and the stall watch act between calls",
+                                         minimum=1)
     stop_check_steps: int = cli.field(10, help="the ranks agree on a stop request (SIGTERM, "
                                       "SIGUSR1) every N steps: a collective, so not every step",
                                       minimum=1)

@@ -33,10 +33,10 @@ RENDEZVOUS_SECONDS = 300  # how long a worker waits for the others' addresses
 
 def own_port() -> tuple[int, socket.socket | None]:
     """The port this worker will listen on: CHEXNET_TF_PORT + its Slurm task number (a range
-    the cluster's firewall opens), else the one Slurm reserved for this task of the step on this node (srun
-    --resv-ports), else one the kernel finds free now; with the last, the socket that holds it
-    (bound, so no other process is given it) until the caller closes it, once the addresses are
-    exchanged (the worker's own server takes the port moments later)."""
+    the cluster's firewall opens), else the one Slurm reserved for this task of the step on this
+    node (srun --resv-ports), else one the kernel finds free now; with the last, the socket that
+    holds it (bound, so no other process is given it) until the caller closes it, once the
+    addresses are exchanged (the worker's own server takes the port moments later)."""
     if os.environ.get("CHEXNET_TF_PORT"):
         base = os.environ["CHEXNET_TF_PORT"]
         port = int(base) + int(os.environ.get("SLURM_PROCID", "0")) if base.isdigit() else -1

@@ -125,7 +125,8 @@ def build(cfg: TrainConfig, engine, records: data.Records, initial, derived: Der
         trained = (models.with_preprocessing(model, views.shipped_side(manifest["image_size"], view), view.scaling)
                    if data.preprocess_on_device(manifest) else model)
         trained.compile(optimizer=make_optimizer(cfg, engine, derived),
-                        loss=make_loss(pos_weight(cfg, manifest)))
+                        loss=make_loss(pos_weight(cfg, manifest)),
+                        steps_per_execution=cfg.steps_per_execution)
     return model, trained
 
 

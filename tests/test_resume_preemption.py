@@ -175,6 +175,27 @@ def test_a_mid_epoch_resume_is_exact(records_dir, straight, tmp_path, engine):
     assert_same_weights(straight, tmp_path / "split")
 
 
+def test_a_mid_epoch_resume_is_exact_with_several_steps_per_call(records_dir, straight, tmp_path, engine):
+    """--steps-per-execution 4 (Keras runs 4 steps per call of its train function; an epoch's
+    26 steps as 6 calls of 4 and one of 2): the stop raised at step 33 is agreed on at the end
+    of the first call that passes step 40 (39..42), 16 batches into epoch 2; resumed at 3 steps
+    per call, the run trains the same records to the same weights, bitwise, as the straight run
+    at one step per call."""
+    common = ["--epochs", 2, *EXACT]
+    preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33,
+                              "--steps-per-execution", 4, engine=engine), timeout=300)
+    assert "rank 1: preempted after step 42" in preempted.stderr, preempted.stderr[-2000:]
+    run(train_cmd(records_dir, tmp_path / "split", *common, "--resume", "--steps-per-execution", 3,
+                  engine=engine), timeout=300, check=True)
+    log = read_runlog(tmp_path / "split")
+    resumed = [r for r in log if r["event"] == "start"][-1]
+    assert (resumed["initial_step"], resumed["resumed_parts"]) == (42, [[2, 8, 26, 16]])
+    assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 10)]
+    assert checkpoints.read_meta(tmp_path / "split" / "checkpoints" / "epoch-0002")["step"] == 52
+    assert trained(straight, 2) == trained(tmp_path / "split", 2)
+    assert_same_weights(straight, tmp_path / "split")
+
+
 def trained(run_dir, ranks: int) -> dict[int, list[str]]:
     """--audit's record ids each epoch trained, over all ranks and attempts: {epoch: sorted ids}."""
     out: dict[int, list[str]] = {}

@@ -72,6 +72,7 @@ FLAG_TESTS = {
     "resume": "tests/test_resume_preemption.py::test_resume_matches_a_straight_run",
     "checkpoint_every_steps": f"{HERE}::test_weights_early_stopping_and_step_checkpoints",
     "stop_check_steps": f"{HERE}::test_stop_check_steps_and_preempt_at_step",
+    "steps_per_execution": f"{HERE}::test_stop_check_steps_and_preempt_at_step",
     "stall_timeout": "tests/test_stalls.py::test_a_stopped_rank_ends_the_job_by_name",
     "heartbeat": "tests/test_two_ranks.py::test_a_batch_log_starts_with_a_line_and_beats_during_epochs",
     "preempt_at_step": f"{HERE}::test_stop_check_steps_and_preempt_at_step",
@@ -253,15 +254,20 @@ def test_stop_check_steps_and_preempt_at_step(records_dir, tmp_path):
     """A stop raised at step 23 (--preempt-at-step, as SIGUSR1 would) is agreed on at the next
     multiple of --stop-check-steps: step 30 with the default 10, step 23 itself with 1. Raised at
     step 39 with epochs of 20 steps, the ranks do not stop on the epoch's last step (40): they
-    validate and checkpoint epoch 2, agree as epoch 3 begins, and stop after its first step."""
+    validate and checkpoint epoch 2, agree as epoch 3 begins, and stop after its first step.
+    At --steps-per-execution 7 (calls of 7, 7 and 6 steps an epoch) the stop raised in the call
+    of steps 21..27 is agreed on at the end of the call that passes step 30 (28..34); epoch 1's
+    timing leaves out its first call (the 3 warm-up steps rounded up to it): 13 steps timed."""
     stopped = {}
     for name, flags in {"default": ["--preempt-at-step", 23], "every": ["--preempt-at-step", 23,
-                        "--stop-check-steps", 1], "boundary": ["--preempt-at-step", 39]}.items():
+                        "--stop-check-steps", 1], "boundary": ["--preempt-at-step", 39],
+                        "calls": ["--preempt-at-step", 23, "--steps-per-execution", 7]}.items():
         proc = trainer(records_dir, tmp_path / name, "--steps-per-epoch", 20, "--epochs", 4, *flags)
         assert proc.returncode == 75, proc.stderr[-2000:]
         stopped[name] = read_runlog(tmp_path / name)[-1]["step"]
-    assert stopped == {"default": 30, "every": 23, "boundary": 41}
+    assert stopped == {"default": 30, "every": 23, "boundary": 41, "calls": 34}
     assert (tmp_path / "boundary" / "checkpoints" / "epoch-0002").is_dir()
+    assert [(e["steps"], e["timed_steps"]) for e in epochs(tmp_path / "calls")] == [(20, 13)]
 
 
 def test_xla_compiles_clusters(records_dir, tmp_path):

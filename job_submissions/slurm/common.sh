@@ -11,6 +11,9 @@
 #                 defaults above: then only MODEL IMAGE_SIZE BATCH_SIZE EPOCHS set at submit
 #                 time override it; PRECISION stays the template's (it is the hardware's choice)
 #   TRAIN_ARGS    more flags for python -m chexnet_hvd.train, e.g. "--schedule plateau"
+#   STEPS_PER_EXECUTION   training steps per call of Keras' train function (default 8: Python's
+#                 cost per call, ~1 ms, paid once per 8 steps of a few ms on a GPU; stops and
+#                 step checkpoints then happen at the end of a call; docs/benchmarks.md)
 #   CSV IMAGES RECORDS_ARGS   records_mpi.sh only: the records writer's input and more flags
 #   STUDY_DIR N_TRIALS PROPOSER NAS_ARGS   nas_array.sh only: the shared study (default
 #                 $RUN_ROOT/nas, on a filesystem all nodes see), its trial budget, the proposer
@@ -39,6 +42,7 @@
 : "${DATA_DIR:=$CHEXNET_HOME/data/records}"
 : "${RUN_ROOT:=$CHEXNET_HOME/runs}"
 : "${RECIPE:=}" "${PRECISION:=mixed_float16}" "${TRAIN_ARGS:=}" "${LAUNCHER:=srun}" "${SRUN_MPI:=pmix}"
+: "${STEPS_PER_EXECUTION:=8}"
 : "${ENGINE:=${CHEXNET_ENGINE:-$("$VENV/bin/python" -c 'from chexnet_hvd.distributed import DEFAULT_ENGINE; print(DEFAULT_ENGINE)' 2>/dev/null || echo horovod)}}"
 if [[ -z $RECIPE ]]; then
   : "${MODEL:=densenet121}" "${IMAGE_SIZE:=224}" "${BATCH_SIZE:=16}" "${EPOCHS:=10}"
@@ -104,7 +108,7 @@ run_training() {
   echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks of $ENGINE via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
   # --verbose 2: one line per epoch in job.log (under mpirun rank 0 sees a terminal, so the
   # trainer alone cannot tell that this is a batch job).
-  local settings=(--precision "$PRECISION" --engine "$ENGINE") var flag
+  local settings=(--precision "$PRECISION" --engine "$ENGINE" --steps-per-execution "$STEPS_PER_EXECUTION") var flag
   if [[ $ENGINE == tf ]]; then SRUN_MPI=none; fi  # TensorFlow's own collectives: no MPI
   if [[ -n $RECIPE ]]; then settings+=(--recipe "$RECIPE"); fi
   for var in MODEL IMAGE_SIZE BATCH_SIZE EPOCHS; do  # IMAGE_SIZE -> --image-size "$IMAGE_SIZE", if set
