@@ -70,7 +70,7 @@ class EpochProgress(tf.keras.callbacks.Callback):
 
     def __init__(self, state: RunState, beat=None, rest=None):
         super().__init__()
-        self.state, self.beat = state, beat  # beat(step): the stall watchdog's progress
+        self.state, self.beat = state, beat  # beat(step, steps): the stall watchdog's progress
         self.rest = rest  # the stall watchdog: fit has ended, no step is due
 
     def on_train_end(self, logs=None):
@@ -90,7 +90,7 @@ class EpochProgress(tf.keras.callbacks.Callback):
         state.step += state.executed
         state.batch = batch + 1
         if self.beat:
-            self.beat(self.state.step)
+            self.beat(state.step, state.executed)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.state.preempted:
@@ -103,10 +103,12 @@ class EpochProgress(tf.keras.callbacks.Callback):
 
 class StopAgreement(tf.keras.callbacks.Callback):
     """The ranks agree (allreduce max of their stop flags) every `every` steps (`reached`) and as
-    an epoch begins (Keras then trains one call of its train function before it stops), at points
-    all ranks share, and all stop after the same step. Never on an epoch's last step: that epoch is validated and checkpointed
-    first, so a resumed run never meets a finished but unvalidated epoch. --preempt-at-step
-    raises the flag as a signal would."""
+    an epoch begins, at points all ranks share, and all stop after the same step. Never on an
+    epoch's last step: that epoch is validated and checkpointed first, so a resumed run never
+    meets a finished but unvalidated epoch. Agreed as an epoch begins, Keras still trains one
+    call of its train function before it looks: that call is cut to one step, or with
+    --steps-per-execution as long as the epoch it would finish it unvalidated.
+    --preempt-at-step raises the flag as a signal would."""
 
     _supports_tf_logs = True
 
@@ -116,7 +118,8 @@ class StopAgreement(tf.keras.callbacks.Callback):
         self.every, self.preempt_at = every, preempt_at
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.agree()
+        if self.agree():
+            self.model._steps_per_execution.assign(1)  # Keras reads it before each call
 
     def on_train_batch_end(self, batch, logs=None):
         state = self.state
@@ -125,10 +128,11 @@ class StopAgreement(tf.keras.callbacks.Callback):
         if reached(state, self.every) and state.batch < state.part_steps:
             self.agree()
 
-    def agree(self):
+    def agree(self) -> bool:
         if self.engine.any_rank(self.stop.requested):  # a collective: every rank, same step
             self.state.preempted = True
             self.model.stop_training = True
+        return self.state.preempted
 
 
 class Timing(tf.keras.callbacks.Callback):

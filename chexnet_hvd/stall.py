@@ -4,8 +4,8 @@ A collective waits for every rank, forever under MPI: one rank stopped, killed w
 launcher noticing, cut off from the network or stuck reading its input would hold a multi-node
 job until its time limit. So every rank runs a `Watchdog`, a thread beside the training loop:
 
-- the loop calls `progress()` after every training step, validation batch and checkpoint
-  write (one attribute store);
+- the loop calls `progress()` after every call of the training step (--steps-per-execution
+  steps), validation batch and checkpoint write (one attribute store);
 - every `interval` seconds each rank sends every other rank a heartbeat (a UDP datagram: rank,
   step, input batches delivered, seconds since its last progress) to the address it announced
   at start, and notes the heartbeats it receives;
@@ -64,7 +64,13 @@ def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tup
     silent = sorted(r for r, h in heard.items() if r != me and now - h["at"] > timeout)
     if silent:
         return silent, f"no heartbeat for more than {timeout:g} s (stopped, killed, or cut off)"
-    starved = sorted(r for r, h in heard.items() if h["delivered"] <= h["taken"])
+    # Starved: no batch beyond the steps taken, or (inside a call of several steps, which the
+    # step counts do not see) fewer batches than another rank at the same step: ranks step
+    # together, so the others hold the batch of the step this one waits for.
+    top = max(h["step"] for h in heard.values())
+    level = max(h["delivered"] for h in heard.values() if h["step"] == top)
+    starved = sorted(r for r, h in heard.items()
+                     if h["delivered"] <= h["taken"] or (h["step"] == top and h["delivered"] < level))
     if starved:
         return starved, "its input pipeline delivered no batch for the step it is at"
     lowest = min(h["step"] for h in heard.values())
@@ -111,13 +117,14 @@ class Watchdog:
         for target in (self._listen, self._watch):
             threading.Thread(target=target, daemon=True, name=f"stall-{target.__name__}").start()
 
-    def progress(self, step: int | None = None) -> None:
-        """A step, validation batch or checkpoint write completed: the clock starts again (and,
-        from the first training step on, the watch is armed)."""
+    def progress(self, step: int | None = None, steps: int = 1) -> None:
+        """A call of the training step (`steps` steps, up to the run's `step`), a validation
+        batch or a checkpoint write completed: the clock starts again (and, from the first
+        training step on, the watch is armed)."""
         self.last_progress = time.monotonic()
         if step is not None:
             self.step, self.armed = step, True
-            self.taken += 1
+            self.taken += steps
 
     def rest(self) -> None:
         """Training has ended (or a resumed part's fit has, before the next begins): no step is

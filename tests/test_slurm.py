@@ -163,12 +163,14 @@ def test_template_syntax_and_sbatch_lines_first(template):
 def assert_template_run(template, job: str, run_dir, epochs: int, precision: str = "") -> None:
     """What every template's run must show: its own precision default (or the PRECISION
     given), the world size, nodes and one GPU per rank its #SBATCH lines ask for (each
-    attempt), completion, and a batch log of one line per epoch, no progress bars."""
+    attempt), common.sh's 8 training steps per call, completion, and a batch log of one line
+    per epoch, no progress bars."""
     nodes, ranks, gpus = layout(template)
     log = read_runlog(run_dir)
     for start in (r for r in log if r["event"] == "start"):
         assert (start["slurm_job_id"], start["precision"]) == (job, precision or default_precision(template))
         assert_ranks_placed(start, nodes, ranks, gpus)
+        assert start["config"]["steps_per_execution"] == 8
     assert log[-1]["status"] == "completed"
     job_log = (run_dir / "job.log").read_text()
     assert "\r" not in job_log and "[====" not in job_log  # no progress bars in batch output

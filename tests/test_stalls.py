@@ -191,7 +191,8 @@ def test_who_a_stalled_rank_names():
     """Silent peers first; else ranks whose input delivered nothing for their step; else the
     ranks behind; else every rank (a collective that never completes). A resumed attempt (the
     run's step from its checkpoint, this process's counts from 0) names the rank behind, not
-    every rank as starved of input."""
+    every rank as starved of input; inside a call of several steps the starved rank is the one
+    with fewer batches than the others at its step."""
     now, t = 100.0, 10
 
     def heard(resumed_at=0, **ranks):
@@ -205,6 +206,12 @@ def test_who_a_stalled_rank_names():
     assert names == [0, 1] and "collective" in why
     assert stall.culprits(now, 0, heard(400, r0=(99, 20, 22), r1=(99, 19, 21)), t)[0] == [1]
     assert stall.culprits(now, 0, heard(400, r0=(99, 20, 22), r1=(99, 20, 20)), t)[0] == [1]
+    # 8 steps per call, all ranks in the call after step 16: rank 1 waits for its 3rd batch of
+    # it (18 delivered), the others hold theirs (19) and wait for rank 1 in that step's collective
+    names, why = stall.culprits(now, 0, heard(r0=(99, 16, 19), r1=(99, 16, 18), r2=(99, 16, 19)), t)
+    assert names == [1] and "input" in why
+    names, why = stall.culprits(now, 0, heard(r0=(99, 16, 19), r1=(99, 16, 19)), t)  # a compute hang
+    assert names == [0, 1] and "collective" in why
 
 
 WATCH_ALONE = """

@@ -228,6 +228,21 @@ def test_backward_passes_per_step_and_keep_checkpoints(records_dir, tmp_path):
     assert same(after[2], after[1]) and not same(after[3], after[2])
 
 
+def test_steps_per_execution_trains_what_one_step_per_call_does(records_dir, tmp_path):
+    """3 steps per call of Keras' train function, 2 backward passes per update: the update of
+    steps 3 and 4 sums passes from two calls (Horovod's accumulation lives in the graph's
+    variables), and the weights end bitwise where one step per call takes them.
+    --checkpoint-every-steps 2 checkpoints at the end of the call that passes step 2 (step 3);
+    the call that passes step 4 ends the epoch, which its epoch checkpoint covers."""
+    for calls in (1, 3):
+        trainer(records_dir, tmp_path / f"calls{calls}", "--engine", "horovod", "--backward-passes-per-step", 2,
+                "--steps-per-epoch", 6, "--epochs", 1, "--steps-per-execution", calls,
+                "--checkpoint-every-steps", 2, check=True)
+    assert same(weights(tmp_path / "calls1"), weights(tmp_path / "calls3"))
+    assert not same(weights(tmp_path / "calls1"), weights(tmp_path / "calls1", "-initial"))
+    assert [p.name for p in (tmp_path / "calls3" / "checkpoints").glob("step-*")] == ["step-000000003"]
+
+
 def test_weights_early_stopping_and_step_checkpoints(records_dir, tmp_path):
     """--weights starts from a file (lr 0 keeps it); with weights that never change the val
     AUROC never improves, so --early-stopping 1 ends the run after epoch 2 of 5; and
@@ -256,17 +271,22 @@ def test_stop_check_steps_and_preempt_at_step(records_dir, tmp_path):
     step 39 with epochs of 20 steps, the ranks do not stop on the epoch's last step (40): they
     validate and checkpoint epoch 2, agree as epoch 3 begins, and stop after its first step.
     At --steps-per-execution 7 (calls of 7, 7 and 6 steps an epoch) the stop raised in the call
-    of steps 21..27 is agreed on at the end of the call that passes step 30 (28..34); epoch 1's
-    timing leaves out its first call (the 3 warm-up steps rounded up to it): 13 steps timed."""
+    of steps 21..27 is agreed on at the end of the call that passes step 30 (28..34); raised at
+    39, in epoch 2's last call, it stops after step 41 as at one step per call (the call after an
+    agreement at an epoch's start is cut to one step); epoch 1's timing leaves out its first call
+    (the 3 warm-up steps rounded up to it): 13 steps timed."""
     stopped = {}
+    calls = ["--steps-per-execution", 7]
     for name, flags in {"default": ["--preempt-at-step", 23], "every": ["--preempt-at-step", 23,
                         "--stop-check-steps", 1], "boundary": ["--preempt-at-step", 39],
-                        "calls": ["--preempt-at-step", 23, "--steps-per-execution", 7]}.items():
+                        "calls": ["--preempt-at-step", 23, *calls],
+                        "calls_boundary": ["--preempt-at-step", 39, *calls]}.items():
         proc = trainer(records_dir, tmp_path / name, "--steps-per-epoch", 20, "--epochs", 4, *flags)
         assert proc.returncode == 75, proc.stderr[-2000:]
         stopped[name] = read_runlog(tmp_path / name)[-1]["step"]
-    assert stopped == {"default": 30, "every": 23, "boundary": 41, "calls": 34}
-    assert (tmp_path / "boundary" / "checkpoints" / "epoch-0002").is_dir()
+    assert stopped == {"default": 30, "every": 23, "boundary": 41, "calls": 34, "calls_boundary": 41}
+    for name in ("boundary", "calls_boundary"):
+        assert (tmp_path / name / "checkpoints" / "epoch-0002").is_dir()
     assert [(e["steps"], e["timed_steps"]) for e in epochs(tmp_path / "calls")] == [(20, 13)]
 
 

@@ -11,9 +11,10 @@
 #                 defaults above: then only MODEL IMAGE_SIZE BATCH_SIZE EPOCHS set at submit
 #                 time override it; PRECISION stays the template's (it is the hardware's choice)
 #   TRAIN_ARGS    more flags for python -m chexnet_hvd.train, e.g. "--schedule plateau"
-#   STEPS_PER_EXECUTION   training steps per call of Keras' train function (default 8: Python's
-#                 cost per call, ~1 ms, paid once per 8 steps of a few ms on a GPU; stops and
-#                 step checkpoints then happen at the end of a call; docs/benchmarks.md)
+#   STEPS_PER_EXECUTION   the training templates' steps per call of Keras' train function
+#                 (default 8: Python's cost per call, ~1 ms, paid once per 8 steps of a few ms
+#                 on a GPU; stops and step checkpoints then happen at the end of a call;
+#                 docs/benchmarks.md). nas_array.sh's candidates train at the trainer's 1.
 #   CSV IMAGES RECORDS_ARGS   records_mpi.sh only: the records writer's input and more flags
 #   STUDY_DIR N_TRIALS PROPOSER NAS_ARGS   nas_array.sh only: the shared study (default
 #                 $RUN_ROOT/nas, on a filesystem all nodes see), its trial budget, the proposer
