@@ -106,8 +106,8 @@ class StopAgreement(tf.keras.callbacks.Callback):
     an epoch begins, at points all ranks share, and all stop after the same step. Never on an
     epoch's last step: that epoch is validated and checkpointed first, so a resumed run never
     meets a finished but unvalidated epoch. Agreed as an epoch begins, Keras still trains one
-    call of its train function before it looks: that call is cut to one step, or with
-    --steps-per-execution as long as the epoch it would finish it unvalidated.
+    call of its train function before it looks: that call is cut to one step (a call of
+    --steps-per-execution steps as long as the epoch would finish it unvalidated).
     --preempt-at-step raises the flag as a signal would."""
 
     _supports_tf_logs = True

@@ -10,10 +10,11 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   step, input batches delivered, seconds since its last progress) to the address it announced
   at start, and notes the heartbeats it receives;
 - when no rank has made progress for `timeout` seconds (as far as this rank knows: its own
-  clock, and each peer's as last reported plus the age of that report), the rank ends the
-  job: it names the ranks it stopped hearing from (stopped, killed, or cut off: their host),
-  else the ranks whose input pipeline delivered no batch for the step they wait for, else the
-  ranks at the lowest step (everyone else waits for them in a collective); prints one line;
+  clock, and each peer's as last reported plus the age of that report; a peer that has missed
+  heartbeats is first given until it is silent: `late`), the rank ends the job: it names the
+  ranks it stopped hearing from (stopped, killed, or cut off: their host), else the ranks
+  whose input pipeline delivered no batch for the step they wait for, else the ranks at the
+  lowest step (everyone else waits for them in a collective); prints one line;
   the chief (or, when the chief is the one stalled, the lowest rank still running, after a
   grace period) writes the run log's end record, status `stalled`; and the process exits with
   EXIT_STALLED. The launcher then ends the others (srun --kill-on-bad-exit, mpirun, horovodrun
@@ -78,6 +79,14 @@ def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tup
     if len(behind) < len(heard):
         return behind, f"at step {lowest}, behind the others, which wait for it in a collective"
     return behind, f"every rank at step {lowest}, inside a collective that does not complete"
+
+
+def late(now: float, me: int, heard: dict[int, dict], interval: float, timeout: float) -> list[int]:
+    """Peers that have missed heartbeats (none for two intervals) but are not yet silent (none
+    for `timeout`): a rank stopped in mid-call, after the others' last progress, has been quiet
+    for less than the job has been idle; its silence is waited for, so that it, not every rank,
+    is named."""
+    return sorted(r for r, h in heard.items() if r != me and 2 * interval < now - h["at"] <= timeout)
 
 
 class Watchdog:
@@ -171,7 +180,8 @@ class Watchdog:
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
             job_idle = min(h["idle"] + now - h["at"] for h in self.heard.values())
-            if self.armed and job_idle > self.timeout:
+            if self.armed and job_idle > self.timeout and not late(now, self.rank, self.heard,
+                                                                   self.interval, self.timeout):
                 self._stalled(now, idle)
                 return
 

@@ -214,6 +214,18 @@ def test_who_a_stalled_rank_names():
     assert names == [0, 1] and "collective" in why
 
 
+def test_a_peer_that_missed_heartbeats_is_waited_for_until_it_is_silent():
+    """Stopped in mid-call (8 steps per call), rank 1 went quiet 4 s after the others' last
+    progress: 10 s later the job is idle for the timeout, but rank 1 has been quiet for 6 s only;
+    the watch waits until it is silent (then `culprits` names it alone). A peer heard within two
+    intervals is not waited for."""
+    now, interval, timeout = 100.0, 2.0, 10.0
+    heard = {0: {"at": 100.0}, 1: {"at": 94.0}, 2: {"at": 99.0}}
+    assert stall.late(now, 0, heard, interval, timeout) == [1]
+    assert stall.late(now + 4.5, 0, heard | {2: {"at": 103.0}}, interval, timeout) == []  # silent now
+    assert stall.late(now, 0, heard | {1: {"at": 97.0}}, interval, timeout) == []
+
+
 WATCH_ALONE = """
 import sys, time
 from chexnet_hvd import stall
