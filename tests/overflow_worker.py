@@ -1,10 +1,10 @@
 """One rank of the fp16 overflow test (tests/test_train_flags.py runs it on 2 ranks of each engine:
-`overflow_worker.py OUT ENGINE`).
+`overflow_worker.py OUT ENGINE [CALLS]`, CALLS training steps per call of Keras' train function).
 
 The trainer's own optimizer (`train.make_optimizer`, mixed_float16) trains a small model with
 Keras `fit`; on step OVERFLOW_STEP only rank 1's batch holds an infinite pixel, so only its local
 gradients are non-finite. After every step each rank records its loss scale, its optimizer step
-and a hash of its weights into OUT/rank<N>.json.
+and a hash of its weights into OUT/rank<R>-<CALLS>.json (at several steps per call: after every call).
 """
 
 import hashlib
@@ -22,7 +22,7 @@ def weights_hash(model) -> str:
     return hashlib.sha256(b"".join(w.tobytes() for w in model.get_weights())).hexdigest()
 
 
-def main(out: str, engine_name: str) -> None:
+def main(out: str, engine_name: str, calls: str = "1") -> None:
     # the engines' timeouts of a watched job (as the trainer's default): above a loaded machine's pauses
     engine, _ = distributed.start(engine_name, threads=1, stall_timeout=600)
     import tensorflow as tf
@@ -34,7 +34,8 @@ def main(out: str, engine_name: str) -> None:
     derived = config.derive(cfg, {"splits": {"train": {"count": STEPS * 4 * engine.size}}}, engine.size)
     with engine.scope():
         model = models.build_model("small_cnn", 16, 3)
-        model.compile(optimizer=train.make_optimizer(cfg, engine, derived), loss=train.make_loss())
+        model.compile(optimizer=train.make_optimizer(cfg, engine, derived), loss=train.make_loss(),
+                      steps_per_execution=int(calls))
 
     rng = np.random.default_rng(engine.rank)
     images = rng.normal(size=(STEPS, 4, 16, 16, 3)).astype(np.float32)
@@ -58,7 +59,7 @@ def main(out: str, engine_name: str) -> None:
     engine.broadcast_variables(model.variables)
     model.fit(engine.fit_input(lambda: dataset), epochs=1, steps_per_epoch=STEPS,
               callbacks=[Record()], verbose=0)
-    with open(f"{out}/rank{engine.rank}.json", "w") as fh:
+    with open(f"{out}/rank{engine.rank}-{calls}.json", "w") as fh:
         json.dump(log, fh)
 
 

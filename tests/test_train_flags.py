@@ -233,14 +233,16 @@ def test_steps_per_execution_trains_what_one_step_per_call_does(records_dir, tmp
     steps 3 and 4 sums passes from two calls (Horovod's accumulation lives in the graph's
     variables), and the weights end bitwise where one step per call takes them.
     --checkpoint-every-steps 2 checkpoints at the end of the call that passes step 2 (step 3);
-    the call that passes step 4 ends the epoch, which its epoch checkpoint covers."""
+    the call that passes step 4 ends the epoch, which its epoch checkpoint covers. A profiler
+    trace of steps 2..5 spans both calls (and changes nothing learned)."""
     for calls in (1, 3):
         trainer(records_dir, tmp_path / f"calls{calls}", "--engine", "horovod", "--backward-passes-per-step", 2,
                 "--steps-per-epoch", 6, "--epochs", 1, "--steps-per-execution", calls,
-                "--checkpoint-every-steps", 2, check=True)
+                "--checkpoint-every-steps", 2, *["--profile-steps", "2,5"] * (calls > 1), check=True)
     assert same(weights(tmp_path / "calls1"), weights(tmp_path / "calls3"))
     assert not same(weights(tmp_path / "calls1"), weights(tmp_path / "calls1", "-initial"))
     assert [p.name for p in (tmp_path / "calls3" / "checkpoints").glob("step-*")] == ["step-000000003"]
+    assert list((tmp_path / "calls3" / "tensorboard" / "profile").rglob("*.xplane.pb"))
 
 
 def test_weights_early_stopping_and_step_checkpoints(records_dir, tmp_path):
@@ -291,10 +293,13 @@ def test_stop_check_steps_and_preempt_at_step(records_dir, tmp_path):
 
 
 def test_xla_compiles_clusters(records_dir, tmp_path):
+    """Also at 4 steps per call (the clusters then inside Keras' loop of steps)."""
     env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
     with_xla = trainer(records_dir, tmp_path / "xla", "--xla", env=env, check=True)
+    in_calls = trainer(records_dir, tmp_path / "xla4", "--xla", "--steps-per-execution", 4, env=env, check=True)
     without = trainer(records_dir, tmp_path / "plain", env=env, check=True)
-    assert "Compiled cluster using XLA" in with_xla.stderr
+    assert "Compiled cluster using XLA" in with_xla.stderr and "Compiled cluster using XLA" in in_calls.stderr
+    assert read_runlog(tmp_path / "xla4")[-1]["status"] == "completed"
     assert "Compiled cluster using XLA" not in without.stderr
 
 
@@ -343,12 +348,15 @@ def test_mixed_float16_under_horovod_end_to_end(records_dir, tmp_path):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, engine):
     """Only rank 1's batch of step 3 holds an infinite pixel: both ranks skip step 3 (weights
-    unchanged), both halve the loss scale, and the weights stay bitwise identical throughout."""
-    run([*launcher(engine, 2), sys.executable, "tests/overflow_worker.py", str(tmp_path), engine],
-        timeout=300, check=True)
-    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert logs[0] == logs[1]  # scales, step counters and weights, step by step
-    log = logs[0]
+    unchanged), both halve the loss scale, and the weights stay bitwise identical throughout.
+    At 3 steps per call (the overflow the call's last step) and 4 (the overflow inside the first
+    call): after every call the scales, step counters and weights of 1 step per call."""
+    for calls in (1, 3, 4):
+        run([*launcher(engine, 2), sys.executable, "tests/overflow_worker.py", str(tmp_path), engine,
+             str(calls)], timeout=300, check=True)
+    logs = {(r, c): json.loads((tmp_path / f"rank{r}-{c}.json").read_text()) for r in (0, 1) for c in (1, 3, 4)}
+    assert all(logs[0, c] == logs[1, c] for c in (1, 3, 4))  # scales, step counters and weights
+    log = logs[0, 1]
     overflow = 3
     for before, after in zip(log, log[1:], strict=False):
         if after["step"] == overflow:
@@ -356,3 +364,4 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, engine
         else:
             assert after["weights"] != before["weights"] and after["scale"] == before["scale"]
     assert [e.get("iterations") for e in log[1:]] == list(range(1, len(log)))
+    assert logs[0, 3] == [log[0], log[3], log[6]] and logs[0, 4] == [log[0], log[4], log[6]]
