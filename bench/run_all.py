@@ -70,8 +70,9 @@ def section_trainer(r: dict) -> list[str]:
             ("keras_fit_calls", "plain Keras fit, in-memory batch, 8 steps per call"),
             ("trainer_records_calls", "trainer on uint8 records, --steps-per-execution 8"),
             ("trainer_xla", "trainer, in-memory input, --xla"))], "",
-        f"- trainer on records / bare loop: {verdict(ratio, 0.95)}",
-        f"- at --steps-per-execution 8 (Keras runs 8 steps per call of its train function): trainer "
+        f"- trainer on records / bare loop: {verdict(ratio, 0.95)} at the trainer's default of 1 step "
+        f"per call of Keras' train function",
+        f"- at --steps-per-execution 8 (the GPU recipes' and the Slurm templates' setting): trainer "
         f"on records / bare loop: {verdict(small['records_calls_over_bare'], 0.95)}; Keras' fit loop / "
         f"bare loop {small['fit_calls_over_bare']:.3f} (one step per call: {small['fit_over_bare']:.3f})",
         f"- the pieces: Keras' fit loop / bare loop {small['fit_over_bare']:.3f}; the trainer's per-batch "

@@ -32,8 +32,13 @@ class Recipe:
     evaluate: dict = dataclasses.field(default_factory=dict)  # python -m chexnet_hvd.evaluate flags
 
 
+# How the recipes meant for GPUs run, not what they learn (bitwise the same at any N): 8 training
+# steps per call of Keras' train function, so that Python's cost per call (~1 ms) is paid once
+# per 8 steps of a few milliseconds (docs/benchmarks.md); the Slurm templates' default too.
+GPU = {"steps_per_execution": 8}
+
 RECIPES = {r.name: r for r in [
-    Recipe("chexnet", 2, "CheXNet: DenseNet-121 from ImageNet, 224 px, Adam 1e-3 at batch 16, "
+    Recipe("chexnet", 3, "CheXNet: DenseNet-121 from ImageNet, 224 px, Adam 1e-3 at batch 16, "
            "weighted BCE, lr x0.1 on a plateau (patience 1), horizontal flips; random 224 crops "
            "of 256-px records, the centre crop in validation and test",
            "Rajpurkar et al. 2017, CheXNet, arXiv:1711.05225: the model, initialisation, "
@@ -48,9 +53,9 @@ RECIPES = {r.name: r for r in [
            {"model": "densenet121", "image_size": 224, "weights": "imagenet", "optimizer": "adam",
             "lr": 1e-3, "reference_batch": 16, "batch_size": 16, "class_weights": "manifest",
             "schedule": "plateau", "plateau_patience": 1, "plateau_factor": 0.1, "augment": True,
-            "crop": True, "epochs": 20, "early_stopping": 3},
+            "crop": True, "epochs": 20, "early_stopping": 3, **GPU},
            records={"image_size": 256, "encoding": "uint8"}, evaluate={"tta": "tencrop"}),
-    Recipe("chexpert", 1, "CheXpert: DenseNet-121 from ImageNet, 320 px, the 5 competition "
+    Recipe("chexpert", 2, "CheXpert: DenseNet-121 from ImageNet, 320 px, the 5 competition "
            "classes with an uncertainty policy per class, Adam 1e-4 at batch 16, 3 epochs",
            "Irvin et al. 2019, CheXpert, AAAI (arXiv:1901.07031): the model, initialisation, "
            "320-px input, Adam 1e-4 fixed, batch 16, 3 epochs, checkpoints every 4,800 "
@@ -62,11 +67,11 @@ RECIPES = {r.name: r for r in [
            "study's views).",
            {"model": "densenet121", "image_size": 320, "weights": "imagenet", "optimizer": "adam",
             "lr": 1e-4, "reference_batch": 16, "batch_size": 16, "schedule": "constant",
-            "class_weights": "none", "epochs": 3, "checkpoint_every_steps": 4800},
+            "class_weights": "none", "epochs": 3, "checkpoint_every_steps": 4800, **GPU},
            records={"dataset": ["chexpert"], "observations": "competition",
                     "uncertainty": "ignore,Atelectasis=ones,Edema=ones", "image_size": 320,
                     "encoding": "uint8"}),
-    Recipe("resnet59_large", 1, "ResNet-59 on 896 px inputs, SGD (Nesterov 0.9), lr scaled "
+    Recipe("resnet59_large", 2, "ResNet-59 on 896 px inputs, SGD (Nesterov 0.9), lr scaled "
            "with the global batch after a warmup proportional to it",
            "SURFsara / Intel large-input chest X-ray work (ResNet-59 for 896-1024 px, warmup "
            "proportional to the global batch); lr 0.1 per 256 images after Goyal et al. 2017, "
@@ -75,16 +80,16 @@ RECIPES = {r.name: r for r in [
            {"model": "resnet59", "image_size": 896, "weights": "none", "optimizer": "sgd",
             "lr": 0.1, "reference_batch": 256, "batch_size": 4, "warmup_epochs": -1.0,
             "schedule": "cosine", "class_weights": "manifest", "precision": "mixed_float16",
-            "epochs": 30},
+            "epochs": 30, **GPU},
            records={"image_size": 1024, "encoding": "png"}),
-    Recipe("dell_baseline", 1, "The Dell EMC suite's settings: DenseNet-121 at 256 px, Adam 1e-3 "
+    Recipe("dell_baseline", 2, "The Dell EMC suite's settings: DenseNet-121 at 256 px, Adam 1e-3 "
            "not scaled with the world size, no warmup, batch 64 per GPU, flips, 10 epochs",
            "Dell EMC HPC and AI Innovation Lab, 'AI radiologist' ChestX-ray14 suite (TF 1.12 + "
            "Horovod 0.16): for throughput and AUROC comparable with its table. ImageNet "
            "initialisation and unweighted BCE are assumed here, not taken from its code.",
            {"model": "densenet121", "image_size": 256, "weights": "imagenet", "optimizer": "adam",
             "lr": 1e-3, "reference_batch": 0, "batch_size": 64, "warmup_epochs": 0.0,
-            "schedule": "constant", "class_weights": "none", "augment": True, "epochs": 10},
+            "schedule": "constant", "class_weights": "none", "augment": True, "epochs": 10, **GPU},
            records={"image_size": 256, "encoding": "uint8"}),
     Recipe("nas_candidate", 1, "What every architecture-search candidate trains with "
            "(python -m chexnet_hvd.nas sets the model, size, batch and epochs)",
