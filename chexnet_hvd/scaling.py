@@ -22,7 +22,7 @@ from chexnet_hvd import cli, runlog
 
 # Every setting that changes throughput: runs differing in one of them never pool.
 GROUP_KEYS = ("model", "image_size", "precision", "local_batch", "input", "preprocess", "xla",
-              "fp16_allreduce", "backward_passes", "backend", "engine")
+              "fp16_allreduce", "backward_passes", "steps_per_call", "backend", "engine")
 COLUMNS = [*GROUP_KEYS, "ranks", "global_batch", "images_per_sec", "images_per_sec_per_rank", "speedup",
            "efficiency", "strong_speedup", "strong_efficiency", "epoch_seconds_mean", "epoch_seconds_sd",
            "nih_epoch_seconds", "bottleneck", "step_ms", "compute_ms", "communication_ms", "input_empty",
@@ -42,6 +42,7 @@ def settings(start: dict) -> dict:
             "xla": bool(config.get("xla", False)),
             "fp16_allreduce": bool(config.get("fp16_allreduce", False)),
             "backward_passes": int(config.get("backward_passes_per_step", 1)),
+            "steps_per_call": int(config.get("steps_per_execution", 1)),
             "backend": start.get("backend", start.get("horovod_backend")), "engine": start.get("engine", "horovod")}
 
 
@@ -247,7 +248,8 @@ def title(group: dict, batch: str = "") -> str:
     text = f"{group['model']}, {group['image_size']} px, {group['precision']}, {batch}, {group['input']} input"
     switched = (("preprocessed in the model graph", group["preprocess"] == "model graph"),
                 ("XLA", group["xla"]), ("fp16 allreduce", group["fp16_allreduce"]),
-                (f"{group['backward_passes']} backward passes per step", group["backward_passes"] > 1))
+                (f"{group['backward_passes']} backward passes per step", group["backward_passes"] > 1),
+                (f"{group['steps_per_call']} steps per call", group["steps_per_call"] > 1))
     return text + "".join(f", {name}" for name, on in switched if on)
 
 

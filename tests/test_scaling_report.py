@@ -77,7 +77,8 @@ def test_a_lone_rank_joins_its_multi_rank_runs_whatever_its_transport(tmp_path):
                                      {"config": {"fp16_allreduce": True}}, {"backend": "mpi"},
                                      {"horovod_backend": "mpi"}, {"engine": "tf", "backend": "ring"},
                                      {"preprocess": "model graph"},
-                                     {"config": {"backward_passes_per_step": 2}}], ids=str)
+                                     {"config": {"backward_passes_per_step": 2}},
+                                     {"config": {"steps_per_execution": 8}}], ids=str)
 def test_runs_differing_in_a_throughput_setting_never_pool(tmp_path, setting):
     write_run(tmp_path / "a", 2, 180.0, horovod_backend="gloo")
     write_run(tmp_path / "b", 2, 400.0, **({"horovod_backend": "gloo"} | setting))
