@@ -160,9 +160,10 @@ class Timing(tf.keras.callbacks.Callback):
         warmed = self.warm is not None and steps > self.warm
         timed = steps - self.warm if warmed else steps
         seconds = t_end - (self.t_warm if warmed else self.t0)
-        self.state.timing = {"steps": steps, "timed_steps": timed,
-                             "seconds": round(t_end - self.t0, 3),
-                             "images_per_sec": round(timed * self.global_batch / max(seconds, 1e-9), 3)}
+        self.state.timing = {"steps": steps, "timed_steps": timed,  # no step, no throughput:
+                             "seconds": round(t_end - self.t0, 3),  # (an epoch a resume left empty)
+                             "images_per_sec": round(timed * self.global_batch / max(seconds, 1e-9), 3)
+                             if steps else None}
 
 
 class Diagnosis(tf.keras.callbacks.Callback):
@@ -320,9 +321,10 @@ class RunLog(tf.keras.callbacks.Callback):
         if self.state.preempted:
             return
         t, val = self.state.timing, self.state.validation
+        ips, loss = t["images_per_sec"], logs.get("loss")  # None: the epoch trained no step
         record = self.writer.write("epoch", epoch=epoch + 1, **t,
-                          images_per_sec_per_rank=round(t["images_per_sec"] / self.world_size, 3),
-                          train_loss=round(float(logs.get("loss", float("nan"))), 6),
+                          images_per_sec_per_rank=None if ips is None else round(ips / self.world_size, 3),
+                          train_loss=None if loss is None else round(float(loss), 6),
                           lr=self.state.lr,
                           val_loss=val.get("loss"), val_mean_auroc=val.get("mean_auroc"),
                           val_auroc=val.get("auroc"), val_auprc=val.get("auprc"),
@@ -332,9 +334,10 @@ class RunLog(tf.keras.callbacks.Callback):
         if self.summary:
             write_scalars(self.summary, record)
         if self.verbose:
-            print(f"epoch {epoch + 1}: {t['images_per_sec']:.1f} img/s, loss {logs.get('loss', 0):.4f}, "
-                  f"val mean AUROC {val.get('mean_auroc')}; {bottleneck.summary(self.state.diagnosis)}",
-                  flush=True)
+            trained = ("no step left to train (resumed at its end)" if ips is None
+                       else f"{ips:.1f} img/s, loss {float(loss):.4f}")
+            print(f"epoch {epoch + 1}: {trained}, val mean AUROC {val.get('mean_auroc')}; "
+                  f"{bottleneck.summary(self.state.diagnosis)}", flush=True)
 
 
 class Heartbeat(tf.keras.callbacks.Callback):

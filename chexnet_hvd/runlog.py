@@ -11,7 +11,8 @@
          train_loss, lr, val_loss, val_auroc (per class), val_mean_auroc, val_auprc, val_n,
          val_batches, val_seconds, peak_memory_mb (rank 0: GPU allocator peak, or peak RSS on CPU),
          bottleneck with step_seconds, compute_seconds and input_starved per rank and
-         communication_seconds (chexnet_hvd.bottleneck)
+         communication_seconds (chexnet_hvd.bottleneck); an epoch a resume left no step to
+         train has steps 0 and images_per_sec, images_per_sec_per_rank and train_loss null
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
          (with error, and the ranks and hosts it names: chexnet_hvd.stall)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.

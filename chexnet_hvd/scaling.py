@@ -102,8 +102,10 @@ def load_all(paths: list[Path]) -> list[Run]:
 
 
 def timed_epochs(epochs: list[dict], skip_first: int) -> list[dict]:
-    """Epochs that count for throughput: the first `skip_first` (graph building, cold caches)
-    are left out when there are more epochs than that."""
+    """Epochs that count for throughput: those that trained (a resume can leave an epoch no step,
+    logged without img/s), of them the first `skip_first` (graph building, cold caches) left out
+    when there are more than that."""
+    epochs = [e for e in epochs if e["images_per_sec"]]
     return epochs[skip_first:] if len(epochs) > skip_first else epochs
 
 

@@ -242,6 +242,30 @@ def test_a_resume_at_twice_the_batch_keeps_the_schedule_and_trains_each_record_o
     assert trained(tmp_path / "split", 1)[1] == trained(tmp_path / "straight", 1)[1]
 
 
+def test_an_epoch_a_resume_leaves_empty_ends_as_epochs_do_without_throughput_or_loss(records_dir, tmp_path):
+    """Preempted after 51 of epoch 2's 52 steps of 8 (12 of its 420 records left) and resumed at
+    batch 16: epoch 2 has no step left. It still ends as epochs do (validated, checkpointed,
+    logged), with 0 steps and no img/s or train loss: null, not NaN (the log stays strict JSON).
+    The scaling report leaves it out: that attempt trained nothing to time, so it has no row."""
+    cmd = one_process(train_cmd(records_dir, tmp_path, "--epochs", 2, "--stop-check-steps", 1,
+                                "--no-tensorboard"))
+    assert run([*cmd, "--preempt-at-step", "103"], timeout=300).returncode == 75
+    resumed = run([*cmd, "--resume", "--batch-size", "16", "--verbose", "2"], timeout=300, check=True)
+
+    def strict(constant):
+        raise AssertionError(f"{constant} in the run log")
+
+    log = [json.loads(line, parse_constant=strict)
+           for line in (tmp_path / "runlog.jsonl").read_text().splitlines()]
+    last = [r for r in log if r["event"] == "epoch"][-1]
+    assert (last["epoch"], last["steps"], last["images_per_sec"], last["train_loss"]) == (2, 0, None, None)
+    assert last["val_n"] > 0 and log[-1]["status"] == "completed"
+    assert checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0002")["epoch"] == 2
+    assert "epoch 2: no step left to train" in resumed.stdout, resumed.stdout[-2000:]
+    report = run([sys.executable, str(ROOT / "tools" / "scaling_report.py"), str(tmp_path)], check=True).stdout
+    assert "batch 8 per rank" in report and "batch 16 per rank" not in report, report
+
+
 def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_record_once(
         records_dir, straight, tmp_path, engine):
     """Preempted in epoch 2 on 2 ranks, resumed as one process: epoch 2 ends at half the
