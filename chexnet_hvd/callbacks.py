@@ -277,8 +277,8 @@ class EarlyStop(tf.keras.callbacks.Callback):
 
 class StepCheckpoint(tf.keras.callbacks.Callback):
     """A checkpoint every `every` steps (`reached`; only the newest is kept), except on an
-    epoch's last step, whose epoch checkpoint follows once it is validated. Rank 0, or every rank
-    when the engine's saves are collectives (`save` knows where each writes)."""
+    epoch's last step, whose epoch checkpoint follows once it is validated. On every rank at the
+    same steps (`save` shares what the ranks hold apart first, and knows where each writes)."""
 
     _supports_tf_logs = True
 
@@ -412,7 +412,6 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
                    beat=None, diagnosis: Diagnosis | None = None, rest=None) -> list:
     """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
     rank0 = engine.rank == 0  # only the chief writes files
-    saves = engine.saves_here
     callbacks = [EpochProgress(state, beat, rest),
                  StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step),
                  *engine.callbacks()]
@@ -427,11 +426,10 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:
         callbacks.append(EarlyStop(state, cfg.early_stopping, rank0 and cfg.verbose > 0))
-    if saves and cfg.checkpoint_every_steps:
+    if cfg.checkpoint_every_steps:  # on every rank: `save` knows where each writes
         callbacks.append(StepCheckpoint(state, cfg.checkpoint_every_steps, save))
     logdir = Path(cfg.run_dir) / "tensorboard"
-    if saves:
-        callbacks.append(EpochCheckpoint(state, save))
+    callbacks.append(EpochCheckpoint(state, save))
     if rank0:
         callbacks.append(RunLog(state, writer, engine.size, cfg.verbose > 0, cfg.tensorboard and logdir))
     if rank0 and cfg.verbose and cfg.heartbeat and not sys.stdout.isatty():

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import tensorflow as tf
 
 from chexnet_hvd import cli, models, records
 from chexnet_hvd.cli import InputError
+from chexnet_hvd.engine import accumulation
 
 if TYPE_CHECKING:
     from chexnet_hvd.config import Derived, TrainConfig
@@ -107,17 +109,24 @@ def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState
 
 
 class Saver:
-    """The trainer's checkpoint writer, `saver(name, epochs_done)`: the chief writes
-    RUN_DIR/checkpoints/<name> and prunes old ones; with an engine whose variable reads are
-    collectives (`everyone`), the other ranks write alongside into a scratch directory they then
-    delete. Returns the checkpoint's path on the chief, else None."""
+    """The trainer's checkpoint writer, `saver(name, epochs_done)`, called on every rank at the
+    same points: first `share` (every rank: what the ranks hold apart, made one, e.g. Horovod's
+    accumulation); then the chief writes RUN_DIR/checkpoints/<name> and prunes old ones; with
+    an engine whose variable reads are collectives (`writes` there too), the other ranks write
+    alongside into a scratch directory they then delete. Returns the checkpoint's path on the
+    chief, else None."""
 
-    def __init__(self, model, optimizer, ckpt_dir: Path, keep: int, chief: bool,
-                 meta: Callable[[int], dict], beat: Callable[[], None] = lambda: None):
+    def __init__(self, model, optimizer, ckpt_dir: Path, keep: int, chief: bool, writes: bool,
+                 meta: Callable[[int], dict], beat: Callable[[], None] = lambda: None,
+                 share: Callable[[], None] = lambda: None):
         self.model, self.optimizer, self.ckpt_dir, self.keep = model, optimizer, ckpt_dir, keep
-        self.chief, self.meta, self.beat = chief, meta, beat  # beat: the stall watchdog's progress
+        self.chief, self.writes, self.meta = chief, writes, meta
+        self.beat, self.share = beat, share  # beat: the stall watchdog's progress
 
     def __call__(self, name: str, epochs_done: int) -> Path | None:
+        self.share()
+        if not self.writes:
+            return None
         meta = self.meta(epochs_done)
         self.beat()
         if not self.chief:
@@ -134,9 +143,10 @@ class Saver:
 def optimizer_variables(optimizer) -> list:
     """Every variable of the optimizer's checkpoint, in a fixed order: its step and slots, and
     under mixed_float16 the loss scale and its count of good steps (which `optimizer.variables`
-    leaves out: broadcasting only those left the other ranks on a fresh loss scale at resume)."""
+    leaves out: broadcasting only those left the other ranks on a fresh loss scale at resume);
+    then Horovod's gradient accumulation (`engine.accumulation`)."""
     found = {id(t): t for t in tf.train.TrackableView(optimizer).descendants() if isinstance(t, tf.Variable)}
-    return list(found.values())
+    return list(found.values()) + accumulation(optimizer)
 
 
 def writing(partial: Path, final: Path):
@@ -152,8 +162,10 @@ def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    optimizer = optimizer or model.optimizer
+    extra = {"accumulation": summed} if (summed := accumulation(optimizer)) else {}
     with writing(tmp, final):
-        tf.train.Checkpoint(model=model, optimizer=optimizer or model.optimizer).write(str(tmp / "ckpt"))
+        tf.train.Checkpoint(model=model, optimizer=optimizer, **extra).write(str(tmp / "ckpt"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     _replace_dir(tmp, final)
     return final
@@ -244,8 +256,26 @@ def restore(model: tf.keras.Model, path: Path, optimizer=None) -> None:
     except (AssertionError, ValueError, tf.errors.OpError) as err:
         raise InputError(path, f"its weights do not fit a {model.name} model "
                          f"({str(err).splitlines()[0][:120]})") from None
-    if not with_optimizer:
-        status.expect_partial()  # the optimizer's slots in the file are not wanted here
+    status.expect_partial()  # the optimizer's slots (without it) or Horovod's accumulation
+    if with_optimizer:
+        restore_accumulation(optimizer, path)
+
+
+def restore_accumulation(optimizer, path: Path) -> None:
+    """Horovod's accumulation (`accumulation`) from a checkpoint written in the middle of an
+    update, into this run's. Where this run's updates take no more passes than the checkpoint
+    has summed (--backward-passes-per-step made smaller on resume), the update could never
+    complete: its passes are left out, and said so."""
+    reader = tf.train.load_checkpoint(str(path / "ckpt"))
+    key = "accumulation/0/.ATTRIBUTES/VARIABLE_VALUE"  # the count of passes
+    passes = int(reader.get_tensor(key)) if reader.has_tensor(key) else 0
+    summed = accumulation(optimizer)
+    per_update = optimizer._agg_helper.backward_passes_per_step if summed else 1
+    if passes and passes < per_update:
+        tf.train.Checkpoint(accumulation=summed).read(str(path / "ckpt")).expect_partial()
+    elif passes:
+        print(f"warning: {path}: {passes} backward pass(es) of an update in progress left out "
+              f"(this run updates every {per_update})", file=sys.stderr, flush=True)
 
 
 def missing(path: Path) -> str:

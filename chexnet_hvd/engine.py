@@ -103,6 +103,11 @@ class Engine:
         a different model and the chief would checkpoint its own statistics alone."""
         raise NotImplementedError
 
+    def average_accumulation(self, optimizer) -> None:
+        """Before a checkpoint, every rank: the mean over the ranks of the gradient sums of an
+        update still accumulating (`accumulation`), on every rank, so that the checkpoint (the
+        chief's) holds what all ranks summed. Only Horovod accumulates."""
+
     def scope(self):
         """The context in which models and optimizers are built."""
         return contextlib.nullcontext()
@@ -164,6 +169,25 @@ class Engine:
     def build() -> list[tuple[str, str]]:
         """How this engine was built, as (verdict, text) for chexnet_hvd.check."""
         return []
+
+
+def accumulation(optimizer, variables: list | None = None) -> list:
+    """Horovod's gradient accumulation (--backward-passes-per-step > 1) as variables: its count
+    of the passes since the last update, then each trainable variable's gradient summed over
+    them; [] without it. Horovod keeps them on a helper of its own (`_agg_helper`, Horovod
+    0.28.1), outside the optimizer's checkpoint: a resume lost the passes of the update in
+    progress. With the model's trainable `variables` the sums not yet made (Horovod makes them
+    at its first pass, in this order) are made here, as zeros, for a checkpoint to restore."""
+    helper = getattr(optimizer, "_agg_helper", None)
+    if helper is None:
+        return []
+    import tensorflow as tf
+
+    sums = helper.locally_aggregated_grads  # {index in the gradients' list: tf.Variable}
+    for i, variable in enumerate(variables or []):
+        if i not in sums:
+            sums[i] = tf.Variable(tf.zeros_like(variable), trainable=False)
+    return [helper.counter, *(sums[i] for i in sorted(sums))]
 
 
 def batch_norm_statistics(model) -> list:

@@ -12,6 +12,7 @@ from chexnet_hvd import stall
 from chexnet_hvd.engine import (
     Cluster,
     Engine,
+    accumulation,
     batch_norm_statistics,
     launched_sizes,
     refuse_other_launcher,
@@ -61,15 +62,23 @@ class Horovod(Engine):
         hvd_tf.broadcast_variables(variables, root_rank=0)  # Horovod: rank 0's values
 
     def average_statistics(self, model) -> None:
+        self._average(batch_norm_statistics(model), "batch_norm_statistics")
+
+    def average_accumulation(self, optimizer) -> None:
+        passes, *sums = accumulation(optimizer) or [0]
+        if int(passes):  # the same count on every rank: all of them allreduce, or none
+            self._average(sums, "accumulated_gradients")
+
+    def _average(self, variables: list, name: str) -> None:
+        """variables := their mean over the ranks, on every rank."""
         import horovod.tensorflow as hvd_tf
         import tensorflow as tf
 
-        stats = batch_norm_statistics(model)
-        if self.size == 1 or not stats:
+        if self.size == 1 or not variables:
             return
-        flat = tf.concat([tf.reshape(v, [-1]) for v in stats], 0)  # one collective for them all
-        mean = hvd_tf.allreduce(flat, op=hvd_tf.Average, name="batch_norm_statistics")  # Horovod: mean over ranks
-        for v, part in zip(stats, tf.split(mean, [v.shape.num_elements() for v in stats]), strict=True):
+        flat = tf.concat([tf.reshape(v, [-1]) for v in variables], 0)  # one collective for them all
+        mean = hvd_tf.allreduce(flat, op=hvd_tf.Average, name=name)  # Horovod: mean over ranks
+        for v, part in zip(variables, tf.split(mean, [v.shape.num_elements() for v in variables]), strict=True):
             v.assign(tf.reshape(part, v.shape))
 
     def distributed_optimizer(self, optimizer, cfg):

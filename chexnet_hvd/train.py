@@ -48,6 +48,7 @@ from chexnet_hvd import (
 )
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig
+from chexnet_hvd.engine import accumulation
 from chexnet_hvd.records import split_signature
 
 
@@ -146,6 +147,7 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     state = RunState(plateau=dict(schedules.PLATEAU_START), best_by=best_by, shape=shape, shapes=[(0, *shape)])
     error = None
     optimizer.build(model.trainable_variables)  # create the slots so they can be restored
+    accumulation(optimizer, model.trainable_variables)  # and Horovod's gradient sums, if any
     # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
     # so that every rank fails alike instead of waiting for the chief)
     found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and engine.rank == 0 else None
@@ -397,9 +399,10 @@ def main(argv: list[str] | None = None) -> int:
             records.manifest["classes"], pos_weight(cfg, records.manifest), engine.predictor(model), engine,
             beat)
         saver = checkpoints.Saver(model, trained.optimizer, run_dir / "checkpoints", cfg.keep_checkpoints,
-                                  chief=rank0, meta=lambda epochs_done: checkpoints.run_meta(
+                                  chief=rank0, writes=engine.saves_here, meta=lambda epochs_done: checkpoints.run_meta(
                                       cfg, records.manifest, derived, state, epochs_done),
-                                  beat=beat or (lambda: None))
+                                  beat=beat or (lambda: None),
+                                  share=lambda: engine.average_accumulation(trained.optimizer))
         trail = (callbacks.AuditTrail(state, run_dir / "audit" / f"rank{engine.rank}-trained.jsonl")
                  if cfg.audit and not cfg.synthetic_input else None)
         diagnosis = callbacks.Diagnosis(state, engine, feed.counts, derived.global_batch,
@@ -460,8 +463,7 @@ def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> 
     the run log's end, and no rank exits before it has (exit 75: requeue me). Each rank says so
     before the last collective: once one rank exits, a launcher may kill the others (srun
     --kill-on-bad-exit), and a line after it could be lost."""
-    if engine.saves_here:
-        saver(f"step-{state.step:09d}", state.epoch)
+    saver(f"step-{state.step:09d}", state.epoch)
     if writer:
         writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
     print(f"rank {engine.rank}: preempted after step {state.step}; exiting {cli.EXIT_PREEMPTED} "
