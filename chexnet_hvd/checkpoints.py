@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -178,6 +179,33 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+LEFTOVER = re.compile(r"\.(.+)\.(tmp|old)\d+")  # `save`'s hidden names, a process id last
+
+
+def clear_leftovers(ckpt_dir: Path) -> list[str]:
+    """What a kill in the middle of `save` left: a partial copy (`.NAME.tmpPID`, up to a
+    checkpoint's size, never written over: each attempt has another process id) is deleted; a
+    complete checkpoint moved aside for its replacement (`.NAME.oldPID`) goes back under its
+    name if the replacement never arrived, else is deleted. The chief calls it before it
+    resumes, when no save is in progress. Returns what it did, a line each."""
+    done = []
+    for path in sorted(ckpt_dir.glob(".*")):
+        found = LEFTOVER.fullmatch(path.name)
+        if not found:
+            continue
+        final = ckpt_dir / found[1]
+        if found[2] == "old" and not final.exists() and read_meta(path) is not None:
+            os.replace(path, final)
+            done.append(f"{path.name}: back as {final.name} (a kill came before its replacement arrived)")
+        else:
+            if path.is_symlink():  # set_best's new link
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            done.append(f"{path.name}: deleted (left by a kill in the middle of a checkpoint's write)")
+    return done
 
 
 def read_meta(path: Path) -> dict | None:

@@ -150,6 +150,9 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     accumulation(optimizer, model.trainable_variables)  # and Horovod's gradient sums, if any
     # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
     # so that every rank fails alike instead of waiting for the chief)
+    if cfg.resume and engine.rank == 0:
+        for line in checkpoints.clear_leftovers(run_dir / "checkpoints"):
+            print(f"resume: {line}", file=sys.stderr, flush=True)
     found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and engine.rank == 0 else None
     if found is not None:
         try:

@@ -37,6 +37,31 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     checkpoints.load(ckpt_dir / "best")  # weights complete too
 
 
+@pytest.mark.parametrize("n", range(4))
+def test_a_resume_clears_what_a_kill_in_the_middle_of_a_save_left(tmp_path, monkeypatch, n):
+    """A save that replaces a checkpoint of the same name, killed at its n-th file operation
+    (clearing an old partial copy, moving the old one aside, renaming the new one into place,
+    deleting the old one): `clear_leftovers` leaves no hidden copy behind and a complete
+    checkpoint under the name, the old or the new one (where the kill came after the old one
+    was moved aside and before the new one arrived, the old one goes back)."""
+    model = models.build_model("small_cnn", 32, 14)
+    model.compile(optimizer=tf.keras.optimizers.Adam(), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    meta = {"model": "small_cnn", "image_size": 32, "num_classes": 14, "classes": [], "epoch": 1}
+    checkpoints.save(model, tmp_path, "step-000000003", meta | {"step": 3})
+    os.symlink("nowhere", tmp_path / ".best-link.tmp7")  # set_best's, killed before its rename
+    with monkeypatch.context() as patched:
+        calls = crash_at(patched, n, ((os, "replace"), (shutil, "rmtree")))
+        with pytest.raises(Crash):
+            checkpoints.save(model, tmp_path, "step-000000003", meta | {"step": 4})
+    assert len(calls) == n + 1
+    done = checkpoints.clear_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000003"], done
+    assert checkpoints.read_meta(tmp_path / "step-000000003")["step"] == (4 if n == 3 else 3)
+    assert any("back as step-000000003" in line for line in done) == (n == 2)
+    checkpoints.load(tmp_path / "step-000000003")
+
+
 def test_best_shares_its_epochs_files_and_outlives_them(tmp_path):
     """best/ holds hard links to its epoch's files (no second copy on disk), and stays whole when
     that epoch is pruned."""

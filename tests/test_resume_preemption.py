@@ -335,13 +335,19 @@ def test_a_torn_run_log_line_loses_nothing(records_dir, tmp_path):
     """A kill (or a full disk) in the middle of a run-log write leaves a line without its end;
     the next attempt ends that line before it appends, so the requeue decision (the runlog CLI,
     which the Slurm templates ask), the next resume and the scaling report all still read the
-    run, the torn line counted, never lost."""
+    run, the torn line counted, never lost. The partial checkpoint such a kill leaves is
+    deleted by the next attempt, which says so."""
     cmd = one_process(train_cmd(records_dir, tmp_path, "--steps-per-epoch", 5, "--stop-check-steps", 1))
     run([*cmd, "--epochs", "1"], timeout=300, check=True)
     torn = '{"schema": "chexnet_hvd.runlog/1", "event": "epoch", "epo'
     with open(tmp_path / "runlog.jsonl", "a") as fh:
         fh.write(torn)
-    assert run([*cmd, "--epochs", "3", "--resume", "--preempt-at-step", "8"], timeout=300).returncode == 75
+    partial = tmp_path / "checkpoints" / ".epoch-0002.tmp999999"  # a kill in a checkpoint's write, too
+    partial.mkdir()
+    (partial / "ckpt.data-00000-of-00001").write_bytes(b"\0" * 4096)
+    first = run([*cmd, "--epochs", "3", "--resume", "--preempt-at-step", "8"], timeout=300)
+    assert first.returncode == 75 and not partial.exists()
+    assert "resume: .epoch-0002.tmp999999: deleted" in first.stdout + first.stderr
     assert module("runlog", tmp_path, check=True).stdout.strip() == "preempted"
     run([*cmd, "--epochs", "3", "--resume"], timeout=300, check=True)
     assert module("runlog", tmp_path, check=True).stdout.strip() == "completed"
