@@ -42,13 +42,23 @@ def masked_bce(label, prob, mask, pos_weight=None):
     """The suite's one loss, for a training batch and for a validation split alike: binary
     cross-entropy summed over the unmasked entries, divided by their number. With pos_weight, a
     positive of class c counts pos_weight[c] times (CheXNet's weighted loss). TF tensors or
-    numpy arrays in; a scalar tensor out (float32)."""
+    numpy arrays in; a scalar tensor out (float32).
+
+    In training, Keras' sigmoid output carries its input, the logits: the loss is then computed
+    from them (-log p = softplus(-z)), so a confidently wrong prediction (|z| > 16, where p
+    rounds to 0 or 1) still gets its gradient, which clipping p to [1e-7, 1 - 1e-7] (all that
+    probabilities alone allow: validation's) makes exactly 0."""
     import tensorflow as tf
 
     label, mask = tf.cast(label, tf.float32), tf.cast(mask, tf.float32)
-    prob = tf.clip_by_value(tf.cast(prob, tf.float32), 1e-7, 1 - 1e-7)
     w = 1.0 if pos_weight is None else tf.constant(pos_weight, tf.float32)
-    bce = -(w * label * tf.math.log(prob) + (1 - label) * tf.math.log(1 - prob))
+    logits = getattr(prob, "_keras_logits", None)  # set by Keras' sigmoid in a graph
+    if logits is not None:
+        z = tf.cast(logits, tf.float32)
+        bce = w * label * tf.math.softplus(-z) + (1 - label) * tf.math.softplus(z)
+    else:
+        prob = tf.clip_by_value(tf.cast(prob, tf.float32), 1e-7, 1 - 1e-7)
+        bce = -(w * label * tf.math.log(prob) + (1 - label) * tf.math.log(1 - prob))
     return tf.reduce_sum(bce * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
 
 

@@ -69,6 +69,32 @@ def _table(patients):
     return metadata.attach_labels(t, z, z + 1, PATHOLOGIES)
 
 
+def test_a_confidently_wrong_prediction_still_gets_its_gradient():
+    """In a graph, from Keras' sigmoid (as in training), the loss is computed from the logits:
+    at logit -17 for a positive and +30 for a negative (probabilities that round past the clip
+    of 1e-7) each entry's gradient is still about 1 (over 4 entries: 0.25), where the clipped
+    probability gave exactly 0; the other entries' loss is the probabilities' (validation's)."""
+    import tensorflow as tf
+
+    @tf.function
+    def loss_and_gradient(z, label, weighted):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = metrics.masked_bce(label, tf.keras.activations.sigmoid(z), tf.ones_like(label), weighted)
+        return loss, tape.gradient(loss, z)
+
+    z = tf.constant([[-17.0, 30.0, 0.5, -2.0]])
+    label = tf.constant([[1.0, 0.0, 1.0, 0.0]])
+    loss, gradient = loss_and_gradient(z, label, None)
+    assert gradient.numpy()[0, :2] == pytest.approx([-0.25, 0.25], rel=1e-6)
+    entries = np.log1p(np.exp([17.0, 30.0, -0.5, -2.0]))  # softplus(-z) of positives, (z) of negatives
+    assert float(loss) == pytest.approx(entries.mean(), rel=1e-6)
+    by_prob = metrics.masked_bce(label[:, 2:], tf.sigmoid(z[:, 2:]).numpy(), np.ones((1, 2)))
+    assert float(by_prob) == pytest.approx(entries[2:].mean(), rel=1e-6)
+    weighted, gradient = loss_and_gradient(z, label, [3.0, 1.0, 1.0, 1.0])
+    assert gradient.numpy()[0, 0] == pytest.approx(-0.75, rel=1e-6)
+
+
 def test_random_split_is_by_patient_seeded_and_leak_free():
     table = _table(np.repeat(np.arange(100), 3))
     a, b = splits.random_split(table, seed=3), splits.random_split(table, seed=3)
