@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from chexnet_hvd import bottleneck, checkpoints, data, metrics, schedules, sharding
+from chexnet_hvd import bottleneck, checkpoints, data, metrics, schedules, sharding, stall
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig, profile_range
 
@@ -70,7 +70,7 @@ class EpochProgress(tf.keras.callbacks.Callback):
 
     def __init__(self, state: RunState, beat=None, rest=None):
         super().__init__()
-        self.state, self.beat = state, beat  # beat(step, steps): the stall watchdog's progress
+        self.state, self.beat = state, beat  # beat(step, steps, phase): the stall watchdog's progress
         self.rest = rest  # the stall watchdog: fit has ended, no step is due
 
     def on_train_end(self, logs=None):
@@ -83,6 +83,10 @@ class EpochProgress(tf.keras.callbacks.Callback):
         done = sharding.fraction_done(state.parts)
         schedules.live_schedule(self.model.optimizer).start_part(
             epoch + done, state.step, state.part_steps, 1.0 - done)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.beat:  # only a rank in a training call waits for its input
+            self.beat(phase=stall.TRAINING)
 
     def on_train_batch_end(self, batch, logs=None):
         state = self.state  # Keras passes the index of the call's last step in the epoch
@@ -211,12 +215,13 @@ class Validation(tf.keras.callbacks.Callback):
         super().__init__()
         self.state, self.dataset, self.names, self.pos_weight = state, dataset, names, pos_weight
         self.predict = predict  # the model on preprocessed images, this rank alone
-        self.beat = beat or (lambda: None)  # the stall watchdog's progress, per batch
+        self.beat = beat or (lambda **_: None)  # the stall watchdog's progress, per batch
         self.allgather, self.average_statistics = engine.allgather_object, engine.average_statistics
 
     def on_epoch_end(self, epoch, logs=None):
         if self.state.preempted:
             return
+        self.beat(phase=stall.VALIDATING)
         self.average_statistics(self.model)  # every rank validates (and the chief saves) one model
         t0, batches = time.perf_counter(), []
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
-from chexnet_hvd import cli, models, records
+from chexnet_hvd import cli, models, records, stall
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.engine import accumulation
 
@@ -118,26 +119,28 @@ class Saver:
     chief, else None."""
 
     def __init__(self, model, optimizer, ckpt_dir: Path, keep: int, chief: bool, writes: bool,
-                 meta: Callable[[int], dict], beat: Callable[[], None] = lambda: None,
+                 meta: Callable[[int], dict], beat: Callable[..., None] = lambda **_: None,
                  share: Callable[[], None] = lambda: None):
         self.model, self.optimizer, self.ckpt_dir, self.keep = model, optimizer, ckpt_dir, keep
         self.chief, self.writes, self.meta = chief, writes, meta
         self.beat, self.share = beat, share  # beat: the stall watchdog's progress
 
     def __call__(self, name: str, epochs_done: int) -> Path | None:
+        self.beat(phase=stall.CHECKPOINTING)
         self.share()
-        if not self.writes:
-            return None
-        meta = self.meta(epochs_done)
-        self.beat()
-        if not self.chief:
-            with tempfile.TemporaryDirectory() as scratch:
-                save(self.model, Path(scratch), name, meta, self.optimizer)
-            self.beat()
-            return None
-        path = save(self.model, self.ckpt_dir, name, meta, self.optimizer)
-        prune(self.ckpt_dir, self.keep)
-        self.beat()
+        path = None
+        if self.writes and not self.chief:  # a copy thrown away: the chief's is the run's
+            with tempfile.TemporaryDirectory(prefix="chexnet-checkpoint-") as scratch:
+                try:
+                    save(self.model, Path(scratch), name, self.meta(epochs_done), self.optimizer)
+                except InputError as err:  # its path is gone already: say where it was, and what
+                    raise InputError(f"{socket.gethostname()}:{scratch}", f"this worker's own copy of "
+                                     f"checkpoint {name}, thrown away once written (the tf engine's "
+                                     f"workers each write one, under $TMPDIR): {err.what}") from None
+        elif self.writes:
+            path = save(self.model, self.ckpt_dir, name, self.meta(epochs_done), self.optimizer)
+            prune(self.ckpt_dir, self.keep)
+        self.beat(phase=stall.BETWEEN)
         return path
 
 

@@ -82,8 +82,8 @@ class StallWatch:
         writer.write("end", status="stalled", error=message, ranks=names,
                      hosts=sorted({self.hosts[r] for r in names}))
 
-    def beat(self, step: int | None = None, steps: int = 1) -> None:
-        self.watchdog.progress(step, steps)
+    def beat(self, step: int | None = None, steps: int = 1, phase: str | None = None) -> None:
+        self.watchdog.progress(step, steps, phase)
 
     def rest(self) -> None:
         self.watchdog.rest()

@@ -5,16 +5,18 @@ launcher noticing, cut off from the network or stuck reading its input would hol
 job until its time limit. So every rank runs a `Watchdog`, a thread beside the training loop:
 
 - the loop calls `progress()` after every call of the training step (--steps-per-execution
-  steps), validation batch and checkpoint write (one attribute store);
+  steps), validation batch and checkpoint write, and as it enters each (one attribute store;
+  the phase it is in: in a training call, between calls, validating, writing a checkpoint);
 - every `interval` seconds each rank sends every other rank a heartbeat (a UDP datagram: rank,
   step, input batches delivered, seconds since its last progress) to the address it announced
   at start, and notes the heartbeats it receives;
 - when no rank has made progress for `timeout` seconds (as far as this rank knows: its own
   clock, and each peer's as last reported plus the age of that report; a peer that has missed
   heartbeats is first given until it is silent: `late`), the rank ends the job: it names the
-  ranks it stopped hearing from (stopped, killed, or cut off: their host), else the ranks
-  whose input pipeline delivered no batch for the step they wait for, else the ranks at the
-  lowest step (everyone else waits for them in a collective); prints one line;
+  ranks it stopped hearing from (stopped, killed, or cut off: their host), else the ranks in
+  a training call whose input pipeline delivered no batch for the step they wait for, else
+  the ranks out of a training call while the others wait in one, else the ranks at the lowest
+  step (everyone else waits for them in a collective); prints one line;
   the chief (or, when the chief is the one stalled, the lowest rank still running, after a
   grace period) writes the run log's end record, status `stalled`; and the process exits with
   EXIT_STALLED. The launcher then ends the others (srun --kill-on-bad-exit, mpirun, horovodrun
@@ -38,6 +40,9 @@ import time
 from collections.abc import Callable
 
 EXIT_STALLED = 76  # distinct from 75 (preempted: requeue me) and 1/2 (failed, bad input)
+# What a rank is doing (its heartbeat says): only a rank in a training call waits for its input.
+TRAINING, BETWEEN, VALIDATING, CHECKPOINTING = (
+    "in a training call", "between training calls", "validating", "writing a checkpoint")
 
 
 def engine_timeouts(timeout: float) -> dict[str, str]:
@@ -59,26 +64,34 @@ def interval_for(timeout: float) -> float:
 def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tuple[list[int], str]:
     """Whom a rank with no progress for `timeout` names, and why, from the heartbeats `heard`
     ({rank: {"at": when received (monotonic), "step": the run's, "taken": steps this process
-    took, "delivered": input batches this process's pipeline handed over, "idle"}}) of its
-    peers and its own (`me`, at `now`). A resumed attempt's step starts where the checkpoint
-    left off, its counts at 0: starved compares the counts."""
+    took, "delivered": input batches this process's pipeline handed over, "idle", "phase"}})
+    of its peers and its own (`me`, at `now`). A resumed attempt's step starts where the
+    checkpoint left off, its counts at 0: starved compares the counts."""
     silent = sorted(r for r, h in heard.items() if r != me and now - h["at"] > timeout)
     if silent:
         return silent, f"no heartbeat for more than {timeout:g} s (stopped, killed, or cut off)"
-    # Starved: no batch beyond the steps taken, or (inside a call of several steps, which the
-    # step counts do not see) fewer batches than another rank at the same step: ranks step
-    # together, so the others hold the batch of the step this one waits for.
-    top = max(h["step"] for h in heard.values())
-    level = max(h["delivered"] for h in heard.values() if h["step"] == top)
-    starved = sorted(r for r, h in heard.items()
-                     if h["delivered"] <= h["taken"] or (h["step"] == top and h["delivered"] < level))
-    if starved:
-        return starved, "its input pipeline delivered no batch for the step it is at"
+    # Starved: in a training call with no batch beyond the steps taken, or (inside a call of
+    # several steps, which the step counts do not see) fewer batches than another rank at the
+    # same step: ranks step together, so the others hold the batch of the step this one waits
+    # for. Out of a call every batch handed over has been taken: that says nothing.
+    in_call = {r: h for r, h in heard.items() if h.get("phase", TRAINING) == TRAINING}
+    if in_call:
+        top = max(h["step"] for h in in_call.values())
+        level = max(h["delivered"] for h in in_call.values() if h["step"] == top)
+        starved = sorted(r for r, h in in_call.items()
+                         if h["delivered"] <= h["taken"] or (h["step"] == top and h["delivered"] < level))
+        if starved:
+            return starved, "its input pipeline delivered no batch for the step it is at"
+    away = sorted(r for r in heard if r not in in_call)
+    doing = " / ".join(sorted({heard[r].get("phase", TRAINING) for r in away}))
+    if in_call and away:
+        return away, f"{doing}, while the others wait in a training call"
     lowest = min(h["step"] for h in heard.values())
     behind = sorted(r for r, h in heard.items() if h["step"] == lowest)
     if len(behind) < len(heard):
         return behind, f"at step {lowest}, behind the others, which wait for it in a collective"
-    return behind, f"every rank at step {lowest}, inside a collective that does not complete"
+    return behind, (f"every rank at step {lowest}, {doing or TRAINING}, inside a collective (or a "
+                    "read or write) that does not complete")
 
 
 def late(now: float, me: int, heard: dict[int, dict], interval: float, timeout: float) -> list[int]:
@@ -103,6 +116,7 @@ class Watchdog:
         self.interval = interval_for(timeout)
         self.step = 0  # the run's step, as the trainer counts it (from a checkpoint's on resume)
         self.taken = 0  # steps this process took
+        self.phase = BETWEEN
         self.delivered = 0
         self.last_progress = time.monotonic()
         self.armed = False
@@ -122,18 +136,21 @@ class Watchdog:
         """Begin heartbeats to `addresses` (every rank's `announce`, in rank order)."""
         self.peers = [(resolve(host), port) for host, port in addresses]
         now = time.monotonic()
-        self.heard = {r: {"at": now, "step": 0, "taken": 0, "delivered": 1, "idle": 0.0} for r in range(len(addresses))}
+        self.heard = {r: {"at": now, "step": 0, "taken": 0, "delivered": 1, "idle": 0.0, "phase": BETWEEN}
+                      for r in range(len(addresses))}
         for target in (self._listen, self._watch):
             threading.Thread(target=target, daemon=True, name=f"stall-{target.__name__}").start()
 
-    def progress(self, step: int | None = None, steps: int = 1) -> None:
-        """A call of the training step (`steps` steps, up to the run's `step`), a validation
-        batch or a checkpoint write completed: the clock starts again (and, from the first
-        training step on, the watch is armed)."""
+    def progress(self, step: int | None = None, steps: int = 1, phase: str | None = None) -> None:
+        """A call of the training step (`steps` steps, up to the run's `step`: then between
+        calls), a validation batch or a checkpoint write completed, or `phase` entered: the
+        clock starts again (and, from the first training step on, the watch is armed)."""
         self.last_progress = time.monotonic()
         if step is not None:
-            self.step, self.armed = step, True
+            self.step, self.armed, self.phase = step, True, BETWEEN
             self.taken += steps
+        if phase:
+            self.phase = phase
 
     def rest(self) -> None:
         """Training has ended (or a resumed part's fit has, before the next begins): no step is
@@ -157,7 +174,8 @@ class Watchdog:
                 continue
             if isinstance(payload, dict) and payload.get("rank") in self.heard:
                 self.heard[payload["rank"]] = {"at": time.monotonic(), **{
-                    key: payload[key] for key in ("step", "taken", "delivered", "idle")}}
+                    key: payload[key] for key in ("step", "taken", "delivered", "idle")},
+                    "phase": payload.get("phase", TRAINING)}
 
     def _watch(self) -> None:
         last_tick = time.monotonic()
@@ -169,7 +187,8 @@ class Watchdog:
             last_tick = now
             idle = now - self.last_progress
             self.delivered = self.count_delivered()
-            mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle}
+            mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle,
+                    "phase": self.phase}
             beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1)}).encode()
             for address in self.peers:
                 try:

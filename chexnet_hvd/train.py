@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         saver = checkpoints.Saver(model, trained.optimizer, run_dir / "checkpoints", cfg.keep_checkpoints,
                                   chief=rank0, writes=engine.saves_here, meta=lambda epochs_done: checkpoints.run_meta(
                                       cfg, records.manifest, derived, state, epochs_done),
-                                  beat=beat or (lambda: None),
+                                  beat=beat or (lambda **_: None),
                                   share=lambda: engine.average_accumulation(trained.optimizer))
         trail = (callbacks.AuditTrail(state, run_dir / "audit" / f"rank{engine.rank}-trained.jsonl")
                  if cfg.audit and not cfg.synthetic_input else None)

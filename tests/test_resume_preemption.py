@@ -6,6 +6,7 @@ checkpoint."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -389,6 +390,29 @@ def test_a_full_disk_at_a_checkpoint_ends_the_job_with_one_line_and_loses_nothin
         log = read_runlog(run_dir)
         assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
         assert [r["status"] for r in log if r["event"] == "end"] == ["failed", "completed"]
+
+
+def test_a_full_scratch_disk_on_a_tf_worker_ends_the_job_naming_its_host_and_copy(records_dir, tmp_path):
+    """The tf engine's other workers each write a copy of every checkpoint under $TMPDIR (its
+    variable reads are collectives), thrown away once written. That file system fills up after
+    epoch 1: the job ends with one line naming the host, the scratch directory and that it was
+    the worker's own copy (it named a directory already deleted, as if it were the run's), and
+    the run's checkpoints are whole."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(records_dir, run_dir, "--epochs", 3, engine="tf")
+    with small_disk(tmp_path / "scratch") as scratch:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                                                                  "TMPDIR": str(scratch)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        assert wait_for(lambda: checkpoints.read_meta(run_dir / "checkpoints" / "epoch-0001") is not None, 240)
+        fill(scratch)
+        out, _ = proc.communicate(timeout=180)
+    assert proc.returncode not in (0, 75), out
+    line = re.search(r"error: [^:\s]+:(\S+): this worker's own copy of checkpoint epoch-0002, thrown away "
+                     r"once written \(the tf engine's workers each write one, under \$TMPDIR\): cannot write "
+                     r"this checkpoint: No space left on device", out)
+    assert line and line[1].startswith(str(scratch)), out[-3000:]
+    assert checkpoints.read_meta(run_dir / "checkpoints" / "epoch-0001")["epoch"] == 1
 
 
 @pytest.mark.horovod

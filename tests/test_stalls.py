@@ -188,8 +188,9 @@ def test_a_tf_engine_run_at_the_default_stall_timeout_keeps_its_thread_count(rec
 
 
 def test_who_a_stalled_rank_names():
-    """Silent peers first; else ranks whose input delivered nothing for their step; else the
-    ranks behind; else every rank (a collective that never completes). A resumed attempt (the
+    """Silent peers first; else ranks in a training call whose input delivered nothing for their
+    step; else ranks out of a training call that the others wait for in one; else the ranks
+    behind; else every rank (a collective that never completes). A resumed attempt (the
     run's step from its checkpoint, this process's counts from 0) names the rank behind, not
     every rank as starved of input; inside a call of several steps the starved rank is the one
     with fewer batches than the others at its step."""
@@ -212,6 +213,57 @@ def test_who_a_stalled_rank_names():
     assert names == [1] and "input" in why
     names, why = stall.culprits(now, 0, heard(r0=(99, 16, 19), r1=(99, 16, 19)), t)  # a compute hang
     assert names == [0, 1] and "collective" in why
+    # out of a training call every batch handed over was taken, which says nothing of the input:
+    # both ranks validating (one reading a hung file system, the other waiting for its part)
+    phased = {r: h | {"phase": stall.VALIDATING} for r, h in heard(r0=(99, 6, 6), r1=(99, 6, 6)).items()}
+    names, why = stall.culprits(now, 0, phased, t)
+    assert names == [0, 1] and "validating" in why and "input" not in why
+    # the chief writing a checkpoint that does not complete; rank 1 (Horovod: no copy of its
+    # own) in the next call, waiting for the chief in that step's collective, its batch in hand
+    phased = heard(r0=(99, 6, 6), r1=(99, 6, 7))
+    phased[0]["phase"], phased[1]["phase"] = stall.CHECKPOINTING, stall.TRAINING
+    names, why = stall.culprits(now, 0, phased, t)
+    assert names == [0] and why.startswith("writing a checkpoint, while the others wait")
+
+
+def test_a_validation_read_that_never_returns_ends_the_job_saying_so(records_dir, tmp_path):
+    """Once the run has started, the validation split's shard becomes a file whose read blocks
+    (a named pipe no one writes: a hung file system), 2 ranks: after epoch 1's steps every rank
+    is validating (one reading, one waiting for its part) with its processes alive; the job ends
+    within the bound, naming both as validating, not as starved of input (every batch handed
+    over had been taken)."""
+    data = tmp_path / "records"
+    data.mkdir()
+    manifest = json.loads((records_dir / "manifest.json").read_text())
+    hung = [data / s["file"] for s in manifest["splits"]["val"]["shards"]]
+    for path in records_dir.iterdir():
+        os.symlink(path, data / path.name)
+    start, engine = LAUNCHERS["horovodrun"]
+    run_dir = tmp_path / "run"
+    train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(data), "--run-dir", str(run_dir),
+             "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1",
+             "--steps-per-epoch", "26", "--epochs", "2", "--engine", engine, "--stall-timeout", str(TIMEOUT)]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*start, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "runlog.jsonl").exists():  # its checks of the records are done
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        for path in hung:
+            path.unlink()
+            os.mkfifo(path)
+        began = time.monotonic()
+        out, _ = proc.communicate(timeout=BOUND + 120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.monotonic() - began < BOUND + 60, out[-3000:]
+    assert not read_runlog(run_dir)[-2].get("val_n"), out[-3000:]  # no epoch was validated
+    end = read_runlog(run_dir)[-1]
+    assert (end["event"], end["status"], end["ranks"]) == ("end", "stalled", [0, 1]), end
+    assert "validating" in end["error"] and "input" not in end["error"], end
 
 
 def test_a_peer_that_missed_heartbeats_is_waited_for_until_it_is_silent():
