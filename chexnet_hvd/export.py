@@ -4,7 +4,8 @@
     python -m chexnet_hvd.export --checkpoint CKPT --format openvino --precision fp32
     python -m chexnet_hvd.export --checkpoint CKPT --format openvino --precision int8 --calib RECORDS
 
-The output directory (default CKPT/../export-FORMAT-PRECISION) holds the model and a meta.json
+The output directory (default RUN_DIR/export-FORMAT-PRECISION, beside RUN_DIR/checkpoints; an
+existing folder is replaced only if it is an earlier export) holds the model and a meta.json
 (model, image size, input scaling and crop, classes), written under a temporary name and renamed
 when complete; evaluate and predict read it with --backend openvino. INT8 is NNCF post-training quantisation calibrated
 on --calib-images preprocessed training images. OpenVINO runs the models with the inference
@@ -58,15 +59,43 @@ def calibration_images(records_dir: str, view: views.View, count: int) -> list[n
     return out[:count]
 
 
+def check_flags(cfg: ExportConfig) -> None:
+    """int8 is OpenVINO's and needs --calib; --calib serves int8 alone (not silently ignored)."""
+    int8 = cfg.precision == "int8"
+    if int8 and cfg.format != "openvino":
+        raise cli.InputError("--precision", "int8 is an OpenVINO export's: add --format openvino")
+    if int8 and not cfg.calib:
+        raise cli.InputError("--calib", "int8 needs a records directory to calibrate on")
+    if cfg.calib and not int8:
+        raise cli.InputError("--calib", "only an int8 export calibrates: add --precision int8, or drop --calib")
+
+
+def output_dir(cfg: ExportConfig) -> Path:
+    """--out, else RUN_DIR/export-FORMAT[-PRECISION] beside the run's checkpoints. What is there
+    already is replaced only when it is an export (its meta.json names a format) or empty: any
+    other folder named by mistake is refused, never deleted."""
+    tag = "savedmodel" if cfg.format == "savedmodel" else f"openvino-{cfg.precision}"
+    out = Path(cfg.out).resolve() if cfg.out else Path(cfg.checkpoint).resolve().parent.parent / f"export-{tag}"
+    if out.is_dir() and any(out.iterdir()) and "format" not in (read_json(out / "meta.json") or {}):
+        raise cli.InputError(out, "exists and is not an export (no meta.json naming a format): "
+                             "give --out a new or empty folder, or an earlier export to replace")
+    return out
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def export(cfg: ExportConfig) -> Path:
-    if cfg.format == "openvino" and cfg.precision == "int8":
-        if not cfg.calib:
-            raise cli.InputError("--calib", "int8 needs a records directory to calibrate on")
+    check_flags(cfg)
+    out = output_dir(cfg)
     model, meta = checkpoints.load(cfg.checkpoint)
     if cfg.calib:  # a clear error now rather than after the conversion
         data.check_view(records.load_manifest(cfg.calib), cfg.calib, views.View.of(meta))
-    tag = "savedmodel" if cfg.format == "savedmodel" else f"openvino-{cfg.precision}"
-    out = Path(cfg.out or Path(cfg.checkpoint).parent.parent / f"export-{tag}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cli.make_dir(tmp)

@@ -53,6 +53,24 @@ def test_export_and_backend_errors(exported, trained_cnn, tmp_path):
     assert unknown.returncode == 2 and "invalid choice: 'onnx'" in unknown.stderr
     assert_one_line_error(module("predict", trained_cnn / "syn" / "images", "--checkpoint", fp32,
                                  "--backend", "openvino", "--cam", tmp_path), "--cam")
+    # flags that would be ignored: refused
+    assert_one_line_error(module("export", "--checkpoint", ckpt, "--format", "savedmodel", "--precision", "int8"),
+                          "--precision", "--format openvino")
+    assert_one_line_error(module("export", "--checkpoint", ckpt, "--calib", trained_cnn / "records"),
+                          "--calib", "only an int8 export calibrates")
+
+
+def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(trained_cnn, tmp_path):
+    """--out naming a folder that holds something else (the run directory, the current one)
+    was deleted and replaced; now it is refused, untouched. An earlier export is replaced."""
+    ckpt = trained_cnn / "run" / "checkpoints" / "best"
+    for out in (trained_cnn / "run", "."):
+        assert_one_line_error(module("export", "--checkpoint", ckpt, "--format", "savedmodel", "--out", out),
+                              "exists and is not an export")
+    assert (ckpt / "meta.json").is_file()
+    for _ in range(2):
+        module("export", "--checkpoint", ckpt, "--format", "savedmodel", "--out", tmp_path / "sm", check=True, timeout=300)
+    assert json.loads((tmp_path / "sm" / "meta.json").read_text())["format"] == "savedmodel"
 
 
 def test_a_full_disk_ends_an_export_with_one_line_and_leaves_nothing(trained_cnn, tmp_path):
