@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from chexnet_hvd import cli, models, records, stall
 from chexnet_hvd.cli import InputError
-from chexnet_hvd.engine import accumulation
+from chexnet_hvd.engine import accumulation, passes_per_update
 
 if TYPE_CHECKING:
     from chexnet_hvd.config import Derived, TrainConfig
@@ -167,7 +167,8 @@ def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer
     tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     optimizer = optimizer or model.optimizer
-    extra = {"accumulation": summed} if (summed := accumulation(optimizer)) else {}
+    summed = accumulation(optimizer)  # only an update in progress needs its sums
+    extra = {"accumulation": summed} if summed and int(summed[0]) else {}
     with writing(tmp, final):
         tf.train.Checkpoint(model=model, optimizer=optimizer, **extra).write(str(tmp / "ckpt"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -298,10 +299,9 @@ def restore_accumulation(optimizer, path: Path) -> None:
     has summed (--backward-passes-per-step made smaller on resume), the update could never
     complete: its passes are left out, and said so."""
     reader = tf.train.load_checkpoint(str(path / "ckpt"))
-    key = "accumulation/0/.ATTRIBUTES/VARIABLE_VALUE"  # the count of passes
+    key = "accumulation/0/.ATTRIBUTES/VARIABLE_VALUE"  # the count of passes, where `save` wrote one
     passes = int(reader.get_tensor(key)) if reader.has_tensor(key) else 0
-    summed = accumulation(optimizer)
-    per_update = optimizer._agg_helper.backward_passes_per_step if summed else 1
+    summed, per_update = accumulation(optimizer), passes_per_update(optimizer)
     if passes and passes < per_update:
         tf.train.Checkpoint(accumulation=summed).read(str(path / "ckpt")).expect_partial()
     elif passes:

@@ -171,23 +171,36 @@ class Engine:
         return []
 
 
-def accumulation(optimizer, variables: list | None = None) -> list:
-    """Horovod's gradient accumulation (--backward-passes-per-step > 1) as variables: its count
-    of the passes since the last update, then each trainable variable's gradient summed over
-    them; [] without it. Horovod keeps them on a helper of its own (`_agg_helper`, Horovod
-    0.28.1), outside the optimizer's checkpoint: a resume lost the passes of the update in
-    progress. With the model's trainable `variables` the sums not yet made (Horovod makes them
-    at its first pass, in this order) are made here, as zeros, for a checkpoint to restore."""
+# Horovod's gradient accumulation (--backward-passes-per-step > 1) lives on a helper of its
+# own (`_agg_helper`, Horovod 0.28.1), outside the optimizer's checkpoint: a resume lost the
+# passes of the update in progress. These three are all the suite knows of it.
+def accumulation(optimizer) -> list:
+    """Horovod's accumulation as variables: its count of the passes since the last update, then
+    each trainable variable's gradient summed over them; [] without it."""
     helper = getattr(optimizer, "_agg_helper", None)
     if helper is None:
         return []
+    sums = helper.locally_aggregated_grads  # {index in the gradients' list: tf.Variable}
+    return [helper.counter, *(sums[i] for i in sorted(sums))]
+
+
+def make_accumulation(optimizer, variables: list) -> None:
+    """The sums Horovod makes at its first pass (one per trainable variable, in this order),
+    made now as zeros, so that a checkpoint can be restored into them."""
+    helper = getattr(optimizer, "_agg_helper", None)
+    if helper is None:
+        return
     import tensorflow as tf
 
-    sums = helper.locally_aggregated_grads  # {index in the gradients' list: tf.Variable}
-    for i, variable in enumerate(variables or []):
-        if i not in sums:
-            sums[i] = tf.Variable(tf.zeros_like(variable), trainable=False)
-    return [helper.counter, *(sums[i] for i in sorted(sums))]
+    for i, variable in enumerate(variables):
+        if i not in helper.locally_aggregated_grads:
+            helper.locally_aggregated_grads[i] = tf.Variable(tf.zeros_like(variable), trainable=False)
+
+
+def passes_per_update(optimizer) -> int:
+    """--backward-passes-per-step as Horovod's optimizer applies it (1 without accumulation)."""
+    helper = getattr(optimizer, "_agg_helper", None)
+    return 1 if helper is None else helper.backward_passes_per_step
 
 
 def batch_norm_statistics(model) -> list:

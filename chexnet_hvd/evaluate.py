@@ -108,9 +108,6 @@ def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec,
     labelled = (pred["mask"] > 0).sum(0)
     positives = ((pred["label"] >= 0.5) & (pred["mask"] > 0)).sum(0)
 
-    def num(v):
-        return None if v is None or not np.isfinite(v) else round(float(v), 4)
-
     return [{"pathology": name, "labelled": int(labelled[c]), "positives": int(positives[c]), "auroc": num(auroc[c]),
              "auroc_ci": [num(ci["auroc_lo"][c]), num(ci["auroc_hi"][c])],
              "auroc_tta": num(tta_auroc[c]) if tta_auroc is not None else None,
@@ -118,6 +115,11 @@ def class_rows(names, pred: dict, ci: dict, tta_auroc, thresholds, sens, spec,
              "threshold": num(thresholds[c]), "sensitivity": num(sens[c]), "specificity": num(spec[c]),
              "chexnet_paper_auroc": CHEXNET_PAPER_AUROC[name] if comparable else None}
             for c, name in enumerate(names)]
+
+
+def num(v) -> float | None:
+    """A number for report.json: rounded, or None where undefined (JSON has no NaN)."""
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
 
 
 def markdown(report: dict) -> str:
@@ -253,9 +255,8 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
         "checkpoint": cfg.checkpoint, "checkpoint_epoch": meta.get("epoch"), "data": cfg.data, "split": cfg.split, "val_split": cfg.val_split,
         "model": meta["model"], "image_size": size, "backend": cfg.backend, "n": int(len(plain["label"])), "tta": cfg.tta,
         "world_size": engine.size, "engine": engine.name, "ranks": ranks, "paper_comparable": paper_comparable(manifest),
-        "mean_auroc": {"value": round(mean, 4) if np.isfinite(mean) else None,
-                       "ci_lo": round(ci["mean_auroc_lo"], 4), "ci_hi": round(ci["mean_auroc_hi"], 4)},
-        "mean_auroc_tta": round(metrics.mean_defined(tta_auroc), 4) if tta else None,
+        "mean_auroc": {"value": num(mean), "ci_lo": num(ci["mean_auroc_lo"]), "ci_hi": num(ci["mean_auroc_hi"])},
+        "mean_auroc_tta": num(metrics.mean_defined(tta_auroc)) if tta else None,
         "classes": class_rows(names, plain, ci, tta_auroc, thresholds, sens, spec,
                               paper_comparable(manifest)),
         "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed", "seconds")}

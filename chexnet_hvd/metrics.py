@@ -39,7 +39,7 @@ def mean_defined(values: np.ndarray) -> float:
 
 
 def masked_bce(label, prob, mask, pos_weight=None):
-    """The suite's one loss, for a training batch and for a validation split alike: binary
+    """The suite's one loss, for a training batch and for a validation split: binary
     cross-entropy summed over the unmasked entries, divided by their number. With pos_weight, a
     positive of class c counts pos_weight[c] times (CheXNet's weighted loss). TF tensors or
     numpy arrays in; a scalar tensor out (float32).
@@ -52,7 +52,7 @@ def masked_bce(label, prob, mask, pos_weight=None):
 
     label, mask = tf.cast(label, tf.float32), tf.cast(mask, tf.float32)
     w = 1.0 if pos_weight is None else tf.constant(pos_weight, tf.float32)
-    logits = getattr(prob, "_keras_logits", None)  # set by Keras' sigmoid in a graph
+    logits = getattr(prob, "_keras_logits", None)  # set by Keras' sigmoid on its output
     if logits is not None:
         z = tf.cast(logits, tf.float32)
         bce = w * label * tf.math.softplus(-z) + (1 - label) * tf.math.softplus(z)
@@ -64,7 +64,8 @@ def masked_bce(label, prob, mask, pos_weight=None):
 
 def summarize(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, names: list[str],
               pos_weight=None) -> dict:
-    """Per-class and mean AUROC / AUPRC plus the loss (`masked_bce`, as in training), JSON-ready
+    """Per-class and mean AUROC / AUPRC plus the loss (`masked_bce` of the probabilities: as in
+    training but for predictions past the clip, confidently wrong ones, which count less), JSON-ready
     (undefined -> None)."""
     auroc, auprc = per_class_auroc(y_true, y_prob, mask), per_class_auprc(y_true, y_prob, mask)
 
@@ -95,7 +96,8 @@ def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, patie
     """Percentile bootstrap intervals of per-class AUROC and AUPRC and of the mean AUROC,
     resampling *patients* with replacement (all images of a drawn patient come along), since the
     images of one patient are correlated (Efron & Tibshirani 1993). Resamples in which a class
-    has no positives or no negatives leave that class out; `defined` counts the rest.
+    has no positives or no negatives leave that class out; `defined` counts the rest. One
+    patient has no interval (NaN): every resample would be that patient.
     Shared by `part` = (index, parts) of a job: each scores every parts-th resample (all draw
     the same seeded resamples) and `gather` (an allgather) brings them together, so the result
     is the same on any number of parts."""
@@ -120,6 +122,8 @@ def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, patie
 
     def interval(samples):
         samples = np.asarray(samples, dtype=np.float64)
+        if len(rows_of) < 2:  # every resample is the one patient: no interval
+            samples = np.full_like(samples, np.nan)
         defined = np.isfinite(samples).sum(0)
         with np.errstate(all="ignore"):
             lo_hi = np.where(defined > 0, np.nanpercentile(np.where(defined > 0, samples, 0), q, axis=0), np.nan)

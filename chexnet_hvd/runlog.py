@@ -13,6 +13,7 @@
          bottleneck with step_seconds, compute_seconds and input_starved per rank and
          communication_seconds (chexnet_hvd.bottleneck); an epoch a resume left no step to
          train has steps 0 and images_per_sec, images_per_sec_per_rank and train_loss null
+  Any NaN or infinity (a diverged loss) is written as null: every line is strict JSON.
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
          (with error, and the ranks and hosts it names: chexnet_hvd.stall)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -50,6 +52,18 @@ REQUIRED = {"start": ("world_size", "local_batch", "model", "image_size", "preci
             "epoch": ("epoch", "seconds", "images_per_sec"),
             "end": ("status",)}
 EVENTS = tuple(REQUIRED)
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity (a diverged loss) as None: json.dumps would write NaN,
+    which strict JSON readers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 class RunLogError(ValueError):
@@ -73,7 +87,7 @@ class RunLogWriter:
         missing = [k for k in REQUIRED[event] if k not in fields]
         if missing or (event == "end" and fields["status"] not in END_STATUSES):
             raise ValueError(f"run-log {event} record without {missing or 'a known status'}")
-        record = {"schema": SCHEMA, "event": event, "time": round(time.time(), 3), **fields}
+        record = finite({"schema": SCHEMA, "event": event, "time": round(time.time(), 3), **fields})
         with self._lock:
             try:
                 self._fh.write((json.dumps(record, default=str) + "\n").encode())

@@ -15,8 +15,9 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   heartbeats is first given until it is silent: `late`), the rank ends the job: it names the
   ranks it stopped hearing from (stopped, killed, or cut off: their host), else the ranks in
   a training call whose input pipeline delivered no batch for the step they wait for, else
-  the ranks out of a training call while the others wait in one, else the ranks at the lowest
-  step (everyone else waits for them in a collective); prints one line;
+  the ranks validating or writing a checkpoint while the others wait (out of a training call
+  while the others wait in one), else the ranks at the lowest step (everyone else waits for
+  them in a collective); prints one line;
   the chief (or, when the chief is the one stalled, the lowest rank still running, after a
   grace period) writes the run log's end record, status `stalled`; and the process exits with
   EXIT_STALLED. The launcher then ends the others (srun --kill-on-bad-exit, mpirun, horovodrun
@@ -82,10 +83,15 @@ def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tup
                          if h["delivered"] <= h["taken"] or (h["step"] == top and h["delivered"] < level))
         if starved:
             return starved, "its input pipeline delivered no batch for the step it is at"
+    # Out of a call and busy (validating, writing a checkpoint) while others wait: in a training
+    # call, or between calls (Horovod's other ranks go on to the next epoch's stop agreement
+    # while the chief writes its checkpoint): the busy ones hold them.
     away = sorted(r for r in heard if r not in in_call)
-    doing = " / ".join(sorted({heard[r].get("phase", TRAINING) for r in away}))
-    if in_call and away:
-        return away, f"{doing}, while the others wait in a training call"
+    busy = [r for r in away if heard[r].get("phase") != BETWEEN]
+    named = busy if busy and len(busy) < len(heard) else away if in_call else []
+    doing = " / ".join(sorted({heard[r].get("phase", TRAINING) for r in named or away}))
+    if named:
+        return named, f"{doing}, while the others wait for it"
     lowest = min(h["step"] for h in heard.values())
     behind = sorted(r for r, h in heard.items() if h["step"] == lowest)
     if len(behind) < len(heard):

@@ -48,7 +48,7 @@ from chexnet_hvd import (
 )
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig
-from chexnet_hvd.engine import accumulation
+from chexnet_hvd.engine import make_accumulation
 from chexnet_hvd.records import split_signature
 
 
@@ -147,17 +147,19 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     state = RunState(plateau=dict(schedules.PLATEAU_START), best_by=best_by, shape=shape, shapes=[(0, *shape)])
     error = None
     optimizer.build(model.trainable_variables)  # create the slots so they can be restored
-    accumulation(optimizer, model.trainable_variables)  # and Horovod's gradient sums, if any
+    make_accumulation(optimizer, model.trainable_variables)  # and Horovod's gradient sums, if any
     # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
     # so that every rank fails alike instead of waiting for the chief)
     if cfg.resume and engine.rank == 0:
-        for line in checkpoints.clear_leftovers(run_dir / "checkpoints"):
-            print(f"resume: {line}", file=sys.stderr, flush=True)
-    found = checkpoints.newest(run_dir / "checkpoints") if cfg.resume and engine.rank == 0 else None
-    if found is not None:
         try:
-            checkpoints.restore(model, found, optimizer)
-            state = restored_state(cfg, found, checkpoints.read_meta(found), shape, records.manifest)
+            for line in checkpoints.clear_leftovers(run_dir / "checkpoints"):
+                print(f"resume: {line}", file=sys.stderr, flush=True)
+            found = checkpoints.newest(run_dir / "checkpoints")
+            if found is not None:
+                checkpoints.restore(model, found, optimizer)
+                state = restored_state(cfg, found, checkpoints.read_meta(found), shape, records.manifest)
+        except OSError as err:  # a checkpoint folder it cannot read or tidy
+            error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
         except cli.InputError as err:
             error = err
     state, error = engine.broadcast_object((state, error))  # counters from the chief

@@ -5,7 +5,10 @@ For 1, 2, 14 and 21 classes, with and without masked entries, in fp32 and mixed_
 small model built and compiled as the trainer builds it (its loss, its optimizer at lr 0, in the
 engine's scope), one batch of packed targets; the loss Keras trains the batch on (what
 `train_on_batch` reports; lr 0 leaves the weights as they were) next to `masked_bce` of the
-same predictions, into OUT as JSON.
+same predictions (the model's output, which carries its logits, and its probabilities alone,
+as validation has them), into OUT as JSON. With `saturated`, the output layer set so that
+every logit is -30 for labels all positive: the loss from the logits is 30, from the
+probabilities (clipped to 1e-7) 16.1.
 """
 
 import json
@@ -37,12 +40,19 @@ def main(out: str, engine_name: str) -> None:
                 with engine.scope():
                     model = models.build_model("small_cnn", 16, classes)
                     model.compile(optimizer=train.make_optimizer(cfg, engine, derived), loss=train.make_loss())
-                y = train.pack_targets(label, mask)
-                prob = model(x, training=False)
-                expected = float(metrics.masked_bce(label, prob, mask))
-                trained = float(model.train_on_batch(x, y))
-                results.append({"precision": precision, "classes": classes, "masked": masked,
-                                "masked_bce": expected, "train_on_batch": trained})
+                for saturated in (False, True) if classes == 2 and not masked else (False,):
+                    if saturated:
+                        head = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Dense)][-1]
+                        head.set_weights([np.zeros_like(w) - 30 * (w.ndim == 1) for w in head.get_weights()])
+                        label = np.ones_like(label)
+                    y = train.pack_targets(label, mask)
+                    prob = model(x, training=False)
+                    expected = float(metrics.masked_bce(label, prob, mask))  # Keras' output: with its logits
+                    of_probabilities = float(metrics.masked_bce(label, np.asarray(prob), mask))  # validation's
+                    trained = float(model.train_on_batch(x, y))
+                    results.append({"precision": precision, "classes": classes, "masked": masked,
+                                    "saturated": saturated, "masked_bce": expected,
+                                    "of_probabilities": of_probabilities, "train_on_batch": trained})
     with open(out, "w") as fh:
         json.dump(results, fh)
 

@@ -253,6 +253,28 @@ def test_the_report_counts_the_labelled_images_of_each_class_beside_its_positive
     assert "(epoch 2, m, 32 px)" in text
 
 
+def test_one_patient_has_no_interval_and_undefined_numbers_are_null_in_the_report():
+    """A test split of one patient: every resample is that patient, so no interval (it was a
+    zero-width "95% CI"); a split where no class has both positives and negatives: the mean
+    AUROC and its interval are undefined, written as null (round(nan) wrote NaN, not JSON)."""
+    from chexnet_hvd.evaluate import class_rows, num
+
+    label = np.array([[1, 0], [0, 0], [1, 0]], np.float32)
+    pred = {"label": label, "mask": np.ones_like(label), "prob": np.array([[0.9, 0.2], [0.3, 0.1], [0.6, 0.4]], np.float32)}
+    ci = metrics.bootstrap_ci(label, pred["prob"], pred["mask"], np.array(["p1"] * 3), resamples=20, seed=0)
+    assert np.isnan([ci["mean_auroc_lo"], ci["mean_auroc_hi"], *ci["auroc_lo"], *ci["auprc_hi"]]).all()
+    rows = class_rows(["Atelectasis", "Edema"], pred, ci, None, *[np.full(2, np.nan)] * 3, comparable=False)
+    assert rows[0]["auroc"] == 1.0 and rows[0]["auroc_ci"] == [None, None] and rows[1]["auroc"] is None
+    undefined = metrics.mean_defined(metrics.per_class_auroc(label[:, 1:], pred["prob"][:, 1:], pred["mask"][:, 1:]))
+    mean = {"value": num(undefined), "ci_lo": num(ci["mean_auroc_lo"]), "ci_hi": num(ci["mean_auroc_hi"])}
+
+    def strict(constant):
+        raise AssertionError(f"{constant} in report.json")
+
+    assert json.loads(json.dumps({"mean_auroc": mean, "classes": rows}), parse_constant=strict)["mean_auroc"] == {
+        "value": None, "ci_lo": None, "ci_hi": None}
+
+
 def test_the_default_output_lies_outside_the_checkpoints(tmp_path):
     """RUN_DIR/eval/<name>-<split>: for RUN_DIR/checkpoints/NAME and for an export beside them."""
     from chexnet_hvd.evaluate import default_out

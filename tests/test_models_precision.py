@@ -92,10 +92,16 @@ def test_the_training_loss_is_masked_bce_for_any_number_of_classes(tmp_path, eng
     """For 1, 2, 14 and 21 classes, with and without masks, fp32 and mixed_float16, under each
     engine: the loss Keras trains on equals `metrics.masked_bce` of the same predictions. With
     [B, 2, C] targets, one class made Keras squeeze them to [B, 2] and train every prediction
-    against every label of the batch."""
+    against every label of the batch. Where every logit is -30 against positive labels, Keras
+    trains on the loss from the logits (30), not the clipped probabilities' (16.1): the graph
+    hands the loss its logits under both engines."""
     out = tmp_path / "losses.json"
     run([sys.executable, "tests/loss_worker.py", str(out), engine], timeout=600, check=True)
     results = json.loads(out.read_text())
-    assert len(results) == 16
+    assert len(results) == 18
     for r in results:
         assert r["train_on_batch"] == pytest.approx(r["masked_bce"], rel=1e-5), r
+        if r["saturated"]:
+            assert (r["train_on_batch"], r["of_probabilities"]) == (pytest.approx(30.0, rel=1e-4), pytest.approx(16.118, rel=1e-3)), r
+        else:
+            assert r["train_on_batch"] == pytest.approx(r["of_probabilities"], rel=1e-5), r

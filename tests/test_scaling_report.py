@@ -331,3 +331,18 @@ def test_projection_cli_from_a_one_rank_run_log(tmp_path):
     assert "| 2 | 2 | 0.1022 | 0.0022 |" in fp16.stdout, fp16.stdout  # 2 MB: 0.002 + 0.0002
     bad = run([REPORT, "--project", str(tmp_path / "nothing")])
     assert_one_line_error(bad)
+
+
+def test_a_diverged_loss_is_null_in_the_run_log_not_nan(tmp_path):
+    """json.dumps writes NaN and Infinity, which strict JSON readers (jq, most languages) refuse:
+    the writer makes them null, nested ones too."""
+    writer = runlog.RunLogWriter(tmp_path)
+    writer.write("epoch", epoch=1, seconds=1.0, images_per_sec=10.0, train_loss=float("nan"),
+                 val_auroc={"Edema": float("inf"), "Mass": 0.75}, per_rank=[1.0, float("-inf")])
+    writer.close()
+
+    def strict(constant):
+        raise AssertionError(f"{constant} in the run log")
+
+    record = json.loads((tmp_path / "runlog.jsonl").read_text(), parse_constant=strict)
+    assert (record["train_loss"], record["val_auroc"], record["per_rank"]) == (None, {"Edema": None, "Mass": 0.75}, [1.0, None])

@@ -189,7 +189,8 @@ def test_a_tf_engine_run_at_the_default_stall_timeout_keeps_its_thread_count(rec
 
 def test_who_a_stalled_rank_names():
     """Silent peers first; else ranks in a training call whose input delivered nothing for their
-    step; else ranks out of a training call that the others wait for in one; else the ranks
+    step; else ranks validating or writing a checkpoint (or out of a training call) that the
+    others wait for; else the ranks
     behind; else every rank (a collective that never completes). A resumed attempt (the
     run's step from its checkpoint, this process's counts from 0) names the rank behind, not
     every rank as starved of input; inside a call of several steps the starved rank is the one
@@ -222,6 +223,10 @@ def test_who_a_stalled_rank_names():
     # own) in the next call, waiting for the chief in that step's collective, its batch in hand
     phased = heard(r0=(99, 6, 6), r1=(99, 6, 7))
     phased[0]["phase"], phased[1]["phase"] = stall.CHECKPOINTING, stall.TRAINING
+    names, why = stall.culprits(now, 0, phased, t)
+    assert names == [0] and why.startswith("writing a checkpoint, while the others wait")
+    # ... at an epoch's end: rank 1 between calls, in the next epoch's stop agreement
+    phased[1]["phase"], phased[1]["delivered"] = stall.BETWEEN, 6
     names, why = stall.culprits(now, 0, phased, t)
     assert names == [0] and why.startswith("writing a checkpoint, while the others wait")
 

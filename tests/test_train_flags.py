@@ -313,7 +313,7 @@ def test_stop_check_steps_and_preempt_at_step(records_dir, tmp_path):
 
 
 def test_xla_compiles_clusters(records_dir, tmp_path):
-    """Also at 4 steps per call (the clusters then inside Keras' loop of steps)."""
+    """Also at 4 steps per call: XLA still compiles clusters, and the run completes."""
     env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
     with_xla = trainer(records_dir, tmp_path / "xla", "--xla", env=env, check=True)
     in_calls = trainer(records_dir, tmp_path / "xla4", "--xla", "--steps-per-execution", 4, env=env, check=True)

@@ -210,15 +210,13 @@ def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp
     """2 workers, stdout not a terminal (a batch job's log): a start line before the start-up
     (input, tracing), then a heartbeat line every --heartbeat seconds of an epoch (0.05 s: a
     few steps of the small CNN), before the first epoch line; DenseNet-121 (at 32 px) too, whose
-    start-up was minutes of silence. At 4 steps per call a beat falls between calls: its step is
-    a multiple of 4."""
+    start-up was minutes of silence. The small CNN at 4 steps per call (beats between calls)."""
     proc = run(ranks("tf", 2, *train_args(records_dir, tmp_path), "--epochs", "1", "--model", model,
                      "--steps-per-epoch", "12", "--heartbeat", "0.05", "--verbose", "2",
                      "--steps-per-execution", str(calls)), timeout=600, check=True)
     lines = proc.stdout.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("start: 2 rank(s) of the tf engine")]
     beats = [i for i, line in enumerate(lines) if re.match(r"epoch 1: step \d+/12, [\d.]+ img/s, loss", line)]
-    assert all(int(lines[i].split()[3].split("/")[0]) % calls == 0 for i in beats)
     first_epoch = next(i for i, line in enumerate(lines) if re.match(r"epoch 1: [\d.]+ img/s", line))
     assert len(starts) == 1 and "12 steps per epoch" in lines[starts[0]], proc.stdout[-2000:]
     assert beats and starts[0] < beats[0] < first_epoch, proc.stdout[-2000:]
