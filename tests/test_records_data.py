@@ -71,6 +71,13 @@ def test_corrupt_and_missing_images_are_rejected_and_counts_reconcile(synthetic,
     assert written + len(rejects) + 1 == manifest["listed"] == 600
     assert (manifest["rejected"], manifest["missing"]) == (1, 1)
 
+    # --images naming the wrong folder (the PNGs one level down): not a complete-looking empty
+    # set with a warning and exit 0, but one line, and no manifest
+    wrong = module("records", *args[:2], "--images", tmp_path, *args[4:], "--out", tmp_path / "empty")
+    assert_one_line_error(wrong, str(tmp_path), "none of the 600 listed images was written",
+                          "is --images the folder that holds them?")
+    assert not (tmp_path / "empty" / "manifest.json").exists()
+
 
 @pytest.mark.slow
 def test_a_partial_image_folder_is_sharded_on_the_images_that_exist(tmp_path):
