@@ -12,7 +12,9 @@ CAM_DIR/<the image's path relative to the inputs' common folder>_<class>.png.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -186,10 +188,12 @@ def render(files: list[Path], probs: np.ndarray, names: list[str], fmt: str) -> 
     if fmt == "json":
         return json.dumps([{"file": str(f), **{n: round(float(p), 6) for n, p in zip(names, row, strict=True)}}
                            for f, row in zip(files, probs, strict=True)], indent=1)
-    if fmt == "csv":
-        lines = [",".join(["file", *names])]
-        lines += [",".join([str(f), *(f"{p:.6f}" for p in row)]) for f, row in zip(files, probs, strict=True)]
-        return "\n".join(lines)
+    if fmt == "csv":  # csv quotes what needs it: a comma or quote in a file's name
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["file", *names])
+        writer.writerows([str(f), *(f"{p:.6f}" for p in row)] for f, row in zip(files, probs, strict=True))
+        return text.getvalue().rstrip("\n")
     return cli.markdown_table(["file", *names], [[str(f), *(f"{p:.3f}" for p in row)]  # a/x.png, b/x.png
                                                  for f, row in zip(relative_names(files), probs, strict=True)])
 

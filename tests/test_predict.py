@@ -2,7 +2,10 @@
 planted findings of the synthetic set, stay defined for a saturated prediction, are dense and
 drawn over an untinted X-ray, heatmap files that never overwrite each other, and bad input."""
 
+import csv
+import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,11 +54,14 @@ def test_predict_gives_a_row_for_every_real_png(trained_cnn, tmp_path):
 @pytest.mark.slow
 def test_cam_files_and_bad_input(trained_cnn, tmp_path):
     images = sorted((trained_cnn / "syn" / "images").iterdir())[:2]
+    images[0] = Path(shutil.copy(images[0], tmp_path / 'Smith, "J".png'))  # quoted in CSV, not split
     ckpt = trained_cnn / "run" / "checkpoints" / "best"
     proc = module("predict", *images, "--checkpoint", ckpt, "--cam", tmp_path / "cam", "--top", 2,
                   "--format", "csv", check=True)
-    assert len(proc.stdout.strip().splitlines()) == 3  # header + 2 rows
-    assert len(list((tmp_path / "cam").glob("*.png"))) == 4
+    rows = list(csv.reader(io.StringIO(proc.stdout)))
+    assert len(rows) == 3 and {len(r) for r in rows} == {len(rows[0])}  # header + 2 rows, aligned
+    assert str(images[0]) in [r[0] for r in rows[1:]]
+    assert len(list((tmp_path / "cam").rglob("*.png"))) == 4
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert_one_line_error(module("predict", text, "--checkpoint", ckpt), "notes.png", "not a readable image")
