@@ -222,6 +222,13 @@ def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdo
     check_classes(meta, manifest, cfg.checkpoint)
     names, view = meta["classes"], views.View.of(meta)  # the checkpoint's scaling and crop
     data.check_view(manifest, cfg.data, view)
+    records.split_shards(manifest, cfg.data, cfg.split)  # both splits there, before any scoring
+    if cfg.val_split:
+        try:
+            records.split_shards(manifest, cfg.data, cfg.val_split)
+        except cli.InputError as err:
+            raise cli.InputError(err.where, f"{err.what} (the operating points' split: --val-split "
+                                 "another, or '' for none)") from None
 
     plain = score(predict, cfg.data, cfg.split, view, cfg.batch_size, "none", engine, watchdog)
     tta = score(predict, cfg.data, cfg.split, view, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None

@@ -138,6 +138,7 @@ CASES = [
     ("evaluate-wrong-class-count", "evaluate", [*EVAL[:3], p("five_classes"), *EVAL[4:]], ["predicts 14 classes", "hold 5"], True),
     ("evaluate-records-smaller-than-model", "evaluate", [*EVAL[:3], p("stored_16px"), *EVAL[4:]], ["stored at 16 px"], True),
     ("evaluate-worker-index-outside-workers", "evaluate", [*EVAL, "--engine", "tf", "--workers", "a:1,b:2", "--worker-index", "2"], ["--worker-index", "names 2"], True),
+    ("evaluate-val-split-missing", "evaluate", [*EVAL, "--val-split", "nosuch"], ["no records for split 'nosuch'", "--val-split"], True),
     ("evaluate-out-unwritable", "evaluate", [*EVAL[:-1], p("a_file/eval")], ["a_file/eval", "cannot create"], None),
     # predict: image files
     ("predict-input-missing", "predict", [p("gone.png"), "--checkpoint", f("ckpt")], ["gone.png", "no such file"], None),
