@@ -31,8 +31,20 @@ def to_8bit(values: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def is_dicom_name(path: str | Path) -> bool:
-    """Whether a file is read as DICOM (by its suffix)."""
+    """Whether a file's name says DICOM (its suffix)."""
     return str(path).lower().endswith(DICOM_SUFFIXES)
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether a file is DICOM: by its suffix, or (PACS exports often have none: IM0001) by the
+    'DICM' that follows the 128-byte preamble of a DICOM file."""
+    if is_dicom_name(path):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def dicom_to_8bit(path: str | Path) -> tuple[np.ndarray, int]:
@@ -96,7 +108,7 @@ def read_grayscale_bits(path: str | Path, size: int | None = None) -> tuple[Imag
     """Any PNG/JPEG (1-bit, L, P, RGB, RGBA, CMYK, 16-bit) or DICOM as an 8-bit grayscale PIL
     image, optionally resized, and the bits of the source's grey levels: the one conversion of
     the records writer and of predict (the raw pipeline applies `to_8bit` the same way)."""
-    if is_dicom_name(path):
+    if is_dicom(path):
         gray, bits = dicom_to_8bit(path)
         img = Image.fromarray(gray)
     else:

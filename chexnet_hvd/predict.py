@@ -62,7 +62,7 @@ def check_image(path: Path) -> None:
     from PIL import Image
 
     try:
-        if images.is_dicom_name(path):
+        if images.is_dicom(path):
             pydicom.dcmread(path, stop_before_pixels=True)
         else:
             with Image.open(path) as img:

@@ -3,6 +3,7 @@ may hold, and DICOMs (generated here; pydicom writes them), become the expected 
 pixels in the records, stored as PNGs that hold the pixels and nothing else."""
 
 import io
+import shutil
 import sys
 
 import numpy as np
@@ -90,6 +91,8 @@ def hospital_images(root) -> dict[str, tuple[np.ndarray, int]]:
     out["rle.dcm"] = (np.round(v * 255 / 4095).astype(np.uint8), 0)
     write_dicom(root / "mono1.dcm", v, 12, photometric="MONOCHROME1")
     out["mono1.dcm"] = (255 - np.round(v * 255 / 4095).astype(np.uint8), 0)
+    shutil.copy(root / "mono1.dcm", root / "IM0001")  # a PACS export's name: DICOM by its content
+    out["IM0001"] = out["mono1.dcm"]
     s = v * 16 - 32768  # signed 16-bit
     write_dicom(root / "signed.dcm", s, 16, signed=True)
     out["signed.dcm"] = (np.round((s + 32768) * 255 / 65535).astype(np.uint8), 0)
@@ -122,7 +125,7 @@ def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_pat
         assert got.shape == want.shape, name
         assert np.abs(got - want.astype(int)).max() <= tol, name
     manifest = records.load_manifest(out)
-    assert manifest["source_bit_depths"] == {"8": 9, "12": 7, "16": 2}
+    assert manifest["source_bit_depths"] == {"8": 9, "12": 8, "16": 2}
     # the same files resized into uint8 records: nothing rejected
     module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
            "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",
