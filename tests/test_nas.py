@@ -402,6 +402,8 @@ def nas(study_dir, data, *extra, **kwargs):
     (["--sample", "20"], "--sample: 20 is more than the population"),
     (["--train-args", "--epochs 4"], "--train-args: --epochs is set by the search"),
     (["--train-args", "--recipe chexnet"], "--train-args: --recipe is set by the search"),
+    (["--train-args", "--lr 0.01 --epoch 9"], "--train-args: --epochs is set by the search"),  # abbreviated
+    (["--train-args=--image=64"], "--train-args: --image-size is set by the search"),
     (["--n-trials", "0"], "--n-trials: must be at least 1"),
 ])
 def test_bad_flags_are_one_line_errors(records_dir, tmp_path, flags, fragment):

@@ -31,6 +31,7 @@ from chexnet_hvd.runlog import read_runlog
 PROPOSERS = ["evolution", "random", "llm"]
 TRAINER_FLAGS = ("--data", "--run-dir", "--recipe", "--model", "--image-size", "--batch-size",
                  "--epochs", "--resume", "--threads", "--verbose")
+TRAINER_OPTIONS = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(config.TrainConfig)}
 
 
 @dataclasses.dataclass
@@ -85,9 +86,18 @@ def check(cfg: NasConfig) -> None:
         raise cli.InputError(cfg.data, "not a records directory (no manifest.json)")
     if cfg.sample > cfg.population:
         raise cli.InputError("--sample", f"{cfg.sample} is more than the population ({cfg.population})")
-    clash = [f for f in shlex.split(cfg.train_args) if f.split("=")[0] in TRAINER_FLAGS]
+    clash = [flag for flag in map(searched_flag, shlex.split(cfg.train_args)) if flag]
     if clash:
         raise cli.InputError("--train-args", f"{clash[0]} is set by the search itself")
+
+
+def searched_flag(word: str) -> str | None:
+    """The search's own trainer flag that `word` of --train-args would set, also abbreviated as
+    the trainer's parser takes it (--epoch 9 sets --epochs); None for any other."""
+    name = word.split("=")[0]
+    if not name.startswith("--") or name in TRAINER_OPTIONS - set(TRAINER_FLAGS):
+        return None
+    return next((flag for flag in TRAINER_FLAGS if flag.startswith(name) and len(name) > 2), None)
 
 
 def task_of(cfg: NasConfig) -> dict:
