@@ -61,13 +61,18 @@ class EvalConfig:
                                      maximum=1e6)
 
 
-def default_out(checkpoint: str | Path, split: str) -> Path:
-    """RUN_DIR/eval/<checkpoint name>-<split>: never inside the checkpoint, which training's
-    pruning and the swap of `best` delete (RUN_DIR is the checkpoint's grandparent when its
-    parent is `checkpoints`, else its parent: an export directory's run)."""
+def default_out(checkpoint: str | Path, split: str, tta: str = "none", data: str | Path = "",
+                trained_on: str | Path = "") -> Path:
+    """RUN_DIR/eval/<checkpoint name>-<split>[-<tta>][-<records folder>]: never inside the
+    checkpoint, which training's pruning and the swap of `best` delete (RUN_DIR is the
+    checkpoint's grandparent when its parent is `checkpoints`, else its parent: an export
+    directory's run); ten-crop, and records other than those it was `trained_on`, in the name,
+    so that one evaluation does not overwrite another."""
     ckpt = Path(os.path.abspath(checkpoint))  # not resolved: `best` keeps its name, not its copy's
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run_dir / "eval" / f"{ckpt.name}-{split}"
+    other = data and trained_on and Path(data).resolve() != Path(trained_on).resolve()
+    name = "-".join([ckpt.name, split, *([tta] if tta != "none" else []), *([Path(data).resolve().name] if other else [])])
+    return run_dir / "eval" / name
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -269,7 +274,8 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
         "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed", "seconds")}
                      | {"defined": ci["defined"].tolist()},
     }
-    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, cfg.split)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, cfg.split, cfg.tta, cfg.data,
+                                                    meta.get("config", {}).get("data", ""))
     cli.make_dir(out)
     with cli.output(out / "report.json") as fh:
         fh.write(json.dumps(result, indent=1))

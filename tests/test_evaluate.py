@@ -276,13 +276,19 @@ def test_one_patient_has_no_interval_and_undefined_numbers_are_null_in_the_repor
 
 
 def test_the_default_output_lies_outside_the_checkpoints(tmp_path):
-    """RUN_DIR/eval/<name>-<split>: for RUN_DIR/checkpoints/NAME and for an export beside them."""
+    """RUN_DIR/eval/<name>-<split>: for RUN_DIR/checkpoints/NAME and for an export beside them;
+    ten-crop and other records than the run's add their names (they overwrote each other)."""
     from chexnet_hvd.evaluate import default_out
 
     run_dir = tmp_path / "runs" / "x"
     assert default_out(run_dir / "checkpoints" / "best", "test") == run_dir / "eval" / "best-test"
     assert default_out(f"{run_dir}/checkpoints/epoch-0003/", "val") == run_dir / "eval" / "epoch-0003-val"
     assert default_out(run_dir / "export-openvino-int8", "test") == run_dir / "eval" / "export-openvino-int8-test"
+    # ten-crop, and records other than the training run's, get their own folder
+    best = run_dir / "checkpoints" / "best"
+    assert default_out(best, "test", "tencrop") == run_dir / "eval" / "best-test-tencrop"
+    assert default_out(best, "test", "none", tmp_path / "chexpert", tmp_path / "nih") == run_dir / "eval" / "best-test-chexpert"
+    assert default_out(best, "test", "none", tmp_path / "nih", tmp_path / "nih") == run_dir / "eval" / "best-test"
 
 
 @pytest.mark.slow
