@@ -7,7 +7,8 @@ operating points from the validation split, test-time augmentation, curves.
     python -m chexnet_hvd.launch -np 4 python -m chexnet_hvd.evaluate --engine tf ...
 
 Writes OUT/report.md, OUT/report.json (every number), OUT/roc.png and OUT/pr.png; OUT defaults
-to RUN_DIR/eval/CHECKPOINT_NAME-SPLIT, outside the checkpoints training prunes and replaces. Every
+to RUN_DIR/eval/CHECKPOINT_NAME-SPLIT[-TTA][-RECORDS] (`default_out`), outside the checkpoints
+training prunes and replaces. Every
 rank predicts its part of the split; the predictions are gathered, so every record counts once.
 """
 
@@ -43,7 +44,8 @@ class EvalConfig:
                          choices=["none", "flip", "tencrop"])
     out: str = cli.field("", help="output directory (default: RUN_DIR/eval/NAME-SPLIT for a "
                          "checkpoint RUN_DIR/checkpoints/NAME, else beside the checkpoint: "
-                         "CHECKPOINT/../eval/NAME-SPLIT)")
+                         "CHECKPOINT/../eval/NAME-SPLIT; then -TTA with --tta, and the records "
+                         "folder's name for records other than the run's)")
     batch_size: int = cli.field(32, help="images per rank per step (tencrop: x10 views)", minimum=1)
     bootstrap: int = cli.field(1000, help="bootstrap resamples (by patient) for the intervals",
                                minimum=1)
@@ -61,18 +63,24 @@ class EvalConfig:
                                      maximum=1e6)
 
 
-def default_out(checkpoint: str | Path, split: str, tta: str = "none", data: str | Path = "",
-                trained_on: str | Path = "") -> Path:
+def default_out(checkpoint: str | Path, split: str, tta: str = "none", other_records: str | Path = "") -> Path:
     """RUN_DIR/eval/<checkpoint name>-<split>[-<tta>][-<records folder>]: never inside the
     checkpoint, which training's pruning and the swap of `best` delete (RUN_DIR is the
     checkpoint's grandparent when its parent is `checkpoints`, else its parent: an export
-    directory's run); ten-crop, and records other than those it was `trained_on`, in the name,
-    so that one evaluation does not overwrite another."""
+    directory's run); test-time augmentation, and `other_records` than the run trained on,
+    in the name, so that one evaluation does not overwrite another."""
     ckpt = Path(os.path.abspath(checkpoint))  # not resolved: `best` keeps its name, not its copy's
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    other = data and trained_on and Path(data).resolve() != Path(trained_on).resolve()
-    name = "-".join([ckpt.name, split, *([tta] if tta != "none" else []), *([Path(data).resolve().name] if other else [])])
-    return run_dir / "eval" / name
+    name = [ckpt.name, split, *([tta] if tta != "none" else []),
+            *([Path(os.path.abspath(other_records)).name] if other_records else [])]
+    return run_dir / "eval" / "-".join(name)
+
+
+def other_records(cfg, meta: dict, manifest: dict) -> str:
+    """cfg.data when they are not the records the checkpoint was trained on (their training
+    split's signature differs: a staged copy at another path is the same), else ''."""
+    same = meta.get("train_signature") == records.split_signature(manifest, "train") if "train" in manifest["splits"] else False
+    return "" if same else cfg.data
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
@@ -228,12 +236,9 @@ def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdo
     names, view = meta["classes"], views.View.of(meta)  # the checkpoint's scaling and crop
     data.check_view(manifest, cfg.data, view)
     records.split_shards(manifest, cfg.data, cfg.split)  # both splits there, before any scoring
-    if cfg.val_split:
-        try:
-            records.split_shards(manifest, cfg.data, cfg.val_split)
-        except cli.InputError as err:
-            raise cli.InputError(err.where, f"{err.what} (the operating points' split: --val-split "
-                                 "another, or '' for none)") from None
+    if cfg.val_split and not manifest["splits"].get(cfg.val_split, {}).get("shards"):
+        raise cli.InputError(cfg.data, f"no records for split {cfg.val_split!r} (the operating points' "
+                             "split: --val-split another, or '' for none)")
 
     plain = score(predict, cfg.data, cfg.split, view, cfg.batch_size, "none", engine, watchdog)
     tta = score(predict, cfg.data, cfg.split, view, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
@@ -274,8 +279,8 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
         "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed", "seconds")}
                      | {"defined": ci["defined"].tolist()},
     }
-    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, cfg.split, cfg.tta, cfg.data,
-                                                    meta.get("config", {}).get("data", ""))
+    out = Path(cfg.out) if cfg.out else default_out(cfg.checkpoint, cfg.split, cfg.tta,
+                                                    other_records(cfg, meta, manifest))
     cli.make_dir(out)
     with cli.output(out / "report.json") as fh:
         fh.write(json.dumps(result, indent=1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,8 @@ class ExportConfig:
                                choices=["fp32", "int8"])
     calib: str = cli.field("", help="int8: records directory whose training split calibrates")
     calib_images: int = cli.field(300, help="int8: calibration images", minimum=1)
-    out: str = cli.field("", help="output directory (default: beside the checkpoint)")
+    out: str = cli.field("", help="output directory (default: RUN_DIR/export-FORMAT[-PRECISION] "
+                         "for RUN_DIR/checkpoints/NAME); an existing one only if an earlier export")
 
 
 def save_savedmodel(model, path: Path) -> None:
@@ -75,7 +77,10 @@ def output_dir(cfg: ExportConfig) -> Path:
     already is replaced only when it is an export (its meta.json names a format) or empty: any
     other folder named by mistake is refused, never deleted."""
     tag = "savedmodel" if cfg.format == "savedmodel" else f"openvino-{cfg.precision}"
-    out = Path(cfg.out).resolve() if cfg.out else Path(cfg.checkpoint).resolve().parent.parent / f"export-{tag}"
+    # abspath, not resolve: a checkpoints folder linked to scratch still exports into RUN_DIR
+    out = Path(os.path.abspath(cfg.out or Path(cfg.checkpoint).parent.parent / f"export-{tag}"))
+    if out.exists() and not out.is_dir():
+        raise cli.InputError(out, "exists and is not a folder: give --out a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and "format" not in (read_json(out / "meta.json") or {}):
         raise cli.InputError(out, "exists and is not an export (no meta.json naming a format): "
                              "give --out a new or empty folder, or an earlier export to replace")
@@ -120,7 +125,8 @@ def write_export(cfg: ExportConfig, model, meta: dict, tmp: Path) -> None:
             ov_model = nncf.quantize(ov_model, nncf.Dataset(calib), subset_size=len(calib))
         ov.save_model(ov_model, str(tmp / OV_MODEL), compress_to_fp16=False)
         shutil.rmtree(tmp / "savedmodel")
-    keep = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "val_mean_auroc")
+    keep = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "val_mean_auroc",
+            "train_signature")  # evaluate's default output tells the run's records from others
     (tmp / "meta.json").write_text(json.dumps({k: meta.get(k) for k in keep} | {
         "format": cfg.format, "precision": cfg.precision if cfg.format == "openvino" else "fp32",
         "checkpoint": str(cfg.checkpoint)}, indent=1))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CONVERSION = "gray8-v4"  # bump when the pixels or the bytes written for an image change
+CONVERSION = "gray8-v5"  # bump when the pixels or the bytes written for an image change
 
 DEPTHS = (8, 10, 12, 14, 16)  # the grey-level depths detectors and DICOM exports use
 
@@ -37,9 +37,12 @@ def is_dicom_name(path: str | Path) -> bool:
 
 def is_dicom(path: str | Path) -> bool:
     """Whether a file is DICOM: by its suffix, or (PACS exports often have none: IM0001) by the
-    'DICM' that follows the 128-byte preamble of a DICOM file."""
+    'DICM' that follows the 128-byte preamble of a DICOM file; a PNG or JPEG by its name is not
+    opened to ask."""
     if is_dicom_name(path):
         return True
+    if str(path).lower().endswith((".png", ".jpg", ".jpeg")):
+        return False
     try:
         with open(path, "rb") as fh:
             return fh.read(132)[128:] == b"DICM"
@@ -141,6 +144,8 @@ def raw_problem(path: str | Path) -> str | None:
     its header alone; None when it can."""
     if not Path(path).is_file():
         return "missing file"
+    if is_dicom(path):
+        return "DICOM: the raw pipeline decodes PNG and grey/RGB JPEG only (use --format tfrecord)"
     try:
         with Image.open(path) as img:
             kind, mode = img.format, img.mode

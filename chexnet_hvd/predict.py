@@ -41,11 +41,14 @@ class PredictConfig:
 
 
 def image_files(inputs: list[str]) -> list[Path]:
-    """Files as given, directories expanded to their images (sorted); missing paths are errors."""
+    """Files as given, directories expanded to their images (sorted: PNG, JPEG and DICOM by
+    name, and DICOMs without a suffix, as PACS exports name them, by content); missing paths
+    are errors."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                            or (not p.suffix and p.is_file() and images.is_dicom(p)))
         elif item.is_file():
             files.append(item)
         else:

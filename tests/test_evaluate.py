@@ -26,7 +26,7 @@ from conftest import (
     small_disk,
 )
 
-from chexnet_hvd import checkpoints, launch, metrics, models, views
+from chexnet_hvd import checkpoints, launch, metrics, models, records, views
 from chexnet_hvd.runlog import read_runlog
 
 
@@ -278,7 +278,7 @@ def test_one_patient_has_no_interval_and_undefined_numbers_are_null_in_the_repor
 def test_the_default_output_lies_outside_the_checkpoints(tmp_path):
     """RUN_DIR/eval/<name>-<split>: for RUN_DIR/checkpoints/NAME and for an export beside them;
     ten-crop and other records than the run's add their names (they overwrote each other)."""
-    from chexnet_hvd.evaluate import default_out
+    from chexnet_hvd.evaluate import EvalConfig, default_out, other_records
 
     run_dir = tmp_path / "runs" / "x"
     assert default_out(run_dir / "checkpoints" / "best", "test") == run_dir / "eval" / "best-test"
@@ -287,8 +287,14 @@ def test_the_default_output_lies_outside_the_checkpoints(tmp_path):
     # ten-crop, and records other than the training run's, get their own folder
     best = run_dir / "checkpoints" / "best"
     assert default_out(best, "test", "tencrop") == run_dir / "eval" / "best-test-tencrop"
-    assert default_out(best, "test", "none", tmp_path / "chexpert", tmp_path / "nih") == run_dir / "eval" / "best-test-chexpert"
-    assert default_out(best, "test", "none", tmp_path / "nih", tmp_path / "nih") == run_dir / "eval" / "best-test"
+    assert default_out(best, "test", "flip", tmp_path / "chexpert") == run_dir / "eval" / "best-test-flip-chexpert"
+    # other records: those whose training split is not the one the checkpoint was trained on
+    manifest = {"splits": {"train": {"shards": [{"file": "train-0", "count": 9}]}}}
+    cfg = EvalConfig(checkpoint="c", data=str(tmp_path / "staged"))
+    trained_on = {"train_signature": records.split_signature(manifest, "train")}
+    assert other_records(cfg, trained_on, manifest) == ""  # the same records, wherever they are
+    assert other_records(cfg, {"train_signature": None}, manifest) == cfg.data
+    assert other_records(cfg, trained_on, {"splits": {"test": {}}}) == cfg.data
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from chexnet_hvd import data, records
+from chexnet_hvd import data, images, records
 from chexnet_hvd.records import writer
 
 
@@ -180,3 +180,16 @@ def test_colour_sources_with_an_rgb_icc_profile_give_png_records_without_ancilla
     *ours, old = proc.stderr.split("--- ")[1:]
     assert not any("iCCP" in part or "PNG warning" in part for part in ours), ours
     assert "iCCP" in old
+
+
+def test_a_dicom_is_known_by_its_marker_whatever_its_name(tmp_path):
+    """PACS exports often have no suffix (IM0001): the 'DICM' after the preamble says DICOM, to
+    the conversion, to predict and to the raw pipeline's check (which needs tfrecord for it);
+    a PNG is known by its name without being opened."""
+    write_dicom(tmp_path / "x.dcm", np.arange(64, dtype=np.int64).reshape(8, 8), 12)
+    shutil.copy(tmp_path / "x.dcm", tmp_path / "IM0001")
+    (tmp_path / "notes").write_text("x" * 200)
+    assert [images.is_dicom(tmp_path / n) for n in ("x.dcm", "IM0001", "notes", "absent.png")] == [True, True, False, False]
+    assert images.raw_problem(tmp_path / "IM0001").startswith("DICOM: the raw pipeline decodes PNG")
+    np.testing.assert_array_equal(np.asarray(images.read_grayscale(tmp_path / "IM0001")),
+                                  np.asarray(images.read_grayscale(tmp_path / "x.dcm")))

@@ -404,6 +404,7 @@ def nas(study_dir, data, *extra, **kwargs):
     (["--train-args", "--recipe chexnet"], "--train-args: --recipe is set by the search"),
     (["--train-args", "--lr 0.01 --epoch 9"], "--train-args: --epochs is set by the search"),  # abbreviated
     (["--train-args=--image=64"], "--train-args: --image-size is set by the search"),
+    (["--train-args=--no-res"], "--train-args: --resume is set by the search"),  # a negation
     (["--n-trials", "0"], "--n-trials: must be at least 1"),
 ])
 def test_bad_flags_are_one_line_errors(records_dir, tmp_path, flags, fragment):

@@ -193,9 +193,13 @@ def test_heatmaps_of_inputs_with_the_same_name_never_overwrite_each_other(tmp_pa
         (inputs / folder).mkdir(parents=True)
         Image.fromarray(pixels).save(inputs / folder / "x.png")
     write_dicom(inputs / "c" / "x.dcm", pixels.astype(np.int64) * 16, 12)
+    shutil.copy(inputs / "c" / "x.dcm", inputs / "c" / "IM0001")  # a PACS export's name, in the folder
+    (inputs / "c" / "notes").write_text("not an image, not named as one: left out")
     files = [inputs / "a" / "x.png", inputs / "b" / "x.png", inputs / "c"]
     proc = module("predict", *files, "--checkpoint", ckpt, "--cam", tmp_path / "cam", "--top", 2,
                   "--format", "csv", check=True)
     written = sorted(str(p.relative_to(tmp_path / "cam")) for p in (tmp_path / "cam").rglob("*.png"))
-    assert len(written) == 8 and f"wrote 8 heatmaps to {tmp_path / 'cam'}" in proc.stderr
-    assert [w.rsplit("_", 1)[0] for w in written[::2]] == ["a/x.png", "b/x.png", "c/x.dcm", "c/x.png"]
+    assert len(written) == 10 and f"wrote 10 heatmaps to {tmp_path / 'cam'}" in proc.stderr
+    assert [w.rsplit("_", 1)[0] for w in written[::2]] == ["a/x.png", "b/x.png", "c/IM0001", "c/x.dcm", "c/x.png"]
+    rows = {r[0]: r[1:] for r in csv.reader(io.StringIO(proc.stdout))}
+    assert rows[str(inputs / "c" / "IM0001")] == rows[str(inputs / "c" / "x.dcm")]  # read as the DICOM it is

@@ -93,8 +93,12 @@ def check(cfg: NasConfig) -> None:
 
 def searched_flag(word: str) -> str | None:
     """The search's own trainer flag that `word` of --train-args would set, also abbreviated as
-    the trainer's parser takes it (--epoch 9 sets --epochs); None for any other."""
+    the trainer's parser takes it (--epoch 9 sets --epochs; --no-res clears --resume; an
+    ambiguous prefix, which the trainer would refuse, counts as the first it could be); None
+    for any other."""
     name = word.split("=")[0]
+    if name.startswith("--no-"):  # a boolean's negation: --no-resume
+        name = "--" + name[len("--no-"):]
     if not name.startswith("--") or name in TRAINER_OPTIONS - set(TRAINER_FLAGS):
         return None
     return next((flag for flag in TRAINER_FLAGS if flag.startswith(name) and len(name) > 2), None)

@@ -336,12 +336,14 @@ def write_records(cfg: RecordsConfig) -> dict:
     missing = table.loc[~present, ["image", "split"]]
     with cli.output(out / MISSING) as fh:
         missing.to_csv(fh, index=False)
-    if not sum(res["count"] for res in results):  # a wrong --images: nothing to train on
-        first = table.loc[~present, "path"].iloc[0] if len(missing) else rejects[0][2]
-        raise cli.InputError(", ".join(map(str, cfg.images)), f"none of the {len(table)} listed images "
-                             f"was written ({len(missing)} missing, the first {first}, listed in "
-                             f"{out / MISSING}; {len(rejects)} unreadable, in {out / REJECTS}); "
-                             "no manifest written: is --images the folder that holds them?")
+    if not sum(res["count"] for res in results):  # nothing to train on
+        if len(missing):  # a wrong --images, most likely
+            why = (f"{len(missing)} missing, the first {table.loc[~present, 'path'].iloc[0]}, listed in "
+                   f"{out / MISSING}; is --images the folder that holds them?")
+        else:
+            why = f"all unreadable, listed in {out / REJECTS}; the first {rejects[0][2]}: {rejects[0][3]}"
+        raise cli.InputError(", ".join(map(str, cfg.images)), f"none of the {len(table)} listed "
+                             f"images was written ({why}); no manifest written")
     if 0 <= cfg.max_rejects < len(rejects) + len(missing):
         bad = len(rejects) + len(missing)
         where, what = (rejects[0][2], rejects[0][3]) if rejects else (table.loc[~present, "path"].iloc[0],
