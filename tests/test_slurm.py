@@ -218,6 +218,9 @@ def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
     assert all(r["threads"] == 1 for r in ranks[narrow])
 
 
+PREEMPTED_EPOCHS = 8
+
+
 @pytest.mark.parametrize("launcher,engine,template", [
     ("srun", "horovod", PREEMPTED), ("srun", "tf", PREEMPTED), ("mpirun", "horovod", SLURM_DIR / "tfrec_2gpu.sh")],
     ids=["srun-tfrec_8gpu", "srun-tfrec_8gpu-ENGINE=tf", "mpirun-tfrec_2gpu"])
@@ -226,8 +229,10 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
     same step, one checkpoint, the job requeues itself and the second attempt resumes from that
     checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes (and otherwise checked
     as every template is), with either engine; under mpirun, which forwards the signal itself:
-    tfrec_2gpu.sh."""
-    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 3,
+    tfrec_2gpu.sh. 8 epochs: the signal comes after the first, and epochs of the small CNN take
+    a fraction of a second at 8 steps per call (at 3, a signal after the last stop check of the
+    last epoch let the run complete, rightly not requeued)."""
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": PREEMPTED_EPOCHS,
                              "LAUNCHER": launcher, "ENGINE": engine}
     job = submit(template, env, tmp_path)
     run_dir = tmp_path / "runs" / directives(template)["job-name"] / job
@@ -253,14 +258,14 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
     ends = [r for r in log if r["event"] == "end"]
     assert [e["status"] for e in ends] == ["preempted", "completed"] and len(starts) == 2
     assert {s["engine"] for s in starts} == {engine}
-    assert_template_run(template, job, run_dir, epochs=3, precision="fp32")
+    assert_template_run(template, job, run_dir, epochs=PREEMPTED_EPOCHS, precision="fp32")
     job_log = (run_dir / "job.log").read_text()
     stopped = re.findall(r"rank (\d+): preempted after step (\d+)", job_log)
     assert sorted(int(r) for r, _ in stopped) == list(range(layout(template)[1])), job_log[-3000:]
     assert {int(s) for _, s in stopped} == {ends[0]["step"]}  # the same step on every rank
     assert starts[1]["resumed_from"].endswith(f"/checkpoints/step-{ends[0]['step']:09d}")
     assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == [f"step-{ends[0]['step']:09d}"]
-    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == list(range(1, PREEMPTED_EPOCHS + 1))
 
 
 def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path):
