@@ -81,18 +81,10 @@ def output_dir(cfg: ExportConfig) -> Path:
     out = Path(os.path.abspath(cfg.out or Path(cfg.checkpoint).parent.parent / f"export-{tag}"))
     if out.exists() and not out.is_dir():
         raise cli.InputError(out, "exists and is not a folder: give --out a new or empty folder")
-    if out.is_dir() and any(out.iterdir()) and "format" not in (read_json(out / "meta.json") or {}):
+    if out.is_dir() and any(out.iterdir()) and "format" not in (checkpoints.read_meta(out) or {}):
         raise cli.InputError(out, "exists and is not an export (no meta.json naming a format): "
                              "give --out a new or empty folder, or an earlier export to replace")
     return out
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
 
 
 def export(cfg: ExportConfig) -> Path:
