@@ -79,8 +79,9 @@ def default_out(checkpoint: str | Path, split: str, tta: str = "none", other_rec
 def other_records(cfg, meta: dict, manifest: dict) -> str:
     """cfg.data when they are not the records the checkpoint was trained on (their training
     split's signature differs: a staged copy at another path is the same), else ''."""
-    same = meta.get("train_signature") == records.split_signature(manifest, "train") if "train" in manifest["splits"] else False
-    return "" if same else cfg.data
+    if "train" in manifest["splits"] and meta.get("train_signature") == records.split_signature(manifest, "train"):
+        return ""
+    return cfg.data
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
