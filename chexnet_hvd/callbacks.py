@@ -80,9 +80,8 @@ class EpochProgress(tf.keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         state = self.state
         state.epoch, state.batch = epoch, 0
-        done = sharding.fraction_done(state.parts)
         schedules.live_schedule(self.model.optimizer).start_part(
-            epoch + done, state.step, state.part_steps, 1.0 - done)
+            epoch, sharding.records_done(state.parts), state.step, state.part_steps)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.beat:  # only a rank in a training call waits for its input

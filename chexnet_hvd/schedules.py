@@ -58,20 +58,24 @@ PLATEAU_START = {"scale": 1.0, "best": None, "wait": 0}
 @tf.keras.utils.register_keras_serializable("chexnet_hvd")
 class EpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
     """`scheduled_lr` as a Keras schedule of the optimizer's step, through the progress of the
-    part of an epoch in training: progress = part_start + (step - part_first_step) x per_step.
-    Those three, the plateau `scale` and the warmup's shape are variables (changed between
-    epochs, or at a resume, without retracing the train step), set from the run state, not kept
-    in checkpoints. The warmup keeps the shape of the run's first attempt (`set_warmup`): its
-    length and start, as fractions of epochs and of the peak, do not follow a new world size."""
+    part of an epoch in training (`start_part`). The part's terms, the plateau `scale` and the
+    warmup's shape are variables (changed between epochs, or at a resume, without retracing the
+    train step), set from the run state, not kept in checkpoints. The warmup keeps the shape of
+    the run's first attempt (`set_warmup`): its length and start, as fractions of epochs and of
+    the peak, do not follow a new world size."""
 
     def __init__(self, peak: float, warmup_from: float, warmup_epochs: float, epochs: int,
                  schedule: str = "constant", step_epochs: int = 0):
         self.peak, self.epochs, self.schedule, self.step_epochs = peak, epochs, schedule, step_epochs
         self.initial = (warmup_from, warmup_epochs)  # the config (Horovod rebuilds from it)
         self.scale = tf.Variable(1.0, trainable=False, dtype=tf.float32, name="lr_scale")
-        self.part_start = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="part_start")
-        self.part_first_step = tf.Variable(0, trainable=False, dtype=tf.int64, name="part_first_step")
-        self.per_step = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="per_step")
+        # progress = epoch + (offset + (step - first_step) x per_step) / whole: integers, so that
+        # a resumed part's progress at a step is the very float of the straight run's there
+        self.epoch = tf.Variable(0, trainable=False, dtype=tf.int64, name="part_epoch")
+        self.first_step = tf.Variable(0, trainable=False, dtype=tf.int64, name="part_first_step")
+        self.offset = tf.Variable(0, trainable=False, dtype=tf.int64, name="part_offset")
+        self.per_step = tf.Variable(1, trainable=False, dtype=tf.int64, name="part_per_step")
+        self.whole = tf.Variable(1, trainable=False, dtype=tf.int64, name="part_whole")
         self.warmup_from = tf.Variable(warmup_from, trainable=False, dtype=tf.float32, name="warmup_from")
         self.warmup_epochs = tf.Variable(warmup_epochs, trainable=False, dtype=tf.float32, name="warmup_epochs")
 
@@ -79,17 +83,26 @@ class EpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_from.assign(warmup_from)
         self.warmup_epochs.assign(warmup_epochs)
 
-    def start_part(self, progress: float, first_step: int, steps: int, fraction: float = 1.0) -> None:
-        """The part of an epoch about to train: it starts at `progress` epochs, with the optimizer
-        at `first_step`, and its `steps` steps cover `fraction` of an epoch."""
-        self.part_start.assign(progress)
-        self.part_first_step.assign(first_step)
-        self.per_step.assign(fraction / max(steps, 1))
+    def start_part(self, epoch: int, done: tuple[int, int], first_step: int, steps: int) -> None:
+        """The part of epoch `epoch` about to train: earlier parts trained done[0] of its done[1]
+        records; its `steps` steps, the optimizer's from `first_step` on, cover the rest. As a
+        fraction of exact integers (done/whole + k (1 - done/whole)/steps over a common
+        denominator), a resume at the same shape gives the same value as the straight run:
+        (done + k)/steps; a float sum of the parts' fractions would differ in the last bit, and
+        so would every weight after it."""
+        trained, whole = done
+        steps = max(steps, 1)
+        self.epoch.assign(epoch)
+        self.first_step.assign(first_step)
+        self.offset.assign(trained * steps)
+        self.per_step.assign(whole - trained)
+        self.whole.assign(whole * steps)
 
     def progress(self, step):
         """Epochs of progress at optimizer step `step` (inside the current part)."""
-        done = tf.cast(tf.cast(step, tf.int64) - self.part_first_step, tf.float32)
-        return self.part_start + done * self.per_step
+        k = tf.cast(step, tf.int64) - self.first_step
+        part = tf.cast(self.offset + k * self.per_step, tf.float64) / tf.cast(self.whole, tf.float64)
+        return tf.cast(tf.cast(self.epoch, tf.float64) + part, tf.float32)
 
     def at(self, progress: float) -> float:
         """The learning rate at `progress` epochs, at the current plateau scale."""

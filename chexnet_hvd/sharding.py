@@ -180,13 +180,13 @@ def rest_of_epoch(layout: Layout, steps: int, parts: Sequence[Part]) -> list[tup
     return left
 
 
-def fraction_done(parts: Sequence[Part]) -> float:
-    """The fraction of an epoch `parts` trained: their records over the records of the whole
-    epoch at its starting shape (the first part's world, batch and steps)."""
+def records_done(parts: Sequence[Part]) -> tuple[int, int]:
+    """What of an epoch `parts` trained: (their records, the records of the whole epoch at its
+    starting shape: the first part's world x batch x steps); (0, 1) before any part."""
     if not parts:
-        return 0.0
+        return 0, 1
     world, batch, steps, _ = parts[0]
-    return sum(w * b * done for w, b, _, done in parts) / (world * batch * steps)
+    return sum(w * b * done for w, b, _, done in parts), world * batch * steps
 
 
 def with_shape(shapes: Shapes, epoch: int, shape: Shape) -> list[tuple[int, int, int]]:

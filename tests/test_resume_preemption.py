@@ -3,6 +3,7 @@ launcher), at the defaults the Slurm templates use (no --deterministic); resumes
 batch or world size; a killed rank fails the job promptly, and so does a full disk at a
 checkpoint."""
 
+import contextlib
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from conftest import (
     launcher,
     module,
     ranks,
+    ranks_of,
     run,
     small_disk,
 )
@@ -195,6 +198,57 @@ def test_a_mid_epoch_resume_is_exact_with_several_steps_per_call(records_dir, st
     assert checkpoints.read_meta(tmp_path / "split" / "checkpoints" / "epoch-0002")["step"] == 52
     assert trained(straight, 2) == trained(tmp_path / "split", 2)
     assert_same_weights(straight, tmp_path / "split")
+
+
+def kill_in_a_write(proc, run_dir: Path, after_step: int, timeout: float = 240) -> list[str]:
+    """SIGKILL every process of the job the moment the chief is seen writing a step checkpoint
+    past `after_step` (its hidden `.step-N.tmpPID`): what a node's loss or scancel at the end
+    of a grace period does. The hidden names on disk after the kill."""
+    ckpt_dir, deadline, pids = run_dir / "checkpoints", time.monotonic() + timeout, {}
+
+    def kill() -> None:
+        for pid in [*(pids[r] for r in sorted(pids)), *ranks_of(run_dir).values()]:  # the chief first
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher too
+        proc.wait()
+
+    while proc.poll() is None and time.monotonic() < deadline:
+        names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
+        if len(pids) < 2:  # the ranks' pids once they write (looked up before the race begins)
+            pids = ranks_of(run_dir) if names else {}
+        elif any((m := WRITING.fullmatch(n)) and int(m[1]) > after_step for n in names):
+            kill()
+            return [n for n in os.listdir(ckpt_dir) if checkpoints.LEFTOVER.fullmatch(n)]
+        time.sleep(0.001)
+    kill()
+    raise AssertionError(f"the run ended ({proc.poll()}) or hung before step {after_step}: "
+                         f"{proc.stdout.read()[-2000:]}")
+
+
+WRITING = re.compile(r"\.step-(\d+)\.tmp\d+")
+
+
+def test_a_sigkill_in_the_middle_of_a_checkpoint_write_loses_nothing(records_dir, straight, tmp_path, engine):
+    """A checkpoint every step (--checkpoint-every-steps 1), and the whole job SIGKILLed while
+    the chief writes one, again after each resume, until a kill has left a partial copy on disk
+    (a kill that lands after the rename leaves none, and the run is killed again further on).
+    Each resume deletes the partial copy, says so, and goes on from the newest complete
+    checkpoint; the run ends with the same weights, bitwise, as 2 epochs straight."""
+    run_dir = tmp_path / "killed"
+    cmd = train_cmd(records_dir, run_dir, "--epochs", 2, *EXACT, "--checkpoint-every-steps", 1, engine=engine)
+    partial, kills, after = [], 0, 8
+    while not partial and kills < 6:
+        proc = start([*cmd, "--resume"] if kills else cmd)
+        partial = kill_in_a_write(proc, run_dir, after)
+        kills, after = kills + 1, after + 7
+    assert partial, f"none of {kills} kills landed inside a write"
+    resumed = run([*cmd, "--resume"], timeout=300, check=True)
+    assert f"resume: {partial[0]}: deleted" in resumed.stdout + resumed.stderr
+    assert not [n for n in os.listdir(run_dir / "checkpoints") if checkpoints.LEFTOVER.fullmatch(n)]
+    assert checkpoints.read_meta(run_dir / "checkpoints" / "epoch-0002")["step"] == 52
+    assert module("runlog", run_dir, check=True).stdout.strip() == "completed"
+    assert_same_weights(straight, run_dir)
 
 
 def trained(run_dir, ranks: int) -> dict[int, list[str]]:

@@ -15,7 +15,7 @@ def test_lr_warmup_and_scaling_formula(world):
     base, ref, local = 1e-3, 16, 16
     peak = base * local * world / ref
     sched = EpochSchedule(peak, 1 / world, warmup_epochs=1, epochs=10, schedule="cosine")
-    sched.start_part(0.0, first_step=0, steps=10)
+    sched.start_part(0, (0, 1), first_step=0, steps=10)
     assert float(sched(0)) == pytest.approx(peak / world)
     assert float(sched(5)) == pytest.approx(peak / world + (peak - peak / world) * 0.5)
     assert float(sched(10)) == pytest.approx(peak)
@@ -35,12 +35,27 @@ def test_the_lr_is_a_function_of_epoch_progress_whatever_the_epochs_length(sched
     straight = EpochSchedule(1e-3, 1 / 2, warmup_epochs=warmup, **common)
     resumed = EpochSchedule(2e-3, 1 / 4, warmup_epochs=2 * warmup, **common)
     resumed.set_warmup(1 / 2, warmup)
-    straight.start_part(2.0, first_step=20, steps=10)  # epoch 3 of 4, steps 20..29
-    resumed.start_part(2.4, first_step=24, steps=3, fraction=0.6)  # its last 60% in 3 steps
+    straight.start_part(2, (0, 1), first_step=20, steps=10)  # epoch 3 of 4, steps 20..29
+    resumed.start_part(2, (4 * 2, 10 * 2), first_step=24, steps=3)  # 4 of 10 batches of 2 done; 3 steps
     for k in range(4):
         progress = 2.4 + 0.2 * k
         assert float(resumed.progress(24 + k)) == pytest.approx(progress)
         assert float(resumed(24 + k)) == pytest.approx(2 * float(straight(20 + round((progress - 2) * 10))), rel=1e-5)
+
+
+@pytest.mark.parametrize("steps", [26, 52, 97])
+def test_a_part_resumed_at_the_same_shape_has_the_straight_runs_progress_to_the_last_bit(steps):
+    """Resumed after any batch of an epoch at the same shape (2 ranks of 8), each later step's
+    progress, so its lr in warmup or a cosine, is the straight run's bitwise (a float sum of
+    the done fraction and the steps since differed in the last bit: weights then differed)."""
+    straight = EpochSchedule(1e-3, 1 / 2, warmup_epochs=3, epochs=4, schedule="cosine")
+    resumed = EpochSchedule(1e-3, 1 / 2, warmup_epochs=3, epochs=4, schedule="cosine")
+    first = 2 * steps  # epoch 3
+    straight.start_part(2, (0, 1), first_step=first, steps=steps)
+    for done in range(1, steps):
+        resumed.start_part(2, (16 * done, 16 * steps), first_step=first + done, steps=steps - done)
+        later = range(first + done, first + steps + 1)
+        assert [float(resumed(s)) for s in later] == [float(straight(s)) for s in later], done
 
 
 def test_plateau_update_waits_patience_epochs_then_scales_down():
