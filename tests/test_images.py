@@ -116,8 +116,8 @@ def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_pat
     pd.DataFrame({"path": list(expected), "patient": range(len(expected)), "Effusion": 0}).to_csv(
         tmp_path / "own.csv", index=False)
     out = tmp_path / "records"
-    module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
-           "--out", out, "--fractions", 1, 0, 0, "--workers", 1, "--no-progress", check=True)
+    written = module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
+                     "--out", out, "--fractions", 1, 0, 0, "--workers", 1, "--no-progress", check=True)
     pixels = stored_images(out)
     assert sorted(pixels) == sorted(expected)
     for name, (want, tol) in expected.items():
@@ -126,6 +126,8 @@ def test_every_mode_bit_depth_and_dicom_becomes_the_expected_8_bit_image(tmp_pat
         assert np.abs(got - want.astype(int)).max() <= tol, name
     manifest = records.load_manifest(out)
     assert manifest["source_bit_depths"] == {"8": 9, "12": 8, "16": 2}
+    # each image by its own depth: said, with the counts
+    assert "warning: source images of several grey-level depths (8 at 12 bits, 2 at 16 bits)" in written.stderr
     # the same files resized into uint8 records: nothing rejected
     module("records", "--dataset", "csv", "--csv", tmp_path / "own.csv", "--images", tmp_path / "images",
            "--out", tmp_path / "small", "--fractions", 1, 0, 0, "--image-size", 16, "--encoding", "uint8",

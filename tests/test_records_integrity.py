@@ -25,8 +25,8 @@ needs_chexpert = pytest.mark.skipif(not (CHEXPERT / "train_sample.csv").is_file(
 
 
 def write(csv, images, out, *extra):
-    module("records", "--csv", csv, "--images", images, "--out", out, "--shard-size", 64,
-           "--workers", 1, "--no-progress", *extra, check=True)
+    return module("records", "--csv", csv, "--images", images, "--out", out, "--shard-size", 64,
+                  "--workers", 1, "--no-progress", *extra, check=True)
 
 
 def by_id(out) -> dict:
@@ -164,7 +164,7 @@ def test_twelve_bit_pngs_are_scaled_by_their_real_range(tmp_path):
                   "Finding Labels": ["No Finding", "Hernia", "Mass"],
                   "Patient ID": ["1", "2", "3"]}).to_csv(csv, index=False)
     common = ["--fractions", 1, 0, 0]
-    write(csv, images, tmp_path / "rec", *common)
+    assert "grey-level depths" not in write(csv, images, tmp_path / "rec", *common).stderr  # one depth above 8
     module("records", "--csv", csv, "--images", images, "--out", tmp_path / "raw", "--format", "raw",
            *common, "--no-progress", check=True)
     manifest = records.load_manifest(tmp_path / "rec")
@@ -177,3 +177,23 @@ def test_twelve_bit_pngs_are_scaled_by_their_real_range(tmp_path):
         assert pixels["00000001_000.png"][2].max() == 255
         darker = np.round((ramp // 3) * (255 / 4095)).astype(np.uint8)  # by 12 bits, as its neighbour
         assert np.array_equal(pixels["00000003_000.png"][2], darker), out
+
+
+def test_a_split_asked_for_that_gets_no_record_is_warned_of(tmp_path):
+    """3 patients at the default fractions (0.7/0.1/0.2): 2 train, none for val, 1 for test;
+    the test split's one image is missing: both splits are named with the reason."""
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [f"0000000{i}_000.png" for i in (1, 2, 3)]
+    csv = tmp_path / "Data_Entry_2017.csv"
+    pd.DataFrame({"Image Index": names, "Finding Labels": ["No Finding", "Hernia", "Mass"],
+                  "Patient ID": ["1", "2", "3"]}).to_csv(csv, index=False)
+    for name in names:
+        Image.fromarray(np.full((32, 32), 100, np.uint8)).save(images / name)
+    listing = sources.load(sources.TableConfig(csv=[str(csv)], images=[str(images)]))
+    [test_image] = listing.table.loc[listing.table["split"] == "test", "image"]
+    (images / test_image).unlink()
+    stderr = write(csv, images, tmp_path / "rec").stderr
+    assert "warning: val split: no record written (no patient drawn for it: too few patients for --fractions 0.1)" in stderr
+    assert "warning: test split: no record written (all 1 of its images missing or unreadable)" in stderr
+    assert "AUROC" not in stderr  # an empty split is not also a one-sided one

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from chexnet_hvd import metadata, sources, splits
-from chexnet_hvd.records import RAW_ENCODING, SCHEMA_VERSION
+from chexnet_hvd.records import MANIFEST, RAW_ENCODING, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from chexnet_hvd.records.writer import RecordsConfig
@@ -94,15 +94,52 @@ def build_manifest(listing: sources.Listing, results: list[dict], present: np.nd
     }
 
 
+def manifest_warnings(manifest: dict) -> list[str]:
+    """What the records command warns of, a line each."""
+    return [*empty_split_warnings(manifest), *one_sided_warnings(manifest), *depth_warnings(manifest)]
+
+
+def empty_split_warnings(manifest: dict) -> list[str]:
+    """A line per split that was asked for (a fraction above 0 of a random split; any split of
+    an official one, val as --fractions says) and holds no record."""
+    fractions = dict(zip(splits.SPLITS, manifest["split_fractions"], strict=True))
+    official = manifest["split_method"] == "official"
+    lines = []
+    for split in splits.SPLITS:
+        info = manifest["splits"].get(split)
+        if (official and split != "val" or fractions[split] > 0) and not (info and info["count"]):
+            why = (f"all {info['listed']} of its images missing or unreadable" if info else
+                   "the sources' own split (their lists or split column, or the val fraction "
+                   "carved from the training patients) gives it no image" if official else
+                   f"no patient drawn for it: too few patients for --fractions {fractions[split]:g}")
+            lines.append(f"warning: {split} split: no record written ({why})")
+    return lines
+
+
 def one_sided_warnings(manifest: dict) -> list[str]:
-    """A line per scored split (val, test) with classes whose AUROC it cannot define: no
-    positives, or no negatives, among its written records."""
+    """A line per scored split (val, test) with records, and classes whose AUROC it cannot
+    define: no positives, or no negatives, among its written records."""
     lines = []
     for split in ("val", "test"):
         info = manifest["splits"].get(split)
-        if info and (info["no_positives"] or info["no_negatives"]):
+        if info and info["count"] and (info["no_positives"] or info["no_negatives"]):
             parts = [f"no {kind} for {', '.join(info[f'no_{kind}'])}"
                      for kind in ("positives", "negatives") if info[f"no_{kind}"]]
             lines.append(f"warning: {split} split: {'; '.join(parts)}: AUROC undefined for these "
                          f"classes (more patients in the split, or another --seed or --fractions)")
     return lines
+
+
+def depth_warnings(manifest: dict) -> list[str]:
+    """A line when the sources' grey levels came at several depths above 8 bits: each image is
+    scaled by its own (a DICOM's BitsStored; a 16-bit PNG's, the smallest that holds its
+    brightest pixel: images.to_8bit), so a dark PNG of a 12-bit set (none above 1,023) comes
+    out 4x brighter than its neighbours."""
+    deep = {int(d): n for d, n in manifest["source_bit_depths"].items() if int(d) > 8}
+    if len(deep) < 2:
+        return []
+    counts = ", ".join(f"{n} at {d} bits" for d, n in sorted(deep.items()))
+    return [f"warning: source images of several grey-level depths ({counts}): each was scaled to "
+            f"8 bits by its own (a DICOM's BitsStored; a PNG's, the smallest that holds its "
+            f"brightest pixel), so a dark PNG of a deeper set comes out brighter than its "
+            f"neighbours (per depth: source_bit_depths in {MANIFEST})"]

@@ -43,7 +43,7 @@ from chexnet_hvd.records import (
     serialize_example,
     write_errors,
 )
-from chexnet_hvd.records.manifest import build_manifest, one_sided_warnings
+from chexnet_hvd.records.manifest import build_manifest, manifest_warnings
 
 T = TypeVar("T")
 
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{manifest['dropped_by_views']} of other views")
     counts = ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())
     print(f"wrote {counts} records to {cfg.out}")
-    for line in one_sided_warnings(manifest):
+    for line in manifest_warnings(manifest):
         print(line, file=sys.stderr)
     if manifest["rejected"]:
         print(f"warning: {manifest['rejected']} of {manifest['listed']} images rejected as "
