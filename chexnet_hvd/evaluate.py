@@ -7,7 +7,7 @@ operating points from the validation split, test-time augmentation, curves.
     python -m chexnet_hvd.launch -np 4 python -m chexnet_hvd.evaluate --engine tf ...
 
 Writes OUT/report.md, OUT/report.json (every number), OUT/roc.png and OUT/pr.png; OUT defaults
-to RUN_DIR/eval/CHECKPOINT_NAME-SPLIT[-TTA][-RECORDS] (`default_out`), outside the checkpoints
+to RUN_DIR/eval/CHECKPOINT_NAME-SPLIT[-TTA][-RECORDS-DIGEST] (`default_out`), outside the checkpoints
 training prunes and replaces. Every
 rank predicts its part of the split; the predictions are gathered, so every record counts once.
 """
@@ -63,25 +63,27 @@ class EvalConfig:
                                      maximum=1e6)
 
 
-def default_out(checkpoint: str | Path, split: str, tta: str = "none", other_records: str | Path = "") -> Path:
-    """RUN_DIR/eval/<checkpoint name>-<split>[-<tta>][-<records folder>]: never inside the
+def default_out(checkpoint: str | Path, split: str, tta: str = "none", records_name: str = "") -> Path:
+    """RUN_DIR/eval/<checkpoint name>-<split>[-<tta>][-<records_name>]: never inside the
     checkpoint, which training's pruning and the swap of `best` delete (RUN_DIR is the
     checkpoint's grandparent when its parent is `checkpoints`, else its parent: an export
-    directory's run); test-time augmentation, and `other_records` than the run trained on,
-    in the name, so that one evaluation does not overwrite another."""
+    directory's run); test-time augmentation, and other records than the run trained on
+    (`other_records`), in the name, so that one evaluation does not overwrite another."""
     ckpt = Path(os.path.abspath(checkpoint))  # not resolved: `best` keeps its name, not its copy's
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    name = [ckpt.name, split, *([tta] if tta != "none" else []),
-            *([Path(os.path.abspath(other_records)).name] if other_records else [])]
+    name = [ckpt.name, split, *([tta] if tta != "none" else []), *([records_name] if records_name else [])]
     return run_dir / "eval" / "-".join(name)
 
 
 def other_records(cfg, meta: dict, manifest: dict) -> str:
-    """cfg.data when they are not the records the checkpoint was trained on (their training
-    split's signature differs: a staged copy at another path is the same), else ''."""
+    """'' for the records the checkpoint was trained on (their training split's signature is
+    the checkpoint's: a staged copy at another path is the same), else a name for the records
+    evaluated: their folder's, and the evaluated split's digest (two folders of one name,
+    hospital_a/records and hospital_b/records, differ)."""
     if "train" in manifest["splits"] and meta.get("train_signature") == records.split_signature(manifest, "train"):
         return ""
-    return cfg.data
+    digest = records.split_signature(manifest, cfg.split)["digest"][:8]
+    return f"{Path(os.path.abspath(cfg.data)).name}-{digest}"
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:

@@ -287,14 +287,20 @@ def test_the_default_output_lies_outside_the_checkpoints(tmp_path):
     # ten-crop, and records other than the training run's, get their own folder
     best = run_dir / "checkpoints" / "best"
     assert default_out(best, "test", "tencrop") == run_dir / "eval" / "best-test-tencrop"
-    assert default_out(best, "test", "flip", tmp_path / "chexpert") == run_dir / "eval" / "best-test-flip-chexpert"
-    # other records: those whose training split is not the one the checkpoint was trained on
-    manifest = {"splits": {"train": {"shards": [{"file": "train-0", "count": 9}]}}}
-    cfg = EvalConfig(checkpoint="c", data=str(tmp_path / "staged"))
+    assert default_out(best, "test", "flip", "chexpert-0a1b2c3d") == run_dir / "eval" / "best-test-flip-chexpert-0a1b2c3d"
+    # other records: those whose training split is not the one the checkpoint was trained on,
+    # named by their folder and the evaluated split's digest
+    shards = {"shards": [{"file": "test-0", "count": 9}]}
+    manifest = {"splits": {"train": {"shards": [{"file": "train-0", "count": 9}]}, "test": shards}}
+    cfg = EvalConfig(checkpoint="c", data=str(tmp_path / "staged" / "records"))
     trained_on = {"train_signature": records.split_signature(manifest, "train")}
     assert other_records(cfg, trained_on, manifest) == ""  # the same records, wherever they are
-    assert other_records(cfg, {"train_signature": None}, manifest) == cfg.data
-    assert other_records(cfg, trained_on, {"splits": {"test": {}}}) == cfg.data
+    named = other_records(cfg, {"train_signature": None}, manifest)
+    assert named == f"records-{records.split_signature(manifest, 'test')['digest'][:8]}"
+    assert other_records(cfg, trained_on, {"splits": {"test": shards}}) == named
+    # another hospital's folder of the same name: another name
+    other = {"splits": {"test": {"shards": [{"file": "test-0", "count": 8}]}}}
+    assert other_records(cfg, trained_on, other) not in ("", named)
 
 
 @pytest.mark.slow
