@@ -78,7 +78,9 @@ def section_trainer(r: dict) -> list[str]:
         f"- the pieces: Keras' fit loop / bare loop {small['fit_over_bare']:.3f}; the trainer's per-batch "
         f"maps (targets packed, feed counters) in the bare loop {small['feed_over_bare']:.3f}; the "
         f"trainer's callbacks and maps / Keras fit {small['quiet_over_fit']:.3f}; stall watch "
-        f"{small['stall_watch_over_quiet']:.3f}; stop agreement {small['stop_agreement_over_quiet']:.3f}; "
+        f"{small['stall_watch_over_quiet']:.3f}; stop agreement {small['stop_agreement_over_quiet']:.3f} "
+        f"(at 1 rank it holds no collective, only integer work per step: this figure is the "
+        f"rounds' noise); "
         f"the records pipeline on these 2 shared cores {small['records_over_synthetic']:.3f} (the bare "
         f"loop on the same records: {small['bare_records_over_bare']:.3f} of itself in memory)",
         *([f"- between rounds, one configuration's fastest / slowest round: {min(spread):.2f} to "

@@ -132,7 +132,10 @@ class StopAgreement(tf.keras.callbacks.Callback):
             self.agree()
 
     def agree(self) -> bool:
-        if self.engine.any_rank(self.stop.requested):  # a collective: every rank, same step
+        requested = self.stop.requested  # alone, a rank agrees with itself: no collective,
+        if self.engine.size > 1:          # and no wait for the device's queued steps
+            requested = self.engine.any_rank(requested)  # Horovod/TF: a collective, same step
+        if requested:
             self.state.preempted = True
             self.model.stop_training = True
         return self.state.preempted
