@@ -44,6 +44,15 @@ def verdict(value: float, goal: float) -> str:
     return f"{value:.2f} (goal >= {goal:.2f}: {'met' if value >= goal else 'MISSED'})"
 
 
+def rounds_range(small: dict, num: str, den: str) -> str:
+    """The spread of a ratio over the rounds (each round's own), when there are several."""
+    runs = small.get("runs", {})
+    if small["repeats"] < 2 or num not in runs:
+        return ""
+    ratios = [a / b for a, b in zip(runs[num], runs[den], strict=True)]
+    return f" (the rounds' own: {min(ratios):.2f} to {max(ratios):.2f})"
+
+
 def section_trainer(r: dict) -> list[str]:
     small = r["small"]
     ratio = small["records_over_bare"]
@@ -71,9 +80,10 @@ def section_trainer(r: dict) -> list[str]:
             ("trainer_records_calls", "trainer on uint8 records, --steps-per-execution 8"),
             ("trainer_xla", "trainer, in-memory input, --xla"))], "",
         f"- trainer on records / bare loop: {verdict(ratio, 0.95)} at the trainer's default of 1 step "
-        f"per call of Keras' train function",
+        f"per call of Keras' train function" + rounds_range(small, "trainer_records", "bare_loop"),
         f"- at --steps-per-execution 8 (the GPU recipes' and the Slurm templates' setting): trainer "
-        f"on records / bare loop: {verdict(small['records_calls_over_bare'], 0.95)}; Keras' fit loop / "
+        f"on records / bare loop: {verdict(small['records_calls_over_bare'], 0.95)}"
+        + rounds_range(small, "trainer_records_calls", "bare_loop") + "; Keras' fit loop / "
         f"bare loop {small['fit_calls_over_bare']:.3f} (one step per call: {small['fit_over_bare']:.3f})",
         f"- the pieces: Keras' fit loop / bare loop {small['fit_over_bare']:.3f}; the trainer's per-batch "
         f"maps (targets packed, feed counters) in the bare loop {small['feed_over_bare']:.3f}; the "
