@@ -156,8 +156,10 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
                 print(f"resume: {line}", file=sys.stderr, flush=True)
             found = checkpoints.newest(run_dir / "checkpoints")
             if found is not None:
+                meta = checkpoints.read_meta(found)
+                check_same_optimizer(cfg, found, meta)
                 checkpoints.restore(model, found, optimizer)
-                state = restored_state(cfg, found, checkpoints.read_meta(found), shape, records.manifest)
+                state = restored_state(cfg, found, meta, shape, records.manifest)
         except OSError as err:  # a checkpoint folder it cannot read or tidy
             error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
         except cli.InputError as err:
@@ -171,6 +173,20 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     schedules.live_schedule(optimizer).set_warmup(*state.warmup)
     engine.broadcast_variables(model.variables + checkpoints.optimizer_variables(optimizer))
     return state
+
+
+def check_same_optimizer(cfg: TrainConfig, found: Path, meta: dict) -> None:
+    """A resume restores the optimizer state the checkpoint holds, which has the shape of its
+    kind (--optimizer: Adam's two moments, SGD's momentum) and of a loss scale around it or not
+    (--precision mixed_float16): another kind has no place for it (fp32 and mixed_bfloat16
+    share one)."""
+    then = {"optimizer": meta.get("config", {}).get("optimizer", cfg.optimizer), "precision": meta["precision"]}
+    for flag, same in (("optimizer", then["optimizer"] == cfg.optimizer),
+                       ("precision", (then["precision"] == "mixed_float16") == (cfg.precision == "mixed_float16"))):
+        if not same:
+            raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then[flag]}: "
+                                 f"its optimizer state has no place in this one; resume with --{flag} "
+                                 f"{then[flag]}, or start a new run in another --run-dir")
 
 
 def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int], manifest: dict) -> RunState:

@@ -152,6 +152,15 @@ def test_optimizer_sgd(records_dir, baseline, tmp_path):
     n_weights = len(weights(baseline))
     assert (slots(baseline), slots(tmp_path)) == (2 * n_weights, n_weights)
     assert not same(weights(baseline), weights(tmp_path))
+    # a resume keeps the optimizer state's shape: the same kind, a loss scale or not (a
+    # restore of Adam's two moments into SGD's momentum failed as "weights do not fit")
+    resumed = ["--resume", "--epochs", 3]
+    assert_one_line_error(trainer(records_dir, tmp_path, *resumed),
+                          "--optimizer: adam, but ", "was trained with sgd", "resume with --optimizer sgd")
+    assert_one_line_error(trainer(records_dir, tmp_path, *resumed, "--optimizer", "sgd", "--precision", "mixed_float16"),
+                          "--precision: mixed_float16, but ", "was trained with fp32")
+    trainer(records_dir, tmp_path, *resumed, "--optimizer", "sgd", "--precision", "mixed_bfloat16", check=True)
+    assert epochs(tmp_path)[-1]["epoch"] == 3
 
 
 def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, baseline, tmp_path):
