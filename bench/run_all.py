@@ -61,8 +61,9 @@ def section_trainer(r: dict) -> list[str]:
         f"{small['batch']}, 1 rank)", "",
         f"Machine: {small.get('machine', r['machine'])}, {small.get('date', r['date'])}; {small['steps']} "
         f"timed steps each (a bare step takes {small['step_ms_bare']:.1f} ms here, the scale of a GPU step), "
-        f"warm-up left out; {small['repeats']} rounds: images/s the medians, ratios the medians of each "
-        "round's own ratios. Like with like: every loop trains the same model "
+        f"warm-up left out; {small['repeats']} rounds: images/s the medians, the table's ratio column "
+        "the medians' ratio, the ratios below it the medians of each round's own. Like with like: "
+        "every loop trains the same model "
         "behind the same in-graph preprocessing on uint8 batches.", "",
         "| configuration | images/s | / bare loop |", "|---|---:|---:|",
         *[f"| {label} | {small[key]:.0f} | {small[key] / small['bare_loop']:.3f} |" for key, label in (

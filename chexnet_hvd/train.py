@@ -180,12 +180,12 @@ def check_same_optimizer(cfg: TrainConfig, found: Path, meta: dict) -> None:
     kind (--optimizer: Adam's two moments, SGD's momentum) and of a loss scale around it or not
     (--precision mixed_float16): another kind has no place for it (fp32 and mixed_bfloat16
     share one)."""
-    then = {"optimizer": meta.get("config", {}).get("optimizer", cfg.optimizer), "precision": meta["precision"]}
+    then = {"optimizer": meta["config"]["optimizer"], "precision": meta["precision"]}
     for flag, same in (("optimizer", then["optimizer"] == cfg.optimizer),
                        ("precision", (then["precision"] == "mixed_float16") == (cfg.precision == "mixed_float16"))):
         if not same:
             raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then[flag]}: "
-                                 f"its optimizer state has no place in this one; resume with --{flag} "
+                                 f"the two optimizers' states do not match; resume with --{flag} "
                                  f"{then[flag]}, or start a new run in another --run-dir")
 
 

@@ -85,15 +85,20 @@ def straight(records_dir, tmp_path_factory, engine):
     return run_dir
 
 
-def assert_same_weights(a, b, rtol: float = 0.0, atol: float = 0.0) -> None:
+def assert_same_weights(a, b, within: float = 0.0) -> None:
     """Each rank's weights and optimizer state (slots, step, loss scale, good steps): bitwise
-    (the same ops on the same CPU), or within rtol/atol (another engine's allreduce)."""
+    (the same ops on the same CPU), or each array within `within` of the other's norm (another
+    engine's allreduce)."""
     for rank in (0, 1):
         for name in (f"rank{rank}.npz", f"rank{rank}-optimizer.npz"):
             x, y = (np.load(d / "audit" / name) for d in (a, b))
             assert len(x.files) == len(y.files), name
             for key in x.files:
-                np.testing.assert_allclose(x[key], y[key], rtol=rtol, atol=atol, err_msg=f"{name} {key}")
+                if within:
+                    gap = np.linalg.norm((x[key] - y[key]).ravel()) / np.linalg.norm(y[key].ravel())
+                    assert gap <= within, (name, key, gap)
+                else:
+                    np.testing.assert_array_equal(x[key], y[key], f"{name} {key}")
 
 
 def test_resume_matches_a_straight_run(records_dir, straight, tmp_path, engine):
@@ -256,7 +261,8 @@ def test_a_run_resumes_under_the_other_engine(records_dir, straight, tmp_path, e
     """Preempted 14 batches into epoch 2 under one engine's launcher and resumed under the
     other's (a template's ENGINE changed between attempts): the checkpoint holds the plain
     model and optimizer, so the run completes with the straight run's records and weights, to
-    the last bits the two engines' allreduce arithmetic gives (up to 2e-7 apart here)."""
+    the rounding the two engines' allreduce arithmetic gives (each array within 1e-4 of its
+    norm: up to 2e-5 measured, in an Adam moment; the records trained are compared exactly)."""
     other = "tf" if engine == "horovod" else "horovod"
     common = ["--epochs", 2, *EXACT]
     preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33, engine=engine),
@@ -266,7 +272,7 @@ def test_a_run_resumes_under_the_other_engine(records_dir, straight, tmp_path, e
     starts = [r for r in read_runlog(tmp_path / "split") if r["event"] == "start"]
     assert [(s["engine"], s["initial_step"]) for s in starts] == [(engine, 0), (other, 40)]
     assert trained(straight, 2) == trained(tmp_path / "split", 2)
-    assert_same_weights(straight, tmp_path / "split", rtol=1e-3, atol=1e-6)
+    assert_same_weights(straight, tmp_path / "split", within=1e-4)
 
 
 def trained(run_dir, ranks: int) -> dict[int, list[str]]:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from conftest import (
     run,
 )
 
-from chexnet_hvd import checkpoints, config, records
+from chexnet_hvd import checkpoints, cli, config, records, train
 from chexnet_hvd.runlog import read_runlog
 
 pytestmark = [pytest.mark.slow]
@@ -140,7 +141,8 @@ def test_flags_that_change_what_is_learned(records_dir, baseline, tmp_path, flag
 
 
 def test_optimizer_sgd(records_dir, baseline, tmp_path):
-    """SGD with momentum keeps one slot per weight in its checkpoint, Adam two (m and v)."""
+    """SGD with momentum keeps one slot per weight in its checkpoint, Adam two (m and v); a
+    resume with the other, or between mixed_float16 and another precision, is refused."""
     import tensorflow as tf
 
     trainer(records_dir, tmp_path, "--optimizer", "sgd", check=True)
@@ -161,6 +163,9 @@ def test_optimizer_sgd(records_dir, baseline, tmp_path):
                           "--precision: mixed_float16, but ", "was trained with fp32")
     trainer(records_dir, tmp_path, *resumed, "--optimizer", "sgd", "--precision", "mixed_bfloat16", check=True)
     assert epochs(tmp_path)[-1]["epoch"] == 3
+    meta = checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0003") | {"precision": "mixed_float16"}
+    with pytest.raises(cli.InputError, match="--precision: fp32, but .* was trained with mixed_float16"):
+        train.check_same_optimizer(SimpleNamespace(optimizer="sgd", precision="fp32"), tmp_path, meta)  # out of it
 
 
 def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, baseline, tmp_path):
