@@ -206,6 +206,14 @@ def test_a_mid_epoch_resume_is_exact_with_several_steps_per_call(records_dir, st
     assert_same_weights(straight, tmp_path / "split")
 
 
+WRITING = re.compile(r"\.step-(\d+)\.tmp\d+")
+
+
+def leftovers(ckpt_dir: Path) -> list[str]:
+    """The hidden names a kill in the middle of a checkpoint write leaves."""
+    return [n for n in os.listdir(ckpt_dir) if checkpoints.LEFTOVER.fullmatch(n)]
+
+
 def kill_in_a_write(proc, run_dir: Path, after_step: int, timeout: float = 240) -> list[str]:
     """SIGKILL every process of the job the moment the chief is seen writing a step checkpoint
     past `after_step` (its hidden `.step-N.tmpPID`): what a node's loss or scancel at the end
@@ -225,14 +233,11 @@ def kill_in_a_write(proc, run_dir: Path, after_step: int, timeout: float = 240) 
             pids = ranks_of(run_dir) if names else {}
         elif any((m := WRITING.fullmatch(n)) and int(m[1]) > after_step for n in names):
             kill()
-            return [n for n in os.listdir(ckpt_dir) if checkpoints.LEFTOVER.fullmatch(n)]
+            return leftovers(ckpt_dir)
         time.sleep(0.001)
     kill()
     raise AssertionError(f"the run ended ({proc.poll()}) or hung before step {after_step}: "
                          f"{proc.stdout.read()[-2000:]}")
-
-
-WRITING = re.compile(r"\.step-(\d+)\.tmp\d+")
 
 
 def test_a_sigkill_in_the_middle_of_a_checkpoint_write_loses_nothing(records_dir, straight, tmp_path, engine):
@@ -251,7 +256,7 @@ def test_a_sigkill_in_the_middle_of_a_checkpoint_write_loses_nothing(records_dir
     assert partial, f"none of {kills} kills landed inside a write"
     resumed = run([*cmd, "--resume"], timeout=300, check=True)
     assert f"resume: {partial[0]}: deleted" in resumed.stdout + resumed.stderr
-    assert not [n for n in os.listdir(run_dir / "checkpoints") if checkpoints.LEFTOVER.fullmatch(n)]
+    assert not leftovers(run_dir / "checkpoints")
     assert checkpoints.read_meta(run_dir / "checkpoints" / "epoch-0002")["step"] == 52
     assert module("runlog", run_dir, check=True).stdout.strip() == "completed"
     assert_same_weights(straight, run_dir)

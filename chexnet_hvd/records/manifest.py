@@ -107,7 +107,8 @@ def empty_split_warnings(manifest: dict) -> list[str]:
     lines = []
     for split in splits.SPLITS:
         info = manifest["splits"].get(split)
-        if (official and split != "val" or fractions[split] > 0) and not (info and info["count"]):
+        asked = fractions[split] > 0 or (official and split != "val")
+        if asked and not (info and info["count"]):
             why = (f"all {info['listed']} of its images missing or unreadable" if info else
                    "the sources' own split (their lists or split column, or the val fraction "
                    "carved from the training patients) gives it no image" if official else
