@@ -9,7 +9,9 @@
 
 What the step spends beyond the slowest rank's compute is communication, or waiting for a
 slower rank. The verdict, first match: `straggler (rank N)` when one rank's compute is well above
-the others' and their wait for it is a tenth of the step or more, `input-bound` when a rank's
+the others', their wait for it is a tenth of the step or more and no less than the communication
+beyond it (the larger loss is named: a probe slowed by a moment's contention for the CPU is not
+named beside a network taking most of the step), `input-bound` when a rank's
 input was empty at most steps, `network-bound` when communication takes most of the step, else
 `compute-bound`. The optimizer's update is left out of the compute probe (it would change the
 weights), so communication is slightly overstated. Pure functions: no TensorFlow (the scaling
@@ -33,7 +35,8 @@ def verdict(step_seconds: float, compute_seconds: list[float], input_starved: li
     others, most = compute_seconds[:slowest] + compute_seconds[slowest + 1:], compute_seconds[slowest]
     communication = max(0.0, step_seconds - most) if others else 0.0
     median = statistics.median(others) if others else most  # one rank: nobody waits for it
-    if most > STRAGGLER * median and most - median >= WAIT * step_seconds:
+    wait = most - median
+    if most > STRAGGLER * median and wait >= max(WAIT * step_seconds, communication):
         found = f"straggler (rank {slowest})"
     elif max(input_starved) > STARVED:
         found = "input-bound"

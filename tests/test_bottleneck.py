@@ -28,6 +28,8 @@ def test_the_verdict_names_what_holds_the_step():
     assert bottleneck.verdict(0.10, [0.08, 0.04], [0.0, 0.0])["bottleneck"] == "straggler (rank 0)"
     # a slower probe whose excess is a sliver of a long step is noise beside the network's share
     assert bottleneck.verdict(0.17, [0.009, 0.004], [0.0, 0.0])["bottleneck"] == "network-bound"
+    # a wait for the slower rank of 13% of the step is less than the network's 85%: the larger is named
+    assert bottleneck.verdict(0.192, [0.0028, 0.0283], [0.0, 0.0])["bottleneck"] == "network-bound"
     assert bottleneck.verdict(0.10, [0.02], [0.0])["bottleneck"] == "compute-bound"  # one rank: no network
 
 
