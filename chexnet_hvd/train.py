@@ -158,7 +158,7 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
             if found is not None:
                 meta = checkpoints.read_meta(found)
                 check_same_optimizer(cfg, found, meta)
-                checkpoints.restore(model, found, optimizer)
+                restore_at_size(cfg, model, optimizer, found, meta)
                 state = restored_state(cfg, found, meta, shape, records.manifest)
         except OSError as err:  # a checkpoint folder it cannot read or tidy
             error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
@@ -187,6 +187,25 @@ def check_same_optimizer(cfg: TrainConfig, found: Path, meta: dict) -> None:
             raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then[flag]}: "
                                  f"the two optimizers' states do not match; resume with --{flag} "
                                  f"{then[flag]}, or start a new run in another --run-dir")
+
+
+def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict) -> None:
+    """Restore the checkpoint into this attempt's model. A fully convolutional model takes its
+    weights at another --image-size (a progressive resize): said once, as the attempt's
+    checkpoints, evaluate and predict will use the new size; where they do not fit, the error
+    names the size they were trained at."""
+    then = meta["image_size"]
+    try:
+        checkpoints.restore(model, found, optimizer)
+    except cli.InputError:
+        if then == cfg.image_size:
+            raise
+        raise cli.InputError("--image-size", f"{cfg.image_size}, but {found} was trained at {then} px and "
+                             f"its weights do not fit {cfg.image_size} px: resume with --image-size {then}, "
+                             f"or start a new run in another --run-dir") from None
+    if then != cfg.image_size:
+        print(f"resume: {found} was trained at {then} px; this attempt trains at {cfg.image_size} px "
+              f"(its checkpoints, evaluate and predict use {cfg.image_size} px)", file=sys.stderr, flush=True)
 
 
 def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int], manifest: dict) -> RunState:

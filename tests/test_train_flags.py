@@ -168,6 +168,18 @@ def test_optimizer_sgd(records_dir, baseline, tmp_path):
         train.check_same_optimizer(SimpleNamespace(optimizer="sgd", precision="fp32"), tmp_path, meta)  # out of it
 
 
+def test_a_resume_at_another_image_size_says_so_or_names_the_size_that_fits(records_dir, tmp_path):
+    """The small CNN pools its last map to 8x8 at 64 and at 128 px, so its weights fit both (a
+    progressive resize): the resume says it, and its checkpoints carry the new size; at 32 px
+    they do not fit, and the error names --image-size and the size they were trained at."""
+    trainer(records_dir, tmp_path, "--image-size", 64, "--epochs", 1, check=True)
+    resumed = trainer(records_dir, tmp_path, "--image-size", 128, "--resume", check=True)
+    assert re.search(r"resume: .*epoch-0001 was trained at 64 px; this attempt trains at 128 px", resumed.stderr)
+    assert checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0002")["image_size"] == 128
+    assert_one_line_error(trainer(records_dir, tmp_path, "--image-size", 32, "--resume", "--epochs", 3),
+                          "--image-size: 32, but ", "was trained at 128 px", "resume with --image-size 128")
+
+
 def test_lr_reference_batch_threads_timing_validation_and_output(records_dir, baseline, tmp_path):
     """Flags with their own observable, in one run: the scaled lr the optimizer used, TF's
     threads, the timed steps, the validated split and its batches, rank 0's output, the
