@@ -3,15 +3,13 @@
 - the step: the epoch's timed seconds per step (the ranks step together, so one number);
 - compute, per rank: a probe after the epoch, forward and backward passes of the model on a
   batch held in memory for a quarter of a second or more, with no input pipeline and no
-  collective;
+  collective (the median of three windows' time per pass: a moment's contention slows one);
 - input, per rank: the fraction of the epoch's steps at which its input buffer was empty when
   the model asked for the next batch (it then waited for its input pipeline).
 
 What the step spends beyond the slowest rank's compute is communication, or waiting for a
 slower rank. The verdict, first match: `straggler (rank N)` when one rank's compute is well above
-the others', their wait for it is a tenth of the step or more and no less than the communication
-beyond it (the larger loss is named: a probe slowed by a moment's contention for the CPU is not
-named beside a network taking most of the step), `input-bound` when a rank's
+the others' and their wait for it is a tenth of the step or more, `input-bound` when a rank's
 input was empty at most steps, `network-bound` when communication takes most of the step, else
 `compute-bound`. The optimizer's update is left out of the compute probe (it would change the
 weights), so communication is slightly overstated. Pure functions: no TensorFlow (the scaling
@@ -35,8 +33,7 @@ def verdict(step_seconds: float, compute_seconds: list[float], input_starved: li
     others, most = compute_seconds[:slowest] + compute_seconds[slowest + 1:], compute_seconds[slowest]
     communication = max(0.0, step_seconds - most) if others else 0.0
     median = statistics.median(others) if others else most  # one rank: nobody waits for it
-    wait = most - median
-    if most > STRAGGLER * median and wait >= max(WAIT * step_seconds, communication):
+    if most > STRAGGLER * median and most - median >= WAIT * step_seconds:
         found = f"straggler (rank {slowest})"
     elif max(input_starved) > STARVED:
         found = "input-bound"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -175,16 +176,26 @@ class Timing(tf.keras.callbacks.Callback):
 class Diagnosis(tf.keras.callbacks.Callback):
     """Why the epoch ran at its speed (chexnet_hvd.bottleneck): after its timing, every rank
     times passes of its compute probe and reads how often its input was empty; gathered once
-    (a collective), rank 0 gives the epoch its verdict (RunState.diagnosis). The probe runs at
-    least `repeats` times and `min_seconds` long: a rank slowed part of the time (a CPU quota's
-    100 ms period, time slices shared with other work) shows as slowed, where a few passes of a
-    small model could fit between its pauses."""
+    (a collective), rank 0 gives the epoch its verdict (RunState.diagnosis). The probe's time
+    per pass is the median of `windows` windows, each of one pass or more and `min_seconds` /
+    `windows` long or more: a rank slowed all the time (a CPU quota's 100 ms period, time slices
+    shared with other work) shows as slowed in every window, where a few passes of a small model
+    could fit between its pauses; a moment's contention (another process woken for a tenth of
+    a second) slows one window and is not taken for a straggler."""
 
-    def __init__(self, state: RunState, engine, feed_counts, global_batch: int, probe, repeats: int = 3,
+    def __init__(self, state: RunState, engine, feed_counts, global_batch: int, probe, windows: int = 3,
                  min_seconds: float = 0.25):
         super().__init__()
         self.state, self.engine, self.feed_counts, self.global_batch = state, engine, feed_counts, global_batch
-        self.probe, self.repeats, self.min_seconds = probe, repeats, min_seconds
+        self.probe, self.windows, self.min_seconds = probe, windows, min_seconds
+
+    def per_pass(self) -> float:
+        """One window's seconds per pass of the probe."""
+        passes, t0 = 0, time.perf_counter()
+        while passes < 1 or time.perf_counter() - t0 < self.min_seconds / self.windows:
+            float(self.probe())  # float(): wait for it
+            passes += 1
+        return (time.perf_counter() - t0) / passes
 
     def on_epoch_begin(self, epoch, logs=None):
         self.before = self.feed_counts()
@@ -194,11 +205,7 @@ class Diagnosis(tf.keras.callbacks.Callback):
         if self.state.preempted or not self.state.batch:
             return
         float(self.probe())  # traced (first epoch), warm
-        passes, t0 = 0, time.perf_counter()
-        while passes < self.repeats or time.perf_counter() - t0 < self.min_seconds:
-            float(self.probe())  # float(): wait for it
-            passes += 1
-        compute = (time.perf_counter() - t0) / passes
+        compute = statistics.median(self.per_pass() for _ in range(self.windows))
         (taken, starved), (taken0, starved0) = self.feed_counts(), self.before
         mine = (compute, (starved - starved0) / max(taken - taken0, 1))
         everyone = self.engine.allgather_object(mine)  # a collective: every rank

@@ -20,7 +20,7 @@ from collections import defaultdict
 import pytest
 from conftest import ROOT, reported_bottleneck, run
 
-from chexnet_hvd import recipes
+from chexnet_hvd import bottleneck, recipes
 from chexnet_hvd.runlog import read_runlog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -477,9 +477,9 @@ def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, recor
 def test_a_slow_link_is_network_bound(cluster, records_dir, tmp_path):
     """Both nodes' links at 10 Mbit/s: each step's allreduce of the small CNN's 180 KB of
     gradients (140 ms or more) takes far longer than its compute in fp32 (about 20 ms here;
-    the template's mixed_float16 is emulated on a CPU, 0.4 s a step), and the run log says
-    network-bound."""
-    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 2}
+    the template's mixed_float16 is emulated on a CPU, 0.4 s a step), and the scaling report
+    (its epochs' most frequent verdict, the first left out) says network-bound."""
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 4}
     for node in ("node1", "node2"):
         run(["bash", "tools/slurm_local.sh", "link", node, "rate", "10mbit"], check=True)
     try:
@@ -490,6 +490,5 @@ def test_a_slow_link_is_network_bound(cluster, records_dir, tmp_path):
             run(["bash", "tools/slurm_local.sh", "link", node, "rate", "unlimited"], check=True)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, job)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
-    last = [r for r in read_runlog(run_dir) if r["event"] == "epoch"][-1]
-    assert last["bottleneck"] == "network-bound", last
-    assert reported_bottleneck(run_dir) == "network-bound"
+    said = [bottleneck.summary(r) for r in read_runlog(run_dir) if r["event"] == "epoch"]
+    assert reported_bottleneck(run_dir) == "network-bound", said
