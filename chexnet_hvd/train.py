@@ -159,6 +159,9 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
                 meta = checkpoints.read_meta(found)
                 check_same_optimizer(cfg, found, meta)
                 restore_at_size(cfg, model, optimizer, found, meta)
+                if changed := schedule_changes(cfg, meta["config"]):
+                    print(f"resume: the learning-rate schedule differs from {found}'s run ({', '.join(changed)}): "
+                          f"from here the lr follows this attempt's flags", file=sys.stderr, flush=True)
                 state = restored_state(cfg, found, meta, shape, records.manifest)
         except OSError as err:  # a checkpoint folder it cannot read or tidy
             error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
@@ -206,6 +209,17 @@ def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict)
     if then != cfg.image_size:
         print(f"resume: {found} was trained at {then} px; this attempt trains at {cfg.image_size} px "
               f"(its checkpoints, evaluate and predict use {cfg.image_size} px)", file=sys.stderr, flush=True)
+
+
+def schedule_changes(cfg: TrainConfig, then: dict) -> list[str]:
+    """The flags shaping the lr that a resume changes (`then`: the checkpoint's config), e.g.
+    `--epochs 10 -> 20`, which moves a cosine's end (a finished run extended: its lr rises
+    again). World size and batch are left out: the lr's rescaling to them is the point."""
+    shaped_by = {"epochs": "cosine", "step_epochs": "step"}  # read by that schedule only
+    return [f"--{key.replace('_', '-')} {then[key]} -> {getattr(cfg, key)}"
+            for key in ("schedule", "lr", "reference_batch", "epochs", "step_epochs")
+            if then.get(key, getattr(cfg, key)) != getattr(cfg, key)
+            and shaped_by.get(key, cfg.schedule) in (cfg.schedule, then.get("schedule"))]
 
 
 def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int], manifest: dict) -> RunState:
