@@ -212,6 +212,17 @@ def clear_leftovers(ckpt_dir: Path) -> list[str]:
     return done
 
 
+def classes_differ(trained: list[str], held: list[str]) -> str | None:
+    """How the classes a checkpoint was trained on and those records hold differ: their counts
+    and the first output whose class is another (None: the same, in the same order)."""
+    if list(trained) == list(held):
+        return None
+    i = next((i for i, (a, b) in enumerate(zip(trained, held, strict=False)) if a != b), min(len(trained), len(held)))
+    ours, theirs = ((names[i] if i < len(names) else "none") for names in (trained, held))
+    return (f"the checkpoint predicts {len(trained)} classes, the records hold {len(held)}; "
+            f"output {i}: {ours} in the checkpoint, {theirs} in the records")
+
+
 def read_meta(path: Path) -> dict | None:
     """A checkpoint's meta.json; None when it has none or a torn one (not a checkpoint). One of
     another schema version is an error (written before the schema tag: read as this one)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexnet_hvd import cli, data, distributed, export, metrics, records, stall, views
+from chexnet_hvd import checkpoints, cli, data, distributed, export, metrics, records, stall, views
 from chexnet_hvd.labels import PATHOLOGIES
 
 # Rajpurkar et al. 2017 (CheXNet), Table 2: per-class test AUROC, in the canonical order.
@@ -87,10 +87,8 @@ def other_records(cfg, meta: dict, manifest: dict) -> str:
 
 
 def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
-    if meta["classes"] != manifest["classes"]:
-        raise cli.InputError(ckpt, f"the checkpoint predicts {meta['num_classes']} classes "
-                             f"({', '.join(meta['classes'][:3])}, ...), the records hold "
-                             f"{manifest['num_classes']} ({', '.join(manifest['classes'][:3])}, ...)")
+    if differ := checkpoints.classes_differ(meta["classes"], manifest["classes"]):
+        raise cli.InputError(ckpt, differ)
 
 
 def score(predict, data_dir: str, split: str, view: views.View, batch: int, tta: str, engine,

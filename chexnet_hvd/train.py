@@ -158,6 +158,7 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
             if found is not None:
                 meta = checkpoints.read_meta(found)
                 check_same_optimizer(cfg, found, meta)
+                check_same_classes(cfg, found, meta, records.manifest["classes"])
                 restore_at_size(cfg, model, optimizer, found, meta)
                 if changed := schedule_changes(cfg, meta["config"]):
                     print(f"resume: the learning-rate schedule differs from {found}'s run ({', '.join(changed)}): "
@@ -190,6 +191,15 @@ def check_same_optimizer(cfg: TrainConfig, found: Path, meta: dict) -> None:
             raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then[flag]}: "
                                  f"the two optimizers' states do not match; resume with --{flag} "
                                  f"{then[flag]}, or start a new run in another --run-dir")
+
+
+def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[str]) -> None:
+    """A resume goes on training each output on the class it was trained on: records whose
+    classes differ, in name or order, would silently give an output another meaning (the same
+    count restores without error)."""
+    if differ := checkpoints.classes_differ(meta["classes"], classes):
+        raise cli.InputError(cfg.data, f"not the classes of {found} ({differ}): a resume cannot change what "
+                             f"an output means; start a new run in another --run-dir")
 
 
 def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict) -> None:

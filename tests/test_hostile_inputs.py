@@ -135,7 +135,7 @@ CASES = [
     ("evaluate-checkpoint-missing", "evaluate", ["--checkpoint", p("no_ckpt"), *EVAL[2:]], ["no_ckpt", "no such checkpoint"], True),
     ("evaluate-meta-corrupt", "evaluate", ["--checkpoint", p("ckpt_bad_meta"), *EVAL[2:]], ["ckpt_bad_meta", "not a checkpoint"], True),
     ("evaluate-meta-other-schema", "evaluate", ["--checkpoint", p("ckpt_other_schema"), *EVAL[2:]], ["meta.json", "checkpoint schema"], True),
-    ("evaluate-wrong-class-count", "evaluate", [*EVAL[:3], p("five_classes"), *EVAL[4:]], ["predicts 14 classes", "hold 5"], True),
+    ("evaluate-wrong-class-count", "evaluate", [*EVAL[:3], p("five_classes"), *EVAL[4:]], ["predicts 14 classes", "hold 5", "output 5: Nodule in the checkpoint, none"], True),
     ("evaluate-records-smaller-than-model", "evaluate", [*EVAL[:3], p("stored_16px"), *EVAL[4:]], ["stored at 16 px"], True),
     ("evaluate-worker-index-outside-workers", "evaluate", [*EVAL, "--engine", "tf", "--workers", "a:1,b:2", "--worker-index", "2"], ["--worker-index", "names 2"], True),
     ("evaluate-val-split-missing", "evaluate", [*EVAL, "--val-split", "nosuch"], ["no records for split 'nosuch'", "--val-split"], True),

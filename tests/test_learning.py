@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import module
+from conftest import assert_one_line_error, module
 
 from chexnet_hvd.runlog import read_runlog
 
@@ -75,3 +75,22 @@ def test_a_validation_split_that_cannot_score_still_steers(planted, tmp_path):
     losses = [r["val_loss"] for r in log if r["event"] == "epoch"]
     assert meta["best_by"] == "val_loss" and meta["best"] == min(losses)
     assert all(r["val_mean_auroc"] is None for r in log if r["event"] == "epoch")
+
+
+def test_a_resume_on_records_of_other_classes_is_refused(planted, tmp_path):
+    """Two classes each, the second another (Infiltration's column named Mass): the weights
+    would restore without error and output 1 go on learning Mass as it had Infiltration; the
+    resume is refused with one line naming the output. The same records resume."""
+    root, table = planted
+    for name, frame in (("first", table), ("other", table.rename(columns={"Infiltration": "Mass"}))):
+        tmp_path.joinpath(name).mkdir()
+        frame.to_csv(tmp_path / name / "labels.csv", index=False)
+        module("records", "--dataset", "csv", "--csv", tmp_path / name / "labels.csv", "--images", root / "images",
+               "--out", tmp_path / name / "records", "--no-progress", check=True)
+    train = ["train", "--run-dir", tmp_path / "run", "--model", "small_cnn", "--image-size", 32,
+             "--steps-per-epoch", 2, "--verbose", 0, "--no-tensorboard"]
+    module(*train, "--data", tmp_path / "first" / "records", "--epochs", 1, check=True)
+    assert_one_line_error(module(*train, "--data", tmp_path / "other" / "records", "--epochs", 2, "--resume"),
+                          f"{tmp_path / 'other' / 'records'}: not the classes of ",
+                          "output 1: Infiltration in the checkpoint, Mass in the records", "start a new run")
+    module(*train, "--data", tmp_path / "first" / "records", "--epochs", 2, "--resume", check=True)
