@@ -160,9 +160,9 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
                 check_same_optimizer(cfg, found, meta)
                 check_same_classes(cfg, found, meta, records.manifest["classes"])
                 restore_at_size(cfg, model, optimizer, found, meta)
-                if changed := schedule_changes(cfg, meta["config"]):
-                    print(f"resume: the learning-rate schedule differs from {found}'s run ({', '.join(changed)}): "
-                          f"from here the lr follows this attempt's flags", file=sys.stderr, flush=True)
+                if changed := changed_flags(cfg, meta["config"]):
+                    print(f"resume: this attempt changes how {found}'s run trained ({', '.join(changed)}): "
+                          f"from here training follows this attempt's flags", file=sys.stderr, flush=True)
                 state = restored_state(cfg, found, meta, shape, records.manifest)
         except OSError as err:  # a checkpoint folder it cannot read or tidy
             error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
@@ -204,32 +204,35 @@ def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[
 
 def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict) -> None:
     """Restore the checkpoint into this attempt's model. A fully convolutional model takes its
-    weights at another --image-size (a progressive resize): said once, as the attempt's
-    checkpoints, evaluate and predict will use the new size; where they do not fit, the error
-    names the size they were trained at."""
-    then = meta["image_size"]
+    weights at another --image-size (a progressive resize; `changed_flags` says it); where they
+    do not fit, the error names the size they were trained at."""
     try:
         checkpoints.restore(model, found, optimizer)
     except cli.InputError:
-        if then == cfg.image_size:
+        if (then := meta["image_size"]) == cfg.image_size:
             raise
         raise cli.InputError("--image-size", f"{cfg.image_size}, but {found} was trained at {then} px and "
                              f"its weights do not fit {cfg.image_size} px: resume with --image-size {then}, "
                              f"or start a new run in another --run-dir") from None
-    if then != cfg.image_size:
-        print(f"resume: {found} was trained at {then} px; this attempt trains at {cfg.image_size} px "
-              f"(its checkpoints, evaluate and predict use {cfg.image_size} px)", file=sys.stderr, flush=True)
 
 
-def schedule_changes(cfg: TrainConfig, then: dict) -> list[str]:
-    """The flags shaping the lr that a resume changes (`then`: the checkpoint's config), e.g.
-    `--epochs 10 -> 20`, which moves a cosine's end (a finished run extended: its lr rises
-    again). World size and batch are left out: the lr's rescaling to them is the point."""
-    shaped_by = {"epochs": "cosine", "step_epochs": "step"}  # read by that schedule only
+# Flags a resume may change that change what is learned from there on; a key to a schedule: read
+# by that schedule only. World size and batch are not among them: the lr's rescaling to them is
+# the point of a resume onto another allocation.
+CHANGES_TRAINING = {"image_size": None, "crop": None, "augment": None, "class_weights": None,
+                    "precision": None, "schedule": None, "lr": None, "reference_batch": None,
+                    "epochs": "cosine", "step_epochs": "step", "plateau_patience": "plateau",
+                    "plateau_factor": "plateau"}
+
+
+def changed_flags(cfg: TrainConfig, then: dict) -> list[str]:
+    """The flags of CHANGES_TRAINING that a resume changes (`then`: the checkpoint's config), as
+    `--epochs 10 -> 20` (a finished cosine run extended: its lr rises again) or `--image-size
+    224 -> 320` (its checkpoints, evaluate and predict then use 320 px)."""
     return [f"--{key.replace('_', '-')} {then[key]} -> {getattr(cfg, key)}"
-            for key in ("schedule", "lr", "reference_batch", "epochs", "step_epochs")
+            for key, schedule in CHANGES_TRAINING.items()
             if then.get(key, getattr(cfg, key)) != getattr(cfg, key)
-            and shaped_by.get(key, cfg.schedule) in (cfg.schedule, then.get("schedule"))]
+            and schedule in (None, cfg.schedule, then.get("schedule"))]
 
 
 def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int], manifest: dict) -> RunState:
