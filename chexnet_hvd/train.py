@@ -157,13 +157,13 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
             found = checkpoints.newest(run_dir / "checkpoints")
             if found is not None:
                 meta = checkpoints.read_meta(found)
-                check_same_optimizer(cfg, found, meta)
+                check_same_kind(cfg, found, meta)
                 check_same_classes(cfg, found, meta, records.manifest["classes"])
                 restore_at_size(cfg, model, optimizer, found, meta)
+                state = restored_state(cfg, found, meta, shape, records.manifest)
                 if changed := changed_flags(cfg, meta["config"]):
                     print(f"resume: this attempt changes how {found}'s run trained ({', '.join(changed)}): "
                           f"from here training follows this attempt's flags", file=sys.stderr, flush=True)
-                state = restored_state(cfg, found, meta, shape, records.manifest)
         except OSError as err:  # a checkpoint folder it cannot read or tidy
             error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
         except cli.InputError as err:
@@ -179,18 +179,21 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     return state
 
 
-def check_same_optimizer(cfg: TrainConfig, found: Path, meta: dict) -> None:
-    """A resume restores the optimizer state the checkpoint holds, which has the shape of its
-    kind (--optimizer: Adam's two moments, SGD's momentum) and of a loss scale around it or not
+def check_same_kind(cfg: TrainConfig, found: Path, meta: dict) -> None:
+    """A resume restores what the checkpoint holds into this attempt's model and optimizer:
+    another --model has other weights, and the optimizer state has the shape of its kind
+    (--optimizer: Adam's two moments, SGD's momentum) and of a loss scale around it or not
     (--precision mixed_float16): another kind has no place for it (fp32 and mixed_bfloat16
     share one)."""
-    then = {"optimizer": meta["config"]["optimizer"], "precision": meta["precision"]}
-    for flag, same in (("optimizer", then["optimizer"] == cfg.optimizer),
+    then = {"model": meta["model"], "optimizer": meta["config"]["optimizer"], "precision": meta["precision"]}
+    why = {"model": "its weights are another model's", "optimizer": "the two optimizers' states do not match",
+           "precision": "the two optimizers' states do not match"}
+    for flag, same in (("model", then["model"] == cfg.model), ("optimizer", then["optimizer"] == cfg.optimizer),
                        ("precision", (then["precision"] == "mixed_float16") == (cfg.precision == "mixed_float16"))):
         if not same:
             raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then[flag]}: "
-                                 f"the two optimizers' states do not match; resume with --{flag} "
-                                 f"{then[flag]}, or start a new run in another --run-dir")
+                                 f"{why[flag]}; resume with --{flag} {then[flag]}, or start a new run in "
+                                 f"another --run-dir")
 
 
 def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[str]) -> None:
@@ -221,15 +224,19 @@ def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict)
 # the point of a resume onto another allocation.
 CHANGES_TRAINING = {"image_size": None, "crop": None, "augment": None, "class_weights": None,
                     "precision": None, "schedule": None, "lr": None, "reference_batch": None,
-                    "epochs": "cosine", "step_epochs": "step", "plateau_patience": "plateau",
-                    "plateau_factor": "plateau"}
+                    "warmup_epochs": None, "epochs": "cosine", "step_epochs": "step",
+                    "plateau_patience": "plateau", "plateau_factor": "plateau"}
 
 
 def changed_flags(cfg: TrainConfig, then: dict) -> list[str]:
     """The flags of CHANGES_TRAINING that a resume changes (`then`: the checkpoint's config), as
     `--epochs 10 -> 20` (a finished cosine run extended: its lr rises again) or `--image-size
     224 -> 320` (its checkpoints, evaluate and predict then use 320 px)."""
-    return [f"--{key.replace('_', '-')} {then[key]} -> {getattr(cfg, key)}"
+    def flag(key: str, value) -> str:
+        name = key.replace("_", "-")
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+
+    return [f"{flag(key, then[key])} -> {flag(key, getattr(cfg, key)).split()[-1]}"
             for key, schedule in CHANGES_TRAINING.items()
             if then.get(key, getattr(cfg, key)) != getattr(cfg, key)
             and schedule in (None, cfg.schedule, then.get("schedule"))]

@@ -51,7 +51,8 @@ def test_large_images_for_a_tiny_model_on_one_thread_are_input_bound(tmp_path):
 # Lets process `pid` run 5 ms of every 50 until it has ended (a tenth of the CPU, whatever else
 # the machine runs). Its own process, not a thread of the test's, and a long stop beside a short
 # run: a late wake-up of this loop (seen up to 0.2 s on a loaded machine) then most often
-# lengthens a stop, and the slowed rank's compute probe (3 passes or more) outlasts it.
+# lengthens a stop; where it lengthens a run, two of the probe's three windows (83 ms each) can
+# be unslowed in that epoch, and the report's verdict is its judged epochs' most frequent.
 STARVE = """
 import os, signal, sys, time
 pid = int(sys.argv[1])

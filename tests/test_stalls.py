@@ -103,7 +103,7 @@ def test_a_rank_stopped_while_evaluating_ends_the_job_by_name_and_a_long_report_
     evaluate = [sys.executable, "-m", "chexnet_hvd.launch", "-np", "2", sys.executable, "-m", "chexnet_hvd.evaluate",
                 "--checkpoint", str(ckpt), "--data", str(records_dir), "--engine", "tf"]
     # a timeout twice the first batch's trace on a busy machine, a bootstrap longer than it
-    long_report = run([*evaluate, "--stall-timeout", "6", "--bootstrap", "2000", "--out", tmp_path / "long"],
+    long_report = run([*evaluate, "--stall-timeout", "6", "--bootstrap", "3000", "--out", tmp_path / "long"],
                       timeout=600)
     assert long_report.returncode == 0 and (tmp_path / "long" / "report.json").is_file(), long_report.stderr[-3000:]
     assert json.loads((tmp_path / "long" / "report.json").read_text())["bootstrap"]["seconds"] > 6  # > the timeout

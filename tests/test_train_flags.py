@@ -142,7 +142,8 @@ def test_flags_that_change_what_is_learned(records_dir, baseline, tmp_path, flag
 
 def test_optimizer_sgd(records_dir, baseline, tmp_path):
     """SGD with momentum keeps one slot per weight in its checkpoint, Adam two (m and v); a
-    resume with the other, or between mixed_float16 and another precision, is refused."""
+    resume with the other, or between mixed_float16 and another precision, or with another
+    model, is refused."""
     import tensorflow as tf
 
     trainer(records_dir, tmp_path, "--optimizer", "sgd", check=True)
@@ -165,7 +166,9 @@ def test_optimizer_sgd(records_dir, baseline, tmp_path):
     assert epochs(tmp_path)[-1]["epoch"] == 3
     meta = checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0003") | {"precision": "mixed_float16"}
     with pytest.raises(cli.InputError, match="--precision: fp32, but .* was trained with mixed_float16"):
-        train.check_same_optimizer(SimpleNamespace(optimizer="sgd", precision="fp32"), tmp_path, meta)  # out of it
+        train.check_same_kind(SimpleNamespace(model="small_cnn", optimizer="sgd", precision="fp32"), tmp_path, meta)
+    assert_one_line_error(trainer(records_dir, tmp_path, *resumed, "--optimizer", "sgd", "--model", "resnet50"),
+                          "--model: resnet50, but ", "was trained with small_cnn", "resume with --model small_cnn")
 
 
 def test_a_resume_with_another_size_or_schedule_says_so_or_names_the_size_that_fits(records_dir, tmp_path):
@@ -174,12 +177,13 @@ def test_a_resume_with_another_size_or_schedule_says_so_or_names_the_size_that_f
     they do not fit, and the error names --image-size and the size they were trained at. A
     finished cosine run extended to 2 epochs says so too (its lr rises again); another batch
     (the lr rescaled to it) is not such a change."""
-    trainer(records_dir, tmp_path, "--image-size", 64, "--epochs", 1, "--schedule", "cosine", check=True)
+    trainer(records_dir, tmp_path, "--image-size", 64, "--epochs", 1, "--schedule", "cosine", "--no-augment",
+            check=True)
     resumed = trainer(records_dir, tmp_path, "--image-size", 128, "--schedule", "cosine", "--batch-size", 8,
                       "--resume", check=True)
     notes = [line for line in resumed.stderr.splitlines() if line.startswith("resume: ")]
-    assert len(notes) == 1 and re.search(r"epoch-0001's run trained \(--image-size 64 -> 128, --epochs 1 -> 2\)",
-                                         notes[0]), resumed.stderr[-2000:]
+    assert len(notes) == 1 and re.search(r"epoch-0001's run trained \(--image-size 64 -> 128, --no-augment -> "
+                                         r"--augment, --epochs 1 -> 2\)", notes[0]), resumed.stderr[-2000:]
     assert checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0002")["image_size"] == 128
     assert_one_line_error(trainer(records_dir, tmp_path, "--image-size", 32, "--resume", "--epochs", 3),
                           "--image-size: 32, but ", "was trained at 128 px", "resume with --image-size 128")
