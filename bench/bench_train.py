@@ -8,7 +8,8 @@ Like with like: every loop trains the same model behind the same in-graph prepro
 (`models.with_preprocessing`) on uint8 batches, in-memory or from uint8 records through
 `chexnet_hvd.data.train_dataset`, with Adam under Horovod, 1 rank.
 
-- small CNN, 32 px, batch 16 (5-7 ms a step here, the scale of a GPU step). The bare loop:
+- small CNN, 64 px, batch 16 (about 10 ms a step here: the scale of a GPU step, at which a
+  per-step cost of the trainer shows as it would beside a GPU; --small-size). The bare loop:
   Horovod's DistributedGradientTape in a tf.function that takes its batch from a dataset
   iterator, no callbacks, no host sync per step (the shape of Horovod's synthetic benchmark).
   Then, each a piece of the trainer's cost: the bare loop with its batches through the
@@ -204,6 +205,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="timed DenseNet-121 steps per measurement")
     ap.add_argument("--small-steps", type=int, default=600, help="timed small-CNN steps")
+    ap.add_argument("--small-size", type=int, default=64,
+                    help="small-CNN input side: 64 px steps take about 10 ms here, a GPU step's scale")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out (small CNN: 25x)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the small-CNN configurations")
     ap.add_argument("--dense-repeats", type=int, default=3, help="rounds of DenseNet-121's trainer and bare loop")
@@ -214,7 +217,7 @@ def main() -> None:
                       help="DenseNet-121 only, beside the small-CNN figures already in --out")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_train.json"))
     args = ap.parse_args()
-    size, batch, s, w = 32, 16, args.small_steps, args.warmup * 25
+    size, batch, s, w = args.small_size, 16, args.small_steps, args.warmup * 25
     d, dw = args.steps, args.warmup
     result = {"machine": machine(), "date": today(),
               "model": "densenet121", "image_size": 224, "batch": 16, "steps": d, "repeats": args.dense_repeats,
