@@ -7,7 +7,8 @@ conversion: it is part of every shard's reuse key, so a change here rewrites old
 
 from __future__ import annotations
 
-import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -126,17 +127,34 @@ def read_grayscale(path: str | Path, size: int | None = None) -> Image.Image:
     return read_grayscale_bits(path, size)[0]
 
 
+PNG_LEVEL = 3  # zlib's: a level that packs more inflates faster (fewer bytes), encodes slower
+
+
 def encode(gray: Image.Image, encoding: str = "png") -> bytes:
-    """A grayscale image as a record stores it: PNG bytes (pixels only: IHDR, IDAT, IEND), or
-    (uint8) its raw pixels."""
+    """A grayscale image as a record stores it: PNG bytes, or (uint8) its raw pixels."""
     pixels = np.asarray(gray, dtype=np.uint8)
-    if encoding == "uint8":
-        return pixels.tobytes()
-    # A new image from the pixels alone: Pillow would copy the source's ICC profile (an RGB
-    # profile from a colour JPEG) into the grayscale PNG, and libpng then warns on every read.
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)  # fast, still lossless
-    return buf.getvalue()
+    return pixels.tobytes() if encoding == "uint8" else png_up(pixels)
+
+
+def png_up(pixels: np.ndarray) -> bytes:
+    """An 8-bit grayscale PNG of `pixels` (IHDR, IDAT, IEND: pixels only, no colour profile,
+    which libpng would warn about on every read), every row stored with PNG's Up filter (its
+    difference from the row above). What decoding costs is what the input pipeline pays on
+    every read: an Up row is undone with one vector add, where the rows Pillow's or libpng's
+    encoder choose (Paeth, mostly) cost 1.7x the CPU to decode for about the same bytes
+    (256-px NIH images: 436 against 747 us, 30.5 against 31.3 kB). No library here lets the
+    filter be chosen, hence the container written here (PNG specification, 3rd ed., 11 and
+    12.8)."""
+    height, width = pixels.shape
+    above = np.vstack([np.zeros((1, width), np.uint8), pixels[:-1]])
+    rows = np.hstack([np.full((height, 1), 2, np.uint8), pixels - above])  # 2: Up; uint8 wraps mod 256
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_LEVEL)) + chunk(b"IEND", b""))
 
 
 def raw_problem(path: str | Path) -> str | None:

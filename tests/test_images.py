@@ -184,6 +184,23 @@ def test_colour_sources_with_an_rgb_icc_profile_give_png_records_without_ancilla
     assert "iCCP" in old
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 9), (64, 48), (256, 256)])
+def test_a_png_record_is_the_pixels_with_every_row_up_filtered(shape):
+    """Records' PNGs (images.png_up): TensorFlow and Pillow decode them to the very pixels,
+    and every row is stored with the Up filter (type 2), the cheapest to undo."""
+    import zlib
+
+    pixels = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    pixels[:, : shape[1] // 2] = np.arange(shape[0], dtype=np.uint8)[:, None]  # smooth half, noisy half
+    png = images.png_up(pixels)
+    assert np.array_equal(tf.io.decode_png(png).numpy()[..., 0], pixels)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
+    assert png_chunks(png) == ["IHDR", "IDAT", "IEND"]
+    # after the signature (8 bytes), IHDR (25) and IDAT's length and type (8); before its CRC and IEND (16)
+    rows = np.frombuffer(zlib.decompress(png[8 + 25 + 8:-16]), np.uint8).reshape(shape[0], shape[1] + 1)
+    assert (rows[:, 0] == 2).all()
+
+
 def test_a_dicom_is_known_by_its_marker_whatever_its_name(tmp_path):
     """PACS exports often have no suffix (IM0001): the 'DICM' after the preamble says DICOM, to
     the conversion, to predict and to the raw pipeline's check (which needs tfrecord for it);
