@@ -154,9 +154,8 @@ def section_pipeline(r: dict) -> list[str]:
         "thread, process CPU time: the pipeline's cost whatever else ran on the machine). Records of "
         "one size leave the CPU as uint8 batches; resize, scaling and normalisation run in the "
         "model's graph (on the GPU when there is one)."
-        " PNG records store every row with PNG's Up filter (`images.png_up`, since 2026-12-05), "
-        "which decodes at about 0.6x the CPU of the filters Pillow's encoder chooses, for about "
-        "the same bytes.", "",
+        " PNG records store every row with PNG's Up filter (`images.png_up`), the cheapest of "
+        "PNG's filters to undo.", "",
         "| records | images per CPU-second | with --crop | goal | the per-record path, float work "
         "on the CPU (before) | wall img/s, 2 threads | bytes per image | NIH, 112,120 images |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

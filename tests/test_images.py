@@ -5,6 +5,7 @@ pixels in the records, stored as PNGs that hold the pixels and nothing else."""
 import io
 import shutil
 import sys
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -188,8 +189,6 @@ def test_colour_sources_with_an_rgb_icc_profile_give_png_records_without_ancilla
 def test_a_png_record_is_the_pixels_with_every_row_up_filtered(shape):
     """Records' PNGs (images.png_up): TensorFlow and Pillow decode them to the very pixels,
     and every row is stored with the Up filter (type 2), the cheapest to undo."""
-    import zlib
-
     pixels = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
     pixels[:, : shape[1] // 2] = np.arange(shape[0], dtype=np.uint8)[:, None]  # smooth half, noisy half
     png = images.png_up(pixels)

@@ -3,6 +3,7 @@ everything its bytes depend on is unchanged, a sidecar never vouches for a shard
 describe, class weights count only labelled negatives, and 16-bit PNGs holding 12-bit data are
 scaled by their real range (in the records and the raw pipeline alike)."""
 
+import io
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import tensorflow as tf
 from conftest import SHARED, Crash, assert_one_line_error, crash_at, module, small_disk
 from PIL import Image
 
-from chexnet_hvd import data, metadata, records, sharding, sources
+from chexnet_hvd import data, images, metadata, records, sharding, sources
 from chexnet_hvd.images import read_grayscale
 from chexnet_hvd.labels import CHEXPERT_COMPETITION
 from chexnet_hvd.records import writer
@@ -97,6 +98,32 @@ def test_a_replaced_image_file_rewrites_its_shard(synthetic, tmp_path):
     Image.fromarray(np.full((32, 32), 7, np.uint8)).save(images / name)
     write(synthetic / "Data_Entry_2017.csv", images, tmp_path / "out")
     assert (by_id(tmp_path / "out")[name][2] == 7).all()
+
+
+def pillow_png(pixels: np.ndarray) -> bytes:
+    """The records' PNG as the conversion before gray8-v6 wrote it (Pillow's own filters)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_shards_of_the_previous_png_encoder_read_alike_and_a_rerun_rewrites_them(synthetic, tmp_path,
+                                                                               monkeypatch):
+    """Records written before the Up-filtered PNGs (conversion gray8-v5, Pillow's encoder) give
+    the pipeline the very pixels today's do, and the next conversion into their directory
+    rewrites every shard (the conversion is part of each shard's key)."""
+    args = ["--csv", str(synthetic / "Data_Entry_2017.csv"), "--images", str(synthetic / "images"),
+            "--out", str(tmp_path / "out"), "--shard-size", "64", "--workers", "1", "--no-progress"]
+    with monkeypatch.context() as before:
+        before.setattr(images, "CONVERSION", "gray8-v5")
+        before.setattr(images, "png_up", pillow_png)
+        assert writer.main(args) == 0
+    shards = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tfrecord")}
+    old = by_id(tmp_path / "out")
+    write(synthetic / "Data_Entry_2017.csv", synthetic / "images", tmp_path / "out")
+    assert all((tmp_path / "out" / name).read_bytes() != before for name, before in shards.items())
+    new = by_id(tmp_path / "out")
+    assert old.keys() == new.keys() and all(np.array_equal(old[k][2], new[k][2]) for k in old)
 
 
 def jpegs_for(rows: pd.DataFrame, root) -> None:
