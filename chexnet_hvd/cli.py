@@ -261,13 +261,16 @@ def to_argv(config: Any, positional: Sequence[str] = (), defaults: dict | None =
             continue
         if f.name in positional:
             args += list(map(str, value)) if isinstance(value, list | tuple) else [str(value)]
-        elif isinstance(value, bool):
-            args.append(_flag(f.name) if value else "--no-" + _flag(f.name)[2:])
-        elif isinstance(value, list | tuple):
-            args += [_flag(f.name), *map(str, value)]
         else:
-            args += [_flag(f.name), str(value)]
+            args += field_argv(f.name, value)
     return args
+
+
+def field_argv(name: str, value: Any) -> list[str]:
+    """The arguments that set field `name` to `value`: `--crop`, `--no-augment`, `--epochs 20`."""
+    if isinstance(value, bool):
+        return [_flag(name) if value else "--no-" + _flag(name)[2:]]
+    return [_flag(name), *map(str, value if isinstance(value, list | tuple) else [value])]
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", choices: Sequence | None = None,

@@ -179,21 +179,23 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     return state
 
 
+NEW_RUN = "start a new run in another --run-dir"  # where a resume cannot go on
+
+
 def check_same_kind(cfg: TrainConfig, found: Path, meta: dict) -> None:
     """A resume restores what the checkpoint holds into this attempt's model and optimizer:
     another --model has other weights, and the optimizer state has the shape of its kind
     (--optimizer: Adam's two moments, SGD's momentum) and of a loss scale around it or not
     (--precision mixed_float16): another kind has no place for it (fp32 and mixed_bfloat16
     share one)."""
-    then = {"model": meta["model"], "optimizer": meta["config"]["optimizer"], "precision": meta["precision"]}
-    why = {"model": "its weights are another model's", "optimizer": "the two optimizers' states do not match",
-           "precision": "the two optimizers' states do not match"}
-    for flag, same in (("model", then["model"] == cfg.model), ("optimizer", then["optimizer"] == cfg.optimizer),
-                       ("precision", (then["precision"] == "mixed_float16") == (cfg.precision == "mixed_float16"))):
+    states, scaled = "the two optimizers' states do not match", "mixed_float16"
+    for flag, then, same, why in (
+            ("model", meta["model"], meta["model"] == cfg.model, "its weights are another model's"),
+            ("optimizer", meta["config"]["optimizer"], meta["config"]["optimizer"] == cfg.optimizer, states),
+            ("precision", meta["precision"], (meta["precision"] == scaled) == (cfg.precision == scaled), states)):
         if not same:
-            raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then[flag]}: "
-                                 f"{why[flag]}; resume with --{flag} {then[flag]}, or start a new run in "
-                                 f"another --run-dir")
+            raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then}: "
+                                 f"{why}; resume with --{flag} {then}, or {NEW_RUN}")
 
 
 def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[str]) -> None:
@@ -202,7 +204,7 @@ def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[
     count restores without error)."""
     if differ := checkpoints.classes_differ(meta["classes"], classes):
         raise cli.InputError(cfg.data, f"not the classes of {found} ({differ}): a resume cannot change what "
-                             f"an output means; start a new run in another --run-dir")
+                             f"an output means; {NEW_RUN}")
 
 
 def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict) -> None:
@@ -216,7 +218,7 @@ def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict)
             raise
         raise cli.InputError("--image-size", f"{cfg.image_size}, but {found} was trained at {then} px and "
                              f"its weights do not fit {cfg.image_size} px: resume with --image-size {then}, "
-                             f"or start a new run in another --run-dir") from None
+                             f"or {NEW_RUN}") from None
 
 
 # Flags a resume may change that change what is learned from there on; a key to a schedule: read
@@ -232,11 +234,7 @@ def changed_flags(cfg: TrainConfig, then: dict) -> list[str]:
     """The flags of CHANGES_TRAINING that a resume changes (`then`: the checkpoint's config), as
     `--epochs 10 -> 20` (a finished cosine run extended: its lr rises again) or `--image-size
     224 -> 320` (its checkpoints, evaluate and predict then use 320 px)."""
-    def flag(key: str, value) -> str:
-        name = key.replace("_", "-")
-        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
-
-    return [f"{flag(key, then[key])} -> {flag(key, getattr(cfg, key)).split()[-1]}"
+    return [f"{' '.join(cli.field_argv(key, then[key]))} -> {cli.field_argv(key, getattr(cfg, key))[-1]}"
             for key, schedule in CHANGES_TRAINING.items()
             if then.get(key, getattr(cfg, key)) != getattr(cfg, key)
             and schedule in (None, cfg.schedule, then.get("schedule"))]
