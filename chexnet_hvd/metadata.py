@@ -170,7 +170,8 @@ def check_unique(csv, images: pd.Series) -> None:
 
 def read_nih(csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
     """Read Data_Entry_2017.csv (2017 release with trailing comma, or the v2020 revision)."""
-    frame = read_csv_checked(csv, NIH_REQUIRED, filled=NIH_REQUIRED)
+    wanted = NIH_REQUIRED + (VIEW_COLUMNS["nih"],)  # of its 11 columns (the full CSV: 8x fewer cells)
+    frame = read_csv_checked(csv, NIH_REQUIRED, filled=NIH_REQUIRED, usecols=lambda c: c in wanted)
     if frame.empty:
         raise InputError(csv, "no data rows")
     check_unique(csv, frame["Image Index"])
@@ -229,7 +230,8 @@ def read_chexpert(csv: str | Path, images_dir: str | Path, observations: str = "
     their canonical names, uncertain labels by `uncertainty` (ones / zeros / ignore = masked,
     or per class), blanks negative, patient from the path (`.../patient00001/study1/...`)."""
     columns = CHEXPERT_COMPETITION if observations == "competition" else CHEXPERT_OBSERVATIONS
-    frame = read_csv_checked(csv, CHEXPERT_REQUIRED + columns, filled=CHEXPERT_REQUIRED)
+    frame = read_csv_checked(csv, CHEXPERT_REQUIRED + columns, filled=CHEXPERT_REQUIRED,
+                             usecols=lambda c: c in CHEXPERT_REQUIRED + columns)
     if frame.empty:
         raise InputError(csv, "no data rows")
     paths = frame["Path"].str.strip()

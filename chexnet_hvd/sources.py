@@ -155,6 +155,11 @@ def merge(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
     rows, never a negative. When merging, image ids get the source's name as a prefix and
     patient ids the dataset's ('nih/1'): NIH's patient 1 is not CheXpert's, while two CSVs of
     one hospital share their patients (and the leak guard sees them)."""
+    if len(tables) == 1:  # one source: its table (already in canonical order), shared, not copied
+        [((source, _), table)] = tables.items()
+        out = table.copy(deep=False)
+        out.insert(out.columns.get_loc("view") + 1, "source", source)
+        return out
     names = in_canonical_order(n for t in tables.values() for n in class_names(t))
     parts = []
     for (source, dataset), table in tables.items():
@@ -182,7 +187,9 @@ def load(cfg: TableConfig) -> Listing:
     """The sources' merged table with its split assigned and leak-checked."""
     loaded = {(name, dataset): load_source(dataset, csv, images, cfg)
               for name, dataset, csv, images in sources(cfg)}
+    dropped = {name: n for (name, _), (_, n) in loaded.items()}
     table = merge({key: table for key, (table, _) in loaded.items()})
+    del loaded  # the sources' own tables: the merged one alone is kept
     twice = table.loc[table["path"].duplicated(), "path"].unique()
     if len(twice):
         more = f" ({len(twice)} images are: {first_few([repr(p) for p in twice])})" if len(twice) > 1 else ""
@@ -195,7 +202,7 @@ def load(cfg: TableConfig) -> Listing:
     if cfg.split != "official":
         table = random_split(table, tuple(cfg.fractions), cfg.seed)
     check_no_leak(table)
-    return Listing(table, {name: dropped for (name, _), (_, dropped) in loaded.items()})
+    return Listing(table, dropped)
 
 
 def load_table(cfg: TableConfig) -> pd.DataFrame:

@@ -27,8 +27,8 @@ def random_split(table: pd.DataFrame, fractions: tuple[float, ...] = DEFAULT_FRA
     assignment = {}
     for name, part in zip(SPLITS, np.split(patients[order], cuts), strict=True):
         assignment.update(dict.fromkeys(part, name))
-    out = table.copy()
-    out["split"] = out["patient"].map(assignment)
+    out = table.copy(deep=False)  # shares every column but the new split (a whole column set
+    out["split"] = out["patient"].map(assignment)  # is a new array, never written in place)
     return out
 
 
@@ -40,14 +40,14 @@ def official_split(table: pd.DataFrame, train_val_list: str | Path, test_list: s
         if not Path(path).is_file():
             raise InputError(path, "no such file")
         names.update(dict.fromkeys(Path(path).read_text().split(), split))
-    out = table.copy()
+    out = table.copy(deep=False)
     out["split"] = out["image"].map(names)
     unlisted = out["split"].isna()
     if unlisted.any():
         raise InputError(train_val_list, f"{int(unlisted.sum())} images in the CSV are in neither "
                          f"list, e.g. {out['image'][unlisted].iloc[0]!r}")
     train_val = out["split"] == "train_val"
-    carved = random_split(out[train_val], (1 - val_fraction, val_fraction, 0.0), seed)
+    carved = random_split(out.loc[train_val, ["patient"]], (1 - val_fraction, val_fraction, 0.0), seed)
     out.loc[train_val, "split"] = carved["split"]
     return out
 
