@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from chexnet_hvd import bottleneck, checkpoints, data, metrics, schedules, sharding, stall
+from chexnet_hvd import bottleneck, checkpoints, cli, data, metrics, schedules, sharding, stall
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig, profile_range
 
@@ -240,6 +240,9 @@ class Validation(tf.keras.callbacks.Callback):
             return self.predict(images)
 
         merged = metrics.gather(data.predictions(predict, self.dataset), self.allgather)
+        if bad := metrics.not_numbers(merged["prob"]):  # the same on every rank: all stop here
+            raise cli.InputError(f"epoch {epoch + 1}", f"{bad} of the model's validation predictions are "
+                                 "not numbers: training diverged (try a lower --lr)")
         result = metrics.summarize(merged["label"], merged["prob"], merged["mask"], self.names,
                                    self.pos_weight)
         self.state.validation = result | {"seconds": round(time.perf_counter() - t0, 3),

@@ -13,7 +13,9 @@ nothing failed, 1 otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -65,9 +67,6 @@ def stack(engine: str) -> list[str]:
 
 def synthetic_records(root: Path, size: int) -> Path:
     """A tiny records set: the trainer needs a manifest and a validation split."""
-    import contextlib
-    import io
-
 
     with contextlib.redirect_stdout(io.StringIO()):  # their own reports are not checks
         synthetic.main(["--out", str(root / "syn"), "--images", "64", "--size", str(min(size, 64)),

@@ -322,6 +322,9 @@ def restore_accumulation(optimizer, path: Path) -> None:
 
 def missing(path: Path) -> str:
     """Why a checkpoint asked for is not there, and which are."""
+    if path.is_symlink():  # `best` copied as what it is, a link, without the folder it names
+        return (f"a link to {os.readlink(path)}, which is not beside it: copied without its target? "
+                "(`best` is a link: copy it with cp -rL or rsync -L, which copy the checkpoint it names)")
     there = sorted(p.name for p in path.parent.glob("[es][pt]*-*") if read_meta(p)) if path.parent.is_dir() else []
     why = (" (a run writes best/ once an epoch has been validated; this one was stopped before, "
            "or its validation could not score: its run log says)") if path.name == "best" else ""

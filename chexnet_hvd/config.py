@@ -130,9 +130,9 @@ class TrainConfig:
     heartbeat: float = cli.field(60.0, help="when stdout is not a terminal (a batch log): rank 0 "
                                  "prints a line every this many seconds of an epoch (step, img/s, "
                                  "loss); 0: off", minimum=0)
-    verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 one line per epoch, plus "
-                             "Keras' progress bar when stdout is a terminal; 2 one line per "
-                             "epoch only", choices=[0, 1, 2])
+    verbose: int = cli.field(1, help="rank 0's output: 0 silent; 1 a start line and one line "
+                             "per epoch, plus Keras' progress bar when stdout is a terminal (else "
+                             "the --heartbeat lines); 2 the same without the bar", choices=[0, 1, 2])
 
 
 PROG = "python -m chexnet_hvd.train"
@@ -184,7 +184,7 @@ class Derived:
     steps_per_epoch: int
     scaled_lr: float
     # the warmup's start lr as a fraction of scaled_lr (1 / world_size) and its length; a resumed
-    # run has its first attempt's (chexnet_hvd.train.run_warmup)
+    # run has its first attempt's (chexnet_hvd.resume.run_warmup)
     warmup_from: float
     warmup_epochs: float
     train_records: int
@@ -233,6 +233,9 @@ def check_config(cfg: TrainConfig) -> None:
     """Flag combinations that cannot work, refused before anything starts (each number's own
     range is its field's, checked by `parse`, and again here for a config built in code)."""
     cli.check_values(cfg)
+    if -1 < cfg.warmup_epochs < 0:  # the range lets -1 through, and so the values between
+        raise cli.InputError("--warmup-epochs", f"{cfg.warmup_epochs}: give -1 (proportional to the "
+                             "global batch) or a number of epochs, at least 0")
     if cfg.profile_steps and not (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)?", cfg.profile_steps)
                                   and operator.le(*profile_range(cfg.profile_steps))):
         raise cli.InputError("--profile-steps", f"{cfg.profile_steps!r}: give A,B, the first and "

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def markdown(report: dict) -> str:
         f"over patients, {ci['resamples']} resamples, seed {ci['seed']}. Operating points: Youden's "
         f"J on the `{report['val_split'] or '-'}` split. Labelled: the images whose label for the class "
         f"is known (scored); a class without positives or negatives among them is undefined.",
+        *(["", f"Note: {report['tta_note']}"] if report.get("tta_note") else []),
         "", cli.markdown_table(head, rows), ""])
 
 
@@ -241,7 +243,12 @@ def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdo
         raise cli.InputError(cfg.data, f"no records for split {cfg.val_split!r} (the operating points' "
                              "split: --val-split another, or '' for none)")
 
+    if (note := tta_note(cfg.tta, view)) and engine.rank == 0:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     plain = score(predict, cfg.data, cfg.split, view, cfg.batch_size, "none", engine, watchdog)
+    if bad := metrics.not_numbers(plain["prob"]):
+        raise cli.InputError(cfg.checkpoint, f"{bad} of its predictions on split {cfg.split!r} are not "
+                             "numbers: its weights are a diverged run's")
     tta = score(predict, cfg.data, cfg.split, view, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
     thresholds = np.full(len(names), np.nan)
     if cfg.val_split:
@@ -260,6 +267,15 @@ def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdo
     engine.barrier()  # Horovod/TF: nobody leaves before the chief has reported
 
 
+def tta_note(tta: str, view: views.View) -> str | None:
+    """What ten-crop shows a model trained without --crop: windows at a scale it never saw."""
+    if tta != "tencrop" or view.crop:
+        return None
+    return ("--tta tencrop: this model was trained without --crop, on whole images; ten-crop's "
+            "windows show it the image 256/224 times larger, its borders cut, a scale it never "
+            "trained on (train with --crop for CheXNet's geometry)")
+
+
 def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict], plain: dict,
            tta: dict | None, thresholds: np.ndarray, ci: dict) -> None:
     """The chief's report: report.json, report.md and the curves in the output directory; on
@@ -275,6 +291,7 @@ def report(cfg: EvalConfig, engine, meta: dict, manifest: dict, ranks: list[dict
         "world_size": engine.size, "engine": engine.name, "ranks": ranks, "paper_comparable": paper_comparable(manifest),
         "mean_auroc": {"value": num(mean), "ci_lo": num(ci["mean_auroc_lo"]), "ci_hi": num(ci["mean_auroc_hi"])},
         "mean_auroc_tta": num(metrics.mean_defined(tta_auroc)) if tta else None,
+        "tta_note": tta_note(cfg.tta, views.View.of(meta)),
         "classes": class_rows(names, plain, ci, tta_auroc, thresholds, sens, spec,
                               paper_comparable(manifest)),
         "bootstrap": {k: ci[k] for k in ("resamples", "patients", "level", "seed", "seconds")}

@@ -22,6 +22,13 @@ def _per_class(metric, y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray
     return values
 
 
+def not_numbers(prob: np.ndarray) -> str | None:
+    """How many predictions are NaN or infinite ('3 of 40', from a diverged model); None when
+    every one is a number."""
+    bad = int(np.size(prob) - np.isfinite(prob).sum())
+    return f"{bad} of {np.size(prob)}" if bad else None
+
+
 def per_class_auroc(y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """AUROC of each column; NaN where the (unmasked) labels hold only one class."""
     return _per_class(roc_auc_score, y_true, y_score, mask)

@@ -142,13 +142,25 @@ BUILDERS: dict[str, Callable[[int, int, str | None], tf.keras.Model]] = {
 }
 
 
+# The smallest input side each builder takes (Keras' DenseNet and ResNet refuse below 32; the
+# small CNN's three 2x2 poolings need 8); the others take any side.
+MIN_SIZE = {"densenet121": 32, "resnet50": 32, "small_cnn": 8}
+
+
+def check_model(name: str, image_size: int) -> None:
+    """A registered model, at a side it can take: else one line naming the flag."""
+    if name not in BUILDERS and space.code_of_model(name) is None:
+        raise InputError("--model", f"unknown model {name!r} (choose from {', '.join(BUILDERS)}, "
+                         "or nas-<8 digits from 0, 1, 2>)")
+    if image_size < MIN_SIZE.get(name, 1):
+        raise InputError("--image-size", f"{image_size}: {name} takes at least {MIN_SIZE[name]} px")
+
+
 def build_model(name: str, image_size: int, num_classes: int = NUM_CLASSES,
                 weights: str | None = None) -> tf.keras.Model:
     """Build a registered model; `weights` is None/'none' or the path of a local weights file."""
+    check_model(name, image_size)
     code = space.code_of_model(name)
-    if name not in BUILDERS and code is None:
-        raise InputError("--model", f"unknown model {name!r} (choose from {', '.join(BUILDERS)}, "
-                         "or nas-<8 digits from 0, 1, 2>)")
     if weights in (None, "", "none"):
         weights = None
     elif not Path(weights).is_file():

@@ -12,6 +12,7 @@ split would take at its rate.
 
 from __future__ import annotations
 
+import csv
 import glob
 import statistics
 from collections import Counter
@@ -200,8 +201,6 @@ def diagnosis(epochs: list[dict]) -> dict:
 
 def read_baseline(path: str | Path) -> dict[int, float]:
     """A reference table: CSV with columns `ranks` and `images_per_sec`."""
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise runlog.RunLogError(f"{path}: no such file")
@@ -330,8 +329,6 @@ def no_base_note(members: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    import csv
-
     extra = [k for k in ("baseline_images_per_sec", "ratio_to_baseline") if any(k in r for r in rows)]
     with cli.output(path) as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS + extra, extrasaction="ignore")

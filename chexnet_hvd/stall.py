@@ -10,9 +10,11 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
 - every `interval` seconds each rank sends every other rank a heartbeat (a UDP datagram: rank,
   step, input batches delivered, seconds since its last progress) to the address it announced
   at start, and notes the heartbeats it receives;
-- when no rank has made progress for `timeout` seconds (as far as this rank knows: its own
-  clock, and each peer's as last reported plus the age of that report; a peer that has missed
-  heartbeats is first given until it is silent: `late`), the rank ends the job: it names the
+- when no rank has made progress for `timeout` seconds while steps are due (as far as this
+  rank knows: its own clock, and each peer's as last reported plus the age of that report; a
+  peer that has missed heartbeats is first given until it is silent: `late`), or whenever a
+  peer it has heard from has sent none for `timeout` seconds (before the first step, between
+  fits, at the last barrier: a live process always beats), the rank ends the job: it names the
   ranks it stopped hearing from (stopped, killed, or cut off: their host), else the ranks in
   a training call whose input pipeline delivered no batch for the step they wait for, else
   the ranks validating or writing a checkpoint while the others wait (out of a training call
@@ -32,6 +34,7 @@ Gloo's (`engine_timeouts`), TF's heartbeat (chexnet_hvd.tf_engine; its collectiv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -126,7 +129,9 @@ class Watchdog:
         self.delivered = 0
         self.last_progress = time.monotonic()
         self.armed = False
+        self.warned = False
         self.heard: dict[int, dict] = {}
+        self.reached: set[int] = set()  # peers whose heartbeats have arrived (their address works)
         self.peers: list[tuple[str, int]] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("0.0.0.0", 0))
@@ -136,7 +141,7 @@ class Watchdog:
 
     @property
     def announce(self) -> tuple[str, int]:
-        return socket.gethostname(), self.sock.getsockname()[1]
+        return own_address(self.hosts or [], socket.gethostname()), self.sock.getsockname()[1]
 
     def start(self, addresses: list[tuple[str, int]]) -> None:
         """Begin heartbeats to `addresses` (every rank's `announce`, in rank order)."""
@@ -161,7 +166,8 @@ class Watchdog:
     def rest(self) -> None:
         """Training has ended (or a resumed part's fit has, before the next begins): no step is
         due, so no time without one is a stall (a pipeline's teardown at the end of fit took
-        over 10 s on a loaded node); the next step arms the watch again."""
+        over 10 s on a loaded node); the next step arms the watch again. A silent peer still
+        ends the job."""
         self.armed = False
 
     def stop(self) -> None:
@@ -179,13 +185,14 @@ class Watchdog:
             except (TimeoutError, OSError, ValueError):
                 continue
             if isinstance(payload, dict) and payload.get("rank") in self.heard:
+                self.reached.add(payload["rank"])
                 self.heard[payload["rank"]] = {"at": time.monotonic(), **{
                     key: payload[key] for key in ("step", "taken", "delivered", "idle")},
                     "phase": payload.get("phase", TRAINING)}
 
     def _watch(self) -> None:
         last_tick = time.monotonic()
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():  # a beat at once, then every interval
             now = time.monotonic()
             if now - last_tick > self.timeout:  # this process did not run (stopped, frozen)
                 self._was_stopped(now - last_tick)
@@ -205,10 +212,20 @@ class Watchdog:
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
             job_idle = min(h["idle"] + now - h["at"] for h in self.heard.values())
-            if self.armed and job_idle > self.timeout and not late(now, self.rank, self.heard,
-                                                                   self.interval, self.timeout):
+            # A peer once heard and silent since (stopped, killed, cut off) stalls the job
+            # whenever it happens: before the first step, between fits, at the last barrier.
+            gone = set(self.silent_peers(self.timeout)) & self.reached
+            if gone or (self.armed and job_idle > self.timeout
+                        and not late(now, self.rank, self.heard, self.interval, self.timeout)):
                 self._stalled(now, idle)
                 return
+            if self.rank == 0 and not self.warned and (deaf := self.silent_peers(self.timeout)):
+                self.warned = True  # a peer never heard: its address does not reach the chief
+                print(f"warning: stall watch: no heartbeat from rank(s) {', '.join(map(str, deaf))} has "
+                      f"reached rank 0 since the start (their announced address: "
+                      f"{', '.join(f'{self.peers[r][0]}:{self.peers[r][1]}' for r in deaf)}): it sees "
+                      "them only through the others' progress", file=sys.stderr, flush=True)
+            self._stop.wait(self.interval)
 
     def _was_stopped(self, seconds: float) -> None:
         """This rank was the stalled one and runs again: its peers have ended (or are ending)
@@ -242,6 +259,17 @@ def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, lis
     watchdog = Watchdog(engine.rank, hosts, timeout, on_stall, count_delivered)
     watchdog.start(engine.allgather_object(watchdog.announce))
     return watchdog
+
+
+def own_address(hosts: list[str], me: str) -> str:
+    """This rank's IPv4 address as the other nodes reach it: the source address of the route to
+    another rank's host (`hosts`: every rank's), not what its own hostname resolves to (Debian's
+    /etc/hosts maps it to 127.0.1.1, where no other node can send); with no other host, its own."""
+    for host in dict.fromkeys(h for h in hosts if h != me):
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((resolve(host), 9))  # a datagram socket's connect sends nothing
+            return probe.getsockname()[0]
+    return resolve(me)
 
 
 def resolve(host: str) -> str:

@@ -126,7 +126,10 @@ def tf_cluster(shared: Path | None = None) -> Cluster:
         if not 0 <= index < len(workers):
             raise InputError("TF_CONFIG", f"task index {index} but {len(workers)} workers")
         return workers, index
-    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+    # Ranks of mpirun or horovodrun inside an allocation inherit the Slurm step of the daemon
+    # that started them (one task per node): that step's tasks are not these workers.
+    by_mpi = {"HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE"} & set(launched_sizes())
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and not by_mpi:
         from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
             expand_hostlist,
             expand_tasks_per_node,

@@ -39,17 +39,15 @@ from chexnet_hvd import (
     models,
     monitor,
     recipes,
+    resume,
     runlog,
     schedules,
-    sharding,
     stall,
     views,
     weights,
 )
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig
-from chexnet_hvd.engine import make_accumulation
-from chexnet_hvd.records import split_signature
 
 
 # ---------------------------------------------------------------- preemption -----------------
@@ -134,164 +132,6 @@ def build(cfg: TrainConfig, engine, records: data.Records, initial, derived: Der
 def pos_weight(cfg: TrainConfig, manifest: dict) -> list[float] | None:
     """--class-weights manifest: the manifest's per-class positive weights, in class order."""
     return None if cfg.class_weights == "none" else [manifest["pos_weight"][c] for c in manifest["classes"]]
-
-
-# ---------------------------------------------------------------- resume ---------------------
-def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, derived: Derived,
-                 records: data.Records, best_by: str) -> RunState:
-    """The run state, and every rank on the chief's weights and optimizer state before the
-    first step: with --resume restored from the newest complete checkpoint, else the chief's
-    fresh initial weights. A checkpoint in mid-epoch carries what its epoch's attempts trained,
-    at which shapes; this attempt trains its share of the rest, at its own shape."""
-    shape = (derived.world_size, derived.local_batch)
-    state = RunState(plateau=dict(schedules.PLATEAU_START), best_by=best_by, shape=shape, shapes=[(0, *shape)])
-    error = None
-    optimizer.build(model.trainable_variables)  # create the slots so they can be restored
-    make_accumulation(optimizer, model.trainable_variables)  # and Horovod's gradient sums, if any
-    # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
-    # so that every rank fails alike instead of waiting for the chief)
-    if cfg.resume and engine.rank == 0:
-        try:
-            for line in checkpoints.clear_leftovers(run_dir / "checkpoints"):
-                print(f"resume: {line}", file=sys.stderr, flush=True)
-            found = checkpoints.newest(run_dir / "checkpoints")
-            if found is not None:
-                meta = checkpoints.read_meta(found)
-                check_same_kind(cfg, found, meta)
-                check_same_classes(cfg, found, meta, records.manifest["classes"])
-                restore_at_size(cfg, model, optimizer, found, meta)
-                state = restored_state(cfg, found, meta, shape, records.manifest)
-                if changed := changed_flags(cfg, meta["config"]):
-                    print(f"resume: this attempt changes how {found}'s run trained ({', '.join(changed)}): "
-                          f"from here training follows this attempt's flags", file=sys.stderr, flush=True)
-        except OSError as err:  # a checkpoint folder it cannot read or tidy
-            error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
-        except cli.InputError as err:
-            error = err
-    state, error = engine.broadcast_object((state, error))  # counters from the chief
-    if error:
-        raise error
-    state.part_steps = first_part_steps(cfg, records, state, derived)
-    state.warmup = state.warmup or (derived.warmup_from, derived.warmup_epochs)  # a fresh run's own
-    schedules.live_schedule(optimizer).scale.assign(state.plateau["scale"])
-    schedules.live_schedule(optimizer).set_warmup(*state.warmup)
-    engine.broadcast_variables(model.variables + checkpoints.optimizer_variables(optimizer))
-    return state
-
-
-NEW_RUN = "start a new run in another --run-dir"  # where a resume cannot go on
-
-
-def check_same_kind(cfg: TrainConfig, found: Path, meta: dict) -> None:
-    """A resume restores what the checkpoint holds into this attempt's model and optimizer:
-    another --model has other weights, and the optimizer state has the shape of its kind
-    (--optimizer: Adam's two moments, SGD's momentum) and of a loss scale around it or not
-    (--precision mixed_float16): another kind has no place for it (fp32 and mixed_bfloat16
-    share one)."""
-    states, scaled = "the two optimizers' states do not match", "mixed_float16"
-    for flag, then, same, why in (
-            ("model", meta["model"], meta["model"] == cfg.model, "its weights are another model's"),
-            ("optimizer", meta["config"]["optimizer"], meta["config"]["optimizer"] == cfg.optimizer, states),
-            ("precision", meta["precision"], (meta["precision"] == scaled) == (cfg.precision == scaled), states)):
-        if not same:
-            raise cli.InputError(f"--{flag}", f"{getattr(cfg, flag)}, but {found} was trained with {then}: "
-                                 f"{why}; resume with --{flag} {then}, or {NEW_RUN}")
-
-
-def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[str]) -> None:
-    """A resume goes on training each output on the class it was trained on: records whose
-    classes differ, in name or order, would silently give an output another meaning (the same
-    count restores without error)."""
-    if differ := checkpoints.classes_differ(meta["classes"], classes):
-        raise cli.InputError(cfg.data, f"not the classes of {found} ({differ}): a resume cannot change what "
-                             f"an output means; {NEW_RUN}")
-
-
-def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict) -> None:
-    """Restore the checkpoint into this attempt's model. A fully convolutional model takes its
-    weights at another --image-size (a progressive resize; `changed_flags` says it); where they
-    do not fit, the error names the size they were trained at."""
-    try:
-        checkpoints.restore(model, found, optimizer)
-    except cli.InputError:
-        if (then := meta["image_size"]) == cfg.image_size:
-            raise
-        raise cli.InputError("--image-size", f"{cfg.image_size}, but {found} was trained at {then} px and "
-                             f"its weights do not fit {cfg.image_size} px: resume with --image-size {then}, "
-                             f"or {NEW_RUN}") from None
-
-
-# Flags a resume may change that change what is learned from there on; a key to a schedule: read
-# by that schedule only. World size and batch are not among them: the lr's rescaling to them is
-# the point of a resume onto another allocation.
-CHANGES_TRAINING = {"image_size": None, "crop": None, "augment": None, "class_weights": None,
-                    "precision": None, "schedule": None, "lr": None, "reference_batch": None,
-                    "warmup_epochs": None, "epochs": "cosine", "step_epochs": "step",
-                    "plateau_patience": "plateau", "plateau_factor": "plateau"}
-
-
-def changed_flags(cfg: TrainConfig, then: dict) -> list[str]:
-    """The flags of CHANGES_TRAINING that a resume changes (`then`: the checkpoint's config), as
-    `--epochs 10 -> 20` (a finished cosine run extended: its lr rises again) or `--image-size
-    224 -> 320` (its checkpoints, evaluate and predict then use 320 px)."""
-    return [f"{' '.join(cli.field_argv(key, then[key]))} -> {cli.field_argv(key, getattr(cfg, key))[-1]}"
-            for key, schedule in CHANGES_TRAINING.items()
-            if then.get(key, getattr(cfg, key)) != getattr(cfg, key)
-            and schedule in (None, cfg.schedule, then.get("schedule"))]
-
-
-def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, int], manifest: dict) -> RunState:
-    """The run state a checkpoint's meta.json describes, for an attempt at `shape` on the
-    records of `manifest`."""
-    parts = [tuple(p) for p in meta.get("parts") or []]
-    trained_on = views.View.of(meta).scaling  # weights trained on one input scaling stay on it
-    if trained_on != models.input_scaling(cfg.model):
-        raise cli.InputError(found, f"its {cfg.model} was trained on {trained_on} input scaling, this "
-                             f"version feeds {cfg.model} {models.input_scaling(cfg.model)}: start a new run")
-    if parts:  # the rest of the epoch is planned from the order its first attempt read it in
-        for flag in ("seed", "shuffle_buffer"):
-            if meta["config"].get(flag) != getattr(cfg, flag):
-                raise cli.InputError(f"--{flag.replace('_', '-')}", f"{getattr(cfg, flag)}, but {found} "
-                                     f"stopped in mid-epoch with {meta['config'].get(flag)}: resume "
-                                     "with that, or from an epoch checkpoint")
-        then, now = meta.get("train_signature"), split_signature(manifest, "train")  # None: written before it was kept
-        if then and then != now:  # its parts index into the records it read
-            raise cli.InputError("--data", f"{cfg.data}: other training records than {found} stopped in "
-                                 f"mid-epoch on (shard files, counts, sizes or rows differ: then {then['shards']} "
-                                 f"shards of {then['records']} records, digest {then['digest']}; now "
-                                 f"{now['shards']} of {now['records']}, {now['digest']}): resume with those "
-                                 "records, or from an epoch checkpoint (remove the step-* checkpoint)")
-    shapes = meta.get("shapes") or [(0, *shape)]  # written before shapes were kept: this one
-    return RunState(plateau=meta["plateau"], epoch=meta["epoch"], step=meta["step"],
-                    best_by=meta.get("best_by", "val_mean_auroc"),
-                    best=meta.get("best", meta.get("best_val_mean_auroc")), since_best=meta.get("since_best", 0),
-                    resumed_from=str(found), shape=shape, parts=parts,
-                    warmup=run_warmup(cfg, meta),
-                    shapes=sharding.with_shape(shapes, meta["epoch"] + bool(parts), shape))
-
-
-def run_warmup(cfg: TrainConfig, meta: dict) -> tuple[float, float] | None:
-    """The lr warmup (start / peak, epochs) a resumed run keeps: its first attempt's, from a
-    checkpoint that recorded it or, written before it was, derived from the first attempt's shape
-    (with the flags of the attempt that wrote the checkpoint). None (this attempt's own) when
-    --warmup-epochs changed."""
-    then = meta["config"]
-    if cfg.warmup_epochs != then.get("warmup_epochs", cfg.warmup_epochs):
-        return None
-    if meta.get("warmup"):
-        return tuple(meta["warmup"])
-    _, world, batch = (meta.get("shapes") or [(0, meta["global_batch"] // then["batch_size"], then["batch_size"])])[0]
-    return 1 / world, config.warmup_epochs(then["warmup_epochs"], then["reference_batch"], world * batch)
-
-
-def first_part_steps(cfg: TrainConfig, records: data.Records, state: RunState, derived: Derived) -> int:
-    """Steps of the first epoch this attempt trains: a whole epoch's, or its share of the rest
-    of an epoch earlier attempts began (0 when less than one global batch is left)."""
-    if not state.parts:
-        return derived.steps_per_epoch
-    counts = [count for _, count in records.units("train")]
-    (_, layout), = sharding.epoch_layouts(counts, state.shapes, cfg.seed, range(state.epoch, state.epoch + 1))
-    return sharding.part_steps(layout, state.parts[0][2], state.parts, state.shape)
 
 
 # ---------------------------------------------------------------- run log --------------------
@@ -427,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = config.parse(argv)
     config.check_config(cfg)
+    models.check_model(cfg.model, cfg.image_size)
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
     records = open_inputs(cfg)
     initial = weights.resolve(cfg.weights, cfg.model)  # from the cache: compute nodes never download
@@ -444,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     feed = monitor.Feed()
     watch = monitor.StallWatch(cfg.stall_timeout, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
     writer = None  # opened with the start record: a run that fails before it leaves no log
+    finished = False  # trained to the end (not preempted, not failed)
 
     try:
         # --- model, optimizer, resume ---
         model, trained = build(cfg, engine, records, initial, derived)
         best_by, warnings = callbacks.validation_criterion(records.manifest, cfg.val_split)
-        state = resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records, best_by)
+        state = resume.resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records, best_by)
         derived = dataclasses.replace(derived, warmup_from=state.warmup[0], warmup_epochs=state.warmup[1])
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, "-initial")
@@ -495,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             return end_preempted(engine, state, saver, writer)
         if cfg.audit:
             audit_weights(run_dir, engine.rank, model, optimizer=trained.optimizer)
+        finished = True
     except BaseException as err:
         stalled = watch.failed_collective(err) if watch else None
         if stalled:
@@ -507,19 +350,23 @@ def main(argv: list[str] | None = None) -> int:
             return cli.EXIT_FAILED
         raise
     finally:
-        if watch:
+        if watch and not finished:
             watch.watchdog.stop()
     if writer:
         writer.write("end", status="completed")
-        writer.close()
-    return end_completed(engine)
+    try:
+        return end_completed(engine)  # watched: a rank stopped before the last barrier is named
+    finally:
+        if watch:
+            watch.watchdog.stop()
+        if writer:
+            writer.close()
 
 
 def end_completed(engine) -> int:
     """The run has completed: no rank leaves before the chief has written the run log's end (the
-    barrier); a rank that left meanwhile, its work done, makes this one say so, not fail (the
-    watchdog being stopped, the barrier is bounded by the engines' own limits: under the tf
-    engine only against a peer that stopped or died, its heartbeat timeout)."""
+    barrier); a rank that left meanwhile, its work done, makes this one say so, not fail. A rank
+    stopped before it reaches the barrier is the stall watch's (still running): it ends the job."""
     try:
         engine.barrier()
     except Exception as err:

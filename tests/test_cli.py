@@ -342,3 +342,22 @@ def test_ranges_are_checked_for_configs_built_in_code_too():
         config.check_config(config.TrainConfig(data="d", run_dir="r", keep_checkpoints=0))
     with pytest.raises(cli.InputError, match="more than 0 and less than 1, not 1.0"):
         config.check_config(config.TrainConfig(data="d", run_dir="r", plateau_factor=1.0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "small_cnn", "--image-size", "7"], "error: --image-size: 7: small_cnn takes at least 8 px"),
+    (["--model", "densenet121", "--image-size", "31"], "error: --image-size: 31: densenet121 takes at least 32 px"),
+    (["--model", "resnet50", "--image-size", "16"], "error: --image-size: 16: resnet50 takes at least 32 px"),
+    (["--warmup-epochs", "-0.5"], "error: --warmup-epochs: -0.5: give -1 (proportional to the global batch) "
+                                  "or a number of epochs, at least 0"),
+])
+def test_a_number_in_its_flags_range_that_the_model_or_flag_cannot_take_is_one_line(argv, message, capsys):
+    """Within --image-size's range, a side the model cannot take (was a Keras or TensorFlow
+    traceback, or, with --weights, an error blaming the file); between --warmup-epochs' -1 and 0
+    (was silently -1)."""
+    from chexnet_hvd import models, train
+
+    code, lines = run_main(train, ["--data", "d", "--run-dir", "r", *argv], capsys)
+    assert (code, lines) == (2, [message])
+    models.check_model("small_cnn", 8)  # the smallest sides are taken
+    models.check_model("densenet121", 32)

@@ -127,7 +127,10 @@ def checkpoint(records_dir, tmp_path_factory):
 def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, records_dir, tmp_path, engine):
     args = ["-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data", str(records_dir),
             "--tta", "tencrop", "--bootstrap", "200"]
-    run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, timeout=300)
+    alone = run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, timeout=300)
+    # a model trained without --crop: ten-crop's windows are at a scale it never saw, and it says so
+    note = "--tta tencrop: this model was trained without --crop, on whole images"
+    assert f"warning: {note}" in alone.stderr
     proc = run(ranks(engine, 2, sys.executable, *args, "--out", tmp_path / "two"), check=True, timeout=300)
     # success says so once, without error lines from the engine (a tf worker leaving before the
     # chief had finished made its coordination service log three) or a launcher prefix per line
@@ -148,6 +151,7 @@ def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, reco
         assert (tmp_path / "one" / name).stat().st_size > 1000
     report = (tmp_path / "one" / "report.md").read_text()
     assert "AUROC tencrop" in report and "| **mean** |" in report and "0.841" in report
+    assert f"Note: {note}" in report and one["tta_note"].startswith(note)
 
 
 @pytest.mark.slow
@@ -207,6 +211,19 @@ def test_bad_checkpoints_give_one_line_errors(checkpoint, records_dir, tmp_path)
     (tmp_path / "run" / "checkpoints" / "best").unlink()
     no_best = module("evaluate", "--checkpoint", tmp_path / "run" / "checkpoints" / "best", "--data", records_dir)
     assert_one_line_error(no_best, "checkpoints there: epoch-0001, epoch-0002, epoch-0003")
+    # best is a link: copied as one (cp -r, rsync -a), it names a folder that is not there
+    (tmp_path / "copied").mkdir()
+    subprocess.run(["cp", "-r", checkpoint, tmp_path / "copied"], check=True)
+    copied = module("evaluate", "--checkpoint", tmp_path / "copied" / "best", "--data", records_dir)
+    assert_one_line_error(copied, "best: a link to .best-epoch-", "which is not beside it", "cp -rL")
+    # weights a diverged run wrote: not numbers (was scikit-learn's traceback, 'Input contains NaN')
+    model, meta = checkpoints.load(checkpoint)
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    checkpoints.save(model, tmp_path / "nan", "epoch-0001", meta, tf.keras.optimizers.Adam())
+    nan = module("evaluate", "--checkpoint", tmp_path / "nan" / "epoch-0001", "--data", records_dir,
+                 "--bootstrap", 10)
+    assert_one_line_error(nan, "epoch-0001: ", "of its predictions on split 'test' are not numbers: its "
+                          "weights are a diverged run's")
 
     five = models.build_model("small_cnn", 32, num_classes=5)
     five.compile(optimizer="adam", loss="binary_crossentropy")

@@ -76,6 +76,47 @@ def test_a_validation_split_that_cannot_score_still_steers(planted, tmp_path):
     assert meta["best_by"] == "val_loss" and meta["best"] == min(losses)
     assert all(r["val_mean_auroc"] is None for r in log if r["event"] == "epoch")
 
+    # A run validated on a split that scores, resumed on this one: its best and patience went
+    # by AUROC there, and are counted afresh by the loss here (they once stayed on AUROC, whose
+    # value here is undefined: best, plateau and early stopping stood still).
+    train = ["train", "--data", tmp_path / "records", "--run-dir", tmp_path / "moved", "--model", "small_cnn",
+             "--image-size", 32, "--batch-size", 32, "--steps-per-epoch", 4, "--verbose", 0, "--no-tensorboard"]
+    module(*train, "--val-split", "test", "--epochs", 1, check=True, timeout=600)
+    proc = module(*train, "--val-split", "val", "--epochs", 3, "--resume", check=True, timeout=600)
+    assert "--val-split test -> val" in proc.stderr
+    assert "went by val_mean_auroc on 'test', this attempt's by val_loss on 'val': not comparable" in proc.stderr
+    log = read_runlog(tmp_path / "moved")
+    assert [r["best_by"] for r in log if r["event"] == "start"] == ["val_mean_auroc", "val_loss"]
+    meta = json.loads((tmp_path / "moved" / "checkpoints" / "best" / "meta.json").read_text())
+    losses = [r["val_loss"] for r in log if r["event"] == "epoch"][1:]
+    assert meta["best_by"] == "val_loss" and meta["best"] == min(losses) and meta["epoch"] > 1
+
+
+def test_a_diverging_run_ends_with_one_line_and_a_new_run_does_not_overwrite_an_old_one(planted, tmp_path):
+    """An lr that makes the weights overflow: validation's predictions are not numbers; the run
+    ends with one line saying it diverged, its run log's end says so (it was a scikit-learn
+    traceback, 'Input contains NaN'). Then a run without --resume into a run directory that
+    holds a checkpoint is refused (a settings file's run_dir once trained over the old run)."""
+    root, table = planted
+    tmp_path.joinpath("data").mkdir()
+    table.to_csv(tmp_path / "data" / "labels.csv", index=False)
+    module("records", "--dataset", "csv", "--csv", tmp_path / "data" / "labels.csv", "--images", root / "images",
+           "--out", tmp_path / "records", "--no-progress", check=True)
+    train = ["train", "--data", tmp_path / "records", "--model", "small_cnn", "--image-size", 32,
+             "--steps-per-epoch", 4, "--epochs", 1, "--verbose", 0, "--no-tensorboard"]
+    proc = module(*train, "--run-dir", tmp_path / "diverged", "--optimizer", "sgd", "--lr", "1e4", timeout=600)
+    assert_one_line_error(proc, "error: epoch 1: ", "of the model's validation predictions are not numbers: "
+                          "training diverged")
+    end = read_runlog(tmp_path / "diverged")[-1]
+    assert end["event"] == "end" and end["status"] == "failed" and "training diverged" in end["error"]
+
+    module(*train, "--run-dir", tmp_path / "run", check=True, timeout=600)
+    before = (tmp_path / "run" / "config.json").read_text(), len(read_runlog(tmp_path / "run"))
+    proc = module("train", "--config", tmp_path / "run" / "config.json", "--lr", "1e-2", timeout=600)
+    assert_one_line_error(proc, f"error: --run-dir: {tmp_path / 'run'} holds a run (its checkpoint epoch-0001), "
+                          "which a new run would write over: --resume to go on with it, or start a new run")
+    assert ((tmp_path / "run" / "config.json").read_text(), len(read_runlog(tmp_path / "run"))) == before
+
 
 def test_a_resume_on_records_of_other_classes_is_refused(planted, tmp_path):
     """Two classes each, the second another (Infiltration's column named Mass): the weights

@@ -205,3 +205,15 @@ def test_horovod_gloo_allreduces_across_nodes(cluster_net):
     assert [(r["rank"], r["host"]) for r in ranks] == [(0, "node1"), (1, "node1"), (2, "node2"), (3, "node2")]
     assert all(r["size"] == 4 and r["cross_size"] == 2 and r["gloo"] for r in ranks)
     assert all(r["sum"] == [10.0] for r in ranks)
+
+
+def test_a_ranks_heartbeat_address_is_the_one_other_nodes_reach_it_at(cluster_net):
+    """This machine's hostname resolves to 127.0.0.1 (as Debian's /etc/hosts maps a node's to
+    127.0.1.1): a stall watch announcing that was never heard from the other nodes, and named
+    live ranks as stalled. It announces the source address of its route to another rank's node:
+    this machine's on the rehearsal's bridge; with every rank on its own host, that host's."""
+    from chexnet_hvd import stall
+
+    me = socket.gethostname()
+    assert stall.own_address([me, "node1", "node2"], me) == "10.231.0.1"
+    assert stall.own_address([me, me], me) == socket.gethostbyname(me)

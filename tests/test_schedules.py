@@ -93,7 +93,7 @@ def test_a_resumed_run_keeps_the_warmup_of_its_first_attempt():
     --reference-batch 2: 2 epochs from a quarter of the peak), not this attempt's; this
     attempt's own when --warmup-epochs changed."""
     from chexnet_hvd.config import TrainConfig
-    from chexnet_hvd.train import run_warmup
+    from chexnet_hvd.resume import run_warmup
 
     cfg = TrainConfig(data="d", run_dir="r", batch_size=16, reference_batch=2)
     old = {"config": {"warmup_epochs": -1.0, "reference_batch": 2, "batch_size": 8}, "global_batch": 16,

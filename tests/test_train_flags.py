@@ -25,7 +25,7 @@ from conftest import (
     run,
 )
 
-from chexnet_hvd import checkpoints, cli, config, records, train
+from chexnet_hvd import checkpoints, cli, config, records, resume
 from chexnet_hvd.runlog import read_runlog
 
 pytestmark = [pytest.mark.slow]
@@ -166,7 +166,7 @@ def test_optimizer_sgd(records_dir, baseline, tmp_path):
     assert epochs(tmp_path)[-1]["epoch"] == 3
     meta = checkpoints.read_meta(tmp_path / "checkpoints" / "epoch-0003") | {"precision": "mixed_float16"}
     with pytest.raises(cli.InputError, match="--precision: fp32, but .* was trained with mixed_float16"):
-        train.check_same_kind(SimpleNamespace(model="small_cnn", optimizer="sgd", precision="fp32"), tmp_path, meta)
+        resume.check_same_kind(SimpleNamespace(model="small_cnn", optimizer="sgd", precision="fp32"), tmp_path, meta)
     assert_one_line_error(trainer(records_dir, tmp_path, *resumed, "--optimizer", "sgd", "--model", "resnet50"),
                           "--model: resnet50, but ", "was trained with small_cnn", "resume with --model small_cnn")
 

@@ -149,12 +149,19 @@ MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bin
 
 @pytest.mark.horovod
 @pytest.mark.parametrize("launcher,engine,started_by", [
-    ("tf", "horovod", "chexnet_hvd.launch or TF_CONFIG"), ("horovod", "tf", "horovodrun"), ("mpirun", "tf", "mpirun")])
+    ("tf", "horovod", "chexnet_hvd.launch or TF_CONFIG"), ("horovod", "tf", "horovodrun"), ("mpirun", "tf", "mpirun"),
+    ("mpirun in a Slurm allocation", "tf", "mpirun")])
 def test_an_engine_refuses_the_other_engines_launcher(records_dir, tmp_path, launcher, engine, started_by):
     """Each rank of the other engine's launcher would see a world of one and train alone: N
     copies of the run writing one run directory. Refused, on every rank, before anything is
-    written (a launcher may end the other rank before it prints: one line or two, the same)."""
-    start = MPIRUN if launcher == "mpirun" else launcher_of(launcher, 2)
+    written (a launcher may end the other rank before it prints: one line or two, the same).
+    mpirun inside a 2-node allocation starts its daemons with srun, one task per node, so its
+    ranks inherit that step's variables (here given as the daemons pass them on): the tf engine
+    took them for its workers, and the ranks of a node all claimed one worker's place."""
+    start = {"mpirun": MPIRUN, "mpirun in a Slurm allocation": [
+        *MPIRUN, *(a for var in ("SLURM_STEP_NUM_TASKS=2", "SLURM_PROCID=0", "SLURM_STEP_NODELIST=localhost",
+                                 "SLURM_STEP_TASKS_PER_NODE=2") for a in ("-x", var))]}.get(launcher)
+    start = start or launcher_of(launcher, 2)
     proc = run([*start, *train_args(records_dir, tmp_path), "--engine", engine], timeout=300)
     errors = [line.split("error: ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines()
               if "error: --engine:" in line]

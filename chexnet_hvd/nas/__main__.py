@@ -12,6 +12,7 @@ On SIGTERM/SIGUSR1 the candidate checkpoints, its trial is re-queued, and the wo
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import random
@@ -154,8 +155,6 @@ def trainer_env() -> dict:
 
 def _die_with_parent() -> None:
     """A killed worker must not leave its candidate training as an orphan (Linux prctl)."""
-    import ctypes
-
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
