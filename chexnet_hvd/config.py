@@ -96,8 +96,10 @@ class TrainConfig:
                                             minimum=0)
     stall_timeout: float = cli.field(600.0, help="end the job when a rank makes no training "
                                      "progress (a step, a validation batch, a checkpoint) for this "
-                                     "many seconds, naming the rank(s) it waits for: run log status "
-                                     "'stalled', exit 76 (chexnet_hvd.stall); 0: off", minimum=0,
+                                     "many seconds, or, at any point of the run, a rank idle for "
+                                     "this long hears no heartbeat from another for as long (stopped, "
+                                     "killed, cut off); the line names the rank(s) waited for: run log "
+                                     "status 'stalled', exit 76 (chexnet_hvd.stall); 0: off", minimum=0,
                                      maximum=1e6)  # the engines' timeouts are integer milliseconds
     steps_per_execution: int = cli.field(1, help="training steps Keras runs in one call of its "
                                          "graph: Python's cost per call (~1 ms here) spread over "

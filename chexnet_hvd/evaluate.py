@@ -59,8 +59,10 @@ class EvalConfig:
     worker_index: int = cli.field(0, help="with --workers: this process' place in that list, from 0",
                                   minimum=0)
     stall_timeout: float = cli.field(600.0, help="end the job when no rank completes a batch for "
-                                     "this many seconds, naming the rank(s) waited for (exit 76; "
-                                     "as chexnet_hvd.train --stall-timeout); 0: off", minimum=0,
+                                     "this many seconds while scoring, or, at any point, a rank idle "
+                                     "for this long hears no heartbeat from another for as long; the "
+                                     "line names the rank(s) waited for (exit 76; as "
+                                     "chexnet_hvd.train --stall-timeout); 0: off", minimum=0,
                                      maximum=1e6)
 
 

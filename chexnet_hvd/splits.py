@@ -18,7 +18,8 @@ DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 def random_split(table: pd.DataFrame, fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
                  seed: int = 0) -> pd.DataFrame:
-    """Seeded patient-level split into train/val/test by the given fractions of patients."""
+    """Seeded patient-level split into train/val/test by the given fractions of patients. The
+    result shares the table's other columns (no copy): copy it before writing into them."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise InputError("--fractions", f"need three non-negative fractions summing to 1, got {fractions}")
     patients = np.array(sorted(table["patient"].unique()))

@@ -12,9 +12,10 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   at start, and notes the heartbeats it receives;
 - when no rank has made progress for `timeout` seconds while steps are due (as far as this
   rank knows: its own clock, and each peer's as last reported plus the age of that report; a
-  peer that has missed heartbeats is first given until it is silent: `late`), or whenever a
-  peer it has heard from has sent none for `timeout` seconds (before the first step, between
-  fits, at the last barrier: a live process always beats), the rank ends the job: it names the
+  peer that has missed heartbeats is first given until it is silent: `late`), or when a peer
+  it has heard from has sent none for `timeout` seconds and this rank has made no progress
+  either, whether steps are due or not (before the first step, between fits, at the last
+  barrier: a live process always beats), the rank ends the job: it names the
   ranks it stopped hearing from (stopped, killed, or cut off: their host), else the ranks in
   a training call whose input pipeline delivered no batch for the step they wait for, else
   the ranks validating or writing a checkpoint while the others wait (out of a training call
@@ -212,10 +213,12 @@ class Watchdog:
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
             job_idle = min(h["idle"] + now - h["at"] for h in self.heard.values())
-            # A peer once heard and silent since (stopped, killed, cut off) stalls the job
-            # whenever it happens: before the first step, between fits, at the last barrier.
+            # A peer once heard and silent since (stopped, killed, cut off) stalls the job when
+            # this rank has made no progress either, whether steps are due or not: before the
+            # first step, between fits, at the last barrier. (While this rank progresses, its
+            # collectives complete: the peer lives, its heartbeats are what got lost.)
             gone = set(self.silent_peers(self.timeout)) & self.reached
-            if gone or (self.armed and job_idle > self.timeout
+            if (gone and idle > self.timeout) or (self.armed and job_idle > self.timeout
                         and not late(now, self.rank, self.heard, self.interval, self.timeout)):
                 self._stalled(now, idle)
                 return
@@ -267,7 +270,7 @@ def own_address(hosts: list[str], me: str) -> str:
     /etc/hosts maps it to 127.0.1.1, where no other node can send); with no other host, its own."""
     for host in dict.fromkeys(h for h in hosts if h != me):
         with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((resolve(host), 9))  # a datagram socket's connect sends nothing
+            probe.connect((socket.gethostbyname(host), 9))  # a datagram socket's connect sends nothing
             return probe.getsockname()[0]
     return resolve(me)
 
