@@ -639,10 +639,13 @@ def section_scale(r: dict) -> list[str]:
         "- Peak memory, largest / smallest size (flat: at most 1.2): "
         + "; ".join(f"{name}: {goal(v, '<=', 1.2)}" for name, v in growth.items()) + ".",
         *([f"- Where memory grows ({', '.join(growing)}): by {', '.join(f'{per_row[n]:,.0f}' for n in growing)} "
-          "bytes per listed image: the listing's table (one row of names, path, patient, split, view and "
-          "label/mask cells per CSV row, which the split, leak guard and manifest read) and the shard plan's "
-          f"rows; no step holds an image or a record. At {big['images']:,} images: "
-          f"{', '.join(f'{mb(big):,.0f} MB' for n, _, mb in SCALE_MEMORY if n in growing)}."] if growing else []),
+          "bytes per listed image: the listing's one table (a row of names, path, patient, split, view and "
+          "float32 label/mask cells per CSV row, about 0.5 kB, which the split, leak guard and manifest read; "
+          "no copy of it per source, split or shard) and the shard plan's rows (a tuple and two array views "
+          f"each); no step holds an image or a record. At {big['images']:,} images: "
+          f"{', '.join(f'{mb(big):,.0f} MB' for n, _, mb in SCALE_MEMORY if n in growing)}. Flat memory would "
+          "need a listing never held whole (the CSV streamed, the split drawn from patient ids alone): not "
+          "built."] if growing else []),
         f"- Records conversion of the full {big['images']:,} images: {big['convert']['seconds']:.0f} s wall on "
         f"{big['convert']['workers']} workers, {big['records_bytes'] / 1e6:,.0f} MB of records.",
         f"- The bootstrap's cost is linear in its resamples: evaluate's default 1,000 over the full test "
