@@ -67,7 +67,6 @@ def stack(engine: str) -> list[str]:
 
 def synthetic_records(root: Path, size: int) -> Path:
     """A tiny records set: the trainer needs a manifest and a validation split."""
-
     with contextlib.redirect_stdout(io.StringIO()):  # their own reports are not checks
         synthetic.main(["--out", str(root / "syn"), "--images", "64", "--size", str(min(size, 64)),
                         "--seed", "0"])

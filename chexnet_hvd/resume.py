@@ -29,28 +29,9 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
     make_accumulation(optimizer, model.trainable_variables)  # and Horovod's gradient sums, if any
     # Only the chief reads the checkpoint; the broadcasts below share it (and any error in it,
     # so that every rank fails alike instead of waiting for the chief)
-    if not cfg.resume and engine.rank == 0 and (found := checkpoints.newest(run_dir / "checkpoints")):
-        error = cli.InputError("--run-dir", f"{run_dir} holds a run (its checkpoint {found.name}), which a new "
-                               f"run would write over: --resume to go on with it, or {NEW_RUN}")
-    elif cfg.resume and engine.rank == 0:
+    if engine.rank == 0:
         try:
-            for line in checkpoints.clear_leftovers(run_dir / "checkpoints"):
-                print(f"resume: {line}", file=sys.stderr, flush=True)
-            found = checkpoints.newest(run_dir / "checkpoints")
-            if found is not None:
-                meta = checkpoints.read_meta(found)
-                check_same_kind(cfg, found, meta)
-                check_same_classes(cfg, found, meta, records.manifest["classes"])
-                restore_at_size(cfg, model, optimizer, found, meta)
-                state = restored_state(cfg, found, meta, shape, records.manifest)
-                if (state.best_by, meta["config"].get("val_split", cfg.val_split)) != (best_by, cfg.val_split):
-                    print(f"resume: {found}'s best checkpoint and patience went by {state.best_by} on "
-                          f"{meta['config'].get('val_split', cfg.val_split)!r}, this attempt's by {best_by} on {cfg.val_split!r}: "
-                          "not comparable, so counted afresh from here", file=sys.stderr, flush=True)
-                    state = afresh(state, best_by)
-                if changed := changed_flags(cfg, meta["config"]):
-                    print(f"resume: this attempt changes how {found}'s run trained ({', '.join(changed)}): "
-                          f"from here training follows this attempt's flags", file=sys.stderr, flush=True)
+            state = chief_state(cfg, model, optimizer, run_dir / "checkpoints", records.manifest, state)
         except OSError as err:  # a checkpoint folder it cannot read or tidy
             error = cli.InputError(run_dir / "checkpoints", f"cannot resume: {err.strerror or err}")
         except cli.InputError as err:
@@ -67,6 +48,38 @@ def resume_state(cfg: TrainConfig, engine, model, optimizer, run_dir: Path, deri
 
 
 NEW_RUN = "start a new run in another --run-dir"  # where a resume cannot go on
+
+
+def chief_state(cfg: TrainConfig, model, optimizer, ckpt_dir: Path, manifest: dict, fresh: RunState) -> RunState:
+    """The chief's part of `resume_state`: with --resume, the newest complete checkpoint restored
+    into `model` and `optimizer` and the state its meta.json describes (`fresh` where there is
+    none); without, `fresh`, unless the run directory holds a checkpoint a new run would write
+    over."""
+    if not cfg.resume:
+        if found := checkpoints.newest(ckpt_dir):
+            raise cli.InputError("--run-dir", f"{ckpt_dir.parent} holds a run (its checkpoint {found.name}), "
+                                 f"which a new run would write over: --resume to go on with it, or {NEW_RUN}")
+        return fresh
+    for line in checkpoints.clear_leftovers(ckpt_dir):
+        print(f"resume: {line}", file=sys.stderr, flush=True)
+    found = checkpoints.newest(ckpt_dir)
+    if found is None:
+        return fresh
+    meta = checkpoints.read_meta(found)
+    check_same_kind(cfg, found, meta)
+    check_same_classes(cfg, found, meta, manifest["classes"])
+    restore_at_size(cfg, model, optimizer, found, meta)
+    state = restored_state(cfg, found, meta, fresh.shape, manifest)
+    then_split = meta["config"].get("val_split", cfg.val_split)
+    if (state.best_by, then_split) != (fresh.best_by, cfg.val_split):
+        print(f"resume: {found}'s best checkpoint and patience went by {state.best_by} on {then_split!r}, "
+              f"this attempt's by {fresh.best_by} on {cfg.val_split!r}: not comparable, so counted afresh "
+              "from here", file=sys.stderr, flush=True)
+        state = afresh(state, fresh.best_by)
+    if changed := changed_flags(cfg, meta["config"]):
+        print(f"resume: this attempt changes how {found}'s run trained ({', '.join(changed)}): "
+              f"from here training follows this attempt's flags", file=sys.stderr, flush=True)
+    return state
 
 
 def check_same_kind(cfg: TrainConfig, found: Path, meta: dict) -> None:

@@ -217,12 +217,12 @@ class Watchdog:
             # this rank has made no progress either, whether steps are due or not: before the
             # first step, between fits, at the last barrier. (While this rank progresses, its
             # collectives complete: the peer lives, its heartbeats are what got lost.)
-            gone = set(self.silent_peers(self.timeout)) & self.reached
-            if (gone and idle > self.timeout) or (self.armed and job_idle > self.timeout
+            silent = set(self.silent_peers(self.timeout))
+            if (silent & self.reached and idle > self.timeout) or (self.armed and job_idle > self.timeout
                         and not late(now, self.rank, self.heard, self.interval, self.timeout)):
                 self._stalled(now, idle)
                 return
-            if self.rank == 0 and not self.warned and (deaf := self.silent_peers(self.timeout)):
+            if self.rank == 0 and not self.warned and (deaf := sorted(silent - self.reached)):
                 self.warned = True  # a peer never heard: its address does not reach the chief
                 print(f"warning: stall watch: no heartbeat from rank(s) {', '.join(map(str, deaf))} has "
                       f"reached rank 0 since the start (their announced address: "
