@@ -20,10 +20,10 @@ per CPU-second whatever else runs on the machine; wall-clock images/s on 2 threa
 project pipeline is `chexnet_hvd.data.train_dataset`: fixed-size records leave it as uint8
 batches (the float work, resize to 224, scale, 3 channels, ImageNet mean/std, runs in the
 model's graph, on the GPU when there is one), and it is measured without and with --crop, and
-with --shuffle-buffer 256 beside the default 2048 (the block shuffle's working set). The
+with --shuffle-buffer 256 beside the default 2048 (the shuffle buffer's working set). The
 steps are measured cumulatively, each a pipeline built from the same functions of
 chexnet_hvd.data, one step longer than the one before: read (interleave of the shards) ->
-shuffle within blocks -> zip with the random draws -> batch + parse (tf.io.parse_example) ->
+shuffle buffer -> zip with the random draws -> batch + parse (tf.io.parse_example) ->
 decode -> crop + flip; a step's cost is the difference of CPU time per image. Two more rows for
 comparison: the same steps plus the float work on the CPU (what a CPU-only run pays in the
 model's graph), and the per-record path (parse, decode and flip one record at a time, then the
@@ -70,7 +70,7 @@ def upto(last, per_record=False, cpu_float=False):
     seed, n = tf.constant(7, tf.int64), steps.index(last)
     ds = source.read(data.as_tensor(layout.ranks[0])).repeat()
     if n >= 1:
-        ds = data.shuffle_blocks(ds, 2048, seed)
+        ds = data.shuffled(ds, 2048, seed)
     if n >= 2:
         ds = tf.data.Dataset.zip((ds, data.draws(seed)))
     if per_record:  # one record at a time, as images of source sizes are

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
-from chexnet_hvd import cli, models, records, stall
+from chexnet_hvd import cli, data, models, records, stall
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.engine import accumulation, passes_per_update
 
@@ -44,9 +44,11 @@ META_SCHEMA = "chexnet_hvd.checkpoint/1"
 # train_signature: the training split's (chexnet_hvd.records.split_signature), so that a
 # mid-epoch resume refuses records other than those its parts index into.
 # warmup: [start as a fraction of the peak lr, epochs], chosen by the run's first attempt.
+# record_order: the version of the order epochs are read in (chexnet_hvd.data.RECORD_ORDER).
 META_FIELDS = ("model", "image_size", "scaling", "crop", "classes", "num_classes", "epoch", "step", "parts", "shapes",
                "steps_per_epoch", "global_batch", "precision", "val_mean_auroc", "val_loss",
-               "best_by", "best", "since_best", "plateau", "warmup", "train_signature", "config")
+               "best_by", "best", "since_best", "plateau", "warmup", "train_signature", "record_order",
+               "config")
 
 
 @dataclasses.dataclass
@@ -107,7 +109,8 @@ def run_meta(cfg: TrainConfig, manifest: dict, derived: Derived, state: RunState
         precision=cfg.precision, val_mean_auroc=state.validation.get("mean_auroc"),
         val_loss=state.validation.get("loss"), best_by=state.best_by, best=state.best,
         since_best=state.since_best, plateau=state.plateau, warmup=list(state.warmup),
-        train_signature=records.split_signature(manifest, "train"), config=dataclasses.asdict(cfg))
+        train_signature=records.split_signature(manifest, "train"), record_order=data.RECORD_ORDER,
+        config=dataclasses.asdict(cfg))
 
 
 class Saver:

@@ -149,6 +149,12 @@ def restored_state(cfg: TrainConfig, found: Path, meta: dict, shape: tuple[int, 
         raise cli.InputError(found, f"its {cfg.model} was trained on {trained_on} input scaling, this "
                              f"version feeds {cfg.model} {models.input_scaling(cfg.model)}: start a new run")
     if parts:  # the rest of the epoch is planned from the order its first attempt read it in
+        order = meta.get("record_order", 1)  # written before it was kept: the first order
+        if order != data.RECORD_ORDER:
+            raise cli.InputError(found, f"stopped in mid-epoch reading its records in order {order}, which "
+                                 f"this version no longer reads (it reads order {data.RECORD_ORDER}), so the "
+                                 "rest of that epoch cannot be found: finish the epoch with the version "
+                                 "that wrote it, or resume from an epoch checkpoint (remove the step-* checkpoint)")
         for flag in ("seed", "shuffle_buffer"):
             if meta["config"].get(flag) != getattr(cfg, flag):
                 raise cli.InputError(f"--{flag.replace('_', '-')}", f"{getattr(cfg, flag)}, but {found} "

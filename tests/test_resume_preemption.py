@@ -31,7 +31,7 @@ from conftest import (
     small_disk,
 )
 
-from chexnet_hvd import checkpoints
+from chexnet_hvd import checkpoints, data
 from chexnet_hvd.runlog import read_runlog
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
@@ -387,13 +387,23 @@ def test_a_resume_on_another_world_size_keeps_the_default_warmup_of_the_first_at
 
 def test_a_mid_epoch_resume_refuses_other_records_and_takes_a_staged_copy(records_dir, synthetic, tmp_path):
     """Stopped in mid-epoch, a run resumed on records rewritten with another shard size (its
-    parts would index into other shards: records trained twice or never) is a one-line error;
-    resumed on a copy of its records at another path (staged to a node's disk) it completes."""
+    parts would index into other shards: records trained twice or never), or by a version that
+    reads epochs in another order (a checkpoint without its record order: written by the block
+    shuffle's), is a one-line error; resumed on a copy of its records at another path (staged
+    to a node's disk) it completes."""
     cmd = one_process(train_cmd(records_dir, tmp_path / "run", "--epochs", 2))
     assert run([*cmd, "--preempt-at-step", "5"], timeout=300).returncode == 75
 
     def on(data):
         return [*cmd[:cmd.index("--data") + 1], str(data), *cmd[cmd.index("--data") + 2:], "--resume"]
+
+    meta_file = next((tmp_path / "run" / "checkpoints").glob("step-*")) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["record_order"] == data.RECORD_ORDER
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "record_order"}))
+    assert_one_line_error(run(on(records_dir), timeout=300), "step-", "stopped in mid-epoch reading its records in "
+                          "order 1", "resume from an epoch checkpoint")
+    meta_file.write_text(json.dumps(meta))
 
     module("records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images", "--out",
            tmp_path / "rewritten", "--shard-size", 32, "--no-progress", check=True)
