@@ -6,7 +6,9 @@ nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
-Horovod runs but the 16-rank one: how much of a step is on the wire.
+Horovod runs but the 16-rank one: how much of a step is on the wire; last, the rate check: a
+28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
+count is the ring's at every link rate (--rates-only: that alone).
 
     .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~100 min)
 
@@ -40,7 +42,7 @@ DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from common import locked, machine, today  # noqa: E402
+from common import locked, machine, rate_gbs, today  # noqa: E402
 
 from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
@@ -50,6 +52,8 @@ SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 
 # (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
 SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1),
          ("tf", 4, 2), ("tf", 4, 4), ("gloo", 2, 1), ("gloo", 4, 1), ("gloo", 4, 2)]
+# the rate check: a 28 MB allreduce on 2 and 4 nodes (1 rank each), every engine, at each rate
+RATES, RATE_CHECK_BYTES = ("100mbit", "200mbit", "400mbit"), 2.8e7
 BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
 # NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
@@ -135,17 +139,33 @@ def sent_bytes(nodes: int) -> list[int]:
     return [sent(node) for node in NODES[:nodes]]
 
 
-def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int) -> list[dict]:
+def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int, sizes: tuple = SIZES) -> list[dict]:
     """The allreduce times of every size on one layout, each with the bytes every node sent over
     its link per byte allreduced (the whole sweep's: a ring crossing each link once sends
     2 (N-1)/N)."""
     before = sent_bytes(nodes)
     out = srun(engine, nodes, per_node, [PY, str(ROOT / "bench" / "comm_worker.py"), "--engine", engine_flag(engine),
-                                         "--sizes", ",".join(map(str, SIZES)), "--repeats", str(repeats)], tmp)
-    reduced = sum(SIZES) * (repeats + 1)  # each size once to warm up, then timed
+                                         "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats)], tmp)
+    reduced = sum(sizes) * (repeats + 1)  # each size once to warm up, then timed
     sent = [round((b - a) / reduced, 2) for a, b in zip(before, sent_bytes(nodes), strict=True)]
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return [r | {"engine": engine, "nodes": nodes, "per_node": per_node, "sent_per_byte": sent} for r in rows]
+
+
+def rate_check(tmp: Path, repeats: int) -> dict:
+    """The same allreduce on 2 and 4 nodes at each of RATES: whether its growth with N is the
+    ring's 2 (N-1)/N at every link rate. A cost of the 2 shared cores (fixed per byte, and
+    contended by 4 ranks more than by 2) would weigh more as the links get faster."""
+    rows, failed = [], []
+    for rate in RATES:
+        with shaped(rate):
+            for engine in ("horovod", "tf", "gloo"):
+                for nodes in (2, 4):
+                    try:
+                        rows += [r | {"rate": rate} for r in sweep(engine, nodes, 1, tmp, repeats, (RATE_CHECK_BYTES,))]
+                    except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
+                        failed.append({"rate": rate, "engine": engine, "nodes": nodes, "error": str(err)[-1500:]})
+    return {"date": today(), "repeats": repeats, "rows": rows, "failed": failed}
 
 
 def fitted(rows: list[dict], engine: str) -> projection.Network:
@@ -285,7 +305,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7,
                     help=f"trainer: steps per epoch ({WARMUP} warm-up steps left out; the timed ones rounded up to "
                          "whole accumulation cycles)")
-    ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep")
+    ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep (no trainer runs, no rate check)")
     ap.add_argument("--train-only", action="store_true",
                     help="only the trainer runs, against the allreduce sweep and fit already in --out")
     ap.add_argument("--timeline-only", action="store_true",
@@ -293,14 +313,23 @@ def main() -> None:
     ap.add_argument("--missing-only", action="store_true",
                     help="only the sweep layouts, trainer and traced runs that --out lacks (a run cut short, "
                          "configurations added since), beside the sweep and runs it has")
+    ap.add_argument("--rates-only", action="store_true",
+                    help=f"only the rate check ({RATE_CHECK_BYTES / 1e6:g} MB on 2 and 4 nodes at {', '.join(RATES)}), "
+                         "beside everything else in --out")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
     if args.refit:
         refit(Path(args.out))
         return
+    if args.rates_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = rate_check(Path(tmp), args.repeats)
+        kept = json.loads(Path(args.out).read_text())  # read after: what another pass wrote meanwhile stays
+        Path(args.out).write_text(json.dumps(kept | {"rates": rates}, indent=1))
+        return
     began = time.time()
-    rows, runs, traced, nets, failed = [], [], [], {}, []
+    rows, runs, traced, nets, failed, rates = [], [], [], {}, [], {}
     sweep_date = today()
     have: set = set()  # (engine, nodes, per_node, flags, traced) of the runs kept
     minutes_before = 0.0  # "minutes" sums every pass that wrote --out
@@ -308,6 +337,7 @@ def main() -> None:
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
         sweep_date, minutes_before = kept.get("sweep_date", kept["date"]), kept.get("minutes", 0.0)
+        rates = kept.get("rates", {})
         if args.timeline_only or args.missing_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
         if args.missing_only:  # and the traced ones'
@@ -322,7 +352,7 @@ def main() -> None:
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round(minutes_before + (time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
-            "allreduce": rows, "train": runs, "timeline": traced, "failed": failed}
+            "allreduce": rows, "train": runs, "timeline": traced, "failed": failed, "rates": rates}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
@@ -368,14 +398,11 @@ def main() -> None:
                 print(f"timeline {traced[-1]} ({time.time() - began:.0f} s)", flush=True)
                 save()
             save()  # the last run's failure too
+    if not (args.train_only or args.timeline_only or args.missing_only or args.skip_train):
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = rate_check(Path(tmp), args.repeats)
+        save()
     print(f"wrote {args.out}")
-
-
-def rate_gbs(rate: str) -> float:
-    """A tc rate like 200mbit in GB/s."""
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
-    unit = next(u for u in units if rate.endswith(u))
-    return float(rate.removesuffix(unit)) * units[unit] / 8 / 1e9
 
 
 if __name__ == "__main__":

@@ -154,3 +154,10 @@ def measure(cmd: list[str], cwd: Path = ROOT, env: dict | None = None, interval:
     return {"seconds": wall, "cpu_seconds": cpu,
             "peak_rss_mb": peak_kb / 1024, "main_rss_mb": (peaks.get(main) or peak_kb) / 1024,
             "worker_rss_mb": max(workers, default=0) / 1024, "stdout": stdout}
+
+
+def rate_gbs(rate: str) -> float:
+    """A tc rate like 200mbit in GB/s."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    unit = next(u for u in units if rate.endswith(u))
+    return float(rate.removesuffix(unit)) * units[unit] / 8 / 1e9

@@ -138,3 +138,30 @@ def test_a_runs_horovod_settings_go_to_the_environment_and_its_flags_to_the_trai
                                          "--note=A=B"))
     assert env == {"HOROVOD_FUSION_THRESHOLD": "134217728"}
     assert flags == ["--model", "resnet50", "FP16", "--note=A=B"]
+
+
+def test_the_rate_checks_verdicts_are_drawn_only_where_its_numbers_carry_them(monkeypatch):
+    """bench_comm's rate check: an engine whose sweep grew beyond the ring's 1.5x from 2 to 4
+    nodes, steady at every rate within 5% of 1.5, is said to follow the ring (the sweep's gap
+    not recurring); an engine whose repeats spread beyond 10% is said to vary beyond the model;
+    from single repeats (a smoke run) no verdict is drawn, only the table."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    def row(engine, rate, nodes, seconds, spread=0.02):
+        return {"engine": engine, "rate": rate, "nodes": nodes, "bytes": 28_000_000, "seconds": seconds,
+                "all": [seconds * (1 - spread / 2), seconds, seconds * (1 + spread / 2)]}
+
+    rows = [row("tf", "100mbit", 2, 2.0), row("tf", "100mbit", 4, 3.02), row("tf", "1gbit", 2, 0.2),
+            row("tf", "1gbit", 4, 0.31), row("horovod", "100mbit", 2, 4.0, 0.3), row("horovod", "100mbit", 4, 6.0),
+            row("horovod", "1gbit", 2, 0.4), row("horovod", "1gbit", 4, 0.6)]
+    sweep = [{"engine": e, "nodes": n, "per_node": 1, "bytes": 28_000_000, "seconds": s}
+             for e, n, s in (("tf", 2, 1.0), ("tf", 4, 1.62), ("horovod", 2, 1.0), ("horovod", 4, 1.5))]
+    result = {"allreduce": sweep, "train": [{"engine": "horovod", "error_flat": -0.27}],
+              "rates": {"date": "2026-01-02", "repeats": 3, "rows": rows}}
+    text = "\n".join(run_all.rate_note(result))
+    assert text.index("| tf | 100mbit |") < text.index("| tf | 1gbit |")  # rates in order, units mixed
+    assert "- tf: 4 / 2 within 3% of the ring's 1.5" in text and "the sweep's 1.62x above" in text
+    assert "- horovod: 4 / 2 of 1.50, 1.50, repeats up to 30% apart" in text and "is 27%" in text
+    smoke = "\n".join(run_all.rate_note(result | {"rates": result["rates"] | {"repeats": 1}}))
+    assert "| tf | 1gbit |" in smoke and "- tf:" not in smoke and "- horovod:" not in smoke
