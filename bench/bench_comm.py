@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -152,19 +153,18 @@ def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int, sizes
     return [r | {"engine": engine, "nodes": nodes, "per_node": per_node, "sent_per_byte": sent} for r in rows]
 
 
-def rate_check(tmp: Path, repeats: int) -> dict:
+def rate_check(repeats: int) -> dict:
     """The same allreduce on 2 and 4 nodes at each of RATES: whether its growth with N is the
     ring's 2 (N-1)/N at every link rate. A cost of the 2 shared cores (fixed per byte, and
     contended by 4 ranks more than by 2) would weigh more as the links get faster."""
     rows, failed = [], []
     for rate in RATES:
-        with shaped(rate):
-            for engine in ("horovod", "tf", "gloo"):
-                for nodes in (2, 4):
-                    try:
-                        rows += [r | {"rate": rate} for r in sweep(engine, nodes, 1, tmp, repeats, (RATE_CHECK_BYTES,))]
-                    except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
-                        failed.append({"rate": rate, "engine": engine, "nodes": nodes, "error": str(err)[-1500:]})
+        with shaped(rate), tempfile.TemporaryDirectory() as tmp:
+            for engine, nodes in itertools.product(("horovod", "tf", "gloo"), (2, 4)):
+                try:
+                    rows += [r | {"rate": rate} for r in sweep(engine, nodes, 1, Path(tmp), repeats, (RATE_CHECK_BYTES,))]
+                except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
+                    failed.append({"rate": rate, "engine": engine, "nodes": nodes, "error": str(err)[-1500:]})
     return {"date": today(), "repeats": repeats, "rows": rows, "failed": failed}
 
 
@@ -323,8 +323,7 @@ def main() -> None:
         refit(Path(args.out))
         return
     if args.rates_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            rates = rate_check(Path(tmp), args.repeats)
+        rates = rate_check(args.repeats)
         kept = json.loads(Path(args.out).read_text())  # read after: what another pass wrote meanwhile stays
         Path(args.out).write_text(json.dumps(kept | {"rates": rates}, indent=1))
         return
@@ -399,8 +398,7 @@ def main() -> None:
                 save()
             save()  # the last run's failure too
     if not (args.train_only or args.timeline_only or args.missing_only or args.skip_train):
-        with tempfile.TemporaryDirectory() as tmp:
-            rates = rate_check(Path(tmp), args.repeats)
+        rates = rate_check(args.repeats)
         save()
     print(f"wrote {args.out}")
 

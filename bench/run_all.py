@@ -272,12 +272,18 @@ def first_error(text: str) -> str:
     return next((line for line in lines if line.startswith("error: ")), lines[-1])
 
 
+def sweep_growth(r: dict, size: float = 28_000_000) -> dict:
+    """Per engine, the sweep's allreduce of `size` bytes on 4 nodes over the same on 2 (1 rank each)."""
+    at = {(a["engine"], a["nodes"]): a["seconds"] for a in r["allreduce"] if a["bytes"] == size and a["per_node"] == 1}
+    return {e: at[(e, 4)] / at[(e, 2)] for e in sorted({e for e, _ in at}) if (e, 4) in at and (e, 2) in at}
+
+
 def comm_notes(r: dict) -> list[str]:
     """What the errors above 10% in the communication tables come from, from the measurements."""
     big = {(a["engine"], a["nodes"], a["per_node"]): a for a in r["allreduce"] if a["bytes"] == 28_000_000}
     at = {key: a["seconds"] for key, a in big.items()}
     low = ", ".join(f"{big[(e, 4, 1)]['error_flat'] * 100:+.0f}% ({e})" for e in r["fit"] if (e, 4, 1) in big)
-    growth = {e: at[(e, 4, 1)] / at[(e, 2, 1)] for e in r["fit"] if (e, 4, 1) in at and (e, 2, 1) in at}
+    growth = sweep_growth(r)
     notes = []
     if growth:
         notes.append(
@@ -333,9 +339,8 @@ def rate_note(r: dict) -> list[str]:
                             f"{four['seconds']:.2f} ({spread(four) * 100:.0f}%) | {growth[e][-1]:.2f} |")
     worst = {e: max(abs(g / 1.5 - 1) for g in gs) for e, gs in growth.items()}
     noisy = {e: max(spread(x) for x in check["rows"] if x["engine"] == e) for e in growth}
-    sweep = {(a["engine"], a["nodes"]): a["seconds"] for a in r["allreduce"]
-             if a["bytes"] == size and a["per_node"] == 1}
-    gapped = [e for e in growth if sweep.get((e, 4), 0) / sweep.get((e, 2), 1) > 1.5 * 1.05]  # the sweep's gap
+    grown = sweep_growth(r, size)
+    gapped = [e for e in growth if grown.get(e, 0) > 1.5 * 1.05]  # the sweep's gap
     repeated = check.get("repeats", 1) >= 2
     steady = [e for e in engines if e in gapped and repeated and worst[e] <= 0.05 and noisy[e] <= 0.1
               and len(growth[e]) > 1]
@@ -351,7 +356,7 @@ def rate_note(r: dict) -> list[str]:
         *[f"- {e}: 4 / 2 within {worst[e] * 100:.0f}% of the ring's 1.5 at every rate (a cost of the shared "
           "cores would show most at the fastest links), repeats within "
           f"{noisy[e] * 100:.0f}%: its allreduce grows with the node count as the ring model says, so the "
-          f"sweep's {sweep[(e, 4)] / sweep[(e, 2)]:.2f}x above (and the 4-node fit error it makes) did not recur: "
+          f"sweep's {grown[e]:.2f}x above (and the 4-node fit error it makes) did not recur: "
           "run-to-run variation of this shared machine, not a term the model lacks." for e in steady],
         *[f"- {e}: 4 / 2 of {', '.join(f'{g:.2f}' for g in growth[e])}, repeats up to {noisy[e] * 100:.0f}% "
           "apart: through these token-bucket shapers its allreduce varies by more than the model's 10% "

@@ -209,11 +209,10 @@ SHUFFLE_GRAPH_SEED = 7919  # part of RECORD_ORDER 2 (`shuffled`): changing it ch
 def shuffled(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.Dataset:
     """`ds` through a shuffle buffer of `size` records, in an order that is a pure function of
     `seed`, a tensor that changes per epoch and reader, when built inside a traced function
-    (as `train_dataset` builds it): the same in every attempt. The buffer holds references to
-    the records, not copies (a shuffle within blocks by batch, permute and unbatch copied every
-    record three times: 1.4-1.6x the uint8 pipeline's CPU time)."""
-    if tf.executing_eagerly():  # the order then depends on the global seed too (bench_data.py)
-        return ds.shuffle(size, seed=seed, reshuffle_each_iteration=False)
+    (as `train_dataset` builds it; built eagerly, it also depends on the global seed): the same
+    in every attempt. The buffer holds references to the records, not copies (a shuffle within
+    blocks by batch, permute and unbatch copied every record three times: 1.4-1.6x the uint8
+    pipeline's CPU time)."""
     # Dataset.shuffle pairs its seed with the graph's, which a traced function takes from the
     # global seed (--seed); fixed while it is built, so the order depends on `seed` alone, and a
     # global seed of 0 beside a tensor seed no longer fails in TensorFlow's seed check.
