@@ -8,8 +8,9 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   steps), validation batch and checkpoint write, and as it enters each (one attribute store;
   the phase it is in: in a training call, between calls, validating, writing a checkpoint);
 - every `interval` seconds each rank sends every other rank a heartbeat (a UDP datagram: rank,
-  step, input batches delivered, seconds since its last progress) to the address it announced
-  at start, and notes the heartbeats it receives;
+  step, input batches delivered, seconds since its last progress, its clock) to the address it
+  announced at start, and notes the heartbeats it receives, each at the time it was sent
+  (`Transit`: a starved rank reads a queue of old beats at once);
 - when no rank has made progress for `timeout` seconds while steps are due (as far as this
   rank knows: its own clock, and each peer's as last reported plus the age of that report; a
   peer that has missed heartbeats is first given until it is silent: `late`), or when a peer
@@ -35,6 +36,7 @@ Gloo's (`engine_timeouts`), TF's heartbeat (chexnet_hvd.tf_engine; its collectiv
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -112,6 +114,29 @@ def late(now: float, me: int, heard: dict[int, dict], interval: float, timeout: 
     return sorted(r for r, h in heard.items() if r != me and 2 * interval < now - h["at"] <= timeout)
 
 
+class Transit:
+    """When a peer's heartbeat was sent, on this rank's clock. Not when it was read: a process
+    starved of the CPU (a loaded node, a thread holding the GIL) reads seconds of queued beats
+    at once, and a peer stopped meanwhile would look as if it had just been heard (the job then
+    named every rank). Each beat carries its sender's monotonic clock; the least of (read -
+    sent) over a recent window is the two clocks' offset plus the fastest delivery, so a beat
+    was sent at its `sent` plus that. The window follows the clocks' slow drift."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self.seen: dict[int, collections.deque] = {}  # rank -> (read at, read - sent), in order
+
+    def sent_at(self, beat: dict, now: float) -> float:
+        """The time `beat`, read at `now`, was sent (on this rank's monotonic clock)."""
+        if not isinstance(beat.get("sent"), int | float):  # no clock: as read
+            return now
+        seen = self.seen.setdefault(beat["rank"], collections.deque())
+        seen.append((now, now - beat["sent"]))
+        while now - seen[0][0] > self.window:
+            seen.popleft()
+        return min(now, beat["sent"] + min(offset for _, offset in seen))
+
+
 class Watchdog:
     """One rank's stall watch (see the module docstring). `announce` is this rank's heartbeat
     address, to be gathered from every rank and given to `start`."""
@@ -138,6 +163,7 @@ class Watchdog:
         self.sock.bind(("0.0.0.0", 0))
         self.sock.settimeout(self.interval)
         self.hosts = hosts
+        self.transit = Transit(max(60.0, 5 * timeout))
         self._stop = threading.Event()
 
     @property
@@ -187,7 +213,7 @@ class Watchdog:
                 continue
             if isinstance(payload, dict) and payload.get("rank") in self.heard:
                 self.reached.add(payload["rank"])
-                self.heard[payload["rank"]] = {"at": time.monotonic(), **{
+                self.heard[payload["rank"]] = {"at": self.transit.sent_at(payload, time.monotonic()), **{
                     key: payload[key] for key in ("step", "taken", "delivered", "idle")},
                     "phase": payload.get("phase", TRAINING)}
 
@@ -203,7 +229,7 @@ class Watchdog:
             self.delivered = self.count_delivered()
             mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle,
                     "phase": self.phase}
-            beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1)}).encode()
+            beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1), "sent": now}).encode()
             for address in self.peers:
                 try:
                     self.sock.sendto(beat, address)

@@ -319,3 +319,59 @@ def test_no_step_is_due_once_fit_has_ended(after_fit, code):
     proc = subprocess.run([sys.executable, "-c", WATCH_ALONE, after_fit], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
+
+
+PEER = """
+import ctypes, json, os, sys, time
+from pathlib import Path
+from chexnet_hvd import stall
+rank, folder = int(sys.argv[1]), Path(sys.argv[2])
+dog = stall.Watchdog(rank, None, 12.0, lambda message, names: print(json.dumps(names), flush=True))
+(folder / f"{rank}.tmp").write_text(json.dumps(dog.announce))
+os.replace(folder / f"{rank}.tmp", folder / str(rank))
+while not all((folder / str(r)).exists() for r in (0, 1)):
+    time.sleep(0.05)
+dog.start([tuple(json.loads((folder / str(r)).read_text())) for r in (0, 1)])
+dog.progress(1)  # both armed; rank 1 then waits in a collective, rank 0 writes a checkpoint
+if rank == 0:
+    time.sleep(12)
+    dog.progress()  # the write's last progress
+    time.sleep(2)
+    print("holding", flush=True)
+    ctypes.PyDLL(None).sleep(8)  # a call that keeps the GIL: no other thread of this rank runs
+time.sleep(60)
+"""
+
+
+def test_heartbeats_read_late_by_a_starved_rank_count_from_when_they_were_sent(tmp_path):
+    """Rank 0 holds the GIL for 8 s of a 12 s timeout (its heartbeat threads cannot run, as when
+    a loaded node starves a rank of the CPU); rank 1, idle in a collective for 12 s, is stopped half a
+    second in. Read when rank 0 runs again, rank 1's queued heartbeats once looked 8 s fresher than
+    they were: rank 1 was not yet late when the job's idle time passed the timeout, and rank 0
+    named every rank. Each now counts from when it was sent: rank 0 waits until rank 1 is
+    silent and names it alone."""
+    procs = [subprocess.Popen([sys.executable, "-c", PEER, str(rank), str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        assert procs[0].stdout.readline() == "holding\n", procs[0].communicate(timeout=60)
+        time.sleep(0.5)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[0].returncode == stall.EXIT_STALLED, err
+    assert json.loads(out.splitlines()[-1]) == [1], err
+    assert "no heartbeat for more than 12 s" in err, err
+
+
+def test_a_heartbeat_counts_from_its_send_time_on_the_readers_clock():
+    """The peer's clock reads 1000 s ahead: beats read within 10 ms set the offset; a beat read
+    5 s late counts from when it was sent; offsets older than the window give way to the clocks'
+    drift; a beat without a clock counts from when it was read."""
+    transit = stall.Transit(window=60.0)
+    assert transit.sent_at({"rank": 1, "sent": 1000.0}, 0.01) == pytest.approx(0.01)
+    assert transit.sent_at({"rank": 1, "sent": 1002.0}, 2.02) == pytest.approx(2.01)
+    assert transit.sent_at({"rank": 1, "sent": 1004.0}, 9.0) == pytest.approx(4.01)  # read 5 s late
+    assert transit.sent_at({"rank": 1, "sent": 1100.0}, 100.5) == 100.5  # the old offsets have expired
+    assert transit.sent_at({"rank": 1}, 101.0) == 101.0
