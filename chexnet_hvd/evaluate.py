@@ -97,15 +97,17 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
 def score(predict, data_dir: str, split: str, view: views.View, batch: int, tta: str, engine,
           watchdog: stall.Watchdog | None = None) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients; each batch
-    is progress for the stall `watchdog`."""
+    scored is progress for the stall `watchdog` (armed by the first: its trace, seconds on a
+    loaded node, is no stall, as in training)."""
     dataset = data.eval_dataset(data_dir, split, view, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
     batches = itertools.count(1)
 
     def predict_batch(images):
+        scores = predict(images)
         if watchdog:
             watchdog.progress(next(batches))
-        return predict(images)
+        return scores
 
     local = data.predictions(predict_batch, dataset)
     return metrics.gather(local, engine.allgather_object)

@@ -8,9 +8,8 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   steps), validation batch and checkpoint write, and as it enters each (one attribute store;
   the phase it is in: in a training call, between calls, validating, writing a checkpoint);
 - every `interval` seconds each rank sends every other rank a heartbeat (a UDP datagram: rank,
-  step, input batches delivered, seconds since its last progress, its clock) to the address it
-  announced at start, and notes the heartbeats it receives, each at the time it was sent
-  (`Transit`: a starved rank reads a queue of old beats at once);
+  step, input batches delivered, seconds since its last progress) to the address it announced
+  at start, and notes the heartbeats it receives, each at the time it arrived (`queued`);
 - when no rank has made progress for `timeout` seconds while steps are due (as far as this
   rank knows: its own clock, and each peer's as last reported plus the age of that report; a
   peer that has missed heartbeats is first given until it is silent: `late`), or when a peer
@@ -36,11 +35,11 @@ Gloo's (`engine_timeouts`), TF's heartbeat (chexnet_hvd.tf_engine; its collectiv
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -70,7 +69,7 @@ def interval_for(timeout: float) -> float:
 
 def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tuple[list[int], str]:
     """Whom a rank with no progress for `timeout` names, and why, from the heartbeats `heard`
-    ({rank: {"at": when received (monotonic), "step": the run's, "taken": steps this process
+    ({rank: {"at": when it arrived (monotonic), "step": the run's, "taken": steps this process
     took, "delivered": input batches this process's pipeline handed over, "idle", "phase"}})
     of its peers and its own (`me`, at `now`). A resumed attempt's step starts where the
     checkpoint left off, its counts at 0: starved compares the counts."""
@@ -114,29 +113,6 @@ def late(now: float, me: int, heard: dict[int, dict], interval: float, timeout: 
     return sorted(r for r, h in heard.items() if r != me and 2 * interval < now - h["at"] <= timeout)
 
 
-class Transit:
-    """When a peer's heartbeat was sent, on this rank's clock. Not when it was read: a process
-    starved of the CPU (a loaded node, a thread holding the GIL) reads seconds of queued beats
-    at once, and a peer stopped meanwhile would look as if it had just been heard (the job then
-    named every rank). Each beat carries its sender's monotonic clock; the least of (read -
-    sent) over a recent window is the two clocks' offset plus the fastest delivery, so a beat
-    was sent at its `sent` plus that. The window follows the clocks' slow drift."""
-
-    def __init__(self, window: float):
-        self.window = window
-        self.seen: dict[int, collections.deque] = {}  # rank -> (read at, read - sent), in order
-
-    def sent_at(self, beat: dict, now: float) -> float:
-        """The time `beat`, read at `now`, was sent (on this rank's monotonic clock)."""
-        if not isinstance(beat.get("sent"), int | float):  # no clock: as read
-            return now
-        seen = self.seen.setdefault(beat["rank"], collections.deque())
-        seen.append((now, now - beat["sent"]))
-        while now - seen[0][0] > self.window:
-            seen.popleft()
-        return min(now, beat["sent"] + min(offset for _, offset in seen))
-
-
 class Watchdog:
     """One rank's stall watch (see the module docstring). `announce` is this rank's heartbeat
     address, to be gathered from every rank and given to `start`."""
@@ -163,7 +139,8 @@ class Watchdog:
         self.sock.bind(("0.0.0.0", 0))
         self.sock.settimeout(self.interval)
         self.hosts = hosts
-        self.transit = Transit(max(60.0, 5 * timeout))
+        with contextlib.suppress(OSError):  # arrival stamps: see `queued`
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self._stop = threading.Event()
 
     @property
@@ -208,12 +185,13 @@ class Watchdog:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                payload = json.loads(self.sock.recv(4096))
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16))
+                payload = json.loads(data)
             except (TimeoutError, OSError, ValueError):
                 continue
             if isinstance(payload, dict) and payload.get("rank") in self.heard:
                 self.reached.add(payload["rank"])
-                self.heard[payload["rank"]] = {"at": self.transit.sent_at(payload, time.monotonic()), **{
+                self.heard[payload["rank"]] = {"at": time.monotonic() - queued(ancillary), **{
                     key: payload[key] for key in ("step", "taken", "delivered", "idle")},
                     "phase": payload.get("phase", TRAINING)}
 
@@ -229,7 +207,7 @@ class Watchdog:
             self.delivered = self.count_delivered()
             mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle,
                     "phase": self.phase}
-            beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1), "sent": now}).encode()
+            beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1)}).encode()
             for address in self.peers:
                 try:
                     self.sock.sendto(beat, address)
@@ -288,6 +266,21 @@ def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, lis
     watchdog = Watchdog(engine.rank, hosts, timeout, on_stall, count_delivered)
     watchdog.start(engine.allgather_object(watchdog.announce))
     return watchdog
+
+
+SO_TIMESTAMPNS = 35  # Linux's (asm-generic/socket.h): the kernel stamps each datagram on arrival
+
+
+def queued(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """Seconds a datagram waited in the socket's queue before it was read, from the kernel's
+    stamp of its arrival (SO_TIMESTAMPNS, wall clock; 0 without one). A rank starved of the CPU
+    (a loaded node, a thread holding the GIL) reads seconds of queued heartbeats at once: read
+    times would make a peer stopped meanwhile look just heard, and the job named every rank."""
+    for level, kind, raw in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", raw[:16])
+            return max(0.0, time.time() - seconds - nanoseconds * 1e-9)
+    return 0.0
 
 
 def own_address(hosts: list[str], me: str) -> str:

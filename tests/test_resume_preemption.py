@@ -155,9 +155,7 @@ def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path, engine):
     run_dir = tmp_path / "kill"
     proc = start(train_cmd(records_dir, run_dir, "--epochs", 200, engine=engine))
     assert wait_for(lambda: (run_dir / "checkpoints" / "epoch-0001").is_dir(), 240)
-    workers = subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"], capture_output=True,
-                             text=True).stdout.split()
-    victim = max(map(int, workers))  # one of the two ranks (started after the launcher)
+    victim = ranks_of(run_dir)[1]  # by its launcher's environment: pids wrap around
     os.kill(victim, signal.SIGKILL)
     t0 = time.monotonic()
     proc.communicate(timeout=120)

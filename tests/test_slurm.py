@@ -410,7 +410,8 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
     Horovod the second attempt then resumes from the newest checkpoint to completion (the
     requeue and resume are the template's and the trainer's, the same for both engines: run
     once to save CI minutes)."""
-    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 4, "ENGINE": engine,
+    # epochs enough that the job is still training when the fault lands (an epoch: ~0.5 s)
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 30, "ENGINE": engine,
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
@@ -450,7 +451,7 @@ def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, recor
     """node2's link cut in mid-epoch (packets dropped, as with a pulled cable): the chief on
     node1 hears no more from rank 1 and ends the job within the bound, naming node2, and the
     template requeues it (its resume is the stopped-rank test's)."""
-    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 4,
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 30,
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
