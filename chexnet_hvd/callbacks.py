@@ -425,20 +425,17 @@ class Profile(tf.keras.callbacks.Callback):
 
 
 def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, stop,
-                   validation: Validation, save, writer, trail: AuditTrail | None = None,
-                   beat=None, diagnosis: Diagnosis | None = None, rest=None) -> list:
-    """In the order the comment above the callbacks gives; rank 0 alone times and writes."""
+                   validation: Validation, save, writer, watch=None, observers=()) -> list:
+    """In the order the comment above the callbacks gives; rank 0 alone times and writes.
+    `watch`: the stall watch (monitor.StallWatch) or None; `observers`: callbacks that watch
+    the epoch's training before it is validated (AuditTrail, Diagnosis)."""
     rank0 = engine.rank == 0  # only the chief writes files
-    callbacks = [EpochProgress(state, beat, rest),
+    callbacks = [EpochProgress(state, watch and watch.beat, watch and watch.rest),
                  StopAgreement(state, stop, engine, cfg.stop_check_steps, cfg.preempt_at_step),
                  *engine.callbacks()]
     if rank0:
         callbacks.append(Timing(state, cfg.timing_warmup_steps, derived.global_batch))
-    if trail:
-        callbacks.append(trail)
-    if diagnosis:
-        callbacks.append(diagnosis)
-    callbacks.append(validation)
+    callbacks += [*observers, validation]
     if cfg.schedule == "plateau":
         callbacks.append(Plateau(state, cfg.plateau_patience, cfg.plateau_factor))
     if cfg.early_stopping:

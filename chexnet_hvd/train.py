@@ -321,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                  if cfg.audit and not cfg.synthetic_input else None)
         diagnosis = callbacks.Diagnosis(state, engine, feed.counts, derived.global_batch,
                                         monitor.compute_probe(engine, trained, make_loss(), *probe_batch(trained, cfg.batch_size)))
-        keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation,
-                                                   saver, writer, trail, beat, diagnosis,
-                                                   watch.rest if watch else None)
+        keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation, saver, writer,
+                                                   watch, [c for c in (trail, diagnosis) if c])
 
         # --- fit ---
         def batches(shapes, parts, first, epochs):
