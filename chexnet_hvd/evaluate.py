@@ -97,13 +97,15 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
 def score(predict, data_dir: str, split: str, view: views.View, batch: int, tta: str, engine,
           watchdog: stall.Watchdog | None = None) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients; each batch
-    scored is progress for the stall `watchdog` (armed by the first: its trace, seconds on a
-    loaded node, is no stall, as in training)."""
+    scored is progress for the stall `watchdog`, which the first arms (its trace, seconds on a
+    loaded node, is no stall, as in training) and each starts the clock of."""
     dataset = data.eval_dataset(data_dir, split, view, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
     batches = itertools.count(1)
 
     def predict_batch(images):
+        if watchdog:  # a new pass's first batch (traced anew) counts from here, not from the last
+            watchdog.progress()
         scores = predict(images)
         if watchdog:
             watchdog.progress(next(batches))

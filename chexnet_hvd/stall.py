@@ -139,8 +139,9 @@ class Watchdog:
         self.sock.bind(("0.0.0.0", 0))
         self.sock.settimeout(self.interval)
         self.hosts = hosts
-        with contextlib.suppress(OSError):  # arrival stamps: see `queued`
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        if sys.platform.startswith("linux"):  # arrival stamps: see `queued`
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self._stop = threading.Event()
 
     @property
@@ -189,9 +190,12 @@ class Watchdog:
                 payload = json.loads(data)
             except (TimeoutError, OSError, ValueError):
                 continue
-            if isinstance(payload, dict) and payload.get("rank") in self.heard:
-                self.reached.add(payload["rank"])
-                self.heard[payload["rank"]] = {"at": time.monotonic() - queued(ancillary), **{
+            if isinstance(payload, dict) and (rank := payload.get("rank")) in self.heard:
+                self.reached.add(rank)
+                # never earlier than the beat before it (they arrive in order): a step of the wall
+                # clock while a beat waited would make a live peer look silent
+                arrived = max(time.monotonic() - queued(ancillary), self.heard[rank]["at"])
+                self.heard[rank] = {"at": arrived, **{
                     key: payload[key] for key in ("step", "taken", "delivered", "idle")},
                     "phase": payload.get("phase", TRAINING)}
 

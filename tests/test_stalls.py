@@ -328,7 +328,7 @@ import ctypes, json, os, sys, time
 from pathlib import Path
 from chexnet_hvd import stall
 rank, folder = int(sys.argv[1]), Path(sys.argv[2])
-dog = stall.Watchdog(rank, None, 12.0, lambda message, names: print(json.dumps(names), flush=True))
+dog = stall.Watchdog(rank, None, 15.0, lambda message, names: print(json.dumps(names), flush=True))
 (folder / f"{rank}.tmp").write_text(json.dumps(dog.announce))
 os.replace(folder / f"{rank}.tmp", folder / str(rank))
 while not all((folder / str(r)).exists() for r in (0, 1)):
@@ -338,17 +338,17 @@ dog.progress(1)  # both armed; rank 1 then waits in a collective, rank 0 works o
 if rank == 0:
     time.sleep(8)
     dog.progress()  # its last progress
-    time.sleep(2.5)
+    time.sleep(5)
     print("holding", flush=True)
     ctypes.PyDLL(None).sleep(8)  # a call that keeps the GIL: no other thread of this rank runs
 time.sleep(60)
 """
 
 
-def test_heartbeats_read_late_by_a_starved_rank_count_from_when_they_were_sent(tmp_path):
-    """Rank 0 holds the GIL for 8 s of a 12 s timeout (its heartbeat threads cannot run, as when
-    a loaded node starves a rank of the CPU); rank 1, idle in a collective, is stopped 3.5 s in
-    (after at least one heartbeat, 2.4 s apart, has queued at rank 0). Read when rank 0 runs
+def test_heartbeats_read_late_by_a_starved_rank_count_from_when_they_arrived(tmp_path):
+    """Rank 0 holds the GIL for 8 s of a 15 s timeout (its heartbeat threads cannot run, as when
+    a loaded node starves a rank of the CPU); rank 1, idle in a collective, is stopped 4 s in
+    (after at least one heartbeat, 3 s apart, has queued at rank 0). Read when rank 0 runs
     again, that heartbeat once looked seconds fresher than it was: rank 1 was not yet late when
     the job's idle time passed the timeout, and rank 0 named every rank. Each now counts from
     its arrival: rank 0 waits until rank 1 is silent and names it alone."""
@@ -356,15 +356,15 @@ def test_heartbeats_read_late_by_a_starved_rank_count_from_when_they_were_sent(t
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
     try:
         assert procs[0].stdout.readline() == "holding\n", procs[0].communicate(timeout=60)
-        time.sleep(3.5)
+        time.sleep(4)
         os.kill(procs[1].pid, signal.SIGSTOP)
         out, err = procs[0].communicate(timeout=60)
     finally:
         for proc in procs:
             proc.kill()
-    assert procs[0].returncode == stall.EXIT_STALLED, err
+    assert procs[0].returncode == stall.EXIT_STALLED and "did not run" not in err, err
     assert json.loads(out.splitlines()[-1]) == [1], err
-    assert "no heartbeat for more than 12 s" in err, err
+    assert "no heartbeat for more than 15 s" in err, err
 
 
 def test_a_heartbeat_counts_from_when_it_arrived_not_when_it_was_read():
