@@ -102,13 +102,12 @@ def score(predict, data_dir: str, split: str, view: views.View, batch: int, tta:
     dataset = data.eval_dataset(data_dir, split, view, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
     batches = itertools.count(1)
+    progress = watchdog.progress if watchdog else lambda step=None: None
 
     def predict_batch(images):
-        if watchdog:  # a new pass's first batch (traced anew) counts from here, not from the last
-            watchdog.progress()
+        progress()  # a new pass's first batch (traced anew) counts from here, not from the last
         scores = predict(images)
-        if watchdog:
-            watchdog.progress(next(batches))
+        progress(next(batches))
         return scores
 
     local = data.predictions(predict_batch, dataset)

@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 
 EXIT_STALLED = 76  # distinct from 75 (preempted: requeue me) and 1/2 (failed, bad input)
+SO_TIMESTAMPNS = 35  # Linux's (asm-generic/socket.h): the kernel stamps each datagram on arrival
 # What a rank is doing (its heartbeat says): only a rank in a training call waits for its input.
 TRAINING, BETWEEN, VALIDATING, CHECKPOINTING = (
     "in a training call", "between training calls", "validating", "writing a checkpoint")
@@ -270,9 +271,6 @@ def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, lis
     watchdog = Watchdog(engine.rank, hosts, timeout, on_stall, count_delivered)
     watchdog.start(engine.allgather_object(watchdog.announce))
     return watchdog
-
-
-SO_TIMESTAMPNS = 35  # Linux's (asm-generic/socket.h): the kernel stamps each datagram on arrival
 
 
 def queued(ancillary: list[tuple[int, int, bytes]]) -> float:
