@@ -1,22 +1,26 @@
 #!/usr/bin/env python3
 """The communication model, measured: on the Slurm rehearsal (tools/slurm_local.sh) with every
 node's link shaped to --rate, allreduce time against message size and rank count for Horovod
-(MPI, srun --mpi=pmix) and the tf engine (its ring, srun --mpi=none), ranks spread over the 4
-nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
+(over MPI, srun --mpi=pmix: with Open MPI's own choice of allreduce algorithm, and as
+`horovod-ring` with the exchange the ring model assumes, RING_RULES; over Gloo) and the tf engine
+(its ring, srun --mpi=none), ranks spread over the 4 nodes; the ring model's latency and bandwidth fitted to the 1-rank-per-node runs
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
 Horovod runs but the 16-rank one: how much of a step is on the wire; last, the rate check: a
 28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
-count is the ring's at every link rate (--rates-only: that alone).
+count is the ring's at every link rate (--rates-only: that alone); and the algorithm check: Horovod
+over MPI's 28 MB allreduce on 2 and 4 nodes with Open MPI choosing its allreduce algorithm and
+with each of ALGORITHMS forced, which the ring model assumes (--algorithms-only: that alone).
 
-    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~100 min)
+    .venv/bin/python bench/bench_comm.py [--rate 200mbit] [--out docs/bench_comm.json]   (root; ~2 hours)
 
 The trainer runs DenseNet-121 (its 7.0 M parameters: 27.8 MB of fp32 gradients) and, on 1 rank
 per node, ResNet-50 (23.6 M: 94 MB, beyond Horovod's 64 MB fusion buffer; once more with a
 128 MB buffer: whether a buffer that holds all the bytes changes the step) at 32 px, so the
 compute is small beside the allreduce; the compute each step needs is the trainer's own
-compute probe (every rank, all at once, so the 2 cores' contention is in it). Ranks on one node
+compute probe (every rank, all at once, so the 2 cores' contention is in it) and the optimizer's
+update, which the probe leaves out (bench/update_worker.py: as large as the probe at 32 px). Ranks on one node
 share memory (unshaped): with several per node the flat ring still crosses each node's link
 once per step, so the model for the CPU engines is one ring over all ranks paced by the links.
 Holds /tmp/chexnet-rehearsal.lock and /tmp/chexnet-heavy.lock throughout (but not a second
@@ -52,9 +56,19 @@ NODES = [f"node{i}" for i in range(1, 5)]
 SIZES = (1e3, 3.2e4, 1e6, 1.4e7, 2.8e7)  # bytes; 14 / 28 MB: DenseNet-121 fp16 / fp32
 # (engine, nodes, ranks per node) of the allreduce sweep; the 1-per-node ones are fitted
 SWEEP = [("horovod", 2, 1), ("horovod", 4, 1), ("horovod", 4, 2), ("horovod", 4, 4), ("tf", 2, 1), ("tf", 4, 1),
-         ("tf", 4, 2), ("tf", 4, 4), ("gloo", 2, 1), ("gloo", 4, 1), ("gloo", 4, 2)]
+         ("tf", 4, 2), ("tf", 4, 4), ("gloo", 2, 1), ("gloo", 4, 1), ("gloo", 4, 2),
+         ("horovod-ring", 2, 1), ("horovod-ring", 4, 1), ("horovod-ring", 4, 2)]
 # the rate check: a 28 MB allreduce on 2 and 4 nodes (1 rank each), every engine, at each rate
 RATES, RATE_CHECK_BYTES = ("100mbit", "200mbit", "400mbit"), 2.8e7
+# Open MPI's allreduce algorithms (coll_tuned_allreduce_algorithm) the algorithm check forces
+ALGORITHMS = {"recursive doubling": 3, "ring": 4, "rabenseifner": 6}
+# `horovod-ring`: Horovod over MPI with Open MPI's allreduce told by this rules file
+# (coll_tuned_dynamic_rules_filename) to run the exchange the ring model assumes: recursive
+# doubling on 2 ranks (the same bytes as a 2-rank ring: steady on these links, where its ring was
+# not) and the ring on 3 or more, at every message size. Lines: collectives (1); allreduce's id
+# (2); communicator sizes (2); per size: the size, message sizes (1), "from-bytes algorithm
+# fan-out segment".
+RING_RULES = "1\n2\n2\n2\n1\n0 3 0 0\n3\n1\n0 4 0 0\n"
 BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
 # NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
@@ -63,7 +77,10 @@ TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("
          ("tf", 2, 1, ()), ("tf", 4, 1, ()), ("tf", 4, 2, ()), ("tf", 4, 4, ()),
          ("gloo", 2, 1, ()), ("gloo", 4, 1, ()), ("gloo", 4, 2, ()),
          *[(engine, nodes, 1, ("--model", "resnet50")) for engine, nodes in (("horovod", 2), ("horovod", 4), ("tf", 4))],
-         ("horovod", 4, 1, ("--model", "resnet50", f"HOROVOD_FUSION_THRESHOLD={128 << 20}"))]
+         ("horovod", 4, 1, ("--model", "resnet50", f"HOROVOD_FUSION_THRESHOLD={128 << 20}")),
+         *[("horovod-ring", nodes, per_node, ()) for nodes, per_node in ((2, 1), (4, 1), (4, 2))],
+         ("horovod-ring", 4, 1, ("--fp16-allreduce",)), ("horovod-ring", 4, 1, ("--backward-passes-per-step", "2")),
+         *[("horovod-ring", nodes, 1, ("--model", "resnet50")) for nodes in (2, 4)]]
 # (engine, nodes, ranks per node, extra trainer flags) run once more with Horovod's timeline: what of
 # the step is on the wire (the Horovod configurations of TRAIN but the 16-rank one)
 TIMELINE = [t for t in TRAIN if t[0] == "horovod" and t[1] * t[2] < 16]
@@ -111,15 +128,21 @@ def gloo_rendezvous(nodes: int, per_node: int):
 
 
 def engine_flag(engine: str) -> str:
-    """The suite's --engine for a measured engine ("gloo": Horovod over Gloo)."""
-    return "horovod" if engine == "gloo" else engine
+    """The suite's --engine for a measured engine ("gloo": Horovod over Gloo; "horovod-ring":
+    over MPI, Open MPI told to run RING_RULES)."""
+    return "tf" if engine == "tf" else "horovod"
 
 
 def srun(engine: str, nodes: int, per_node: int, cmd: list[str], cwd: Path, timeout: float = 1200,
          extra_env: dict | None = None) -> str:
     """`cmd` (python and its arguments) once per rank on node1..node`nodes`, `per_node` ranks
-    each, under Horovod over MPI ("horovod"), over Gloo ("gloo") or the tf engine; its stdout."""
-    launch = ["srun", f"--mpi={'pmix' if engine == 'horovod' else 'none'}", f"-N{nodes}",
+    each, under Horovod over MPI ("horovod"; "horovod-ring": its allreduce as RING_RULES says),
+    over Gloo ("gloo") or the tf engine; its stdout."""
+    if engine == "horovod-ring":
+        (cwd / "ring_rules.txt").write_text(RING_RULES)
+        extra_env = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
+                     "OMPI_MCA_coll_tuned_dynamic_rules_filename": str(cwd / "ring_rules.txt")} | (extra_env or {})
+    launch = ["srun", f"--mpi={'pmix' if engine.startswith('horovod') else 'none'}", f"-N{nodes}",
               f"--ntasks-per-node={per_node}", "-w", ",".join(NODES[:nodes]), "--kill-on-bad-exit=1"]
     if engine == "gloo":  # each rank told its place as horovodrun --gloo would
         cmd = [cmd[0], str(ROOT / "bench" / "gloo_rank.py"), *cmd[1:]]
@@ -140,13 +163,15 @@ def sent_bytes(nodes: int) -> list[int]:
     return [sent(node) for node in NODES[:nodes]]
 
 
-def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int, sizes: tuple = SIZES) -> list[dict]:
+def sweep(engine: str, nodes: int, per_node: int, tmp: Path, repeats: int, sizes: tuple = SIZES,
+          extra_env: dict | None = None) -> list[dict]:
     """The allreduce times of every size on one layout, each with the bytes every node sent over
     its link per byte allreduced (the whole sweep's: a ring crossing each link once sends
     2 (N-1)/N)."""
     before = sent_bytes(nodes)
     out = srun(engine, nodes, per_node, [PY, str(ROOT / "bench" / "comm_worker.py"), "--engine", engine_flag(engine),
-                                         "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats)], tmp)
+                                         "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats)], tmp,
+               extra_env=extra_env)
     reduced = sum(sizes) * (repeats + 1)  # each size once to warm up, then timed
     sent = [round((b - a) / reduced, 2) for a, b in zip(before, sent_bytes(nodes), strict=True)]
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -166,6 +191,24 @@ def rate_check(repeats: int) -> dict:
                 except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
                     failed.append({"rate": rate, "engine": engine, "nodes": nodes, "error": str(err)[-1500:]})
     return {"date": today(), "repeats": repeats, "rows": rows, "failed": failed}
+
+
+def algorithm_check(rate: str, repeats: int) -> dict:
+    """Horovod over MPI's allreduce of RATE_CHECK_BYTES on 2 and 4 nodes at `rate`, Open MPI's
+    allreduce algorithm left to its own choice ("default") and forced to each of ALGORITHMS:
+    which algorithm the default runs, and how its repeats spread (the ring model assumes a ring)."""
+    rows, failed = [], []
+    choices = {"default": {}} | {name: {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
+                                        "OMPI_MCA_coll_tuned_allreduce_algorithm": str(number)}
+                                 for name, number in ALGORITHMS.items()}
+    with shaped(rate), tempfile.TemporaryDirectory() as tmp:
+        for (name, forced), nodes in itertools.product(choices.items(), (2, 4)):
+            try:
+                rows += [r | {"algorithm": name} for r in sweep("horovod", nodes, 1, Path(tmp), repeats,
+                                                                 (RATE_CHECK_BYTES,), forced)]
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # kept in the record, the rest goes on
+                failed.append({"algorithm": name, "nodes": nodes, "error": str(err)[-1500:]})
+    return {"date": today(), "rate": rate, "repeats": repeats, "rows": rows, "failed": failed}
 
 
 def fitted(rows: list[dict], engine: str) -> projection.Network:
@@ -277,11 +320,31 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
     return run | ({"timeline": wire_per_step(allreduce_rounds(trace), run["compute"], timed // k)} if timeline else {})
 
 
-def predict_train(r: dict, nets: dict) -> dict:
-    """A trainer run's step predicted by both layouts' models and its error."""
+def update_costs() -> dict:
+    """Per model the trainer runs here, seconds of the optimizer's update alone (bench/update_worker.py)."""
+    def seconds(model: str) -> float:
+        out = subprocess.run([PY, str(ROOT / "bench" / "update_worker.py"), "--model", model], env=env(), check=True,
+                             capture_output=True, text=True, timeout=900).stdout
+        return json.loads(out.splitlines()[-1])["seconds"]
+    return {model: seconds(model) for model in ("densenet121", "resnet50")}
+
+
+def run_model(r: dict) -> str:
+    """The model a trainer run trained (its --model, else DenseNet-121)."""
+    flags = r["flags"].split()
+    return flags[flags.index("--model") + 1] if "--model" in flags else "densenet121"
+
+
+def predict_train(r: dict, nets: dict, updates: dict, cpus: int) -> dict:
+    """A trainer run's step predicted by both layouts' models and its error. Its compute: the
+    compute probe and the optimizer's update (timed alone on one thread: scaled by the ranks per
+    core of this machine, as the probe's contention is; once per backward passes per step)."""
+    update = updates.get(run_model(r), 0.0) * max(1.0, r["ranks"] / cpus) / r["backward_passes"]
+    r = r | {"update": update}
     for kind, hierarchical in (("flat", False), ("hierarchical", True)):
         net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
-        predicted = projection.step_seconds(r["compute"], r["gradient_bytes"], r["ranks"], net, r["backward_passes"])
+        predicted = projection.step_seconds(r["compute"] + update, r["gradient_bytes"], r["ranks"], net,
+                                            r["backward_passes"])
         r = r | {f"predicted_step_{kind}": predicted, f"error_{kind}": (predicted - r["measured_step"]) / r["measured_step"]}
     return r
 
@@ -292,8 +355,9 @@ def refit(path: Path) -> None:
     nets = {engine: fitted(result["allreduce"], engine) for engine in sorted({r["engine"] for r in result["allreduce"]})}
     result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
     result["allreduce"] = predict_sweep(result["allreduce"], nets)
-    result["train"] = [predict_train(r, nets) for r in result["train"]]
-    result["timeline"] = [predict_train(r, nets) for r in result.get("timeline", [])]
+    result["update"] = result.get("update") or update_costs()
+    result["train"] = [predict_train(r, nets, result["update"], result["cpus"]) for r in result["train"]]
+    result["timeline"] = [predict_train(r, nets, result["update"], result["cpus"]) for r in result.get("timeline", [])]
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -316,19 +380,24 @@ def main() -> None:
     ap.add_argument("--rates-only", action="store_true",
                     help=f"only the rate check ({RATE_CHECK_BYTES / 1e6:g} MB on 2 and 4 nodes at {', '.join(RATES)}), "
                          "beside everything else in --out")
+    ap.add_argument("--algorithms-only", action="store_true",
+                    help=f"only the algorithm check (Horovod over MPI, {RATE_CHECK_BYTES / 1e6:g} MB on 2 and 4 nodes "
+                         f"at --rate, Open MPI's allreduce algorithm its own choice and each of "
+                         f"{', '.join(ALGORITHMS)}), beside everything else in --out")
     ap.add_argument("--out", default=str(DOCS / "bench_comm.json"))
     ap.add_argument("--refit", action="store_true", help="only recompute the fit and predictions in --out")
     args = ap.parse_args()
     if args.refit:
         refit(Path(args.out))
         return
-    if args.rates_only:
-        rates = rate_check(args.repeats)
+    if args.rates_only or args.algorithms_only:
+        check = {"rates": rate_check(args.repeats)} if args.rates_only else {}
+        check |= {"algorithms": algorithm_check(args.rate, 2 * args.repeats)} if args.algorithms_only else {}
         kept = json.loads(Path(args.out).read_text())  # read after: what another pass wrote meanwhile stays
-        Path(args.out).write_text(json.dumps(kept | {"rates": rates}, indent=1))
+        Path(args.out).write_text(json.dumps(kept | check, indent=1))
         return
     began = time.time()
-    rows, runs, traced, nets, failed, rates = [], [], [], {}, [], {}
+    rows, runs, traced, nets, failed, rates, algorithms, updates = [], [], [], {}, [], {}, {}, {}
     sweep_date = today()
     have: set = set()  # (engine, nodes, per_node, flags, traced) of the runs kept
     minutes_before = 0.0  # "minutes" sums every pass that wrote --out
@@ -336,7 +405,7 @@ def main() -> None:
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
         sweep_date, minutes_before = kept.get("sweep_date", kept["date"]), kept.get("minutes", 0.0)
-        rates = kept.get("rates", {})
+        rates, algorithms, updates = kept.get("rates", {}), kept.get("algorithms", {}), kept.get("update", {})
         if args.timeline_only or args.missing_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
         if args.missing_only:  # and the traced ones'
@@ -351,7 +420,8 @@ def main() -> None:
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round(minutes_before + (time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
-            "allreduce": rows, "train": runs, "timeline": traced, "failed": failed, "rates": rates}
+            "allreduce": rows, "train": runs, "timeline": traced, "failed": failed, "rates": rates,
+            "algorithms": algorithms, "update": updates}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp, shaped(args.rate):
@@ -373,11 +443,13 @@ def main() -> None:
         save()
         if not args.skip_train:
             data = records(tmp)
+            updates = updates or update_costs()  # what the compute probe leaves out
             for engine, nodes, per_node, extra in [] if args.timeline_only else TRAIN:
                 if (engine, nodes, per_node, " ".join(extra), False) in have:
                     continue
                 try:
-                    runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets))
+                    runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets, updates,
+                                              os.cpu_count()))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
                     failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": " ".join(extra),
                                    "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
@@ -389,7 +461,7 @@ def main() -> None:
                     continue
                 try:
                     traced.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args, timeline=True),
-                                                nets))
+                                                nets, updates, os.cpu_count()))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError, ValueError) as err:
                     failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": "(timeline)",
                                    "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
@@ -399,6 +471,7 @@ def main() -> None:
             save()  # the last run's failure too
     if not (args.train_only or args.timeline_only or args.missing_only or args.skip_train):
         rates = rate_check(args.repeats)
+        algorithms = algorithm_check(args.rate, 2 * args.repeats)
         save()
     print(f"wrote {args.out}")
 

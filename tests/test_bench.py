@@ -165,3 +165,25 @@ def test_the_rate_checks_verdicts_are_drawn_only_where_its_numbers_carry_them(mo
     assert "- horovod: 4 / 2 of 1.50, 1.50, repeats up to 30% apart" in text and "is 27%" in text
     smoke = "\n".join(run_all.rate_note(result | {"rates": result["rates"] | {"repeats": 1}}))
     assert "| tf | 1gbit |" in smoke and "- tf:" not in smoke and "- horovod:" not in smoke
+
+
+def test_the_algorithm_check_names_the_algorithm_open_mpi_ran_and_its_unsteady_exchanges(monkeypatch):
+    """bench_comm's algorithm check: Open MPI's own choice on 4 nodes is named after the forced
+    algorithm nearest in time, the fastest is compared with a ring at the link rate, and the
+    2-node algorithms whose repeats spread beyond 20% are named apart from the steady ones."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    def row(name, nodes, times):
+        return {"algorithm": name, "nodes": nodes, "bytes": 28_000_000, "seconds": sorted(times)[len(times) // 2],
+                "all": times}
+
+    rows = [row("default", 2, [1.2, 1.8, 1.8]), row("default", 4, [2.9, 3.0, 2.95]),
+            row("ring", 2, [1.2, 1.21, 1.2]), row("ring", 4, [1.85, 1.84, 1.86]),
+            row("rabenseifner", 2, [1.8, 1.2, 1.8]), row("rabenseifner", 4, [3.0, 2.96, 3.1])]
+    result = {"fit": {}, "algorithms": {"date": "2026-01-02", "rate": "200mbit", "repeats": 3, "rows": rows}}
+    text = "\n".join(run_all.algorithm_note(result))
+    assert "| ring | 1.20 (1.20-1.21) | 0.93 | 1.85 (1.84-1.86) | 0.91 |" in text  # 1.12 s and 1.68 s at 25 MB/s
+    assert "own choice takes 2.95 s, 0.98x rabenseifner forced (the nearest); the fastest, ring, takes 1.85 s" in text
+    assert "- 2 nodes: default, rabenseifner: repeats either near the link rate or up to 1.50x slower; ring: within 20%" in text
+    assert run_all.algorithm_note({"fit": {}, "algorithms": {}}) == []
