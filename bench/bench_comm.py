@@ -20,7 +20,7 @@ per node, ResNet-50 (23.6 M: 94 MB, beyond Horovod's 64 MB fusion buffer; once m
 128 MB buffer: whether a buffer that holds all the bytes changes the step) at 32 px, so the
 compute is small beside the allreduce; the compute each step needs is the trainer's own
 compute probe (every rank, all at once, so the 2 cores' contention is in it) and the optimizer's
-update, which the probe leaves out (bench/update_worker.py: as large as the probe at 32 px). Ranks on one node
+update, which the probe leaves out (bench/update_worker.py: over half the probe at 32 px). Ranks on one node
 share memory (unshaped): with several per node the flat ring still crosses each node's link
 once per step, so the model for the CPU engines is one ring over all ranks paced by the links.
 Holds /tmp/chexnet-rehearsal.lock and /tmp/chexnet-heavy.lock throughout (but not a second
@@ -64,8 +64,9 @@ RATES, RATE_CHECK_BYTES = ("100mbit", "200mbit", "400mbit"), 2.8e7
 ALGORITHMS = {"recursive doubling": 3, "ring": 4, "rabenseifner": 6}
 # `horovod-ring`: Horovod over MPI with Open MPI's allreduce told by this rules file
 # (coll_tuned_dynamic_rules_filename) to run the exchange the ring model assumes: recursive
-# doubling on 2 ranks (the same bytes as a 2-rank ring: steady on these links, where its ring was
-# not) and the ring on 3 or more, at every message size. Lines: collectives (1); allreduce's id
+# doubling on 2 ranks (the same bytes as a 2-rank ring; the algorithm check's median there was
+# the link rate's, the ring's was not, though single repeats of both took up to twice as long)
+# and the ring on 3 or more, at every message size. Lines: collectives (1); allreduce's id
 # (2); communicator sizes (2); per size: the size, message sizes (1), "from-bytes algorithm
 # fan-out segment".
 RING_RULES = "1\n2\n2\n2\n1\n0 3 0 0\n3\n1\n0 4 0 0\n"
@@ -335,11 +336,24 @@ def run_model(r: dict) -> str:
     return flags[flags.index("--model") + 1] if "--model" in flags else "densenet121"
 
 
-def predict_train(r: dict, nets: dict, updates: dict, cpus: int) -> dict:
+def alone_probes(runs: list[dict], cpus: int) -> dict:
+    """Per model, the median compute probe of its runs with no more ranks than cores (one core
+    each): the probe without contention, which a run's probe is measured against."""
+    alone: dict = {}
+    for r in runs:
+        if r["ranks"] <= cpus:
+            alone.setdefault(run_model(r), []).append(r["compute"])
+    return {model: statistics.median(v) for model, v in alone.items()}
+
+
+def predict_train(r: dict, nets: dict, updates: dict, alone: dict) -> dict:
     """A trainer run's step predicted by both layouts' models and its error. Its compute: the
-    compute probe and the optimizer's update (timed alone on one thread: scaled by the ranks per
-    core of this machine, as the probe's contention is; once per backward passes per step)."""
-    update = updates.get(run_model(r), 0.0) * max(1.0, r["ranks"] / cpus) / r["backward_passes"]
+    compute probe and the optimizer's update, timed alone on one thread and slowed as the run's
+    probe is over the same model's with a core per rank (`alone`: alone_probes); once per
+    backward passes per step."""
+    model = run_model(r)
+    contention = max(1.0, r["compute"] / alone[model]) if model in alone else 1.0
+    update = updates.get(model, 0.0) * contention / r["backward_passes"]
     r = r | {"update": update}
     for kind, hierarchical in (("flat", False), ("hierarchical", True)):
         net = on_layout(nets[r["engine"]], r["per_node"], hierarchical)
@@ -349,6 +363,14 @@ def predict_train(r: dict, nets: dict, updates: dict, cpus: int) -> dict:
     return r
 
 
+def predict_runs(runs: list[dict], traced: list[dict], nets: dict, updates: dict, cpus: int) -> tuple[list, list]:
+    """Every trainer run (and traced run) predicted anew: by the fit and update costs of now,
+    its probe's contention measured against all the runs' (kept runs and new alike)."""
+    alone = alone_probes(runs, cpus)
+    return ([predict_train(r, nets, updates, alone) for r in runs],
+            [predict_train(r, nets, updates, alone) for r in traced])
+
+
 def refit(path: Path) -> None:
     """Fit and predictions recomputed from the measurements of a saved result (no cluster)."""
     result = json.loads(path.read_text())
@@ -356,8 +378,8 @@ def refit(path: Path) -> None:
     result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
     result["allreduce"] = predict_sweep(result["allreduce"], nets)
     result["update"] = result.get("update") or update_costs()
-    result["train"] = [predict_train(r, nets, result["update"], result["cpus"]) for r in result["train"]]
-    result["timeline"] = [predict_train(r, nets, result["update"], result["cpus"]) for r in result.get("timeline", [])]
+    result["train"], result["timeline"] = predict_runs(result["train"], result.get("timeline", []), nets,
+                                                       result["update"], result["cpus"])
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -369,7 +391,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7,
                     help=f"trainer: steps per epoch ({WARMUP} warm-up steps left out; the timed ones rounded up to "
                          "whole accumulation cycles)")
-    ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep (no trainer runs, no rate check)")
+    ap.add_argument("--skip-train", action="store_true", help="only the allreduce sweep (no trainer runs, no rate or algorithm check)")
     ap.add_argument("--train-only", action="store_true",
                     help="only the trainer runs, against the allreduce sweep and fit already in --out")
     ap.add_argument("--timeline-only", action="store_true",
@@ -401,10 +423,13 @@ def main() -> None:
     sweep_date = today()
     have: set = set()  # (engine, nodes, per_node, flags, traced) of the runs kept
     minutes_before = 0.0  # "minutes" sums every pass that wrote --out
+    host = machine()  # a later pass on another machine is named beside the first's
     if args.train_only or args.timeline_only or args.missing_only:  # the sweep's measurements (and failures) kept
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
         sweep_date, minutes_before = kept.get("sweep_date", kept["date"]), kept.get("minutes", 0.0)
+        if host not in kept["machine"]:
+            host = f"{kept['machine']}; what was added {today()}: {host}"
         rates, algorithms, updates = kept.get("rates", {}), kept.get("algorithms", {}), kept.get("update", {})
         if args.timeline_only or args.missing_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
@@ -415,12 +440,13 @@ def main() -> None:
             failed = [f for f in kept["failed"] if "flags" not in f]
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
+        predicted, traced_predicted = predict_runs(runs, traced, nets, updates, os.cpu_count()) if nets else (runs, traced)
         result = {
-            "machine": machine(), "date": today(), "sweep_date": sweep_date, "rate": args.rate,
+            "machine": host, "date": today(), "sweep_date": sweep_date, "rate": args.rate,
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round(minutes_before + (time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
-            "allreduce": rows, "train": runs, "timeline": traced, "failed": failed, "rates": rates,
+            "allreduce": rows, "train": predicted, "timeline": traced_predicted, "failed": failed, "rates": rates,
             "algorithms": algorithms, "update": updates}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
@@ -448,8 +474,7 @@ def main() -> None:
                 if (engine, nodes, per_node, " ".join(extra), False) in have:
                     continue
                 try:
-                    runs.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args), nets, updates,
-                                              os.cpu_count()))
+                    runs.append(train(engine, nodes, per_node, extra, data, tmp, args))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
                     failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": " ".join(extra),
                                    "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
@@ -460,8 +485,7 @@ def main() -> None:
                 if (engine, nodes, per_node, " ".join(extra), True) in have:
                     continue
                 try:
-                    traced.append(predict_train(train(engine, nodes, per_node, extra, data, tmp, args, timeline=True),
-                                                nets, updates, os.cpu_count()))
+                    traced.append(train(engine, nodes, per_node, extra, data, tmp, args, timeline=True))
                 except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError, ValueError) as err:
                     failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": "(timeline)",
                                    "error": f"{type(err).__name__}: {str(err)[-1500:]}"})

@@ -181,9 +181,9 @@ def test_the_algorithm_check_names_the_algorithm_open_mpi_ran_and_its_unsteady_e
     rows = [row("default", 2, [1.2, 1.8, 1.8]), row("default", 4, [2.9, 3.0, 2.95]),
             row("ring", 2, [1.2, 1.21, 1.2]), row("ring", 4, [1.85, 1.84, 1.86]),
             row("rabenseifner", 2, [1.8, 1.2, 1.8]), row("rabenseifner", 4, [3.0, 2.96, 3.1])]
-    result = {"fit": {}, "algorithms": {"date": "2026-01-02", "rate": "200mbit", "repeats": 3, "rows": rows}}
+    result = {"fit": {}, "allreduce": [], "algorithms": {"date": "2026-01-02", "rate": "200mbit", "repeats": 3, "rows": rows}}
     text = "\n".join(run_all.algorithm_note(result))
     assert "| ring | 1.20 (1.20-1.21) | 0.93 | 1.85 (1.84-1.86) | 0.91 |" in text  # 1.12 s and 1.68 s at 25 MB/s
     assert "own choice takes 2.95 s, 0.98x rabenseifner forced (the nearest); the fastest, ring, takes 1.85 s" in text
     assert "- 2 nodes: default, rabenseifner: repeats either near the link rate or up to 1.50x slower; ring: within 20%" in text
-    assert run_all.algorithm_note({"fit": {}, "algorithms": {}}) == []
+    assert run_all.algorithm_note({"fit": {}, "allreduce": [], "algorithms": {}}) == []
