@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from chexnet_hvd import checkpoints, cli, data, distributed, export, metrics, records, stall, views
 from chexnet_hvd.labels import PATHOLOGIES
@@ -94,12 +95,12 @@ def check_classes(meta: dict, manifest: dict, ckpt: str) -> None:
         raise cli.InputError(ckpt, differ)
 
 
-def score(predict, data_dir: str, split: str, view: views.View, batch: int, tta: str, engine,
+def score(predict, recs: data.Records, split: str, view: views.View, batch: int, tta: str, engine,
           watchdog: stall.Watchdog | None = None) -> dict:
     """Gathered predictions (views averaged) with labels, masks, ids and patients; each batch
     scored is progress for the stall `watchdog`, which the first arms (its trace, seconds on a
     loaded node, is no stall, as in training) and each starts the clock of."""
-    dataset = data.eval_dataset(data_dir, split, view, batch, rank=engine.rank,
+    dataset = data.eval_dataset(recs, split, view, batch, rank=engine.rank,
                                 world_size=engine.size, tta=tta)
     batches = itertools.count(1)
     progress = watchdog.progress if watchdog else lambda step=None: None
@@ -183,7 +184,6 @@ def plot_curves(names, pred: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import precision_recall_curve, roc_curve
 
     cols = 4
     rows = -(-len(names) // cols)
@@ -219,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(EvalConfig, __doc__, argv, prog="python -m chexnet_hvd.evaluate")
 
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
-    manifest = records.load_manifest(cfg.data)  # bad input fails here, before the engine starts
+    recs = data.open_records(cfg.data)  # bad input fails here, before the engine starts
     engine, placement = distributed.start(cfg.engine, cluster=cluster, stall_timeout=cfg.stall_timeout)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank ran
     watchdog = (stall.watch(engine, [r["host"] for r in ranks], cfg.stall_timeout, lambda message, names: None)
                 if cfg.stall_timeout > 0 else None)
 
     try:
-        evaluate(cfg, engine, manifest, ranks, watchdog)
+        evaluate(cfg, engine, recs, ranks, watchdog)
     except Exception as err:
         if engine.says_peer_left(err):  # a rank failed and said why; this one says no more
             return cli.EXIT_FAILED
@@ -237,27 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(cfg: EvalConfig, engine, manifest: dict, ranks: list[dict], watchdog) -> None:
-    """Every rank scores its share; the chief reports."""
+def evaluate(cfg: EvalConfig, engine, recs: data.Records, ranks: list[dict], watchdog) -> None:
+    """Every rank scores its share of the records opened once; the chief reports."""
+    manifest = recs.manifest
     predict, meta = export.load_predictor(cfg.checkpoint, cfg.backend)
     check_classes(meta, manifest, cfg.checkpoint)
     names, view = meta["classes"], views.View.of(meta)  # the checkpoint's scaling and crop
     data.check_view(manifest, cfg.data, view)
-    records.split_shards(manifest, cfg.data, cfg.split)  # both splits there, before any scoring
+    recs.units(cfg.split)  # both splits there, before any scoring
     if cfg.val_split and not manifest["splits"].get(cfg.val_split, {}).get("shards"):
         raise cli.InputError(cfg.data, f"no records for split {cfg.val_split!r} (the operating points' "
                              "split: --val-split another, or '' for none)")
 
     if (note := tta_note(cfg.tta, view)) and engine.rank == 0:
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    plain = score(predict, cfg.data, cfg.split, view, cfg.batch_size, "none", engine, watchdog)
+    plain = score(predict, recs, cfg.split, view, cfg.batch_size, "none", engine, watchdog)
     if bad := metrics.not_numbers(plain["prob"]):
         raise cli.InputError(cfg.checkpoint, f"{bad} of its predictions on split {cfg.split!r} are not "
                              "numbers: its weights are a diverged run's")
-    tta = score(predict, cfg.data, cfg.split, view, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
+    tta = score(predict, recs, cfg.split, view, cfg.batch_size, cfg.tta, engine, watchdog) if cfg.tta != "none" else None
     thresholds = np.full(len(names), np.nan)
     if cfg.val_split:
-        val = score(predict, cfg.data, cfg.val_split, view, cfg.batch_size, "none", engine, watchdog)
+        val = score(predict, recs, cfg.val_split, view, cfg.batch_size, "none", engine, watchdog)
         thresholds = metrics.youden_thresholds(val["label"], val["prob"], val["mask"])
     if watchdog:  # scored: the bootstrap and the report (minutes) are no batch that is late
         watchdog.rest()

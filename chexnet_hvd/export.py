@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from chexnet_hvd import checkpoints, cli, data, records, views
 
@@ -42,8 +43,6 @@ class ExportConfig:
 
 def save_savedmodel(model, path: Path) -> None:
     """The Keras model as a SavedModel with one float32 [N, S, S, 3] -> [N, C] signature."""
-    import tensorflow as tf
-
     size = model.input_shape[1]
     spec = tf.TensorSpec([None, size, size, 3], tf.float32, name="image")
     serve = tf.function(lambda image: {"probabilities": model(image, training=False)}, input_signature=[spec])

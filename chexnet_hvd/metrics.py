@@ -7,7 +7,7 @@ A class whose labels in the split are all one value has no ROC curve: its AUROC 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def _per_class(metric, y_true: np.ndarray, y_score: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -147,8 +147,6 @@ def bootstrap_ci(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray, patie
 def youden_thresholds(y_true: np.ndarray, y_prob: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per class, the threshold maximising Youden's J = sensitivity + specificity - 1 (chosen on
     the validation split); NaN where the class is undefined there."""
-    from sklearn.metrics import roc_curve
-
     out = np.full(y_true.shape[1], np.nan)
     for c in range(y_true.shape[1]):
         keep = mask[:, c] > 0

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
+from PIL import Image
 
 from chexnet_hvd import checkpoints, cli, export, images, models, views
 
@@ -62,7 +64,6 @@ def check_image(path: Path) -> None:
     """A one-line error for anything that is not a readable image (header and checksums only;
     the pixels are decoded later, one batch at a time)."""
     import pydicom
-    from PIL import Image
 
     try:
         if images.is_dicom(path):
@@ -87,8 +88,6 @@ def cam_probe(model, layer=None):
     scores]: the input of the final sigmoid layer `predictions` (models._head). Maps are taken
     from these scores, not the probabilities: at p = 1.0 in float32 the sigmoid's gradient is
     exactly 0, which left a confident model's maps blank."""
-    import tensorflow as tf
-
     layer = layer or models.cam_layer(model)
     return tf.keras.Model(model.inputs, [layer.output, model.get_layer("predictions").input])
 
@@ -101,8 +100,6 @@ def grad_cam(probe, image: np.ndarray, class_index: int) -> np.ndarray:
     Grad-CAM: the same map for the backbones' global-pooling heads, and a faithful one for the
     small CNN's flattened head, where Grad-CAM's average blurs where a finding is. `probe`:
     cam_probe(model), built once for many maps."""
-    import tensorflow as tf
-
     with tf.GradientTape() as tape:
         maps, logits = probe(image[None], training=False)
         score = tf.cast(logits[:, class_index], tf.float32)
@@ -113,8 +110,6 @@ def grad_cam(probe, image: np.ndarray, class_index: int) -> np.ndarray:
 
 def upsample(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a heatmap to an image's [H, W] (smooth: no blocks of map cells)."""
-    import tensorflow as tf
-
     return tf.image.resize(cam[..., None], shape, method="bilinear").numpy()[..., 0]
 
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -361,7 +362,5 @@ class TensorFlow(Engine):
 def keras_package() -> tuple[str, str]:
     """(name, version) of the Keras 2 the tf engine runs on: tf_keras under TF >= 2.16, else
     TensorFlow's own keras."""
-    from importlib.metadata import version
-
     keras = "tf_keras" if os.environ.get("TF_USE_LEGACY_KERAS") == "1" else "keras"
     return keras, version(keras)

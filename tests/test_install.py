@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,28 @@ def test_failing_shim_skipped_for_the_newest_working_pyenv_python(tmp_path, no_s
     chosen = root / "versions/3.13.10/bin/python3.13"
     assert f"setup: creating .venv-tf2.21 with {chosen}" in proc.stdout, proc.stdout + proc.stderr
     assert f"venv made by {chosen}" in proc.stderr and proc.returncode == 3
+
+
+def pin(name: str, lane: str) -> str:
+    """The version constraints.txt pins `name` to in `lane` ("" for the default lane)."""
+    prefix = f"#@tf{lane} " if lane else ""
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.startswith(f"{prefix}{name}=="):
+            return line.removeprefix(prefix).split("==")[1].split()[0]
+    raise AssertionError(f"constraints.txt pins no {name} for lane {lane or 'default'}")
+
+
+def test_the_lane_runs_the_tensorflow_and_keras_it_pins():
+    """The interpreter running the suite is its lane's: TF 2.15 with its own Keras 2 in .venv, TF 2.21
+    with tf_keras as tf.keras in .venv-tf2.21 (a lane that quietly ran another TensorFlow would
+    test nothing it claims)."""
+    import tensorflow as tf  # after conftest's chexnet_hvd, which picks tf_keras where installed
+
+    lane = "2.21" if Path(sys.prefix).name == ".venv-tf2.21" else ""
+    assert tf.__version__ == pin("tensorflow-cpu", lane)
+    keras = tf.keras.__name__.split(".")[0]
+    if lane:
+        from importlib.metadata import version
+        assert keras == "tf_keras" and version("tf_keras") == pin("tf_keras", lane), keras
+    else:
+        assert keras in ("keras", "tensorflow"), keras

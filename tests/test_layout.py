@@ -1,5 +1,6 @@
 """The package's shape: its import graph has no circle, and modules import each other at their
-top (an import inside a function hides a dependency and, between package modules, a circle)."""
+top (an import inside a function hides a dependency and, between package modules, a circle);
+inside functions only heavy optional packages are imported, and none a module has at its top."""
 
 import ast
 from pathlib import Path
@@ -7,6 +8,9 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "chexnet_hvd"
+# imported where used: each costs seconds or is missing from some installs (the package's light
+# commands, --help among them, start without them)
+HEAVY = {"tensorflow", "horovod", "matplotlib", "openvino", "nncf", "pydicom", "mpi4py"}
 
 
 def module_name(path: Path) -> str:
@@ -62,3 +66,22 @@ def test_the_package_imports_in_one_direction_at_the_top_of_its_modules():
     for name in sorted(graph):
         visit(name)
     assert "chexnet_hvd.sources" in graph["chexnet_hvd.records.writer"]  # the walk sees the imports
+
+
+def top_packages(nodes) -> set[str]:
+    """The top-level packages the import statements among `nodes` import."""
+    nodes = list(nodes)
+    return ({a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+            | {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module and not n.level})
+
+
+def test_only_heavy_packages_are_imported_inside_functions():
+    light = {}
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        at_top = top_packages(tree.body) - {"__future__"}
+        inside = top_packages(n for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                              for n in ast.walk(f))
+        if wrong := sorted((inside - HEAVY - {"chexnet_hvd"}) | (inside & at_top)):
+            light[module_name(path)] = wrong
+    assert not light, f"imported inside functions though light or already at the module's top: {light}"

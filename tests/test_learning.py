@@ -69,6 +69,7 @@ def test_a_validation_split_that_cannot_score_still_steers(planted, tmp_path):
                   "--schedule", "plateau", "--plateau-patience", 1, "--early-stopping", 1, "--no-tensorboard",
                   check=True, timeout=600)
     assert "no class of validation split 'val' has both positives and negatives" in proc.stderr
+    assert "split 'val' has no positives for 2 of 2 classes (Effusion, Infiltration)" in proc.stderr
     log = read_runlog(tmp_path / "run")
     assert log[0]["best_by"] == "val_loss"
     meta = json.loads((tmp_path / "run" / "checkpoints" / "best" / "meta.json").read_text())

@@ -1,10 +1,12 @@
 """Learning-rate schedules (chexnet_hvd.schedules): their formulas in epochs of progress, the
 same at every world size and batch once rescaled, through the parts a resumed epoch is split
-into; reduce-on-plateau's bookkeeping, and a plateau lr kept across a resume."""
+into; reduce-on-plateau's bookkeeping, and a plateau lr kept across a resume; what ranks the epochs
+when validation classes are one-sided."""
 
 import pytest
 from conftest import module
 
+from chexnet_hvd.callbacks import validation_criterion
 from chexnet_hvd.schedules import EpochSchedule
 
 
@@ -102,3 +104,21 @@ def test_a_resumed_run_keeps_the_warmup_of_its_first_attempt():
     assert run_warmup(cfg, {k: v for k, v in old.items() if k != "shapes"}) == (0.5, 1.0)  # before shapes: its own
     assert run_warmup(cfg, old | {"warmup": [0.5, 1.5]}) == (0.5, 1.5)
     assert run_warmup(TrainConfig(data="d", run_dir="r", warmup_epochs=3.0), old) is None
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["manifest", "manifest-without-one-sided-lists"])
+def test_one_sided_validation_classes_are_named_and_the_rest_still_rank_by_auroc(old):
+    """Of three classes, one has no positives and one no negatives in the validation split: the
+    warnings name just those, and the mean AUROC (defined by the third) still ranks the epochs."""
+    info = {"count": 10, "positives": {"A": 0, "B": 10, "C": 4}}
+    if not old:
+        info |= {"no_positives": ["A"], "no_negatives": ["B"]}
+    criterion, warnings = validation_criterion({"classes": ["A", "B", "C"], "splits": {"val": info}}, "val")
+    assert criterion == "val_mean_auroc"
+    assert warnings == ["warning: validation split 'val' has no positives for 1 of 3 classes (A): their AUROC is "
+                        "undefined", "warning: validation split 'val' has no negatives for 1 of 3 classes (B): their "
+                        "AUROC is undefined"]
+    info["positives"]["C"] = 0  # no class defined: the loss ranks them
+    if not old:
+        info["no_positives"] = ["A", "C"]
+    assert validation_criterion({"classes": ["A", "B", "C"], "splits": {"val": info}}, "val")[0] == "val_loss"

@@ -93,10 +93,21 @@ def test_run_log_describes_the_job(two_ranks):
     assert all(e["images_per_sec"] > 0 and e["timed_steps"] == e["steps"] - 3 for e in epochs)
 
 
+def near_ties(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-6) -> float:
+    """The share of (positive, negative) pairs whose scores lie within `eps` of each other: as
+    much as the AUROC can move when the scores are computed in other batches (oneDNN picks its
+    kernels, and so its rounding in the 7th digit, by batch shape and CPU)."""
+    pos, neg = probs[labels >= 0.5], probs[labels < 0.5]
+    return float(np.sum(np.abs(pos[:, None] - neg[None, :]) <= eps)) / (len(pos) * len(neg))
+
+
 def test_validation_auroc_equals_single_process(two_ranks, records_dir):
     """In one process, the model computed as the engine's predictor computes it (Keras'
     predict_on_batch; the tf engine: a traced call, whose fused kernels round differently in the
-    7th digit, enough to flip near-tied scores of a batch-norm model)."""
+    7th digit, enough to flip near-tied scores of a batch-norm model): the same AUROC but for the
+    pairs of near-tied scores (this barely trained model scores some pairs within 1e-7 of each
+    other: on an Intel CPU one such pair of 122 flipped a class's AUROC by 0.008 between the
+    ranks' batches and these)."""
     engine, two_ranks_run = two_ranks
     model, meta = checkpoints.load(two_ranks_run / "checkpoints" / "epoch-0002")
     import tensorflow as tf
@@ -111,13 +122,16 @@ def test_validation_auroc_equals_single_process(two_ranks, records_dir):
     last = [r for r in read_runlog(two_ranks_run) if r["event"] == "epoch"][-1]
     assert last["val_n"] == len(labels) == records.load_manifest(records_dir)["splits"]["val"]["count"]
     ours = metrics.per_class_auroc(labels, probs)
+    slack = []
     for c, name in enumerate(meta["classes"]):
         logged = last["val_auroc"][name]
         if labels[:, c].min() == labels[:, c].max():
             assert logged is None and np.isnan(ours[c])
         else:
-            assert logged == pytest.approx(roc_auc_score(labels[:, c], probs[:, c]), abs=2e-6)
-    assert last["val_mean_auroc"] == pytest.approx(metrics.mean_defined(ours), abs=2e-6)
+            slack.append(near_ties(labels[:, c], probs[:, c]))
+            assert logged == pytest.approx(roc_auc_score(labels[:, c], probs[:, c]), abs=2e-6 + slack[-1]), name
+    assert max(slack) < 0.1  # most pairs apart: the comparison still says something (here up to 0.066)
+    assert last["val_mean_auroc"] == pytest.approx(metrics.mean_defined(ours), abs=2e-6 + np.mean(slack))
 
 
 def test_every_rank_joins_the_step_and_epoch_checkpoints(two_ranks):
