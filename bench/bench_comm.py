@@ -372,7 +372,8 @@ def predict_runs(runs: list[dict], traced: list[dict], nets: dict, updates: dict
 
 
 def refit(path: Path) -> None:
-    """Fit and predictions recomputed from the measurements of a saved result (no cluster)."""
+    """Fit and predictions recomputed from the measurements of a saved result (no cluster; the
+    optimizer's update timed first where the result lacks it)."""
     result = json.loads(path.read_text())
     nets = {engine: fitted(result["allreduce"], engine) for engine in sorted({r["engine"] for r in result["allreduce"]})}
     result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
