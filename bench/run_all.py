@@ -272,6 +272,10 @@ def first_error(text: str) -> str:
     return next((line for line in lines if line.startswith("error: ")), lines[-1])
 
 
+BEYOND_RING = 1.5 * 1.05  # a 2 -> 4 node growth beyond the ring's 1.5x (2 (N-1)/N) and the noise
+ENGINES = ("horovod", "horovod-ring", "tf", "gloo")  # the order bench_comm sweeps them in
+
+
 def sweep_growth(r: dict, size: float = 28_000_000) -> dict:
     """Per engine, the sweep's allreduce of `size` bytes on 4 nodes over the same on 2 (1 rank each)."""
     at = {(a["engine"], a["nodes"]): a["seconds"] for a in r["allreduce"] if a["bytes"] == size and a["per_node"] == 1}
@@ -282,7 +286,7 @@ def comm_notes(r: dict) -> list[str]:
     """What the errors above 10% in the communication tables come from, from the measurements."""
     big = {(a["engine"], a["nodes"], a["per_node"]): a for a in r["allreduce"] if a["bytes"] == 28_000_000}
     at = {key: a["seconds"] for key, a in big.items()}
-    growth = {e: g for e, g in sweep_growth(r).items() if g > 1.5 * 1.05}  # beyond the ring's 1.5x
+    growth = {e: g for e, g in sweep_growth(r).items() if g > BEYOND_RING}
     low = ", ".join(f"{big[(e, 4, 1)]['error_flat'] * 100:+.0f}% ({e})" for e in growth if (e, 4, 1) in big)
     notes = []
     if growth:
@@ -389,7 +393,7 @@ def algorithm_note(r: dict) -> list[str]:
                f"run the ring (`horovod-ring`) {r['fit']['horovod-ring']['bandwidth_gbs'] / r['link_gbs']:.2f}"
                if {"horovod", "horovod-ring"} <= set(r["fit"]) else "")
             + (f"; its 2 -> 4 node growth in the sweep, {growth:.2f}x, is not the ring's 1.5x: the fit's part of "
-               "its errors." if (growth := sweep_growth(r).get("horovod", 1.5)) > 1.5 * 1.05 else "."))
+               "its errors." if (growth := sweep_growth(r).get("horovod", 1.5)) > BEYOND_RING else "."))
     if ("default", 2) in at:
         unsteady = [n for n in names if (n, 2) in at and max(at[(n, 2)]["all"]) > 1.2 * min(at[(n, 2)]["all"])]
         steady = [n for n in names if (n, 2) in at and n not in unsteady]
@@ -433,7 +437,7 @@ def rate_note(r: dict) -> list[str]:
     worst = {e: max(abs(g / 1.5 - 1) for g in gs) for e, gs in growth.items()}
     noisy = {e: max(spread(x) for x in check["rows"] if x["engine"] == e) for e in growth}
     grown = sweep_growth(r, size)
-    gapped = [e for e in growth if grown.get(e, 0) > 1.5 * 1.05]  # the sweep's gap
+    gapped = [e for e in growth if grown.get(e, 0) > BEYOND_RING]  # the sweep's gap
     repeated = check.get("repeats", 1) >= 2
     steady = [e for e in engines if e in gapped and repeated and worst[e] <= 0.05 and noisy[e] <= 0.1
               and len(growth[e]) > 1]
@@ -567,14 +571,17 @@ def wire_split(r: dict) -> list[str]:
 def layout_order(a: dict) -> tuple:
     """A sweep row's place: by engine (as bench_comm sweeps them), layout, then size; layouts
     added by a later pass are listed with their engine's."""
-    engines = ("horovod", "horovod-ring", "tf", "gloo")
-    return engines.index(a["engine"]) if a["engine"] in engines else len(engines), a["nodes"], a["per_node"], a["bytes"]
+    return engine_order(a["engine"]), a["nodes"], a["per_node"], a["bytes"]
+
+
+def engine_order(engine: str) -> int:
+    """An engine's place in ENGINES (those added later after them)."""
+    return ENGINES.index(engine) if engine in ENGINES else len(ENGINES)
 
 
 def worst_step(r: dict) -> dict:
     """Per engine (in the sweep's order), the largest flat-ring error of its trainer runs."""
-    engines = sorted({t["engine"] for t in r["train"]}, key=lambda e: layout_order({"engine": e, "nodes": 0,
-                                                                                   "per_node": 0, "bytes": 0}))
+    engines = sorted({t["engine"] for t in r["train"]}, key=engine_order)
     return {e: max(abs(t["error_flat"]) for t in r["train"] if t["engine"] == e) for e in engines}
 
 
@@ -629,7 +636,7 @@ def section_comm(r: dict) -> list[str]:
         "per step + the optimizer's update, which the probe leaves out (update: one Adam step timed alone "
         + (f"on one thread, {', '.join(f'{m} {s * 1e3:.0f} ms' for m, s in r['update'].items())}, "
            if r.get("update") else "")
-        + "times the ranks per core, / backward passes per step):", "",
+        + "slowed as the run's probe is over the model's with a core per rank, / backward passes per step):", "",
         "| engine | nodes x ranks per node | flags | gradient MB | compute s | update s | measured step s | "
         "flat ring: s (error) | hierarchical: s (error) |", "|---|---|---|---:|---:|---:|---:|---:|---:|", *train, "",
         *(["- Step model on the trainer runs, largest error of the flat ring: "
