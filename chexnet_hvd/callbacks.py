@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -446,7 +445,7 @@ def make_callbacks(cfg: TrainConfig, engine, state: RunState, derived: Derived, 
     callbacks.append(EpochCheckpoint(state, save))
     if rank0:
         callbacks.append(RunLog(state, writer, engine.size, cfg.verbose > 0, cfg.tensorboard and logdir))
-    if rank0 and cfg.verbose and cfg.heartbeat and not sys.stdout.isatty():
+    if rank0 and cfg.verbose and cfg.heartbeat and not cli.watched():
         callbacks.append(Heartbeat(state, cfg.heartbeat, derived.global_batch))
     if rank0 and cfg.profile_steps:  # rank 0's trace
         callbacks.append(Profile(state, *profile_range(cfg.profile_steps), logdir / "profile",

@@ -42,6 +42,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def watched() -> bool:
+    """Whether a person watches stdout (a terminal) rather than a batch log. Open MPI's launcher
+    (mpirun; horovodrun over MPI) gives every rank a pseudo-terminal wherever its own output
+    goes, a file or a pipe included: a rank it started cannot tell, and writes as to a log."""
+    return sys.stdout.isatty() and "OMPI_COMM_WORLD_RANK" not in os.environ
+
+
 def error_text(err: BaseException, limit: int | None = 200) -> str:
     """An exception's first line, without the '{{function_node ...}} ' TensorFlow puts first;
     for TF's "Graph execution error:", the first line of the reason after the node's stack."""

@@ -234,7 +234,7 @@ def probe_batch(trained, batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
 
 def progress_bar(verbose: int) -> int:
     """Keras' verbose: its bar only on a terminal; batch logs get our one line per epoch."""
-    return int(verbose == 1 and sys.stdout.isatty())
+    return int(verbose == 1 and cli.watched())
 
 
 # ---------------------------------------------------------------- audit (tests) --------------
