@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -48,6 +49,7 @@ from chexnet_hvd import (
 )
 from chexnet_hvd.checkpoints import RunState
 from chexnet_hvd.config import Derived, TrainConfig
+from chexnet_hvd.engine import Engine
 
 
 # ---------------------------------------------------------------- preemption -----------------
@@ -171,13 +173,13 @@ def start_line(cfg: TrainConfig, engine, derived: Derived, state: RunState) -> s
 
 
 # ---------------------------------------------------------------- data -----------------------
-def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Derived, threads: int,
-                  shapes: list, parts: list, start_epoch: int, epochs: int,
+def train_batches(run: Run, shapes: list, parts: list, start_epoch: int, epochs: int,
                   trail: callbacks.AuditTrail | None = None) -> tf.data.Dataset:
     """This rank's training batches for `epochs` epochs from `start_epoch` (of that epoch, when
     earlier attempts trained `parts` of it, this rank's share of the rest), as Keras' (x, y)
-    with y packing label and mask (`pack_targets`); with a `trail`, each batch's
-    record ids noted as it is delivered."""
+    with y packing label and mask (`pack_targets`), counted by the run's feed; with a `trail`,
+    each batch's record ids noted as it is delivered."""
+    cfg, engine, records, derived = run.cfg, run.engine, run.records, run.derived
     on_device, view = data.preprocess_on_device(records.manifest), model_view(cfg)
     if cfg.synthetic_input:
         ds = data.synthetic_dataset(cfg.image_size, cfg.batch_size, records.manifest["num_classes"], cfg.seed,
@@ -187,17 +189,17 @@ def train_batches(cfg: TrainConfig, engine, records: data.Records, derived: Deri
                                 rank=engine.rank, world_size=engine.size, seed=cfg.seed,
                                 augment=cfg.augment, shuffle_buffer=cfg.shuffle_buffer,
                                 steps_per_epoch=derived.steps_per_epoch, start_epoch=start_epoch,
-                                epochs=epochs, shapes=shapes, parts=parts, threads=threads,
+                                epochs=epochs, shapes=shapes, parts=parts, threads=engine.placement.threads,
                                 with_ids=trail is not None)
     if trail is None:
-        return ds.map(data.plain(lambda x, y, m: (x, pack_targets(y, m))))
+        return run.feed.counted(ds.map(data.plain(lambda x, y, m: (x, pack_targets(y, m)))))
 
     @data.plain
     def noted(x, y, m, ids):  # in delivery order: a sequential map
         with tf.control_dependencies([tf.py_function(trail.record, [ids], tf.int64)]):
             return x, pack_targets(y, m)
 
-    return ds.map(noted)
+    return run.feed.counted(ds.map(noted))
 
 
 def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunState, make_batches,
@@ -259,13 +261,63 @@ def open_inputs(cfg: TrainConfig) -> data.Records:
     return records
 
 
+@dataclasses.dataclass
+class Run:
+    """What the steps of one attempt share: made by `start`, `derived` completed by `restore`
+    (the warmup a resumed run keeps), `writer` by `announce` (the chief's run log)."""
+    cfg: TrainConfig
+    records: data.Records
+    initial: str | None  # the initial weights' file (weights.resolve)
+    dir: Path
+    stop: StopRequest
+    engine: Engine
+    derived: Derived
+    ranks: list[dict]  # every rank's placement, in rank order
+    feed: monitor.Feed
+    watch: monitor.StallWatch | None
+    writer: runlog.RunLogWriter | None = None  # opened with the start record: a run that fails before it leaves no log
+
+
 def main(argv: list[str] | None = None) -> int:
-    # --- setup: flags, inputs, the run directory ---
     words = recipes.asked(sys.argv[1:] if argv is None else argv)
     if words[:1] in (["list"], ["show"]):  # describe, train nothing
         print(recipes.listing() if words[0] == "list" else recipes.show(words[1] if words[1:] else ""))
         return 0
-    cfg = config.parse(argv)
+    run = start(config.parse(argv))
+    finished = False  # trained to the end (not preempted, not failed)
+    try:
+        model, trained, state, warnings = restore(run)
+        announce(run, model, state, warnings)
+        saver, keras_callbacks, trail = assemble(run, model, trained, state)
+        fit(run.cfg, run.engine, trained, keras_callbacks, state, functools.partial(train_batches, run, trail=trail),
+            steps=run.derived.steps_per_epoch)
+        if state.preempted:  # checkpoint, exit 75
+            return end_preempted(run.engine, state, saver, run.writer)
+        if run.cfg.audit:
+            audit_weights(run.dir, run.engine.rank, model, optimizer=trained.optimizer)
+        finished = True
+    except BaseException as err:
+        code = failed(run, err)
+        if code is None:
+            raise
+        return code
+    finally:
+        if run.watch and not finished:
+            run.watch.watchdog.stop()
+    if run.writer:
+        run.writer.write("end", status="completed")
+    try:
+        return end_completed(run.engine)  # watched: a rank stopped before the last barrier is named
+    finally:
+        if run.watch:
+            run.watch.watchdog.stop()
+        if run.writer:
+            run.writer.close()
+
+
+def start(cfg: TrainConfig) -> Run:
+    """Check the settings and open the inputs (bad input fails here, before the engine starts),
+    make the run directory, start the engine and the watch for stalled ranks."""
     config.check_config(cfg)
     models.check_model(cfg.model, cfg.image_size)
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
@@ -273,93 +325,80 @@ def main(argv: list[str] | None = None) -> int:
     initial = weights.resolve(cfg.weights, cfg.model)  # from the cache: compute nodes never download
     run_dir = cli.make_dir(cfg.run_dir)
     stop = StopRequest()
-
-    # --- the distribution engine, and the watch for stalled ranks ---
     if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
         os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
     engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout,
                                           shared=run_dir / ".rendezvous")
-    rank0 = engine.rank == 0  # the chief writes files
-    derived = config.derive(cfg, records.manifest, engine.size)
     ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
     feed = monitor.Feed()
     watch = monitor.StallWatch(cfg.stall_timeout, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
-    writer = None  # opened with the start record: a run that fails before it leaves no log
-    finished = False  # trained to the end (not preempted, not failed)
+    return Run(cfg, records, initial, run_dir, stop, engine, config.derive(cfg, records.manifest, engine.size),
+               ranks, feed, watch)
 
-    try:
-        # --- model, optimizer, resume ---
-        model, trained = build(cfg, engine, records, initial, derived)
-        best_by, warnings = callbacks.validation_criterion(records.manifest, cfg.val_split)
-        state = resume.resume_state(cfg, engine, model, trained.optimizer, run_dir, derived, records, best_by)
-        derived = dataclasses.replace(derived, warmup_from=state.warmup[0], warmup_epochs=state.warmup[1])
-        if cfg.audit:
-            audit_weights(run_dir, engine.rank, model, "-initial")
-        if rank0:
-            writer = start_run_log(cfg, engine, run_dir, model, state, derived, ranks,
-                                   data.preprocess_on_device(records.manifest))
-            for line in warnings:
-                print(line, file=sys.stderr, flush=True)
-            if cfg.verbose:
-                print(start_line(cfg, engine, derived, state), flush=True)
-            if watch:
-                watch.writer = writer
 
-        # --- data and callbacks ---
-        beat = watch.beat if watch else None
-        validation = callbacks.Validation(
-            state, data.eval_dataset(records, cfg.val_split, model_view(cfg), cfg.val_batch_size,
-                                     rank=engine.rank, world_size=engine.size, threads=placement.threads),
-            records.manifest["classes"], pos_weight(cfg, records.manifest), engine.predictor(model), engine,
-            beat)
-        saver = checkpoints.Saver(model, trained.optimizer, run_dir / "checkpoints", cfg.keep_checkpoints,
-                                  chief=rank0, writes=engine.saves_here, meta=lambda epochs_done: checkpoints.run_meta(
-                                      cfg, records.manifest, derived, state, epochs_done),
-                                  beat=beat or (lambda **_: None),
-                                  share=lambda: engine.average_accumulation(trained.optimizer))
-        trail = (callbacks.AuditTrail(state, run_dir / "audit" / f"rank{engine.rank}-trained.jsonl")
-                 if cfg.audit and not cfg.synthetic_input else None)
-        diagnosis = callbacks.Diagnosis(state, engine, feed.counts, derived.global_batch,
-                                        monitor.compute_probe(engine, trained, make_loss(), *probe_batch(trained, cfg.batch_size)))
-        keras_callbacks = callbacks.make_callbacks(cfg, engine, state, derived, stop, validation, saver, writer,
-                                                   watch, [c for c in (trail, diagnosis) if c])
+def restore(run: Run) -> tuple:
+    """(model, trained, state, warnings): the model and what trains it (`build`), restored from
+    the run's newest checkpoint if it has one; the warnings about the validation criterion."""
+    cfg, engine = run.cfg, run.engine
+    model, trained = build(cfg, engine, run.records, run.initial, run.derived)
+    best_by, warnings = callbacks.validation_criterion(run.records.manifest, cfg.val_split)
+    state = resume.resume_state(cfg, engine, model, trained.optimizer, run.dir, run.derived, run.records, best_by)
+    run.derived = dataclasses.replace(run.derived, warmup_from=state.warmup[0], warmup_epochs=state.warmup[1])
+    if cfg.audit:
+        audit_weights(run.dir, engine.rank, model, "-initial")
+    return model, trained, state, warnings
 
-        # --- fit ---
-        def batches(shapes, parts, first, epochs):
-            return feed.counted(train_batches(cfg, engine, records, derived, placement.threads, shapes,
-                                              parts, first, epochs, trail))
 
-        fit(cfg, engine, trained, keras_callbacks, state, batches, steps=derived.steps_per_epoch)
+def announce(run: Run, model, state: RunState, warnings: list[str]) -> None:
+    """The chief's config.json and the run log's start record, its warnings and start line."""
+    if run.engine.rank != 0:  # Horovod: the chief writes files
+        return
+    run.writer = start_run_log(run.cfg, run.engine, run.dir, model, state, run.derived, run.ranks,
+                               data.preprocess_on_device(run.records.manifest))
+    for line in warnings:
+        print(line, file=sys.stderr, flush=True)
+    if run.cfg.verbose:
+        print(start_line(run.cfg, run.engine, run.derived, state), flush=True)
+    if run.watch:
+        run.watch.writer = run.writer
 
-        # --- the end: preempted (checkpoint, exit 75) or completed ---
-        if state.preempted:
-            return end_preempted(engine, state, saver, writer)
-        if cfg.audit:
-            audit_weights(run_dir, engine.rank, model, optimizer=trained.optimizer)
-        finished = True
-    except BaseException as err:
-        stalled = watch.failed_collective(err) if watch else None
-        if stalled:
-            print(f"error: {stalled}; ending the job (exit {stall.EXIT_STALLED})", file=sys.stderr, flush=True)
-            return stall.EXIT_STALLED
-        if writer:
-            with contextlib.suppress(OSError):  # a full disk: the error itself is the news
-                writer.write("end", status="failed", error=f"{type(err).__name__}: {cli.error_text(err, limit=1000)}")
-        if engine.says_peer_left(err):  # a rank failed and said why; this one says no more
-            return cli.EXIT_FAILED
-        raise
-    finally:
-        if watch and not finished:
-            watch.watchdog.stop()
-    if writer:
-        writer.write("end", status="completed")
-    try:
-        return end_completed(engine)  # watched: a rank stopped before the last barrier is named
-    finally:
-        if watch:
-            watch.watchdog.stop()
-        if writer:
-            writer.close()
+
+def assemble(run: Run, model, trained, state: RunState) -> tuple:
+    """(saver, Keras callbacks, audit trail or None): validation on this rank's share of the
+    split, the checkpoint writer, and the callbacks that watch, log and stop the training."""
+    cfg, engine, records = run.cfg, run.engine, run.records
+    beat = run.watch.beat if run.watch else None
+    validation = callbacks.Validation(
+        state, data.eval_dataset(records, cfg.val_split, model_view(cfg), cfg.val_batch_size, rank=engine.rank,
+                                 world_size=engine.size, threads=engine.placement.threads),
+        records.manifest["classes"], pos_weight(cfg, records.manifest), engine.predictor(model), engine, beat)
+    saver = checkpoints.Saver(model, trained.optimizer, run.dir / "checkpoints", cfg.keep_checkpoints,
+                              chief=engine.rank == 0, writes=engine.saves_here,
+                              meta=lambda epochs_done: checkpoints.run_meta(cfg, records.manifest, run.derived,
+                                                                            state, epochs_done),
+                              beat=beat or (lambda **_: None),
+                              share=lambda: engine.average_accumulation(trained.optimizer))
+    trail = (callbacks.AuditTrail(state, run.dir / "audit" / f"rank{engine.rank}-trained.jsonl")
+             if cfg.audit and not cfg.synthetic_input else None)
+    diagnosis = callbacks.Diagnosis(
+        state, engine, run.feed.counts, run.derived.global_batch,
+        monitor.compute_probe(engine, trained, make_loss(), *probe_batch(trained, cfg.batch_size)))
+    return saver, callbacks.make_callbacks(cfg, engine, state, run.derived, run.stop, validation, saver, run.writer,
+                                           run.watch, [c for c in (trail, diagnosis) if c]), trail
+
+
+def failed(run: Run, err: BaseException) -> int | None:
+    """The exit code of a rank whose attempt raised `err`, or None to raise it: a stalled
+    collective is named (exit 76); otherwise the run log ends "failed", and a rank that only
+    heard another fail says no more (it told why)."""
+    stalled = run.watch.failed_collective(err) if run.watch else None
+    if stalled:
+        print(f"error: {stalled}; ending the job (exit {stall.EXIT_STALLED})", file=sys.stderr, flush=True)
+        return stall.EXIT_STALLED
+    if run.writer:
+        with contextlib.suppress(OSError):  # a full disk: the error itself is the news
+            run.writer.write("end", status="failed", error=f"{type(err).__name__}: {cli.error_text(err, limit=1000)}")
+    return cli.EXIT_FAILED if run.engine.says_peer_left(err) else None
 
 
 def end_completed(engine) -> int:
