@@ -46,7 +46,7 @@ def watched() -> bool:
     """Whether a person watches stdout (a terminal) rather than a batch log. Open MPI's launcher
     (mpirun; horovodrun over MPI) gives every rank a pseudo-terminal wherever its own output
     goes, a file or a pipe included: a rank it started cannot tell, and writes as to a log."""
-    return sys.stdout.isatty() and "OMPI_COMM_WORLD_RANK" not in os.environ
+    return sys.stdout.isatty() and "OMPI_COMM_WORLD_SIZE" not in os.environ  # engine.LAUNCHER_SIZES' mpirun
 
 
 def error_text(err: BaseException, limit: int | None = 200) -> str:

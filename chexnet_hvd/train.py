@@ -10,8 +10,10 @@ computes the same validation AUROC from predictions gathered over all ranks. On 
 SIGUSR1 all ranks stop after the same step, rank 0 writes a checkpoint, and the job exits 75
 (EX_TEMPFAIL) so a requeued job continues with --resume.
 
-`main` reads as the run does: setup, the engine, model and optimizer, resume, the run log,
-data, callbacks, fit, the end. The configuration (flags, recipes, derived values) is
+`main` reads as the run does, one named step each: `start` (settings, inputs, the run
+directory, the engine, the stall watch), `restore` (model, optimizer, resume), `announce` (the
+run log), `assemble` (validation, checkpoints, callbacks), `fit`, and the end (`end_preempted`,
+`end_completed`, or `failed`). The configuration (flags, recipes, derived values) is
 chexnet_hvd.config; the callbacks and the run state they share, chexnet_hvd.callbacks.
 """
 
@@ -317,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def start(cfg: TrainConfig) -> Run:
     """Check the settings and open the inputs (bad input fails here, before the engine starts),
-    make the run directory, start the engine and the watch for stalled ranks."""
+    make the run directory, start the engine, derive the world's values (a batch or step count
+    the records cannot fill fails here, on every rank before any collective), start the watch
+    for stalled ranks."""
     config.check_config(cfg)
     models.check_model(cfg.model, cfg.image_size)
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
@@ -329,16 +333,18 @@ def start(cfg: TrainConfig) -> Run:
         os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
     engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout,
                                           shared=run_dir / ".rendezvous")
-    ranks = engine.allgather_object(dataclasses.asdict(placement))  # where each rank runs
+    derived = config.derive(cfg, records.manifest, engine.size)
+    ranks = engine.allgather_object(dataclasses.asdict(placement))  # Horovod/TF: where each rank runs
     feed = monitor.Feed()
+    # Horovod/TF: the watch gathers every rank's heartbeat address
     watch = monitor.StallWatch(cfg.stall_timeout, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
-    return Run(cfg, records, initial, run_dir, stop, engine, config.derive(cfg, records.manifest, engine.size),
-               ranks, feed, watch)
+    return Run(cfg, records, initial, run_dir, stop, engine, derived, ranks, feed, watch)
 
 
-def restore(run: Run) -> tuple:
-    """(model, trained, state, warnings): the model and what trains it (`build`), restored from
-    the run's newest checkpoint if it has one; the warnings about the validation criterion."""
+def restore(run: Run) -> tuple[tf.keras.Model, tf.keras.Model, RunState, list[str]]:
+    """(model, trained, state, warnings): the model and what trains it (`build`), with --resume
+    restored from the run's newest checkpoint (see chexnet_hvd.resume), the run's warmup kept
+    in `run.derived`; the warnings about the validation criterion. --audit: the initial weights."""
     cfg, engine = run.cfg, run.engine
     model, trained = build(cfg, engine, run.records, run.initial, run.derived)
     best_by, warnings = callbacks.validation_criterion(run.records.manifest, cfg.val_split)
@@ -351,7 +357,7 @@ def restore(run: Run) -> tuple:
 
 def announce(run: Run, model, state: RunState, warnings: list[str]) -> None:
     """The chief's config.json and the run log's start record, its warnings and start line."""
-    if run.engine.rank != 0:  # Horovod: the chief writes files
+    if run.engine.rank != 0:  # Horovod/TF: the chief writes files
         return
     run.writer = start_run_log(run.cfg, run.engine, run.dir, model, state, run.derived, run.ranks,
                                data.preprocess_on_device(run.records.manifest))
@@ -363,7 +369,7 @@ def announce(run: Run, model, state: RunState, warnings: list[str]) -> None:
         run.watch.writer = run.writer
 
 
-def assemble(run: Run, model, trained, state: RunState) -> tuple:
+def assemble(run: Run, model, trained, state: RunState) -> tuple[checkpoints.Saver, list, callbacks.AuditTrail | None]:
     """(saver, Keras callbacks, audit trail or None): validation on this rank's share of the
     split, the checkpoint writer, and the callbacks that watch, log and stop the training."""
     cfg, engine, records = run.cfg, run.engine, run.records

@@ -226,7 +226,8 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine)
     assert last["val_n"] == 1 and read_runlog(run_dir)[-1]["status"] == "completed"
 
 
-@pytest.mark.parametrize(("launcher", "model", "calls"), [("tf", "small_cnn", 4), ("mpirun", "densenet121", 1)])
+@pytest.mark.parametrize(("launcher", "model", "calls"), [
+    ("tf", "small_cnn", 4), pytest.param("mpirun", "densenet121", 1, marks=pytest.mark.horovod)])
 def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path, launcher, model, calls):
     """2 workers, their output a batch job's log: a start line before the start-up (input,
     tracing), then a heartbeat line every --heartbeat seconds of an epoch (0.05 s: a few steps

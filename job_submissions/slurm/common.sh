@@ -107,8 +107,7 @@ run_training() {
   mkdir -p "$RUN_DIR"
   exec > >(tee -a "$RUN_DIR/job.log") 2>&1  # the job's output beside its run log, every attempt
   echo "job $SLURM_JOB_ID: $SLURM_NTASKS ranks of $ENGINE via $LAUNCHER on ${SLURM_JOB_NODELIST:-$(hostname)}; run dir $RUN_DIR"
-  # --verbose 2: one line per epoch in job.log (under mpirun rank 0 sees a terminal, so the
-  # trainer alone cannot tell that this is a batch job).
+  # --verbose 2: one line per epoch in job.log, never a progress bar, whatever the launcher.
   local settings=(--precision "$PRECISION" --engine "$ENGINE" --steps-per-execution "$STEPS_PER_EXECUTION") var flag
   if [[ $ENGINE == tf ]]; then SRUN_MPI=none; fi  # TensorFlow's own collectives: no MPI
   if [[ -n $RECIPE ]]; then settings+=(--recipe "$RECIPE"); fi
