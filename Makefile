@@ -30,7 +30,7 @@ test: setup       ## lint, then the whole suite (fast + slow + mpi); TF=2.21: th
 	$(LANE_ENV) $(PYTEST) -q -n $(TEST_JOBS) --dist loadfile --durations=25 $(LANE_SET)
 
 test-fast: setup  ## the fast set only (seconds)
-	$(PYTEST) -q -m "not slow"
+	$(PYTEST) -q -n $(TEST_JOBS) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check chexnet_hvd tools tests bench
