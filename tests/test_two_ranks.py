@@ -227,23 +227,25 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine)
 
 
 @pytest.mark.parametrize(("launcher", "model", "calls"), [
-    ("tf", "small_cnn", 4), pytest.param("mpirun", "densenet121", 1, marks=pytest.mark.horovod)])
+    ("tf", "small_cnn", 4), pytest.param("horovodrun", "densenet121", 1, marks=pytest.mark.horovod)])
 def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path, launcher, model, calls):
     """2 workers, their output a batch job's log: a start line before the start-up (input,
     tracing), then a heartbeat line every --heartbeat seconds of an epoch (0.05 s: a few steps
     of the small CNN), before the first epoch line. The small CNN under the tf engine at 4 steps
     per call (beats between calls); DenseNet-121 (at 32 px; its start-up was minutes of silence)
-    under mpirun, which gives each rank a pseudo-terminal for stdout even when its own goes to
-    a pipe: the heartbeats were never printed there, and the progress bar was."""
-    engine = "horovod" if launcher == "mpirun" else launcher
+    under `horovodrun -np 2`, the README's command, which runs Horovod over MPI here: mpirun
+    gives each rank a pseudo-terminal for stdout even when its own goes to a pipe, so the
+    heartbeats were never printed there, and the progress bar was."""
+    engine = "horovod" if launcher == "horovodrun" else launcher
     command = [*train_args(records_dir, tmp_path), "--epochs", "1", "--model", model, "--steps-per-epoch", "12",
                "--heartbeat", "0.05", "--verbose", "1", "--steps-per-execution", str(calls), "--engine", engine]
-    proc = run([*MPIRUN, *command] if launcher == "mpirun" else [*launcher_of(engine, 2), *command],
-               timeout=600, check=True)
-    lines = proc.stdout.splitlines()
+    start = ["horovodrun", "-np", "2"] if launcher == "horovodrun" else launcher_of(engine, 2)
+    proc = run([*start, *command], timeout=600, check=True)
+    lines = [re.sub(r"^\[\d+,\d+\]<stdout>:", "", line) for line in proc.stdout.splitlines()]  # mpirun's tags
     starts = [i for i, line in enumerate(lines) if line.startswith(f"start: 2 rank(s) of the {engine} engine")]
     beats = [i for i, line in enumerate(lines) if re.match(r"epoch 1: step \d+/12, [\d.]+ img/s, loss", line)]
     first_epoch = next(i for i, line in enumerate(lines) if re.match(r"epoch 1: [\d.]+ img/s", line))
     assert len(starts) == 1 and "12 steps per epoch" in lines[starts[0]], proc.stdout[-2000:]
     assert beats and starts[0] < beats[0] < first_epoch, proc.stdout[-2000:]
     assert "\r" not in proc.stdout and "ETA" not in proc.stdout, proc.stdout[-2000:]  # no progress bar
+    assert read_runlog(tmp_path)[0]["backend"] == ("mpi" if launcher == "horovodrun" else "ring")
