@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -193,29 +192,28 @@ def train_batches(run: Run, shapes: list, parts: list, start_epoch: int, epochs:
                                 steps_per_epoch=derived.steps_per_epoch, start_epoch=start_epoch,
                                 epochs=epochs, shapes=shapes, parts=parts, threads=engine.placement.threads,
                                 with_ids=trail is not None)
-    if trail is None:
-        return run.feed.counted(ds.map(data.plain(lambda x, y, m: (x, pack_targets(y, m)))))
+    pack = data.plain(lambda x, y, m: (x, pack_targets(y, m)))
+    if trail is not None:
+        @data.plain
+        def pack(x, y, m, ids):  # in delivery order: a sequential map
+            with tf.control_dependencies([tf.py_function(trail.record, [ids], tf.int64)]):
+                return x, pack_targets(y, m)
 
-    @data.plain
-    def noted(x, y, m, ids):  # in delivery order: a sequential map
-        with tf.control_dependencies([tf.py_function(trail.record, [ids], tf.int64)]):
-            return x, pack_targets(y, m)
-
-    return run.feed.counted(ds.map(noted))
+    return run.feed.counted(ds.map(pack))
 
 
-def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunState, make_batches,
-        steps: int) -> None:
+def fit(run: Run, trained, keras_callbacks: list, state: RunState, trail: callbacks.AuditTrail | None) -> None:
     """Train to --epochs: the rest of an epoch a resumed run entered in mid-epoch (nothing but
     its validation when less than one global batch of it is left), then whole epochs, unless a
     stop (preemption, early stopping) comes first."""
+    cfg, engine = run.cfg, run.engine
 
     def epochs(first: int, end: int) -> None:
         if state.part_steps == 0:  # an epoch with nothing left to train still ends as epochs do
             callbacks.end_empty_epoch(keras_callbacks, trained, first)
             return
         shapes, parts = list(state.shapes), list(state.parts)  # as they are now, for the dataset
-        trained.fit(engine.fit_input(lambda: make_batches(shapes, parts, first, end - first)),
+        trained.fit(engine.fit_input(lambda: train_batches(run, shapes, parts, first, end - first, trail)),
                     epochs=end, initial_epoch=first,
                     steps_per_epoch=state.part_steps, callbacks=keras_callbacks,
                     verbose=progress_bar(cfg.verbose) if engine.rank == 0 else 0)
@@ -225,7 +223,7 @@ def fit(cfg: TrainConfig, engine, trained, keras_callbacks: list, state: RunStat
         epochs(first, first + 1)
         first += 1
     if first < cfg.epochs and not (state.preempted or state.stopped_early):
-        state.part_steps = steps  # whole epochs from here on (a stop above keeps its part's)
+        state.part_steps = run.derived.steps_per_epoch  # whole epochs from here on (a stop above keeps its part's)
         epochs(first, cfg.epochs)
 
 
@@ -291,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         model, trained, state, warnings = restore(run)
         announce(run, model, state, warnings)
         saver, keras_callbacks, trail = assemble(run, model, trained, state)
-        fit(run.cfg, run.engine, trained, keras_callbacks, state, functools.partial(train_batches, run, trail=trail),
-            steps=run.derived.steps_per_epoch)
+        fit(run, trained, keras_callbacks, state, trail)
         if state.preempted:  # checkpoint, exit 75
             return end_preempted(run.engine, state, saver, run.writer)
         if run.cfg.audit:
