@@ -7,8 +7,8 @@ node's link shaped to --rate, allreduce time against message size and rank count
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
-Horovod runs but the 16-rank one: how much of a step is on the wire; last, the rate check: a
-28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
+Horovod runs in TIMELINE: how much of a step is on the wire, in how many fused rounds; last,
+the rate check: a 28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
 count is the ring's at every link rate (--rates-only: that alone); and the algorithm check: Horovod
 over MPI's 28 MB allreduce on 2 and 4 nodes with Open MPI choosing its allreduce algorithm and
 with each of ALGORITHMS forced, which the ring model assumes (--algorithms-only: that alone).
@@ -70,6 +70,7 @@ ALGORITHMS = {"recursive doubling": 3, "ring": 4, "rabenseifner": 6}
 # (2); communicator sizes (2); per size: the size, message sizes (1), "from-bytes algorithm
 # fan-out segment".
 RING_RULES = "1\n2\n2\n2\n1\n0 3 0 0\n3\n1\n0 4 0 0\n"
+CYCLE_MS = 20  # HOROVOD_CYCLE_TIME of the cycle check (ms)
 BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
 # NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
@@ -81,10 +82,16 @@ TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("
          ("horovod", 4, 1, ("--model", "resnet50", f"HOROVOD_FUSION_THRESHOLD={128 << 20}")),
          *[("horovod-ring", nodes, per_node, ()) for nodes, per_node in ((2, 1), (4, 1), (4, 2))],
          ("horovod-ring", 4, 1, ("--fp16-allreduce",)), ("horovod-ring", 4, 1, ("--backward-passes-per-step", "2")),
-         *[("horovod-ring", nodes, 1, ("--model", "resnet50")) for nodes in (2, 4)]]
+         *[("horovod-ring", nodes, 1, ("--model", "resnet50")) for nodes in (2, 4)],
+         # whether a longer delay between Horovod's tensor fusion cycles (each negotiating what the
+         # ranks have ready) changes the step or the 16-rank probe
+         *[(engine, 4, per_node, (f"HOROVOD_CYCLE_TIME={CYCLE_MS}",))
+           for engine, per_node in (("horovod-ring", 1), ("horovod", 1), ("horovod", 4))]]
 # (engine, nodes, ranks per node, extra trainer flags) run once more with Horovod's timeline: what of
-# the step is on the wire (the Horovod configurations of TRAIN but the 16-rank one)
-TIMELINE = [t for t in TRAIN if t[0] == "horovod" and t[1] * t[2] < 16]
+# the step is on the wire (TRAIN's Horovod-over-MPI runs on fewer than 16 ranks, those with Open
+# MPI's ring at DenseNet-121's bytes only, and none at another cycle)
+TIMELINE = [t for t in TRAIN if t[1] * t[2] < 16 and not any(x.startswith("HOROVOD_CYCLE_TIME=") for x in t[3])
+            and (t[0] == "horovod" or t[0] == "horovod-ring" and "--model" not in t[3])]
 WARMUP = 3  # trainer steps per epoch left out of the timing
 LOCKS = ("/tmp/chexnet-rehearsal.lock", "/tmp/chexnet-heavy.lock")
 
@@ -429,8 +436,7 @@ def main() -> None:
         kept = json.loads(Path(args.out).read_text())
         rows, failed = kept["allreduce"], [f for f in kept["failed"] if "flags" not in f]
         sweep_date, minutes_before = kept.get("sweep_date", kept["date"]), kept.get("minutes", 0.0)
-        if host not in kept["machine"]:
-            host = f"{kept['machine']}; what was added {today()}: {host}"
+        host = kept["machine"] if host in kept["machine"] else f"{kept['machine']}; what was added {today()}: {host}"
         rates, algorithms, updates = kept.get("rates", {}), kept.get("algorithms", {}), kept.get("update", {})
         if args.timeline_only or args.missing_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -316,7 +317,7 @@ def comm_notes(r: dict) -> list[str]:
         "NCCL's (NCCLHierarchicalAllreduce, GPUs only); on CPUs the collective is Open MPI's or "
         "Gloo's own. "
         "`tools/scaling_report.py --project` models NVLink-within-a-node layouts hierarchically.")
-    return notes + fusion_note(r) + rate_note(r) + algorithm_note(r) + mpi_notes(r)
+    return notes + fusion_note(r) + rate_note(r) + algorithm_note(r) + mpi_notes(r) + cycle_note(r)
 
 
 def mpi_notes(r: dict) -> list[str]:
@@ -339,7 +340,8 @@ def mpi_notes(r: dict) -> list[str]:
                "the table of the step's error)." if fast else "."))
     ratios: dict = {}
     for t in r["train"]:
-        if (t["nodes"], t["per_node"]) == (4, 1) and "resnet50" not in t["flags"] and (alone := alone_seconds(r, t)):
+        if ((t["nodes"], t["per_node"]) == (4, 1) and "resnet50" not in t["flags"] and "HOROVOD_" not in t["flags"]
+                and (alone := alone_seconds(r, t))):
             ratios.setdefault(t["engine"], []).append(communication(t) / alone)
     mpi = [x for e, v in ratios.items() if e.startswith("horovod") for x in v]
     other = [x for e, v in ratios.items() if not e.startswith("horovod") for x in v]
@@ -349,19 +351,59 @@ def mpi_notes(r: dict) -> list[str]:
             + "; ".join(f"{e} {min(v):.2f}" + (f"-{max(v):.2f}" if max(v) > min(v) else "") for e, v in ratios.items())
             + f". Horovod over MPI spends {(min(mpi) - 1) * 100:.0f}-{(max(mpi) - 1) * 100:.0f}% of an allreduce "
             f"more per step, Gloo and the tf engine at most {max(0, max(other) - 1) * 100:.0f}%, on the same links "
-            "and layout (the timeline splits it for the traced `horovod` runs above: part on the wire beyond "
-            "one allreduce, part in the rest). Its cause is not measured here: it is the unexplained part of "
-            "the Horovod-over-MPI errors.")
+            "and layout" + ("; the per-round table above measures where Horovod over MPI's goes (Gloo and the "
+                            "tf engine were not traced)." if round_split(r) else "."))
     busiest = {t["engine"]: t for t in r["train"] if (t["nodes"], t["per_node"]) == (4, 4) and not t["flags"]}
     if {"horovod", "tf"} <= set(busiest) and busiest["horovod"]["compute"] > 1.5 * busiest["tf"]["compute"]:
         h, tf = busiest["horovod"], busiest["tf"]
+        median = statistics.median(h["compute_seconds"])
+        # the update is scaled by the probe (predict_train), so a probe's excess counts twice
+        at_median = h["predicted_step_flat"] - (h["compute"] - median) * (1 + h["update"] / h["compute"])
         notes.append(
-            f"- 16 ranks on the 2 cores (4 x 4): Horovod over MPI's compute probe took {h['compute']:.2f} s, "
+            f"- 16 ranks on the 2 cores (4 x 4): Horovod over MPI's slowest compute probe took {h['compute']:.2f} s, "
             f"{h['compute'] / tf['compute']:.1f}x the tf engine's ({tf['compute']:.2f} s) on the same layout, and its "
-            f"step is predicted {h['error_flat']:+.0%}: a probe slowed by something the tf engine's ranks do "
-            "not do while probing (not measured here; Horovod's background threads and MPI's progress "
-            "share the cores), which the step itself does not pay in full.")
+            f"step is predicted {h['error_flat']:+.0%}. Its 16 probes spread from {min(h['compute_seconds']):.2f} to "
+            f"{h['compute']:.2f} s (median {median:.2f}), the tf engine's from {min(tf['compute_seconds']):.2f} to "
+            f"{tf['compute']:.2f} s; the model takes the slowest and scales the update by it, so with the median "
+            f"rank's probe it would predict {at_median:.2f} s ({at_median / h['measured_step'] - 1:+.0%}). Why "
+            "Horovod's probes spread so is not measured here (Horovod's background threads and MPI's "
+            "progress share the cores"
+            + "".join(f"; at a {t['flags'].partition('=')[2]} ms cycle, below, they spread from "
+                      f"{min(t['compute_seconds']):.2f} to {t['compute']:.2f} s" for t in r["train"]
+                      if (t["engine"], t["ranks"]) == ("horovod", 16) and t["flags"].startswith("HOROVOD_CYCLE_TIME="))
+            + ").")
     return notes
+
+
+def cycle_note(r: dict) -> list[str]:
+    """The runs at a longer HOROVOD_CYCLE_TIME beside the same engine and layout at Horovod's own
+    (the delay between Horovod's tensor fusion cycles, each negotiating what the ranks have ready),
+    against the spread of Horovod over MPI's repeats in the rate check."""
+    plain = {(t["engine"], t["nodes"], t["per_node"]): t for t in r["train"] if not t["flags"]}
+    pairs = [(t, plain[key]) for t in r["train"] if t["flags"].startswith("HOROVOD_CYCLE_TIME=")
+             and (key := (t["engine"], t["nodes"], t["per_node"])) in plain]
+    if not pairs:
+        return []
+    def ratio(t: dict) -> str:
+        return f"{communication(t) / alone:.2f}" if (alone := alone_seconds(r, t)) else "-"
+    steps = [t["measured_step"] / p["measured_step"] - 1 for t, p in pairs]
+    noise = max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", []) if x["engine"] == "horovod"),
+                default=None)
+    return [f"- Horovod's cycle at {pairs[0][0]['flags'].partition('=')[2]} ms (HOROVOD_CYCLE_TIME: the delay "
+            "between its tensor fusion cycles, each negotiating what the ranks have ready), one run each: step, compute probe and communication over one allreduce, at "
+            "Horovod's own cycle -> the longer one: "
+            + "; ".join(f"{t['engine']} {t['nodes']} x {t['per_node']}: {p['measured_step']:.2f} -> "
+                        f"{t['measured_step']:.2f} s, {p['compute']:.2f} -> {t['compute']:.2f} s, "
+                        f"{ratio(p)} -> {ratio(t)}" for t, p in pairs)
+            + f". The steps moved by {min(steps):+.0%} to {max(steps):+.0%}"
+            + (f", within the {noise:.0%} by which Horovod over MPI's repeats of one allreduce differ (the rate "
+               "check): single runs do not settle whether the cycle matters." if noise and
+               max(map(abs, steps)) < noise else ".")]
+
+
+def repeat_spread(x: dict) -> float:
+    """A measurement's repeats: their range over their median."""
+    return (max(x["all"]) - min(x["all"])) / x["seconds"]
 
 
 def algorithm_note(r: dict) -> list[str]:
@@ -424,18 +466,16 @@ def rate_note(r: dict) -> list[str]:
     at = {(x["engine"], x["rate"], x["nodes"]): x for x in check["rows"]}
     rates = sorted({x["rate"] for x in check["rows"]}, key=rate_gbs)
     engines = list(dict.fromkeys(x["engine"] for x in check["rows"]))
-    def spread(x: dict) -> float:
-        return (max(x["all"]) - min(x["all"])) / x["seconds"]
     rows, growth = [], {}
     for e in engines:
         for rate in rates:
             two, four = at.get((e, rate, 2)), at.get((e, rate, 4))
             if two and four:
                 growth.setdefault(e, []).append(four["seconds"] / two["seconds"])
-                rows.append(f"| {e} | {rate} | {two['seconds']:.2f} ({spread(two) * 100:.0f}%) | "
-                            f"{four['seconds']:.2f} ({spread(four) * 100:.0f}%) | {growth[e][-1]:.2f} |")
+                rows.append(f"| {e} | {rate} | {two['seconds']:.2f} ({repeat_spread(two) * 100:.0f}%) | "
+                            f"{four['seconds']:.2f} ({repeat_spread(four) * 100:.0f}%) | {growth[e][-1]:.2f} |")
     worst = {e: max(abs(g / 1.5 - 1) for g in gs) for e, gs in growth.items()}
-    noisy = {e: max(spread(x) for x in check["rows"] if x["engine"] == e) for e in growth}
+    noisy = {e: max(repeat_spread(x) for x in check["rows"] if x["engine"] == e) for e in growth}
     grown = sweep_growth(r, size)
     gapped = [e for e in growth if grown.get(e, 0) > BEYOND_RING]  # the sweep's gap
     repeated = check.get("repeats", 1) >= 2
@@ -489,6 +529,7 @@ def fusion_note(r: dict) -> list[str]:
 
 
 LARGE = (14_000_000, 28_000_000)  # the sweep's messages of a gradient's size (bench_comm.SIZES)
+SMALL = 32_000  # the sweep's smallest-but-one message: a round's latency, next to no bytes
 
 
 def alone_seconds(r: dict, t: dict) -> float | None:
@@ -544,15 +585,16 @@ def wire_split(r: dict) -> list[str]:
                     + (" | ".join(f"{p:+.0%}" for p in parts) if split else "- | - | -") + " |")
     if not rows:
         return []
-    return ["**What of the step is on the wire, and the model's error split** (the Horovod runs above "
-            "but the 16-rank one, once more with Horovod's timeline, rank 0; medians over the timed "
+    return ["**What of the step is on the wire, and the model's error split** (Horovod-over-MPI runs "
+            "above on fewer than 16 ranks, `horovod-ring`'s at DenseNet-121's bytes only, and none at "
+            "another cycle, once more with Horovod's timeline, rank 0; medians over the timed "
             "steps, per step): time inside Horovod's MPI allreduces (fused rounds merged; waiting for "
             "a slower rank's data included), and the rest of the step beyond compute (the probe and "
             "the update) and wire (negotiation, fusion-buffer copies, gaps between rounds). The "
             "flat-ring model's error (of the measured step) is the sum of three parts: the fit's "
             "(the model's allreduce of the bytes against the one measured alone), the wire's beyond "
-            "one allreduce of the bytes (the gradients go as several fused rounds, each paying the "
-            "ring's steps again), and the rest's (not in the model).", "",
+            "one allreduce of the bytes (the gradients go as several fused rounds"
+            + (": the per-round table below" if round_split(r) else "") + "), and the rest's (not in the model).", "",
             "| engine | nodes x ranks per node | flags | measured step s | compute and update s | on the wire s | fused "
             "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
@@ -566,6 +608,69 @@ def wire_split(r: dict) -> list[str]:
                "its allreduce alone is extrapolated (that message's time scaled up to the bytes), and "
                "its time on the wire came out below 0.9x of it, so the split is not given."]
               if "scaled" in unsplit else []), *([""] if unsplit else [])]
+
+
+def round_split(r: dict) -> list[str]:
+    """The traced `horovod-ring` runs' communication beyond one allreduce of their bytes, per fused
+    round, beside the sweep's small message alone on the same layout; with the CPU Open MPI's
+    ranks keep busy in an allreduce alone, and Gloo's step on the same layouts. Not `horovod`:
+    Open MPI's own choice of algorithm differs by message size, so its rounds are not one
+    allreduce of all the bytes cut in parts."""
+    sweep = {(a["engine"], a["nodes"], a["per_node"], a["bytes"]): a for a in r["allreduce"]}
+    rows, costs, times, layouts = [], {}, [], set()
+    for t in r.get("timeline", []):
+        alone, tl = alone_seconds(r, t), t["timeline"]
+        if (t["engine"] != "horovod-ring" or alone is None or tl["rounds"] < 2
+                or tl["wire_seconds"] < 0.9 * alone * t["backward_passes"]):
+            continue  # one round, or a split not given (wire_split says why)
+        wire = tl["wire_seconds"] - alone * t["backward_passes"]  # per allreduce, as the timeline's
+        gaps = tl["span_seconds"] - tl["wire_seconds"]
+        per_round = (wire + gaps) / tl["rounds"]
+        costs.setdefault(t["ranks"] / r["cpus"], []).append(per_round)
+        small = sweep.get((t["engine"], t["nodes"], t["per_node"], SMALL))
+        times += [per_round / small["seconds"]] if small else []
+        layouts.add((t["nodes"], t["per_node"]))
+        rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['ranks'] / r['cpus']:g} | "
+                    f"{t['flags'] or '-'} | {tl['rounds']:g} | {wire * 1e3:.0f} | {gaps * 1e3:.0f} | "
+                    f"{per_round * 1e3:.0f} | " + (f"{small['seconds'] * 1e3:.1f} |" if small else "- |"))
+    if not rows:
+        return []
+    busy = {e: [a["cores_busy"] for k, a in sweep.items() if k[0] == e and k[1:3] in layouts
+                and k[3] == max(LARGE) and "cores_busy" in a] for e in ENGINES}
+    gloo = [communication(t) / a for t in r["train"] if t["engine"] == "gloo" and not t["flags"]
+            and (t["nodes"], t["per_node"]) in layouts and (a := alone_seconds(r, t))]
+
+    def span(values: list, form: str) -> str:
+        return format(min(values), form) + (f"-{max(values):{form}}" if max(values) > min(values) else "")
+    per_core = [f"{span([c * 1e3 for c in v], '.0f')} ms at {k:g} ranks per core" for k, v in sorted(costs.items())]
+    found = [f"a fused round costs {'; '.join(per_core)}"]
+    if times:
+        found.append(f"{span(times, '.0f')}x the {SMALL / 1e3:g} kB allreduce alone on the same layout and links")
+    if busy["horovod-ring"]:
+        found.append(f"through a {max(LARGE) / 1e6:g} MB allreduce alone Open MPI's ranks kept "
+                     f"{span(busy['horovod-ring'], '.2f')} of the cores busy on these layouts"
+                     + (f", the tf engine's {span(busy['tf'], '.2f')} where measured" if busy["tf"] else ""))
+    if gloo:
+        found.append(f"Horovod over Gloo, its gradients fused into rounds alike, spent {span(gloo, '.2f')}x one "
+                     "allreduce of its bytes per step on these layouts")
+    return ["**Per fused round** (the traced `horovod-ring` runs with more than one round and a split; "
+            "not `horovod`: Open MPI's own choice of algorithm differs by message size, the algorithm "
+            "check below): Horovod allreduces what the backward pass has ready at each of its cycles, so "
+            "a step's gradients go as several fused rounds. Their communication beyond one allreduce of "
+            "the bytes: on the wire beyond it, and the gaps between the rounds (the first round's start "
+            "to the last's end, less the time on the wire); per round, beside the sweep's "
+            f"{SMALL / 1e3:g} kB allreduce alone on the same layout and links:", "",
+            "| engine | nodes x ranks per node | ranks per core | flags | fused rounds | on the wire beyond one "
+            f"allreduce ms | gaps ms | per round ms | {SMALL / 1e3:g} kB allreduce alone ms |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|", *rows, "",
+            "- Measured: " + "; ".join(found) + "."
+            + (" A round costs more than the links' latency, which the small allreduce pays too."
+               if times and min(times) > 3 else "")
+            + " The step model counts one allreduce and no rounds, so it leaves out the rounds times "
+            "this cost. What a round spends it on is not measured here (the negotiation before it, and "
+            "ranks that share the 2 cores with each other's backward passes and with Open MPI's ranks, "
+            "busy while they wait, are where to look); nor is it measured where each rank has cores of "
+            "its own, as on a GPU node.", ""]
 
 
 def layout_order(a: dict) -> tuple:
@@ -643,7 +748,7 @@ def section_comm(r: dict) -> list[str]:
            + "; ".join(f"{e}: {goal(100 * worst, '<=', 10, '%')}" for e, worst in worst_step(r).items())
            + "; the error's parts below (communication beyond one allreduce for every run; fit, wire and "
            "the rest for the traced ones).", ""] if r["train"] else []),
-        *step_split(r), *wire_split(r),
+        *step_split(r), *wire_split(r), *round_split(r),
         *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: the run failed, "
           f"{first_error(f['error'])[:300]}" for f in r.get("failed", [])],
         *comm_notes(r), ""]

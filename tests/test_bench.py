@@ -187,3 +187,44 @@ def test_the_algorithm_check_names_the_algorithm_open_mpi_ran_and_its_unsteady_e
     assert "own choice takes 2.95 s, 0.98x rabenseifner forced (the nearest); the fastest, ring, takes 1.85 s" in text
     assert "- 2 nodes: default, rabenseifner: repeats either near the link rate or up to 1.50x slower; ring: within 20%" in text
     assert run_all.algorithm_note({"fit": {}, "allreduce": [], "algorithms": {}}) == []
+
+
+def test_fused_rounds_are_costed_from_the_trace_and_a_cycle_change_within_the_noise_settles_nothing(monkeypatch):
+    """bench_comm's traced runs: a `horovod-ring` step's time on the wire beyond one allreduce of
+    its bytes plus the gaps between its rounds, per round, beside the small allreduce alone; not
+    for `horovod` (its algorithm differs by size) or a run whose rounds were grouped wrongly
+    (on the wire less than 0.9x the allreduce alone). A longer Horovod cycle that moves the steps
+    by less than the rate check's spread settles nothing; by more, the note says only how much."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run_all
+
+    sweep = [{"engine": e, "nodes": 4, "per_node": 1, "bytes": b, "seconds": s}
+             for e in ("horovod", "horovod-ring") for b, s in ((32_000, 0.004), (28_000_000, 2.0))]
+
+    def traced(engine, wire, span, rounds=3.0):
+        return {"engine": engine, "nodes": 4, "per_node": 1, "ranks": 4, "flags": "", "backward_passes": 1,
+                "gradient_bytes": 28_000_000, "measured_step": 2.6, "compute": 0.2,
+                "timeline": {"wire_seconds": wire, "rounds": rounds, "span_seconds": span}}
+    result = {"cpus": 2, "allreduce": sweep, "train": [],
+              "timeline": [traced("horovod-ring", 2.12, 2.18), traced("horovod", 2.5, 2.6),
+                           traced("horovod-ring", 1.7, 1.8)]}
+    text = "\n".join(run_all.round_split(result))
+    assert "| horovod-ring | 4 x 1 | 2 | - | 3 | 120 | 60 | 60 | 4.0 |" in text  # (0.12 + 0.06) / 3 rounds
+    assert "| horovod |" not in text and text.count("| horovod-ring |") == 1
+    assert "a fused round costs 60 ms at 2 ranks per core; 15x the 32 kB allreduce alone" in text
+    assert "more than the links' latency" in text
+    assert run_all.round_split(result | {"timeline": result["timeline"][1:2]}) == []
+
+    def run(engine, ranks, step, flags=""):
+        return {"engine": engine, "nodes": 4, "per_node": ranks // 4, "ranks": ranks, "flags": flags,
+                "backward_passes": 1, "gradient_bytes": 28_000_000, "measured_step": step, "compute": 0.3,
+                "compute_seconds": [0.3], "update": 0.1}
+    rates = {"rows": [{"engine": "horovod", "seconds": 2.0, "all": [1.8, 2.0, 2.3]}]}  # 25% apart
+    within = {"allreduce": sweep, "rates": rates, "train": [run("horovod", 4, 3.0),
+                                                           run("horovod", 4, 3.3, "HOROVOD_CYCLE_TIME=20")]}
+    text = "\n".join(run_all.cycle_note(within))
+    assert "horovod 4 x 1: 3.00 -> 3.30 s" in text and "moved by +10% to +10%, within the 25%" in text
+    assert "do not settle" in text
+    beyond = within | {"train": [run("horovod", 4, 3.0), run("horovod", 4, 4.5, "HOROVOD_CYCLE_TIME=20")]}
+    assert "\n".join(run_all.cycle_note(beyond)).endswith("moved by +50% to +50%.")
+    assert run_all.cycle_note(within | {"train": within["train"][:1]}) == []
