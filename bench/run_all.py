@@ -351,8 +351,8 @@ def mpi_notes(r: dict) -> list[str]:
             + "; ".join(f"{e} {min(v):.2f}" + (f"-{max(v):.2f}" if max(v) > min(v) else "") for e, v in ratios.items())
             + f". Horovod over MPI spends {(min(mpi) - 1) * 100:.0f}-{(max(mpi) - 1) * 100:.0f}% of an allreduce "
             f"more per step, Gloo and the tf engine at most {max(0, max(other) - 1) * 100:.0f}%, on the same links "
-            "and layout" + ("; the per-round table above measures where Horovod over MPI's goes (Gloo and the "
-                            "tf engine were not traced)." if round_split(r) else "."))
+            "and layout (runs at another Horovod cycle aside: below). Where it goes is measured only for "
+            "the traced runs the per-round table holds; for the others it is not accounted for.")
     busiest = {t["engine"]: t for t in r["train"] if (t["nodes"], t["per_node"]) == (4, 4) and not t["flags"]}
     if {"horovod", "tf"} <= set(busiest) and busiest["horovod"]["compute"] > 1.5 * busiest["tf"]["compute"]:
         h, tf = busiest["horovod"], busiest["tf"]
@@ -387,17 +387,19 @@ def cycle_note(r: dict) -> list[str]:
     def ratio(t: dict) -> str:
         return f"{communication(t) / alone:.2f}" if (alone := alone_seconds(r, t)) else "-"
     steps = [t["measured_step"] / p["measured_step"] - 1 for t, p in pairs]
-    noise = max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", []) if x["engine"] == "horovod"),
+    noise = max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", [])
+                 if x["engine"] == "horovod" and x.get("rate", r.get("rate")) == r.get("rate") and x.get("nodes") == 4),
                 default=None)
+    moved = f"{min(steps):+.0%}" + (f" to {max(steps):+.0%}" if max(steps) > min(steps) else "")
     return [f"- Horovod's cycle at {pairs[0][0]['flags'].partition('=')[2]} ms (HOROVOD_CYCLE_TIME: the delay "
             "between its tensor fusion cycles, each negotiating what the ranks have ready), one run each: step, compute probe and communication over one allreduce, at "
             "Horovod's own cycle -> the longer one: "
             + "; ".join(f"{t['engine']} {t['nodes']} x {t['per_node']}: {p['measured_step']:.2f} -> "
                         f"{t['measured_step']:.2f} s, {p['compute']:.2f} -> {t['compute']:.2f} s, "
                         f"{ratio(p)} -> {ratio(t)}" for t, p in pairs)
-            + f". The steps moved by {min(steps):+.0%} to {max(steps):+.0%}"
-            + (f", within the {noise:.0%} by which Horovod over MPI's repeats of one allreduce differ (the rate "
-               "check): single runs do not settle whether the cycle matters." if noise and
+            + f". The steps moved by {moved}"
+            + (f", within the {noise:.0%} by which Horovod over MPI's repeats of one allreduce on 4 nodes at this "
+               "rate differ (the rate check): single runs do not settle whether the cycle matters." if noise and
                max(map(abs, steps)) < noise else ".")]
 
 
@@ -524,7 +526,8 @@ def fusion_note(r: dict) -> list[str]:
                 f"{base['measured_step']:.2f} s (model {base['error_flat']:+.0%}); {size:g} MB: {rounds(t)}step "
                 f"{t['measured_step']:.2f} s (model {t['error_flat']:+.0%}). A buffer that holds every gradient "
                 "does not make one round: Horovod fuses what the backward pass has ready at each cycle "
-                "(HOROVOD_CYCLE_TIME), so the model's one allreduce of all the bytes stands for both.")
+                "(HOROVOD_CYCLE_TIME); the model's one allreduce of all the bytes stands for both, counting no "
+                "rounds (what a round costs: the per-round table).")
     return notes
 
 
@@ -600,9 +603,11 @@ def wire_split(r: dict) -> list[str]:
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
             *(["- A row without the split, its bytes within the sweep's: its time on the wire came out "
                "below 0.9x the same bytes' allreduce alone, which the trainer's allreduce cannot beat by "
-               "more than the noise, so the trace's rounds were grouped into steps wrongly (likely a gap "
+               "more than the noise: either the trace's rounds were grouped into steps wrongly (a gap "
                "between the fused rounds of one allreduce longer than a third of a step's compute, which "
-               "`wire_per_step` takes for the next step); that row's wire and rest are not to be read."]
+               "`wire_per_step` takes for the next step), or the allreduce alone ran in a slow mode the "
+               "step did not hit (Open MPI's 2-rank exchange, below); that row's wire and rest are not to "
+               "be read."]
               if "grouped" in unsplit else []),
             *([f"- A row without the split, its bytes beyond the sweep's largest message ({max(LARGE) / 1e6:g} MB): "
                "its allreduce alone is extrapolated (that message's time scaled up to the bytes), and "
@@ -625,14 +630,18 @@ def round_split(r: dict) -> list[str]:
             continue  # one round, or a split not given (wire_split says why)
         wire = tl["wire_seconds"] - alone * t["backward_passes"]  # per allreduce, as the timeline's
         gaps = tl["span_seconds"] - tl["wire_seconds"]
-        per_round = (wire + gaps) / tl["rounds"]
+        # no more than the step spent beyond compute, update and one allreduce: a gap can hold
+        # backward-pass time the probe already counts
+        excess = (communication(t) - alone) * t["backward_passes"]
+        per_round = max(0.0, min(wire + gaps, excess)) / tl["rounds"]
         costs.setdefault(t["ranks"] / r["cpus"], []).append(per_round)
         small = sweep.get((t["engine"], t["nodes"], t["per_node"], SMALL))
         times += [per_round / small["seconds"]] if small else []
         layouts.add((t["nodes"], t["per_node"]))
         rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['ranks'] / r['cpus']:g} | "
                     f"{t['flags'] or '-'} | {tl['rounds']:g} | {wire * 1e3:.0f} | {gaps * 1e3:.0f} | "
-                    f"{per_round * 1e3:.0f} | " + (f"{small['seconds'] * 1e3:.1f} |" if small else "- |"))
+                    f"{excess * 1e3:.0f} | {per_round * 1e3:.0f} | "
+                    + (f"{small['seconds'] * 1e3:.1f} |" if small else "- |"))
     if not rows:
         return []
     busy = {e: [a["cores_busy"] for k, a in sweep.items() if k[0] == e and k[1:3] in layouts
@@ -651,26 +660,28 @@ def round_split(r: dict) -> list[str]:
                      f"{span(busy['horovod-ring'], '.2f')} of the cores busy on these layouts"
                      + (f", the tf engine's {span(busy['tf'], '.2f')} where measured" if busy["tf"] else ""))
     if gloo:
-        found.append(f"Horovod over Gloo, its gradients fused into rounds alike, spent {span(gloo, '.2f')}x one "
-                     "allreduce of its bytes per step on these layouts")
+        found.append(f"Horovod over Gloo (not traced) spent {span(gloo, '.2f')}x one allreduce of its bytes per "
+                     "step on these layouts")
     return ["**Per fused round** (the traced `horovod-ring` runs with more than one round and a split; "
             "not `horovod`: Open MPI's own choice of algorithm differs by message size, the algorithm "
             "check below): Horovod allreduces what the backward pass has ready at each of its cycles, so "
             "a step's gradients go as several fused rounds. Their communication beyond one allreduce of "
             "the bytes: on the wire beyond it, and the gaps between the rounds (the first round's start "
-            "to the last's end, less the time on the wire); per round, beside the sweep's "
-            f"{SMALL / 1e3:g} kB allreduce alone on the same layout and links:", "",
+            "to the last's end, less the time on the wire), per round, but no more than the step's excess "
+            "(measured step - compute probe - update - one allreduce alone: a gap can hold backward-pass "
+            f"time the probe counts); beside the sweep's {SMALL / 1e3:g} kB allreduce alone on the same "
+            "layout and links:", "",
             "| engine | nodes x ranks per node | ranks per core | flags | fused rounds | on the wire beyond one "
-            f"allreduce ms | gaps ms | per round ms | {SMALL / 1e3:g} kB allreduce alone ms |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|", *rows, "",
+            f"allreduce ms | gaps ms | the step's excess ms | per round ms | {SMALL / 1e3:g} kB allreduce alone ms |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|", *rows, "",
             "- Measured: " + "; ".join(found) + "."
             + (" A round costs more than the links' latency, which the small allreduce pays too."
                if times and min(times) > 3 else "")
-            + " The step model counts one allreduce and no rounds, so it leaves out the rounds times "
-            "this cost. What a round spends it on is not measured here (the negotiation before it, and "
-            "ranks that share the 2 cores with each other's backward passes and with Open MPI's ranks, "
+            + " What a round spends that cost on is not measured here (the negotiation before it, and ranks "
+            f"that share the {r['cpus']} cores with each other's backward passes and with Open MPI's ranks, "
             "busy while they wait, are where to look); nor is it measured where each rank has cores of "
-            "its own, as on a GPU node.", ""]
+            "its own, as on a GPU node; and runs the table does not hold (unsplit, one round, not traced) "
+            "keep their excess unaccounted for.", ""]
 
 
 def layout_order(a: dict) -> tuple:
