@@ -348,7 +348,7 @@ def mpi_notes(r: dict) -> list[str]:
     if mpi and other and min(mpi) > max(other):
         notes.append(
             "- DenseNet-121 on 4 x 1, the step's communication over one allreduce of its bytes: "
-            + "; ".join(f"{e} {min(v):.2f}" + (f"-{max(v):.2f}" if max(v) > min(v) else "") for e, v in ratios.items())
+            + "; ".join(f"{e} {value_range(v, '.2f')}" for e, v in ratios.items())
             + f". Horovod over MPI spends {(min(mpi) - 1) * 100:.0f}-{(max(mpi) - 1) * 100:.0f}% of an allreduce "
             f"more per step, Gloo and the tf engine at most {max(0, max(other) - 1) * 100:.0f}%, on the same links "
             "and layout (runs at another Horovod cycle aside: below). Where it goes is measured only for "
@@ -390,7 +390,7 @@ def cycle_note(r: dict) -> list[str]:
     noise = max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", [])
                  if x["engine"] == "horovod" and x.get("rate", r.get("rate")) == r.get("rate") and x.get("nodes") == 4),
                 default=None)
-    moved = f"{min(steps):+.0%}" + (f" to {max(steps):+.0%}" if max(steps) > min(steps) else "")
+    moved = value_range(steps, "+.0%", " to ")
     return [f"- Horovod's cycle at {pairs[0][0]['flags'].partition('=')[2]} ms (HOROVOD_CYCLE_TIME: the delay "
             "between its tensor fusion cycles, each negotiating what the ranks have ready), one run each: step, compute probe and communication over one allreduce, at "
             "Horovod's own cycle -> the longer one: "
@@ -401,6 +401,11 @@ def cycle_note(r: dict) -> list[str]:
             + (f", within the {noise:.0%} by which Horovod over MPI's repeats of one allreduce on 4 nodes at this "
                "rate differ (the rate check): single runs do not settle whether the cycle matters." if noise and
                max(map(abs, steps)) < noise else ".")]
+
+
+def value_range(values: list, form: str, between: str = "-") -> str:
+    """`values` as their lowest and highest, or as one value where they are all the same."""
+    return format(min(values), form) + (f"{between}{max(values):{form}}" if max(values) > min(values) else "")
 
 
 def repeat_spread(x: dict) -> float:
@@ -566,7 +571,7 @@ def step_split(r: dict) -> list[str]:
             "|---|---|---|---:|---:|---:|", *rows, ""]
 
 
-def wire_split(r: dict) -> list[str]:
+def wire_split(r: dict, per_round: bool) -> list[str]:
     """The runs traced with Horovod's timeline: the step split into compute, time on the wire and
     the rest, and the flat-ring model's error split into the fit's, the wire's beyond one
     allreduce of the bytes, and the rest's (the three add up to the error)."""
@@ -597,7 +602,7 @@ def wire_split(r: dict) -> list[str]:
             "flat-ring model's error (of the measured step) is the sum of three parts: the fit's "
             "(the model's allreduce of the bytes against the one measured alone), the wire's beyond "
             "one allreduce of the bytes (the gradients go as several fused rounds"
-            + (": the per-round table below" if round_split(r) else "") + "), and the rest's (not in the model).", "",
+            + (": the per-round table below" if per_round else "") + "), and the rest's (not in the model).", "",
             "| engine | nodes x ranks per node | flags | measured step s | compute and update s | on the wire s | fused "
             "rounds | rest s | allreduce alone s | model's allreduce s | model error | fit | wire beyond "
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
@@ -645,22 +650,19 @@ def round_split(r: dict) -> list[str]:
     if not rows:
         return []
     busy = {e: [a["cores_busy"] for k, a in sweep.items() if k[0] == e and k[1:3] in layouts
-                and k[3] == max(LARGE) and "cores_busy" in a] for e in ENGINES}
+                and k[3] == max(LARGE) and "cores_busy" in a] for e in ("horovod-ring", "tf")}
     gloo = [communication(t) / a for t in r["train"] if t["engine"] == "gloo" and not t["flags"]
             and (t["nodes"], t["per_node"]) in layouts and (a := alone_seconds(r, t))]
-
-    def span(values: list, form: str) -> str:
-        return format(min(values), form) + (f"-{max(values):{form}}" if max(values) > min(values) else "")
-    per_core = [f"{span([c * 1e3 for c in v], '.0f')} ms at {k:g} ranks per core" for k, v in sorted(costs.items())]
+    per_core = [f"{value_range([c * 1e3 for c in v], '.0f')} ms at {k:g} ranks per core" for k, v in sorted(costs.items())]
     found = [f"a fused round costs {'; '.join(per_core)}"]
     if times:
-        found.append(f"{span(times, '.0f')}x the {SMALL / 1e3:g} kB allreduce alone on the same layout and links")
+        found.append(f"{value_range(times, '.0f')}x the {SMALL / 1e3:g} kB allreduce alone on the same layout and links")
     if busy["horovod-ring"]:
         found.append(f"through a {max(LARGE) / 1e6:g} MB allreduce alone Open MPI's ranks kept "
-                     f"{span(busy['horovod-ring'], '.2f')} of the cores busy on these layouts"
-                     + (f", the tf engine's {span(busy['tf'], '.2f')} where measured" if busy["tf"] else ""))
+                     f"{value_range(busy['horovod-ring'], '.2f')} of the cores busy on these layouts"
+                     + (f", the tf engine's {value_range(busy['tf'], '.2f')} where measured" if busy["tf"] else ""))
     if gloo:
-        found.append(f"Horovod over Gloo (not traced) spent {span(gloo, '.2f')}x one allreduce of its bytes per "
+        found.append(f"Horovod over Gloo (not traced) spent {value_range(gloo, '.2f')}x one allreduce of its bytes per "
                      "step on these layouts")
     return ["**Per fused round** (the traced `horovod-ring` runs with more than one round and a split; "
             "not `horovod`: Open MPI's own choice of algorithm differs by message size, the algorithm "
@@ -703,7 +705,7 @@ def worst_step(r: dict) -> dict:
 
 def section_comm(r: dict) -> list[str]:
     """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
-    fit = r["fit"]
+    fit, rounds = r["fit"], round_split(r)
     shown = (32_000, 1_000_000, 14_000_000, 28_000_000)
     def both(r: dict, key: str, scale: float, digits: int) -> str:
         return " | ".join(f"{r[f'{key}_{kind}'] * scale:.{digits}f} ({r[f'error_{kind}'] * 100:+.0f}%)"
@@ -759,7 +761,7 @@ def section_comm(r: dict) -> list[str]:
            + "; ".join(f"{e}: {goal(100 * worst, '<=', 10, '%')}" for e, worst in worst_step(r).items())
            + "; the error's parts below (communication beyond one allreduce for every run; fit, wire and "
            "the rest for the traced ones).", ""] if r["train"] else []),
-        *step_split(r), *wire_split(r), *round_split(r),
+        *step_split(r), *wire_split(r, bool(rounds)), *rounds,
         *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: the run failed, "
           f"{first_error(f['error'])[:300]}" for f in r.get("failed", [])],
         *comm_notes(r), ""]
