@@ -144,6 +144,7 @@ class Watchdog:
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     @property
     def announce(self) -> tuple[str, int]:
@@ -186,12 +187,31 @@ class Watchdog:
 
     def _listen(self) -> None:
         while not self._stop.is_set():
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16))
-                payload = json.loads(data)
-            except (TimeoutError, OSError, ValueError):
-                continue
-            if isinstance(payload, dict) and (rank := payload.get("rank")) in self.heard:
+            self._receive(0)
+
+    def read_queued(self) -> None:
+        """Note the heartbeats that have arrived but not been read (a rank starved of the CPU
+        runs its listener late): a decision on what had been read named every rank once, the
+        beat read between the decision and the naming having made the silent peer look heard."""
+        for _ in range(1024):  # bounded: peers beat a few times per interval
+            if not self._receive(socket.MSG_DONTWAIT):
+                return
+
+    def _receive(self, flags: int) -> bool:
+        """Read one datagram (waiting up to an interval unless `flags` says not to) and note it
+        if it is a peer's heartbeat; False when none came."""
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16), flags)
+        except (TimeoutError, BlockingIOError):
+            return False
+        except OSError:  # e.g. an ICMP error of an earlier send to a peer that is gone
+            return True
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return True
+        if isinstance(payload, dict) and (rank := payload.get("rank")) in self.heard:
+            with self._lock:  # two threads read: the later arrival stands
                 self.reached.add(rank)
                 # never earlier than the beat before it (they arrive in order): a step of the wall
                 # clock while a beat waited would make a live peer look silent
@@ -199,6 +219,7 @@ class Watchdog:
                 self.heard[rank] = {"at": arrived, **{
                     key: payload[key] for key in ("step", "taken", "delivered", "idle")},
                     "phase": payload.get("phase", TRAINING)}
+        return True
 
     def _watch(self) -> None:
         last_tick = time.monotonic()
@@ -219,17 +240,19 @@ class Watchdog:
                 except OSError:
                     pass  # a peer we cannot reach is what the others will report
             self.heard[self.rank] = {"at": now, **mine}
+            self.read_queued()
+            now, heard = time.monotonic(), dict(self.heard)  # one view: the decision's and the names'
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
-            job_idle = min(h["idle"] + now - h["at"] for h in self.heard.values())
+            job_idle = min(h["idle"] + now - h["at"] for h in heard.values())
             # A peer once heard and silent since (stopped, killed, cut off) stalls the job when
             # this rank has made no progress either, whether steps are due or not: before the
             # first step, between fits, at the last barrier. (While this rank progresses, its
             # collectives complete: the peer lives, its heartbeats are what got lost.)
-            silent = set(self.silent_peers(self.timeout))
+            silent = {r for r, h in heard.items() if r != self.rank and now - h["at"] > self.timeout}
             if (silent & self.reached and idle > self.timeout) or (self.armed and job_idle > self.timeout
-                        and not late(now, self.rank, self.heard, self.interval, self.timeout)):
-                self._stalled(now, idle)
+                        and not late(now, self.rank, heard, self.interval, self.timeout)):
+                self._stalled(now, idle, heard)
                 return
             if self.rank == 0 and not self.warned and (deaf := sorted(silent - self.reached)):
                 self.warned = True  # a peer never heard: its address does not reach the chief
@@ -246,13 +269,13 @@ class Watchdog:
               f"the other ranks end the job (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
         os._exit(EXIT_STALLED)
 
-    def _stalled(self, now: float, idle: float) -> None:
-        names, why = culprits(now, self.rank, self.heard, self.timeout)
+    def _stalled(self, now: float, idle: float, heard: dict[int, dict]) -> None:
+        names, why = culprits(now, self.rank, heard, self.timeout)
         where = ", ".join(f"rank {r}" + (f" ({self.hosts[r]})" if self.hosts else "") for r in names)
         message = (f"stalled: no progress on rank {self.rank} for {idle:.0f} s "
                    f"(--stall-timeout {self.timeout:g}); waiting for {where}: {why}")
         print(f"error: {message}; ending the job (exit {EXIT_STALLED})", file=sys.stderr, flush=True)
-        alive = [r for r in sorted(self.heard) if r not in names]
+        alive = [r for r in sorted(heard) if r not in names]
         writer = alive[0] if alive else self.rank
         if self.rank != 0:  # the chief speaks first when it can (its exit ends the job); a rank
             # that cannot hear it (it stopped, or a cut link between them) waits, then writes
