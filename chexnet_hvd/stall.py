@@ -143,6 +143,11 @@ class Watchdog:
         if sys.platform.startswith("linux"):  # arrival stamps: see `queued`
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        # the same socket, never waiting: the watch reads what has queued (`read_queued`) while
+        # the listener waits on the socket above (its timeout makes every read wait for data)
+        self.queue = socket.socket(fileno=os.dup(self.sock.fileno()))
+        self.queue.setblocking(False)
+        self.beats = 0  # heartbeats sent: a beat read after a later one of the same peer is dropped
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -187,21 +192,21 @@ class Watchdog:
 
     def _listen(self) -> None:
         while not self._stop.is_set():
-            self._receive(0)
+            self._receive(self.sock)
 
     def read_queued(self) -> None:
         """Note the heartbeats that have arrived but not been read (a rank starved of the CPU
         runs its listener late): a decision on what had been read named every rank once, the
         beat read between the decision and the naming having made the silent peer look heard."""
         for _ in range(1024):  # bounded: peers beat a few times per interval
-            if not self._receive(socket.MSG_DONTWAIT):
+            if not self._receive(self.queue):
                 return
 
-    def _receive(self, flags: int) -> bool:
-        """Read one datagram (waiting up to an interval unless `flags` says not to) and note it
-        if it is a peer's heartbeat; False when none came."""
+    def _receive(self, sock: socket.socket) -> bool:
+        """Read one datagram from `sock` (the listener's waits up to an interval for one, the
+        queue's does not wait) and note it if it is a peer's heartbeat; False when none came."""
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(16), flags)
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
         except (TimeoutError, BlockingIOError):
             return False
         except OSError:  # e.g. an ICMP error of an earlier send to a peer that is gone
@@ -211,13 +216,15 @@ class Watchdog:
         except ValueError:
             return True
         if isinstance(payload, dict) and (rank := payload.get("rank")) in self.heard:
-            with self._lock:  # two threads read: the later arrival stands
+            with self._lock:  # two threads read: a beat older than the one noted is dropped
                 self.reached.add(rank)
+                if "beat" in payload and payload["beat"] <= self.heard[rank].get("beat", 0):
+                    return True
                 # never earlier than the beat before it (they arrive in order): a step of the wall
                 # clock while a beat waited would make a live peer look silent
                 arrived = max(time.monotonic() - queued(ancillary), self.heard[rank]["at"])
                 self.heard[rank] = {"at": arrived, **{
-                    key: payload[key] for key in ("step", "taken", "delivered", "idle")},
+                    key: payload[key] for key in ("step", "taken", "delivered", "idle")}, "beat": payload.get("beat", 0),
                     "phase": payload.get("phase", TRAINING)}
         return True
 
@@ -233,7 +240,8 @@ class Watchdog:
             self.delivered = self.count_delivered()
             mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle,
                     "phase": self.phase}
-            beat = json.dumps({"rank": self.rank, **mine, "idle": round(idle, 1)}).encode()
+            self.beats += 1
+            beat = json.dumps({"rank": self.rank, "beat": self.beats, **mine, "idle": round(idle, 1)}).encode()
             for address in self.peers:
                 try:
                     self.sock.sendto(beat, address)

@@ -384,16 +384,23 @@ def test_a_heartbeat_counts_from_when_it_arrived_not_when_it_was_read():
 def test_a_heartbeat_queued_unread_is_noted_before_a_stall_is_decided():
     """A starved rank's listener had not read a peer's last beat when its watch decided the
     peer was silent; the beat, read before the names were, made the peer look heard and the
-    job named every rank. The watch reads what has queued first: the peer is heard, at the
-    beat's arrival."""
+    job named every rank. The watch reads what has queued first, without waiting (an empty
+    queue returns at once: a read that waited would hold the watch's own heartbeats): the peer
+    is heard, at its newest beat's arrival; an older beat read after it is dropped."""
     dog = stall.Watchdog(0, None, 10.0, lambda message, names: None)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+    with dog.sock, dog.queue, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         dog.heard = {r: {"at": time.monotonic() - 20, "step": 0, "taken": 0, "delivered": 1, "idle": 0.0}
                      for r in (0, 1)}
-        assert dog.silent_peers(10.0) == [1]
-        beat = {"rank": 1, "step": 3, "taken": 3, "delivered": 4, "idle": 0.5, "phase": stall.TRAINING}
-        peer.sendto(json.dumps(beat).encode(), ("127.0.0.1", dog.announce[1]))
-        time.sleep(0.5)
+        began = time.monotonic()
         dog.read_queued()
+        assert time.monotonic() - began < 0.1 and dog.silent_peers(10.0) == [1]
+        for number, step in ((2, 3), (1, 2)):  # the newer beat first, then an older one
+            beat = {"rank": 1, "beat": number, "step": step, "taken": step, "delivered": step + 1, "idle": 0.5,
+                    "phase": stall.TRAINING}
+            peer.sendto(json.dumps(beat).encode(), ("127.0.0.1", dog.announce[1]))
+        time.sleep(0.5)
+        began = time.monotonic()
+        dog.read_queued()
+        assert time.monotonic() - began < 0.1
     assert dog.silent_peers(10.0) == [] and dog.reached == {1} and dog.heard[1]["step"] == 3
     assert 0.3 < time.monotonic() - dog.heard[1]["at"] < 5, dog.heard[1]
