@@ -31,6 +31,7 @@ restores the links.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import json
@@ -92,6 +93,11 @@ TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("
 # MPI's ring at DenseNet-121's bytes only, and none at another cycle)
 TIMELINE = [t for t in TRAIN if t[1] * t[2] < 16 and not any(x.startswith("HOROVOD_CYCLE_TIME=") for x in t[3])
             and (t[0] == "horovod" or t[0] == "horovod-ring" and "--model" not in t[3])]
+# (engine, nodes, ranks per node, extra trainer flags) run REPEATS times more: how much an
+# identical run's step and compute probe (and so the model's error) vary between runs
+REPEATED = [("horovod-ring", 4, 1, ()), ("horovod-ring", 4, 1, ("--backward-passes-per-step", "2")),
+            ("horovod", 4, 1, ()), ("tf", 4, 1, ())]
+REPEATS = 2
 WARMUP = 3  # trainer steps per epoch left out of the timing
 LOCKS = ("/tmp/chexnet-rehearsal.lock", "/tmp/chexnet-heavy.lock")
 
@@ -254,45 +260,51 @@ def records(tmp: Path) -> Path:
     return out
 
 
-def allreduce_rounds(timeline: Path) -> list[tuple[float, float]]:
-    """The allreduces Horovod ran (rank 0's timeline): [start, end] seconds of each *_ALLREDUCE
-    activity but the negotiation, merged over the tensors one fused buffer carried."""
+def allreduce_steps(timeline: Path) -> list[list[tuple[float, float]]]:
+    """The allreduces Horovod ran (rank 0's timeline), per update: the k-th update holds each
+    gradient's k-th *_ALLREDUCE activity (but the negotiation), merged over the tensors one fused
+    buffer carried into rounds [start, end] seconds. Gradients are the tensors allreduced as
+    often as most are (once per update; a stop check joins them where it runs as often, the
+    epochs' metric averaging does not): grouped by tensor, not by the gaps between rounds, which
+    within one update can be longer than between two. A trace cut off (no closing bracket) in
+    its last update: that update, which some gradients lack, is left out."""
     text = timeline.read_text().strip().rstrip(",")  # written as it goes: may lack its "]"
-    stacks, spans = {}, []
-    for event in json.loads(text if text.endswith("]") else text + "]"):
+    cut = not text.endswith("]")
+    stacks: dict = {}
+    spans: dict = {}  # per tensor (the timeline's pid)
+    for event in json.loads(text + "]" if cut else text):
         stack = stacks.setdefault(event.get("pid"), [])
         if event.get("ph") == "B":
             stack.append((event["name"], event["ts"]))
         elif event.get("ph") == "E" and stack:
             name, start = stack.pop()
             if name.endswith("_ALLREDUCE") and name != "NEGOTIATE_ALLREDUCE":
-                spans.append([start / 1e6, event["ts"] / 1e6])
-    merged: list = []
+                spans.setdefault(event["pid"], []).append((start / 1e6, event["ts"] / 1e6))
+    if not spans:
+        raise ValueError(f"{timeline}: no allreduce in Horovod's timeline")
+    most = collections.Counter(map(len, spans.values())).most_common(1)[0][0]
+    gradients = [sorted(s) for s in spans.values() if len(s) == most or cut and abs(len(s) - most) == 1]
+    return [merged([g[k] for g in gradients]) for k in range(min(map(len, gradients)))]
+
+
+def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Time spans joined where they overlap, in order."""
+    out: list = []
     for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
         else:
-            merged.append([start, end])
-    return [tuple(m) for m in merged]
+            out.append([start, end])
+    return [tuple(m) for m in out]
 
 
-def wire_per_step(rounds: list[tuple[float, float]], compute: float, steps: int) -> dict:
-    """The timeline's allreduce rounds grouped into steps (a gap longer than a third of the
-    compute starts a new one; groups with less than half the largest one's wire time, such as
-    the epoch's end, left out): per step of the last `steps`, the median seconds on the wire,
-    the number of fused rounds (the step's stop check among them), and the span from the first
-    round's start to the last's end."""
-    groups: list = []
-    for start, end in rounds:
-        if groups and start - groups[-1][-1][1] < compute / 3:
-            groups[-1].append((start, end))
-        else:
-            groups.append([(start, end)])
-    wire = [sum(e - s for s, e in g) for g in groups]
-    last = [g for g, w in zip(groups, wire, strict=True) if w > max(wire) / 2][-steps:]  # steps, not the epoch-end averaging
-    return {"wire_seconds": statistics.median([sum(e - s for s, e in g) for g in last]),
-            "rounds": statistics.median([len(g) for g in last]),
-            "span_seconds": statistics.median([g[-1][1] - g[0][0] for g in last])}
+def wire_per_step(updates: list[list[tuple[float, float]]], steps: int) -> dict:
+    """Of the last `steps` updates' fused rounds (`allreduce_steps`): the median seconds on the
+    wire, number of rounds, and span from the first round's start to the last's end."""
+    last = updates[-steps:]
+    return {"wire_seconds": statistics.median([sum(e - s for s, e in u) for u in last]),
+            "rounds": statistics.median(map(len, last)),
+            "span_seconds": statistics.median([u[-1][1] - u[0][0] for u in last]), "grouped_by": "tensor"}
 
 
 def split_knobs(extra: tuple) -> tuple[dict, list]:
@@ -304,11 +316,11 @@ def split_knobs(extra: tuple) -> tuple[dict, list]:
 
 
 def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp: Path, args,
-          timeline: bool = False) -> dict:
+          timeline: bool = False, again: int = 0) -> dict:
     """One real trainer run; its last epoch's measured step and compute probe (with `timeline`,
     Horovod's timeline of it: what of the step is on the wire, `wire_per_step`, per allreduce:
-    one per `--backward-passes-per-step` steps)."""
-    run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}{'-traced' if timeline else ''}"
+    one per `--backward-passes-per-step` steps); `again`: the how-manieth repeat of it."""
+    run_dir = tmp / f"run-{engine}-{nodes}x{per_node}-{'-'.join(extra) or 'plain'}{'-traced' if timeline else ''}{f'-again{again}' if again else ''}"
     k = int(extra[1]) if extra[:1] == ("--backward-passes-per-step",) else 1
     knobs, flags = split_knobs(extra)
     timed = args.steps - WARMUP + (WARMUP - args.steps) % k  # whole accumulation cycles: 1 allreduce per k steps
@@ -323,9 +335,9 @@ def train(engine: str, nodes: int, per_node: int, extra: tuple, data: Path, tmp:
     grad_bytes = 4 * start["trainable_params"] / (2 if "--fp16-allreduce" in extra else 1)
     run = {"engine": engine, "nodes": nodes, "per_node": per_node, "ranks": nodes * per_node,
            "flags": " ".join(extra), "backward_passes": k, "gradient_bytes": grad_bytes,
-           "measured_step": last["step_seconds"], "compute": max(last["compute_seconds"]),
+           "measured_step": last["step_seconds"], "compute": max(last["compute_seconds"]), "machine": machine(),
            "compute_seconds": last["compute_seconds"]}
-    return run | ({"timeline": wire_per_step(allreduce_rounds(trace), run["compute"], timed // k)} if timeline else {})
+    return run | ({"timeline": wire_per_step(allreduce_steps(trace), timed // k)} if timeline else {})
 
 
 def update_costs() -> dict:
@@ -370,12 +382,12 @@ def predict_train(r: dict, nets: dict, updates: dict, alone: dict) -> dict:
     return r
 
 
-def predict_runs(runs: list[dict], traced: list[dict], nets: dict, updates: dict, cpus: int) -> tuple[list, list]:
-    """Every trainer run (and traced run) predicted anew: by the fit and update costs of now,
-    its probe's contention measured against all the runs' (kept runs and new alike)."""
+def predict_runs(runs: list[dict], nets: dict, updates: dict, cpus: int, *others: list[dict]) -> list[list]:
+    """Every trainer run (and the `others`: traced runs, repeats) predicted anew: by the fit and
+    update costs of now, its probe's contention measured against all the trainer runs' (kept runs
+    and new alike)."""
     alone = alone_probes(runs, cpus)
-    return ([predict_train(r, nets, updates, alone) for r in runs],
-            [predict_train(r, nets, updates, alone) for r in traced])
+    return [[predict_train(r, nets, updates, alone) for r in rs] for rs in (runs, *others)]
 
 
 def refit(path: Path) -> None:
@@ -386,8 +398,8 @@ def refit(path: Path) -> None:
     result["fit"] = {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()}
     result["allreduce"] = predict_sweep(result["allreduce"], nets)
     result["update"] = result.get("update") or update_costs()
-    result["train"], result["timeline"] = predict_runs(result["train"], result.get("timeline", []), nets,
-                                                       result["update"], result["cpus"])
+    result["train"], result["timeline"], result["repeats"] = predict_runs(
+        result["train"], nets, result["update"], result["cpus"], result.get("timeline", []), result.get("repeats", []))
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -427,7 +439,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(kept | check, indent=1))
         return
     began = time.time()
-    rows, runs, traced, nets, failed, rates, algorithms, updates = [], [], [], {}, [], {}, {}, {}
+    rows, runs, traced, repeats, nets, failed, rates, algorithms, updates = [], [], [], [], {}, [], {}, {}, {}
     sweep_date = today()
     have: set = set()  # (engine, nodes, per_node, flags, traced) of the runs kept
     minutes_before = 0.0  # "minutes" sums every pass that wrote --out
@@ -440,6 +452,7 @@ def main() -> None:
         rates, algorithms, updates = kept.get("rates", {}), kept.get("algorithms", {}), kept.get("update", {})
         if args.timeline_only or args.missing_only:  # and the trainer runs'
             runs, failed = kept["train"], [f for f in kept["failed"] if f.get("flags") != "(timeline)"]
+            repeats = kept.get("repeats", [])
         if args.missing_only:  # and the traced ones'
             traced = kept.get("timeline", [])
             have = ({(r["engine"], r["nodes"], r["per_node"], r["flags"], False) for r in runs}
@@ -447,13 +460,15 @@ def main() -> None:
             failed = [f for f in kept["failed"] if "flags" not in f]
 
     def save() -> None:  # after every measurement: a long run cut short keeps what it measured
-        predicted, traced_predicted = predict_runs(runs, traced, nets, updates, os.cpu_count()) if nets else (runs, traced)
+        predicted, traced_predicted, repeats_predicted = (
+            predict_runs(runs, nets, updates, os.cpu_count(), traced, repeats) if nets else (runs, traced, repeats))
         result = {
             "machine": host, "date": today(), "sweep_date": sweep_date, "rate": args.rate,
             "link_gbs": rate_gbs(args.rate), "cpus": os.cpu_count(),
             "minutes": round(minutes_before + (time.time() - began) / 60, 1),
             "fit": {e: {"bandwidth_gbs": n.bandwidth_gbs, "latency_us": n.latency_us} for e, n in nets.items()},
-            "allreduce": rows, "train": predicted, "timeline": traced_predicted, "failed": failed, "rates": rates,
+            "allreduce": rows, "train": predicted, "timeline": traced_predicted, "repeats": repeats_predicted,
+            "failed": failed, "rates": rates,
             "algorithms": algorithms, "update": updates}
         Path(args.out).write_text(json.dumps(result, indent=1))
 
@@ -499,6 +514,18 @@ def main() -> None:
                     continue
                 print(f"timeline {traced[-1]} ({time.time() - began:.0f} s)", flush=True)
                 save()
+            for engine, nodes, per_node, extra in [] if args.timeline_only else REPEATED:
+                done = sum((r["engine"], r["nodes"], r["per_node"], r["flags"]) == (engine, nodes, per_node, " ".join(extra))
+                           for r in repeats)
+                for again in range(done + 1, REPEATS + 1):
+                    try:
+                        repeats.append(train(engine, nodes, per_node, extra, data, tmp, args, again=again))
+                    except (RuntimeError, subprocess.TimeoutExpired, KeyError, IndexError) as err:
+                        failed.append({"engine": engine, "nodes": nodes, "per_node": per_node, "flags": "(repeat)",
+                                       "error": f"{type(err).__name__}: {str(err)[-1500:]}"})
+                        continue
+                    print(f"repeat {repeats[-1]} ({time.time() - began:.0f} s)", flush=True)
+                    save()
             save()  # the last run's failure too
     if not (args.train_only or args.timeline_only or args.missing_only or args.skip_train):
         rates = rate_check(args.repeats)

@@ -379,33 +379,53 @@ def cycle_note(r: dict) -> list[str]:
     """The runs at a longer HOROVOD_CYCLE_TIME beside the same engine and layout at Horovod's own
     (the delay between Horovod's tensor fusion cycles, each negotiating what the ranks have ready),
     against the spread of Horovod over MPI's repeats in the rate check."""
-    plain = {(t["engine"], t["nodes"], t["per_node"]): t for t in r["train"] if not t["flags"]}
-    pairs = [(t, plain[key]) for t in r["train"] if t["flags"].startswith("HOROVOD_CYCLE_TIME=")
-             and (key := (t["engine"], t["nodes"], t["per_node"])) in plain]
+    pairs = paired(r, "HOROVOD_CYCLE_TIME=")
     if not pairs:
         return []
-    def ratio(t: dict) -> str:
-        return f"{communication(t) / alone:.2f}" if (alone := alone_seconds(r, t)) else "-"
     steps = [t["measured_step"] / p["measured_step"] - 1 for t, p in pairs]
-    noise = max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", [])
-                 if x["engine"] == "horovod" and x.get("rate", r.get("rate")) == r.get("rate") and x.get("nodes") == 4),
-                default=None)
+    noise = horovod_noise(r)
     moved = value_range(steps, "+.0%", " to ")
     return [f"- Horovod's cycle at {pairs[0][0]['flags'].partition('=')[2]} ms (HOROVOD_CYCLE_TIME: the delay "
             "between its tensor fusion cycles, each negotiating what the ranks have ready), one run each: step, compute probe and communication over one allreduce, at "
             "Horovod's own cycle -> the longer one: "
             + "; ".join(f"{t['engine']} {t['nodes']} x {t['per_node']}: {p['measured_step']:.2f} -> "
                         f"{t['measured_step']:.2f} s, {p['compute']:.2f} -> {t['compute']:.2f} s, "
-                        f"{ratio(p)} -> {ratio(t)}" for t, p in pairs)
+                        f"{excess_ratio(r, p)} -> {excess_ratio(r, t)}" for t, p in pairs)
             + f". The steps moved by {moved}"
             + (f", within the {noise:.0%} by which Horovod over MPI's repeats of one allreduce on 4 nodes at this "
                "rate differ (the rate check): single runs do not settle whether the cycle matters." if noise and
                max(map(abs, steps)) < noise else ".")]
 
 
+def without(t: dict, marker: str) -> tuple:
+    """A trainer run's engine, layout and flags but those holding `marker` (a setting's name)."""
+    return t["engine"], t["nodes"], t["per_node"], " ".join(f for f in t["flags"].split() if marker not in f)
+
+
+def paired(r: dict, marker: str) -> list[tuple[dict, dict]]:
+    """Each trainer run with a setting among its flags (`marker`, e.g. "HOROVOD_CYCLE_TIME=") beside
+    the same run without it."""
+    plain = {without(t, marker): t for t in r["train"] if marker not in t["flags"]}
+    return [(t, plain[without(t, marker)]) for t in r["train"] if marker in t["flags"] and without(t, marker) in plain]
+
+
+def excess_ratio(r: dict, t: dict) -> str:
+    """A trainer run's communication over one allreduce of its bytes alone, or "-"."""
+    return f"{communication(t) / alone:.2f}" if (alone := alone_seconds(r, t)) else "-"
+
+
+def horovod_noise(r: dict) -> float | None:
+    """How far Horovod over MPI's repeats of one allreduce on 4 nodes at the run's rate differ
+    (the rate check's range over median), or None."""
+    return max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", [])
+                if x["engine"] == "horovod" and x.get("rate", r.get("rate")) == r.get("rate") and x.get("nodes") == 4),
+               default=None)
+
+
 def value_range(values: list, form: str, between: str = "-") -> str:
     """`values` as their lowest and highest, or as one value where they are all the same."""
-    return format(min(values), form) + (f"{between}{max(values):{form}}" if max(values) > min(values) else "")
+    low, high = format(min(values), form), format(max(values), form)
+    return low if low == high else f"{low}{between}{high}"
 
 
 def repeat_spread(x: dict) -> float:
@@ -512,29 +532,18 @@ def rate_note(r: dict) -> list[str]:
 def fusion_note(r: dict) -> list[str]:
     """A run with Horovod's fusion buffer set (HOROVOD_FUSION_THRESHOLD among its flags) beside the
     same run at the default buffer: steps, fused rounds per step, the model's errors."""
-    def key(t: dict) -> tuple:
-        return t["engine"], t["nodes"], t["per_node"], " ".join(f for f in t["flags"].split() if "=" not in f)
-
     def rounds(t: dict) -> str:
-        traced = [x for x in r.get("timeline", []) if (key(x), x["flags"]) == (key(t), t["flags"])]
+        traced = [x for x in r.get("timeline", []) if (without(x, "="), x["flags"]) == (without(t, "="), t["flags"])]
         return f"{traced[0]['timeline']['rounds']:g} fused rounds a step, " if traced else ""
 
-    default = {key(t): t for t in r["train"] if "HOROVOD_FUSION_THRESHOLD=" not in t["flags"]}
-    notes = []
-    for t in r["train"]:
-        base = default.get(key(t)) if "HOROVOD_FUSION_THRESHOLD=" in t["flags"] else None
-        if base:
-            size = int(t["flags"].split("HOROVOD_FUSION_THRESHOLD=")[1].split()[0]) / 2**20
-            notes.append(
-                f"- Horovod's fusion buffer, {key(t)[3] or 'DenseNet-121'} on {t['nodes']} x {t['per_node']} "
-                f"({t['gradient_bytes'] / 1e6:.0f} MB of gradients): the default 64 MB: {rounds(base)}step "
-                f"{base['measured_step']:.2f} s (model {base['error_flat']:+.0%}); {size:g} MB: {rounds(t)}step "
-                f"{t['measured_step']:.2f} s (model {t['error_flat']:+.0%}). A buffer that holds every gradient "
-                "does not make one round: Horovod fuses what the backward pass has ready at each cycle "
-                "(HOROVOD_CYCLE_TIME); the model's one allreduce of all the bytes stands for both, counting no "
-                "rounds (what a round costs: the per-round table).")
-    return notes
-
+    return [f"- Horovod's fusion buffer, {without(t, '=')[3] or 'DenseNet-121'} on {t['nodes']} x {t['per_node']} "
+            f"({t['gradient_bytes'] / 1e6:.0f} MB of gradients): the default 64 MB: {rounds(base)}step "
+            f"{base['measured_step']:.2f} s (model {base['error_flat']:+.0%}); "
+            f"{int(t['flags'].split('HOROVOD_FUSION_THRESHOLD=')[1].split()[0]) / 2**20:g} MB: {rounds(t)}step "
+            f"{t['measured_step']:.2f} s (model {t['error_flat']:+.0%}). A buffer that holds every gradient "
+            "does not make one round: Horovod fuses what the backward pass has ready at each cycle "
+            "(HOROVOD_CYCLE_TIME); the model's one allreduce of all the bytes stands for both, counting no "
+            "rounds (what a round costs: the per-round table)." for t, base in paired(r, "HOROVOD_FUSION_THRESHOLD=")]
 
 LARGE = (14_000_000, 28_000_000)  # the sweep's messages of a gradient's size (bench_comm.SIZES)
 SMALL = 32_000  # the sweep's smallest-but-one message: a round's latency, next to no bytes
@@ -586,7 +595,9 @@ def wire_split(r: dict, per_round: bool) -> list[str]:
         parts = [(model - alone) / measured, -(wire - alone) / measured, -rest / measured]
         split = wire >= 0.9 * alone  # else no split: the reasons below
         if not split:
-            unsplit.add("scaled" if t["gradient_bytes"] > max(LARGE) else "grouped")
+            unsplit.add("scaled" if t["gradient_bytes"] > max(LARGE) else
+                        "grouped" if t["timeline"].get("grouped_by") != "tensor" else
+                        "pair" if (t["nodes"], t["per_node"]) == (2, 1) else "slower")
         rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['flags'] or '-'} | {measured:.3f} | "
                     f"{compute:.3f} | {wire:.3f} | {t['timeline']['rounds']:g} | {rest:.3f} | {alone:.3f} | "
                     f"{model:.3f} | {t['error_flat']:+.0%} | "
@@ -608,12 +619,19 @@ def wire_split(r: dict, per_round: bool) -> list[str]:
             "one allreduce | rest |", "|---|---|---|" + "---:|" * 11, *rows, "",
             *(["- A row without the split, its bytes within the sweep's: its time on the wire came out "
                "below 0.9x the same bytes' allreduce alone, which the trainer's allreduce cannot beat by "
-               "more than the noise: either the trace's rounds were grouped into steps wrongly (a gap "
-               "between the fused rounds of one allreduce longer than a third of a step's compute, which "
-               "`wire_per_step` takes for the next step), or the allreduce alone ran in a slow mode the "
-               "step did not hit (Open MPI's 2-rank exchange, below); that row's wire and rest are not to "
-               "be read."]
+               "more than the noise: either the trace's rounds were grouped into steps wrongly (traced "
+               "before the rounds were grouped by tensor: a gap between the fused rounds of one update "
+               "longer than a third of a step's compute was taken for the next step), or the allreduce "
+               "alone ran in a slow mode the step did not hit (Open MPI's 2-rank exchange, below); that "
+               "row's wire and rest are not to be read."]
               if "grouped" in unsplit else []),
+            *(["- A row without the split, traced since the rounds are grouped by tensor (each gradient's "
+               "k-th allreduce is the k-th update's), its bytes within the sweep's: its time on the wire "
+               "came out below 0.9x the same bytes' allreduce alone, which the trainer's allreduce cannot "
+               "beat by more than the noise, so the split is not given: "
+               + ("on 2 x 1 the allreduce alone ran in a slow mode the step did not hit (Open MPI's 2-rank "
+                  "exchange, below)" if why == "pair" else "why, on this layout, is not measured") + "."
+               for why in ("pair", "slower") if why in unsplit]),
             *([f"- A row without the split, its bytes beyond the sweep's largest message ({max(LARGE) / 1e6:g} MB): "
                "its allreduce alone is extrapolated (that message's time scaled up to the bytes), and "
                "its time on the wire came out below 0.9x of it, so the split is not given."]
@@ -703,6 +721,41 @@ def worst_step(r: dict) -> dict:
     return {e: max(abs(t["error_flat"]) for t in r["train"] if t["engine"] == e) for e in engines}
 
 
+def repeat_table(r: dict) -> list[str]:
+    """Trainer runs repeated unchanged (bench_comm.REPEATED, in one pass, on one machine): how far
+    the measured step, the compute probe and so the model's error move between identical runs."""
+    groups: dict = {}
+    for t in r.get("repeats", []):
+        groups.setdefault((t["engine"], t["nodes"], t["per_node"], t["flags"]), []).append(t)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return []
+    rows, notes = [], []
+    for (engine, nodes, per_node, flags), runs in groups.items():
+        rows += [f"| {engine} | {nodes} x {per_node} | {flags or '-'} | {i} | {t['measured_step']:.3f} | "
+                 f"{t['compute']:.3f} | {t['predicted_step_flat']:.3f} | {t['error_flat']:+.0%} |"
+                 for i, t in enumerate(runs, 1)]
+        steps, probes, errors = ([t[k] for t in runs] for k in ("measured_step", "compute", "error_flat"))
+        step_apart, probe_apart = ((max(v) - min(v)) / statistics.median(v) for v in (steps, probes))
+        missed, points = sum(abs(e) > 0.1 for e in errors), round((max(errors) - min(errors)) * 100)
+        notes.append(
+            f"- {engine} {nodes} x {per_node}{flags and ' ' + flags}, {len(runs)} identical runs: steps "
+            f"{value_range(steps, '.2f')} s ({step_apart:.0%} apart), compute probes {value_range(probes, '.2f')} s "
+            f"({probe_apart:.0%} apart), the model's error {value_range(errors, '+.0%', ' to ')} "
+            f"({points} point{'' if points == 1 else 's'}); "
+            + (f"{missed} of {len(runs)} beyond the 10% goal" if missed else "every one within the 10% goal")
+            + "".join(f" (the step table's run of it: {t['error_flat']:+.0%})" for t in r.get("train", [])
+                      if (t["engine"], t["nodes"], t["per_node"], t["flags"]) == (engine, nodes, per_node, flags))
+            + (": the probe moved more than the step did, and the error with it." if missed and probe_apart > 2 * step_apart
+               and points > 100 * step_apart else "."))
+    machines = sorted({t.get("machine", "-") for v in groups.values() for t in v})
+    return [f"**Identical runs** ({'; '.join(machines)}; `bench_comm.REPEATED`): the same trainer run "
+            "several times; per run: measured step, the slowest rank's compute probe, the flat ring's "
+            "prediction and error:", "",
+            "| engine | nodes x ranks per node | flags | run | measured step s | compute s | predicted s | error |",
+            "|---|---|---|---:|---:|---:|---:|---:|", *rows, "", *notes, ""]
+
+
 def section_comm(r: dict) -> list[str]:
     """The communication model on shaped rehearsal links: fit, allreduce check, trainer check."""
     fit, rounds = r["fit"], round_split(r)
@@ -761,7 +814,7 @@ def section_comm(r: dict) -> list[str]:
            + "; ".join(f"{e}: {goal(100 * worst, '<=', 10, '%')}" for e, worst in worst_step(r).items())
            + "; the error's parts below (communication beyond one allreduce for every run; fit, wire and "
            "the rest for the traced ones).", ""] if r["train"] else []),
-        *step_split(r), *wire_split(r, bool(rounds)), *rounds,
+        *repeat_table(r), *step_split(r), *wire_split(r, bool(rounds)), *rounds,
         *[f"- not measured: {f['engine']} {f['nodes']} x {f['per_node']} {f.get('flags', '')}: the run failed, "
           f"{first_error(f['error'])[:300]}" for f in r.get("failed", [])],
         *comm_notes(r), ""]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT, run
 
 SECTIONS = ["bench_train", "bench_data", "bench_scaling", "bench_comm", "bench_inference", "bench_nas",
@@ -85,8 +86,10 @@ def test_each_goal_of_a_bullet_with_several_is_labelled_with_what_the_bullet_mea
 
 def test_a_horovod_timeline_is_split_into_steps_on_the_wire(monkeypatch, tmp_path):
     """bench_comm reads Horovod's timeline (rank 0's, cut off before its closing bracket, as a
-    killed run leaves it): one fused buffer's tensors count once, a step's rounds group together
-    (its stop check among them), the epoch-end averaging is not a step."""
+    killed run leaves it): one fused buffer's tensors count once, an update's rounds group
+    together by tensor (its stop check among them) though a gap inside an update is longer than
+    the one between updates, the epoch-end averaging is not an update; cut off in an update,
+    the trace keeps every gradient in the updates before it."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import bench_comm
 
@@ -98,17 +101,23 @@ def test_a_horovod_timeline_is_split_into_steps_on_the_wire(monkeypatch, tmp_pat
                 {"ph": "E", "ts": end * 1000, "pid": pid}, {"ph": "E", "ts": end * 1000, "pid": pid}]
 
     events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {}}]
-    for step in range(3):  # 1 s apart: two fused rounds (two tensors in the first), then the stop check
+    for step in range(3):  # 1 s apart: two fused rounds (two tensors in the first) 400 ms apart, then the stop check
         t = 1000 * step
-        events += op(1, t, t + 300) + op(2, t, t + 300) + op(3, t + 310, t + 400) + op(4, t + 402, t + 404)
+        events += op(1, t, t + 300) + op(2, t, t + 300) + op(3, t + 700, t + 790) + op(4, t + 792, t + 794)
     events += op(5, 3000, 3020, "GLOO_ALLREDUCE")  # the epoch's end: a small averaging
     trace = tmp_path / "timeline.json"
     trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")
-    rounds = bench_comm.allreduce_rounds(trace)
-    assert len(rounds) == 10 and rounds[0] == (0.0, 0.3)
-    wire = bench_comm.wire_per_step(rounds, compute=0.5, steps=2)
+    updates = bench_comm.allreduce_steps(trace)
+    assert len(updates) == 3 and updates[0] == [(0.0, 0.3), (0.7, 0.79), (0.792, 0.794)], updates
+    wire = bench_comm.wire_per_step(updates, steps=2)
     assert wire["rounds"] == 3
-    assert abs(wire["wire_seconds"] - 0.392) < 1e-9 and abs(wire["span_seconds"] - 0.404) < 1e-9
+    assert abs(wire["wire_seconds"] - 0.392) < 1e-9 and abs(wire["span_seconds"] - 0.794) < 1e-9
+    trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events[:-12]) + ",")  # cut in update 3
+    updates = bench_comm.allreduce_steps(trace)
+    assert len(updates) == 2 and updates[1] == [(1.0, 1.3), (1.7, 1.79), (1.792, 1.794)], updates
+    trace.write_text("[]")
+    with pytest.raises(ValueError, match="no allreduce"):
+        bench_comm.allreduce_steps(trace)
 
 
 def test_a_measured_commands_peak_memory_is_its_own_not_the_benchmarks(monkeypatch):
@@ -189,14 +198,15 @@ def test_the_algorithm_check_names_the_algorithm_open_mpi_ran_and_its_unsteady_e
     assert run_all.algorithm_note({"fit": {}, "allreduce": [], "algorithms": {}}) == []
 
 
-def test_fused_rounds_are_costed_from_the_trace_and_a_cycle_change_within_the_noise_settles_nothing(monkeypatch):
+def test_fused_rounds_are_costed_and_the_setting_checks_say_only_what_their_runs_show(monkeypatch):
     """bench_comm's traced runs: a `horovod-ring` step's time on the wire beyond one allreduce of
     its bytes plus the gaps between its rounds, no more than the step's excess over compute,
     update and one allreduce, per round, beside the small allreduce alone; not for `horovod` (its
     algorithm differs by size) or a run whose rounds were grouped wrongly (on the wire less than
     0.9x the allreduce alone). A longer Horovod cycle that moves the steps by less than the rate
     check's spread (its repeats on 4 nodes at the runs' rate) settles nothing; by more, the note
-    says only how much."""
+    says only how much. Identical runs (two or more): how far the step, the probe and the
+    model's error move, and whether the probe moved the error."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import run_all
 
@@ -234,3 +244,20 @@ def test_fused_rounds_are_costed_from_the_trace_and_a_cycle_change_within_the_no
     beyond = within | {"train": [run("horovod", 4, 3.0), run("horovod", 4, 4.5, "HOROVOD_CYCLE_TIME=20")]}
     assert "\n".join(run_all.cycle_note(beyond)).endswith("moved by +50%.")
     assert run_all.cycle_note(within | {"train": within["train"][:1]}) == []
+
+    def predicted(t, compute, error):
+        return t | {"compute": compute, "error_flat": error, "predicted_step_flat": t["measured_step"] * (1 + error),
+                    "machine": "m"}
+    plain = run("horovod-ring", 4, 2.4)
+    repeats = {"repeats": [predicted(plain, 0.2, -0.13), predicted(plain, 0.3, -0.06) | {"measured_step": 2.35},
+                           predicted(run("tf", 4, 2.4), 0.3, -0.01)],  # a run alone is no repeat
+               "train": [predicted(plain, 0.2, -0.17)]}
+    text = "\n".join(run_all.repeat_table(repeats))
+    assert "| horovod-ring | 4 x 1 | - | 2 | 2.350 | 0.300 | 2.256 | -6% |" in text and "| tf |" not in text
+    assert ("steps 2.35-2.40 s (2% apart), compute probes 0.20-0.30 s (40% apart), the model's error -13% to -6% "
+            "(7 points); 1 of 2 beyond the 10% goal (the step table's run of it: -17%): the probe moved more "
+            "than the step did") in text
+    steady = {"repeats": [predicted(plain, 0.2, -0.05)] * 2}
+    assert "compute probes 0.20 s (0% apart), the model's error -5% (0 points); every one within" in "\n".join(
+        run_all.repeat_table(steady))
+    assert run_all.repeat_table(repeats | {"repeats": []}) == []
