@@ -745,7 +745,8 @@ def repeat_table(r: dict) -> list[str]:
             f"({points} point{'' if points == 1 else 's'}); "
             + (f"{missed} of {len(runs)} beyond the 10% goal" if missed else "every one within the 10% goal")
             + "".join(f" (the step table's run of it: {t['error_flat']:+.0%})" for t in r.get("train", [])
-                      if (t["engine"], t["nodes"], t["per_node"], t["flags"]) == (engine, nodes, per_node, flags))
+                      if (t["engine"], t["nodes"], t["per_node"], t["flags"], t.get("machine"))
+                      == (engine, nodes, per_node, flags, runs[0]["machine"]))
             + (": the probe moved more than the step did, and the error with it." if missed and probe_apart > 2 * step_apart
                and points > 100 * step_apart else "."))
     machines = sorted({t.get("machine", "-") for v in groups.values() for t in v})

@@ -91,6 +91,7 @@ class StallWatch:
     def failed_collective(self, err: BaseException) -> str | None:
         """When a collective failed because peers went silent (a timeout of the engine's own,
         or its coordination service noticing): the one line that names them."""
+        self.watchdog.read_queued()  # beats that arrived but were not read: a live peer is not silent
         silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
         if not silent or isinstance(err, cli.InputError | KeyboardInterrupt):
             return None

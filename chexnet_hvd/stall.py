@@ -215,17 +215,17 @@ class Watchdog:
             payload = json.loads(data)
         except ValueError:
             return True
-        if isinstance(payload, dict) and (rank := payload.get("rank")) in self.heard:
-            with self._lock:  # two threads read: a beat older than the one noted is dropped
-                self.reached.add(rank)
+        if isinstance(payload, dict) and isinstance(rank := payload.get("rank"), int) and rank in self.heard:
+            with self._lock, contextlib.suppress(KeyError, TypeError):  # a stray datagram is no beat
                 if "beat" in payload and payload["beat"] <= self.heard[rank].get("beat", 0):
-                    return True
+                    return True  # older than the one noted (two threads read)
                 # never earlier than the beat before it (they arrive in order): a step of the wall
                 # clock while a beat waited would make a live peer look silent
                 arrived = max(time.monotonic() - queued(ancillary), self.heard[rank]["at"])
                 self.heard[rank] = {"at": arrived, **{
                     key: payload[key] for key in ("step", "taken", "delivered", "idle")}, "beat": payload.get("beat", 0),
                     "phase": payload.get("phase", TRAINING)}
+                self.reached.add(rank)
         return True
 
     def _watch(self) -> None:

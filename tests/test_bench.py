@@ -257,6 +257,8 @@ def test_fused_rounds_are_costed_and_the_setting_checks_say_only_what_their_runs
     assert ("steps 2.35-2.40 s (2% apart), compute probes 0.20-0.30 s (40% apart), the model's error -13% to -6% "
             "(7 points); 1 of 2 beyond the 10% goal (the step table's run of it: -17%): the probe moved more "
             "than the step did") in text
+    elsewhere = repeats | {"train": [predicted(plain, 0.2, -0.17) | {"machine": "another"}]}
+    assert "step table's run" not in "\n".join(run_all.repeat_table(elsewhere))  # not known to be the same
     steady = {"repeats": [predicted(plain, 0.2, -0.05)] * 2}
     assert "compute probes 0.20 s (0% apart), the model's error -5% (0 points); every one within" in "\n".join(
         run_all.repeat_table(steady))

@@ -386,7 +386,8 @@ def test_a_heartbeat_queued_unread_is_noted_before_a_stall_is_decided():
     peer was silent; the beat, read before the names were, made the peer look heard and the
     job named every rank. The watch reads what has queued first, without waiting (an empty
     queue returns at once: a read that waited would hold the watch's own heartbeats): the peer
-    is heard, at its newest beat's arrival; an older beat read after it is dropped."""
+    is heard, at its newest beat's arrival; an older beat read after it is dropped, and stray
+    datagrams are ignored (they once could end the thread that read them)."""
     dog = stall.Watchdog(0, None, 10.0, lambda message, names: None)
     with dog.sock, dog.queue, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
         dog.heard = {r: {"at": time.monotonic() - 20, "step": 0, "taken": 0, "delivered": 1, "idle": 0.0}
@@ -394,6 +395,8 @@ def test_a_heartbeat_queued_unread_is_noted_before_a_stall_is_decided():
         began = time.monotonic()
         dog.read_queued()
         assert time.monotonic() - began < 0.1 and dog.silent_peers(10.0) == [1]
+        for stray in ({"rank": [1]}, {"rank": 1, "beat": "x"}, {"rank": 1, "beat": 5}):
+            peer.sendto(json.dumps(stray).encode(), ("127.0.0.1", dog.announce[1]))
         for number, step in ((2, 3), (1, 2)):  # the newer beat first, then an older one
             beat = {"rank": 1, "beat": number, "step": step, "taken": step, "delivered": step + 1, "idle": 0.5,
                     "phase": stall.TRAINING}
