@@ -7,7 +7,8 @@ node's link shaped to --rate, allreduce time against message size and rank count
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
-Horovod runs in TIMELINE: how much of a step is on the wire, in how many fused rounds; last,
+Horovod runs in TIMELINE: how much of a step is on the wire, in how many fused rounds; the
+runs in REPEATED again, unchanged: how far an identical run's step and probe move; last,
 the rate check: a 28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
 count is the ring's at every link rate (--rates-only: that alone); and the algorithm check: Horovod
 over MPI's 28 MB allreduce on 2 and 4 nodes with Open MPI choosing its allreduce algorithm and
