@@ -382,15 +382,21 @@ def cycle_note(r: dict) -> list[str]:
     pairs = paired(r, "HOROVOD_CYCLE_TIME=")
     if not pairs:
         return []
+    def excess_ratio(t: dict) -> str:  # communication over one allreduce of its bytes alone
+        return f"{communication(t) / alone:.2f}" if (alone := alone_seconds(r, t)) else "-"
+
     steps = [t["measured_step"] / p["measured_step"] - 1 for t, p in pairs]
-    noise = horovod_noise(r)
+    # how far Horovod over MPI's repeats of one allreduce on 4 nodes at this rate differ
+    noise = max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", [])
+                 if x["engine"] == "horovod" and x.get("rate", r.get("rate")) == r.get("rate") and x.get("nodes") == 4),
+                default=None)
     moved = value_range(steps, "+.0%", " to ")
     return [f"- Horovod's cycle at {pairs[0][0]['flags'].partition('=')[2]} ms (HOROVOD_CYCLE_TIME: the delay "
             "between its tensor fusion cycles, each negotiating what the ranks have ready), one run each: step, compute probe and communication over one allreduce, at "
             "Horovod's own cycle -> the longer one: "
             + "; ".join(f"{t['engine']} {t['nodes']} x {t['per_node']}: {p['measured_step']:.2f} -> "
                         f"{t['measured_step']:.2f} s, {p['compute']:.2f} -> {t['compute']:.2f} s, "
-                        f"{excess_ratio(r, p)} -> {excess_ratio(r, t)}" for t, p in pairs)
+                        f"{excess_ratio(p)} -> {excess_ratio(t)}" for t, p in pairs)
             + f". The steps moved by {moved}"
             + (f", within the {noise:.0%} by which Horovod over MPI's repeats of one allreduce on 4 nodes at this "
                "rate differ (the rate check): single runs do not settle whether the cycle matters." if noise and
@@ -407,19 +413,6 @@ def paired(r: dict, marker: str) -> list[tuple[dict, dict]]:
     the same run without it."""
     plain = {without(t, marker): t for t in r["train"] if marker not in t["flags"]}
     return [(t, plain[without(t, marker)]) for t in r["train"] if marker in t["flags"] and without(t, marker) in plain]
-
-
-def excess_ratio(r: dict, t: dict) -> str:
-    """A trainer run's communication over one allreduce of its bytes alone, or "-"."""
-    return f"{communication(t) / alone:.2f}" if (alone := alone_seconds(r, t)) else "-"
-
-
-def horovod_noise(r: dict) -> float | None:
-    """How far Horovod over MPI's repeats of one allreduce on 4 nodes at the run's rate differ
-    (the rate check's range over median), or None."""
-    return max((repeat_spread(x) for x in (r.get("rates") or {}).get("rows", [])
-                if x["engine"] == "horovod" and x.get("rate", r.get("rate")) == r.get("rate") and x.get("nodes") == 4),
-               default=None)
 
 
 def value_range(values: list, form: str, between: str = "-") -> str:
@@ -533,7 +526,8 @@ def fusion_note(r: dict) -> list[str]:
     """A run with Horovod's fusion buffer set (HOROVOD_FUSION_THRESHOLD among its flags) beside the
     same run at the default buffer: steps, fused rounds per step, the model's errors."""
     def rounds(t: dict) -> str:
-        traced = [x for x in r.get("timeline", []) if (without(x, "="), x["flags"]) == (without(t, "="), t["flags"])]
+        same = ("engine", "nodes", "per_node", "flags")
+        traced = [x for x in r.get("timeline", []) if all(x[k] == t[k] for k in same)]
         return f"{traced[0]['timeline']['rounds']:g} fused rounds a step, " if traced else ""
 
     return [f"- Horovod's fusion buffer, {without(t, '=')[3] or 'DenseNet-121'} on {t['nodes']} x {t['per_node']} "

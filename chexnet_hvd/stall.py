@@ -68,15 +68,19 @@ def interval_for(timeout: float) -> float:
     return max(0.2, min(10.0, timeout / 5))
 
 
+def silent(heard: dict[int, dict], me: int, now: float, after: float) -> list[int]:
+    """The ranks other than `me` whose last heartbeat in `heard` arrived over `after` s before `now`."""
+    return sorted(r for r, h in heard.items() if r != me and now - h["at"] > after)
+
+
 def culprits(now: float, me: int, heard: dict[int, dict], timeout: float) -> tuple[list[int], str]:
     """Whom a rank with no progress for `timeout` names, and why, from the heartbeats `heard`
     ({rank: {"at": when it arrived (monotonic), "step": the run's, "taken": steps this process
     took, "delivered": input batches this process's pipeline handed over, "idle", "phase"}})
     of its peers and its own (`me`, at `now`). A resumed attempt's step starts where the
     checkpoint left off, its counts at 0: starved compares the counts."""
-    silent = sorted(r for r, h in heard.items() if r != me and now - h["at"] > timeout)
-    if silent:
-        return silent, f"no heartbeat for more than {timeout:g} s (stopped, killed, or cut off)"
+    if gone := silent(heard, me, now, timeout):
+        return gone, f"no heartbeat for more than {timeout:g} s (stopped, killed, or cut off)"
     # Starved: in a training call with no batch beyond the steps taken, or (inside a call of
     # several steps, which the step counts do not see) fewer batches than another rank at the
     # same step: ranks step together, so the others hold the batch of the step this one waits
@@ -187,8 +191,7 @@ class Watchdog:
 
     def silent_peers(self, after: float) -> list[int]:
         """Ranks not heard from for `after` seconds (a failed collective asks who is gone)."""
-        now = time.monotonic()
-        return sorted(r for r, h in self.heard.items() if r != self.rank and now - h["at"] > after)
+        return silent(dict(self.heard), self.rank, time.monotonic(), after)
 
     def _listen(self) -> None:
         while not self._stop.is_set():
@@ -257,12 +260,12 @@ class Watchdog:
             # this rank has made no progress either, whether steps are due or not: before the
             # first step, between fits, at the last barrier. (While this rank progresses, its
             # collectives complete: the peer lives, its heartbeats are what got lost.)
-            silent = {r for r, h in heard.items() if r != self.rank and now - h["at"] > self.timeout}
-            if (silent & self.reached and idle > self.timeout) or (self.armed and job_idle > self.timeout
+            gone = set(silent(heard, self.rank, now, self.timeout))
+            if (gone & self.reached and idle > self.timeout) or (self.armed and job_idle > self.timeout
                         and not late(now, self.rank, heard, self.interval, self.timeout)):
                 self._stalled(now, idle, heard)
                 return
-            if self.rank == 0 and not self.warned and (deaf := sorted(silent - self.reached)):
+            if self.rank == 0 and not self.warned and (deaf := sorted(gone - self.reached)):
                 self.warned = True  # a peer never heard: its address does not reach the chief
                 print(f"warning: stall watch: no heartbeat from rank(s) {', '.join(map(str, deaf))} has "
                       f"reached rank 0 since the start (their announced address: "
