@@ -226,18 +226,18 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine)
     assert last["val_n"] == 1 and read_runlog(run_dir)[-1]["status"] == "completed"
 
 
-@pytest.mark.parametrize(("launcher", "model", "calls"), [
-    ("tf", "small_cnn", 4), pytest.param("horovodrun", "densenet121", 1, marks=pytest.mark.horovod)])
-def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path, launcher, model, calls):
+@pytest.mark.parametrize(("launcher", "calls"), [("tf", 4), pytest.param("horovodrun", 1, marks=pytest.mark.horovod)])
+def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp_path, launcher, calls):
     """2 workers, their output a batch job's log: a start line before the start-up (input,
     tracing), then a heartbeat line every --heartbeat seconds of an epoch (0.05 s: a few steps
-    of the small CNN), before the first epoch line. The small CNN under the tf engine at 4 steps
-    per call (beats between calls); DenseNet-121 (at 32 px; its start-up was minutes of silence)
-    under `horovodrun -np 2`, the README's command, which runs Horovod over MPI here: mpirun
-    gives each rank a pseudo-terminal for stdout even when its own goes to a pipe, so the
-    heartbeats were never printed there, and the progress bar was."""
+    of the small CNN), before the first epoch line. (DenseNet-121's start-up was minutes of
+    silence: the start line comes once the model is built, before it is traced, whatever the
+    model.) Under the tf engine at 4 steps per call (beats between calls); under `horovodrun -np
+    2`, the README's command, which runs Horovod over MPI here: mpirun gives each rank a
+    pseudo-terminal for stdout even when its own goes to a pipe, so the heartbeats were never
+    printed there, and the progress bar was."""
     engine = "horovod" if launcher == "horovodrun" else launcher
-    command = [*train_args(records_dir, tmp_path), "--epochs", "1", "--model", model, "--steps-per-epoch", "12",
+    command = [*train_args(records_dir, tmp_path), "--epochs", "1", "--steps-per-epoch", "12",
                "--heartbeat", "0.05", "--verbose", "1", "--steps-per-execution", str(calls), "--engine", engine]
     start = ["horovodrun", "-np", "2"] if launcher == "horovodrun" else launcher_of(engine, 2)
     proc = run([*start, *command], timeout=600, check=True)
