@@ -1,5 +1,6 @@
 """One rank of the fp16 overflow test (tests/test_train_flags.py runs it on 2 ranks of each engine:
-`overflow_worker.py OUT ENGINE [CALLS]`, CALLS training steps per call of Keras' train function).
+`overflow_worker.py OUT ENGINE [CALLS,...]`: one training per CALLS, its steps per call of Keras'
+train function, each from the same initial weights, in one launch: a launch costs more than them).
 
 The trainer's own optimizer (`train.make_optimizer`, mixed_float16) trains a small model with
 Keras `fit`; on step OVERFLOW_STEP only rank 1's batch holds an infinite pixel, so only its local
@@ -27,15 +28,23 @@ def main(out: str, engine_name: str, calls: str = "1") -> None:
     engine, _ = distributed.start(engine_name, threads=1, stall_timeout=600)
     import tensorflow as tf
 
-    tf.keras.utils.set_random_seed(0)
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    for steps_per_call in map(int, calls.split(",")):
+        with open(f"{out}/rank{engine.rank}-{steps_per_call}.json", "w") as fh:
+            json.dump(train_and_log(engine, steps_per_call), fh)
+
+
+def train_and_log(engine, steps_per_call: int) -> list[dict]:
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
     cfg = config.TrainConfig(data="-", run_dir="-", model="small_cnn", image_size=16, batch_size=4,
                              precision="mixed_float16", reference_batch=0)  # lr 1e-3, no warmup
     derived = config.derive(cfg, {"splits": {"train": {"count": STEPS * 4 * engine.size}}}, engine.size)
     with engine.scope():
         model = models.build_model("small_cnn", 16, 3)
         model.compile(optimizer=train.make_optimizer(cfg, engine, derived), loss=train.make_loss(),
-                      steps_per_execution=int(calls))
+                      steps_per_execution=steps_per_call)
 
     rng = np.random.default_rng(engine.rank)
     images = rng.normal(size=(STEPS, 4, 16, 16, 3)).astype(np.float32)
@@ -59,8 +68,7 @@ def main(out: str, engine_name: str, calls: str = "1") -> None:
     engine.broadcast_variables(model.variables)
     model.fit(engine.fit_input(lambda: dataset), epochs=1, steps_per_epoch=STEPS,
               callbacks=[Record()], verbose=0)
-    with open(f"{out}/rank{engine.rank}-{calls}.json", "w") as fh:
-        json.dump(log, fh)
+    return log
 
 
 if __name__ == "__main__":

@@ -85,6 +85,20 @@ def straight(records_dir, tmp_path_factory, engine):
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def preempted(records_dir, tmp_path_factory, engine):
+    """The same 2 epochs in two attempts: 1 epoch (a completed run), then resumed for 2 and
+    stopped by --preempt-at-step 33 at the step the ranks agree on, 40: 14 batches into epoch 2
+    (26 steps per epoch on 2 ranks x 8). Tests resume copies of it."""
+    run_dir = tmp_path_factory.mktemp("preempted")
+    run(train_cmd(records_dir, run_dir, "--epochs", 1, *EXACT, engine=engine), timeout=300, check=True)
+    proc = run(train_cmd(records_dir, run_dir, "--epochs", 2, "--resume", *EXACT, "--preempt-at-step", 33,
+                         engine=engine), timeout=300)
+    for rank in (0, 1):
+        assert f"rank {rank}: preempted after step 40" in proc.stderr, proc.stderr[-2000:]
+    return run_dir
+
+
 def assert_same_weights(a, b, within: float = 0.0) -> None:
     """Each rank's weights and optimizer state (slots, step, loss scale, good steps): bitwise
     (the same ops on the same CPU), or each array within `within` of the other's norm (another
@@ -99,20 +113,6 @@ def assert_same_weights(a, b, within: float = 0.0) -> None:
                     assert gap <= within, (name, key, gap)
                 else:
                     np.testing.assert_array_equal(x[key], y[key], f"{name} {key}")
-
-
-def test_resume_matches_a_straight_run(records_dir, straight, tmp_path, engine):
-    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 1, *EXACT, engine=engine), timeout=300, check=True)
-    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, "--resume", *EXACT, engine=engine),
-        timeout=300, check=True)
-
-    log = read_runlog(tmp_path / "split")
-    second_start = [r for r in log if r["event"] == "start"][-1]
-    assert second_start["initial_epoch"] == 1 and second_start["resumed_from"].endswith("epoch-0001")
-    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2]
-    meta = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, tmp_path / "split")]
-    assert meta[0]["step"] == meta[1]["step"] and meta[0]["epoch"] == meta[1]["epoch"] == 2
-    assert_same_weights(straight, tmp_path / "split")
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_finishes(records_dir, tmp_path, engine):
@@ -164,18 +164,17 @@ def test_killed_rank_fails_the_job_promptly(records_dir, tmp_path, engine):
     assert wait_for(lambda: subprocess.run(["pgrep", "-f", f"chexnet_hvd.train.*{run_dir}"]).returncode != 0, 30)
 
 
-def test_a_mid_epoch_resume_is_exact(records_dir, straight, tmp_path, engine):
-    """--preempt-at-step 33 raises a stop the ranks agree on at step 40, 14 batches into epoch 2
-    (26 steps per epoch on 2 ranks x 8); the resumed run skips exactly those batches: the same
-    52 steps, the same records and, bitwise, the same weights as 2 epochs straight."""
-    common = ["--epochs", 2, *EXACT]
-    preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33, engine=engine),
-                    timeout=300)
-    assert "rank 1: preempted after step 40" in preempted.stderr, preempted.stderr[-2000:]
-    run(train_cmd(records_dir, tmp_path / "split", *common, "--resume", engine=engine), timeout=300, check=True)
+def test_resumes_at_an_epochs_end_and_in_mid_epoch_are_exact(records_dir, straight, preempted, tmp_path, engine):
+    """Resumed after epoch 1, and again 14 batches into epoch 2: the run skips exactly the
+    batches it trained, and ends with the same 52 steps, the same records and, bitwise, the same
+    weights and optimizer state as 2 epochs straight."""
+    shutil.copytree(preempted, tmp_path / "split")
+    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=engine),
+        timeout=300, check=True)
     log = read_runlog(tmp_path / "split")
-    resumed = [r for r in log if r["event"] == "start"][-1]
-    assert (resumed["initial_epoch"], resumed["initial_step"], resumed["resumed_parts"]) == (1, 40, [[2, 8, 26, 14]])
+    starts = [r for r in log if r["event"] == "start"]
+    assert [(s["initial_epoch"], s["initial_step"]) for s in starts] == [(0, 0), (1, 26), (1, 40)]
+    assert starts[1]["resumed_from"].endswith("epoch-0001") and starts[2]["resumed_parts"] == [[2, 8, 26, 14]]
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 12)]
     metas = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, tmp_path / "split")]
     assert metas[0]["step"] == metas[1]["step"] == 52
@@ -260,20 +259,18 @@ def test_a_sigkill_in_the_middle_of_a_checkpoint_write_loses_nothing(records_dir
     assert_same_weights(straight, run_dir)
 
 
-def test_a_run_resumes_under_the_other_engine(records_dir, straight, tmp_path, engine):
+def test_a_run_resumes_under_the_other_engine(records_dir, straight, preempted, tmp_path, engine):
     """Preempted 14 batches into epoch 2 under one engine's launcher and resumed under the
     other's (a template's ENGINE changed between attempts): the checkpoint holds the plain
     model and optimizer, so the run completes with the straight run's records and weights, to
     the rounding the two engines' allreduce arithmetic gives (each array within 1e-4 of its
     norm: up to 2e-5 measured, in an Adam moment; the records trained are compared exactly)."""
     other = "tf" if engine == "horovod" else "horovod"
-    common = ["--epochs", 2, *EXACT]
-    preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33, engine=engine),
-                    timeout=300)
-    assert "rank 1: preempted after step 40" in preempted.stderr, preempted.stderr[-2000:]
-    run(train_cmd(records_dir, tmp_path / "split", *common, "--resume", engine=other), timeout=300, check=True)
+    shutil.copytree(preempted, tmp_path / "split")
+    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=other),
+        timeout=300, check=True)
     starts = [r for r in read_runlog(tmp_path / "split") if r["event"] == "start"]
-    assert [(s["engine"], s["initial_step"]) for s in starts] == [(engine, 0), (other, 40)]
+    assert [(s["engine"], s["initial_step"]) for s in starts] == [(engine, 0), (engine, 26), (other, 40)]
     assert trained(straight, 2) == trained(tmp_path / "split", 2)
     assert_same_weights(straight, tmp_path / "split", within=1e-4)
 
@@ -349,14 +346,11 @@ def test_an_epoch_a_resume_leaves_empty_ends_as_epochs_do_without_throughput_or_
 
 
 def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_record_once(
-        records_dir, straight, tmp_path, engine):
+        records_dir, straight, preempted, tmp_path, engine):
     """Preempted in epoch 2 on 2 ranks, resumed as one process: epoch 2 ends at half the
     straight run's lr (global batch 8, not 16), and its records are trained once each."""
-    common = ["--epochs", 2, *EXACT]
-    preempted = run(train_cmd(records_dir, tmp_path / "split", *common, "--preempt-at-step", 33, engine=engine),
-                    timeout=300)
-    assert "rank 0: preempted after step 40" in preempted.stderr, preempted.stderr[-2000:]
-    run(one_process(train_cmd(records_dir, tmp_path / "split", *common, "--resume", engine=engine)),
+    shutil.copytree(preempted, tmp_path / "split")
+    run(one_process(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=engine)),
         timeout=300, check=True)
     assert epoch_lrs(tmp_path / "split") == pytest.approx([epoch_lrs(straight)[0], epoch_lrs(straight)[1] / 2])
     log = read_runlog(tmp_path / "split")

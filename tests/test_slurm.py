@@ -160,12 +160,13 @@ def test_template_syntax_and_sbatch_lines_first(template):
         assert len(commands) <= 5, f"{template.name}: the body belongs in common.sh"
 
 
-def assert_template_run(template, job: str, run_dir, epochs: int, precision: str = "") -> None:
+def assert_template_run(template, job: str, run_dir, epochs: int, precision: str = "",
+                        placed: tuple[int, int, int] | None = None) -> None:
     """What every template's run must show: its own precision default (or the PRECISION
-    given), the world size, nodes and one GPU per rank its #SBATCH lines ask for (each
-    attempt), common.sh's 8 training steps per call, completion, and a batch log of one line
-    per epoch, no progress bars."""
-    nodes, ranks, gpus = layout(template)
+    given), the world size, nodes and one GPU per rank its #SBATCH lines ask for (or `placed`,
+    where sbatch's flags overrode them; each attempt), common.sh's 8 training steps per call,
+    completion, and a batch log of one line per epoch, no progress bars."""
+    nodes, ranks, gpus = placed or layout(template)
     log = read_runlog(run_dir)
     for start in (r for r in log if r["event"] == "start"):
         assert (start["slurm_job_id"], start["precision"]) == (job, precision or default_precision(template))
@@ -219,12 +220,16 @@ def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
 
 
 PREEMPTED_EPOCHS = 8
+# 2 nodes x 2 ranks (sbatch's flags override the template's 2 x 4): ranks that share a node and
+# ranks across nodes, in half the processes (the 8-rank run is the Horovod one's)
+FOUR_RANKS = (["--ntasks-per-node=2"], (2, 4, 4))
 
 
-@pytest.mark.parametrize("launcher,engine,template", [
-    ("srun", "horovod", PREEMPTED), ("srun", "tf", PREEMPTED), ("mpirun", "horovod", SLURM_DIR / "tfrec_2gpu.sh")],
-    ids=["srun-tfrec_8gpu", "srun-tfrec_8gpu-ENGINE=tf", "mpirun-tfrec_2gpu"])
-def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, records_dir, tmp_path):
+@pytest.mark.parametrize("launcher,engine,template,override", [
+    ("srun", "horovod", PREEMPTED, ([], None)), ("srun", "tf", PREEMPTED, FOUR_RANKS),
+    ("mpirun", "horovod", SLURM_DIR / "tfrec_2gpu.sh", ([], None))],
+    ids=["srun-tfrec_8gpu", "srun-tfrec_8gpu-4-ranks-ENGINE=tf", "mpirun-tfrec_2gpu"])
+def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, override, records_dir, tmp_path):
     """A template gets USR1 as Slurm sends it before a time limit: every rank stops after the
     same step, one checkpoint, the job requeues itself and the second attempt resumes from that
     checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes (and otherwise checked
@@ -232,9 +237,10 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
     tfrec_2gpu.sh. 8 epochs: the signal comes after the first, and epochs of the small CNN take
     a fraction of a second at 8 steps per call (at 3, a signal after the last stop check of the
     last epoch let the run complete, rightly not requeued)."""
+    sbatch_args, placed = override
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": PREEMPTED_EPOCHS,
                              "LAUNCHER": launcher, "ENGINE": engine}
-    job = submit(template, env, tmp_path)
+    job = submit(template, env, tmp_path, *sbatch_args)
     run_dir = tmp_path / "runs" / directives(template)["job-name"] / job
     runlog = run_dir / "runlog.jsonl"
     first_epoch(run_dir, job)
@@ -258,10 +264,10 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, re
     ends = [r for r in log if r["event"] == "end"]
     assert [e["status"] for e in ends] == ["preempted", "completed"] and len(starts) == 2
     assert {s["engine"] for s in starts} == {engine}
-    assert_template_run(template, job, run_dir, epochs=PREEMPTED_EPOCHS, precision="fp32")
+    assert_template_run(template, job, run_dir, epochs=PREEMPTED_EPOCHS, precision="fp32", placed=placed)
     job_log = (run_dir / "job.log").read_text()
     stopped = re.findall(r"rank (\d+): preempted after step (\d+)", job_log)
-    assert sorted(int(r) for r, _ in stopped) == list(range(layout(template)[1])), job_log[-3000:]
+    assert sorted(int(r) for r, _ in stopped) == list(range((placed or layout(template))[1])), job_log[-3000:]
     assert {int(s) for _, s in stopped} == {ends[0]["step"]}  # the same step on every rank
     assert starts[1]["resumed_from"].endswith(f"/checkpoints/step-{ends[0]['step']:09d}")
     assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == [f"step-{ends[0]['step']:09d}"]
