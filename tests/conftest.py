@@ -1,6 +1,7 @@
-"""Shared fixtures: a small synthetic dataset, its records and a trained small CNN (each made
-once per test run, whichever pytest-xdist worker needs it first), a helper that runs the
-suite's CLIs as real processes, and a local HTTP server with Range support."""
+"""Shared fixtures: a small synthetic dataset, its records, a small CNN trained on them and one
+trained on planted findings (each made once per test run, whichever pytest-xdist worker needs
+it first), a helper that runs the suite's CLIs as real processes, and a local HTTP server with
+Range support."""
 
 from __future__ import annotations
 
@@ -292,6 +293,15 @@ def raw_dir(synthetic, tmp_path_factory) -> Path:
     return made_once(tmp_path_factory, "raw", lambda out: module(
         "records", "--csv", synthetic / "Data_Entry_2017.csv", "--images", synthetic / "images",
         "--out", out, "--format", "raw", "--no-progress", check=True))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(records_dir, tmp_path_factory) -> Path:
+    """The best checkpoint of 3 epochs of the small CNN on records_dir's 32-px records."""
+    run_dir = made_once(tmp_path_factory, "eval_run", lambda out: module(
+        "train", "--data", records_dir, "--run-dir", out, "--model", "small_cnn", "--image-size", 32,
+        "--batch-size", 16, "--epochs", 3, "--verbose", 0, check=True, timeout=300))
+    return run_dir / "checkpoints" / "best"
 
 
 def train_cnn(root: Path) -> None:

@@ -113,14 +113,6 @@ def test_tencrop_views_are_the_expected_windows_and_mirrors():
         np.testing.assert_array_equal(crops[i + 5], crops[i][:, ::-1])
 
 
-@pytest.fixture(scope="module")
-def checkpoint(records_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eval_run")
-    module("train", "--data", records_dir, "--run-dir", run_dir, "--model", "small_cnn", "--image-size", 32,
-           "--batch-size", 16, "--epochs", 3, "--verbose", 0, check=True, timeout=300)
-    return run_dir / "checkpoints" / "best"
-
-
 @pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("engine", ENGINES)

@@ -107,16 +107,13 @@ def reading(pid: int, folder) -> bool:
 
 
 def test_a_rank_stopped_while_evaluating_ends_the_job_by_name_and_a_long_report_does_not(
-        records_dir, tmp_path):
+        checkpoint, records_dir, tmp_path):
     """evaluate --stall-timeout: rank 1 stopped while it reads the test records (one image per
     batch, ten crops: seconds of scoring) ends the job within the bound, naming rank 1, exit 76;
     a bootstrap (shared by the ranks) and report longer than the timeout are no stall (they
     used to end a healthy job mid-report)."""
-    ckpt = tmp_path / "run" / "checkpoints" / "epoch-0001"
-    run([sys.executable, "-m", "chexnet_hvd.train", "--data", records_dir, "--run-dir", tmp_path / "run",
-         "--model", "small_cnn", "--image-size", "32", "--epochs", "1", "--verbose", "0"], timeout=300, check=True)
     evaluate = [sys.executable, "-m", "chexnet_hvd.launch", "-np", "2", sys.executable, "-m", "chexnet_hvd.evaluate",
-                "--checkpoint", str(ckpt), "--data", str(records_dir), "--engine", "tf"]
+                "--checkpoint", str(checkpoint), "--data", str(records_dir), "--engine", "tf"]
     # a timeout twice the first batch's trace on a busy machine, a bootstrap longer than it
     long_report = run([*evaluate, "--stall-timeout", "6", "--bootstrap", "3000", "--out", tmp_path / "long"],
                       timeout=600)
