@@ -416,8 +416,9 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
     Horovod the second attempt then resumes from the newest checkpoint to completion (the
     requeue and resume are the template's and the trainer's, the same for both engines: run
     once to save CI minutes)."""
-    # epochs enough that the job is still training when the fault lands (an epoch: ~0.5 s)
-    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 30, "ENGINE": engine,
+    # epochs enough that the job is still training when the fault lands, a second after epoch
+    # 1 (an epoch: ~0.5 s), and few for the resumed attempt to train
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 12, "ENGINE": engine,
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
