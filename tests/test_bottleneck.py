@@ -36,7 +36,7 @@ def test_large_images_for_a_tiny_model_on_one_thread_are_input_bound(tmp_path):
     """768-px PNG files read through a raw-image index, each decoded and resized to 32 px on
     one CPU thread, for a model that computes little: the input is what the steps wait for.
     (Fixed-size records would resize in the model's graph, which here runs on the CPU too.)"""
-    module("synthetic", "--out", tmp_path / "syn", "--images", 400, "--size", 768, "--seed", 3, check=True)
+    module("synthetic", "--out", tmp_path / "syn", "--images", 200, "--size", 768, "--seed", 3, check=True)
     module("records", "--csv", tmp_path / "syn" / "Data_Entry_2017.csv", "--images", tmp_path / "syn" / "images",
            "--out", tmp_path / "records", "--format", "raw", "--no-progress", check=True)
     module("train", "--data", tmp_path / "records", "--run-dir", tmp_path / "run", "--model", "small_cnn",
