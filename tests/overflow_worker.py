@@ -5,7 +5,8 @@ train function, each from the same initial weights, in one launch: a launch cost
 The trainer's own optimizer (`train.make_optimizer`, mixed_float16) trains a small model with
 Keras `fit`; on step OVERFLOW_STEP only rank 1's batch holds an infinite pixel, so only its local
 gradients are non-finite. After every step each rank records its loss scale, its optimizer step
-and a hash of its weights into OUT/rank<R>-<CALLS>.json (at several steps per call: after every call).
+and a hash of its weights into OUT/rank<R>-<steps per call>.json, one file per setting (at several
+steps per call: after every call).
 """
 
 import hashlib

@@ -502,7 +502,7 @@ def test_a_killed_worker_trial_is_rerun_by_the_other(records_dir, tmp_path):
 def test_a_preempted_worker_requeues_its_trial_and_the_retry_resumes(records_dir, tmp_path):
     """SIGUSR1 (Slurm's warning): the candidate checkpoints, the trial goes back to the queue,
     the worker exits 75; the next worker resumes the candidate from its checkpoint."""
-    command = worker_command(tmp_path / "s", records_dir, epochs=4, n_trials=1)
+    command = worker_command(tmp_path / "s", records_dir, epochs=8, n_trials=1)
     worker = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not list((tmp_path / "s" / "runs").glob("*/runlog.jsonl")):

@@ -89,7 +89,8 @@ def straight(records_dir, tmp_path_factory, engine):
 def preempted(records_dir, tmp_path_factory, engine):
     """The same 2 epochs in two attempts: 1 epoch (a completed run), then resumed for 2 and
     stopped by --preempt-at-step 33 at the step the ranks agree on, 40: 14 batches into epoch 2
-    (26 steps per epoch on 2 ranks x 8). Tests resume copies of it."""
+    (26 steps per epoch on 2 ranks x 8). Tests resume copies of it (its links kept as links:
+    best/ is one)."""
     run_dir = tmp_path_factory.mktemp("preempted")
     run(train_cmd(records_dir, run_dir, "--epochs", 1, *EXACT, engine=engine), timeout=300, check=True)
     proc = run(train_cmd(records_dir, run_dir, "--epochs", 2, "--resume", *EXACT, "--preempt-at-step", 33,
@@ -168,7 +169,7 @@ def test_resumes_at_an_epochs_end_and_in_mid_epoch_are_exact(records_dir, straig
     """Resumed after epoch 1, and again 14 batches into epoch 2: the run skips exactly the
     batches it trained, and ends with the same 52 steps, the same records and, bitwise, the same
     weights and optimizer state as 2 epochs straight."""
-    shutil.copytree(preempted, tmp_path / "split")
+    shutil.copytree(preempted, tmp_path / "split", symlinks=True)
     run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=engine),
         timeout=300, check=True)
     log = read_runlog(tmp_path / "split")
@@ -266,7 +267,7 @@ def test_a_run_resumes_under_the_other_engine(records_dir, straight, preempted, 
     the rounding the two engines' allreduce arithmetic gives (each array within 1e-4 of its
     norm: up to 2e-5 measured, in an Adam moment; the records trained are compared exactly)."""
     other = "tf" if engine == "horovod" else "horovod"
-    shutil.copytree(preempted, tmp_path / "split")
+    shutil.copytree(preempted, tmp_path / "split", symlinks=True)
     run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=other),
         timeout=300, check=True)
     starts = [r for r in read_runlog(tmp_path / "split") if r["event"] == "start"]
@@ -349,7 +350,7 @@ def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_recor
         records_dir, straight, preempted, tmp_path, engine):
     """Preempted in epoch 2 on 2 ranks, resumed as one process: epoch 2 ends at half the
     straight run's lr (global batch 8, not 16), and its records are trained once each."""
-    shutil.copytree(preempted, tmp_path / "split")
+    shutil.copytree(preempted, tmp_path / "split", symlinks=True)
     run(one_process(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=engine)),
         timeout=300, check=True)
     assert epoch_lrs(tmp_path / "split") == pytest.approx([epoch_lrs(straight)[0], epoch_lrs(straight)[1] / 2])

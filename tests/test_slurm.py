@@ -3,8 +3,9 @@ each its own slurmd with its own hostname, network namespace and address, and 4 
 as gres; cores1, this machine's real cores with task/affinity binding).
 
 Every template runs UNCHANGED: plain `sbatch <template>` with only workload variables in the
-environment (data, model, image size, epochs, where runs go); its #SBATCH resources, launcher
-and PRECISION default are its own. Per template: exit 0, the world size and node count its
+environment (data, model, image size, epochs, where runs go; PRECISION=fp32 at 4 ranks and more,
+whose emulated fp16 costs minutes; cpu.sh also given the partition of real cores); its #SBATCH
+resources and launcher are its own. Per template: exit 0, the world size and node count its
 #SBATCH lines ask for, one GPU per rank distinct within a node, one line per epoch in job.log.
 Then: CPU binding on real cores, preemption (USR1 -> checkpoint after the same step on every
 rank -> requeue -> resume to completion) across 2 nodes under srun and on one node under
@@ -226,7 +227,8 @@ def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
 
 PREEMPTED_EPOCHS = 8
 # 2 nodes x 2 ranks (sbatch's flags override the template's 2 x 4): ranks that share a node and
-# ranks across nodes, in half the processes (the 8-rank run is the Horovod one's)
+# ranks across nodes, in half the processes (the 8-rank run is the Horovod one's; a tf worker at
+# local rank 2 or 3 takes its GPU and port as the one at local rank 1 does)
 FOUR_RANKS = (["--ntasks-per-node=2"], (2, 4, 4))
 
 
@@ -238,8 +240,8 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, ov
     """A template gets USR1 as Slurm sends it before a time limit: every rank stops after the
     same step, one checkpoint, the job requeues itself and the second attempt resumes from that
     checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes (and otherwise checked
-    as every template is), with either engine; under mpirun, which forwards the signal itself:
-    tfrec_2gpu.sh. 8 epochs: the signal comes after the first, and epochs of the small CNN take
+    as every template is; under the tf engine on 2 ranks per node, FOUR_RANKS); under mpirun,
+    which forwards the signal itself: tfrec_2gpu.sh. 8 epochs: the signal comes after the first, and epochs of the small CNN take
     a fraction of a second at 8 steps per call (at 3, a signal after the last stop check of the
     last epoch let the run complete, rightly not requeued)."""
     sbatch_args, placed = override
@@ -421,8 +423,8 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
     Horovod the second attempt then resumes from the newest checkpoint to completion (the
     requeue and resume are the template's and the trainer's, the same for both engines: run
     once to save CI minutes)."""
-    # epochs enough that the job is still training when the fault lands, a second after epoch
-    # 1 (an epoch: ~0.5 s), and few for the resumed attempt to train
+    # epochs enough that the job is still training when the fault lands, as soon as epoch 1
+    # is logged (an epoch: ~0.5 s), and few for the resumed attempt to train
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 12, "ENGINE": engine,
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)

@@ -10,6 +10,7 @@ gradients overflow on one step."""
 import json
 import os
 import re
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -290,13 +291,14 @@ def test_a_resume_in_the_middle_of_an_update_keeps_its_backward_passes(records_d
     step 4 completes that update, and weights and optimizer state end bitwise those of the
     straight run (Horovod keeps them outside the optimizer's checkpoint: the resumed update
     held step 4's pass alone). Resumed at 3 passes per update, the sum carries on into it; at 1
-    (the count already reaches it), it is left out, with a warning."""
+    (the count already reaches it), it is left out, with a warning (three copies of one stopped
+    run, each resumed one way)."""
     common = ["--engine", "horovod", "--backward-passes-per-step", 2, "--steps-per-epoch", 6,
               "--stop-check-steps", 1]
     trainer(records_dir, tmp_path / "straight", *common, check=True)
+    assert trainer(records_dir, tmp_path / "stopped", *common, "--preempt-at-step", 3).returncode == 75
     for name, passes in (("same", 2), ("more", 3), ("fewer", 1)):
-        run_dir = tmp_path / name
-        assert trainer(records_dir, run_dir, *common, "--preempt-at-step", 3).returncode == 75
+        run_dir = shutil.copytree(tmp_path / "stopped", tmp_path / name, symlinks=True)
         resumed = trainer(records_dir, run_dir, *common, "--resume", "--backward-passes-per-step", passes, check=True)
         assert ("backward pass(es) of an update in progress left out" in resumed.stderr) == (passes == 1)
     for suffix in ("", "-optimizer"):
