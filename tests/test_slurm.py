@@ -186,10 +186,10 @@ CPU = SLURM_DIR / "cpu.sh"  # runs unchanged but for its partition in the CPU bi
 def test_training_template_runs_unchanged(cluster, template, records_dir, raw_dir, tmp_path):
     """Each at its own precision but 4 and 16 ranks, at fp32 (16 emulated mixed_float16 ranks on
     2 cores took 22 s a step; the default is common.sh's, which 1 and 2 ranks run). tfrec_1gpu.sh
-    also takes RECIPE=chexnet: the recipe's settings (its batch
-    size, as BATCH_SIZE is unset), overridden by the workload's and TRAIN_ARGS' (no ImageNet
-    file here, and no --crop: these records keep their source sizes; the recipe's crop is
-    tests/test_views.py's), at the template's own precision."""
+    also takes RECIPE=chexnet: the recipe's settings (its batch size, as BATCH_SIZE is unset),
+    overridden by the workload's and TRAIN_ARGS' (no ImageNet file here, and no --crop: these
+    records keep their source sizes; the recipe's crop is tests/test_views.py's), at the
+    template's own precision."""
     data = raw_dir if template.name.startswith("raw_") else records_dir
     recipe = ({"RECIPE": "chexnet", "TRAIN_ARGS": "--weights none --no-crop"}
               if template.name == "tfrec_1gpu.sh" else {})
@@ -241,9 +241,10 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, ov
     same step, one checkpoint, the job requeues itself and the second attempt resumes from that
     checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes (and otherwise checked
     as every template is; under the tf engine on 2 ranks per node, FOUR_RANKS); under mpirun,
-    which forwards the signal itself: tfrec_2gpu.sh. 8 epochs: the signal comes after the first, and epochs of the small CNN take
-    a fraction of a second at 8 steps per call (at 3, a signal after the last stop check of the
-    last epoch let the run complete, rightly not requeued)."""
+    which forwards the signal itself: tfrec_2gpu.sh. 8 epochs: the signal comes after the
+    first, and epochs of the small CNN take a fraction of a second at 8 steps per call (at 3, a
+    signal after the last stop check of the last epoch let the run complete, rightly not
+    requeued)."""
     sbatch_args, placed = override
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": PREEMPTED_EPOCHS,
                              "LAUNCHER": launcher, "ENGINE": engine}
