@@ -89,8 +89,7 @@ def straight(records_dir, tmp_path_factory, engine):
 def preempted(records_dir, tmp_path_factory, engine):
     """The same 2 epochs in two attempts: 1 epoch (a completed run), then resumed for 2 and
     stopped by --preempt-at-step 33 at the step the ranks agree on, 40: 14 batches into epoch 2
-    (26 steps per epoch on 2 ranks x 8). Tests resume copies of it (its links kept as links:
-    best/ is one)."""
+    (26 steps per epoch on 2 ranks x 8). Tests resume copies of it (resume_a_copy)."""
     run_dir = tmp_path_factory.mktemp("preempted")
     run(train_cmd(records_dir, run_dir, "--epochs", 1, *EXACT, engine=engine), timeout=300, check=True)
     proc = run(train_cmd(records_dir, run_dir, "--epochs", 2, "--resume", *EXACT, "--preempt-at-step", 33,
@@ -98,6 +97,16 @@ def preempted(records_dir, tmp_path_factory, engine):
     for rank in (0, 1):
         assert f"rank {rank}: preempted after step 40" in proc.stderr, proc.stderr[-2000:]
     return run_dir
+
+
+def resume_a_copy(records_dir, preempted, tmp_path, engine, world: int = 2) -> Path:
+    """A copy of the preempted run (its links kept as links: best/ is one) resumed to the end of
+    epoch 2 by `engine` on `world` ranks (1: one process, no launcher)."""
+    split = tmp_path / "split"
+    shutil.copytree(preempted, split, symlinks=True)
+    cmd = train_cmd(records_dir, split, "--epochs", 2, *EXACT, "--resume", engine=engine)
+    run(cmd if world == 2 else one_process(cmd), timeout=300, check=True)
+    return split
 
 
 def assert_same_weights(a, b, within: float = 0.0) -> None:
@@ -169,18 +178,16 @@ def test_resumes_at_an_epochs_end_and_in_mid_epoch_are_exact(records_dir, straig
     """Resumed after epoch 1, and again 14 batches into epoch 2: the run skips exactly the
     batches it trained, and ends with the same 52 steps, the same records and, bitwise, the same
     weights and optimizer state as 2 epochs straight."""
-    shutil.copytree(preempted, tmp_path / "split", symlinks=True)
-    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=engine),
-        timeout=300, check=True)
-    log = read_runlog(tmp_path / "split")
+    split = resume_a_copy(records_dir, preempted, tmp_path, engine)
+    log = read_runlog(split)
     starts = [r for r in log if r["event"] == "start"]
     assert [(s["initial_epoch"], s["initial_step"]) for s in starts] == [(0, 0), (1, 26), (1, 40)]
     assert starts[1]["resumed_from"].endswith("epoch-0001") and starts[2]["resumed_parts"] == [[2, 8, 26, 14]]
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 12)]
-    metas = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, tmp_path / "split")]
+    metas = [checkpoints.read_meta(d / "checkpoints" / "epoch-0002") for d in (straight, split)]
     assert metas[0]["step"] == metas[1]["step"] == 52
-    assert trained(straight, 2) == trained(tmp_path / "split", 2)
-    assert_same_weights(straight, tmp_path / "split")
+    assert trained(straight, 2) == trained(split, 2)
+    assert_same_weights(straight, split)
 
 
 def test_a_mid_epoch_resume_is_exact_with_several_steps_per_call(records_dir, straight, tmp_path, engine):
@@ -267,13 +274,11 @@ def test_a_run_resumes_under_the_other_engine(records_dir, straight, preempted, 
     the rounding the two engines' allreduce arithmetic gives (each array within 1e-4 of its
     norm: up to 2e-5 measured, in an Adam moment; the records trained are compared exactly)."""
     other = "tf" if engine == "horovod" else "horovod"
-    shutil.copytree(preempted, tmp_path / "split", symlinks=True)
-    run(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=other),
-        timeout=300, check=True)
-    starts = [r for r in read_runlog(tmp_path / "split") if r["event"] == "start"]
+    split = resume_a_copy(records_dir, preempted, tmp_path, other)
+    starts = [r for r in read_runlog(split) if r["event"] == "start"]
     assert [(s["engine"], s["initial_step"]) for s in starts] == [(engine, 0), (engine, 26), (other, 40)]
-    assert trained(straight, 2) == trained(tmp_path / "split", 2)
-    assert_same_weights(straight, tmp_path / "split", within=1e-4)
+    assert trained(straight, 2) == trained(split, 2)
+    assert_same_weights(straight, split, within=1e-4)
 
 
 def trained(run_dir, ranks: int) -> dict[int, list[str]]:
@@ -350,13 +355,11 @@ def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_recor
         records_dir, straight, preempted, tmp_path, engine):
     """Preempted in epoch 2 on 2 ranks, resumed as one process: epoch 2 ends at half the
     straight run's lr (global batch 8, not 16), and its records are trained once each."""
-    shutil.copytree(preempted, tmp_path / "split", symlinks=True)
-    run(one_process(train_cmd(records_dir, tmp_path / "split", "--epochs", 2, *EXACT, "--resume", engine=engine)),
-        timeout=300, check=True)
-    assert epoch_lrs(tmp_path / "split") == pytest.approx([epoch_lrs(straight)[0], epoch_lrs(straight)[1] / 2])
-    log = read_runlog(tmp_path / "split")
+    split = resume_a_copy(records_dir, preempted, tmp_path, engine, world=1)
+    assert epoch_lrs(split) == pytest.approx([epoch_lrs(straight)[0], epoch_lrs(straight)[1] / 2])
+    log = read_runlog(split)
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 24)]  # (420 - 224) // 8
-    epoch2 = trained(tmp_path / "split", 2)[2]
+    epoch2 = trained(split, 2)[2]
     assert len(epoch2) == len(set(epoch2)) == 2 * 14 * 8 + 24 * 8
 
 

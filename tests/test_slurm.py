@@ -227,20 +227,21 @@ def test_cpu_binding_gives_each_rank_its_cpus(cluster, records_dir, tmp_path):
 
 PREEMPTED_EPOCHS = 8
 # 2 nodes x 2 ranks (sbatch's flags override the template's 2 x 4): ranks that share a node and
-# ranks across nodes, in half the processes (the 8-rank run is the Horovod one's; a tf worker at
-# local rank 2 or 3 takes its GPU and port as the one at local rank 1 does)
+# ranks across nodes, in half the processes (every rank stops, checkpoints and resumes as the
+# others do; tfrec_16gpu.sh's run has 4 ranks a node, and a tf worker at local rank 2 or 3 takes
+# its GPU and port as the one at local rank 1 does)
 FOUR_RANKS = (["--ntasks-per-node=2"], (2, 4, 4))
 
 
 @pytest.mark.parametrize("launcher,engine,template,override", [
-    ("srun", "horovod", PREEMPTED, ([], None)), ("srun", "tf", PREEMPTED, FOUR_RANKS),
+    ("srun", "horovod", PREEMPTED, FOUR_RANKS), ("srun", "tf", PREEMPTED, FOUR_RANKS),
     ("mpirun", "horovod", SLURM_DIR / "tfrec_2gpu.sh", ([], None))],
-    ids=["srun-tfrec_8gpu", "srun-tfrec_8gpu-4-ranks-ENGINE=tf", "mpirun-tfrec_2gpu"])
+    ids=["srun-tfrec_8gpu-4-ranks", "srun-tfrec_8gpu-4-ranks-ENGINE=tf", "mpirun-tfrec_2gpu"])
 def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, override, records_dir, tmp_path):
     """A template gets USR1 as Slurm sends it before a time limit: every rank stops after the
     same step, one checkpoint, the job requeues itself and the second attempt resumes from that
-    checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes (and otherwise checked
-    as every template is; under the tf engine on 2 ranks per node, FOUR_RANKS); under mpirun,
+    checkpoint to completion. Under srun: tfrec_8gpu.sh, across 2 nodes on 2 ranks per node
+    (FOUR_RANKS; otherwise checked as every template is) under either engine; under mpirun,
     which forwards the signal itself: tfrec_2gpu.sh. 8 epochs: the signal comes after the
     first, and epochs of the small CNN take a fraction of a second at 8 steps per call (at 3, a
     signal after the last stop check of the last epoch let the run complete, rightly not

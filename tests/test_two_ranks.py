@@ -159,6 +159,7 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
 
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none"]
+OVER_MPI = {"horovod": "mpi", "tf": "ring"}  # each engine's backend where Open MPI starts Horovod
 
 
 @pytest.mark.horovod
@@ -211,7 +212,7 @@ def test_a_split_smaller_than_the_world_validates(records_dir, tmp_path, engine)
     log = read_runlog(run_dir)
     last = [r for r in log if r["event"] == "epoch"][-1]
     assert last["val_n"] == 1 and log[-1]["status"] == "completed"
-    assert (log[0]["world_size"], log[0]["backend"]) == (2, {"horovod": "mpi", "tf": "ring"}[engine])
+    assert (log[0]["world_size"], log[0]["backend"]) == (2, OVER_MPI[engine])
     assert_ranks_identical(run_dir)
 
 
@@ -240,6 +241,6 @@ def test_a_batch_log_starts_with_a_line_and_beats_during_epochs(records_dir, tmp
     assert len(starts) == 1 and "12 steps per epoch" in lines[starts[0]], proc.stdout[-2000:]
     assert beats and starts[0] < beats[0] < first_epoch, proc.stdout[-2000:]
     assert "\r" not in proc.stdout and "ETA" not in proc.stdout, proc.stdout[-2000:]  # no progress bar
-    start = read_runlog(tmp_path)[0]
-    assert (start["engine"], start["backend"], start["world_size"]) == (engine, "mpi" if engine == "horovod" else "ring", 2)
+    first = read_runlog(tmp_path)[0]
+    assert (first["engine"], first["backend"], first["world_size"]) == (engine, OVER_MPI[engine], 2)
     assert_ranks_identical(tmp_path)
