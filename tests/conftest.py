@@ -93,9 +93,10 @@ def small_disk(path: Path, size: str = "16m"):
 
 
 def fill(folder: Path) -> Path:
-    """Write a file in `folder` until its file system is full; the file."""
+    """Write a file in `folder` until its file system is full; the file. (The close can fail
+    too: the file's buffer holds the last write's bytes that did not fit.)"""
     filler = folder / "filler"
-    with open(filler, "wb") as fh, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), open(filler, "wb") as fh:
         while True:
             fh.write(b"\0" * 65536)
             fh.flush()

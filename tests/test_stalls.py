@@ -171,18 +171,19 @@ def test_a_rank_paused_for_less_than_the_stall_timeout_does_not_end_the_job(reco
 
 def test_a_tf_engine_run_at_the_default_stall_timeout_keeps_its_thread_count(records_dir, tmp_path):
     """TF gives each collective with a timeout a thread that sleeps out the whole timeout: with
-    the collectives' timeout set above --stall-timeout's default (600 s), each worker of this
-    100-step run grew past 1,200 threads (a dozen a step), and on 4 nodes x 2 over slow links a
-    worker died at ~3,800 ("Resource temporarily unavailable"), as a fast GPU job would within
-    minutes. The tf engine's collectives have no timeout of their own; TF's pools stay ~140. A
-    model with batch normalisation, whose statistics the workers average at every epoch's end."""
+    the collectives' timeout set above --stall-timeout's default (600 s), each worker of a
+    100-step run grew past 1,200 threads (a dozen a step; this run's 48 would pass 550),
+    and on 4 nodes x 2 over slow links a worker died at ~3,800 ("Resource temporarily
+    unavailable"), as a fast GPU job would within minutes. The tf engine's collectives have no
+    timeout of their own; TF's pools stay ~140. A model with batch normalisation, whose
+    statistics the workers average at every epoch's end."""
     env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     log = tmp_path / "out.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([*LAUNCHERS["chexnet_hvd.launch"][0], sys.executable, "-m", "chexnet_hvd.train",
                                  "--data", str(records_dir), "--run-dir", str(tmp_path / "run"), "--model",
                                  BATCH_NORM_MODEL, "--image-size", "32", "--batch-size", "4", "--threads", "1",
-                                 "--verbose", "0", "--engine", "tf", "--epochs", "4", "--steps-per-epoch", "25"],
+                                 "--verbose", "0", "--engine", "tf", "--epochs", "4", "--steps-per-epoch", "12"],
                                 cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     peak, deadline = {}, time.monotonic() + 300
