@@ -365,14 +365,35 @@ def mpi_notes(r: dict) -> list[str]:
             f"step is predicted {h['error_flat']:+.0%}. Its 16 probes spread from {min(h['compute_seconds']):.2f} to "
             f"{h['compute']:.2f} s (median {median:.2f}), the tf engine's from {min(tf['compute_seconds']):.2f} to "
             f"{tf['compute']:.2f} s; the model takes the slowest and scales the update by it, so with the median "
-            f"rank's probe it would predict {at_median:.2f} s ({at_median / h['measured_step'] - 1:+.0%}). Why "
-            "Horovod's probes spread so is not measured here (Horovod's background threads and MPI's "
-            "progress share the cores"
+            f"rank's probe it would predict {at_median:.2f} s ({at_median / h['measured_step'] - 1:+.0%})"
             + "".join(f"; at a {t['flags'].partition('=')[2]} ms cycle, below, they spread from "
                       f"{min(t['compute_seconds']):.2f} to {t['compute']:.2f} s" for t in r["train"]
                       if (t["engine"], t["ranks"]) == ("horovod", 16) and t["flags"].startswith("HOROVOD_CYCLE_TIME="))
-            + ").")
+            + ". " + spinning_note(r, h))
     return notes
+
+
+def spinning_note(r: dict, h: dict) -> str:
+    """Horovod over MPI's 16-rank run with Open MPI told to yield its core while it waits
+    (bench_comm.YIELD) beside the same run at Open MPI's default: whether ranks spinning in
+    their waits are what slows the slowest probes."""
+    spun = [t for t in r["train"] if (t["engine"], t["ranks"]) == ("horovod", 16)
+            and t["flags"] == "OMPI_MCA_mpi_yield_when_idle=1"]
+    if not spun:
+        return ("Why Horovod's probes spread so is not measured here (Horovod's background threads and "
+                "MPI's progress share the cores).")
+    y = spun[0]
+    gap = h["compute"] - statistics.median(h["compute_seconds"])  # the slowest probe over the median, by default
+    verdict = ("Open MPI's ranks spinning in their waits are most of the spread (yielding took more than half "
+               "of the slowest probe's excess over the median off)" if y["compute"] < h["compute"] - gap / 2
+               else "spinning ranks are not most of the spread (yielding left more than half of the slowest "
+               "probe's excess over the median)")
+    return (f"With Open MPI told to give up its core while it waits ({y['flags']}; under srun it has no sign "
+            "that its ranks share cores, so by default they spin in every wait), one run: the probes spread "
+            f"from {min(y['compute_seconds']):.2f} to {y['compute']:.2f} s (median "
+            f"{statistics.median(y['compute_seconds']):.2f}), the step took {y['measured_step']:.2f} s "
+            f"({y['measured_step'] / h['measured_step'] - 1:+.0%} on Open MPI's default; the model's error "
+            f"{y['error_flat']:+.0%}): {verdict}.")
 
 
 def cycle_note(r: dict) -> list[str]:
