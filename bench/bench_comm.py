@@ -37,6 +37,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -75,8 +76,9 @@ RING_RULES = "1\n2\n2\n2\n1\n0 3 0 0\n3\n1\n0 4 0 0\n"
 CYCLE_MS = 20  # HOROVOD_CYCLE_TIME of the cycle check (ms)
 YIELD = "OMPI_MCA_mpi_yield_when_idle=1"  # Open MPI gives up its core while it waits
 BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
-# (engine, nodes, ranks per node, extra trainer flags) of the step-time check; an upper-case
-# NAME=value among the flags goes to the ranks' environment instead (Horovod's knobs)
+# (engine, nodes, ranks per node, extra trainer flags) of the step-time check; a NAME=value
+# among the flags whose NAME starts upper-case goes to the ranks' environment instead (Horovod's
+# and Open MPI's settings)
 TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("horovod", 4, 4, ()),
          ("horovod", 4, 1, ("--fp16-allreduce",)), ("horovod", 4, 1, ("--backward-passes-per-step", "2")),
          ("tf", 2, 1, ()), ("tf", 4, 1, ()), ("tf", 4, 2, ()), ("tf", 4, 4, ()),
@@ -313,10 +315,11 @@ def wire_per_step(updates: list[list[tuple[float, float]]], steps: int) -> dict:
 
 
 def split_knobs(extra: tuple) -> tuple[dict, list]:
-    """A run's extra items as (environment, trainer flags): NAME=value with an upper-case NAME
-    goes to the ranks' environment (Horovod's settings), the rest to the trainer."""
+    """A run's extra items as (environment, trainer flags): NAME=value with NAME a variable's name
+    that starts upper-case goes to the ranks' environment (Horovod's settings, Open MPI's
+    OMPI_MCA_*), the rest to the trainer."""
     def knob(item: str) -> bool:
-        return "=" in item and item.partition("=")[0].isupper()
+        return re.fullmatch(r"[A-Z][A-Za-z0-9_]*=.*", item) is not None
     return dict(x.partition("=")[::2] for x in extra if knob(x)), [x for x in extra if not knob(x)]
 
 

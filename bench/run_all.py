@@ -814,8 +814,8 @@ def section_comm(r: dict) -> list[str]:
         "| cores busy |", "|---|---|---:|---:|---:|---:|---:|",
         *sweep, "",
         "**Training step, measured vs predicted**: the real trainer (DenseNet-121, and ResNet-50 "
-        "where the flags say so, at 32 px: their real gradient bytes; synthetic input; an "
-        "upper-case NAME=value among the flags is a Horovod setting in the ranks' environment; "
+        "where the flags say so, at 32 px: their real gradient bytes; synthetic input; a "
+        "NAME=value among the flags is a Horovod or Open MPI setting in the ranks' environment; "
         "the step model counts one allreduce of all the bytes); predicted = the slowest rank's "
         "compute probe "
         "(timed with every rank probing at once, so the 2 cores' contention is in it) + the "

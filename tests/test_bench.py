@@ -138,14 +138,15 @@ def test_a_measured_commands_peak_memory_is_its_own_not_the_benchmarks(monkeypat
 
 
 def test_a_runs_horovod_settings_go_to_the_environment_and_its_flags_to_the_trainer(monkeypatch):
-    """bench_comm's configurations carry Horovod's settings (upper-case NAME=value) beside the
-    trainer's flags; an upper-case flag value without "=" stays a flag."""
+    """bench_comm's configurations carry Horovod's and Open MPI's settings (NAME=value, NAME
+    starting upper-case) beside the trainer's flags; an upper-case flag value without "=" stays
+    a flag."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import bench_comm
 
     env, flags = bench_comm.split_knobs(("--model", "resnet50", "HOROVOD_FUSION_THRESHOLD=134217728", "FP16",
-                                         "--note=A=B"))
-    assert env == {"HOROVOD_FUSION_THRESHOLD": "134217728"}
+                                         "--note=A=B", "OMPI_MCA_mpi_yield_when_idle=1"))
+    assert env == {"HOROVOD_FUSION_THRESHOLD": "134217728", "OMPI_MCA_mpi_yield_when_idle": "1"}
     assert flags == ["--model", "resnet50", "FP16", "--note=A=B"]
 
 
