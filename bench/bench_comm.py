@@ -50,7 +50,7 @@ DOCS = ROOT / "docs"
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-from common import locked, machine, rate_gbs, today  # noqa: E402
+from common import YIELD, locked, machine, rate_gbs, today  # noqa: E402
 
 from chexnet_hvd import projection  # noqa: E402
 from chexnet_hvd.runlog import read_runlog  # noqa: E402
@@ -74,7 +74,6 @@ ALGORITHMS = {"recursive doubling": 3, "ring": 4, "rabenseifner": 6}
 # fan-out segment".
 RING_RULES = "1\n2\n2\n2\n1\n0 3 0 0\n3\n1\n0 4 0 0\n"
 CYCLE_MS = 20  # HOROVOD_CYCLE_TIME of the cycle check (ms)
-YIELD = "OMPI_MCA_mpi_yield_when_idle=1"  # Open MPI gives up its core while it waits
 BRIDGE_ADDRESS = "10.231.0.1"  # this machine on the rehearsal's bridge (tools/slurm_local.sh)
 # (engine, nodes, ranks per node, extra trainer flags) of the step-time check; a NAME=value
 # among the flags whose NAME starts upper-case goes to the ranks' environment instead (Horovod's
@@ -92,8 +91,9 @@ TRAIN = [("horovod", 2, 1, ()), ("horovod", 4, 1, ()), ("horovod", 4, 2, ()), ("
          # ranks have ready) changes the step or the 16-rank probe
          *[(engine, 4, per_node, (f"HOROVOD_CYCLE_TIME={CYCLE_MS}",))
            for engine, per_node in (("horovod-ring", 1), ("horovod", 1), ("horovod", 4))],
-         # whether Open MPI's ranks spinning while they wait spread the 16-rank probes: srun gives
-         # Open MPI no sign that its ranks share cores, so it does not yield them on its own
+         # whether Open MPI's ranks polling at full speed while they wait spread the 16-rank
+         # probes: srun gives Open MPI no sign that its ranks share cores, so it does not yield on
+         # its own
          ("horovod", 4, 4, (YIELD,))]
 # (engine, nodes, ranks per node, extra trainer flags) run once more with Horovod's timeline: what of
 # the step is on the wire (TRAIN's Horovod-over-MPI runs on fewer than 16 ranks, those with Open

@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: the machine's description, and running a command with its
-wall time, CPU time and peak memory (the process's and its worker processes')."""
+"""What the benchmark scripts share: the machine's description, running a command with its
+wall time, CPU time and peak memory (the process's and its worker processes'), and the names
+that bench_comm.py records and run_all.py renders."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Open MPI told to call sched_yield between its polls while it waits (it still polls): a setting
+# of one of bench_comm.py's trainer runs, which run_all.py's notes look for
+YIELD = "OMPI_MCA_mpi_yield_when_idle=1"
 
 
 def cpu_model() -> str:

@@ -266,11 +266,11 @@ def test_fused_rounds_are_costed_and_the_setting_checks_say_only_what_their_runs
     assert run_all.repeat_table(repeats | {"repeats": []}) == []
 
 
-def test_the_16_rank_spread_is_put_down_to_spinning_only_where_the_yielding_run_shows_it(monkeypatch):
-    """bench_comm's 16-rank Horovod-over-MPI run again with Open MPI told to yield while it waits:
-    the note says spinning ranks are most of the probes' spread only when yielding took more
-    than half of the slowest probe's excess over the median off; without that run, that the
-    spread's cause is not measured."""
+def test_the_16_rank_spread_is_put_down_to_polling_only_where_the_yielding_run_shows_it(monkeypatch):
+    """bench_comm's 16-rank Horovod-over-MPI run again with Open MPI told to yield between its
+    polls: the note says polling at full speed was most of the probes' spread only when
+    yielding took more than half of the slowest probe's excess over the median off; without
+    that run, that the spread's cause is not measured."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import run_all
 
@@ -282,6 +282,6 @@ def test_the_16_rank_spread_is_put_down_to_spinning_only_where_the_yielding_run_
                           "compute_seconds": [0.3, 0.4, slowest], "measured_step": 3.6, "error_flat": 0.05}
     note = run_all.spinning_note({"train": [default, yielding(0.6)]}, default)  # 0.3 of the 0.4 excess off
     assert "spread from 0.30 to 0.60 s (median 0.40), the step took 3.60 s (-10% on" in note
-    assert "are most of the spread" in note
-    assert "are not most of the spread" in run_all.spinning_note({"train": [default, yielding(0.8)]}, default)
+    assert "polling at full speed was most of the spread" in note
+    assert "was not most of the spread" in run_all.spinning_note({"train": [default, yielding(0.8)]}, default)
     assert "is not measured here" in run_all.spinning_note({"train": [default]}, default)

@@ -99,13 +99,13 @@ def preempted(records_dir, tmp_path_factory, engine):
     return run_dir
 
 
-def resume_a_copy(records_dir, preempted, tmp_path, engine, world: int = 2) -> Path:
+def resume_a_copy(records_dir, preempted, tmp_path, engine, alone: bool = False) -> Path:
     """A copy of the preempted run (its links kept as links: best/ is one) resumed to the end of
-    epoch 2 by `engine` on `world` ranks (1: one process, no launcher)."""
+    epoch 2 by `engine` on 2 ranks (`alone`: as one process, no launcher)."""
     split = tmp_path / "split"
     shutil.copytree(preempted, split, symlinks=True)
     cmd = train_cmd(records_dir, split, "--epochs", 2, *EXACT, "--resume", engine=engine)
-    run(cmd if world == 2 else one_process(cmd), timeout=300, check=True)
+    run(one_process(cmd) if alone else cmd, timeout=300, check=True)
     return split
 
 
@@ -355,7 +355,7 @@ def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_recor
         records_dir, straight, preempted, tmp_path, engine):
     """Preempted in epoch 2 on 2 ranks, resumed as one process: epoch 2 ends at half the
     straight run's lr (global batch 8, not 16), and its records are trained once each."""
-    split = resume_a_copy(records_dir, preempted, tmp_path, engine, world=1)
+    split = resume_a_copy(records_dir, preempted, tmp_path, engine, alone=True)
     assert epoch_lrs(split) == pytest.approx([epoch_lrs(straight)[0], epoch_lrs(straight)[1] / 2])
     log = read_runlog(split)
     assert [(r["epoch"], r["steps"]) for r in log if r["event"] == "epoch"] == [(1, 26), (2, 24)]  # (420 - 224) // 8

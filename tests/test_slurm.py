@@ -29,7 +29,7 @@ SLURM_DIR = ROOT / "job_submissions" / "slurm"
 TEMPLATES = sorted(SLURM_DIR.glob("*.sh"))
 JOBS = [t for t in TEMPLATES if t.name != "common.sh"]
 TRAINING = [t for t in JOBS if "run_training" in t.read_text()]
-PREEMPTED = SLURM_DIR / "tfrec_8gpu.sh"  # runs unchanged to completion in the preemption test
+PREEMPTED = SLURM_DIR / "tfrec_8gpu.sh"  # the preemption test's, on 2 ranks a node (FOUR_RANKS)
 # 16 px from the 32-px records: the GPU templates' mixed_float16 is emulated on a CPU, and the
 # small CNN at 32 px took twice the CPU time.
 WORKLOAD = {"MODEL": "small_cnn", "IMAGE_SIZE": "16", "BATCH_SIZE": "8", "EPOCHS": "1"}

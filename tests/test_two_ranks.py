@@ -159,7 +159,7 @@ def test_chexnet_engine_sets_the_default_engine(records_dir, tmp_path):
 
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "--bind-to", "none"]
-OVER_MPI = {"horovod": "mpi", "tf": "ring"}  # each engine's backend where Open MPI starts Horovod
+OVER_MPI = {"horovod": "mpi", "tf": "ring"}  # each engine's backend: Horovod started by Open MPI, or the tf ring
 
 
 @pytest.mark.horovod
