@@ -369,19 +369,19 @@ def mpi_notes(r: dict) -> list[str]:
             + "".join(f"; at a {t['flags'].partition('=')[2]} ms cycle, below, they spread from "
                       f"{min(t['compute_seconds']):.2f} to {t['compute']:.2f} s" for t in r["train"]
                       if (t["engine"], t["ranks"]) == ("horovod", 16) and t["flags"].startswith("HOROVOD_CYCLE_TIME="))
-            + ". " + spinning_note(r, h))
+            + ". " + spinning_note(r))
     return notes
 
 
-def spinning_note(r: dict, h: dict) -> str:
+def spinning_note(r: dict) -> str:
     """Horovod over MPI's 16-rank run with Open MPI told to yield between its polls while it
     waits (common.YIELD) beside the same run at Open MPI's default: whether ranks polling at
     full speed in their waits are what slows the slowest probes (one run each)."""
-    yielding = [t for t in r["train"] if (t["engine"], t["ranks"], t["flags"]) == ("horovod", 16, YIELD)]
-    if not yielding:
+    pairs = [(y, h) for y, h in paired(r, YIELD) if (y["engine"], y["ranks"]) == ("horovod", 16)]
+    if not pairs:
         return ("Why Horovod's probes spread so is not measured here (Horovod's background threads and "
                 "MPI's progress share the cores).")
-    y = yielding[0]
+    y, h = pairs[0]
     gap = h["compute"] - statistics.median(h["compute_seconds"])  # the slowest probe over the median, by default
     verdict = ("in this run, polling at full speed was most of the spread (yielding took more than half of "
                "the slowest probe's excess over the median off)" if y["compute"] < h["compute"] - gap / 2
