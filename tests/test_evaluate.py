@@ -113,23 +113,35 @@ def test_tencrop_views_are_the_expected_windows_and_mirrors():
         np.testing.assert_array_equal(crops[i + 5], crops[i][:, ::-1])
 
 
+def tencrop_args(checkpoint, records_dir) -> list[str]:
+    return ["-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data", str(records_dir),
+            "--tta", "tencrop", "--bootstrap", "200"]
+
+
+@pytest.fixture(scope="module")
+def alone(checkpoint, records_dir, tmp_path_factory):
+    """(report folder, stderr) of the checkpoint's ten-crop evaluation as one process."""
+    out = tmp_path_factory.mktemp("alone") / "one"
+    proc = run([sys.executable, *tencrop_args(checkpoint, records_dir), "--out", str(out)], check=True, timeout=300)
+    return out, proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("engine", ENGINES)
-def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, records_dir, tmp_path, engine):
-    args = ["-m", "chexnet_hvd.evaluate", "--checkpoint", str(checkpoint), "--data", str(records_dir),
-            "--tta", "tencrop", "--bootstrap", "200"]
-    alone = run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, timeout=300)
+def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, records_dir, alone, tmp_path, engine):
+    one_dir, alone_stderr = alone
     # a model trained without --crop: ten-crop's windows are at a scale it never saw, and it says so
     note = "--tta tencrop: this model was trained without --crop, on whole images"
-    assert f"warning: {note}" in alone.stderr
-    proc = run(ranks(engine, 2, sys.executable, *args, "--out", tmp_path / "two"), check=True, timeout=300)
+    assert f"warning: {note}" in alone_stderr
+    proc = run(ranks(engine, 2, sys.executable, *tencrop_args(checkpoint, records_dir), "--out", tmp_path / "two"),
+               check=True, timeout=300)
     # success says so once, without error lines from the engine (a tf worker leaving before the
     # chief had finished made its coordination service log three) or a launcher prefix per line
     # of the report (it is in report.md)
     assert not re.search(r"^(\[\d\]<std\w+>:)?E\d{4} |heartbeat timeout", proc.stderr, re.M), proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) == 2 and "mean AUROC" in proc.stdout, proc.stdout[-2000:]
-    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    one, two = (json.loads((d / "report.json").read_text()) for d in (one_dir, tmp_path / "two"))
     assert (one["world_size"], two["world_size"], two["engine"]) == (1, 2, engine) and one["n"] == two["n"] > 0
     assert [(r["rank"], r["local_rank"]) for r in two["ranks"]] == [(0, 0), (1, 1)]  # one start-up
     assert all(r["threads"] == 1 for r in two["ranks"])  # the node's 2 cores shared by its 2 ranks
@@ -140,8 +152,8 @@ def test_evaluate_on_two_ranks_equals_one_and_writes_the_report(checkpoint, reco
     atelectasis = one["classes"][0]
     assert atelectasis["pathology"] == "Atelectasis" and atelectasis["chexnet_paper_auroc"] == 0.8094
     for name in ("report.md", "roc.png", "pr.png"):
-        assert (tmp_path / "one" / name).stat().st_size > 1000
-    report = (tmp_path / "one" / "report.md").read_text()
+        assert (one_dir / name).stat().st_size > 1000
+    report = (one_dir / "report.md").read_text()
     assert "AUROC tencrop" in report and "| **mean** |" in report and "0.841" in report
     assert f"Note: {note}" in report and one["tta_note"].startswith(note)
 

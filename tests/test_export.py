@@ -70,7 +70,11 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(trained_
     assert (ckpt / "meta.json").is_file()
     for _ in range(2):
         module("export", "--checkpoint", ckpt, "--format", "savedmodel", "--out", tmp_path / "sm", check=True, timeout=300)
-    assert json.loads((tmp_path / "sm" / "meta.json").read_text())["format"] == "savedmodel"
+    meta = json.loads((tmp_path / "sm" / "meta.json").read_text())
+    assert meta["format"] == "savedmodel"
+    # what predict needs to feed it as it trained (tests/test_views.py: a caffe ResNet-50's)
+    trained = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["scaling"], meta["crop"]) == (trained["scaling"], trained["crop"])
 
 
 def test_a_full_disk_ends_an_export_with_one_line_and_leaves_nothing(trained_cnn, tmp_path):
