@@ -2,6 +2,7 @@
 and bad input."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -68,13 +69,16 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(trained_
         assert_one_line_error(module("export", "--checkpoint", ckpt, "--format", "savedmodel", "--out", out),
                               "exists and is not an export")
     assert (ckpt / "meta.json").is_file()
-    for _ in range(2):
-        module("export", "--checkpoint", ckpt, "--format", "savedmodel", "--out", tmp_path / "sm", check=True, timeout=300)
+    # the second from a copy that says it was trained on caffe inputs and crops (not the
+    # defaults): the export carries what predict needs to feed it as it trained
+    other = shutil.copytree(ckpt, tmp_path / "caffe")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(meta | {"scaling": "caffe", "crop": True}))
+    for source in (ckpt, other):
+        module("export", "--checkpoint", source, "--format", "savedmodel", "--out", tmp_path / "sm", check=True,
+               timeout=300)
     meta = json.loads((tmp_path / "sm" / "meta.json").read_text())
-    assert meta["format"] == "savedmodel"
-    # what predict needs to feed it as it trained (tests/test_views.py: a caffe ResNet-50's)
-    trained = json.loads((ckpt / "meta.json").read_text())
-    assert (meta["scaling"], meta["crop"]) == (trained["scaling"], trained["crop"])
+    assert (meta["format"], meta["scaling"], meta["crop"]) == ("savedmodel", "caffe", True)
 
 
 def test_a_full_disk_ends_an_export_with_one_line_and_leaves_nothing(trained_cnn, tmp_path):

@@ -413,13 +413,13 @@ def first_epoch(run_dir, job: str) -> None:
 
 
 @pytest.mark.parametrize("engine", ["horovod", "tf"])
-def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, engine, records_dir, tmp_path):
+def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, records_dir, tmp_path):
     """Rank 1 (node2) stopped in mid-epoch: the job ends within the bound with a line naming
     rank 1 on node2 and `end: stalled` in the run log, and the template requeues it once. (The
     requeued attempt's --resume is the preemption test's; a resume after a stall,
     test_stalls.py's.)"""
     # epochs enough that the job is still training when the fault lands, as soon as epoch 1
-    # is logged (an epoch: ~0.5 s), and few for the resumed attempt to train
+    # is logged (an epoch: ~0.5 s)
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 12, "ENGINE": engine,
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
@@ -449,7 +449,7 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once_and_resumes(cluster, en
 def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, records_dir, tmp_path):
     """node2's link cut in mid-epoch (packets dropped, as with a pulled cable): the chief on
     node1 hears no more from rank 1 and ends the job within the bound, naming node2, and the
-    template requeues it (its resume is the stopped-rank test's)."""
+    template requeues it (a requeued attempt's resume is the preemption test's)."""
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 30,
                       "TRAIN_ARGS": f"--stall-timeout {STALL}"}
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)

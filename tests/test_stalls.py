@@ -154,7 +154,7 @@ def test_a_tf_worker_paused_for_less_than_the_stall_timeout_goes_on_and_keeps_it
     completes. Its thread count stays flat: TF gives each collective with a timeout a thread
     that sleeps out the whole timeout, and with the collectives' timeout set above the stall
     timeout each worker of a 100-step run grew past 1,200 threads (a dozen a step; this run's
-    208 would pass 2,000), and on 4 nodes x 2 over slow links a worker died at ~3,800
+    96 would pass 1,000), and on 4 nodes x 2 over slow links a worker died at ~3,800
     ("Resource temporarily unavailable"), as a fast GPU job would within minutes. The tf
     engine's collectives have no timeout of their own; TF's pools stay ~140. A model with batch
     normalisation, whose statistics the workers average at every epoch's end."""
@@ -164,7 +164,8 @@ def test_a_tf_worker_paused_for_less_than_the_stall_timeout_goes_on_and_keeps_it
         proc = subprocess.Popen([*LAUNCHERS["chexnet_hvd.launch"][0], sys.executable, "-m", "chexnet_hvd.train",
                                  "--data", str(records_dir), "--run-dir", str(run_dir), "--model",
                                  BATCH_NORM_MODEL, "--image-size", "32", "--batch-size", "4", "--threads", "1",
-                                 "--verbose", "0", "--engine", "tf", "--epochs", "4", "--stall-timeout", "30"],
+                                 "--verbose", "0", "--engine", "tf", "--epochs", "4", "--steps-per-epoch", "24",
+                                 "--stall-timeout", "30"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     peak, victim, stopped, deadline = {}, None, 0.0, time.monotonic() + 300
     runlog = run_dir / "runlog.jsonl"
