@@ -186,6 +186,9 @@ def test_a_tf_worker_paused_for_less_than_the_stall_timeout_goes_on_and_keeps_it
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        if stopped:  # a worker still stopped when the job ended (a failure): not left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
     assert proc.wait() == 0 and victim and not stopped, log.read_text()[-3000:]
     assert read_runlog(run_dir)[-1]["status"] == "completed"
     print(f"peak threads per worker: {peak}")
