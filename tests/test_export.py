@@ -77,8 +77,8 @@ def test_export_replaces_an_earlier_export_and_refuses_any_other_folder(trained_
     for source in (ckpt, other):
         module("export", "--checkpoint", source, "--format", "savedmodel", "--out", tmp_path / "sm", check=True,
                timeout=300)
-    meta = json.loads((tmp_path / "sm" / "meta.json").read_text())
-    assert (meta["format"], meta["scaling"], meta["crop"]) == ("savedmodel", "caffe", True)
+    exported = json.loads((tmp_path / "sm" / "meta.json").read_text())
+    assert (exported["format"], exported["scaling"], exported["crop"]) == ("savedmodel", "caffe", True)
 
 
 def test_a_full_disk_ends_an_export_with_one_line_and_leaves_nothing(trained_cnn, tmp_path):
