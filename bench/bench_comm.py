@@ -7,7 +7,9 @@ node's link shaped to --rate, allreduce time against message size and rank count
 (chexnet_hvd.projection.fit_ring) and checked on the others; then the step-time model
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
-Horovod runs in TIMELINE: how much of a step is on the wire, in how many fused rounds; the
+Horovod runs in TIMELINE: how much of a step is on the wire, in how many fused rounds, and what
+the gaps between them hold (rank 0's backward pass still computing, waiting for another rank,
+the fusion-buffer copies); the
 runs in REPEATED again, unchanged: how far an identical run's step and probe move; last,
 the rate check: a 28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
 count is the ring's at every link rate (--rates-only: that alone); and the algorithm check: Horovod
@@ -267,51 +269,78 @@ def records(tmp: Path) -> Path:
     return out
 
 
-def allreduce_steps(timeline: Path) -> list[list[tuple[float, float]]]:
+def allreduce_steps(timeline: Path) -> list[list[dict]]:
     """The allreduces Horovod ran (rank 0's timeline), per update: the k-th update holds each
-    gradient's k-th *_ALLREDUCE activity (but the negotiation), merged over the tensors one fused
-    buffer carried into rounds [start, end] seconds. Gradients are the tensors allreduced as
-    often as most are (once per update; a stop check joins them where it runs as often, the
-    epochs' metric averaging does not): grouped by tensor, not by the gaps between rounds, which
-    within one update can be longer than between two. A trace cut off (no closing bracket) in
-    its last update: that update, which some gradients lack, is left out."""
+    gradient's k-th allreduce, merged over the tensors one fused buffer carried into rounds,
+    each {"ready": rank 0's last of its tensors handed to Horovod (its negotiation's start),
+    "start"/"end": the round's (fusion-buffer copies in and out included), "wire": [start, end]
+    of the *_ALLREDUCE activity}, seconds. Gradients are the tensors allreduced as often as most
+    are (once per update; a stop check joins them where it runs as often, the epochs' metric
+    averaging does not): grouped by tensor, not by the gaps between rounds, which within one
+    update can be longer than between two. A trace cut off (no closing bracket) in its last
+    update: that update, which some gradients lack, is left out."""
     text = timeline.read_text().strip().rstrip(",")  # written as it goes: may lack its "]"
     cut = not text.endswith("]")
     stacks: dict = {}
-    spans: dict = {}  # per tensor (the timeline's pid)
+    ops: dict = {}  # per tensor (the timeline's pid): its allreduces, in order
     for event in json.loads(text + "]" if cut else text):
         stack = stacks.setdefault(event.get("pid"), [])
         if event.get("ph") == "B":
-            stack.append((event["name"], event["ts"]))
+            stack.append((event["name"], event["ts"] / 1e6))
         elif event.get("ph") == "E" and stack:
             name, start = stack.pop()
-            if name.endswith("_ALLREDUCE") and name != "NEGOTIATE_ALLREDUCE":
-                spans.setdefault(event["pid"], []).append((start / 1e6, event["ts"] / 1e6))
+            if name == "NEGOTIATE_ALLREDUCE":
+                ops.setdefault(event["pid"], []).append({"ready": start})
+            elif name == "ALLREDUCE" and ops.get(event["pid"]):
+                ops[event["pid"]][-1] |= {"start": start, "end": event["ts"] / 1e6}
+            elif name.endswith("_ALLREDUCE") and ops.get(event["pid"]):
+                ops[event["pid"]][-1]["wire"] = (start, event["ts"] / 1e6)
+    spans = {pid: [o for o in done if {"start", "wire"} <= o.keys()] for pid, done in ops.items()}
+    spans = {pid: done for pid, done in spans.items() if done}
     if not spans:
         raise ValueError(f"{timeline}: no allreduce in Horovod's timeline")
     most = collections.Counter(map(len, spans.values())).most_common(1)[0][0]
-    gradients = [sorted(s) for s in spans.values() if len(s) == most or cut and abs(len(s) - most) == 1]
-    return [merged([g[k] for g in gradients]) for k in range(min(map(len, gradients)))]
+    gradients = [s for s in spans.values() if len(s) == most or cut and abs(len(s) - most) == 1]
+    return [rounds([g[k] for g in gradients]) for k in range(min(map(len, gradients)))]
 
 
-def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Time spans joined where they overlap, in order."""
+def rounds(ops: list[dict]) -> list[dict]:
+    """One update's allreduces joined where their time on the wire overlaps (one fused buffer's),
+    in order: per round, rank 0's first and last tensor ready, the earliest start, the latest
+    end, and the wire's span."""
     out: list = []
-    for start, end in sorted(spans):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
+    for op in sorted(ops, key=lambda o: o["wire"]):
+        if out and op["wire"][0] <= out[-1]["wire"][1]:
+            last = out[-1]
+            last.update(first=min(last["first"], op["ready"]), ready=max(last["ready"], op["ready"]),
+                        start=min(last["start"], op["start"]),
+                        end=max(last["end"], op["end"]), wire=(last["wire"][0], max(last["wire"][1], op["wire"][1])))
         else:
-            out.append([start, end])
-    return [tuple(m) for m in out]
+            out.append(op | {"first": op["ready"]})
+    return out
 
 
-def wire_per_step(updates: list[list[tuple[float, float]]], steps: int) -> dict:
-    """Of the last `steps` updates' fused rounds (`allreduce_steps`): the median seconds on the
-    wire, number of rounds, and span from the first round's start to the last's end."""
+def wire_per_step(updates: list[list[dict]], steps: int) -> dict:
+    """Of the last `steps` updates' fused rounds (`allreduce_steps`), medians per update: seconds
+    on the wire, rounds, the span from the first round's wire start to the last's end; the
+    fusion-buffer copies (a round's time off the wire); between one round's end and the next's
+    start, the time rank 0's backward pass was still producing the next round's gradients
+    (`computing`) and then waited for another rank's (`waiting`); and rank 0's backward pass
+    from its first gradient handed to Horovod to its last (`backward_tail`)."""
     last = updates[-steps:]
-    return {"wire_seconds": statistics.median([sum(e - s for s, e in u) for u in last]),
-            "rounds": statistics.median(map(len, last)),
-            "span_seconds": statistics.median([u[-1][1] - u[0][0] for u in last]), "grouped_by": "tensor"}
+
+    def median(per_update) -> float:
+        return statistics.median(per_update(u) for u in last)
+
+    def between(u, part) -> float:
+        return sum(part(prev, nxt) for prev, nxt in itertools.pairwise(u))
+    return {"wire_seconds": median(lambda u: sum(r["wire"][1] - r["wire"][0] for r in u)),
+            "rounds": median(len), "span_seconds": median(lambda u: u[-1]["wire"][1] - u[0]["wire"][0]),
+            "copy_seconds": median(lambda u: sum(r["end"] - r["start"] - (r["wire"][1] - r["wire"][0]) for r in u)),
+            "computing_seconds": median(lambda u: between(u, lambda p, n: max(0.0, n["ready"] - p["end"]))),
+            "waiting_seconds": median(lambda u: between(u, lambda p, n: max(0.0, n["start"] - max(n["ready"], p["end"])))),
+            "backward_tail_seconds": median(lambda u: max(r["ready"] for r in u) - min(r["first"] for r in u)),
+            "grouped_by": "tensor"}
 
 
 def split_knobs(extra: tuple) -> tuple[dict, list]:
