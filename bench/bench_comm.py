@@ -8,8 +8,7 @@ node's link shaped to --rate, allreduce time against message size and rank count
 (compute + allreduce of the real model's gradient bytes, fp16 halving them, backward passes per
 step dividing them) against the real trainer on the same links, and Horovod's timeline of the
 Horovod runs in TIMELINE: how much of a step is on the wire, in how many fused rounds, and what
-the gaps between them hold (rank 0's backward pass still computing, waiting for another rank,
-the fusion-buffer copies); the
+of the rest is fusion-buffer copies, the rounds' other work, and time between rounds; the
 runs in REPEATED again, unchanged: how far an identical run's step and probe move; last,
 the rate check: a 28 MB allreduce on 2 and 4 nodes at 100, 200 and 400 Mbit/s, whether its growth with the node
 count is the ring's at every link rate (--rates-only: that alone); and the algorithm check: Horovod
@@ -269,33 +268,53 @@ def records(tmp: Path) -> Path:
     return out
 
 
+def trace_events(timeline: Path) -> tuple[list[dict], bool]:
+    """The events of a Chrome-trace file Horovod writes as it goes, and whether it was cut off
+    (no closing bracket; a kill can cut it inside an event, whose part is left out)."""
+    text, events, decoder = timeline.read_text(), [], json.JSONDecoder()
+    at = text.index("[") + 1 if "[" in text else len(text)
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        if at >= len(text) or text[at] == "]":
+            return events, at >= len(text)
+        try:
+            event, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return events, True
+        events.append(event)
+
+
 def allreduce_steps(timeline: Path) -> list[list[dict]]:
     """The allreduces Horovod ran (rank 0's timeline), per update: the k-th update holds each
     gradient's k-th allreduce, merged over the tensors one fused buffer carried into rounds,
-    each {"ready": rank 0's last of its tensors handed to Horovod (its negotiation's start),
-    "start"/"end": the round's (fusion-buffer copies in and out included), "wire": [start, end]
-    of the *_ALLREDUCE activity}, seconds. Gradients are the tensors allreduced as often as most
-    are (once per update; a stop check joins them where it runs as often, the epochs' metric
-    averaging does not): grouped by tensor, not by the gaps between rounds, which within one
-    update can be longer than between two. A trace cut off (no closing bracket) in its last
-    update: that update, which some gradients lack, is left out."""
-    text = timeline.read_text().strip().rstrip(",")  # written as it goes: may lack its "]"
-    cut = not text.endswith("]")
+    each {"start"/"end": the round's, "wire": [start, end] of the *_ALLREDUCE activity,
+    "copies": the fusion-buffer copies in and out, as their spans}, seconds. Gradients are the
+    tensors allreduced as often as most are (once per update; a stop check joins them where it
+    runs as often, the epochs' metric averaging does not): grouped by tensor, not by the gaps
+    between rounds, which within one update can be longer than between two. A trace cut off in
+    its last update: that update, which some gradients lack, is left out."""
+    events, cut = trace_events(timeline)
     stacks: dict = {}
     ops: dict = {}  # per tensor (the timeline's pid): its allreduces, in order
-    for event in json.loads(text + "]" if cut else text):
+    for event in events:
         stack = stacks.setdefault(event.get("pid"), [])
         if event.get("ph") == "B":
             stack.append((event["name"], event["ts"] / 1e6))
+            if event["name"] == "ALLREDUCE":
+                ops.setdefault(event["pid"], []).append({"copies": []})
         elif event.get("ph") == "E" and stack:
             name, start = stack.pop()
-            if name == "NEGOTIATE_ALLREDUCE":
-                ops.setdefault(event["pid"], []).append({"ready": start})
-            elif name == "ALLREDUCE" and ops.get(event["pid"]):
-                ops[event["pid"]][-1] |= {"start": start, "end": event["ts"] / 1e6}
-            elif name.endswith("_ALLREDUCE") and ops.get(event["pid"]):
-                ops[event["pid"]][-1]["wire"] = (start, event["ts"] / 1e6)
-    spans = {pid: [o for o in done if {"start", "wire"} <= o.keys()] for pid, done in ops.items()}
+            op, span = (ops.get(event["pid"]) or [None])[-1], (start, event["ts"] / 1e6)
+            if op is None:
+                continue
+            if name == "ALLREDUCE":
+                op |= {"start": start, "end": span[1]}
+            elif name.startswith("MEMCPY_"):
+                op["copies"].append(span)
+            elif name.endswith("_ALLREDUCE") and name != "NEGOTIATE_ALLREDUCE":
+                op["wire"] = span
+    spans = {pid: [o for o in done if {"end", "wire"} <= o.keys()] for pid, done in ops.items()}
     spans = {pid: done for pid, done in spans.items() if done}
     if not spans:
         raise ValueError(f"{timeline}: no allreduce in Horovod's timeline")
@@ -304,42 +323,52 @@ def allreduce_steps(timeline: Path) -> list[list[dict]]:
     return [rounds([g[k] for g in gradients]) for k in range(min(map(len, gradients)))]
 
 
+def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Time spans joined where they overlap, in order (a fused buffer's tensors share theirs)."""
+    out: list = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [tuple(m) for m in out]
+
+
 def rounds(ops: list[dict]) -> list[dict]:
     """One update's allreduces joined where their time on the wire overlaps (one fused buffer's),
-    in order: per round, rank 0's first and last tensor ready, the earliest start, the latest
-    end, and the wire's span."""
+    in order: per round, the earliest start, the latest end, the wire's span and the copies'."""
     out: list = []
     for op in sorted(ops, key=lambda o: o["wire"]):
         if out and op["wire"][0] <= out[-1]["wire"][1]:
             last = out[-1]
-            last.update(first=min(last["first"], op["ready"]), ready=max(last["ready"], op["ready"]),
-                        start=min(last["start"], op["start"]),
-                        end=max(last["end"], op["end"]), wire=(last["wire"][0], max(last["wire"][1], op["wire"][1])))
+            last.update(start=min(last["start"], op["start"]), end=max(last["end"], op["end"]),
+                        wire=(last["wire"][0], max(last["wire"][1], op["wire"][1])),
+                        copies=merged(last["copies"] + op["copies"]))
         else:
-            out.append(op | {"first": op["ready"]})
+            out.append(op | {"copies": merged(op["copies"])})
     return out
 
 
 def wire_per_step(updates: list[list[dict]], steps: int) -> dict:
     """Of the last `steps` updates' fused rounds (`allreduce_steps`), medians per update: seconds
     on the wire, rounds, the span from the first round's wire start to the last's end; the
-    fusion-buffer copies (a round's time off the wire); between one round's end and the next's
-    start, the time rank 0's backward pass was still producing the next round's gradients
-    (`computing`) and then waited for another rank's (`waiting`); and rank 0's backward pass
-    from its first gradient handed to Horovod to its last (`backward_tail`)."""
+    fusion-buffer copies; the rest of the rounds' time off the wire (`round_other`: Horovod's
+    bookkeeping, the tensors' callbacks); between one round's end and the next's start, no
+    round running (`between`: the next gradients not yet handed to Horovod by every rank, or
+    Horovod's cycle: Horovod runs a round at a time, so it cannot tell which)."""
     last = updates[-steps:]
 
     def median(per_update) -> float:
         return statistics.median(per_update(u) for u in last)
 
-    def between(u, part) -> float:
-        return sum(part(prev, nxt) for prev, nxt in itertools.pairwise(u))
-    return {"wire_seconds": median(lambda u: sum(r["wire"][1] - r["wire"][0] for r in u)),
+    def length(spans) -> float:
+        return sum(e - s for s, e in spans)
+    return {"wire_seconds": median(lambda u: length(r["wire"] for r in u)),
             "rounds": median(len), "span_seconds": median(lambda u: u[-1]["wire"][1] - u[0]["wire"][0]),
-            "copy_seconds": median(lambda u: sum(r["end"] - r["start"] - (r["wire"][1] - r["wire"][0]) for r in u)),
-            "computing_seconds": median(lambda u: between(u, lambda p, n: max(0.0, n["ready"] - p["end"]))),
-            "waiting_seconds": median(lambda u: between(u, lambda p, n: max(0.0, n["start"] - max(n["ready"], p["end"])))),
-            "backward_tail_seconds": median(lambda u: max(r["ready"] for r in u) - min(r["first"] for r in u)),
+            "copy_seconds": median(lambda u: sum(length(r["copies"]) for r in u)),
+            "round_other_seconds": median(lambda u: sum(r["end"] - r["start"] - length([r["wire"], *r["copies"]])
+                                                        for r in u)),
+            "between_seconds": median(lambda u: sum(n["start"] - p["end"] for p, n in itertools.pairwise(u))),
             "grouped_by": "tensor"}
 
 

@@ -654,36 +654,39 @@ def wire_split(r: dict, per_round: bool) -> list[str]:
 
 def round_split(r: dict) -> list[str]:
     """The traced `horovod-ring` runs' communication beyond one allreduce of their bytes, per fused
-    round, beside the sweep's small message alone on the same layout; what the gaps between the
-    rounds held (rank 0's backward pass still computing, waiting for another rank, the
-    fusion-buffer copies) where the trace was read for it; with the CPU Open MPI's ranks keep
-    busy in an allreduce alone, and Gloo's step on the same layouts. Not `horovod`: Open MPI's
-    own choice of algorithm differs by message size, so its rounds are not one allreduce of all
-    the bytes cut in parts."""
+    round, beside the sweep's small message alone on the same layout; what the rounds' time off
+    the wire held (fusion-buffer copies, Horovod's other work in a round, no round running)
+    where the trace was read for it; with the CPU Open MPI's ranks keep busy in an allreduce
+    alone, and Gloo's step on the same layouts. Not `horovod`: Open MPI's own choice of
+    algorithm differs by message size, so its rounds are not one allreduce of all the bytes cut
+    in parts. A run whose step came out at or below compute, update and one allreduce alone
+    has no excess to split."""
     sweep = {(a["engine"], a["nodes"], a["per_node"], a["bytes"]): a for a in r["allreduce"]}
-    rows, costs, times, layouts, split = [], {}, [], set(), []
+    rows, costs, times, layouts, split, none = [], {}, [], set(), [], []
+    parts = ("copy_seconds", "round_other_seconds", "between_seconds")
     for t in r.get("timeline", []):
         alone, tl = alone_seconds(r, t), t["timeline"]
         if (t["engine"] != "horovod-ring" or alone is None or tl["rounds"] < 2
                 or tl["wire_seconds"] < 0.9 * alone * t["backward_passes"]):
             continue  # one round, or a split not given (wire_split says why)
-        wire = tl["wire_seconds"] - alone * t["backward_passes"]  # per allreduce, as the timeline's
-        gaps = tl["span_seconds"] - tl["wire_seconds"]
         # no more than the step spent beyond compute, update and one allreduce: a gap can hold
         # backward-pass time the probe already counts
         excess = (communication(t) - alone) * t["backward_passes"]
+        if excess <= 0:
+            none.append(f"{t['nodes']} x {t['per_node']} {t['flags']}".strip() + f" ({excess * 1e3:.0f} ms)")
+            continue
+        wire = tl["wire_seconds"] - alone * t["backward_passes"]  # per allreduce, as the timeline's
+        gaps = tl["span_seconds"] - tl["wire_seconds"]
         per_round = max(0.0, min(wire + gaps, excess)) / tl["rounds"]
         costs.setdefault(t["ranks"] / r["cpus"], []).append(per_round)
         small = sweep.get((t["engine"], t["nodes"], t["per_node"], SMALL))
         times += [per_round / small["seconds"]] if small else []
         layouts.add((t["nodes"], t["per_node"]))
-        parts = ("computing_seconds", "waiting_seconds", "copy_seconds", "backward_tail_seconds")
-        if all(k in tl for k in parts):
-            split.append(tl | {"probe": t["compute"]})
+        split += [tl] if all(k in tl for k in parts) else []
         rows.append(f"| {t['engine']} | {t['nodes']} x {t['per_node']} | {t['ranks'] / r['cpus']:g} | "
                     f"{t['flags'] or '-'} | {tl['rounds']:g} | {wire * 1e3:.0f} | {gaps * 1e3:.0f} | "
                     + "".join(f"{tl[k] * 1e3:.0f} | " if k in tl else "- | " for k in parts)
-                    + f"{t['compute'] * 1e3:.0f} | {excess * 1e3:.0f} | {per_round * 1e3:.0f} | "
+                    + f"{excess * 1e3:.0f} | {per_round * 1e3:.0f} | "
                     + (f"{small['seconds'] * 1e3:.1f} |" if small else "- |"))
     if not rows:
         return []
@@ -703,31 +706,18 @@ def round_split(r: dict) -> list[str]:
         found.append(f"Horovod over Gloo (not traced) spent {value_range(gloo, '.2f')}x one allreduce of its bytes per "
                      "step on these layouts")
 
-    def ms(runs: list, key: str) -> str:
-        return value_range([x[key] * 1e3 for x in runs], ".0f") + " ms"
-
-    def tail(runs: list) -> str:
-        return value_range([x["backward_tail_seconds"] / x["probe"] for x in runs], ".1f") + "x"
-    slowed = [x for x in split if x["backward_tail_seconds"] > x["probe"]]
-    hidden = [x for x in split if x not in slowed]
-    where = [f" Where it goes, in the {len(split)} of {len(rows)} runs whose rounds were split: after a round had "
-             f"ended, rank 0's backward pass still computing the next round's gradients {ms(split, 'computing_seconds')} "
-             f"a step, waiting for another rank's {ms(split, 'waiting_seconds')}; the fusion-buffer copies "
-             f"{ms(split, 'copy_seconds')}, which the model does not count."] if split else [
-             " What a round spends that cost on is not measured here."]
-    if slowed:
-        where.append(f" In {len(slowed)} of them rank 0's backward tail took {tail(slowed)} the compute probe's "
-                     "whole forward and backward pass (timed with no allreduce in flight): on these "
-                     f"{r['cpus']} shared cores the backward pass slows while a round is on the wire, so "
-                     "the rounds that wait for its later gradients leave the links idle meanwhile "
-                     f"(rank 0 computing: {ms(slowed, 'computing_seconds')}), which the model, counting the "
-                     "probe's compute and one allreduce with nothing overlapped, does not see.")
-    if hidden:
-        where.append(f" In {len(hidden)} the backward tail took {tail(hidden)} the probe (timed with every rank "
-                     "probing at once, so as slowed by the shared cores as the step's compute can be): the "
-                     "rounds went on the wire while the backward pass went on.")
-    if split:
-        where.append(" Not measured: the same where each rank has cores of its own, as on a GPU node.")
+    def ms(key: str) -> str:
+        return value_range([x[key] * 1e3 for x in split], ".0f") + " ms"
+    where = (f" Off the wire, in the {len(split)} of {len(rows)} runs read for it, a step spent "
+             f"{ms('copy_seconds')} in fusion-buffer copies, {ms('round_other_seconds')} in the rounds' other work "
+             f"and {ms('between_seconds')} between rounds with none running: Horovod waits there for every rank to "
+             "hand it the next gradients (a backward pass still running on some rank, the sharing of the "
+             f"{r['cpus']} cores, Horovod's cycle), which one rank's timeline cannot tell apart, and part of which "
+             "is backward-pass time the compute probe already counts. Not measured: what each rank's backward "
+             "pass did meanwhile, nor any of it where each rank has cores of its own, as on a GPU node."
+             if split else " What a round spends that cost on is not measured here.")
+    skipped = (f" Not in the table, no excess to split (the step at or below compute, update and one "
+               f"allreduce alone): {', '.join(none)}." if none else "")
     return ["**Per fused round** (the traced `horovod-ring` runs with more than one round and a split; "
             "not `horovod`: Open MPI's own choice of algorithm differs by message size, the algorithm "
             "check below): Horovod allreduces what the backward pass has ready at each of its cycles, so "
@@ -736,18 +726,16 @@ def round_split(r: dict) -> list[str]:
             "to the last's end, less the time on the wire), per round, but no more than the step's excess "
             "(measured step - compute probe - update - one allreduce alone: a gap can hold backward-pass "
             f"time the probe counts); beside the sweep's {SMALL / 1e3:g} kB allreduce alone on the same "
-            "layout and links. Read from rank 0's timeline, per step (medians): after a round's end, "
-            "rank 0 still computing the next round's gradients, then waiting for another rank's; every "
-            "round's fusion-buffer copies in and out; rank 0's backward pass from its first gradient "
-            "handed to Horovod to its last (the backward tail), beside the compute probe:", "",
+            "layout and links. From rank 0's timeline, per step (medians), the rounds' time off the wire: "
+            "the fusion-buffer copies in and out, the rest of the rounds (Horovod's bookkeeping, the "
+            "tensors' callbacks), and between one round's end and the next's start:", "",
             "| engine | nodes x ranks per node | ranks per core | flags | fused rounds | on the wire beyond one "
-            "allreduce ms | gaps ms | rank 0 computing ms | waiting for another rank ms | copies ms | "
-            "backward tail ms | compute probe ms | the step's excess ms | per round ms | "
-            f"{SMALL / 1e3:g} kB allreduce alone ms |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            "allreduce ms | gaps ms | copies ms | rounds' other work ms | between rounds ms | "
+            f"the step's excess ms | per round ms | {SMALL / 1e3:g} kB allreduce alone ms |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
             "- Measured: " + "; ".join(found) + "."
             + (" A round costs more than the links' latency, which the small allreduce pays too."
-               if times and min(times) > 3 else "") + "".join(where)
+               if times and min(times) > 3 else "") + where + skipped
             + " Runs the table does not hold (unsplit, one round, not traced) keep their excess unaccounted for.", ""]
 
 
