@@ -43,7 +43,7 @@ def two_ranks(request, records_dir, tmp_path_factory):
     reading the statistics is a collective, so every worker joins each checkpoint write."""
     run_dir = tmp_path_factory.mktemp(request.param)
     proc = run(ranks(request.param, 2, *train_args(records_dir, run_dir), "--model", BATCH_NORM_MODEL,
-                     "--checkpoint-every-steps", "12"), timeout=300, check=True)
+                     "--checkpoint-every-steps", "12"), timeout=600, check=True)  # 25 s alone, 108 s beside 16 ranks
     (run_dir / "stderr.txt").write_text(proc.stderr)
     return request.param, run_dir
 
