@@ -290,10 +290,11 @@ def allreduce_steps(timeline: Path) -> list[list[dict]]:
     gradient's k-th allreduce, merged over the tensors one fused buffer carried into rounds,
     each {"start"/"end": the round's, "wire": [start, end] of the *_ALLREDUCE activity,
     "copies": the fusion-buffer copies in and out, as their spans}, seconds. Gradients are the
-    tensors allreduced as often as most are (once per update; a stop check joins them where it
-    runs as often, the epochs' metric averaging does not): grouped by tensor, not by the gaps
-    between rounds, which within one update can be longer than between two. A trace cut off in
-    its last update: that update, which some gradients lack, is left out."""
+    tensors Horovod's optimizer names `..._grads_...` (in a trace without such names, those
+    allreduced as often as most are: once per update; a stop check joins them where it runs as
+    often, the epochs' metric averaging does not): grouped by tensor, not by the gaps between
+    rounds, which within one update can be longer than between two. A trace cut off in its last
+    update: that update, which some gradients lack, is left out."""
     events, cut = trace_events(timeline)
     stacks: dict = {}
     ops: dict = {}  # per tensor (the timeline's pid): its allreduces, in order
@@ -318,8 +319,11 @@ def allreduce_steps(timeline: Path) -> list[list[dict]]:
     spans = {pid: done for pid, done in spans.items() if done}
     if not spans:
         raise ValueError(f"{timeline}: no allreduce in Horovod's timeline")
-    most = collections.Counter(map(len, spans.values())).most_common(1)[0][0]
-    gradients = [s for s in spans.values() if len(s) == most or cut and abs(len(s) - most) == 1]
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("name") == "process_name"}
+    gradients = [s for pid, s in spans.items() if "_grads_" in names.get(pid, "")]
+    if not gradients:  # (a count of a cut trace can take in another tensor: names first)
+        most = collections.Counter(map(len, spans.values())).most_common(1)[0][0]
+        gradients = [s for s in spans.values() if len(s) == most or cut and abs(len(s) - most) == 1]
     return [rounds([g[k] for g in gradients]) for k in range(min(map(len, gradients)))]
 
 
@@ -352,8 +356,8 @@ def rounds(ops: list[dict]) -> list[dict]:
 def wire_per_step(updates: list[list[dict]], steps: int) -> dict:
     """Of the last `steps` updates' fused rounds (`allreduce_steps`), medians per update: seconds
     on the wire, rounds, the span from the first round's wire start to the last's end; the
-    fusion-buffer copies; the rest of the rounds' time off the wire (`round_other`: Horovod's
-    bookkeeping, the tensors' callbacks); between one round's end and the next's start, no
+    fusion-buffer copies; the rest of the rounds' time off the wire (`round_other`: until their
+    last tensor was marked done); between one round's end and the next's start, no
     round running (`between`: the next gradients not yet handed to Horovod by every rank, or
     Horovod's cycle: Horovod runs a round at a time, so it cannot tell which)."""
     last = updates[-steps:]

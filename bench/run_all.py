@@ -713,7 +713,8 @@ def round_split(r: dict) -> list[str]:
              f"and {ms('between_seconds')} between rounds with none running: Horovod waits there for every rank to "
              "hand it the next gradients (a backward pass still running on some rank, the sharing of the "
              f"{r['cpus']} cores, Horovod's cycle), which one rank's timeline cannot tell apart, and part of which "
-             "is backward-pass time the compute probe already counts. Not measured: what each rank's backward "
+             "is backward-pass time the compute probe already counts; the cores' sharing can take rank 0 off the "
+             "CPU inside the copies and the rounds' other work too. Not measured: what each rank's backward "
              "pass did meanwhile, nor any of it where each rank has cores of its own, as on a GPU node."
              if split else " What a round spends that cost on is not measured here.")
     skipped = (f" Not in the table, no excess to split (the step at or below compute, update and one "
@@ -727,8 +728,8 @@ def round_split(r: dict) -> list[str]:
             "(measured step - compute probe - update - one allreduce alone: a gap can hold backward-pass "
             f"time the probe counts); beside the sweep's {SMALL / 1e3:g} kB allreduce alone on the same "
             "layout and links. From rank 0's timeline, per step (medians), the rounds' time off the wire: "
-            "the fusion-buffer copies in and out, the rest of the rounds (Horovod's bookkeeping, the "
-            "tensors' callbacks), and between one round's end and the next's start:", "",
+            "the fusion-buffer copies in and out, the rest of the rounds (until their last tensor was "
+            "marked done), and between one round's end and the next's start:", "",
             "| engine | nodes x ranks per node | ranks per core | flags | fused rounds | on the wire beyond one "
             "allreduce ms | gaps ms | copies ms | rounds' other work ms | between rounds ms | "
             f"the step's excess ms | per round ms | {SMALL / 1e3:g} kB allreduce alone ms |",

@@ -87,42 +87,53 @@ def test_each_goal_of_a_bullet_with_several_is_labelled_with_what_the_bullet_mea
 def test_a_horovod_timeline_is_split_into_steps_on_the_wire(monkeypatch, tmp_path):
     """bench_comm reads Horovod's timeline (rank 0's, cut off before its closing bracket or inside
     an event, as a killed run leaves it): one fused buffer's tensors count once, an update's
-    rounds group together by tensor (its stop check among them) though a gap inside an update
-    is longer than the one between updates, the epoch-end averaging is not an update; cut off
-    in an update, the trace keeps every gradient in the updates before it. Per update, off the
-    wire: the fusion-buffer copies, the rounds' other work, and the time between rounds."""
+    rounds group together by tensor though a gap inside an update is longer than the one
+    between updates, the epoch-end averaging is not an update; cut off in an update, the trace
+    keeps every gradient in the updates before it. Gradients by the names Horovod's optimizer
+    gives them, where the trace has them (else by count: the stop check among them where it
+    runs as often); a tensor allreduced once more than they are (the stop check of a trace cut
+    off) is not one. Per update, off the wire: the fusion-buffer copies, the rounds' other
+    work, and the time between rounds."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import bench_comm
 
-    def op(pid, start, end, name="MPI_ALLREDUCE"):  # ms: negotiated, the round started 2 ms before
-        # the wire, copied in for 1 ms; copied out for 1 ms after it, ended 1 ms later
+    def op(pid, start, end, name="MPI_ALLREDUCE", done=2):  # ms: negotiated, the round started 2 ms
+        # before the wire, copied in for 1 ms; copied out for 1 ms after it, marked done `done` after it
         def span(activity, begin, until):
             return [{"ph": "B", "name": activity, "ts": begin * 1000, "pid": pid}, {"ph": "E", "ts": until * 1000, "pid": pid}]
         return [*span("NEGOTIATE_ALLREDUCE", start - 5, start - 4),
                 {"ph": "B", "name": "ALLREDUCE", "ts": (start - 2) * 1000, "pid": pid},
                 *span("MEMCPY_IN_FUSION_BUFFER", start - 2, start - 1), *span(name, start, end),
-                *span("MEMCPY_OUT_FUSION_BUFFER", end, end + 1), {"ph": "E", "ts": (end + 2) * 1000, "pid": pid}]
+                *span("MEMCPY_OUT_FUSION_BUFFER", end, end + 1), {"ph": "E", "ts": (end + done) * 1000, "pid": pid}]
 
+    def write(events, tail=","):
+        trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + tail)
+        return bench_comm.allreduce_steps(trace)
+
+    trace = tmp_path / "timeline.json"
     events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {}}]
     for step in range(3):  # 1 s apart: two fused rounds (two tensors in the first) 400 ms apart, then the stop check
         t = 1000 * step
-        events += op(1, t, t + 300) + op(2, t, t + 300) + op(3, t + 700, t + 790) + op(4, t + 796, t + 798)
+        events += op(1, t, t + 300) + op(2, t, t + 300, done=3) + op(3, t + 700, t + 790) + op(4, t + 796, t + 798)
     events += op(5, 3000, 3020, "GLOO_ALLREDUCE")  # the epoch's end: a small averaging
-    trace = tmp_path / "timeline.json"
-    trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")
-    updates = bench_comm.allreduce_steps(trace)
+    updates = write(events)
     assert len(updates) == 3 and [r["wire"] for r in updates[0]] == [(0.0, 0.3), (0.7, 0.79), (0.796, 0.798)]
     wire = bench_comm.wire_per_step(updates, steps=2)
     assert wire["rounds"] == 3
     assert abs(wire["wire_seconds"] - 0.392) < 1e-9 and abs(wire["span_seconds"] - 0.798) < 1e-9
-    # per round 2 ms of copies (the fused buffer's two tensors share theirs) and 2 ms else off
-    # the wire; between rounds: 302 -> 698 ms, 792 -> 794 ms
-    expected = {"copy_seconds": 0.006, "round_other_seconds": 0.006, "between_seconds": 0.398}
+    # per round 2 ms of copies (the fused buffer's two tensors share theirs); else off the wire
+    # 3 ms in the first (its second tensor marked done last), 2 in the others; between rounds:
+    # 303 -> 698 ms, 792 -> 794 ms
+    expected = {"copy_seconds": 0.006, "round_other_seconds": 0.007, "between_seconds": 0.397}
     assert all(abs(wire[k] - v) < 1e-9 for k, v in expected.items()), wire
     for tail in ("", ",\n" + json.dumps(events[-20])[:20]):  # cut in update 3, between events or inside one
-        trace.write_text("[\n" + ",\n".join(json.dumps(e) for e in events[:-20]) + tail)
-        updates = bench_comm.allreduce_steps(trace)
+        updates = write(events[:-20], tail)
         assert len(updates) == 2 and [r["wire"] for r in updates[1]] == [(1.0, 1.3), (1.7, 1.79), (1.796, 1.798)]
+    named = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}} for pid, name in
+             ((1, "DistributedAdam_Allreduce/HorovodAllreduce_grads_0_0"), (2, "x/HorovodAllreduce_grads_1_0"),
+              (3, "x/HorovodAllreduce_grads_2_0"), (4, "HorovodAllreduce"))]
+    updates = write(named + events[:-10] + op(4, 2900, 2902))  # the stop check once more, then cut
+    assert len(updates) == 3 and [r["wire"] for r in updates[2]] == [(2.0, 2.3), (2.7, 2.79)]
     trace.write_text("[]")
     with pytest.raises(ValueError, match="no allreduce"):
         bench_comm.allreduce_steps(trace)
@@ -242,9 +253,12 @@ def test_fused_rounds_are_costed_and_the_setting_checks_say_only_what_their_runs
     read = traced("horovod-ring", 2.12, 2.18)
     read["timeline"] |= {"copy_seconds": 0.02, "round_other_seconds": 0.01, "between_seconds": 0.03}
     hidden = traced("horovod-ring", 2.12, 2.18) | {"measured_step": 2.1}  # 2.1 - 0.2 - 2.0: none
-    text = "\n".join(run_all.round_split(result | {"timeline": [read, hidden]}))
+    hidden["timeline"] |= {"copy_seconds": 0.5, "round_other_seconds": 0.5, "between_seconds": 0.5}
+    even = traced("horovod-ring", 2.12, 2.18) | {"measured_step": 2.25, "compute": 0.25}  # 2.25 - 0.25 - 2.0: 0
+    text = "\n".join(run_all.round_split(result | {"timeline": [read, hidden, even]}))
     assert "| 3 | 120 | 60 | 20 | 10 | 30 | 400 | 60 | 4.0 |" in text and "not measured here" not in text
-    assert text.count("| horovod-ring |") == 1 and "no excess to split" in text and "4 x 1 (-100 ms)" in text
+    assert text.count("| horovod-ring |") == 1 and "no excess to split" in text
+    assert "4 x 1 (-100 ms), 4 x 1 (0 ms)" in text
     assert ("Off the wire, in the 1 of 1 runs read for it, a step spent 20 ms in fusion-buffer copies, 10 ms in "
             "the rounds' other work and 30 ms between rounds with none running") in text
 
