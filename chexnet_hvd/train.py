@@ -404,17 +404,23 @@ def failed(run: Run, err: BaseException) -> int | None:
     return cli.EXIT_FAILED if run.engine.says_peer_left(err) else None
 
 
-def end_completed(engine) -> int:
-    """The run has completed: no rank leaves before the chief has written the run log's end (the
-    barrier); a rank that left meanwhile, its work done, makes this one say so, not fail. A rank
-    stopped before it reaches the barrier is the stall watch's (still running): it ends the job."""
+def last_barrier(engine, run: str) -> None:
+    """No rank leaves before the chief has written what the run ends with; a rank that left
+    meanwhile, past its own barrier (the tf engine's: once it holds the others' parts of the
+    collective, before they hold its), makes this one say so, not fail. A rank stopped before it
+    reaches the barrier is the stall watch's (still running): it ends the job."""
     try:
-        engine.barrier()
+        engine.barrier()  # Horovod/TF: every rank
     except Exception as err:
-        if not engine.says_peer_left(err):
+        if engine.size == 1 or not engine.peer_left(err):
             raise
-        print(f"warning: rank {engine.rank}: another rank left at the end of a completed run "
+        print(f"warning: rank {engine.rank}: another rank left at the end of a {run} run "
               f"({cli.error_text(err, limit=200)})", file=sys.stderr, flush=True)
+
+
+def end_completed(engine) -> int:
+    """The run has completed, and the chief has written the run log's end."""
+    last_barrier(engine, "completed")
     return 0
 
 
@@ -428,7 +434,7 @@ def end_preempted(engine, state: RunState, saver: checkpoints.Saver, writer) -> 
         writer.write("end", status="preempted", step=state.step, epoch=state.epoch)
     print(f"rank {engine.rank}: preempted after step {state.step}; exiting {cli.EXIT_PREEMPTED} "
           "once the checkpoint is written", file=sys.stderr, flush=True)
-    engine.barrier()  # Horovod/TF: nobody exits before the checkpoint
+    last_barrier(engine, "preempted")  # nobody exits before the checkpoint
     return cli.EXIT_PREEMPTED
 
 
