@@ -115,6 +115,7 @@ LANE = {
     "test_two_ranks.py::test_a_run_that_succeeds_ends_without_error_lines[tf]",
     "test_resume_preemption.py::test_resumes_at_an_epochs_end_and_in_mid_epoch_are_exact[tf]",
     "test_resume_preemption.py::test_sigterm_checkpoints_and_exits_75[tf]",
+    "test_resume_preemption.py::test_a_rank_gone_at_the_last_barrier_leaves_the_others_exit_code[tf-preempted]",
     "test_train_flags.py::test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank[tf]",
     "test_models_precision.py::test_every_model_builds_and_takes_a_step[densenet121-32]",
     "test_models_precision.py::test_every_model_builds_and_takes_a_step[resnet59-64]",
