@@ -415,9 +415,9 @@ def first_epoch(run_dir, job: str) -> None:
 @pytest.mark.parametrize("engine", ["horovod", "tf"])
 def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, records_dir, tmp_path):
     """Rank 1 (node2) stopped in mid-epoch: the job ends within the bound with a line naming
-    rank 1 on node2 and `end: stalled` in the run log, and the template requeues it once. (The
-    requeued attempt's --resume is the preemption test's; a resume after a stall,
-    test_stalls.py's.)"""
+    rank 1 on node2 and `end: stalled` in the run log, the template requeues it once, and the
+    requeued attempt (the same job id: under the tf engine, the same ports) resumes from the
+    last epoch's checkpoint and completes every epoch."""
     # epochs enough that the job is still training when the fault lands, as soon as epoch 1
     # is logged (an epoch: ~0.5 s)
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 12, "ENGINE": engine,
@@ -441,9 +441,18 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, record
     job_log = (run_dir / "job.log").read_text()
     assert re.search(r"error: stalled: .*rank 1 \(node2\)", job_log), job_log[-3000:]
     assert "stalled (see the error above); requeueing once" in job_log
-    run(["scancel", job])
-    stalled = [r for r in read_runlog(run_dir) if r["event"] == "end"]
-    assert [(r["status"], r["ranks"], r["hosts"]) for r in stalled] == [("stalled", [1], ["node2"])]
+    start_early(job)
+    wait_until(lambda: '"status": "completed"' in (run_dir / "runlog.jsonl").read_text(), 600,
+               log_tail(run_dir, "the requeued job did not complete"))
+    fields = wait_job(job, timeout=120)
+    assert (fields["JobState"], fields["Restarts"]) == ("COMPLETED", "1")
+    log = read_runlog(run_dir)
+    ends = [r for r in log if r["event"] == "end"]
+    assert [(r["status"], r.get("ranks"), r.get("hosts")) for r in ends] == \
+        [("stalled", [1], ["node2"]), ("completed", None, None)]
+    resumed = [r for r in log if r["event"] == "start"][1]["resumed_from"]
+    assert re.search(r"/checkpoints/epoch-\d{4}$", resumed), resumed
+    assert sorted({r["epoch"] for r in log if r["event"] == "epoch"}) == list(range(1, env["EPOCHS"] + 1))
 
 
 def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, records_dir, tmp_path):
