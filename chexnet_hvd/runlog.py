@@ -23,9 +23,11 @@ torn line stays one unreadable line instead of swallowing the next record), and 
 skips unreadable lines and counts them (`read_records`). This module must not import
 TensorFlow: tools/scaling_report.py reads logs on machines without it.
 
-`python -m chexnet_hvd.runlog RUN_DIR` prints how the newest attempt ended (the Slurm templates
-requeue a job when it says `preempted` and the launcher failed, whatever its code: srun ends
-the other ranks (143) once one exits 75; and once when it says `stalled`); with `--count
+`python -m chexnet_hvd.runlog RUN_DIR` prints how the newest attempt ended; the Slurm templates
+take `--records` before an attempt and ask `--after` that count after it (an attempt that
+failed before its start record is not judged by the one before), requeue a job when it says
+`preempted` and the launcher failed, whatever its code (srun ends the other ranks (143) once one
+exits 75), and when it says `stalled` unless `--stalled-in-a-row` says 2 or more; with `--count
 STATUS`, how many attempts ended so.
 """
 
@@ -101,14 +103,25 @@ class RunLogWriter:
         self._fh.close()
 
 
+def log_path(path: str | Path) -> Path:
+    """The run log of `path`, a run log or its run directory."""
+    path = Path(path)
+    return path / FILENAME if path.is_dir() else path
+
+
 def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
     """(records, numbers of the lines skipped as unreadable) of a run log (a file or its run
     directory). A line that is not JSON (a write torn by a kill or a full disk) is skipped;
     RunLogError when the file is missing, holds no record, JSON of another schema, or a record
     without its event's REQUIRED fields."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
+    out, skipped = parse(log_path(path))
+    if not out:
+        raise RunLogError(f"{log_path(path)}: empty run log")
+    return out, skipped
+
+
+def parse(path: Path) -> tuple[list[dict], list[int]]:
+    """read_records' work, a run log without a record let through."""
     if not path.is_file():
         raise RunLogError(f"{path}: no run log")
     out, skipped = [], []
@@ -127,8 +140,6 @@ def read_records(path: str | Path) -> tuple[list[dict], list[int]]:
         if missing:
             raise RunLogError(f"{path}:{i + 1}: {record.get('event', 'a')} record without {', '.join(missing)}")
         out.append(record)
-    if not out:
-        raise RunLogError(f"{path}: empty run log")
     return out, skipped
 
 
@@ -138,11 +149,16 @@ def read_runlog(path: str | Path) -> list[dict]:
     return read_records(path)[0]
 
 
-def status(path: str | Path) -> str:
+def status(path: str | Path, after: int = 0) -> str:
     """How the newest attempt ended: completed, preempted, failed or stalled; `running` when the last
-    record is not an `end` (still going, or killed before it could write one)."""
-    last = read_runlog(path)[-1]
-    return last["status"] if last["event"] == "end" else "running"
+    record is not an `end` (still going, or killed before it could write one). With `after`: of
+    the records after the first `after` (an attempt's own, the count taken before it began),
+    `none` when it wrote none (it failed before its start record: the ending before it is
+    another attempt's)."""
+    records = read_runlog(path)[after:]
+    if not records:
+        return "none"
+    return records[-1]["status"] if records[-1]["event"] == "end" else "running"
 
 
 def count(path: str | Path, end_status: str) -> int:
@@ -150,24 +166,56 @@ def count(path: str | Path, end_status: str) -> int:
     return sum(r["event"] == "end" and r["status"] == end_status for r in read_runlog(path))
 
 
+def stalled_in_a_row(path: str | Path) -> int:
+    """How many attempts stalled since the run last completed an epoch: a node or link that
+    stalls each attempt before it gets anywhere, where stalls days apart are unrelated."""
+    stalls = 0
+    for record in read_runlog(path):
+        if record["event"] == "epoch":
+            stalls = 0
+        stalls += record["event"] == "end" and record["status"] == "stalled"
+    return stalls
+
+
+def records(path: str | Path) -> int:
+    """How many readable records the run log holds; 0 when there is none yet."""
+    return len(parse(log_path(path))[0]) if log_path(path).exists() else 0
+
+
 @dataclasses.dataclass
 class StatusConfig:
     run_dir: str = cli.field(help="run directory (or its runlog.jsonl)")
-    count: str = cli.field("", help="print instead how many attempts ended so (the Slurm templates "
-                           "requeue a stalled job once)", choices=["", *END_STATUSES])
+    count: str = cli.field("", help="print instead how many attempts ended so",
+                           choices=["", *END_STATUSES])
+    stalled_in_a_row: bool = cli.field(False, help="print instead how many attempts stalled since the "
+                                       "run last completed an epoch (the Slurm templates requeue a "
+                                       "stalled job unless it is 2)")
+    records: bool = cli.field(False, help="print instead how many records the run log holds (0: none "
+                              "yet); taken before an attempt, it is that attempt's --after")
+    after: int = cli.field(0, help="how the attempt that began after the first AFTER records ended, "
+                           "none when it wrote no record (it failed before its start)", minimum=0)
+
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(StatusConfig, "Print how a run's newest attempt ended: completed, "
                            "preempted, failed, stalled or running.", argv, positional=["run_dir"],
                            prog="python -m chexnet_hvd.runlog")
+    queries = {"--count": cfg.count, "--stalled-in-a-row": cfg.stalled_in_a_row, "--records": cfg.records}
+    given = [flag for flag, value in queries.items() if value]
+    if len(given) > 1:
+        raise cli.InputError(given[1], f"give one of {', '.join(queries)}, not {' and '.join(given)}")
     try:
-        print(count(cfg.run_dir, cfg.count) if cfg.count else status(cfg.run_dir))
+        if cfg.count:
+            print(count(cfg.run_dir, cfg.count))
+        elif cfg.stalled_in_a_row:
+            print(stalled_in_a_row(cfg.run_dir))
+        else:
+            print(records(cfg.run_dir) if cfg.records else status(cfg.run_dir, cfg.after))
     except RunLogError as err:
         where, _, what = str(err).partition(": ")
         raise cli.InputError(where, what) from None
     return 0
-
 
 if __name__ == "__main__":
     cli.run(main)

@@ -5,7 +5,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import ROOT, assert_one_line_error, fill, run, small_disk
+from conftest import ROOT, assert_one_line_error, fill, module, run, small_disk
 
 from chexnet_hvd import projection, runlog, scaling
 
@@ -222,6 +222,39 @@ def test_torn_lines_are_skipped_and_counted(tmp_path):
     proc = run([REPORT, str(tmp_path)])
     assert proc.returncode == 0 and "| 1 |" in proc.stdout
     assert f"runlog.jsonl: skipped unreadable line(s) {lines}" in proc.stderr
+
+
+def test_what_the_templates_ask_the_run_log_about_an_attempt(tmp_path):
+    """The Slurm templates' questions (job_submissions/slurm/common.sh): the records before an
+    attempt (0 with no run log yet, or only a torn line), how that attempt ended (`none`: it
+    failed before its start record, so the stall before it is not its own), and how many
+    attempts stalled since an epoch last completed (2 ends the job)."""
+    def ask(*flags):
+        return module("runlog", tmp_path, *flags, check=True).stdout.strip()
+
+    def attempt(*ends, epochs=0):
+        writer.write("start", world_size=2, local_batch=8, model="small_cnn", image_size=8, precision="fp32")
+        for epoch in range(epochs):
+            writer.write("epoch", epoch=epoch + 1, seconds=1.0, images_per_sec=10.0)
+        for end in ends:
+            writer.write("end", status=end)
+
+    assert ask("--records") == "0"
+    (tmp_path / "runlog.jsonl").write_text('{"schema": "chexnet_hvd.runlog/1", "ev')  # killed mid-write
+    assert ask("--records") == "0"
+    writer = runlog.RunLogWriter(tmp_path)
+    attempt("stalled", epochs=2)
+    before = ask("--records")
+    assert (before, ask("--after", before), ask("--stalled-in-a-row")) == ("4", "none", "1")
+    assert (ask("--after", 0), ask()) == ("stalled", "stalled")
+    attempt()  # killed before its end
+    assert ask("--after", before) == "running"
+    attempt("stalled")  # no epoch since the first stall
+    assert (ask("--stalled-in-a-row"), ask("--count", "stalled")) == ("2", "2")
+    attempt("stalled", epochs=1)  # an epoch, then a stall: another fault
+    assert (ask("--stalled-in-a-row"), ask("--count", "stalled")) == ("1", "3")
+    assert_one_line_error(module("runlog", tmp_path, "--records", "--stalled-in-a-row"),
+                          "--stalled-in-a-row", "give one of")
 
 
 def test_a_run_log_write_on_a_full_disk_names_the_run_log(tmp_path):

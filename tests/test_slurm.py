@@ -11,9 +11,11 @@ Then: CPU binding on real cores, preemption (USR1 -> checkpoint after the same s
 rank -> requeue -> resume to completion) across 2 nodes under srun and on one node under
 mpirun, a user's scancel, and the launcher the templates refuse."""
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from collections import defaultdict
@@ -278,7 +280,8 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, ov
 
 
 def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path):
-    """A user's scancel (TERM) also stops the ranks at a checkpoint, but the job stays cancelled."""
+    """A user's scancel (TERM) also stops the ranks at a checkpoint, but the job stays cancelled;
+    a new job given its run directory (RUN_DIR) continues the run from that checkpoint."""
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 50}
     job = submit(SLURM_DIR / "tfrec_1gpu.sh", env, tmp_path)
     runlog = tmp_path / "runs" / "chexnet-tfrec_1gpu" / job / "runlog.jsonl"
@@ -291,6 +294,15 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path
     end = read_runlog(runlog)[-1]
     assert (end["event"], end["status"]) == ("end", "preempted")
     assert (runlog.parent / "checkpoints" / f"step-{end['step']:09d}").is_dir()
+    epochs = end["epoch"] + 2
+    again = submit(SLURM_DIR / "tfrec_1gpu.sh", env | {"RUN_DIR": runlog.parent, "EPOCHS": epochs}, tmp_path)
+    fields = wait_job(again, timeout=300)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, again)
+    log = read_runlog(runlog)
+    start = [r for r in log if r["event"] == "start"][-1]
+    assert (start["slurm_job_id"], start["resumed_from"]) == (again, str(runlog.parent / "checkpoints" / f"step-{end['step']:09d}"))
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == list(range(1, epochs + 1))
+    assert log[-1]["status"] == "completed" and not (tmp_path / "runs" / "chexnet-tfrec_1gpu" / again).exists()
 
 
 @pytest.mark.parametrize("setting,error", [
@@ -412,6 +424,18 @@ def first_epoch(run_dir, job: str) -> None:
     wait_until(epoch_or_end, 600, log_tail(run_dir, "the job never finished an epoch"))
 
 
+@contextlib.contextmanager
+def stopped(pid: int):
+    """Process `pid` stopped (SIGSTOP) for the block, which gets the time it was; killed after
+    it (a stopped task outlives srun's TERM)."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield time.monotonic()
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("engine", ["horovod", "tf"])
 def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, records_dir, tmp_path):
     """Rank 1 (node2) stopped in mid-epoch: the job ends within the bound with a line naming
@@ -425,22 +449,16 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, record
     job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
     run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
     first_epoch(run_dir, job)
-    victim = rank_pids(run_dir)[1]
-    os.kill(victim, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
+    with stopped(rank_pids(run_dir)[1]) as when:
         wait_until(lambda: '"status": "stalled"' in (run_dir / "runlog.jsonl").read_text(), BOUND,
                    log_tail(run_dir, "no stall recorded"))
-        recorded = time.monotonic() - stopped
+        recorded = time.monotonic() - when
         wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, 180,
                    log_tail(run_dir, "not requeued"))
-    finally:
-        if os.path.exists(f"/proc/{victim}"):  # a stopped task outlives srun's TERM
-            os.kill(victim, signal.SIGKILL)
     print(f"{engine} under srun, rank 1 stopped: stall recorded after {recorded:.1f} s")
     job_log = (run_dir / "job.log").read_text()
     assert re.search(r"error: stalled: .*rank 1 \(node2\)", job_log), job_log[-3000:]
-    assert "stalled (see the error above); requeueing once" in job_log
+    assert "stalled (see the error above); requeueing to resume" in job_log
     start_early(job)
     wait_until(lambda: '"status": "completed"' in (run_dir / "runlog.jsonl").read_text(), 600,
                log_tail(run_dir, "the requeued job did not complete"))
@@ -453,6 +471,47 @@ def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, record
     resumed = [r for r in log if r["event"] == "start"][1]["resumed_from"]
     assert re.search(r"/checkpoints/epoch-\d{4}$", resumed), resumed
     assert sorted({r["epoch"] for r in log if r["event"] == "epoch"}) == list(range(1, env["EPOCHS"] + 1))
+
+
+@pytest.mark.parametrize("second", ["stalls before an epoch", "fails before its start"])
+def test_a_requeued_attempt_is_judged_by_what_it_wrote(cluster, second, records_dir, tmp_path):
+    """Rank 1 stopped after epoch 1: the job requeues. Its second attempt then stalls again
+    before it completes an epoch (rank 1 stopped as the attempt's start record is written): the
+    job ends, not requeued again (a bad node is not retried for the whole time limit). Or it
+    fails before its start record (its records moved away): the job ends with that error's exit
+    code, not requeued again, though the run log's last end (the first attempt's) says stalled
+    (such an attempt was requeued for the whole time limit)."""
+    data = tmp_path / "records"
+    shutil.copytree(records_dir, data)
+    env = WORKLOAD | FP32 | {"DATA_DIR": data, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 12,
+                             "TRAIN_ARGS": f"--stall-timeout {STALL}"}
+    job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
+    run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
+    runlog = run_dir / "runlog.jsonl"
+    first_epoch(run_dir, job)
+    with stopped(rank_pids(run_dir)[1]):
+        wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, BOUND + 180,
+                   log_tail(run_dir, "not requeued"))
+    if second == "fails before its start":
+        data.rename(tmp_path / "moved")
+        start_early(job)
+        fields = wait_job(job, timeout=300)
+    else:
+        start_early(job)
+        wait_until(lambda: runlog.read_text().count('"event": "start"') == 2, 300,
+                   log_tail(run_dir, "the requeued attempt never started"))
+        with stopped(rank_pids(run_dir)[1]):
+            fields = wait_job(job, timeout=BOUND + 120)
+    job_log = (run_dir / "job.log").read_text()
+    assert (fields["JobState"], fields["Restarts"]) == ("FAILED", "1"), job_log[-3000:]
+    assert job_log.count("requeueing to resume from the newest checkpoint") == 1, job_log[-3000:]
+    ends = [r["status"] for r in read_runlog(run_dir) if r["event"] == "end"]
+    if second == "fails before its start":
+        assert fields["ExitCode"] == "2:0" and ends == ["stalled"], job_log[-3000:]
+        assert re.search(rf"^error: {data}\S*: ", job_log, re.M), job_log[-3000:]
+    else:
+        assert ends == ["stalled", "stalled"], job_log[-3000:]
+        assert "stalled again before an epoch completed (2 attempts in a row); not requeueing" in job_log
 
 
 def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, records_dir, tmp_path):
@@ -479,7 +538,7 @@ def test_a_cut_link_ends_the_job_within_the_bound_naming_the_node(cluster, recor
                log_tail(run_dir, "not requeued"))
     job_log = (run_dir / "job.log").read_text()  # the message a user reads
     assert re.search(r"error: stalled: .*waiting for rank 1 \(node2\): no heartbeat", job_log), job_log[-3000:]
-    assert "stalled (see the error above); requeueing once" in job_log
+    assert "stalled (see the error above); requeueing to resume" in job_log
     run(["scancel", job])
 
 

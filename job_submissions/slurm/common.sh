@@ -6,6 +6,8 @@
 #   VENV          its virtual environment (default: $CHEXNET_HOME/.venv)
 #   DATA_DIR      records directory (or raw index, see raw_1gpu.sh) with manifest.json
 #   RUN_ROOT      runs go to $RUN_ROOT/<job name>/<job id>/ (default: $CHEXNET_HOME/runs)
+#   RUN_DIR       the run directory instead: a run's directory from an earlier job continues
+#                 that run from its newest checkpoint (after scancel, or a job that ended)
 #   MODEL IMAGE_SIZE BATCH_SIZE EPOCHS PRECISION   the training run (BATCH_SIZE is per rank)
 #   RECIPE        a named recipe (python -m chexnet_hvd.train --recipe list) instead of the
 #                 defaults above: then only MODEL IMAGE_SIZE BATCH_SIZE EPOCHS set at submit
@@ -35,8 +37,11 @@
 # 75. Then this script requeues the job; the job id, and so the run directory, stay the same, and
 # the trainer always runs with --resume, so the requeued job continues from that checkpoint.
 # Stalls: a rank without progress for --stall-timeout seconds (600 by default; TRAIN_ARGS can
-# change it) ends the attempt, naming the ranks and hosts it waited for; the job is then requeued
-# once, and ends if it stalls again.
+# change it) ends the attempt, naming the ranks and hosts it waited for; the job is then requeued,
+# and ends if it stalls again before it completes an epoch (a bad node or link is not retried for
+# the whole time limit; stalls days apart are not one fault). Each attempt is judged by what it
+# wrote to the run log: one that failed before its start record (its exit code stands) is not
+# taken for the attempt before it.
 
 : "${CHEXNET_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${VENV:=$CHEXNET_HOME/.venv}"
@@ -64,7 +69,7 @@ case "$ENGINE" in
   *) echo "error: ENGINE: unknown engine '$ENGINE' (horovod or tf)" >&2; exit 2 ;;
 esac
 
-RUN_DIR="$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID"
+: "${RUN_DIR:=$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID}"
 export CHEXNET_ENGINE=$ENGINE  # the default of --engine, also for the search's candidates
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
@@ -115,30 +120,31 @@ run_training() {
     flag=${var,,}
     if [[ -n ${!var:-} ]]; then settings+=("--${flag//_/-}" "${!var}"); fi
   done
+  local rc=0 status before
+  before=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --records 2>/dev/null || echo 0)
   launch "$PY" -m chexnet_hvd.train --data "$DATA_DIR" --run-dir "$RUN_DIR" "${settings[@]}" \
     --resume --verbose 2 $TRAIN_ARGS
-  local rc=0 status
   wait_ranks || rc=$?
   # The run log, not the launcher's code, says whether the ranks stopped at a checkpoint: srun
-  # ends the other ranks (143) as soon as the first one exits 75.
-  status=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" 2>/dev/null || true)
+  # ends the other ranks (143) as soon as the first one exits 75. This attempt's records only.
+  status=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --after "$before" 2>/dev/null || true)
   if ((rc)) && [[ $status == preempted ]]; then
     rc=$EXIT_PREEMPTED
   fi
-  if [[ $status == stalled ]]; then requeue_once_stalled; fi
+  if [[ $status == stalled ]]; then requeue_stalled; fi
   requeue_if_preempted "$rc"
 }
 
 # A stalled rank ended the attempt (its error line above names it): the job goes once more from
-# its newest checkpoint, likely on other nodes; a second stall ends it, so that a bad node or
-# network is not retried for the whole time limit.
-requeue_once_stalled() {
+# its newest checkpoint, likely on other nodes; a second stall before an epoch completes ends it,
+# so that a bad node or network is not retried for the whole time limit.
+requeue_stalled() {
   local stalls
-  stalls=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --count stalled)
+  stalls=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --stalled-in-a-row)
   if ((stalls > 1)); then
-    echo "job $SLURM_JOB_ID: stalled again ($stalls times); not requeueing"
+    echo "job $SLURM_JOB_ID: stalled again before an epoch completed ($stalls attempts in a row); not requeueing"
   elif [[ $SLURM_JOB_ID != local-* ]]; then
-    echo "job $SLURM_JOB_ID: stalled (see the error above); requeueing once to resume from the newest checkpoint"
+    echo "job $SLURM_JOB_ID: stalled (see the error above); requeueing to resume from the newest checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
   fi
 }
