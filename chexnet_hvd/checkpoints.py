@@ -164,7 +164,8 @@ def writing(partial: Path, final: Path):
 
 def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:
     """`model` (and `optimizer`, default the model's own) as ckpt_dir/name, renamed into place
-    when complete."""
+    when complete and on disk (a node that crashes after the rename must not leave a complete
+    name over files still in its page cache)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
@@ -175,8 +176,20 @@ def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer
     with writing(tmp, final):
         tf.train.Checkpoint(model=model, optimizer=optimizer, **extra).write(str(tmp / "ckpt"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for file in (*tmp.iterdir(), tmp):
+            fsync(file)
     _replace_dir(tmp, final)
+    fsync(ckpt_dir)  # the rename itself
     return final
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') writes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -241,11 +254,16 @@ def read_meta(path: Path) -> dict | None:
     return meta
 
 
-def newest(ckpt_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (an epoch checkpoint wins a tie)."""
+def complete(ckpt_dir: Path) -> list[Path]:
+    """The complete checkpoints, newest first: by step, an epoch checkpoint first in a tie."""
     found = [(m["step"], p.name.startswith("epoch-"), p) for p in ckpt_dir.glob("[es][pt]*-*")
              if not p.name.startswith(".") and (m := read_meta(p)) is not None]
-    return max(found)[2] if found else None
+    return [p for *_, p in sorted(found, reverse=True)]
+
+
+def newest(ckpt_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step (an epoch checkpoint wins a tie)."""
+    return next(iter(complete(ckpt_dir)), None)
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -292,6 +310,12 @@ def set_best(source: Path) -> Path:
     return best
 
 
+class Unreadable(InputError):
+    """A checkpoint whose files cannot be read (cut short or corrupt: a crash or a full disk
+    outside `save`'s care, a copy that failed), where one that does not fit the model is an
+    InputError of its own."""
+
+
 def restore(model: tf.keras.Model, path: Path, optimizer=None) -> None:
     """Weights (and with `optimizer`, its state and step counter) from a checkpoint."""
     with_optimizer = optimizer is not None
@@ -299,6 +323,9 @@ def restore(model: tf.keras.Model, path: Path, optimizer=None) -> None:
     try:
         status = tf.train.Checkpoint(**objects).read(str(path / "ckpt"))
         status.assert_existing_objects_matched()  # every variable of ours came from the file
+    except (IndexError, tf.errors.DataLossError, tf.errors.NotFoundError) as err:  # IndexError: cut short
+        raise Unreadable(path, f"cannot be read: a file torn or corrupt ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:120]})") from None
     except (AssertionError, ValueError, tf.errors.OpError) as err:
         raise InputError(path, f"its weights do not fit a {model.name} model "
                          f"({str(err).splitlines()[0][:120]})") from None

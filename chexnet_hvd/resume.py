@@ -62,13 +62,10 @@ def chief_state(cfg: TrainConfig, model, optimizer, ckpt_dir: Path, manifest: di
         return fresh
     for line in checkpoints.clear_leftovers(ckpt_dir):
         print(f"resume: {line}", file=sys.stderr, flush=True)
-    found = checkpoints.newest(ckpt_dir)
+    found = restore_newest_readable(cfg, model, optimizer, ckpt_dir, manifest["classes"])
     if found is None:
         return fresh
     meta = checkpoints.read_meta(found)
-    check_same_kind(cfg, found, meta)
-    check_same_classes(cfg, found, meta, manifest["classes"])
-    restore_at_size(cfg, model, optimizer, found, meta)
     state = restored_state(cfg, found, meta, fresh.shape, manifest)
     then_split = meta["config"].get("val_split", cfg.val_split)
     if (state.best_by, then_split) != (fresh.best_by, cfg.val_split):
@@ -107,12 +104,34 @@ def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[
                              f"an output means; {NEW_RUN}")
 
 
+def restore_newest_readable(cfg: TrainConfig, model, optimizer, ckpt_dir: Path, classes: list[str]) -> Path | None:
+    """Restore the newest complete checkpoint whose files can be read, and return it (None:
+    there is none). One whose files are torn (a node that crashed before they reached its
+    disk, a copy cut short) is passed over for the next newest, and said so; it stays on disk."""
+    found = checkpoints.complete(ckpt_dir)
+    for path, older in zip(found, [*found[1:], None], strict=True):
+        meta = checkpoints.read_meta(path)
+        check_same_kind(cfg, path, meta)
+        check_same_classes(cfg, path, meta, classes)
+        try:
+            restore_at_size(cfg, model, optimizer, path, meta)
+            return path
+        except checkpoints.Unreadable as err:
+            if older is None:
+                raise
+            print(f"warning: resume: {err.where}: {err.what}; going on from the next newest, {older.name}",
+                  file=sys.stderr, flush=True)
+    return None
+
+
 def restore_at_size(cfg: TrainConfig, model, optimizer, found: Path, meta: dict) -> None:
     """Restore the checkpoint into this attempt's model. A fully convolutional model takes its
     weights at another --image-size (a progressive resize; `changed_flags` says it); where they
     do not fit, the error names the size they were trained at."""
     try:
         checkpoints.restore(model, found, optimizer)
+    except checkpoints.Unreadable:
+        raise
     except cli.InputError:
         if (then := meta["image_size"]) == cfg.image_size:
             raise

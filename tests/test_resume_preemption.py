@@ -457,6 +457,38 @@ def test_a_torn_run_log_line_loses_nothing(records_dir, tmp_path):
     assert f"skipped unreadable line(s) {lines.index(torn) + 1}" in report.stderr
 
 
+def test_a_checkpoint_torn_on_disk_is_passed_over_for_the_next_newest(records_dir, tmp_path):
+    """A node that crashed after a checkpoint's rename, before its files reached the disk (or a
+    copy cut short), leaves a complete-looking checkpoint whose data is cut short: the resume
+    says so and goes on from the next newest, and the run completes; with every checkpoint
+    torn, one line and exit 2, as evaluating one gives."""
+    cmd = one_process(train_cmd(records_dir, tmp_path, "--steps-per-epoch", 3))
+    run([*cmd, "--epochs", "2"], timeout=300, check=True)
+    ckpts = tmp_path / "checkpoints"
+
+    def tear(name: str) -> None:
+        [data] = (ckpts / name).glob("ckpt.data-*")
+        cut = data.read_bytes()[: data.stat().st_size // 2]
+        data.unlink()  # a file of its own: `best` may be a hard link to it
+        data.write_bytes(cut)
+
+    tear("epoch-0002")
+    resumed = run([*cmd, "--epochs", "3", "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf"^warning: resume: {ckpts}/epoch-0002: cannot be read: a file torn or corrupt "
+                     r"\(IndexError: .*\); going on from the next newest, epoch-0001$", resumed.stderr, re.M), \
+        resumed.stderr[-3000:]
+    log = read_runlog(tmp_path)
+    assert [r["resumed_from"] for r in log if r["event"] == "start"] == [None, str(ckpts / "epoch-0001")]
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 2, 3] and log[-1]["status"] == "completed"
+    for name in ("epoch-0001", "epoch-0002", "epoch-0003"):
+        tear(name)
+    assert_one_line_error(run([*cmd, "--epochs", "4", "--resume"], timeout=300), f"{ckpts}/epoch-0001",
+                          "cannot be read: a file torn or corrupt")
+    assert_one_line_error(module("evaluate", "--checkpoint", ckpts / "epoch-0003", "--data", records_dir,
+                                 timeout=300), f"{ckpts}/epoch-0003", "cannot be read")
+
+
 def test_a_full_disk_at_a_checkpoint_ends_the_job_with_one_line_and_loses_nothing(records_dir, tmp_path, engine):
     """The checkpoints' file system fills up after epoch 1: the job (2 ranks) ends at epoch 2's
     checkpoint with one line naming it and the reason, no traceback from a rank, no partial copy
