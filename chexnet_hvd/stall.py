@@ -27,6 +27,10 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   and chexnet_hvd.launch all end a job when a rank fails); a rank that is still alive after the
   grace period exits too.
 
+Until the Watchdog runs (every rank joined the engine and announced its address), `StartUp`
+bounds each rank's start-up from a small process of its own: past the timeout plus a minute it
+says what the rank was doing and kills it.
+
 Heartbeats are threads of their own, so they run while the training thread is blocked inside
 a collective (TensorFlow and Horovod release the GIL there); a stopped process sends none. The
 engines' own timeouts are set above `timeout`, as the second line of defence: Horovod's and
@@ -38,14 +42,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 EXIT_STALLED = 76  # distinct from 75 (preempted: requeue me) and 1/2 (failed, bad input)
+START_UP_SLACK = 60  # a start-up's bound: --stall-timeout plus this (StartUp)
 SO_TIMESTAMPNS = 35  # Linux's (asm-generic/socket.h): the kernel stamps each datagram on arrival
 # What a rank is doing (its heartbeat says): only a rank in a training call waits for its input.
 TRAINING, BETWEEN, VALIDATING, CHECKPOINTING = (
@@ -298,6 +306,59 @@ class Watchdog:
             os._exit(EXIT_STALLED)
 
 
+class StartUp:
+    """The bound on a rank's start-up, before its Watchdog runs: until every rank has joined the
+    engine and announced its heartbeat address, no rank can hear another's silence, and a rank
+    stuck there (a file system that never answers its read of the records; a peer that never
+    joins MPI_Init or the tf engine's cluster, which wait forever, the latter inside a call that
+    holds the GIL, where no thread of this process can act) would hold the job until its time
+    limit. So a small process of its own watches it: past `timeout` plus a minute (the
+    Watchdog's bound) it says what the rank was doing and kills it; the launcher then ends the
+    others. A context: the bound ends with the block (the Watchdog running, or an error)."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.seconds = timeout, timeout + START_UP_SLACK
+        self._watcher = None
+        if timeout > 0:
+            self._watcher = subprocess.Popen(  # this file as a script: it imports no TensorFlow
+                [sys.executable, os.path.abspath(__file__), str(os.getpid()), str(self.seconds), str(timeout)],
+                stdin=subprocess.PIPE, text=True)
+
+    def at(self, phase: str) -> None:
+        """What the rank does from now on (`phase`: `opening the records`, ...)."""
+        if self._watcher:
+            with contextlib.suppress(OSError):  # a watcher gone (killed): no bound, no failure
+                self._watcher.stdin.write(phase + "\n")
+                self._watcher.stdin.flush()
+
+    def __enter__(self) -> StartUp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._watcher:
+            with contextlib.suppress(OSError):
+                self._watcher.stdin.close()  # its end: it leaves
+            self._watcher.wait()
+
+
+def watch_start_up() -> None:
+    """StartUp's watcher: `PID SECONDS TIMEOUT` as arguments, the rank's phases on stdin (its
+    end: the start-up is over, or the rank is gone)."""
+    pid, seconds, timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    deadline, phase, fd = time.monotonic() + seconds, "starting", sys.stdin.fileno()
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            lines = os.read(fd, 4096).decode(errors="replace")  # unbuffered: no line left unseen
+            if not lines:
+                return
+            phase = lines.strip().splitlines()[-1] if lines.strip() else phase
+    print(f"error: stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of "
+          f"start-up (--stall-timeout {timeout:g} plus a minute); killing it, which ends the job",
+          file=sys.stderr, flush=True)
+    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+        os.kill(pid, signal.SIGKILL)
+
+
 def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, list[int]], None],
           count_delivered: Callable[[], int] | None = None) -> Watchdog:
     """A started Watchdog for this rank of `engine` (every rank calls it: the heartbeat
@@ -336,3 +397,7 @@ def resolve(host: str) -> str:
         return socket.gethostbyname(host)
     except OSError:
         return "127.0.0.1"
+
+
+if __name__ == "__main__":  # StartUp's watcher
+    watch_start_up()

@@ -318,23 +318,27 @@ def start(cfg: TrainConfig) -> Run:
     """Check the settings and open the inputs (bad input fails here, before the engine starts),
     make the run directory, start the engine, derive the world's values (a batch or step count
     the records cannot fill fails here, on every rank before any collective), start the watch
-    for stalled ranks."""
+    for stalled ranks (until it runs, each rank's start-up has a bound of its own: stall.StartUp)."""
     config.check_config(cfg)
     models.check_model(cfg.model, cfg.image_size)
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
-    records = open_inputs(cfg)
-    initial = weights.resolve(cfg.weights, cfg.model)  # from the cache: compute nodes never download
-    run_dir = cli.make_dir(cfg.run_dir)
-    stop = StopRequest()
-    if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
-        os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
-    engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout,
-                                          shared=run_dir / ".rendezvous")
-    derived = config.derive(cfg, records.manifest, engine.size)
-    ranks = engine.allgather_object(dataclasses.asdict(placement))  # Horovod/TF: where each rank runs
-    feed = monitor.Feed()
-    # Horovod/TF: the watch gathers every rank's heartbeat address
-    watch = monitor.StallWatch(cfg.stall_timeout, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
+    with stall.StartUp(cfg.stall_timeout) as bound:  # until the watch runs
+        bound.at("opening the records")
+        records = open_inputs(cfg)
+        initial = weights.resolve(cfg.weights, cfg.model)  # from the cache: compute nodes never download
+        run_dir = cli.make_dir(cfg.run_dir)
+        stop = StopRequest()
+        if cfg.xla:  # auto-clustering leaves CPU ops alone unless the CPU's global JIT is on too
+            os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} --tf_xla_cpu_global_jit".strip()
+        bound.at(f"starting the {cfg.engine} engine (waiting for every rank to join)")
+        engine, placement = distributed.start(cfg.engine, cfg.threads, cluster, cfg.stall_timeout,
+                                              shared=run_dir / ".rendezvous")
+        derived = config.derive(cfg, records.manifest, engine.size)
+        bound.at(f"exchanging where each rank runs, as rank {engine.rank} (waiting for every rank)")
+        ranks = engine.allgather_object(dataclasses.asdict(placement))  # Horovod/TF: where each rank runs
+        feed = monitor.Feed()
+        # Horovod/TF: the watch gathers every rank's heartbeat address
+        watch = monitor.StallWatch(cfg.stall_timeout, engine, ranks, run_dir, feed) if cfg.stall_timeout > 0 else None
     return Run(cfg, records, initial, run_dir, stop, engine, derived, ranks, feed, watch)
 
 

@@ -1,7 +1,7 @@
 """The rules of the engine seam's start-up (chexnet_hvd.distributed) and the tf engine's launcher,
 as pure functions: which GPU a rank takes, how many threads it gets, where a tf worker sits in
-its cluster and listens, and what exit code a job of workers ends with. (Run for real on every
-multi-rank test and template.)"""
+its cluster and listens, and what exit code a job of workers ends with; and the start-up's
+watcher on a stand-in rank. (Run for real on every multi-rank test and template.)"""
 
 import importlib.util
 import json
@@ -217,3 +217,22 @@ def test_the_default_engine_is_horovod_where_installed_else_tf(horovod, engine):
     env = {k: v for k, v in os.environ.items() if k != "CHEXNET_ENGINE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == engine
+
+
+def test_the_start_up_watcher_kills_its_rank_past_the_bound_naming_what_it_last_did():
+    """stall.StartUp's watcher (its own process: a rank stuck while holding the GIL cannot act),
+    on a stand-in rank: phases sent together are read to the last; past the bound it names the
+    last and kills the rank; a start-up that ends first (its pipe closed) ends it quietly."""
+    watcher = [sys.executable, "chexnet_hvd/stall.py"]
+    rank = subprocess.Popen(["sleep", "60"])
+    proc = subprocess.Popen([*watcher, str(rank.pid), "1.5", "1"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdin.write("opening the records\nstarting the tf engine\n")  # the pipe kept open: still starting
+    proc.stdin.flush()
+    assert rank.wait(timeout=10) == -9
+    assert proc.stderr.read() == (f"error: stalled: {socket.gethostname()} (pid {rank.pid}) still starting the tf engine "
+                           "after 1.5 s of start-up (--stall-timeout 1 plus a minute); killing it, which ends the job\n")
+    rank = subprocess.Popen(["sleep", "60"])
+    proc = subprocess.run([*watcher, str(rank.pid), "30", "1"], input="", capture_output=True, text=True, timeout=10)
+    assert (proc.returncode, proc.stderr, rank.poll()) == (0, "", None)
+    rank.kill()

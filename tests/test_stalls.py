@@ -100,6 +100,44 @@ def test_a_stopped_rank_ends_the_job_by_name(records_dir, tmp_path, launcher, vi
     assert log[-1]["status"] == "completed" and [r for r in log if r["event"] == "start"][-1]["resumed_from"]
 
 
+@pytest.mark.parametrize("launcher", ["mpirun", "chexnet_hvd.launch"])
+def test_a_rank_stopped_before_it_joins_the_engine_ends_the_job_saying_where(records_dir, tmp_path, launcher):
+    """Rank 1 stopped as soon as its process exists (before the watch runs: a node whose file
+    system hangs its start-up): rank 0 waits in the engine's start (MPI_Init; the tf engine's
+    cluster, inside a call that holds the GIL), which waits forever, until a start-up bound
+    (--stall-timeout plus a minute) ends the job, saying what the rank waited in; no run log
+    was begun."""
+    start, engine = LAUNCHERS[launcher]
+    train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(tmp_path),
+             "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1",
+             "--engine", engine, "--stall-timeout", str(TIMEOUT)]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*start, *train, "--epochs", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while 1 not in (pids := ranks_of(tmp_path)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.01)
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, _ = proc.communicate(timeout=BOUND + 120)
+        ended = time.monotonic() - stopped
+    finally:
+        for leftover in ranks_of(tmp_path).values():
+            os.kill(leftover, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"{launcher}, rank 1 stopped at its start: the job ended after {ended:.1f} s")
+    assert proc.returncode != 0 and ended < BOUND + 30, (ended, out[-3000:])
+    # whose watcher speaks first: rank 1's (stopped in its start-up's first phase, its watcher
+    # a process of its own) or rank 0's (waiting in the engine's start)
+    assert re.search(rf"^error: stalled: \S+ \(pid \d+\) still (opening the records|starting the {engine} engine "
+                     rf"\(waiting for every rank to join\)) after {BOUND} s of start-up \(--stall-timeout {TIMEOUT} plus a minute\); "
+                     r"killing it, which ends the job$", out, re.M), out[-3000:]
+    assert not (tmp_path / "runlog.jsonl").exists()
+
+
 def reading(pid: int, folder) -> bool:
     """Whether process `pid` has a file of `folder` open (a rank reading its records)."""
     try:
