@@ -13,6 +13,7 @@ the bookkeeping it drives (best AUROC, epochs since, plateau scale), and the fla
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -135,7 +136,7 @@ class Saver:
         if self.writes and not self.chief:  # a copy thrown away: the chief's is the run's
             with tempfile.TemporaryDirectory(prefix="chexnet-checkpoint-") as scratch:
                 try:
-                    save(self.model, Path(scratch), name, self.meta(epochs_done), self.optimizer)
+                    save(self.model, Path(scratch), name, self.meta(epochs_done), self.optimizer, durable=False)
                 except InputError as err:  # its path is gone already: say where it was, and what
                     raise InputError(f"{socket.gethostname()}:{scratch}", f"this worker's own copy of "
                                      f"checkpoint {name}, thrown away once written (the tf engine's "
@@ -162,10 +163,10 @@ def writing(partial: Path, final: Path):
     return cli.writing(partial, final, "this checkpoint", records.write_errors())
 
 
-def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None) -> Path:
+def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer=None, durable: bool = True) -> Path:
     """`model` (and `optimizer`, default the model's own) as ckpt_dir/name, renamed into place
-    when complete and on disk (a node that crashes after the rename must not leave a complete
-    name over files still in its page cache)."""
+    when complete and, `durable`, on disk (a node that crashes after the rename must not leave a
+    complete name over files still in its page cache; a copy thrown away needs no such care)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
@@ -176,20 +177,38 @@ def save(model: tf.keras.Model, ckpt_dir: Path, name: str, meta: dict, optimizer
     with writing(tmp, final):
         tf.train.Checkpoint(model=model, optimizer=optimizer, **extra).write(str(tmp / "ckpt"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        for file in (*tmp.iterdir(), tmp):
+        for file in (*tmp.iterdir(), tmp) if durable else ():
             fsync(file)
     _replace_dir(tmp, final)
-    fsync(ckpt_dir)  # the rename itself
+    if durable:
+        fsync(ckpt_dir)  # the rename itself
     return final
 
 
+# What fsync of a directory gives on file systems that do not sync directories (CIFS: EINVAL):
+# their renames are as durable as they make them, and the checkpoint is still whole.
+UNSYNCED_DIRECTORY = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EISDIR}
+
+
 def fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') writes to the disk."""
+    """Flush a file's (or a directory's entries') writes to the disk; a directory's where the
+    file system can (UNSYNCED_DIRECTORY)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not (path.is_dir() and err.errno in UNSYNCED_DIRECTORY):
+            raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         os.close(fd)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint that cannot be read out of every search and pruning (a hidden name
+    that clear_leftovers leaves alone): kept for the user to look at, never deleted."""
+    aside = path.with_name(f".{path.name}.unreadable-{time.time_ns()}")
+    os.replace(path, aside)
+    return aside
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -107,9 +107,11 @@ def check_same_classes(cfg: TrainConfig, found: Path, meta: dict, classes: list[
 def restore_newest_readable(cfg: TrainConfig, model, optimizer, ckpt_dir: Path, classes: list[str]) -> Path | None:
     """Restore the newest complete checkpoint whose files can be read, and return it (None:
     there is none). One whose files are torn (a node that crashed before they reached its
-    disk, a copy cut short) is passed over for the next newest, and said so; it stays on disk."""
+    disk, a copy cut short) is passed over for the next newest and set aside under a hidden
+    name (kept, but no longer newest: the run's later step checkpoints would be pruned as older
+    than it), and said so."""
     found = checkpoints.complete(ckpt_dir)
-    for path, older in zip(found, [*found[1:], None], strict=True):
+    for path, older in zip(found, [*found[1:], None], strict=False):  # each with the next newest
         meta = checkpoints.read_meta(path)
         check_same_kind(cfg, path, meta)
         check_same_classes(cfg, path, meta, classes)
@@ -119,8 +121,9 @@ def restore_newest_readable(cfg: TrainConfig, model, optimizer, ckpt_dir: Path, 
         except checkpoints.Unreadable as err:
             if older is None:
                 raise
-            print(f"warning: resume: {err.where}: {err.what}; going on from the next newest, {older.name}",
-                  file=sys.stderr, flush=True)
+            aside = checkpoints.set_aside(path)
+            print(f"warning: resume: {err.where}: {err.what}; going on from the next newest, {older.name} "
+                  f"(this one kept as {aside.name})", file=sys.stderr, flush=True)
     return None
 
 

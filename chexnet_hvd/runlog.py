@@ -167,11 +167,12 @@ def count(path: str | Path, end_status: str) -> int:
 
 
 def stalled_in_a_row(path: str | Path) -> int:
-    """How many attempts stalled since the run last completed an epoch: a node or link that
-    stalls each attempt before it gets anywhere, where stalls days apart are unrelated."""
+    """How many attempts stalled since the run last completed an epoch (one with steps: an
+    epoch a resume left empty is no progress): a node or link that stalls each attempt before
+    it gets anywhere, where stalls days apart are unrelated."""
     stalls = 0
     for record in read_runlog(path):
-        if record["event"] == "epoch":
+        if record["event"] == "epoch" and record.get("steps", 1):
             stalls = 0
         stalls += record["event"] == "end" and record["status"] == "stalled"
     return stalls
@@ -189,7 +190,7 @@ class StatusConfig:
                            choices=["", *END_STATUSES])
     stalled_in_a_row: bool = cli.field(False, help="print instead how many attempts stalled since the "
                                        "run last completed an epoch (the Slurm templates requeue a "
-                                       "stalled job unless it is 2)")
+                                       "stalled job unless it is 2 or more)")
     records: bool = cli.field(False, help="print instead how many records the run log holds (0: none "
                               "yet); taken before an attempt, it is that attempt's --after")
     after: int = cli.field(0, help="how the attempt that began after the first AFTER records ended, "
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(StatusConfig, "Print how a run's newest attempt ended: completed, "
                            "preempted, failed, stalled or running.", argv, positional=["run_dir"],
                            prog="python -m chexnet_hvd.runlog")
-    queries = {"--count": cfg.count, "--stalled-in-a-row": cfg.stalled_in_a_row, "--records": cfg.records}
+    queries = {"--count": cfg.count, "--stalled-in-a-row": cfg.stalled_in_a_row, "--records": cfg.records,
+               "--after": cfg.after}
     given = [flag for flag, value in queries.items() if value]
     if len(given) > 1:
         raise cli.InputError(given[1], f"give one of {', '.join(queries)}, not {' and '.join(given)}")

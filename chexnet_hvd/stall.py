@@ -313,15 +313,16 @@ class StartUp:
     joins MPI_Init or the tf engine's cluster, which wait forever, the latter inside a call that
     holds the GIL, where no thread of this process can act) would hold the job until its time
     limit. So a small process of its own watches it: past `timeout` plus a minute (the
-    Watchdog's bound) it says what the rank was doing and kills it; the launcher then ends the
+    Watchdog's bound) it kills the rank and says what it was doing; the launcher then ends the
     others. A context: the bound ends with the block (the Watchdog running, or an error)."""
 
     def __init__(self, timeout: float):
         self.timeout, self.seconds = timeout, timeout + START_UP_SLACK
         self._watcher = None
         if timeout > 0:
-            self._watcher = subprocess.Popen(  # this file as a script: it imports no TensorFlow
-                [sys.executable, os.path.abspath(__file__), str(os.getpid()), str(self.seconds), str(timeout)],
+            self._watcher = subprocess.Popen(  # this file as a script (isolated: it needs only the
+                # standard library), not the package, which imports TensorFlow
+                [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), str(self.seconds), str(timeout)],
                 stdin=subprocess.PIPE, text=True)
 
     def at(self, phase: str) -> None:
@@ -345,6 +346,8 @@ def watch_start_up() -> None:
     """StartUp's watcher: `PID SECONDS TIMEOUT` as arguments, the rank's phases on stdin (its
     end: the start-up is over, or the rank is gone)."""
     pid, seconds, timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):  # the rank's to act on: its end ends this
+        signal.signal(sig, signal.SIG_IGN)
     deadline, phase, fd = time.monotonic() + seconds, "starting", sys.stdin.fileno()
     while (left := deadline - time.monotonic()) > 0:
         if select.select([fd], [], [], left)[0]:
@@ -352,11 +355,12 @@ def watch_start_up() -> None:
             if not lines:
                 return
             phase = lines.strip().splitlines()[-1] if lines.strip() else phase
-    print(f"error: stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of "
-          f"start-up (--stall-timeout {timeout:g} plus a minute); killing it, which ends the job",
-          file=sys.stderr, flush=True)
     with contextlib.suppress(ProcessLookupError):  # gone meanwhile
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)  # first: a message that cannot be written must not save it
+    with contextlib.suppress(OSError):
+        print(f"error: stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of "
+              f"start-up (--stall-timeout {timeout:g} plus a minute); killed it, which ends the job",
+              file=sys.stderr, flush=True)
 
 
 def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, list[int]], None],

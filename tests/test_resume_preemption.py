@@ -476,8 +476,9 @@ def test_a_checkpoint_torn_on_disk_is_passed_over_for_the_next_newest(records_di
     resumed = run([*cmd, "--epochs", "3", "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(rf"^warning: resume: {ckpts}/epoch-0002: cannot be read: a file torn or corrupt "
-                     r"\(IndexError: .*\); going on from the next newest, epoch-0001$", resumed.stderr, re.M), \
-        resumed.stderr[-3000:]
+                     r"\(IndexError: .*\); going on from the next newest, epoch-0001 \(this one kept as "
+                     r"\.epoch-0002\.unreadable-\d+\)$", resumed.stderr, re.M), resumed.stderr[-3000:]
+    assert len(list(ckpts.glob(".epoch-0002.unreadable-*/ckpt.data-*"))) == 1  # kept, out of the way
     log = read_runlog(tmp_path)
     assert [r["resumed_from"] for r in log if r["event"] == "start"] == [None, str(ckpts / "epoch-0001")]
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 2, 3] and log[-1]["status"] == "completed"
@@ -485,8 +486,9 @@ def test_a_checkpoint_torn_on_disk_is_passed_over_for_the_next_newest(records_di
         tear(name)
     assert_one_line_error(run([*cmd, "--epochs", "4", "--resume"], timeout=300), f"{ckpts}/epoch-0001",
                           "cannot be read: a file torn or corrupt")
-    assert_one_line_error(module("evaluate", "--checkpoint", ckpts / "epoch-0003", "--data", records_dir,
-                                 timeout=300), f"{ckpts}/epoch-0003", "cannot be read")
+    assert [p.name for p in ckpts.glob("epoch-*")] == ["epoch-0001"]  # the others set aside on the way
+    assert_one_line_error(module("evaluate", "--checkpoint", ckpts / "epoch-0001", "--data", records_dir,
+                                 timeout=300), f"{ckpts}/epoch-0001", "cannot be read")
 
 
 def test_a_full_disk_at_a_checkpoint_ends_the_job_with_one_line_and_loses_nothing(records_dir, tmp_path, engine):

@@ -253,8 +253,12 @@ def test_what_the_templates_ask_the_run_log_about_an_attempt(tmp_path):
     assert (ask("--stalled-in-a-row"), ask("--count", "stalled")) == ("2", "2")
     attempt("stalled", epochs=1)  # an epoch, then a stall: another fault
     assert (ask("--stalled-in-a-row"), ask("--count", "stalled")) == ("1", "3")
+    writer.write("epoch", epoch=2, seconds=0.0, images_per_sec=None, steps=0)  # a resume left it empty
+    writer.write("end", status="stalled")
+    assert ask("--stalled-in-a-row") == "2"
     assert_one_line_error(module("runlog", tmp_path, "--records", "--stalled-in-a-row"),
                           "--stalled-in-a-row", "give one of")
+    assert_one_line_error(module("runlog", tmp_path, "--count", "failed", "--after", "3"), "--after", "give one of")
 
 
 def test_a_run_log_write_on_a_full_disk_names_the_run_log(tmp_path):

@@ -281,7 +281,7 @@ def test_preemption_requeues_and_resumes(cluster, launcher, engine, template, ov
 
 def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path):
     """A user's scancel (TERM) also stops the ranks at a checkpoint, but the job stays cancelled;
-    a new job given its run directory (RUN_DIR) continues the run from that checkpoint."""
+    a new job given its run directory (CHEXNET_RUN_DIR) continues the run from that checkpoint."""
     env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 50}
     job = submit(SLURM_DIR / "tfrec_1gpu.sh", env, tmp_path)
     runlog = tmp_path / "runs" / "chexnet-tfrec_1gpu" / job / "runlog.jsonl"
@@ -295,7 +295,7 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path
     assert (end["event"], end["status"]) == ("end", "preempted")
     assert (runlog.parent / "checkpoints" / f"step-{end['step']:09d}").is_dir()
     epochs = end["epoch"] + 2
-    again = submit(SLURM_DIR / "tfrec_1gpu.sh", env | {"RUN_DIR": runlog.parent, "EPOCHS": epochs}, tmp_path)
+    again = submit(SLURM_DIR / "tfrec_1gpu.sh", env | {"CHEXNET_RUN_DIR": runlog.parent, "EPOCHS": epochs}, tmp_path)
     fields = wait_job(again, timeout=300)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), failure_of(tmp_path, again)
     log = read_runlog(runlog)
@@ -437,7 +437,7 @@ def stopped(pid: int):
 
 
 @pytest.mark.parametrize("engine", ["horovod", "tf"])
-def test_a_stopped_rank_ends_the_job_which_requeues_once(cluster, engine, records_dir, tmp_path):
+def test_a_stopped_rank_ends_the_job_which_requeues_and_completes(cluster, engine, records_dir, tmp_path):
     """Rank 1 (node2) stopped in mid-epoch: the job ends within the bound with a line naming
     rank 1 on node2 and `end: stalled` in the run log, the template requeues it once, and the
     requeued attempt (the same job id: under the tf engine, the same ports) resumes from the

@@ -6,8 +6,9 @@
 #   VENV          its virtual environment (default: $CHEXNET_HOME/.venv)
 #   DATA_DIR      records directory (or raw index, see raw_1gpu.sh) with manifest.json
 #   RUN_ROOT      runs go to $RUN_ROOT/<job name>/<job id>/ (default: $CHEXNET_HOME/runs)
-#   RUN_DIR       the run directory instead: a run's directory from an earlier job continues
-#                 that run from its newest checkpoint (after scancel, or a job that ended)
+#   CHEXNET_RUN_DIR   the run directory instead: a run's directory from an earlier job
+#                 continues that run from its newest checkpoint (after scancel, or a job that
+#                 ended); one job at a time
 #   MODEL IMAGE_SIZE BATCH_SIZE EPOCHS PRECISION   the training run (BATCH_SIZE is per rank)
 #   RECIPE        a named recipe (python -m chexnet_hvd.train --recipe list) instead of the
 #                 defaults above: then only MODEL IMAGE_SIZE BATCH_SIZE EPOCHS set at submit
@@ -38,10 +39,11 @@
 # the trainer always runs with --resume, so the requeued job continues from that checkpoint.
 # Stalls: a rank without progress for --stall-timeout seconds (600 by default; TRAIN_ARGS can
 # change it) ends the attempt, naming the ranks and hosts it waited for; the job is then requeued,
-# and ends if it stalls again before it completes an epoch (a bad node or link is not retried for
-# the whole time limit; stalls days apart are not one fault). Each attempt is judged by what it
-# wrote to the run log: one that failed before its start record (its exit code stands) is not
-# taken for the attempt before it.
+# and ends if it stalls again before it completes an epoch (a bad node or link is not retried
+# for the whole time limit; stalls days apart are not one fault). A rank stuck in its start-up
+# (before the watch runs) is killed at the timeout plus a minute, which ends the job without a
+# requeue. Each attempt is judged by what it wrote to the run log: one that failed before its
+# start record (its exit code stands) is not taken for the attempt before it.
 
 : "${CHEXNET_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${VENV:=$CHEXNET_HOME/.venv}"
@@ -69,7 +71,7 @@ case "$ENGINE" in
   *) echo "error: ENGINE: unknown engine '$ENGINE' (horovod or tf)" >&2; exit 2 ;;
 esac
 
-: "${RUN_DIR:=$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID}"
+RUN_DIR="${CHEXNET_RUN_DIR:-$RUN_ROOT/$SLURM_JOB_NAME/$SLURM_JOB_ID}"
 export CHEXNET_ENGINE=$ENGINE  # the default of --engine, also for the search's candidates
 PY="$VENV/bin/python"
 export PATH="$VENV/bin:$PATH"
@@ -135,12 +137,12 @@ run_training() {
   requeue_if_preempted "$rc"
 }
 
-# A stalled rank ended the attempt (its error line above names it): the job goes once more from
-# its newest checkpoint, likely on other nodes; a second stall before an epoch completes ends it,
+# A stalled rank ended the attempt (its error line above names it): the job goes again from its
+# newest checkpoint, likely on other nodes; a second stall before an epoch completes ends it,
 # so that a bad node or network is not retried for the whole time limit.
 requeue_stalled() {
   local stalls
-  stalls=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --stalled-in-a-row)
+  stalls=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --stalled-in-a-row || echo 0)
   if ((stalls > 1)); then
     echo "job $SLURM_JOB_ID: stalled again before an epoch completed ($stalls attempts in a row); not requeueing"
   elif [[ $SLURM_JOB_ID != local-* ]]; then
