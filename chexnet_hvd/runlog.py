@@ -15,7 +15,8 @@
          train has steps 0 and images_per_sec, images_per_sec_per_rank and train_loss null
   Any NaN or infinity (a diverged loss) is written as null: every line is strict JSON.
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
-         (with error, and the ranks and hosts it names: chexnet_hvd.stall)
+         (with error, and the ranks and hosts it names: chexnet_hvd.stall; a rank stuck in
+         its start-up writes one with no start record before it, naming its host alone)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.
 Each line is flushed and fsynced, so a killed job leaves a readable log. A line a kill or a full
 disk cut short is ended with a newline by the next attempt's writer before it appends (so the
@@ -197,7 +198,6 @@ class StatusConfig:
                            "none when it wrote no record (it failed before its start)", minimum=0)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     cfg = cli.parse_config(StatusConfig, "Print how a run's newest attempt ended: completed, "
                            "preempted, failed, stalled or running.", argv, positional=["run_dir"],
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         where, _, what = str(err).partition(": ")
         raise cli.InputError(where, what) from None
     return 0
+
 
 if __name__ == "__main__":
     cli.run(main)

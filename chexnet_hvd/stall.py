@@ -29,7 +29,8 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
 
 Until the Watchdog runs (every rank joined the engine and announced its address), `StartUp`
 bounds each rank's start-up from a small process of its own: past the timeout plus a minute it
-says what the rank was doing and kills it.
+says what the rank was doing, kills it, and writes the run log's end record, status `stalled`
+(one per attempt, whichever rank's watcher fires first).
 
 Heartbeats are threads of their own, so they run while the training thread is blocked inside
 a collective (TensorFlow and Horovod release the GIL there); a stopped process sends none. The
@@ -40,6 +41,7 @@ Gloo's (`engine_timeouts`), TF's heartbeat (chexnet_hvd.tf_engine; its collectiv
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -51,6 +53,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_STALLED = 76  # distinct from 75 (preempted: requeue me) and 1/2 (failed, bad input)
 START_UP_SLACK = 60  # a start-up's bound: --stall-timeout plus this (StartUp)
@@ -316,14 +319,17 @@ class StartUp:
     Watchdog's bound) it kills the rank and says what it was doing; the launcher then ends the
     others. A context: the bound ends with the block (the Watchdog running, or an error)."""
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, run_log: Path | None = None, record: dict | None = None):
+        """`run_log` and `record`: where the watcher that kills its rank writes `record` (a run
+        log's stalled end record, less the error and hosts it adds), when its folder exists."""
         self.timeout, self.seconds = timeout, timeout + START_UP_SLACK
         self._watcher = None
         if timeout > 0:
+            log = [str(run_log), json.dumps(record)] if run_log else []
             self._watcher = subprocess.Popen(  # this file as a script (isolated: it needs only the
                 # standard library), not the package, which imports TensorFlow
-                [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), str(self.seconds), str(timeout)],
-                stdin=subprocess.PIPE, text=True)
+                [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), str(self.seconds), str(timeout),
+                 *log], stdin=subprocess.PIPE, text=True)
 
     def at(self, phase: str) -> None:
         """What the rank does from now on (`phase`: `opening the records`, ...)."""
@@ -343,9 +349,12 @@ class StartUp:
 
 
 def watch_start_up() -> None:
-    """StartUp's watcher: `PID SECONDS TIMEOUT` as arguments, the rank's phases on stdin (its
-    end: the start-up is over, or the rank is gone)."""
+    """StartUp's watcher: `PID SECONDS TIMEOUT [RUN_LOG RECORD]` as arguments, the rank's phases
+    on stdin (its end: the start-up is over, or the rank is gone)."""
     pid, seconds, timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    log = (Path(sys.argv[4]), json.loads(sys.argv[5])) if len(sys.argv) > 5 else None
+    # this attempt's records begin here (another rank's watcher may write its stall first)
+    begun = log[0].stat().st_size if log and log[0].exists() else 0
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):  # the rank's to act on: its end ends this
         signal.signal(sig, signal.SIG_IGN)
     deadline, phase, fd = time.monotonic() + seconds, "starting", sys.stdin.fileno()
@@ -357,10 +366,33 @@ def watch_start_up() -> None:
             phase = lines.strip().splitlines()[-1] if lines.strip() else phase
     with contextlib.suppress(ProcessLookupError):  # gone meanwhile
         os.kill(pid, signal.SIGKILL)  # first: a message that cannot be written must not save it
+    message = (f"stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of start-up "
+               f"(--stall-timeout {timeout:g} plus a minute); killed it, which ends the job")
     with contextlib.suppress(OSError):
-        print(f"error: stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of "
-              f"start-up (--stall-timeout {timeout:g} plus a minute); killed it, which ends the job",
-              file=sys.stderr, flush=True)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if log and log[0].parent.is_dir():
+        with contextlib.suppress(OSError):  # a log that cannot be written: the job still ends
+            log_stall(log[0], begun, {**log[1], "time": round(time.time(), 3), "error": message,
+                                      "hosts": [socket.gethostname()]})
+
+
+def log_stall(path: Path, begun: int, record: dict) -> None:
+    """Append `record` to the run log `path`, unless a stall is logged past byte `begun` (every
+    rank's watcher may fire: one record per attempt, so the Slurm templates requeue it once).
+    Locked (POSIX locks, which NFS keeps too) against the other watchers; a torn last line is
+    ended first, as chexnet_hvd.runlog's writer does."""
+    with open(path, "a+b") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX)
+        fh.seek(min(begun, fh.seek(0, os.SEEK_END)))
+        for line in fh.read().splitlines():
+            with contextlib.suppress(ValueError, AttributeError):  # a torn line, not a record
+                if json.loads(line).get("status") == record["status"]:
+                    return
+        if fh.tell() and (fh.seek(-1, os.SEEK_END), fh.read(1))[1] != b"\n":
+            fh.write(b"\n")
+        fh.write((json.dumps(record) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def watch(engine, hosts: list[str], timeout: float, on_stall: Callable[[str, list[int]], None],

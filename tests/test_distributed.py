@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from chexnet_hvd import launch
+from chexnet_hvd import launch, runlog, scaling
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.distributed import workers_flag
 from chexnet_hvd.placement import gpu_index, threads_for
@@ -236,3 +236,36 @@ def test_the_start_up_watcher_kills_its_rank_past_the_bound_naming_what_it_last_
     proc = subprocess.run([*watcher, str(rank.pid), "30", "1"], input="", capture_output=True, text=True, timeout=10)
     assert (proc.returncode, proc.stderr, rank.poll()) == (0, "", None)
     rank.kill()
+
+
+def test_start_up_watchers_that_fire_together_log_one_stall_for_their_attempt(tmp_path):
+    """Every rank's start-up watcher may fire (a rank stuck, the others waiting for it): the
+    run log gets one stalled end record for the attempt, after the attempt before it (which
+    keeps its own ending) and its torn last line, so the Slurm templates requeue the job once
+    and a second stall in a row ends it."""
+    writer = runlog.RunLogWriter(tmp_path)
+    writer.write("start", world_size=2, local_batch=8, model="small_cnn", image_size=8, precision="fp32")
+    writer.write("epoch", epoch=1, seconds=1.0, images_per_sec=10.0)
+    writer.write("end", status="preempted", step=3, epoch=1)
+    writer.close()
+    with open(tmp_path / runlog.FILENAME, "a") as fh:
+        fh.write('{"schema": "chexnet_hvd.runlog/1", "ev')  # torn by a kill
+    before = runlog.records(tmp_path)
+    record = json.dumps({"schema": runlog.SCHEMA, "event": "end", "status": "stalled"})
+    ranks = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    watchers = [subprocess.Popen([sys.executable, "chexnet_hvd/stall.py", str(rank.pid), "1", "1",
+                                  str(tmp_path / runlog.FILENAME), record],
+                                 stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in ranks]
+    for watcher in watchers:
+        watcher.stdin.write("starting the tf engine (waiting for every rank to join)\n")
+        watcher.stdin.flush()
+    for rank, watcher in zip(ranks, watchers, strict=True):
+        assert rank.wait(timeout=10) == -9
+        assert watcher.wait(timeout=10) == 0
+    records, skipped = runlog.read_records(tmp_path)
+    assert (len(records) - before, skipped) == (1, [4])
+    assert (records[-1]["status"], records[-1]["hosts"]) == ("stalled", [socket.gethostname()])
+    assert records[-1]["error"].startswith(f"stalled: {socket.gethostname()} (pid ")
+    assert "still starting the tf engine (waiting for every rank to join) after 1 s" in records[-1]["error"]
+    assert (runlog.status(tmp_path, before), runlog.stalled_in_a_row(tmp_path)) == ("stalled", 1)
+    assert [a.status for a in scaling.load_runs(tmp_path / runlog.FILENAME)] == ["preempted"]

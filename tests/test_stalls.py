@@ -105,8 +105,8 @@ def test_a_rank_stopped_before_it_joins_the_engine_ends_the_job_saying_where(rec
     """Rank 1 stopped as soon as its process exists (before the watch runs: a node whose file
     system hangs its start-up): rank 0 waits in the engine's start (MPI_Init; the tf engine's
     cluster, inside a call that holds the GIL), which waits forever, until a start-up bound
-    (--stall-timeout plus a minute) ends the job, saying what the rank waited in; no run log
-    was begun."""
+    (--stall-timeout plus a minute) ends the job, saying what the rank waited in, in the run
+    log too: its one record, a stalled end, which the Slurm templates requeue once."""
     start, engine = LAUNCHERS[launcher]
     train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(tmp_path),
              "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1",
@@ -135,7 +135,10 @@ def test_a_rank_stopped_before_it_joins_the_engine_ends_the_job_saying_where(rec
     assert re.search(rf"^error: stalled: \S+ \(pid \d+\) still (opening the records|starting the {engine} engine "
                      rf"\(waiting for every rank to join\)) after {BOUND} s of start-up \(--stall-timeout {TIMEOUT} plus a minute\); "
                      r"killed it, which ends the job$", out, re.M), out[-3000:]
-    assert not (tmp_path / "runlog.jsonl").exists()
+    (end,) = read_runlog(tmp_path)
+    assert (end["event"], end["status"]) == ("end", "stalled") and end["error"] in out, (end, out[-3000:])
+    ask = [sys.executable, "-m", "chexnet_hvd.runlog", str(tmp_path)]
+    assert [run([*ask, *flags], check=True).stdout for flags in ([], ["--stalled-in-a-row"])] == ["stalled\n", "1\n"]
 
 
 def reading(pid: int, folder) -> bool:
