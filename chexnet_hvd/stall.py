@@ -27,6 +27,10 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   and chexnet_hvd.launch all end a job when a rank fails); a rank that is still alive after the
   grace period exits too.
 
+A rank that did not run for longer than the timeout (stopped, frozen) tells from the peers'
+heartbeats queued meanwhile whether it was stopped alone (it leaves; the others end the job)
+or with every rank (the job suspended, as Slurm's scontrol suspend does: the watch goes on).
+
 Until the Watchdog runs (every rank joined the engine and announced its address), `StartUp`
 bounds each rank's start-up from a small process of its own: past the timeout plus a minute it
 says what the rank was doing, kills it, and writes the run log's end record, status `stalled`
@@ -243,13 +247,16 @@ class Watchdog:
         return True
 
     def _watch(self) -> None:
-        last_tick = time.monotonic()
+        last_tick, seen = time.monotonic(), {}
         while not self._stop.is_set():  # a beat at once, then every interval
             now = time.monotonic()
             if now - last_tick > self.timeout:  # this process did not run (stopped, frozen)
-                self._was_stopped(now - last_tick)
-                return
+                if self._stopped_alone(now - last_tick, seen):
+                    self._was_stopped(now - last_tick)
+                    return
+                self._resumed(now, now - last_tick)
             last_tick = now
+            seen = {r: h.get("beat", 0) for r, h in self.heard.items()}  # the peers' beats by this tick
             idle = now - self.last_progress
             self.delivered = self.count_delivered()
             mine = {"step": self.step, "taken": self.taken, "delivered": self.delivered, "idle": idle,
@@ -283,6 +290,29 @@ class Watchdog:
                       f"{', '.join(f'{self.peers[r][0]}:{self.peers[r][1]}' for r in deaf)}): it sees "
                       "them only through the others' progress", file=sys.stderr, flush=True)
             self._stop.wait(self.interval)
+
+    def _stopped_alone(self, seconds: float, seen: dict[int, int]) -> bool:
+        """After this process did not run for `seconds`: whether its peers ran meanwhile (a
+        rank stopped alone, which they end the job for), or were stopped with it (the whole
+        job suspended, as Slurm's `scontrol suspend` and gang scheduling do with SIGSTOP: no
+        stall). The heartbeats queued meanwhile tell: a peer that ran sent one per interval
+        (until it ended the job, a timeout later); one stopped too, the few around the
+        suspension's start and end (`seen`: each peer's beat as of the last tick, before this
+        process stopped)."""
+        self.read_queued()
+        ran = max((self.heard[r].get("beat", 0) - seen.get(r, 0) for r in self.heard if r != self.rank), default=0)
+        return ran > max(3, min(seconds, self.timeout) / self.interval / 2)
+
+    def _resumed(self, now: float, seconds: float) -> None:
+        """The whole job was suspended for `seconds`: no step was due, no peer was silent; the
+        stall clocks start again, each peer given the timeout from now."""
+        self.last_progress = now
+        with self._lock:
+            for heard in self.heard.values():
+                heard["at"] = max(heard["at"], now)
+        if self.rank == 0:
+            print(f"note: stall watch: the job did not run for {seconds:.0f} s (suspended with every rank, "
+                  "e.g. scontrol suspend); its clock starts again", file=sys.stderr, flush=True)
 
     def _was_stopped(self, seconds: float) -> None:
         """This rank was the stalled one and runs again: its peers have ended (or are ending)

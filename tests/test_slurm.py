@@ -473,6 +473,29 @@ def test_a_stopped_rank_ends_the_job_which_requeues_and_completes(cluster, engin
     assert sorted({r["epoch"] for r in log if r["event"] == "epoch"}) == list(range(1, env["EPOCHS"] + 1))
 
 
+def test_a_job_suspended_for_longer_than_the_stall_timeout_resumes_and_completes(cluster, records_dir, tmp_path):
+    """scontrol suspend (what gang scheduling and suspend-preemption do: every process of the
+    job stopped) for 3x the stall timeout, then scontrol resume: the ranks see their peers were
+    stopped with them, so no stall; the job completes in its first attempt, job.log saying it
+    was suspended. Each rank used to take the pause for a stall and exit 76, with no end record
+    (not requeued)."""
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 12,
+                             "TRAIN_ARGS": f"--stall-timeout {STALL}"}
+    job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
+    run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
+    first_epoch(run_dir, job)
+    run(["scontrol", "suspend", job], check=True)
+    time.sleep(3 * STALL)
+    run(["scontrol", "resume", job], check=True)
+    fields = wait_job(job, timeout=300)
+    job_log = (run_dir / "job.log").read_text()
+    assert (fields["JobState"], fields["Restarts"]) == ("COMPLETED", "0"), job_log[-3000:]
+    assert re.search(r"note: stall watch: the job did not run for (29|3\d) s \(suspended with every rank", job_log), \
+        job_log[-3000:]
+    assert "error: stalled" not in job_log, job_log[-3000:]
+    assert [r["status"] for r in read_runlog(run_dir) if r["event"] == "end"] == ["completed"]
+
+
 @pytest.mark.parametrize("second", ["stalls before an epoch", "fails before its start"])
 def test_a_requeued_attempt_is_judged_by_what_it_wrote(cluster, second, records_dir, tmp_path):
     """Rank 1 stopped after epoch 1: the job requeues. Its second attempt then stalls again

@@ -141,6 +141,40 @@ def test_a_rank_stopped_before_it_joins_the_engine_ends_the_job_saying_where(rec
     assert [run([*ask, *flags], check=True).stdout for flags in ([], ["--stalled-in-a-row"])] == ["stalled\n", "1\n"]
 
 
+@pytest.mark.parametrize("launcher", ["mpirun", "chexnet_hvd.launch"])
+def test_a_job_suspended_whole_for_longer_than_the_timeout_goes_on(records_dir, tmp_path, launcher):
+    """Every rank and the launcher stopped together (SIGSTOP: Slurm's scontrol suspend and gang
+    scheduling) for 3x the timeout, then continued: no rank's peers ran meanwhile (their
+    heartbeats say so), so no stall: the job completes, saying it was suspended. Each rank used
+    to take its own pause for a stall and exit 76, with no end record: a suspended job died and
+    was not requeued."""
+    start, engine = LAUNCHERS[launcher]
+    timeout = 5
+    train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(tmp_path),
+             "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1", "--verbose", "2",
+             "--engine", engine, "--stall-timeout", str(timeout), "--epochs", "12"]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*start, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        into_epoch_2(proc, tmp_path)
+        every = [proc.pid, *ranks_of(tmp_path).values()]
+        for pid in every:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(3 * timeout)
+        for pid in every:
+            os.kill(pid, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "error: stalled" not in out, out[-3000:]
+    assert re.search(r"^note: stall watch: the job did not run for 1[5-9] s \(suspended with every rank", out, re.M), out[-3000:]
+    log = read_runlog(tmp_path)
+    times = [r["time"] for r in log]
+    assert log[-1]["status"] == "completed" and max(b - a for a, b in zip(times, times[1:], strict=False)) >= 3 * timeout, log
+
+
 def reading(pid: int, folder) -> bool:
     """Whether process `pid` has a file of `folder` open (a rank reading its records)."""
     try:
@@ -355,17 +389,21 @@ def test_no_step_is_due_once_fit_has_ended(after_fit, code):
     assert proc.returncode == code, proc.stderr
 
 
-PEER = """
+# Two watchdogs that find each other through a folder (argv: rank, folder), at TIMEOUT s; each
+# prints the ranks it names.
+PAIR = """
 import ctypes, json, os, sys, time
 from pathlib import Path
 from chexnet_hvd import stall
 rank, folder = int(sys.argv[1]), Path(sys.argv[2])
-dog = stall.Watchdog(rank, None, 15.0, lambda message, names: print(json.dumps(names), flush=True))
+dog = stall.Watchdog(rank, None, TIMEOUT, lambda message, names: print(json.dumps(names), flush=True))
 (folder / f"{rank}.tmp").write_text(json.dumps(dog.announce))
 os.replace(folder / f"{rank}.tmp", folder / str(rank))
 while not all((folder / str(r)).exists() for r in (0, 1)):
     time.sleep(0.05)
 dog.start([tuple(json.loads((folder / str(r)).read_text())) for r in (0, 1)])
+"""
+PEER = PAIR.replace("TIMEOUT", "15.0") + """
 dog.progress(1)  # both armed; rank 1 then waits in a collective, rank 0 works on
 if rank == 0:
     time.sleep(8)
@@ -397,6 +435,34 @@ def test_heartbeats_read_late_by_a_starved_rank_count_from_when_they_arrived(tmp
     assert procs[0].returncode == stall.EXIT_STALLED and "did not run" not in err, err
     assert json.loads(out.splitlines()[-1]) == [1], err
     assert "no heartbeat for more than 15 s" in err, err
+
+
+STOPPED_ALONE = PAIR.replace("TIMEOUT", "3.0") + """
+dog.progress(1)  # both armed, then wait in a collective
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_rank_stopped_alone_and_continued_leaves_where_a_suspended_job_goes_on(tmp_path):
+    """Rank 1 stopped for 8 s at a 3 s timeout while rank 0 runs (waiting in a collective):
+    rank 0 names it and ends the job; rank 1, continued, finds rank 0's heartbeats of the meantime queued (it was stopped
+    alone, not suspended with the job) and leaves saying so, exit 76."""
+    procs = [subprocess.Popen([sys.executable, "-c", STOPPED_ALONE, str(rank), str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        assert [p.stdout.readline() for p in procs] == ["started\n"] * 2, procs[0].communicate(timeout=10)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        out, err = procs[0].communicate(timeout=30)
+        assert (procs[0].returncode, json.loads(out.splitlines()[-1])) == (stall.EXIT_STALLED, [1]), err
+        time.sleep(max(0.0, 8 - 3))
+        os.kill(procs[1].pid, signal.SIGCONT)
+        _, err = procs[1].communicate(timeout=30)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[1].returncode == stall.EXIT_STALLED, err
+    assert re.search(r"^error: stalled: rank 1 did not run for \d+ s \(stopped or frozen\)", err, re.M), err
 
 
 def test_a_heartbeat_counts_from_when_it_arrived_not_when_it_was_read():
