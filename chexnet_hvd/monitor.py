@@ -4,6 +4,7 @@ the stall watchdog (chexnet_hvd.stall) wired to the run log."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class StallWatch:
     handed to the model; the run log's end record when the job stalls."""
 
     def __init__(self, timeout: float, engine, ranks: list[dict], run_dir: Path, feed: Feed):
-        self.hosts = [r["host"] for r in ranks]
+        self.hosts, self.engine = [r["host"] for r in ranks], engine
         self.run_dir, self.writer = run_dir, None  # the chief's run log, once open
         self.watchdog = stall.watch(engine, self.hosts, timeout, self.on_stall, lambda: feed.counts()[0])
 
@@ -89,11 +90,28 @@ class StallWatch:
         self.watchdog.rest()
 
     def failed_collective(self, err: BaseException) -> str | None:
-        """When a collective failed because peers went silent (a timeout of the engine's own,
-        or its coordination service noticing): the one line that names them."""
+        """The one line that says why a collective failed, when it is a stall: peers went
+        silent (a timeout of the engine's own, or its coordination service noticing): it names
+        them; or the engine gave up on its peers just after the job was suspended (its own
+        timeout ran out meanwhile): it says so. The run log's end record, status stalled (the
+        Slurm templates requeue it), is written by the lowest rank still heard."""
+        if isinstance(err, cli.InputError | KeyboardInterrupt):
+            return None
         self.watchdog.read_queued()  # beats that arrived but were not read: a live peer is not silent
         silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
-        if not silent or isinstance(err, cli.InputError | KeyboardInterrupt):
+        if not silent and self.engine.peer_left(err) and (seconds := self.watchdog.just_suspended()) is not None:
+            self.watchdog.stop()  # the attempt ends here: the watch must not add a stall of its own
+            message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}) after the "
+                       f"job was suspended for {seconds:.0f} s, longer than the engine's own timeout "
+                       f"(--stall-timeout plus {stall.ENGINE_MARGIN} s or more); the attempt ends at its last checkpoint")
+            if self.watchdog.rank == 0:
+                with contextlib.suppress(OSError):  # a full disk: the line above is the news
+                    (self.writer or runlog.RunLogWriter(self.run_dir)).write(
+                        "end", status="stalled", error=message, ranks=[], hosts=[])
+            else:
+                time.sleep(5)  # let the chief write it before the launcher ends the job
+            return message
+        if not silent:
             return None
         where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
         message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}); "

@@ -16,7 +16,8 @@
   Any NaN or infinity (a diverged loss) is written as null: every line is strict JSON.
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
          (with error, and the ranks and hosts it names: chexnet_hvd.stall; a rank stuck in
-         its start-up writes one with no start record before it, naming its host alone)
+         its start-up, or one waiting there for it, writes one with before_start true and its
+         own host, its attempt having no start record)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.
 Each line is flushed and fsynced, so a killed job leaves a readable log. A line a kill or a full
 disk cut short is ended with a newline by the next attempt's writer before it appends (so the

@@ -91,7 +91,7 @@ def load_runs(path: Path) -> list[Run]:
             continue  # an older trainer logged the end of a run that failed before starting
         elif record["event"] == "epoch":
             attempts[-1].epochs.append(record)
-        elif attempts[-1].status is None:  # a second end: an attempt stalled before its start
+        elif not record.get("before_start"):  # (an attempt stalled before its start: not this one's)
             attempts[-1].status = record["status"]
     if not attempts:
         raise runlog.RunLogError(f"{path}: no start record")

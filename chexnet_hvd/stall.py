@@ -27,9 +27,10 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   and chexnet_hvd.launch all end a job when a rank fails); a rank that is still alive after the
   grace period exits too.
 
-A rank that did not run for longer than the timeout (stopped, frozen) tells from the peers'
-heartbeats queued meanwhile whether it was stopped alone (it leaves; the others end the job)
-or with every rank (the job suspended, as Slurm's scontrol suspend does: the watch goes on).
+A rank that did not run for a while (stopped, frozen) tells from the peers' heartbeats queued
+meanwhile whether it was stopped alone (past the timeout it leaves: the others end the job) or
+with every rank (the job suspended, as Slurm's scontrol suspend does: the watch's clocks start
+again); an engine that gave up on its peers during a suspension ends the attempt as stalled.
 
 Until the Watchdog runs (every rank joined the engine and announced its address), `StartUp`
 bounds each rank's start-up from a small process of its own: past the timeout plus a minute it
@@ -61,6 +62,7 @@ from pathlib import Path
 
 EXIT_STALLED = 76  # distinct from 75 (preempted: requeue me) and 1/2 (failed, bad input)
 START_UP_SLACK = 60  # a start-up's bound: --stall-timeout plus this (StartUp)
+ENGINE_MARGIN = 60  # the engines' own timeouts: at least --stall-timeout plus this (engine_timeouts)
 SO_TIMESTAMPNS = 35  # Linux's (asm-generic/socket.h): the kernel stamps each datagram on arrival
 # What a rank is doing (its heartbeat says): only a rank in a training call waits for its input.
 TRAINING, BETWEEN, VALIDATING, CHECKPOINTING = (
@@ -74,8 +76,8 @@ def engine_timeouts(timeout: float) -> dict[str, str]:
     if timeout <= 0:
         return {}
     return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(int(max(1, min(60, timeout / 2)))),
-            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(int(timeout + 120)),
-            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(timeout + 60))}
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(int(timeout + 2 * ENGINE_MARGIN)),
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(int(timeout + ENGINE_MARGIN))}
 
 
 def interval_for(timeout: float) -> float:
@@ -152,6 +154,7 @@ class Watchdog:
         self.last_progress = time.monotonic()
         self.armed = False
         self.warned = False
+        self.suspended: tuple[float, float] | None = None  # the job's last suspension: (its end, seconds)
         self.heard: dict[int, dict] = {}
         self.reached: set[int] = set()  # peers whose heartbeats have arrived (their address works)
         self.peers: list[tuple[str, int]] = []
@@ -250,11 +253,12 @@ class Watchdog:
         last_tick, seen = time.monotonic(), {}
         while not self._stop.is_set():  # a beat at once, then every interval
             now = time.monotonic()
-            if now - last_tick > self.timeout:  # this process did not run (stopped, frozen)
-                if self._stopped_alone(now - last_tick, seen):
+            if now - last_tick > 2 * self.interval:  # this process did not run (stopped, frozen)
+                if not self._stopped_alone(seen):
+                    self._resumed(now, now - last_tick)
+                elif now - last_tick > self.timeout:
                     self._was_stopped(now - last_tick)
                     return
-                self._resumed(now, now - last_tick)
             last_tick = now
             seen = {r: h.get("beat", 0) for r, h in self.heard.items()}  # the peers' beats by this tick
             idle = now - self.last_progress
@@ -271,6 +275,8 @@ class Watchdog:
             self.heard[self.rank] = {"at": now, **mine}
             self.read_queued()
             now, heard = time.monotonic(), dict(self.heard)  # one view: the decision's and the names'
+            if now - last_tick > 2 * self.interval:
+                continue  # this process was stopped within this tick: the next one's start judges it
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
             job_idle = min(h["idle"] + now - h["at"] for h in heard.values())
@@ -291,28 +297,36 @@ class Watchdog:
                       "them only through the others' progress", file=sys.stderr, flush=True)
             self._stop.wait(self.interval)
 
-    def _stopped_alone(self, seconds: float, seen: dict[int, int]) -> bool:
-        """After this process did not run for `seconds`: whether its peers ran meanwhile (a
-        rank stopped alone, which they end the job for), or were stopped with it (the whole
-        job suspended, as Slurm's `scontrol suspend` and gang scheduling do with SIGSTOP: no
-        stall). The heartbeats queued meanwhile tell: a peer that ran sent one per interval
-        (until it ended the job, a timeout later); one stopped too, the few around the
-        suspension's start and end (`seen`: each peer's beat as of the last tick, before this
-        process stopped)."""
+    def _stopped_alone(self, seen: dict[int, int]) -> bool:
+        """After this process did not run for a while: whether its peers ran meanwhile (a rank
+        stopped alone, which they end the job for past the timeout), or were stopped with it
+        (the whole job suspended, as Slurm's `scontrol suspend` and gang scheduling do with
+        SIGSTOP: no stall). The heartbeats queued meanwhile tell (`seen`: each peer's beat as of
+        the last tick, before this process stopped): a peer stopped too sent the few around the
+        suspension's start and end, one that ran sent one per interval until it ended the job,
+        a timeout later (at least 5 at a timeout of 50 s or less; with the socket's buffer, a
+        few hundred shared by the peers, more than 3 each up to ~64 ranks)."""
         self.read_queued()
-        ran = max((self.heard[r].get("beat", 0) - seen.get(r, 0) for r in self.heard if r != self.rank), default=0)
-        return ran > max(3, min(seconds, self.timeout) / self.interval / 2)
+        return any(self.heard[r].get("beat", 0) - seen.get(r, 0) > 3 for r in self.heard if r != self.rank)
 
     def _resumed(self, now: float, seconds: float) -> None:
         """The whole job was suspended for `seconds`: no step was due, no peer was silent; the
         stall clocks start again, each peer given the timeout from now."""
-        self.last_progress = now
+        self.last_progress, self.suspended = now, (now, seconds)
         with self._lock:
             for heard in self.heard.values():
                 heard["at"] = max(heard["at"], now)
-        if self.rank == 0:
+        if self.rank == 0 and seconds > self.timeout:  # (gang scheduling pauses jobs every 30 s or so)
             print(f"note: stall watch: the job did not run for {seconds:.0f} s (suspended with every rank, "
                   "e.g. scontrol suspend); its clock starts again", file=sys.stderr, flush=True)
+
+    def just_suspended(self) -> float | None:
+        """Seconds of a suspension of the whole job past the timeout that ended less than
+        ENGINE_MARGIN ago (the engines' own timeouts, set above ours, may have run out
+        meanwhile: they fail their collectives at once, or at their next check), else None."""
+        if self.suspended and self.suspended[1] > self.timeout and time.monotonic() - self.suspended[0] < ENGINE_MARGIN:
+            return self.suspended[1]
+        return None
 
     def _was_stopped(self, seconds: float) -> None:
         """This rank was the stalled one and runs again: its peers have ended (or are ending)
@@ -355,7 +369,7 @@ class StartUp:
         self.timeout, self.seconds = timeout, timeout + START_UP_SLACK
         self._watcher = None
         if timeout > 0:
-            log = [str(run_log), json.dumps(record)] if run_log else []
+            log = [str(run_log), json.dumps(record)] if run_log is not None and record is not None else []
             self._watcher = subprocess.Popen(  # this file as a script (isolated: it needs only the
                 # standard library), not the package, which imports TensorFlow
                 [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), str(self.seconds), str(timeout),
@@ -383,8 +397,11 @@ def watch_start_up() -> None:
     on stdin (its end: the start-up is over, or the rank is gone)."""
     pid, seconds, timeout = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
     log = (Path(sys.argv[4]), json.loads(sys.argv[5])) if len(sys.argv) > 5 else None
-    # this attempt's records begin here (another rank's watcher may write its stall first)
-    begun = log[0].stat().st_size if log and log[0].exists() else 0
+    begun: list[int] = []  # where this attempt's records begin (another rank's watcher may write
+    # its stall first); in a thread, as the write below: a file system that hangs must not hold
+    # this process, whose kill is the bound
+    if log:
+        threading.Thread(target=lambda: begun.append(log_size(log[0])), daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):  # the rank's to act on: its end ends this
         signal.signal(sig, signal.SIG_IGN)
     deadline, phase, fd = time.monotonic() + seconds, "starting", sys.stdin.fileno()
@@ -394,25 +411,39 @@ def watch_start_up() -> None:
             if not lines:
                 return
             phase = lines.strip().splitlines()[-1] if lines.strip() else phase
-    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
-        os.kill(pid, signal.SIGKILL)  # first: a message that cannot be written must not save it
     message = (f"stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of start-up "
                f"(--stall-timeout {timeout:g} plus a minute); killed it, which ends the job")
+    if log and begun and begun[0] is not None:  # before the kill: once the rank dies, srun ends this process too
+        record = {**log[1], "time": round(time.time(), 3), "error": message, "hosts": [socket.gethostname()]}
+        writer = threading.Thread(target=log_stall, args=(log[0], begun[0], record), daemon=True)
+        writer.start()
+        writer.join(10)
+    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+        os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         print(f"error: {message}", file=sys.stderr, flush=True)
-    if log and log[0].parent.is_dir():
-        with contextlib.suppress(OSError):  # a log that cannot be written: the job still ends
-            log_stall(log[0], begun, {**log[1], "time": round(time.time(), 3), "error": message,
-                                      "hosts": [socket.gethostname()]})
+
+
+def log_size(path: Path) -> int | None:
+    """The size of the run log `path` (0 when there is none yet; None when it cannot be read)."""
+    try:
+        return path.stat().st_size if path.exists() else 0
+    except OSError:
+        return None
 
 
 def log_stall(path: Path, begun: int, record: dict) -> None:
     """Append `record` to the run log `path`, unless a stall is logged past byte `begun` (every
     rank's watcher may fire: one record per attempt, so the Slurm templates requeue it once).
-    Locked (POSIX locks, which NFS keeps too) against the other watchers; a torn last line is
-    ended first, as chexnet_hvd.runlog's writer does."""
-    with open(path, "a+b") as fh:
-        fcntl.lockf(fh, fcntl.LOCK_EX)
+    Locked (POSIX locks, which NFS keeps too; where the file system refuses them, unlocked)
+    against the other watchers. A torn last line is ended first, as chexnet_hvd.runlog's writer
+    does (this script cannot import the package: it runs isolated). A log that cannot be
+    written (or its folder gone): the job still ends."""
+    if not path.parent.is_dir():
+        return
+    with contextlib.suppress(OSError), open(path, "a+b") as fh:
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fh, fcntl.LOCK_EX)
         fh.seek(min(begun, fh.seek(0, os.SEEK_END)))
         for line in fh.read().splitlines():
             with contextlib.suppress(ValueError, AttributeError):  # a torn line, not a record

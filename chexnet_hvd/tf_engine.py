@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chexnet_hvd import stall
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.engine import (
     Cluster,
@@ -212,7 +213,7 @@ class TensorFlow(Engine):
         if workers:  # the strategy reads the cluster from TF_CONFIG
             os.environ["TF_CONFIG"] = tf_config(workers, index)
             if stall_timeout > 0:
-                heartbeat_timeout(workers, stall_timeout + 60)
+                heartbeat_timeout(workers, stall_timeout + stall.ENGINE_MARGIN)
         implementation = tf.distribute.experimental.CommunicationImplementation
         self.implementation = implementation.NCCL if self.placement.tf_gpus else implementation.RING
         handler = signal.getsignal(signal.SIGTERM)

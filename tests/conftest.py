@@ -125,6 +125,7 @@ LANE = {
     "test_export.py::test_openvino_fp32_equals_tensorflow",
     "test_predict.py::test_cam_files_and_bad_input",
     "test_stalls.py::test_a_stopped_rank_ends_the_job_by_name[launch-rank1]",
+    "test_stalls.py::test_a_suspension_past_the_engines_own_timeout_ends_the_attempt_as_stalled",
     "test_recipes_weights.py::test_resnet59_starts_from_resnet50_where_the_shapes_match",
 }
 

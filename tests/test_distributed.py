@@ -251,7 +251,7 @@ def test_start_up_watchers_that_fire_together_log_one_stall_for_their_attempt(tm
     with open(tmp_path / runlog.FILENAME, "a") as fh:
         fh.write('{"schema": "chexnet_hvd.runlog/1", "ev')  # torn by a kill
     before = runlog.records(tmp_path)
-    record = json.dumps({"schema": runlog.SCHEMA, "event": "end", "status": "stalled"})
+    record = json.dumps({"schema": runlog.SCHEMA, "event": "end", "status": "stalled", "before_start": True})
     ranks = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
     watchers = [subprocess.Popen([sys.executable, "chexnet_hvd/stall.py", str(rank.pid), "1", "1",
                                   str(tmp_path / runlog.FILENAME), record],
@@ -264,7 +264,8 @@ def test_start_up_watchers_that_fire_together_log_one_stall_for_their_attempt(tm
         assert watcher.wait(timeout=10) == 0
     records, skipped = runlog.read_records(tmp_path)
     assert (len(records) - before, skipped) == (1, [4])
-    assert (records[-1]["status"], records[-1]["hosts"]) == ("stalled", [socket.gethostname()])
+    assert (records[-1]["status"], records[-1]["hosts"], records[-1]["before_start"]) == \
+        ("stalled", [socket.gethostname()], True)
     assert records[-1]["error"].startswith(f"stalled: {socket.gethostname()} (pid ")
     assert "still starting the tf engine (waiting for every rank to join) after 1 s" in records[-1]["error"]
     assert (runlog.status(tmp_path, before), runlog.stalled_in_a_row(tmp_path)) == ("stalled", 1)

@@ -473,6 +473,32 @@ def test_a_stopped_rank_ends_the_job_which_requeues_and_completes(cluster, engin
     assert sorted({r["epoch"] for r in log if r["event"] == "epoch"}) == list(range(1, env["EPOCHS"] + 1))
 
 
+def test_a_rank_stuck_in_its_start_up_is_logged_and_the_job_requeued(cluster, records_dir, tmp_path):
+    """Rank 1 (node2) stopped as its process starts (before the watch runs: a node whose file
+    system hangs): past the stall timeout plus a minute a start-up watcher writes the run log's
+    stalled end and kills its rank, srun ends the step, the template requeues the job once and
+    the requeued attempt completes. Such a job used to end unrequeued."""
+    env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": tmp_path / "runs", "EPOCHS": 2,
+                             "TRAIN_ARGS": f"--stall-timeout {STALL}"}
+    job = submit(PREEMPTED, env, tmp_path, *TWO_NODES)
+    run_dir = tmp_path / "runs" / directives(PREEMPTED)["job-name"] / job
+    deadline = time.monotonic() + 180
+    while 1 not in (pids := rank_pids(run_dir)):
+        assert time.monotonic() < deadline, log_tail(run_dir, "rank 1 never started")()
+        time.sleep(0.01)
+    with stopped(pids[1]):
+        wait_until(lambda: "Restarts=1" in run(["scontrol", "show", "job", job]).stdout, BOUND + 180,
+                   log_tail(run_dir, "not requeued"))
+    job_log = (run_dir / "job.log").read_text()
+    assert re.search(rf"error: stalled: node[12] \(pid \d+\) still .* after {BOUND} s of start-up", job_log), job_log[-3000:]
+    assert "stalled (see the error above); requeueing to resume" in job_log, job_log[-3000:]
+    start_early(job)
+    fields = wait_job(job, timeout=600)
+    assert (fields["JobState"], fields["Restarts"]) == ("COMPLETED", "1"), (run_dir / "job.log").read_text()[-3000:]
+    ends = [(r["status"], r.get("before_start")) for r in read_runlog(run_dir) if r["event"] == "end"]
+    assert ends == [("stalled", True), ("completed", None)], ends
+
+
 def test_a_job_suspended_for_longer_than_the_stall_timeout_resumes_and_completes(cluster, records_dir, tmp_path):
     """scontrol suspend (what gang scheduling and suspend-preemption do: every process of the
     job stopped) for 3x the stall timeout, then scontrol resume: the ranks see their peers were

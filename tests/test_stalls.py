@@ -141,6 +141,30 @@ def test_a_rank_stopped_before_it_joins_the_engine_ends_the_job_saying_where(rec
     assert [run([*ask, *flags], check=True).stdout for flags in ([], ["--stalled-in-a-row"])] == ["stalled\n", "1\n"]
 
 
+def suspended(records_dir, run_dir, launcher: str, timeout: float, seconds: float) -> tuple[subprocess.Popen, str]:
+    """A 2-rank run at --stall-timeout `timeout` with every rank and the launcher stopped
+    together in its second epoch for `seconds`, then continued: the ended job and its output."""
+    start, engine = LAUNCHERS[launcher]
+    train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(run_dir),
+             "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1", "--verbose", "2",
+             "--engine", engine, "--stall-timeout", str(timeout), "--epochs", "12"]
+    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*start, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        into_epoch_2(proc, run_dir)
+        every = [proc.pid, *ranks_of(run_dir).values()]
+        for pid in every:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(seconds)
+        for pid in every:
+            os.kill(pid, signal.SIGCONT)
+        return proc, proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("launcher", ["mpirun", "chexnet_hvd.launch"])
 def test_a_job_suspended_whole_for_longer_than_the_timeout_goes_on(records_dir, tmp_path, launcher):
     """Every rank and the launcher stopped together (SIGSTOP: Slurm's scontrol suspend and gang
@@ -148,31 +172,27 @@ def test_a_job_suspended_whole_for_longer_than_the_timeout_goes_on(records_dir, 
     heartbeats say so), so no stall: the job completes, saying it was suspended. Each rank used
     to take its own pause for a stall and exit 76, with no end record: a suspended job died and
     was not requeued."""
-    start, engine = LAUNCHERS[launcher]
     timeout = 5
-    train = [sys.executable, "-m", "chexnet_hvd.train", "--data", str(records_dir), "--run-dir", str(tmp_path),
-             "--model", "small_cnn", "--image-size", "32", "--batch-size", "8", "--threads", "1", "--verbose", "2",
-             "--engine", engine, "--stall-timeout", str(timeout), "--epochs", "12"]
-    env = os.environ | {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([*start, *train], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        into_epoch_2(proc, tmp_path)
-        every = [proc.pid, *ranks_of(tmp_path).values()]
-        for pid in every:
-            os.kill(pid, signal.SIGSTOP)
-        time.sleep(3 * timeout)
-        for pid in every:
-            os.kill(pid, signal.SIGCONT)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, out = suspended(records_dir, tmp_path, launcher, timeout, 3 * timeout)
     assert proc.returncode == 0 and "error: stalled" not in out, out[-3000:]
     assert re.search(r"^note: stall watch: the job did not run for 1[5-9] s \(suspended with every rank", out, re.M), out[-3000:]
     log = read_runlog(tmp_path)
     times = [r["time"] for r in log]
     assert log[-1]["status"] == "completed" and max(b - a for a, b in zip(times, times[1:], strict=False)) >= 3 * timeout, log
+
+
+def test_a_suspension_past_the_engines_own_timeout_ends_the_attempt_as_stalled(records_dir, tmp_path):
+    """The tf engine's coordination service gives up on its workers once a suspension outlasts
+    its heartbeat timeout (--stall-timeout plus a minute): the collective that fails then is
+    said to have failed for the suspension, and the run log ends `stalled` (the templates
+    requeue it; it used to end `failed`, which they do not). Horovod over MPI and Gloo went on
+    after 140 s and 80 s at a 5 s timeout."""
+    proc, out = suspended(records_dir, tmp_path, "chexnet_hvd.launch", 10, 10 + stall.ENGINE_MARGIN + 8)
+    assert proc.returncode == stall.EXIT_STALLED, out[-3000:]
+    assert re.search(r"^error: stalled: a collective failed \(.*\) after the job was suspended for [78]\d s, longer than "
+                     r"the engine's own timeout", out, re.M), out[-3000:]
+    end = read_runlog(tmp_path)[-1]
+    assert (end["status"], end["ranks"]) == ("stalled", []) and "suspended for" in end["error"], end
 
 
 def reading(pid: int, folder) -> bool:
@@ -453,9 +473,10 @@ def test_a_rank_stopped_alone_and_continued_leaves_where_a_suspended_job_goes_on
     try:
         assert [p.stdout.readline() for p in procs] == ["started\n"] * 2, procs[0].communicate(timeout=10)
         os.kill(procs[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
         out, err = procs[0].communicate(timeout=30)
         assert (procs[0].returncode, json.loads(out.splitlines()[-1])) == (stall.EXIT_STALLED, [1]), err
-        time.sleep(max(0.0, 8 - 3))
+        time.sleep(max(0.0, stopped + 8 - time.monotonic()))
         os.kill(procs[1].pid, signal.SIGCONT)
         _, err = procs[1].communicate(timeout=30)
     finally:

@@ -43,9 +43,10 @@
 # for the whole time limit; stalls days apart are not one fault). A rank stuck in its start-up
 # (before the watch runs) is killed at the timeout plus a minute, and that stall is logged and
 # requeued the same way. A suspended job (scontrol suspend, gang scheduling) is no stall: its
-# ranks see that every rank was stopped, and go on. Each attempt is judged by what it wrote to
-# the run log: one that failed before its start record (its exit code stands) is not taken for
-# the attempt before it.
+# ranks see that every rank was stopped, and go on (under the tf engine, one suspended past the
+# stall timeout plus a minute ends as a stall: requeued). Each attempt is judged by what it
+# wrote to the run log: one that failed before its start record (its exit code stands) is not
+# taken for the attempt before it.
 
 : "${CHEXNET_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${VENV:=$CHEXNET_HOME/.venv}"
