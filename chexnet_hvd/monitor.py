@@ -100,15 +100,16 @@ class StallWatch:
         self.watchdog.read_queued()  # beats that arrived but were not read: a live peer is not silent
         silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
         if not silent and self.engine.peer_left(err) and (seconds := self.watchdog.just_suspended()) is not None:
-            self.watchdog.stop()  # the attempt ends here: the watch must not add a stall of its own
             message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}) after the "
                        f"job was suspended for {seconds:.0f} s, longer than the engine's own timeout "
                        f"(--stall-timeout plus {stall.ENGINE_MARGIN} s or more); the attempt ends at its last checkpoint")
             if self.watchdog.rank == 0:
+                self.watchdog.stop()  # the attempt ends here: the watch must not add a stall of its own
                 with contextlib.suppress(OSError):  # a full disk: the line above is the news
+                    fields = {"before_start": True} if self.writer is None else {}  # no start record yet
                     (self.writer or runlog.RunLogWriter(self.run_dir)).write(
-                        "end", status="stalled", error=message, ranks=[], hosts=[])
-            else:
+                        "end", status="stalled", error=message, ranks=[], hosts=[], **fields)
+            else:  # beating on: a peer silent meanwhile would be named instead
                 time.sleep(5)  # let the chief write it before the launcher ends the job
             return message
         if not silent:

@@ -27,15 +27,16 @@ job until its time limit. So every rank runs a `Watchdog`, a thread beside the t
   and chexnet_hvd.launch all end a job when a rank fails); a rank that is still alive after the
   grace period exits too.
 
-A rank that did not run for a while (stopped, frozen) tells from the peers' heartbeats queued
-meanwhile whether it was stopped alone (past the timeout it leaves: the others end the job) or
-with every rank (the job suspended, as Slurm's scontrol suspend does: the watch's clocks start
-again); an engine that gave up on its peers during a suspension ends the attempt as stalled.
+A rank that did not run for longer than the timeout (stopped, frozen) tells from the peers'
+heartbeats queued meanwhile whether it was stopped alone (it leaves: the others end the job) or
+with every rank (the job suspended, as Slurm's scontrol suspend does: the pause does not count
+as time without progress); an engine that gave up on its peers during such a suspension ends
+the attempt as stalled. Shorter pauses (gang scheduling's time slices) count as time.
 
 Until the Watchdog runs (every rank joined the engine and announced its address), `StartUp`
 bounds each rank's start-up from a small process of its own: past the timeout plus a minute it
-says what the rank was doing, kills it, and writes the run log's end record, status `stalled`
-(one per attempt, whichever rank's watcher fires first).
+says what the rank was doing, writes the run log's end record, status `stalled` (one per
+attempt, whichever rank's watcher fires first), and kills it.
 
 Heartbeats are threads of their own, so they run while the training thread is blocked inside
 a collective (TensorFlow and Horovod release the GIL there); a stopped process sends none. The
@@ -155,6 +156,7 @@ class Watchdog:
         self.armed = False
         self.warned = False
         self.suspended: tuple[float, float] | None = None  # the job's last suspension: (its end, seconds)
+        self.last_tick = time.monotonic()  # the watch's last tick: a pause since is not judged yet
         self.heard: dict[int, dict] = {}
         self.reached: set[int] = set()  # peers whose heartbeats have arrived (their address works)
         self.peers: list[tuple[str, int]] = []
@@ -250,16 +252,16 @@ class Watchdog:
         return True
 
     def _watch(self) -> None:
-        last_tick, seen = time.monotonic(), {}
+        seen: dict[int, int] = {}
+        self.last_tick = time.monotonic()
         while not self._stop.is_set():  # a beat at once, then every interval
             now = time.monotonic()
-            if now - last_tick > 2 * self.interval:  # this process did not run (stopped, frozen)
-                if not self._stopped_alone(seen):
-                    self._resumed(now, now - last_tick)
-                elif now - last_tick > self.timeout:
-                    self._was_stopped(now - last_tick)
+            if now - self.last_tick > self.timeout:  # this process did not run (stopped, frozen)
+                if self._stopped_alone(seen):
+                    self._was_stopped(now - self.last_tick)
                     return
-            last_tick = now
+                self._resumed(now, now - self.last_tick)
+            self.last_tick = now
             seen = {r: h.get("beat", 0) for r, h in self.heard.items()}  # the peers' beats by this tick
             idle = now - self.last_progress
             self.delivered = self.count_delivered()
@@ -275,7 +277,7 @@ class Watchdog:
             self.heard[self.rank] = {"at": now, **mine}
             self.read_queued()
             now, heard = time.monotonic(), dict(self.heard)  # one view: the decision's and the names'
-            if now - last_tick > 2 * self.interval:
+            if now - self.last_tick > self.timeout:
                 continue  # this process was stopped within this tick: the next one's start judges it
             # the job's idle time: the least any rank has been without progress (a slow peer
             # still working, e.g. writing a checkpoint, keeps the others waiting, not stalled)
@@ -311,20 +313,25 @@ class Watchdog:
 
     def _resumed(self, now: float, seconds: float) -> None:
         """The whole job was suspended for `seconds`: no step was due, no peer was silent; the
-        stall clocks start again, each peer given the timeout from now."""
-        self.last_progress, self.suspended = now, (now, seconds)
+        stall clocks leave the pause out (this rank's time without progress, each peer's since
+        its last heartbeat)."""
+        self.last_progress, self.suspended = min(now, self.last_progress + seconds), (now, seconds)
         with self._lock:
             for heard in self.heard.values():
-                heard["at"] = max(heard["at"], now)
-        if self.rank == 0 and seconds > self.timeout:  # (gang scheduling pauses jobs every 30 s or so)
+                heard["at"] = min(now, heard["at"] + seconds)
+        if self.rank == 0:
             print(f"note: stall watch: the job did not run for {seconds:.0f} s (suspended with every rank, "
-                  "e.g. scontrol suspend); its clock starts again", file=sys.stderr, flush=True)
+                  "e.g. scontrol suspend); the pause does not count", file=sys.stderr, flush=True)
 
     def just_suspended(self) -> float | None:
-        """Seconds of a suspension of the whole job past the timeout that ended less than
-        ENGINE_MARGIN ago (the engines' own timeouts, set above ours, may have run out
-        meanwhile: they fail their collectives at once, or at their next check), else None."""
-        if self.suspended and self.suspended[1] > self.timeout and time.monotonic() - self.suspended[0] < ENGINE_MARGIN:
+        """Seconds of a suspension of the whole job that ended less than ENGINE_MARGIN ago (the
+        engines' own timeouts, set above ours, may have run out meanwhile: they fail their
+        collectives at once, or at their next check), or of a pause past the timeout that the
+        watch has not judged yet (the engine's error came first); else None."""
+        now = time.monotonic()
+        if now - self.last_tick > self.timeout and not self._stop.is_set():
+            return now - self.last_tick
+        if self.suspended and now - self.suspended[0] < ENGINE_MARGIN:
             return self.suspended[1]
         return None
 
@@ -360,8 +367,9 @@ class StartUp:
     joins MPI_Init or the tf engine's cluster, which wait forever, the latter inside a call that
     holds the GIL, where no thread of this process can act) would hold the job until its time
     limit. So a small process of its own watches it: past `timeout` plus a minute (the
-    Watchdog's bound) it kills the rank and says what it was doing; the launcher then ends the
-    others. A context: the bound ends with the block (the Watchdog running, or an error)."""
+    Watchdog's bound) it says what the rank was doing, logs the stall and kills the rank; the
+    launcher then ends the others. A context: the bound ends with the block (the Watchdog
+    running, or an error)."""
 
     def __init__(self, timeout: float, run_log: Path | None = None, record: dict | None = None):
         """`run_log` and `record`: where the watcher that kills its rank writes `record` (a run
@@ -412,16 +420,20 @@ def watch_start_up() -> None:
                 return
             phase = lines.strip().splitlines()[-1] if lines.strip() else phase
     message = (f"stalled: {socket.gethostname()} (pid {pid}) still {phase} after {seconds:g} s of start-up "
-               f"(--stall-timeout {timeout:g} plus a minute); killed it, which ends the job")
-    if log and begun and begun[0] is not None:  # before the kill: once the rank dies, srun ends this process too
-        record = {**log[1], "time": round(time.time(), 3), "error": message, "hosts": [socket.gethostname()]}
-        writer = threading.Thread(target=log_stall, args=(log[0], begun[0], record), daemon=True)
-        writer.start()
-        writer.join(10)
+               f"(--stall-timeout {timeout:g} plus a minute); killing it, which ends the job")
+
+    def report() -> None:  # before the kill: once the rank dies, srun ends this process too
+        with contextlib.suppress(OSError):
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        if log and begun and begun[0] is not None:
+            log_stall(log[0], begun[0], {**log[1], "time": round(time.time(), 3), "error": message,
+                                         "hosts": [socket.gethostname()]})
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    reporter.join(10)  # bounded: a file system or a reader that hangs must not save the rank
     with contextlib.suppress(ProcessLookupError):  # gone meanwhile
         os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def log_size(path: Path) -> int | None:
@@ -435,15 +447,17 @@ def log_size(path: Path) -> int | None:
 def log_stall(path: Path, begun: int, record: dict) -> None:
     """Append `record` to the run log `path`, unless a stall is logged past byte `begun` (every
     rank's watcher may fire: one record per attempt, so the Slurm templates requeue it once).
-    Locked (POSIX locks, which NFS keeps too; where the file system refuses them, unlocked)
-    against the other watchers. A torn last line is ended first, as chexnet_hvd.runlog's writer
+    Locked (POSIX locks, which NFS keeps too; where the file system refuses them, a marker
+    file created exclusively, named after `begun`) against the other watchers. A torn last line is ended first, as chexnet_hvd.runlog's writer
     does (this script cannot import the package: it runs isolated). A log that cannot be
     written (or its folder gone): the job still ends."""
     if not path.parent.is_dir():
         return
     with contextlib.suppress(OSError), open(path, "a+b") as fh:
-        with contextlib.suppress(OSError):
+        try:
             fcntl.lockf(fh, fcntl.LOCK_EX)
+        except OSError:
+            os.close(os.open(path.parent / f".{path.name}.stall-{begun}", os.O_CREAT | os.O_EXCL))  # or leave
         fh.seek(min(begun, fh.seek(0, os.SEEK_END)))
         for line in fh.read().splitlines():
             with contextlib.suppress(ValueError, AttributeError):  # a torn line, not a record

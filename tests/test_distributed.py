@@ -231,7 +231,7 @@ def test_the_start_up_watcher_kills_its_rank_past_the_bound_naming_what_it_last_
     proc.stdin.flush()
     assert rank.wait(timeout=10) == -9
     assert proc.stderr.read() == (f"error: stalled: {socket.gethostname()} (pid {rank.pid}) still starting the tf engine "
-                           "after 1.5 s of start-up (--stall-timeout 1 plus a minute); killed it, which ends the job\n")
+                           "after 1.5 s of start-up (--stall-timeout 1 plus a minute); killing it, which ends the job\n")
     rank = subprocess.Popen(["sleep", "60"])
     proc = subprocess.run([*watcher, str(rank.pid), "30", "1"], input="", capture_output=True, text=True, timeout=10)
     assert (proc.returncode, proc.stderr, rank.poll()) == (0, "", None)

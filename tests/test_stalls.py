@@ -134,7 +134,7 @@ def test_a_rank_stopped_before_it_joins_the_engine_ends_the_job_saying_where(rec
     # a process of its own) or rank 0's (waiting in the engine's start)
     assert re.search(rf"^error: stalled: \S+ \(pid \d+\) still (opening the records|starting the {engine} engine "
                      rf"\(waiting for every rank to join\)) after {BOUND} s of start-up \(--stall-timeout {TIMEOUT} plus a minute\); "
-                     r"killed it, which ends the job$", out, re.M), out[-3000:]
+                     r"killing it, which ends the job$", out, re.M), out[-3000:]
     (end,) = read_runlog(tmp_path)
     assert (end["event"], end["status"]) == ("end", "stalled") and end["error"] in out, (end, out[-3000:])
     ask = [sys.executable, "-m", "chexnet_hvd.runlog", str(tmp_path)]
