@@ -457,7 +457,7 @@ def test_heartbeats_read_late_by_a_starved_rank_count_from_when_they_arrived(tmp
     assert "no heartbeat for more than 15 s" in err, err
 
 
-STOPPED_ALONE = PAIR.replace("TIMEOUT", "3.0") + """
+WAITING = PAIR.replace("TIMEOUT", "3.0") + """
 dog.progress(1)  # both armed, then wait in a collective
 print("started", flush=True)
 time.sleep(60)
@@ -468,7 +468,7 @@ def test_a_rank_stopped_alone_and_continued_leaves_where_a_suspended_job_goes_on
     """Rank 1 stopped for 8 s at a 3 s timeout while rank 0 runs (waiting in a collective):
     rank 0 names it and ends the job; rank 1, continued, finds rank 0's heartbeats of the meantime queued (it was stopped
     alone, not suspended with the job) and leaves saying so, exit 76."""
-    procs = [subprocess.Popen([sys.executable, "-c", STOPPED_ALONE, str(rank), str(tmp_path)], cwd=ROOT, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", WAITING, str(rank), str(tmp_path)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
     try:
         assert [p.stdout.readline() for p in procs] == ["started\n"] * 2, procs[0].communicate(timeout=10)
@@ -484,6 +484,33 @@ def test_a_rank_stopped_alone_and_continued_leaves_where_a_suspended_job_goes_on
             proc.kill()
     assert procs[1].returncode == stall.EXIT_STALLED, err
     assert re.search(r"^error: stalled: rank 1 did not run for \d+ s \(stopped or frozen\)", err, re.M), err
+
+
+def test_a_stall_under_gang_scheduling_still_ends_the_job(tmp_path):
+    """Two ranks waiting in a collective that never completes (a stall), the whole job paused
+    for 1.5 s of every 2 (gang scheduling's time slices, shorter than the 3 s timeout): the
+    pauses count as time, so the stall ends the job within about the timeout plus the pauses.
+    Pauses of two heartbeat intervals once restarted the clocks, and such a job never ended."""
+    procs = [subprocess.Popen([sys.executable, "-c", WAITING, str(rank), str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    try:
+        assert [p.stdout.readline() for p in procs] == ["started\n"] * 2, procs[0].communicate(timeout=10)
+        deadline = time.monotonic() + 20  # the timeout plus its pauses, many times over
+        while procs[0].poll() is None and time.monotonic() < deadline:
+            for signum, seconds in ((signal.SIGSTOP, 1.5), (signal.SIGCONT, 0.5)):
+                for proc in procs:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signum)
+                time.sleep(seconds)
+        ended_paused = procs[0].poll() is not None
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        out, err = procs[0].communicate(timeout=30)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert ended_paused and procs[0].returncode == stall.EXIT_STALLED and "error: stalled: " in err, err
 
 
 def test_a_heartbeat_counts_from_when_it_arrived_not_when_it_was_read():
