@@ -83,6 +83,15 @@ class StallWatch:
         writer.write("end", status="stalled", error=message, ranks=names,
                      hosts=sorted({self.hosts[r] for r in names}))
 
+    def suspended_too_long(self, message: str, seconds: float) -> None:
+        """The chief's end record when the engine gave up during a suspension (no rank to name;
+        not a stall the Slurm templates count against the job: chexnet_hvd.runlog)."""
+        self.watchdog.stop()  # the attempt ends here: the watch must not add a stall of its own
+        with contextlib.suppress(OSError):  # a full disk: the printed line is the news
+            fields = {"before_start": True} if self.writer is None else {}  # no start record yet
+            (self.writer or runlog.RunLogWriter(self.run_dir)).write(
+                "end", status="stalled", error=message, ranks=[], hosts=[], suspended=round(seconds), **fields)
+
     def beat(self, step: int | None = None, steps: int = 1, phase: str | None = None) -> None:
         self.watchdog.progress(step, steps, phase)
 
@@ -99,27 +108,21 @@ class StallWatch:
             return None
         self.watchdog.read_queued()  # beats that arrived but were not read: a live peer is not silent
         silent = self.watchdog.silent_peers(2 * self.watchdog.interval)
-        if not silent and self.engine.peer_left(err) and (seconds := self.watchdog.just_suspended()) is not None:
+        if silent:
+            where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
+            message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}); "
+                       f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
+            live = [r for r in range(len(self.hosts)) if r not in silent]
+            writer, log_end = live[0] if live else None, lambda: self.on_stall(message, silent)  # as in stall.Watchdog
+        elif self.engine.peer_left(err) and (seconds := self.watchdog.just_suspended()) is not None:
             message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}) after the "
                        f"job was suspended for {seconds:.0f} s, longer than the engine's own timeout "
                        f"(--stall-timeout plus {stall.ENGINE_MARGIN} s or more); the attempt ends at its last checkpoint")
-            if self.watchdog.rank == 0:
-                self.watchdog.stop()  # the attempt ends here: the watch must not add a stall of its own
-                with contextlib.suppress(OSError):  # a full disk: the line above is the news
-                    fields = {"before_start": True} if self.writer is None else {}  # no start record yet
-                    (self.writer or runlog.RunLogWriter(self.run_dir)).write(
-                        "end", status="stalled", error=message, ranks=[], hosts=[], **fields)
-            else:  # beating on: a peer silent meanwhile would be named instead
-                time.sleep(5)  # let the chief write it before the launcher ends the job
-            return message
-        if not silent:
-            return None
-        where = ", ".join(f"rank {r} ({self.hosts[r]})" for r in silent)
-        message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}); "
-                   f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
-        live = [r for r in range(len(self.hosts)) if r not in silent]
-        if live and live[0] == self.watchdog.rank:  # the end record, as in stall.Watchdog
-            self.on_stall(message, silent)
+            writer, log_end = 0, lambda: self.suspended_too_long(message, seconds)
         else:
+            return None
+        if writer == self.watchdog.rank:
+            log_end()
+        else:  # beating on (a peer silent meanwhile would be named instead)
             time.sleep(5)  # let that rank write it before the launcher ends the job
         return message

@@ -448,9 +448,10 @@ def log_stall(path: Path, begun: int, record: dict) -> None:
     """Append `record` to the run log `path`, unless a stall is logged past byte `begun` (every
     rank's watcher may fire: one record per attempt, so the Slurm templates requeue it once).
     Locked (POSIX locks, which NFS keeps too; where the file system refuses them, a marker
-    file created exclusively, named after `begun`) against the other watchers. A torn last line is ended first, as chexnet_hvd.runlog's writer
-    does (this script cannot import the package: it runs isolated). A log that cannot be
-    written (or its folder gone): the job still ends."""
+    file created exclusively, named after `begun`) against the other watchers. A torn last
+    line is ended first, as chexnet_hvd.runlog's writer does (this script cannot import the
+    package: it runs isolated). A log that cannot be written (or its folder gone): the job
+    still ends."""
     if not path.parent.is_dir():
         return
     with contextlib.suppress(OSError), open(path, "a+b") as fh:
