@@ -256,6 +256,9 @@ def test_what_the_templates_ask_the_run_log_about_an_attempt(tmp_path):
     writer.write("epoch", epoch=2, seconds=0.0, images_per_sec=None, steps=0)  # a resume left it empty
     writer.write("end", status="stalled")
     assert ask("--stalled-in-a-row") == "2"
+    attempt()
+    writer.write("end", status="stalled", ranks=[], suspended=75)  # the engine gave up during a suspension
+    assert (ask(), ask("--stalled-in-a-row")) == ("stalled", "2")  # the scheduler's doing: not counted
     assert_one_line_error(module("runlog", tmp_path, "--records", "--stalled-in-a-row"),
                           "--stalled-in-a-row", "give one of")
     assert_one_line_error(module("runlog", tmp_path, "--count", "failed", "--after", "3"), "--after", "give one of")

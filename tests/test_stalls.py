@@ -21,7 +21,7 @@ import pytest
 from conftest import BATCH_NORM_MODEL, ROOT, VENV_BIN, ranks_of, run
 
 from chexnet_hvd import stall
-from chexnet_hvd.runlog import read_runlog
+from chexnet_hvd.runlog import read_runlog, stalled_in_a_row
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 TIMEOUT = 10
@@ -193,6 +193,7 @@ def test_a_suspension_past_the_engines_own_timeout_ends_the_attempt_as_stalled(r
                      r"the engine's own timeout", out, re.M), out[-3000:]
     end = read_runlog(tmp_path)[-1]
     assert (end["status"], end["ranks"]) == ("stalled", []) and "suspended for" in end["error"], end
+    assert end["suspended"] > 10 and stalled_in_a_row(tmp_path) == 0  # requeued, whatever came before
 
 
 def reading(pid: int, folder) -> bool:
