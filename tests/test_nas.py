@@ -524,6 +524,81 @@ def test_a_preempted_worker_requeues_its_trial_and_the_retry_resumes(records_dir
     assert "/checkpoints/step-" in resumed["resumed_from"] and resumed["initial_epoch"] >= 1
 
 
+def test_a_stalled_candidate_goes_again_once_unless_it_got_an_epoch_further(tmp_path):
+    from types import SimpleNamespace
+
+    from chexnet_hvd.nas.__main__ import retry_stalled
+    from chexnet_hvd.runlog import RunLogWriter
+
+    first, again = SimpleNamespace(user_attrs={}), SimpleNamespace(user_attrs={"retry_reason": "stalled (w)"})
+    log = RunLogWriter(tmp_path)
+    start = {"world_size": 1, "local_batch": 8, "model": "m", "image_size": 32, "precision": "fp32"}
+    assert retry_stalled(tmp_path, first) and not retry_stalled(tmp_path, again)  # no stall logged (a full disk)
+    log.write("start", **start)
+    log.write("end", status="stalled")
+    assert retry_stalled(tmp_path, first) and retry_stalled(tmp_path, again)  # the first stall
+    log.write("start", **start)
+    log.write("end", status="stalled")
+    assert not retry_stalled(tmp_path, again)  # stalled again, no epoch between: a bad node
+    log.write("start", **start)
+    log.write("epoch", epoch=2, seconds=1.0, images_per_sec=10.0, steps=4)
+    log.write("end", status="stalled")
+    assert retry_stalled(tmp_path, again)  # an epoch further since
+    (tmp_path / "runlog.jsonl").write_text("not JSON\n")
+    assert not retry_stalled(tmp_path, again)
+
+
+@pytest.mark.slow
+def test_a_stalled_candidate_is_requeued_once_and_its_retry_resumes(records_dir, tmp_path):
+    """After the candidate's first epoch its validation shards become files whose read blocks (named
+    pipes no one writes: a hung file system): its second validation stalls, the trainer ends it
+    (exit 76); the worker re-queues the trial and goes on. With the files back, the retry resumes
+    from the epoch's checkpoint and completes."""
+    data = tmp_path / "records"
+    data.mkdir()
+    for path in records_dir.iterdir():
+        os.symlink(path, data / path.name)
+    manifest = json.loads((records_dir / "manifest.json").read_text())
+    hung = [data / s["file"] for s in manifest["splits"]["val"]["shards"]]
+    command = [sys.executable, "-m", "chexnet_hvd.nas", "--study-dir", str(tmp_path / "s"), "--data", str(data),
+               "--image-size", "32", "--batch-size", "8", "--epochs", "3", "--n-trials", "1", "--threads", "1",
+               "--train-args", "--steps-per-epoch 40 --stall-timeout 10"]
+    worker = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "s" / "runs").glob("*/runlog.jsonl")):
+            assert time.monotonic() < deadline and worker.poll() is None, worker.stdout.read()[-3000:]
+            time.sleep(0.2)
+        [run_dir] = (tmp_path / "s" / "runs").iterdir()
+        while '"event": "epoch"' not in (run_dir / "runlog.jsonl").read_text():
+            assert time.monotonic() < deadline and worker.poll() is None, worker.stdout.read()[-3000:]
+            time.sleep(0.02)
+        for path in hung:  # while the second epoch trains (40 steps)
+            path.unlink()
+            os.mkfifo(path)
+        while '"status": "stalled"' not in (run_dir / "runlog.jsonl").read_text():
+            assert time.monotonic() < deadline and worker.poll() is None, worker.stdout.read()[-3000:]
+            time.sleep(0.2)
+        for path in hung:
+            path.unlink()
+            os.symlink(records_dir / path.name, path)
+        out, _ = worker.communicate(timeout=300)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0, out[-3000:]
+    assert "stalled after" in out and "re-queued to resume from its newest checkpoint" in out, out[-3000:]
+    first, retry = study.open_study(tmp_path / "s").get_trials()
+    assert retry.user_attrs["retry_of"] == first.number and retry.user_attrs["retry_reason"].startswith("stalled")
+    assert [r["state"] for r in check_trials(tmp_path / "s", data)] == ["fail", "complete"]
+    log = read_runlog(run_dir)
+    assert [r["status"] for r in log if r["event"] == "end"] == ["stalled", "completed"]
+    assert "validating" in log[[r["event"] for r in log].index("end")]["error"]
+    resumed = [r for r in log if r["event"] == "start"][1]
+    assert "/checkpoints/epoch-" in str(resumed["resumed_from"]) and resumed["initial_epoch"] == 1
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_an_llm_drives_a_search(records_dir, tmp_path, chat):
     """Also --heartbeat 0.1: the worker beats while a candidate trains (seconds: importing
@@ -558,3 +633,7 @@ def test_llm_retries_and_max_failures_end_to_end(records_dir, tmp_path, chat):
     assert len(server.requests) == 1
     [trial] = study.open_study(tmp_path / "s").get_trials()
     assert trial.user_attrs["proposer"] != "llm"  # evolution's pick after the one question
+    proc = module("nas", "--study-dir", tmp_path / "s", "--data", records_dir, "--image-size", 32,
+                  "--batch-size", 32, "--epochs", 1, "--train-args", "--val-split nosuch", "--n-trials", 2,
+                  timeout=300)  # fewer failures than --max-failures, and none trained: not a success either
+    assert proc.returncode == 1 and "every candidate this worker trained failed (1)" in proc.stderr, proc.stderr[-2000:]

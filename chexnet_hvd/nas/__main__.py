@@ -23,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from chexnet_hvd import cli, config, recipes
+from chexnet_hvd import cli, config, recipes, runlog
 from chexnet_hvd.nas import proposers, space, study
 from chexnet_hvd.nas.study import TrialState
 from chexnet_hvd.placement import visible_gpus
 from chexnet_hvd.runlog import read_runlog
+from chexnet_hvd.stall import EXIT_STALLED
 
 PROPOSERS = ["evolution", "random", "llm"]
 TRAINER_FLAGS = ("--data", "--run-dir", "--recipe", "--model", "--image-size", "--batch-size",
@@ -203,6 +204,19 @@ def last_line(path: Path) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
+def retry_stalled(run_dir: Path, trial) -> bool:
+    """Whether a candidate that stalled goes again (from its newest checkpoint): once, unless it
+    completed an epoch since its last stall (the Slurm templates' rule: a node that stalls every
+    attempt is not retried forever); once where its run log holds no stall (it could not be
+    written: a full disk)."""
+    try:
+        in_a_row = runlog.stalled_in_a_row(run_dir)
+    except runlog.RunLogError:
+        in_a_row = 0
+    retried = trial.user_attrs.get("retry_reason", "").startswith("stalled")
+    return in_a_row == 1 or (in_a_row == 0 and not retried)
+
+
 def record(the_study, trial, run_dir: Path, rc: int, seconds: float) -> dict:
     """Tell the study how a finished candidate went; its result (auroc None and an error when
     it failed)."""
@@ -254,6 +268,11 @@ def worker(cfg: NasConfig) -> int:
             study.requeue(the_study, trial, reason=f"preempted (worker {me.name})")
             print(f"{what}: preempted after {seconds} s; checkpointed and re-queued", flush=True)
             return cli.EXIT_PREEMPTED
+        if rc == EXIT_STALLED and retry_stalled(run_dir, trial):
+            study.requeue(the_study, trial, reason=f"stalled (worker {me.name})")
+            print(f"{what}: stalled after {seconds} s ({last_line(run_dir / 'train.log')}); re-queued to "
+                  "resume from its newest checkpoint", file=sys.stderr, flush=True)
+            continue
         result = record(the_study, trial, run_dir, rc, seconds)
         if result["auroc"] is None:
             failures += 1
@@ -267,7 +286,13 @@ def worker(cfg: NasConfig) -> int:
         print(f"{what} ({trial.user_attrs.get('proposer')}): AUROC {result['auroc']:.4f}, "
               f"{result['params']:,} params, {result['peak_memory_mb']:.0f} MB, {seconds} s", flush=True)
     print(f"worker {me.name}: {done} candidates trained", flush=True)
-    return cli.EXIT_PREEMPTED if stop.requested else 0
+    if stop.requested:
+        return cli.EXIT_PREEMPTED
+    if failures and not done:  # a job that trained nothing must not look complete
+        print(f"error: {study_dir}: every candidate this worker trained failed ({failures}); "
+              "see their train.log", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------- several workers -----------
