@@ -17,7 +17,7 @@
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
          (with error, and the ranks and hosts it names: chexnet_hvd.stall; a rank stuck in
          its start-up, or one waiting there for it, writes one with before_start true and its
-         own host, its attempt having no start record; one the engine ended while the job
+         own host and slurm_job_id, its attempt having no start record; one the engine ended while the job
          was suspended names no rank and carries `suspended`, the seconds it was)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.
 Each line is flushed and fsynced, so a killed job leaves a readable log. A line a kill or a full
@@ -170,14 +170,15 @@ def count(path: str | Path, end_status: str) -> int:
 
 
 def stalled_in_a_row(path: str | Path) -> int:
-    """How many attempts stalled since the run last completed an epoch (one with steps: an
-    epoch a resume left empty is no progress): a node or link that stalls each attempt before
-    it gets anywhere, where stalls days apart are unrelated. An attempt ended by a suspension
-    (the scheduler's doing, not a node's fault) is not counted."""
-    stalls = 0
+    """How many attempts of the newest Slurm job stalled since the run last completed an epoch
+    (one with steps: an epoch a resume left empty is no progress): a node or link that stalls
+    each attempt before it gets anywhere, where stalls days apart are unrelated, and a job
+    resubmitted on the run (after its node was excluded) starts counting afresh. An attempt
+    ended by a suspension (the scheduler's doing, not a node's fault) is not counted."""
+    stalls, job = 0, None
     for record in read_runlog(path):
-        if record["event"] == "epoch" and record.get("steps", 1):
-            stalls = 0
+        if (record["event"] == "epoch" and record.get("steps", 1)) or record.get("slurm_job_id", job) != job:
+            stalls, job = 0, record.get("slurm_job_id", job)
         stalls += record["event"] == "end" and record["status"] == "stalled" and "suspended" not in record
     return stalls
 

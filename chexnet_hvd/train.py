@@ -322,7 +322,8 @@ def start(cfg: TrainConfig) -> Run:
     config.check_config(cfg)
     models.check_model(cfg.model, cfg.image_size)
     cluster = distributed.workers_flag(cfg.engine, cfg.workers, cfg.worker_index)
-    stalled = {"schema": runlog.SCHEMA, "event": "end", "status": "stalled", "before_start": True}
+    stalled = {"schema": runlog.SCHEMA, "event": "end", "status": "stalled", "before_start": True,
+               "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     with stall.StartUp(cfg.stall_timeout, Path(cfg.run_dir) / runlog.FILENAME, stalled) as bound:  # until the watch runs
         bound.at("opening the records")
         records = open_inputs(cfg)

@@ -259,6 +259,12 @@ def test_what_the_templates_ask_the_run_log_about_an_attempt(tmp_path):
     attempt()
     writer.write("end", status="stalled", ranks=[], suspended=75)  # the engine gave up during a suspension
     assert (ask(), ask("--stalled-in-a-row")) == ("stalled", "2")  # the scheduler's doing: not counted
+    writer.write("start", world_size=2, local_batch=8, model="small_cnn", image_size=8, precision="fp32",
+                 slurm_job_id="7")  # the user resubmits on the run, the bad node excluded
+    writer.write("end", status="stalled")
+    assert ask("--stalled-in-a-row") == "1"  # that job's first stall: requeued
+    writer.write("end", status="stalled", before_start=True, slurm_job_id="7")  # its requeued attempt's start-up
+    assert ask("--stalled-in-a-row") == "2"
     assert_one_line_error(module("runlog", tmp_path, "--records", "--stalled-in-a-row"),
                           "--stalled-in-a-row", "give one of")
     assert_one_line_error(module("runlog", tmp_path, "--count", "failed", "--after", "3"), "--after", "give one of")

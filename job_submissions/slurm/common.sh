@@ -40,13 +40,14 @@
 # Stalls: a rank without progress for --stall-timeout seconds (600 by default; TRAIN_ARGS can
 # change it) ends the attempt, naming the ranks and hosts it waited for; the job is then requeued,
 # and ends if it stalls again before it completes an epoch (a bad node or link is not retried
-# for the whole time limit; stalls days apart are not one fault). A rank stuck in its start-up
-# (before the watch runs) is killed at the timeout plus a minute, and that stall is logged and
-# requeued the same way. A suspended job (scontrol suspend, gang scheduling) is no stall: its
-# ranks see that every rank was stopped, and go on (under the tf engine, one suspended past the
-# stall timeout plus a minute ends as a stall: requeued). Each attempt is judged by what it
-# wrote to the run log: one that failed before its start record (its exit code stands) is not
-# taken for the attempt before it.
+# for the whole time limit; stalls days apart are not one fault, nor a resubmitted job's and the
+# one before it). A rank stuck in its start-up (before the watch runs) is killed at the timeout
+# plus a minute, and that stall is logged and requeued the same way. A suspended job (scontrol
+# suspend, gang scheduling) is no stall: its ranks see that every rank was stopped, and go on
+# (under the tf engine, one suspended past the stall timeout plus a minute ends as a stall:
+# requeued, not counted against the job). Each attempt is judged by what it wrote to the run
+# log: one that failed before its start record (its exit code stands) is not taken for the
+# attempt before it.
 
 : "${CHEXNET_HOME:=${SLURM_SUBMIT_DIR:-$PWD}}"
 : "${VENV:=$CHEXNET_HOME/.venv}"
