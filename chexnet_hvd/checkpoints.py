@@ -227,8 +227,10 @@ def clear_leftovers(ckpt_dir: Path) -> list[str]:
     """What a kill in the middle of `save` left: a partial copy (`.NAME.tmpPID`, up to a
     checkpoint's size, never written over: each attempt has another process id) is deleted; a
     complete checkpoint moved aside for its replacement (`.NAME.oldPID`) goes back under its
-    name if the replacement never arrived, else is deleted. The chief calls it before it
-    resumes, when no save is in progress. Returns what it did, a line each."""
+    name if the replacement never arrived, else is deleted; so is a copy of `set_best`'s that
+    `best` does not name (a kill before its link was swapped in, or before the old one's
+    deletion). The chief calls it before it resumes, when no save is in progress. Returns what
+    it did, a line each."""
     done = []
     for path in sorted(ckpt_dir.glob(".*")):
         found = LEFTOVER.fullmatch(path.name)
@@ -244,6 +246,11 @@ def clear_leftovers(ckpt_dir: Path) -> list[str]:
             else:
                 shutil.rmtree(path, ignore_errors=True)
             done.append(f"{path.name}: deleted (left by a kill in the middle of a checkpoint's write)")
+    named = (ckpt_dir / "best").resolve()
+    for path in ckpt_dir.glob(".best-*"):
+        if path.is_dir() and not path.is_symlink() and path != named:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"{path.name}: deleted (a copy best/ does not name, left by a kill as best/ was set)")
     return done
 
 
@@ -327,6 +334,28 @@ def set_best(source: Path) -> Path:
         if old.name != copy.name and not old.name.startswith(".best-link"):
             shutil.rmtree(old, ignore_errors=True)
     return best
+
+
+def repair_best(ckpt_dir: Path) -> str | None:
+    """`best` as the epoch checkpoints say it should be: a kill (or an error, e.g. a full disk)
+    between an epoch's checkpoint, whose meta holds its score as the best, and `set_best` left
+    `best` on an older epoch (or none), and the resumed run, counting from that score, would
+    never replace it. The line saying what it did, or None."""
+    epochs = [p for p in complete(ckpt_dir) if p.name.startswith("epoch-")]
+    newest_meta = read_meta(epochs[0]) if epochs else None
+    if newest_meta is None or newest_meta.get("best") is None:
+        return None
+    by, score = newest_meta.get("best_by", "val_mean_auroc"), newest_meta["best"]
+    held = read_meta(ckpt_dir / "best")
+    if held is not None and held.get(by) == score:
+        return None
+    source = next((p for p in reversed(epochs) if read_meta(p).get(by) == score), None)  # the first to score it
+    if source is None:  # pruned since: nothing to set it from
+        return None
+    set_best(source)
+    was = f"epoch {held['epoch']}" if held is not None else "none"
+    return (f"best: now {source.name}, the best epoch ({by} {score:.4g}; it was {was}: a kill came "
+            "before it was set)")
 
 
 class Unreadable(InputError):

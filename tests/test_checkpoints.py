@@ -15,14 +15,15 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     """`best` is replaced by linking (or copying) the epoch's files, a symlink, renaming and
     cleaning up; a kill at any of those steps (simulated: the n-th file operation fails) leaves
     a complete best, old or new. (The old way moved the old best aside before the new one was
-    in place.)"""
+    in place.) The resume then sets the new one (its epoch's meta holds its score as the best),
+    and leaves it be where a later epoch did not improve on it."""
     model = models.build_model("small_cnn", 32, 14)
     model.compile(optimizer=tf.keras.optimizers.Adam(), loss="mse")
     model.optimizer.build(model.trainable_variables)
     ckpt_dir = tmp_path / "checkpoints"
     meta = {"model": "small_cnn", "image_size": 32, "num_classes": 14, "classes": [], "step": 1}
-    first = checkpoints.save(model, ckpt_dir, "epoch-0001", meta | {"epoch": 1})
-    second = checkpoints.save(model, ckpt_dir, "epoch-0002", meta | {"epoch": 2})
+    first = checkpoints.save(model, ckpt_dir, "epoch-0001", meta | {"epoch": 1, "val_mean_auroc": 0.6, "best": 0.6})
+    second = checkpoints.save(model, ckpt_dir, "epoch-0002", meta | {"epoch": 2, "val_mean_auroc": 0.7, "best": 0.7})
     checkpoints.set_best(first)
     with monkeypatch.context() as patched:
         calls = crash_at(patched, n, ((os, "replace"), (os, "symlink"), (os, "unlink"), (os, "mkdir"),
@@ -35,6 +36,14 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     meta = checkpoints.read_meta(ckpt_dir / "best")
     assert meta is not None and meta["epoch"] in (1, 2), calls
     checkpoints.load(ckpt_dir / "best")  # weights complete too
+    checkpoints.clear_leftovers(ckpt_dir)
+    mended = checkpoints.repair_best(ckpt_dir)
+    assert checkpoints.read_meta(ckpt_dir / "best")["epoch"] == 2
+    assert (mended is None) == (meta["epoch"] == 2), mended
+    checkpoints.save(model, ckpt_dir, "epoch-0003", meta | {"epoch": 3, "val_mean_auroc": 0.7, "best": 0.7})  # a tie
+    checkpoints.save(model, ckpt_dir, "epoch-0004", meta | {"epoch": 4, "val_mean_auroc": None, "best": 0.7})
+    assert checkpoints.repair_best(ckpt_dir) is None and checkpoints.read_meta(ckpt_dir / "best")["epoch"] == 2
+    assert not [p.name for p in ckpt_dir.iterdir() if p.name.startswith(".") and p != (ckpt_dir / "best").resolve()]
 
 
 @pytest.mark.parametrize("n", range(4))

@@ -377,6 +377,27 @@ def test_a_resume_on_another_world_size_keeps_the_schedule_and_trains_each_recor
     assert len(epoch2) == len(set(epoch2)) == 2 * 16 * 8 + 20 * 8
 
 
+def test_a_best_a_kill_kept_from_being_set_is_set_by_the_resume(records_dir, preempted, tmp_path, engine):
+    """The preempted run's best/ taken away, as a kill between epoch 1's checkpoint and its best/
+    would leave it: the resume sets it from the epoch checkpoint whose score its meta holds as
+    the best, and says so (the run, counting from that score, would otherwise leave best/ missing,
+    or on an older epoch, unless a later epoch beat it). One engine: the chief's work alone."""
+    if engine != ENGINES[-1]:
+        pytest.skip("the chief alone mends best/, the same under both engines")
+    split = tmp_path / "split"
+    shutil.copytree(preempted, split, symlinks=True)
+    best = split / "checkpoints" / "best"
+    shutil.rmtree(best.resolve())
+    best.unlink()
+    by, score = (checkpoints.read_meta(split / "checkpoints" / "epoch-0001")[k] for k in ("best_by", "best"))
+    assert score is not None
+    cmd = train_cmd(records_dir, split, "--epochs", 2, *EXACT, "--resume", engine=engine)
+    resumed = run(one_process(cmd), timeout=300, check=True)
+    assert "resume: best: now epoch-0001, the best epoch" in resumed.stderr, resumed.stderr[-2000:]
+    final = checkpoints.read_meta(split / "checkpoints" / "epoch-0002")["best"]
+    assert checkpoints.read_meta(best)[by] == final  # epoch 1's, or epoch 2's where it beat it
+
+
 def test_a_resume_on_another_world_size_keeps_the_default_warmup_of_the_first_attempt(records_dir, tmp_path):
     """At the default --warmup-epochs (proportional to the global batch: 32 / 2 / 8 = 2 epochs,
     from the peak over 2 ranks), preempted in epoch 1 on 2 ranks and resumed as one process:
