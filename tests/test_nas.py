@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import ROOT, SHARED, VENV_BIN, assert_one_line_error, module, run
 
+from chexnet_hvd import stall
 from chexnet_hvd.cli import InputError
 from chexnet_hvd.nas import proposers, report, space, study
 from chexnet_hvd.nas.proposers import EvolutionProposer, LLMProposer, RandomProposer, Tried
@@ -141,6 +142,8 @@ class ChatServer:
 
     def __init__(self, replies: list[str]):
         self.replies, self.requests = list(replies), []
+        self.hold = threading.Event()  # answers wait for it: an LLM thinking for as long as a test needs
+        self.hold.set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -148,6 +151,7 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                         **body})
+                server.hold.wait(60)
                 reply = server.replies.pop(0) if server.replies else "no more answers"
                 data = json.dumps({"object": "chat.completion", "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": reply},
@@ -531,21 +535,24 @@ def test_a_stalled_candidate_goes_again_once_unless_it_got_an_epoch_further(tmp_
     from chexnet_hvd.runlog import RunLogWriter
 
     first, again = SimpleNamespace(user_attrs={}), SimpleNamespace(user_attrs={"retry_reason": "stalled (w)"})
+    stalled, killed = stall.EXIT_STALLED, -signal.SIGKILL  # killed: by its start-up's bound, or by anyone
+    assert retry_stalled(stalled, tmp_path, first) and not retry_stalled(stalled, tmp_path, again)  # no log
+    assert not retry_stalled(killed, tmp_path, first)  # no run log says why
     log = RunLogWriter(tmp_path)
     start = {"world_size": 1, "local_batch": 8, "model": "m", "image_size": 32, "precision": "fp32"}
-    assert retry_stalled(tmp_path, first) and not retry_stalled(tmp_path, again)  # no stall logged (a full disk)
     log.write("start", **start)
-    log.write("end", status="stalled")
-    assert retry_stalled(tmp_path, first) and retry_stalled(tmp_path, again)  # the first stall
-    log.write("start", **start)
-    log.write("end", status="stalled")
-    assert not retry_stalled(tmp_path, again)  # stalled again, no epoch between: a bad node
+    assert not retry_stalled(killed, tmp_path, first) and not retry_stalled(1, tmp_path, first)
+    log.write("end", status="stalled")  # the first stall
+    assert retry_stalled(stalled, tmp_path, first) and retry_stalled(stalled, tmp_path, again)
+    assert not retry_stalled(1, tmp_path, first)
+    log.write("end", status="stalled", before_start=True)  # a start-up bound's, which kills the candidate
+    assert not retry_stalled(killed, tmp_path, again)  # stalled again, no epoch between: a bad node
     log.write("start", **start)
     log.write("epoch", epoch=2, seconds=1.0, images_per_sec=10.0, steps=4)
-    log.write("end", status="stalled")
-    assert retry_stalled(tmp_path, again)  # an epoch further since
+    log.write("end", status="stalled", before_start=True)
+    assert retry_stalled(killed, tmp_path, again)  # an epoch further since
     (tmp_path / "runlog.jsonl").write_text("not JSON\n")
-    assert not retry_stalled(tmp_path, again)
+    assert not retry_stalled(stalled, tmp_path, again)
 
 
 @pytest.mark.slow
@@ -616,6 +623,36 @@ def test_an_llm_drives_a_search(records_dir, tmp_path, chat):
     second_prompt = server.requests[1]["messages"][1]["content"]
     assert "21012100: AUROC" in second_prompt
     assert len(read_log(tmp_path / "s" / "llm_log.jsonl")) == 3
+
+
+@pytest.mark.slow
+def test_slurms_warning_while_the_llm_thinks_requeues_the_trial_untrained(records_dir, tmp_path, chat):
+    """USR1 (Slurm's warning before the time limit) while the worker waits for its proposal: it
+    used to train the candidate anyway, with nothing left to pass the signal on to (the job then
+    killed at its limit, never requeued). Now the claimed trial goes back to the queue at once and
+    the worker exits 75."""
+    server = chat(["11111111"])
+    server.hold.clear()
+    env = os.environ | {"CHEXNET_LLM_BASE_URL": server.url, "CHEXNET_LLM_MODEL": "local", "CHEXNET_LLM_API_KEY": ""}
+    worker = subprocess.Popen(worker_command(tmp_path / "s", records_dir, epochs=1, n_trials=1) + ["--proposer", "llm"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not server.requests:
+            assert time.monotonic() < deadline and worker.poll() is None, worker.stdout.read()[-3000:]
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        server.hold.set()
+        out, _ = worker.communicate(timeout=60)
+    finally:
+        server.hold.set()
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 75 and "preempted before it trained; re-queued" in out, out[-3000:]
+    first, retry = study.open_study(tmp_path / "s").get_trials()
+    assert (first.state.name, retry.state.name, retry.user_attrs["retry_of"]) == ("FAIL", "WAITING", first.number)
+    assert not (tmp_path / "s" / "runs").exists() or not any((tmp_path / "s" / "runs").iterdir())  # nothing trained
 
 
 @pytest.mark.slow

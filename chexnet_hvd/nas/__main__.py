@@ -182,6 +182,9 @@ class Stop:
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.forward()
+
+    def forward(self) -> None:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGUSR1)
 
@@ -192,6 +195,8 @@ def run_candidate(cmd: list[str], run_dir: Path, stop: Stop, trial, every: float
     with open(run_dir / "train.log", "ab") as log:
         stop.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(),
                                       preexec_fn=_die_with_parent)
+        if stop.requested:  # the signal came after the worker's last look, before this child was
+            stop.forward()
         while True:
             try:
                 return stop.child.wait(timeout=every)
@@ -204,17 +209,19 @@ def last_line(path: Path) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
-def retry_stalled(run_dir: Path, trial) -> bool:
-    """Whether a candidate that stalled goes again (from its newest checkpoint): once, unless it
+def retry_stalled(rc: int, run_dir: Path, trial) -> bool:
+    """Whether a candidate that ended with `rc` stalled (exit 76, or killed by its start-up's
+    bound with its run log ending so) and goes again, from its newest checkpoint: once, unless it
     completed an epoch since its last stall (the Slurm templates' rule: a node that stalls every
     attempt is not retried forever); once where its run log holds no stall (it could not be
     written: a full disk)."""
     try:
+        stalled = rc == EXIT_STALLED or (rc == -signal.SIGKILL and runlog.status(run_dir) == "stalled")
         in_a_row = runlog.stalled_in_a_row(run_dir)
     except runlog.RunLogError:
-        in_a_row = 0
+        stalled, in_a_row = rc == EXIT_STALLED, 0
     retried = trial.user_attrs.get("retry_reason", "").startswith("stalled")
-    return in_a_row == 1 or (in_a_row == 0 and not retried)
+    return stalled and (in_a_row == 1 or (in_a_row == 0 and not retried))
 
 
 def record(the_study, trial, run_dir: Path, rc: int, seconds: float) -> dict:
@@ -259,16 +266,20 @@ def worker(cfg: NasConfig) -> int:
             break
         trial, code = claimed
         run_dir = study_dir / "runs" / space.canonical(code)
+        what = f"worker {me.name}: trial {trial.number} {space.canonical(code)}"
+        if stop.requested:  # while the candidate was chosen (an LLM, squeue): no time to train it
+            study.requeue(the_study, trial, reason=f"preempted before it trained (worker {me.name})")
+            print(f"{what}: preempted before it trained; re-queued", flush=True)
+            return cli.EXIT_PREEMPTED
         t0 = time.monotonic()
         rc = run_candidate(train_command(cfg, code, run_dir, threads), run_dir, stop, trial,
                            cfg.heartbeat)
         seconds = round(time.monotonic() - t0, 1)
-        what = f"worker {me.name}: trial {trial.number} {space.canonical(code)}"
-        if stop.requested or rc == cli.EXIT_PREEMPTED:
+        if rc == cli.EXIT_PREEMPTED or (stop.requested and rc != 0):  # (one that finished counts)
             study.requeue(the_study, trial, reason=f"preempted (worker {me.name})")
             print(f"{what}: preempted after {seconds} s; checkpointed and re-queued", flush=True)
             return cli.EXIT_PREEMPTED
-        if rc == EXIT_STALLED and retry_stalled(run_dir, trial):
+        if retry_stalled(rc, run_dir, trial):
             study.requeue(the_study, trial, reason=f"stalled (worker {me.name})")
             print(f"{what}: stalled after {seconds} s ({last_line(run_dir / 'train.log')}); re-queued to "
                   "resume from its newest checkpoint", file=sys.stderr, flush=True)
