@@ -227,10 +227,10 @@ def clear_leftovers(ckpt_dir: Path) -> list[str]:
     """What a kill in the middle of `save` left: a partial copy (`.NAME.tmpPID`, up to a
     checkpoint's size, never written over: each attempt has another process id) is deleted; a
     complete checkpoint moved aside for its replacement (`.NAME.oldPID`) goes back under its
-    name if the replacement never arrived, else is deleted; so is a copy of `set_best`'s that
-    `best` does not name (a kill before its link was swapped in, or before the old one's
-    deletion). The chief calls it before it resumes, when no save is in progress. Returns what
-    it did, a line each."""
+    name if the replacement never arrived, else is deleted; so is, where `best` names a complete
+    copy, every other copy of `set_best`'s (a kill before its link was swapped in, or before the
+    old one's deletion). The chief calls it before it resumes, when no save is in progress.
+    Returns what it did, a line each."""
     done = []
     for path in sorted(ckpt_dir.glob(".*")):
         found = LEFTOVER.fullmatch(path.name)
@@ -246,9 +246,10 @@ def clear_leftovers(ckpt_dir: Path) -> list[str]:
             else:
                 shutil.rmtree(path, ignore_errors=True)
             done.append(f"{path.name}: deleted (left by a kill in the middle of a checkpoint's write)")
-    named = (ckpt_dir / "best").resolve()
-    for path in ckpt_dir.glob(".best-*"):
-        if path.is_dir() and not path.is_symlink() and path != named:
+    best = ckpt_dir / "best"
+    named = os.readlink(best) if best.is_symlink() and read_meta(best) is not None else None
+    for path in ckpt_dir.glob(".best-*") if named else ():  # (else one may be the only whole copy)
+        if path.is_dir() and not path.is_symlink() and path.name != named:
             shutil.rmtree(path, ignore_errors=True)
             done.append(f"{path.name}: deleted (a copy best/ does not name, left by a kill as best/ was set)")
     return done

@@ -123,6 +123,6 @@ class StallWatch:
             return None
         if writer == self.watchdog.rank:
             log_end()
-        else:  # beating on (a peer silent meanwhile would be named instead)
+        else:  # beating on
             time.sleep(5)  # let that rank write it before the launcher ends the job
         return message

@@ -60,10 +60,11 @@ def chief_state(cfg: TrainConfig, model, optimizer, ckpt_dir: Path, manifest: di
             raise cli.InputError("--run-dir", f"{ckpt_dir.parent} holds a run (its checkpoint {found.name}), "
                                  f"which a new run would write over: --resume to go on with it, or {NEW_RUN}")
         return fresh
-    for line in [*checkpoints.clear_leftovers(ckpt_dir), checkpoints.repair_best(ckpt_dir)]:
-        if line:
-            print(f"resume: {line}", file=sys.stderr, flush=True)
+    for line in checkpoints.clear_leftovers(ckpt_dir):
+        print(f"resume: {line}", file=sys.stderr, flush=True)
     found = restore_newest_readable(cfg, model, optimizer, ckpt_dir, manifest["classes"])
+    if line := checkpoints.repair_best(ckpt_dir):  # from the readable checkpoints only
+        print(f"resume: {line}", file=sys.stderr, flush=True)
     if found is None:
         return fresh
     meta = checkpoints.read_meta(found)

@@ -17,8 +17,9 @@
   end    status: completed | preempted (with step, epoch) | failed (with error) | stalled
          (with error, and the ranks and hosts it names: chexnet_hvd.stall; a rank stuck in
          its start-up, or one waiting there for it, writes one with before_start true and its
-         own host and slurm_job_id, its attempt having no start record; one the engine ended while the job
-         was suspended names no rank and carries `suspended`, the seconds it was)
+         own host and slurm_job_id, its attempt having no start record; one the engine
+         ended while the job was suspended names no rank and carries `suspended`, the
+         seconds it was, and before_start where the attempt had written no start record)
 A resumed run appends: one start per attempt, each followed by the epochs it trained.
 Each line is flushed and fsynced, so a killed job leaves a readable log. A line a kill or a full
 disk cut short is ended with a newline by the next attempt's writer before it appends (so the
@@ -169,15 +170,16 @@ def count(path: str | Path, end_status: str) -> int:
     return sum(r["event"] == "end" and r["status"] == end_status for r in read_runlog(path))
 
 
-def stalled_in_a_row(path: str | Path) -> int:
-    """How many attempts of the newest Slurm job stalled since the run last completed an epoch
-    (one with steps: an epoch a resume left empty is no progress): a node or link that stalls
-    each attempt before it gets anywhere, where stalls days apart are unrelated, and a job
-    resubmitted on the run (after its node was excluded) starts counting afresh. An attempt
-    ended by a suspension (the scheduler's doing, not a node's fault) is not counted."""
+def stalled_in_a_row(path: str | Path, per_job: bool = True) -> int:
+    """How many attempts stalled since the run last completed an epoch (one with steps: an
+    epoch a resume left empty is no progress): a node or link that stalls each attempt before
+    it gets anywhere, where stalls days apart are unrelated. `per_job`: the newest Slurm job's
+    attempts only (a job resubmitted on the run, its bad node excluded, counts afresh). An
+    attempt ended by a suspension (the scheduler's doing, not a node's fault) is not counted."""
     stalls, job = 0, None
     for record in read_runlog(path):
-        if (record["event"] == "epoch" and record.get("steps", 1)) or record.get("slurm_job_id", job) != job:
+        other_job = per_job and record.get("slurm_job_id", job) != job
+        if (record["event"] == "epoch" and record.get("steps", 1)) or other_job:
             stalls, job = 0, record.get("slurm_job_id", job)
         stalls += record["event"] == "end" and record["status"] == "stalled" and "suspended" not in record
     return stalls
@@ -193,9 +195,10 @@ class StatusConfig:
     run_dir: str = cli.field(help="run directory (or its runlog.jsonl)")
     count: str = cli.field("", help="print instead how many attempts ended so",
                            choices=["", *END_STATUSES])
-    stalled_in_a_row: bool = cli.field(False, help="print instead how many attempts stalled since the "
-                                       "run last completed an epoch (the Slurm templates requeue a "
-                                       "stalled job unless it is 2 or more)")
+    stalled_in_a_row: bool = cli.field(False, help="print instead how many attempts of the newest "
+                                       "Slurm job stalled since the run last completed an epoch, "
+                                       "suspensions aside (the Slurm templates requeue a stalled job "
+                                       "unless it is 2 or more)")
     records: bool = cli.field(False, help="print instead how many records the run log holds (0: none "
                               "yet); taken before an attempt, it is that attempt's --after")
     after: int = cli.field(0, help="how the attempt that began after the first AFTER records ended, "

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -16,11 +17,13 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     cleaning up; a kill at any of those steps (simulated: the n-th file operation fails) leaves
     a complete best, old or new. (The old way moved the old best aside before the new one was
     in place.) The resume then sets the new one (its epoch's meta holds its score as the best),
-    and leaves it be where a later epoch did not improve on it."""
+    leaves it be where a later epoch did not improve on it, and deletes the copies it does not
+    name, and only those: in a run directory given as a relative path too."""
     model = models.build_model("small_cnn", 32, 14)
     model.compile(optimizer=tf.keras.optimizers.Adam(), loss="mse")
     model.optimizer.build(model.trainable_variables)
-    ckpt_dir = tmp_path / "checkpoints"
+    monkeypatch.chdir(tmp_path)
+    ckpt_dir = Path("run") / "checkpoints"  # as --run-dir run
     meta = {"model": "small_cnn", "image_size": 32, "num_classes": 14, "classes": [], "step": 1}
     first = checkpoints.save(model, ckpt_dir, "epoch-0001", meta | {"epoch": 1, "val_mean_auroc": 0.6, "best": 0.6})
     second = checkpoints.save(model, ckpt_dir, "epoch-0002", meta | {"epoch": 2, "val_mean_auroc": 0.7, "best": 0.7})
@@ -43,7 +46,13 @@ def test_a_complete_best_exists_whatever_step_of_its_replacement_is_killed(tmp_p
     checkpoints.save(model, ckpt_dir, "epoch-0003", meta | {"epoch": 3, "val_mean_auroc": 0.7, "best": 0.7})  # a tie
     checkpoints.save(model, ckpt_dir, "epoch-0004", meta | {"epoch": 4, "val_mean_auroc": None, "best": 0.7})
     assert checkpoints.repair_best(ckpt_dir) is None and checkpoints.read_meta(ckpt_dir / "best")["epoch"] == 2
-    assert not [p.name for p in ckpt_dir.iterdir() if p.name.startswith(".") and p != (ckpt_dir / "best").resolve()]
+    assert [p.name for p in ckpt_dir.iterdir() if p.name.startswith(".")] == [os.readlink(ckpt_dir / "best")]
+    checkpoints.clear_leftovers(ckpt_dir)  # again: the copy best names stays
+    assert checkpoints.read_meta(ckpt_dir / "best")["epoch"] == 2
+    shutil.rmtree((ckpt_dir / "best").resolve())  # a kill before the first best was set, as it were
+    assert checkpoints.clear_leftovers(ckpt_dir) == []
+    assert "now epoch-0002" in checkpoints.repair_best(ckpt_dir)  # the first of the tied epochs
+    assert checkpoints.read_meta(ckpt_dir / "best")["epoch"] == 2
 
 
 @pytest.mark.parametrize("n", range(4))

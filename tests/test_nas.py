@@ -529,30 +529,43 @@ def test_a_preempted_worker_requeues_its_trial_and_the_retry_resumes(records_dir
 
 
 def test_a_stalled_candidate_goes_again_once_unless_it_got_an_epoch_further(tmp_path):
+    """What the worker decides from a candidate's exit code and the run log it left, the
+    attempt's own records being those past `before` (runlog.records before it started)."""
     from types import SimpleNamespace
 
-    from chexnet_hvd.nas.__main__ import retry_stalled
+    from chexnet_hvd.nas.__main__ import logged_records, retry_stalled
     from chexnet_hvd.runlog import RunLogWriter
 
     first, again = SimpleNamespace(user_attrs={}), SimpleNamespace(user_attrs={"retry_reason": "stalled (w)"})
     stalled, killed = stall.EXIT_STALLED, -signal.SIGKILL  # killed: by its start-up's bound, or by anyone
-    assert retry_stalled(stalled, tmp_path, first) and not retry_stalled(stalled, tmp_path, again)  # no log
-    assert not retry_stalled(killed, tmp_path, first)  # no run log says why
-    log = RunLogWriter(tmp_path)
     start = {"world_size": 1, "local_batch": 8, "model": "m", "image_size": 32, "precision": "fp32"}
-    log.write("start", **start)
-    assert not retry_stalled(killed, tmp_path, first) and not retry_stalled(1, tmp_path, first)
-    log.write("end", status="stalled")  # the first stall
-    assert retry_stalled(stalled, tmp_path, first) and retry_stalled(stalled, tmp_path, again)
-    assert not retry_stalled(1, tmp_path, first)
-    log.write("end", status="stalled", before_start=True)  # a start-up bound's, which kills the candidate
-    assert not retry_stalled(killed, tmp_path, again)  # stalled again, no epoch between: a bad node
-    log.write("start", **start)
-    log.write("epoch", epoch=2, seconds=1.0, images_per_sec=10.0, steps=4)
-    log.write("end", status="stalled", before_start=True)
-    assert retry_stalled(killed, tmp_path, again)  # an epoch further since
+
+    def attempt(*ends, epochs=0, job=None) -> int:
+        before = logged_records(tmp_path)
+        log = RunLogWriter(tmp_path)
+        log.write("start", **start, slurm_job_id=job)
+        for epoch in range(epochs):
+            log.write("epoch", epoch=epoch + 1, seconds=1.0, images_per_sec=10.0, steps=4)
+        for end in ends:
+            log.write("end", **end)
+        return before
+
+    # no run log (a hung file system at its start): once in a chain of retries
+    assert retry_stalled(stalled, tmp_path, first, 0) and not retry_stalled(stalled, tmp_path, again, 0)
+    assert not retry_stalled(killed, tmp_path, first, 0)  # no record says why: an OOM kill as well
+    before = attempt({"status": "stalled"}, epochs=1, job="101")
+    assert retry_stalled(stalled, tmp_path, first, before) and not retry_stalled(1, tmp_path, first, before)
+    before = attempt({"status": "stalled", "before_start": True}, job="102")  # another array task's worker
+    assert not retry_stalled(killed, tmp_path, again, before)  # stalled again, no epoch between: a bad node
+    before = attempt(epochs=1)
+    assert not retry_stalled(killed, tmp_path, again, before)  # killed, but not for a stall (the run log's)
+    before = attempt({"status": "stalled", "before_start": True})
+    assert retry_stalled(killed, tmp_path, again, before)  # an epoch further since the last stall
+    before = logged_records(tmp_path)
+    assert not retry_stalled(killed, tmp_path, first, before)  # this attempt logged nothing: the old stall is not its
+    assert retry_stalled(stalled, tmp_path, first, before) and not retry_stalled(stalled, tmp_path, again, before)
     (tmp_path / "runlog.jsonl").write_text("not JSON\n")
-    assert not retry_stalled(stalled, tmp_path, again)
+    assert logged_records(tmp_path) == 0 and not retry_stalled(stalled, tmp_path, again, 0)
 
 
 @pytest.mark.slow

@@ -307,9 +307,9 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path
 
 def test_a_full_disk_as_the_job_is_preempted_ends_it_failed_not_requeued(cluster, records_dir, tmp_path):
     """USR1 with the run directory's file system full, 2 tf workers: the chief cannot write its
-    checkpoint and fails saying so (exit 2), the other worker ends as its peer left; the run log
-    ends failed, so the job is not requeued as preempted (a requeue would fail at its next
-    checkpoint again; common.sh also refuses where ranks exit 75 without a preempted record)."""
+    checkpoint and fails saying so (exit 2), the other worker ends as its peer left (exit 1, not
+    75); the run log ends failed, so the job is not requeued as preempted, where a requeue would
+    fail at its next checkpoint again."""
     template = SLURM_DIR / "tfrec_2gpu.sh"
     with small_disk(tmp_path / "runs", "64m") as runs:
         env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": runs, "EPOCHS": PREEMPTED_EPOCHS, "ENGINE": "tf"}

@@ -209,19 +209,29 @@ def last_line(path: Path) -> str:
     return lines[-1][-300:] if lines else "no output"
 
 
-def retry_stalled(rc: int, run_dir: Path, trial) -> bool:
-    """Whether a candidate that ended with `rc` stalled (exit 76, or killed by its start-up's
-    bound with its run log ending so) and goes again, from its newest checkpoint: once, unless it
-    completed an epoch since its last stall (the Slurm templates' rule: a node that stalls every
-    attempt is not retried forever); once where its run log holds no stall (it could not be
-    written: a full disk)."""
+def logged_records(run_dir: Path) -> int:
+    """How many records the candidate's run log holds (0: none, or none readable)."""
     try:
-        stalled = rc == EXIT_STALLED or (rc == -signal.SIGKILL and runlog.status(run_dir) == "stalled")
-        in_a_row = runlog.stalled_in_a_row(run_dir)
+        return runlog.records(run_dir)
     except runlog.RunLogError:
-        stalled, in_a_row = rc == EXIT_STALLED, 0
-    retried = trial.user_attrs.get("retry_reason", "").startswith("stalled")
-    return stalled and (in_a_row == 1 or (in_a_row == 0 and not retried))
+        return 0
+
+
+def retry_stalled(rc: int, run_dir: Path, trial, before: int) -> bool:
+    """Whether a candidate that ended with `rc` stalled (exit 76, or killed by its start-up's
+    bound with this attempt's records, those past the first `before`, ending so) and goes again,
+    from its newest checkpoint: once, unless it completed an epoch since its last stall, whichever
+    worker ran it (the Slurm templates' rule: a node that stalls every attempt is not retried
+    forever); once in a chain of retries where this attempt logged no stall (it could not: a full
+    disk, a hung file system)."""
+    try:
+        logged = runlog.status(run_dir, after=before) == "stalled"
+        in_a_row = runlog.stalled_in_a_row(run_dir, per_job=False)
+    except runlog.RunLogError:
+        logged, in_a_row = False, 0
+    if not (rc == EXIT_STALLED or (rc == -signal.SIGKILL and logged)):
+        return False
+    return in_a_row == 1 if logged else not trial.user_attrs.get("retry_reason", "").startswith("stalled")
 
 
 def record(the_study, trial, run_dir: Path, rc: int, seconds: float) -> dict:
@@ -271,7 +281,7 @@ def worker(cfg: NasConfig) -> int:
             study.requeue(the_study, trial, reason=f"preempted before it trained (worker {me.name})")
             print(f"{what}: preempted before it trained; re-queued", flush=True)
             return cli.EXIT_PREEMPTED
-        t0 = time.monotonic()
+        t0, before = time.monotonic(), logged_records(run_dir)
         rc = run_candidate(train_command(cfg, code, run_dir, threads), run_dir, stop, trial,
                            cfg.heartbeat)
         seconds = round(time.monotonic() - t0, 1)
@@ -279,7 +289,7 @@ def worker(cfg: NasConfig) -> int:
             study.requeue(the_study, trial, reason=f"preempted (worker {me.name})")
             print(f"{what}: preempted after {seconds} s; checkpointed and re-queued", flush=True)
             return cli.EXIT_PREEMPTED
-        if retry_stalled(rc, run_dir, trial):
+        if retry_stalled(rc, run_dir, trial, before):
             study.requeue(the_study, trial, reason=f"stalled (worker {me.name})")
             print(f"{what}: stalled after {seconds} s ({last_line(run_dir / 'train.log')}); re-queued to "
                   "resume from its newest checkpoint", file=sys.stderr, flush=True)

@@ -136,10 +136,6 @@ run_training() {
   status=$("$PY" -m chexnet_hvd.runlog "$RUN_DIR" --after "$before" 2>/dev/null || true)
   if ((rc)) && [[ $status == preempted ]]; then
     rc=$EXIT_PREEMPTED
-  elif ((rc == EXIT_PREEMPTED)); then  # ranks that stopped for it, but no checkpoint logged: the
-    # chief's write failed (a full disk); a requeue would fail there again, for ever
-    echo "job $SLURM_JOB_ID: ranks stopped for the preemption, but the run log says $status, not preempted; not requeueing"
-    rc=1
   fi
   if [[ $status == stalled ]]; then requeue_stalled; fi
   requeue_if_preempted "$rc"
