@@ -342,15 +342,14 @@ def repair_best(ckpt_dir: Path) -> str | None:
     between an epoch's checkpoint, whose meta holds its score as the best, and `set_best` left
     `best` on an older epoch (or none), and the resumed run, counting from that score, would
     never replace it. The line saying what it did, or None."""
-    epochs = [p for p in complete(ckpt_dir) if p.name.startswith("epoch-")]
-    newest_meta = read_meta(epochs[0]) if epochs else None
-    if newest_meta is None or newest_meta.get("best") is None:
+    epochs = [(p, meta) for p in complete(ckpt_dir) if p.name.startswith("epoch-") and (meta := read_meta(p))]
+    if not epochs or epochs[0][1].get("best") is None:
         return None
-    by, score = newest_meta.get("best_by", "val_mean_auroc"), newest_meta["best"]
+    by, score = epochs[0][1].get("best_by", "val_mean_auroc"), epochs[0][1]["best"]
     held = read_meta(ckpt_dir / "best")
     if held is not None and held.get(by) == score:
         return None
-    source = next((p for p in reversed(epochs) if read_meta(p).get(by) == score), None)  # the first to score it
+    source = next((p for p, meta in reversed(epochs) if meta.get(by) == score), None)  # the first to score it
     if source is None:  # pruned since: nothing to set it from
         return None
     set_best(source)

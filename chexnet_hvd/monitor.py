@@ -79,9 +79,13 @@ class StallWatch:
                     return
             except runlog.RunLogError:
                 pass
-        writer = self.writer or runlog.RunLogWriter(self.run_dir)
-        writer.write("end", status="stalled", error=message, ranks=names,
-                     hosts=sorted({self.hosts[r] for r in names}))
+        self.log_stalled(message, names)
+
+    def log_stalled(self, message: str, names: list[int], **fields) -> None:
+        """The run log's end record, status stalled, naming the ranks `names` and their hosts."""
+        (self.writer or runlog.RunLogWriter(self.run_dir)).write(
+            "end", status="stalled", error=message, ranks=names, hosts=sorted({self.hosts[r] for r in names}),
+            **fields)
 
     def suspended_too_long(self, message: str, seconds: float) -> None:
         """The chief's end record when the engine gave up during a suspension (no rank to name;
@@ -89,8 +93,7 @@ class StallWatch:
         self.watchdog.stop()  # the attempt ends here: the watch must not add a stall of its own
         with contextlib.suppress(OSError):  # a full disk: the printed line is the news
             fields = {"before_start": True} if self.writer is None else {}  # no start record yet
-            (self.writer or runlog.RunLogWriter(self.run_dir)).write(
-                "end", status="stalled", error=message, ranks=[], hosts=[], suspended=round(seconds), **fields)
+            self.log_stalled(message, [], suspended=round(seconds), **fields)
 
     def beat(self, step: int | None = None, steps: int = 1, phase: str | None = None) -> None:
         self.watchdog.progress(step, steps, phase)
@@ -113,16 +116,18 @@ class StallWatch:
             message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}); "
                        f"no heartbeat from {where} for {2 * self.watchdog.interval:g} s or more")
             live = [r for r in range(len(self.hosts)) if r not in silent]
-            writer, log_end = live[0] if live else None, lambda: self.on_stall(message, silent)  # as in stall.Watchdog
+            logger = live[0] if live else None  # as in stall.Watchdog
         elif self.engine.peer_left(err) and (seconds := self.watchdog.just_suspended()) is not None:
             message = (f"stalled: a collective failed ({type(err).__name__}: {cli.error_text(err)}) after the "
                        f"job was suspended for {seconds:.0f} s, longer than the engine's own timeout "
                        f"(--stall-timeout plus {stall.ENGINE_MARGIN} s or more); the attempt ends at its last checkpoint")
-            writer, log_end = 0, lambda: self.suspended_too_long(message, seconds)
+            logger = 0
         else:
             return None
-        if writer == self.watchdog.rank:
-            log_end()
-        else:  # beating on
+        if logger != self.watchdog.rank:  # beating on
             time.sleep(5)  # let that rank write it before the launcher ends the job
+        elif silent:
+            self.on_stall(message, silent)
+        else:
+            self.suspended_too_long(message, seconds)
         return message
