@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from conftest import ROOT, fill, reported_bottleneck, run, small_disk
+from conftest import ROOT, reported_bottleneck, run
 
 from chexnet_hvd import bottleneck, recipes
 from chexnet_hvd.runlog import read_runlog
@@ -303,28 +303,6 @@ def test_scancel_checkpoints_and_does_not_requeue(cluster, records_dir, tmp_path
     assert (start["slurm_job_id"], start["resumed_from"]) == (again, str(runlog.parent / "checkpoints" / f"step-{end['step']:09d}"))
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == list(range(1, epochs + 1))
     assert log[-1]["status"] == "completed" and not (tmp_path / "runs" / "chexnet-tfrec_1gpu" / again).exists()
-
-
-def test_a_full_disk_as_the_job_is_preempted_ends_it_failed_not_requeued(cluster, records_dir, tmp_path):
-    """USR1 with the run directory's file system full, 2 tf workers: the chief cannot write its
-    checkpoint and fails saying so (exit 2), the other worker ends as its peer left (exit 1, not
-    75); the run log ends failed, so the job is not requeued as preempted, where a requeue would
-    fail at its next checkpoint again."""
-    template = SLURM_DIR / "tfrec_2gpu.sh"
-    with small_disk(tmp_path / "runs", "64m") as runs:
-        env = WORKLOAD | FP32 | {"DATA_DIR": records_dir, "RUN_ROOT": runs, "EPOCHS": PREEMPTED_EPOCHS, "ENGINE": "tf"}
-        job = submit(template, env, tmp_path)
-        run_dir = runs / directives(template)["job-name"] / job
-        first_epoch(run_dir, job)
-        fill(runs)
-        run(["scancel", "--batch", "--signal=USR1", job], check=True)
-        fields = wait_job(job, timeout=180)
-        out = output_of(tmp_path, job)
-        assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "2:0", "0"), out[-3000:]
-        assert re.search(r"^error: \S+/checkpoints/\S+: cannot write this checkpoint: No space left on device$", out,
-                         re.M), out[-3000:]
-        end = read_runlog(run_dir)[-1]
-        assert (end["event"], end["status"]) == ("end", "failed") and "preempted with a checkpoint" not in out
 
 
 @pytest.mark.parametrize("setting,error", [
